@@ -1,0 +1,61 @@
+"""The error catalogue: every failure cardline reports has a stable reason and a gRPC code.
+
+Code raises a subclass of CardlineError; servicers turn it into a gRPC status carrying a
+google.rpc.ErrorInfo (reason, domain, metadata), and step results on the gateway link carry
+the same reason in common.v1.Error. Clients match on `reason`, never on message text.
+"""
+from __future__ import annotations
+
+import grpc
+
+DOMAIN = "cardline"
+
+
+class CardlineError(Exception):
+    reason: str = "INTERNAL"
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+def _error(name: str, reason: str, code: grpc.StatusCode, doc: str) -> type[CardlineError]:
+    cls = type(name, (CardlineError,), {"reason": reason, "code": code, "__doc__": doc})
+    CATALOGUE[reason] = cls
+    return cls
+
+
+CATALOGUE: dict[str, type[CardlineError]] = {"INTERNAL": CardlineError}
+
+S = grpc.StatusCode
+InvalidArgument = _error("InvalidArgument", "INVALID_ARGUMENT", S.INVALID_ARGUMENT, "A request field is malformed.")
+ReaderNotFound = _error("ReaderNotFound", "READER_NOT_FOUND", S.NOT_FOUND, "No such reader on the gateway or in the pool.")
+NoCardPresent = _error("NoCardPresent", "CARD_NOT_PRESENT", S.FAILED_PRECONDITION, "The reader holds no card or token.")
+CardRemoved = _error("CardRemoved", "CARD_REMOVED", S.ABORTED, "The card or token went away during the step.")
+PinIncorrect = _error("PinIncorrect", "PIN_INCORRECT", S.PERMISSION_DENIED, "The PIN was refused (metadata: attempts_remaining when known).")
+PinLocked = _error("PinLocked", "PIN_LOCKED", S.PERMISSION_DENIED, "The PIN is blocked.")
+KeyNotFound = _error("KeyNotFound", "KEY_NOT_FOUND", S.NOT_FOUND, "No key with that id on the token.")
+MalformedApdu = _error("MalformedApdu", "APDU_MALFORMED", S.INVALID_ARGUMENT, "An APDU of the script is not a valid command APDU.")
+UnexpectedStatusWord = _error("UnexpectedStatusWord", "APDU_UNEXPECTED_SW", S.FAILED_PRECONDITION, "An APDU answered a status word the script did not expect (metadata: index, sw).")
+CardIoError = _error("CardIoError", "CARD_IO", S.UNAVAILABLE, "Talking to the reader, token or pcscd failed.")
+WriteRefused = _error("WriteRefused", "WRITE_REFUSED", S.FAILED_PRECONDITION, "The card refused to store an object.")
+UnsupportedOperation = _error("UnsupportedOperation", "UNSUPPORTED_OPERATION", S.UNIMPLEMENTED, "The reader cannot run this kind of step.")
+GatewayNotConnected = _error("GatewayNotConnected", "GATEWAY_NOT_CONNECTED", S.UNAVAILABLE, "The gateway holding the reader is not attached.")
+ReaderBusy = _error("ReaderBusy", "READER_BUSY", S.RESOURCE_EXHAUSTED, "The reader is running another task.")
+StepTimeout = _error("StepTimeout", "STEP_TIMEOUT", S.DEADLINE_EXCEEDED, "The gateway did not answer the step in time.")
+CaRefused = _error("CaRefused", "CA_REFUSED", S.FAILED_PRECONDITION, "The CA refused the request.")
+CaUnavailable = _error("CaUnavailable", "CA_UNAVAILABLE", S.UNAVAILABLE, "The CA could not be reached.")
+CsrInvalid = _error("CsrInvalid", "CSR_INVALID", S.FAILED_PRECONDITION, "The request's signature or key does not match the card key.")
+NotFound = _error("NotFound", "NOT_FOUND", S.NOT_FOUND, "No stored object with that id.")
+TemplateNotFound = _error("TemplateNotFound", "TEMPLATE_NOT_FOUND", S.NOT_FOUND, "No template with that name.")
+ConfigurationError = _error("ConfigurationError", "CONFIGURATION", S.FAILED_PRECONDITION, "The configuration is invalid.")
+
+
+def from_reason(reason: str, message: str, metadata: dict[str, str] | None = None) -> CardlineError:
+    """Rebuilds the exception a remote side reported (step results, gRPC status details)."""
+    return CATALOGUE.get(reason, CardlineError)(message, **(metadata or {}))
