@@ -1,0 +1,1 @@
+"""pytest fixtures (plugin loaded by tests/conftest.py)."""
