@@ -5,28 +5,13 @@ conversion happens in gateway/api.
 """
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-
-class KeyType(enum.Enum):
-    EC_P256 = "EC_P256"
-    RSA_2048 = "RSA_2048"
-    RSA_3072 = "RSA_3072"
-
-
-class SignatureAlgorithm(enum.Enum):
-    ECDSA_SHA256 = "ECDSA_SHA256"
-    RSA_PKCS1_SHA256 = "RSA_PKCS1_SHA256"
-
-
-class ObjectClass(enum.Enum):
-    PUBLIC_KEY = "PUBLIC_KEY"
-    PRIVATE_KEY = "PRIVATE_KEY"
-    CERTIFICATE = "CERTIFICATE"
-    DATA = "DATA"
-    SECRET_KEY = "SECRET_KEY"
+# Card-level value types are shared with the orchestrator (both sides speak them).
+from shared.cards import (  # noqa: F401  (re-exported for drivers)
+    Apdu, ApduResponse, GeneratedKey, KeyType, ObjectClass, SignatureAlgorithm, StoredObject,
+)
 
 
 @dataclass(frozen=True)
@@ -39,22 +24,6 @@ class TokenInfo:
     token_label: str = ""
     token_serial: str = ""
     token_model: str = ""
-
-
-@dataclass(frozen=True)
-class GeneratedKey:
-    key_id: bytes
-    public_key_der: bytes     # SubjectPublicKeyInfo
-    csr_der: bytes = b""      # PKCS#10 signed by the new key, when a subject was given
-
-
-@dataclass(frozen=True)
-class StoredObject:
-    object_class: ObjectClass
-    key_id: bytes
-    label: str
-    key_type: KeyType | None = None
-    certificate_der: bytes = b""
 
 
 class TokenDriver(Protocol):
@@ -70,18 +39,6 @@ class TokenDriver(Protocol):
     def list_objects(self, slot_id: int, pin: str) -> list[StoredObject]: ...
     def delete_objects(self, slot_id: int, pin: str, key_id: bytes) -> int: ...
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Apdu:
-    command: bytes
-    expected_sw: tuple[str, ...] = ("9000",)   # 4 hex digits, "X" = any digit
-
-
-@dataclass(frozen=True)
-class ApduResponse:
-    data: bytes
-    sw: int
 
 
 @dataclass(frozen=True)
