@@ -53,3 +53,113 @@ class Apdu:
 class ApduResponse:
     data: bytes
     sw: int
+
+
+class ReaderKind(enum.Enum):
+    PCSC = "PCSC"
+    PKCS11 = "PKCS11"
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A reader (PC/SC slot or PKCS#11 slot) as its gateway reports it."""
+    reader_id: str
+    kind: ReaderKind
+    name: str
+    card_present: bool
+    atr: bytes = b""
+    token_label: str = ""
+    token_serial: str = ""
+    token_model: str = ""
+
+
+# --- steps: whole operations run next to the reader ------------------------------------
+
+@dataclass(frozen=True)
+class GenerateKeyPair:
+    key_type: KeyType
+    label: str
+    key_id: bytes
+    csr_subject: str = ""
+
+
+@dataclass(frozen=True)
+class Sign:
+    key_id: bytes
+    algorithm: SignatureAlgorithm
+    data: bytes
+
+
+@dataclass(frozen=True)
+class CertificateObject:
+    key_id: bytes
+    label: str
+    certificate_der: bytes
+
+
+@dataclass(frozen=True)
+class WriteCertificates:
+    certificates: tuple[CertificateObject, ...]
+
+
+@dataclass(frozen=True)
+class ListObjects:
+    pass
+
+
+@dataclass(frozen=True)
+class DeleteObjects:
+    key_id: bytes
+
+
+@dataclass(frozen=True)
+class RunApduScript:
+    apdus: tuple[Apdu, ...]
+
+
+@dataclass(frozen=True)
+class ReadCardInfo:
+    pass
+
+
+Operation = GenerateKeyPair | Sign | WriteCertificates | ListObjects | DeleteObjects | RunApduScript | ReadCardInfo
+
+
+@dataclass(frozen=True)
+class Step:
+    operation: Operation
+    # The user PIN travels with the step and lives only as long as it; repr hides it.
+    user_pin: str = ""
+
+    def __repr__(self) -> str:
+        return f"Step({self.operation!r}, user_pin={'***' if self.user_pin else ''!r})"
+
+
+# What a step returns, by operation: GeneratedKey, Signature, WrittenCertificates,
+# tuple[StoredObject, ...], DeletedCount, tuple[ApduResponse, ...], Reader.
+@dataclass(frozen=True)
+class Signature:
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class WrittenCertificates:
+    key_ids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class DeletedCount:
+    count: int
+
+
+@dataclass(frozen=True)
+class ObjectListing:
+    objects: tuple[StoredObject, ...]
+
+
+@dataclass(frozen=True)
+class ApduScriptResult:
+    responses: tuple[ApduResponse, ...]
+
+
+StepValue = GeneratedKey | Signature | WrittenCertificates | ObjectListing | DeletedCount | ApduScriptResult | Reader

@@ -6,6 +6,7 @@ reported at once (pydantic collects them all).
 """
 from __future__ import annotations
 
+import contextvars
 import os
 import pathlib
 from typing import Any
@@ -46,15 +47,16 @@ class _YamlSource(PydanticBaseSettingsSource):
         return dict(self._data)
 
 
-class _Settings(BaseSettings):
-    _section: str = ""
-    _config_file: pathlib.Path | None = None
+_CONFIG_FILE: contextvars.ContextVar[pathlib.Path | None] = contextvars.ContextVar("config_file", default=None)
 
+
+class _Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings):
-        path = os.environ.get("CARDLINE_CONFIG")
-        yaml_source = _YamlSource(settings_cls, pathlib.Path(path) if path else None, cls.model_config["title"])
+        path = _CONFIG_FILE.get() or (pathlib.Path(os.environ["CARDLINE_CONFIG"])
+                                      if os.environ.get("CARDLINE_CONFIG") else None)
+        yaml_source = _YamlSource(settings_cls, path, cls.model_config["title"])
         return (init_settings, env_settings, yaml_source)
 
 
@@ -99,10 +101,15 @@ class GatewaySettings(_Settings):
         return _check_listen(v) if v else v
 
 
-def load(settings_cls: type[_Settings], **overrides: Any):
-    """Builds settings, turning every validation error into one ConfigurationError listing all."""
+def load(settings_cls: type[_Settings], config_file: pathlib.Path | None = None, **overrides: Any):
+    """Builds settings (flags > environment > YAML file > defaults), turning every validation
+    error into one ConfigurationError that lists them all."""
+    token = _CONFIG_FILE.set(config_file)
     try:
         return settings_cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         lines = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()]
-        raise ConfigurationError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        where = f" in {config_file or os.environ.get('CARDLINE_CONFIG')}" if (config_file or os.environ.get("CARDLINE_CONFIG")) else ""
+        raise ConfigurationError(f"invalid configuration{where}:\n  " + "\n  ".join(lines)) from None
+    finally:
+        _CONFIG_FILE.reset(token)

@@ -1,0 +1,115 @@
+"""The gateway's outbound link: one long-lived stream to the orchestrator carrying the
+inventory, reader events, heartbeats and step results up, and commands down.
+
+The gateway dials out (stations behind NAT work) and reconnects with exponential backoff
+and full jitter; on every connection it announces its current inventory again.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+
+from gateway.core.executor import StepExecutor
+from gateway.core.registry import ReaderRegistry
+from shared import convert
+from shared.errors import CardlineError
+from shared.logging import get_logger
+from shared.proto import link_pb2, link_pb2_grpc
+
+log = get_logger(__name__)
+VERSION = "0.1.0"
+
+
+class OrchestratorLink:
+    def __init__(self, target: str, gateway_id: str, registry: ReaderRegistry, executor: StepExecutor, *,
+                 site: str = "", labels: dict[str, str] | None = None, credentials: grpc.ChannelCredentials | None = None,
+                 backoff_min_s: float = 0.2, backoff_max_s: float = 10.0) -> None:
+        self.target = target
+        self.gateway_id = gateway_id
+        self.registry = registry
+        self.executor = executor
+        self.site = site
+        self.labels = labels or {}
+        self.credentials = credentials
+        self.backoff_min_s = backoff_min_s
+        self.backoff_max_s = backoff_max_s
+        self.connected = asyncio.Event()
+
+    async def run_forever(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await self._session()
+                failures = 0
+            except (grpc.aio.AioRpcError, ConnectionError) as exc:
+                log.warning("orchestrator link down", target=self.target,
+                            error=exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc))
+            finally:
+                self.connected.clear()
+            failures += 1
+            delay = random.uniform(0, min(self.backoff_max_s, self.backoff_min_s * 2 ** min(failures, 16)))
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        channel = (grpc.aio.secure_channel(self.target, self.credentials) if self.credentials
+                   else grpc.aio.insecure_channel(self.target))
+        outbox: asyncio.Queue[link_pb2.GatewayMessage] = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+        unsubscribe = self.registry.subscribe(
+            lambda kind, reader: outbox.put_nowait(link_pb2.GatewayMessage(
+                reader_event=convert.reader_event_to_proto(kind, reader))))
+
+        async def outgoing():
+            readers = await self.registry.refresh()
+            yield link_pb2.GatewayMessage(hello=link_pb2.GatewayHello(
+                gateway_id=self.gateway_id, site=self.site, labels=self.labels, version=VERSION,
+                readers=[convert.reader_to_proto(r) for r in readers]))
+            while True:
+                yield await outbox.get()
+
+        try:
+            async with channel:
+                call = link_pb2_grpc.GatewayLinkStub(channel).Connect(outgoing())
+                heartbeat: asyncio.Task | None = None
+                try:
+                    async for msg in call:
+                        kind = msg.WhichOneof("message")
+                        if kind == "welcome":
+                            log.info("attached to orchestrator", orchestrator=msg.welcome.orchestrator_id)
+                            self.connected.set()
+                            interval = max(msg.welcome.heartbeat_interval_ms, 100) / 1000
+                            heartbeat = asyncio.create_task(self._heartbeats(outbox, interval))
+                        elif kind == "command":
+                            task = asyncio.create_task(self._run_command(msg.command, outbox))
+                            running.add(task)
+                            task.add_done_callback(running.discard)
+                finally:
+                    if heartbeat:
+                        heartbeat.cancel()
+        finally:
+            unsubscribe()
+            for task in running:
+                task.cancel()
+
+    async def _heartbeats(self, outbox: asyncio.Queue, interval: float) -> None:
+        sequence = 0
+        while True:
+            await asyncio.sleep(interval)
+            sequence += 1
+            outbox.put_nowait(link_pb2.GatewayMessage(heartbeat=link_pb2.Heartbeat(sequence=sequence)))
+
+    async def _run_command(self, command: link_pb2.Command, outbox: asyncio.Queue) -> None:
+        replayed = False
+        try:
+            step = convert.step_from_proto(command.step)
+            value, replayed = await self.executor.run(command.reader_id, step, command.task_id, command.step_number)
+            outcome = convert.value_to_outcome(value)
+        except CardlineError as exc:
+            outcome = convert.error_to_outcome(exc)
+        except Exception as exc:  # noqa: BLE001 - reported to the orchestrator, never lost
+            log.exception("step crashed", command_id=command.command_id)
+            outcome = convert.error_to_outcome(CardlineError(f"gateway error: {type(exc).__name__}: {exc}"))
+        outbox.put_nowait(link_pb2.GatewayMessage(step_result=link_pb2.StepResult(
+            command_id=command.command_id, outcome=outcome, replayed=replayed)))

@@ -1,0 +1,88 @@
+"""The gateway, wired in one place: drivers, workers, registry, executor, servicer, link."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass, field
+
+from gateway.api.link_client import OrchestratorLink
+from gateway.api.servicer import GatewayServicer
+from gateway.core.executor import StepExecutor
+from gateway.core.registry import ReaderRegistry
+from gateway.core.token_worker import TokenWorker
+from gateway.drivers.pkcs11 import Pkcs11TokenDriver
+from shared.config import GatewaySettings
+from shared.logging import get_logger
+from shared.proto import gateway_pb2, gateway_pb2_grpc
+from shared.rpc import Server
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Gateway:
+    settings: GatewaySettings
+    registry: ReaderRegistry
+    executor: StepExecutor
+    server: Server
+    link: OrchestratorLink | None
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.server.stop()
+        await asyncio.to_thread(self.registry.close)
+
+
+def _pcsc_driver():
+    """PC/SC if pcscd answers; a gateway with only tokens runs fine without it."""
+    try:
+        from gateway.drivers.pcsc import PyscardDriver
+        driver = PyscardDriver()
+        driver.list_readers()
+        return driver
+    except Exception as exc:  # noqa: BLE001 - pcscd missing or not running
+        log.warning("PC/SC not available, serving PKCS#11 tokens only", error=str(exc))
+        return None
+
+
+async def start(settings: GatewaySettings) -> Gateway:
+    workers = [TokenWorker(lambda path=str(path): Pkcs11TokenDriver(path)) for path in settings.pkcs11_modules]
+    pcsc = await asyncio.to_thread(_pcsc_driver) if settings.pcsc else None
+    registry = ReaderRegistry(token_workers=workers, pcsc=pcsc)
+    await registry.refresh()
+    executor = StepExecutor(registry)
+    server = Server(settings.listen, [
+        (gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(registry, executor),
+         gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name),
+    ])
+    await server.start()
+    gateway = Gateway(settings, registry, executor, server, None)
+    gateway._tasks.append(asyncio.create_task(registry.watch()))
+    if settings.orchestrator:
+        gateway.link = OrchestratorLink(settings.orchestrator, settings.gateway_id, registry, executor,
+                                        site=settings.site, labels=settings.labels,
+                                        backoff_min_s=settings.reconnect_min_s, backoff_max_s=settings.reconnect_max_s)
+        gateway._tasks.append(asyncio.create_task(gateway.link.run_forever()))
+    log.info("gateway serving", address=server.address, gateway_id=settings.gateway_id,
+             readers=len(registry.readers()), orchestrator=settings.orchestrator or None)
+    return gateway
+
+
+async def serve(settings: GatewaySettings) -> None:
+    gateway = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await gateway.stop()

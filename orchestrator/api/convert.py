@@ -1,0 +1,62 @@
+"""Store records → orchestrator.v1 messages, and request messages → service values."""
+from __future__ import annotations
+
+import datetime as dt
+
+from google.protobuf import timestamp_pb2
+
+from orchestrator.services.pool import PooledReader, ReaderSelector
+from orchestrator.services.production import CertificateOrder, ProductionOrder
+from orchestrator.store.records import CardRecord, CertificateRecord, TaskRecord
+from shared import convert
+from shared.proto import common_pb2, orchestrator_pb2
+
+_TASK_STATES = {"RUNNING": orchestrator_pb2.TASK_STATE_RUNNING, "SUCCEEDED": orchestrator_pb2.TASK_STATE_SUCCEEDED,
+                "FAILED": orchestrator_pb2.TASK_STATE_FAILED}
+
+
+def timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def selector_from_proto(m: orchestrator_pb2.ReaderSelector) -> ReaderSelector:
+    return ReaderSelector(gateway_id=m.gateway_id, reader_id=m.reader_id, kind=convert.reader_kind_from_proto(m.kind))
+
+
+def order_from_proto(m: orchestrator_pb2.ProduceCardRequest) -> ProductionOrder:
+    return ProductionOrder(
+        selector=selector_from_proto(m.reader), subject=m.subject, user_pin=m.user_pin,
+        certificates=tuple(
+            CertificateOrder(template=c.template, key_label=c.key_label,
+                             key_type=convert.key_type_from_proto(c.key_type, f"certificates[{i}].key_type")
+                             if c.key_type else None)
+            for i, c in enumerate(m.certificates)))
+
+
+def task_to_proto(t: TaskRecord, certificate_ids: list[str]) -> orchestrator_pb2.Task:
+    error = common_pb2.Error(reason=t.error_reason, message=t.error_message) if t.error_reason else None
+    return orchestrator_pb2.Task(
+        id=t.id, type=t.type, state=_TASK_STATES.get(t.state, 0), gateway_id=t.gateway_id or "",
+        reader_id=t.reader_id or "", card_id=t.card_id or "", certificate_ids=certificate_ids, error=error,
+        created_at=timestamp(t.created_at), finished_at=timestamp(t.finished_at))
+
+
+def card_to_proto(c: CardRecord, certificate_ids: list[str]) -> orchestrator_pb2.Card:
+    return orchestrator_pb2.Card(id=c.id, serial=c.serial, state=c.state, template=c.template,
+                                 gateway_id=c.gateway_id or "", reader_id=c.reader_id or "",
+                                 certificate_ids=certificate_ids, created_at=timestamp(c.created_at))
+
+
+def certificate_to_proto(c: CertificateRecord, card_id: str = "") -> orchestrator_pb2.Certificate:
+    return orchestrator_pb2.Certificate(
+        id=c.id, serial_hex=c.serial_hex, issuer=c.issuer, subject=c.subject, not_before=timestamp(c.not_before),
+        not_after=timestamp(c.not_after), template=c.template, state=c.state, task_id=c.task_id or "",
+        card_id=card_id, der=c.der, task_error=c.task_error_message or "", created_at=timestamp(c.created_at))
+
+
+def pooled_reader_to_proto(p: PooledReader) -> orchestrator_pb2.PooledReader:
+    return orchestrator_pb2.PooledReader(gateway_id=p.gateway_id, reader=convert.reader_to_proto(p.reader), busy=p.busy)

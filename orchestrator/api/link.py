@@ -1,0 +1,75 @@
+"""GatewayLink: the stream each gateway keeps open. Thin: it converts messages and hands
+them to the reader pool; the stream's life is the gateway's presence."""
+from __future__ import annotations
+
+import asyncio
+
+from orchestrator.services.pool import Command, GatewaySession, ReaderPool
+from shared import convert
+from shared.errors import CardlineError, InvalidArgument
+from shared.logging import get_logger
+from shared.proto import link_pb2, link_pb2_grpc
+from shared.rpc import rpc_errors
+
+log = get_logger(__name__)
+
+
+def command_to_proto(c: Command) -> link_pb2.OrchestratorMessage:
+    return link_pb2.OrchestratorMessage(command=link_pb2.Command(
+        command_id=c.command_id, reader_id=c.reader_id, task_id=c.task_id, step_number=c.step_number,
+        step=convert.step_to_proto(c.step)))
+
+
+class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
+    def __init__(self, pool: ReaderPool, orchestrator_id: str, heartbeat_interval_s: float) -> None:
+        self.pool = pool
+        self.orchestrator_id = orchestrator_id
+        self.heartbeat_interval_s = heartbeat_interval_s
+
+    @rpc_errors
+    async def Connect(self, request_iterator, context):
+        first = await anext(request_iterator.__aiter__(), None)
+        if first is None or first.WhichOneof("message") != "hello":
+            raise InvalidArgument("the first message on the link must be a hello", field="hello")
+        hello = first.hello
+        if not hello.gateway_id:
+            raise InvalidArgument("hello.gateway_id is empty", field="hello.gateway_id")
+        session = GatewaySession(gateway_id=hello.gateway_id, site=hello.site, labels=dict(hello.labels),
+                                 readers={r.reader_id: convert.reader_from_proto(r) for r in hello.readers})
+        self.pool.attach(session)
+        reader = asyncio.create_task(self._incoming(request_iterator, session))
+        try:
+            yield link_pb2.OrchestratorMessage(welcome=link_pb2.Welcome(
+                orchestrator_id=self.orchestrator_id, heartbeat_interval_ms=int(self.heartbeat_interval_s * 1000)))
+            while True:
+                item = await session.outbox.get()
+                if GatewaySession.is_close_marker(item):
+                    return
+                yield command_to_proto(item)
+        finally:
+            reader.cancel()
+            self.pool.detach(session)
+
+    async def _incoming(self, request_iterator, session: GatewaySession) -> None:
+        """Reads until the gateway goes away or falls silent for three heartbeat intervals."""
+        iterator = request_iterator.__aiter__()
+        try:
+            while True:
+                msg = await asyncio.wait_for(anext(iterator), 3 * self.heartbeat_interval_s)
+                kind = msg.WhichOneof("message")
+                if kind == "step_result":
+                    result = msg.step_result
+                    try:
+                        value = convert.value_from_outcome(result.outcome)
+                    except CardlineError as exc:
+                        value = exc
+                    session.resolve(result.command_id, value)
+                elif kind == "reader_event":
+                    event, reader = convert.reader_event_from_proto(msg.reader_event)
+                    self.pool.reader_event(session, event, reader)
+        except (StopAsyncIteration, TimeoutError, asyncio.CancelledError):
+            pass
+        except Exception:  # noqa: BLE001 - a broken stream ends the session
+            log.exception("gateway link broke", gateway_id=session.gateway_id)
+        finally:
+            self.pool.detach(session)

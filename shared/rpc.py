@@ -1,0 +1,124 @@
+"""gRPC plumbing both servers and all clients use: servers with health and reflection, the
+error catalogue mapped to google.rpc.Status, and the way back on the client side."""
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from shared.errors import DOMAIN, CardlineError, InvalidArgument, from_reason
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def status_of(err: CardlineError) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return rpc_status.to_status(status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail]))
+
+
+def rpc_errors(method: Callable) -> Callable:
+    """Servicer decorator: CardlineError → gRPC status with ErrorInfo; anything else → INTERNAL.
+
+    Works for unary and server-streaming (async generator) methods.
+    """
+    async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, CardlineError):
+            await context.abort_with_status(status_of(exc))
+        log.exception("unhandled error in servicer", method=method.__name__)
+        await context.abort_with_status(status_of(CardlineError(f"internal error: {type(exc).__name__}")))
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status
+                await _abort(context, exc)
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext):
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status
+            await _abort(context, exc)
+    return unary
+
+
+def error_from_rpc(exc: grpc.RpcError) -> CardlineError:
+    """The catalogue error a server reported, or a generic one built from the status."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == _STATUS_DETAILS_KEY:
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info) and info.domain == DOMAIN:
+                    return from_reason(info.reason, status.message, dict(info.metadata))
+    err = CardlineError(f"{exc.code().name}: {exc.details()}")
+    err.reason = exc.code().name
+    return err
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise InvalidArgument(f"listen address {listen!r}: expected HOST:PORT", field="listen")
+    return host, int(port)
+
+
+class Server:
+    """A grpc.aio server with health checking and reflection for the given services."""
+
+    def __init__(self, listen: str, services: Iterable[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
+                 *, credentials: grpc.ServerCredentials | None = None) -> None:
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        names = []
+        for add, servicer, full_name in services:
+            add(servicer, self._server)
+            names.append(full_name)
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self._names = names
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self._server)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(listen)
+        else:
+            self.port = self._server.add_secure_port(listen, credentials)
+        if self.port == 0:
+            raise InvalidArgument(f"cannot listen on {listen}", field="listen")
+        self.address = f"{listen.rpartition(':')[0]}:{self.port}"
+
+    async def start(self) -> None:
+        await self._server.start()
+        for name in ["", *self._names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+
+code_pb2  # noqa: B018 - imported so google.rpc protos are registered for reflection users
