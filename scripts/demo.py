@@ -1,0 +1,124 @@
+"""`make demo`: one real card produced end to end on the embedded default.
+
+An orchestrator (SQLite under var/demo/, the local CA) and a gateway (a fresh SoftHSM2
+token) run as separate processes talking gRPC; `cardline produce` asks for a card with two
+certificates. The last line printed is one JSON object describing what was made, so that
+`pkcs11-tool` and `sqlite3` can inspect it afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway.drivers import softhsm_setup  # noqa: E402
+from shared.proto import orchestrator_pb2 as pb  # noqa: E402
+from shared.proto import orchestrator_pb2_grpc  # noqa: E402
+
+DEMO = ROOT / "var" / "demo"
+CARDLINE = str(pathlib.Path(sys.executable).parent / "cardline")
+TOKEN_LABEL = "cardline-demo"
+SO_PIN, USER_PIN = "87654321", "123456"   # demo token only
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_reader(stub, timeout_s: float = 30.0) -> pb.PooledReader:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            readers = stub.ListReaders(pb.ListReadersRequest(), timeout=2).readers
+            for r in readers:
+                if r.reader.token_label == TOKEN_LABEL:
+                    return r
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the gateway's token did not show up in the orchestrator's pool")
+
+
+def main() -> int:
+    shutil.rmtree(DEMO, ignore_errors=True)
+    (DEMO / "certs").mkdir(parents=True)
+    conf = softhsm_setup.make_softhsm_dir(DEMO / "softhsm")
+    serial = softhsm_setup.init_token(conf, TOKEN_LABEL, SO_PIN, USER_PIN)
+    module = softhsm_setup.find_module()
+    orch_addr, gw_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+    logs = {name: open(DEMO / f"{name}.log", "w") for name in ("orchestrator", "gateway")}
+    procs = [
+        subprocess.Popen([CARDLINE, "orchestrator", "serve", "--listen", orch_addr, "--data-dir",
+                          str(DEMO / "orchestrator")], stdout=logs["orchestrator"], stderr=subprocess.STDOUT, env=env),
+        subprocess.Popen([CARDLINE, "gateway", "serve", "--listen", gw_addr, "--data-dir", str(DEMO / "gateway"),
+                          "--orchestrator", orch_addr, "--gateway-id", "demo-station", "--pkcs11-module", module,
+                          "--no-pcsc"], stdout=logs["gateway"], stderr=subprocess.STDOUT, env=env),
+    ]
+    try:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(grpc.insecure_channel(orch_addr))
+        reader = wait_for_reader(stub)
+        print(f"orchestrator {orch_addr} (pid {procs[0].pid}), gateway {gw_addr} (pid {procs[1].pid})")
+        print(f"token {TOKEN_LABEL!r} serial {serial} in reader {reader.reader.reader_id} of {reader.gateway_id}")
+        produced = subprocess.run(
+            [CARDLINE, "produce", "--orchestrator", orch_addr, "--reader", reader.reader.reader_id,
+             "--subject", "CN=Demo Employee,O=cardline demo", "--certificate", "EmployeeAuthentication:EC_P256",
+             "--certificate", "EmployeeSignature:RSA_2048", "--pin-stdin", "--json"],
+            input=USER_PIN + "\n", capture_output=True, text=True)
+        sys.stderr.write(produced.stderr)
+        if produced.returncode != 0:
+            print("production failed; see var/demo/*.log", file=sys.stderr)
+            return 1
+        task = json.loads(produced.stdout)
+        card = stub.GetCard(pb.GetCardRequest(card_id=task["card_id"])).card
+        ca_pem = DEMO / "ca.pem"
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+        ca_der = stub.GetCaCertificate(pb.GetCaCertificateRequest()).certificate_der
+        ca_pem.write_bytes(x509.load_der_x509_certificate(ca_der).public_bytes(Encoding.PEM))
+        certificates = []
+        for cid in card.certificate_ids:
+            cert = stub.GetCertificate(pb.GetCertificateRequest(certificate_id=cid)).certificate
+            pem = DEMO / "certs" / f"{cert.template}-{cert.serial_hex}.pem"
+            pem.write_bytes(x509.load_der_x509_certificate(cert.der).public_bytes(Encoding.PEM))
+            certificates.append({"id": cert.id, "serial": cert.serial_hex, "state": cert.state,
+                                 "template": cert.template, "subject": cert.subject, "pem": str(pem)})
+            print(f"  certificate {cert.template:24} serial {cert.serial_hex} state {cert.state}")
+        print(f"card {card.id} serial {card.serial} state {card.state}")
+        print(f"inspect: SOFTHSM2_CONF={conf} pkcs11-tool --module {module} --token-label {TOKEN_LABEL} "
+              "--login --list-objects   (user PIN: see USER_PIN in scripts/demo.py)")
+        db = DEMO / "orchestrator" / "cardline.db"
+        print(f"         sqlite3 {db} 'select serial_hex, template, state from certificates'")
+        summary = {
+            "database_url": f"sqlite:///{db}", "softhsm2_conf": str(conf), "pkcs11_module": module,
+            "token_label": TOKEN_LABEL, "ca_certificate": str(ca_pem), "task_id": task["id"],
+            "card": {"id": card.id, "serial": card.serial, "state": card.state},
+            "certificates": certificates,
+        }
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

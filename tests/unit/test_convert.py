@@ -1,0 +1,62 @@
+"""Steps and their results survive the trip through protobuf unchanged; bad ones are named."""
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared import cards, convert
+from shared.errors import InvalidArgument, PinIncorrect
+from shared.proto import steps_pb2
+
+key_types = st.sampled_from(list(cards.KeyType))
+apdus = st.builds(cards.Apdu, st.binary(min_size=4, max_size=40),
+                  st.lists(st.sampled_from(["9000", "61XX", "63CX"]), min_size=1, max_size=3).map(tuple))
+operations = st.one_of(
+    st.builds(cards.GenerateKeyPair, key_types, st.text(max_size=20), st.binary(min_size=1, max_size=20),
+              st.text(max_size=30)),
+    st.builds(cards.Sign, st.binary(max_size=20), st.sampled_from(list(cards.SignatureAlgorithm)), st.binary()),
+    st.builds(cards.WriteCertificates, st.lists(st.builds(cards.CertificateObject, st.binary(max_size=8),
+                                                          st.text(max_size=8), st.binary(max_size=64)),
+                                                max_size=3).map(tuple)),
+    st.just(cards.ListObjects()), st.builds(cards.DeleteObjects, st.binary(max_size=8)),
+    st.builds(cards.RunApduScript, st.lists(apdus, max_size=5).map(tuple)), st.just(cards.ReadCardInfo()),
+)
+
+
+@given(operations, st.text(max_size=12))
+def test_step_round_trips_through_protobuf(operation, pin):
+    step = cards.Step(operation, user_pin=pin)
+    assert convert.step_from_proto(convert.step_to_proto(step)) == step
+
+
+def test_step_repr_never_shows_the_pin():
+    step = cards.Step(cards.ListObjects(), user_pin="123456")
+    assert "123456" not in repr(step)
+
+
+def test_step_without_operation_is_rejected_by_field():
+    with pytest.raises(InvalidArgument, match="step has no operation"):
+        convert.step_from_proto(steps_pb2.Step())
+
+
+def test_unspecified_key_type_is_rejected_by_field():
+    msg = steps_pb2.Step(generate_key_pair=steps_pb2.GenerateKeyPair(key_id=b"1"))
+    with pytest.raises(InvalidArgument) as err:
+        convert.step_from_proto(msg)
+    assert err.value.metadata["field"] == "generate_key_pair.key_type"
+
+
+def test_error_outcome_raises_the_catalogue_error_with_metadata():
+    outcome = convert.error_to_outcome(PinIncorrect("PIN refused", attempts_remaining="2"))
+    with pytest.raises(PinIncorrect) as err:
+        convert.value_from_outcome(outcome)
+    assert err.value.metadata == {"attempts_remaining": "2"}
+
+
+@pytest.mark.parametrize("value", [
+    cards.GeneratedKey(b"k", b"spki", b"csr"), cards.Signature(b"sig"), cards.WrittenCertificates((b"a", b"b")),
+    cards.ObjectListing((cards.StoredObject(cards.ObjectClass.PRIVATE_KEY, b"k", "l", cards.KeyType.EC_P256),)),
+    cards.DeletedCount(3), cards.ApduScriptResult((cards.ApduResponse(b"\x01", 0x9000),)),
+    cards.Reader("pcsc:r", cards.ReaderKind.PCSC, "r", True, atr=b"\x3b"),
+])
+def test_step_values_round_trip(value):
+    assert convert.value_from_outcome(convert.value_to_outcome(value)) == value
