@@ -1,0 +1,154 @@
+"""A card produced through both processes on a real SoftHSM2 token, checked independently:
+the certificate chain with `cryptography`, the token's contents with OpenSC's pkcs11-tool,
+the store through the orchestrator's API."""
+from __future__ import annotations
+
+import subprocess
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from shared.proto import common_pb2, gateway_pb2, gateway_pb2_grpc, steps_pb2
+from shared.proto import orchestrator_pb2 as pb
+from shared.proto import orchestrator_pb2_grpc
+from shared.rpc import error_from_rpc
+from tests.support.processes import gateway_process, orchestrator_process, wait_for_pooled_reader
+
+pytestmark = pytest.mark.hardware
+SUBJECT = "CN=Jane Doe,O=Example"
+
+
+@pytest.fixture
+def station(tmp_path, softhsm_token):
+    """An orchestrator and one gateway holding the test's token, as separate processes."""
+    with orchestrator_process(tmp_path / "orchestrator") as orch:
+        with gateway_process(orch, "station-1", tmp_path / "gateway", pkcs11_module=softhsm_token.module_path,
+                             env=softhsm_token.env) as (gw, _proc):
+            pooled = wait_for_pooled_reader(orch, lambda r: r.reader.token_label == softhsm_token.label)
+            yield orch, gw, pooled
+
+
+def produce(orch: str, reader_id: str, pin: str, certificates=None) -> tuple[list[pb.TaskEvent], pb.Task]:
+    certificates = certificates or [
+        pb.CertificateRequest(template="EmployeeAuthentication", key_type=common_pb2.KEY_TYPE_EC_P256),
+        pb.CertificateRequest(template="EmployeeSignature", key_type=common_pb2.KEY_TYPE_RSA_2048)]
+    with grpc.insecure_channel(orch) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        events = list(stub.ProduceCard(pb.ProduceCardRequest(
+            reader=pb.ReaderSelector(reader_id=reader_id), subject=SUBJECT, certificates=certificates, user_pin=pin)))
+    return events, events[-1].task
+
+
+def token_objects(token) -> str:
+    """OpenSC's view of the token: an independent check of what the gateway wrote."""
+    return subprocess.run(
+        ["pkcs11-tool", "--module", token.module_path, "--token-label", token.label, "--login", "--pin",
+         token.user_pin, "--list-objects"], env=token.env, capture_output=True, text=True, check=True).stdout
+
+
+def test_production_end_to_end_on_softhsm_through_orchestrator_and_gateway(station, softhsm_token):
+    orch, _gw, pooled = station
+    events, task = produce(orch, pooled.reader.reader_id, softhsm_token.user_pin)
+    assert task.state == pb.TASK_STATE_SUCCEEDED, task.error
+    assert any("issued" in e.message for e in events) and any("written" in e.message for e in events)
+
+    with grpc.insecure_channel(orch) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        card = stub.GetCard(pb.GetCardRequest(card_id=task.card_id)).card
+        ca = x509.load_der_x509_certificate(stub.GetCaCertificate(pb.GetCaCertificateRequest()).certificate_der)
+        certs = [stub.GetCertificate(pb.GetCertificateRequest(certificate_id=cid)).certificate
+                 for cid in card.certificate_ids]
+    assert card.serial == softhsm_token.serial and card.state == "Active"
+    assert sorted(c.template for c in certs) == ["EmployeeAuthentication", "EmployeeSignature"]
+    assert {c.state for c in certs} == {"Active"}          # C2: moved to the start state
+
+    listing = token_objects(softhsm_token)
+    for record in certs:
+        cert = x509.load_der_x509_certificate(record.der)
+        assert cert.subject.rfc4514_string() == SUBJECT
+        cert.verify_directly_issued_by(ca)                 # the chain: signed by the orchestrator's CA
+        key = cert.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey if record.template == "EmployeeAuthentication"
+                          else rsa.RSAPublicKey)
+        assert int(record.serial_hex, 16) == cert.serial_number
+    # pkcs11-tool sees both certificates, each next to a private key with the same ID
+    cert_ids = [line.split(":", 1)[1].strip() for line in _blocks(listing, "Certificate Object", "ID")]
+    key_ids = [line.split(":", 1)[1].strip() for line in _blocks(listing, "Private Key Object", "ID")]
+    assert len(cert_ids) == 2 and sorted(cert_ids) == sorted(key_ids)
+
+
+def test_card_key_signs_and_the_signature_verifies_with_the_certificate(station, softhsm_token):
+    """Proof that the certificate belongs to the key on the card: sign on the card, verify with the certificate."""
+    orch, gw, pooled = station
+    _events, task = produce(orch, pooled.reader.reader_id, softhsm_token.user_pin)
+    assert task.state == pb.TASK_STATE_SUCCEEDED
+    with grpc.insecure_channel(gw) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        listing = stub.RunStep(gateway_pb2.RunStepRequest(reader_id=pooled.reader.reader_id, step=steps_pb2.Step(
+            credentials=steps_pb2.Credentials(user_pin=softhsm_token.user_pin),
+            list_objects=steps_pb2.ListObjects()))).outcome.object_list.objects
+        certificates = [o for o in listing if o.object_class == steps_pb2.OBJECT_CLASS_CERTIFICATE]
+        assert len(certificates) == 2
+        for obj in certificates:
+            cert = x509.load_der_x509_certificate(obj.certificate_der)
+            is_ec = isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+            algorithm = (common_pb2.SIGNATURE_ALGORITHM_ECDSA_SHA256 if is_ec
+                         else common_pb2.SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256)
+            signature = stub.RunStep(gateway_pb2.RunStepRequest(reader_id=pooled.reader.reader_id, step=steps_pb2.Step(
+                credentials=steps_pb2.Credentials(user_pin=softhsm_token.user_pin),
+                sign=steps_pb2.Sign(key_id=obj.key_id, algorithm=algorithm, data=b"challenge")))).outcome.signed.signature
+            if is_ec:
+                cert.public_key().verify(signature, b"challenge", ec.ECDSA(hashes.SHA256()))
+            else:
+                cert.public_key().verify(signature, b"challenge", padding.PKCS1v15(), hashes.SHA256())
+
+
+def test_wrong_pin_fails_the_task_before_anything_is_issued(station, softhsm_token):
+    orch, _gw, pooled = station
+    _events, task = produce(orch, pooled.reader.reader_id, "000000")
+    assert task.state == pb.TASK_STATE_FAILED
+    assert task.error.reason == "PIN_INCORRECT"
+    assert list(task.certificate_ids) == []
+    assert "Certificate Object" not in token_objects(softhsm_token)
+
+
+def test_unknown_reader_is_a_not_found_error(station):
+    orch, _gw, _pooled = station
+    with pytest.raises(grpc.RpcError) as err:
+        produce(orch, "pkcs11:softhsm2:no-such-token", "1234")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_from_rpc(err.value).reason == "READER_NOT_FOUND"
+
+
+def test_unknown_template_is_rejected_before_a_task_starts(station, softhsm_token):
+    orch, _gw, pooled = station
+    with pytest.raises(grpc.RpcError) as err:
+        produce(orch, pooled.reader.reader_id, softhsm_token.user_pin,
+                [pb.CertificateRequest(template="EmployeeAuthentikation")])
+    assert error_from_rpc(err.value).reason == "TEMPLATE_NOT_FOUND"
+    assert "EmployeeAuthentication" in err.value.details()
+
+
+def test_gateway_refuses_wrong_pin_with_a_permission_error(station, softhsm_token):
+    _orch, gw, pooled = station
+    with grpc.insecure_channel(gw) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            gateway_pb2_grpc.GatewayServiceStub(channel).RunStep(gateway_pb2.RunStepRequest(
+                reader_id=pooled.reader.reader_id, step=steps_pb2.Step(
+                    credentials=steps_pb2.Credentials(user_pin="999999"), list_objects=steps_pb2.ListObjects())))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_from_rpc(err.value).reason == "PIN_INCORRECT"
+
+
+def _blocks(listing: str, header: str, field: str) -> list[str]:
+    """Lines `field: ...` of every object block that starts with `header`."""
+    found, inside = [], False
+    for line in listing.splitlines():
+        if line and not line.startswith(" "):
+            inside = line.startswith(header)
+        elif inside and line.strip().startswith(field + ":"):
+            found.append(line.strip())
+    return found
