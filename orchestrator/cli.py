@@ -21,7 +21,7 @@ from shared.proto import orchestrator_pb2 as pb
 from shared.proto import orchestrator_pb2_grpc
 from shared.rpc import error_from_rpc
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 ORCHESTRATOR = typer.Option("127.0.0.1:7400", "--orchestrator", envvar="CARDLINE_ORCHESTRATOR",
                             help="HOST:PORT of the orchestrator.")
 KEY_TYPES = {"EC_P256": common_pb2.KEY_TYPE_EC_P256, "RSA_2048": common_pb2.KEY_TYPE_RSA_2048,
