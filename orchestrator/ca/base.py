@@ -1,0 +1,152 @@
+"""The CA connector interface, after smallstep's cas/apiv1: a few blocking calls that every
+CA (the built-in local CA, `openssl ca`, a remote CA) can implement.
+
+Everything crosses as DER bytes, integers and names, so connectors stay independent of
+the store and the domain. A connector raises shared.errors: CsrInvalid for a request whose
+signature does not verify, CaRefused when the CA says no, CaUnavailable when it cannot be
+reached, InvalidArgument for a bad profile or reason name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+
+from shared.errors import InvalidArgument
+
+# RFC 5280 5.3.1 CRLReason names. Only these names pass; a typo never revokes (C17).
+REVOCATION_REASONS: dict[str, x509.ReasonFlags] = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "keyCompromise": x509.ReasonFlags.key_compromise,
+    "cACompromise": x509.ReasonFlags.ca_compromise,
+    "affiliationChanged": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessationOfOperation": x509.ReasonFlags.cessation_of_operation,
+    "certificateHold": x509.ReasonFlags.certificate_hold,
+    "removeFromCRL": x509.ReasonFlags.remove_from_crl,
+    "privilegeWithdrawn": x509.ReasonFlags.privilege_withdrawn,
+    "aACompromise": x509.ReasonFlags.aa_compromise,
+}
+
+# RFC 5280 4.2.1.3 names -> keyword arguments of cryptography's x509.KeyUsage.
+KEY_USAGES: dict[str, str] = {
+    "digitalSignature": "digital_signature",
+    "nonRepudiation": "content_commitment",
+    "contentCommitment": "content_commitment",
+    "keyEncipherment": "key_encipherment",
+    "dataEncipherment": "data_encipherment",
+    "keyAgreement": "key_agreement",
+    "keyCertSign": "key_cert_sign",
+    "cRLSign": "crl_sign",
+    "encipherOnly": "encipher_only",
+    "decipherOnly": "decipher_only",
+}
+
+# Extended key usage names (OpenSSL's short names) -> OIDs.
+EXTENDED_KEY_USAGES: dict[str, ObjectIdentifier] = {
+    "serverAuth": ExtendedKeyUsageOID.SERVER_AUTH,
+    "clientAuth": ExtendedKeyUsageOID.CLIENT_AUTH,
+    "codeSigning": ExtendedKeyUsageOID.CODE_SIGNING,
+    "emailProtection": ExtendedKeyUsageOID.EMAIL_PROTECTION,
+    "timeStamping": ExtendedKeyUsageOID.TIME_STAMPING,
+    "OCSPSigning": ExtendedKeyUsageOID.OCSP_SIGNING,
+    "smartcardLogon": ExtendedKeyUsageOID.SMARTCARD_LOGON,   # Microsoft, 1.3.6.1.4.1.311.20.2.2
+}
+
+
+def revocation_reason(name: str) -> x509.ReasonFlags:
+    try:
+        return REVOCATION_REASONS[name]
+    except KeyError:
+        raise InvalidArgument(f"unknown revocation reason {name!r}; RFC 5280 names are: "
+                              f"{', '.join(REVOCATION_REASONS)}", reason_name=name) from None
+
+
+@dataclass(frozen=True)
+class IssueProfile:
+    """What a certificate template asks of the CA for one certificate.
+
+    subject: RFC 4514 string replacing the CSR's subject (the CSR's is used when None).
+    """
+
+    validity_days: int
+    key_usage: frozenset[str] = frozenset({"digitalSignature"})
+    extended_key_usage: tuple[str, ...] = ()
+    subject: str | None = None
+    # Subject alternative names of the CSR are copied unless this is False.
+    copy_subject_alt_names: bool = field(default=True)
+
+    def __post_init__(self) -> None:
+        # Accept any iterable from callers but keep the record hashable and immutable.
+        object.__setattr__(self, "key_usage", frozenset(self.key_usage))
+        object.__setattr__(self, "extended_key_usage", tuple(self.extended_key_usage))
+        if self.validity_days <= 0:
+            raise InvalidArgument(f"validity_days must be positive, got {self.validity_days}")
+        unknown = sorted(set(self.key_usage) - set(KEY_USAGES))
+        if unknown:
+            raise InvalidArgument(f"unknown key usage(s) {unknown}; known: {', '.join(KEY_USAGES)}")
+        unknown = sorted(set(self.extended_key_usage) - set(EXTENDED_KEY_USAGES))
+        if unknown:
+            raise InvalidArgument(f"unknown extended key usage(s) {unknown}; "
+                                  f"known: {', '.join(EXTENDED_KEY_USAGES)}")
+        if self.subject is not None:
+            try:
+                x509.Name.from_rfc4514_string(self.subject)
+            except ValueError as exc:
+                raise InvalidArgument(f"subject {self.subject!r} is not an RFC 4514 name: {exc}") from None
+
+    def x509_key_usage(self) -> x509.KeyUsage | None:
+        if not self.key_usage:
+            return None
+        flags = {kw: False for kw in set(KEY_USAGES.values())}
+        for name in self.key_usage:
+            flags[KEY_USAGES[name]] = True
+        return x509.KeyUsage(**flags)
+
+    def x509_extended_key_usage(self) -> x509.ExtendedKeyUsage | None:
+        if not self.extended_key_usage:
+            return None
+        return x509.ExtendedKeyUsage([EXTENDED_KEY_USAGES[n] for n in self.extended_key_usage])
+
+
+@runtime_checkable
+class CaConnector(Protocol):
+    """One certificate authority as the orchestrator uses it. Calls block; they are made
+    from worker threads (asyncio.to_thread) and must be thread-safe."""
+
+    @property
+    def name(self) -> str:
+        """The name certificate templates use to pick this CA (stored as certificates.ca_name)."""
+        ...
+
+    def ca_certificate_der(self) -> bytes:
+        """The issuing CA certificate."""
+        ...
+
+    def issue(self, csr_der: bytes, profile: IssueProfile, request_id: str) -> bytes:
+        """Issues a certificate (DER) for a PKCS#10 request (DER).
+
+        request_id is the idempotency key journaled before the call (C16): a second call with
+        the same request_id returns the certificate of the first, never a second one.
+        Raises CsrInvalid if the request's signature does not verify.
+        """
+        ...
+
+    def revoke(self, serial: int, reason: str) -> None:
+        """Revokes with an RFC 5280 reason name (REVOCATION_REASONS). certificateHold is
+        temporary; removeFromCRL lifts a hold (same as lift_hold)."""
+        ...
+
+    def lift_hold(self, serial: int) -> None:
+        """Takes a certificate on certificateHold off the CRL."""
+        ...
+
+    def crl_der(self) -> bytes:
+        """A freshly signed CRL (DER)."""
+        ...
+
+    def find_issued(self, request_id: str) -> bytes | None:
+        """The certificate (DER) issued for request_id, or None if the CA issued none."""
+        ...

@@ -1,0 +1,147 @@
+"""SQLAlchemy 2 models of the store. Only store.py and the migrations use them.
+
+The schema is owned by the Alembic migrations in migrations/versions; these classes must
+describe the same tables (a test compares them with autogenerate).
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text,
+                        UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Deterministic constraint names, so migrations can refer to them on every backend.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ID = String(36)           # str(uuid.uuid4()); a string on every backend keeps ids identical in records
+NAME = String(200)        # templates, states, types, reasons, gateway and reader ids
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """Stores UTC and returns aware UTC datetimes on every backend.
+
+    SQLite has no time zones and gives naive values back; PostgreSQL's timestamptz gives
+    aware ones in the session time zone. Naive input is refused: its zone is a guess.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store needs timezone-aware datetimes")
+        value = value.astimezone(dt.timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Card(Base):
+    __tablename__ = "cards"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    serial: Mapped[str] = mapped_column(NAME, index=True)
+    template: Mapped[str] = mapped_column(NAME)
+    state: Mapped[str] = mapped_column(NAME)
+    gateway_id: Mapped[str] = mapped_column(NAME)
+    reader_id: Mapped[str] = mapped_column(NAME)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    type: Mapped[str] = mapped_column(NAME)
+    state: Mapped[str] = mapped_column(NAME, index=True)
+    gateway_id: Mapped[str] = mapped_column(NAME, index=True)
+    reader_id: Mapped[str] = mapped_column(NAME)
+    card_id: Mapped[str | None] = mapped_column(ID, ForeignKey("cards.id"), index=True)
+    error_reason: Mapped[str | None] = mapped_column(NAME)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+
+
+class TaskStep(Base):
+    """The step journal: one row per (task, step), rewritten as the step progresses."""
+
+    __tablename__ = "task_steps"
+
+    task_id: Mapped[str] = mapped_column(ID, ForeignKey("tasks.id"), primary_key=True)
+    step_number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(NAME)
+    state: Mapped[str] = mapped_column(NAME)
+    detail: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class Certificate(Base):
+    __tablename__ = "certificates"
+    __table_args__ = (
+        # One certificate per issuer and serial (RFC 5280 4.1.2.2): a second copy is a bug.
+        UniqueConstraint("issuer", "serial_hex", name="uq_certificates_issuer_serial"),
+        # C4: issued certificates are searched by state with template / task / age.
+        Index("ix_certificates_state_created_at", "state", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    serial_hex: Mapped[str] = mapped_column(String(64))
+    issuer: Mapped[str] = mapped_column(String(1000))
+    subject: Mapped[str] = mapped_column(String(1000))
+    not_before: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    not_after: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    der: Mapped[bytes] = mapped_column(LargeBinary)
+    template: Mapped[str] = mapped_column(NAME, index=True)
+    ca_name: Mapped[str] = mapped_column(NAME)
+    state: Mapped[str] = mapped_column(NAME)   # indexed with created_at, see __table_args__
+    task_id: Mapped[str | None] = mapped_column(ID, ForeignKey("tasks.id"), index=True)
+    task_error_reason: Mapped[str | None] = mapped_column(NAME)
+    task_error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class ObjectRelation(Base):
+    """A typed link between two stored objects (card -> certificate). Ids are not foreign
+    keys: the two ends may be of any stored type."""
+
+    __tablename__ = "object_relations"
+    __table_args__ = (
+        UniqueConstraint("source_type", "source_id", "target_type", "target_id", "relation_type",
+                         name="uq_object_relations_link"),
+        Index("ix_object_relations_target", "target_type", "target_id"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    source_type: Mapped[str] = mapped_column(NAME)
+    source_id: Mapped[str] = mapped_column(ID)
+    target_type: Mapped[str] = mapped_column(NAME)
+    target_id: Mapped[str] = mapped_column(ID)
+    relation_type: Mapped[str] = mapped_column(NAME)
+    task_id: Mapped[str | None] = mapped_column(ID, ForeignKey("tasks.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)

@@ -1,0 +1,451 @@
+"""The store: one repository class over SQLAlchemy, SQLite by default, PostgreSQL for scale-out.
+
+Every public method is one transaction and returns frozen records (records.py), never ORM
+objects. Methods are blocking; async services call them through asyncio.to_thread, so a
+Store is shared by many threads: each call opens its own session from a sessionmaker, and
+the engine's pool hands each thread its own connection.
+
+The certificate rules live here as transaction boundaries:
+  C1  store_issued_certificate commits the certificate on its own, before anything is
+      written to a card.
+  C2  finish_task_succeeded moves the task's certificates, sets the card state, creates the
+      relations and ends the task in ONE transaction; any failure changes nothing.
+  C3  finish_task_failed leaves certificate states alone and records the task's error on them.
+  C4  list_certificates searches by state, age, template, card, gateway, reader, task.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import pathlib
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import fields
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from cryptography import x509
+from sqlalchemy import Engine, create_engine, event, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from shared.errors import InvalidArgument, NotFound
+from orchestrator.store.models import Card, Certificate, ObjectRelation, Task, TaskStep, utcnow
+from orchestrator.store.records import (CARD, CERTIFICATE, TASK_FAILED, TASK_RUNNING, TASK_SUCCEEDED,
+                                        CardRecord, CertificateRecord, NewRelation, RelationRecord,
+                                        TaskRecord, TaskStepRecord)
+
+MIGRATIONS_DIR = pathlib.Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+# Arbitrary constant: replicas starting together on one PostgreSQL migrate one at a time.
+_PG_MIGRATION_LOCK = 0x6361726C  # "carl"
+
+
+class DuplicateCertificate(InvalidArgument):
+    """A certificate with this issuer and serial is already stored."""
+
+
+class StateConflict(InvalidArgument):
+    """The object is not in the state the operation requires (task finished, certificate moved)."""
+
+
+R = TypeVar("R")
+
+
+def _record(cls: type[R], obj: Any) -> R:
+    return cls(**{f.name: getattr(obj, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def alembic_config(database_url: str | None = None) -> Config:
+    """An Alembic Config built in code: no alembic.ini, works from an installed package."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if database_url:
+        cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))  # ConfigParser escaping
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def _make_engine(database_url: str) -> Engine:
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite":
+        # pre_ping: a PostgreSQL restart must not surface as an error on the next call.
+        return create_engine(url, pool_pre_ping=True)
+
+    memory = url.database in (None, "", ":memory:")
+    if memory:
+        # One shared connection, or every thread would see its own empty database.
+        # Good for single-threaded tools and tests only.
+        engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    else:
+        pathlib.Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:
+        # Take BEGIN away from the sqlite3 module (it starts transactions lazily, at the first
+        # write, so a read-then-write could interleave with another writer); _on_begin below
+        # emits it instead.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")            # off by default in SQLite
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")  # wait for the writer, don't fail
+        if not memory:
+            cur.execute("PRAGMA journal_mode=WAL")       # readers don't block the writer
+            cur.execute("PRAGMA synchronous=NORMAL")     # WAL + NORMAL is durable across app crashes
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:
+        # Writers take the write lock up front: upgrading a read transaction to a write one
+        # fails at once with "database is locked" instead of waiting for busy_timeout.
+        write = conn.get_execution_options().get("cardline_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+class Store:
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self._engine = _make_engine(database_url)
+        self._write_engine = self._engine.execution_options(cardline_write=True)
+        self._reading = sessionmaker(self._engine, expire_on_commit=False)
+        self._writing = sessionmaker(self._write_engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self._engine.dialect.name
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- schema --------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Upgrades the schema to the newest revision shipped with this package."""
+        cfg = alembic_config(self.database_url)
+        with self._write_engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def schema_revision(self) -> str | None:
+        with self._engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    # -- sessions ------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._writing() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._reading() as session, session.begin():
+            yield session
+
+    @staticmethod
+    def _task(session: Session, task_id: str, *, lock: bool = False) -> Task:
+        # FOR UPDATE (PostgreSQL) serialises the finishes of one task across replicas;
+        # SQLite ignores it and is serialised by BEGIN IMMEDIATE.
+        task = session.scalar(select(Task).where(Task.id == task_id).with_for_update(of=Task)) if lock \
+            else session.get(Task, task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id!r}", task_id=task_id)
+        return task
+
+    @staticmethod
+    def _running_task(session: Session, task_id: str) -> Task:
+        task = Store._task(session, task_id, lock=True)
+        if task.state != TASK_RUNNING:
+            raise StateConflict(f"task {task_id} is already {task.state}", task_id=task_id, state=task.state)
+        return task
+
+    # -- tasks and the step journal ----------------------------------------------------------
+
+    def create_task(self, type: str, gateway_id: str, reader_id: str, card_id: str | None = None) -> TaskRecord:
+        """A new RUNNING task. card_id: the card a card operation works on (C8); a card
+        production task gets its card from create_card instead."""
+        with self._write() as s:
+            if card_id is not None and s.get(Card, card_id) is None:
+                raise NotFound(f"no card {card_id!r}", card_id=card_id)
+            task = Task(id=_new_id(), type=type, state=TASK_RUNNING, gateway_id=gateway_id,
+                        reader_id=reader_id, card_id=card_id, created_at=utcnow())
+            s.add(task)
+            s.flush()
+            return _record(TaskRecord, task)
+
+    def journal_step(self, task_id: str, step_number: int, name: str, state: str,
+                     detail: str = "") -> TaskStepRecord:
+        """Records where a task is (insert or overwrite the row of this step)."""
+        with self._write() as s:
+            self._task(s, task_id)
+            now = utcnow()
+            dialect_insert = postgresql.insert if s.bind.dialect.name == "postgresql" else sqlite.insert
+            stmt = dialect_insert(TaskStep).values(task_id=task_id, step_number=step_number, name=name,
+                                                   state=state, detail=detail, created_at=now, updated_at=now)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[TaskStep.task_id, TaskStep.step_number],
+                set_={"name": name, "state": state, "detail": detail, "updated_at": now})
+            s.execute(stmt)
+            step = s.get(TaskStep, (task_id, step_number), populate_existing=True)
+            return _record(TaskStepRecord, step)
+
+    def get_task(self, task_id: str) -> TaskRecord:
+        with self._read() as s:
+            return _record(TaskRecord, self._task(s, task_id))
+
+    def list_task_steps(self, task_id: str) -> list[TaskStepRecord]:
+        with self._read() as s:
+            self._task(s, task_id)
+            rows = s.scalars(select(TaskStep).where(TaskStep.task_id == task_id).order_by(TaskStep.step_number))
+            return [_record(TaskStepRecord, r) for r in rows]
+
+    # -- cards ---------------------------------------------------------------------------
+
+    def create_card(self, task_id: str, serial: str, template: str, state: str, gateway_id: str,
+                    reader_id: str) -> CardRecord:
+        """The card object of a card production task (C8); becomes the task's card."""
+        with self._write() as s:
+            task = self._running_task(s, task_id)
+            if task.card_id is not None:
+                raise StateConflict(f"task {task_id} already has card {task.card_id}", task_id=task_id)
+            now = utcnow()
+            card = Card(id=_new_id(), serial=serial, template=template, state=state, gateway_id=gateway_id,
+                        reader_id=reader_id, created_at=now, updated_at=now)
+            s.add(card)
+            s.flush()
+            task.card_id = card.id
+            return _record(CardRecord, card)
+
+    def get_card(self, card_id: str) -> CardRecord:
+        with self._read() as s:
+            card = s.get(Card, card_id)
+            if card is None:
+                raise NotFound(f"no card {card_id!r}", card_id=card_id)
+            return _record(CardRecord, card)
+
+    def certificate_ids_of_card(self, card_id: str) -> list[str]:
+        """Certificates related to the card (relations Card -> Certificate), oldest first
+        (by when the store received them).
+        Unlike list_certificates(card_id=...), certificates of the card's failed tasks
+        without a relation are not included: they are probably not on the card."""
+        with self._read() as s:
+            if s.get(Card, card_id) is None:
+                raise NotFound(f"no card {card_id!r}", card_id=card_id)
+            related = select(ObjectRelation.target_id).where(
+                ObjectRelation.source_type == CARD, ObjectRelation.source_id == card_id,
+                ObjectRelation.target_type == CERTIFICATE)
+            return list(s.scalars(select(Certificate.id).where(Certificate.id.in_(related))
+                                  .order_by(Certificate.created_at, Certificate.id)))
+
+    # -- certificates --------------------------------------------------------------------
+
+    def store_issued_certificate(self, task_id: str, der: bytes, template: str, ca_name: str,
+                                 state: str) -> CertificateRecord:
+        """C1: commits a certificate just received from the CA, in the internal issued state
+        `state`, in its own transaction, so it is known before any card write is attempted.
+
+        Also used by the reconciler (C16) after the task has ended: a certificate stored for a
+        failed task carries that task's error, as if it had been there when the task failed.
+        """
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError as exc:
+            raise InvalidArgument(f"not a DER X.509 certificate: {exc}") from None
+        serial_hex = format(cert.serial_number, "x")
+        issuer = cert.issuer.rfc4514_string()
+        with self._write() as s:
+            task = self._task(s, task_id)
+            existing = s.scalar(select(Certificate.id).where(Certificate.issuer == issuer,
+                                                             Certificate.serial_hex == serial_hex))
+            if existing is not None:
+                raise DuplicateCertificate(
+                    f"certificate {serial_hex} of {issuer} is already stored as {existing}",
+                    certificate_id=existing, serial_hex=serial_hex, issuer=issuer)
+            now = utcnow()
+            row = Certificate(
+                id=_new_id(), serial_hex=serial_hex, issuer=issuer, subject=cert.subject.rfc4514_string(),
+                not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, der=bytes(der),
+                template=template, ca_name=ca_name, state=state, task_id=task_id,
+                task_error_reason=task.error_reason if task.state == TASK_FAILED else None,
+                task_error_message=task.error_message if task.state == TASK_FAILED else None,
+                created_at=now, updated_at=now)
+            s.add(row)
+            try:
+                s.flush()
+            except IntegrityError:  # a concurrent writer stored the same certificate first
+                raise DuplicateCertificate(f"certificate {serial_hex} of {issuer} is already stored",
+                                           serial_hex=serial_hex, issuer=issuer) from None
+            return _record(CertificateRecord, row)
+
+    def get_certificate(self, certificate_id: str) -> CertificateRecord:
+        with self._read() as s:
+            cert = s.get(Certificate, certificate_id)
+            if cert is None:
+                raise NotFound(f"no certificate {certificate_id!r}", certificate_id=certificate_id)
+            return _record(CertificateRecord, cert)
+
+    def list_certificates(self, state: str | None = None, template: str | None = None,
+                          card_id: str | None = None, task_id: str | None = None,
+                          issued_before: dt.datetime | None = None, limit: int | None = None,
+                          gateway_id: str | None = None, reader_id: str | None = None
+                          ) -> list[CertificateRecord]:
+        """C4 search, oldest first. All filters combine with AND.
+
+        issued_before: stored (received from the CA) strictly before this aware datetime.
+        card_id: related to the card (Card -> Certificate relation) OR issued by a task of
+          that card - so certificates of a failed production, which has no relation under
+          CreateObjectRelation=success, are found by their card too.
+        gateway_id / reader_id: of the task that issued the certificate.
+        """
+        q = select(Certificate)
+        if state is not None:
+            q = q.where(Certificate.state == state)
+        if template is not None:
+            q = q.where(Certificate.template == template)
+        if task_id is not None:
+            q = q.where(Certificate.task_id == task_id)
+        if issued_before is not None:
+            if issued_before.tzinfo is None:
+                raise InvalidArgument("issued_before must be timezone-aware")
+            q = q.where(Certificate.created_at < issued_before)
+        if gateway_id is not None or reader_id is not None:
+            q = q.join(Task, Certificate.task_id == Task.id)
+            if gateway_id is not None:
+                q = q.where(Task.gateway_id == gateway_id)
+            if reader_id is not None:
+                q = q.where(Task.reader_id == reader_id)
+        if card_id is not None:
+            related = select(ObjectRelation.target_id).where(
+                ObjectRelation.source_type == CARD, ObjectRelation.source_id == card_id,
+                ObjectRelation.target_type == CERTIFICATE)
+            of_card_tasks = select(Task.id).where(Task.card_id == card_id)
+            q = q.where(or_(Certificate.id.in_(related), Certificate.task_id.in_(of_card_tasks)))
+        q = q.order_by(Certificate.created_at, Certificate.id)
+        if limit is not None:
+            q = q.limit(limit)
+        with self._read() as s:
+            return [_record(CertificateRecord, c) for c in s.scalars(q)]
+
+    # -- relations -----------------------------------------------------------------------
+
+    def list_relations(self, source_id: str | None = None, target_id: str | None = None) -> list[RelationRecord]:
+        q = select(ObjectRelation)
+        if source_id is not None:
+            q = q.where(ObjectRelation.source_id == source_id)
+        if target_id is not None:
+            q = q.where(ObjectRelation.target_id == target_id)
+        with self._read() as s:
+            return [_record(RelationRecord, r)
+                    for r in s.scalars(q.order_by(ObjectRelation.created_at, ObjectRelation.id))]
+
+    @staticmethod
+    def _add_relations(s: Session, task_id: str, relations: Iterable[tuple[str, str, str, str, str]],
+                       now: dt.datetime) -> None:
+        known = {CARD: Card, CERTIFICATE: Certificate}   # ends of other types are not checked
+        rows = []
+        for rel in relations:
+            rel = NewRelation(*rel)
+            for kind, obj_id in ((rel.source_type, rel.source_id), (rel.target_type, rel.target_id)):
+                if kind in known and s.get(known[kind], obj_id) is None:
+                    raise NotFound(f"relation {tuple(rel)}: no {kind} {obj_id!r}")
+            rows.append(ObjectRelation(id=_new_id(), task_id=task_id, created_at=now, **rel._asdict()))
+        s.add_all(rows)
+        try:
+            s.flush()
+        except IntegrityError:
+            raise StateConflict(f"task {task_id}: a relation to create already exists: "
+                                f"{[tuple(NewRelation(*r)) for r in relations]}", task_id=task_id) from None
+
+    def _set_card_state(self, s: Session, task: Task, card_state: str, now: dt.datetime) -> None:
+        if task.card_id is None:
+            raise InvalidArgument(f"task {task.id} has no card to set to {card_state!r}", task_id=task.id)
+        card = s.get(Card, task.card_id)
+        assert card is not None  # foreign key
+        card.state = card_state
+        card.updated_at = now
+
+    # -- ending a task -------------------------------------------------------------------
+
+    def finish_task_succeeded(self, task_id: str, from_state: str, certificate_states: Mapping[str, str],
+                              card_state: str | None,
+                              relations: Iterable[tuple[str, str, str, str, str]] = ()) -> TaskRecord:
+        """C2: in ONE transaction, moves every certificate the task issued from the internal
+        issued state `from_state` to its start state (certificate_states: id -> new state),
+        sets the task's card to card_state (if given), creates the relations and marks the
+        task SUCCEEDED. Any violation raises and nothing changes:
+          - the task is not RUNNING;
+          - a listed certificate was not issued by this task or is not in from_state;
+          - a certificate of this task in from_state is not listed (C2 moves *every* one);
+          - a relation already exists or names a missing card/certificate.
+        """
+        relations = [NewRelation(*r) for r in relations]
+        with self._write() as s:
+            task = self._running_task(s, task_id)
+            mine = {c.id: c for c in s.scalars(
+                select(Certificate).where(Certificate.task_id == task_id).with_for_update())}
+            foreign = sorted(set(certificate_states) - set(mine))
+            if foreign:
+                raise InvalidArgument(f"task {task_id} did not issue certificate(s) {foreign}", task_id=task_id)
+            moved = {c.id: c.state for c in mine.values() if c.id in certificate_states and c.state != from_state}
+            if moved:
+                raise StateConflict(f"certificate(s) not in the internal issued state {from_state!r}: {moved}",
+                                    task_id=task_id)
+            left = sorted(c.id for c in mine.values() if c.state == from_state and c.id not in certificate_states)
+            if left:
+                raise InvalidArgument(f"task {task_id}: certificate(s) {left} in {from_state!r} have no target "
+                                      f"state; every certificate of a successful task moves (C2)", task_id=task_id)
+            now = utcnow()
+            for cert_id, new_state in certificate_states.items():
+                mine[cert_id].state = new_state
+                mine[cert_id].updated_at = now
+            if card_state is not None:
+                self._set_card_state(s, task, card_state, now)
+            self._add_relations(s, task_id, relations, now)
+            task.state = TASK_SUCCEEDED
+            task.finished_at = now
+            s.flush()
+            return _record(TaskRecord, task)
+
+    def finish_task_failed(self, task_id: str, reason: str, message: str, card_state: str | None = None,
+                           relations: Iterable[tuple[str, str, str, str, str]] = ()) -> TaskRecord:
+        """C3: marks the task FAILED with its error; its certificates keep their state (the
+        internal issued state) and carry the error so a C4 search shows why. card_state: the
+        card's state after the failure, if it changes. relations: those to create even on
+        failure (CreateObjectRelation=always, C9). One transaction."""
+        if not reason:
+            raise InvalidArgument("a failed task needs an error reason")
+        relations = [NewRelation(*r) for r in relations]
+        with self._write() as s:
+            task = self._running_task(s, task_id)
+            now = utcnow()
+            s.execute(update(Certificate).where(Certificate.task_id == task_id)
+                      .values(task_error_reason=reason, task_error_message=message, updated_at=now))
+            if card_state is not None:
+                self._set_card_state(s, task, card_state, now)
+            self._add_relations(s, task_id, relations, now)
+            task.state = TASK_FAILED
+            task.error_reason = reason
+            task.error_message = message
+            task.finished_at = now
+            s.flush()
+            return _record(TaskRecord, task)
