@@ -2,6 +2,8 @@
 and answers a resent (task id, step number) from its first result."""
 from __future__ import annotations
 
+import time
+
 from gateway.core.idempotency import StepMemo
 from gateway.core.registry import ReaderRegistry
 from shared import cards
@@ -21,13 +23,15 @@ class StepExecutor:
         """Returns (value, replayed); raises the CardlineError the step ended with."""
         key = (task_id, step_number) if task_id else None
         op_name = type(step.operation).__name__
+        started = time.perf_counter()
         try:
             value, replayed = await self.memo.run(key, lambda: self._dispatch(reader_id, step))
         except CardlineError as exc:
             log.info("step failed", reader_id=reader_id, task_id=task_id, step=step_number, op=op_name,
                      reason=exc.reason)
             raise
-        log.info("step done", reader_id=reader_id, task_id=task_id, step=step_number, op=op_name, replayed=replayed)
+        log.info("step done", reader_id=reader_id, task_id=task_id, step=step_number, op=op_name, replayed=replayed,
+                 ms=round((time.perf_counter() - started) * 1000, 1))
         return value, replayed
 
     async def _dispatch(self, reader_id: str, step: cards.Step) -> cards.StepValue:

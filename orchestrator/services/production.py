@@ -121,12 +121,14 @@ class _ProductionRun:
         self.progress(Progress(self.task_id, self.step_number, message, task))
 
     async def _step(self, name: str, operation: cards.Operation) -> cards.StepValue:
+        # Journaled before it is sent: after a crash the journal tells which step may have
+        # run. Its completion needs no write of its own: the next journal entry, the stored
+        # certificate or the task's end records it, and the gateway answers a resent
+        # (task, step) from its first result.
         self.step_number += 1
         await self._db(self.s.store.journal_step, self.task_id, self.step_number, name, "sent")
-        value = await self.lease.run(cards.Step(operation, user_pin=self.order.user_pin), task_id=self.task_id,
-                                     step_number=self.step_number, timeout_s=self.s.step_timeout_s)
-        await self._db(self.s.store.journal_step, self.task_id, self.step_number, name, "done")
-        return value
+        return await self.lease.run(cards.Step(operation, user_pin=self.order.user_pin), task_id=self.task_id,
+                                    step_number=self.step_number, timeout_s=self.s.step_timeout_s)
 
     async def execute(self, planned: list[tuple[CertificateOrder, CertificateTemplate]]) -> TaskRecord:
         store = self.s.store
