@@ -152,3 +152,59 @@ def _blocks(listing: str, header: str, field: str) -> list[str]:
         elif inside and line.strip().startswith(field + ":"):
             found.append(line.strip())
     return found
+
+
+def test_missing_token_fails_cleanly_and_nothing_is_issued(station, softhsm_token):
+    from gateway.drivers import softhsm_setup
+
+    orch, _gw, pooled = station
+    softhsm_setup.delete_token(softhsm_token.conf_path, softhsm_token.serial)
+    try:
+        _events, task = produce(orch, pooled.reader.reader_id, softhsm_token.user_pin)
+    except grpc.RpcError as exc:          # the gateway already reported the token gone
+        assert error_from_rpc(exc).reason in {"CARD_NOT_PRESENT", "READER_NOT_FOUND"}
+        return
+    assert task.state == pb.TASK_STATE_FAILED
+    assert task.error.reason in {"CARD_IO", "CARD_NOT_PRESENT", "CARD_REMOVED"}
+    assert list(task.certificate_ids) == []
+
+
+def test_health_and_reflection_on_both_processes(station):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    orch, gw, _pooled = station
+    expected = {orch: "cardline.orchestrator.v1.OrchestratorService", gw: "cardline.gateway.v1.GatewayService"}
+    for address, service in expected.items():
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            names = {s.name for a in answers for s in a.list_services_response.service}
+            assert service in names and "grpc.health.v1.Health" in names
+
+
+def test_cli_lists_issued_certificates_and_shows_cards_as_json(station, softhsm_token):
+    import json
+
+    from tests.support.processes import CARDLINE
+
+    orch, _gw, pooled = station
+    produced = subprocess.run([CARDLINE, "produce", "--orchestrator", orch, "--reader", pooled.reader.reader_id,
+                               "--subject", SUBJECT, "--certificate", "EmployeeAuthentication", "--pin-stdin", "--json"],
+                              input=softhsm_token.user_pin + "\n", capture_output=True, text=True)
+    assert produced.returncode == 0, produced.stderr
+    task = json.loads(produced.stdout)
+    assert softhsm_token.user_pin not in produced.stdout + produced.stderr
+    shown = json.loads(subprocess.run([CARDLINE, "cards", "show", task["card_id"], "--orchestrator", orch, "--json"],
+                                      capture_output=True, text=True, check=True).stdout)
+    assert shown["id"] == task["card_id"] and shown["state"] == "Active" and len(shown["certificate_ids"]) == 1
+    active = json.loads(subprocess.run([CARDLINE, "certs", "list", "--state", "Active", "--orchestrator", orch,
+                                        "--json"], capture_output=True, text=True, check=True).stdout)
+    issued = json.loads(subprocess.run([CARDLINE, "certs", "list", "--state", "Issued", "--orchestrator", orch,
+                                        "--json"], capture_output=True, text=True, check=True).stdout)
+    assert [c["id"] for c in active] == shown["certificate_ids"] and issued == []
+    missing = subprocess.run([CARDLINE, "cards", "show", "no-such-card", "--orchestrator", orch],
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
