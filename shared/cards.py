@@ -5,7 +5,7 @@ Plain dataclasses; shared/convert.py maps them to and from protobuf at the edges
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class KeyType(enum.Enum):
@@ -122,17 +122,39 @@ class ReadCardInfo:
     pass
 
 
-Operation = GenerateKeyPair | Sign | WriteCertificates | ListObjects | DeleteObjects | RunApduScript | ReadCardInfo
+@dataclass(frozen=True)
+class ImportKeyPair:
+    """A key pair made off-card (key archival, recovery); the private key lives only in this step."""
+    key_id: bytes
+    label: str
+    private_key_der: bytes = field(repr=False)      # PKCS#8
+    certificate_der: bytes = b""
+
+
+@dataclass(frozen=True)
+class SetPins:
+    new_user_pin: str = field(default="", repr=False)
+    new_so_pin: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class WriteDataObject:
+    application: str
+    label: str
+    value: bytes
+    private: bool = False
+
+
+Operation = (GenerateKeyPair | Sign | WriteCertificates | ListObjects | DeleteObjects | RunApduScript | ReadCardInfo
+             | ImportKeyPair | SetPins | WriteDataObject)
 
 
 @dataclass(frozen=True)
 class Step:
     operation: Operation
-    # The user PIN travels with the step and lives only as long as it; repr hides it.
-    user_pin: str = ""
-
-    def __repr__(self) -> str:
-        return f"Step({self.operation!r}, user_pin={'***' if self.user_pin else ''!r})"
+    # PINs travel with the step and live only as long as it; repr hides them.
+    user_pin: str = field(default="", repr=False)
+    so_pin: str = field(default="", repr=False)
 
 
 # What a step returns, by operation: GeneratedKey, Signature, WrittenCertificates,
@@ -162,4 +184,20 @@ class ApduScriptResult:
     responses: tuple[ApduResponse, ...]
 
 
-StepValue = GeneratedKey | Signature | WrittenCertificates | ObjectListing | DeletedCount | ApduScriptResult | Reader
+@dataclass(frozen=True)
+class KeyPairImported:
+    key_id: bytes
+
+
+@dataclass(frozen=True)
+class PinsSet:
+    pass
+
+
+@dataclass(frozen=True)
+class DataObjectWritten:
+    label: str
+
+
+StepValue = (GeneratedKey | Signature | WrittenCertificates | ObjectListing | DeletedCount | ApduScriptResult | Reader
+             | KeyPairImported | PinsSet | DataObjectWritten)

@@ -81,7 +81,7 @@ def error_from_proto(m: common_pb2.Error) -> CardlineError:
 # --- steps -----------------------------------------------------------------------------
 
 def step_to_proto(step: cards.Step) -> steps_pb2.Step:
-    msg = steps_pb2.Step(credentials=steps_pb2.Credentials(user_pin=step.user_pin))
+    msg = steps_pb2.Step(credentials=steps_pb2.Credentials(user_pin=step.user_pin, so_pin=step.so_pin))
     op = step.operation
     match op:
         case cards.GenerateKeyPair():
@@ -102,6 +102,14 @@ def step_to_proto(step: cards.Step) -> steps_pb2.Step:
                 steps_pb2.Apdu(command=a.command, expected_sw=list(a.expected_sw)) for a in op.apdus]))
         case cards.ReadCardInfo():
             msg.read_card_info.SetInParent()
+        case cards.ImportKeyPair():
+            msg.import_key_pair.CopyFrom(steps_pb2.ImportKeyPair(
+                key_id=op.key_id, label=op.label, private_key_der=op.private_key_der, certificate_der=op.certificate_der))
+        case cards.SetPins():
+            msg.set_pins.CopyFrom(steps_pb2.SetPins(new_user_pin=op.new_user_pin, new_so_pin=op.new_so_pin))
+        case cards.WriteDataObject():
+            msg.write_data_object.CopyFrom(steps_pb2.WriteDataObject(
+                application=op.application, label=op.label, value=op.value, private=op.private))
     return msg
 
 
@@ -131,9 +139,21 @@ def step_from_proto(msg: steps_pb2.Step) -> cards.Step:
                                        for a in msg.apdu_script.apdus))
     elif which == "read_card_info":
         op = cards.ReadCardInfo()
+    elif which == "import_key_pair":
+        m = msg.import_key_pair
+        if not m.key_id or not m.private_key_der:
+            raise InvalidArgument("import_key_pair needs key_id and private_key_der", field="import_key_pair")
+        op = cards.ImportKeyPair(m.key_id, m.label, m.private_key_der, m.certificate_der)
+    elif which == "set_pins":
+        if not msg.set_pins.new_user_pin and not msg.set_pins.new_so_pin:
+            raise InvalidArgument("set_pins sets no PIN", field="set_pins")
+        op = cards.SetPins(msg.set_pins.new_user_pin, msg.set_pins.new_so_pin)
+    elif which == "write_data_object":
+        m = msg.write_data_object
+        op = cards.WriteDataObject(m.application, m.label, m.value, m.private)
     else:
         raise InvalidArgument("step has no operation", field="step.operation")
-    return cards.Step(op, user_pin=msg.credentials.user_pin)
+    return cards.Step(op, user_pin=msg.credentials.user_pin, so_pin=msg.credentials.so_pin)
 
 
 def value_to_outcome(value: cards.StepValue) -> steps_pb2.StepOutcome:
@@ -159,6 +179,12 @@ def value_to_outcome(value: cards.StepValue) -> steps_pb2.StepOutcome:
                 steps_pb2.ApduResponse(data=r.data, sw=r.sw) for r in value.responses]))
         case cards.Reader():
             out.card_info.CopyFrom(steps_pb2.CardInfo(reader=reader_to_proto(value)))
+        case cards.KeyPairImported():
+            out.key_pair_imported.CopyFrom(steps_pb2.KeyPairImported(key_id=value.key_id))
+        case cards.PinsSet():
+            out.pins_set.SetInParent()
+        case cards.DataObjectWritten():
+            out.data_object_written.CopyFrom(steps_pb2.DataObjectWritten(label=value.label))
         case _:
             raise TypeError(f"not a step value: {value!r}")
     return out
@@ -192,6 +218,12 @@ def value_from_outcome(out: steps_pb2.StepOutcome) -> cards.StepValue:
                                             for r in out.apdu_script_result.responses))
     if which == "card_info":
         return reader_from_proto(out.card_info.reader)
+    if which == "key_pair_imported":
+        return cards.KeyPairImported(out.key_pair_imported.key_id)
+    if which == "pins_set":
+        return cards.PinsSet()
+    if which == "data_object_written":
+        return cards.DataObjectWritten(out.data_object_written.label)
     raise InvalidArgument("step outcome is empty", field="outcome")
 
 

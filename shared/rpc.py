@@ -26,7 +26,7 @@ def status_of(err: CardlineError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    return rpc_status.to_status(status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail]))
+    return rpc_status.to_status(status_pb2.Status(code=grpc.StatusCode[err.code].value[0], message=err.message, details=[detail]))
 
 
 def rpc_errors(method: Callable) -> Callable:

@@ -70,5 +70,14 @@ class StepExecutor:
                 return cards.DeletedCount(await call("delete_objects", slot_id, pin, op.key_id))
             case cards.ReadCardInfo():
                 return self.registry.reader(reader_id)
+            case cards.ImportKeyPair() as op:
+                await call("import_key_pair", slot_id, pin, op.key_id, op.label, op.private_key_der, op.certificate_der)
+                return cards.KeyPairImported(op.key_id)
+            case cards.SetPins() as op:
+                await call("set_pins", slot_id, pin, step.so_pin, op.new_user_pin, op.new_so_pin)
+                return cards.PinsSet()
+            case cards.WriteDataObject() as op:
+                await call("write_data_object", slot_id, pin, op.application, op.label, op.value, op.private)
+                return cards.DataObjectWritten(op.label)
         raise UnsupportedOperation(f"{type(step.operation).__name__} needs a PC/SC reader; {reader_id!r} is a "
                                    "PKCS#11 slot", reader_id=reader_id)

@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import AlreadyExists, InvalidArgument, NotFound, StateConflict
 from orchestrator.store.models import Card, Certificate, ObjectRelation, Task, TaskStep, utcnow
 from orchestrator.store.records import (CARD, CERTIFICATE, TASK_FAILED, TASK_RUNNING, TASK_SUCCEEDED,
                                         CardRecord, CertificateRecord, NewRelation, RelationRecord,
@@ -47,12 +47,8 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 _PG_MIGRATION_LOCK = 0x6361726C  # "carl"
 
 
-class DuplicateCertificate(InvalidArgument):
+class DuplicateCertificate(AlreadyExists):
     """A certificate with this issuer and serial is already stored."""
-
-
-class StateConflict(InvalidArgument):
-    """The object is not in the state the operation requires (task finished, certificate moved)."""
 
 
 R = TypeVar("R")

@@ -19,18 +19,22 @@ operations = st.one_of(
                                                 max_size=3).map(tuple)),
     st.just(cards.ListObjects()), st.builds(cards.DeleteObjects, st.binary(max_size=8)),
     st.builds(cards.RunApduScript, st.lists(apdus, max_size=5).map(tuple)), st.just(cards.ReadCardInfo()),
+    st.builds(cards.ImportKeyPair, st.binary(min_size=1, max_size=8), st.text(max_size=8), st.binary(min_size=1)),
+    st.builds(cards.SetPins, st.text(min_size=1, max_size=8), st.text(max_size=8)),
+    st.builds(cards.WriteDataObject, st.text(max_size=8), st.text(max_size=8), st.binary(), st.booleans()),
 )
 
 
-@given(operations, st.text(max_size=12))
-def test_step_round_trips_through_protobuf(operation, pin):
-    step = cards.Step(operation, user_pin=pin)
+@given(operations, st.text(max_size=12), st.text(max_size=12))
+def test_step_round_trips_through_protobuf(operation, pin, so_pin):
+    step = cards.Step(operation, user_pin=pin, so_pin=so_pin)
     assert convert.step_from_proto(convert.step_to_proto(step)) == step
 
 
-def test_step_repr_never_shows_the_pin():
-    step = cards.Step(cards.ListObjects(), user_pin="123456")
-    assert "123456" not in repr(step)
+def test_step_repr_never_shows_pins_or_private_keys():
+    step = cards.Step(cards.ImportKeyPair(b"k", "l", b"PRIVATE-KEY-BYTES"), user_pin="123456", so_pin="87654321")
+    assert "123456" not in repr(step) and "87654321" not in repr(step) and "PRIVATE" not in repr(step)
+    assert "999999" not in repr(cards.SetPins("999999"))
 
 
 def test_step_without_operation_is_rejected_by_field():
@@ -57,6 +61,7 @@ def test_error_outcome_raises_the_catalogue_error_with_metadata():
     cards.ObjectListing((cards.StoredObject(cards.ObjectClass.PRIVATE_KEY, b"k", "l", cards.KeyType.EC_P256),)),
     cards.DeletedCount(3), cards.ApduScriptResult((cards.ApduResponse(b"\x01", 0x9000),)),
     cards.Reader("pcsc:r", cards.ReaderKind.PCSC, "r", True, atr=b"\x3b"),
+    cards.KeyPairImported(b"k"), cards.PinsSet(), cards.DataObjectWritten("label"),
 ])
 def test_step_values_round_trip(value):
     assert convert.value_from_outcome(convert.value_to_outcome(value)) == value

@@ -433,6 +433,148 @@ class ReadCardInfo(_message.Message):
 Global___ReadCardInfo: _TypeAlias = ReadCardInfo  # noqa: Y015
 
 @_typing.final
+class ImportKeyPair(_message.Message):
+    """A key pair made outside the card (key archival, recovery) put on it, with its
+    certificate next to it when given. The private key travels only inside this step.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    PRIVATE_KEY_DER_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.bytes
+    label: _builtins.str
+    private_key_der: _builtins.bytes
+    """PKCS#8"""
+    certificate_der: _builtins.bytes
+    """optional"""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.bytes = ...,
+        label: _builtins.str = ...,
+        private_key_der: _builtins.bytes = ...,
+        certificate_der: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "key_id", b"key_id", "label", b"label", "private_key_der", b"private_key_der"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportKeyPair: _TypeAlias = ImportKeyPair  # noqa: Y015
+
+@_typing.final
+class KeyPairImported(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyPairImported: _TypeAlias = KeyPairImported  # noqa: Y015
+
+@_typing.final
+class SetPins(_message.Message):
+    """Sets the card's PINs: the user PIN (logged in with credentials.user_pin) and, when
+    given, the PUK / SO PIN (logged in with credentials.so_pin).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEW_USER_PIN_FIELD_NUMBER: _builtins.int
+    NEW_SO_PIN_FIELD_NUMBER: _builtins.int
+    new_user_pin: _builtins.str
+    new_so_pin: _builtins.str
+    def __init__(
+        self,
+        *,
+        new_user_pin: _builtins.str = ...,
+        new_so_pin: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_so_pin", b"new_so_pin", "new_user_pin", b"new_user_pin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPins: _TypeAlias = SetPins  # noqa: Y015
+
+@_typing.final
+class PinsSet(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PinsSet: _TypeAlias = PinsSet  # noqa: Y015
+
+@_typing.final
+class WriteDataObject(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    PRIVATE_FIELD_NUMBER: _builtins.int
+    application: _builtins.str
+    """CKA_APPLICATION"""
+    label: _builtins.str
+    value: _builtins.bytes
+    private: _builtins.bool
+    def __init__(
+        self,
+        *,
+        application: _builtins.str = ...,
+        label: _builtins.str = ...,
+        value: _builtins.bytes = ...,
+        private: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "label", b"label", "private", b"private", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteDataObject: _TypeAlias = WriteDataObject  # noqa: Y015
+
+@_typing.final
+class DataObjectWritten(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataObjectWritten: _TypeAlias = DataObjectWritten  # noqa: Y015
+
+@_typing.final
 class CardInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -459,15 +601,18 @@ class Credentials(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_PIN_FIELD_NUMBER: _builtins.int
+    SO_PIN_FIELD_NUMBER: _builtins.int
     user_pin: _builtins.str
+    so_pin: _builtins.str
     def __init__(
         self,
         *,
         user_pin: _builtins.str = ...,
+        so_pin: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_pin", b"user_pin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["so_pin", b"so_pin", "user_pin", b"user_pin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -485,6 +630,9 @@ class Step(_message.Message):
     DELETE_OBJECTS_FIELD_NUMBER: _builtins.int
     APDU_SCRIPT_FIELD_NUMBER: _builtins.int
     READ_CARD_INFO_FIELD_NUMBER: _builtins.int
+    IMPORT_KEY_PAIR_FIELD_NUMBER: _builtins.int
+    SET_PINS_FIELD_NUMBER: _builtins.int
+    WRITE_DATA_OBJECT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def credentials(self) -> Global___Credentials: ...
     @_builtins.property
@@ -501,6 +649,12 @@ class Step(_message.Message):
     def apdu_script(self) -> Global___ApduScript: ...
     @_builtins.property
     def read_card_info(self) -> Global___ReadCardInfo: ...
+    @_builtins.property
+    def import_key_pair(self) -> Global___ImportKeyPair: ...
+    @_builtins.property
+    def set_pins(self) -> Global___SetPins: ...
+    @_builtins.property
+    def write_data_object(self) -> Global___WriteDataObject: ...
     def __init__(
         self,
         *,
@@ -512,12 +666,15 @@ class Step(_message.Message):
         delete_objects: Global___DeleteObjects | None = ...,
         apdu_script: Global___ApduScript | None = ...,
         read_card_info: Global___ReadCardInfo | None = ...,
+        import_key_pair: Global___ImportKeyPair | None = ...,
+        set_pins: Global___SetPins | None = ...,
+        write_data_object: Global___WriteDataObject | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["apdu_script", b"apdu_script", "credentials", b"credentials", "delete_objects", b"delete_objects", "generate_key_pair", b"generate_key_pair", "list_objects", b"list_objects", "operation", b"operation", "read_card_info", b"read_card_info", "sign", b"sign", "write_certificates", b"write_certificates"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["apdu_script", b"apdu_script", "credentials", b"credentials", "delete_objects", b"delete_objects", "generate_key_pair", b"generate_key_pair", "import_key_pair", b"import_key_pair", "list_objects", b"list_objects", "operation", b"operation", "read_card_info", b"read_card_info", "set_pins", b"set_pins", "sign", b"sign", "write_certificates", b"write_certificates", "write_data_object", b"write_data_object"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["apdu_script", b"apdu_script", "credentials", b"credentials", "delete_objects", b"delete_objects", "generate_key_pair", b"generate_key_pair", "list_objects", b"list_objects", "operation", b"operation", "read_card_info", b"read_card_info", "sign", b"sign", "write_certificates", b"write_certificates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apdu_script", b"apdu_script", "credentials", b"credentials", "delete_objects", b"delete_objects", "generate_key_pair", b"generate_key_pair", "import_key_pair", b"import_key_pair", "list_objects", b"list_objects", "operation", b"operation", "read_card_info", b"read_card_info", "set_pins", b"set_pins", "sign", b"sign", "write_certificates", b"write_certificates", "write_data_object", b"write_data_object"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_operation: _TypeAlias = _typing.Literal["generate_key_pair", "sign", "write_certificates", "list_objects", "delete_objects", "apdu_script", "read_card_info"]  # noqa: Y015
+    _WhichOneofReturnType_operation: _TypeAlias = _typing.Literal["generate_key_pair", "sign", "write_certificates", "list_objects", "delete_objects", "apdu_script", "read_card_info", "import_key_pair", "set_pins", "write_data_object"]  # noqa: Y015
     _WhichOneofArgType_operation: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_operation) -> _WhichOneofReturnType_operation | None: ...
 
@@ -535,6 +692,9 @@ class StepOutcome(_message.Message):
     OBJECTS_DELETED_FIELD_NUMBER: _builtins.int
     APDU_SCRIPT_RESULT_FIELD_NUMBER: _builtins.int
     CARD_INFO_FIELD_NUMBER: _builtins.int
+    KEY_PAIR_IMPORTED_FIELD_NUMBER: _builtins.int
+    PINS_SET_FIELD_NUMBER: _builtins.int
+    DATA_OBJECT_WRITTEN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def error(self) -> _common_pb2.Error: ...
     @_builtins.property
@@ -551,6 +711,12 @@ class StepOutcome(_message.Message):
     def apdu_script_result(self) -> Global___ApduScriptResult: ...
     @_builtins.property
     def card_info(self) -> Global___CardInfo: ...
+    @_builtins.property
+    def key_pair_imported(self) -> Global___KeyPairImported: ...
+    @_builtins.property
+    def pins_set(self) -> Global___PinsSet: ...
+    @_builtins.property
+    def data_object_written(self) -> Global___DataObjectWritten: ...
     def __init__(
         self,
         *,
@@ -562,12 +728,15 @@ class StepOutcome(_message.Message):
         objects_deleted: Global___ObjectsDeleted | None = ...,
         apdu_script_result: Global___ApduScriptResult | None = ...,
         card_info: Global___CardInfo | None = ...,
+        key_pair_imported: Global___KeyPairImported | None = ...,
+        pins_set: Global___PinsSet | None = ...,
+        data_object_written: Global___DataObjectWritten | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["apdu_script_result", b"apdu_script_result", "card_info", b"card_info", "certificates_written", b"certificates_written", "error", b"error", "key_pair_generated", b"key_pair_generated", "object_list", b"object_list", "objects_deleted", b"objects_deleted", "result", b"result", "signed", b"signed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["apdu_script_result", b"apdu_script_result", "card_info", b"card_info", "certificates_written", b"certificates_written", "data_object_written", b"data_object_written", "error", b"error", "key_pair_generated", b"key_pair_generated", "key_pair_imported", b"key_pair_imported", "object_list", b"object_list", "objects_deleted", b"objects_deleted", "pins_set", b"pins_set", "result", b"result", "signed", b"signed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["apdu_script_result", b"apdu_script_result", "card_info", b"card_info", "certificates_written", b"certificates_written", "error", b"error", "key_pair_generated", b"key_pair_generated", "object_list", b"object_list", "objects_deleted", b"objects_deleted", "result", b"result", "signed", b"signed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apdu_script_result", b"apdu_script_result", "card_info", b"card_info", "certificates_written", b"certificates_written", "data_object_written", b"data_object_written", "error", b"error", "key_pair_generated", b"key_pair_generated", "key_pair_imported", b"key_pair_imported", "object_list", b"object_list", "objects_deleted", b"objects_deleted", "pins_set", b"pins_set", "result", b"result", "signed", b"signed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "key_pair_generated", "signed", "certificates_written", "object_list", "objects_deleted", "apdu_script_result", "card_info"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "key_pair_generated", "signed", "certificates_written", "object_list", "objects_deleted", "apdu_script_result", "card_info", "key_pair_imported", "pins_set", "data_object_written"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
