@@ -71,6 +71,25 @@ class Card(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
 
 
+class ProcessInstance(Base):
+    """One run of a process definition and its process map (JSON text of a dict)."""
+
+    __tablename__ = "process_instances"
+    __table_args__ = (
+        Index("ix_process_instances_state_created_at", "state", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    definition: Mapped[str] = mapped_column(NAME, index=True)
+    state: Mapped[str] = mapped_column(NAME)   # indexed with created_at, see __table_args__
+    process_map: Mapped[str] = mapped_column(Text)
+    error_reason: Mapped[str | None] = mapped_column(NAME)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+
+
 class Task(Base):
     __tablename__ = "tasks"
 
@@ -84,6 +103,9 @@ class Task(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    # Revision 0002: the process instance the task belongs to and its position in it.
+    process_instance_id: Mapped[str | None] = mapped_column(ID, ForeignKey("process_instances.id"), index=True)
+    task_index: Mapped[int | None] = mapped_column(Integer)
 
 
 class TaskStep(Base):
@@ -144,4 +166,35 @@ class ObjectRelation(Base):
     target_id: Mapped[str] = mapped_column(ID)
     relation_type: Mapped[str] = mapped_column(NAME)
     task_id: Mapped[str | None] = mapped_column(ID, ForeignKey("tasks.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class AuditEvent(Base):
+    """Who did what to which object (C5: every handling action is audited). Append only.
+    The id is an integer sequence so that "oldest first" is the order of writing."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_object_id_id", "object_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(UtcDateTime, index=True)
+    actor: Mapped[str] = mapped_column(NAME)
+    action: Mapped[str] = mapped_column(NAME, index=True)
+    object_type: Mapped[str] = mapped_column(NAME)
+    object_id: Mapped[str] = mapped_column(NAME)   # indexed with id, see __table_args__
+    detail: Mapped[str] = mapped_column(Text)       # JSON object
+
+
+class ArchivedKey(Base):
+    """The private key of a certificate, wrapped (encrypted) under a key-encryption key
+    the store never sees (C7 recovery). One per certificate."""
+
+    __tablename__ = "archived_keys"
+
+    certificate_id: Mapped[str] = mapped_column(ID, ForeignKey("certificates.id"), primary_key=True)
+    kek_id: Mapped[str] = mapped_column(NAME)
+    algorithm: Mapped[str] = mapped_column(NAME)
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)

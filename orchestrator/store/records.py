@@ -7,8 +7,8 @@ All datetimes are timezone-aware UTC.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 # Object types as they appear in object relations and CoreObjectDescriptors.
 CARD = "Card"
@@ -18,6 +18,20 @@ CERTIFICATE = "Certificate"
 TASK_RUNNING = "RUNNING"
 TASK_SUCCEEDED = "SUCCEEDED"
 TASK_FAILED = "FAILED"
+
+# Process instance states: RUNNING until finish_process_instance ends it, exactly once.
+PROCESS_RUNNING = "RUNNING"
+PROCESS_SUCCEEDED = "SUCCEEDED"
+PROCESS_FAILED = "FAILED"
+PROCESS_FINAL_STATES = (PROCESS_SUCCEEDED, PROCESS_FAILED)
+
+# Audit actions the orchestrator writes (the store accepts any non-empty action).
+AUDIT_CHANGE_STATE = "change_state"
+AUDIT_CHANGE_STATE_IN_CA = "change_state_in_ca"
+AUDIT_HANDLE_ISSUED = "handle_issued"
+AUDIT_SWEEP = "sweep"
+AUDIT_REVOKE_ON_ISSUE = "revoke_on_issue"
+AUDIT_RECOVER = "recover"
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,42 @@ class TaskRecord:
     error_message: str | None
     created_at: dt.datetime
     finished_at: dt.datetime | None
+    # Added with revision 0002; defaults keep older constructors working.
+    process_instance_id: str | None = None
+    task_index: int | None = None           # position of the task in its process definition
+
+
+@dataclass(frozen=True)
+class ProcessInstanceRecord:
+    id: str
+    definition: str                         # the process's name
+    state: str                              # PROCESS_RUNNING / PROCESS_SUCCEEDED / PROCESS_FAILED
+    process_map: dict[str, Any]             # a fresh dict of JSON values on every read
+    error_reason: str | None
+    error_message: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime                 # last change of the map or the state
+    finished_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int                                 # increasing in the order of writing
+    at: dt.datetime
+    actor: str
+    action: str                             # AUDIT_* above, or another non-empty name
+    object_type: str                        # CERTIFICATE, CARD, ...
+    object_id: str
+    detail: dict[str, Any]                  # state changes: {"from", "to", "reason", ...}
+
+
+@dataclass(frozen=True)
+class ArchivedKeyRecord:
+    certificate_id: str
+    kek_id: str                             # which key-encryption key wrapped it
+    algorithm: str                          # e.g. "AES-256-GCM"
+    wrapped_key: bytes = field(repr=False)  # encrypted; the store never sees a plain key
+    created_at: dt.datetime
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,19 @@ The certificate rules live here as transaction boundaries:
   C2  finish_task_succeeded moves the task's certificates, sets the card state, creates the
       relations and ends the task in ONE transaction; any failure changes nothing.
   C3  finish_task_failed leaves certificate states alone and records the task's error on them.
-  C4  list_certificates searches by state, age, template, card, gateway, reader, task.
+  C4  list_certificates searches by state, age, template, card, gateway, reader, task,
+      process instance.
+  C5  change_certificate_state / change_card_state change a state and write its audit event
+      in ONE transaction; record_audit audits any other handling action (C17 included).
+  C7  store_issued_certificate(archived_key=...) stores a certificate and its archived
+      (wrapped) private key together; archive_key / get_archived_key for the rest.
+  C9  add_relations creates relations on their own, idempotently, before the task ends;
+      finish_task_* skip relations that already exist.
 """
 from __future__ import annotations
 
 import datetime as dt
+import json
 import pathlib
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -36,10 +44,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from shared.errors import AlreadyExists, InvalidArgument, NotFound, StateConflict
-from orchestrator.store.models import Card, Certificate, ObjectRelation, Task, TaskStep, utcnow
-from orchestrator.store.records import (CARD, CERTIFICATE, TASK_FAILED, TASK_RUNNING, TASK_SUCCEEDED,
-                                        CardRecord, CertificateRecord, NewRelation, RelationRecord,
-                                        TaskRecord, TaskStepRecord)
+from orchestrator.store.models import (ArchivedKey, AuditEvent, Card, Certificate, ObjectRelation,
+                                       ProcessInstance, Task, TaskStep, utcnow)
+from orchestrator.store.records import (CARD, CERTIFICATE, PROCESS_FINAL_STATES, PROCESS_RUNNING,
+                                        TASK_FAILED, TASK_RUNNING, TASK_SUCCEEDED, ArchivedKeyRecord,
+                                        AuditRecord, CardRecord, CertificateRecord, NewRelation,
+                                        ProcessInstanceRecord, RelationRecord, TaskRecord, TaskStepRecord)
 
 MIGRATIONS_DIR = pathlib.Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -60,6 +70,39 @@ def _record(cls: type[R], obj: Any) -> R:
 
 def _new_id() -> str:
     return str(uuid.uuid4())
+
+
+def _json_object(value: Mapping[str, Any] | None, what: str) -> str:
+    """JSON text of a mapping with string keys and JSON values; InvalidArgument otherwise."""
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(f"{what} must be a mapping, not {type(value).__name__}")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise InvalidArgument(f"{what}: keys must be strings, not {bad!r}")
+    try:
+        return json.dumps(dict(value), allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{what} is not JSON: {exc}") from None
+
+
+def _process_record(row: ProcessInstance) -> ProcessInstanceRecord:
+    values = {f.name: getattr(row, f.name) for f in fields(ProcessInstanceRecord)}
+    values["process_map"] = json.loads(row.process_map)
+    return ProcessInstanceRecord(**values)
+
+
+def _audit_record(row: AuditEvent) -> AuditRecord:
+    values = {f.name: getattr(row, f.name) for f in fields(AuditRecord)}
+    values["detail"] = json.loads(row.detail)
+    return AuditRecord(**values)
+
+
+def _relation_key(rel: NewRelation):
+    return (ObjectRelation.source_type == rel.source_type, ObjectRelation.source_id == rel.source_id,
+            ObjectRelation.target_type == rel.target_type, ObjectRelation.target_id == rel.target_id,
+            ObjectRelation.relation_type == rel.relation_type)
 
 
 def alembic_config(database_url: str | None = None) -> Config:
@@ -175,16 +218,107 @@ class Store:
             raise StateConflict(f"task {task_id} is already {task.state}", task_id=task_id, state=task.state)
         return task
 
+    # -- process instances ---------------------------------------------------------------
+
+    @staticmethod
+    def _process_instance(session: Session, instance_id: str, *, lock: bool = False) -> ProcessInstance:
+        q = select(ProcessInstance).where(ProcessInstance.id == instance_id)
+        row = session.scalar(q.with_for_update() if lock else q)
+        if row is None:
+            raise NotFound(f"no process instance {instance_id!r}", process_instance_id=instance_id)
+        return row
+
+    @staticmethod
+    def _running_process_instance(session: Session, instance_id: str) -> ProcessInstance:
+        row = Store._process_instance(session, instance_id, lock=True)
+        if row.state != PROCESS_RUNNING:
+            raise StateConflict(f"process instance {instance_id} is already {row.state}",
+                                process_instance_id=instance_id, state=row.state)
+        return row
+
+    def create_process_instance(self, definition: str, process_map: Mapping[str, Any]) -> ProcessInstanceRecord:
+        """A new RUNNING instance of the process `definition` with its initial process map
+        (string keys, JSON values - e.g. ProcessMap.to_dict(); secrets never belong here)."""
+        if not definition:
+            raise InvalidArgument("a process instance needs its definition's name")
+        text_map = _json_object(process_map, "process map")
+        with self._write() as s:
+            now = utcnow()
+            row = ProcessInstance(id=_new_id(), definition=definition, state=PROCESS_RUNNING,
+                                  process_map=text_map, created_at=now, updated_at=now)
+            s.add(row)
+            s.flush()
+            return _process_record(row)
+
+    def update_process_map(self, instance_id: str, process_map: Mapping[str, Any]) -> ProcessInstanceRecord:
+        """Replaces the whole process map of a RUNNING instance (StateConflict once it ended)."""
+        text_map = _json_object(process_map, "process map")
+        with self._write() as s:
+            row = self._running_process_instance(s, instance_id)
+            row.process_map = text_map
+            row.updated_at = utcnow()
+            s.flush()
+            return _process_record(row)
+
+    def finish_process_instance(self, instance_id: str, state: str, error_reason: str | None = None,
+                                error_message: str | None = None,
+                                process_map: Mapping[str, Any] | None = None) -> ProcessInstanceRecord:
+        """Ends a RUNNING instance in SUCCEEDED or FAILED, exactly once (StateConflict
+        otherwise), with its error and, if given, its final process map."""
+        if state not in PROCESS_FINAL_STATES:
+            raise InvalidArgument(f"a process instance ends in one of {list(PROCESS_FINAL_STATES)}, not {state!r}")
+        text_map = None if process_map is None else _json_object(process_map, "process map")
+        with self._write() as s:
+            row = self._running_process_instance(s, instance_id)
+            now = utcnow()
+            row.state = state
+            row.error_reason = error_reason
+            row.error_message = error_message
+            if text_map is not None:
+                row.process_map = text_map
+            row.updated_at = row.finished_at = now
+            s.flush()
+            return _process_record(row)
+
+    def get_process_instance(self, instance_id: str) -> ProcessInstanceRecord:
+        with self._read() as s:
+            return _process_record(self._process_instance(s, instance_id))
+
+    def list_process_instances(self, state: str | None = None, definition: str | None = None,
+                               limit: int | None = None) -> list[ProcessInstanceRecord]:
+        """Newest first."""
+        q = select(ProcessInstance)
+        if state is not None:
+            q = q.where(ProcessInstance.state == state)
+        if definition is not None:
+            q = q.where(ProcessInstance.definition == definition)
+        q = q.order_by(ProcessInstance.created_at.desc(), ProcessInstance.id.desc())
+        if limit is not None:
+            q = q.limit(limit)
+        with self._read() as s:
+            return [_process_record(r) for r in s.scalars(q)]
+
     # -- tasks and the step journal ----------------------------------------------------------
 
-    def create_task(self, type: str, gateway_id: str, reader_id: str, card_id: str | None = None) -> TaskRecord:
+    def create_task(self, type: str, gateway_id: str, reader_id: str, card_id: str | None = None, *,
+                    process_instance_id: str | None = None, task_index: int | None = None) -> TaskRecord:
         """A new RUNNING task. card_id: the card a card operation works on (C8); a card
-        production task gets its card from create_card instead."""
+        production task gets its card from create_card instead. process_instance_id: the
+        RUNNING process instance the task is part of (StateConflict if it has ended);
+        task_index: the task's position in it (not unique: a retried task repeats it)."""
+        if task_index is not None and task_index < 0:
+            raise InvalidArgument(f"task_index must not be negative, not {task_index}")
         with self._write() as s:
             if card_id is not None and s.get(Card, card_id) is None:
                 raise NotFound(f"no card {card_id!r}", card_id=card_id)
+            if process_instance_id is not None:
+                instance = self._process_instance(s, process_instance_id)
+                if instance.state != PROCESS_RUNNING:
+                    raise StateConflict(f"process instance {process_instance_id} is already {instance.state}",
+                                        process_instance_id=process_instance_id, state=instance.state)
             task = Task(id=_new_id(), type=type, state=TASK_RUNNING, gateway_id=gateway_id,
-                        reader_id=reader_id, card_id=card_id, created_at=utcnow())
+                        reader_id=reader_id, card_id=card_id, created_at=utcnow(),
+                        process_instance_id=process_instance_id, task_index=task_index)
             s.add(task)
             s.flush()
             return _record(TaskRecord, task)
@@ -208,6 +342,16 @@ class Store:
     def get_task(self, task_id: str) -> TaskRecord:
         with self._read() as s:
             return _record(TaskRecord, self._task(s, task_id))
+
+    def list_tasks(self, process_instance_id: str | None = None, state: str | None = None) -> list[TaskRecord]:
+        """Tasks, oldest first (so the tasks of a process instance come in the order they ran)."""
+        q = select(Task)
+        if process_instance_id is not None:
+            q = q.where(Task.process_instance_id == process_instance_id)
+        if state is not None:
+            q = q.where(Task.state == state)
+        with self._read() as s:
+            return [_record(TaskRecord, t) for t in s.scalars(q.order_by(Task.created_at, Task.id))]
 
     def list_task_steps(self, task_id: str) -> list[TaskStepRecord]:
         with self._read() as s:
@@ -239,6 +383,18 @@ class Store:
                 raise NotFound(f"no card {card_id!r}", card_id=card_id)
             return _record(CardRecord, card)
 
+    def change_card_state(self, card_id: str, to_state: str, *, from_state: str | None, actor: str,
+                          action: str, reason: str | None = None,
+                          detail: Mapping[str, Any] | None = None) -> CardRecord:
+        """Like change_certificate_state, for a card: state change and audit event in ONE
+        transaction; StateConflict (and nothing written) if the card is not in from_state."""
+        with self._write() as s:
+            card = s.scalar(select(Card).where(Card.id == card_id).with_for_update())
+            if card is None:
+                raise NotFound(f"no card {card_id!r}", card_id=card_id)
+            self._change_state(s, card, CARD, to_state, from_state, actor, action, reason, detail)
+            return _record(CardRecord, card)
+
     def certificate_ids_of_card(self, card_id: str) -> list[str]:
         """Certificates related to the card (relations Card -> Certificate), oldest first
         (by when the store received them).
@@ -256,13 +412,23 @@ class Store:
     # -- certificates --------------------------------------------------------------------
 
     def store_issued_certificate(self, task_id: str, der: bytes, template: str, ca_name: str,
-                                 state: str) -> CertificateRecord:
+                                 state: str, *,
+                                 archived_key: tuple[str, str, bytes] | None = None) -> CertificateRecord:
         """C1: commits a certificate just received from the CA, in the internal issued state
         `state`, in its own transaction, so it is known before any card write is attempted.
 
         Also used by the reconciler (C16) after the task has ended: a certificate stored for a
         failed task carries that task's error, as if it had been there when the task failed.
+
+        archived_key: (kek_id, algorithm, wrapped_key) of the certificate's private key,
+        stored in the same transaction (C7): an archived certificate never exists without it.
         """
+        if archived_key is not None:
+            try:
+                kek_id, algorithm, wrapped_key = archived_key
+            except (TypeError, ValueError):
+                raise InvalidArgument("archived_key must be (kek_id, algorithm, wrapped_key)") from None
+            self._check_archived_key(kek_id, algorithm, wrapped_key)
         try:
             cert = x509.load_der_x509_certificate(der)
         except ValueError as exc:
@@ -291,6 +457,10 @@ class Store:
             except IntegrityError:  # a concurrent writer stored the same certificate first
                 raise DuplicateCertificate(f"certificate {serial_hex} of {issuer} is already stored",
                                            serial_hex=serial_hex, issuer=issuer) from None
+            if archived_key is not None:
+                s.add(ArchivedKey(certificate_id=row.id, kek_id=kek_id, algorithm=algorithm,
+                                  wrapped_key=bytes(wrapped_key), created_at=now))
+                s.flush()
             return _record(CertificateRecord, row)
 
     def get_certificate(self, certificate_id: str) -> CertificateRecord:
@@ -303,8 +473,8 @@ class Store:
     def list_certificates(self, state: str | None = None, template: str | None = None,
                           card_id: str | None = None, task_id: str | None = None,
                           issued_before: dt.datetime | None = None, limit: int | None = None,
-                          gateway_id: str | None = None, reader_id: str | None = None
-                          ) -> list[CertificateRecord]:
+                          gateway_id: str | None = None, reader_id: str | None = None,
+                          process_instance_id: str | None = None) -> list[CertificateRecord]:
         """C4 search, oldest first. All filters combine with AND.
 
         issued_before: stored (received from the CA) strictly before this aware datetime.
@@ -312,6 +482,7 @@ class Store:
           that card - so certificates of a failed production, which has no relation under
           CreateObjectRelation=success, are found by their card too.
         gateway_id / reader_id: of the task that issued the certificate.
+        process_instance_id: issued by a task of that process instance.
         """
         q = select(Certificate)
         if state is not None:
@@ -330,6 +501,9 @@ class Store:
                 q = q.where(Task.gateway_id == gateway_id)
             if reader_id is not None:
                 q = q.where(Task.reader_id == reader_id)
+        if process_instance_id is not None:
+            q = q.where(Certificate.task_id.in_(
+                select(Task.id).where(Task.process_instance_id == process_instance_id)))
         if card_id is not None:
             related = select(ObjectRelation.target_id).where(
                 ObjectRelation.source_type == CARD, ObjectRelation.source_id == card_id,
@@ -341,6 +515,109 @@ class Store:
             q = q.limit(limit)
         with self._read() as s:
             return [_record(CertificateRecord, c) for c in s.scalars(q)]
+
+    def change_certificate_state(self, certificate_id: str, to_state: str, *, from_state: str | None,
+                                 actor: str, action: str, reason: str | None = None,
+                                 detail: Mapping[str, Any] | None = None) -> CertificateRecord:
+        """C5/C17: sets the certificate's state and writes the audit event of `action` in ONE
+        transaction. The row is locked (FOR UPDATE on PostgreSQL; SQLite writers are serial),
+        so two changes of one certificate cannot both pass the from_state check. from_state:
+        the state the caller validated the transition from; StateConflict naming both states
+        (and nothing written) if the certificate is elsewhere; None skips the check. The
+        store knows no state graphs: callers validate the transition. The audit detail is
+        `detail` plus {"from", "to", "reason"}."""
+        with self._write() as s:
+            cert = s.scalar(select(Certificate).where(Certificate.id == certificate_id).with_for_update())
+            if cert is None:
+                raise NotFound(f"no certificate {certificate_id!r}", certificate_id=certificate_id)
+            self._change_state(s, cert, CERTIFICATE, to_state, from_state, actor, action, reason, detail)
+            return _record(CertificateRecord, cert)
+
+    def _change_state(self, s: Session, row: Card | Certificate, object_type: str, to_state: str,
+                      from_state: str | None, actor: str, action: str, reason: str | None,
+                      detail: Mapping[str, Any] | None) -> None:
+        if not to_state:
+            raise InvalidArgument(f"{object_type} {row.id}: the target state must not be empty")
+        if from_state is not None and row.state != from_state:
+            raise StateConflict(f"{object_type} {row.id} is in state {row.state!r}, not {from_state!r}; "
+                                f"not changed to {to_state!r}", object_id=row.id, state=row.state,
+                                expected_state=from_state)
+        now = utcnow()
+        audit = {**(detail or {}), "from": row.state, "to": to_state, "reason": reason}
+        row.state = to_state
+        row.updated_at = now
+        self._audit(s, action, object_type, row.id, actor, audit, now)
+        s.flush()
+
+    # -- archived keys (C7) ----------------------------------------------------------------
+
+    @staticmethod
+    def _check_archived_key(kek_id: str, algorithm: str, wrapped_key: bytes) -> None:
+        if not kek_id or not algorithm:
+            raise InvalidArgument("an archived key needs its kek_id and algorithm")
+        if not isinstance(wrapped_key, (bytes, bytearray, memoryview)) or not bytes(wrapped_key):
+            raise InvalidArgument("an archived key needs the wrapped (encrypted) key as non-empty bytes")
+
+    def archive_key(self, certificate_id: str, kek_id: str, algorithm: str, wrapped_key: bytes) -> ArchivedKeyRecord:
+        """Stores the wrapped private key of a stored certificate; AlreadyExists if it has one."""
+        self._check_archived_key(kek_id, algorithm, wrapped_key)
+        with self._write() as s:
+            if s.get(Certificate, certificate_id) is None:
+                raise NotFound(f"no certificate {certificate_id!r}", certificate_id=certificate_id)
+            if s.get(ArchivedKey, certificate_id) is not None:
+                raise AlreadyExists(f"certificate {certificate_id} already has an archived key",
+                                    certificate_id=certificate_id)
+            row = ArchivedKey(certificate_id=certificate_id, kek_id=kek_id, algorithm=algorithm,
+                              wrapped_key=bytes(wrapped_key), created_at=utcnow())
+            s.add(row)
+            try:
+                s.flush()
+            except IntegrityError:  # a concurrent writer archived it first
+                raise AlreadyExists(f"certificate {certificate_id} already has an archived key",
+                                    certificate_id=certificate_id) from None
+            return _record(ArchivedKeyRecord, row)
+
+    def get_archived_key(self, certificate_id: str) -> ArchivedKeyRecord:
+        with self._read() as s:
+            row = s.get(ArchivedKey, certificate_id)
+            if row is None:
+                raise NotFound(f"no archived key for certificate {certificate_id!r}", certificate_id=certificate_id)
+            return _record(ArchivedKeyRecord, row)
+
+    # -- audit (C5) ----------------------------------------------------------------------
+
+    @staticmethod
+    def _audit(s: Session, action: str, object_type: str, object_id: str, actor: str,
+               detail: Mapping[str, Any] | None, at: dt.datetime) -> AuditEvent:
+        if not action or not actor or not object_type or not object_id:
+            raise InvalidArgument("an audit event needs action, actor, object_type and object_id")
+        row = AuditEvent(at=at, actor=actor, action=action, object_type=object_type, object_id=object_id,
+                         detail=_json_object(detail, "audit detail"))
+        s.add(row)
+        return row
+
+    def record_audit(self, action: str, object_type: str, object_id: str, actor: str,
+                     detail: Mapping[str, Any] | None = None) -> AuditRecord:
+        """Audits a handling action that changes no state in the store (a CA revocation, a
+        sweep's decision, a recovery...). Append only; one transaction."""
+        with self._write() as s:
+            row = self._audit(s, action, object_type, object_id, actor, detail, utcnow())
+            s.flush()
+            return _audit_record(row)
+
+    def list_audit(self, object_id: str | None = None, action: str | None = None,
+                   limit: int | None = None) -> list[AuditRecord]:
+        """Oldest first (in the order written)."""
+        q = select(AuditEvent)
+        if object_id is not None:
+            q = q.where(AuditEvent.object_id == object_id)
+        if action is not None:
+            q = q.where(AuditEvent.action == action)
+        q = q.order_by(AuditEvent.id)
+        if limit is not None:
+            q = q.limit(limit)
+        with self._read() as s:
+            return [_audit_record(r) for r in s.scalars(q)]
 
     # -- relations -----------------------------------------------------------------------
 
@@ -354,23 +631,57 @@ class Store:
             return [_record(RelationRecord, r)
                     for r in s.scalars(q.order_by(ObjectRelation.created_at, ObjectRelation.id))]
 
+    def add_relations(self, task_id: str | None,
+                      relations: Iterable[NewRelation | tuple[str, str, str, str, str]]) -> list[RelationRecord]:
+        """C9: creates relations on their own, in one transaction - e.g. the card->certificate
+        relation of CreateObjectRelation=always right after the certificate is stored, so it
+        survives a failure of the task. Idempotent: a relation that exists already (same
+        source, target and type) is not an error; its stored record is returned (with the
+        task that created it). Returns one record per given relation, in the given order.
+        NotFound if the task or a Card/Certificate end does not exist."""
+        relations = [NewRelation(*r) for r in relations]
+        with self._write() as s:
+            if task_id is not None:
+                self._task(s, task_id)
+            now = utcnow()
+            out = []
+            for rel in relations:
+                self._check_relation_ends(s, rel)
+                self._insert_relation(s, task_id, rel, now)
+                row = s.scalar(select(ObjectRelation).where(*_relation_key(rel)))
+                assert row is not None
+                out.append(_record(RelationRecord, row))
+            return out
+
     @staticmethod
-    def _add_relations(s: Session, task_id: str, relations: Iterable[tuple[str, str, str, str, str]],
-                       now: dt.datetime) -> None:
+    def _check_relation_ends(s: Session, rel: NewRelation) -> None:
         known = {CARD: Card, CERTIFICATE: Certificate}   # ends of other types are not checked
-        rows = []
+        for kind, obj_id in ((rel.source_type, rel.source_id), (rel.target_type, rel.target_id)):
+            if kind in known and s.get(known[kind], obj_id) is None:
+                raise NotFound(f"relation {tuple(rel)}: no {kind} {obj_id!r}")
+
+    @staticmethod
+    def _insert_relation(s: Session, task_id: str | None, rel: NewRelation, now: dt.datetime) -> None:
+        """INSERT ... ON CONFLICT DO NOTHING: an existing relation (also one a concurrent
+        transaction just committed) stays as it is, and the transaction goes on."""
+        dialect_insert = postgresql.insert if s.bind.dialect.name == "postgresql" else sqlite.insert
+        s.execute(dialect_insert(ObjectRelation)
+                  .values(id=_new_id(), task_id=task_id, created_at=now, **rel._asdict())
+                  .on_conflict_do_nothing(index_elements=[
+                      ObjectRelation.source_type, ObjectRelation.source_id, ObjectRelation.target_type,
+                      ObjectRelation.target_id, ObjectRelation.relation_type]))
+
+    @staticmethod
+    def _add_relations(s: Session, task_id: str, relations: list[NewRelation], now: dt.datetime) -> None:
+        """The relations of a task's end. One that exists already (created earlier by
+        add_relations, C9) is skipped; the same relation listed twice is a caller's bug."""
+        seen: set[NewRelation] = set()
         for rel in relations:
-            rel = NewRelation(*rel)
-            for kind, obj_id in ((rel.source_type, rel.source_id), (rel.target_type, rel.target_id)):
-                if kind in known and s.get(known[kind], obj_id) is None:
-                    raise NotFound(f"relation {tuple(rel)}: no {kind} {obj_id!r}")
-            rows.append(ObjectRelation(id=_new_id(), task_id=task_id, created_at=now, **rel._asdict()))
-        s.add_all(rows)
-        try:
-            s.flush()
-        except IntegrityError:
-            raise StateConflict(f"task {task_id}: a relation to create already exists: "
-                                f"{[tuple(NewRelation(*r)) for r in relations]}", task_id=task_id) from None
+            if rel in seen:
+                raise StateConflict(f"task {task_id}: relation {tuple(rel)} is listed twice", task_id=task_id)
+            seen.add(rel)
+            Store._check_relation_ends(s, rel)
+            Store._insert_relation(s, task_id, rel, now)
 
     def _set_card_state(self, s: Session, task: Task, card_state: str, now: dt.datetime) -> None:
         if task.card_id is None:

@@ -30,7 +30,8 @@ from orchestrator.ca import LocalCa
 from orchestrator.store import Store
 
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-TABLES = ("object_relations", "certificates", "task_steps", "tasks", "cards")
+TABLES = ("audit_events", "archived_keys", "object_relations", "certificates", "task_steps", "tasks",
+          "process_instances", "cards")
 
 
 def _libpq(url: str) -> str:
