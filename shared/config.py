@@ -3,16 +3,25 @@
 Environment variables are prefixed CARDLINE_ORCHESTRATOR_ / CARDLINE_GATEWAY_ (nested keys
 with "__"). The YAML file is given with --config or CARDLINE_CONFIG. Every violation is
 reported at once (pydantic collects them all).
+
+Some settings also answer to the exact key operators know from the founding document
+(`stateGraphDefinitionManager.certificateInternalIssuedState`, see ALIASES): as an
+environment variable of exactly that name (docker-compose passes it like that) and as a key
+of the YAML file, at the top level or in the server's section. Precedence: flags >
+CARDLINE_ORCHESTRATOR_... > the exact-name environment variable > the YAML file (section key
+> dotted key in the section > dotted key at the top level) > default. Two spellings of one
+setting with different values in the same place (the environment, or the file) are an
+error rather than a guess.
 """
 from __future__ import annotations
 
 import contextvars
 import os
 import pathlib
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from shared.errors import ConfigurationError
@@ -23,6 +32,21 @@ def _check_listen(value: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     return value
+
+
+#: Key of the founding document for the internal issued state (C14); equal to
+#: orchestrator.domain.issued_state.INTERNAL_ISSUED_STATE_KEY (shared imports no orchestrator code).
+INTERNAL_ISSUED_STATE_KEY = "stateGraphDefinitionManager.certificateInternalIssuedState"
+
+#: RFC 5280 CRLReason names a revocation may use (removeFromCRL lifts a hold, it revokes nothing).
+REVOCATION_REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
+                      "cessationOfOperation", "certificateHold", "privilegeWithdrawn", "aACompromise")
+
+
+def _default_config_dir() -> pathlib.Path:
+    """The repository's examples/ when running from a checkout, else ./config."""
+    examples = pathlib.Path(__file__).resolve().parents[1] / "examples"
+    return examples if examples.is_dir() else pathlib.Path("config")
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -38,13 +62,48 @@ class _YamlSource(PydanticBaseSettingsSource):
                 raise ConfigurationError(f"{path}: {exc}") from exc
             if not isinstance(loaded, dict):
                 raise ConfigurationError(f"{path}: expected a mapping at the top level")
-            self._data = loaded.get(section, {}) or {}
+            data = loaded.get(section, {}) or {}
+            if not isinstance(data, dict):
+                raise ConfigurationError(f"{path}: section {section!r} must be a mapping")
+            self._data = dict(data)
+            aliases = getattr(settings_cls, "ALIASES", {})
+            for alias, name in aliases.items():
+                given = {where: value for where, value in (
+                    (f"{section}.{name}", self._data.get(name)),
+                    (f"{section}.{alias}", self._data.pop(alias, None)),
+                    (alias, loaded.get(alias))) if value is not None}
+                if len({str(v) for v in given.values()}) > 1:
+                    raise ConfigurationError(f"{path}: {' and '.join(given)} set {name} to different values "
+                                             f"({', '.join(repr(v) for v in given.values())}); give one")
+                if given:
+                    self._data[name] = next(iter(given.values()))
 
     def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
         return self._data.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
         return dict(self._data)
+
+
+class _AliasEnvSource(PydanticBaseSettingsSource):
+    """Environment variables named exactly like the keys in the settings class's ALIASES."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        prefix = self.settings_cls.model_config.get("env_prefix", "")
+        found: dict[str, Any] = {}
+        for alias, name in getattr(self.settings_cls, "ALIASES", {}).items():
+            if alias not in os.environ:
+                continue
+            value = os.environ[alias]
+            prefixed = next((v for k, v in os.environ.items() if k.upper() == (prefix + name).upper()), None)
+            if prefixed is not None and prefixed != value:
+                raise ConfigurationError(f"environment variables {alias} and {(prefix + name).upper()} disagree "
+                                         f"({value!r} vs {prefixed!r}); set one")
+            found[name] = value
+        return found
 
 
 _CONFIG_FILE: contextvars.ContextVar[pathlib.Path | None] = contextvars.ContextVar("config_file", default=None)
@@ -57,12 +116,65 @@ class _Settings(BaseSettings):
         path = _CONFIG_FILE.get() or (pathlib.Path(os.environ["CARDLINE_CONFIG"])
                                       if os.environ.get("CARDLINE_CONFIG") else None)
         yaml_source = _YamlSource(settings_cls, path, cls.model_config["title"])
-        return (init_settings, env_settings, yaml_source)
+        return (init_settings, env_settings, _AliasEnvSource(settings_cls), yaml_source)
+
+
+def _check_name(value: str, what: str) -> str:
+    if not value or value != value.strip() or any(c in value for c in "\r\n"):
+        raise ValueError(f"{what} must be a non-empty name without surrounding blanks, got {value!r}")
+    return value
+
+
+class IssuedSweeperSettings(BaseModel):
+    """C5, opt-in: every interval_s, certificates that have been in the internal issued state
+    for longer than grace_period_s (and whose task is finished) are revoked at their CA with
+    revoke_reason (None: not revoked) and moved to target_state. Off by default."""
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    grace_period_s: float = Field(default=86400.0, gt=0)
+    revoke_reason: str | None = "cessationOfOperation"
+    target_state: str = "Revoked"
+    interval_s: float = Field(default=3600.0, gt=0)
+
+    @field_validator("revoke_reason")
+    @classmethod
+    def _check_reason(cls, v: str | None) -> str | None:
+        if v is not None and v not in REVOCATION_REASONS:
+            raise ValueError(f"unknown revocation reason {v!r}; RFC 5280 names: {', '.join(REVOCATION_REASONS)}")
+        return v
+
+    _check_target = field_validator("target_state")(classmethod(lambda cls, v: _check_name(v, "target_state")))
+
+
+class KeyArchiveSettings(BaseModel):
+    """Where the key-encryption key (KEK) of archived private keys (ArchiveKey=true) lives:
+    "file" (file_path, default <data_dir>/kek.key, created on first use) or "pkcs11" (an AES
+    key key_label on the token token_label of module pkcs11_module; the PIN is read from
+    pin_file, never from the environment)."""
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["file", "pkcs11"] = "file"
+    file_path: pathlib.Path | None = None
+    pkcs11_module: str | None = None
+    token_label: str | None = None
+    pin_file: pathlib.Path | None = None
+    key_label: str = "cardline-kek"
+
+    @model_validator(mode="after")
+    def _check_pkcs11(self) -> KeyArchiveSettings:
+        if self.kind == "pkcs11":
+            missing = [n for n in ("pkcs11_module", "token_label", "pin_file") if not getattr(self, n)]
+            if missing:
+                raise ValueError(f"kind pkcs11 needs {', '.join(missing)}")
+        return self
 
 
 class OrchestratorSettings(_Settings):
     model_config = SettingsConfigDict(env_prefix="CARDLINE_ORCHESTRATOR_", env_nested_delimiter="__",
                                       title="orchestrator", extra="forbid")
+    #: Exact keys of the founding document -> setting (environment and YAML, see the module doc).
+    ALIASES: ClassVar[dict[str, str]] = {INTERNAL_ISSUED_STATE_KEY: "certificate_internal_issued_state"}
 
     listen: str = "127.0.0.1:7400"
     data_dir: pathlib.Path = pathlib.Path("var/orchestrator")
@@ -70,8 +182,20 @@ class OrchestratorSettings(_Settings):
     step_timeout_s: float = Field(default=120.0, gt=0)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     insecure: bool = True           # plaintext gRPC (development); mTLS comes with the pool issue
+    # State graphs, templates, encodings, processes (docs/templates.md "Configuration directory").
+    config_dir: pathlib.Path = Field(default_factory=_default_config_dir)
+    # C14: the state a certificate is in between "received from the CA" and "task finished".
+    certificate_internal_issued_state: str = "Issued"
+    # C12: type of the card -> certificate relation when the encoding gives no ObjectRelationType.
+    default_relation_type: str = "HAS_CERTIFICATE"
+    issued_sweeper: IssuedSweeperSettings = Field(default_factory=IssuedSweeperSettings)
+    key_archive: KeyArchiveSettings = Field(default_factory=KeyArchiveSettings)
 
     _check = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
+    _check_issued = field_validator("certificate_internal_issued_state")(
+        classmethod(lambda cls, v: _check_name(v, INTERNAL_ISSUED_STATE_KEY)))
+    _check_relation = field_validator("default_relation_type")(
+        classmethod(lambda cls, v: _check_name(v, "default_relation_type")))
 
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'cardline.db'}"

@@ -1,17 +1,57 @@
-"""Certificate and card templates as plain values.
+"""Certificate and card templates: plain values, and the loader of template files (YAML).
 
-The embedded defaults below are what the demo and a bare orchestrator use; configuration
-files replace them (see docs/).
+A template file (format: docs/templates.md) lists `certificate_templates` (which CA, key
+type, validity, key usage, state graph and internal issued state of a certificate) and
+`card_templates` (card state graph, encoding description, the card states a production
+ends in). Loading reports every problem of the file at once, each located by file, line and
+field path, with a "did you mean" for a misspelled key or name.
+
+What a single file cannot know — whether the state graphs, encodings and CAs it names
+exist, and rule C14 — is checked by orchestrator/services/configuration.py, which loads all
+configuration files together.
+
+`embedded_defaults()` is what a bare orchestrator without configuration files used; the
+examples/ directory holds the same templates as files.
+
+Pure domain code: PyYAML only.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from orchestrator.domain.state_graphs import Violation, suggest
 from shared.cards import KeyType
 from shared.errors import TemplateNotFound
 
 DEFAULT_INTERNAL_ISSUED_STATE = "Issued"
 DEFAULT_RELATION_TYPE = "HAS_CERTIFICATE"
+
+#: RFC 5280 §4.2.1.3 key usage names the CA connectors understand. A copy of the keys of
+#: orchestrator/ca/base.py KEY_USAGES (the domain does not import the CA layer, which pulls
+#: in `cryptography`); tests/unit/test_templates.py keeps the two equal.
+KEY_USAGE_NAMES = (
+    "digitalSignature", "nonRepudiation", "contentCommitment", "keyEncipherment", "dataEncipherment",
+    "keyAgreement", "keyCertSign", "cRLSign", "encipherOnly", "decipherOnly",
+)
+#: Extended key usage names (OpenSSL short names); a copy of the keys of
+#: orchestrator/ca/base.py EXTENDED_KEY_USAGES.
+EXTENDED_KEY_USAGE_NAMES = (
+    "serverAuth", "clientAuth", "codeSigning", "emailProtection", "timeStamping", "OCSPSigning",
+    "smartcardLogon",
+)
+KEY_TYPE_NAMES = tuple(k.value for k in KeyType)
+
+#: Longest validity accepted (100 years): anything longer is a typo, not a policy.
+MAX_VALIDITY_DAYS = 36500
+
+
+def _lines(mapping: Mapping[str, int] | None = None) -> Mapping[str, int]:
+    return MappingProxyType(dict(mapping or {}))
 
 
 @dataclass(frozen=True)
@@ -22,22 +62,44 @@ class CertificateTemplate:
     validity_days: int
     key_usage: frozenset[str]
     extended_key_usage: tuple[str, ...] = ()
-    start_state: str = "Active"
+    state_graph: str = ""
+    start_state: str = "Active"             # the start state of its state graph
+    # The internal issued state the template configures (C14); "" when a loaded file does
+    # not configure it (load_configuration then refuses to start).
     internal_issued_state: str = DEFAULT_INTERNAL_ISSUED_STATE
+    description: str = ""
+    # Where it was loaded from: file, line of its `name`, line of each key (for checks that
+    # need the other configuration files, and for messages).
+    source: str = field(default="", compare=False)
+    line: int = field(default=0, compare=False)
+    lines: Mapping[str, int] = field(default_factory=_lines, compare=False, repr=False, hash=False)
+
+    def line_of(self, key: str) -> int:
+        return self.lines.get(key, self.line)
 
 
 @dataclass(frozen=True)
 class CardTemplate:
     name: str
-    initial_state: str = "InProduction"
+    encoding: str = ""                      # name of its encoding description
+    state_graph: str = ""
+    initial_state: str = "InProduction"     # the start state of its state graph
     produced_state: str = "Active"
     failed_state: str = "ProductionFailed"
+    description: str = ""
+    source: str = field(default="", compare=False)
+    line: int = field(default=0, compare=False)
+    lines: Mapping[str, int] = field(default_factory=_lines, compare=False, repr=False, hash=False)
+
+    def line_of(self, key: str) -> int:
+        return self.lines.get(key, self.line)
 
 
 @dataclass
 class Templates:
     certificates: dict[str, CertificateTemplate] = field(default_factory=dict)
     cards: dict[str, CardTemplate] = field(default_factory=dict)
+    internal_issued_state: str = DEFAULT_INTERNAL_ISSUED_STATE
 
     def certificate(self, name: str) -> CertificateTemplate:
         try:
@@ -55,13 +117,322 @@ class Templates:
 
 
 def embedded_defaults() -> Templates:
+    """The templates of examples/templates/templates.yaml, as code (kept for callers that
+    run without configuration files)."""
     return Templates(
         certificates={t.name: t for t in [
             CertificateTemplate("EmployeeAuthentication", ca="local", key_type=KeyType.EC_P256, validity_days=730,
-                                key_usage=frozenset({"digitalSignature"}), extended_key_usage=("clientAuth",)),
+                                key_usage=frozenset({"digitalSignature"}), extended_key_usage=("clientAuth",),
+                                state_graph="EmployeeCertificate"),
             CertificateTemplate("EmployeeSignature", ca="local", key_type=KeyType.RSA_2048, validity_days=730,
                                 key_usage=frozenset({"digitalSignature", "nonRepudiation"}),
-                                extended_key_usage=("emailProtection",)),
+                                extended_key_usage=("emailProtection",), state_graph="EmployeeCertificate"),
+            CertificateTemplate("EmployeeEncryption", ca="local", key_type=KeyType.RSA_2048, validity_days=730,
+                                key_usage=frozenset({"keyEncipherment"}), extended_key_usage=("emailProtection",),
+                                state_graph="EmployeeCertificate"),
         ]},
-        cards={"EmployeeCard": CardTemplate("EmployeeCard")},
+        cards={"EmployeeCard": CardTemplate("EmployeeCard", encoding="employee-card", state_graph="EmployeeCard")},
     )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class TemplatesError(ValueError):
+    """A template file is invalid; `violations` lists every problem, in line order."""
+
+    def __init__(self, violations: list[Violation]) -> None:
+        self.violations = sorted(violations, key=lambda v: (v.source, v.line, v.field_path, v.message))
+        count = len(self.violations)
+        lines = "\n".join(f"  {v}" for v in self.violations)
+        super().__init__(f"{count} problem{'s' if count != 1 else ''} in templates:\n{lines}")
+
+
+@dataclass(frozen=True)
+class TemplateFile:
+    """What one template file yields, also when it has problems.
+
+    `certificates` / `cards` hold the templates that are valid; `certificate_names` /
+    `card_names` every name the file declares, valid or not — so that other files naming a
+    broken template are not also told it does not exist.
+    """
+
+    source: str
+    certificates: tuple[CertificateTemplate, ...]
+    cards: tuple[CardTemplate, ...]
+    certificate_names: frozenset[str]
+    card_names: frozenset[str]
+    violations: tuple[Violation, ...]
+
+
+_TOP_KEYS = ("certificate_templates", "card_templates", "description")
+_CERTIFICATE_KEYS = ("name", "ca", "key_type", "validity_days", "key_usage", "extended_key_usage",
+                     "state_graph", "internal_issued_state", "description")
+_CERTIFICATE_REQUIRED = ("name", "ca", "key_type", "validity_days", "key_usage", "state_graph")
+_CARD_KEYS = ("name", "state_graph", "encoding", "produced_state", "failed_state", "description")
+_CARD_REQUIRED = ("name", "state_graph", "encoding", "produced_state", "failed_state")
+
+_NULL_TAG = "tag:yaml.org,2002:null"
+_INT_TAG = "tag:yaml.org,2002:int"
+_STR_TAG = "tag:yaml.org,2002:str"
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # same nodes and marks, faster
+
+
+def load_templates(text: str, source: str) -> tuple[list[CertificateTemplate], list[CardTemplate]]:
+    """Parses one template file; raises TemplatesError listing every violation."""
+    parsed = read_templates(text, source)
+    if parsed.violations:
+        raise TemplatesError(list(parsed.violations))
+    return list(parsed.certificates), list(parsed.cards)
+
+
+def read_templates(text: str, source: str) -> TemplateFile:
+    """Parses one template file, returning its valid templates and every violation."""
+    r = _Reader(source)
+    root = r.compose(text)
+    certificates: list[CertificateTemplate] = []
+    cards: list[CardTemplate] = []
+    if root is not None:
+        top = r.mapping(root, "", _TOP_KEYS)
+        if top is not None:
+            if not any(k in top for k in ("certificate_templates", "card_templates")):
+                r.report(root, "", "declares no templates; expected certificate_templates and/or card_templates")
+            if "description" in top:
+                r.text(top["description"][1], "description")
+            for i, item in r.items(top, "certificate_templates"):
+                template = r.certificate(item, f"certificate_templates[{i}]")
+                if template is not None:
+                    certificates.append(template)
+            for i, item in r.items(top, "card_templates"):
+                template = r.card(item, f"card_templates[{i}]")
+                if template is not None:
+                    cards.append(template)
+    return TemplateFile(source, tuple(certificates), tuple(cards), frozenset(r.names["certificate"]),
+                        frozenset(r.names["card"]),
+                        tuple(sorted(r.violations, key=lambda v: (v.line, v.field_path, v.message))))
+
+
+def _line(node: Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _describe(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if node.tag == _NULL_TAG:
+        return "nothing"
+    value = node.value if len(node.value) <= 40 else node.value[:37] + "..."
+    return repr(value)
+
+
+class _Reader:
+    """Walks the composed YAML nodes (they carry line numbers) and collects violations."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.violations: list[Violation] = []
+        self.names: dict[str, dict[str, int]] = {"certificate": {}, "card": {}}   # name -> line
+
+    def report(self, where: Node | int, path: str, message: str, suggestion: str | None = None) -> None:
+        line = where if isinstance(where, int) else _line(where)
+        self.violations.append(Violation(self.source, max(line, 1), path, message, suggestion))
+
+    def compose(self, text: str) -> Node | None:
+        try:
+            root = yaml.compose(text, Loader=_YAML_LOADER)
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            what = "; ".join(str(part) for part in (e.context, e.problem) if part) or "invalid YAML"
+            column = f" (column {mark.column + 1})" if mark else ""
+            self.report(mark.line + 1 if mark else 1, "", f"YAML syntax error: {what}{column}")
+            return None
+        except yaml.reader.ReaderError as e:   # a character YAML does not allow
+            char = e.character if isinstance(e.character, int) else ord(str(e.character)[:1] or "\0")
+            self.report(text.count("\n", 0, e.position) + 1, "",
+                        f"YAML syntax error: character U+{char:04X} is not allowed")
+            return None
+        except yaml.YAMLError as e:
+            self.report(1, "", f"YAML syntax error: {e}")
+            return None
+        except RecursionError:                  # PyYAML composes recursively
+            self.report(1, "", "YAML nested too deeply")
+            return None
+        if root is None:
+            self.report(1, "", "empty file; expected certificate_templates and/or card_templates")
+        return root
+
+    def mapping(self, node: Node, path: str, allowed: tuple[str, ...],
+                required: tuple[str, ...] = ()) -> dict[str, tuple[Node, Node]] | None:
+        """Entries of a mapping by key; bad, duplicate, unknown and missing keys reported.
+        A key with no value counts as absent."""
+        if not isinstance(node, MappingNode):
+            self.report(node, path, f"expected a mapping, found {_describe(node)}")
+            return None
+        entries: dict[str, tuple[Node, Node]] = {}
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if not isinstance(key, ScalarNode) or key.tag == _NULL_TAG or not key.value.strip():
+                self.report(key, path, f"a key must be a plain name, found {_describe(key)}")
+                continue
+            name = key.value
+            key_path = f"{path}.{name}" if path else name
+            if name in seen:
+                self.report(key, key_path, f"key {name!r} appears twice (first at line {seen[name]})")
+                continue
+            seen[name] = _line(key)
+            if name not in allowed:
+                self.report(key, key_path, f"unknown key {name!r}; allowed: {', '.join(allowed)}",
+                            suggest(name, allowed))
+                continue
+            if isinstance(value, ScalarNode) and value.tag == _NULL_TAG:
+                continue
+            entries[name] = (key, value)
+        for name in required:
+            if name not in entries:
+                self.report(node, f"{path}.{name}" if path else name, f"missing required key {name!r}")
+        return entries
+
+    def items(self, top: dict[str, tuple[Node, Node]], key: str) -> list[tuple[int, Node]]:
+        if key not in top:
+            return []
+        node = top[key][1]
+        if not isinstance(node, SequenceNode):
+            self.report(node, key, f"expected a list of templates, found {_describe(node)}")
+            return []
+        return list(enumerate(node.value))
+
+    def name(self, node: Node, path: str) -> str | None:
+        """A name, taken literally from the text (a state `On` stays a name, not a boolean)."""
+        if not isinstance(node, ScalarNode):
+            self.report(node, path, f"expected a name, found {_describe(node)}")
+            return None
+        value = node.value
+        if not value.strip():
+            self.report(node, path, "expected a name, found nothing")
+            return None
+        if value != value.strip():
+            self.report(node, path, f"name {value!r} has leading or trailing blanks")
+            return None
+        if "\n" in value:
+            self.report(node, path, "a name is a single line")
+            return None
+        return value
+
+    def text(self, node: Node, path: str) -> str | None:
+        if not isinstance(node, ScalarNode):
+            self.report(node, path, f"expected text, found {_describe(node)}")
+            return None
+        return node.value
+
+    def choice(self, node: Node, path: str, allowed: tuple[str, ...], what: str) -> str | None:
+        value = self.name(node, path)
+        if value is None:
+            return None
+        if value not in allowed:
+            self.report(node, path, f"unknown {what} {value!r}; allowed: {', '.join(allowed)}",
+                        suggest(value, allowed))
+            return None
+        return value
+
+    def choices(self, node: Node, path: str, allowed: tuple[str, ...], what: str,
+                allow_empty: bool) -> tuple[str, ...] | None:
+        """A list of names from `allowed` (a single name is accepted as a list of one)."""
+        items = node.value if isinstance(node, SequenceNode) else [node]
+        if isinstance(node, SequenceNode) and not items and not allow_empty:
+            self.report(node, path, f"expected at least one {what}, found an empty list")
+            return None
+        found: list[str] = []
+        ok = True
+        for i, item in enumerate(items):
+            item_path = f"{path}[{i}]" if isinstance(node, SequenceNode) else path
+            value = self.choice(item, item_path, allowed, what)
+            if value is None:
+                ok = False
+            elif value in found:
+                self.report(item, item_path, f"{what} {value!r} is listed twice")
+                ok = False
+            else:
+                found.append(value)
+        return tuple(found) if ok else None
+
+    def declare(self, kind: str, name: str, node: Node, path: str) -> None:
+        names = self.names[kind]
+        if name in names:
+            self.report(node, path, f"{kind} template {name!r} is already defined at line {names[name]}")
+        else:
+            names[name] = _line(node)
+
+    # -- the two kinds of template ------------------------------------------------------
+
+    def certificate(self, node: Node, path: str) -> CertificateTemplate | None:
+        before = len(self.violations)
+        entries = self.mapping(node, path, _CERTIFICATE_KEYS, _CERTIFICATE_REQUIRED)
+        if entries is None:
+            return None
+        v: dict = {}
+        name = self.name(entries["name"][1], f"{path}.name") if "name" in entries else None
+        if name is not None:
+            self.declare("certificate", name, entries["name"][1], f"{path}.name")
+        for key in ("ca", "state_graph", "internal_issued_state"):
+            if key in entries:
+                v[key] = self.name(entries[key][1], f"{path}.{key}")
+        if "key_type" in entries:
+            key_type = self.choice(entries["key_type"][1], f"{path}.key_type", KEY_TYPE_NAMES, "key type")
+            v["key_type"] = KeyType(key_type) if key_type else None
+        if "validity_days" in entries:
+            v["validity_days"] = self.validity(entries["validity_days"][1], f"{path}.validity_days")
+        if "key_usage" in entries:
+            usage = self.choices(entries["key_usage"][1], f"{path}.key_usage", KEY_USAGE_NAMES, "key usage",
+                                 allow_empty=False)
+            v["key_usage"] = frozenset(usage) if usage is not None else None
+        if "extended_key_usage" in entries:
+            v["extended_key_usage"] = self.choices(entries["extended_key_usage"][1], f"{path}.extended_key_usage",
+                                                   EXTENDED_KEY_USAGE_NAMES, "extended key usage",
+                                                   allow_empty=True)
+        if "description" in entries:
+            v["description"] = self.text(entries["description"][1], f"{path}.description")
+        if len(self.violations) != before or name is None:
+            return None
+        v.setdefault("internal_issued_state", "")          # not configured: C14 decides
+        v.setdefault("extended_key_usage", ())
+        v.setdefault("description", "")
+        return CertificateTemplate(name=name, source=self.source, line=_line(entries["name"][1]),
+                                   lines=_lines({k: _line(val) for k, (_key, val) in entries.items()}), **v)
+
+    def validity(self, node: Node, path: str) -> int | None:
+        if not (isinstance(node, ScalarNode) and node.tag == _INT_TAG):
+            self.report(node, path, f"expected a whole number of days, found {_describe(node)}")
+            return None
+        try:
+            days = int(yaml.safe_load(node.value))
+        except (ValueError, TypeError, yaml.YAMLError):
+            self.report(node, path, f"expected a whole number of days, found {_describe(node)}")
+            return None
+        if not 1 <= days <= MAX_VALIDITY_DAYS:
+            self.report(node, path, f"validity must be between 1 and {MAX_VALIDITY_DAYS} days, found {days}")
+            return None
+        return days
+
+    def card(self, node: Node, path: str) -> CardTemplate | None:
+        before = len(self.violations)
+        entries = self.mapping(node, path, _CARD_KEYS, _CARD_REQUIRED)
+        if entries is None:
+            return None
+        v: dict = {}
+        name = self.name(entries["name"][1], f"{path}.name") if "name" in entries else None
+        if name is not None:
+            self.declare("card", name, entries["name"][1], f"{path}.name")
+        for key in ("state_graph", "encoding", "produced_state", "failed_state"):
+            if key in entries:
+                v[key] = self.name(entries[key][1], f"{path}.{key}")
+        if "description" in entries:
+            v["description"] = self.text(entries["description"][1], f"{path}.description")
+        if v.get("produced_state") and v.get("produced_state") == v.get("failed_state"):
+            self.report(entries["failed_state"][1], f"{path}.failed_state",
+                        f"a failed production must not end in the produced state {v['produced_state']!r}")
+        if len(self.violations) != before or name is None:
+            return None
+        return CardTemplate(name=name, source=self.source, line=_line(entries["name"][1]),
+                            lines=_lines({k: _line(val) for k, (_key, val) in entries.items()}), **v)

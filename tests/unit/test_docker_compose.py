@@ -60,11 +60,20 @@ def test_gateway_command_is_accepted_and_dials_the_orchestrator_port():
                                                     ("gateway", config.GatewaySettings)])
 def test_cardline_environment_variables_name_real_settings(service, settings_cls):
     prefix = settings_cls.model_config["env_prefix"]
-    names = [k for k in COMPOSE["services"][service].get("environment", {}) if k.startswith("CARDLINE_")]
+    aliases = getattr(settings_cls, "ALIASES", {})
+    environment = COMPOSE["services"][service].get("environment", {})
+    names = [k for k in environment if k.startswith("CARDLINE_")]
     assert names, f"{service} sets no CARDLINE_ variable"
     for name in names:
         assert name.startswith(prefix), name
         assert name.removeprefix(prefix).lower() in settings_cls.model_fields, f"{name} names no setting"
+    for name in (k for k in environment if "." in k):     # exact keys of the founding document
+        assert aliases.get(name) in settings_cls.model_fields, f"{name} names no setting"
+
+
+def test_c14_compose_passes_the_internal_issued_state_under_its_documented_key():
+    environment = COMPOSE["services"]["orchestrator"]["environment"]
+    assert environment[config.INTERNAL_ISSUED_STATE_KEY] == "Issued"
 
 
 def test_no_pin_in_compose_environment():
