@@ -21,6 +21,7 @@ def register(root: typer.Typer) -> None:
         data_dir: Optional[pathlib.Path] = typer.Option(None, help="Directory for the gateway's state."),
         orchestrator: Optional[str] = typer.Option(None, help="HOST:PORT of the orchestrator to dial out to."),
         gateway_id: Optional[str] = typer.Option(None, help="Name of this gateway in the pool (default: host name)."),
+        site: Optional[str] = typer.Option(None, help="Site of this gateway, for reader selectors."),
         pkcs11_module: Optional[list[pathlib.Path]] = typer.Option(None, help="PKCS#11 module to load (repeatable)."),
         pcsc: Optional[bool] = typer.Option(None, "--pcsc/--no-pcsc", help="Watch PC/SC readers through pcscd."),
         config_file: Optional[pathlib.Path] = typer.Option(None, "--config", envvar="CARDLINE_CONFIG",
@@ -33,7 +34,7 @@ def register(root: typer.Typer) -> None:
         configure(json=json_logs)
         try:
             settings = config.load(config.GatewaySettings, config_file=config_file, listen=listen, data_dir=data_dir,
-                                   orchestrator=orchestrator, gateway_id=gateway_id,
+                                   orchestrator=orchestrator, gateway_id=gateway_id, site=site,
                                    pkcs11_modules=pkcs11_module or None, pcsc=pcsc)
         except ConfigurationError as exc:
             typer.echo(str(exc), err=True)

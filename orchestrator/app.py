@@ -1,18 +1,24 @@
-"""The orchestrator, wired in one place: store, CAs, templates, pool, services, servicers."""
+"""The orchestrator, wired in one place: configuration, store, CAs, key archive, pool,
+services, servicers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from orchestrator.api.link import GatewayLinkServicer
 from orchestrator.api.servicer import OrchestratorServicer
 from orchestrator.ca.base import CaConnector
 from orchestrator.ca.local import LocalCa
-from orchestrator.domain.templates import embedded_defaults
+from orchestrator.services.card_tasks import BoundaryHook, CardTaskService
+from orchestrator.services.certificates import CertificateService
+from orchestrator.services.configuration import Configuration, load_configuration
+from orchestrator.services.key_archive import KeyArchive, kek_from_settings
 from orchestrator.services.pool import ReaderPool
-from orchestrator.services.production import BoundaryHook, ProductionService
+from orchestrator.services.processes import ProcessService
+from orchestrator.services.sweeper import IssuedSweeper
 from orchestrator.store.store import Store
 from shared.config import OrchestratorSettings
 from shared.logging import get_logger
@@ -25,40 +31,78 @@ log = get_logger(__name__)
 @dataclass
 class Orchestrator:
     settings: OrchestratorSettings
+    configuration: Configuration
     store: Store
     cas: dict[str, CaConnector]
     pool: ReaderPool
-    production: ProductionService
+    card_tasks: CardTaskService
+    certificates: CertificateService
+    processes: ProcessService
     server: Server
+    _background: list[asyncio.Task] = field(default_factory=list)
 
     @property
     def address(self) -> str:
         return self.server.address
 
     async def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.server.stop()
+
+
+def build_cas(settings: OrchestratorSettings) -> dict[str, CaConnector]:
+    local = LocalCa(settings.data_dir / "ca", "local")
+    return {local.name: local}
 
 
 async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None = None) -> Orchestrator:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    cas = await asyncio.to_thread(build_cas, settings)
+    # Configuration first: a wrong one stops start-up with every violation listed (C14).
+    configuration = await asyncio.to_thread(load_configuration, settings.config_dir,
+                                            internal_issued_state=settings.certificate_internal_issued_state,
+                                            known_cas=tuple(cas))
+    for warning in configuration.warnings:
+        log.warning("configuration", warning=warning)
     store = Store(settings.effective_database_url())
     await asyncio.to_thread(store.migrate)
-    local_ca = await asyncio.to_thread(LocalCa, settings.data_dir / "ca", "local")
-    cas: dict[str, CaConnector] = {local_ca.name: local_ca}
+    archive_settings = settings.key_archive
+    kek = await asyncio.to_thread(kek_from_settings, archive_settings.kind, settings.data_dir,
+                                  pkcs11_module=archive_settings.pkcs11_module, token_label=archive_settings.token_label,
+                                  pin_file=archive_settings.pin_file, key_label=archive_settings.key_label,
+                                  file_path=archive_settings.file_path)
     pool = ReaderPool()
-    production = ProductionService(store, pool, cas, embedded_defaults(), step_timeout_s=settings.step_timeout_s,
-                                   boundary=boundary)
+    templates = configuration.templates
+    card_tasks = CardTaskService(store, pool, cas, templates, key_archive=KeyArchive(kek),
+                                 step_timeout_s=settings.step_timeout_s,
+                                 default_relation_type=settings.default_relation_type, boundary=boundary)
+    certificates = CertificateService(store, cas, configuration.graphs,
+                                      lambda name: configuration.graphs[templates.certificate(name).state_graph],
+                                      templates.internal_issued_state)
+    processes = ProcessService(store, configuration, card_tasks, certificates)
     server = Server(settings.listen, [
         (orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server,
-         OrchestratorServicer(store, pool, production, cas),
+         OrchestratorServicer(store, pool, card_tasks, templates, cas, processes, certificates),
          orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name),
         (link_pb2_grpc.add_GatewayLinkServicer_to_server,
          GatewayLinkServicer(pool, f"orchestrator-{uuid.uuid4().hex[:8]}", settings.heartbeat_interval_s),
          link_pb2.DESCRIPTOR.services_by_name["GatewayLink"].full_name),
     ])
     await server.start()
-    log.info("orchestrator serving", address=server.address, database=_safe_url(settings.effective_database_url()))
-    return Orchestrator(settings, store, cas, pool, production, server)
+    orchestrator = Orchestrator(settings, configuration, store, cas, pool, card_tasks, certificates, processes, server)
+    sweeper = settings.issued_sweeper
+    if sweeper.enabled:        # C5: no automatic handling unless asked for
+        import datetime as dt
+        orchestrator._background.append(asyncio.create_task(IssuedSweeper(
+            certificates, grace_period=dt.timedelta(seconds=sweeper.grace_period_s),
+            revoke_reason=sweeper.revoke_reason, target_state=sweeper.target_state,
+            interval_s=sweeper.interval_s).run_forever()))
+    log.info("orchestrator serving", address=server.address, database=_safe_url(settings.effective_database_url()),
+             config_dir=str(settings.config_dir), processes=sorted(configuration.processes))
+    return orchestrator
 
 
 def _safe_url(url: str) -> str:

@@ -1,8 +1,10 @@
 """`make demo`: one real card produced end to end on the embedded default.
 
-An orchestrator (SQLite under var/demo/, the local CA) and a gateway (a fresh SoftHSM2
-token) run as separate processes talking gRPC; `cardline produce` asks for a card with two
-certificates. The last line printed is one JSON object describing what was made, so that
+An orchestrator (SQLite under var/demo/, the local CA, the configuration of examples/) and
+a gateway (a fresh SoftHSM2 token, like a blank card with a transport PUK) run as separate
+processes talking gRPC; `cardline process start produce-employee-card` runs the example
+process: the user PIN is set with the PUK, two key pairs are generated on the card, two
+certificates issued and written back. The last line printed is one JSON object describing what was made, so that
 `pkcs11-tool` and `sqlite3` can inspect it afterwards.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import secrets
 import shutil
 import signal
 import socket
@@ -29,7 +32,8 @@ from shared.proto import orchestrator_pb2_grpc  # noqa: E402
 DEMO = ROOT / "var" / "demo"
 CARDLINE = str(pathlib.Path(sys.executable).parent / "cardline")
 TOKEN_LABEL = "cardline-demo"
-SO_PIN, USER_PIN = "87654321", "123456"   # demo token only
+EXAMPLES = ROOT / "examples"
+PROCESS = "produce-employee-card"
 
 
 def free_port() -> int:
@@ -55,35 +59,47 @@ def wait_for_reader(stub, timeout_s: float = 30.0) -> pb.PooledReader:
 def main() -> int:
     shutil.rmtree(DEMO, ignore_errors=True)
     (DEMO / "certs").mkdir(parents=True)
+    config_dir = DEMO / "config"
+    shutil.copytree(EXAMPLES, config_dir)
+    # A blank card: a random transport PUK (its SO PIN), known to the card template through a
+    # file readable by the orchestrator only, and a transport user PIN nobody needs.
+    transport_puk = secrets.token_hex(4)
+    (config_dir / "secrets").mkdir(mode=0o700)
+    puk_file = config_dir / "secrets" / "transport-puk"
+    puk_file.touch(mode=0o600)
+    puk_file.write_text(transport_puk + "\n")
+    user_pin = f"{secrets.randbelow(10**6):06d}"          # the PIN the employee chooses
     conf = softhsm_setup.make_softhsm_dir(DEMO / "softhsm")
-    serial = softhsm_setup.init_token(conf, TOKEN_LABEL, SO_PIN, USER_PIN)
+    serial = softhsm_setup.init_token(conf, TOKEN_LABEL, transport_puk, secrets.token_hex(4))
     module = softhsm_setup.find_module()
     orch_addr, gw_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
     logs = {name: open(DEMO / f"{name}.log", "w") for name in ("orchestrator", "gateway")}
     procs = [
         subprocess.Popen([CARDLINE, "orchestrator", "serve", "--listen", orch_addr, "--data-dir",
-                          str(DEMO / "orchestrator")], stdout=logs["orchestrator"], stderr=subprocess.STDOUT, env=env),
+                          str(DEMO / "orchestrator"), "--config-dir", str(config_dir)],
+                         stdout=logs["orchestrator"], stderr=subprocess.STDOUT, env=env),
         subprocess.Popen([CARDLINE, "gateway", "serve", "--listen", gw_addr, "--data-dir", str(DEMO / "gateway"),
-                          "--orchestrator", orch_addr, "--gateway-id", "demo-station", "--pkcs11-module", module,
-                          "--no-pcsc"], stdout=logs["gateway"], stderr=subprocess.STDOUT, env=env),
+                          "--orchestrator", orch_addr, "--gateway-id", "demo-station", "--site", "hq",
+                          "--pkcs11-module", module, "--no-pcsc"],
+                         stdout=logs["gateway"], stderr=subprocess.STDOUT, env=env),
     ]
     try:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(grpc.insecure_channel(orch_addr))
         reader = wait_for_reader(stub)
         print(f"orchestrator {orch_addr} (pid {procs[0].pid}), gateway {gw_addr} (pid {procs[1].pid})")
         print(f"token {TOKEN_LABEL!r} serial {serial} in reader {reader.reader.reader_id} of {reader.gateway_id}")
-        produced = subprocess.run(
-            [CARDLINE, "produce", "--orchestrator", orch_addr, "--reader", reader.reader.reader_id,
-             "--subject", "CN=Demo Employee,O=cardline demo", "--certificate", "EmployeeAuthentication:EC_P256",
-             "--certificate", "EmployeeSignature:RSA_2048", "--pin-stdin", "--json"],
-            input=USER_PIN + "\n", capture_output=True, text=True)
-        sys.stderr.write(produced.stderr)
-        if produced.returncode != 0:
-            print("production failed; see var/demo/*.log", file=sys.stderr)
+        print(f"process {PROCESS} (examples/processes/{PROCESS}.yaml):")
+        ran = subprocess.run(
+            [CARDLINE, "process", "start", PROCESS, "--orchestrator", orch_addr, "--input", "person=Demo Employee",
+             "--secrets-stdin", "--json"], input=f"pin={user_pin}\n", capture_output=True, text=True)
+        sys.stderr.write(ran.stderr)
+        if ran.returncode != 0:
+            print("the process failed; see var/demo/*.log", file=sys.stderr)
             return 1
-        task = json.loads(produced.stdout)
-        card = stub.GetCard(pb.GetCardRequest(card_id=task["card_id"])).card
+        instance = json.loads(ran.stdout)
+        card_id = instance["process_map"]["card"]["descriptor"]["id"]
+        card = stub.GetCard(pb.GetCardRequest(card_id=card_id)).card
         ca_pem = DEMO / "ca.pem"
         from cryptography import x509
         from cryptography.hazmat.primitives.serialization import Encoding
@@ -99,12 +115,12 @@ def main() -> int:
             print(f"  certificate {cert.template:24} serial {cert.serial_hex} state {cert.state}")
         print(f"card {card.id} serial {card.serial} state {card.state}")
         print(f"inspect: SOFTHSM2_CONF={conf} pkcs11-tool --module {module} --token-label {TOKEN_LABEL} "
-              "--login --list-objects   (user PIN: see USER_PIN in scripts/demo.py)")
+              "--list-objects          (add --login for the private keys; the PIN was random)")
         db = DEMO / "orchestrator" / "cardline.db"
         print(f"         sqlite3 {db} 'select serial_hex, template, state from certificates'")
         summary = {
             "database_url": f"sqlite:///{db}", "softhsm2_conf": str(conf), "pkcs11_module": module,
-            "token_label": TOKEN_LABEL, "ca_certificate": str(ca_pem), "task_id": task["id"],
+            "token_label": TOKEN_LABEL, "ca_certificate": str(ca_pem), "process_instance_id": instance["id"],
             "card": {"id": card.id, "serial": card.serial, "state": card.state},
             "certificates": certificates,
         }

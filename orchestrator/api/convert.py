@@ -6,8 +6,9 @@ import datetime as dt
 from google.protobuf import timestamp_pb2
 
 from orchestrator.services.pool import PooledReader, ReaderSelector
-from orchestrator.services.production import CertificateOrder, ProductionOrder
-from orchestrator.store.records import CardRecord, CertificateRecord, TaskRecord
+from orchestrator.services.production import CertificateOrder
+from orchestrator.domain.processes import CoreObjectDescriptor
+from orchestrator.store.records import CardRecord, CertificateRecord, ProcessInstanceRecord, TaskRecord
 from shared import convert
 from shared.proto import common_pb2, orchestrator_pb2
 
@@ -27,14 +28,11 @@ def selector_from_proto(m: orchestrator_pb2.ReaderSelector) -> ReaderSelector:
     return ReaderSelector(gateway_id=m.gateway_id, reader_id=m.reader_id, kind=convert.reader_kind_from_proto(m.kind))
 
 
-def order_from_proto(m: orchestrator_pb2.ProduceCardRequest) -> ProductionOrder:
-    return ProductionOrder(
-        selector=selector_from_proto(m.reader), subject=m.subject, user_pin=m.user_pin,
-        certificates=tuple(
-            CertificateOrder(template=c.template, key_label=c.key_label,
-                             key_type=convert.key_type_from_proto(c.key_type, f"certificates[{i}].key_type")
-                             if c.key_type else None)
-            for i, c in enumerate(m.certificates)))
+def certificate_orders_from_proto(m: orchestrator_pb2.ProduceCardRequest) -> tuple[CertificateOrder, ...]:
+    return tuple(CertificateOrder(template=c.template, key_label=c.key_label,
+                                  key_type=convert.key_type_from_proto(c.key_type, f"certificates[{i}].key_type")
+                                  if c.key_type else None)
+                 for i, c in enumerate(m.certificates))
 
 
 def task_to_proto(t: TaskRecord, certificate_ids: list[str]) -> orchestrator_pb2.Task:
@@ -60,3 +58,61 @@ def certificate_to_proto(c: CertificateRecord, card_id: str = "") -> orchestrato
 
 def pooled_reader_to_proto(p: PooledReader) -> orchestrator_pb2.PooledReader:
     return orchestrator_pb2.PooledReader(gateway_id=p.gateway_id, reader=convert.reader_to_proto(p.reader), busy=p.busy)
+
+
+# --- processes -------------------------------------------------------------------------
+
+_PROCESS_STATES = {"RUNNING": orchestrator_pb2.PROCESS_STATE_RUNNING,
+                   "SUCCEEDED": orchestrator_pb2.PROCESS_STATE_SUCCEEDED,
+                   "FAILED": orchestrator_pb2.PROCESS_STATE_FAILED}
+
+
+def value_from_proto(m: common_pb2.Value) -> object:
+    kind = m.WhichOneof("kind")
+    if kind == "descriptor":
+        return CoreObjectDescriptor(m.descriptor.type, m.descriptor.template, m.descriptor.id)
+    if kind == "list":
+        return [value_from_proto(v) for v in m.list.values]
+    return m.text
+
+
+def value_to_proto(value: object) -> common_pb2.Value:
+    """From the process map's JSON form: descriptors are dicts, lists are lists."""
+    if isinstance(value, CoreObjectDescriptor):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return common_pb2.Value(descriptor=common_pb2.CoreObjectDescriptor(
+            type=value.get("type", ""), template=value.get("template", ""), id=value.get("id", "")))
+    if isinstance(value, list):
+        return common_pb2.Value(list=common_pb2.ValueList(values=[value_to_proto(v) for v in value]))
+    return common_pb2.Value(text="" if value is None else str(value))
+
+
+def process_instance_to_proto(p: ProcessInstanceRecord, task_ids: list[str]) -> orchestrator_pb2.ProcessInstance:
+    error = common_pb2.Error(reason=p.error_reason, message=p.error_message or "") if p.error_reason else None
+    return orchestrator_pb2.ProcessInstance(
+        id=p.id, definition=p.definition, state=_PROCESS_STATES.get(p.state, 0),
+        process_map={k: value_to_proto(v) for k, v in p.process_map.items()}, error=error, task_ids=task_ids,
+        created_at=timestamp(p.created_at), finished_at=timestamp(p.finished_at))
+
+
+def descriptor_to_proto(d) -> common_pb2.CoreObjectDescriptor:
+    return common_pb2.CoreObjectDescriptor(type=d.type, template=d.template, id=d.id)
+
+
+def issued_hit_to_proto(h) -> orchestrator_pb2.IssuedCertificate:
+    error = (common_pb2.Error(reason=h.task_error_reason, message=h.task_error_message or "")
+             if h.task_error_reason else None)
+    return orchestrator_pb2.IssuedCertificate(
+        descriptor=descriptor_to_proto(h.descriptor), serial_hex=h.serial_hex, issuer=h.issuer, subject=h.subject,
+        created_at=timestamp(h.created_at), task_id=h.task_id or "", task_error=error)
+
+
+def handling_result_to_proto(r) -> orchestrator_pb2.HandlingResult:
+    error = None
+    if r.error:                      # "REASON: message"
+        reason, _, message = r.error.partition(": ")
+        error = common_pb2.Error(reason=reason, message=message)
+    return orchestrator_pb2.HandlingResult(certificate_id=r.certificate_id, serial_hex=r.serial_hex or "",
+                                           revoked=r.revoked, state=r.state or "", skipped=r.skipped or "",
+                                           error=error)

@@ -5,49 +5,91 @@ import asyncio
 
 from orchestrator.api import convert as conv
 from orchestrator.services.pool import ReaderPool
-from orchestrator.services.production import Progress, ProductionService
+from orchestrator.domain.templates import Templates
+from orchestrator.services.card_tasks import CardTaskService, Progress
+from orchestrator.services.certificates import CertificateService
+from orchestrator.services.processes import ProcessProgress, ProcessService
+from orchestrator.services.production import production_order
 from orchestrator.store.store import Store
 from orchestrator.ca.base import CaConnector
-from shared.errors import NotFound
+from shared.errors import InvalidArgument, NotFound
 from shared.proto import orchestrator_pb2 as pb
 from shared.proto import orchestrator_pb2_grpc
 from shared.rpc import rpc_errors
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
-    def __init__(self, store: Store, pool: ReaderPool, production: ProductionService,
-                 cas: dict[str, CaConnector]) -> None:
+    def __init__(self, store: Store, pool: ReaderPool, card_tasks: CardTaskService, templates: Templates,
+                 cas: dict[str, CaConnector], processes: ProcessService, certificates: CertificateService) -> None:
         self.store = store
         self.pool = pool
-        self.production = production
+        self.card_tasks = card_tasks
+        self.templates = templates
         self.cas = cas
+        self.processes = processes
+        self.certificates = certificates
 
     @rpc_errors
     async def ProduceCard(self, request, context):
-        order = conv.order_from_proto(request)
-        events: asyncio.Queue = asyncio.Queue()
-        job = asyncio.create_task(self.production.produce(order, events.put_nowait))
-        # The production runs on even if the caller goes away: a task always ends in a
-        # defined state, never half-done because a client disconnected.
-        while True:
-            getter = asyncio.ensure_future(events.get())
-            done, _ = await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                yield self._event(getter.result())
-                if getter.result().task is not None:
-                    return
-            else:
-                getter.cancel()
-                job.result()   # raises the validation/lease error that ended it before a task existed
-                while not events.empty():
-                    yield self._event(events.get_nowait())
-                return
+        order = production_order(self.templates, conv.selector_from_proto(request.reader), request.subject,
+                                 conv.certificate_orders_from_proto(request), request.user_pin)
+        async for p in _follow(lambda sink: self.card_tasks.run(order, sink), lambda p: p.task is not None):
+            task = None
+            if p.task is not None:
+                ids = [c.id for c in await asyncio.to_thread(self.store.list_certificates, task_id=p.task.id)]
+                task = conv.task_to_proto(p.task, ids)
+            yield pb.TaskEvent(task_id=p.task_id, step_number=p.step_number, message=p.message, task=task)
 
-    def _event(self, p: Progress) -> pb.TaskEvent:
-        task = None
-        if p.task is not None:
-            task = conv.task_to_proto(p.task, [c.id for c in self.store.list_certificates(task_id=p.task.id)])
-        return pb.TaskEvent(task_id=p.task_id, step_number=p.step_number, message=p.message, task=task)
+    @rpc_errors
+    async def ListProcessDefinitions(self, request, context):
+        return pb.ListProcessDefinitionsResponse(definitions=[
+            pb.ProcessDefinition(name=d.name, description=d.description, inputs=d.inputs,
+                                 secret_inputs=d.secret_inputs, task_types=[t.type for t in d.tasks])
+            for d in sorted(self.processes.configuration.processes.values(), key=lambda d: d.name)])
+
+    @rpc_errors
+    async def StartProcess(self, request, context):
+        inputs = {k: conv.value_from_proto(v) for k, v in request.inputs.items()}
+        overlap = request.inputs.keys() & request.secret_inputs.keys()
+        if overlap:
+            raise InvalidArgument(f"inputs given both plain and secret: {', '.join(sorted(overlap))}", field="inputs")
+        inputs.update(request.secret_inputs)
+        async for p in _follow(lambda sink: self.processes.start(request.process, inputs, sink),
+                               lambda p: p.instance is not None):
+            instance = await self._instance(p.instance) if p.instance is not None else None
+            yield pb.ProcessEvent(process_instance_id=p.instance_id, task_index=p.task_index, task_type=p.task_type,
+                                  on_error=p.on_error, message=p.message, instance=instance)
+
+    async def _instance(self, record) -> pb.ProcessInstance:
+        tasks = await asyncio.to_thread(self.store.list_tasks, process_instance_id=record.id)
+        return conv.process_instance_to_proto(record, [t.id for t in tasks])
+
+    @rpc_errors
+    async def GetProcessInstance(self, request, context):
+        record = await asyncio.to_thread(self.store.get_process_instance, request.process_instance_id)
+        return pb.GetProcessInstanceResponse(instance=await self._instance(record))
+
+    @rpc_errors
+    async def SearchIssuedCertificates(self, request, context):
+        older_than = request.older_than.ToTimedelta() if request.HasField("older_than") else None
+        hits = await asyncio.to_thread(self.certificates.search_issued, older_than=older_than,
+                                       template=request.template or None, card_id=request.card_id or None,
+                                       gateway_id=request.gateway_id or None, reader_id=request.reader_id or None,
+                                       task_id=request.task_id or None, limit=request.limit or None)
+        return pb.SearchIssuedCertificatesResponse(certificates=[conv.issued_hit_to_proto(h) for h in hits])
+
+    @rpc_errors
+    async def HandleIssuedCertificates(self, request, context):
+        results = await asyncio.to_thread(
+            self.certificates.handle_issued, list(request.certificate_ids) or None,
+            revoke_reason=request.revoke_reason or None, target_state=request.target_state or None, actor="api")
+        return pb.HandleIssuedCertificatesResponse(results=[conv.handling_result_to_proto(r) for r in results])
+
+    @rpc_errors
+    async def ChangeCertificateState(self, request, context):
+        change = self.certificates.change_state_in_ca if request.in_ca else self.certificates.change_state
+        record = await asyncio.to_thread(change, request.certificate_id, request.state, request.reason or None, "api")
+        return pb.ChangeCertificateStateResponse(certificate=conv.certificate_to_proto(record))
 
     @rpc_errors
     async def GetTask(self, request, context):
@@ -92,3 +134,25 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return pb.GetCaCertificateResponse(certificate_der=await asyncio.to_thread(ca.ca_certificate_der))
 
 
+
+
+async def _follow(start, is_last):
+    """Runs `start(sink)` as its own task and yields what it reports until the last event.
+
+    The work runs on even if the caller goes away: a task always ends in a defined state,
+    never half-done because a client disconnected."""
+    events: asyncio.Queue = asyncio.Queue()
+    job = asyncio.create_task(start(events.put_nowait))
+    while True:
+        getter = asyncio.ensure_future(events.get())
+        done, _ = await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            yield getter.result()
+            if is_last(getter.result()):
+                return
+        else:
+            getter.cancel()
+            job.result()   # raises the error that ended it before it reported its end
+            while not events.empty():
+                yield events.get_nowait()
+            return

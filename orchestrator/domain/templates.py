@@ -86,6 +86,9 @@ class CardTemplate:
     initial_state: str = "InProduction"     # the start state of its state graph
     produced_state: str = "Active"
     failed_state: str = "ProductionFailed"
+    # File holding the PUK (SO PIN) cards of this template leave the factory with: SetPIN
+    # authenticates with it. A file (a Docker secret, say), never the PUK itself in config.
+    transport_puk_file: str = ""
     description: str = ""
     source: str = field(default="", compare=False)
     line: int = field(default=0, compare=False)
@@ -169,7 +172,8 @@ _TOP_KEYS = ("certificate_templates", "card_templates", "description")
 _CERTIFICATE_KEYS = ("name", "ca", "key_type", "validity_days", "key_usage", "extended_key_usage",
                      "state_graph", "internal_issued_state", "description")
 _CERTIFICATE_REQUIRED = ("name", "ca", "key_type", "validity_days", "key_usage", "state_graph")
-_CARD_KEYS = ("name", "state_graph", "encoding", "produced_state", "failed_state", "description")
+_CARD_KEYS = ("name", "state_graph", "encoding", "produced_state", "failed_state", "transport_puk_file",
+              "description")
 _CARD_REQUIRED = ("name", "state_graph", "encoding", "produced_state", "failed_state")
 
 _NULL_TAG = "tag:yaml.org,2002:null"
@@ -427,8 +431,9 @@ class _Reader:
         for key in ("state_graph", "encoding", "produced_state", "failed_state"):
             if key in entries:
                 v[key] = self.name(entries[key][1], f"{path}.{key}")
-        if "description" in entries:
-            v["description"] = self.text(entries["description"][1], f"{path}.description")
+        for key in ("description", "transport_puk_file"):
+            if key in entries:
+                v[key] = self.text(entries[key][1], f"{path}.{key}")
         if v.get("produced_state") and v.get("produced_state") == v.get("failed_state"):
             self.report(entries["failed_state"][1], f"{path}.failed_state",
                         f"a failed production must not end in the produced state {v['produced_state']!r}")

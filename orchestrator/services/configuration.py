@@ -166,7 +166,10 @@ class _Loader:
         templates = Templates(
             certificates={n: replace(t, start_state=self.graphs[t.state_graph].start)
                           for n, t in self.certificates.items()},
-            cards={n: replace(t, initial_state=self.graphs[t.state_graph].start) for n, t in self.cards.items()},
+            cards={n: replace(t, initial_state=self.graphs[t.state_graph].start,
+                              transport_puk_file=str(self.dir / t.transport_puk_file)
+                              if t.transport_puk_file else "")
+                   for n, t in self.cards.items()},
             internal_issued_state=self.issued)
         return Configuration(self.graphs, templates, self.encodings, self.processes, warnings, self.issued,
                              self.dir)

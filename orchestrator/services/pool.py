@@ -27,14 +27,19 @@ class Command:
 
 @dataclass(frozen=True)
 class ReaderSelector:
+    """Picks readers from the pool; empty fields match anything."""
     gateway_id: str = ""
     reader_id: str = ""
     kind: cards.ReaderKind | None = None
+    site: str = ""
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
 
-    def matches(self, gateway_id: str, reader: cards.Reader) -> bool:
-        return ((not self.gateway_id or self.gateway_id == gateway_id)
+    def matches(self, session: "GatewaySession", reader: cards.Reader) -> bool:
+        return ((not self.gateway_id or self.gateway_id == session.gateway_id)
                 and (not self.reader_id or self.reader_id == reader.reader_id)
-                and (self.kind is None or self.kind is reader.kind))
+                and (self.kind is None or self.kind is reader.kind)
+                and (not self.site or self.site == session.site)
+                and all(session.labels.get(k) == v for k, v in self.labels.items()))
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,7 @@ class ReaderPool:
     def list(self, selector: ReaderSelector = ReaderSelector()) -> list[PooledReader]:
         return [PooledReader(gid, r, (gid, r.reader_id) in self._busy)
                 for gid, s in sorted(self._sessions.items()) for r in s.readers.values()
-                if selector.matches(gid, r)]
+                if selector.matches(s, r)]
 
     @contextlib.asynccontextmanager
     async def lease(self, selector: ReaderSelector, *, need_card: bool = True) -> AsyncIterator["Lease"]:

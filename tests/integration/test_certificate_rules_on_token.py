@@ -11,7 +11,7 @@ import pytest
 from gateway.drivers import softhsm_setup
 from orchestrator import app as orchestrator_app
 from orchestrator.services.pool import ReaderSelector
-from orchestrator.services.production import CertificateOrder, ProductionOrder
+from orchestrator.services.production import CertificateOrder, production_order
 from shared import cards, config
 from tests.support.processes import gateway_process
 
@@ -46,9 +46,10 @@ async def produce_with_hook(tmp_path, token, hook):
                     break
                 await asyncio.sleep(0.1)
             reader = next(p.reader for p in orch.pool.list() if p.reader.token_label == token.label)
-            task = await orch.production.produce(ProductionOrder(
-                ReaderSelector(reader_id=reader.reader_id), "CN=Rule Tester", ORDER, token.user_pin))
-            return orch, task
+            outcome = await orch.card_tasks.run(production_order(
+                orch.configuration.templates, ReaderSelector(reader_id=reader.reader_id), "CN=Rule Tester", ORDER,
+                token.user_pin))
+            return orch, outcome.task
     finally:
         await orch.stop()
 

@@ -4,7 +4,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from orchestrator.services.production import _check_proof_of_possession
+from orchestrator.services.card_tasks import check_proof_of_possession as _check_proof_of_possession
 from shared.cards import GeneratedKey
 from shared.errors import CsrInvalid
 

@@ -6,6 +6,7 @@ isort:skip_file
 from cardline.common.v1 import common_pb2 as _common_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -39,6 +40,25 @@ TASK_STATE_RUNNING: TaskState.ValueType  # 1
 TASK_STATE_SUCCEEDED: TaskState.ValueType  # 2
 TASK_STATE_FAILED: TaskState.ValueType  # 3
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
+
+class _ProcessState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ProcessStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ProcessState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROCESS_STATE_UNSPECIFIED: _ProcessState.ValueType  # 0
+    PROCESS_STATE_RUNNING: _ProcessState.ValueType  # 1
+    PROCESS_STATE_SUCCEEDED: _ProcessState.ValueType  # 2
+    PROCESS_STATE_FAILED: _ProcessState.ValueType  # 3
+
+class ProcessState(_ProcessState, metaclass=_ProcessStateEnumTypeWrapper): ...
+
+PROCESS_STATE_UNSPECIFIED: ProcessState.ValueType  # 0
+PROCESS_STATE_RUNNING: ProcessState.ValueType  # 1
+PROCESS_STATE_SUCCEEDED: ProcessState.ValueType  # 2
+PROCESS_STATE_FAILED: ProcessState.ValueType  # 3
+Global___ProcessState: _TypeAlias = ProcessState  # noqa: Y015
 
 @_typing.final
 class ReaderSelector(_message.Message):
@@ -585,3 +605,517 @@ class GetCaCertificateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCaCertificateResponse: _TypeAlias = GetCaCertificateResponse  # noqa: Y015
+
+@_typing.final
+class ProcessDefinition(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    SECRET_INPUTS_FIELD_NUMBER: _builtins.int
+    TASK_TYPES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    description: _builtins.str
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def secret_inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        inputs: _abc.Iterable[_builtins.str] | None = ...,
+        secret_inputs: _abc.Iterable[_builtins.str] | None = ...,
+        task_types: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "inputs", b"inputs", "name", b"name", "secret_inputs", b"secret_inputs", "task_types", b"task_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessDefinition: _TypeAlias = ProcessDefinition  # noqa: Y015
+
+@_typing.final
+class ListProcessDefinitionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProcessDefinitionsRequest: _TypeAlias = ListProcessDefinitionsRequest  # noqa: Y015
+
+@_typing.final
+class ListProcessDefinitionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def definitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProcessDefinition]: ...
+    def __init__(
+        self,
+        *,
+        definitions: _abc.Iterable[Global___ProcessDefinition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definitions", b"definitions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProcessDefinitionsResponse: _TypeAlias = ListProcessDefinitionsResponse  # noqa: Y015
+
+@_typing.final
+class StartProcessRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class InputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _common_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _common_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class SecretInputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PROCESS_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    SECRET_INPUTS_FIELD_NUMBER: _builtins.int
+    process: _builtins.str
+    @_builtins.property
+    def inputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.Value]: ...
+    @_builtins.property
+    def secret_inputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Secret inputs (PINs, PUKs): pass through to the card, never stored nor logged."""
+
+    def __init__(
+        self,
+        *,
+        process: _builtins.str = ...,
+        inputs: _abc.Mapping[_builtins.str, _common_pb2.Value] | None = ...,
+        secret_inputs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "process", b"process", "secret_inputs", b"secret_inputs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartProcessRequest: _TypeAlias = StartProcessRequest  # noqa: Y015
+
+@_typing.final
+class ProcessInstance(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ProcessMapEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _common_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _common_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PROCESS_MAP_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    definition: _builtins.str
+    state: Global___ProcessState.ValueType
+    @_builtins.property
+    def process_map(self) -> _containers.MessageMap[_builtins.str, _common_pb2.Value]: ...
+    @_builtins.property
+    def error(self) -> _common_pb2.Error: ...
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        definition: _builtins.str = ...,
+        state: Global___ProcessState.ValueType = ...,
+        process_map: _abc.Mapping[_builtins.str, _common_pb2.Value] | None = ...,
+        error: _common_pb2.Error | None = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "definition", b"definition", "error", b"error", "finished_at", b"finished_at", "id", b"id", "process_map", b"process_map", "state", b"state", "task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessInstance: _TypeAlias = ProcessInstance  # noqa: Y015
+
+@_typing.final
+class ProcessEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROCESS_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    TASK_INDEX_FIELD_NUMBER: _builtins.int
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    ON_ERROR_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    process_instance_id: _builtins.str
+    task_index: _builtins.int
+    task_type: _builtins.str
+    on_error: _builtins.bool
+    """the event belongs to the on_error path"""
+    message: _builtins.str
+    @_builtins.property
+    def instance(self) -> Global___ProcessInstance:
+        """set on the last event"""
+
+    def __init__(
+        self,
+        *,
+        process_instance_id: _builtins.str = ...,
+        task_index: _builtins.int = ...,
+        task_type: _builtins.str = ...,
+        on_error: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        instance: Global___ProcessInstance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "message", b"message", "on_error", b"on_error", "process_instance_id", b"process_instance_id", "task_index", b"task_index", "task_type", b"task_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessEvent: _TypeAlias = ProcessEvent  # noqa: Y015
+
+@_typing.final
+class GetProcessInstanceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROCESS_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    process_instance_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        process_instance_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["process_instance_id", b"process_instance_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProcessInstanceRequest: _TypeAlias = GetProcessInstanceRequest  # noqa: Y015
+
+@_typing.final
+class GetProcessInstanceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def instance(self) -> Global___ProcessInstance: ...
+    def __init__(
+        self,
+        *,
+        instance: Global___ProcessInstance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProcessInstanceResponse: _TypeAlias = GetProcessInstanceResponse  # noqa: Y015
+
+@_typing.final
+class SearchIssuedCertificatesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLDER_THAN_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    CARD_ID_FIELD_NUMBER: _builtins.int
+    GATEWAY_ID_FIELD_NUMBER: _builtins.int
+    READER_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    template: _builtins.str
+    card_id: _builtins.str
+    gateway_id: _builtins.str
+    reader_id: _builtins.str
+    task_id: _builtins.str
+    limit: _builtins.int
+    @_builtins.property
+    def older_than(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        older_than: _duration_pb2.Duration | None = ...,
+        template: _builtins.str = ...,
+        card_id: _builtins.str = ...,
+        gateway_id: _builtins.str = ...,
+        reader_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["older_than", b"older_than"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_id", b"card_id", "gateway_id", b"gateway_id", "limit", b"limit", "older_than", b"older_than", "reader_id", b"reader_id", "task_id", b"task_id", "template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchIssuedCertificatesRequest: _TypeAlias = SearchIssuedCertificatesRequest  # noqa: Y015
+
+@_typing.final
+class IssuedCertificate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESCRIPTOR_FIELD_NUMBER: _builtins.int
+    SERIAL_HEX_FIELD_NUMBER: _builtins.int
+    ISSUER_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    TASK_ERROR_FIELD_NUMBER: _builtins.int
+    serial_hex: _builtins.str
+    issuer: _builtins.str
+    subject: _builtins.str
+    task_id: _builtins.str
+    @_builtins.property
+    def descriptor(self) -> _common_pb2.CoreObjectDescriptor: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def task_error(self) -> _common_pb2.Error: ...
+    def __init__(
+        self,
+        *,
+        descriptor: _common_pb2.CoreObjectDescriptor | None = ...,
+        serial_hex: _builtins.str = ...,
+        issuer: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        task_id: _builtins.str = ...,
+        task_error: _common_pb2.Error | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "descriptor", b"descriptor", "task_error", b"task_error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "descriptor", b"descriptor", "issuer", b"issuer", "serial_hex", b"serial_hex", "subject", b"subject", "task_error", b"task_error", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssuedCertificate: _TypeAlias = IssuedCertificate  # noqa: Y015
+
+@_typing.final
+class SearchIssuedCertificatesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def certificates(self) -> _containers.RepeatedCompositeFieldContainer[Global___IssuedCertificate]: ...
+    def __init__(
+        self,
+        *,
+        certificates: _abc.Iterable[Global___IssuedCertificate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchIssuedCertificatesResponse: _TypeAlias = SearchIssuedCertificatesResponse  # noqa: Y015
+
+@_typing.final
+class HandleIssuedCertificatesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_IDS_FIELD_NUMBER: _builtins.int
+    REVOKE_REASON_FIELD_NUMBER: _builtins.int
+    TARGET_STATE_FIELD_NUMBER: _builtins.int
+    revoke_reason: _builtins.str
+    """RFC 5280 reason; empty: not revoked at the CA"""
+    target_state: _builtins.str
+    """empty: the state is left as it is"""
+    @_builtins.property
+    def certificate_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """empty: every certificate in the internal issued state"""
+
+    def __init__(
+        self,
+        *,
+        certificate_ids: _abc.Iterable[_builtins.str] | None = ...,
+        revoke_reason: _builtins.str = ...,
+        target_state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_ids", b"certificate_ids", "revoke_reason", b"revoke_reason", "target_state", b"target_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandleIssuedCertificatesRequest: _TypeAlias = HandleIssuedCertificatesRequest  # noqa: Y015
+
+@_typing.final
+class HandlingResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_ID_FIELD_NUMBER: _builtins.int
+    SERIAL_HEX_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    certificate_id: _builtins.str
+    serial_hex: _builtins.str
+    revoked: _builtins.bool
+    state: _builtins.str
+    skipped: _builtins.str
+    """why nothing was done, when nothing was"""
+    @_builtins.property
+    def error(self) -> _common_pb2.Error: ...
+    def __init__(
+        self,
+        *,
+        certificate_id: _builtins.str = ...,
+        serial_hex: _builtins.str = ...,
+        revoked: _builtins.bool = ...,
+        state: _builtins.str = ...,
+        skipped: _builtins.str = ...,
+        error: _common_pb2.Error | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_id", b"certificate_id", "error", b"error", "revoked", b"revoked", "serial_hex", b"serial_hex", "skipped", b"skipped", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandlingResult: _TypeAlias = HandlingResult  # noqa: Y015
+
+@_typing.final
+class HandleIssuedCertificatesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___HandlingResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___HandlingResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandleIssuedCertificatesResponse: _TypeAlias = HandleIssuedCertificatesResponse  # noqa: Y015
+
+@_typing.final
+class ChangeCertificateStateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    IN_CA_FIELD_NUMBER: _builtins.int
+    certificate_id: _builtins.str
+    state: _builtins.str
+    reason: _builtins.str
+    in_ca: _builtins.bool
+    def __init__(
+        self,
+        *,
+        certificate_id: _builtins.str = ...,
+        state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        in_ca: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_id", b"certificate_id", "in_ca", b"in_ca", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeCertificateStateRequest: _TypeAlias = ChangeCertificateStateRequest  # noqa: Y015
+
+@_typing.final
+class ChangeCertificateStateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def certificate(self) -> Global___Certificate: ...
+    def __init__(
+        self,
+        *,
+        certificate: Global___Certificate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeCertificateStateResponse: _TypeAlias = ChangeCertificateStateResponse  # noqa: Y015

@@ -70,6 +70,36 @@ class OrchestratorServiceStub:
                 request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetCaCertificateRequest.SerializeToString,
                 response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetCaCertificateResponse.FromString,
                 _registered_method=True)
+        self.ListProcessDefinitions = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrchestratorService/ListProcessDefinitions',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListProcessDefinitionsRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListProcessDefinitionsResponse.FromString,
+                _registered_method=True)
+        self.StartProcess = channel.unary_stream(
+                '/cardline.orchestrator.v1.OrchestratorService/StartProcess',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.StartProcessRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ProcessEvent.FromString,
+                _registered_method=True)
+        self.GetProcessInstance = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrchestratorService/GetProcessInstance',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetProcessInstanceRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetProcessInstanceResponse.FromString,
+                _registered_method=True)
+        self.SearchIssuedCertificates = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrchestratorService/SearchIssuedCertificates',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SearchIssuedCertificatesRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SearchIssuedCertificatesResponse.FromString,
+                _registered_method=True)
+        self.HandleIssuedCertificates = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrchestratorService/HandleIssuedCertificates',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.HandleIssuedCertificatesRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.HandleIssuedCertificatesResponse.FromString,
+                _registered_method=True)
+        self.ChangeCertificateState = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrchestratorService/ChangeCertificateState',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ChangeCertificateStateRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ChangeCertificateStateResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -120,6 +150,47 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListProcessDefinitions(self, request, context):
+        """Processes (YAML definitions in the configuration directory).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartProcess(self, request, context):
+        """Starts a process instance and streams its progress; the last event carries the
+        finished instance with its process map.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProcessInstance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchIssuedCertificates(self, request, context):
+        """Certificates left in the internal issued state (rule C4) and their handling (C5).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HandleIssuedCertificates(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangeCertificateState(self, request, context):
+        """Moves a certificate along its state graph; with in_ca, through its CA (rule C17).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +228,36 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.GetCaCertificate,
                     request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetCaCertificateRequest.FromString,
                     response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetCaCertificateResponse.SerializeToString,
+            ),
+            'ListProcessDefinitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProcessDefinitions,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListProcessDefinitionsRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListProcessDefinitionsResponse.SerializeToString,
+            ),
+            'StartProcess': grpc.unary_stream_rpc_method_handler(
+                    servicer.StartProcess,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.StartProcessRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ProcessEvent.SerializeToString,
+            ),
+            'GetProcessInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProcessInstance,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetProcessInstanceRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetProcessInstanceResponse.SerializeToString,
+            ),
+            'SearchIssuedCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchIssuedCertificates,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SearchIssuedCertificatesRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SearchIssuedCertificatesResponse.SerializeToString,
+            ),
+            'HandleIssuedCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandleIssuedCertificates,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.HandleIssuedCertificatesRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.HandleIssuedCertificatesResponse.SerializeToString,
+            ),
+            'ChangeCertificateState': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangeCertificateState,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ChangeCertificateStateRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ChangeCertificateStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -349,6 +450,168 @@ class OrchestratorService:
             '/cardline.orchestrator.v1.OrchestratorService/GetCaCertificate',
             cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetCaCertificateRequest.SerializeToString,
             cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetCaCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProcessDefinitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/ListProcessDefinitions',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListProcessDefinitionsRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListProcessDefinitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/StartProcess',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.StartProcessRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ProcessEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProcessInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/GetProcessInstance',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetProcessInstanceRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetProcessInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchIssuedCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/SearchIssuedCertificates',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SearchIssuedCertificatesRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SearchIssuedCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandleIssuedCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/HandleIssuedCertificates',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.HandleIssuedCertificatesRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.HandleIssuedCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangeCertificateState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/ChangeCertificateState',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ChangeCertificateStateRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ChangeCertificateStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

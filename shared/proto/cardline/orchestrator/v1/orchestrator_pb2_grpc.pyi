@@ -43,6 +43,18 @@ class OrchestratorServiceStub:
     ListCertificates: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListCertificatesRequest, _orchestrator_pb2.ListCertificatesResponse]
     ListReaders: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListReadersRequest, _orchestrator_pb2.ListReadersResponse]
     GetCaCertificate: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetCaCertificateRequest, _orchestrator_pb2.GetCaCertificateResponse]
+    ListProcessDefinitions: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListProcessDefinitionsRequest, _orchestrator_pb2.ListProcessDefinitionsResponse]
+    """Processes (YAML definitions in the configuration directory)."""
+    StartProcess: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.StartProcessRequest, _orchestrator_pb2.ProcessEvent]
+    """Starts a process instance and streams its progress; the last event carries the
+    finished instance with its process map.
+    """
+    GetProcessInstance: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetProcessInstanceRequest, _orchestrator_pb2.GetProcessInstanceResponse]
+    SearchIssuedCertificates: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.SearchIssuedCertificatesRequest, _orchestrator_pb2.SearchIssuedCertificatesResponse]
+    """Certificates left in the internal issued state (rule C4) and their handling (C5)."""
+    HandleIssuedCertificates: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.HandleIssuedCertificatesRequest, _orchestrator_pb2.HandleIssuedCertificatesResponse]
+    ChangeCertificateState: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ChangeCertificateStateRequest, _orchestrator_pb2.ChangeCertificateStateResponse]
+    """Moves a certificate along its state graph; with in_ca, through its CA (rule C17)."""
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -59,6 +71,18 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     ListCertificates: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListCertificatesRequest, _orchestrator_pb2.ListCertificatesResponse]  # type: ignore[assignment]
     ListReaders: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListReadersRequest, _orchestrator_pb2.ListReadersResponse]  # type: ignore[assignment]
     GetCaCertificate: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetCaCertificateRequest, _orchestrator_pb2.GetCaCertificateResponse]  # type: ignore[assignment]
+    ListProcessDefinitions: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListProcessDefinitionsRequest, _orchestrator_pb2.ListProcessDefinitionsResponse]  # type: ignore[assignment]
+    """Processes (YAML definitions in the configuration directory)."""
+    StartProcess: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.StartProcessRequest, _orchestrator_pb2.ProcessEvent]  # type: ignore[assignment]
+    """Starts a process instance and streams its progress; the last event carries the
+    finished instance with its process map.
+    """
+    GetProcessInstance: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetProcessInstanceRequest, _orchestrator_pb2.GetProcessInstanceResponse]  # type: ignore[assignment]
+    SearchIssuedCertificates: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.SearchIssuedCertificatesRequest, _orchestrator_pb2.SearchIssuedCertificatesResponse]  # type: ignore[assignment]
+    """Certificates left in the internal issued state (rule C4) and their handling (C5)."""
+    HandleIssuedCertificates: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.HandleIssuedCertificatesRequest, _orchestrator_pb2.HandleIssuedCertificatesResponse]  # type: ignore[assignment]
+    ChangeCertificateState: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ChangeCertificateStateRequest, _orchestrator_pb2.ChangeCertificateStateResponse]  # type: ignore[assignment]
+    """Moves a certificate along its state graph; with in_ca, through its CA (rule C17)."""
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The orchestrator's API for other services and the CLI."""
@@ -114,5 +138,53 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.GetCaCertificateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.GetCaCertificateResponse, _abc.Awaitable[_orchestrator_pb2.GetCaCertificateResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListProcessDefinitions(
+        self,
+        request: _orchestrator_pb2.ListProcessDefinitionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListProcessDefinitionsResponse, _abc.Awaitable[_orchestrator_pb2.ListProcessDefinitionsResponse]]:
+        """Processes (YAML definitions in the configuration directory)."""
+
+    @_abc_1.abstractmethod
+    def StartProcess(
+        self,
+        request: _orchestrator_pb2.StartProcessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.ProcessEvent], _abc.AsyncIterator[_orchestrator_pb2.ProcessEvent]]:
+        """Starts a process instance and streams its progress; the last event carries the
+        finished instance with its process map.
+        """
+
+    @_abc_1.abstractmethod
+    def GetProcessInstance(
+        self,
+        request: _orchestrator_pb2.GetProcessInstanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.GetProcessInstanceResponse, _abc.Awaitable[_orchestrator_pb2.GetProcessInstanceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SearchIssuedCertificates(
+        self,
+        request: _orchestrator_pb2.SearchIssuedCertificatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.SearchIssuedCertificatesResponse, _abc.Awaitable[_orchestrator_pb2.SearchIssuedCertificatesResponse]]:
+        """Certificates left in the internal issued state (rule C4) and their handling (C5)."""
+
+    @_abc_1.abstractmethod
+    def HandleIssuedCertificates(
+        self,
+        request: _orchestrator_pb2.HandleIssuedCertificatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.HandleIssuedCertificatesResponse, _abc.Awaitable[_orchestrator_pb2.HandleIssuedCertificatesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ChangeCertificateState(
+        self,
+        request: _orchestrator_pb2.ChangeCertificateStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ChangeCertificateStateResponse, _abc.Awaitable[_orchestrator_pb2.ChangeCertificateStateResponse]]:
+        """Moves a certificate along its state graph; with in_ca, through its CA (rule C17)."""
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,379 @@
+"""Card tasks: an encoding description run on one card, step by step, under the certificate
+rules.
+
+card_production creates the card object; card_operation works on the card of the process
+map, or on none (C8). For each application, in order: a certificate is requested for a key
+generated on the card (or in the orchestrator and archived, `ArchiveKey`), committed in the
+internal issued state before the card is asked to store it (C1), held at the CA right away
+when `revokeOnIssue` (C6), related to the card at once when `CreateObjectRelation=always`
+(C9); a recovered certificate is written with its archived key, never stored again nor
+moved (C7). When the whole task succeeds its certificates move to their start state with
+the `success` relations in one transaction (C2, C10); when it fails they stay in the
+internal issued state carrying the error (C3). Return fields get the CoreObjectDescriptors
+either way (C13).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from orchestrator.ca.base import CaConnector, IssueProfile
+from orchestrator.domain.encoding import Application, CreateObjectRelation, EncodingDescription, parse_apdu_script
+from orchestrator.domain.processes import CoreObjectDescriptor
+from orchestrator.domain.templates import DEFAULT_RELATION_TYPE, CardTemplate, CertificateTemplate, Templates
+from orchestrator.services.key_archive import KeyArchive, generate_key
+from orchestrator.services.pool import Lease, ReaderPool, ReaderSelector
+from orchestrator.store.records import CARD, CERTIFICATE, TaskRecord
+from orchestrator.store.store import Store
+from shared import cards
+from shared.errors import CardlineError, CsrInvalid, EncodingFailed, InvalidArgument
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+PRODUCTION, OPERATION = "card_production", "card_operation"
+# Named points between the steps of a task; tests and fault injection hook in here.
+BOUNDARIES = ("before_issue", "after_issue", "after_store", "after_write", "before_finish")
+BoundaryHook = Callable[[str, str], Awaitable[None]]   # (boundary, task_id)
+
+
+@dataclass(frozen=True)
+class CardTaskOrder:
+    type: str                                   # PRODUCTION or OPERATION
+    card_template: CardTemplate
+    encoding: EncodingDescription
+    selector: ReaderSelector
+    subject: str
+    # Field values by field name: text for inputs (PINs pass through here, in memory only),
+    # CoreObjectDescriptors for fields naming stored objects (RecoverCertificate, ...).
+    fields: Mapping[str, object] = field(default_factory=dict, repr=False)
+    card_id: str | None = None                  # card_operation: the card of the process map
+    process_instance_id: str | None = None
+    task_index: int | None = None
+
+
+@dataclass(frozen=True)
+class CardTaskOutcome:
+    task: TaskRecord
+    card: CoreObjectDescriptor | None
+    return_fields: dict[str, CoreObjectDescriptor]   # field name -> generated certificate (C13)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.task.state == "SUCCEEDED"
+
+
+@dataclass(frozen=True)
+class Progress:
+    task_id: str
+    step_number: int
+    message: str
+    task: TaskRecord | None = None
+
+
+ProgressSink = Callable[[Progress], None]
+
+
+class CardTaskService:
+    def __init__(self, store: Store, pool: ReaderPool, cas: dict[str, CaConnector], templates: Templates, *,
+                 key_archive: KeyArchive | None = None, step_timeout_s: float = 120.0,
+                 default_relation_type: str = DEFAULT_RELATION_TYPE, boundary: BoundaryHook | None = None) -> None:
+        self.store = store
+        self.pool = pool
+        self.cas = cas
+        self.templates = templates
+        self.key_archive = key_archive
+        self.step_timeout_s = step_timeout_s
+        self.default_relation_type = default_relation_type
+        self.boundary = boundary
+
+    def validate(self, order: CardTaskOrder) -> None:
+        """Everything that can be refused before a card is touched or a CA is asked."""
+        if order.type not in (PRODUCTION, OPERATION):
+            raise InvalidArgument(f"unknown card task type {order.type!r}", field="type")
+        try:
+            x509.Name.from_rfc4514_string(order.subject)
+        except ValueError as exc:
+            raise InvalidArgument(f"subject {order.subject!r} is not an RFC 4514 name: {exc}", field="subject") from None
+        for app in order.encoding.applications:
+            where = f"{order.encoding.source}:{app.line}: {app.name}"
+            if app.issues_certificate:
+                template = self.templates.certificate(app.certificate_template)
+                if template.ca not in self.cas:
+                    raise EncodingFailed(f"{where}: template {template.name!r} names unknown CA {template.ca!r}")
+                if app.archive_key and self.key_archive is None:
+                    raise EncodingFailed(f"{where}: ArchiveKey=true but no key archive is configured")
+            if app.is_recovery and self.key_archive is None:
+                raise EncodingFailed(f"{where}: RecoverCertificate needs the key archive")
+            if (app.create_object_relation is CreateObjectRelation.ALWAYS and app.puts_certificate_on_card
+                    and order.type == OPERATION and order.card_id is None):
+                # C9: fail before any CA request is sent.
+                raise EncodingFailed(f"{where}: CreateObjectRelation=always needs a card, and the card operation "
+                                     "has no card in the process map")
+            if app.write_certificate or app.write_cert_key_list or app.label_expression_data_object \
+                    or app.attributes_data_object:
+                raise EncodingFailed(f"{where}: WriteCertificate, WriteCertKeyList, LabelExpressionDataObject and "
+                                     "AttributesDataObject are not supported by this orchestrator yet")
+        for name in order.encoding.input_fields():
+            if order.fields.get(name) in (None, ""):
+                raise EncodingFailed(f"{order.encoding.source}: field {name!r} has no value")
+
+    async def run(self, order: CardTaskOrder, progress: ProgressSink = lambda p: None) -> CardTaskOutcome:
+        self.validate(order)
+        async with self.pool.lease(order.selector) as lease:
+            task = await asyncio.to_thread(self.store.create_task, order.type, lease.gateway_id,
+                                           lease.reader.reader_id, order.card_id,
+                                           process_instance_id=order.process_instance_id, task_index=order.task_index)
+            return await _CardTaskRun(self, task.id, lease, order, progress).execute()
+
+
+class _CardTaskRun:
+    """One card task: its step counter, the certificates and relations it has made so far."""
+
+    def __init__(self, service: CardTaskService, task_id: str, lease: Lease, order: CardTaskOrder,
+                 progress: ProgressSink) -> None:
+        self.s = service
+        self.task_id = task_id
+        self.lease = lease
+        self.order = order
+        self.progress = progress
+        self.step_number = 0
+        self.card_id: str | None = order.card_id
+        self.issued: dict[str, CertificateTemplate] = {}          # certificate id -> template
+        self.success_relations: list[tuple[str, str, str, str, str]] = []
+        self.return_fields: dict[str, CoreObjectDescriptor] = {}
+        description = order.encoding.description
+        self.user_pin = str(order.fields.get(description.pin_field, "")) if description.pin_field else ""
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    async def _db(self, fn, *args, **kwargs):
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def _boundary(self, name: str) -> None:
+        if self.s.boundary is not None:
+            await self.s.boundary(name, self.task_id)
+
+    def _tell(self, message: str, task: TaskRecord | None = None) -> None:
+        self.progress(Progress(self.task_id, self.step_number, message, task))
+
+    async def _step(self, name: str, operation: cards.Operation, *, so_pin: str = "") -> cards.StepValue:
+        # Journaled before it is sent: after a crash the journal tells which step may have
+        # run. Its completion needs no write of its own: the next journal entry, the stored
+        # certificate or the task's end records it, and the gateway answers a resent
+        # (task, step) from its first result.
+        self.step_number += 1
+        await self._db(self.s.store.journal_step, self.task_id, self.step_number, name, "sent")
+        return await self.lease.run(cards.Step(operation, user_pin=self.user_pin, so_pin=so_pin),
+                                    task_id=self.task_id, step_number=self.step_number,
+                                    timeout_s=self.s.step_timeout_s)
+
+    def _relation_type(self, app: Application) -> str:
+        return app.object_relation_type or self.s.default_relation_type      # C12
+
+    async def _relate(self, app: Application, certificate_id: str) -> None:
+        """C9–C11: `always` now (it survives a failed encoding), `success` at the end."""
+        if self.card_id is None or app.create_object_relation is CreateObjectRelation.NEVER:
+            return
+        relation = (CARD, self.card_id, CERTIFICATE, certificate_id, self._relation_type(app))
+        if app.create_object_relation is CreateObjectRelation.ALWAYS:
+            await self._db(self.s.store.add_relations, self.task_id, [relation])
+        else:
+            self.success_relations.append(relation)
+
+    # --- the task --------------------------------------------------------------------------
+
+    async def execute(self) -> CardTaskOutcome:
+        store, order = self.s.store, self.order
+        template = order.card_template
+        try:
+            info = await self._step("read_card_info", cards.ReadCardInfo())
+            assert isinstance(info, cards.Reader)
+            serial = info.token_serial or info.atr.hex()
+            if order.type == PRODUCTION:          # C8: production creates the card object
+                card = await self._db(store.create_card, self.task_id, serial, template.name,
+                                      template.initial_state, self.lease.gateway_id, self.lease.reader.reader_id)
+                self.card_id = card.id
+                self._tell(f"card {card.serial} ({info.token_label or info.name}) in production")
+            elif self.card_id is not None:
+                card = await self._db(store.get_card, self.card_id)
+                if card.serial != serial:
+                    raise EncodingFailed(f"the card in {info.reader_id} (serial {serial}) is not card {card.id} "
+                                         f"(serial {card.serial})")
+                self._tell(f"card {card.serial} found for the operation")
+            await self._set_pins()
+            for app in order.encoding.applications:
+                await self._application(app)
+            await self._boundary("before_finish")
+            # C2: one transaction moves every certificate to its start state with the relations.
+            await self._db(store.finish_task_succeeded, self.task_id, self._internal_state(),
+                           {cid: t.start_state for cid, t in self.issued.items()},
+                           template.produced_state if order.type == PRODUCTION else None, self.success_relations)
+        except CardlineError as exc:
+            log.info("card task failed", task_id=self.task_id, reason=exc.reason, error=exc.message)
+            # C3: certificates stay in the internal issued state, carrying the task's error.
+            await self._db(store.finish_task_failed, self.task_id, exc.reason, exc.message,
+                           template.failed_state if order.type == PRODUCTION and self.card_id else None)
+        task = await self._db(store.get_task, self.task_id)
+        ok = task.state == "SUCCEEDED"
+        self._tell(("card produced" if order.type == PRODUCTION else "card operation done") if ok
+                   else f"{order.type} failed: {task.error_message}", task)
+        card = CoreObjectDescriptor(CARD, template.name, self.card_id) if self.card_id else None
+        return CardTaskOutcome(task, card, dict(self.return_fields))
+
+    def _internal_state(self) -> str:
+        states = {t.internal_issued_state for t in self.issued.values()}
+        if len(states) > 1:
+            raise EncodingFailed(f"certificate templates disagree on the internal issued state: {sorted(states)}")
+        return states.pop() if states else self.s.templates.internal_issued_state
+
+    async def _set_pins(self) -> None:
+        """`SetPIN=true` personalises the card: its user PIN becomes the `PIN` field's value and,
+        with `InitialPUK`, its PUK (SO PIN) that field's value. The card is authenticated with
+        the PUK it left the factory with, read from the card template's transport PUK file."""
+        description = self.order.encoding.description
+        if not description.set_pin:
+            return
+        template = self.order.card_template
+        if not template.transport_puk_file:
+            raise EncodingFailed(f"SetPIN=true in {self.order.encoding.source}, but card template {template.name!r} "
+                                 "names no transport_puk_file to authenticate the PIN change")
+        try:
+            transport_puk = (await asyncio.to_thread(pathlib.Path(template.transport_puk_file).read_text)).strip()
+        except OSError as exc:
+            raise EncodingFailed(f"card template {template.name!r}: transport PUK file: {exc.strerror}: "
+                                 f"{template.transport_puk_file}") from None
+        new_puk = str(self.order.fields.get(description.initial_puk_field or "", ""))
+        pin, self.user_pin = self.user_pin, ""     # InitPIN runs logged in as SO, not as user
+        await self._step("set_pins", cards.SetPins(new_user_pin=pin, new_so_pin=new_puk), so_pin=transport_puk)
+        self.user_pin = pin
+        self._tell("user PIN set" + (" and PUK" if new_puk else ""))
+
+    async def _application(self, app: Application) -> None:
+        if app.is_recovery:
+            await self._recover(app)
+        elif app.issues_certificate:
+            await self._issue(app)
+        if app.data_object:
+            label, _, value = app.data_object.partition(":")
+            await self._step(f"write_data_object:{app.name}", cards.WriteDataObject(
+                "cardline", label.strip(), value.strip().encode()))
+            self._tell(f"data object {label.strip()!r} written ({app.name})")
+        apdus = app.apdus
+        if app.apdu_script_field:
+            try:
+                apdus = parse_apdu_script(str(self.order.fields[app.apdu_script_field]))
+            except ValueError as exc:
+                raise InvalidArgument(f"{app.name}: field {app.apdu_script_field}: {exc}") from None
+        if apdus:
+            await self._step(f"apdu_script:{app.name}", cards.RunApduScript(tuple(apdus)))
+            self._tell(f"APDU script of {len(apdus)} commands run ({app.name})")
+
+    async def _issue(self, app: Application) -> None:
+        template = self.s.templates.certificate(app.certificate_template)
+        key_type = app.generate_key_pair or template.key_type
+        label = app.key_label or template.name
+        key_id = os.urandom(16)
+        private_key = None
+        if app.archive_key:                 # generated here, archived, then imported onto the card
+            private_key = await asyncio.to_thread(generate_key, key_type)
+            csr_der = await asyncio.to_thread(_local_csr, private_key, self.order.subject)
+            self._tell(f"key pair {key_type.value} generated for archival ({label})")
+        else:
+            generated = await self._step(f"generate_key_pair:{label}", cards.GenerateKeyPair(
+                key_type, label, key_id, csr_subject=self.order.subject))
+            assert isinstance(generated, cards.GeneratedKey)
+            check_proof_of_possession(generated)
+            csr_der = generated.csr_der
+            self._tell(f"key pair {key_type.value} generated on the card ({label})")
+
+        await self._boundary("before_issue")
+        ca = self.s.cas[template.ca]
+        profile = IssueProfile(validity_days=template.validity_days, key_usage=frozenset(template.key_usage),
+                               extended_key_usage=tuple(template.extended_key_usage))
+        request_id = f"{self.task_id}:{self.step_number}:{app.name}"
+        der = await asyncio.to_thread(ca.issue, csr_der, profile, request_id)
+        await self._boundary("after_issue")
+        archived = None
+        if private_key is not None:
+            # Sealed under the key-encryption key before anything is stored, bound to this
+            # certificate (issuer and serial) so the blob opens for no other one.
+            cert = x509.load_der_x509_certificate(der)
+            archived = await asyncio.to_thread(self.s.key_archive.seal, private_key,
+                                               archive_binding(cert.issuer.rfc4514_string(), format(cert.serial_number, "x")))
+        # C1: committed in the internal issued state before the card is asked to store it.
+        record = await self._db(self.s.store.store_issued_certificate, self.task_id, der, template.name, ca.name,
+                                template.internal_issued_state, archived_key=archived)
+        self.issued[record.id] = template
+        if app.return_field:                 # C13: set after success and after failure alike
+            self.return_fields[app.return_field] = CoreObjectDescriptor(CERTIFICATE, template.name, record.id)
+        self._tell(f"certificate {record.serial_hex} issued by {ca.name}, stored as {record.state}")
+        await self._relate(app, record.id)
+        if app.revoke_on_issue:             # C6: held at the CA; the store state still follows C1/C2
+            await asyncio.to_thread(ca.revoke, record.serial, "certificateHold")
+            await self._db(self.s.store.record_audit, "revoke_on_issue", CERTIFICATE, record.id, "card_task",
+                           {"task_id": self.task_id, "reason": "certificateHold", "ca": ca.name})
+            self._tell(f"certificate {record.serial_hex} put on hold at {ca.name} (revokeOnIssue)")
+        await self._boundary("after_store")
+
+        if private_key is None:
+            await self._step(f"write_certificate:{label}", cards.WriteCertificates(
+                (cards.CertificateObject(key_id, label, der),)))
+        else:
+            await self._step(f"import_key_pair:{label}", cards.ImportKeyPair(
+                key_id, label, _pkcs8(private_key), der))
+        self._tell(f"certificate {record.serial_hex} written next to its key ({label})")
+        await self._boundary("after_write")
+
+    async def _recover(self, app: Application) -> None:
+        """C7: an archived certificate and its key written to this card; never stored again,
+        its state untouched; related per CreateObjectRelation; no return field."""
+        value = self.order.fields.get(app.recover_certificate_field)
+        descriptor = value if isinstance(value, CoreObjectDescriptor) else None
+        if descriptor is None or descriptor.type != CERTIFICATE:
+            raise InvalidArgument(f"{app.name}: field {app.recover_certificate_field} must hold a certificate's "
+                                  f"CoreObjectDescriptor, not {type(value).__name__}")
+        record = await self._db(self.s.store.get_certificate, descriptor.id)
+        archived = await self._db(self.s.store.get_archived_key, record.id)
+        pkcs8 = await asyncio.to_thread(self.s.key_archive.open, archived.kek_id, archived.algorithm,
+                                        archived.wrapped_key, archive_binding(record.issuer, record.serial_hex))
+        label = app.key_label or record.template
+        await self._step(f"recover_certificate:{label}", cards.ImportKeyPair(os.urandom(16), label, pkcs8, record.der))
+        await self._relate(app, record.id)
+        await self._db(self.s.store.record_audit, "recover", CERTIFICATE, record.id, "card_task",
+                       {"task_id": self.task_id, "card_id": self.card_id})
+        self._tell(f"certificate {record.serial_hex} recovered onto the card ({label})")
+
+
+def archive_binding(issuer: str, serial_hex: str) -> str:
+    """What an archived key is bound to: its certificate's issuer and serial."""
+    return f"{issuer}|{serial_hex}"
+
+
+def check_proof_of_possession(generated: cards.GeneratedKey) -> None:
+    """The request must be signed by the key the card just generated."""
+    try:
+        csr = x509.load_der_x509_csr(generated.csr_der)
+    except ValueError as exc:
+        raise CsrInvalid(f"the card returned no valid certificate request: {exc}") from None
+    if not csr.is_signature_valid:
+        raise CsrInvalid("the certificate request's signature does not verify")
+    spki = csr.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if spki != generated.public_key_der:
+        raise CsrInvalid("the certificate request carries another key than the one generated on the card")
+
+
+def _local_csr(private_key, subject: str) -> bytes:
+    return (x509.CertificateSigningRequestBuilder().subject_name(x509.Name.from_rfc4514_string(subject))
+            .sign(private_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+
+
+def _pkcs8(private_key) -> bytes:
+    return private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())

@@ -1,0 +1,246 @@
+"""Process instances: a process definition's tasks run in order on a stored process map,
+the on_error path when one fails. PINs and PUKs (secret inputs) pass through to the card
+tasks and are never stored."""
+from __future__ import annotations
+
+import asyncio
+from collections import ChainMap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from orchestrator.domain.processes import (CardOperationTask, CardProductionTask, ChangeStateInCaTask,
+                                           ChangeStateTask, CoreObjectDescriptor, ExpressionError,
+                                           HandleIssuedTask, ProcessDefinition, ProcessMap, ReaderSpec,
+                                           TaskDefinition, render, variable_of)
+from orchestrator.domain.state_graphs import IllegalMove
+from orchestrator.domain.templates import CardTemplate
+from orchestrator.services.card_tasks import OPERATION, PRODUCTION, CardTaskOrder, CardTaskService, Progress
+from orchestrator.services.certificates import CertificateService
+from orchestrator.services.configuration import Configuration
+from orchestrator.services.pool import ReaderSelector
+from orchestrator.store.records import CARD, CERTIFICATE, ProcessInstanceRecord
+from orchestrator.store.store import Store
+from shared.errors import (CardlineError, EncodingFailed, IllegalTransition, InvalidArgument, NotFound,
+                           from_reason)
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessProgress:
+    instance_id: str
+    task_index: int
+    task_type: str
+    message: str
+    on_error: bool = False
+    instance: ProcessInstanceRecord | None = None
+
+
+ProcessProgressSink = Callable[[ProcessProgress], None]
+
+
+def selector_of(spec: ReaderSpec) -> ReaderSelector:
+    return ReaderSelector(gateway_id=spec.gateway or "", reader_id=spec.reader or "", kind=spec.kind,
+                          site=spec.site or "", labels=dict(spec.labels))
+
+
+class ProcessService:
+    def __init__(self, store: Store, configuration: Configuration, card_tasks: CardTaskService,
+                 certificates: CertificateService) -> None:
+        self.store = store
+        self.configuration = configuration
+        self.card_tasks = card_tasks
+        self.certificates = certificates
+
+    def definition(self, name: str) -> ProcessDefinition:
+        try:
+            return self.configuration.processes[name]
+        except KeyError:
+            known = ", ".join(sorted(self.configuration.processes)) or "none"
+            raise NotFound(f"no process {name!r} (known: {known})", process=name) from None
+
+    async def start(self, name: str, inputs: Mapping[str, object],
+                    progress: ProcessProgressSink = lambda p: None) -> ProcessInstanceRecord:
+        definition = self.definition(name)
+        try:
+            process_map, secrets = definition.split_inputs(inputs)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), field="inputs") from None
+        instance = await asyncio.to_thread(self.store.create_process_instance, name, process_map.to_dict())
+        run = _ProcessRun(self, definition, instance.id, process_map, secrets, progress)
+        return await run.execute()
+
+
+class _ProcessRun:
+    def __init__(self, service: ProcessService, definition: ProcessDefinition, instance_id: str,
+                 process_map: ProcessMap, secrets: dict[str, str], progress: ProcessProgressSink) -> None:
+        self.s = service
+        self.definition = definition
+        self.instance_id = instance_id
+        self.process_map = process_map
+        self.secrets = secrets
+        self.progress = progress
+        self.actor = f"process:{definition.name}:{instance_id}"
+        self.on_error = False
+
+    def _tell(self, index: int, task: TaskDefinition, message: str) -> None:
+        self.progress(ProcessProgress(self.instance_id, index, task.type, message, self.on_error))
+
+    async def _save_map(self) -> None:
+        await asyncio.to_thread(self.s.store.update_process_map, self.instance_id, self.process_map.to_dict())
+
+    async def execute(self) -> ProcessInstanceRecord:
+        error: CardlineError | None = None
+        for index, task in enumerate(self.definition.tasks):
+            try:
+                await self._run_task(index, task)
+            except CardlineError as exc:
+                error = exc
+                self._tell(index, task, f"{task.type} failed: {exc.reason}: {exc.message}")
+                break
+            finally:
+                await self._save_map()
+        if error is not None:
+            self.on_error = True
+            offset = len(self.definition.tasks)
+            for index, task in enumerate(self.definition.on_error, start=offset):
+                try:
+                    await self._run_task(index, task)
+                except CardlineError as exc:   # the error path goes on: every handler gets its chance
+                    log.warning("on_error task failed", instance=self.instance_id, task=task.type, reason=exc.reason)
+                    self._tell(index, task, f"{task.type} failed: {exc.reason}: {exc.message}")
+                finally:
+                    await self._save_map()
+        instance = await asyncio.to_thread(
+            self.s.store.finish_process_instance, self.instance_id, "FAILED" if error else "SUCCEEDED",
+            error.reason if error else None, error.message if error else None, self.process_map.to_dict())
+        self.progress(ProcessProgress(self.instance_id, len(self.definition.tasks), "", (
+            f"process {self.definition.name} failed: {error.message}" if error
+            else f"process {self.definition.name} succeeded"), self.on_error, instance))
+        return instance
+
+    # --- values ------------------------------------------------------------------------
+
+    def _scope(self) -> Mapping[str, object]:
+        return ChainMap(self.secrets, self.process_map)
+
+    def _read(self, variable: str) -> object:
+        if variable not in self.process_map or self.process_map[variable] is None:
+            raise InvalidArgument(f"process variable {variable!r} has no value", variable=variable)
+        return self.process_map[variable]
+
+    def _descriptors(self, variable: str, kind: str) -> list[CoreObjectDescriptor]:
+        value = self._read(variable)
+        values = value if isinstance(value, list) else [value]
+        found = [v for v in values if isinstance(v, CoreObjectDescriptor) and v.type == kind]
+        if len(found) != len(values):
+            raise InvalidArgument(f"process variable {variable!r} must hold {kind} descriptors", variable=variable)
+        return found
+
+    def _render(self, template: str) -> str:
+        try:
+            return render(template, self._scope())
+        except ExpressionError as exc:
+            raise InvalidArgument(str(exc)) from None
+
+    # --- tasks -------------------------------------------------------------------------
+
+    async def _run_task(self, index: int, task: TaskDefinition) -> None:
+        match task:
+            case CardProductionTask() | CardOperationTask():
+                await self._card_task(index, task)
+            case ChangeStateTask():
+                await self._change_state(index, task)
+            case ChangeStateInCaTask():
+                for d in self._descriptors(task.certificates, CERTIFICATE):
+                    record = await asyncio.to_thread(self.s.certificates.change_state_in_ca, d.id, task.state,
+                                                     task.reason, self.actor)
+                    self._tell(index, task, f"certificate {record.serial_hex} is {record.state} (through its CA)")
+            case HandleIssuedTask():
+                await self._handle_issued(index, task)
+            case _:
+                raise InvalidArgument(f"task type {task.type!r} cannot run")
+
+    async def _card_task(self, index: int, task: CardProductionTask | CardOperationTask) -> None:
+        config = self.s.configuration
+        card_template = config.templates.card(task.card_template) if task.card_template else None
+        encoding_name = task.encoding if isinstance(task, CardOperationTask) and task.encoding else \
+            (card_template.encoding if card_template else "")
+        encoding = config.encodings.get(encoding_name)
+        if encoding is None:
+            raise EncodingFailed(f"{self.definition.source}:{task.line}: no encoding description {encoding_name!r}")
+        card_id = None
+        if task.card and isinstance(task, CardOperationTask):
+            value = self.process_map.get(task.card)
+            if isinstance(value, CoreObjectDescriptor) and value.type == CARD:
+                card_id = value.id                  # C8: the operation works on the card of the process map
+                if card_template is None:
+                    card_template = config.templates.card((await asyncio.to_thread(self.s.store.get_card, card_id)).template)
+        if card_template is None:            # an operation on a card the store does not know
+            card_template = CardTemplate(name="")
+        return_fields = set(encoding.return_fields())
+        fields: dict[str, object] = {}
+        for name, expr in task.fields.items():
+            if name in return_fields:
+                continue                            # written after the task, not read
+            variable = variable_of(expr)
+            fields[name] = self._scope().get(variable) if variable else self._render(expr)
+        subject = self._render(task.subject) if task.subject else f"CN={self.definition.name} {self.instance_id[:8]}"
+        order = CardTaskOrder(PRODUCTION if isinstance(task, CardProductionTask) else OPERATION, card_template,
+                              encoding, selector_of(task.reader), subject, fields, card_id,
+                              process_instance_id=self.instance_id, task_index=index)
+
+        def relay(p: Progress) -> None:
+            if p.task is None:
+                self._tell(index, task, p.message)
+
+        outcome = await self.s.card_tasks.run(order, relay)
+        # C13: the generated certificates' descriptors go to the process map, also on failure
+        # so that the error path can handle them.
+        for field_name, descriptor in outcome.return_fields.items():
+            self.process_map[variable_of(task.fields[field_name])] = descriptor
+        if isinstance(task, CardProductionTask) and task.card and outcome.card:
+            self.process_map[task.card] = outcome.card
+        if not outcome.succeeded:
+            raise from_reason(outcome.task.error_reason or "INTERNAL", outcome.task.error_message or "card task failed")
+        self._tell(index, task, f"{task.type} succeeded (task {outcome.task.id})")
+
+    async def _change_state(self, index: int, task: ChangeStateTask) -> None:
+        if task.certificates:
+            for d in self._descriptors(task.certificates, CERTIFICATE):
+                record = await asyncio.to_thread(self.s.certificates.change_state, d.id, task.state, task.reason,
+                                                 self.actor)
+                self._tell(index, task, f"certificate {record.serial_hex} is {record.state}")
+            return
+        for d in self._descriptors(task.card, CARD):
+            card = await asyncio.to_thread(self.s.store.get_card, d.id)
+            template = self.s.configuration.templates.card(card.template)
+            graph = self.s.configuration.graphs[template.state_graph]
+            try:
+                graph.require_move(card.state, task.state, task.reason)
+            except IllegalMove as exc:
+                raise IllegalTransition(str(exc), card_id=card.id) from None
+            card = await asyncio.to_thread(self.s.store.change_card_state, card.id, task.state, from_state=card.state,
+                                           actor=self.actor, action="change_state", reason=task.reason)
+            self._tell(index, task, f"card {card.serial} is {card.state}")
+
+    async def _handle_issued(self, index: int, task: HandleIssuedTask) -> None:
+        if task.certificates:
+            value = self.process_map.get(task.certificates)
+            if value is None:        # the task that would have written it never ran: nothing to handle
+                self._tell(index, task, f"no certificate in {task.certificates!r}: nothing to handle")
+                return
+            ids = [d.id for d in self._descriptors(task.certificates, CERTIFICATE)]
+        else:                        # every certificate of this instance still in the internal issued state
+            records = await asyncio.to_thread(self.s.store.list_certificates,
+                                              state=self.s.configuration.templates.internal_issued_state,
+                                              process_instance_id=self.instance_id)
+            ids = [r.id for r in records]
+        results = await asyncio.to_thread(self.s.certificates.handle_issued, ids, revoke_reason=task.revoke_reason,
+                                          target_state=task.target_state, actor=self.actor)
+        for r in results:
+            self._tell(index, task, f"certificate {r.serial_hex}: " + (
+                f"error {r.error}" if getattr(r, "error", None) else
+                f"skipped ({r.skipped})" if getattr(r, "skipped", None) else
+                f"{'revoked, ' if r.revoked else ''}{r.state}"))

@@ -1,0 +1,434 @@
+"""The founding document's rules, run as processes on real SoftHSM2 tokens through a
+gateway process, with a real store and the local CA (rules C1–C13; C14/C15 and C17 also
+have unit and store-level tests of their own)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+import shutil
+import subprocess
+import textwrap
+
+import pytest
+from cryptography import x509
+
+from gateway.drivers import softhsm_setup
+from orchestrator import app as orchestrator_app
+from orchestrator.domain.processes import CoreObjectDescriptor
+from shared import config
+from shared.errors import ConfigurationError
+from tests.support.processes import gateway_process
+
+pytestmark = pytest.mark.hardware
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
+PIN, PUK = "246810", "12345678"      # PUK: the SO PIN the softhsm_token fixture gives its tokens
+
+
+def config_dir(tmp_path: pathlib.Path, encodings: dict[str, str] | None = None,
+               processes: dict[str, str] | None = None) -> pathlib.Path:
+    """The examples plus the test's own encodings and processes."""
+    target = tmp_path / "config"
+    shutil.copytree(EXAMPLES, target)
+    for name, text in (encodings or {}).items():
+        (target / "encodings" / f"{name}.ini").write_text(textwrap.dedent(text))
+    for name, text in (processes or {}).items():
+        (target / "processes" / f"{name}.yaml").write_text(text)
+    (target / "secrets").mkdir()
+    (target / "secrets" / "transport-puk").write_text(PUK + "\n")     # the blank tokens' SO PIN
+    return target
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: pathlib.Path, token, config: pathlib.Path, *, extra_tokens: int = 0, boundary=None):
+    """An in-process orchestrator (so tests can look into its store and hook its step
+    boundaries) and a gateway process holding `token` (plus `extra_tokens` more cards)."""
+    serials = [token.serial] + [softhsm_setup.init_token(token.conf_path, f"{token.label}-{i}", PUK, token.user_pin)
+                                for i in range(extra_tokens)]
+    settings = config_load(tmp_path, config)
+    orch = await orchestrator_app.start(settings, boundary=boundary)
+    try:
+        with contextlib.ExitStack() as stack:
+            await asyncio.to_thread(stack.enter_context, gateway_process(
+                orch.address, "station-1", tmp_path / "gateway", pkcs11_module=token.module_path,
+                env={**token.env, "CARDLINE_GATEWAY_SITE": "hq"}))
+            for _ in range(100):
+                if {p.reader.token_serial for p in orch.pool.list()} >= set(serials):
+                    break
+                await asyncio.sleep(0.1)
+            readers = {p.reader.token_serial: p.reader.reader_id for p in orch.pool.list()}
+            yield orch, [readers[s] for s in serials]
+    finally:
+        await orch.stop()
+
+
+def config_load(tmp_path, config_path, **overrides):
+    return config.load(config.OrchestratorSettings, listen="127.0.0.1:0", data_dir=tmp_path / "orchestrator",
+                       config_dir=config_path, step_timeout_s=30, **overrides)
+
+
+def start(orch, process: str, **inputs):
+    return orch.processes.start(process, inputs)
+
+
+def produce_process(name: str, reader_id: str, *, card_template: str = "EmployeeCard", fields: str = "",
+                    on_error: str = "") -> str:
+    """A card_production process on one reader; `fields` adds one field mapping line."""
+    extra = f"\n      {fields}" if fields else ""
+    return (f"name: {name}\n"
+            "inputs: [person, pin]\n"
+            "secret_inputs: [pin]\n"
+            "tasks:\n"
+            "  - type: card_production\n"
+            f"    card_template: {card_template}\n"
+            f"    reader: {{reader: \"{reader_id}\"}}\n"
+            "    subject: \"CN=${person},O=Example\"\n"
+            "    fields:\n"
+            f"      USER_PIN: \"${{pin}}\"{extra}\n"
+            "    card: \"${card}\"\n") + on_error
+
+
+def reader_of(token) -> str:
+    return f"pkcs11:softhsm2:{token.serial}"
+
+
+def count(db: pathlib.Path, table: str) -> int:
+    import sqlite3
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        return con.execute(f"select count(*) from {table}").fetchone()[0]
+
+
+def crl_entries(orch) -> dict[int, str]:
+    crl = x509.load_der_x509_crl(orch.cas["local"].crl_der())
+    out = {}
+    for entry in crl:
+        try:
+            out[entry.serial_number] = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason.name
+        except x509.ExtensionNotFound:
+            out[entry.serial_number] = "unspecified"
+    return out
+
+
+def pull_token_after_second_store(token):
+    """Boundary hook: the card goes away after the second certificate was stored."""
+    stored = []
+
+    async def hook(name, task_id):
+        if name == "after_store":
+            stored.append(task_id)
+            if len(stored) == 2:
+                await asyncio.to_thread(softhsm_setup.delete_token, token.conf_path, token.serial)
+    return hook
+
+
+# --- C1, C2, C8, C10, C12, C13 on success -----------------------------------------------------
+
+def test_c2_c8_c12_c13_production_process_success(tmp_path, softhsm_token):
+    cfg = config_dir(tmp_path, processes={"produce": produce_process(
+        "produce", reader_of(softhsm_token), fields='GeneratedCertApp_A: "${theGeneratedCertificate}"')})
+
+    async def body():
+        async with running(tmp_path, softhsm_token, cfg) as (orch, _readers):
+            instance = await start(orch, "produce", person="Jane Doe", pin=PIN)
+            certs = orch.store.list_certificates(process_instance_id=instance.id)
+            return orch, instance, certs
+
+    orch, instance, certs = asyncio.run(body())
+    assert instance.state == "SUCCEEDED", instance.error_message
+    card = CoreObjectDescriptor.from_dict(instance.process_map["card"])           # C8: a card object was made
+    generated = CoreObjectDescriptor.from_dict(instance.process_map["theGeneratedCertificate"])   # C13
+    assert "pin" not in instance.process_map and "puk" not in instance.process_map and PIN not in str(instance)
+    assert {c.state for c in certs} == {"Active"}                                 # C2
+    assert generated.type == "Certificate" and generated.id in {c.id for c in certs}
+    relations = {r.target_id: r.relation_type for r in orch.store.list_relations(source_id=card.id)}
+    by_template = {c.template: c.id for c in certs}
+    assert relations == {by_template["EmployeeAuthentication"]: "HAS_A",          # C12: ObjectRelationType
+                         by_template["EmployeeSignature"]: "HAS_CERTIFICATE"}     # C12: configured default
+    assert orch.store.get_card(card.id).state == "Active"
+
+
+def test_c12_configured_default_relation_type(tmp_path, softhsm_token):
+    cfg = config_dir(tmp_path, processes={"produce": produce_process(
+        "produce", reader_of(softhsm_token), fields='GeneratedCertApp_A: "${theGeneratedCertificate}"')})
+
+    async def body():
+        settings = config_load(tmp_path, cfg, default_relation_type="OWNS")
+        orch = await orchestrator_app.start(settings)
+        await orch.stop()
+        return orch.card_tasks.default_relation_type
+
+    assert asyncio.run(body()) == "OWNS"
+
+
+# --- C3, C9, C13, C5 on failure ---------------------------------------------------------------
+
+ON_ERROR_HANDLE = """\
+on_error:
+  - type: handle_issued
+    certificates: "${theGeneratedCertificate}"
+    revoke_reason: cessationOfOperation
+    target_state: Revoked
+"""
+
+
+def test_c9_always_relation_survives_failed_encoding_and_c13_return_field_set(tmp_path, softhsm_token):
+    cfg = config_dir(tmp_path, processes={"produce": produce_process(
+        "produce", reader_of(softhsm_token), fields='GeneratedCertApp_A: "${theGeneratedCertificate}"')})
+
+    async def body():
+        async with running(tmp_path, softhsm_token, cfg, boundary=pull_token_after_second_store(softhsm_token)) \
+                as (orch, _):
+            instance = await start(orch, "produce", person="Jane Doe", pin=PIN)
+            return orch, instance, orch.store.list_certificates(process_instance_id=instance.id)
+
+    orch, instance, certs = asyncio.run(body())
+    assert instance.state == "FAILED"
+    assert {c.state for c in certs} == {"Issued"}                                   # C3
+    generated = CoreObjectDescriptor.from_dict(instance.process_map["theGeneratedCertificate"])   # C13 after failure
+    card = CoreObjectDescriptor.from_dict(instance.process_map["card"])
+    relations = orch.store.list_relations(source_id=card.id)
+    assert [(r.target_id, r.relation_type) for r in relations] == [(generated.id, "HAS_A")]  # C9 always; C10 none
+    hits = orch.certificates.search_issued(card_id=card.id)                          # C4: found with the error
+    assert {h.descriptor.id for h in hits} == {c.id for c in certs}
+    assert {h.task_error_reason for h in hits} == {instance.error_reason}
+
+
+def test_c5_on_error_path_handles_the_generated_certificate(tmp_path, softhsm_token):
+    cfg = config_dir(tmp_path, processes={"produce": produce_process(
+        "produce", reader_of(softhsm_token), fields='GeneratedCertApp_A: "${theGeneratedCertificate}"',
+        on_error=ON_ERROR_HANDLE)})
+
+    async def body():
+        async with running(tmp_path, softhsm_token, cfg, boundary=pull_token_after_second_store(softhsm_token)) \
+                as (orch, _):
+            instance = await start(orch, "produce", person="Jane Doe", pin=PIN)
+            return orch, instance, orch.store.list_certificates(process_instance_id=instance.id)
+
+    orch, instance, certs = asyncio.run(body())
+    assert instance.state == "FAILED"
+    generated = CoreObjectDescriptor.from_dict(instance.process_map["theGeneratedCertificate"])
+    states = {c.id: c.state for c in certs}
+    assert states.pop(generated.id) == "Revoked"                       # handled in the error path
+    assert set(states.values()) == {"Issued"}                          # the other one: no automatic handling
+    serial = orch.store.get_certificate(generated.id).serial
+    assert crl_entries(orch)[serial] == "cessation_of_operation"
+    actions = [a.action for a in orch.store.list_audit(object_id=generated.id)]
+    assert set(actions) == {"handle_issued"} and len(actions) >= 2      # revocation and moves, audited
+
+
+# --- C8, C9, C10, C11: card operations ---------------------------------------------------------
+
+OPERATION_ENCODING = """\
+    [Encoding]
+    Type=Chip
+
+    [Fields]
+    USER_PIN=
+    NewCert=
+
+    [Description]
+    PIN=USER_PIN
+
+    [Application_A]
+    GenerateKeyPair=EC_P256
+    CertificateTemplate=EmployeeAuthentication
+    CreateObjectRelation={relation}
+    CertCoreObjectDescriptorReturnField=NewCert
+"""
+
+
+def operation_process(reader_id: str, with_card: bool) -> str:
+    return ("name: operate\n"
+            f"inputs: {'[card, pin]' if with_card else '[pin]'}\n"
+            "secret_inputs: [pin]\n"
+            "tasks:\n"
+            "  - type: card_operation\n"
+            "    encoding: operation\n"
+            f"    reader: {{reader: \"{reader_id}\"}}\n"
+            "    subject: \"CN=Operator Test\"\n"
+            "    fields: {USER_PIN: \"${pin}\", NewCert: \"${newCert}\"}\n"
+            + ("    card: \"${card}\"\n" if with_card else ""))
+
+
+@pytest.mark.parametrize("relation", ["always", "success", "never"])
+def test_c8_c9_c10_c11_card_operation_on_card_of_process_map(tmp_path, softhsm_token, relation):
+    cfg = config_dir(tmp_path, encodings={"operation": OPERATION_ENCODING.format(relation=relation)},
+                     processes={"produce": produce_process("produce", reader_of(softhsm_token),
+                                                           fields='GeneratedCertApp_A: "${x}"'),
+                                "operate": operation_process(reader_of(softhsm_token), with_card=True)})
+
+    async def body():
+        async with running(tmp_path, softhsm_token, cfg) as (orch, _):
+            produced = await start(orch, "produce", person="Jane Doe", pin=PIN)
+            card = CoreObjectDescriptor.from_dict(produced.process_map["card"])
+            cards_before = count(tmp_path / "orchestrator" / "cardline.db", "cards")
+            operated = await start(orch, "operate", card=card, pin=PIN)
+            cards_after = count(tmp_path / "orchestrator" / "cardline.db", "cards")
+            return orch, card, operated, cards_before, cards_after
+
+    orch, card, operated, cards_before, cards_after = asyncio.run(body())
+    assert operated.state == "SUCCEEDED", operated.error_message
+    assert cards_after == cards_before                                   # C8: an operation makes no card
+    new = CoreObjectDescriptor.from_dict(operated.process_map["newCert"])
+    related = {r.target_id for r in orch.store.list_relations(source_id=card.id)}
+    assert (new.id in related) == (relation != "never")                 # C9/C10 relate, C11 never
+    assert orch.store.get_certificate(new.id).state == "Active"
+
+
+def test_c9_operation_without_card_fails_before_any_ca_request(tmp_path, softhsm_token):
+    cfg = config_dir(tmp_path, encodings={"operation": OPERATION_ENCODING.format(relation="always")},
+                     processes={"operate": operation_process(reader_of(softhsm_token), with_card=False)})
+
+    async def body():
+        async with running(tmp_path, softhsm_token, cfg) as (orch, _):
+            instance = await start(orch, "operate", pin=softhsm_token.user_pin)
+            return orch, instance
+
+    orch, instance = asyncio.run(body())
+    assert instance.state == "FAILED" and instance.error_reason == "ENCODING_FAILED"
+    assert "CreateObjectRelation=always" in instance.error_message
+    assert orch.cas["local"].issued_by_request() == {}                   # nothing was asked of the CA
+
+
+def test_c10_operation_without_card_creates_no_relation_and_succeeds(tmp_path, softhsm_token):
+    cfg = config_dir(tmp_path, encodings={"operation": OPERATION_ENCODING.format(relation="success")},
+                     processes={"operate": operation_process(reader_of(softhsm_token), with_card=False)})
+
+    async def body():
+        async with running(tmp_path, softhsm_token, cfg) as (orch, _):
+            instance = await start(orch, "operate", pin=softhsm_token.user_pin)
+            return orch, instance
+
+    orch, instance = asyncio.run(body())
+    assert instance.state == "SUCCEEDED", instance.error_message
+    new = CoreObjectDescriptor.from_dict(instance.process_map["newCert"])
+    assert orch.store.list_relations(target_id=new.id) == []
+    assert orch.store.get_certificate(new.id).state == "Active"
+
+
+# --- C6 revokeOnIssue -------------------------------------------------------------------------
+
+def test_c6_revoke_on_issue_holds_at_ca_while_store_reaches_start_state(tmp_path, softhsm_token):
+    cfg = config_dir(tmp_path, encodings={"operation": OPERATION_ENCODING.format(relation="success").replace(
+        "CreateObjectRelation=success", "CreateObjectRelation=success\n    revokeOnIssue=true")},
+        processes={"operate": operation_process(reader_of(softhsm_token), with_card=False)})
+
+    async def body():
+        async with running(tmp_path, softhsm_token, cfg) as (orch, _):
+            instance = await start(orch, "operate", pin=softhsm_token.user_pin)
+            return orch, instance
+
+    orch, instance = asyncio.run(body())
+    assert instance.state == "SUCCEEDED", instance.error_message
+    cert = orch.store.get_certificate(CoreObjectDescriptor.from_dict(instance.process_map["newCert"]).id)
+    assert cert.state == "Active"                                        # the store follows C1/C2
+    assert crl_entries(orch)[cert.serial] == "certificate_hold"          # the CA holds it
+    assert any("change_state" in w and "revokeOnIssue" in w for w in orch.configuration.warnings)
+
+
+# --- C7 recovery ------------------------------------------------------------------------------
+
+RECOVERY_PROCESS = """\
+name: recover
+inputs: [old, pin]
+secret_inputs: [pin]
+tasks:
+  - type: card_operation
+    encoding: recover-only
+    reader: {{reader: "{reader}"}}
+    subject: "CN=Recovery"
+    fields: {{USER_PIN: "${{pin}}", OldEncryptionCert: "${{old}}"}}
+"""
+RECOVERY_ENCODING = """\
+    [Encoding]
+    Type=Chip
+
+    [Fields]
+    USER_PIN=
+    OldEncryptionCert=
+
+    [Description]
+    PIN=USER_PIN
+
+    [Application_A]
+    RecoverCertificate=OldEncryptionCert
+    KeyLabel=Encryption (previous)
+    CreateObjectRelation=never
+"""
+
+
+def test_c7_recovery_writes_archived_key_to_another_card_without_storing_again(tmp_path, softhsm_token):
+    archive_encoding = OPERATION_ENCODING.format(relation="success").replace(
+        "GenerateKeyPair=EC_P256\n    CertificateTemplate=EmployeeAuthentication",
+        "ArchiveKey=true\n    CertificateTemplate=EmployeeEncryption")
+    cfg = config_dir(tmp_path, encodings={"operation": archive_encoding, "recover-only": RECOVERY_ENCODING},
+                     processes={"operate": operation_process(reader_of(softhsm_token), with_card=False)})
+
+    async def body():
+        async with running(tmp_path, softhsm_token, cfg, extra_tokens=1) as (orch, readers):
+            archived = await start(orch, "operate", pin=softhsm_token.user_pin)
+            return orch, readers, archived
+
+    orch, readers, archived = asyncio.run(body())
+    assert archived.state == "SUCCEEDED", archived.error_message
+    old = CoreObjectDescriptor.from_dict(archived.process_map["newCert"])
+    assert orch.store.get_archived_key(old.id).wrapped_key                # the key is archived, sealed
+    second = readers[1]
+    (cfg / "processes" / "recover.yaml").write_text(RECOVERY_PROCESS.format(reader=second))
+
+    async def recover():
+        async with running(tmp_path, softhsm_token, cfg) as (orch2, _):
+            certs_before = count(tmp_path / "orchestrator" / "cardline.db", "certificates")
+            instance = await start(orch2, "recover", old=old, pin=softhsm_token.user_pin)
+            certs_after = count(tmp_path / "orchestrator" / "cardline.db", "certificates")
+            return orch2, instance, certs_before, certs_after
+
+    orch2, instance, before, after = asyncio.run(recover())
+    assert instance.state == "SUCCEEDED", instance.error_message
+    assert after == before                                               # C7: never stored again
+    record = orch2.store.get_certificate(old.id)
+    assert record.state == "Active"                                      # C7: state untouched
+    assert [a.action for a in orch2.store.list_audit(object_id=old.id)] == ["recover"]
+    listing = subprocess.run(["pkcs11-tool", "--module", softhsm_token.module_path, "--token-label",
+                              f"{softhsm_token.label}-0", "--login", "--pin", softhsm_token.user_pin, "--list-objects"],
+                             env=softhsm_token.env, capture_output=True, text=True, check=True).stdout
+    assert "Encryption (previous)" in listing and "Private Key Object" in listing
+
+
+# --- C13 and C14 at start-up --------------------------------------------------------------------
+
+def test_c13_return_field_mapped_to_literal_stops_start_up_with_process_line(tmp_path):
+    cfg = config_dir(tmp_path, processes={"produce": produce_process(
+        "produce", "pkcs11:softhsm2:none", fields='GeneratedCertApp_A: "theGeneratedCertificate"')})
+    with pytest.raises(ConfigurationError) as err:
+        asyncio.run(orchestrator_app.start(config_load(tmp_path, cfg)))
+    assert "produce.yaml:" in str(err.value) and "GeneratedCertApp_A" in str(err.value)
+
+
+def test_c14_custom_internal_issued_state_end_to_end(tmp_path, softhsm_token):
+    cfg = config_dir(tmp_path, processes={"produce": produce_process(
+        "produce", reader_of(softhsm_token), fields='GeneratedCertApp_A: "${theGeneratedCertificate}"')})
+    for path in [cfg / "state-graphs" / "certificate.yaml", *(cfg / "templates").glob("*.yaml")]:
+        path.write_text(path.read_text().replace("Issued", "MyCustomState"))
+
+    with pytest.raises(ConfigurationError) as err:          # configured "Issued", files say MyCustomState
+        asyncio.run(orchestrator_app.start(config_load(tmp_path, cfg)))
+    assert str(err.value).count("\n") >= 2                  # every violation listed, not only the first
+
+    async def body():
+        settings = config_load(tmp_path, cfg, certificate_internal_issued_state="MyCustomState")
+        orch = await orchestrator_app.start(settings, boundary=pull_token_after_second_store(softhsm_token))
+        try:
+            with contextlib.ExitStack() as stack:
+                await asyncio.to_thread(stack.enter_context, gateway_process(
+                    orch.address, "station-1", tmp_path / "gateway", pkcs11_module=softhsm_token.module_path,
+                    env=softhsm_token.env))
+                while not orch.pool.list():
+                    await asyncio.sleep(0.1)
+                return orch, await start(orch, "produce", person="Jane Doe", pin=PIN)
+        finally:
+            await orch.stop()
+
+    orch, instance = asyncio.run(body())
+    assert instance.state == "FAILED"
+    assert {c.state for c in orch.store.list_certificates(process_instance_id=instance.id)} == {"MyCustomState"}
