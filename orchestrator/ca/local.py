@@ -42,7 +42,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from orchestrator.ca.base import REVOCATION_REASONS, IssueProfile, revocation_reason
-from shared.errors import CaRefused, ConfigurationError, CsrInvalid, InvalidArgument
+from shared.errors import CaRefused, CaUnavailable, ConfigurationError, CsrInvalid, InvalidArgument
+from shared.logging import get_logger
+
+log = get_logger(__name__)
 
 PASSPHRASE_ENV = "CARDLINE_CA_PASSPHRASE_FILE"
 CA_VALIDITY = dt.timedelta(days=3650)
@@ -205,9 +208,18 @@ class LocalCa:
             record = {"request_id": request_id, "serial_hex": serial_hex,
                       "issued_at": _now().isoformat(), "certificate": pem}
             # The request record first: once it exists the issuance is on record and
-            # find_issued finds it; the by-serial index can be rebuilt from it.
-            _write_atomic(self._request_path(request_id), json.dumps(record, indent=1).encode())
-            _write_atomic(self._issued / f"{serial_hex}.pem", pem.encode())
+            # find_issued finds it; the by-serial index can be rebuilt from it. A certificate
+            # the CA could not record is never handed out.
+            try:
+                _write_atomic(self._request_path(request_id), json.dumps(record, indent=1).encode())
+            except OSError as exc:
+                raise CaUnavailable(f"the CA could not record the issuance: {exc.strerror}: {exc.filename}",
+                                    request_id=request_id) from None
+            try:
+                _write_atomic(self._issued / f"{serial_hex}.pem", pem.encode())
+            except OSError:
+                log.warning("serial index not written; rebuilt from the request records at start-up",
+                            serial=serial_hex)
             return cert.public_bytes(serialization.Encoding.DER)
 
     def find_issued(self, request_id: str) -> bytes | None:

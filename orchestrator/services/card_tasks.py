@@ -215,7 +215,10 @@ class _CardTaskRun:
             await self._db(store.finish_task_succeeded, self.task_id, self._internal_state(),
                            {cid: t.start_state for cid, t in self.issued.items()},
                            template.produced_state if order.type == PRODUCTION else None, self.success_relations)
-        except CardlineError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the task ends in a defined state
+            if not isinstance(exc, CardlineError):
+                log.exception("card task crashed", task_id=self.task_id)
+                exc = CardlineError(f"{type(exc).__name__}: {exc}")
             log.info("card task failed", task_id=self.task_id, reason=exc.reason, error=exc.message)
             # C3: certificates stay in the internal issued state, carrying the task's error.
             await self._db(store.finish_task_failed, self.task_id, exc.reason, exc.message,

@@ -45,6 +45,13 @@ def selector_of(spec: ReaderSpec) -> ReaderSelector:
                           site=spec.site or "", labels=dict(spec.labels))
 
 
+def _as_cardline_error(exc: Exception) -> CardlineError:
+    if isinstance(exc, CardlineError):
+        return exc
+    log.exception("process task crashed", error=type(exc).__name__)
+    return CardlineError(f"{type(exc).__name__}: {exc}")
+
+
 class ProcessService:
     def __init__(self, store: Store, configuration: Configuration, card_tasks: CardTaskService,
                  certificates: CertificateService) -> None:
@@ -95,9 +102,9 @@ class _ProcessRun:
         for index, task in enumerate(self.definition.tasks):
             try:
                 await self._run_task(index, task)
-            except CardlineError as exc:
-                error = exc
-                self._tell(index, task, f"{task.type} failed: {exc.reason}: {exc.message}")
+            except Exception as exc:  # noqa: BLE001 - the instance always ends in a defined state
+                error = _as_cardline_error(exc)
+                self._tell(index, task, f"{task.type} failed: {error.reason}: {error.message}")
                 break
             finally:
                 await self._save_map()
@@ -107,9 +114,11 @@ class _ProcessRun:
             for index, task in enumerate(self.definition.on_error, start=offset):
                 try:
                     await self._run_task(index, task)
-                except CardlineError as exc:   # the error path goes on: every handler gets its chance
-                    log.warning("on_error task failed", instance=self.instance_id, task=task.type, reason=exc.reason)
-                    self._tell(index, task, f"{task.type} failed: {exc.reason}: {exc.message}")
+                except Exception as exc:  # noqa: BLE001 - the error path goes on: every handler gets its chance
+                    failure = _as_cardline_error(exc)
+                    log.warning("on_error task failed", instance=self.instance_id, task=task.type,
+                                reason=failure.reason)
+                    self._tell(index, task, f"{task.type} failed: {failure.reason}: {failure.message}")
                 finally:
                     await self._save_map()
         instance = await asyncio.to_thread(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import subprocess
 
 import pytest
@@ -27,7 +28,7 @@ def pkcs11_tool(token, *args: str) -> str:
                           check=True).stdout
 
 
-async def produce_with_hook(tmp_path, token, hook):
+async def produce_with_hook(tmp_path, token, hook, subject: str = "CN=Rule Tester"):
     """Runs one production with `hook(boundary, task_id, orchestrator)` called at every boundary."""
     settings = config.load(config.OrchestratorSettings, listen="127.0.0.1:0", data_dir=tmp_path / "orchestrator",
                            step_timeout_s=20)
@@ -47,7 +48,7 @@ async def produce_with_hook(tmp_path, token, hook):
                 await asyncio.sleep(0.1)
             reader = next(p.reader for p in orch.pool.list() if p.reader.token_label == token.label)
             outcome = await orch.card_tasks.run(production_order(
-                orch.configuration.templates, ReaderSelector(reader_id=reader.reader_id), "CN=Rule Tester", ORDER,
+                orch.configuration.templates, ReaderSelector(reader_id=reader.reader_id), subject, ORDER,
                 token.user_pin))
             return orch, outcome.task
     finally:
@@ -117,4 +118,19 @@ def test_c3_write_refused_after_issuance_leaves_certificate_issued(tmp_path, sof
     assert task.state == "FAILED" and task.error_reason == "WRITE_REFUSED", task
     certs = orch.store.list_certificates(task_id=task.id)
     assert [c.state for c in certs] == ["Issued"]
+    assert "Certificate Object" not in pkcs11_tool(softhsm_token, "--list-objects", "--type", "cert")
+
+
+def test_c3_ca_failing_the_request_fails_the_task_and_stores_nothing(tmp_path, softhsm_token):
+    """The CA cannot record the issuance (its record directory is gone): it hands out no
+    certificate, the task fails with the CA's reason, the store holds nothing of it."""
+    async def hook(name, task_id, orch):
+        if name == "before_issue":
+            shutil.rmtree(orch.settings.data_dir / "ca" / "requests")
+
+    orch, task = asyncio.run(produce_with_hook(tmp_path, softhsm_token, hook))
+    assert task.state == "FAILED" and task.error_reason == "CA_UNAVAILABLE", task
+    assert orch.store.list_certificates(task_id=task.id) == []
+    assert orch.store.list_relations(source_id=task.card_id) == []
+    assert orch.store.get_card(task.card_id).state == "ProductionFailed"
     assert "Certificate Object" not in pkcs11_tool(softhsm_token, "--list-objects", "--type", "cert")

@@ -250,8 +250,20 @@ def operation_process(reader_id: str, with_card: bool) -> str:
             + ("    card: \"${card}\"\n" if with_card else ""))
 
 
-@pytest.mark.parametrize("relation", ["always", "success", "never"])
-def test_c8_c9_c10_c11_card_operation_on_card_of_process_map(tmp_path, softhsm_token, relation):
+def test_c8_c9_operation_on_card_of_process_map_relates_always(tmp_path, softhsm_token):
+    operate_on_produced_card(tmp_path, softhsm_token, "always")
+
+
+def test_c10_operation_on_card_of_process_map_relates_on_success(tmp_path, softhsm_token):
+    operate_on_produced_card(tmp_path, softhsm_token, "success")
+
+
+def test_c11_create_object_relation_never_makes_no_relation(tmp_path, softhsm_token):
+    operate_on_produced_card(tmp_path, softhsm_token, "never")
+
+
+def operate_on_produced_card(tmp_path, softhsm_token, relation: str) -> None:
+    """A card is produced, then a card operation runs on it (the card in the process map)."""
     cfg = config_dir(tmp_path, encodings={"operation": OPERATION_ENCODING.format(relation=relation)},
                      processes={"produce": produce_process("produce", reader_of(softhsm_token),
                                                            fields='GeneratedCertApp_A: "${x}"'),
