@@ -100,6 +100,61 @@ class OrchestratorServiceStub:
                 request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ChangeCertificateStateRequest.SerializeToString,
                 response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ChangeCertificateStateResponse.FromString,
                 _registered_method=True)
+        self.ListGateways = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrchestratorService/ListGateways',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListGatewaysRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListGatewaysResponse.FromString,
+                _registered_method=True)
+        self.WatchReaders = channel.unary_stream(
+                '/cardline.orchestrator.v1.OrchestratorService/WatchReaders',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WatchReadersRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReaderPoolEvent.FromString,
+                _registered_method=True)
+        self.AcquireLease = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrchestratorService/AcquireLease',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AcquireLeaseRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AcquireLeaseResponse.FromString,
+                _registered_method=True)
+        self.RenewLease = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrchestratorService/RenewLease',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.RenewLeaseResponse.FromString,
+                _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrchestratorService/ReleaseLease',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReleaseLeaseResponse.FromString,
+                _registered_method=True)
+        self.RunLeasedStep = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrchestratorService/RunLeasedStep',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.RunLeasedStepRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.RunLeasedStepResponse.FromString,
+                _registered_method=True)
+        self.CreateOrder = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrchestratorService/CreateOrder',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreateOrderRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreateOrderResponse.FromString,
+                _registered_method=True)
+        self.WatchOrder = channel.unary_stream(
+                '/cardline.orchestrator.v1.OrchestratorService/WatchOrder',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WatchOrderRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.OrderEvent.FromString,
+                _registered_method=True)
+        self.ListOrders = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrchestratorService/ListOrders',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListOrdersRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListOrdersResponse.FromString,
+                _registered_method=True)
+        self.ListCaRequests = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrchestratorService/ListCaRequests',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListCaRequestsRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListCaRequestsResponse.FromString,
+                _registered_method=True)
+        self.Reconcile = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrchestratorService/Reconcile',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReconcileRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReconcileResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -191,6 +246,79 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListGateways(self, request, context):
+        """The pool of all gateways (remote hardware pooling).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchReaders(self, request, context):
+        """The pool's readers now, then every change (card inserted, leased, busy, offline, ...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcquireLease(self, request, context):
+        """Leases a reader or token to the caller; it expires unless renewed within its ttl,
+        and ends when the caller's lease stream or the gateway goes away.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunLeasedStep(self, request, context):
+        """Runs one step (an APDU script, a PKCS#11 operation) on the leased reader, next to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateOrder(self, request, context):
+        """Production orders: N cards spread over every matching reader.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchOrder(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOrders(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCaRequests(self, request, context):
+        """The CA request journal (rule C16): requests not settled yet, and a reconciliation now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reconcile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -258,6 +386,61 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ChangeCertificateState,
                     request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ChangeCertificateStateRequest.FromString,
                     response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ChangeCertificateStateResponse.SerializeToString,
+            ),
+            'ListGateways': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGateways,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListGatewaysRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListGatewaysResponse.SerializeToString,
+            ),
+            'WatchReaders': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchReaders,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WatchReadersRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReaderPoolEvent.SerializeToString,
+            ),
+            'AcquireLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireLease,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AcquireLeaseRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AcquireLeaseResponse.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.RenewLeaseResponse.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'RunLeasedStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunLeasedStep,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.RunLeasedStepRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.RunLeasedStepResponse.SerializeToString,
+            ),
+            'CreateOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateOrder,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreateOrderRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreateOrderResponse.SerializeToString,
+            ),
+            'WatchOrder': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchOrder,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WatchOrderRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.OrderEvent.SerializeToString,
+            ),
+            'ListOrders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOrders,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListOrdersRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListOrdersResponse.SerializeToString,
+            ),
+            'ListCaRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCaRequests,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListCaRequestsRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListCaRequestsResponse.SerializeToString,
+            ),
+            'Reconcile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reconcile,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReconcileRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReconcileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -612,6 +795,303 @@ class OrchestratorService:
             '/cardline.orchestrator.v1.OrchestratorService/ChangeCertificateState',
             cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ChangeCertificateStateRequest.SerializeToString,
             cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ChangeCertificateStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGateways(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/ListGateways',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListGatewaysRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListGatewaysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchReaders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/WatchReaders',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WatchReadersRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReaderPoolEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/AcquireLease',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AcquireLeaseRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AcquireLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/RenewLease',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.RenewLeaseRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.RenewLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/ReleaseLease',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReleaseLeaseRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunLeasedStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/RunLeasedStep',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.RunLeasedStepRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.RunLeasedStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/CreateOrder',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreateOrderRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreateOrderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/WatchOrder',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WatchOrderRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.OrderEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOrders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/ListOrders',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListOrdersRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListOrdersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCaRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/ListCaRequests',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListCaRequestsRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListCaRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reconcile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrchestratorService/Reconcile',
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReconcileRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReconcileResponse.FromString,
             options,
             channel_credentials,
             insecure,

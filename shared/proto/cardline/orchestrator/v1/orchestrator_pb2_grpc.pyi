@@ -55,6 +55,25 @@ class OrchestratorServiceStub:
     HandleIssuedCertificates: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.HandleIssuedCertificatesRequest, _orchestrator_pb2.HandleIssuedCertificatesResponse]
     ChangeCertificateState: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ChangeCertificateStateRequest, _orchestrator_pb2.ChangeCertificateStateResponse]
     """Moves a certificate along its state graph; with in_ca, through its CA (rule C17)."""
+    ListGateways: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListGatewaysRequest, _orchestrator_pb2.ListGatewaysResponse]
+    """The pool of all gateways (remote hardware pooling)."""
+    WatchReaders: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.WatchReadersRequest, _orchestrator_pb2.ReaderPoolEvent]
+    """The pool's readers now, then every change (card inserted, leased, busy, offline, ...)."""
+    AcquireLease: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.AcquireLeaseRequest, _orchestrator_pb2.AcquireLeaseResponse]
+    """Leases a reader or token to the caller; it expires unless renewed within its ttl,
+    and ends when the caller's lease stream or the gateway goes away.
+    """
+    RenewLease: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.RenewLeaseRequest, _orchestrator_pb2.RenewLeaseResponse]
+    ReleaseLease: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ReleaseLeaseRequest, _orchestrator_pb2.ReleaseLeaseResponse]
+    RunLeasedStep: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.RunLeasedStepRequest, _orchestrator_pb2.RunLeasedStepResponse]
+    """Runs one step (an APDU script, a PKCS#11 operation) on the leased reader, next to it."""
+    CreateOrder: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CreateOrderRequest, _orchestrator_pb2.CreateOrderResponse]
+    """Production orders: N cards spread over every matching reader."""
+    WatchOrder: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.WatchOrderRequest, _orchestrator_pb2.OrderEvent]
+    ListOrders: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListOrdersRequest, _orchestrator_pb2.ListOrdersResponse]
+    ListCaRequests: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListCaRequestsRequest, _orchestrator_pb2.ListCaRequestsResponse]
+    """The CA request journal (rule C16): requests not settled yet, and a reconciliation now."""
+    Reconcile: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ReconcileRequest, _orchestrator_pb2.ReconcileResponse]
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -83,6 +102,25 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     HandleIssuedCertificates: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.HandleIssuedCertificatesRequest, _orchestrator_pb2.HandleIssuedCertificatesResponse]  # type: ignore[assignment]
     ChangeCertificateState: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ChangeCertificateStateRequest, _orchestrator_pb2.ChangeCertificateStateResponse]  # type: ignore[assignment]
     """Moves a certificate along its state graph; with in_ca, through its CA (rule C17)."""
+    ListGateways: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListGatewaysRequest, _orchestrator_pb2.ListGatewaysResponse]  # type: ignore[assignment]
+    """The pool of all gateways (remote hardware pooling)."""
+    WatchReaders: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchReadersRequest, _orchestrator_pb2.ReaderPoolEvent]  # type: ignore[assignment]
+    """The pool's readers now, then every change (card inserted, leased, busy, offline, ...)."""
+    AcquireLease: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.AcquireLeaseRequest, _orchestrator_pb2.AcquireLeaseResponse]  # type: ignore[assignment]
+    """Leases a reader or token to the caller; it expires unless renewed within its ttl,
+    and ends when the caller's lease stream or the gateway goes away.
+    """
+    RenewLease: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.RenewLeaseRequest, _orchestrator_pb2.RenewLeaseResponse]  # type: ignore[assignment]
+    ReleaseLease: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ReleaseLeaseRequest, _orchestrator_pb2.ReleaseLeaseResponse]  # type: ignore[assignment]
+    RunLeasedStep: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.RunLeasedStepRequest, _orchestrator_pb2.RunLeasedStepResponse]  # type: ignore[assignment]
+    """Runs one step (an APDU script, a PKCS#11 operation) on the leased reader, next to it."""
+    CreateOrder: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CreateOrderRequest, _orchestrator_pb2.CreateOrderResponse]  # type: ignore[assignment]
+    """Production orders: N cards spread over every matching reader."""
+    WatchOrder: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchOrderRequest, _orchestrator_pb2.OrderEvent]  # type: ignore[assignment]
+    ListOrders: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListOrdersRequest, _orchestrator_pb2.ListOrdersResponse]  # type: ignore[assignment]
+    ListCaRequests: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListCaRequestsRequest, _orchestrator_pb2.ListCaRequestsResponse]  # type: ignore[assignment]
+    """The CA request journal (rule C16): requests not settled yet, and a reconciliation now."""
+    Reconcile: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ReconcileRequest, _orchestrator_pb2.ReconcileResponse]  # type: ignore[assignment]
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The orchestrator's API for other services and the CLI."""
@@ -186,5 +224,90 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.ChangeCertificateStateResponse, _abc.Awaitable[_orchestrator_pb2.ChangeCertificateStateResponse]]:
         """Moves a certificate along its state graph; with in_ca, through its CA (rule C17)."""
+
+    @_abc_1.abstractmethod
+    def ListGateways(
+        self,
+        request: _orchestrator_pb2.ListGatewaysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListGatewaysResponse, _abc.Awaitable[_orchestrator_pb2.ListGatewaysResponse]]:
+        """The pool of all gateways (remote hardware pooling)."""
+
+    @_abc_1.abstractmethod
+    def WatchReaders(
+        self,
+        request: _orchestrator_pb2.WatchReadersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.ReaderPoolEvent], _abc.AsyncIterator[_orchestrator_pb2.ReaderPoolEvent]]:
+        """The pool's readers now, then every change (card inserted, leased, busy, offline, ...)."""
+
+    @_abc_1.abstractmethod
+    def AcquireLease(
+        self,
+        request: _orchestrator_pb2.AcquireLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.AcquireLeaseResponse, _abc.Awaitable[_orchestrator_pb2.AcquireLeaseResponse]]:
+        """Leases a reader or token to the caller; it expires unless renewed within its ttl,
+        and ends when the caller's lease stream or the gateway goes away.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewLease(
+        self,
+        request: _orchestrator_pb2.RenewLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.RenewLeaseResponse, _abc.Awaitable[_orchestrator_pb2.RenewLeaseResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ReleaseLease(
+        self,
+        request: _orchestrator_pb2.ReleaseLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ReleaseLeaseResponse, _abc.Awaitable[_orchestrator_pb2.ReleaseLeaseResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RunLeasedStep(
+        self,
+        request: _orchestrator_pb2.RunLeasedStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.RunLeasedStepResponse, _abc.Awaitable[_orchestrator_pb2.RunLeasedStepResponse]]:
+        """Runs one step (an APDU script, a PKCS#11 operation) on the leased reader, next to it."""
+
+    @_abc_1.abstractmethod
+    def CreateOrder(
+        self,
+        request: _orchestrator_pb2.CreateOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.CreateOrderResponse, _abc.Awaitable[_orchestrator_pb2.CreateOrderResponse]]:
+        """Production orders: N cards spread over every matching reader."""
+
+    @_abc_1.abstractmethod
+    def WatchOrder(
+        self,
+        request: _orchestrator_pb2.WatchOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.OrderEvent], _abc.AsyncIterator[_orchestrator_pb2.OrderEvent]]: ...
+
+    @_abc_1.abstractmethod
+    def ListOrders(
+        self,
+        request: _orchestrator_pb2.ListOrdersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListOrdersResponse, _abc.Awaitable[_orchestrator_pb2.ListOrdersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListCaRequests(
+        self,
+        request: _orchestrator_pb2.ListCaRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListCaRequestsResponse, _abc.Awaitable[_orchestrator_pb2.ListCaRequestsResponse]]:
+        """The CA request journal (rule C16): requests not settled yet, and a reconciliation now."""
+
+    @_abc_1.abstractmethod
+    def Reconcile(
+        self,
+        request: _orchestrator_pb2.ReconcileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ReconcileResponse, _abc.Awaitable[_orchestrator_pb2.ReconcileResponse]]: ...
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
