@@ -109,16 +109,15 @@ class CardTaskService:
                     raise EncodingFailed(f"{where}: template {template.name!r} names unknown CA {template.ca!r}")
                 if app.archive_key and self.key_archive is None:
                     raise EncodingFailed(f"{where}: ArchiveKey=true but no key archive is configured")
-            if app.is_recovery and self.key_archive is None:
-                raise EncodingFailed(f"{where}: RecoverCertificate needs the key archive")
             if (app.create_object_relation is CreateObjectRelation.ALWAYS and app.puts_certificate_on_card
                     and order.type == OPERATION and order.card_id is None):
                 # C9: fail before any CA request is sent.
                 raise EncodingFailed(f"{where}: CreateObjectRelation=always needs a card, and the card operation "
                                      "has no card in the process map")
-            if app.write_certificate or app.write_cert_key_list or app.label_expression_data_object \
-                    or app.attributes_data_object:
-                raise EncodingFailed(f"{where}: WriteCertificate, WriteCertKeyList, LabelExpressionDataObject and "
+            if (app.is_recovery or app.write_cert_key_list) and self.key_archive is None:
+                raise EncodingFailed(f"{where}: writing archived certificates and keys needs the key archive")
+            if app.write_certificate or app.label_expression_data_object or app.attributes_data_object:
+                raise EncodingFailed(f"{where}: WriteCertificate, LabelExpressionDataObject and "
                                      "AttributesDataObject are not supported by this orchestrator yet")
         for name in order.encoding.input_fields():
             if order.fields.get(name) in (None, ""):
@@ -260,7 +259,10 @@ class _CardTaskRun:
 
     async def _application(self, app: Application) -> None:
         if app.is_recovery:
-            await self._recover(app)
+            await self._recover(app, self._certificate_descriptors(app, app.recover_certificate_field)[0])
+        elif app.write_cert_key_list:     # certificate + key pairs from the archive, like recovery
+            for descriptor in self._certificate_descriptors(app, app.cert_key_list_field, many=True):
+                await self._recover(app, descriptor)
         elif app.issues_certificate:
             await self._issue(app)
         if app.data_object:
@@ -334,14 +336,19 @@ class _CardTaskRun:
         self._tell(f"certificate {record.serial_hex} written next to its key ({label})")
         await self._boundary("after_write")
 
-    async def _recover(self, app: Application) -> None:
+    def _certificate_descriptors(self, app: Application, field_name: str, many: bool = False
+                                 ) -> list[CoreObjectDescriptor]:
+        value = self.order.fields.get(field_name)
+        values = value if many and isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, CoreObjectDescriptor) and v.type == CERTIFICATE for v in values):
+            raise InvalidArgument(f"{app.name}: field {field_name} must hold "
+                                  f"{'a list of ' if many else 'a '}certificate CoreObjectDescriptor"
+                                  f"{'s' if many else ''}, not {type(value).__name__}")
+        return values
+
+    async def _recover(self, app: Application, descriptor: CoreObjectDescriptor) -> None:
         """C7: an archived certificate and its key written to this card; never stored again,
         its state untouched; related per CreateObjectRelation; no return field."""
-        value = self.order.fields.get(app.recover_certificate_field)
-        descriptor = value if isinstance(value, CoreObjectDescriptor) else None
-        if descriptor is None or descriptor.type != CERTIFICATE:
-            raise InvalidArgument(f"{app.name}: field {app.recover_certificate_field} must hold a certificate's "
-                                  f"CoreObjectDescriptor, not {type(value).__name__}")
         record = await self._db(self.s.store.get_certificate, descriptor.id)
         archived = await self._db(self.s.store.get_archived_key, record.id)
         pkcs8 = await asyncio.to_thread(self.s.key_archive.open, archived.kek_id, archived.algorithm,

@@ -444,3 +444,57 @@ def test_c14_custom_internal_issued_state_end_to_end(tmp_path, softhsm_token):
     orch, instance = asyncio.run(body())
     assert instance.state == "FAILED"
     assert {c.state for c in orch.store.list_certificates(process_instance_id=instance.id)} == {"MyCustomState"}
+
+
+KEY_LIST_ENCODING = """\
+[Encoding]
+Type=Chip
+
+[Fields]
+USER_PIN=
+Certs=
+
+[Description]
+PIN=USER_PIN
+
+[Application_A]
+WriteCertKeyList=true
+CertKeyList=Certs
+KeyLabel=Archived
+"""
+
+
+def test_c7_cert_key_list_writes_every_archived_pair_without_touching_the_store(tmp_path, softhsm_token):
+    archive_encoding = OPERATION_ENCODING.format(relation="success").replace(
+        "GenerateKeyPair=EC_P256\n    CertificateTemplate=EmployeeAuthentication",
+        "ArchiveKey=true\n    CertificateTemplate=EmployeeEncryption")
+    cfg = config_dir(tmp_path, encodings={"operation": archive_encoding, "key-list": KEY_LIST_ENCODING},
+                     processes={"operate": operation_process(reader_of(softhsm_token), with_card=False)})
+
+    async def archive_two():
+        async with running(tmp_path, softhsm_token, cfg, extra_tokens=1) as (orch, readers):
+            made = [await start(orch, "operate", pin=softhsm_token.user_pin) for _ in range(2)]
+            return readers, made
+
+    readers, made = asyncio.run(archive_two())
+    assert [m.state for m in made] == ["SUCCEEDED", "SUCCEEDED"]
+    archived = [CoreObjectDescriptor.from_dict(m.process_map["newCert"]) for m in made]
+    (cfg / "processes" / "restore.yaml").write_text(
+        "name: restore\ninputs: [certs, pin]\nsecret_inputs: [pin]\ntasks:\n  - type: card_operation\n"
+        f"    encoding: key-list\n    reader: {{reader: \"{readers[1]}\"}}\n"
+        "    fields: {USER_PIN: \"${pin}\", Certs: \"${certs}\"}\n")
+
+    async def restore():
+        async with running(tmp_path, softhsm_token, cfg) as (orch, _):
+            states = {d.id: orch.store.get_certificate(d.id).state for d in archived}
+            instance = await start(orch, "restore", certs=archived, pin=softhsm_token.user_pin)
+            return orch, instance, states
+
+    orch, instance, states_before = asyncio.run(restore())
+    assert instance.state == "SUCCEEDED", instance.error_message
+    assert {d.id: orch.store.get_certificate(d.id).state for d in archived} == states_before
+    listing = subprocess.run(["pkcs11-tool", "--module", softhsm_token.module_path, "--token-label",
+                              f"{softhsm_token.label}-0", "--login", "--pin", softhsm_token.user_pin,
+                              "--list-objects", "--type", "cert"],
+                             env=softhsm_token.env, capture_output=True, text=True, check=True).stdout
+    assert listing.count("Certificate Object") == 2
