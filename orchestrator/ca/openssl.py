@@ -1,0 +1,718 @@
+"""OpenSslCa: a CaConnector that drives a real `openssl ca` installation (index.txt database).
+
+Every CA operation runs the `openssl` command line (genpkey, req, ca, crl); Python only writes
+the per-request extension file, reads index.txt and newcerts/, and - because `openssl ca`
+cannot do it - turns a certificateHold line of index.txt back into a valid one (lift_hold).
+
+Directory layout (created on first use when the directory holds no CA yet):
+
+    openssl.cnf             written by the connector at every start (dir = this directory);
+                            [ca] default_ca, database, new_certs_dir, serial, crlnumber,
+                            policy (every DN field optional, the DN is preserved),
+                            copy_extensions = none, unique_subject = no.
+    index.txt               openssl's certificate database (V/R/E lines).
+    index.txt.attr          unique_subject = no.
+    serial, crlnumber       openssl's counters (hex). The first serial is random (64 bits).
+    newcerts/<SERIAL>.pem   every issued certificate, named by openssl (uppercase hex).
+    private/ca-key.pem      EC P-256 CA key, PKCS#8 encrypted (AES-256) - never plain on disk.
+    private/ca-key.passphrase
+                            random passphrase (0600) unless passphrase_file names another file
+                            (e.g. a docker secret; created there on first use if missing).
+    ca-cert.pem             the self-signed CA certificate.
+    requests/<sha256(request_id)>.json
+                            the connector's journal: request_id -> serial and certificate,
+                            written atomically after openssl answered.
+    ca.lock                 flock()ed around every openssl run and every index.txt read/edit.
+    tmp/                    CSR, extension file and output of one openssl run.
+
+Idempotency (C16). Before openssl is called, the connector looks for a certificate already
+issued for the request: first in requests/, then in index.txt + newcerts/ for a certificate
+carrying the request's tag - a non-critical extension REQUEST_TAG_OID whose value is the
+OCTET STRING sha256(request_id). The tag makes the certificate itself the record, so a crash
+between openssl writing index.txt and the connector writing its journal loses nothing:
+find_issued() and issue() find the certificate by its tag and repair the journal.
+With tag_requests=False (a CA whose certificates must carry no private extension) the
+fallback is the public key: a valid certificate for the CSR's key that no journal entry
+claims is taken as this request's (a retry carries the same CSR, hence the same key).
+
+Concurrency: a threading.Lock plus an flock on ca.lock; the lock file descriptor is passed
+to each openssl child, so a child that outlives a killed orchestrator still holds the lock
+until it has finished writing. Files that openssl left half-rotated (index.txt.new,
+serial.new, crlnumber.new after a crash) are rolled forward or back the next time the lock
+is taken. Running `openssl ca` by hand on the directory while cardline runs is safe only
+under the same lock: `flock ca.lock openssl ca -config openssl.cnf ...`.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+import re
+import secrets
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from orchestrator.ca.base import EXTENDED_KEY_USAGES, IssueProfile, revocation_reason
+from orchestrator.ca.local import ACCEPTED_CURVES, MIN_RSA_BITS, _write_atomic
+from shared.errors import CaRefused, CaUnavailable, ConfigurationError, CsrInvalid, InvalidArgument
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+# A UUID-based OID (ITU-T X.667, arc 2.25): needs no registration and collides with nothing.
+REQUEST_TAG_OID = x509.ObjectIdentifier("2.25.53648542217699044370090960884446992286")
+CA_VALIDITY_DAYS = 3650
+CRL_DAYS = 1
+OPENSSL_TIMEOUT_S = 60.0
+
+# openssl ca -crl_reason spellings (apps/ca.c crl_reasons). RFC 5280's privilegeWithdrawn and
+# aACompromise have no spelling there: index.txt cannot record them.
+_OPENSSL_REASONS = {
+    "unspecified": "unspecified",
+    "keyCompromise": "keyCompromise",
+    "cACompromise": "CACompromise",
+    "affiliationChanged": "affiliationChanged",
+    "superseded": "superseded",
+    "cessationOfOperation": "cessationOfOperation",
+    "certificateHold": "certificateHold",
+}
+_FROM_OPENSSL_REASON = {v.lower(): k for k, v in _OPENSSL_REASONS.items()}
+# `-crl_hold INSTRUCTION` records "date,holdInstruction,INSTRUCTION": a certificateHold too.
+_FROM_OPENSSL_REASON["holdinstruction"] = "certificateHold"
+_HOLD_INSTRUCTIONS = ("holdInstructionNone", "holdInstructionCallIssuer", "holdInstructionReject")
+
+# IssueProfile key usage names -> openssl's names.
+_OPENSSL_KEY_USAGE = {
+    "digitalSignature": "digitalSignature", "nonRepudiation": "nonRepudiation",
+    "contentCommitment": "nonRepudiation", "keyEncipherment": "keyEncipherment",
+    "dataEncipherment": "dataEncipherment", "keyAgreement": "keyAgreement",
+    "keyCertSign": "keyCertSign", "cRLSign": "cRLSign", "encipherOnly": "encipherOnly",
+    "decipherOnly": "decipherOnly",
+}
+# openssl's own progress chatter, left out of error messages.
+_NOISE = re.compile(r"^(Using configuration from|Check that the request matches the signature|"
+                    r"Signature ok|The Subject's Distinguished Name is as follows|\s+\w+\s*:)")
+
+_CONFIG = """\
+# Written by cardline (orchestrator/ca/openssl.py) at every start; edits are overwritten.
+# Layout and the reasons behind each setting: docs/ca-connectors.md.
+dir = {dir}
+
+[ ca ]
+default_ca = CA_default
+
+[ CA_default ]
+database          = $dir/index.txt
+new_certs_dir     = $dir/newcerts
+serial            = $dir/serial
+crlnumber         = $dir/crlnumber
+certificate       = $dir/ca-cert.pem
+private_key       = $dir/private/ca-key.pem
+default_md        = sha256
+default_days      = 365
+default_crl_days  = {crl_days}
+policy            = policy_any
+# The DN of the request (or of -subj) is kept as it is, field order included.
+preserve          = yes
+# Extensions come from the template's profile only (-extfile), never from the request.
+copy_extensions   = none
+# A re-issued card certificate may reuse its subject.
+unique_subject    = no
+crl_extensions    = crl_ext
+
+[ policy_any ]
+commonName             = optional
+organizationName       = optional
+organizationalUnitName = optional
+countryName            = optional
+emailAddress           = optional
+
+[ crl_ext ]
+authorityKeyIdentifier = keyid:always
+
+[ req ]
+distinguished_name = req_dn
+prompt             = no
+string_mask        = utf8only
+
+[ req_dn ]
+CN = unused
+
+[ v3_ca ]
+basicConstraints       = critical, CA:TRUE, pathlen:0
+keyUsage               = critical, digitalSignature, keyCertSign, cRLSign
+subjectKeyIdentifier   = hash
+authorityKeyIdentifier = keyid:always
+"""
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One line of index.txt."""
+
+    status: str                 # V valid, R revoked, E expired
+    expiry: str
+    revocation: str             # "" or "date,reason[,hold instruction]"
+    serial: int
+    serial_field: str           # as openssl writes it: uppercase hex, the newcerts file name
+    subject: str
+
+    @property
+    def reason(self) -> str | None:
+        """The RFC 5280 name of the revocation reason, None when not revoked."""
+        if self.status != "R":
+            return None
+        parts = self.revocation.split(",")
+        if len(parts) < 2 or not parts[1]:
+            return "unspecified"
+        return _FROM_OPENSSL_REASON.get(parts[1].lower(), parts[1])
+
+    def line(self) -> str:
+        return "\t".join((self.status, self.expiry, self.revocation, self.serial_field, "unknown",
+                          self.subject)) + "\n"
+
+
+@dataclass(frozen=True)
+class _Issued:
+    der: bytes
+    spki_sha256: str
+    tag: bytes | None           # sha256(request_id) from the request tag extension
+    not_before: dt.datetime
+
+
+def _spki(public_key) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _request_tag(request_id: str) -> bytes:
+    return hashlib.sha256(request_id.encode()).digest()
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _parse_index(text: str, path: pathlib.Path) -> list[IndexEntry]:
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t", 5)
+        if len(fields) != 6 or fields[0] not in ("V", "R", "E"):
+            raise CaUnavailable(f"{path} line {number} is not an openssl index line: {line[:80]!r}")
+        try:
+            serial = int(fields[3], 16)
+        except ValueError:
+            raise CaUnavailable(f"{path} line {number}: bad serial {fields[3]!r}") from None
+        entries.append(IndexEntry(fields[0], fields[1], fields[2], serial, fields[3], fields[5]))
+    return entries
+
+
+def _subj_argument(name: x509.Name) -> str:
+    """An x509.Name as `openssl ca -subj` reads it (with -multivalue-rdn -utf8)."""
+    def escape(value: str) -> str:
+        return re.sub(r"([\\/+=])", r"\\\1", value)
+
+    parts = []
+    for rdn in name.rdns:
+        avas = []
+        for attribute in rdn:
+            if not isinstance(attribute.value, str):
+                raise InvalidArgument(f"subject attribute {attribute.oid.dotted_string} is not a string")
+            avas.append(f"{attribute.oid.dotted_string}={escape(attribute.value)}")
+        parts.append("+".join(avas))
+    return "/" + "/".join(parts)
+
+
+def _openssl_time(when: dt.datetime) -> str:
+    return when.astimezone(dt.timezone.utc).strftime("%Y%m%d%H%M%SZ")
+
+
+class OpenSslCa:
+    """A CA kept by `openssl ca` in `directory`; see the module doc for the layout."""
+
+    def __init__(self, directory: str | os.PathLike[str], name: str = "openssl", *,
+                 openssl: str = "openssl", passphrase_file: str | os.PathLike[str] | None = None,
+                 subject: str | None = None, tag_requests: bool = True,
+                 hold_instruction: str | None = None, timeout_s: float = OPENSSL_TIMEOUT_S) -> None:
+        if hold_instruction is not None and hold_instruction not in _HOLD_INSTRUCTIONS:
+            raise ConfigurationError(f"hold_instruction must be one of {', '.join(_HOLD_INSTRUCTIONS)}, "
+                                     f"got {hold_instruction!r}")
+        self._name = name
+        self._dir = pathlib.Path(directory).resolve()
+        self._openssl = openssl
+        self._tag_requests = tag_requests
+        self._hold_instruction = hold_instruction
+        self._timeout_s = timeout_s
+        self._config = self._dir / "openssl.cnf"
+        self._index = self._dir / "index.txt"
+        self._newcerts = self._dir / "newcerts"
+        self._requests = self._dir / "requests"
+        self._tmp = self._dir / "tmp"
+        self._key_path = self._dir / "private" / "ca-key.pem"
+        self._cert_path = self._dir / "ca-cert.pem"
+        self._passphrase = pathlib.Path(passphrase_file) if passphrase_file else \
+            self._dir / "private" / "ca-key.passphrase"
+        self._thread_lock = threading.Lock()
+        self._cache: dict[str, _Issued] = {}        # serial_field -> parsed certificate
+        try:
+            for sub in (self._dir, self._newcerts, self._requests, self._tmp, self._dir / "private"):
+                sub.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._lock_fd = os.open(self._dir / "ca.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise CaUnavailable(f"CA {name!r}: cannot use directory {self._dir}: {exc.strerror}") from None
+        with self._locked():
+            self._set_up(subject or f"CN=cardline {name} CA,O=cardline")
+        self._ca_cert = x509.load_pem_x509_certificate(self._cert_path.read_bytes())
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def _set_up(self, subject: str) -> None:
+        """Creates a CA like `openssl ca` expects it, or checks the one that is there."""
+        _write_atomic(self._config, _CONFIG.format(dir=self._dir, crl_days=CRL_DAYS).encode())
+        for leftover in self._tmp.iterdir():        # of runs killed half-way; nobody else runs now
+            shutil.rmtree(leftover, ignore_errors=True)
+        self._run("version", check_unavailable=True)
+        for path, content in ((self._index, ""), (self._dir / "index.txt.attr", "unique_subject = no\n"),
+                              (self._dir / "serial", f"{secrets.randbits(63) | 1 << 62:016X}\n"),
+                              (self._dir / "crlnumber", "1000\n")):
+            if not path.exists():
+                _write_atomic(path, content.encode())
+        if not self._passphrase.exists():
+            if self._key_path.exists():
+                raise ConfigurationError(f"CA {self._name!r}: the key {self._key_path} exists but its "
+                                         f"passphrase file {self._passphrase} does not")
+            fd = os.open(self._passphrase, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+        if not self._passphrase.read_text().strip():
+            raise ConfigurationError(f"CA {self._name!r}: the passphrase file {self._passphrase} is empty")
+        if not self._key_path.exists():
+            if self._cert_path.exists():
+                raise ConfigurationError(f"CA {self._name!r}: {self._cert_path} exists but its key "
+                                         f"{self._key_path} is missing")
+            tmp_key = self._key_path.with_name(".ca-key.pem.tmp")
+            tmp_key.unlink(missing_ok=True)
+            self._run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                      "-aes-256-cbc", "-pass", f"file:{self._passphrase}", "-out", str(tmp_key))
+            os.chmod(tmp_key, 0o600)
+            os.replace(tmp_key, self._key_path)
+        head = self._key_path.read_bytes()[:200]
+        if b"ENCRYPTED" not in head:
+            raise ConfigurationError(f"CA {self._name!r}: {self._key_path} is not encrypted; cardline "
+                                     f"keeps CA keys on disk only under a passphrase")
+        try:
+            self._run("pkey", "-in", str(self._key_path), "-passin", f"file:{self._passphrase}", "-noout")
+        except CaRefused as exc:
+            raise ConfigurationError(f"CA {self._name!r}: cannot open {self._key_path} with the passphrase "
+                                     f"from {self._passphrase}: {exc.message}") from None
+        if not self._cert_path.exists():
+            x509.Name.from_rfc4514_string(subject)      # a clear error before openssl's
+            tmp_cert = self._cert_path.with_name(".ca-cert.pem.tmp")
+            self._run("req", "-new", "-x509", "-config", str(self._config), "-extensions", "v3_ca",
+                      "-key", str(self._key_path), "-passin", f"file:{self._passphrase}",
+                      "-subj", _subj_argument(x509.Name.from_rfc4514_string(subject)), "-multivalue-rdn",
+                      "-utf8", "-days", str(CA_VALIDITY_DAYS), "-set_serial",
+                      str(secrets.randbits(63) | 1 << 62), "-out", str(tmp_cert))
+            os.replace(tmp_cert, self._cert_path)
+        cert = x509.load_pem_x509_certificate(self._cert_path.read_bytes())
+        key_spki = self._run("pkey", "-in", str(self._key_path), "-passin", f"file:{self._passphrase}",
+                             "-pubout", "-outform", "DER")
+        if _spki(cert.public_key()) != key_spki:
+            raise ConfigurationError(f"CA {self._name!r}: {self._cert_path} does not belong to {self._key_path}")
+
+    # -- locking and running openssl ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with self._thread_lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                self._recover_interrupted()
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _run(self, *args: str, check_unavailable: bool = False) -> bytes:
+        """Runs openssl; its stdout, or CaRefused with its stderr summarised."""
+        try:
+            done = subprocess.run([self._openssl, *args], capture_output=True, timeout=self._timeout_s,
+                                  cwd=self._dir, pass_fds=(self._lock_fd,), stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise CaUnavailable(f"CA {self._name!r}: the openssl command {self._openssl!r} is not installed") from None
+        except PermissionError as exc:
+            raise CaUnavailable(f"CA {self._name!r}: cannot run {self._openssl!r}: {exc.strerror}") from None
+        except subprocess.TimeoutExpired:
+            raise CaUnavailable(f"CA {self._name!r}: openssl {args[0]} did not finish within "
+                                f"{self._timeout_s:g} s") from None
+        if done.returncode != 0:
+            lines = [ln.strip() for ln in done.stderr.decode(errors="replace").splitlines()
+                     if ln.strip() and not _NOISE.match(ln)]
+            summary = "; ".join(lines[-4:])[:600] or f"exit status {done.returncode}"
+            if check_unavailable:
+                raise CaUnavailable(f"CA {self._name!r}: openssl does not run: {summary}")
+            raise CaRefused(f"CA {self._name!r}: openssl {args[0]} failed: {summary}")
+        return done.stdout
+
+    def _ca(self, *args: str) -> bytes:
+        return self._run("ca", "-batch", "-config", str(self._config), "-passin", f"file:{self._passphrase}",
+                         *args)
+
+    def _recover_interrupted(self) -> None:
+        """Finishes or undoes what an openssl run killed half-way left behind. openssl writes
+        X.new, then renames X -> X.old and X.new -> X (apps/ca.c save_index, rotate_index);
+        issuance writes serial.new and index.txt.new before newcerts/<SERIAL>.pem."""
+        index_new = self._index.with_name("index.txt.new")
+        roll_index = index_new.exists() and self._index_new_is_complete(index_new)
+        for base in (self._index, self._dir / "index.txt.attr", self._dir / "serial", self._dir / "crlnumber"):
+            new = base.with_name(base.name + ".new")
+            if not new.exists():
+                continue
+            if not base.exists():                    # killed between the two renames
+                os.replace(new, base)
+                log.warning("openssl CA: finished an interrupted rotation", ca=self._name, file=base.name)
+                continue
+            if base.name == "crlnumber":             # a skipped CRL number does no harm
+                keep = bool(re.fullmatch(r"[0-9A-Fa-f]+\n", new.read_text()))
+            else:                                    # serial and attributes go with their index
+                keep = roll_index
+            if keep:
+                os.replace(base, base.with_name(base.name + ".old"))
+                os.replace(new, base)
+            else:
+                new.unlink()
+            log.warning("openssl CA: interrupted run " + ("completed" if keep else "undone"),
+                        ca=self._name, file=base.name)
+
+    def _index_new_is_complete(self, new: pathlib.Path) -> bool:
+        text = new.read_text()
+        if text and not text.endswith("\n"):
+            return False
+        try:
+            new_entries = _parse_index(text, new)
+            old_serials = {e.serial for e in _parse_index(self._index.read_text(), self._index)}
+        except CaUnavailable:
+            return False
+        new_serials = {e.serial for e in new_entries}
+        if not old_serials <= new_serials:
+            return False
+        for entry in new_entries:
+            if entry.serial not in old_serials:
+                pem = self._newcerts / f"{entry.serial_field}.pem"
+                try:
+                    if x509.load_pem_x509_certificate(pem.read_bytes()).serial_number != entry.serial:
+                        return False
+                except (OSError, ValueError):
+                    return False
+        return True
+
+    # -- reading index.txt and newcerts/ -----------------------------------------------
+
+    def _entries(self) -> list[IndexEntry]:
+        try:
+            return _parse_index(self._index.read_text(), self._index)
+        except OSError as exc:
+            raise CaUnavailable(f"CA {self._name!r}: cannot read {self._index}: {exc.strerror}") from None
+
+    def _issued(self, entry: IndexEntry) -> _Issued:
+        cached = self._cache.get(entry.serial_field)
+        if cached is not None:
+            return cached
+        path = self._newcerts / f"{entry.serial_field}.pem"
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except OSError as exc:
+            raise CaUnavailable(f"CA {self._name!r}: index.txt lists {entry.serial_field} but "
+                                f"{path} cannot be read: {exc.strerror}") from None
+        try:
+            tag = cert.extensions.get_extension_for_oid(REQUEST_TAG_OID).value.value
+            tag = tag[2:] if tag[:2] == b"\x04\x20" else None
+        except x509.ExtensionNotFound:
+            tag = None
+        issued = _Issued(cert.public_bytes(serialization.Encoding.DER),
+                         hashlib.sha256(_spki(cert.public_key())).hexdigest(), tag, cert.not_valid_before_utc)
+        self._cache[entry.serial_field] = issued
+        return issued
+
+    def _entry(self, serial: int) -> IndexEntry:
+        for entry in self._entries():
+            if entry.serial == serial:
+                return entry
+        raise CaRefused(f"CA {self._name!r} did not issue a certificate with serial {serial:x}",
+                        serial_hex=format(serial, "x"))
+
+    def _write_index(self, entries: list[IndexEntry]) -> None:
+        """index.txt replaced atomically: temp file, fsync, rename (under the lock)."""
+        _write_atomic(self._index, "".join(e.line() for e in entries).encode())
+
+    # -- CaConnector -------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def directory(self) -> pathlib.Path:
+        return self._dir
+
+    @property
+    def confirms_request_ids(self) -> bool:
+        """True when find_issued(request_id) finds every certificate issued for a request, also
+        after a crash before the journal was written (request tags on). False: after such a
+        crash only find_issued_for_key / issued_between find it."""
+        return self._tag_requests
+
+    @property
+    def config_path(self) -> pathlib.Path:
+        """openssl.cnf, for running `openssl ca -config ...` by hand (under the lock)."""
+        return self._config
+
+    def ca_certificate_der(self) -> bytes:
+        return self._ca_cert.public_bytes(serialization.Encoding.DER)
+
+    def issue(self, csr_der: bytes, profile: IssueProfile, request_id: str) -> bytes:
+        if not request_id:
+            raise InvalidArgument("issue needs a request_id (the idempotency key)")
+        try:
+            csr = x509.load_der_x509_csr(csr_der)
+        except ValueError as exc:
+            raise CsrInvalid(f"not a DER PKCS#10 request: {exc}", request_id=request_id) from None
+        if not csr.is_signature_valid:
+            raise CsrInvalid("the request's signature does not verify with its public key",
+                             request_id=request_id)
+        public_key = csr.public_key()
+        self._check_key(public_key, request_id)
+        spki_sha256 = hashlib.sha256(_spki(public_key)).hexdigest()
+        with self._locked():
+            earlier = self._find(request_id)
+            if earlier is None and not self._tag_requests:
+                earlier = self._unclaimed_for_key(spki_sha256)
+            if earlier is not None:
+                if earlier.spki_sha256 != spki_sha256:
+                    raise CaRefused(f"request_id {request_id!r} was already used for a different key",
+                                    request_id=request_id)
+                self._journal(request_id, earlier)
+                return earlier.der
+            der = self._issue_with_openssl(csr, profile, request_id)
+            cert = x509.load_der_x509_certificate(der)
+            issued = _Issued(der, spki_sha256, _request_tag(request_id) if self._tag_requests else None,
+                             cert.not_valid_before_utc)
+            self._journal(request_id, issued)
+            return der
+
+    def find_issued(self, request_id: str) -> bytes | None:
+        with self._locked():
+            issued = self._find(request_id)
+            if issued is None:
+                return None
+            self._journal(request_id, issued)       # repairs a journal a crash left behind
+            return issued.der
+
+    def revoke(self, serial: int, reason: str) -> None:
+        revocation_reason(reason)       # unknown names refused before anything happens (C17)
+        if reason == "removeFromCRL":
+            return self.lift_hold(serial)
+        if reason not in _OPENSSL_REASONS:
+            raise CaRefused(f"openssl ca cannot record the revocation reason {reason!r} in index.txt; "
+                            f"it knows {', '.join(_OPENSSL_REASONS)}", reason_name=reason)
+        with self._locked():
+            entry = self._entry(serial)
+            if entry.status == "R":
+                if entry.reason == reason:
+                    return                      # a retried revocation is not an error
+                if entry.reason != "certificateHold":
+                    raise CaRefused(f"certificate {serial:x} is already revoked ({entry.reason})",
+                                    serial_hex=format(serial, "x"))
+                # A hold may become a final revocation (RFC 5280 5.3.1); openssl ca refuses to
+                # revoke twice, so the index line is rewritten, dated now.
+                now = dt.datetime.now(dt.timezone.utc).strftime("%y%m%d%H%M%SZ")
+                self._replace_entry(entry, IndexEntry("R", entry.expiry, f"{now},{_OPENSSL_REASONS[reason]}",
+                                                      entry.serial, entry.serial_field, entry.subject))
+                return
+            cert_file = str(self._newcerts / f"{entry.serial_field}.pem")
+            if reason == "certificateHold" and self._hold_instruction:
+                self._ca("-revoke", cert_file, "-crl_hold", self._hold_instruction)
+            else:
+                self._ca("-revoke", cert_file, "-crl_reason", _OPENSSL_REASONS[reason])
+
+    def lift_hold(self, serial: int) -> None:
+        with self._locked():
+            entry = self._entry(serial)
+            if entry.reason != "certificateHold":
+                raise CaRefused(f"certificate {serial:x} is not on hold ({entry.reason or 'not revoked'})",
+                                serial_hex=format(serial, "x"))
+            self._replace_entry(entry, IndexEntry("V", entry.expiry, "", entry.serial, entry.serial_field,
+                                                  entry.subject))
+
+    def crl_der(self) -> bytes:
+        with self._locked(), tempfile.TemporaryDirectory(dir=self._tmp) as tmp:
+            pem = pathlib.Path(tmp) / "crl.pem"
+            self._ca("-gencrl", "-out", str(pem))
+            return self._run("crl", "-in", str(pem), "-outform", "DER")
+
+    # -- for the reconciler ------------------------------------------------------------
+
+    def find_issued_for_key(self, spki_der: bytes) -> list[bytes]:
+        """Every certificate in index.txt (valid, revoked or expired) for this public key
+        (SubjectPublicKeyInfo, DER), oldest first."""
+        wanted = hashlib.sha256(spki_der).hexdigest()
+        with self._locked():
+            return [i.der for i in map(self._issued, self._entries()) if i.spki_sha256 == wanted]
+
+    def issued_between(self, start: dt.datetime, end: dt.datetime) -> list[bytes]:
+        """Certificates whose notBefore (set by openssl ca to the time of issuance) lies in
+        [start, end). Naive datetimes are taken as UTC."""
+        start, end = (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc) for t in (start, end))
+        with self._locked():
+            return [i.der for i in map(self._issued, self._entries()) if start <= i.not_before < end]
+
+    def issued_certificates(self) -> list[bytes]:
+        """Every certificate index.txt lists, oldest first."""
+        with self._locked():
+            return [self._issued(e).der for e in self._entries()]
+
+    def index_entries(self) -> list[IndexEntry]:
+        """index.txt as openssl keeps it (status, revocation, serial, subject)."""
+        with self._locked():
+            return self._entries()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _request_path(self, request_id: str) -> pathlib.Path:
+        return self._requests / f"{hashlib.sha256(request_id.encode()).hexdigest()}.json"
+
+    def _find(self, request_id: str) -> _Issued | None:
+        """The certificate issued for request_id: from the journal, else by its tag."""
+        path = self._request_path(request_id)
+        if path.exists():
+            record = json.loads(path.read_text())
+            if record["request_id"] != request_id:   # short of a SHA-256 collision, never
+                raise CaRefused(f"request record {path} belongs to {record['request_id']!r}")
+            for entry in self._entries():
+                if entry.serial == int(record["serial_hex"], 16):
+                    return self._issued(entry)
+            log.warning("openssl CA: journaled certificate missing from index.txt", ca=self._name,
+                        serial_hex=record["serial_hex"])
+        tag = _request_tag(request_id)
+        for entry in self._entries():
+            issued = self._issued(entry)
+            if issued.tag == tag:
+                return issued
+        return None
+
+    def _unclaimed_for_key(self, spki_sha256: str) -> _Issued | None:
+        """Without tags: a valid certificate for this key that no journal entry claims."""
+        claimed = {json.loads(p.read_text())["serial_hex"] for p in self._requests.glob("*.json")}
+        for entry in self._entries():
+            if entry.status == "V" and format(entry.serial, "x") not in claimed:
+                issued = self._issued(entry)
+                if issued.spki_sha256 == spki_sha256:
+                    return issued
+        return None
+
+    def _journal(self, request_id: str, issued: _Issued) -> None:
+        path = self._request_path(request_id)
+        if path.exists():
+            return
+        cert = x509.load_der_x509_certificate(issued.der)
+        record = {"request_id": request_id, "serial_hex": format(cert.serial_number, "x"),
+                  "spki_sha256": issued.spki_sha256,
+                  "recorded_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "certificate": cert.public_bytes(serialization.Encoding.PEM).decode()}
+        try:
+            _write_atomic(path, json.dumps(record, indent=1).encode())
+        except OSError as exc:
+            # The certificate is in index.txt and carries its tag: find_issued still finds it.
+            log.warning("openssl CA: request journal not written", ca=self._name, error=exc.strerror)
+
+    def _replace_entry(self, old: IndexEntry, new: IndexEntry) -> None:
+        entries = self._entries()
+        self._write_index([new if e.serial_field == old.serial_field else e for e in entries])
+
+    @staticmethod
+    def _check_key(public_key, request_id: str) -> None:
+        if isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ACCEPTED_CURVES):
+            return
+        if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size >= MIN_RSA_BITS:
+            return
+        raise CaRefused(f"key type not accepted: {type(public_key).__name__} "
+                        f"({getattr(public_key, 'key_size', '?')} bits); EC P-256/384/521 or RSA >= "
+                        f"{MIN_RSA_BITS}", request_id=request_id)
+
+    def _extensions(self, csr: x509.CertificateSigningRequest, profile: IssueProfile, request_id: str,
+                    subject_empty: bool) -> str:
+        lines = ["[ cardline_cert ]",
+                 "basicConstraints = critical, CA:FALSE",
+                 "subjectKeyIdentifier = hash",
+                 "authorityKeyIdentifier = keyid"]
+        if profile.key_usage:
+            names = sorted({_OPENSSL_KEY_USAGE[n] for n in profile.key_usage})
+            lines.append(f"keyUsage = critical, {', '.join(names)}")
+        if profile.extended_key_usage:
+            oids = [EXTENDED_KEY_USAGES[n].dotted_string for n in profile.extended_key_usage]
+            lines.append(f"extendedKeyUsage = {', '.join(oids)}")
+        if profile.copy_subject_alt_names:
+            try:
+                san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            except x509.ExtensionNotFound:
+                san = None
+            if san is not None:
+                # The request's names exactly as requested (openssl's arbitrary-extension form);
+                # RFC 5280 4.2.1.6: critical when the subject is empty.
+                lines.append(f"subjectAltName = {'critical, ' if subject_empty else ''}"
+                             f"DER:{san.public_bytes().hex()}")
+            elif subject_empty:
+                raise CaRefused("the certificate would name nobody: empty subject and no subjectAltName",
+                                request_id=request_id)
+        elif subject_empty:
+            raise CaRefused("the certificate would name nobody: empty subject and no subjectAltName",
+                            request_id=request_id)
+        if self._tag_requests:
+            tag = _request_tag(request_id)
+            octet_string = b"\x04" + _der_length(len(tag)) + tag
+            lines.append(f"{REQUEST_TAG_OID.dotted_string} = DER:{octet_string.hex()}")
+        return "\n".join(lines) + "\n"
+
+    def _issue_with_openssl(self, csr: x509.CertificateSigningRequest, profile: IssueProfile,
+                            request_id: str) -> bytes:
+        subject = x509.Name.from_rfc4514_string(profile.subject) if profile.subject else csr.subject
+        ext = self._extensions(csr, profile, request_id, subject_empty=not subject.rdns)
+        args = ["-extfile", "ext.cnf", "-extensions", "cardline_cert", "-notext", "-preserveDN",
+                "-in", "req.pem", "-out", "cert.pem"]
+        if profile.subject:
+            args += ["-subj", _subj_argument(subject), "-multivalue-rdn", "-utf8"]
+        now = dt.datetime.now(dt.timezone.utc)
+        if now + dt.timedelta(days=profile.validity_days) > self._ca_cert.not_valid_after_utc:
+            args += ["-enddate", _openssl_time(self._ca_cert.not_valid_after_utc)]   # never outlive the CA
+        else:
+            args += ["-days", str(profile.validity_days)]
+        with tempfile.TemporaryDirectory(dir=self._tmp) as tmp:
+            work = pathlib.Path(tmp)
+            (work / "req.pem").write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+            (work / "ext.cnf").write_text(ext)
+            self._ca(*[str(work / a) if a in ("ext.cnf", "req.pem", "cert.pem") else a for a in args])
+            try:
+                cert = x509.load_pem_x509_certificate((work / "cert.pem").read_bytes())
+            except (OSError, ValueError) as exc:
+                raise CaRefused(f"CA {self._name!r}: openssl ca wrote no certificate: {exc}",
+                                request_id=request_id) from None
+        if _spki(cert.public_key()) != _spki(csr.public_key()):
+            raise CaRefused(f"CA {self._name!r}: openssl issued a certificate for another key",
+                            request_id=request_id)
+        log.info("openssl CA issued", ca=self._name, serial_hex=format(cert.serial_number, "x"),
+                 request_id=request_id)
+        return cert.public_bytes(serialization.Encoding.DER)
