@@ -16,6 +16,8 @@ from orchestrator.services.card_tasks import BoundaryHook, CardTaskService
 from orchestrator.services.certificates import CertificateService
 from orchestrator.services.configuration import Configuration, load_configuration
 from orchestrator.services.key_archive import KeyArchive, kek_from_settings
+from orchestrator.services.leases import LeaseService
+from orchestrator.services.orders import OrderService
 from orchestrator.services.pool import ReaderPool
 from orchestrator.services.processes import ProcessService
 from orchestrator.services.sweeper import IssuedSweeper
@@ -40,12 +42,18 @@ class Orchestrator:
     processes: ProcessService
     server: Server
     _background: list[asyncio.Task] = field(default_factory=list)
+    leases: LeaseService | None = None
+    orders: OrderService | None = None
 
     @property
     def address(self) -> str:
         return self.server.address
 
     async def stop(self) -> None:
+        if self.orders is not None:
+            await self.orders.stop()
+        if self.leases is not None:
+            self.leases.stop()
         for task in self._background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -74,7 +82,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
                                   pkcs11_module=archive_settings.pkcs11_module, token_label=archive_settings.token_label,
                                   pin_file=archive_settings.pin_file, key_label=archive_settings.key_label,
                                   file_path=archive_settings.file_path)
-    pool = ReaderPool()
+    pool = ReaderPool(queue_timeout_s=settings.pool.queue_timeout_s,
+                      offline_retention_s=settings.pool.offline_retention_s)
     templates = configuration.templates
     card_tasks = CardTaskService(store, pool, cas, templates, key_archive=KeyArchive(kek),
                                  step_timeout_s=settings.step_timeout_s,
@@ -83,9 +92,13 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
                                       lambda name: configuration.graphs[templates.certificate(name).state_graph],
                                       templates.internal_issued_state)
     processes = ProcessService(store, configuration, card_tasks, certificates)
+    leases = LeaseService(pool, default_ttl_s=settings.pool.lease_default_ttl_s,
+                          max_ttl_s=settings.pool.lease_max_ttl_s, step_timeout_s=settings.step_timeout_s)
+    orders = OrderService(processes, pool)
     server = Server(settings.listen, [
         (orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server,
-         OrchestratorServicer(store, pool, card_tasks, templates, cas, processes, certificates),
+         OrchestratorServicer(store, pool, card_tasks, templates, cas, processes, certificates,
+                             leases=leases, orders=orders),
          orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name),
         (link_pb2_grpc.add_GatewayLinkServicer_to_server,
          GatewayLinkServicer(pool, f"orchestrator-{uuid.uuid4().hex[:8]}", settings.heartbeat_interval_s),
@@ -93,6 +106,7 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     ])
     await server.start()
     orchestrator = Orchestrator(settings, configuration, store, cas, pool, card_tasks, certificates, processes, server)
+    orchestrator.leases, orchestrator.orders = leases, orders
     sweeper = settings.issued_sweeper
     if sweeper.enabled:        # C5: no automatic handling unless asked for
         import datetime as dt

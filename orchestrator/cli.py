@@ -322,22 +322,7 @@ def register(root: typer.Typer) -> None:
 
     root.add_typer(cards_app, name="cards")
 
-    @root.command("readers")
-    def readers(as_json: bool = typer.Option(False, "--json", help="JSON output."),
-                orchestrator_addr: str = ORCHESTRATOR) -> None:
-        """Readers of every attached gateway."""
-        try:
-            resp = _stub(orchestrator_addr).ListReaders(pb.ListReadersRequest())
-        except grpc.RpcError as exc:
-            raise _fail(exc) from None
-        if as_json:
-            print(json.dumps([_as_json(r) for r in resp.readers], indent=2))
-            return
-        table = Table("gateway", "reader", "kind", "card", "busy")
-        for r in resp.readers:
-            table.add_row(r.gateway_id, r.reader.reader_id, common_pb2.ReaderKind.Name(r.reader.kind).removeprefix(
-                "READER_KIND_"), r.reader.token_label or ("yes" if r.reader.card_present else "-"),
-                "yes" if r.busy else "")
-        Console().print(table)
+    from orchestrator import cli_pool     # readers, gateways, orders: the reader pool
+    cli_pool.register(root)
 
 

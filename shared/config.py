@@ -170,6 +170,18 @@ class KeyArchiveSettings(BaseModel):
         return self
 
 
+class PoolSettings(BaseModel):
+    """The reader pool (orchestrator/services/pool.py, leases.py): how long a request may wait
+    in the queue for a reader, how long the readers of a gateway that went away stay listed
+    as OFFLINE, and the default and largest ttl of a lease other services take."""
+    model_config = ConfigDict(extra="forbid")
+
+    queue_timeout_s: float = Field(default=3600.0, gt=0)
+    offline_retention_s: float = Field(default=600.0, ge=0)
+    lease_default_ttl_s: float = Field(default=30.0, gt=0)
+    lease_max_ttl_s: float = Field(default=3600.0, gt=0)
+
+
 class OrchestratorSettings(_Settings):
     model_config = SettingsConfigDict(env_prefix="CARDLINE_ORCHESTRATOR_", env_nested_delimiter="__",
                                       title="orchestrator", extra="forbid")
@@ -190,6 +202,7 @@ class OrchestratorSettings(_Settings):
     default_relation_type: str = "HAS_CERTIFICATE"
     issued_sweeper: IssuedSweeperSettings = Field(default_factory=IssuedSweeperSettings)
     key_archive: KeyArchiveSettings = Field(default_factory=KeyArchiveSettings)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
 
     _check = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
     _check_issued = field_validator("certificate_internal_issued_state")(

@@ -59,6 +59,7 @@ StateConflict = _error("StateConflict", "STATE_CONFLICT", "FAILED_PRECONDITION",
 IllegalTransition = _error("IllegalTransition", "ILLEGAL_TRANSITION", "FAILED_PRECONDITION", "The state graph has no such transition.")
 UnmappedCaAction = _error("UnmappedCaAction", "UNMAPPED_CA_ACTION", "FAILED_PRECONDITION", "The target state maps to no CA action; nothing was revoked.")
 EncodingFailed = _error("EncodingFailed", "ENCODING_FAILED", "FAILED_PRECONDITION", "The encoding cannot run as described.")
+Cancelled = _error("Cancelled", "CANCELLED", "CANCELLED", "The request was cancelled before it ran (a card of a cancelled order, still in the queue).")
 
 
 def from_reason(reason: str, message: str, metadata: dict[str, str] | None = None) -> CardlineError:

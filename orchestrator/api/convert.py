@@ -5,7 +5,7 @@ import datetime as dt
 
 from google.protobuf import timestamp_pb2
 
-from orchestrator.services.pool import PooledReader, ReaderSelector
+from orchestrator.services.pool import GatewayInfo, PooledReader, ReaderSelector, ReaderState
 from orchestrator.services.production import CertificateOrder
 from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.store.records import CardRecord, CertificateRecord, ProcessInstanceRecord, TaskRecord
@@ -25,7 +25,8 @@ def timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 def selector_from_proto(m: orchestrator_pb2.ReaderSelector) -> ReaderSelector:
-    return ReaderSelector(gateway_id=m.gateway_id, reader_id=m.reader_id, kind=convert.reader_kind_from_proto(m.kind))
+    return ReaderSelector(gateway_id=m.gateway_id, reader_id=m.reader_id, kind=convert.reader_kind_from_proto(m.kind),
+                          site=m.site, labels=dict(m.labels), card_present=m.card_present)
 
 
 def certificate_orders_from_proto(m: orchestrator_pb2.ProduceCardRequest) -> tuple[CertificateOrder, ...]:
@@ -56,8 +57,44 @@ def certificate_to_proto(c: CertificateRecord, card_id: str = "") -> orchestrato
         card_id=card_id, der=c.der, task_error=c.task_error_message or "", created_at=timestamp(c.created_at))
 
 
+_READER_STATES = {ReaderState.EMPTY: orchestrator_pb2.POOLED_READER_STATE_EMPTY,
+                  ReaderState.CARD_PRESENT: orchestrator_pb2.POOLED_READER_STATE_CARD_PRESENT,
+                  ReaderState.LEASED: orchestrator_pb2.POOLED_READER_STATE_LEASED,
+                  ReaderState.BUSY: orchestrator_pb2.POOLED_READER_STATE_BUSY,
+                  ReaderState.OFFLINE: orchestrator_pb2.POOLED_READER_STATE_OFFLINE}
+
+
 def pooled_reader_to_proto(p: PooledReader) -> orchestrator_pb2.PooledReader:
-    return orchestrator_pb2.PooledReader(gateway_id=p.gateway_id, reader=convert.reader_to_proto(p.reader), busy=p.busy)
+    return orchestrator_pb2.PooledReader(gateway_id=p.gateway_id, reader=convert.reader_to_proto(p.reader), busy=p.busy,
+                                         state=_READER_STATES[p.state], site=p.site, labels=dict(p.labels),
+                                         holder=p.holder)
+
+
+def gateway_to_proto(g: GatewayInfo) -> orchestrator_pb2.Gateway:
+    return orchestrator_pb2.Gateway(gateway_id=g.gateway_id, site=g.site, labels=dict(g.labels), connected=g.connected,
+                                    readers=g.readers, connected_since=timestamp(g.connected_since),
+                                    last_seen=timestamp(g.last_seen), version=g.version)
+
+
+def lease_to_proto(lease) -> orchestrator_pb2.Lease:
+    """A ServiceLease (orchestrator/services/leases.py)."""
+    return orchestrator_pb2.Lease(lease_id=lease.lease_id, gateway_id=lease.gateway_id,
+                                  reader=convert.reader_to_proto(lease.reader), expires_at=timestamp(lease.expires_at))
+
+
+_ORDER_STATES = {"RUNNING": orchestrator_pb2.ORDER_STATE_RUNNING, "DONE": orchestrator_pb2.ORDER_STATE_DONE,
+                 "CANCELLED": orchestrator_pb2.ORDER_STATE_CANCELLED}
+
+
+def order_to_proto(order) -> orchestrator_pb2.Order:
+    """An Order (orchestrator/services/orders.py)."""
+    return orchestrator_pb2.Order(
+        id=order.id, process=order.process, state=_ORDER_STATES[order.state], created_at=timestamp(order.created_at),
+        cards=[orchestrator_pb2.OrderCard(
+            index=c.index, state=c.state, queue_position=c.queue_position, gateway_id=c.gateway_id,
+            reader_id=c.reader_id, process_instance_id=c.process_instance_id,
+            error=common_pb2.Error(reason=c.error_reason, message=c.error_message) if c.error_reason else None)
+            for c in order.cards])
 
 
 # --- processes -------------------------------------------------------------------------

@@ -34,8 +34,10 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
         hello = first.hello
         if not hello.gateway_id:
             raise InvalidArgument("hello.gateway_id is empty", field="hello.gateway_id")
+        # The hello carries the whole inventory: a returning gateway's readers are re-read.
         session = GatewaySession(gateway_id=hello.gateway_id, site=hello.site, labels=dict(hello.labels),
-                                 readers={r.reader_id: convert.reader_from_proto(r) for r in hello.readers})
+                                 readers={r.reader_id: convert.reader_from_proto(r) for r in hello.readers},
+                                 version=hello.version)
         self.pool.attach(session)
         reader = asyncio.create_task(self._incoming(request_iterator, session))
         try:
@@ -56,6 +58,7 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
         try:
             while True:
                 msg = await asyncio.wait_for(anext(iterator), 3 * self.heartbeat_interval_s)
+                self.pool.seen(session)
                 kind = msg.WhichOneof("message")
                 if kind == "step_result":
                     result = msg.step_result
@@ -67,7 +70,10 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
                 elif kind == "reader_event":
                     event, reader = convert.reader_event_from_proto(msg.reader_event)
                     self.pool.reader_event(session, event, reader)
-        except (StopAsyncIteration, TimeoutError, asyncio.CancelledError):
+        except TimeoutError:
+            log.warning("gateway fell silent for three heartbeat intervals; detaching it",
+                        gateway_id=session.gateway_id, silence_s=3 * self.heartbeat_interval_s)
+        except (StopAsyncIteration, asyncio.CancelledError):
             pass
         except Exception:  # noqa: BLE001 - a broken stream ends the session
             log.exception("gateway link broke", gateway_id=session.gateway_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 
 from orchestrator.api import convert as conv
+from orchestrator.api.pool_rpcs import PoolRpcs
 from orchestrator.services.pool import ReaderPool
 from orchestrator.domain.templates import Templates
 from orchestrator.services.card_tasks import CardTaskService, Progress
@@ -18,9 +19,10 @@ from shared.proto import orchestrator_pb2_grpc
 from shared.rpc import rpc_errors
 
 
-class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+class OrchestratorServicer(PoolRpcs, orchestrator_pb2_grpc.OrchestratorServiceServicer):
     def __init__(self, store: Store, pool: ReaderPool, card_tasks: CardTaskService, templates: Templates,
-                 cas: dict[str, CaConnector], processes: ProcessService, certificates: CertificateService) -> None:
+                 cas: dict[str, CaConnector], processes: ProcessService, certificates: CertificateService,
+                 leases=None, orders=None) -> None:
         self.store = store
         self.pool = pool
         self.card_tasks = card_tasks
@@ -28,6 +30,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self.cas = cas
         self.processes = processes
         self.certificates = certificates
+        self.leases = leases      # pool RPCs (api/pool_rpcs.py)
+        self.orders = orders
 
     @rpc_errors
     async def ProduceCard(self, request, context):

@@ -1,12 +1,41 @@
-"""The reader pool: every reader of every attached gateway, leases, and the way to run a
-step on a reader through its gateway's link."""
+"""The reader pool: every reader of every attached gateway, who holds which, the queue of
+those waiting for one, and the way to run a step on a reader through its gateway's link.
+
+States of a pooled reader: EMPTY, CARD_PRESENT, BUSY (a card task holds it), LEASED (another
+service holds it) and OFFLINE (its gateway went away: it stays listed for
+`offline_retention_s`, then disappears; when the gateway returns, its hello re-announces
+the inventory and replaces what was known).
+
+A PKCS#11 slot counts as holding a card only when its token reports a serial: SoftHSM2's
+free slot and other uninitialised tokens are listed EMPTY and never handed out for work.
+
+Acquiring a reader (`acquire`, `lease`): the request is refused at once when no connected
+reader matches its selector (ReaderNotFound, GatewayNotConnected for an unknown gateway) or
+when no matching reader holds a card and none is held by anyone (NoCardPresent: nothing would
+change without a person). Otherwise it joins one FIFO queue; whenever a reader is freed, a
+card is inserted or a gateway attaches, the queue is served in order: each waiter gets the
+free, ready reader that matches it and was used least recently (so work spreads over every
+reader), and a later waiter only goes first when no reader it could take suits those before
+it. Each waiter's position (1-based) is reported to its observer. A queued request fails
+when no connected reader matches it any more, or after `queue_timeout_s`. Cancelling a
+waiting caller removes it from the queue; a reader handed to it at that very moment goes back
+to the pool.
+
+Callers further up (orders) narrow the selector and watch the position through the
+`LEASE_SCOPE` context variable, without every layer in between passing them along.
+"""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import datetime as dt
+import enum
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from shared import cards
 from shared.errors import (CardlineError, GatewayNotConnected, NoCardPresent, ReaderBusy, ReaderNotFound,
@@ -14,6 +43,17 @@ from shared.errors import (CardlineError, GatewayNotConnected, NoCardPresent, Re
 from shared.logging import get_logger
 
 log = get_logger(__name__)
+
+TASK, SERVICE = "task", "lease"          # kinds of holders: a card task (BUSY), a service lease (LEASED)
+
+
+def has_card(reader: cards.Reader) -> bool:
+    """Holds a card that can be worked on (an uninitialised PKCS#11 token has no serial)."""
+    return reader.card_present and (reader.kind is not cards.ReaderKind.PKCS11 or bool(reader.token_serial))
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -25,28 +65,71 @@ class Command:
     step: cards.Step
 
 
+class ReaderState(enum.Enum):
+    EMPTY = "EMPTY"
+    CARD_PRESENT = "CARD_PRESENT"
+    LEASED = "LEASED"
+    BUSY = "BUSY"
+    OFFLINE = "OFFLINE"
+
+
 @dataclass(frozen=True)
 class ReaderSelector:
-    """Picks readers from the pool; empty fields match anything."""
+    """Picks readers from the pool; empty fields match anything. `labels` must all match the
+    gateway's labels; `card_present` asks for readers holding a card."""
     gateway_id: str = ""
     reader_id: str = ""
     kind: cards.ReaderKind | None = None
     site: str = ""
-    labels: dict[str, str] = field(default_factory=dict, hash=False)
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    card_present: bool = False
 
-    def matches(self, session: "GatewaySession", reader: cards.Reader) -> bool:
-        return ((not self.gateway_id or self.gateway_id == session.gateway_id)
+    def matches_place(self, gateway_id: str, site: str, labels: Mapping[str, str], reader: cards.Reader) -> bool:
+        """Everything but the card."""
+        return ((not self.gateway_id or self.gateway_id == gateway_id)
                 and (not self.reader_id or self.reader_id == reader.reader_id)
                 and (self.kind is None or self.kind is reader.kind)
-                and (not self.site or self.site == session.site)
-                and all(session.labels.get(k) == v for k, v in self.labels.items()))
+                and (not self.site or self.site == site)
+                and all(labels.get(k) == v for k, v in self.labels.items()))
+
+    def matches(self, session: "GatewaySession", reader: cards.Reader) -> bool:
+        return (self.matches_place(session.gateway_id, session.site, session.labels, reader)
+                and (not self.card_present or has_card(reader)))
+
+    def matches_pooled(self, p: "PooledReader") -> bool:
+        return (self.matches_place(p.gateway_id, p.site, p.labels, p.reader)
+                and (not self.card_present or has_card(p.reader)))
+
+    def describe(self) -> str:
+        parts = [f"{k}={v}" for k, v in (("gateway", self.gateway_id), ("reader", self.reader_id),
+                                          ("kind", self.kind.value if self.kind else ""), ("site", self.site)) if v]
+        parts += [f"label {k}={v}" for k, v in sorted(self.labels.items())]
+        if self.card_present:
+            parts.append("card present")
+        return "{" + ", ".join(parts) + "}" if parts else "{any reader}"
 
 
 @dataclass(frozen=True)
 class PooledReader:
     gateway_id: str
     reader: cards.Reader
-    busy: bool
+    busy: bool                                   # held by anyone (task or lease)
+    state: ReaderState = ReaderState.EMPTY
+    site: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    holder: str = ""                             # task id or lease id holding it
+
+
+@dataclass(frozen=True)
+class GatewayInfo:
+    gateway_id: str
+    site: str
+    labels: Mapping[str, str]
+    connected: bool
+    readers: int
+    connected_since: dt.datetime
+    last_seen: dt.datetime
+    version: str
 
 
 _CLOSED = object()
@@ -59,9 +142,15 @@ class GatewaySession:
     site: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     readers: dict[str, cards.Reader] = field(default_factory=dict)
+    version: str = ""
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     _pending: dict[str, asyncio.Future] = field(default_factory=dict)
     closed: bool = False
+    connected_since: dt.datetime = field(default_factory=_now)
+    last_seen: dt.datetime = field(default_factory=_now)
+
+    def touch(self) -> None:
+        self.last_seen = _now()
 
     async def run_step(self, reader_id: str, step: cards.Step, *, task_id: str, step_number: int,
                        timeout_s: float) -> cards.StepValue:
@@ -90,6 +179,8 @@ class GatewaySession:
             future.set_result(result)
 
     def close(self) -> None:
+        if self.closed:
+            return
         self.closed = True
         for future in self._pending.values():
             if not future.done():
@@ -102,79 +193,341 @@ class GatewaySession:
         return item is _CLOSED
 
 
-class ReaderPool:
-    def __init__(self) -> None:
-        self._sessions: dict[str, GatewaySession] = {}
-        self._busy: set[tuple[str, str]] = set()
-
-    # --- gateways ----------------------------------------------------------------------
-
-    def attach(self, session: GatewaySession) -> None:
-        old = self._sessions.get(session.gateway_id)
-        if old is not None:
-            log.info("gateway reattached, closing its previous stream", gateway_id=session.gateway_id)
-            old.close()
-        self._sessions[session.gateway_id] = session
-        log.info("gateway attached", gateway_id=session.gateway_id, readers=len(session.readers))
-
-    def detach(self, session: GatewaySession) -> None:
-        session.close()
-        if self._sessions.get(session.gateway_id) is session:
-            del self._sessions[session.gateway_id]
-            log.info("gateway detached", gateway_id=session.gateway_id)
-
-    def reader_event(self, session: GatewaySession, kind: str, reader: cards.Reader) -> None:
-        if kind == "reader_removed":
-            session.readers.pop(reader.reader_id, None)
-        else:
-            session.readers[reader.reader_id] = reader
-
-    def session(self, gateway_id: str) -> GatewaySession:
-        session = self._sessions.get(gateway_id)
-        if session is None:
-            raise GatewayNotConnected(f"gateway {gateway_id!r} is not attached", gateway_id=gateway_id)
-        return session
-
-    # --- readers -----------------------------------------------------------------------
-
-    def list(self, selector: ReaderSelector = ReaderSelector()) -> list[PooledReader]:
-        return [PooledReader(gid, r, (gid, r.reader_id) in self._busy)
-                for gid, s in sorted(self._sessions.items()) for r in s.readers.values()
-                if selector.matches(s, r)]
-
-    @contextlib.asynccontextmanager
-    async def lease(self, selector: ReaderSelector, *, need_card: bool = True) -> AsyncIterator["Lease"]:
-        """Holds a matching reader for the caller until the block ends."""
-        candidates = self.list(selector)
-        if not candidates:
-            if selector.gateway_id and selector.gateway_id not in self._sessions:
-                raise GatewayNotConnected(f"gateway {selector.gateway_id!r} is not attached",
-                                          gateway_id=selector.gateway_id)
-            raise ReaderNotFound(f"no reader matches {selector}", reader_id=selector.reader_id)
-        free = [c for c in candidates if not c.busy]
-        if not free:
-            raise ReaderBusy(f"every reader matching {selector} is busy")
-        ready = [c for c in free if c.reader.card_present or not need_card]
-        if not ready:
-            raise NoCardPresent(f"no card in any free reader matching {selector}", reader_id=free[0].reader.reader_id)
-        chosen = ready[0]
-        key = (chosen.gateway_id, chosen.reader.reader_id)
-        self._busy.add(key)
-        try:
-            yield Lease(self.session(chosen.gateway_id), chosen.reader)
-        finally:
-            self._busy.discard(key)
+class LeaseObserver(Protocol):
+    def queued(self, position: int) -> None: ...
+    def acquired(self, gateway_id: str, reader_id: str) -> None: ...
 
 
 @dataclass(frozen=True)
+class LeaseScope:
+    """Set by a caller above the card task engine (an order): every reader acquired below it
+    must also match `selector`, and `observer` hears the queue position and the reader."""
+    selector: ReaderSelector | None = None
+    observer: LeaseObserver | None = None
+    tag: object = None                           # lets the owner find its waiters (cancel_waiters)
+    refuse: Callable[[], CardlineError | None] | None = None   # a reason not to queue any more (cancelled)
+
+
+LEASE_SCOPE: contextvars.ContextVar[LeaseScope | None] = contextvars.ContextVar("cardline_lease_scope", default=None)
+
+
+@dataclass(eq=False)
+class _Hold:
+    kind: str
+    holder: str
+
+
+@dataclass(eq=False)
+class _Waiter:
+    selector: ReaderSelector
+    scope: LeaseScope | None
+    need_card: bool
+    kind: str
+    holder: str
+    future: asyncio.Future
+    position: int = 0
+
+    def wants(self, session: GatewaySession, reader: cards.Reader) -> bool:
+        """Matches the reader, card aside."""
+        if not self.selector.matches_place(session.gateway_id, session.site, session.labels, reader):
+            return False
+        s = self.scope.selector if self.scope else None
+        return s is None or s.matches_place(session.gateway_id, session.site, session.labels, reader)
+
+    def describe(self) -> str:
+        s = self.scope.selector if self.scope else None
+        return self.selector.describe() + (f" within {s.describe()}" if s else "")
+
+
 class Lease:
-    session: GatewaySession
-    reader: cards.Reader
+    """A reader held for one holder until `release()` (or the end of `pool.lease()`)."""
+
+    def __init__(self, pool: "ReaderPool", session: GatewaySession, reader: cards.Reader, hold: _Hold) -> None:
+        self._pool = pool
+        self.session = session
+        self.reader = reader
+        self._hold = hold
+        self.released = False
 
     @property
     def gateway_id(self) -> str:
         return self.session.gateway_id
 
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.session.gateway_id, self.reader.reader_id
+
+    @property
+    def holder(self) -> str:
+        return self._hold.holder
+
     async def run(self, step: cards.Step, *, task_id: str, step_number: int, timeout_s: float) -> cards.StepValue:
+        if self._hold.kind == TASK and not self._hold.holder:
+            self._hold.holder = task_id          # a card task learns its id after taking the reader
+            self._pool._publish()
         return await self.session.run_step(self.reader.reader_id, step, task_id=task_id, step_number=step_number,
                                            timeout_s=timeout_s)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._pool._release(self)
+
+
+class ReaderPool:
+    def __init__(self, *, queue_timeout_s: float | None = None, offline_retention_s: float = 600.0) -> None:
+        self.queue_timeout_s = queue_timeout_s
+        self.offline_retention_s = offline_retention_s
+        self._gateways: dict[str, GatewaySession] = {}        # the latest session of each gateway, closed or not
+        self._offline_since: dict[str, float] = {}
+        self._holds: dict[tuple[str, str], _Hold] = {}
+        self._last_used: dict[tuple[str, str], float] = {}
+        self._waiters: list[_Waiter] = []
+        self._sinks: list[Callable[[str, PooledReader], None]] = []
+        self._gone_listeners: list[Callable[[GatewaySession], None]] = []
+        self._snapshot: dict[tuple[str, str], PooledReader] = {}
+
+    # --- gateways ----------------------------------------------------------------------
+
+    def attach(self, session: GatewaySession) -> None:
+        old = self._gateways.get(session.gateway_id)
+        if old is not None and not old.closed:
+            log.info("gateway reattached, closing its previous stream", gateway_id=session.gateway_id)
+            old.close()
+            self._gone(old)
+        self._gateways[session.gateway_id] = session
+        self._offline_since.pop(session.gateway_id, None)
+        log.info("gateway attached", gateway_id=session.gateway_id, readers=len(session.readers),
+                 version=session.version)
+        self._changed()
+
+    def detach(self, session: GatewaySession) -> None:
+        session.close()
+        gid = session.gateway_id
+        if self._gateways.get(gid) is not session or gid in self._offline_since:
+            return
+        self._offline_since[gid] = time.monotonic()
+        log.info("gateway detached; its readers are offline", gateway_id=gid, readers=len(session.readers))
+        with contextlib.suppress(RuntimeError):          # no loop: nothing to purge later
+            asyncio.get_running_loop().call_later(self.offline_retention_s + 0.01, self._changed)
+        self._gone(session)
+        self._changed()
+
+    def _gone(self, session: GatewaySession) -> None:
+        for listener in list(self._gone_listeners):
+            try:
+                listener(session)
+            except Exception:  # noqa: BLE001 - one listener must not stop the others
+                log.exception("gateway-gone listener failed", gateway_id=session.gateway_id)
+
+    def on_gateway_gone(self, listener: Callable[[GatewaySession], None]) -> Callable[[], None]:
+        self._gone_listeners.append(listener)
+        return lambda: self._gone_listeners.remove(listener)
+
+    def reader_event(self, session: GatewaySession, kind: str, reader: cards.Reader) -> None:
+        if session.closed:
+            return
+        if kind == "reader_removed":
+            session.readers.pop(reader.reader_id, None)
+        else:
+            session.readers[reader.reader_id] = reader
+        self._changed()
+
+    def seen(self, session: GatewaySession) -> None:
+        session.touch()
+
+    def session(self, gateway_id: str) -> GatewaySession:
+        session = self._gateways.get(gateway_id)
+        if session is None or session.closed:
+            raise GatewayNotConnected(f"gateway {gateway_id!r} is not attached", gateway_id=gateway_id)
+        return session
+
+    def gateways(self) -> list[GatewayInfo]:
+        self._purge()
+        return [GatewayInfo(gid, s.site, dict(s.labels), not s.closed, len(s.readers), s.connected_since,
+                            s.last_seen, s.version) for gid, s in sorted(self._gateways.items())]
+
+    def _purge(self) -> bool:
+        now = time.monotonic()
+        expired = [gid for gid, since in self._offline_since.items() if now - since >= self.offline_retention_s]
+        for gid in expired:
+            del self._offline_since[gid]
+            self._gateways.pop(gid, None)
+            log.info("offline gateway forgotten", gateway_id=gid)
+        return bool(expired)
+
+    def _connected(self) -> list[GatewaySession]:
+        return [s for _, s in sorted(self._gateways.items()) if not s.closed]
+
+    # --- readers -----------------------------------------------------------------------
+
+    def _pooled(self, session: GatewaySession, reader: cards.Reader) -> PooledReader:
+        hold = self._holds.get((session.gateway_id, reader.reader_id))
+        if session.closed:
+            state = ReaderState.OFFLINE
+        elif hold is not None:
+            state = ReaderState.BUSY if hold.kind == TASK else ReaderState.LEASED
+        else:
+            state = ReaderState.CARD_PRESENT if has_card(reader) else ReaderState.EMPTY
+        return PooledReader(session.gateway_id, reader, hold is not None, state, session.site, dict(session.labels),
+                            hold.holder if hold else "")
+
+    def list(self, selector: ReaderSelector = ReaderSelector()) -> list[PooledReader]:
+        self._purge()
+        return [p for gid, s in sorted(self._gateways.items())
+                for r in sorted(s.readers.values(), key=lambda r: r.reader_id)
+                if selector.matches(s, r) for p in [self._pooled(s, r)]]
+
+    def queue(self) -> list[tuple[int, str, str]]:
+        """The waiting requests: (position, holder kind, what they wait for)."""
+        return [(w.position, w.kind, w.describe()) for w in self._waiters]
+
+    def subscribe(self, sink: Callable[[str, PooledReader], None]) -> Callable[[], None]:
+        """sink(kind, reader) on every change: kind "present" (appeared), "changed", "removed"."""
+        self._sinks.append(sink)
+        return lambda: self._sinks.remove(sink)
+
+    def _publish(self) -> None:
+        self._purge()
+        now = {(p.gateway_id, p.reader.reader_id): p for p in self.list()}
+        before, self._snapshot = self._snapshot, now
+        if not self._sinks:
+            return
+        events = [("present" if key not in before else "changed", p) for key, p in now.items() if before.get(key) != p]
+        events += [("removed", p) for key, p in before.items() if key not in now]
+        for kind, p in events:
+            for sink in list(self._sinks):
+                sink(kind, p)
+
+    # --- holding readers ---------------------------------------------------------------
+
+    async def acquire(self, selector: ReaderSelector, *, need_card: bool = True, wait: bool = True,
+                      kind: str = TASK, holder: str = "", timeout_s: float | None = None) -> Lease:
+        """Holds a matching reader for the caller (see the module doc for the queue)."""
+        scope = LEASE_SCOPE.get()
+        refusal = scope.refuse() if scope is not None and scope.refuse is not None else None
+        if refusal is not None:
+            raise refusal
+        waiter = _Waiter(selector, scope, need_card or selector.card_present, kind, holder,
+                         asyncio.get_running_loop().create_future())
+        self._refuse_unmatchable(waiter)
+        self._waiters.append(waiter)
+        self._serve()
+        if not waiter.future.done():
+            refusal = self._refusal(waiter, wait)
+            if refusal is not None:
+                self._drop(waiter)
+                raise refusal
+            log.info("request queued", kind=kind, holder=holder, position=waiter.position, wants=waiter.describe())
+        timeout_s = self.queue_timeout_s if timeout_s is None else timeout_s
+        timer = None
+        if timeout_s is not None and not waiter.future.done():
+            timer = asyncio.get_running_loop().call_later(timeout_s, self._time_out, waiter, timeout_s)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().release()        # handed over just as the caller gave up
+            self._drop(waiter)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    @contextlib.asynccontextmanager
+    async def lease(self, selector: ReaderSelector, *, need_card: bool = True, wait: bool = True,
+                    kind: str = TASK, holder: str = "") -> AsyncIterator[Lease]:
+        """Holds a matching reader for the caller until the block ends."""
+        lease = await self.acquire(selector, need_card=need_card, wait=wait, kind=kind, holder=holder)
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+    def cancel_waiters(self, tag: object, error: CardlineError) -> int:
+        """Fails every queued request made under a LeaseScope with this tag."""
+        hit = [w for w in self._waiters if w.scope is not None and w.scope.tag is tag and not w.future.done()]
+        for w in hit:
+            w.future.set_exception(error)
+            self._drop(w)
+        return len(hit)
+
+    def _refuse_unmatchable(self, waiter: _Waiter) -> None:
+        if any(waiter.wants(s, r) for s in self._connected() for r in s.readers.values()):
+            return
+        gid = waiter.selector.gateway_id
+        if gid and gid not in {s.gateway_id for s in self._connected()}:
+            raise GatewayNotConnected(f"gateway {gid!r} is not attached", gateway_id=gid)
+        raise ReaderNotFound(f"no reader of an attached gateway matches {waiter.describe()}",
+                             reader_id=waiter.selector.reader_id)
+
+    def _refusal(self, waiter: _Waiter, wait: bool) -> CardlineError | None:
+        """Why a request that found no reader at once must not wait (None: it may)."""
+        matching = [(s, r) for s in self._connected() for r in s.readers.values() if waiter.wants(s, r)]
+        held = [(s, r) for s, r in matching if (s.gateway_id, r.reader_id) in self._holds]
+        if waiter.need_card and not held and not any(has_card(r) for _, r in matching):
+            return NoCardPresent(f"no card in any reader matching {waiter.describe()}",
+                                 reader_id=matching[0][1].reader_id if matching else "")
+        if not wait:
+            return ReaderBusy(f"every reader matching {waiter.describe()} is busy or leased")
+        return None
+
+    def _time_out(self, waiter: _Waiter, timeout_s: float) -> None:
+        if not waiter.future.done():
+            waiter.future.set_exception(ReaderBusy(
+                f"no reader matching {waiter.describe()} became free within {timeout_s:g} s in the queue"))
+            self._drop(waiter)
+
+    def _drop(self, waiter: _Waiter) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+            self._serve()
+
+    def _release(self, lease: Lease) -> None:
+        if self._holds.get(lease.key) is lease._hold:
+            del self._holds[lease.key]
+            self._last_used[lease.key] = time.monotonic()
+        self._changed()
+
+    def _changed(self) -> None:
+        self._purge()
+        self._serve()
+
+    def _serve(self) -> None:
+        """Hands free readers to the queue in order, fails hopeless waiters, renumbers the
+        rest and tells everyone."""
+        sessions = self._connected()
+        taken_now: set[tuple[str, str]] = set()
+        for waiter in list(self._waiters):
+            if waiter.future.done():
+                self._waiters.remove(waiter)
+                continue
+            matching = [(s, r) for s in sessions for r in s.readers.values() if waiter.wants(s, r)]
+            if not matching:
+                waiter.future.set_exception(ReaderNotFound(
+                    f"no reader of an attached gateway matches {waiter.describe()} any more",
+                    reader_id=waiter.selector.reader_id))
+                self._waiters.remove(waiter)
+                continue
+            free = [(s, r) for s, r in matching if (s.gateway_id, r.reader_id) not in self._holds
+                    and (s.gateway_id, r.reader_id) not in taken_now and (has_card(r) or not waiter.need_card)]
+            if not free:
+                continue
+            session, reader = min(free, key=lambda c: (self._last_used.get((c[0].gateway_id, c[1].reader_id), 0.0),
+                                                       c[0].gateway_id, c[1].reader_id))
+            key = (session.gateway_id, reader.reader_id)
+            hold = _Hold(waiter.kind, waiter.holder)
+            self._holds[key] = hold
+            self._last_used[key] = time.monotonic()
+            taken_now.add(key)
+            self._waiters.remove(waiter)
+            waiter.future.set_result(Lease(self, session, reader, hold))
+            if waiter.scope is not None and waiter.scope.observer is not None:
+                waiter.scope.observer.acquired(*key)
+        for position, waiter in enumerate(self._waiters, start=1):
+            if waiter.position != position:
+                waiter.position = position
+                if waiter.scope is not None and waiter.scope.observer is not None:
+                    waiter.scope.observer.queued(position)
+        self._publish()

@@ -1541,7 +1541,12 @@ class RunLeasedStepRequest(_message.Message):
 
     LEASE_ID_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
+    STEP_NUMBER_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
+    step_number: _builtins.int
+    """Optional: the caller's own number for this step. A step resent with the same number
+    (after a lost answer) is answered from its first result, not run again. 0: a new step.
+    """
     @_builtins.property
     def step(self) -> _steps_pb2.Step: ...
     def __init__(
@@ -1549,10 +1554,11 @@ class RunLeasedStepRequest(_message.Message):
         *,
         lease_id: _builtins.str = ...,
         step: _steps_pb2.Step | None = ...,
+        step_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "step", b"step", "step_number", b"step_number"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

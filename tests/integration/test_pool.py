@@ -1,0 +1,554 @@
+"""The reader pool with several gateway PROCESSES, each with its own SoftHSM2 directory and
+token, and one in-process gateway on the private pcscd with the vpcd card emulator: batch
+orders spread over every reader with visible queue positions, leases for other services
+(expiry, gateway gone, APDU scripts through the orchestrator relay), and the faults of the
+pool issue — a gateway killed, its stream cut, the card pulled — each ending in a defined
+state with nothing left leased or running.
+
+The orchestrator runs in-process (its store, pool and step boundaries are reachable), with
+short heartbeats and step timeouts so the bounds are small here."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from gateway.drivers import softhsm_setup
+from orchestrator import app as orchestrator_app
+from orchestrator.services.pool import ReaderState
+from shared import config
+from shared.proto import common_pb2, steps_pb2
+from shared.proto import orchestrator_pb2 as pb
+from shared.proto import orchestrator_pb2_grpc
+from shared.rpc import error_from_rpc
+from tests.support.netcut import TcpProxy
+from tests.support.pki import default_pki
+from tests.support.processes import CARDLINE, gateway_process
+
+pytestmark = pytest.mark.hardware
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
+PIN, SO_PIN = "1234", "12345678"
+HEARTBEAT_S = 0.3                 # silence after 3 intervals (0.9 s) detaches a gateway
+STEP_TIMEOUT_S = 8.0
+FAULT_BOUND_S = 5.0               # a fault must end its task within this
+
+POOL_ENCODING = """\
+[Encoding]
+Type=Chip
+
+[Fields]
+USER_PIN=
+GeneratedCertApp_A=
+
+[Description]
+PIN=USER_PIN
+
+[Application_A]
+GenerateKeyPair=EC_P256
+CertificateTemplate=EmployeeAuthentication
+KeyLabel=Authentication
+CertCoreObjectDescriptorReturnField=GeneratedCertApp_A
+"""
+
+SELECT = "00A4040C0AF0434152444C494E4501"
+APDU_ENCODING = f"""\
+[Encoding]
+Type=Chip
+
+[Application_A]
+ApduScript={SELECT};{';'.join(['00B0000010'] * 60)}
+"""
+
+CARD_TEMPLATES = """
+  - name: PoolCard
+    state_graph: EmployeeCard
+    encoding: pool-card
+    produced_state: Active
+    failed_state: ProductionFailed
+
+  - name: VirtualCard
+    state_graph: EmployeeCard
+    encoding: apdu-card
+    produced_state: Active
+    failed_state: ProductionFailed
+"""
+
+POOL_PROCESS = """\
+name: pool-produce
+inputs: [person, pin]
+secret_inputs: [pin]
+tasks:
+  - type: card_production
+    card_template: PoolCard
+    reader: {kind: pkcs11}
+    subject: "CN=${person},O=Example"
+    fields:
+      USER_PIN: "${pin}"
+      GeneratedCertApp_A: "${cert}"
+    card: "${card}"
+"""
+
+APDU_PROCESS = """\
+name: apdu-produce
+inputs: [person]
+tasks:
+  - type: card_production
+    card_template: VirtualCard
+    reader: {kind: pcsc}
+    subject: "CN=${person},O=Example"
+    card: "${card}"
+"""
+
+
+def make_config(tmp_path: pathlib.Path) -> pathlib.Path:
+    target = tmp_path / "config"
+    shutil.copytree(EXAMPLES, target)
+    (target / "encodings" / "pool-card.ini").write_text(POOL_ENCODING)
+    (target / "encodings" / "apdu-card.ini").write_text(APDU_ENCODING)
+    with open(target / "templates" / "templates.yaml", "a") as f:
+        f.write(CARD_TEMPLATES)
+    (target / "processes" / "pool-produce.yaml").write_text(POOL_PROCESS)
+    (target / "processes" / "apdu-produce.yaml").write_text(APDU_PROCESS)
+    (target / "secrets").mkdir()
+    (target / "secrets" / "transport-puk").write_text(SO_PIN + "\n")
+    return target
+
+
+@dataclass
+class Station:
+    """One gateway process with its own SoftHSM2 directory and token."""
+    gateway_id: str
+    conf: pathlib.Path
+    serial: str
+    data_dir: pathlib.Path
+    module: str
+    orchestrator: str
+    proc: subprocess.Popen | None = None
+    _cm: contextlib.AbstractContextManager | None = None
+
+    @property
+    def reader_id(self) -> str:
+        return f"pkcs11:softhsm2:{self.serial}"
+
+    @property
+    def log(self) -> str:
+        return (self.data_dir / "gateway.log").read_text()
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SOFTHSM2_CONF": str(self.conf), "CARDLINE_GATEWAY_SITE": "hq",
+                "CARDLINE_GATEWAY_LABELS": json.dumps({"line": self.gateway_id}),
+                "CARDLINE_GATEWAY_RECONNECT_MAX_S": "0.5"}
+
+    def start(self) -> None:
+        self._cm = gateway_process(self.orchestrator, self.gateway_id, self.data_dir, pkcs11_module=self.module,
+                                   env=self.env())
+        _addr, self.proc = self._cm.__enter__()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self._cm is not None:
+            cm, self._cm = self._cm, None
+            cm.__exit__(None, None, None)
+
+
+def new_station(tmp_path: pathlib.Path, name: str, module: str, orchestrator: str) -> Station:
+    conf = softhsm_setup.make_softhsm_dir(tmp_path / f"hsm-{name}")
+    serial = softhsm_setup.init_token(conf, f"tok-{name}", SO_PIN, PIN)
+    return Station(name, conf, serial, tmp_path / f"gw-{name}", module, orchestrator)
+
+
+def settings_for(tmp_path: pathlib.Path, **overrides):
+    return config.load(config.OrchestratorSettings, listen="127.0.0.1:0", data_dir=tmp_path / "orchestrator",
+                       config_dir=make_config(tmp_path), step_timeout_s=STEP_TIMEOUT_S,
+                       heartbeat_interval_s=HEARTBEAT_S, **default_pki().settings(), **overrides)
+
+
+async def wait_until(predicate, timeout_s: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{what} not reached within {timeout_s} s")
+
+
+@contextlib.asynccontextmanager
+async def pool_rig(tmp_path, module: str, gateways: int, *, boundary=None, via_proxy: bool = False, **overrides):
+    """In-process orchestrator + `gateways` gateway processes (started in parallel)."""
+    orch = await orchestrator_app.start(settings_for(tmp_path, **overrides), boundary=boundary)
+    proxy = None
+    stations: list[Station] = []
+    try:
+        target = orch.address
+        if via_proxy:
+            host, _, port = orch.address.rpartition(":")
+            proxy = await TcpProxy(host, int(port)).start()
+            target = proxy.address
+        stations = [new_station(tmp_path, f"gw{i}", module, target) for i in range(gateways)]
+        await asyncio.gather(*(asyncio.to_thread(s.start) for s in stations))
+        await wait_until(lambda: {p.reader.reader_id for p in orch.pool.list() if p.state is ReaderState.CARD_PRESENT}
+                         == {s.reader_id for s in stations},
+                         what="every token in the pool")
+        yield orch, stations, proxy
+    finally:
+        await asyncio.gather(*(asyncio.to_thread(s.stop) for s in stations))
+        if proxy is not None:
+            await proxy.close()
+        await orch.stop()
+
+
+def pcsc_tls() -> dict:
+    default_pki().gateway("pcsc-1")                     # the in-process gateway's certificate
+    return default_pki().settings()
+
+
+def stub_for(orch):
+    channel = default_pki().aio_channel(orch.address)
+    return channel, orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+
+
+def tokens(orch) -> list:
+    """The pooled readers holding an initialised token (not SoftHSM2's free slots)."""
+    return [p for p in orch.pool.list() if p.reader.token_serial]
+
+
+def assert_nothing_held_or_running(orch) -> None:
+    assert [(p.reader.reader_id, p.state, p.holder) for p in orch.pool.list() if p.busy] == []
+    assert orch.pool.queue() == []
+    assert orch.store.list_tasks(state="RUNNING") == []
+    assert orch.store.list_process_instances(state="RUNNING") == []
+    assert orch.leases.list() == []
+
+
+def step_lines(log: str, task_id: str) -> list[tuple[int, bool]]:
+    """(step number, replayed) of every step the gateway ran or answered for this task."""
+    out = []
+    for line in log.splitlines():
+        if task_id in line and ("step done" in line or "step failed" in line):
+            step = re.search(r"step=(\d+)", line)
+            out.append((int(step.group(1)) if step else -1, "replayed=True" in line))
+    return out
+
+
+# --- batch production ---------------------------------------------------------------------------
+
+def test_batch_order_of_12_cards_over_3_gateways_uses_every_reader_with_fifo_queue_positions(
+        tmp_path, softhsm_module):
+    async def body():
+        async with pool_rig(tmp_path, softhsm_module, 3) as (orch, stations, _):
+            channel, stub = stub_for(orch)
+            async with channel:
+                gateways = (await stub.ListGateways(pb.ListGatewaysRequest())).gateways
+                order = (await stub.CreateOrder(pb.CreateOrderRequest(
+                    process="pool-produce", selector=pb.ReaderSelector(site="hq"),
+                    items=[pb.OrderItem(inputs={"person": common_pb2.Value(text=f"Person {i}")}) for i in range(12)],
+                    secret_inputs={"pin": PIN}))).order
+                snapshots = [e.order async for e in stub.WatchOrder(pb.WatchOrderRequest(order_id=order.id))]
+                listed = (await stub.ListOrders(pb.ListOrdersRequest())).orders
+            cli = await asyncio.to_thread(
+                subprocess.run, [CARDLINE, "orders", "list", "--json", "--orchestrator", orch.address],
+                capture_output=True, text=True)
+            readers_cli = await asyncio.to_thread(
+                subprocess.run, [CARDLINE, "readers", "--json", "--site", "hq", "--orchestrator", orch.address],
+                capture_output=True, text=True)
+            assert_nothing_held_or_running(orch)
+            certs = orch.store.list_certificates()
+            return stations, gateways, order, snapshots, listed, cli, readers_cli, certs
+
+    stations, gateways, order, snapshots, listed, cli, readers_cli, certs = asyncio.run(body())
+    assert {g.gateway_id for g in gateways} == {s.gateway_id for s in stations}
+    assert all(g.connected and g.site == "hq" and g.version and g.readers == 2 for g in gateways)  # token + free slot
+    final = snapshots[-1]
+    assert final.state == pb.ORDER_STATE_DONE
+    assert [c.state for c in final.cards] == ["succeeded"] * 12, [c.error for c in final.cards]
+    used = {(c.gateway_id, c.reader_id) for c in final.cards}
+    assert used == {(s.gateway_id, s.reader_id) for s in stations}            # every reader used
+    assert len({c.process_instance_id for c in final.cards}) == 12
+    assert len(certs) == 12 and {c.state for c in certs} == {"Active"}
+
+    # Cards beyond the three readers waited with visible, distinct positions ...
+    positions = [sorted(c.queue_position for c in s.cards if c.state == "queued" and c.queue_position)
+                 for s in snapshots]
+    assert max(max(p, default=0) for p in positions) >= 6
+    assert all(p == list(range(1, len(p) + 1)) for p in positions if p)
+    # ... and left the queue in that order (FIFO): who was ahead started first.
+    started = {}
+    for n, s in enumerate(snapshots):
+        for c in s.cards:
+            if c.state != "queued":
+                started.setdefault(c.index, n)
+    for s in snapshots:
+        queued = sorted((c for c in s.cards if c.state == "queued" and c.queue_position),
+                        key=lambda c: c.queue_position)
+        for ahead, behind in zip(queued, queued[1:]):
+            assert started[ahead.index] <= started[behind.index]
+
+    assert [o.id for o in listed] == [order.id]
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)[0]["id"] == order.id
+    rows = [r for r in json.loads(readers_cli.stdout) if r["reader"].get("token_serial")]
+    assert readers_cli.returncode == 0 and len(rows) == 3
+    assert {r["state"] for r in rows} == {"POOLED_READER_STATE_CARD_PRESENT"}
+    assert all(r["site"] == "hq" and r["labels"]["line"] == r["gateway_id"] for r in rows)
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+def test_gateway_killed_mid_production_fails_the_task_c3_and_the_returning_gateway_runs_nothing_twice(
+        tmp_path, softhsm_module):
+    rig: dict = {}
+
+    async def kill_after_store(name, task_id):
+        if name == "after_store" and "killed_at" not in rig:
+            rig["killed_at"] = time.monotonic()
+            rig["task_id"] = task_id
+            await asyncio.to_thread(rig["station"].kill)
+
+    async def body():
+        async with pool_rig(tmp_path, softhsm_module, 1, boundary=kill_after_store) as (orch, stations, _):
+            station = rig["station"] = stations[0]
+            instance = await orch.processes.start("pool-produce", {"person": "Jane Doe", "pin": PIN})
+            ended_after = time.monotonic() - rig["killed_at"]
+            offline = tokens(orch)
+            gateways_gone = orch.pool.gateways()
+            log_before = station.log
+            assert_nothing_held_or_running(orch)
+            await asyncio.to_thread(station.start)             # the gateway returns ...
+            await wait_until(lambda: [p.state for p in tokens(orch)] == [ReaderState.CARD_PRESENT],
+                             what="the returning gateway's reader")
+            await asyncio.sleep(4 * HEARTBEAT_S)
+            back = tokens(orch)
+            certs = orch.store.list_certificates(task_id=rig["task_id"])
+            steps = orch.store.list_task_steps(rig["task_id"])
+            task = orch.store.get_task(rig["task_id"])
+            return instance, ended_after, offline, gateways_gone, back, certs, steps, task, log_before, station.log
+
+    instance, ended_after, offline, gateways_gone, back, certs, steps, task, log_before, log_after = asyncio.run(body())
+    assert instance.state == "FAILED" and instance.error_reason == "GATEWAY_NOT_CONNECTED"
+    assert task.state == "FAILED" and task.error_reason == "GATEWAY_NOT_CONNECTED"
+    assert ended_after < FAULT_BOUND_S
+    assert [c.state for c in certs] == ["Issued"]                  # C3: left in the internal issued state
+    assert [(p.state, p.holder) for p in offline] == [(ReaderState.OFFLINE, "")]   # listed, not gone; not held
+    assert [g.connected for g in gateways_gone] == [False]
+    assert [(p.state, p.busy) for p in back] == [(ReaderState.CARD_PRESENT, False)]  # inventory re-read
+    # Every step was journaled once; the killed gateway ran none twice, the new one none at all.
+    numbers = [s.step_number for s in steps]
+    assert numbers == sorted(set(numbers))
+    ran = step_lines(log_before, task.id)
+    assert len(ran) == len({n for n, _ in ran}) and not any(replayed for _, replayed in ran)
+    assert step_lines(log_after, task.id) == []
+
+
+def test_stream_frozen_then_cut_mid_production_ends_the_task_by_heartbeat_silence_and_nothing_reruns(
+        tmp_path, softhsm_module):
+    rig: dict = {}
+
+    async def freeze_after_store(name, task_id):
+        if name == "after_store" and "frozen_at" not in rig:
+            rig["task_id"] = task_id
+            rig["frozen_at"] = time.monotonic()
+            rig["proxy"].freeze()                                  # a dead link: no FIN, no RST
+
+    async def body():
+        async with pool_rig(tmp_path, softhsm_module, 1, boundary=freeze_after_store, via_proxy=True) \
+                as (orch, stations, proxy):
+            rig["proxy"] = proxy
+            instance = await orch.processes.start("pool-produce", {"person": "Jane Doe", "pin": PIN})
+            ended_after = time.monotonic() - rig["frozen_at"]
+            during = tokens(orch)
+            assert_nothing_held_or_running(orch)
+            connections = proxy.connections
+            proxy.cut()                                             # the link comes back: the gateway redials
+            await wait_until(lambda: [p.state for p in tokens(orch)] == [ReaderState.CARD_PRESENT],
+                             what="the gateway back through the proxy")
+            await asyncio.sleep(4 * HEARTBEAT_S)
+            back = orch.pool.gateways()
+            task = orch.store.get_task(rig["task_id"])
+            certs = orch.store.list_certificates(task_id=task.id)
+            # the reader works again: a second card on the same reader succeeds
+            again = await orch.processes.start("pool-produce", {"person": "John Doe", "pin": PIN})
+            return (instance, ended_after, during, connections, proxy.connections, back, task, certs, again,
+                    stations[0].log)
+
+    instance, ended_after, during, conns_before, conns_after, back, task, certs, again, log = asyncio.run(body())
+    assert instance.state == "FAILED" and instance.error_reason == "GATEWAY_NOT_CONNECTED"
+    assert 3 * HEARTBEAT_S * 0.9 <= ended_after < FAULT_BOUND_S    # ended by the silence, not by a timeout
+    assert [c.state for c in certs] == ["Issued"]                  # C3
+    assert [(p.state, p.holder) for p in during] == [(ReaderState.OFFLINE, "")]
+    assert conns_after > conns_before and [g.connected for g in back] == [True]
+    assert again.state == "SUCCEEDED", again.error_message
+    ran = step_lines(log, task.id)                                  # the write step never reached the gateway,
+    assert len(ran) == len({n for n, _ in ran}) and not any(r for _, r in ran)   # and nothing was run twice
+    assert sorted(n for n, _ in ran) == [1, 2]                      # card info, key pair; the write never arrived
+
+
+def test_card_pulled_mid_encoding_fails_the_task_and_frees_the_reader(tmp_path, pcscd, vpcd_card_factory):
+    from gateway import app as gateway_app
+
+    async def body():
+        orch = await orchestrator_app.start(settings_for(tmp_path))
+        gw = await gateway_app.start(config.load(config.GatewaySettings, listen="127.0.0.1:0",
+                                                 data_dir=tmp_path / "gw-pcsc", orchestrator=orch.address,
+                                                 gateway_id="pcsc-1", pcsc=True, **pcsc_tls(), site="lab"))
+        try:
+            card = vpcd_card_factory(0)
+            reader_id = "pcsc:" + pcscd.reader_name(0)
+            await wait_until(lambda: any(p.reader.reader_id == reader_id and p.state is ReaderState.CARD_PRESENT
+                                         for p in orch.pool.list()), what="the emulator's card in the pool")
+            card.reset_count()
+            card.drop_after(20)                                  # pulled after 20 of the script's 61 APDUs
+            started = time.monotonic()
+            instance = await orch.processes.start("apdu-produce", {"person": "Jane Doe"})
+            ended_after = time.monotonic() - started
+            await wait_until(lambda: [p.state for p in orch.pool.list() if p.reader.reader_id == reader_id]
+                             == [ReaderState.EMPTY], what="the reader seen empty")
+            tasks = orch.store.list_tasks(process_instance_id=instance.id)
+            assert_nothing_held_or_running(orch)
+            return instance, ended_after, tasks, card.apdu_count
+        finally:
+            await gw.stop()
+            await orch.stop()
+
+    instance, ended_after, tasks, apdus = asyncio.run(body())
+    assert instance.state == "FAILED"
+    assert instance.error_reason in {"CARD_REMOVED", "CARD_IO", "CARD_NOT_PRESENT"}, instance.error_message
+    assert [t.state for t in tasks] == ["FAILED"] and ended_after < FAULT_BOUND_S
+    assert apdus == 21                                            # the 21st reached the card as it went away
+
+
+# --- leases ------------------------------------------------------------------------------------
+
+def test_lease_expires_without_renewal_and_a_waiting_lease_gets_the_reader(tmp_path, softhsm_module):
+    async def body():
+        async with pool_rig(tmp_path, softhsm_module, 1) as (orch, stations, _):
+            channel, stub = stub_for(orch)
+            async with channel:
+                first = (await stub.AcquireLease(pb.AcquireLeaseRequest(
+                    selector=pb.ReaderSelector(site="hq", card_present=True), ttl_s=1, holder="signer"))).lease
+                held = tokens(orch)
+                # PKCS#11 through the relay: list the token's objects with its PIN
+                listing = (await stub.RunLeasedStep(pb.RunLeasedStepRequest(lease_id=first.lease_id, step=steps_pb2.Step(
+                    credentials=steps_pb2.Credentials(user_pin=PIN), list_objects=steps_pb2.ListObjects())))).outcome
+                # a second holder that does not wait is refused; one that waits, but gives up, leaves no trace
+                with pytest.raises(grpc.aio.AioRpcError) as busy:
+                    await stub.AcquireLease(pb.AcquireLeaseRequest(selector=pb.ReaderSelector(site="hq", card_present=True), ttl_s=5))
+                with pytest.raises(grpc.aio.AioRpcError) as gave_up:
+                    await stub.AcquireLease(pb.AcquireLeaseRequest(selector=pb.ReaderSelector(site="hq", card_present=True), ttl_s=5,
+                                                                   wait=True), timeout=0.3)
+                await wait_until(lambda: orch.pool.queue() == [], what="the abandoned waiter gone")
+                for _ in range(3):                                     # renewed: still held after 1.5 s
+                    await asyncio.sleep(0.5)
+                    await stub.RenewLease(pb.RenewLeaseRequest(lease_id=first.lease_id))
+                still = tokens(orch)
+                waiting = asyncio.ensure_future(stub.AcquireLease(pb.AcquireLeaseRequest(
+                    selector=pb.ReaderSelector(site="hq", card_present=True), ttl_s=5, holder="second", wait=True)))
+                await wait_until(lambda: len(orch.pool.queue()) == 1, what="the second holder queued")
+                queued = orch.pool.queue()
+                t0 = time.monotonic()
+                second = (await waiting).lease                          # the first one expires: the second gets it
+                waited = time.monotonic() - t0
+                with pytest.raises(grpc.aio.AioRpcError) as expired:
+                    await stub.RenewLease(pb.RenewLeaseRequest(lease_id=first.lease_id))
+                after = tokens(orch)
+                await stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=second.lease_id))
+            assert_nothing_held_or_running(orch)
+            return first, held, listing, busy.value, gave_up.value, still, queued, second, waited, expired.value, after
+
+    first, held, listing, busy, gave_up, still, queued, second, waited, expired, after = asyncio.run(body())
+    assert first.gateway_id == "gw0" and first.reader.token_label == "tok-gw0"
+    assert [(p.state, p.holder) for p in held] == [(ReaderState.LEASED, f"signer (lease {first.lease_id})")]
+    assert listing.WhichOneof("result") == "object_list"
+    assert error_from_rpc(busy).reason == "READER_BUSY"
+    assert gave_up.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert [p.state for p in still] == [ReaderState.LEASED]
+    assert [(pos, kind) for pos, kind, _ in queued] == [(1, "lease")]
+    assert second.reader.reader_id == first.reader.reader_id and waited < 1.5
+    assert error_from_rpc(expired).reason == "NOT_FOUND" and "expired" in expired.details()
+    assert [(p.state, p.holder) for p in after] == [(ReaderState.LEASED, f"second (lease {second.lease_id})")]
+
+
+def test_lease_is_freed_when_its_gateway_goes_away(tmp_path, softhsm_module):
+    async def body():
+        async with pool_rig(tmp_path, softhsm_module, 2) as (orch, stations, _):
+            channel, stub = stub_for(orch)
+            async with channel:
+                lease = (await stub.AcquireLease(pb.AcquireLeaseRequest(
+                    selector=pb.ReaderSelector(gateway_id="gw1"), ttl_s=60, holder="svc"))).lease
+                await asyncio.to_thread(stations[1].kill)
+                await wait_until(lambda: not orch.leases.list(), timeout_s=FAULT_BOUND_S, what="the lease ended")
+                with pytest.raises(grpc.aio.AioRpcError) as gone:
+                    await stub.RunLeasedStep(pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
+                        read_card_info=steps_pb2.ReadCardInfo())))
+                readers = (await stub.ListReaders(pb.ListReadersRequest())).readers
+                gateways = (await stub.ListGateways(pb.ListGatewaysRequest())).gateways
+            assert_nothing_held_or_running(orch)
+            return gone.value, readers, gateways
+
+    gone, readers, gateways = asyncio.run(body())
+    assert error_from_rpc(gone).reason == "NOT_FOUND" and "went away" in gone.details()
+    states = {r.gateway_id: (r.state, r.holder) for r in readers if r.reader.token_serial}
+    assert states == {"gw0": (pb.POOLED_READER_STATE_CARD_PRESENT, ""), "gw1": (pb.POOLED_READER_STATE_OFFLINE, "")}
+    assert {g.gateway_id: g.connected for g in gateways} == {"gw0": True, "gw1": False}
+
+
+def test_run_leased_step_runs_an_apdu_script_on_the_emulator_through_the_orchestrator(
+        tmp_path, pcscd, vpcd_card_factory):
+    from gateway import app as gateway_app
+
+    script = steps_pb2.ApduScript(apdus=[
+        steps_pb2.Apdu(command=bytes.fromhex(SELECT)),
+        steps_pb2.Apdu(command=bytes.fromhex("00CA005A08")),                # the card's serial
+        steps_pb2.Apdu(command=bytes.fromhex("0020008100"), expected_sw=["63CX", "9000"])])
+
+    async def body():
+        orch = await orchestrator_app.start(settings_for(tmp_path))
+        gw = await gateway_app.start(config.load(config.GatewaySettings, listen="127.0.0.1:0",
+                                                 data_dir=tmp_path / "gw-pcsc", orchestrator=orch.address,
+                                                 gateway_id="pcsc-1", pcsc=True, **pcsc_tls()))
+        try:
+            card = vpcd_card_factory(0)
+            await wait_until(lambda: any(p.state is ReaderState.CARD_PRESENT for p in orch.pool.list()),
+                             what="the emulator's card")
+            channel, stub = stub_for(orch)
+            async with channel:
+                lease = (await stub.AcquireLease(pb.AcquireLeaseRequest(selector=pb.ReaderSelector(
+                    kind=common_pb2.READER_KIND_PCSC, card_present=True), ttl_s=10, holder="apdu-client"))).lease
+                card.reset_count()
+                first = (await stub.RunLeasedStep(pb.RunLeasedStepRequest(
+                    lease_id=lease.lease_id, step=steps_pb2.Step(apdu_script=script), step_number=1))).outcome
+                count = card.apdu_count
+                resent = (await stub.RunLeasedStep(pb.RunLeasedStepRequest(         # a resent step: answered
+                    lease_id=lease.lease_id, step=steps_pb2.Step(apdu_script=script), step_number=1))).outcome
+                count_after_resend = card.apdu_count
+                with pytest.raises(grpc.aio.AioRpcError) as wrong_sw:
+                    await stub.RunLeasedStep(pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
+                        apdu_script=steps_pb2.ApduScript(apdus=[steps_pb2.Apdu(command=bytes.fromhex("00B0000010"),
+                                                                                  expected_sw=["6A82"])]))))
+                await stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.lease_id))
+            assert_nothing_held_or_running(orch)
+            return first, count, resent, count_after_resend, wrong_sw.value
+        finally:
+            await gw.stop()
+            await orch.stop()
+
+    first, count, resent, count_after_resend, wrong_sw = asyncio.run(body())
+    responses = first.apdu_script_result.responses
+    assert [r.sw for r in responses] == [0x9000, 0x9000, 0x63C3]
+    assert responses[1].data == bytes.fromhex("C0FFEE0012345678")
+    assert count == 3 and count_after_resend == 3 and resent == first      # the gateway's StepMemo answered
+    assert error_from_rpc(wrong_sw).reason == "APDU_UNEXPECTED_SW"
