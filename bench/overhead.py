@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 
-import grpc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,7 +29,8 @@ from shared import cards  # noqa: E402
 from shared.proto import common_pb2, gateway_pb2, gateway_pb2_grpc, steps_pb2  # noqa: E402
 from shared.proto import orchestrator_pb2 as pb  # noqa: E402
 from shared.proto import orchestrator_pb2_grpc  # noqa: E402
-from tests.support.processes import gateway_process, orchestrator_process, wait_for_pooled_reader  # noqa: E402
+from tests.support.processes import channel, gateway_process, orchestrator_process  # noqa: E402
+from tests.support.processes import wait_for_pooled_reader  # noqa: E402
 
 PIN = "1234"
 SUBJECT = "CN=Bench Employee,O=cardline bench"
@@ -72,8 +72,9 @@ def main() -> None:
     with orchestrator_process(work / "orchestrator") as orch, \
             gateway_process(orch, "bench", work / "gateway", pkcs11_module=module, env=dict(os.environ)) as (gw, _p):
         reader = wait_for_pooled_reader(orch, lambda r: r.reader.token_serial == serial_pipe).reader
-        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(grpc.insecure_channel(orch))
-        gw_stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(gw))
+        # mutual TLS like production (a throwaway PKI from tests/support/pki.py)
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel(orch))
+        gw_stub = gateway_pb2_grpc.GatewayServiceStub(channel(gw))
         request = pb.ProduceCardRequest(reader=pb.ReaderSelector(reader_id=reader.reader_id), subject=SUBJECT,
                                         user_pin=PIN, certificates=[pb.CertificateRequest(template=t, key_type=PROTO_KEY[k])
                                                                     for t, k in apps])

@@ -16,6 +16,7 @@ from shared.config import GatewaySettings
 from shared.logging import get_logger
 from shared.proto import gateway_pb2, gateway_pb2_grpc
 from shared.rpc import Server
+from shared.tls import server_security, settings_tls
 
 log = get_logger(__name__)
 
@@ -56,21 +57,27 @@ def _pcsc_driver():
 
 
 async def start(settings: GatewaySettings) -> Gateway:
+    # Mutual TLS unless explicitly insecure: one certificate (CN = gateway id, role gateway)
+    # serves GatewayService and authenticates the link to the orchestrator.
+    tls = settings_tls(settings, f"gateway {settings.gateway_id}", settings.gateway_id, role="gateway",
+                       common_name=settings.gateway_id)
     workers = [TokenWorker(lambda path=str(path): Pkcs11TokenDriver(path)) for path in settings.pkcs11_modules]
     pcsc = await asyncio.to_thread(_pcsc_driver) if settings.pcsc else None
     registry = ReaderRegistry(token_workers=workers, pcsc=pcsc)
     await registry.refresh()
     executor = StepExecutor(registry)
+    credentials, interceptors = server_security(tls, {}, default_roles=frozenset({"client"}))
     server = Server(settings.listen, [
         (gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(registry, executor),
          gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name),
-    ])
+    ], credentials=credentials, interceptors=interceptors)
     await server.start()
     gateway = Gateway(settings, registry, executor, server, None)
     gateway._tasks.append(asyncio.create_task(registry.watch()))
     if settings.orchestrator:
         gateway.link = OrchestratorLink(settings.orchestrator, settings.gateway_id, registry, executor,
                                         site=settings.site, labels=settings.labels,
+                                        credentials=tls.channel_credentials() if tls else None,
                                         backoff_min_s=settings.reconnect_min_s, backoff_max_s=settings.reconnect_max_s)
         gateway._tasks.append(asyncio.create_task(gateway.link.run_forever()))
     log.info("gateway serving", address=server.address, gateway_id=settings.gateway_id,

@@ -10,6 +10,7 @@ import typer
 from shared import config
 from shared.errors import ConfigurationError
 from shared.logging import configure
+from shared.pki_cli import INSECURE, TLS_CA, TLS_CERT, TLS_CRL, TLS_DIR, TLS_KEY
 
 
 def register(root: typer.Typer) -> None:
@@ -27,18 +28,48 @@ def register(root: typer.Typer) -> None:
         config_file: Optional[pathlib.Path] = typer.Option(None, "--config", envvar="CARDLINE_CONFIG",
                                                            help="YAML configuration file (section 'gateway')."),
         json_logs: bool = typer.Option(False, "--json-logs", help="Log JSON lines."),
+        tls_dir: Optional[pathlib.Path] = TLS_DIR, tls_ca: Optional[pathlib.Path] = TLS_CA,
+        tls_cert: Optional[pathlib.Path] = TLS_CERT, tls_key: Optional[pathlib.Path] = TLS_KEY,
+        tls_crl: Optional[pathlib.Path] = TLS_CRL, insecure: Optional[bool] = INSECURE,
     ) -> None:
-        """Serve card I/O and keep the link to the orchestrator."""
+        """Serve card I/O and keep the link to the orchestrator (mutual TLS unless --insecure)."""
         from gateway.app import serve as run
 
         configure(json=json_logs)
         try:
             settings = config.load(config.GatewaySettings, config_file=config_file, listen=listen, data_dir=data_dir,
                                    orchestrator=orchestrator, gateway_id=gateway_id, site=site,
-                                   pkcs11_modules=pkcs11_module or None, pcsc=pcsc)
+                                   pkcs11_modules=pkcs11_module or None, pcsc=pcsc, tls_dir=tls_dir, tls_ca=tls_ca,
+                                   tls_cert=tls_cert, tls_key=tls_key, tls_crl=tls_crl, insecure=insecure)
+            asyncio.run(run(settings))
         except ConfigurationError as exc:
             typer.echo(str(exc), err=True)
             raise typer.Exit(2) from None
-        asyncio.run(run(settings))
+
+    @gateway.command("enroll")
+    def enroll(
+        pki_dir: pathlib.Path = typer.Option(..., help="The PKI directory (`cardline pki init`), on the admin's machine."),
+        gateway_id: str = typer.Option(..., help="The new station's gateway id (its certificate's CN)."),
+        out: pathlib.Path = typer.Option(..., help="Directory to write ca.crt, ID.crt and ID.key to."),
+        name: list[str] = typer.Option([], "--name", help="Host name or IP clients reach the station's own "
+                                                           "GatewayService by (repeatable)."),
+    ) -> None:
+        """Give a new station its certificate, key and the CA certificate in one directory:
+        copy it to the station and start `cardline gateway serve --gateway-id ID --tls-dir DIR`."""
+        from shared.errors import CardlineError
+        from shared.pki import Pki
+
+        try:
+            pki = Pki.open(pki_dir)
+            issued = pki.issue("gateway", gateway_id, name)
+            files = pki.export(gateway_id, out)
+        except CardlineError as exc:
+            typer.echo(f"error {exc.reason}: {exc.message}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"gateway {gateway_id}: serial {issued.serial:x}")
+        for path in files.values():
+            typer.echo(f"  {path}")
+        typer.echo(f"on the station: cardline gateway serve --gateway-id {gateway_id} --tls-dir {out} "
+                   "--orchestrator HOST:PORT")
 
     root.add_typer(gateway, name="gateway")

@@ -26,8 +26,14 @@ from shared.config import OrchestratorSettings
 from shared.logging import get_logger
 from shared.proto import link_pb2, link_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc
 from shared.rpc import Server
+from shared.tls import server_security, settings_tls
 
 log = get_logger(__name__)
+#: Who may call what (shared/tls.py): gateways the link only; clients (and, later, other
+#: orchestrator replicas) the client API; health and reflection any valid certificate.
+CLIENT_ROLES = frozenset({"client", "orchestrator"})
+ROLES = {link_pb2.DESCRIPTOR.services_by_name["GatewayLink"].full_name: frozenset({"gateway"}),
+         orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name: CLIENT_ROLES}
 
 
 @dataclass
@@ -67,6 +73,8 @@ def build_cas(settings: OrchestratorSettings) -> dict[str, CaConnector]:
 
 
 async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None = None) -> Orchestrator:
+    # Mutual TLS unless explicitly insecure: no TLS material stops start-up before anything else.
+    tls = settings_tls(settings, "orchestrator", "orchestrator", role="orchestrator")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     cas = await asyncio.to_thread(build_cas, settings)
     # Configuration first: a wrong one stops start-up with every violation listed (C14).
@@ -95,6 +103,7 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     leases = LeaseService(pool, default_ttl_s=settings.pool.lease_default_ttl_s,
                           max_ttl_s=settings.pool.lease_max_ttl_s, step_timeout_s=settings.step_timeout_s)
     orders = OrderService(processes, pool)
+    credentials, interceptors = server_security(tls, ROLES, default_roles=CLIENT_ROLES)
     server = Server(settings.listen, [
         (orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server,
          OrchestratorServicer(store, pool, card_tasks, templates, cas, processes, certificates,
@@ -103,7 +112,7 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
         (link_pb2_grpc.add_GatewayLinkServicer_to_server,
          GatewayLinkServicer(pool, f"orchestrator-{uuid.uuid4().hex[:8]}", settings.heartbeat_interval_s),
          link_pb2.DESCRIPTOR.services_by_name["GatewayLink"].full_name),
-    ])
+    ], credentials=credentials, interceptors=interceptors)
     await server.start()
     orchestrator = Orchestrator(settings, configuration, store, cas, pool, card_tasks, certificates, processes, server)
     orchestrator.leases, orchestrator.orders = leases, orders

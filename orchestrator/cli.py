@@ -19,7 +19,9 @@ from shared.logging import configure
 from shared.proto import common_pb2
 from shared.proto import orchestrator_pb2 as pb
 from shared.proto import orchestrator_pb2_grpc
+from shared.pki_cli import INSECURE, TLS_CA, TLS_CERT, TLS_CRL, TLS_DIR, TLS_KEY
 from shared.rpc import error_from_rpc
+from shared.tls import client_channel
 
 console = Console(stderr=True, soft_wrap=True)
 ORCHESTRATOR = typer.Option("127.0.0.1:7400", "--orchestrator", envvar="CARDLINE_ORCHESTRATOR",
@@ -29,7 +31,14 @@ KEY_TYPES = {"EC_P256": common_pb2.KEY_TYPE_EC_P256, "RSA_2048": common_pb2.KEY_
 
 
 def _stub(target: str) -> orchestrator_pb2_grpc.OrchestratorServiceStub:
-    return orchestrator_pb2_grpc.OrchestratorServiceStub(grpc.insecure_channel(target))
+    """Mutual TLS with the client certificate of `cardline --tls-dir DIR [--tls-name NAME]`
+    (or CARDLINE_TLS_DIR / CARDLINE_TLS_NAME); plaintext with `cardline --insecure`."""
+    try:
+        channel = client_channel(target)
+    except ConfigurationError as exc:
+        console.print(f"[red]error[/red] {exc.message}")
+        raise typer.Exit(2) from None
+    return orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
 
 
 def _fail(exc: grpc.RpcError) -> typer.Exit:
@@ -72,18 +81,23 @@ def register(root: typer.Typer) -> None:
         config_file: Optional[pathlib.Path] = typer.Option(None, "--config", envvar="CARDLINE_CONFIG",
                                                            help="YAML configuration file (section 'orchestrator')."),
         json_logs: bool = typer.Option(False, "--json-logs", help="Log JSON lines."),
+        tls_dir: Optional[pathlib.Path] = TLS_DIR, tls_ca: Optional[pathlib.Path] = TLS_CA,
+        tls_cert: Optional[pathlib.Path] = TLS_CERT, tls_key: Optional[pathlib.Path] = TLS_KEY,
+        tls_crl: Optional[pathlib.Path] = TLS_CRL, insecure: Optional[bool] = INSECURE,
     ) -> None:
-        """Run the orchestrator."""
+        """Run the orchestrator (mutual TLS unless --insecure)."""
         from orchestrator.app import serve as run
 
         configure(json=json_logs)
         try:
             settings = config.load(config.OrchestratorSettings, config_file=config_file, listen=listen,
-                                   data_dir=data_dir, database_url=database_url, config_dir=config_dir)
+                                   data_dir=data_dir, database_url=database_url, config_dir=config_dir,
+                                   tls_dir=tls_dir, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_crl=tls_crl,
+                                   insecure=insecure)
+            asyncio.run(run(settings))
         except ConfigurationError as exc:
             typer.echo(str(exc), err=True)
             raise typer.Exit(2) from None
-        asyncio.run(run(settings))
 
     root.add_typer(orchestrator, name="orchestrator")
 

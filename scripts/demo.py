@@ -2,7 +2,8 @@
 
 An orchestrator (SQLite under var/demo/, the local CA, the configuration of examples/) and
 a gateway (a fresh SoftHSM2 token, like a blank card with a transport PUK) run as separate
-processes talking gRPC; `cardline process start produce-employee-card` runs the example
+processes talking gRPC over mutual TLS (a development PKI under var/demo/pki: CA,
+orchestrator, the client "admin", the gateway enrolled into var/demo/gateway-tls); `cardline process start produce-employee-card` runs the example
 process: the user PIN is set with the PUK, two key pairs are generated on the card, two
 certificates issued and written back. The last line printed is one JSON object describing what was made, so that
 `pkcs11-tool` and `sqlite3` can inspect it afterwards.
@@ -26,6 +27,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.drivers import softhsm_setup  # noqa: E402
+from shared.pki import init_pki  # noqa: E402
+from shared.tls import TlsFiles  # noqa: E402
 from shared.proto import orchestrator_pb2 as pb  # noqa: E402
 from shared.proto import orchestrator_pb2_grpc  # noqa: E402
 
@@ -73,25 +76,39 @@ def main() -> int:
     serial = softhsm_setup.init_token(conf, TOKEN_LABEL, transport_puk, secrets.token_hex(4))
     module = softhsm_setup.find_module()
     orch_addr, gw_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+    # Mutual TLS as in production: a PKI (on an admin's machine, in real life), the station
+    # enrolled into a directory of its own; client commands authenticate as "admin".
+    pki = init_pki(DEMO / "pki")
+    pki.issue("orchestrator", "orchestrator")
+    pki.issue("client", "admin")
+    pki.issue("gateway", "demo-station")
+    gateway_tls = DEMO / "gateway-tls"
+    pki.export("demo-station", gateway_tls)
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf), "CARDLINE_TLS_DIR": str(pki.directory),
+           "CARDLINE_TLS_NAME": "admin"}
+    env.pop("CARDLINE_INSECURE", None)
     logs = {name: open(DEMO / f"{name}.log", "w") for name in ("orchestrator", "gateway")}
     procs = [
         subprocess.Popen([CARDLINE, "orchestrator", "serve", "--listen", orch_addr, "--data-dir",
-                          str(DEMO / "orchestrator"), "--config-dir", str(config_dir)],
+                          str(DEMO / "orchestrator"), "--config-dir", str(config_dir), "--tls-dir", str(pki.directory)],
                          stdout=logs["orchestrator"], stderr=subprocess.STDOUT, env=env),
         subprocess.Popen([CARDLINE, "gateway", "serve", "--listen", gw_addr, "--data-dir", str(DEMO / "gateway"),
                           "--orchestrator", orch_addr, "--gateway-id", "demo-station", "--site", "hq",
-                          "--pkcs11-module", module, "--no-pcsc"],
+                          "--pkcs11-module", module, "--no-pcsc", "--tls-dir", str(gateway_tls)],
                          stdout=logs["gateway"], stderr=subprocess.STDOUT, env=env),
     ]
     try:
-        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(grpc.insecure_channel(orch_addr))
+        admin = TlsFiles(pki.ca_cert_path, pki.cert_path("admin"), pki.key_path("admin"))
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(grpc.secure_channel(orch_addr,
+                                                                                 admin.channel_credentials()))
         reader = wait_for_reader(stub)
-        print(f"orchestrator {orch_addr} (pid {procs[0].pid}), gateway {gw_addr} (pid {procs[1].pid})")
+        print(f"orchestrator {orch_addr} (pid {procs[0].pid}), gateway {gw_addr} (pid {procs[1].pid}), "
+              f"mutual TLS with the PKI in {pki.directory}")
         print(f"token {TOKEN_LABEL!r} serial {serial} in reader {reader.reader.reader_id} of {reader.gateway_id}")
         print(f"process {PROCESS} (examples/processes/{PROCESS}.yaml):")
         ran = subprocess.run(
-            [CARDLINE, "process", "start", PROCESS, "--orchestrator", orch_addr, "--input", "person=Demo Employee",
+            [CARDLINE, "--tls-dir", str(pki.directory), "process", "start", PROCESS, "--orchestrator", orch_addr,
+             "--input", "person=Demo Employee",
              "--secrets-stdin", "--json"], input=f"pin={user_pin}\n", capture_output=True, text=True)
         sys.stderr.write(ran.stderr)
         if ran.returncode != 0:

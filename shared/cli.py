@@ -2,12 +2,35 @@
 `cardline.cli` entry-point group, so shared/ imports neither gateway nor orchestrator."""
 from __future__ import annotations
 
+import os
+import pathlib
 from importlib.metadata import entry_points
+from typing import Optional
 
 import typer
 
 app = typer.Typer(help="cardline: card management — orchestrator, gateways and their clients.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
+
+
+@app.callback()
+def _client_tls(
+    tls_dir: Optional[pathlib.Path] = typer.Option(None, "--tls-dir", envvar="CARDLINE_TLS_DIR",
+                                                   help="Client commands: directory with ca.crt and NAME.crt/NAME.key."),
+    tls_name: str = typer.Option("admin", "--tls-name", envvar="CARDLINE_TLS_NAME",
+                                 help="Client commands: which certificate of --tls-dir (a role 'client' one)."),
+    insecure: bool = typer.Option(False, "--insecure", envvar="CARDLINE_INSECURE",
+                                  help="Client commands: plaintext to a server started with --insecure (development)."),
+) -> None:
+    """Client commands talk mutual TLS with a client certificate (`cardline pki init` makes
+    one named admin); the serve commands have TLS options of their own."""
+    from shared import tls
+
+    if tls_dir is not None:
+        os.environ[tls.CLIENT_TLS_DIR_ENV] = str(tls_dir)
+    os.environ[tls.CLIENT_TLS_NAME_ENV] = tls_name
+    if insecure:
+        os.environ[tls.CLIENT_INSECURE_ENV] = "1"
 
 
 def main() -> None:

@@ -193,7 +193,14 @@ class OrchestratorSettings(_Settings):
     database_url: str = ""          # empty: sqlite:///<data_dir>/cardline.db
     step_timeout_s: float = Field(default=120.0, gt=0)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
-    insecure: bool = True           # plaintext gRPC (development); mTLS comes with the pool issue
+    # Mutual TLS (shared/tls.py): tls_dir holds ca.crt, orchestrator.crt, orchestrator.key and optionally crl.pem;
+    # tls_ca/tls_cert/tls_key/tls_crl name files one by one. insecure: plaintext, development only.
+    tls_dir: pathlib.Path | None = None
+    tls_ca: pathlib.Path | None = None
+    tls_cert: pathlib.Path | None = None
+    tls_key: pathlib.Path | None = None
+    tls_crl: pathlib.Path | None = None
+    insecure: bool = False
     # State graphs, templates, encodings, processes (docs/templates.md "Configuration directory").
     config_dir: pathlib.Path = Field(default_factory=_default_config_dir)
     # C14: the state a certificate is in between "received from the CA" and "task finished".
@@ -226,7 +233,14 @@ class GatewaySettings(_Settings):
     orchestrator: str = ""          # HOST:PORT to dial out to; empty: no link
     pkcs11_modules: list[pathlib.Path] = []
     pcsc: bool = True               # watch PC/SC readers (needs pcscd)
-    insecure: bool = True
+    # Mutual TLS (shared/tls.py): tls_dir holds ca.crt, <gateway_id>.crt, <gateway_id>.key and optionally crl.pem;
+    # tls_ca/tls_cert/tls_key/tls_crl name files one by one. insecure: plaintext, development only.
+    tls_dir: pathlib.Path | None = None
+    tls_ca: pathlib.Path | None = None
+    tls_cert: pathlib.Path | None = None
+    tls_key: pathlib.Path | None = None
+    tls_crl: pathlib.Path | None = None
+    insecure: bool = False
     reconnect_min_s: float = Field(default=0.2, gt=0)
     reconnect_max_s: float = Field(default=10.0, gt=0)
 

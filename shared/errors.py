@@ -60,6 +60,8 @@ IllegalTransition = _error("IllegalTransition", "ILLEGAL_TRANSITION", "FAILED_PR
 UnmappedCaAction = _error("UnmappedCaAction", "UNMAPPED_CA_ACTION", "FAILED_PRECONDITION", "The target state maps to no CA action; nothing was revoked.")
 EncodingFailed = _error("EncodingFailed", "ENCODING_FAILED", "FAILED_PRECONDITION", "The encoding cannot run as described.")
 Cancelled = _error("Cancelled", "CANCELLED", "CANCELLED", "The request was cancelled before it ran (a card of a cancelled order, still in the queue).")
+Unauthenticated = _error("Unauthenticated", "UNAUTHENTICATED", "UNAUTHENTICATED", "The peer's certificate is missing, unknown or revoked.")
+PermissionDenied = _error("PermissionDenied", "PERMISSION_DENIED", "PERMISSION_DENIED", "The peer's certificate (its role or name) does not allow this call.")
 
 
 def from_reason(reason: str, message: str, metadata: dict[str, str] | None = None) -> CardlineError:

@@ -88,8 +88,11 @@ class Server:
     """A grpc.aio server with health checking and reflection for the given services."""
 
     def __init__(self, listen: str, services: Iterable[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
-                 *, credentials: grpc.ServerCredentials | None = None) -> None:
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+                 *, credentials: grpc.ServerCredentials | None = None,
+                 interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> None:
+        """Plaintext when CREDENTIALS is None (development); shared.tls.server_security()
+        gives the mutual-TLS credentials and the authorising interceptors."""
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=list(interceptors) or None)
         names = []
         for add, servicer, full_name in services:
             add(servicer, self._server)

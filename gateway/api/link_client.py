@@ -44,8 +44,14 @@ class OrchestratorLink:
                 await self._session()
                 failures = 0
             except (grpc.aio.AioRpcError, ConnectionError) as exc:
-                log.warning("orchestrator link down", target=self.target,
-                            error=exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc))
+                refused = isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
+                    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+                # A refused certificate (revoked, wrong role, wrong gateway id) is an operator's
+                # problem: logged as an error with the orchestrator's reason, and retried with backoff.
+                (log.error if refused else log.warning)(
+                    "orchestrator refused this gateway" if refused else "orchestrator link down", target=self.target,
+                    error=exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc),
+                    detail=exc.details() if isinstance(exc, grpc.aio.AioRpcError) else None)
             finally:
                 self.connected.clear()
             failures += 1
@@ -53,6 +59,8 @@ class OrchestratorLink:
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:
+        # Mutual TLS with the gateway's own certificate; plaintext only when the gateway was
+        # started with --insecure (development).
         channel = (grpc.aio.secure_channel(self.target, self.credentials) if self.credentials
                    else grpc.aio.insecure_channel(self.target))
         outbox: asyncio.Queue[link_pb2.GatewayMessage] = asyncio.Queue()

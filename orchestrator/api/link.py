@@ -6,10 +6,11 @@ import asyncio
 
 from orchestrator.services.pool import Command, GatewaySession, ReaderPool
 from shared import convert
-from shared.errors import CardlineError, InvalidArgument
+from shared.errors import CardlineError, InvalidArgument, PermissionDenied
 from shared.logging import get_logger
 from shared.proto import link_pb2, link_pb2_grpc
 from shared.rpc import rpc_errors
+from shared.tls import peer_identity
 
 log = get_logger(__name__)
 
@@ -34,6 +35,10 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
         hello = first.hello
         if not hello.gateway_id:
             raise InvalidArgument("hello.gateway_id is empty", field="hello.gateway_id")
+        peer = peer_identity(context)     # None only on a plaintext (--insecure) server
+        if peer is not None and peer.name != hello.gateway_id:
+            raise PermissionDenied(f"hello names gateway {hello.gateway_id!r} but the certificate is issued to "
+                                   f"{peer.name!r}", gateway_id=hello.gateway_id, certificate=peer.name)
         # The hello carries the whole inventory: a returning gateway's readers are re-read.
         session = GatewaySession(gateway_id=hello.gateway_id, site=hello.site, labels=dict(hello.labels),
                                  readers={r.reader_id: convert.reader_from_proto(r) for r in hello.readers},

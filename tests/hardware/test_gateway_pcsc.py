@@ -12,6 +12,7 @@ from shared import config
 from shared.proto import gateway_pb2, gateway_pb2_grpc, steps_pb2
 from shared.rpc import error_from_rpc
 from tests.support.pcsc import wait_card_state
+from tests.support.pki import default_pki
 from tests.support.vpcd_card import APP_AID
 
 pytestmark = pytest.mark.hardware
@@ -24,9 +25,12 @@ def script(*apdus: tuple[bytes, list[str]]) -> steps_pb2.Step:
 
 
 async def with_gateway(body):
-    gw = await gateway_app.start(config.load(config.GatewaySettings, listen="127.0.0.1:0", pcsc=True))
+    pki = default_pki()
+    pki.gateway("pcsc-station")          # mutual TLS like production: the gateway's and admin's certificates
+    gw = await gateway_app.start(config.load(config.GatewaySettings, listen="127.0.0.1:0", pcsc=True,
+                                             gateway_id="pcsc-station", **pki.settings()))
     try:
-        async with grpc.aio.insecure_channel(gw.address) as channel:
+        async with pki.aio_channel(gw.address) as channel:
             return await body(gateway_pb2_grpc.GatewayServiceStub(channel), gw)
     finally:
         await gw.stop()

@@ -14,6 +14,7 @@ from orchestrator import app as orchestrator_app
 from orchestrator.services.pool import ReaderSelector
 from orchestrator.services.production import CertificateOrder, production_order
 from shared import cards, config
+from tests.support.pki import default_pki
 from tests.support.processes import gateway_process
 
 pytestmark = pytest.mark.hardware
@@ -31,7 +32,7 @@ def pkcs11_tool(token, *args: str) -> str:
 async def produce_with_hook(tmp_path, token, hook, subject: str = "CN=Rule Tester"):
     """Runs one production with `hook(boundary, task_id, orchestrator)` called at every boundary."""
     settings = config.load(config.OrchestratorSettings, listen="127.0.0.1:0", data_dir=tmp_path / "orchestrator",
-                           step_timeout_s=20)
+                           step_timeout_s=20, **default_pki().settings())
     holder = {}
 
     async def boundary(name: str, task_id: str) -> None:

@@ -18,6 +18,7 @@ from orchestrator import app as orchestrator_app
 from orchestrator.domain.processes import CoreObjectDescriptor
 from shared import config
 from shared.errors import ConfigurationError
+from tests.support.pki import default_pki
 from tests.support.processes import gateway_process
 
 pytestmark = pytest.mark.hardware
@@ -64,7 +65,7 @@ async def running(tmp_path: pathlib.Path, token, config: pathlib.Path, *, extra_
 
 def config_load(tmp_path, config_path, **overrides):
     return config.load(config.OrchestratorSettings, listen="127.0.0.1:0", data_dir=tmp_path / "orchestrator",
-                       config_dir=config_path, step_timeout_s=30, **overrides)
+                       config_dir=config_path, step_timeout_s=30, **default_pki().settings(), **overrides)
 
 
 def start(orch, process: str, **inputs):

@@ -15,6 +15,7 @@ from shared.proto import common_pb2, gateway_pb2, gateway_pb2_grpc, steps_pb2
 from shared.proto import orchestrator_pb2 as pb
 from shared.proto import orchestrator_pb2_grpc
 from shared.rpc import error_from_rpc
+from tests.support.processes import channel as client_channel
 from tests.support.processes import gateway_process, orchestrator_process, wait_for_pooled_reader
 
 pytestmark = pytest.mark.hardware
@@ -35,7 +36,7 @@ def produce(orch: str, reader_id: str, pin: str, certificates=None) -> tuple[lis
     certificates = certificates or [
         pb.CertificateRequest(template="EmployeeAuthentication", key_type=common_pb2.KEY_TYPE_EC_P256),
         pb.CertificateRequest(template="EmployeeSignature", key_type=common_pb2.KEY_TYPE_RSA_2048)]
-    with grpc.insecure_channel(orch) as channel:
+    with client_channel(orch) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         events = list(stub.ProduceCard(pb.ProduceCardRequest(
             reader=pb.ReaderSelector(reader_id=reader_id), subject=SUBJECT, certificates=certificates, user_pin=pin)))
@@ -55,7 +56,7 @@ def test_production_end_to_end_on_softhsm_through_orchestrator_and_gateway(stati
     assert task.state == pb.TASK_STATE_SUCCEEDED, task.error
     assert any("issued" in e.message for e in events) and any("written" in e.message for e in events)
 
-    with grpc.insecure_channel(orch) as channel:
+    with client_channel(orch) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         card = stub.GetCard(pb.GetCardRequest(card_id=task.card_id)).card
         ca = x509.load_der_x509_certificate(stub.GetCaCertificate(pb.GetCaCertificateRequest()).certificate_der)
@@ -85,7 +86,7 @@ def test_card_key_signs_and_the_signature_verifies_with_the_certificate(station,
     orch, gw, pooled = station
     _events, task = produce(orch, pooled.reader.reader_id, softhsm_token.user_pin)
     assert task.state == pb.TASK_STATE_SUCCEEDED
-    with grpc.insecure_channel(gw) as channel:
+    with client_channel(gw) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         listing = stub.RunStep(gateway_pb2.RunStepRequest(reader_id=pooled.reader.reader_id, step=steps_pb2.Step(
             credentials=steps_pb2.Credentials(user_pin=softhsm_token.user_pin),
@@ -134,7 +135,7 @@ def test_unknown_template_is_rejected_before_a_task_starts(station, softhsm_toke
 
 def test_gateway_refuses_wrong_pin_with_a_permission_error(station, softhsm_token):
     _orch, gw, pooled = station
-    with grpc.insecure_channel(gw) as channel:
+    with client_channel(gw) as channel:
         with pytest.raises(grpc.RpcError) as err:
             gateway_pb2_grpc.GatewayServiceStub(channel).RunStep(gateway_pb2.RunStepRequest(
                 reader_id=pooled.reader.reader_id, step=steps_pb2.Step(
@@ -176,7 +177,7 @@ def test_health_and_reflection_on_both_processes(station):
     orch, gw, _pooled = station
     expected = {orch: "cardline.orchestrator.v1.OrchestratorService", gw: "cardline.gateway.v1.GatewayService"}
     for address, service in expected.items():
-        with grpc.insecure_channel(address) as channel:
+        with client_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(

@@ -1,5 +1,7 @@
 """Start cardline's own processes for tests and benchmarks: orchestrator and gateways as
-real subprocesses on 127.0.0.1 ports they choose, stopped by PID."""
+real subprocesses on 127.0.0.1 ports they choose, stopped by PID. They talk mutual TLS with
+certificates of the session's PKI (tests/support/pki.py); `channel(address)` is a client
+channel with the "admin" certificate."""
 from __future__ import annotations
 
 import contextlib
@@ -17,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.proto import orchestrator_pb2 as pb
 from shared.proto import orchestrator_pb2_grpc
+from shared.tls import TlsFiles
+from tests.support.pki import default_pki
 
 CARDLINE = str(pathlib.Path(sys.executable).parent / "cardline")
 
@@ -27,10 +31,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(address: str, timeout_s: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+def channel(address: str, name: str = "admin") -> grpc.Channel:
+    """A client channel to a process started here: mutual TLS with certificate NAME."""
+    return default_pki().channel(address, name)
+
+
+def _client_channel(address: str, client: TlsFiles | None, insecure: bool) -> grpc.Channel:
+    if insecure:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, client.channel_credentials()) if client else channel(address)
+
+
+def wait_healthy(address: str, timeout_s: float = 20.0, proc: subprocess.Popen | None = None,
+                 insecure: bool = False, client: TlsFiles | None = None) -> None:
+    """Waits for SERVING, asking as CLIENT (default: the session's admin certificate)."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+    with _client_channel(address, client, insecure) as health_channel:
+        stub = health_pb2_grpc.HealthStub(health_channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"process exited with {proc.returncode} before serving on {address}")
@@ -44,12 +61,13 @@ def wait_healthy(address: str, timeout_s: float = 20.0, proc: subprocess.Popen |
 
 @contextlib.contextmanager
 def cardline_process(args: list[str], address: str, log_path: pathlib.Path,
-                     env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+                     env: dict[str, str] | None = None, insecure: bool = False,
+                     client: TlsFiles | None = None) -> Iterator[subprocess.Popen]:
     with open(log_path, "w") as log:
         proc = subprocess.Popen([CARDLINE, *args], stdout=log, stderr=subprocess.STDOUT,
                                 env=env or dict(os.environ))
     try:
-        wait_healthy(address, proc=proc)
+        wait_healthy(address, proc=proc, insecure=insecure, client=client)
         yield proc
     finally:
         if proc.poll() is None:
@@ -62,30 +80,43 @@ def cardline_process(args: list[str], address: str, log_path: pathlib.Path,
 
 
 @contextlib.contextmanager
-def orchestrator_process(data_dir: pathlib.Path, env: dict[str, str] | None = None) -> Iterator[str]:
+def orchestrator_process(data_dir: pathlib.Path, env: dict[str, str] | None = None, *,
+                         insecure: bool = False, tls_dir: pathlib.Path | None = None) -> Iterator[str]:
+    """An orchestrator serving mutual TLS with orchestrator.crt of TLS_DIR (default: the
+    session's PKI; another PKI directory must hold a client certificate admin for the health
+    check), or plaintext when INSECURE."""
+    client = TlsFiles(tls_dir / "ca.crt", tls_dir / "admin.crt", tls_dir / "admin.key") if tls_dir else None
     address = f"127.0.0.1:{free_port()}"
     data_dir.mkdir(parents=True, exist_ok=True)
-    with cardline_process(["orchestrator", "serve", "--listen", address, "--data-dir", str(data_dir)], address,
-                          data_dir / "orchestrator.log", env):
+    tls = ["--insecure"] if insecure else ["--tls-dir", str(tls_dir or default_pki().directory)]
+    with cardline_process(["orchestrator", "serve", "--listen", address, "--data-dir", str(data_dir), *tls], address,
+                          data_dir / "orchestrator.log", env, insecure, client):
         yield address
 
 
 @contextlib.contextmanager
 def gateway_process(orchestrator: str, gateway_id: str, data_dir: pathlib.Path, *, pkcs11_module: str,
-                    env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen]]:
+                    env: dict[str, str], insecure: bool = False, tls_dir: pathlib.Path | None = None,
+                    client: TlsFiles | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A gateway dialing ORCHESTRATOR with the certificate of GATEWAY_ID from TLS_DIR (default:
+    the session's PKI, which issues it on first use); CLIENT checks its health (default: the
+    session's admin)."""
     address = f"127.0.0.1:{free_port()}"
     data_dir.mkdir(parents=True, exist_ok=True)
+    if tls_dir is None and not insecure:
+        default_pki().gateway(gateway_id)
+    tls = ["--insecure"] if insecure else ["--tls-dir", str(tls_dir or default_pki().directory)]
     with cardline_process(["gateway", "serve", "--listen", address, "--data-dir", str(data_dir), "--orchestrator",
-                           orchestrator, "--gateway-id", gateway_id, "--pkcs11-module", pkcs11_module, "--no-pcsc"],
-                          address, data_dir / "gateway.log", env) as proc:
+                           orchestrator, "--gateway-id", gateway_id, "--pkcs11-module", pkcs11_module, "--no-pcsc",
+                           *tls], address, data_dir / "gateway.log", env, insecure, client) as proc:
         yield address, proc
 
 
 def wait_for_pooled_reader(orchestrator: str, predicate: Callable[[pb.PooledReader], bool],
-                           timeout_s: float = 20.0) -> pb.PooledReader:
+                           timeout_s: float = 20.0, client: TlsFiles | None = None) -> pb.PooledReader:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(orchestrator) as channel:
-        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    with _client_channel(orchestrator, client, False) as client_channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(client_channel)
         while time.monotonic() < deadline:
             for r in stub.ListReaders(pb.ListReadersRequest(), timeout=2).readers:
                 if predicate(r):

@@ -79,3 +79,13 @@ def test_c14_compose_passes_the_internal_issued_state_under_its_documented_key()
 def test_no_pin_in_compose_environment():
     text = (ROOT / "docker-compose.yml").read_text()
     assert not re.search(r"(?i)pin\s*[:=]\s*\"?\d", text)
+
+
+def test_both_services_talk_mutual_tls_never_plaintext():
+    for name, prefix in (("orchestrator", []), ("gateway", ["gateway", "serve"])):
+        service = COMPOSE["services"][name]
+        params = parse([*prefix, *service["command"]])
+        assert params["insecure"] is None and str(params["tls_dir"]) == "/tls", name
+        assert any(str(v).endswith(":/tls:ro") for v in service["volumes"]), name
+    gateway = parse(["gateway", "serve", *COMPOSE["services"]["gateway"]["command"]])
+    assert gateway["gateway_id"] == "station-1"      # its certificate is station-1.crt in the mounted directory

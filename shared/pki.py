@@ -1,0 +1,313 @@
+"""A development PKI for cardline's own gRPC connections (mutual TLS between orchestrator,
+gateways and clients) — not the CA that issues card certificates.
+
+One directory holds everything (`cardline pki init --dir DIR`):
+
+    ca.crt          the CA certificate (EC P-256, self-signed); every process trusts it
+    ca.key          the CA's private key, PKCS#8 encrypted with the passphrase in ca.pass (0600)
+    ca.pass         the passphrase (0600). Keeping it next to the key only protects a copied
+                    ca.key; move it away (or the whole directory to the admin's machine)
+                    for anything beyond development.
+    NAME.crt        a leaf certificate: CN=NAME, OU=ROLE (orchestrator, gateway or client)
+    NAME.key        its private key: PKCS#8 PEM, *unencrypted* (gRPC only loads unencrypted
+                    PEM keys), so it is protected by its mode (0600) and nothing else
+    revoked.json    revoked serials (written atomically) — the PKI's own record
+    crl.pem         the CRL signed by the CA, rewritten on every revocation; servers read it
+
+The role travels in the certificate (subject OU) so that the orchestrator can authorise a
+peer by what it is (a gateway may open the GatewayLink, a client may call the client API)
+and the identity in the CN (a gateway's CN is its gateway id).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import pathlib
+import re
+import secrets
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shared.errors import AlreadyExists, ConfigurationError, InvalidArgument, NotFound
+
+ROLES = ("orchestrator", "gateway", "client")
+#: Roles whose certificates also serve (TLS server authentication, SANs).
+SERVER_ROLES = frozenset({"orchestrator", "gateway"})
+CA_CERT, CA_KEY, CA_PASS, REVOKED, CRL = "ca.crt", "ca.key", "ca.pass", "revoked.json", "crl.pem"
+_RESERVED = {"ca", "crl", "revoked"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
+CA_DAYS, LEAF_DAYS, CRL_DAYS = 3650, 825, 365
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _write(path: pathlib.Path, data: bytes, mode: int) -> None:
+    """Atomic write with the final mode from the start (no window where a key is readable)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name or "") or name.lower() in _RESERVED:
+        raise InvalidArgument(f"certificate name {name!r}: letters, digits, '.', '_' and '-' (at most 64, "
+                              f"not starting with a sign), and not one of {', '.join(sorted(_RESERVED))}", field="name")
+    return name
+
+
+def role_of(cert: x509.Certificate) -> str | None:
+    """The cardline role (subject OU) of a certificate, None when it carries none."""
+    ous = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
+    roles = [r for r in ous if r in ROLES]
+    return roles[0] if len(roles) == 1 else None
+
+
+def common_name_of(cert: x509.Certificate) -> str:
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else ""
+
+
+def _san(names: Iterable[str]) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = []
+    for name in dict.fromkeys(names):
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            if not _HOSTNAME.match(name):
+                raise InvalidArgument(f"{name!r} is neither an IP address nor a host name", field="sans") from None
+            out.append(x509.DNSName(name))
+    return out
+
+
+@dataclass(frozen=True)
+class Issued:
+    name: str
+    role: str
+    serial: int
+    cert_path: pathlib.Path
+    key_path: pathlib.Path
+
+
+@dataclass(frozen=True)
+class Pki:
+    """An initialised PKI directory (see the module doc)."""
+    directory: pathlib.Path
+
+    @property
+    def ca_cert_path(self) -> pathlib.Path:
+        return self.directory / CA_CERT
+
+    @property
+    def crl_path(self) -> pathlib.Path:
+        return self.directory / CRL
+
+    @property
+    def revoked_path(self) -> pathlib.Path:
+        return self.directory / REVOKED
+
+    def cert_path(self, name: str) -> pathlib.Path:
+        return self.directory / f"{check_name(name)}.crt"
+
+    def key_path(self, name: str) -> pathlib.Path:
+        return self.directory / f"{check_name(name)}.key"
+
+    @classmethod
+    def open(cls, directory: pathlib.Path | str) -> Pki:
+        directory = pathlib.Path(directory)
+        missing = [n for n in (CA_CERT, CA_KEY, CA_PASS) if not (directory / n).is_file()]
+        if missing:
+            raise ConfigurationError(f"{directory} is not a cardline PKI directory (missing {', '.join(missing)}); "
+                                     f"create one with `cardline pki init --dir {directory}`")
+        return cls(directory)
+
+    # -- the CA -----------------------------------------------------------------------------
+
+    def ca_certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
+
+    def _ca_key(self) -> ec.EllipticCurvePrivateKey:
+        passphrase = (self.directory / CA_PASS).read_bytes().strip()
+        return serialization.load_pem_private_key((self.directory / CA_KEY).read_bytes(), password=passphrase)
+
+    # -- leaves -----------------------------------------------------------------------------
+
+    def certificate(self, name: str) -> x509.Certificate:
+        path = self.cert_path(name)
+        if not path.is_file():
+            raise NotFound(f"no certificate named {name!r} in {self.directory}", name=name)
+        return x509.load_pem_x509_certificate(path.read_bytes())
+
+    def issue(self, role: str, name: str, sans: Iterable[str] = (), *, days: int = LEAF_DAYS) -> Issued:
+        """A new key and certificate NAME.key / NAME.crt for ROLE. Servers (orchestrator,
+        gateway) get SANs for localhost, 127.0.0.1, ::1, NAME when it is a host name, and
+        `sans`. A name whose certificate is still valid (not revoked) is refused: revoke it
+        first."""
+        if role not in ROLES:
+            raise InvalidArgument(f"role {role!r}: expected one of {', '.join(ROLES)}", field="role")
+        check_name(name)
+        if self.cert_path(name).exists():
+            existing = self.certificate(name)
+            if existing.serial_number not in self.revoked_serials():
+                raise AlreadyExists(f"{name!r} already has a certificate (serial {existing.serial_number:x}); "
+                                    f"revoke it first with `cardline pki revoke --name {name}`", name=name)
+        ca_cert, ca_key = self.ca_certificate(), self._ca_key()
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = _now()
+        server = role in SERVER_ROLES
+        usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + [ExtendedKeyUsageOID.CLIENT_AUTH]
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cardline"),
+                                            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                                            x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .issuer_name(ca_cert.subject)
+                   .public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                                key_cert_sign=False, crl_sign=False, encipher_only=False,
+                                                decipher_only=False), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                                  critical=False))
+        if server:
+            names = [*DEFAULT_SANS, *([name] if _HOSTNAME.match(name) else []), *sans]
+            builder = builder.add_extension(x509.SubjectAlternativeName(_san(names)), critical=False)
+        elif sans:
+            raise InvalidArgument(f"a {role} certificate has no host names (sans given: {', '.join(sans)})",
+                                  field="sans")
+        cert = builder.sign(ca_key, hashes.SHA256())
+        _write(self.key_path(name), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()), 0o600)
+        _write(self.cert_path(name), cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        return Issued(name, role, cert.serial_number, self.cert_path(name), self.key_path(name))
+
+    def ensure(self, role: str, name: str, sans: Iterable[str] = ()) -> Issued:
+        """NAME's certificate when it exists, is valid and has ROLE; a new one otherwise."""
+        path = self.cert_path(name)
+        if path.exists():
+            cert = self.certificate(name)
+            if role_of(cert) == role and cert.serial_number not in self.revoked_serials():
+                return Issued(name, role, cert.serial_number, path, self.key_path(name))
+            if cert.serial_number not in self.revoked_serials():
+                raise AlreadyExists(f"{name!r} already has a {role_of(cert)} certificate, not a {role} one", name=name)
+        return self.issue(role, name, sans)
+
+    def export(self, name: str, out: pathlib.Path | str) -> dict[str, pathlib.Path]:
+        """Copies NAME's certificate and key and the CA certificate into OUT (created 0700;
+        the key stays 0600): everything one process needs, as its --tls-dir."""
+        out = pathlib.Path(out)
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        files = {"ca": out / CA_CERT, "cert": out / f"{name}.crt", "key": out / f"{name}.key"}
+        if out.resolve() != self.directory.resolve():
+            _write(files["ca"], self.ca_cert_path.read_bytes(), 0o644)
+            _write(files["cert"], self.cert_path(name).read_bytes(), 0o644)
+            _write(files["key"], self.key_path(name).read_bytes(), 0o600)
+        return files
+
+    # -- revocation -------------------------------------------------------------------------
+
+    def revoked(self) -> list[dict]:
+        if not self.revoked_path.exists():
+            return []
+        return json.loads(self.revoked_path.read_text())["revoked"]
+
+    def revoked_serials(self) -> set[int]:
+        return {int(r["serial"], 16) for r in self.revoked()}
+
+    def revoke(self, name: str) -> int:
+        """Revokes NAME's current certificate: its serial goes to revoked.json and a new CRL
+        is written. Returns the serial. Revoking twice is harmless."""
+        cert = self.certificate(name)
+        entries = self.revoked()
+        if cert.serial_number not in {int(r["serial"], 16) for r in entries}:
+            entries.append({"serial": f"{cert.serial_number:x}", "name": name, "role": role_of(cert),
+                            "revoked_at": _now().isoformat(timespec="seconds")})
+            _write(self.revoked_path, (json.dumps({"revoked": entries}, indent=2) + "\n").encode(), 0o644)
+        self.write_crl()
+        return cert.serial_number
+
+    def write_crl(self) -> pathlib.Path:
+        ca_cert, ca_key = self.ca_certificate(), self._ca_key()
+        now = _now()
+        builder = (x509.CertificateRevocationListBuilder()
+                   .issuer_name(ca_cert.subject)
+                   .last_update(now - dt.timedelta(minutes=5))
+                   .next_update(now + dt.timedelta(days=CRL_DAYS))
+                   .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                                  critical=False))
+        for entry in self.revoked():
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(int(entry["serial"], 16))
+                .revocation_date(dt.datetime.fromisoformat(entry["revoked_at"])).build())
+        crl = builder.sign(ca_key, hashes.SHA256())
+        _write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        return self.crl_path
+
+
+def init_pki(directory: pathlib.Path | str, *, common_name: str = "cardline development CA",
+             days: int = CA_DAYS) -> Pki:
+    """Creates the CA of a new PKI in DIRECTORY (created 0700; it must not hold a CA yet):
+    EC P-256 key encrypted at rest with a random passphrase (ca.pass, 0600), a self-signed CA
+    certificate, an empty revocation list and CRL."""
+    directory = pathlib.Path(directory)
+    if (directory / CA_CERT).exists() or (directory / CA_KEY).exists():
+        raise AlreadyExists(f"{directory} already holds a CA; use another directory or delete it first",
+                            directory=str(directory))
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    passphrase = secrets.token_urlsafe(32).encode()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cardline"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = _now()
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    _write(directory / CA_PASS, passphrase + b"\n", 0o600)
+    _write(directory / CA_KEY, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.BestAvailableEncryption(passphrase)), 0o600)
+    _write(directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    pki = Pki(directory)
+    pki.write_crl()
+    return pki
+
+
+def load_crl(path: pathlib.Path, ca_cert: x509.Certificate) -> set[int]:
+    """Revoked serials of the CRL at PATH, which must be signed by CA_CERT."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"CRL {path}: {exc}") from exc
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):
+        raise ConfigurationError(f"CRL {path} is not signed by the CA {ca_cert.subject.rfc4514_string()}")
+    return {r.serial_number for r in crl}

@@ -1,0 +1,103 @@
+"""`cardline pki ...`: the development PKI of cardline's own connections (shared/pki.py).
+
+The PKI directory holds the CA key: in a real deployment it lives on the administrator's
+machine (or better, an offline one); stations receive only their own certificate, key and
+the CA certificate (`cardline gateway enroll`).
+"""
+from __future__ import annotations
+
+import pathlib
+
+import typer
+
+from shared.errors import CardlineError
+from shared.pki import Pki, init_pki, role_of
+
+DIR = typer.Option(..., "--dir", help="The PKI directory (holds the CA key: keep it on the admin's machine).")
+
+
+def _fail(exc: CardlineError) -> typer.Exit:
+    typer.echo(f"error {exc.reason}: {exc.message}", err=True)
+    return typer.Exit(1)
+
+
+def register(root: typer.Typer) -> None:
+    pki = typer.Typer(help="Development PKI for mutual TLS between orchestrator, gateways and clients.",
+                      no_args_is_help=True)
+
+    @pki.command("init")
+    def init(
+        directory: pathlib.Path = DIR,
+        orchestrator_name: list[str] = typer.Option([], "--orchestrator-name",
+                                                    help="Host name or IP the orchestrator is reached by, besides "
+                                                         "localhost and 127.0.0.1 (repeatable)."),
+    ) -> None:
+        """Create a CA, the orchestrator's server certificate and a client certificate 'admin'."""
+        try:
+            created = init_pki(directory)
+            orch = created.issue("orchestrator", "orchestrator", orchestrator_name)
+            admin = created.issue("client", "admin")
+        except CardlineError as exc:
+            raise _fail(exc) from None
+        typer.echo(f"CA            {created.ca_cert_path}  (key {directory / 'ca.key'}, encrypted; passphrase in "
+                   f"{directory / 'ca.pass'})")
+        typer.echo(f"orchestrator  {orch.cert_path}  {orch.key_path}")
+        typer.echo(f"client admin  {admin.cert_path}  {admin.key_path}")
+        typer.echo(f"CRL           {created.crl_path}")
+        typer.echo(f"next: cardline orchestrator serve --tls-dir {directory}\n"
+                   f"      cardline gateway enroll --pki-dir {directory} --gateway-id STATION --out DIR\n"
+                   f"      cardline --tls-dir {directory} readers")
+
+    @pki.command("issue")
+    def issue(
+        directory: pathlib.Path = DIR,
+        role: str = typer.Option(..., help="client, gateway or orchestrator."),
+        name: str = typer.Option(..., help="The certificate's CN (a gateway's CN is its gateway id)."),
+        san: list[str] = typer.Option([], "--san", help="Extra host name or IP of a server certificate (repeatable)."),
+    ) -> None:
+        """Issue NAME.crt / NAME.key (the key is unencrypted PEM, mode 0600: gRPC needs it so)."""
+        try:
+            issued = Pki.open(directory).issue(role, name, san)
+        except CardlineError as exc:
+            raise _fail(exc) from None
+        typer.echo(f"{issued.role} {issued.name}: {issued.cert_path} {issued.key_path} (serial {issued.serial:x})")
+
+    @pki.command("revoke")
+    def revoke(directory: pathlib.Path = DIR, name: str = typer.Option(..., help="Whose certificate.")) -> None:
+        """Revoke NAME's certificate: revoked.json and crl.pem are rewritten; servers reading
+        that CRL refuse it from their next call on."""
+        try:
+            opened = Pki.open(directory)
+            serial = opened.revoke(name)
+        except CardlineError as exc:
+            raise _fail(exc) from None
+        typer.echo(f"revoked {name} (serial {serial:x}); CRL {opened.crl_path}")
+
+    @pki.command("list")
+    def list_(directory: pathlib.Path = DIR) -> None:
+        """Every certificate of the PKI with role, serial, expiry and revocation."""
+        try:
+            opened = Pki.open(directory)
+            revoked = opened.revoked_serials()
+        except CardlineError as exc:
+            raise _fail(exc) from None
+        for path in sorted(directory.glob("*.crt")):
+            if path.name == "ca.crt":
+                continue
+            cert = opened.certificate(path.stem)
+            state = "revoked" if cert.serial_number in revoked else "valid"
+            typer.echo(f"{path.stem:24} {role_of(cert) or '-':12} {cert.serial_number:x}  "
+                       f"until {cert.not_valid_after_utc:%Y-%m-%d}  {state}")
+
+    root.add_typer(pki, name="pki")
+
+
+# Options of the serve commands (orchestrator and gateway); None leaves the environment and
+# the YAML file in charge (settings tls_dir, tls_ca, tls_cert, tls_key, tls_crl, insecure).
+TLS_DIR = typer.Option(None, "--tls-dir", help="Directory with ca.crt, NAME.crt, NAME.key (NAME: orchestrator, or the "
+                                               "gateway id) and optionally crl.pem.")
+TLS_CA = typer.Option(None, "--tls-ca", help="CA certificate (PEM) trusted for peers; overrides --tls-dir.")
+TLS_CERT = typer.Option(None, "--tls-cert", help="This process's certificate (PEM); overrides --tls-dir.")
+TLS_KEY = typer.Option(None, "--tls-key", help="Its private key (unencrypted PEM, mode 0600); overrides --tls-dir.")
+TLS_CRL = typer.Option(None, "--tls-crl", help="CRL (PEM) of revoked peer certificates, re-read when it changes.")
+INSECURE = typer.Option(None, "--insecure", help="Plaintext gRPC without authentication: development only.")

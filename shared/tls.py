@@ -1,0 +1,292 @@
+"""Mutual TLS for every cardline connection: which files a process uses, gRPC credentials
+built from them, who the peer is (role and name from its certificate, see shared/pki.py),
+and a server interceptor that authorises each call by the caller's role and refuses
+revoked certificates.
+
+Plaintext exists only as an explicit development switch (`insecure`); a server started with
+neither TLS material nor that switch refuses to start.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import pathlib
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+import grpc
+from cryptography import x509
+
+from shared.errors import CardlineError, ConfigurationError, PermissionDenied, Unauthenticated
+from shared.logging import get_logger
+from shared.rpc import status_of
+from shared.pki import CA_CERT, CRL, common_name_of, load_crl, role_of
+
+log = get_logger(__name__)
+
+#: Services anyone with a valid certificate may call.
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                           "grpc.reflection.v1.ServerReflection"})
+#: Environment of client commands (`cardline --tls-dir DIR ...` sets them too).
+CLIENT_TLS_DIR_ENV, CLIENT_TLS_NAME_ENV, CLIENT_INSECURE_ENV = "CARDLINE_TLS_DIR", "CARDLINE_TLS_NAME", "CARDLINE_INSECURE"
+DEFAULT_CLIENT_NAME = "admin"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: pathlib.Path
+    cert: pathlib.Path
+    key: pathlib.Path
+    crl: pathlib.Path | None = None
+
+    def ca_pem(self) -> bytes:
+        return self.ca.read_bytes()
+
+    def certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert.read_bytes())
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """TLS server that requires a client certificate signed by the CA."""
+        return grpc.ssl_server_credentials([(self.key.read_bytes(), self.cert.read_bytes())],
+                                           root_certificates=self.ca_pem(), require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca_pem(), private_key=self.key.read_bytes(),
+                                            certificate_chain=self.cert.read_bytes())
+
+
+def resolve(what: str, name: str, *, tls_dir: pathlib.Path | None = None, tls_ca: pathlib.Path | None = None,
+            tls_cert: pathlib.Path | None = None, tls_key: pathlib.Path | None = None,
+            tls_crl: pathlib.Path | None = None, insecure: bool = False, role: str | None = None,
+            common_name: str | None = None) -> TlsFiles | None:
+    """The TLS files of WHAT (for messages): explicit paths win over TLS_DIR/ca.crt,
+    TLS_DIR/NAME.crt, TLS_DIR/NAME.key and (optional) TLS_DIR/crl.pem. None when INSECURE.
+    Raises ConfigurationError listing everything missing, and when the certificate does not
+    carry ROLE / COMMON_NAME."""
+    if insecure:
+        log.warning("plaintext gRPC without authentication: development only", component=what)
+        return None
+    d = pathlib.Path(tls_dir) if tls_dir else None
+    wanted = {"CA certificate": (tls_ca, d / CA_CERT if d else None, "tls_ca", "ca.crt"),
+              "certificate": (tls_cert, d / f"{name}.crt" if d else None, "tls_cert", f"{name}.crt"),
+              "private key": (tls_key, d / f"{name}.key" if d else None, "tls_key", f"{name}.key")}
+    found: dict[str, pathlib.Path] = {}
+    missing: list[str] = []
+    for label, (explicit, in_dir, setting, file) in wanted.items():
+        path = pathlib.Path(explicit) if explicit else in_dir
+        if path is None:
+            missing.append(f"{label}: not given (set {setting}, or tls_dir holding {file})")
+        elif not path.is_file():
+            missing.append(f"{label}: {path} does not exist")
+        else:
+            found[label] = path
+    crl = pathlib.Path(tls_crl) if tls_crl else (d / CRL if d and (d / CRL).is_file() else None)
+    if tls_crl and not crl.is_file():
+        missing.append(f"CRL: {crl} does not exist")
+    if missing:
+        raise ConfigurationError(
+            f"{what} refuses to start without TLS material (mutual TLS is required):\n  "
+            + "\n  ".join(missing)
+            + "\n  Give --tls-dir DIR (see `cardline pki init` / `cardline gateway enroll`) or --tls-ca/--tls-cert/"
+              "--tls-key, or --insecure for plaintext in development.")
+    files = TlsFiles(found["CA certificate"], found["certificate"], found["private key"], crl)
+    try:
+        cert, ca = files.certificate(), x509.load_pem_x509_certificate(files.ca_pem())
+    except ValueError as exc:
+        raise ConfigurationError(f"{what}: cannot read {files.cert} or {files.ca}: {exc}") from None
+    problems = []
+    if role and role_of(cert) != role:
+        problems.append(f"{files.cert} has role {role_of(cert)!r} (subject OU), {what} needs role {role!r}")
+    if common_name is not None and common_name_of(cert) != common_name:
+        problems.append(f"{files.cert} is issued to {common_name_of(cert)!r}, not {common_name!r}")
+    if cert.issuer != ca.subject:
+        problems.append(f"{files.cert} is not issued by the CA in {files.ca}")
+    if problems:
+        raise ConfigurationError(f"{what}: " + "; ".join(problems))
+    mode = files.key.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("private key readable by others; chmod 600 it", path=str(files.key), mode=oct(mode & 0o777))
+    return files
+
+
+def settings_tls(settings, what: str, name: str, *, role: str, common_name: str | None = None) -> TlsFiles | None:
+    """`resolve` for an OrchestratorSettings / GatewaySettings."""
+    return resolve(what, name, tls_dir=settings.tls_dir, tls_ca=settings.tls_ca, tls_cert=settings.tls_cert,
+                   tls_key=settings.tls_key, tls_crl=settings.tls_crl, insecure=settings.insecure, role=role,
+                   common_name=common_name)
+
+
+# -- clients ----------------------------------------------------------------------------------
+
+def client_tls(*, tls_dir: str | pathlib.Path | None = None, name: str | None = None,
+               insecure: bool | None = None) -> TlsFiles | None:
+    """TLS files of a client command: arguments, else CARDLINE_TLS_DIR / CARDLINE_TLS_NAME
+    (default admin) / CARDLINE_INSECURE."""
+    tls_dir = tls_dir or os.environ.get(CLIENT_TLS_DIR_ENV) or None
+    name = name or os.environ.get(CLIENT_TLS_NAME_ENV) or DEFAULT_CLIENT_NAME
+    if insecure is None:
+        insecure = os.environ.get(CLIENT_INSECURE_ENV, "").lower() in {"1", "true", "yes"}
+    if insecure:
+        return None
+    if not tls_dir:
+        raise ConfigurationError(f"no client certificate: give --tls-dir DIR (or {CLIENT_TLS_DIR_ENV}) holding ca.crt "
+                                 f"and {name}.crt/{name}.key (`cardline pki init` makes 'admin'), or --insecure for "
+                                 "a plaintext development server")
+    return resolve("client", name, tls_dir=pathlib.Path(tls_dir), role="client")
+
+
+def client_channel(target: str, files: TlsFiles | None | bool = True) -> grpc.Channel:
+    """A blocking channel to TARGET: with FILES' certificate, plaintext when FILES is None,
+    from the client environment (client_tls()) when FILES is True."""
+    files = client_tls() if files is True else files
+    if files is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, files.channel_credentials())
+
+
+# -- the peer ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    role: str | None
+    name: str
+    serial: int
+
+
+@lru_cache(maxsize=256)
+def _identity_of_pem(pem: bytes) -> PeerIdentity:
+    cert = x509.load_pem_x509_certificate(pem)
+    return PeerIdentity(role_of(cert), common_name_of(cert), cert.serial_number)
+
+
+def peer_identity(context: grpc.aio.ServicerContext) -> PeerIdentity | None:
+    """The verified client certificate of the call, None on a plaintext connection."""
+    pems = (context.auth_context() or {}).get("x509_pem_cert")
+    return _identity_of_pem(pems[0]) if pems else None
+
+
+class RevocationList:
+    """Revoked serials from a CRL file signed by the CA; re-read when the file changes (its
+    mtime, size or inode). A CRL that turns unreadable or badly signed keeps the last good
+    list and logs an error."""
+
+    def __init__(self, path: pathlib.Path, ca_pem: bytes) -> None:
+        self.path = path
+        self._ca = x509.load_pem_x509_certificate(ca_pem)
+        self._stamp: tuple | None = None
+        self.serials: set[int] = set()
+        self._load(initial=True)
+
+    def _load(self, initial: bool = False) -> None:
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            if initial:
+                raise ConfigurationError(f"CRL {self.path}: {exc}") from None
+            log.error("CRL unreadable, keeping the last one", path=str(self.path), error=str(exc))
+            return
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp == self._stamp:
+            return
+        try:
+            self.serials = load_crl(self.path, self._ca)
+            log.info("CRL loaded", path=str(self.path), revoked=len(self.serials))
+        except ConfigurationError as exc:
+            if initial:
+                raise
+            log.error("CRL rejected, keeping the last one", path=str(self.path), error=exc.message)
+        self._stamp = stamp
+
+    def is_revoked(self, serial: int) -> bool:
+        self._load()
+        return serial in self.serials
+
+
+# -- authorisation ----------------------------------------------------------------------------
+
+class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
+    """Every call needs a verified certificate that is not revoked (else UNAUTHENTICATED);
+    a service named in ROLES is open to those roles only (else PERMISSION_DENIED), services
+    of OPEN_SERVICES to any certificate, any other service to DEFAULT_ROLES."""
+
+    def __init__(self, roles: Mapping[str, frozenset[str]], *, default_roles: frozenset[str] = frozenset({"client"}),
+                 revocations: RevocationList | None = None) -> None:
+        self.roles = dict(roles)
+        self.default_roles = default_roles
+        self.revocations = revocations
+
+    def allowed(self, service: str) -> frozenset[str] | None:
+        if service in OPEN_SERVICES:
+            return None
+        return self.roles.get(service, self.default_roles)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        allowed = self.allowed(method.split("/")[1] if method.count("/") >= 2 else method)
+
+        async def check(context: grpc.aio.ServicerContext) -> None:
+            err = self._refusal(peer_identity(context), method, allowed)
+            if err is not None:
+                log.warning("call refused", method=method, reason=err.reason, error=err.message)
+                await context.abort_with_status(status_of(err))
+
+        return _guarded(handler, check)
+
+    def _refusal(self, peer: PeerIdentity | None, method: str, allowed: frozenset[str] | None) -> CardlineError | None:
+        if peer is None:
+            return Unauthenticated(f"{method} needs a client certificate")
+        if self.revocations is not None and self.revocations.is_revoked(peer.serial):
+            return Unauthenticated(f"the certificate of {peer.name!r} (serial {peer.serial:x}) is revoked",
+                                   name=peer.name)
+        if allowed is not None and peer.role not in allowed:
+            return PermissionDenied(f"{method} is for role {' or '.join(sorted(allowed))}; the certificate of "
+                                    f"{peer.name!r} has role {peer.role or 'none'}", role=peer.role or "",
+                                    name=peer.name)
+        return None
+
+
+def _guarded(handler: grpc.RpcMethodHandler, check: Callable) -> grpc.RpcMethodHandler:
+    """HANDLER with CHECK(context) awaited before its behaviour runs."""
+    kinds = {(False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+             (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+             (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+             (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler)}
+    attr, make = kinds[(handler.request_streaming, handler.response_streaming)]
+    behaviour = getattr(handler, attr)
+
+    if handler.response_streaming:
+        async def guarded(request, context):
+            await check(context)
+            result = behaviour(request, context)
+            if hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            elif inspect.isawaitable(result):
+                await result
+            else:
+                for item in result:
+                    yield item
+    else:
+        async def guarded(request, context):
+            await check(context)
+            result = behaviour(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+    return make(guarded, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def server_security(files: TlsFiles | None, roles: Mapping[str, frozenset[str]], *,
+                    default_roles: frozenset[str] = frozenset({"client"})
+                    ) -> tuple[grpc.ServerCredentials | None, list[grpc.aio.ServerInterceptor]]:
+    """Credentials and interceptors of a server: (None, []) for plaintext."""
+    if files is None:
+        return None, []
+    revocations = RevocationList(files.crl, files.ca_pem()) if files.crl else None
+    return files.server_credentials(), [AuthorizationInterceptor(roles, default_roles=default_roles,
+                                                                 revocations=revocations)]

@@ -1,0 +1,170 @@
+"""The development PKI (shared/pki.py) and the TLS file resolution (shared/tls.py)."""
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from shared.errors import AlreadyExists, ConfigurationError, InvalidArgument
+from shared.pki import Pki, init_pki, load_crl, role_of
+from shared.tls import RevocationList, client_tls, resolve
+
+
+@pytest.fixture
+def pki(tmp_path) -> Pki:
+    return init_pki(tmp_path / "pki")
+
+
+def test_ca_key_is_encrypted_at_rest_and_secrets_are_0600(pki):
+    assert (pki.directory.stat().st_mode & 0o777) == 0o700
+    for name in ("ca.key", "ca.pass"):
+        assert (pki.directory / name).stat().st_mode & 0o777 == 0o600
+    with pytest.raises(TypeError):           # no password: refused
+        serialization.load_pem_private_key((pki.directory / "ca.key").read_bytes(), password=None)
+    ca = pki.ca_certificate()
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def test_init_refuses_a_directory_that_already_holds_a_ca(pki):
+    with pytest.raises(AlreadyExists):
+        init_pki(pki.directory)
+
+
+def test_server_certificate_carries_role_name_and_host_names(pki):
+    issued = pki.issue("orchestrator", "orchestrator", ["orch.example", "10.0.0.7"])
+    cert = x509.load_pem_x509_certificate(issued.cert_path.read_bytes())
+    assert role_of(cert) == "orchestrator"
+    assert cert.subject.rfc4514_string() == "CN=orchestrator,OU=orchestrator,O=cardline"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "orchestrator", "orch.example"}
+    assert ipaddress.ip_address("127.0.0.1") in san.get_values_for_type(x509.IPAddress)
+    assert ipaddress.ip_address("10.0.0.7") in san.get_values_for_type(x509.IPAddress)
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.SERVER_AUTH in eku and ExtendedKeyUsageOID.CLIENT_AUTH in eku
+    cert.verify_directly_issued_by(pki.ca_certificate())
+
+
+def test_leaf_key_is_unencrypted_pkcs8_with_mode_0600(pki):
+    issued = pki.issue("client", "alice")
+    assert issued.key_path.stat().st_mode & 0o777 == 0o600
+    pem = issued.key_path.read_bytes()
+    assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")           # PKCS#8, what gRPC loads
+    serialization.load_pem_private_key(pem, password=None)
+    cert = x509.load_pem_x509_certificate(issued.cert_path.read_bytes())
+    assert role_of(cert) == "client"
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def test_client_certificates_get_no_host_names(pki):
+    with pytest.raises(InvalidArgument):
+        pki.issue("client", "bob", ["bob.example"])
+
+
+@pytest.mark.parametrize("name", ["", "../etc", "a/b", "-x", "ca", "crl", "x" * 65])
+def test_bad_names_are_refused(pki, name):
+    with pytest.raises(InvalidArgument):
+        pki.issue("client", name)
+
+
+def test_unknown_role_is_refused(pki):
+    with pytest.raises(InvalidArgument, match="role"):
+        pki.issue("admin", "x")
+
+
+def test_a_name_is_issued_once_until_revoked(pki):
+    first = pki.issue("gateway", "station-1")
+    with pytest.raises(AlreadyExists, match="revoke it first"):
+        pki.issue("gateway", "station-1")
+    assert pki.revoke("station-1") == first.serial
+    second = pki.issue("gateway", "station-1")
+    assert second.serial != first.serial
+
+
+def test_revocation_is_recorded_in_revoked_json_and_a_signed_crl(pki):
+    issued = pki.issue("gateway", "station-2")
+    pki.revoke("station-2")
+    pki.revoke("station-2")                                        # twice is harmless
+    entries = json.loads(pki.revoked_path.read_text())["revoked"]
+    assert [(e["serial"], e["name"], e["role"]) for e in entries] == [(f"{issued.serial:x}", "station-2", "gateway")]
+    assert load_crl(pki.crl_path, pki.ca_certificate()) == {issued.serial}
+    assert not list(pki.directory.glob(".*"))                       # no temporary files left behind
+
+
+def test_crl_of_another_ca_is_rejected(pki, tmp_path):
+    other = init_pki(tmp_path / "other")
+    with pytest.raises(ConfigurationError, match="not signed by the CA"):
+        load_crl(other.crl_path, pki.ca_certificate())
+
+
+def test_revocation_list_is_reread_when_the_crl_changes(pki):
+    issued = pki.issue("gateway", "station-3")
+    revocations = RevocationList(pki.crl_path, pki.ca_cert_path.read_bytes())
+    assert not revocations.is_revoked(issued.serial)
+    pki.revoke("station-3")
+    assert revocations.is_revoked(issued.serial)
+
+
+def test_export_gives_a_station_exactly_its_files(pki, tmp_path):
+    pki.issue("gateway", "station-4")
+    files = pki.export("station-4", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ca.crt", "station-4.crt", "station-4.key"]
+    assert files["key"].stat().st_mode & 0o777 == 0o600
+
+
+def test_resolve_lists_everything_missing_and_names_the_way_out(tmp_path):
+    with pytest.raises(ConfigurationError) as err:
+        resolve("orchestrator", "orchestrator")
+    text = err.value.message
+    assert "CA certificate" in text and "certificate" in text and "private key" in text and "--insecure" in text
+    with pytest.raises(ConfigurationError, match="orchestrator.key: .*does not exist|orchestrator.key does not exist"):
+        resolve("orchestrator", "orchestrator", tls_dir=tmp_path)
+
+
+def test_resolve_checks_the_role_in_the_certificate(pki):
+    pki.issue("client", "admin")
+    with pytest.raises(ConfigurationError, match="role 'client'.*needs role 'orchestrator'"):
+        resolve("orchestrator", "admin", tls_dir=pki.directory, role="orchestrator")
+    files = resolve("client", "admin", tls_dir=pki.directory, role="client")
+    assert files.crl == pki.crl_path
+
+
+def test_insecure_resolves_to_plaintext(tmp_path):
+    assert resolve("orchestrator", "orchestrator", insecure=True) is None
+    assert client_tls(insecure=True) is None
+
+
+def test_client_without_tls_dir_is_told_how_to_get_one(monkeypatch):
+    monkeypatch.delenv("CARDLINE_TLS_DIR", raising=False)
+    monkeypatch.delenv("CARDLINE_INSECURE", raising=False)
+    with pytest.raises(ConfigurationError, match="--tls-dir"):
+        client_tls()
+
+
+def test_pki_commands_init_issue_revoke_and_list(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from shared.pki_cli import register
+
+    app = typer.Typer()
+    register(app)
+    run = CliRunner().invoke
+    directory = str(tmp_path / "pki")
+    made = run(app, ["pki", "init", "--dir", directory, "--orchestrator-name", "orch.example"])
+    assert made.exit_code == 0, made.output
+    assert {"ca.crt", "ca.key", "ca.pass", "orchestrator.crt", "orchestrator.key", "admin.crt", "admin.key",
+            "crl.pem"} <= {p.name for p in (tmp_path / "pki").iterdir()}
+    assert run(app, ["pki", "init", "--dir", directory]).exit_code == 1          # never overwrites a CA
+    assert run(app, ["pki", "issue", "--dir", directory, "--role", "client", "--name", "ops"]).exit_code == 0
+    assert run(app, ["pki", "issue", "--dir", directory, "--role", "wizard", "--name", "x"]).exit_code == 1
+    assert run(app, ["pki", "revoke", "--dir", directory, "--name", "ops"]).exit_code == 0
+    listing = run(app, ["pki", "list", "--dir", directory]).output
+    assert "ops" in listing and "revoked" in listing and "orchestrator" in listing
+    cert = x509.load_pem_x509_certificate((tmp_path / "pki" / "orchestrator.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "orch.example" in san.get_values_for_type(x509.DNSName)
