@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime
+import os
+import pathlib
 import signal
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +24,7 @@ from orchestrator.services.leases import LeaseService
 from orchestrator.services.orders import OrderService
 from orchestrator.services.pool import ReaderPool
 from orchestrator.services.processes import ProcessService
+from orchestrator.services.reconciler import Reconciler
 from orchestrator.services.sweeper import IssuedSweeper
 from orchestrator.store.store import Store
 from shared.config import OrchestratorSettings
@@ -48,6 +53,7 @@ class Orchestrator:
     processes: ProcessService
     server: Server
     _background: list[asyncio.Task] = field(default_factory=list)
+    reconciler: Reconciler | None = None
     leases: LeaseService | None = None
     orders: OrderService | None = None
 
@@ -77,6 +83,10 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     tls = settings_tls(settings, "orchestrator", "orchestrator", role="orchestrator")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     cas = await asyncio.to_thread(build_cas, settings)
+    if _fault_injection_requested():     # TEST-ONLY (C16 crash tests); never set in production
+        from orchestrator.services import fault_injection
+        cas, boundary = fault_injection.install(os.environ, cas, boundary)
+    owner_id = await asyncio.to_thread(orchestrator_id, settings.data_dir)
     # Configuration first: a wrong one stops start-up with every violation listed (C14).
     configuration = await asyncio.to_thread(load_configuration, settings.config_dir,
                                             internal_issued_state=settings.certificate_internal_issued_state,
@@ -95,7 +105,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     templates = configuration.templates
     card_tasks = CardTaskService(store, pool, cas, templates, key_archive=KeyArchive(kek),
                                  step_timeout_s=settings.step_timeout_s,
-                                 default_relation_type=settings.default_relation_type, boundary=boundary)
+                                 default_relation_type=settings.default_relation_type, boundary=boundary,
+                                 owner_id=owner_id)
     certificates = CertificateService(store, cas, configuration.graphs,
                                       lambda name: configuration.graphs[templates.certificate(name).state_graph],
                                       templates.internal_issued_state)
@@ -104,9 +115,18 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
                           max_ttl_s=settings.pool.lease_max_ttl_s, step_timeout_s=settings.step_timeout_s)
     orders = OrderService(processes, pool)
     credentials, interceptors = server_security(tls, ROLES, default_roles=CLIENT_ROLES)
+    # C16: before serving, settle what an earlier run left behind (pending CA requests,
+    # RUNNING tasks and process instances), then again every reconcile_interval_s.
+    reconciler = Reconciler(store, cas, templates.internal_issued_state, owner_id=owner_id,
+                            live_tasks=lambda: card_tasks.running, live_processes=lambda: processes.running,
+                            card_failed_state=lambda name: _card_failed_state(templates, name),
+                            stale_after=datetime.timedelta(seconds=3 * settings.reconcile_interval_s))
+    report = await asyncio.to_thread(reconciler.reconcile_once)
+    log.info("start-up reconciliation", **dataclasses.asdict(report))
     server = Server(settings.listen, [
         (orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server,
          OrchestratorServicer(store, pool, card_tasks, templates, cas, processes, certificates,
+                             reconciler=reconciler,
                              leases=leases, orders=orders),
          orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name),
         (link_pb2_grpc.add_GatewayLinkServicer_to_server,
@@ -116,6 +136,9 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     await server.start()
     orchestrator = Orchestrator(settings, configuration, store, cas, pool, card_tasks, certificates, processes, server)
     orchestrator.leases, orchestrator.orders = leases, orders
+    orchestrator.reconciler = reconciler
+    orchestrator._background.append(asyncio.create_task(_reconcile_forever(reconciler,
+                                                                           settings.reconcile_interval_s)))
     sweeper = settings.issued_sweeper
     if sweeper.enabled:        # C5: no automatic handling unless asked for
         import datetime as dt
@@ -126,6 +149,39 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     log.info("orchestrator serving", address=server.address, database=_safe_url(settings.effective_database_url()),
              config_dir=str(settings.config_dir), processes=sorted(configuration.processes))
     return orchestrator
+
+
+def orchestrator_id(data_dir: pathlib.Path) -> str:
+    """This orchestrator's stable id (the owner of the tasks it runs), kept in its data
+    directory: a restart on the same directory is the same orchestrator, so the reconciler
+    ends what the previous run left at once (C16)."""
+    path = data_dir / "orchestrator-id"
+    if not path.exists():
+        tmp = path.with_name(f".orchestrator-id.{uuid.uuid4().hex}")
+        tmp.write_text(f"orchestrator-{os.uname().nodename}-{uuid.uuid4().hex[:12]}\n")
+        os.replace(tmp, path)
+    return path.read_text().strip()
+
+
+def _card_failed_state(templates, card_template: str) -> str | None:
+    try:
+        return templates.card(card_template).failed_state
+    except Exception:  # noqa: BLE001 - a template gone from the configuration: the card keeps its state
+        log.warning("no card template for an orphaned production", card_template=card_template)
+        return None
+
+
+def _fault_injection_requested() -> bool:
+    return any(k.startswith("CARDLINE_FAULT_") and v for k, v in os.environ.items())
+
+
+async def _reconcile_forever(reconciler: Reconciler, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(reconciler.reconcile_once)
+        except Exception:  # noqa: BLE001 - e.g. the database away for a moment: next round
+            log.exception("reconciliation round failed")
 
 
 def _safe_url(url: str) -> str:

@@ -336,6 +336,40 @@ def register(root: typer.Typer) -> None:
 
     root.add_typer(cards_app, name="cards")
 
+    @root.command("reconcile")
+    def reconcile(as_json: bool = typer.Option(False, "--json", help="JSON output."),
+                  orchestrator_addr: str = ORCHESTRATOR) -> None:
+        """Run a reconciliation now (rule C16): pending CA requests are settled at their CA,
+        tasks and processes no live run owns are ended."""
+        try:
+            report = _stub(orchestrator_addr).Reconcile(pb.ReconcileRequest())
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+        if as_json:
+            print(json.dumps({k: getattr(report, k) for k in ("examined", "stored", "not_issued", "tasks_ended")},
+                             indent=2))
+            return
+        Console().print(f"examined {report.examined} pending CA requests: {report.stored} certificates found and "
+                        f"stored, {report.not_issued} not issued; {report.tasks_ended} tasks/processes ended")
+
+    @root.command("ca-requests")
+    def ca_requests(unsettled: bool = typer.Option(False, "--unsettled", help="Only requests still pending."),
+                    as_json: bool = typer.Option(False, "--json", help="JSON output."),
+                    orchestrator_addr: str = ORCHESTRATOR) -> None:
+        """The CA request journal (rule C16): every request sent to a CA and how it ended."""
+        try:
+            rows = _stub(orchestrator_addr).ListCaRequests(pb.ListCaRequestsRequest(unsettled_only=unsettled)).requests
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+        if as_json:
+            print(json.dumps([_as_json(r) for r in rows], indent=2))
+            return
+        table = Table("request", "CA", "state", "serial", "certificate", "updated")
+        for r in rows:
+            table.add_row(r.request_id, r.ca, r.state, r.serial_hex, r.certificate_id,
+                          r.updated_at.ToDatetime().isoformat(timespec="seconds"))
+        Console().print(table)
+
     from orchestrator import cli_pool     # readers, gateways, orders: the reader pool
     cli_pool.register(root)
 

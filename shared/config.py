@@ -210,6 +210,8 @@ class OrchestratorSettings(_Settings):
     issued_sweeper: IssuedSweeperSettings = Field(default_factory=IssuedSweeperSettings)
     key_archive: KeyArchiveSettings = Field(default_factory=KeyArchiveSettings)
     pool: PoolSettings = Field(default_factory=PoolSettings)
+    # C16: seconds between two rounds of the reconciler (it also runs once at start-up).
+    reconcile_interval_s: float = Field(default=60.0, gt=0)
 
     _check = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
     _check_issued = field_validator("certificate_internal_issued_state")(

@@ -48,6 +48,7 @@ UnsupportedOperation = _error("UnsupportedOperation", "UNSUPPORTED_OPERATION", "
 GatewayNotConnected = _error("GatewayNotConnected", "GATEWAY_NOT_CONNECTED", "UNAVAILABLE", "The gateway holding the reader is not attached.")
 ReaderBusy = _error("ReaderBusy", "READER_BUSY", "RESOURCE_EXHAUSTED", "The reader is running another task.")
 StepTimeout = _error("StepTimeout", "STEP_TIMEOUT", "DEADLINE_EXCEEDED", "The gateway did not answer the step in time.")
+OrchestratorRestarted = _error("OrchestratorRestarted", "ORCHESTRATOR_RESTARTED", "ABORTED", "The orchestrator running the task or process stopped before it ended; the reconciler ended it (C16).")
 CaRefused = _error("CaRefused", "CA_REFUSED", "FAILED_PRECONDITION", "The CA refused the request.")
 CaUnavailable = _error("CaUnavailable", "CA_UNAVAILABLE", "UNAVAILABLE", "The CA could not be reached.")
 CsrInvalid = _error("CsrInvalid", "CSR_INVALID", "FAILED_PRECONDITION", "The request's signature or key does not match the card key.")

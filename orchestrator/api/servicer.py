@@ -14,6 +14,8 @@ from orchestrator.services.production import production_order
 from orchestrator.store.store import Store
 from orchestrator.ca.base import CaConnector
 from shared.errors import InvalidArgument, NotFound
+from orchestrator.store.records import CA_REQUEST_PENDING
+from shared.errors import UnsupportedOperation
 from shared.proto import orchestrator_pb2 as pb
 from shared.proto import orchestrator_pb2_grpc
 from shared.rpc import rpc_errors
@@ -22,8 +24,9 @@ from shared.rpc import rpc_errors
 class OrchestratorServicer(PoolRpcs, orchestrator_pb2_grpc.OrchestratorServiceServicer):
     def __init__(self, store: Store, pool: ReaderPool, card_tasks: CardTaskService, templates: Templates,
                  cas: dict[str, CaConnector], processes: ProcessService, certificates: CertificateService,
-                 leases=None, orders=None) -> None:
+                 leases=None, orders=None, reconciler=None) -> None:
         self.store = store
+        self.reconciler = reconciler      # C16: ListCaRequests, Reconcile (services/reconciler.py)
         self.pool = pool
         self.card_tasks = card_tasks
         self.templates = templates
@@ -138,6 +141,25 @@ class OrchestratorServicer(PoolRpcs, orchestrator_pb2_grpc.OrchestratorServiceSe
         return pb.GetCaCertificateResponse(certificate_der=await asyncio.to_thread(ca.ca_certificate_der))
 
 
+
+    # -- the CA request journal (C16) ------------------------------------------------------
+
+    @rpc_errors
+    async def ListCaRequests(self, request, context):
+        states = [CA_REQUEST_PENDING] if request.unsettled_only else None
+        rows = await asyncio.to_thread(self.store.list_ca_requests, states=states)
+        return pb.ListCaRequestsResponse(requests=[pb.CaRequest(
+            request_id=r.request_id, ca=r.ca_name, task_id=r.task_id, state=r.state, serial_hex=r.serial_hex or "",
+            certificate_id=r.certificate_id or "", created_at=conv.timestamp(r.created_at),
+            updated_at=conv.timestamp(r.updated_at)) for r in rows])
+
+    @rpc_errors
+    async def Reconcile(self, request, context):
+        if self.reconciler is None:
+            raise UnsupportedOperation("this orchestrator runs no reconciler")
+        report = await asyncio.to_thread(self.reconciler.reconcile_once)
+        return pb.ReconcileResponse(examined=report.examined, stored=report.stored, not_issued=report.not_issued,
+                                    tasks_ended=report.tasks_ended)
 
 
 async def _follow(start, is_last):

@@ -11,12 +11,19 @@ moved (C7). When the whole task succeeds its certificates move to their start st
 the `success` relations in one transaction (C2, C10); when it fails they stay in the
 internal issued state carrying the error (C3). Return fields get the CoreObjectDescriptors
 either way (C13).
+
+C16: every CA request is journaled (idempotency key "task:step:application" and the CSR)
+before the CA is called; the certificate and the journal row's move to `stored` are one
+transaction; the row becomes `written` once the card holds the certificate. The service
+keeps the ids of the tasks it is running (`running`): a RUNNING task no live run owns was
+left by a crash, and the reconciler (services/reconciler.py) ends it.
 """
 from __future__ import annotations
 
 import asyncio
 import os
 import pathlib
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -29,7 +36,7 @@ from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.domain.templates import DEFAULT_RELATION_TYPE, CardTemplate, CertificateTemplate, Templates
 from orchestrator.services.key_archive import KeyArchive, generate_key
 from orchestrator.services.pool import Lease, ReaderPool, ReaderSelector
-from orchestrator.store.records import CARD, CERTIFICATE, TaskRecord
+from orchestrator.store.records import CA_REQUEST_WRITTEN, CARD, CERTIFICATE, TaskRecord
 from orchestrator.store.store import Store
 from shared import cards
 from shared.errors import CardlineError, CsrInvalid, EncodingFailed, InvalidArgument
@@ -39,7 +46,13 @@ log = get_logger(__name__)
 
 PRODUCTION, OPERATION = "card_production", "card_operation"
 # Named points between the steps of a task; tests and fault injection hook in here.
-BOUNDARIES = ("before_issue", "after_issue", "after_store", "after_write", "before_finish")
+#   before_issue   the CA request is journaled, the CA not called yet
+#   after_issue    the CA answered; the certificate is not stored yet
+#   after_store    the certificate is committed (C1); the card write not sent yet
+#   write_sent     the write step is handed to the gateway; its answer not processed yet
+#   after_write    the card holds the certificate
+#   before_finish  every application done; the final transition (C2) not made yet
+BOUNDARIES = ("before_issue", "after_issue", "after_store", "write_sent", "after_write", "before_finish")
 BoundaryHook = Callable[[str, str], Awaitable[None]]   # (boundary, task_id)
 
 
@@ -83,7 +96,8 @@ ProgressSink = Callable[[Progress], None]
 class CardTaskService:
     def __init__(self, store: Store, pool: ReaderPool, cas: dict[str, CaConnector], templates: Templates, *,
                  key_archive: KeyArchive | None = None, step_timeout_s: float = 120.0,
-                 default_relation_type: str = DEFAULT_RELATION_TYPE, boundary: BoundaryHook | None = None) -> None:
+                 default_relation_type: str = DEFAULT_RELATION_TYPE, boundary: BoundaryHook | None = None,
+                 owner_id: str | None = None) -> None:
         self.store = store
         self.pool = pool
         self.cas = cas
@@ -92,6 +106,9 @@ class CardTaskService:
         self.step_timeout_s = step_timeout_s
         self.default_relation_type = default_relation_type
         self.boundary = boundary
+        # C16: who runs the tasks (stored with each task) and which ones run here right now.
+        self.owner_id = owner_id
+        self.running: set[str] = set()
 
     def validate(self, order: CardTaskOrder) -> None:
         """Everything that can be refused before a card is touched or a CA is asked."""
@@ -125,11 +142,19 @@ class CardTaskService:
 
     async def run(self, order: CardTaskOrder, progress: ProgressSink = lambda p: None) -> CardTaskOutcome:
         self.validate(order)
-        async with self.pool.lease(order.selector) as lease:
-            task = await asyncio.to_thread(self.store.create_task, order.type, lease.gateway_id,
-                                           lease.reader.reader_id, order.card_id,
-                                           process_instance_id=order.process_instance_id, task_index=order.task_index)
-            return await _CardTaskRun(self, task.id, lease, order, progress).execute()
+        # Registered before the task row exists, so the reconciler never takes a task that is
+        # being created for one a crash left behind.
+        task_id = str(uuid.uuid4())
+        self.running.add(task_id)
+        try:
+            async with self.pool.lease(order.selector) as lease:
+                task = await asyncio.to_thread(self.store.create_task, order.type, lease.gateway_id,
+                                               lease.reader.reader_id, order.card_id,
+                                               process_instance_id=order.process_instance_id,
+                                               task_index=order.task_index, owner=self.owner_id, task_id=task_id)
+                return await _CardTaskRun(self, task.id, lease, order, progress).execute()
+        finally:
+            self.running.discard(task_id)
 
 
 class _CardTaskRun:
@@ -162,16 +187,29 @@ class _CardTaskRun:
     def _tell(self, message: str, task: TaskRecord | None = None) -> None:
         self.progress(Progress(self.task_id, self.step_number, message, task))
 
-    async def _step(self, name: str, operation: cards.Operation, *, so_pin: str = "") -> cards.StepValue:
+    async def _step(self, name: str, operation: cards.Operation, *, so_pin: str = "",
+                    sent_boundary: str | None = None) -> cards.StepValue:
         # Journaled before it is sent: after a crash the journal tells which step may have
         # run. Its completion needs no write of its own: the next journal entry, the stored
         # certificate or the task's end records it, and the gateway answers a resent
         # (task, step) from its first result.
         self.step_number += 1
         await self._db(self.s.store.journal_step, self.task_id, self.step_number, name, "sent")
-        return await self.lease.run(cards.Step(operation, user_pin=self.user_pin, so_pin=so_pin),
-                                    task_id=self.task_id, step_number=self.step_number,
-                                    timeout_s=self.s.step_timeout_s)
+        sending = self.lease.run(cards.Step(operation, user_pin=self.user_pin, so_pin=so_pin),
+                                 task_id=self.task_id, step_number=self.step_number,
+                                 timeout_s=self.s.step_timeout_s)
+        if sent_boundary is None or self.s.boundary is None:
+            return await sending
+        # The boundary runs while the step is in flight: one turn of the loop hands the
+        # command to the gateway's stream, the hook runs, then the answer is awaited.
+        in_flight = asyncio.ensure_future(sending)
+        await asyncio.sleep(0)
+        try:
+            await self._boundary(sent_boundary)
+        except BaseException:
+            in_flight.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
+        return await in_flight
 
     def _relation_type(self, app: Application) -> str:
         return app.object_relation_type or self.s.default_relation_type      # C12
@@ -298,11 +336,15 @@ class _CardTaskRun:
             csr_der = generated.csr_der
             self._tell(f"key pair {key_type.value} generated on the card ({label})")
 
-        await self._boundary("before_issue")
         ca = self.s.cas[template.ca]
         profile = IssueProfile(validity_days=template.validity_days, key_usage=frozenset(template.key_usage),
                                extended_key_usage=tuple(template.extended_key_usage))
+        # The CA's idempotency key; keep its format stable (CAs key their records on it).
         request_id = f"{self.task_id}:{self.step_number}:{app.name}"
+        # C16: journaled, with the request, before the CA is called: whatever happens next,
+        # the reconciler can ask the CA what it issued for it.
+        await self._db(self.s.store.journal_ca_request, request_id, self.task_id, ca.name, template.name, csr_der)
+        await self._boundary("before_issue")
         der = await asyncio.to_thread(ca.issue, csr_der, profile, request_id)
         await self._boundary("after_issue")
         archived = None
@@ -313,8 +355,9 @@ class _CardTaskRun:
             archived = await asyncio.to_thread(self.s.key_archive.seal, private_key,
                                                archive_binding(cert.issuer.rfc4514_string(), format(cert.serial_number, "x")))
         # C1: committed in the internal issued state before the card is asked to store it.
+        # C16: the journal row moves to `stored` in the same transaction.
         record = await self._db(self.s.store.store_issued_certificate, self.task_id, der, template.name, ca.name,
-                                template.internal_issued_state, archived_key=archived)
+                                template.internal_issued_state, archived_key=archived, request_id=request_id)
         self.issued[record.id] = template
         if app.return_field:                 # C13: set after success and after failure alike
             self.return_fields[app.return_field] = CoreObjectDescriptor(CERTIFICATE, template.name, record.id)
@@ -329,10 +372,11 @@ class _CardTaskRun:
 
         if private_key is None:
             await self._step(f"write_certificate:{label}", cards.WriteCertificates(
-                (cards.CertificateObject(key_id, label, der),)))
+                (cards.CertificateObject(key_id, label, der),)), sent_boundary="write_sent")
         else:
             await self._step(f"import_key_pair:{label}", cards.ImportKeyPair(
-                key_id, label, _pkcs8(private_key), der))
+                key_id, label, _pkcs8(private_key), der), sent_boundary="write_sent")
+        await self._db(self.s.store.mark_ca_request, request_id, CA_REQUEST_WRITTEN)
         self._tell(f"certificate {record.serial_hex} written next to its key ({label})")
         await self._boundary("after_write")
 

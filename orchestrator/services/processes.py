@@ -4,6 +4,7 @@ tasks and are never stored."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ class ProcessService:
         self.configuration = configuration
         self.card_tasks = card_tasks
         self.certificates = certificates
+        # C16: the process instances running here right now (the reconciler ends RUNNING
+        # instances no live run owns); they are stored with the card task service's owner.
+        self.running: set[str] = set()
 
     def definition(self, name: str) -> ProcessDefinition:
         try:
@@ -74,9 +78,15 @@ class ProcessService:
             process_map, secrets = definition.split_inputs(inputs)
         except ValueError as exc:
             raise InvalidArgument(str(exc), field="inputs") from None
-        instance = await asyncio.to_thread(self.store.create_process_instance, name, process_map.to_dict())
-        run = _ProcessRun(self, definition, instance.id, process_map, secrets, progress)
-        return await run.execute()
+        instance_id = str(uuid.uuid4())
+        self.running.add(instance_id)           # before the row exists: see CardTaskService.run
+        try:
+            instance = await asyncio.to_thread(self.store.create_process_instance, name, process_map.to_dict(),
+                                               owner=self.card_tasks.owner_id, instance_id=instance_id)
+            run = _ProcessRun(self, definition, instance.id, process_map, secrets, progress)
+            return await run.execute()
+        finally:
+            self.running.discard(instance_id)
 
 
 class _ProcessRun:

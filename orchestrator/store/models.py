@@ -88,6 +88,8 @@ class ProcessInstance(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    # Revision 0003: the orchestrator instance running it (OrchestratorInstance.id).
+    owner: Mapped[str | None] = mapped_column(NAME)
 
 
 class Task(Base):
@@ -106,6 +108,8 @@ class Task(Base):
     # Revision 0002: the process instance the task belongs to and its position in it.
     process_instance_id: Mapped[str | None] = mapped_column(ID, ForeignKey("process_instances.id"), index=True)
     task_index: Mapped[int | None] = mapped_column(Integer)
+    # Revision 0003: the orchestrator instance running the task (OrchestratorInstance.id).
+    owner: Mapped[str | None] = mapped_column(NAME)
 
 
 class TaskStep(Base):
@@ -198,3 +202,38 @@ class ArchivedKey(Base):
     algorithm: Mapped[str] = mapped_column(NAME)
     wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class CaRequest(Base):
+    """The CA request journal (C16): one row per request sent to a CA, committed before the
+    CA is called. request_id is the idempotency key the CA sees ("task:step:application").
+    state: pending -> stored (certificate in the store, same transaction) -> written (on
+    the card); pending -> not_issued when the reconciler learns the CA issued nothing."""
+
+    __tablename__ = "ca_requests"
+    __table_args__ = (
+        Index("ix_ca_requests_state_created_at", "state", "created_at"),
+    )
+
+    request_id: Mapped[str] = mapped_column(String(500), primary_key=True)
+    task_id: Mapped[str] = mapped_column(ID, ForeignKey("tasks.id"), index=True)
+    ca_name: Mapped[str] = mapped_column(NAME)
+    template: Mapped[str] = mapped_column(NAME)
+    csr_der: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[str] = mapped_column(NAME)   # indexed with created_at, see __table_args__
+    serial_hex: Mapped[str | None] = mapped_column(String(64))
+    certificate_id: Mapped[str | None] = mapped_column(ID, ForeignKey("certificates.id"))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class OrchestratorInstance(Base):
+    """An orchestrator process (one per data directory) and when it was last seen alive:
+    the reconciler ends the RUNNING tasks of an instance that stopped beating."""
+
+    __tablename__ = "orchestrator_instances"
+
+    id: Mapped[str] = mapped_column(NAME, primary_key=True)
+    started_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)

@@ -25,6 +25,15 @@ PROCESS_SUCCEEDED = "SUCCEEDED"
 PROCESS_FAILED = "FAILED"
 PROCESS_FINAL_STATES = (PROCESS_SUCCEEDED, PROCESS_FAILED)
 
+# States of a CA request journal row (C16). Only PENDING is unsettled: the reconciler asks
+# the CA about it. STORED: the certificate is in the store (moved there in the same
+# transaction); WRITTEN: also on the card; NOT_ISSUED: the CA says it issued nothing.
+CA_REQUEST_PENDING = "pending"
+CA_REQUEST_STORED = "stored"
+CA_REQUEST_WRITTEN = "written"
+CA_REQUEST_NOT_ISSUED = "not_issued"
+CA_REQUEST_STATES = (CA_REQUEST_PENDING, CA_REQUEST_STORED, CA_REQUEST_WRITTEN, CA_REQUEST_NOT_ISSUED)
+
 # Audit actions the orchestrator writes (the store accepts any non-empty action).
 AUDIT_CHANGE_STATE = "change_state"
 AUDIT_CHANGE_STATE_IN_CA = "change_state_in_ca"
@@ -32,6 +41,7 @@ AUDIT_HANDLE_ISSUED = "handle_issued"
 AUDIT_SWEEP = "sweep"
 AUDIT_REVOKE_ON_ISSUE = "revoke_on_issue"
 AUDIT_RECOVER = "recover"
+AUDIT_RECONCILE = "reconcile"
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ class TaskRecord:
     # Added with revision 0002; defaults keep older constructors working.
     process_instance_id: str | None = None
     task_index: int | None = None           # position of the task in its process definition
+    owner: str | None = None                # revision 0003: the orchestrator instance running it
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,7 @@ class ProcessInstanceRecord:
     created_at: dt.datetime
     updated_at: dt.datetime                 # last change of the map or the state
     finished_at: dt.datetime | None
+    owner: str | None = None                # revision 0003: the orchestrator instance running it
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,21 @@ class TaskStepRecord:
     detail: str
     created_at: dt.datetime     # first journaled
     updated_at: dt.datetime     # last journaled (the journal is an upsert per step)
+
+
+@dataclass(frozen=True)
+class CaRequestRecord:
+    request_id: str             # the idempotency key the CA sees: "task:step:application"
+    task_id: str
+    ca_name: str
+    template: str               # certificate template
+    csr_der: bytes = field(repr=False)
+    state: str                  # CA_REQUEST_*
+    serial_hex: str | None      # once stored
+    certificate_id: str | None  # once stored
+    error: str | None           # why it is not_issued, or the last reconciliation problem
+    created_at: dt.datetime     # journaled (before the CA was called)
+    updated_at: dt.datetime
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,11 @@ The certificate rules live here as transaction boundaries:
       (wrapped) private key together; archive_key / get_archived_key for the rest.
   C9  add_relations creates relations on their own, idempotently, before the task ends;
       finish_task_* skip relations that already exist.
+  C16 journal_ca_request commits a CA request (idempotency key, CSR) before the CA is
+      called; store_issued_certificate(request_id=...) stores the certificate and moves its
+      journal row to `stored` in ONE transaction, so a certificate is never in the store
+      without its request settled, nor a request settled without its certificate;
+      mark_ca_request / list_ca_requests for the card write and the reconciler.
 """
 from __future__ import annotations
 
@@ -44,12 +49,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from shared.errors import AlreadyExists, InvalidArgument, NotFound, StateConflict
-from orchestrator.store.models import (ArchivedKey, AuditEvent, Card, Certificate, ObjectRelation,
-                                       ProcessInstance, Task, TaskStep, utcnow)
-from orchestrator.store.records import (CARD, CERTIFICATE, PROCESS_FINAL_STATES, PROCESS_RUNNING,
-                                        TASK_FAILED, TASK_RUNNING, TASK_SUCCEEDED, ArchivedKeyRecord,
-                                        AuditRecord, CardRecord, CertificateRecord, NewRelation,
-                                        ProcessInstanceRecord, RelationRecord, TaskRecord, TaskStepRecord)
+from orchestrator.store.models import (ArchivedKey, AuditEvent, CaRequest, Card, Certificate, ObjectRelation,
+                                       OrchestratorInstance, ProcessInstance, Task, TaskStep, utcnow)
+from orchestrator.store.records import (CA_REQUEST_NOT_ISSUED, CA_REQUEST_PENDING, CA_REQUEST_STATES,
+                                        CA_REQUEST_STORED, CA_REQUEST_WRITTEN, CARD, CERTIFICATE,
+                                        PROCESS_FINAL_STATES, PROCESS_RUNNING, TASK_FAILED, TASK_RUNNING,
+                                        TASK_SUCCEEDED, ArchivedKeyRecord, AuditRecord, CardRecord,
+                                        CaRequestRecord, CertificateRecord, NewRelation, ProcessInstanceRecord,
+                                        RelationRecord, TaskRecord, TaskStepRecord)
 
 MIGRATIONS_DIR = pathlib.Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -236,16 +243,19 @@ class Store:
                                 process_instance_id=instance_id, state=row.state)
         return row
 
-    def create_process_instance(self, definition: str, process_map: Mapping[str, Any]) -> ProcessInstanceRecord:
+    def create_process_instance(self, definition: str, process_map: Mapping[str, Any], *,
+                                owner: str | None = None, instance_id: str | None = None) -> ProcessInstanceRecord:
         """A new RUNNING instance of the process `definition` with its initial process map
-        (string keys, JSON values - e.g. ProcessMap.to_dict(); secrets never belong here)."""
+        (string keys, JSON values - e.g. ProcessMap.to_dict(); secrets never belong here).
+        owner: the orchestrator instance running it; instance_id: chosen by the caller (so it
+        can register the run before the row exists, see the reconciler), else a new UUID."""
         if not definition:
             raise InvalidArgument("a process instance needs its definition's name")
         text_map = _json_object(process_map, "process map")
         with self._write() as s:
             now = utcnow()
-            row = ProcessInstance(id=_new_id(), definition=definition, state=PROCESS_RUNNING,
-                                  process_map=text_map, created_at=now, updated_at=now)
+            row = ProcessInstance(id=instance_id or _new_id(), definition=definition, state=PROCESS_RUNNING,
+                                  process_map=text_map, created_at=now, updated_at=now, owner=owner)
             s.add(row)
             s.flush()
             return _process_record(row)
@@ -301,11 +311,14 @@ class Store:
     # -- tasks and the step journal ----------------------------------------------------------
 
     def create_task(self, type: str, gateway_id: str, reader_id: str, card_id: str | None = None, *,
-                    process_instance_id: str | None = None, task_index: int | None = None) -> TaskRecord:
+                    process_instance_id: str | None = None, task_index: int | None = None,
+                    owner: str | None = None, task_id: str | None = None) -> TaskRecord:
         """A new RUNNING task. card_id: the card a card operation works on (C8); a card
         production task gets its card from create_card instead. process_instance_id: the
         RUNNING process instance the task is part of (StateConflict if it has ended);
-        task_index: the task's position in it (not unique: a retried task repeats it)."""
+        task_index: the task's position in it (not unique: a retried task repeats it).
+        owner: the orchestrator instance running it; task_id: chosen by the caller (so it can
+        register the run before the row exists, see the reconciler), else a new UUID."""
         if task_index is not None and task_index < 0:
             raise InvalidArgument(f"task_index must not be negative, not {task_index}")
         with self._write() as s:
@@ -316,9 +329,9 @@ class Store:
                 if instance.state != PROCESS_RUNNING:
                     raise StateConflict(f"process instance {process_instance_id} is already {instance.state}",
                                         process_instance_id=process_instance_id, state=instance.state)
-            task = Task(id=_new_id(), type=type, state=TASK_RUNNING, gateway_id=gateway_id,
+            task = Task(id=task_id or _new_id(), type=type, state=TASK_RUNNING, gateway_id=gateway_id,
                         reader_id=reader_id, card_id=card_id, created_at=utcnow(),
-                        process_instance_id=process_instance_id, task_index=task_index)
+                        process_instance_id=process_instance_id, task_index=task_index, owner=owner)
             s.add(task)
             s.flush()
             return _record(TaskRecord, task)
@@ -413,7 +426,8 @@ class Store:
 
     def store_issued_certificate(self, task_id: str, der: bytes, template: str, ca_name: str,
                                  state: str, *,
-                                 archived_key: tuple[str, str, bytes] | None = None) -> CertificateRecord:
+                                 archived_key: tuple[str, str, bytes] | None = None,
+                                 request_id: str | None = None) -> CertificateRecord:
         """C1: commits a certificate just received from the CA, in the internal issued state
         `state`, in its own transaction, so it is known before any card write is attempted.
 
@@ -422,6 +436,13 @@ class Store:
 
         archived_key: (kek_id, algorithm, wrapped_key) of the certificate's private key,
         stored in the same transaction (C7): an archived certificate never exists without it.
+
+        request_id (C16): the journaled CA request (journal_ca_request) this certificate
+        answers; its row moves to `stored` with the serial and the certificate id in the same
+        transaction. If the certificate is already stored for that very request (the
+        reconciler found it first, or a retry), the stored record is returned instead of
+        DuplicateCertificate. NotFound if the request was never journaled; StateConflict if
+        it was settled otherwise (not_issued, or stored with another certificate).
         """
         if archived_key is not None:
             try:
@@ -437,12 +458,21 @@ class Store:
         issuer = cert.issuer.rfc4514_string()
         with self._write() as s:
             task = self._task(s, task_id)
-            existing = s.scalar(select(Certificate.id).where(Certificate.issuer == issuer,
-                                                             Certificate.serial_hex == serial_hex))
+            journal = self._ca_request_for(s, request_id, task_id) if request_id is not None else None
+            existing = s.scalar(select(Certificate).where(Certificate.issuer == issuer,
+                                                          Certificate.serial_hex == serial_hex))
             if existing is not None:
+                if journal is not None and journal.certificate_id == existing.id:
+                    self._add_archived_key_if_missing(s, existing.id, archived_key)
+                    return _record(CertificateRecord, existing)
                 raise DuplicateCertificate(
-                    f"certificate {serial_hex} of {issuer} is already stored as {existing}",
-                    certificate_id=existing, serial_hex=serial_hex, issuer=issuer)
+                    f"certificate {serial_hex} of {issuer} is already stored as {existing.id}",
+                    certificate_id=existing.id, serial_hex=serial_hex, issuer=issuer)
+            if journal is not None and journal.state != CA_REQUEST_PENDING:
+                raise StateConflict(f"CA request {request_id} is already {journal.state}"
+                                    + (f" with certificate {journal.certificate_id}" if journal.certificate_id else "")
+                                    + f"; certificate {serial_hex} of {issuer} not stored",
+                                    request_id=request_id, state=journal.state)
             now = utcnow()
             row = Certificate(
                 id=_new_id(), serial_hex=serial_hex, issuer=issuer, subject=cert.subject.rfc4514_string(),
@@ -461,7 +491,147 @@ class Store:
                 s.add(ArchivedKey(certificate_id=row.id, kek_id=kek_id, algorithm=algorithm,
                                   wrapped_key=bytes(wrapped_key), created_at=now))
                 s.flush()
+            if journal is not None:
+                journal.state = CA_REQUEST_STORED
+                journal.serial_hex = serial_hex
+                journal.certificate_id = row.id
+                journal.error = None
+                journal.updated_at = now
+                s.flush()
             return _record(CertificateRecord, row)
+
+    @staticmethod
+    def _add_archived_key_if_missing(s: Session, certificate_id: str,
+                                     archived_key: tuple[str, str, bytes] | None) -> None:
+        if archived_key is not None and s.get(ArchivedKey, certificate_id) is None:
+            kek_id, algorithm, wrapped_key = archived_key
+            s.add(ArchivedKey(certificate_id=certificate_id, kek_id=kek_id, algorithm=algorithm,
+                              wrapped_key=bytes(wrapped_key), created_at=utcnow()))
+            s.flush()
+
+    # -- the CA request journal (C16) ----------------------------------------------------
+
+    @staticmethod
+    def _ca_request_for(s: Session, request_id: str, task_id: str | None = None) -> CaRequest:
+        # FOR UPDATE (PostgreSQL): a live run and the reconciler settling one request queue
+        # up here; SQLite writers are serial anyway.
+        row = s.scalar(select(CaRequest).where(CaRequest.request_id == request_id).with_for_update())
+        if row is None:
+            raise NotFound(f"no journaled CA request {request_id!r}", request_id=request_id)
+        if task_id is not None and row.task_id != task_id:
+            raise InvalidArgument(f"CA request {request_id} belongs to task {row.task_id}, not {task_id}",
+                                  request_id=request_id)
+        return row
+
+    def journal_ca_request(self, request_id: str, task_id: str, ca_name: str, template: str,
+                           csr_der: bytes) -> CaRequestRecord:
+        """C16: records, in its own transaction, a request about to be sent to CA `ca_name`
+        (commit BEFORE calling the CA). request_id is the idempotency key the CA sees. A
+        second call with the same request_id returns the row journaled first, whatever its
+        state (AlreadyExists if it belongs to another task). NotFound if the task does not
+        exist."""
+        if not request_id or not ca_name or not template:
+            raise InvalidArgument("a CA request needs its request_id, CA name and certificate template")
+        if not isinstance(csr_der, (bytes, bytearray, memoryview)) or not bytes(csr_der):
+            raise InvalidArgument("a CA request needs the certificate request (DER) as non-empty bytes")
+        with self._write() as s:
+            self._task(s, task_id)
+            now = utcnow()
+            dialect_insert = postgresql.insert if s.bind.dialect.name == "postgresql" else sqlite.insert
+            s.execute(dialect_insert(CaRequest).values(
+                request_id=request_id, task_id=task_id, ca_name=ca_name, template=template,
+                csr_der=bytes(csr_der), state=CA_REQUEST_PENDING, created_at=now, updated_at=now,
+            ).on_conflict_do_nothing(index_elements=[CaRequest.request_id]))
+            row = s.get(CaRequest, request_id, populate_existing=True)
+            assert row is not None
+            if row.task_id != task_id:
+                raise AlreadyExists(f"CA request {request_id} is journaled for task {row.task_id}, not {task_id}",
+                                    request_id=request_id)
+            return _record(CaRequestRecord, row)
+
+    # Moves mark_ca_request allows: to -> states it may come from (the same state again is
+    # a no-op retry). `stored` is reached only with the certificate (store_issued_certificate).
+    _CA_REQUEST_MOVES = {
+        CA_REQUEST_PENDING: (CA_REQUEST_PENDING,),          # records a problem in `error`, stays unsettled
+        CA_REQUEST_WRITTEN: (CA_REQUEST_STORED, CA_REQUEST_WRITTEN),
+        CA_REQUEST_NOT_ISSUED: (CA_REQUEST_PENDING, CA_REQUEST_NOT_ISSUED),
+    }
+
+    def mark_ca_request(self, request_id: str, state: str, error: str | None = None) -> CaRequestRecord:
+        """Advances a journaled CA request: `written` once its certificate is on the card
+        (from `stored`), `not_issued` when the CA issued nothing for it (from `pending`), or
+        `pending` again with `error` saying why it is still unsettled. StateConflict for any
+        other move (nothing written); InvalidArgument for `stored` (store_issued_certificate
+        does that, with the certificate) or an unknown state."""
+        if state not in CA_REQUEST_STATES:
+            raise InvalidArgument(f"a CA request is in one of {list(CA_REQUEST_STATES)}, not {state!r}")
+        if state == CA_REQUEST_STORED:
+            raise InvalidArgument("a CA request becomes stored only with its certificate "
+                                  "(store_issued_certificate(request_id=...))")
+        with self._write() as s:
+            row = self._ca_request_for(s, request_id)
+            if row.state not in self._CA_REQUEST_MOVES[state]:
+                raise StateConflict(f"CA request {request_id} is {row.state}; it cannot become {state}",
+                                    request_id=request_id, state=row.state)
+            row.state = state
+            if error is not None or state != CA_REQUEST_WRITTEN:
+                row.error = error
+            row.updated_at = utcnow()
+            s.flush()
+            return _record(CaRequestRecord, row)
+
+    def get_ca_request(self, request_id: str) -> CaRequestRecord:
+        with self._read() as s:
+            row = s.get(CaRequest, request_id)
+            if row is None:
+                raise NotFound(f"no journaled CA request {request_id!r}", request_id=request_id)
+            return _record(CaRequestRecord, row)
+
+    def list_ca_requests(self, states: Iterable[str] | None = None,
+                         task_id: str | None = None) -> list[CaRequestRecord]:
+        """Journaled CA requests, oldest first; states: only those in these states (e.g.
+        ["pending"]: the unsettled ones)."""
+        q = select(CaRequest)
+        if states is not None:
+            states = list(states)
+            unknown = sorted(set(states) - set(CA_REQUEST_STATES))
+            if unknown:
+                raise InvalidArgument(f"unknown CA request state(s) {unknown}; known: {list(CA_REQUEST_STATES)}")
+            q = q.where(CaRequest.state.in_(states))
+        if task_id is not None:
+            q = q.where(CaRequest.task_id == task_id)
+        with self._read() as s:
+            return [_record(CaRequestRecord, r)
+                    for r in s.scalars(q.order_by(CaRequest.created_at, CaRequest.request_id))]
+
+    # -- orchestrator instances (who runs what, for the reconciler) ------------------------
+
+    def beat(self, instance_id: str) -> None:
+        """The orchestrator instance `instance_id` is alive now (upsert of its heartbeat)."""
+        if not instance_id:
+            raise InvalidArgument("an orchestrator instance needs an id")
+        with self._write() as s:
+            now = utcnow()
+            dialect_insert = postgresql.insert if s.bind.dialect.name == "postgresql" else sqlite.insert
+            s.execute(dialect_insert(OrchestratorInstance)
+                      .values(id=instance_id, started_at=now, heartbeat_at=now)
+                      .on_conflict_do_update(index_elements=[OrchestratorInstance.id], set_={"heartbeat_at": now}))
+
+    def heartbeats(self) -> dict[str, dt.datetime]:
+        """Orchestrator instance id -> when it last beat."""
+        with self._read() as s:
+            return {r.id: r.heartbeat_at for r in s.scalars(select(OrchestratorInstance))}
+
+    def certificate_known(self, der: bytes) -> bool:
+        """Whether a certificate with this one's issuer and serial is stored (C16)."""
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError as exc:
+            raise InvalidArgument(f"not a DER X.509 certificate: {exc}") from None
+        with self._read() as s:
+            return s.scalar(select(Certificate.id).where(
+                Certificate.issuer == cert.issuer.rfc4514_string(),
+                Certificate.serial_hex == format(cert.serial_number, "x"))) is not None
 
     def get_certificate(self, certificate_id: str) -> CertificateRecord:
         with self._read() as s:

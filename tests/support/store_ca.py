@@ -30,7 +30,7 @@ from orchestrator.ca import LocalCa
 from orchestrator.store import Store
 
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-TABLES = ("audit_events", "archived_keys", "object_relations", "certificates", "task_steps", "tasks",
+TABLES = ("ca_requests", "orchestrator_instances", "audit_events", "archived_keys", "object_relations", "certificates", "task_steps", "tasks",
           "process_instances", "cards")
 
 

@@ -1,0 +1,235 @@
+"""The reconciler (rule C16): no certificate a CA issued for cardline is unknown to the
+store, and no task or process instance stays RUNNING after the run that owned it is gone.
+
+One round (`reconcile_once`), at start-up before the orchestrator serves and then every
+`reconcile_interval_s`:
+
+(b) Orphans first. A RUNNING task or process instance is orphaned when no live run owns it:
+    - owned by this orchestrator (its stable id, one per data directory) or by nobody, and
+      not in the in-memory registries of the card task / process services: a crash or a
+      kill left it. At start-up the registries are empty, so every one of ours is orphaned.
+    - owned by another orchestrator (replicas on one PostgreSQL) whose heartbeat is older
+      than `stale_after`: that replica is gone. A replica that beats is left alone.
+    An orphaned task ends FAILED with ORCHESTRATOR_RESTARTED: a production's card goes to
+    its template's failed state, its certificates stay in the internal issued state carrying
+    the error (C3, C4), exactly as if the task had failed by itself. An orphaned process
+    instance ends FAILED likewise; its on_error tasks are not run (the certificates are
+    searchable and can be handled: C5).
+
+(a) Then every journal row still `pending`, whose task is no longer RUNNING (the request of
+    a live run is that run's business): its CA is asked `find_issued(request_id)` and, if
+    the connector offers it and cannot confirm request ids by itself (`confirms_request_ids`
+    false or absent), `find_issued_for_key(spki)`: the oldest certificate for the request's
+    public key that the store does not know yet is that request's.
+    - found: stored in the internal issued state with the task's error (C3-C5 apply: it is
+      searchable, handle_issued or the sweeper can revoke it); row -> `stored`.
+    - not found: row -> `not_issued`. The request is not retried: its task has ended, so a
+      certificate issued now would reach no card and only need revoking.
+    - CA unreachable (or unknown to this orchestrator): row stays `pending` with the error,
+      asked again next round.
+    A certificate issued for an ArchiveKey application whose answer was lost is stored
+    without an archived key: the orchestrator-generated key died with the run, so that
+    certificate can never be recovered and should be revoked.
+
+Every action is audited (action "reconcile"). Rounds are serialised; the store methods make
+each step safe against a live run or another replica doing the same at the same time.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from orchestrator.ca.base import CaConnector
+from orchestrator.store.records import (AUDIT_RECONCILE, CA_REQUEST_NOT_ISSUED, CA_REQUEST_PENDING, CERTIFICATE,
+                                        PROCESS_FAILED, PROCESS_RUNNING, TASK_RUNNING, CaRequestRecord, TaskRecord)
+from orchestrator.store.store import DuplicateCertificate, Store
+from shared.errors import CardlineError, OrchestratorRestarted, StateConflict
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+ACTOR = "reconciler"
+PRODUCTION = "card_production"     # card_tasks.PRODUCTION (not imported: no cycle, no grpc)
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    examined: int = 0       # journal rows looked at (pending ones whose task has ended)
+    stored: int = 0         # certificates found at a CA and stored in the internal issued state
+    not_issued: int = 0     # rows the CA issued nothing for
+    tasks_ended: int = 0    # orphaned tasks and process instances ended FAILED
+    still_pending: int = 0  # rows left pending (CA unreachable, unknown CA)
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _spki_of_csr(csr_der: bytes) -> bytes | None:
+    try:
+        return x509.load_der_x509_csr(csr_der).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    except (ValueError, TypeError):
+        return None
+
+
+class Reconciler:
+    def __init__(self, store: Store, cas: Mapping[str, CaConnector], templates_internal_issued_state: str, *,
+                 owner_id: str | None = None,
+                 live_tasks: Callable[[], Collection[str]] = frozenset,
+                 live_processes: Callable[[], Collection[str]] = frozenset,
+                 card_failed_state: Callable[[str], str | None] = lambda card_template: None,
+                 stale_after: dt.timedelta = dt.timedelta(minutes=3)) -> None:
+        """owner_id: this orchestrator's id (tasks.owner); live_tasks / live_processes: ids
+        of the tasks and process instances running in this process right now;
+        card_failed_state: card template name -> the state of a card whose production
+        failed; stale_after: how old another orchestrator's heartbeat must be before its
+        RUNNING work counts as orphaned."""
+        self.store = store
+        self.cas = cas
+        self.internal_issued_state = templates_internal_issued_state
+        self.owner_id = owner_id
+        self.live_tasks = live_tasks
+        self.live_processes = live_processes
+        self.card_failed_state = card_failed_state
+        self.stale_after = stale_after
+        self._round = threading.Lock()
+
+    # -- a round ---------------------------------------------------------------------------
+
+    def reconcile_once(self) -> ReconcileReport:
+        """One round, blocking (call it through asyncio.to_thread from async code)."""
+        with self._round:
+            if self.owner_id:
+                self.store.beat(self.owner_id)
+            tasks_ended = self._end_orphans()
+            examined = stored = not_issued = still_pending = 0
+            for row in self.store.list_ca_requests(states=[CA_REQUEST_PENDING]):
+                task = self.store.get_task(row.task_id)
+                if task.state == TASK_RUNNING:
+                    continue                   # a live run (here or on a beating replica) settles it
+                examined += 1
+                try:
+                    outcome = self._settle(row)
+                except Exception as exc:  # noqa: BLE001 - one bad row must not stop the others
+                    log.exception("CA request not settled", request_id=row.request_id)
+                    outcome = self._still_pending(row, f"{type(exc).__name__}: {exc}")
+                stored += outcome == "stored"
+                not_issued += outcome == CA_REQUEST_NOT_ISSUED
+                still_pending += outcome == CA_REQUEST_PENDING
+            report = ReconcileReport(examined, stored, not_issued, tasks_ended, still_pending)
+            if examined or tasks_ended:
+                log.info("reconciled", examined=examined, stored=stored, not_issued=not_issued,
+                         tasks_ended=tasks_ended, still_pending=still_pending)
+            return report
+
+    # -- (b) orphaned tasks and process instances --------------------------------------------
+
+    def _orphaned(self, owner: str | None, run_id: str, live: Collection[str],
+                  heartbeats: Mapping[str, dt.datetime], now: dt.datetime) -> bool:
+        if owner is None or owner == self.owner_id:
+            return run_id not in live
+        beat = heartbeats.get(owner)
+        return beat is None or now - beat > self.stale_after
+
+    def _end_orphans(self) -> int:
+        # The store first, the registries after: a run registers before its row exists and
+        # unregisters after its row has ended, so a live run is never taken for an orphan.
+        tasks = self.store.list_tasks(state=TASK_RUNNING)
+        instances = self.store.list_process_instances(state=PROCESS_RUNNING)
+        live_tasks, live_processes = frozenset(self.live_tasks()), frozenset(self.live_processes())
+        heartbeats, now = self.store.heartbeats(), _utcnow()
+        ended = 0
+        for task in tasks:
+            if self._orphaned(task.owner, task.id, live_tasks, heartbeats, now):
+                ended += self._end_task(task)
+        for instance in instances:
+            if self._orphaned(instance.owner, instance.id, live_processes, heartbeats, now):
+                ended += self._end_process(instance.id, instance.owner)
+        return ended
+
+    def _restarted(self, what: str, owner: str | None) -> OrchestratorRestarted:
+        return OrchestratorRestarted(f"the orchestrator running this {what} ({owner or 'unknown'}) stopped before "
+                                     f"it ended; ended by the reconciler")
+
+    def _end_task(self, task: TaskRecord) -> int:
+        error = self._restarted("task", task.owner)
+        card_state = None
+        if task.type == PRODUCTION and task.card_id is not None:
+            card_state = self.card_failed_state(self.store.get_card(task.card_id).template)
+        try:
+            self.store.finish_task_failed(task.id, error.reason, error.message, card_state)
+        except StateConflict:
+            return 0                         # it ended meanwhile: someone else was faster
+        self.store.record_audit(AUDIT_RECONCILE, "Task", task.id, ACTOR,
+                                {"action": "end_orphaned_task", "reason": error.reason, "owner": task.owner,
+                                 "card_state": card_state})
+        log.warning("orphaned task ended", task_id=task.id, owner=task.owner, card_state=card_state)
+        return 1
+
+    def _end_process(self, instance_id: str, owner: str | None) -> int:
+        error = self._restarted("process instance", owner)
+        try:
+            self.store.finish_process_instance(instance_id, PROCESS_FAILED, error.reason, error.message)
+        except StateConflict:
+            return 0
+        self.store.record_audit(AUDIT_RECONCILE, "ProcessInstance", instance_id, ACTOR,
+                                {"action": "end_orphaned_process", "reason": error.reason, "owner": owner})
+        log.warning("orphaned process instance ended", process_instance_id=instance_id, owner=owner)
+        return 1
+
+    # -- (a) pending CA requests -------------------------------------------------------------
+
+    def _settle(self, row: CaRequestRecord) -> str:
+        ca = self.cas.get(row.ca_name)
+        if ca is None:
+            return self._still_pending(row, f"CA {row.ca_name!r} is not configured in this orchestrator")
+        try:
+            der = ca.find_issued(row.request_id)
+            finder = getattr(ca, "find_issued_for_key", None)
+            if der is None and callable(finder) and not getattr(ca, "confirms_request_ids", False):
+                spki = _spki_of_csr(row.csr_der)
+                if spki is not None:
+                    found = finder(spki)       # bytes or None, or a list (oldest first)
+                    candidates = list(found) if isinstance(found, (list, tuple)) else [found] if found else []
+                    # A key may have older certificates (a renewal of the same key): the
+                    # request's is the oldest one the store does not know yet.
+                    der = next((c for c in candidates if not self.store.certificate_known(c)), None)
+        except CardlineError as exc:     # CaUnavailable and the like: ask again next round
+            return self._still_pending(row, f"{exc.reason}: {exc.message}")
+        except OSError as exc:
+            return self._still_pending(row, f"{type(exc).__name__}: {exc}")
+        if der is None:
+            try:
+                self.store.mark_ca_request(row.request_id, CA_REQUEST_NOT_ISSUED,
+                                           f"CA {row.ca_name!r} issued nothing for this request")
+            except StateConflict:
+                return "raced"
+            log.info("CA request not issued", request_id=row.request_id, ca=row.ca_name)
+            return CA_REQUEST_NOT_ISSUED
+        try:
+            record = self.store.store_issued_certificate(row.task_id, der, row.template, row.ca_name,
+                                                         self.internal_issued_state, request_id=row.request_id)
+        except (DuplicateCertificate, StateConflict) as exc:
+            # Known to the store already, under another request: not unknown, but this row
+            # cannot say which; left for an operator with the reason.
+            return self._still_pending(row, f"{exc.reason}: {exc.message}")
+        self.store.record_audit(AUDIT_RECONCILE, CERTIFICATE, record.id, ACTOR,
+                                {"action": "store_found_certificate", "request_id": row.request_id,
+                                 "ca": row.ca_name, "serial_hex": record.serial_hex, "task_id": row.task_id})
+        log.warning("certificate found at the CA and stored", request_id=row.request_id, ca=row.ca_name,
+                    serial=record.serial_hex, state=record.state, certificate_id=record.id)
+        return "stored"
+
+    def _still_pending(self, row: CaRequestRecord, why: str) -> str:
+        log.warning("CA request left pending", request_id=row.request_id, ca=row.ca_name, error=why)
+        try:
+            self.store.mark_ca_request(row.request_id, CA_REQUEST_PENDING, why)
+        except StateConflict:
+            pass
+        return CA_REQUEST_PENDING
