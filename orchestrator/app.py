@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from orchestrator.api.link import GatewayLinkServicer
 from orchestrator.api.servicer import OrchestratorServicer
 from orchestrator.ca.base import CaConnector
-from orchestrator.ca.local import LocalCa
+from orchestrator.ca.registry import build_cas
 from orchestrator.services.card_tasks import BoundaryHook, CardTaskService
 from orchestrator.services.certificates import CertificateService
 from orchestrator.services.configuration import Configuration, load_configuration
@@ -73,16 +73,11 @@ class Orchestrator:
         await self.server.stop()
 
 
-def build_cas(settings: OrchestratorSettings) -> dict[str, CaConnector]:
-    local = LocalCa(settings.data_dir / "ca", "local")
-    return {local.name: local}
-
-
 async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None = None) -> Orchestrator:
     # Mutual TLS unless explicitly insecure: no TLS material stops start-up before anything else.
     tls = settings_tls(settings, "orchestrator", "orchestrator", role="orchestrator")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    cas = await asyncio.to_thread(build_cas, settings)
+    cas = await asyncio.to_thread(build_cas, settings.cas, settings.data_dir)
     if _fault_injection_requested():     # TEST-ONLY (C16 crash tests); never set in production
         from orchestrator.services import fault_injection
         cas, boundary = fault_injection.install(os.environ, cas, boundary)

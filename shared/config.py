@@ -212,6 +212,9 @@ class OrchestratorSettings(_Settings):
     pool: PoolSettings = Field(default_factory=PoolSettings)
     # C16: seconds between two rounds of the reconciler (it also runs once at start-up).
     reconcile_interval_s: float = Field(default=60.0, gt=0)
+    # CAs besides the embedded local one, e.g. [{name: corp, kind: openssl, directory: /srv/ca}]
+    # (docs/ca-connectors.md); certificate templates name them.
+    cas: list[dict[str, Any]] = []
 
     _check = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
     _check_issued = field_validator("certificate_internal_issued_state")(

@@ -499,3 +499,43 @@ def test_c7_cert_key_list_writes_every_archived_pair_without_touching_the_store(
                               "--list-objects", "--type", "cert"],
                              env=softhsm_token.env, capture_output=True, text=True, check=True).stdout
     assert listing.count("Certificate Object") == 2
+
+
+def test_c6_revoke_on_issue_through_openssl_ca_shows_certificate_hold_in_its_crl(tmp_path, softhsm_token):
+    """The same rule with a real `openssl ca` behind the template: its own CRL, read by
+    `openssl crl -text`, lists the new certificate with reason Certificate Hold."""
+    cfg = config_dir(tmp_path, encodings={"operation": OPERATION_ENCODING.format(relation="success").replace(
+        "CreateObjectRelation=success", "CreateObjectRelation=success\n    revokeOnIssue=true")},
+        processes={"operate": operation_process(reader_of(softhsm_token), with_card=False)})
+    templates = cfg / "templates" / "templates.yaml"
+    text = templates.read_text()
+    at = text.index("- name: EmployeeAuthentication")
+    templates.write_text(text[:at] + text[at:].replace("ca: local", "ca: corp", 1))
+    ca_dir = tmp_path / "openssl-ca"
+
+    async def body():
+        settings = config_load(tmp_path, cfg, cas=[{"name": "corp", "kind": "openssl", "directory": str(ca_dir)}])
+        orch = await orchestrator_app.start(settings)
+        try:
+            with contextlib.ExitStack() as stack:
+                await asyncio.to_thread(stack.enter_context, gateway_process(
+                    orch.address, "station-1", tmp_path / "gateway", pkcs11_module=softhsm_token.module_path,
+                    env=softhsm_token.env))
+                while not orch.pool.list():
+                    await asyncio.sleep(0.1)
+                instance = await start(orch, "operate", pin=softhsm_token.user_pin)
+                return orch, instance, orch.cas["corp"].crl_der()
+        finally:
+            await orch.stop()
+
+    orch, instance, crl = asyncio.run(body())
+    assert instance.state == "SUCCEEDED", instance.error_message
+    cert = orch.store.get_certificate(CoreObjectDescriptor.from_dict(instance.process_map["newCert"]).id)
+    assert cert.ca_name == "corp" and cert.state == "Active"            # the store follows C1/C2
+    (tmp_path / "crl.der").write_bytes(crl)
+    text = subprocess.run(["openssl", "crl", "-inform", "DER", "-in", str(tmp_path / "crl.der"), "-noout", "-text"],
+                          capture_output=True, text=True, check=True).stdout
+    serial = cert.serial_hex.upper().zfill(len(cert.serial_hex) + len(cert.serial_hex) % 2)
+    entry = text[text.index(f"Serial Number: {serial}"):].split("Serial Number:")[1]
+    assert "Certificate Hold" in entry
+    assert (ca_dir / "index.txt").read_text().count("\n") == 1            # one line: issued once, now on hold
