@@ -1,15 +1,13 @@
 """`cardline gateway ...` commands."""
 from __future__ import annotations
 
-import asyncio
 import pathlib
 from typing import Optional
 
 import typer
 
 from shared import config
-from shared.errors import ConfigurationError
-from shared.logging import configure
+from shared.cli import run_server
 from shared.pki_cli import INSECURE, TLS_CA, TLS_CERT, TLS_CRL, TLS_DIR, TLS_KEY
 
 
@@ -35,16 +33,10 @@ def register(root: typer.Typer) -> None:
         """Serve card I/O and keep the link to the orchestrator (mutual TLS unless --insecure)."""
         from gateway.app import serve as run
 
-        configure(json=json_logs)
-        try:
-            settings = config.load(config.GatewaySettings, config_file=config_file, listen=listen, data_dir=data_dir,
-                                   orchestrator=orchestrator, gateway_id=gateway_id, site=site,
-                                   pkcs11_modules=pkcs11_module or None, pcsc=pcsc, tls_dir=tls_dir, tls_ca=tls_ca,
-                                   tls_cert=tls_cert, tls_key=tls_key, tls_crl=tls_crl, insecure=insecure)
-            asyncio.run(run(settings))
-        except ConfigurationError as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(2) from None
+        run_server(config.GatewaySettings, run, json_logs=json_logs, config_file=config_file, listen=listen,
+                   data_dir=data_dir, orchestrator=orchestrator, gateway_id=gateway_id, site=site,
+                   pkcs11_modules=pkcs11_module or None, pcsc=pcsc, tls_dir=tls_dir, tls_ca=tls_ca,
+                   tls_cert=tls_cert, tls_key=tls_key, tls_crl=tls_crl, insecure=insecure)
 
     @gateway.command("enroll")
     def enroll(

@@ -1,7 +1,6 @@
 """`cardline orchestrator serve` and the client commands that talk to an orchestrator."""
 from __future__ import annotations
 
-import asyncio
 import json
 import pathlib
 import sys
@@ -15,7 +14,7 @@ from rich.table import Table
 
 from shared import config
 from shared.errors import ConfigurationError
-from shared.logging import configure
+from shared.cli import run_server
 from shared.proto import common_pb2
 from shared.proto import orchestrator_pb2 as pb
 from shared.proto import orchestrator_pb2_grpc
@@ -88,16 +87,9 @@ def register(root: typer.Typer) -> None:
         """Run the orchestrator (mutual TLS unless --insecure)."""
         from orchestrator.app import serve as run
 
-        configure(json=json_logs)
-        try:
-            settings = config.load(config.OrchestratorSettings, config_file=config_file, listen=listen,
-                                   data_dir=data_dir, database_url=database_url, config_dir=config_dir,
-                                   tls_dir=tls_dir, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_crl=tls_crl,
-                                   insecure=insecure)
-            asyncio.run(run(settings))
-        except ConfigurationError as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(2) from None
+        run_server(config.OrchestratorSettings, run, json_logs=json_logs, config_file=config_file, listen=listen,
+                   data_dir=data_dir, database_url=database_url, config_dir=config_dir, tls_dir=tls_dir,
+                   tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_crl=tls_crl, insecure=insecure)
 
     root.add_typer(orchestrator, name="orchestrator")
 

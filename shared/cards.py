@@ -49,6 +49,33 @@ class Apdu:
     expected_sw: tuple[str, ...] = ("9000",)   # 4 hex digits, "X" = any digit
 
 
+def check_command_apdu(apdu: bytes) -> str | None:
+    """Why ``apdu`` is not a well-formed ISO 7816-4 command APDU, or None when it is.
+
+    The gateway applies it before sending anything (no half-run script); the orchestrator
+    applies it when it loads inline scripts, so a broken one is rejected at start-up, not
+    half-way through encoding a card.
+    """
+    n = len(apdu)
+    if n < 4:
+        return f"{n} bytes; a command APDU has at least CLA INS P1 P2"
+    if apdu[1] & 0xF0 in (0x60, 0x90):
+        return f"INS {apdu[1]:02X} is invalid (6X and 9X are status bytes)"
+    if n in (4, 5):                                    # case 1, case 2 short
+        return None
+    if apdu[4] != 0:                                   # short Lc
+        lc = apdu[4]
+        return None if n in (5 + lc, 6 + lc) else f"Lc={lc} but {n - 5} bytes follow it"
+    if n == 6:
+        return "a 00 byte after the header must start a 3-byte extended length"
+    if n == 7:                                         # case 2 extended
+        return None
+    lc = apdu[5] << 8 | apdu[6]
+    if lc == 0:
+        return "extended Lc is 0"
+    return None if n in (7 + lc, 9 + lc) else f"extended Lc={lc} but {n - 7} bytes follow it"
+
+
 @dataclass(frozen=True)
 class ApduResponse:
     data: bytes

@@ -37,3 +37,21 @@ def main() -> None:
     for ep in sorted(entry_points(group="cardline.cli"), key=lambda e: e.name):
         ep.load()(app)
     app()
+
+
+def run_server(settings_cls, serve, *, json_logs: bool, **options) -> None:
+    """What both `serve` commands do: logging, settings (flags > environment > file), serve;
+    a configuration error exits 2 with every violation listed."""
+    import asyncio
+
+    from shared import config
+    from shared.errors import ConfigurationError
+    from shared.logging import configure
+
+    configure(json=json_logs)
+    try:
+        settings = config.load(settings_cls, **options)
+        asyncio.run(serve(settings))
+    except ConfigurationError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None

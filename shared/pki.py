@@ -23,11 +23,9 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
 import pathlib
 import re
 import secrets
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -36,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.files import write_atomic
 from shared.errors import AlreadyExists, ConfigurationError, InvalidArgument, NotFound
 
 ROLES = ("orchestrator", "gateway", "client")
@@ -51,21 +50,6 @@ CA_DAYS, LEAF_DAYS, CRL_DAYS = 3650, 825, 365
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def _write(path: pathlib.Path, data: bytes, mode: int) -> None:
-    """Atomic write with the final mode from the start (no window where a key is readable)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_name(name: str) -> str:
@@ -200,9 +184,9 @@ class Pki:
             raise InvalidArgument(f"a {role} certificate has no host names (sans given: {', '.join(sans)})",
                                   field="sans")
         cert = builder.sign(ca_key, hashes.SHA256())
-        _write(self.key_path(name), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        write_atomic(self.key_path(name), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                       serialization.NoEncryption()), 0o600)
-        _write(self.cert_path(name), cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(self.cert_path(name), cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return Issued(name, role, cert.serial_number, self.cert_path(name), self.key_path(name))
 
     def ensure(self, role: str, name: str, sans: Iterable[str] = ()) -> Issued:
@@ -223,9 +207,9 @@ class Pki:
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         files = {"ca": out / CA_CERT, "cert": out / f"{name}.crt", "key": out / f"{name}.key"}
         if out.resolve() != self.directory.resolve():
-            _write(files["ca"], self.ca_cert_path.read_bytes(), 0o644)
-            _write(files["cert"], self.cert_path(name).read_bytes(), 0o644)
-            _write(files["key"], self.key_path(name).read_bytes(), 0o600)
+            write_atomic(files["ca"], self.ca_cert_path.read_bytes(), 0o644)
+            write_atomic(files["cert"], self.cert_path(name).read_bytes(), 0o644)
+            write_atomic(files["key"], self.key_path(name).read_bytes(), 0o600)
         return files
 
     # -- revocation -------------------------------------------------------------------------
@@ -246,7 +230,7 @@ class Pki:
         if cert.serial_number not in {int(r["serial"], 16) for r in entries}:
             entries.append({"serial": f"{cert.serial_number:x}", "name": name, "role": role_of(cert),
                             "revoked_at": _now().isoformat(timespec="seconds")})
-            _write(self.revoked_path, (json.dumps({"revoked": entries}, indent=2) + "\n").encode(), 0o644)
+            write_atomic(self.revoked_path, (json.dumps({"revoked": entries}, indent=2) + "\n").encode(), 0o644)
         self.write_crl()
         return cert.serial_number
 
@@ -265,7 +249,7 @@ class Pki:
                 x509.RevokedCertificateBuilder().serial_number(int(entry["serial"], 16))
                 .revocation_date(dt.datetime.fromisoformat(entry["revoked_at"])).build())
         crl = builder.sign(ca_key, hashes.SHA256())
-        _write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
         return self.crl_path
 
 
@@ -293,10 +277,10 @@ def init_pki(directory: pathlib.Path | str, *, common_name: str = "cardline deve
                                          crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
-    _write(directory / CA_PASS, passphrase + b"\n", 0o600)
-    _write(directory / CA_KEY, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    write_atomic(directory / CA_PASS, passphrase + b"\n", 0o600)
+    write_atomic(directory / CA_KEY, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                  serialization.BestAvailableEncryption(passphrase)), 0o600)
-    _write(directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     pki = Pki(directory)
     pki.write_crl()
     return pki

@@ -40,6 +40,7 @@ import time
 from smartcard import scard
 
 from gateway.drivers.base import Apdu, ApduResponse, PcscEvent, PcscReaderInfo
+from shared.cards import check_command_apdu
 from shared.errors import (CardIoError, CardRemoved, InvalidArgument, MalformedApdu,
                            NoCardPresent, ReaderBusy, ReaderNotFound, UnexpectedStatusWord)
 
@@ -72,33 +73,6 @@ def _err(hresult: int) -> str:
 
 
 # -- APDU structure --------------------------------------------------------------------
-
-def check_command_apdu(apdu: bytes) -> str | None:
-    """Why ``apdu`` is not a well-formed ISO 7816-4 command APDU, or None when it is."""
-    n = len(apdu)
-    if n < 4:
-        return f"{n} bytes, a command APDU has at least CLA INS P1 P2"
-    ins = apdu[1]
-    if ins & 0xF0 in (0x60, 0x90):
-        return f"INS {ins:02X} is invalid (6X and 9X are status bytes)"
-    if n in (4, 5):                                         # case 1, case 2 short
-        return None
-    if apdu[4] != 0:                                        # short Lc
-        lc = apdu[4]
-        if n in (5 + lc, 6 + lc):                           # case 3 / case 4 short
-            return None
-        return f"Lc={lc} but {n - 5} bytes follow it"
-    if n == 6:
-        return "a 00 byte after the header must start a 3-byte extended length"
-    if n == 7:                                              # case 2 extended
-        return None
-    lc = apdu[5] << 8 | apdu[6]
-    if lc == 0:
-        return "extended Lc is 0"
-    if n in (7 + lc, 9 + lc):                               # case 3 / case 4 extended
-        return None
-    return f"extended Lc={lc} but {n - 7} bytes follow it"
-
 
 def _with_le(apdu: bytes, le: int) -> bytes:
     """The same command with its Le replaced by ``le`` (the 6Cxx resend)."""

@@ -7,9 +7,9 @@ from orchestrator.api import convert as conv
 from orchestrator.api.pool_rpcs import PoolRpcs
 from orchestrator.services.pool import ReaderPool
 from orchestrator.domain.templates import Templates
-from orchestrator.services.card_tasks import CardTaskService, Progress
+from orchestrator.services.card_tasks import CardTaskService
 from orchestrator.services.certificates import CertificateService
-from orchestrator.services.processes import ProcessProgress, ProcessService
+from orchestrator.services.processes import ProcessService
 from orchestrator.services.production import production_order
 from orchestrator.store.store import Store
 from orchestrator.ca.base import CaConnector

@@ -34,7 +34,6 @@ import os
 import pathlib
 import secrets
 import threading
-import uuid
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -42,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from orchestrator.ca.base import REVOCATION_REASONS, IssueProfile, revocation_reason
+from shared.files import write_atomic
 from shared.errors import CaRefused, CaUnavailable, ConfigurationError, CsrInvalid, InvalidArgument
 from shared.logging import get_logger
 
@@ -59,26 +59,6 @@ MIN_RSA_BITS = 2048
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-
-
-def _write_atomic(path: pathlib.Path, data: bytes, mode: int = 0o644) -> None:
-    """Readers see the old file or the new one, never a torn one, also after a crash."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)   # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def _spki(key) -> bytes:
@@ -118,7 +98,7 @@ class LocalCa:
             key = ec.generate_private_key(ec.SECP256R1())
             pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.BestAvailableEncryption(self._passphrase(passphrase_path)))
-            _write_atomic(key_path, pem, mode=0o600)
+            write_atomic(key_path, pem, mode=0o600)
         try:
             key = serialization.load_pem_private_key(key_path.read_bytes(), self._passphrase(passphrase_path))
         except (ValueError, TypeError) as exc:
@@ -131,7 +111,7 @@ class LocalCa:
         else:
             # First start (or a crash right after the key was written).
             cert = self._self_sign(key)
-            _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+            write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return key, cert
 
     @staticmethod
@@ -169,7 +149,7 @@ class LocalCa:
             record = json.loads(path.read_text())
             pem_path = self._issued / f"{record['serial_hex']}.pem"
             if not pem_path.exists():
-                _write_atomic(pem_path, record["certificate"].encode())
+                write_atomic(pem_path, record["certificate"].encode())
 
     # -- CaConnector ---------------------------------------------------------------------
 
@@ -211,12 +191,12 @@ class LocalCa:
             # find_issued finds it; the by-serial index can be rebuilt from it. A certificate
             # the CA could not record is never handed out.
             try:
-                _write_atomic(self._request_path(request_id), json.dumps(record, indent=1).encode())
+                write_atomic(self._request_path(request_id), json.dumps(record, indent=1).encode())
             except OSError as exc:
                 raise CaUnavailable(f"the CA could not record the issuance: {exc.strerror}: {exc.filename}",
                                     request_id=request_id) from None
             try:
-                _write_atomic(self._issued / f"{serial_hex}.pem", pem.encode())
+                write_atomic(self._issued / f"{serial_hex}.pem", pem.encode())
             except OSError:
                 log.warning("serial index not written; rebuilt from the request records at start-up",
                             serial=serial_hex)
@@ -361,4 +341,4 @@ class LocalCa:
         return json.loads(self._revocations_path.read_text())
 
     def _save_revocations(self, state: dict) -> None:
-        _write_atomic(self._revocations_path, json.dumps(state, indent=1, sort_keys=True).encode())
+        write_atomic(self._revocations_path, json.dumps(state, indent=1, sort_keys=True).encode())

@@ -64,7 +64,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from orchestrator.ca.base import EXTENDED_KEY_USAGES, IssueProfile, revocation_reason
-from orchestrator.ca.local import ACCEPTED_CURVES, MIN_RSA_BITS, _write_atomic
+from orchestrator.ca.local import ACCEPTED_CURVES, MIN_RSA_BITS
+from shared.files import write_atomic
 from shared.errors import CaRefused, CaUnavailable, ConfigurationError, CsrInvalid, InvalidArgument
 from shared.logging import get_logger
 
@@ -283,7 +284,7 @@ class OpenSslCa:
 
     def _set_up(self, subject: str) -> None:
         """Creates a CA like `openssl ca` expects it, or checks the one that is there."""
-        _write_atomic(self._config, _CONFIG.format(dir=self._dir, crl_days=CRL_DAYS).encode())
+        write_atomic(self._config, _CONFIG.format(dir=self._dir, crl_days=CRL_DAYS).encode())
         for leftover in self._tmp.iterdir():        # of runs killed half-way; nobody else runs now
             shutil.rmtree(leftover, ignore_errors=True)
         self._run("version", check_unavailable=True)
@@ -291,7 +292,7 @@ class OpenSslCa:
                               (self._dir / "serial", f"{secrets.randbits(63) | 1 << 62:016X}\n"),
                               (self._dir / "crlnumber", "1000\n")):
             if not path.exists():
-                _write_atomic(path, content.encode())
+                write_atomic(path, content.encode())
         if not self._passphrase.exists():
             if self._key_path.exists():
                 raise ConfigurationError(f"CA {self._name!r}: the key {self._key_path} exists but its "
@@ -457,7 +458,7 @@ class OpenSslCa:
 
     def _write_index(self, entries: list[IndexEntry]) -> None:
         """index.txt replaced atomically: temp file, fsync, rename (under the lock)."""
-        _write_atomic(self._index, "".join(e.line() for e in entries).encode())
+        write_atomic(self._index, "".join(e.line() for e in entries).encode())
 
     # -- CaConnector -------------------------------------------------------------------
 
@@ -634,7 +635,7 @@ class OpenSslCa:
                   "recorded_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   "certificate": cert.public_bytes(serialization.Encoding.PEM).decode()}
         try:
-            _write_atomic(path, json.dumps(record, indent=1).encode())
+            write_atomic(path, json.dumps(record, indent=1).encode())
         except OSError as exc:
             # The certificate is in index.txt and carries its tag: find_issued still finds it.
             log.warning("openssl CA: request journal not written", ca=self._name, error=exc.strerror)

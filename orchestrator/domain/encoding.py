@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.cards import Apdu, KeyType
+from shared.cards import Apdu, KeyType, check_command_apdu
 
 ENCODING_TYPES = ("Chip",)
 APPLICATION_PREFIX = "Application_"
@@ -208,33 +208,6 @@ def application_order_key(suffix: str) -> tuple:
 
 
 # -- APDU scripts ----------------------------------------------------------------------
-
-def check_command_apdu(apdu: bytes) -> str | None:
-    """Why ``apdu`` is not a well-formed ISO 7816-4 command APDU, or None when it is.
-
-    The same rules the gateway applies before sending (gateway/drivers/pcsc.py): checking
-    here too means a broken inline script is rejected when the configuration is loaded,
-    not half-way through encoding a card.
-    """
-    n = len(apdu)
-    if n < 4:
-        return f"{n} bytes; a command APDU has at least CLA INS P1 P2"
-    if apdu[1] & 0xF0 in (0x60, 0x90):
-        return f"INS {apdu[1]:02X} is invalid (6X and 9X are status bytes)"
-    if n in (4, 5):                                    # case 1, case 2 short
-        return None
-    if apdu[4] != 0:                                   # short Lc
-        lc = apdu[4]
-        return None if n in (5 + lc, 6 + lc) else f"Lc={lc} but {n - 5} bytes follow it"
-    if n == 6:
-        return "a 00 byte after the header must start a 3-byte extended length"
-    if n == 7:                                         # case 2 extended
-        return None
-    lc = apdu[5] << 8 | apdu[6]
-    if lc == 0:
-        return "extended Lc is 0"
-    return None if n in (7 + lc, 9 + lc) else f"extended Lc={lc} but {n - 7} bytes follow it"
-
 
 def parse_apdu_script(text: str) -> tuple[Apdu, ...]:
     """``HEX[/SW[,SW…]]`` commands separated by ``;``; raises ValueError naming every problem.
