@@ -338,19 +338,24 @@ class Store:
 
     def journal_step(self, task_id: str, step_number: int, name: str, state: str,
                      detail: str = "") -> TaskStepRecord:
-        """Records where a task is (insert or overwrite the row of this step)."""
-        with self._write() as s:
-            self._task(s, task_id)
-            now = utcnow()
-            dialect_insert = postgresql.insert if s.bind.dialect.name == "postgresql" else sqlite.insert
-            stmt = dialect_insert(TaskStep).values(task_id=task_id, step_number=step_number, name=name,
-                                                   state=state, detail=detail, created_at=now, updated_at=now)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[TaskStep.task_id, TaskStep.step_number],
-                set_={"name": name, "state": state, "detail": detail, "updated_at": now})
-            s.execute(stmt)
-            step = s.get(TaskStep, (task_id, step_number), populate_existing=True)
-            return _record(TaskStepRecord, step)
+        """Records where a task is (insert or overwrite the row of this step).
+
+        One statement (an upsert returning the row): it runs for every step of every card,
+        so it stays cheap; the task's existence is checked by the foreign key."""
+        now = utcnow()
+        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        stmt = (dialect_insert(TaskStep)
+                .values(task_id=task_id, step_number=step_number, name=name, state=state, detail=detail,
+                        created_at=now, updated_at=now)
+                .on_conflict_do_update(index_elements=[TaskStep.task_id, TaskStep.step_number],
+                                       set_={"name": name, "state": state, "detail": detail, "updated_at": now})
+                .returning(*TaskStep.__table__.columns))
+        try:
+            with self._write() as s:
+                row = s.execute(stmt).one()
+        except IntegrityError:
+            raise NotFound(f"no task {task_id}", task_id=task_id) from None
+        return _record(TaskStepRecord, row)
 
     def get_task(self, task_id: str) -> TaskRecord:
         with self._read() as s:
