@@ -42,14 +42,12 @@ from asn1crypto.core import Integer, OctetString
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
-from pkcs11 import Attribute, CertificateType, Mechanism, TokenFlag
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pkcs11 import Attribute, CertificateType, TokenFlag
 from pkcs11 import KeyType as P11KeyType
 from pkcs11 import ObjectClass as P11Class
 from pkcs11.util import biginteger
-from pkcs11.util.ec import encode_ec_public_key, encode_ecdsa_signature, encode_named_curve_parameters
-from pkcs11.util.rsa import encode_rsa_public_key
+from pkcs11.util.ec import encode_named_curve_parameters
 
 from gateway.drivers.base import (
     GeneratedKey, KeyType, ObjectClass, SignatureAlgorithm, StoredObject, TokenInfo,
@@ -59,6 +57,11 @@ from shared.errors import (
     PinIncorrect, PinLocked, ReaderNotFound, WriteRefused,
 )
 from shared.logging import get_logger
+# Token keys as cryptography keys, shared with the orchestrator's LocalCa on a token.
+from shared.pkcs11_keys import ecdsa_sha256 as _ecdsa_sha256
+from shared.pkcs11_keys import public_key_of as _spki_of_public
+from shared.pkcs11_keys import rsa_pkcs1_sha256 as _rsa_pkcs1_sha256
+from shared.pkcs11_keys import token_key as _adapter
 
 log = get_logger(__name__)
 
@@ -83,9 +86,6 @@ _BAD_PIN = (p11err.PinIncorrect, p11err.PinLenRange, p11err.PinInvalid)
 _REFUSED_WRITE = (p11err.TokenWriteProtected, p11err.SessionReadOnly, p11err.DeviceMemory,
                   p11err.TemplateInconsistent, p11err.TemplateIncomplete, p11err.AttributeValueInvalid,
                   p11err.AttributeReadOnly, p11err.FunctionRejected)
-
-# DigestInfo prefix for SHA-256 (RFC 8017 §9.2 note 1), for tokens with only raw CKM_RSA_PKCS.
-_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 
 
 def module_short_name(module_path: str) -> str:
@@ -754,115 +754,3 @@ def _key_type_of(obj) -> KeyType | None:
     except p11err.PKCS11Error:
         pass
     return None
-
-
-def _spki_of_public(pub):
-    """A cryptography public key from a PKCS#11 public key object."""
-    if pub[Attribute.KEY_TYPE] == P11KeyType.EC:
-        return serialization.load_der_public_key(encode_ec_public_key(pub))
-    # encode_rsa_public_key gives PKCS#1 RSAPublicKey, which load_der_public_key also accepts.
-    return serialization.load_der_public_key(encode_rsa_public_key(pub))
-
-
-def _ecdsa_sha256(priv, data: bytes) -> bytes:
-    # SoftHSM2 (and PIV/OpenPGP cards) offer only raw CKM_ECDSA: hash here, sign the digest there.
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(data)
-    return _ecdsa_digest(priv, digest.finalize())
-
-
-def _ecdsa_digest(priv, digest: bytes) -> bytes:
-    return encode_ecdsa_signature(priv.sign(digest, mechanism=Mechanism.ECDSA))   # r||s -> DER
-
-
-def _rsa_pkcs1_sha256(priv, data: bytes) -> bytes:
-    try:
-        return priv.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS)
-    except p11err.MechanismInvalid:
-        # Some cards do only raw PKCS#1 v1.5: build the DigestInfo here.
-        digest = hashes.Hash(hashes.SHA256())
-        digest.update(data)
-        return priv.sign(_SHA256_DIGEST_INFO + digest.finalize(), mechanism=Mechanism.RSA_PKCS)
-
-
-def _adapter(priv, public_key):
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        return _TokenEcKey(priv, public_key)
-    return _TokenRsaKey(priv, public_key)
-
-
-# cryptography's builders accept any instance of its private-key ABCs and only call
-# public_key() and sign() on it, so these adapters let the token sign CSRs: the private key
-# never leaves the token.
-
-class _TokenEcKey(ec.EllipticCurvePrivateKey):
-    def __init__(self, priv, public_key: ec.EllipticCurvePublicKey) -> None:
-        self._priv = priv
-        self._pub = public_key
-
-    def sign(self, data, signature_algorithm):
-        algorithm = signature_algorithm.algorithm
-        if isinstance(algorithm, asym_utils.Prehashed):
-            return _ecdsa_digest(self._priv, bytes(data))
-        digest = hashes.Hash(algorithm)
-        digest.update(bytes(data))
-        return _ecdsa_digest(self._priv, digest.finalize())
-
-    def public_key(self):
-        return self._pub
-
-    @property
-    def curve(self):
-        return self._pub.curve
-
-    @property
-    def key_size(self):
-        return self._pub.key_size
-
-    def exchange(self, *args):
-        raise NotImplementedError("key agreement is not offered for token keys")
-
-    def private_numbers(self):
-        raise TypeError("the private key stays on the token")
-
-    def private_bytes(self, *args):
-        raise TypeError("the private key stays on the token")
-
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-class _TokenRsaKey(rsa.RSAPrivateKey):
-    def __init__(self, priv, public_key: rsa.RSAPublicKey) -> None:
-        self._priv = priv
-        self._pub = public_key
-
-    def sign(self, data, pad, algorithm):
-        if not isinstance(pad, padding.PKCS1v15) or not isinstance(algorithm, hashes.SHA256):
-            raise NotImplementedError("token RSA keys sign PKCS#1 v1.5 with SHA-256 only")
-        return _rsa_pkcs1_sha256(self._priv, bytes(data))
-
-    def public_key(self):
-        return self._pub
-
-    @property
-    def key_size(self):
-        return self._pub.key_size
-
-    def decrypt(self, *args):
-        raise NotImplementedError("decryption is not offered for token keys")
-
-    def private_numbers(self):
-        raise TypeError("the private key stays on the token")
-
-    def private_bytes(self, *args):
-        raise TypeError("the private key stays on the token")
-
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self

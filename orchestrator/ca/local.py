@@ -24,9 +24,22 @@ Directory layout (created on first start):
 Every file is replaced atomically (write to a temporary file, fsync, rename). One LocalCa
 object per directory and process: a lock makes it thread-safe, nothing makes two processes
 sharing the directory safe.
+
+The CA key on a PKCS#11 token (`pkcs11=Pkcs11KeyRef(module_path, token_label, pin_file,
+key_label)`): there is no ca-key.pem and no passphrase. On first start the EC P-256 key pair
+is generated on the token (private key: token object, private, sensitive, never extractable,
+sign only; both halves carry a random CKA_ID and CKA_LABEL = key_label), the self-signed CA
+certificate is signed by the token and written to ca-cert.pem, then also stored on the token
+under the key's CKA_ID and label. Later starts find the key by its label, and check it
+against ca-cert.pem. Every certificate and CRL is signed by the token; the rest of the
+directory is as above. python-pkcs11 is not thread-safe (docs/DESIGN §6): every token call
+runs on one worker thread owned by this LocalCa, and the module must not be in use by
+another component of the process. close() logs out and finalises the module.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -34,6 +47,9 @@ import os
 import pathlib
 import secrets
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -57,6 +73,19 @@ ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 MIN_RSA_BITS = 2048
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Pkcs11KeyRef:
+    """Where a LocalCa keeps its key on a PKCS#11 token. The user PIN is read from pin_file
+    (its first line); it is never taken from the environment or the command line."""
+    module_path: str
+    token_label: str
+    pin_file: str | os.PathLike[str]
+    key_label: str = "cardline-ca"
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 
@@ -67,7 +96,8 @@ def _spki(key) -> bytes:
 
 class LocalCa:
     def __init__(self, directory: str | os.PathLike[str], name: str = "local", *,
-                 passphrase_file: str | os.PathLike[str] | None = None) -> None:
+                 passphrase_file: str | os.PathLike[str] | None = None,
+                 pkcs11: Pkcs11KeyRef | None = None) -> None:
         self._name = name
         self._dir = pathlib.Path(directory)
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -77,11 +107,43 @@ class LocalCa:
         self._issued.mkdir(exist_ok=True)
         self._revocations_path = self._dir / "revocations.json"
         self._lock = threading.RLock()
-        passphrase_path = pathlib.Path(passphrase_file or os.environ.get(PASSPHRASE_ENV)
-                                       or self._dir / "ca-key.passphrase")
-        self._key, self._cert = self._load_or_create(passphrase_path)
-        self._ca_ski = self._cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        self._rebuild_index()
+        self._token: _TokenCaKey | None = None
+        if pkcs11 is not None:
+            if passphrase_file is not None:
+                raise ConfigurationError(f"CA {name!r}: a key on a PKCS#11 token has no passphrase_file")
+            self._key, self._cert = self._load_or_create_on_token(pkcs11)
+        else:
+            passphrase_path = pathlib.Path(passphrase_file or os.environ.get(PASSPHRASE_ENV)
+                                           or self._dir / "ca-key.passphrase")
+            self._key, self._cert = self._load_or_create(passphrase_path)
+        try:
+            self._ca_ski = self._cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            self._rebuild_index()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Releases the token (logs out, finalises the module); nothing to do for a key in the
+        directory. Signing after close() raises CaUnavailable."""
+        if self._token is not None:
+            self._token.close()
+
+    def __enter__(self) -> LocalCa:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def key_on_token(self) -> bool:
+        return self._token is not None
+
+    @property
+    def token_call_threads(self) -> frozenset[int]:
+        """Idents of every thread that made a call to the CA key's token (one, by construction;
+        empty for a key in the directory)."""
+        return self._token.token_call_threads if self._token is not None else frozenset()
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -112,6 +174,42 @@ class LocalCa:
             # First start (or a crash right after the key was written).
             cert = self._self_sign(key)
             write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        return key, cert
+
+    def _load_or_create_on_token(self, ref: Pkcs11KeyRef):
+        key_path, cert_path = self._dir / "ca-key.pem", self._dir / "ca-cert.pem"
+        if key_path.exists():
+            raise ConfigurationError(
+                f"CA {self._name!r}: {key_path} exists, so this CA's key is in its directory, not on "
+                f"the PKCS#11 token {ref.token_label!r}; remove the pkcs11 setting, or give the token CA "
+                "a new directory", directory=str(self._dir))
+        token = self._token = _TokenCaKey(ref, self._name)
+        try:
+            found = token.find_key()
+            if cert_path.exists():
+                cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+                if found is None:
+                    raise ConfigurationError(
+                        f"{cert_path} exists but its key {ref.key_label!r} is not on the PKCS#11 token "
+                        f"{ref.token_label!r}", directory=str(self._dir), key_label=ref.key_label)
+                key, token_cert = found
+                if _spki(cert.public_key()) != _spki(key.public_key()):
+                    raise ConfigurationError(
+                        f"{cert_path} does not belong to the key {ref.key_label!r} on the PKCS#11 token "
+                        f"{ref.token_label!r}", directory=str(self._dir), key_label=ref.key_label)
+            else:
+                # First start, or a crash between key generation and the certificate's write.
+                key, token_cert = found if found is not None else (token.generate_key(), None)
+                if token_cert is not None and _spki(token_cert.public_key()) == _spki(key.public_key()):
+                    cert = token_cert      # the directory was lost; the token kept the certificate
+                else:
+                    cert = self._self_sign(key)
+                write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+            if token_cert is None or token_cert != cert:
+                token.store_certificate(cert)
+        except BaseException:
+            token.close()
+            raise
         return key, cert
 
     @staticmethod
@@ -342,3 +440,321 @@ class LocalCa:
 
     def _save_revocations(self, state: dict) -> None:
         write_atomic(self._revocations_path, json.dumps(state, indent=1, sort_keys=True).encode())
+
+
+# --- the CA key on a PKCS#11 token ------------------------------------------------------------
+
+def _read_pin(path: pathlib.Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"cannot read the CA token PIN file {path}: {exc}", path=str(path)) from None
+    lines = text.splitlines()
+    pin = lines[0] if lines else ""
+    if not pin:
+        raise ConfigurationError(f"the CA token PIN file {path} is empty", path=str(path))
+    return pin
+
+
+class _TokenCaKey:
+    """The CA's key pair on a PKCS#11 token, driven from one worker thread owned by this object.
+
+    Construction loads the module, finds the token by label and logs in (on the worker), so a
+    wrong module, token label or PIN is a ConfigurationError at start-up. A module that another
+    component of this process has initialised is refused (python-pkcs11 modules must have a
+    single owner thread, and one owner's finalize would pull the module from under the other).
+    Signing re-opens a lost session once (token restarted); other token failures are
+    CaUnavailable.
+    """
+
+    def __init__(self, ref: Pkcs11KeyRef, ca_name: str) -> None:
+        if not ref.module_path or not ref.token_label or not ref.key_label:
+            raise ConfigurationError(f"CA {ca_name!r}: a key on a PKCS#11 token needs a module, a token "
+                                     "label and a key label")
+        self._ref = ref
+        self._ca_name = ca_name
+        self._pin = _read_pin(pathlib.Path(ref.pin_file))
+        self._where = f"key {ref.key_label!r} on PKCS#11 token {ref.token_label!r}"
+        self._lib: Any = None
+        self._session: Any = None
+        self._priv: Any = None
+        self._key_id = b""
+        self._closed = False
+        self._threads: set[int] = set()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ca-pkcs11")
+        try:
+            self.run(self._start)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def token_call_threads(self) -> frozenset[int]:
+        return frozenset(self._threads)
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Runs fn (a token operation) on the worker thread and returns its result."""
+        if self._closed:
+            raise CaUnavailable(f"CA {self._ca_name!r}: the token of its key is closed", ca=self._ca_name)
+
+        def on_worker() -> T:
+            self._threads.add(threading.get_ident())
+            return fn()
+        try:
+            future = self._executor.submit(on_worker)
+        except RuntimeError as exc:      # shut down by a concurrent close()
+            raise CaUnavailable(f"CA {self._ca_name!r}: the token of its key is closed",
+                                ca=self._ca_name) from exc
+        return future.result()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._executor.submit(self._shutdown).result()
+        finally:
+            self._executor.shutdown(wait=True)
+            self._pin = ""
+
+    # -- called from LocalCa (each goes to the worker) ----------------------------------------
+
+    def find_key(self):
+        """(signing key, certificate on the token or None), or None when no key has the label."""
+        return self.run(self._find_key)
+
+    def generate_key(self):
+        return self.run(self._generate_key)
+
+    def store_certificate(self, cert: x509.Certificate) -> None:
+        self.run(lambda: self._store_certificate(cert))
+
+    # -- on the worker thread -----------------------------------------------------------------
+
+    def _start(self) -> None:
+        import pkcs11
+        import pkcs11.exceptions as p11err
+
+        module = self._ref.module_path
+        loaded = getattr(pkcs11, "_loaded", {}).get(module)
+        if loaded is not None and loaded.initialized:
+            raise ConfigurationError(
+                f"CA {self._ca_name!r}: the PKCS#11 module {module} is already in use by another "
+                "component of this process; python-pkcs11 modules must have a single owner thread",
+                module=module)
+        try:
+            self._lib = pkcs11.lib(module)
+        except p11err.PKCS11Error as exc:
+            raise ConfigurationError(f"CA {self._ca_name!r}: cannot load PKCS#11 module {module}: {exc}",
+                                     module=module) from exc
+        self._open_session()
+
+    def _open_session(self) -> None:
+        import pkcs11.exceptions as p11err
+
+        label = self._ref.token_label
+        try:
+            token = self._lib.get_token(token_label=label)
+        except p11err.NoSuchToken as exc:
+            raise ConfigurationError(f"CA {self._ca_name!r}: no PKCS#11 token labelled {label!r} in "
+                                     f"{self._ref.module_path}", token_label=label) from exc
+        except p11err.MultipleTokensReturned as exc:
+            raise ConfigurationError(f"CA {self._ca_name!r}: several PKCS#11 tokens are labelled {label!r}",
+                                     token_label=label) from exc
+        except p11err.PKCS11Error as exc:
+            raise CaUnavailable(f"CA {self._ca_name!r}: cannot list the tokens of {self._ref.module_path}: "
+                                f"{type(exc).__name__}", token_label=label) from exc
+        try:
+            self._session = token.open(rw=True, user_pin=self._pin)
+        except (p11err.PinIncorrect, p11err.PinInvalid, p11err.PinLenRange) as exc:
+            raise ConfigurationError(f"CA {self._ca_name!r}: the PIN for token {label!r} was refused",
+                                     token_label=label) from exc
+        except p11err.PinLocked as exc:
+            raise ConfigurationError(f"CA {self._ca_name!r}: the user PIN of token {label!r} is blocked",
+                                     token_label=label) from exc
+        except p11err.UserAlreadyLoggedIn as exc:
+            raise ConfigurationError(f"CA {self._ca_name!r}: token {label!r} is already logged in by "
+                                     "another component of this process", token_label=label) from exc
+        except p11err.PKCS11Error as exc:
+            raise CaUnavailable(f"CA {self._ca_name!r}: cannot log in to token {label!r}: "
+                                f"{type(exc).__name__}", token_label=label) from exc
+
+    def _private_key_by_label(self):
+        from pkcs11 import Attribute, ObjectClass
+        from pkcs11 import KeyType as P11KeyType
+
+        found = list(self._session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                                                Attribute.LABEL: self._ref.key_label}))
+        if len(found) > 1:
+            raise ConfigurationError(f"CA {self._ca_name!r}: {len(found)} private keys are labelled "
+                                     f"{self._ref.key_label!r} on token {self._ref.token_label!r}; keep one",
+                                     key_label=self._ref.key_label)
+        if not found:
+            return None
+        priv = found[0]
+        attrs = priv.get_attributes([Attribute.KEY_TYPE, Attribute.SENSITIVE, Attribute.EXTRACTABLE,
+                                     Attribute.SIGN, Attribute.ID])
+        problems = []
+        if attrs.get(Attribute.KEY_TYPE) != P11KeyType.EC:
+            problems.append("not an EC key")
+        if not attrs.get(Attribute.SENSITIVE) or attrs.get(Attribute.EXTRACTABLE):
+            problems.append("extractable or not sensitive")
+        if not attrs.get(Attribute.SIGN):
+            problems.append("not allowed to sign")
+        if not attrs.get(Attribute.ID):
+            problems.append("no CKA_ID")
+        if problems:
+            raise ConfigurationError(f"CA {self._ca_name!r}: the {self._where} cannot be the CA key: "
+                                     f"{', '.join(problems)}", key_label=self._ref.key_label)
+        return priv, bytes(attrs[Attribute.ID])
+
+    def _by_id(self, cls, key_id: bytes) -> list:
+        from pkcs11 import Attribute
+
+        return list(self._session.get_objects({Attribute.CLASS: cls, Attribute.ID: key_id}))
+
+    def _find_key(self):
+        from pkcs11 import Attribute, ObjectClass
+
+        from shared.pkcs11_keys import public_key_of
+
+        found = self._private_key_by_label()
+        if found is None:
+            return None
+        self._priv, self._key_id = found
+        token_cert = None
+        for obj in self._by_id(ObjectClass.CERTIFICATE, self._key_id):
+            with contextlib.suppress(ValueError):
+                token_cert = x509.load_der_x509_certificate(bytes(obj[Attribute.VALUE]))
+        publics = self._by_id(ObjectClass.PUBLIC_KEY, self._key_id)
+        if publics:
+            public_key = public_key_of(publics[0])
+        elif token_cert is not None:
+            public_key = token_cert.public_key()
+        else:
+            raise ConfigurationError(f"CA {self._ca_name!r}: the {self._where} has neither a public key "
+                                     "nor a certificate with its CKA_ID; cannot tell its public key",
+                                     key_label=self._ref.key_label)
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise ConfigurationError(f"CA {self._ca_name!r}: the {self._where} is not an EC key",
+                                     key_label=self._ref.key_label)
+        return self._adapter(public_key), token_cert
+
+    def _generate_key(self):
+        from pkcs11 import Attribute, MechanismFlag
+        from pkcs11 import KeyType as P11KeyType
+        from pkcs11.util.ec import encode_named_curve_parameters
+
+        from shared.pkcs11_keys import public_key_of
+
+        key_id = os.urandom(16)
+        params = self._session.create_domain_parameters(
+            P11KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
+        pub, priv = params.generate_keypair(
+            store=True, id=key_id, label=self._ref.key_label,
+            capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+            public_template={Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.VERIFY: True},
+            private_template={Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+                              Attribute.EXTRACTABLE: False, Attribute.SIGN: True, Attribute.DERIVE: False})
+        self._priv, self._key_id = priv, key_id
+        log.warning("new CA key pair generated on the PKCS#11 token", ca=self._ca_name,
+                    token_label=self._ref.token_label, key_label=self._ref.key_label, key_id=key_id.hex())
+        return self._adapter(public_key_of(pub))
+
+    def _adapter(self, public_key):
+        from shared.pkcs11_keys import token_key
+
+        # The adapter hashes on the caller's thread and hands the raw ECDSA to self.run; the
+        # private key object it is given resolves the current session's handle there.
+        return token_key(_SigningHandle(self), public_key, call=self.run)
+
+    def _store_certificate(self, cert: x509.Certificate) -> None:
+        import pkcs11.exceptions as p11err
+        from asn1crypto.core import Integer
+        from pkcs11 import Attribute, CertificateType, ObjectClass
+
+        old = self._by_id(ObjectClass.CERTIFICATE, self._key_id)
+        try:
+            new = self._session.create_object({
+                Attribute.CLASS: ObjectClass.CERTIFICATE,
+                Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: False,
+                Attribute.LABEL: self._ref.key_label,
+                Attribute.ID: self._key_id,
+                Attribute.SUBJECT: cert.subject.public_bytes(),
+                Attribute.ISSUER: cert.issuer.public_bytes(),
+                # PKCS#11 wants the DER encoding of the INTEGER, not the bare number.
+                Attribute.SERIAL_NUMBER: Integer(cert.serial_number).dump(),
+                Attribute.VALUE: cert.public_bytes(serialization.Encoding.DER),
+            })
+        except p11err.PKCS11Error as exc:
+            # The certificate in the directory is the one that counts; the token copy is a convenience.
+            log.warning("the CA certificate could not be stored on the token", ca=self._ca_name,
+                        error=type(exc).__name__)
+            return
+        for obj in old:     # written first, so the key is never without its certificate
+            if obj.handle != new.handle:
+                with contextlib.suppress(p11err.PKCS11Error):
+                    obj.destroy()
+
+    def sign_raw(self, data: bytes, mechanism) -> bytes:
+        """The token's signature of data (worker thread); re-opens a lost session once."""
+        import pkcs11.exceptions as p11err
+
+        for attempt in (1, 2):
+            try:
+                if self._session is None:
+                    self._reconnect()
+                return self._priv.sign(data, mechanism=mechanism)
+            except (p11err.SessionClosed, p11err.SessionHandleInvalid, p11err.ObjectHandleInvalid,
+                    p11err.UserNotLoggedIn, p11err.TokenNotPresent, p11err.DeviceRemoved) as exc:
+                self._drop_session()
+                if attempt == 2:
+                    raise CaUnavailable(f"CA {self._ca_name!r}: the token of its key is not reachable: "
+                                        f"{type(exc).__name__}", ca=self._ca_name) from exc
+            except p11err.PKCS11Error as exc:
+                raise CaUnavailable(f"CA {self._ca_name!r}: the token failed to sign: {type(exc).__name__}",
+                                    ca=self._ca_name) from exc
+        raise AssertionError("unreachable")
+
+    def _reconnect(self) -> None:
+        try:
+            self._open_session()
+            found = self._private_key_by_label()
+        except ConfigurationError as exc:
+            self._drop_session()
+            raise CaUnavailable(exc.message, ca=self._ca_name) from exc
+        if found is None or found[1] != self._key_id:
+            self._drop_session()
+            raise CaUnavailable(f"CA {self._ca_name!r}: the {self._where} was removed or replaced while "
+                                "cardline was running", ca=self._ca_name)
+        self._priv = found[0]
+
+    def _drop_session(self) -> None:
+        import pkcs11.exceptions as p11err
+
+        session, self._session, self._priv = self._session, None, None
+        if session is not None:
+            with contextlib.suppress(p11err.PKCS11Error):
+                session.close()
+
+    def _shutdown(self) -> None:
+        import pkcs11.exceptions as p11err
+
+        self._drop_session()
+        if self._lib is not None:
+            with contextlib.suppress(p11err.PKCS11Error):
+                self._lib.finalize()
+            self._lib = None
+
+
+class _SigningHandle:
+    """Stands for the CA's private key object in shared.pkcs11_keys: sign() goes through the
+    session in use at the time (called on the worker thread)."""
+
+    def __init__(self, token: _TokenCaKey) -> None:
+        self._token = token
+
+    def sign(self, data: bytes, mechanism) -> bytes:
+        return self._token.sign_raw(data, mechanism)

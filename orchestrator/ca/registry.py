@@ -15,6 +15,13 @@ from the orchestrator settings as a list of mappings, e.g. in YAML:
       - name: second-local
         kind: local                       # another LocalCa in its own directory
         directory: ca-second
+      - name: local                       # the embedded CA itself, its key on a PKCS#11 token
+        kind: local                       # (directory optional: <data_dir>/ca)
+        pkcs11:
+          module: /usr/lib/softhsm/libsofthsm2.so
+          token_label: cardline-ca
+          pin_file: /run/secrets/ca-token-pin        # relative paths are taken from data_dir
+          key_label: cardline-ca                     # optional
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ import pathlib
 from typing import Any
 
 from orchestrator.ca.base import CaConnector
-from orchestrator.ca.local import LocalCa
+from orchestrator.ca.local import LocalCa, Pkcs11KeyRef
 from orchestrator.ca.openssl import OpenSslCa
 from shared.errors import ConfigurationError
 
@@ -32,8 +39,40 @@ LOCAL_CA_NAME = "local"
 _KEYS = {
     "openssl": {"name", "kind", "directory", "passphrase_file", "openssl", "subject", "tag_requests",
                 "hold_instruction", "timeout_s"},
-    "local": {"name", "kind", "directory", "passphrase_file"},
+    "local": {"name", "kind", "directory", "passphrase_file", "pkcs11"},
 }
+_PKCS11_REQUIRED = ("module", "token_label", "pin_file")
+_PKCS11_KEYS = {*_PKCS11_REQUIRED, "key_label"}
+
+
+def _check_pkcs11(where: str, entry: dict[str, Any], problems: list[str],
+                  modules: dict[str, str]) -> None:
+    """Problems of a LocalCa entry's pkcs11 mapping; modules: module path -> first CA using it."""
+    options = entry["pkcs11"]
+    if not isinstance(options, dict):
+        problems.append(f"{where}: pkcs11 must be a mapping with {', '.join(_PKCS11_REQUIRED)} "
+                        f"(and optionally key_label), got {options!r}")
+        return
+    missing = [k for k in _PKCS11_REQUIRED
+               if not isinstance(options.get(k), (str, os.PathLike)) or not str(options[k]).strip()]
+    if missing:
+        problems.append(f"{where}: pkcs11 needs {', '.join(missing)}")
+    unknown = sorted(set(options) - _PKCS11_KEYS)
+    if unknown:
+        problems.append(f"{where}: unknown key(s) {unknown} in pkcs11; allowed: {', '.join(sorted(_PKCS11_KEYS))}")
+    if "key_label" in options and (not isinstance(options["key_label"], str) or not options["key_label"].strip()):
+        problems.append(f"{where}: pkcs11 key_label must be a non-empty string")
+    if "passphrase_file" in entry:
+        problems.append(f"{where}: passphrase_file and pkcs11 exclude each other (a key on a token has "
+                        "no passphrase)")
+    module = options.get("module")
+    if isinstance(module, str) and module.strip():
+        if module in modules:
+            # python-pkcs11 modules need one owner thread per process (docs/DESIGN §6).
+            problems.append(f"{where}: the PKCS#11 module {module} is used by two CAs ({modules[module]} "
+                            "too); one module can serve one CA per process")
+        else:
+            modules[module] = where
 
 
 def build_cas(settings_cas: list[dict[str, Any]] | None,
@@ -47,18 +86,23 @@ def build_cas(settings_cas: list[dict[str, Any]] | None,
     data_dir = pathlib.Path(data_dir)
     problems: list[str] = []
     planned: list[tuple[str, str, dict[str, Any]]] = []
-    seen = {LOCAL_CA_NAME}
+    local_entry: dict[str, Any] = {}
+    seen: set[str] = set()
+    modules: dict[str, str] = {}
     for number, entry in enumerate(settings_cas or [], 1):
         where = f"cas[{number}]"
         if not isinstance(entry, dict):
             problems.append(f"{where}: expected a mapping with name, kind and directory, got {entry!r}")
             continue
         name, kind = entry.get("name"), entry.get("kind")
+        # The embedded CA "local" may be configured (kind local only, e.g. its key on a token).
+        embedded = name == LOCAL_CA_NAME and kind == "local" and LOCAL_CA_NAME not in seen
         if not isinstance(name, str) or not name.strip():
             problems.append(f"{where}: 'name' is missing or empty")
-        elif name in seen:
+        elif name in seen or (name == LOCAL_CA_NAME and not embedded):
             problems.append(f"{where}: CA name {name!r} is used twice"
-                            + (" (the local CA is always called 'local')" if name == LOCAL_CA_NAME else ""))
+                            + (" (the local CA is always called 'local'; an entry with that name "
+                               "configures it and must be of kind local)" if name == LOCAL_CA_NAME else ""))
         else:
             seen.add(name)
             where = f"cas[{number}] ({name})"
@@ -69,25 +113,49 @@ def build_cas(settings_cas: list[dict[str, Any]] | None,
         if unknown:
             problems.append(f"{where}: unknown key(s) {unknown} for kind {kind}; "
                             f"allowed: {', '.join(sorted(_KEYS[kind]))}")
-        if not isinstance(entry.get("directory"), (str, os.PathLike)) or not str(entry["directory"]).strip():
+        if embedded and "directory" not in entry:
+            pass                                # <data_dir>/ca
+        elif not isinstance(entry.get("directory"), (str, os.PathLike)) or not str(entry["directory"]).strip():
             problems.append(f"{where}: 'directory' is missing")
         if "tag_requests" in entry and not isinstance(entry["tag_requests"], bool):
             problems.append(f"{where}: tag_requests must be true or false")
-        if isinstance(name, str):
+        if kind == "local" and "pkcs11" in entry:
+            _check_pkcs11(where, entry, problems, modules)
+        if embedded:
+            local_entry = entry
+        elif isinstance(name, str):
             planned.append((name, kind, entry))
     if problems:
         raise ConfigurationError("CA configuration is invalid:\n  " + "\n  ".join(problems),
                                  violations=str(len(problems)))
 
-    local = LocalCa(data_dir / "ca", LOCAL_CA_NAME)
-    cas: dict[str, CaConnector] = {local.name: local}
-    for name, kind, entry in planned:
-        directory = data_dir / pathlib.Path(entry["directory"])     # absolute paths stay absolute
-        passphrase_file = entry.get("passphrase_file")
-        if kind == "local":
-            cas[name] = LocalCa(directory, name, passphrase_file=passphrase_file)
-            continue
-        options = {k: entry[k] for k in ("openssl", "subject", "tag_requests", "hold_instruction", "timeout_s")
-                   if k in entry}
-        cas[name] = OpenSslCa(directory, name, passphrase_file=passphrase_file, **options)
+    cas: dict[str, CaConnector] = {}
+    try:
+        cas[LOCAL_CA_NAME] = _local_ca(LOCAL_CA_NAME, {"directory": "ca", **local_entry}, data_dir)
+        for name, kind, entry in planned:
+            if kind == "local":
+                cas[name] = _local_ca(name, entry, data_dir)
+                continue
+            directory = data_dir / pathlib.Path(entry["directory"])     # absolute paths stay absolute
+            options = {k: entry[k] for k in ("openssl", "subject", "tag_requests", "hold_instruction", "timeout_s")
+                       if k in entry}
+            cas[name] = OpenSslCa(directory, name, passphrase_file=entry.get("passphrase_file"), **options)
+    except BaseException:
+        # A CA with its key on a token holds the module: release it when a later CA fails.
+        for ca in cas.values():
+            close = getattr(ca, "close", None)
+            if callable(close):
+                close()
+        raise
     return cas
+
+
+def _local_ca(name: str, entry: dict[str, Any], data_dir: pathlib.Path) -> LocalCa:
+    directory = data_dir / pathlib.Path(entry["directory"])             # absolute paths stay absolute
+    options = entry.get("pkcs11")
+    if options is None:
+        return LocalCa(directory, name, passphrase_file=entry.get("passphrase_file"))
+    ref = Pkcs11KeyRef(module_path=str(options["module"]), token_label=str(options["token_label"]),
+                       pin_file=data_dir / pathlib.Path(options["pin_file"]),
+                       **({"key_label": options["key_label"]} if "key_label" in options else {}))
+    return LocalCa(directory, name, pkcs11=ref)
