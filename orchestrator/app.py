@@ -71,6 +71,12 @@ class Orchestrator:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.stop()
+        # Token-backed CAs and KEKs own a PKCS#11 module each: log out and finalise them.
+        archive = self.card_tasks.key_archive
+        for owner in [*self.cas.values(), archive.kek if archive else None]:
+            close = getattr(owner, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)
 
 
 async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None = None) -> Orchestrator:
