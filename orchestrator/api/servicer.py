@@ -113,17 +113,22 @@ class OrchestratorServicer(PoolRpcs, orchestrator_pb2_grpc.OrchestratorServiceSe
     @rpc_errors
     async def GetCertificate(self, request, context):
         cert = await asyncio.to_thread(self.store.get_certificate, request.certificate_id)
-        return pb.GetCertificateResponse(certificate=conv.certificate_to_proto(cert, self._card_of(cert.id)))
+        card_id = await asyncio.to_thread(self._card_of, cert.id)
+        return pb.GetCertificateResponse(certificate=conv.certificate_to_proto(cert, card_id))
 
     @rpc_errors
     async def ListCertificates(self, request, context):
-        certs = await asyncio.to_thread(
-            self.store.list_certificates, state=request.state or None, template=request.template or None,
-            card_id=request.card_id or None, task_id=request.task_id or None, limit=request.limit or None)
-        return pb.ListCertificatesResponse(certificates=[conv.certificate_to_proto(c, self._card_of(c.id))
-                                                         for c in certs])
+        def certificates_with_cards():
+            certs = self.store.list_certificates(
+                state=request.state or None, template=request.template or None, card_id=request.card_id or None,
+                task_id=request.task_id or None, limit=request.limit or None)
+            return [(c, self._card_of(c.id)) for c in certs]
+
+        rows = await asyncio.to_thread(certificates_with_cards)      # store calls stay off the event loop
+        return pb.ListCertificatesResponse(certificates=[conv.certificate_to_proto(c, card) for c, card in rows])
 
     def _card_of(self, certificate_id: str) -> str:
+        """The card a certificate is related to (blocking: call it in a thread)."""
         relations = self.store.list_relations(target_id=certificate_id)
         return next((r.source_id for r in relations if r.source_type == "Card"), "")
 
