@@ -215,6 +215,8 @@ class Pkcs11TokenDriver:
                           certificate_der: bytes) -> None:
         cert, cert_spki = _parse_certificate(certificate_der)
         with self._session(slot_id, pin) as session:
+            if not key_id:      # a certificate for a key already on the card: find the key by its public key
+                key_id = self._key_id_for(session, cert_spki)
             privs = _find(session, P11Class.PRIVATE_KEY, key_id)
             if not privs:
                 raise WriteRefused("no private key with this id on the token", key_id=key_id.hex())
@@ -556,6 +558,14 @@ class Pkcs11TokenDriver:
         if len(privs) > 1:
             raise InvalidArgument("several private keys share this id on the token", key_id=key_id.hex())
         return privs[0]
+
+    def _key_id_for(self, session, cert_spki: bytes) -> bytes:
+        """CKA_ID of the private key on the token whose public key the certificate certifies."""
+        for priv in list(session.get_objects({Attribute.CLASS: P11Class.PRIVATE_KEY})):   # one find at a time
+            key_id = bytes(priv.get_attributes([Attribute.ID]).get(Attribute.ID, b""))
+            if key_id and self._key_spki(session, key_id, priv) == cert_spki:
+                return key_id
+        raise WriteRefused("no key on the token matches the certificate's public key")
 
     def _store_certificate(self, session, key_id: bytes, label: str, priv, cert: x509.Certificate,
                            cert_spki: bytes, certificate_der: bytes):

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from orchestrator.ca.base import CaConnector, IssueProfile
 from orchestrator.domain.encoding import Application, CreateObjectRelation, EncodingDescription, parse_apdu_script
-from orchestrator.domain.processes import CoreObjectDescriptor
+from orchestrator.domain.processes import CoreObjectDescriptor, ExpressionError, render
 from orchestrator.domain.templates import DEFAULT_RELATION_TYPE, CardTemplate, CertificateTemplate, Templates
 from orchestrator.services.key_archive import KeyArchive, generate_key
 from orchestrator.services.pool import Lease, ReaderPool, ReaderSelector
@@ -133,9 +133,6 @@ class CardTaskService:
                                      "has no card in the process map")
             if (app.is_recovery or app.write_cert_key_list) and self.key_archive is None:
                 raise EncodingFailed(f"{where}: writing archived certificates and keys needs the key archive")
-            if app.write_certificate or app.label_expression_data_object or app.attributes_data_object:
-                raise EncodingFailed(f"{where}: WriteCertificate, LabelExpressionDataObject and "
-                                     "AttributesDataObject are not supported by this orchestrator yet")
         for name in order.encoding.input_fields():
             if order.fields.get(name) in (None, ""):
                 raise EncodingFailed(f"{order.encoding.source}: field {name!r} has no value")
@@ -301,13 +298,13 @@ class _CardTaskRun:
         elif app.write_cert_key_list:     # certificate + key pairs from the archive, like recovery
             for descriptor in self._certificate_descriptors(app, app.cert_key_list_field, many=True):
                 await self._recover(app, descriptor)
+        elif app.write_certificate:       # a stored certificate for a key already on the card
+            await self._write_stored_certificate(app, self._certificate_descriptors(app, app.certificate_field)[0])
         elif app.issues_certificate:
             await self._issue(app)
-        if app.data_object:
-            label, _, value = app.data_object.partition(":")
-            await self._step(f"write_data_object:{app.name}", cards.WriteDataObject(
-                "cardline", label.strip(), value.strip().encode()))
-            self._tell(f"data object {label.strip()!r} written ({app.name})")
+        for data_object in self._data_objects(app):
+            await self._step(f"write_data_object:{app.name}", data_object)
+            self._tell(f"data object {data_object.label!r} written ({app.name})")
         apdus = app.apdus
         if app.apdu_script_field:
             try:
@@ -379,6 +376,44 @@ class _CardTaskRun:
         await self._db(self.s.store.mark_ca_request, request_id, CA_REQUEST_WRITTEN)
         self._tell(f"certificate {record.serial_hex} written next to its key ({label})")
         await self._boundary("after_write")
+
+    def _data_objects(self, app: Application) -> list[cards.WriteDataObject]:
+        """The application's data objects (docs/encoding-descriptions.md, "Data objects"):
+        `DataObject=LABEL:VALUE`; `LabelExpressionDataObject=LABEL:VALUE` whose label takes
+        `${FIELD}` values; `AttributesDataObject=application=A;label=L;value=V;private=true`."""
+        found = []
+        if app.data_object:
+            label, _, value = app.data_object.partition(":")
+            found.append(cards.WriteDataObject("cardline", label.strip(), value.strip().encode()))
+        if app.label_expression_data_object:
+            expression, _, value = app.label_expression_data_object.partition(":")
+            try:
+                label = render(expression.strip(), {k: v for k, v in self.order.fields.items() if isinstance(v, str)})
+            except ExpressionError as exc:
+                raise InvalidArgument(f"{app.name}: LabelExpressionDataObject: {exc}") from None
+            found.append(cards.WriteDataObject("cardline", label, value.strip().encode()))
+        if app.attributes_data_object:
+            attributes = dict(part.strip().partition("=")[::2] for part in app.attributes_data_object.split(";")
+                              if part.strip())
+            unknown = sorted(attributes.keys() - {"application", "label", "value", "private"})
+            if unknown or not attributes.get("label"):
+                raise InvalidArgument(f"{app.name}: AttributesDataObject needs label= and takes application, "
+                                      f"label, value, private" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+            found.append(cards.WriteDataObject(attributes.get("application", "cardline"), attributes["label"],
+                                               attributes.get("value", "").encode(),
+                                               attributes.get("private", "false").lower() == "true"))
+        return found
+
+    async def _write_stored_certificate(self, app: Application, descriptor: CoreObjectDescriptor) -> None:
+        """`WriteCertificate`: a stored certificate written next to its key, which must be on the
+        card already (found by its public key). Its state is not changed; related per
+        CreateObjectRelation."""
+        record = await self._db(self.s.store.get_certificate, descriptor.id)
+        label = app.key_label or record.template
+        await self._step(f"write_certificate:{label}", cards.WriteCertificates(
+            (cards.CertificateObject(b"", label, record.der),)))
+        await self._relate(app, record.id)
+        self._tell(f"certificate {record.serial_hex} written to the card ({label})")
 
     def _certificate_descriptors(self, app: Application, field_name: str, many: bool = False
                                  ) -> list[CoreObjectDescriptor]:

@@ -539,3 +539,59 @@ def test_c6_revoke_on_issue_through_openssl_ca_shows_certificate_hold_in_its_crl
     entry = text[text.index(f"Serial Number: {serial}"):].split("Serial Number:")[1]
     assert "Certificate Hold" in entry
     assert (ca_dir / "index.txt").read_text().count("\n") == 1            # one line: issued once, now on hold
+
+
+REWRITE_ENCODING = """\
+[Encoding]
+Type=Chip
+
+[Fields]
+USER_PIN=
+Cert=
+BADGE=
+
+[Description]
+PIN=USER_PIN
+
+[Application_A]
+WriteCertificate=true
+Certificate=Cert
+KeyLabel=Rewritten
+CreateObjectRelation=never
+
+[Application_B]
+DataObject=employee-number:E-0042
+LabelExpressionDataObject=badge-${BADGE}:issued
+AttributesDataObject=application=hr;label=department;value=R and D;private=true
+"""
+
+
+def test_write_certificate_and_data_objects_on_a_card_in_use(tmp_path, softhsm_token):
+    """WriteCertificate puts a stored certificate next to its key already on the card (found
+    by its public key; the store state is untouched); the three data object keywords write
+    their objects."""
+    cfg = config_dir(tmp_path, encodings={"operation": OPERATION_ENCODING.format(relation="success"),
+                                          "rewrite": REWRITE_ENCODING},
+                     processes={"operate": operation_process(reader_of(softhsm_token), with_card=False),
+                                "rewrite": "name: rewrite\ninputs: [cert, badge, pin]\nsecret_inputs: [pin]\n"
+                                           "tasks:\n  - type: card_operation\n    encoding: rewrite\n"
+                                           f"    reader: {{reader: \"{reader_of(softhsm_token)}\"}}\n"
+                                           "    fields: {USER_PIN: \"${pin}\", Cert: \"${cert}\", "
+                                           "BADGE: \"${badge}\"}\n"})
+
+    async def body():
+        async with running(tmp_path, softhsm_token, cfg) as (orch, _):
+            made = await start(orch, "operate", pin=softhsm_token.user_pin)
+            cert = CoreObjectDescriptor.from_dict(made.process_map["newCert"])
+            rewritten = await start(orch, "rewrite", cert=cert, badge="7", pin=softhsm_token.user_pin)
+            return orch, cert, rewritten
+
+    orch, cert, rewritten = asyncio.run(body())
+    assert rewritten.state == "SUCCEEDED", rewritten.error_message
+    assert orch.store.get_certificate(cert.id).state == "Active"
+    listing = subprocess.run(["pkcs11-tool", "--module", softhsm_token.module_path, "--token-label",
+                              softhsm_token.label, "--login", "--pin", softhsm_token.user_pin, "--list-objects"],
+                             env=softhsm_token.env, capture_output=True, text=True, check=True).stdout
+    assert listing.count("Certificate Object") == 1 and "label:      Rewritten" in listing
+    for label in ("employee-number", "badge-7", "department"):
+        assert label in listing
