@@ -43,8 +43,7 @@ class OrchestratorServicer(PoolRpcs, orchestrator_pb2_grpc.OrchestratorServiceSe
         async for p in _follow(lambda sink: self.card_tasks.run(order, sink), lambda p: p.task is not None):
             task = None
             if p.task is not None:
-                ids = [c.id for c in await asyncio.to_thread(self.store.list_certificates, task_id=p.task.id)]
-                task = conv.task_to_proto(p.task, ids)
+                task = conv.task_to_proto(p.task, list(p.certificate_ids))
             yield pb.TaskEvent(task_id=p.task_id, step_number=p.step_number, message=p.message, task=task)
 
     @rpc_errors

@@ -87,7 +87,8 @@ class Progress:
     task_id: str
     step_number: int
     message: str
-    task: TaskRecord | None = None
+    task: TaskRecord | None = None            # set on the last event
+    certificate_ids: tuple[str, ...] = ()     # the certificates the task stored (last event)
 
 
 ProgressSink = Callable[[Progress], None]
@@ -182,7 +183,8 @@ class _CardTaskRun:
             await self.s.boundary(name, self.task_id)
 
     def _tell(self, message: str, task: TaskRecord | None = None) -> None:
-        self.progress(Progress(self.task_id, self.step_number, message, task))
+        self.progress(Progress(self.task_id, self.step_number, message, task,
+                               tuple(self.issued) if task is not None else ()))
 
     async def _step(self, name: str, operation: cards.Operation, *, so_pin: str = "",
                     sent_boundary: str | None = None) -> cards.StepValue:
@@ -246,18 +248,18 @@ class _CardTaskRun:
                 await self._application(app)
             await self._boundary("before_finish")
             # C2: one transaction moves every certificate to its start state with the relations.
-            await self._db(store.finish_task_succeeded, self.task_id, self._internal_state(),
-                           {cid: t.start_state for cid, t in self.issued.items()},
-                           template.produced_state if order.type == PRODUCTION else None, self.success_relations)
+            task = await self._db(store.finish_task_succeeded, self.task_id, self._internal_state(),
+                                  {cid: t.start_state for cid, t in self.issued.items()},
+                                  template.produced_state if order.type == PRODUCTION else None,
+                                  self.success_relations)
         except Exception as exc:  # noqa: BLE001 - whatever broke, the task ends in a defined state
             if not isinstance(exc, CardlineError):
                 log.exception("card task crashed", task_id=self.task_id)
                 exc = CardlineError(f"{type(exc).__name__}: {exc}")
             log.info("card task failed", task_id=self.task_id, reason=exc.reason, error=exc.message)
             # C3: certificates stay in the internal issued state, carrying the task's error.
-            await self._db(store.finish_task_failed, self.task_id, exc.reason, exc.message,
-                           template.failed_state if order.type == PRODUCTION and self.card_id else None)
-        task = await self._db(store.get_task, self.task_id)
+            task = await self._db(store.finish_task_failed, self.task_id, exc.reason, exc.message,
+                                  template.failed_state if order.type == PRODUCTION and self.card_id else None)
         ok = task.state == "SUCCEEDED"
         self._tell(("card produced" if order.type == PRODUCTION else "card operation done") if ok
                    else f"{order.type} failed: {task.error_message}", task)
