@@ -81,13 +81,22 @@ class OrchestratorLink:
             async with channel:
                 call = link_pb2_grpc.GatewayLinkStub(channel).Connect(outgoing())
                 heartbeat: asyncio.Task | None = None
+                silence_s = 30.0         # until the orchestrator says how often it beats
                 try:
-                    async for msg in call:
+                    while True:
+                        try:
+                            msg = await asyncio.wait_for(call.read(), silence_s)
+                        except TimeoutError:
+                            call.cancel()
+                            raise ConnectionError(f"orchestrator silent for {silence_s:g} s") from None
+                        if msg is grpc.aio.EOF:
+                            break
                         kind = msg.WhichOneof("message")
                         if kind == "welcome":
                             log.info("attached to orchestrator", orchestrator=msg.welcome.orchestrator_id)
                             self.connected.set()
                             interval = max(msg.welcome.heartbeat_interval_ms, 100) / 1000
+                            silence_s = 3 * interval
                             heartbeat = asyncio.create_task(self._heartbeats(outbox, interval))
                         elif kind == "command":
                             task = asyncio.create_task(self._run_command(msg.command, outbox))

@@ -48,8 +48,16 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
         try:
             yield link_pb2.OrchestratorMessage(welcome=link_pb2.Welcome(
                 orchestrator_id=self.orchestrator_id, heartbeat_interval_ms=int(self.heartbeat_interval_s * 1000)))
+            sequence = 0
             while True:
-                item = await session.outbox.get()
+                try:
+                    item = await asyncio.wait_for(session.outbox.get(), self.heartbeat_interval_s)
+                except TimeoutError:
+                    # Heartbeats both ways: the gateway notices a link that died silently
+                    # (NAT, firewall: no FIN, no RST) by their absence and redials.
+                    sequence += 1
+                    yield link_pb2.OrchestratorMessage(heartbeat=link_pb2.Heartbeat(sequence=sequence))
+                    continue
                 if GatewaySession.is_close_marker(item):
                     return
                 yield command_to_proto(item)

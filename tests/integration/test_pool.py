@@ -552,3 +552,24 @@ def test_run_leased_step_runs_an_apdu_script_on_the_emulator_through_the_orchest
     assert responses[1].data == bytes.fromhex("C0FFEE0012345678")
     assert count == 3 and count_after_resend == 3 and resent == first      # the gateway's StepMemo answered
     assert error_from_rpc(wrong_sw).reason == "APDU_UNEXPECTED_SW"
+
+
+def test_gateway_notices_a_silently_dead_link_and_redials_on_its_own(tmp_path, softhsm_module):
+    """A NAT or firewall drops the link without FIN or RST: each side notices the other's
+    heartbeats stop; the gateway gives the dead stream up and redials, and a new connection
+    works — nobody has to close the old one for it."""
+
+    async def body():
+        async with pool_rig(tmp_path, softhsm_module, 1, via_proxy=True) as (orch, stations, proxy):
+            before = proxy.connections
+            proxy.kill_silently()                                 # the link dies: bytes dropped, nothing closed;
+            await wait_until(lambda: not [g for g in orch.pool.gateways() if g.connected],   # new links would work
+                             what="the orchestrator noticing the silence")
+            await wait_until(lambda: [p.state for p in tokens(orch)] == [ReaderState.CARD_PRESENT],
+                             timeout_s=20, what="the gateway redialling by itself")
+            again = await orch.processes.start("pool-produce", {"person": "Jane Doe", "pin": PIN})
+            return before, proxy.connections, again
+
+    before, after, again = asyncio.run(body())
+    assert after > before                                         # a new connection, opened by the gateway
+    assert again.state == "SUCCEEDED", again.error_message

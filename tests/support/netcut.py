@@ -17,6 +17,7 @@ class TcpProxy:
         self.connections = 0
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._links: list[dict] = []          # per connection: {"dead": bool}
 
     @property
     def address(self) -> str:
@@ -30,6 +31,12 @@ class TcpProxy:
 
     def freeze(self) -> None:
         self.frozen = True
+
+    def kill_silently(self) -> None:
+        """Every open connection goes dead for good (bytes dropped, nothing closed), while
+        new connections are forwarded: the network is back, the old link is not."""
+        for link in self._links:
+            link["dead"] = True
 
     def cut(self) -> None:
         """Close every open connection; new ones are forwarded again."""
@@ -57,18 +64,21 @@ class TcpProxy:
             return
         self.connections += 1
         self._writers.update({writer, up_writer})
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
+        link = {"dead": False}
+        self._links.append(link)
+        await asyncio.gather(self._pipe(reader, up_writer, link), self._pipe(up_reader, writer, link),
+                             return_exceptions=True)
         for w in (writer, up_writer):
             self._writers.discard(w)
             with contextlib.suppress(Exception):
                 w.transport.abort()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: dict) -> None:
         while True:
             data = await reader.read(65536)
             if not data:
                 writer.transport.abort()
                 return
-            if not self.frozen:              # frozen: the bytes are lost, like on a dead link
+            if not self.frozen and not link["dead"]:   # frozen or dead: the bytes are lost, like on a dead link
                 writer.write(data)
                 await writer.drain()
