@@ -20,7 +20,6 @@ The model never holds PIN or PUK values, only the names of the fields that will 
 """
 from __future__ import annotations
 
-import difflib
 import enum
 import re
 import types
@@ -29,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.cards import Apdu, KeyType, check_command_apdu
+
+from orchestrator.domain.violations import Violation, did_you_mean
 
 ENCODING_TYPES = ("Chip",)
 APPLICATION_PREFIX = "Application_"
@@ -55,45 +56,12 @@ _HEX = re.compile(r"[0-9A-Fa-f]*\Z")
 
 # -- violations ------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Violation:
-    """One thing wrong (or, in ``EncodingDescription.warnings``, doubtful) in a file.
-
-    ``line`` counts from 1; 0 means the caller could not say which line.
-    ``field_path`` names what it is about: ``Application_A.CertificateTemplate``,
-    ``Fields.USER_PIN``, ``Encoding``.
-    """
-    source: str
-    line: int
-    field_path: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.source}:{self.line}" if self.line > 0 else self.source
-        return f"{where}: {self.field_path}: {self.message}" if self.field_path else f"{where}: {self.message}"
-
-
 class EncodingError(ValueError):
     """An encoding description (or a field mapping) was rejected; ``violations`` lists all."""
 
     def __init__(self, violations: list[Violation]) -> None:
         self.violations = list(violations)
         super().__init__("\n".join(str(v) for v in self.violations))
-
-
-def did_you_mean(word: str, candidates: Collection[str]) -> str:
-    """`` (did you mean 'X'?)`` for the closest candidate, or ``""``.
-
-    A candidate that differs only in case always wins: ``RevokeOnIssue`` → ``revokeOnIssue``.
-    """
-    for c in candidates:
-        if c.casefold() == word.casefold():
-            return f" (did you mean {c!r}?)"
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    if not close:   # difflib is case-sensitive; try again ignoring case
-        folded = {c.casefold(): c for c in candidates}
-        close = [folded[m] for m in difflib.get_close_matches(word.casefold(), list(folded), n=1, cutoff=0.6)]
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # -- the model -------------------------------------------------------------------------

@@ -12,7 +12,6 @@ Pure domain code: PyYAML only; no grpc, no store, no gateway.
 """
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Collection, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from typing import ClassVar
 import yaml
 
 from shared.cards import ReaderKind
+
+from orchestrator.domain.violations import Violation, did_you_mean
 
 # ---------------------------------------------------------------------------------------
 # Expressions
@@ -338,18 +339,6 @@ class ProcessDefinition:
         return process_map, secrets  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
-class Violation:
-    source: str
-    line: int            # 1-based
-    field_path: str      # e.g. "tasks[0].fields.USER_PIN"; "" for the file as a whole
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.source}:{self.line}"
-        return f"{where}: {self.field_path}: {self.message}" if self.field_path else f"{where}: {self.message}"
-
-
 class ProcessError(ValueError):
     """A process definition was rejected; `violations` lists every problem found."""
 
@@ -376,11 +365,6 @@ _TASK_KEYS = {
 }
 _READER_KEYS = ("gateway", "reader", "site", "labels", "kind")
 _READER_KINDS = {"pcsc": ReaderKind.PCSC, "pkcs11": ReaderKind.PKCS11}
-
-
-def _suggest(word: str, candidates: Collection[str]) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _line(node: yaml.Node) -> int:
@@ -460,7 +444,7 @@ class _ProcessReader:
                 self.fail(_line(key_node), key_path, f"duplicate {what} {key!r}")
             elif allowed and key not in allowed:
                 self.fail(_line(key_node), key_path,
-                          f"unknown {what} {key!r}{_suggest(key, allowed)}; allowed: {', '.join(allowed)}")
+                          f"unknown {what} {key!r}{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}")
             elif not (isinstance(value_node, yaml.ScalarNode) and value_node.tag == _NULL):
                 entries[key] = value_node
             seen.add(key)
@@ -527,7 +511,7 @@ class _ProcessReader:
 
     def known(self, node: yaml.Node, path: str, value: str | None, known: set[str] | None, what: str) -> None:
         if value is not None and known is not None and value not in known:
-            self.fail(_line(node), path, f"unknown {what} {value!r}{_suggest(value, known)}")
+            self.fail(_line(node), path, f"unknown {what} {value!r}{did_you_mean(value, known)}")
 
     # -- the process ----------------------------------------------------------------------
 
@@ -549,7 +533,7 @@ class _ProcessReader:
                 self.fail(_line(item), f"secret_inputs[{i}]", f"duplicate secret input {secret!r}")
             elif secret not in inputs:
                 self.fail(_line(item), f"secret_inputs[{i}]",
-                          f"{secret!r} is not one of the inputs{_suggest(secret, inputs)}")
+                          f"{secret!r} is not one of the inputs{did_you_mean(secret, inputs)}")
             secrets.append(secret)
 
         scope = _Scope(set(inputs), set(secrets))
@@ -590,7 +574,7 @@ class _ProcessReader:
             return None
         if task_type not in TASK_TYPES:
             self.fail(_line(type_node), f"{path}.type", f"unknown task type {task_type!r}"
-                      f"{_suggest(task_type, TASK_TYPES)}; known: {', '.join(TASK_TYPES)}")
+                      f"{did_you_mean(task_type, TASK_TYPES)}; known: {', '.join(TASK_TYPES)}")
             return None
         builder = getattr(self, task_type)
         before = len(self.violations)
@@ -609,7 +593,7 @@ class _ProcessReader:
                                              "(secrets pass through to the card, never anywhere else)")
             elif name not in scope.defined:
                 self.fail(_line(node), path, f"variable {name!r} is read here but is neither an input nor "
-                                             f"written by an earlier task{_suggest(name, scope.defined)}")
+                                             f"written by an earlier task{did_you_mean(name, scope.defined)}")
 
     def reader(self, entries: dict[str, yaml.Node], path: str) -> ReaderSpec:
         if "reader" not in entries:
@@ -632,7 +616,7 @@ class _ProcessReader:
                 kind = _READER_KINDS.get(kind_name)
                 if kind is None:
                     self.fail(_line(selector["kind"]), f"{path}.kind", f"unknown reader kind {kind_name!r}"
-                              f"{_suggest(kind_name, _READER_KINDS)}; known: {', '.join(_READER_KINDS)}")
+                              f"{did_you_mean(kind_name, _READER_KINDS)}; known: {', '.join(_READER_KINDS)}")
         return ReaderSpec(**values, labels=_frozen(labels), kind=kind)
 
     def subject(self, entries: dict[str, yaml.Node], path: str, scope: _Scope) -> str | None:
@@ -746,7 +730,7 @@ class _ProcessReader:
         reason = self.optional_literal(entries, "revoke_reason", path)
         if reason is not None and reason not in REVOCATION_REASONS:
             self.fail(_line(entries["revoke_reason"]), f"{path}.revoke_reason",
-                      f"unknown revocation reason {reason!r}{_suggest(reason, REVOCATION_REASONS)}; "
+                      f"unknown revocation reason {reason!r}{did_you_mean(reason, REVOCATION_REASONS)}; "
                       f"RFC 5280 names: {', '.join(REVOCATION_REASONS)}")
         target_state = self.state(entries, "target_state", path)
         if "revoke_reason" not in entries and "target_state" not in entries:

@@ -9,12 +9,13 @@ Pure domain code: the only I/O is reading the files handed to `load_state_graphs
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from orchestrator.domain.violations import Violation, did_you_mean, suggest  # noqa: F401 (re-exported)
 
 #: The reason names of RFC 5280 §5.3.1, the only CA actions a state may imply (C17).
 #: `removeFromCRL` lifts a hold. Anything else is refused at load: a typo must never end
@@ -49,22 +50,6 @@ _BOOL_TAG = "tag:yaml.org,2002:bool"
 
 
 # --------------------------------------------------------------------------- errors
-
-
-@dataclass(frozen=True)
-class Violation:
-    """One located problem in a configuration file."""
-
-    source: str  # the file (or other origin) the problem is in
-    line: int  # 1-based
-    field_path: str  # field path inside the file, e.g. "transitions[2].to"; "" for the whole file
-    message: str
-    suggestion: str | None = None  # "did you mean" for a misspelled name or key
-
-    def __str__(self) -> str:
-        where = f"{self.source}:{self.line}: " + (f"{self.field_path}: " if self.field_path else "")
-        hint = f" (did you mean {self.suggestion!r}?)" if self.suggestion else ""
-        return where + self.message + hint
 
 
 class StateGraphError(ValueError):
@@ -138,7 +123,7 @@ class StateGraph:
 
         for state in (src, dst):
             if state not in self.states:
-                raise fail(f"unknown state {state!r}" + _did_you_mean(state, self.states))
+                raise fail(f"unknown state {state!r}" + did_you_mean(state, self.states))
         t = self.transition(src, dst)
         if t is None:
             allowed = ", ".join(self.targets(src)) or ("none, it is final" if self.states[src].final else "none")
@@ -147,7 +132,7 @@ class StateGraph:
             if t.reasons:
                 given = f"reason {reason!r}" if reason is not None else "no reason"
                 raise fail(f"transition {src} → {dst} needs one of the reasons {', '.join(t.reasons)}; "
-                           f"got {given}" + (_did_you_mean(reason, t.reasons) if reason else ""))
+                           f"got {given}" + (did_you_mean(reason, t.reasons) if reason else ""))
             raise fail(f"transition {src} → {dst} takes no reason; got {reason!r}")
         return t
 
@@ -160,23 +145,6 @@ class StateGraph:
                     seen.add(nxt)
                     todo.append(nxt)
         return frozenset(seen)
-
-
-def _did_you_mean(word: str, choices) -> str:
-    close = suggest(word, choices)
-    return f" (did you mean {close!r}?)" if close else ""
-
-
-def suggest(word: str, choices) -> str | None:
-    """The closest of `choices` to `word`, for a "did you mean"; None when nothing is close."""
-    for choice in choices:  # a slip of case is the likeliest typo of all
-        if choice.casefold() == word.casefold():
-            return choice
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    if not close:  # case slips (keycompromise) score low on long words; try without case
-        lowered = {c.lower(): c for c in choices}
-        close = [lowered[m] for m in difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)]
-    return close[0] if close else None
 
 
 # --------------------------------------------------------------------------- loading

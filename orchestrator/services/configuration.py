@@ -115,10 +115,9 @@ class _Loader:
         self.warnings.append(Violation(source, max(line, 1), path, message, suggestion))
 
     def adopt(self, found: Iterable, *, warning: bool = False) -> None:
-        """Takes over violations of the other loaders (same fields, messages carry any hint)."""
+        """Takes over the violations of the file loaders (one Violation type for all)."""
         for v in found:
-            target = self.warn if warning else self.fail
-            target(v.source, v.line, v.field_path, v.message, getattr(v, "suggestion", None))
+            (self.warn if warning else self.fail)(v.source, v.line, v.field_path, v.message, v.suggestion)
 
     # -- files ------------------------------------------------------------------------------
 
