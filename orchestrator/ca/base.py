@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
-from shared.errors import InvalidArgument
+from shared.errors import CaRefused, CsrInvalid, InvalidArgument
 
 # RFC 5280 5.3.1 CRLReason names. Only these names pass; a typo never revokes (C17).
 REVOCATION_REASONS: dict[str, x509.ReasonFlags] = {
@@ -54,6 +55,30 @@ EXTENDED_KEY_USAGES: dict[str, ObjectIdentifier] = {
     "OCSPSigning": ExtendedKeyUsageOID.OCSP_SIGNING,
     "smartcardLogon": ExtendedKeyUsageOID.SMARTCARD_LOGON,   # Microsoft, 1.3.6.1.4.1.311.20.2.2
 }
+
+
+# Keys a cardline CA certifies.
+ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+MIN_RSA_BITS = 2048
+
+
+def checked_request(csr_der: bytes, request_id: str) -> x509.CertificateSigningRequest:
+    """What every CA checks before it issues: an idempotency key, a PKCS#10 request whose
+    signature verifies (proof of possession), a key type it certifies."""
+    if not request_id:
+        raise InvalidArgument("issue needs a request_id (the idempotency key)")
+    try:
+        csr = x509.load_der_x509_csr(csr_der)
+    except ValueError as exc:
+        raise CsrInvalid(f"not a DER PKCS#10 request: {exc}", request_id=request_id) from None
+    if not csr.is_signature_valid:
+        raise CsrInvalid("the request's signature does not verify with its public key", request_id=request_id)
+    key = csr.public_key()
+    if not ((isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ACCEPTED_CURVES))
+            or (isinstance(key, rsa.RSAPublicKey) and key.key_size >= MIN_RSA_BITS)):
+        raise CaRefused(f"key type not accepted: {type(key).__name__} ({getattr(key, 'key_size', '?')} bits); "
+                        f"EC P-256/384/521 or RSA >= {MIN_RSA_BITS}", request_id=request_id)
+    return csr
 
 
 def revocation_reason(name: str) -> x509.ReasonFlags:

@@ -53,12 +53,12 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from orchestrator.ca.base import REVOCATION_REASONS, IssueProfile, revocation_reason
+from orchestrator.ca.base import REVOCATION_REASONS, IssueProfile, checked_request, revocation_reason
 from shared.files import write_atomic
-from shared.errors import CaRefused, CaUnavailable, ConfigurationError, CsrInvalid, InvalidArgument
+from shared.errors import CaRefused, CaUnavailable, ConfigurationError
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -69,8 +69,6 @@ CRL_VALIDITY = dt.timedelta(days=1)
 # Certificates start a little in the past so that a relying party whose clock is slightly
 # behind does not reject a certificate issued a second ago.
 BACKDATE = dt.timedelta(minutes=5)
-ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
-MIN_RSA_BITS = 2048
 
 
 T = TypeVar("T")
@@ -259,17 +257,8 @@ class LocalCa:
         return self._cert.public_bytes(serialization.Encoding.DER)
 
     def issue(self, csr_der: bytes, profile: IssueProfile, request_id: str) -> bytes:
-        if not request_id:
-            raise InvalidArgument("issue needs a request_id (the idempotency key)")
-        try:
-            csr = x509.load_der_x509_csr(csr_der)
-        except ValueError as exc:
-            raise CsrInvalid(f"not a DER PKCS#10 request: {exc}", request_id=request_id) from None
-        if not csr.is_signature_valid:
-            raise CsrInvalid("the request's signature does not verify with its public key",
-                             request_id=request_id)
+        csr = checked_request(csr_der, request_id)
         public_key = csr.public_key()
-        self._check_key(public_key, request_id)
 
         with self._lock:
             earlier = self._find(request_id)
@@ -381,16 +370,6 @@ class LocalCa:
         if record["request_id"] != request_id:   # cannot happen short of a SHA-256 collision
             raise CaRefused(f"request record {path} belongs to {record['request_id']!r}")
         return x509.load_pem_x509_certificate(record["certificate"].encode())
-
-    @staticmethod
-    def _check_key(public_key, request_id: str) -> None:
-        if isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ACCEPTED_CURVES):
-            return
-        if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size >= MIN_RSA_BITS:
-            return
-        raise CaRefused(f"key type not accepted: {type(public_key).__name__} "
-                        f"({getattr(public_key, 'key_size', '?')} bits); EC P-256/384/521 or RSA >= "
-                        f"{MIN_RSA_BITS}", request_id=request_id)
 
     def _sign(self, csr: x509.CertificateSigningRequest, profile: IssueProfile,
               request_id: str) -> x509.Certificate:
@@ -732,21 +711,17 @@ class _TokenCaKey:
         self._priv = found[0]
 
     def _drop_session(self) -> None:
-        import pkcs11.exceptions as p11err
+        from shared import pkcs11_keys   # python-pkcs11 only when a token is configured
 
         session, self._session, self._priv = self._session, None, None
-        if session is not None:
-            with contextlib.suppress(p11err.PKCS11Error):
-                session.close()
+        pkcs11_keys.close_session(session)
 
     def _shutdown(self) -> None:
-        import pkcs11.exceptions as p11err
+        from shared import pkcs11_keys
 
         self._drop_session()
-        if self._lib is not None:
-            with contextlib.suppress(p11err.PKCS11Error):
-                self._lib.finalize()
-            self._lib = None
+        lib, self._lib = self._lib, None
+        pkcs11_keys.finalize(lib)
 
 
 class _SigningHandle:

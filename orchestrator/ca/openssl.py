@@ -61,12 +61,10 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from orchestrator.ca.base import EXTENDED_KEY_USAGES, IssueProfile, revocation_reason
-from orchestrator.ca.local import ACCEPTED_CURVES, MIN_RSA_BITS
+from orchestrator.ca.base import EXTENDED_KEY_USAGES, IssueProfile, checked_request, revocation_reason
 from shared.files import write_atomic
-from shared.errors import CaRefused, CaUnavailable, ConfigurationError, CsrInvalid, InvalidArgument
+from shared.errors import CaRefused, CaUnavailable, ConfigurationError, InvalidArgument
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -486,17 +484,8 @@ class OpenSslCa:
         return self._ca_cert.public_bytes(serialization.Encoding.DER)
 
     def issue(self, csr_der: bytes, profile: IssueProfile, request_id: str) -> bytes:
-        if not request_id:
-            raise InvalidArgument("issue needs a request_id (the idempotency key)")
-        try:
-            csr = x509.load_der_x509_csr(csr_der)
-        except ValueError as exc:
-            raise CsrInvalid(f"not a DER PKCS#10 request: {exc}", request_id=request_id) from None
-        if not csr.is_signature_valid:
-            raise CsrInvalid("the request's signature does not verify with its public key",
-                             request_id=request_id)
+        csr = checked_request(csr_der, request_id)
         public_key = csr.public_key()
-        self._check_key(public_key, request_id)
         spki_sha256 = hashlib.sha256(_spki(public_key)).hexdigest()
         with self._locked():
             earlier = self._find(request_id)
@@ -643,16 +632,6 @@ class OpenSslCa:
     def _replace_entry(self, old: IndexEntry, new: IndexEntry) -> None:
         entries = self._entries()
         self._write_index([new if e.serial_field == old.serial_field else e for e in entries])
-
-    @staticmethod
-    def _check_key(public_key, request_id: str) -> None:
-        if isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ACCEPTED_CURVES):
-            return
-        if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size >= MIN_RSA_BITS:
-            return
-        raise CaRefused(f"key type not accepted: {type(public_key).__name__} "
-                        f"({getattr(public_key, 'key_size', '?')} bits); EC P-256/384/521 or RSA >= "
-                        f"{MIN_RSA_BITS}", request_id=request_id)
 
     def _extensions(self, csr: x509.CertificateSigningRequest, profile: IssueProfile, request_id: str,
                     subject_empty: bool) -> str:

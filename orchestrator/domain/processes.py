@@ -22,7 +22,7 @@ import yaml
 
 from shared.cards import ReaderKind
 
-from orchestrator.domain.violations import Violation, did_you_mean
+from orchestrator.domain.violations import Violation, YamlSyntaxError, compose_yaml, did_you_mean
 
 # ---------------------------------------------------------------------------------------
 # Expressions
@@ -353,7 +353,6 @@ class ProcessError(ValueError):
 
 _STR = "tag:yaml.org,2002:str"
 _NULL = "tag:yaml.org,2002:null"
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # the C one is faster; same nodes and marks
 
 _TOP_KEYS = ("name", "description", "inputs", "secret_inputs", "tasks", "on_error")
 _TASK_KEYS = {
@@ -406,20 +405,9 @@ class _ProcessReader:
 
     def compose(self, text: str) -> yaml.Node | None:
         try:
-            root = yaml.compose(text, Loader=_YAML_LOADER)
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            problem = " ".join(p for p in (e.context, e.problem) if p)
-            self.fail(mark.line + 1 if mark else 1, "", f"YAML syntax error: {problem or e}")
-            return None
-        except yaml.reader.ReaderError as e:   # e.g. a control character; has a position, no mark
-            self.fail(text.count("\n", 0, e.position) + 1, "", f"YAML syntax error: {e}")
-            return None
-        except yaml.YAMLError as e:
-            self.fail(1, "", f"YAML syntax error: {e}")
-            return None
-        except RecursionError:
-            self.fail(1, "", "YAML nesting too deep")
+            root = compose_yaml(text)
+        except YamlSyntaxError as e:
+            self.fail(e.line, "", e.message)
             return None
         if root is None:
             self.fail(1, "", "the file is empty; a process needs at least name and tasks")

@@ -15,7 +15,9 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from orchestrator.domain.violations import Violation, did_you_mean, suggest  # noqa: F401 (re-exported)
+from orchestrator.domain.violations import (  # noqa: F401 (Violation, suggest re-exported)
+    Violation, YamlSyntaxError, compose_yaml, did_you_mean, suggest,
+)
 
 #: The reason names of RFC 5280 §5.3.1, the only CA actions a state may imply (C17).
 #: `removeFromCRL` lifts a hold. Anything else is refused at load: a typo must never end
@@ -231,23 +233,9 @@ class _Checker:
 
     def compose(self, text: str) -> Node | None:
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            what = "; ".join(str(part) for part in (e.context, e.problem) if part) or "invalid YAML"
-            column = f" (column {mark.column + 1})" if mark else ""
-            self.report(mark.line + 1 if mark else 1, "", f"YAML syntax error: {what}{column}")
-            return None
-        except yaml.reader.ReaderError as e:  # a character YAML does not allow
-            char = e.character if isinstance(e.character, int) else ord(str(e.character)[:1] or "\0")
-            self.report(text.count("\n", 0, e.position) + 1, "",
-                        f"YAML syntax error: character U+{char:04X} is not allowed")
-            return None
-        except yaml.YAMLError as e:
-            self.report(1, "", f"YAML syntax error: {e}")
-            return None
-        except RecursionError:  # PyYAML composes recursively; absurd nesting must not crash
-            self.report(1, "", "YAML nested too deeply")
+            root = compose_yaml(text, yaml.SafeLoader)
+        except YamlSyntaxError as e:
+            self.report(e.line, "", e.message)
             return None
         if root is None:
             self.report(1, "", "empty file; expected a state graph (name, kind, start, states, transitions)")

@@ -24,7 +24,7 @@ from types import MappingProxyType
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from orchestrator.domain.state_graphs import Violation, suggest
+from orchestrator.domain.violations import Violation, YamlSyntaxError, compose_yaml, suggest
 from shared.cards import KeyType
 from shared.errors import TemplateNotFound
 
@@ -179,7 +179,6 @@ _CARD_REQUIRED = ("name", "state_graph", "encoding", "produced_state", "failed_s
 _NULL_TAG = "tag:yaml.org,2002:null"
 _INT_TAG = "tag:yaml.org,2002:int"
 _STR_TAG = "tag:yaml.org,2002:str"
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # same nodes and marks, faster
 
 
 def load_templates(text: str, source: str) -> tuple[list[CertificateTemplate], list[CardTemplate]]:
@@ -245,23 +244,9 @@ class _Reader:
 
     def compose(self, text: str) -> Node | None:
         try:
-            root = yaml.compose(text, Loader=_YAML_LOADER)
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            what = "; ".join(str(part) for part in (e.context, e.problem) if part) or "invalid YAML"
-            column = f" (column {mark.column + 1})" if mark else ""
-            self.report(mark.line + 1 if mark else 1, "", f"YAML syntax error: {what}{column}")
-            return None
-        except yaml.reader.ReaderError as e:   # a character YAML does not allow
-            char = e.character if isinstance(e.character, int) else ord(str(e.character)[:1] or "\0")
-            self.report(text.count("\n", 0, e.position) + 1, "",
-                        f"YAML syntax error: character U+{char:04X} is not allowed")
-            return None
-        except yaml.YAMLError as e:
-            self.report(1, "", f"YAML syntax error: {e}")
-            return None
-        except RecursionError:                  # PyYAML composes recursively
-            self.report(1, "", "YAML nested too deeply")
+            root = compose_yaml(text)
+        except YamlSyntaxError as e:
+            self.report(e.line, "", e.message)
             return None
         if root is None:
             self.report(1, "", "empty file; expected certificate_templates and/or card_templates")

@@ -495,21 +495,17 @@ class Pkcs11Kek:
         self._key = key
 
     def _drop_session(self) -> None:
-        import pkcs11.exceptions as p11err
+        from shared import pkcs11_keys   # python-pkcs11 only when a token is configured
 
         session, self._session, self._key = self._session, None, None
-        if session is not None:
-            with contextlib.suppress(p11err.PKCS11Error):
-                session.close()
+        pkcs11_keys.close_session(session)
 
     def _shutdown(self) -> None:
-        import pkcs11.exceptions as p11err
+        from shared import pkcs11_keys
 
         self._drop_session()
-        if self._lib is not None:
-            with contextlib.suppress(p11err.PKCS11Error):
-                self._lib.finalize()
-            self._lib = None
+        lib, self._lib = self._lib, None
+        pkcs11_keys.finalize(lib)
 
 
 # --- the archive ---------------------------------------------------------------------------
