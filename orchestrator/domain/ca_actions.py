@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.domain.state_graphs import RFC5280_REASONS, StateGraph, suggest
+from orchestrator.domain.state_graphs import RFC5280_REASONS, StateGraph
+from orchestrator.domain.violations import suggest
 from shared.errors import InvalidArgument, UnmappedCaAction
 
 __all__ = ["CERTIFICATE_HOLD", "REMOVE_FROM_CRL", "HOLD_LIKE_NAMES", "CaAction", "Revoke", "LiftHold",

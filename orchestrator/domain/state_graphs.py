@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import Node, ScalarNode, SequenceNode
 
-from orchestrator.domain.violations import (  # noqa: F401 (Violation, suggest re-exported)
-    Violation, YamlSyntaxError, compose_yaml, did_you_mean, suggest,
-)
+from orchestrator.domain.located_yaml import BOOL_TAG, Entries, LocatedReader, excerpt, is_null, line_of
+from orchestrator.domain.violations import Violation, did_you_mean, suggest
+
+__all__ = [  # Violation and suggest are re-exported: callers of the state graphs use them too
+    "DEFAULT_INTERNAL_ISSUED_STATE", "KINDS", "RFC5280_REASONS", "IllegalMove", "State", "StateGraph",
+    "StateGraphError", "Transition", "Violation", "load_state_graph", "load_state_graphs", "suggest",
+]
 
 #: The reason names of RFC 5280 §5.3.1, the only CA actions a state may imply (C17).
 #: `removeFromCRL` lifts a hold. Anything else is refused at load: a typo must never end
@@ -46,9 +50,6 @@ _TOP_REQUIRED = ("name", "kind", "start", "states")
 _STATE_KEYS = ("ca_action", "final", "description")
 _TRANSITION_KEYS = ("from", "to", "reasons")
 _TRANSITION_REQUIRED = ("from", "to")
-
-_NULL_TAG = "tag:yaml.org,2002:null"
-_BOOL_TAG = "tag:yaml.org,2002:bool"
 
 
 # --------------------------------------------------------------------------- errors
@@ -201,84 +202,34 @@ def load_state_graphs(directory: str | Path,
     return graphs
 
 
-def _line(node: Node) -> int:
-    return node.start_mark.line + 1
-
-
-def _describe(node: Node) -> str:
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if isinstance(node, SequenceNode):
-        return "a list"
-    if node.tag == _NULL_TAG:
-        return "nothing"
-    value = node.value if len(node.value) <= 40 else node.value[:37] + "..."
-    return f"{value!r}"
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-class _Checker:
+class _Checker(LocatedReader):
     """Walks the composed YAML nodes (they carry line numbers) and collects violations."""
 
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.violations: list[Violation] = []
+    def compose_graph(self, text: str) -> Node | None:
+        # The pure-Python loader, as state graphs were always read.
+        return self.compose(text, "empty file; expected a state graph (name, kind, start, states, transitions)",
+                            yaml.SafeLoader)
 
-    def report(self, where: Node | int, path: str, message: str, suggestion: str | None = None) -> None:
-        line = where if isinstance(where, int) else _line(where)
-        self.violations.append(Violation(self.source, max(line, 1), path, message, suggestion))
-
-    def compose(self, text: str) -> Node | None:
-        try:
-            root = compose_yaml(text, yaml.SafeLoader)
-        except YamlSyntaxError as e:
-            self.report(e.line, "", e.message)
-            return None
-        if root is None:
-            self.report(1, "", "empty file; expected a state graph (name, kind, start, states, transitions)")
-        return root
-
-    def mapping(self, node: Node, path: str, what: str, allowed=None, required=(),
-                null_is_empty: bool = False) -> dict[str, tuple[Node, Node]] | None:
-        """The entries of a mapping node by key, reporting bad, duplicate and unknown keys.
+    def mapping(self, node: Node, path: str, what: str, allowed: tuple[str, ...] | None = None,
+                required: tuple[str, ...] = (), null_is_empty: bool = False) -> Entries | None:
+        """The entries of a mapping node by key (a key with nothing after it included).
 
         `allowed=None` accepts any key (state names); `what` names a key in messages.
         """
-        if null_is_empty and isinstance(node, ScalarNode) and node.tag == _NULL_TAG:
+        if null_is_empty and is_null(node):
             return {}
-        if not isinstance(node, MappingNode):
-            self.report(node, path, f"expected a mapping, found {_describe(node)}")
-            return None
-        entries: dict[str, tuple[Node, Node]] = {}
-        for key, value in node.value:
-            if not isinstance(key, ScalarNode) or key.tag == _NULL_TAG or not key.value.strip():
-                self.report(key, path, f"a {what} must be a plain name, found {_describe(key)}")
-                continue
-            name = key.value
-            if name in entries:
-                self.report(key, _join(path, name),
-                            f"{what} {name!r} appears twice (first at line {_line(entries[name][0])})")
-                continue
-            if allowed is not None and name not in allowed:
-                self.report(key, _join(path, name), f"unknown {what} {name!r}; allowed: {', '.join(allowed)}",
-                            suggest(name, allowed))
-                continue
-            entries[name] = (key, value)
-        for name in required:
-            if name not in entries:
-                self.report(node, path, f"missing required key {name!r}")
-        return entries
+        return self.entries(node, path, allowed, required, what, null_is_absent=False)
+
+    def missing_key(self, node: Node, path: str, key: str, what: str) -> None:
+        self.report(node, path, f"missing required key {key!r}")
 
     def name(self, node: Node, path: str) -> str | None:
         # Names are taken literally from the text, so a state called `On` or `No` stays a
         # name instead of turning into a YAML 1.1 boolean.
         if not isinstance(node, ScalarNode):
-            self.report(node, path, f"expected a name, found {_describe(node)}")
+            self.report(node, path, f"expected a name, found {excerpt(node)}")
             return None
-        if node.tag == _NULL_TAG or not node.value.strip():
+        if is_null(node) or not node.value.strip():
             self.report(node, path, "expected a name, found nothing")
             return None
         return node.value
@@ -294,7 +245,7 @@ class _Checker:
                 if name is not None:
                     found.append((name, item))
             return found
-        if allow_empty and isinstance(node, ScalarNode) and node.tag == _NULL_TAG:
+        if allow_empty and is_null(node):
             return []
         name = self.name(node, path)
         return [(name, node)] if name is not None else []
@@ -310,7 +261,7 @@ class _Checker:
 
 def _parse(text: str, source: str, internal_issued_state: str) -> tuple[StateGraph | None, list[Violation]]:
     c = _Checker(source)
-    root = c.compose(text)
+    root = c.compose_graph(text)
     if root is None:
         return None, c.violations
     top = c.mapping(root, "", "key", _TOP_KEYS, _TOP_REQUIRED)
@@ -318,7 +269,7 @@ def _parse(text: str, source: str, internal_issued_state: str) -> tuple[StateGra
         return None, c.violations
 
     name = c.name(top["name"][1], "name") if "name" in top else None
-    graph_line = _line(top["name"][0]) if "name" in top else _line(root)
+    graph_line = line_of(top["name"][0]) if "name" in top else line_of(root)
 
     kind = None
     if "kind" in top:
@@ -373,7 +324,7 @@ def _parse_states(c: _Checker, node: Node) -> dict[str, State] | None:
         ca_action = None
         if "ca_action" in fields:
             vnode = fields["ca_action"][1]
-            if not (isinstance(vnode, ScalarNode) and vnode.tag == _NULL_TAG):
+            if not is_null(vnode):
                 ca_action = c.name(vnode, f"{path}.ca_action")
                 if ca_action is not None and ca_action not in RFC5280_REASONS:
                     c.report(vnode, f"{path}.ca_action", f"unknown CA action {ca_action!r}; expected an RFC 5280 "
@@ -382,21 +333,21 @@ def _parse_states(c: _Checker, node: Node) -> dict[str, State] | None:
         final = False
         if "final" in fields:
             vnode = fields["final"][1]
-            if isinstance(vnode, ScalarNode) and vnode.tag == _BOOL_TAG:
+            if isinstance(vnode, ScalarNode) and vnode.tag == BOOL_TAG:
                 final = yaml.SafeLoader.bool_values[vnode.value.lower()]
             else:
-                c.report(vnode, f"{path}.final", f"expected true or false, found {_describe(vnode)}")
+                c.report(vnode, f"{path}.final", f"expected true or false, found {excerpt(vnode)}")
         if "description" in fields and not isinstance(fields["description"][1], ScalarNode):
             c.report(fields["description"][1], f"{path}.description", "expected text")
-        states[state_name] = State(state_name, ca_action, final, line=_line(key))
+        states[state_name] = State(state_name, ca_action, final, line=line_of(key))
     return states
 
 
 def _parse_transitions(c: _Checker, node: Node, states: dict[str, State] | None) -> list[Transition]:
-    if isinstance(node, ScalarNode) and node.tag == _NULL_TAG:
+    if is_null(node):
         return []
     if not isinstance(node, SequenceNode):
-        c.report(node, "transitions", f"expected a list of transitions, found {_describe(node)}")
+        c.report(node, "transitions", f"expected a list of transitions, found {excerpt(node)}")
         return []
     transitions: list[Transition] = []
     first_line: dict[tuple[str, str], int] = {}
@@ -417,6 +368,6 @@ def _parse_transitions(c: _Checker, node: Node, states: dict[str, State] | None)
                 c.report(item, path, f"duplicate transition {s} → {target} (first at line {first_line[(s, target)]}); "
                          "list all its reasons in one transition")
                 continue
-            first_line[(s, target)] = _line(item)
-            transitions.append(Transition(s, target, reason_names, line=_line(item), path=path))
+            first_line[(s, target)] = line_of(item)
+            transitions.append(Transition(s, target, reason_names, line=line_of(item), path=path))
     return transitions

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import Node, ScalarNode, SequenceNode
 
-from orchestrator.domain.violations import Violation, YamlSyntaxError, compose_yaml, suggest
+from orchestrator.domain.located_yaml import INT_TAG, Entries, LocatedReader, excerpt, line_of
+from orchestrator.domain.violations import Violation, suggest
 from shared.cards import KeyType
 from shared.errors import TemplateNotFound
 
@@ -176,10 +177,6 @@ _CARD_KEYS = ("name", "state_graph", "encoding", "produced_state", "failed_state
               "description")
 _CARD_REQUIRED = ("name", "state_graph", "encoding", "produced_state", "failed_state")
 
-_NULL_TAG = "tag:yaml.org,2002:null"
-_INT_TAG = "tag:yaml.org,2002:int"
-_STR_TAG = "tag:yaml.org,2002:str"
-
 
 def load_templates(text: str, source: str) -> tuple[list[CertificateTemplate], list[CardTemplate]]:
     """Parses one template file; raises TemplatesError listing every violation."""
@@ -192,7 +189,7 @@ def load_templates(text: str, source: str) -> tuple[list[CertificateTemplate], l
 def read_templates(text: str, source: str) -> TemplateFile:
     """Parses one template file, returning its valid templates and every violation."""
     r = _Reader(source)
-    root = r.compose(text)
+    root = r.compose(text, "empty file; expected certificate_templates and/or card_templates")
     certificates: list[CertificateTemplate] = []
     cards: list[CardTemplate] = []
     if root is not None:
@@ -215,87 +212,32 @@ def read_templates(text: str, source: str) -> TemplateFile:
                         tuple(sorted(r.violations, key=lambda v: (v.line, v.field_path, v.message))))
 
 
-def _line(node: Node) -> int:
-    return node.start_mark.line + 1
-
-
-def _describe(node: Node) -> str:
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if isinstance(node, SequenceNode):
-        return "a list"
-    if node.tag == _NULL_TAG:
-        return "nothing"
-    value = node.value if len(node.value) <= 40 else node.value[:37] + "..."
-    return repr(value)
-
-
-class _Reader:
+class _Reader(LocatedReader):
     """Walks the composed YAML nodes (they carry line numbers) and collects violations."""
 
     def __init__(self, source: str) -> None:
-        self.source = source
-        self.violations: list[Violation] = []
+        super().__init__(source)
         self.names: dict[str, dict[str, int]] = {"certificate": {}, "card": {}}   # name -> line
 
-    def report(self, where: Node | int, path: str, message: str, suggestion: str | None = None) -> None:
-        line = where if isinstance(where, int) else _line(where)
-        self.violations.append(Violation(self.source, max(line, 1), path, message, suggestion))
-
-    def compose(self, text: str) -> Node | None:
-        try:
-            root = compose_yaml(text)
-        except YamlSyntaxError as e:
-            self.report(e.line, "", e.message)
-            return None
-        if root is None:
-            self.report(1, "", "empty file; expected certificate_templates and/or card_templates")
-        return root
-
     def mapping(self, node: Node, path: str, allowed: tuple[str, ...],
-                required: tuple[str, ...] = ()) -> dict[str, tuple[Node, Node]] | None:
+                required: tuple[str, ...] = ()) -> Entries | None:
         """Entries of a mapping by key; bad, duplicate, unknown and missing keys reported.
         A key with no value counts as absent."""
-        if not isinstance(node, MappingNode):
-            self.report(node, path, f"expected a mapping, found {_describe(node)}")
-            return None
-        entries: dict[str, tuple[Node, Node]] = {}
-        seen: dict[str, int] = {}
-        for key, value in node.value:
-            if not isinstance(key, ScalarNode) or key.tag == _NULL_TAG or not key.value.strip():
-                self.report(key, path, f"a key must be a plain name, found {_describe(key)}")
-                continue
-            name = key.value
-            key_path = f"{path}.{name}" if path else name
-            if name in seen:
-                self.report(key, key_path, f"key {name!r} appears twice (first at line {seen[name]})")
-                continue
-            seen[name] = _line(key)
-            if name not in allowed:
-                self.report(key, key_path, f"unknown key {name!r}; allowed: {', '.join(allowed)}",
-                            suggest(name, allowed))
-                continue
-            if isinstance(value, ScalarNode) and value.tag == _NULL_TAG:
-                continue
-            entries[name] = (key, value)
-        for name in required:
-            if name not in entries:
-                self.report(node, f"{path}.{name}" if path else name, f"missing required key {name!r}")
-        return entries
+        return self.entries(node, path, allowed, required)
 
-    def items(self, top: dict[str, tuple[Node, Node]], key: str) -> list[tuple[int, Node]]:
+    def items(self, top: Entries, key: str) -> list[tuple[int, Node]]:
         if key not in top:
             return []
         node = top[key][1]
         if not isinstance(node, SequenceNode):
-            self.report(node, key, f"expected a list of templates, found {_describe(node)}")
+            self.report(node, key, f"expected a list of templates, found {excerpt(node)}")
             return []
         return list(enumerate(node.value))
 
     def name(self, node: Node, path: str) -> str | None:
         """A name, taken literally from the text (a state `On` stays a name, not a boolean)."""
         if not isinstance(node, ScalarNode):
-            self.report(node, path, f"expected a name, found {_describe(node)}")
+            self.report(node, path, f"expected a name, found {excerpt(node)}")
             return None
         value = node.value
         if not value.strip():
@@ -311,7 +253,7 @@ class _Reader:
 
     def text(self, node: Node, path: str) -> str | None:
         if not isinstance(node, ScalarNode):
-            self.report(node, path, f"expected text, found {_describe(node)}")
+            self.report(node, path, f"expected text, found {excerpt(node)}")
             return None
         return node.value
 
@@ -351,7 +293,7 @@ class _Reader:
         if name in names:
             self.report(node, path, f"{kind} template {name!r} is already defined at line {names[name]}")
         else:
-            names[name] = _line(node)
+            names[name] = line_of(node)
 
     # -- the two kinds of template ------------------------------------------------------
 
@@ -387,17 +329,17 @@ class _Reader:
         v.setdefault("internal_issued_state", "")          # not configured: C14 decides
         v.setdefault("extended_key_usage", ())
         v.setdefault("description", "")
-        return CertificateTemplate(name=name, source=self.source, line=_line(entries["name"][1]),
-                                   lines=_lines({k: _line(val) for k, (_key, val) in entries.items()}), **v)
+        return CertificateTemplate(name=name, source=self.source, line=line_of(entries["name"][1]),
+                                   lines=_lines({k: line_of(val) for k, (_key, val) in entries.items()}), **v)
 
     def validity(self, node: Node, path: str) -> int | None:
-        if not (isinstance(node, ScalarNode) and node.tag == _INT_TAG):
-            self.report(node, path, f"expected a whole number of days, found {_describe(node)}")
+        if not (isinstance(node, ScalarNode) and node.tag == INT_TAG):
+            self.report(node, path, f"expected a whole number of days, found {excerpt(node)}")
             return None
         try:
             days = int(yaml.safe_load(node.value))
         except (ValueError, TypeError, yaml.YAMLError):
-            self.report(node, path, f"expected a whole number of days, found {_describe(node)}")
+            self.report(node, path, f"expected a whole number of days, found {excerpt(node)}")
             return None
         if not 1 <= days <= MAX_VALIDITY_DAYS:
             self.report(node, path, f"validity must be between 1 and {MAX_VALIDITY_DAYS} days, found {days}")
@@ -424,5 +366,5 @@ class _Reader:
                         f"a failed production must not end in the produced state {v['produced_state']!r}")
         if len(self.violations) != before or name is None:
             return None
-        return CardTemplate(name=name, source=self.source, line=_line(entries["name"][1]),
-                            lines=_lines({k: _line(val) for k, (_key, val) in entries.items()}), **v)
+        return CardTemplate(name=name, source=self.source, line=line_of(entries["name"][1]),
+                            lines=_lines({k: line_of(val) for k, (_key, val) in entries.items()}), **v)

@@ -5,8 +5,6 @@ start-up can list every violation of every file together."""
 from __future__ import annotations
 
 import difflib
-
-import yaml
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -44,35 +42,3 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'X'?)`` for the closest choice, or ``""``."""
     close = suggest(word, choices)
     return f" (did you mean {close!r}?)" if close else ""
-
-
-# The C loader when PyYAML has it: the same nodes and marks, faster.
-FAST_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class YamlSyntaxError(Exception):
-    """A YAML text that does not compose, located."""
-
-    def __init__(self, line: int, message: str) -> None:
-        super().__init__(message)
-        self.line = line
-        self.message = message
-
-
-def compose_yaml(text: str, loader=FAST_YAML_LOADER) -> yaml.Node | None:
-    """The YAML node tree (line numbers for every violation), or YamlSyntaxError with the line."""
-    try:
-        return yaml.compose(text, Loader=loader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        what = "; ".join(str(part) for part in (e.context, e.problem) if part) or "invalid YAML"
-        column = f" (column {mark.column + 1})" if mark else ""
-        raise YamlSyntaxError(mark.line + 1 if mark else 1, f"YAML syntax error: {what}{column}") from None
-    except yaml.reader.ReaderError as e:        # a character YAML does not allow: a position, no mark
-        char = e.character if isinstance(e.character, int) else ord(str(e.character)[:1] or "\0")
-        raise YamlSyntaxError(text.count("\n", 0, e.position) + 1,
-                              f"YAML syntax error: character U+{char:04X} is not allowed") from None
-    except yaml.YAMLError as e:
-        raise YamlSyntaxError(1, f"YAML syntax error: {e}") from None
-    except RecursionError:                      # PyYAML composes recursively: absurd nesting must not crash
-        raise YamlSyntaxError(1, "YAML nested too deeply") from None
