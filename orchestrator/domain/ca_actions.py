@@ -27,8 +27,19 @@ from orchestrator.domain.state_graphs import RFC5280_REASONS, StateGraph
 from orchestrator.domain.violations import suggest
 from shared.errors import InvalidArgument, UnmappedCaAction
 
-__all__ = ["CERTIFICATE_HOLD", "REMOVE_FROM_CRL", "HOLD_LIKE_NAMES", "CaAction", "Revoke", "LiftHold",
-           "ca_action_for", "state_ca_action", "is_hold_state", "is_hold_like_name", "mapped_states"]
+__all__ = [
+    "CERTIFICATE_HOLD",
+    "HOLD_LIKE_NAMES",
+    "REMOVE_FROM_CRL",
+    "CaAction",
+    "LiftHold",
+    "Revoke",
+    "ca_action_for",
+    "is_hold_like_name",
+    "is_hold_state",
+    "mapped_states",
+    "state_ca_action",
+]
 
 CERTIFICATE_HOLD = "certificateHold"
 REMOVE_FROM_CRL = "removeFromCRL"

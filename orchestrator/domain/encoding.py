@@ -26,10 +26,10 @@ import types
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from shared.cards import Apdu, KeyType, check_command_apdu
+from typing import Any
 
 from orchestrator.domain.violations import Violation, did_you_mean
+from shared.cards import Apdu, KeyType, check_command_apdu
 
 ENCODING_TYPES = ("Chip",)
 APPLICATION_PREFIX = "Application_"
@@ -163,7 +163,7 @@ class EncodingDescription:
         return tuple(dict.fromkeys(n for n in names if n is not None))
 
 
-def application_order_key(suffix: str) -> tuple:
+def application_order_key(suffix: str) -> tuple[tuple[int, int, str], ...]:
     """Natural order of application suffixes: A < B < … < Z, 2 < 10, digits before letters.
 
     Runs of digits compare as numbers, letters compare case-insensitively, and the exact
@@ -172,7 +172,7 @@ def application_order_key(suffix: str) -> tuple:
     """
     parts = re.findall(r"\d+|\D+", suffix)
     key = tuple((0, int(p), "") if p.isdigit() else (1, 0, p.casefold()) for p in parts)
-    return key + ((2, 0, suffix),)
+    return (*key, (2, 0, suffix))
 
 
 # -- APDU scripts ----------------------------------------------------------------------
@@ -391,8 +391,9 @@ class _Parser:
     def application(self, section: _Section) -> Application:
         name, line = section.name, section.line
         kw = self._keywords(section, "Application")
-        p = lambda k: f"{name}.{k}"                                   # noqa: E731
-        v: dict = {}
+        def p(keyword: str) -> str:
+            return f"{name}.{keyword}"
+        v: dict[str, Any] = {}
 
         if "GenerateKeyPair" in kw:
             choice = self._choice(kw["GenerateKeyPair"], p("GenerateKeyPair"),
@@ -436,7 +437,7 @@ class _Parser:
         self._check_combination(app, kw, {e.key for e in section.entries})
         return app
 
-    def _apdu_script(self, e: _Entry, path: str, v: dict) -> None:
+    def _apdu_script(self, e: _Entry, path: str, v: dict[str, Any]) -> None:
         # A value that is a declared field, or that cannot be hex (it has letters past F or
         # an underscore), names a field; anything else is an inline script.
         if e.value in self.fields:
@@ -453,7 +454,8 @@ class _Parser:
 
     def _check_combination(self, a: Application, kw: Mapping[str, _Entry], written: set[str]) -> None:
         """Keywords that contradict each other, are missing a partner, or have no effect."""
-        p = lambda k: f"{a.name}.{k}"                                 # noqa: E731
+        def p(keyword: str) -> str:
+            return f"{a.name}.{keyword}"
         has = kw.__contains__
 
         if a.archive_key and has("GenerateKeyPair"):
@@ -592,7 +594,8 @@ def load_encoding(path: str | Path,
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise EncodingError([Violation(str(path), 1, "", f"not UTF-8 text: {exc.reason} at byte {exc.start}")])
+        problem = Violation(str(path), 1, "", f"not UTF-8 text: {exc.reason} at byte {exc.start}")
+        raise EncodingError([problem]) from None
     return parse_encoding(text, str(path), known_certificate_templates)
 
 
@@ -617,7 +620,8 @@ def check_field_mapping(encoding: EncodingDescription, mapping: Mapping[str, str
     """
     where = line_of or (lambda _name: 0)
     found: list[Violation] = []
-    fail = lambda name, message: found.append(Violation(source, where(name), f"fields.{name}", message))  # noqa: E731
+    def fail(name: str, message: str) -> None:
+        found.append(Violation(source, where(name), f"fields.{name}", message))
 
     declared = encoding.field_names
     for name in mapping:

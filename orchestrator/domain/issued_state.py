@@ -21,8 +21,8 @@ from orchestrator.domain.state_graphs import (
 )
 
 __all__ = [
-    "INTERNAL_ISSUED_STATE_KEY",
     "DEFAULT_INTERNAL_ISSUED_STATE",
+    "INTERNAL_ISSUED_STATE_KEY",
     "TemplateRef",
     "check_internal_issued_state",
     "require_internal_issued_state",

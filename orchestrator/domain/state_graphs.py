@@ -232,7 +232,7 @@ class _Checker(LocatedReader):
         if is_null(node) or not node.value.strip():
             self.report(node, path, "expected a name, found nothing")
             return None
-        return node.value
+        return str(node.value)
 
     def names(self, node: Node, path: str, allow_empty: bool) -> list[tuple[str, Node]]:
         """A name or a list of names, each with its node (for its line)."""

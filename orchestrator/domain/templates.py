@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 import yaml
 from yaml.nodes import Node, ScalarNode, SequenceNode
@@ -204,9 +205,9 @@ def read_templates(text: str, source: str) -> TemplateFile:
                 if template is not None:
                     certificates.append(template)
             for i, item in r.items(top, "card_templates"):
-                template = r.card(item, f"card_templates[{i}]")
-                if template is not None:
-                    cards.append(template)
+                card = r.card(item, f"card_templates[{i}]")
+                if card is not None:
+                    cards.append(card)
     return TemplateFile(source, tuple(certificates), tuple(cards), frozenset(r.names["certificate"]),
                         frozenset(r.names["card"]),
                         tuple(sorted(r.violations, key=lambda v: (v.line, v.field_path, v.message))))
@@ -239,7 +240,7 @@ class _Reader(LocatedReader):
         if not isinstance(node, ScalarNode):
             self.report(node, path, f"expected a name, found {excerpt(node)}")
             return None
-        value = node.value
+        value = str(node.value)
         if not value.strip():
             self.report(node, path, "expected a name, found nothing")
             return None
@@ -255,7 +256,7 @@ class _Reader(LocatedReader):
         if not isinstance(node, ScalarNode):
             self.report(node, path, f"expected text, found {excerpt(node)}")
             return None
-        return node.value
+        return str(node.value)
 
     def choice(self, node: Node, path: str, allowed: tuple[str, ...], what: str) -> str | None:
         value = self.name(node, path)
@@ -302,7 +303,7 @@ class _Reader(LocatedReader):
         entries = self.mapping(node, path, _CERTIFICATE_KEYS, _CERTIFICATE_REQUIRED)
         if entries is None:
             return None
-        v: dict = {}
+        v: dict[str, Any] = {}
         name = self.name(entries["name"][1], f"{path}.name") if "name" in entries else None
         if name is not None:
             self.declare("certificate", name, entries["name"][1], f"{path}.name")
@@ -351,7 +352,7 @@ class _Reader(LocatedReader):
         entries = self.mapping(node, path, _CARD_KEYS, _CARD_REQUIRED)
         if entries is None:
             return None
-        v: dict = {}
+        v: dict[str, Any] = {}
         name = self.name(entries["name"][1], f"{path}.name") if "name" in entries else None
         if name is not None:
             self.declare("card", name, entries["name"][1], f"{path}.name")

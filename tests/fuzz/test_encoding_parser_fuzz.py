@@ -8,8 +8,14 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.domain.encoding import (APPLICATION_KEYWORDS, DESCRIPTION_KEYWORDS, EncodingError,
-                                          check_field_mapping, parse_apdu_script, parse_encoding)
+from orchestrator.domain.encoding import (
+    APPLICATION_KEYWORDS,
+    DESCRIPTION_KEYWORDS,
+    EncodingError,
+    check_field_mapping,
+    parse_apdu_script,
+    parse_encoding,
+)
 
 SOURCE = "fuzz.ini"
 TEMPLATES = ["EmployeeAuthentication", "EmployeeSignature"]

@@ -8,7 +8,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.domain.processes import ProcessDefinition, ProcessError, TASK_TYPES, load_process
+from orchestrator.domain.processes import TASK_TYPES, ProcessDefinition, ProcessError, load_process
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples" / "processes"
 EXAMPLE_TEXTS = [p.read_text() for p in sorted(EXAMPLES.glob("*.yaml"))]

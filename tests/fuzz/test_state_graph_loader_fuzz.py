@@ -1,7 +1,8 @@
 """Property tests: whatever the input, the state-graph loader loads it or rejects it with
 located violations — it never crashes with anything else."""
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from orchestrator.domain.issued_state import check_internal_issued_state
 from orchestrator.domain.state_graphs import RFC5280_REASONS, StateGraph, StateGraphError, load_state_graph
@@ -52,7 +53,7 @@ anything = st.recursive(scalars, lambda inner: st.one_of(
 
 state_names = st.sampled_from(["Issued", "Active", "OnHold", "Revoked", "Actve", "Lost"])
 state_options = st.one_of(st.none(), st.fixed_dictionaries({}, optional={
-    "ca_action": st.sampled_from(RFC5280_REASONS + ("hold", None)), "final": st.booleans() | scalars}))
+    "ca_action": st.sampled_from((*RFC5280_REASONS, "hold", None)), "final": st.booleans() | scalars}))
 transition = st.fixed_dictionaries({}, optional={
     "from": state_names | st.lists(state_names, max_size=3) | anything,
     "to": state_names | anything,

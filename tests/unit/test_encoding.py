@@ -5,10 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.domain.encoding import (Application, CreateObjectRelation, EncodingError,
-                                          Violation, application_order_key, check_field_mapping,
-                                          load_encoding, parse_apdu_script, parse_encoding,
-                                          process_variable_of)
+from orchestrator.domain.encoding import (
+    Application,
+    CreateObjectRelation,
+    EncodingError,
+    Violation,
+    application_order_key,
+    check_field_mapping,
+    load_encoding,
+    parse_apdu_script,
+    parse_encoding,
+    process_variable_of,
+)
 from shared.cards import Apdu, KeyType
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "encodings"
@@ -354,7 +362,8 @@ def test_malformed_descriptions_are_rejected_with_a_located_reason(text, fragmen
 
 
 def test_comments_blank_lines_crlf_and_bom_are_accepted():
-    text = "\ufeff# comment\r\n; another\r\n\r\n[Encoding]\r\n  Type = Chip  \r\n[Application_A]\r\nDataObject=a # b ; c\r\n"
+    text = ("\ufeff# comment\r\n; another\r\n\r\n[Encoding]\r\n  Type = Chip  \r\n"
+            "[Application_A]\r\nDataObject=a # b ; c\r\n")
     enc = parse(text)
     assert enc.applications[0].data_object == "a # b ; c"      # no inline comments
 

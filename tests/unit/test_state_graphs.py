@@ -1,6 +1,6 @@
 """State graphs as data: loading, every located violation at once, and moves."""
-from pathlib import Path
 import textwrap
+from pathlib import Path
 
 import pytest
 

@@ -67,7 +67,7 @@ def test_example_loads():
 
 
 def test_embedded_defaults_agree_with_the_example():
-    certificates, cards = load_templates(EXAMPLE.read_text(), str(EXAMPLE))
+    certificates, _cards = load_templates(EXAMPLE.read_text(), str(EXAMPLE))
     defaults = embedded_defaults()
     for t in certificates:
         d = defaults.certificate(t.name)
@@ -90,7 +90,8 @@ def test_good_file_loads_with_lines():
 
 
 def test_unknown_keys_suggest_the_right_one():
-    violations = by_path(rejected(GOOD.replace("    key_type:", "    keytype:").replace("card_templates:", "card_template:")))
+    misspelled = GOOD.replace("    key_type:", "    keytype:").replace("card_templates:", "card_template:")
+    violations = by_path(rejected(misspelled))
     assert violations["certificate_templates[0].keytype"].suggestion == "key_type"
     assert violations["certificate_templates[0].keytype"].line == 4
     assert violations["certificate_templates[0].key_type"].message == "missing required key 'key_type'"

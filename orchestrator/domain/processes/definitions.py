@@ -9,14 +9,16 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from orchestrator.domain.processes.process_map import ProcessMap
 from orchestrator.domain.violations import Violation
 from shared.cards import ReaderKind
 
+V = TypeVar("V")
 
-def frozen(mapping: Mapping | None = None) -> Mapping:
+
+def frozen(mapping: Mapping[str, V] | None = None) -> Mapping[str, V]:
     """A read-only copy, so a loaded definition cannot be changed behind the loader's checks."""
     return MappingProxyType(dict(mapping or {}))
 
@@ -126,7 +128,8 @@ class ProcessDefinition:
         if missing:
             problems.append(f"missing inputs: {', '.join(missing)}")
         if unknown:
-            problems.append(f"unknown inputs: {', '.join(unknown)} (this process takes: {', '.join(self.inputs) or 'none'})")
+            takes = ", ".join(self.inputs) or "none"
+            problems.append(f"unknown inputs: {', '.join(unknown)} (this process takes: {takes})")
         secrets = {name: given[name] for name in self.secret_inputs if name in given}
         not_text = sorted(name for name, value in secrets.items() if not isinstance(value, str))
         if not_text:

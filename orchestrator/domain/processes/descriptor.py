@@ -22,8 +22,8 @@ class CoreObjectDescriptor:
     def from_dict(cls, data: Mapping[str, object]) -> CoreObjectDescriptor:
         if not isinstance(data, Mapping) or set(data) != {"type", "template", "id"}:
             raise ValueError(f"a CoreObjectDescriptor is a dict with exactly type, template and id, not {data!r}")
-        values = [data["type"], data["template"], data["id"]]
-        if not all(isinstance(v, str) and v for v in values):
+        values = [v for v in (data["type"], data["template"], data["id"]) if isinstance(v, str) and v]
+        if len(values) != 3:
             raise ValueError(f"type, template and id of a CoreObjectDescriptor must be non-empty strings: {data!r}")
         return cls(*values)
 

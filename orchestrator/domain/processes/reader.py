@@ -39,6 +39,9 @@ _TASK_KEYS = {
     "change_state_in_ca": ("type", "certificates", "state", "reason"),
     "handle_issued": ("type", "certificates", "revoke_reason", "target_state"),
 }
+#: A task's values by key (the key nodes are not needed once the keys are checked).
+_Values = dict[str, yaml.Node]
+
 _READER_KEYS = ("gateway", "reader", "site", "labels", "kind")
 _READER_KINDS = {"pcsc": ReaderKind.PCSC, "pkcs11": ReaderKind.PKCS11}
 
@@ -72,7 +75,7 @@ class _ProcessReader(LocatedReader):
     # -- YAML ---------------------------------------------------------------------------
 
     def mapping(self, node: yaml.Node, path: str, allowed: Collection[str], required: Collection[str] = (),
-                what: str = "key") -> dict[str, yaml.Node] | None:
+                what: str = "key") -> _Values | None:
         """The values of a mapping node by key, checked for unknown, duplicate and missing keys;
         no `allowed` keys accepts any. A null value counts as absent, so `on_error:` with
         nothing after it means none."""
@@ -98,7 +101,7 @@ class _ProcessReader(LocatedReader):
 
     def string(self, node: yaml.Node, path: str) -> str | None:
         if isinstance(node, yaml.ScalarNode) and node.tag == STR_TAG:
-            return node.value
+            return str(node.value)
         self.report(node, path, f"must be text, not {kind_of(node)} (quote it)")
         return None
 
@@ -152,8 +155,9 @@ class _ProcessReader(LocatedReader):
             names.append((i, name, item))
         return names
 
-    def known(self, node: yaml.Node, path: str, value: str | None, known: set[str] | None, what: str) -> None:
-        if value is not None and known is not None and value not in known:
+    def known(self, node: yaml.Node | None, path: str, value: str | None, known: set[str] | None,
+              what: str) -> None:
+        if node is not None and value is not None and known is not None and value not in known:
             self.report(node, path, f"unknown {what} {value!r}{did_you_mean(value, known)}")
 
     # -- the process ----------------------------------------------------------------------
@@ -171,7 +175,8 @@ class _ProcessReader(LocatedReader):
                 self.report(item, f"inputs[{i}]", f"duplicate input {input_name!r}")
             inputs.append(input_name)
         secrets: list[str] = []
-        for i, secret, item in self.name_list(entries["secret_inputs"], "secret_inputs") if "secret_inputs" in entries else []:
+        secret_names = self.name_list(entries["secret_inputs"], "secret_inputs") if "secret_inputs" in entries else []
+        for i, secret, item in secret_names:
             if secret in secrets:
                 self.report(item, f"secret_inputs[{i}]", f"duplicate secret input {secret!r}")
             elif secret not in inputs:
@@ -238,7 +243,7 @@ class _ProcessReader(LocatedReader):
                 self.report(node, path, f"variable {name!r} is read here but is neither an input nor "
                                              f"written by an earlier task{did_you_mean(name, scope.defined)}")
 
-    def reader(self, entries: dict[str, yaml.Node], path: str) -> ReaderSpec:
+    def reader(self, entries: _Values, path: str) -> ReaderSpec:
         if "reader" not in entries:
             return ReaderSpec()
         path = f"{path}.reader"
@@ -262,7 +267,7 @@ class _ProcessReader(LocatedReader):
                               f"{did_you_mean(kind_name, _READER_KINDS)}; known: {', '.join(_READER_KINDS)}")
         return ReaderSpec(**values, labels=frozen(labels), kind=kind)
 
-    def subject(self, entries: dict[str, yaml.Node], path: str, scope: _Scope) -> str | None:
+    def subject(self, entries: _Values, path: str, scope: _Scope) -> str | None:
         if "subject" not in entries:
             return None
         parsed = self.template(entries["subject"], f"{path}.subject")
@@ -271,7 +276,7 @@ class _ProcessReader(LocatedReader):
         self.read(entries["subject"], f"{path}.subject", parsed[1], scope)
         return parsed[0]
 
-    def fields(self, entries: dict[str, yaml.Node], path: str,
+    def fields(self, entries: _Values, path: str,
                scope: _Scope) -> tuple[Mapping[str, str], Mapping[str, int], set[str]]:
         """Field mapping; returns it, the line of each field and the names the task may write. A value that is exactly
         `${x}` may be a return field (the encoding description decides, which the loader does
@@ -298,7 +303,7 @@ class _ProcessReader(LocatedReader):
                 self.read(value_node, f"{path}.{field_name}", names, scope, secret_ok=True)
         return frozen(mapping), frozen(lines), written
 
-    def variable_read(self, entries: dict[str, yaml.Node], key: str, path: str, scope: _Scope) -> str | None:
+    def variable_read(self, entries: _Values, key: str, path: str, scope: _Scope) -> str | None:
         if key not in entries:
             return None
         name = self.variable(entries[key], f"{path}.{key}")
@@ -306,17 +311,17 @@ class _ProcessReader(LocatedReader):
             self.read(entries[key], f"{path}.{key}", [name], scope)
         return name
 
-    def state(self, entries: dict[str, yaml.Node], key: str, path: str) -> str | None:
+    def state(self, entries: _Values, key: str, path: str) -> str | None:
         if key not in entries:
             return None
         value = self.literal(entries[key], f"{path}.{key}")
         self.known(entries[key], f"{path}.{key}", value, self.known_states, "state")
         return value
 
-    def optional_literal(self, entries: dict[str, yaml.Node], key: str, path: str) -> str | None:
+    def optional_literal(self, entries: _Values, key: str, path: str) -> str | None:
         return self.literal(entries[key], f"{path}.{key}") if key in entries else None
 
-    def one_of(self, entries: dict[str, yaml.Node], keys: tuple[str, str], path: str, line: int) -> None:
+    def one_of(self, entries: _Values, keys: tuple[str, str], path: str, line: int) -> None:
         present = [k for k in keys if k in entries]
         if len(present) != 1:
             self.report(line, path, f"give exactly one of {keys[0]!r} or {keys[1]!r}"
@@ -324,8 +329,8 @@ class _ProcessReader(LocatedReader):
 
     # -- one builder per task type (named after it) ----------------------------------------
 
-    def card_production(self, entries, path, line, scope) -> CardProductionTask:
-        template = self.literal(entries["card_template"], f"{path}.card_template") if "card_template" in entries else None
+    def card_production(self, entries: _Values, path: str, line: int, scope: _Scope) -> CardProductionTask:
+        template = self.optional_literal(entries, "card_template", path)
         self.known(entries.get("card_template"), f"{path}.card_template", template,
                    self.known_card_templates, "card template")
         reader = self.reader(entries, path)
@@ -342,7 +347,7 @@ class _ProcessReader(LocatedReader):
         return CardProductionTask(line=line, card_template=template or "", reader=reader, subject=subject,
                                   fields=fields, field_lines=field_lines, card=card)
 
-    def card_operation(self, entries, path, line, scope) -> CardOperationTask:
+    def card_operation(self, entries: _Values, path: str, line: int, scope: _Scope) -> CardOperationTask:
         self.one_of(entries, ("card_template", "encoding"), path, line)
         template = self.optional_literal(entries, "card_template", path)
         self.known(entries.get("card_template"), f"{path}.card_template", template,
@@ -356,20 +361,20 @@ class _ProcessReader(LocatedReader):
         return CardOperationTask(line=line, card_template=template, encoding=encoding, reader=reader,
                                  card=card, subject=subject, fields=fields, field_lines=field_lines)
 
-    def change_state(self, entries, path, line, scope) -> ChangeStateTask:
+    def change_state(self, entries: _Values, path: str, line: int, scope: _Scope) -> ChangeStateTask:
         self.one_of(entries, ("certificates", "card"), path, line)
         return ChangeStateTask(line=line, certificates=self.variable_read(entries, "certificates", path, scope),
                                card=self.variable_read(entries, "card", path, scope),
                                state=self.state(entries, "state", path) or "",
                                reason=self.optional_literal(entries, "reason", path))
 
-    def change_state_in_ca(self, entries, path, line, scope) -> ChangeStateInCaTask:
+    def change_state_in_ca(self, entries: _Values, path: str, line: int, scope: _Scope) -> ChangeStateInCaTask:
         return ChangeStateInCaTask(line=line,
                                    certificates=self.variable_read(entries, "certificates", path, scope) or "",
                                    state=self.state(entries, "state", path) or "",
                                    reason=self.optional_literal(entries, "reason", path))
 
-    def handle_issued(self, entries, path, line, scope) -> HandleIssuedTask:
+    def handle_issued(self, entries: _Values, path: str, line: int, scope: _Scope) -> HandleIssuedTask:
         reason = self.optional_literal(entries, "revoke_reason", path)
         if reason is not None and reason not in REVOCATION_REASONS:
             self.report(entries["revoke_reason"], f"{path}.revoke_reason",
