@@ -7,13 +7,18 @@ APT_PACKAGES := gcc python3-dev python3-venv pkg-config pcscd libpcsclite-dev vs
                 pcsc-tools opensc softhsm2 sqlite3 openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup system-packages protos bench clean
+.PHONY: demo test lint setup system-packages protos bench clean
 
 demo: setup
 	$(PY) scripts/demo.py
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
+
+# ruff and mypy, configured in pyproject.toml (mypy strict on orchestrator/domain and shared).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 setup: system-packages $(VENV)/.installed
 

@@ -9,7 +9,6 @@ from orchestrator.domain.encoding import (
     Application,
     CreateObjectRelation,
     EncodingError,
-    Violation,
     application_order_key,
     check_field_mapping,
     load_encoding,
@@ -17,6 +16,7 @@ from orchestrator.domain.encoding import (
     parse_encoding,
     process_variable_of,
 )
+from orchestrator.domain.violations import Violation
 from shared.cards import Apdu, KeyType
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "encodings"

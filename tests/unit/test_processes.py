@@ -113,9 +113,11 @@ def test_examples_load_cleanly(path):
 def test_examples_are_the_ones_the_docs_promise():
     produce = load_process((EXAMPLES / "produce-employee-card.yaml").read_text(), "produce",
                            known_card_templates={"EmployeeCard"})
-    assert produce.tasks[0].fields["GeneratedCertApp_A"] == "${theGeneratedCertificate}"
-    assert produce.on_error[0].certificates == "theGeneratedCertificate"
-    assert produce.on_error[0].revoke_reason
+    production, handling = produce.tasks[0], produce.on_error[0]
+    assert isinstance(production, CardProductionTask) and isinstance(handling, HandleIssuedTask)
+    assert production.fields["GeneratedCertApp_A"] == "${theGeneratedCertificate}"
+    assert handling.certificates == "theGeneratedCertificate"
+    assert handling.revoke_reason
     renew = load_process((EXAMPLES / "renew-authentication.yaml").read_text(), "renew",
                          known_card_templates={"EmployeeCard"})
     assert isinstance(renew.tasks[0], CardOperationTask) and renew.tasks[0].card == "card"
