@@ -3,7 +3,7 @@ driver and the orchestrator's LocalCa on a token).
 
 cryptography's builders (CSR, certificate, CRL) accept any instance of its private-key ABCs
 and only call public_key() and sign() on it, so TokenEcKey / TokenRsaKey let the token sign
-while the private key never leaves it (docs/DESIGN §6).
+while the private key never leaves it (docs/ca-connectors.md).
 
 Threads: python-pkcs11 modules must only be called from their one owner thread. The
 adapters take `call`, a function that runs a token operation (a no-argument callable) where

@@ -32,7 +32,7 @@ sign only; both halves carry a random CKA_ID and CKA_LABEL = key_label), the sel
 certificate is signed by the token and written to ca-cert.pem, then also stored on the token
 under the key's CKA_ID and label. Later starts find the key by its label, and check it
 against ca-cert.pem. Every certificate and CRL is signed by the token; the rest of the
-directory is as above. python-pkcs11 is not thread-safe (docs/DESIGN §6): every token call
+directory is as above. python-pkcs11 is not thread-safe (docs/ca-connectors.md): every token call
 runs on one worker thread owned by this LocalCa, and the module must not be in use by
 another component of the process. close() logs out and finalises the module.
 """

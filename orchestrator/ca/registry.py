@@ -68,7 +68,7 @@ def _check_pkcs11(where: str, entry: dict[str, Any], problems: list[str],
     module = options.get("module")
     if isinstance(module, str) and module.strip():
         if module in modules:
-            # python-pkcs11 modules need one owner thread per process (docs/DESIGN §6).
+            # python-pkcs11 modules need one owner thread per process (docs/ca-connectors.md, Threads).
             problems.append(f"{where}: the PKCS#11 module {module} is used by two CAs ({modules[module]} "
                             "too); one module can serve one CA per process")
         else:

@@ -1,4 +1,4 @@
-"""Encoding descriptions: the INI script of what to put on a card (DESIGN.md §3).
+"""Encoding descriptions: the INI script of what to put on a card (docs/encoding-descriptions.md).
 
 ``parse_encoding`` turns the text into a frozen ``EncodingDescription`` or raises
 ``EncodingError`` listing *every* violation, each with file, line, the keyword it is about

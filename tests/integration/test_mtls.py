@@ -1,4 +1,4 @@
-"""Mutual TLS between orchestrator, gateways and clients (DESIGN §5, issue 4): who gets in,
+"""Mutual TLS between orchestrator, gateways and clients (README, Mutual TLS; issue 4): who gets in,
 who is refused, and how.
 
 One orchestrator process for the module with a PKI of its own (so that revocations made

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class CoreObjectDescriptor:
-    """Identifies a stored object (DESIGN.md §1); what processes pass around."""
+    """Identifies a stored object (docs/rules.md, Words); what processes pass around."""
     type: str        # "Certificate", "Card", ... (orchestrator.store.records names them)
     template: str    # the certificate or card template the object was made from
     id: str          # the store id

@@ -180,7 +180,7 @@ Global___Error: _TypeAlias = Error  # noqa: Y015
 
 @_typing.final
 class CoreObjectDescriptor(_message.Message):
-    """Identifies a stored object: what processes pass around (DESIGN.md §1)."""
+    """Identifies a stored object: what processes pass around (docs/rules.md, Words)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
