@@ -130,15 +130,16 @@ class ProcessDefinition:
         if unknown:
             takes = ", ".join(self.inputs) or "none"
             problems.append(f"unknown inputs: {', '.join(unknown)} (this process takes: {takes})")
-        secrets = {name: given[name] for name in self.secret_inputs if name in given}
-        not_text = sorted(name for name, value in secrets.items() if not isinstance(value, str))
+        given_secrets = [name for name in self.secret_inputs if name in given]
+        secrets = {name: value for name in given_secrets if isinstance(value := given[name], str)}
+        not_text = sorted(name for name in given_secrets if name not in secrets)
         if not_text:
             problems.append(f"secret inputs must be text: {', '.join(not_text)}")
         if problems:
             raise ValueError(f"process {self.name!r}: " + "; ".join(problems))
         process_map = ProcessMap({name: value for name, value in given.items() if name not in secrets},
                                  secret_names=self.secret_inputs)
-        return process_map, secrets  # type: ignore[return-value]
+        return process_map, secrets
 
 
 class ProcessError(ValueError):

@@ -205,7 +205,8 @@ class _ProcessReader(LocatedReader):
         if required and not node.value:
             self.report(node, path, "a process needs at least one task")
         tasks = [self.task(item, f"{path}[{i}]", scope) for i, item in enumerate(node.value)]
-        return tuple(tasks) if all(t is not None for t in tasks) else None  # type: ignore[arg-type]
+        read = tuple(task for task in tasks if task is not None)
+        return read if len(read) == len(tasks) else None
 
     def task(self, node: yaml.Node, path: str, scope: _Scope) -> TaskDefinition | None:
         if not isinstance(node, yaml.MappingNode):
