@@ -36,9 +36,9 @@ Details = dict[str, JsonValue]
 class _Field:
     """One declared attribute: its converters between the Python value and the JSON value."""
 
-    def __init__(self, parse: Callable[[object, str], Any], dump: Callable[[Any], JsonValue],
-                 optional: bool, required: bool) -> None:
-        self._parse, self.dump, self.optional, self.required = parse, dump, optional, required
+    def __init__(self, kind: object, optional: bool, required: bool) -> None:
+        self.kind, self.optional, self.required = kind, optional, required   # kind: the type without None
+        self._parse, self.dump = _CONVERTERS[kind]
 
     def parse(self, value: object, where: str) -> Any:
         if value is None and self.optional:
@@ -109,9 +109,8 @@ def _fields_of(cls: type[CardlineError]) -> dict[str, _Field]:
         inner = [a for a in args if a is not type(None)]
         if len(inner) != 1 or inner[0] not in _CONVERTERS:
             raise TypeError(f"{cls.__name__}.{name}: no converter for {hint}")
-        parse, dump = _CONVERTERS[inner[0]]
         has_default = any(name in c.__dict__ for c in cls.__mro__)
-        out[name] = _Field(parse, dump, optional=len(inner) != len(args), required=not has_default)
+        out[name] = _Field(inner[0], optional=len(inner) != len(args), required=not has_default)
     return out
 
 
