@@ -66,7 +66,10 @@ def _parse_responses(value: object, where: str) -> tuple[ApduResponse, ...]:
     if value is None:
         return ()
     if isinstance(value, str):      # the text form (ErrorInfo metadata)
-        value = json.loads(value)
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise TypeError(f"{where}: not a JSON list: {value!r}") from None
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"{where}: expected a list of APDU responses, got {value!r}")
     return tuple(_parse_response(r, f"{where}[{i}]") for i, r in enumerate(value))
@@ -87,13 +90,13 @@ def _dump_responses(value: tuple[ApduResponse, ...]) -> JsonValue:
     return [{"data": r.data.hex().upper(), "sw": r.sw} for r in value]
 
 
-def _same(value: Any) -> JsonValue:
+def _unchanged(value: Any) -> JsonValue:
     return typing.cast(JsonValue, value)
 
 
 _CONVERTERS: dict[object, tuple[Callable[[object, str], Any], Callable[[Any], JsonValue]]] = {
-    str: (_parse_str, _same),
-    int: (_parse_int, _same),
+    str: (_parse_str, _unchanged),
+    int: (_parse_int, _unchanged),
     tuple[ApduResponse, ...]: (_parse_responses, _dump_responses),
 }
 
@@ -175,13 +178,17 @@ CATALOGUE: dict[str, type[CardlineError]] = {"INTERNAL": CardlineError}
 
 def from_details(reason: str, message: str, details: Mapping[str, JsonValue] | None = None) -> CardlineError:
     """Rebuilds the error a remote side or a stored row reported. An unknown reason (a newer
-    peer's) gives a CardlineError that keeps the reason and the details as context."""
+    peer's), or details that do not fit the class, give a CardlineError that keeps the reason,
+    and the details as text in `context`."""
     cls = CATALOGUE.get(reason)
-    if cls is None:
-        err = CardlineError(message, **{k: _text(v) for k, v in (details or {}).items()})
-        err.reason = reason
-        return err
-    return cls.from_details(message, details or {})
+    if cls is not None:
+        try:
+            return cls.from_details(message, details or {})
+        except TypeError as exc:        # a peer's details that do not fit: keep reason and text
+            details = {**(details or {}), "details_error": str(exc)}
+    err = CardlineError(message, **{k: _text(v) for k, v in (details or {}).items()})
+    err.reason = reason
+    return err
 
 
 def from_reason(reason: str, message: str, metadata: Mapping[str, str] | None = None) -> CardlineError:

@@ -16,8 +16,16 @@ from hypothesis import strategies as st
 import shared.errors as errors_module
 from shared import convert
 from shared.cards import ApduResponse
-from shared.errors import (CATALOGUE, CardError, CardlineError, PinError, PinIncorrect, UnexpectedStatusWord,
-                           from_details, from_reason)
+from shared.errors import (
+    CATALOGUE,
+    CardError,
+    CardlineError,
+    PinError,
+    PinIncorrect,
+    UnexpectedStatusWord,
+    from_details,
+    from_reason,
+)
 from shared.proto import common_pb2
 from shared.rpc import error_from_rpc, rpc_errors
 from tests.support.error_strategies import any_error, errors, same_error
@@ -98,6 +106,13 @@ def test_an_unknown_reason_keeps_reason_message_and_details():
     err = from_details("NEWER_PEERS_REASON", "something new", {"count": 3, "what": "x"})
     assert type(err) is CardlineError and err.reason == "NEWER_PEERS_REASON"
     assert err.context == {"count": "3", "what": "x"}
+
+
+def test_details_that_do_not_fit_the_class_keep_reason_and_text():
+    err = from_details("PIN_INCORRECT", "wrong PIN", {"attempts_remaining": "many"})
+    assert type(err) is CardlineError and err.reason == "PIN_INCORRECT" and err.message == "wrong PIN"
+    assert err.context["attempts_remaining"] == "many"
+    assert "PinIncorrect.attempts_remaining" in err.context["details_error"]
 
 
 # --- through a real gRPC status -------------------------------------------------------------
