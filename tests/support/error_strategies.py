@@ -13,9 +13,11 @@ from shared.errors import CATALOGUE, CardlineError
 # APDU index, status word or PKCS#11 slot id.
 _INTS = st.integers(min_value=-(2**53), max_value=2**53)
 _RESPONSES = st.lists(st.builds(ApduResponse, st.binary(max_size=24), st.integers(0, 0xFFFF)), max_size=4)
-# PostgreSQL text columns refuse NUL (tasks.error_message); messages are written by code, so
-# they are drawn without it (details may hold it: JSON carries it escaped).
-_MESSAGES = st.text(st.characters(blacklist_characters="\x00"), max_size=40)
+# Text is Unicode that UTF-8 can encode (protobuf strings): no lone surrogates. PostgreSQL text
+# columns also refuse NUL (tasks.error_message); messages are written by code, so they are
+# drawn without it (details may hold it: JSON carries it escaped).
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+_MESSAGES = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
 _NAMES = st.from_regex(r"[a-z][a-z_]{0,11}", fullmatch=True)
 
 
@@ -23,7 +25,7 @@ def _value(kind: Any) -> st.SearchStrategy[Any]:
     if kind is int:
         return _INTS
     if kind is str:
-        return st.text(max_size=20)
+        return _TEXT
     return _RESPONSES
 
 
@@ -33,7 +35,7 @@ def errors(draw: st.DrawFn, cls: type[CardlineError]) -> CardlineError:
     for name, f in cls._fields.items():
         if f.required or draw(st.booleans()):
             fields[name] = draw(_value(f.kind))
-    context = draw(st.dictionaries(_NAMES.filter(lambda n: n not in cls._fields and n != "message"), st.text(max_size=20), max_size=3))
+    context = draw(st.dictionaries(_NAMES.filter(lambda n: n not in cls._fields and n != "message"), _TEXT, max_size=3))
     return cls(draw(_MESSAGES), **context, **fields)
 
 
