@@ -5,8 +5,10 @@ on plain dataclasses.
 """
 from __future__ import annotations
 
+from google.protobuf import json_format, struct_pb2
+
 from shared import cards
-from shared.errors import CardlineError, InvalidArgument, from_reason
+from shared.errors import CardlineError, InvalidArgument, from_details, from_reason
 from shared.proto import common_pb2, gateway_pb2, steps_pb2
 
 _KEY_TYPES = {
@@ -71,10 +73,17 @@ def reader_from_proto(m: common_pb2.Reader) -> cards.Reader:
 # --- errors ----------------------------------------------------------------------------
 
 def error_to_proto(err: CardlineError) -> common_pb2.Error:
-    return common_pb2.Error(reason=err.reason, message=err.message, metadata=err.metadata)
+    """The error with its typed details (a Struct) and the same details as text."""
+    details = struct_pb2.Struct()
+    details.update(err.to_details())
+    return common_pb2.Error(reason=err.reason, message=err.message, metadata=err.metadata, details=details)
 
 
 def error_from_proto(m: common_pb2.Error) -> CardlineError:
+    """The same class with the same typed attributes; from the text metadata when a sender
+    gave no typed details."""
+    if m.HasField("details"):
+        return from_details(m.reason, m.message, json_format.MessageToDict(m.details))
     return from_reason(m.reason, m.message, dict(m.metadata))
 
 

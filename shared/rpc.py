@@ -15,18 +15,25 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from shared.convert import error_from_proto, error_to_proto
 from shared.errors import DOMAIN, CardlineError, InvalidArgument, from_reason
 from shared.logging import get_logger
+from shared.proto import common_pb2
 
 log = get_logger(__name__)
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 def status_of(err: CardlineError) -> grpc.Status:
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    return rpc_status.to_status(status_pb2.Status(code=grpc.StatusCode[err.code].value[0], message=err.message, details=[detail]))
+    """The gRPC status of ERR: its code, message, a google.rpc.ErrorInfo (reason and the
+    details as text, for any client) and a cardline.common.v1.Error (the typed details, from
+    which error_from_rpc rebuilds the same class)."""
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
+    typed = any_pb2.Any()
+    typed.Pack(error_to_proto(err))
+    return rpc_status.to_status(status_pb2.Status(code=grpc.StatusCode[err.code].value[0], message=err.message,
+                                                  details=[info, typed]))
 
 
 def rpc_errors(method: Callable) -> Callable:
@@ -64,12 +71,17 @@ def rpc_errors(method: Callable) -> Callable:
 
 
 def error_from_rpc(exc: grpc.RpcError) -> CardlineError:
-    """The catalogue error a server reported, or a generic one built from the status."""
+    """The catalogue error a server reported (from its typed detail, else from its ErrorInfo),
+    or a generic one built from the status."""
     for key, value in exc.trailing_metadata() or ():
         if key == _STATUS_DETAILS_KEY:
             status = status_pb2.Status.FromString(value)
+            typed, info = common_pb2.Error(), error_details_pb2.ErrorInfo()
             for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
+                if detail.Is(typed.DESCRIPTOR):
+                    detail.Unpack(typed)
+                    return error_from_proto(typed)
+            for detail in status.details:
                 if detail.Unpack(info) and info.domain == DOMAIN:
                     return from_reason(info.reason, status.message, dict(info.metadata))
     err = CardlineError(f"{exc.code().name}: {exc.details()}")

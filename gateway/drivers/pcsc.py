@@ -11,9 +11,9 @@ Behaviour (see ``PcscDriver`` in gateway/drivers/base.py):
   makes it resend the same command with Le=xx. Neither happens when the APDU explicitly
   expects it (a pattern starting with "61" or "6C"): the script then gets the raw answer.
   The final SW must match one of ``expected_sw`` (4 hex digits, "X" = any digit; an empty
-  tuple accepts anything), otherwise ``UnexpectedStatusWord`` (metadata index, sw) stops
-  the script; the exception's ``responses`` attribute holds the answers so far, the
-  failing one included.
+  tuple accepts anything), otherwise ``UnexpectedStatusWord`` (with ``index``, ``sw``) stops
+  the script; its ``responses`` hold the answers so far, the failing one included, and
+  travel with it over the gateway link.
 * The card is left as is at the end of a script (SCARD_LEAVE_CARD), so state such as a
   verified PIN survives into the next script; pass ``disposition=SCARD_RESET_CARD`` to the
   constructor to reset it after every script instead.
@@ -219,11 +219,9 @@ class PyscardDriver:
             responses.append(response)
             if apdu.expected_sw and not any(sw_matches(response.sw, p)
                                             for p in apdu.expected_sw):
-                error = UnexpectedStatusWord(
+                raise UnexpectedStatusWord(
                     f"APDU {index} answered {response.sw:04X}, expected "
-                    f"{' or '.join(apdu.expected_sw)}", index=index, sw=f"{response.sw:04X}")
-                error.responses = responses
-                raise error
+                    f"{' or '.join(apdu.expected_sw)}", index=index, sw=response.sw, responses=responses)
         return responses
 
     def _exchange(self, name: str, hcard: int, protocol: int, command: bytes,

@@ -5,6 +5,7 @@ import datetime as dt
 
 from google.protobuf import timestamp_pb2
 
+from orchestrator.services.card_tasks import task_error
 from orchestrator.services.pool import GatewayInfo, PooledReader, ReaderSelector, ReaderState
 from orchestrator.services.production import CertificateOrder
 from orchestrator.domain.processes import CoreObjectDescriptor
@@ -37,7 +38,8 @@ def certificate_orders_from_proto(m: orchestrator_pb2.ProduceCardRequest) -> tup
 
 
 def task_to_proto(t: TaskRecord, certificate_ids: list[str]) -> orchestrator_pb2.Task:
-    error = common_pb2.Error(reason=t.error_reason, message=t.error_message) if t.error_reason else None
+    failure = task_error(t)
+    error = convert.error_to_proto(failure) if failure is not None else None
     return orchestrator_pb2.Task(
         id=t.id, type=t.type, state=_TASK_STATES.get(t.state, 0), gateway_id=t.gateway_id or "",
         reader_id=t.reader_id or "", card_id=t.card_id or "", certificate_ids=certificate_ids, error=error,

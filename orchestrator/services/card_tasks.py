@@ -39,7 +39,7 @@ from orchestrator.services.pool import Lease, ReaderPool, ReaderSelector
 from orchestrator.store.records import CA_REQUEST_WRITTEN, CARD, CERTIFICATE, TaskRecord
 from orchestrator.store.store import Store
 from shared import cards
-from shared.errors import CardlineError, CsrInvalid, EncodingFailed, InvalidArgument
+from shared.errors import CardlineError, CsrInvalid, EncodingFailed, InvalidArgument, from_details
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -80,6 +80,18 @@ class CardTaskOutcome:
     @property
     def succeeded(self) -> bool:
         return self.task.state == "SUCCEEDED"
+
+    @property
+    def error(self) -> CardlineError | None:
+        return task_error(self.task)
+
+
+def task_error(task: TaskRecord) -> CardlineError | None:
+    """The error a failed task ended with, as it was raised: the same class with the same
+    typed attributes, rebuilt from the row (reason, message, details)."""
+    if task.error_reason is None:
+        return None
+    return from_details(task.error_reason, task.error_message or "", task.error_details)
 
 
 @dataclass(frozen=True)
@@ -259,7 +271,8 @@ class _CardTaskRun:
             log.info("card task failed", task_id=self.task_id, reason=exc.reason, error=exc.message)
             # C3: certificates stay in the internal issued state, carrying the task's error.
             task = await self._db(store.finish_task_failed, self.task_id, exc.reason, exc.message,
-                                  template.failed_state if order.type == PRODUCTION and self.card_id else None)
+                                  template.failed_state if order.type == PRODUCTION and self.card_id else None,
+                                  details=exc.to_details())
         ok = task.state == "SUCCEEDED"
         self._tell(("card produced" if order.type == PRODUCTION else "card operation done") if ok
                    else f"{order.type} failed: {task.error_message}", task)

@@ -21,8 +21,7 @@ from orchestrator.services.configuration import Configuration
 from orchestrator.services.pool import ReaderSelector
 from orchestrator.store.records import CARD, CERTIFICATE, ProcessInstanceRecord
 from orchestrator.store.store import Store
-from shared.errors import (CardlineError, EncodingFailed, IllegalTransition, InvalidArgument, NotFound,
-                           from_reason)
+from shared.errors import CardlineError, EncodingFailed, IllegalTransition, InvalidArgument, NotFound
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -222,7 +221,7 @@ class _ProcessRun:
         if isinstance(task, CardProductionTask) and task.card and outcome.card:
             self.process_map[task.card] = outcome.card
         if not outcome.succeeded:
-            raise from_reason(outcome.task.error_reason or "INTERNAL", outcome.task.error_message or "card task failed")
+            raise outcome.error or CardlineError("card task failed")
         self._tell(index, task, f"{task.type} succeeded (task {outcome.task.id})")
 
     async def _change_state(self, index: int, task: ChangeStateTask) -> None:

@@ -6,8 +6,9 @@ describe the same tables (a test compares them with autogenerate).
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
-from sqlalchemy import (DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text,
+from sqlalchemy import (JSON, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text,
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -110,6 +111,8 @@ class Task(Base):
     task_index: Mapped[int | None] = mapped_column(Integer)
     # Revision 0003: the orchestrator instance running the task (OrchestratorInstance.id).
     owner: Mapped[str | None] = mapped_column(NAME)
+    # Revision 0004: the typed details of the error (CardlineError.to_details()).
+    error_details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class TaskStep(Base):

@@ -95,6 +95,7 @@ class TaskRecord:
     process_instance_id: str | None = None
     task_index: int | None = None           # position of the task in its process definition
     owner: str | None = None                # revision 0003: the orchestrator instance running it
+    error_details: dict[str, Any] | None = None   # revision 0004: CardlineError.to_details() of the error
 
 
 @dataclass(frozen=True)

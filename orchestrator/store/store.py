@@ -909,11 +909,13 @@ class Store:
             return _record(TaskRecord, task)
 
     def finish_task_failed(self, task_id: str, reason: str, message: str, card_state: str | None = None,
-                           relations: Iterable[tuple[str, str, str, str, str]] = ()) -> TaskRecord:
+                           relations: Iterable[tuple[str, str, str, str, str]] = (), *,
+                           details: Mapping[str, Any] | None = None) -> TaskRecord:
         """C3: marks the task FAILED with its error; its certificates keep their state (the
         internal issued state) and carry the error so a C4 search shows why. card_state: the
         card's state after the failure, if it changes. relations: those to create even on
-        failure (CreateObjectRelation=always, C9). One transaction."""
+        failure (CreateObjectRelation=always, C9). details: the error's typed details
+        (CardlineError.to_details()), kept as JSON. One transaction."""
         if not reason:
             raise InvalidArgument("a failed task needs an error reason")
         relations = [NewRelation(*r) for r in relations]
@@ -928,6 +930,7 @@ class Store:
             task.state = TASK_FAILED
             task.error_reason = reason
             task.error_message = message
+            task.error_details = dict(details) if details else None
             task.finished_at = now
             s.flush()
             return _record(TaskRecord, task)

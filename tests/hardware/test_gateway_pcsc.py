@@ -9,6 +9,7 @@ import pytest
 
 from gateway import app as gateway_app
 from shared import config
+from shared.errors import UnexpectedStatusWord
 from shared.proto import gateway_pb2, gateway_pb2_grpc, steps_pb2
 from shared.rpc import error_from_rpc
 from tests.support.pcsc import wait_card_state
@@ -73,8 +74,9 @@ def test_unexpected_status_word_is_reported_with_index(pcscd, virtual_card):
         return error_from_rpc(err.value)
 
     err = asyncio.run(with_gateway(body))
-    assert err.reason == "APDU_UNEXPECTED_SW"
-    assert err.metadata["index"] == "1" and err.metadata["sw"].upper().startswith("63C")
+    assert isinstance(err, UnexpectedStatusWord) and err.reason == "APDU_UNEXPECTED_SW"
+    assert err.index == 1 and err.sw & 0xFFF0 == 0x63C0
+    assert [r.sw for r in err.responses] == [0x9000, err.sw]
 
 
 def test_unknown_reader_is_not_found(pcscd):

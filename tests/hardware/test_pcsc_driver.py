@@ -102,8 +102,8 @@ def test_unexpected_sw_stops_the_script_with_index_and_sw(driver, virtual_card):
               Apdu(bytes.fromhex("00B0000010"))]
     with pytest.raises(UnexpectedStatusWord) as info:
         driver.run_script(virtual_card.reader_id, script)
-    assert info.value.metadata["index"] == "1"
-    assert info.value.metadata["sw"] == "6A82"
+    assert info.value.index == 1
+    assert info.value.sw == 0x6A82
     assert [r.sw for r in info.value.responses] == [0x9000, 0x6A82]
     assert virtual_card.card.apdu_count == 2                    # the third was never sent
 

@@ -28,6 +28,8 @@ from gateway.drivers import softhsm_setup
 from orchestrator import app as orchestrator_app
 from orchestrator.services.pool import ReaderState
 from shared import config
+from shared.cards import ApduResponse
+from shared.errors import UnexpectedStatusWord
 from shared.proto import common_pb2, steps_pb2
 from shared.proto import orchestrator_pb2 as pb
 from shared.proto import orchestrator_pb2_grpc
@@ -537,8 +539,9 @@ def test_run_leased_step_runs_an_apdu_script_on_the_emulator_through_the_orchest
                 count_after_resend = card.apdu_count
                 with pytest.raises(grpc.aio.AioRpcError) as wrong_sw:
                     await stub.RunLeasedStep(pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
-                        apdu_script=steps_pb2.ApduScript(apdus=[steps_pb2.Apdu(command=bytes.fromhex("00B0000010"),
-                                                                                  expected_sw=["6A82"])]))))
+                        apdu_script=steps_pb2.ApduScript(apdus=[
+                            steps_pb2.Apdu(command=bytes.fromhex(SELECT), expected_sw=["9000"]),
+                            steps_pb2.Apdu(command=bytes.fromhex("0020008100"), expected_sw=["6A82"])]))))
                 await stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.lease_id))
             assert_nothing_held_or_running(orch)
             return first, count, resent, count_after_resend, wrong_sw.value
@@ -551,7 +554,12 @@ def test_run_leased_step_runs_an_apdu_script_on_the_emulator_through_the_orchest
     assert [r.sw for r in responses] == [0x9000, 0x9000, 0x63C3]
     assert responses[1].data == bytes.fromhex("C0FFEE0012345678")
     assert count == 3 and count_after_resend == 3 and resent == first      # the gateway's StepMemo answered
-    assert error_from_rpc(wrong_sw).reason == "APDU_UNEXPECTED_SW"
+    # Raised by the gateway's driver, carried on the link and by the orchestrator's status:
+    # the same class, with the answers up to the failing one.
+    error = error_from_rpc(wrong_sw)
+    assert isinstance(error, UnexpectedStatusWord) and error.reason == "APDU_UNEXPECTED_SW"
+    assert error.index == 1 and error.sw == 0x63C3
+    assert error.responses == (ApduResponse(responses[0].data, 0x9000), ApduResponse(b"", 0x63C3))
 
 
 def test_gateway_notices_a_silently_dead_link_and_redials_on_its_own(tmp_path, softhsm_module):

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -130,7 +131,8 @@ Global___Reader: _TypeAlias = Reader  # noqa: Y015
 
 @_typing.final
 class Error(_message.Message):
-    """An error travelling inside a message (step results on the gateway link).
+    """An error travelling inside a message (step results on the gateway link, failed tasks,
+    and as a detail of a gRPC status next to google.rpc.ErrorInfo).
     `reason` is stable (see shared/errors.py), `message` is for humans.
     """
 
@@ -159,20 +161,31 @@ class Error(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     message: _builtins.str
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The details as text, for readers without cardline's catalogue (same as ErrorInfo.metadata)."""
+
+    @_builtins.property
+    def details(self) -> _struct_pb2.Struct:
+        """The details as typed JSON values (CardlineError.to_details()): numbers, text, lists,
+        e.g. {"index": 1, "sw": 27266, "responses": [{"data": "9000AB", "sw": 36864}]}.
+        Receivers rebuild the error from these; integers arrive as doubles (exact up to 2^53).
+        """
+
     def __init__(
         self,
         *,
         reason: _builtins.str = ...,
         message: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        details: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
