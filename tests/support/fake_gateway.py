@@ -282,11 +282,12 @@ class FakeGateway:
     def fail(self, error: CardlineError, *, operation: type | None = None, step_number: int | None = None,
              occurrence: int = 1) -> None:
         """The OCCURRENCE-th command matching OPERATION (a shared/cards.py class) and/or
-        STEP_NUMBER answers ERROR; the token is not touched."""
+        STEP_NUMBER, counted from now, answers ERROR; the token is not touched."""
         self._faults.append(_Fault(error, operation, step_number, occurrence))
 
     def lose_card(self, *, operation: type | None = None, step_number: int | None = None, occurrence: int = 1) -> None:
-        """The token leaves its reader just before the matching command runs."""
+        """The token leaves its reader just before the matching command (counted as for
+        `fail`) runs; that command and every later one answer CardRemoved."""
         self._faults.append(_Fault(None, operation, step_number, occurrence))
 
     def operations(self, kind: type | None = None) -> list[cards.Operation]:
