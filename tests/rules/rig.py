@@ -39,14 +39,14 @@ def fake_token(**kw) -> FakeToken:
 
 
 def write_config(target: pathlib.Path, encodings: dict[str, str] | None = None,
-                 processes: dict[str, str] | None = None) -> pathlib.Path:
-    """examples/ plus the test's own encodings and processes (text dedented)."""
-    shutil.copytree(EXAMPLES, target)
+                 processes: dict[str, str] | None = None, examples: pathlib.Path = EXAMPLES) -> pathlib.Path:
+    """EXAMPLES (default: examples/) plus the test's own encodings and processes (text dedented)."""
+    shutil.copytree(examples, target, dirs_exist_ok=True)
     for name, text in (encodings or {}).items():
         (target / "encodings" / f"{name}.ini").write_text(textwrap.dedent(text))
     for name, text in (processes or {}).items():
         (target / "processes" / f"{name}.yaml").write_text(textwrap.dedent(text))
-    (target / "secrets").mkdir()
+    (target / "secrets").mkdir(exist_ok=True)
     (target / "secrets" / "transport-puk").write_text(TRANSPORT_PUK + "\n")
     return target
 
@@ -142,10 +142,12 @@ def descriptor(instance, variable: str) -> CoreObjectDescriptor:
 @contextlib.asynccontextmanager
 async def rule_orchestrator(tmp_path: pathlib.Path, *, encodings: dict[str, str] | None = None,
                             processes: dict[str, str] | None = None, tokens: tuple[FakeToken, ...] = (),
-                            boundary=None, **settings) -> AsyncIterator[RuleRig]:
-    """An orchestrator with the test's configuration and one fake gateway ("station-1",
-    site hq) holding TOKENS (default: one blank fake token)."""
-    cfg = write_config(tmp_path / "config", encodings, processes)
+                            boundary=None, examples: pathlib.Path = EXAMPLES,
+                            **settings) -> AsyncIterator[RuleRig]:
+    """An orchestrator with the test's configuration (EXAMPLES plus ENCODINGS and PROCESSES)
+    and one fake gateway ("station-1", site hq) holding TOKENS (default: one blank fake token);
+    SETTINGS override the orchestrator's settings."""
+    cfg = write_config(tmp_path / "config", encodings, processes, examples)
     orch = await orchestrator_app.start(settings_for(tmp_path, cfg, **settings), boundary=boundary)
     gateway = FakeGateway("station-1", tokens or (fake_token(),), site="hq")
     try:
