@@ -110,6 +110,9 @@ class RuleRig:
     def tasks(self, process_instance_id: str):
         return self.orch.store.list_tasks(process_instance_id=process_instance_id)
 
+    def process_instance(self, instance_id: str):
+        return self.orch.store.get_process_instance(instance_id)
+
     def audit(self, *, object_id: str | None = None, action: str | None = None):
         return self.orch.store.list_audit(object_id=object_id, action=action)
 

@@ -34,7 +34,7 @@ def test_c13_return_field_holds_the_generated_certificate_after_success(tmp_path
     record = rig.certificate(generated.id)
     assert (generated.type, generated.template) == ("Certificate", "EmployeeAuthentication")
     assert (record.template, record.state) == ("EmployeeAuthentication", START)     # Application_A's, not B's
-    assert rig.orch.store.get_process_instance(instance.id).process_map == instance.process_map   # stored
+    assert rig.process_instance(instance.id).process_map == instance.process_map   # stored
 
 
 def test_c13_return_field_holds_the_descriptor_after_a_failed_task(tmp_path):

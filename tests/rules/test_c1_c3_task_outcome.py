@@ -187,3 +187,14 @@ def test_c8_production_creates_one_card_object_with_the_token_serial(tmp_path):
     card = rig.card(outcome.task.card_id)
     assert card.serial == rig.token.serial and card.template == "EmployeeCard"
     assert outcome.card.id == card.id and rig.card_count() == 1
+
+
+def test_c8_production_whose_card_cannot_be_read_creates_no_card_object(tmp_path):
+    def unreadable(rig):
+        rig.gateway.fail(CardIoError("no answer to reset"), step_number=1)      # read_card_info
+
+    rig, outcome = produce(tmp_path, AUTH, before=unreadable)
+    assert (outcome.task.state, outcome.task.error_reason) == ("FAILED", "CARD_IO")
+    assert outcome.task.card_id is None and outcome.card is None and rig.card_count() == 0
+    assert rig.certificates(task_id=outcome.task.id) == [] and rig.issued_by_ca() == {}
+    assert [type(op) for op in rig.gateway.operations()] == [cards.ReadCardInfo]
