@@ -8,7 +8,7 @@ import datetime as dt
 from shared import cards
 from shared.errors import CardIoError
 from tests.rules.processes import HANDLE_ALL_ON_ERROR, HANDLE_GENERATED_ON_ERROR, produce_process
-from tests.rules.rig import ISSUED, PIN, START, descriptor, rule_orchestrator
+from tests.rules.rig import ISSUED, PIN, START, descriptor, fake_token, rule_orchestrator
 
 
 def failing_production(tmp_path, on_error: str = ""):
@@ -94,3 +94,16 @@ def test_c5_handle_issued_without_names_handles_every_issued_certificate_of_the_
     certs = rig.certificates(process_instance_id=instance.id)
     assert len(certs) == 2 and {c.state for c in certs} == {"Revoked"}
     assert set(rig.crl_reasons()) == {c.serial for c in certs}
+
+
+def test_c3_card_refusing_the_transport_puk_fails_before_any_certificate_is_requested(tmp_path):
+    async def body():
+        blank = fake_token(user_pin="0000", so_pin="another-puk")     # left the factory with another PUK
+        async with rule_orchestrator(tmp_path, processes={"produce": produce_process()}, tokens=(blank,)) as rig:
+            return rig, await rig.process("produce", person="Jane Doe", pin=PIN)
+
+    rig, instance = asyncio.run(body())
+    assert (instance.state, instance.error_reason) == ("FAILED", "PIN_INCORRECT")
+    assert rig.certificates(process_instance_id=instance.id) == [] and rig.issued_by_ca() == {}
+    assert rig.card(descriptor(instance, "card").id).state == "ProductionFailed"
+    assert rig.token.user_pin == "0000" and rig.token.keys == {}          # the card is untouched
