@@ -20,7 +20,7 @@ from cryptography import x509
 
 from orchestrator import app as orchestrator_app
 from orchestrator.domain.processes import CoreObjectDescriptor
-from orchestrator.services.card_tasks import CardTaskOutcome, CardTaskOrder
+from orchestrator.services.card_tasks import CardTaskOutcome
 from orchestrator.services.pool import ReaderSelector
 from orchestrator.services.production import CertificateOrder, production_order
 from shared import cards, config
@@ -77,9 +77,6 @@ class RuleRig:
                                  subject, tuple(CertificateOrder(t, key_type) for t in templates), PIN)
         return await self.orch.card_tasks.run(order)
 
-    async def run_task(self, order: CardTaskOrder) -> CardTaskOutcome:
-        return await self.orch.card_tasks.run(order)
-
     async def process(self, name: str, **inputs):
         """Runs process NAME to its end; the ProcessInstanceRecord."""
         return await self.orch.processes.start(name, inputs)
@@ -102,6 +99,7 @@ class RuleRig:
         return self.orch.store.get_card(card_id)
 
     def card_count(self) -> int:
+        """Card objects made so far (every card belongs to the production task that made it)."""
         return len({t.card_id for t in self.orch.store.list_tasks() if t.card_id})
 
     def task(self, task_id: str):

@@ -90,11 +90,13 @@ def test_c9_always_relation_survives_a_failed_encoding(tmp_path):
     """employee-card.ini: Application_A relates `always` (type HAS_A), Application_B by default."""
     async def body():
         async with rule_orchestrator(tmp_path, processes={"produce": produce_process()}) as rig:
-            rig.gateway.fail(CardIoError("reader unplugged"), operation=cards.WriteCertificates, occurrence=2)
+            rig.gateway.lose_card(operation=cards.WriteCertificates, occurrence=2)
             return rig, await rig.process("produce", person="Jane Doe", pin=PIN)
 
     rig, instance = asyncio.run(body())
-    assert instance.state == "FAILED"
+    assert (instance.state, instance.error_reason) == ("FAILED", "CARD_REMOVED")
+    [pooled] = rig.orch.pool.list()
+    assert not pooled.reader.card_present                          # the gateway reported the card gone
     generated = descriptor(instance, "theGeneratedCertificate")
     assert related(rig, descriptor(instance, "card").id) == {generated.id: "HAS_A"}     # C9; C10: none for B
     assert {c.state for c in rig.certificates(process_instance_id=instance.id)} == {ISSUED}

@@ -235,7 +235,6 @@ class ReceivedCommand:
     step_number: int
     operation: cards.Operation
     reader_id: str
-    replayed: bool
 
 
 @dataclass
@@ -340,7 +339,7 @@ class FakeGateway:
             return link_pb2.StepResult(command_id=command.command_id, outcome=first.outcome, replayed=True)
         try:
             step = convert.step_from_proto(command.step)
-            received = ReceivedCommand(command.task_id, command.step_number, step.operation, command.reader_id, False)
+            received = ReceivedCommand(command.task_id, command.step_number, step.operation, command.reader_id)
             self.commands.append(received)
             value = self._run(received, step)
             outcome = convert.value_to_outcome(value)
