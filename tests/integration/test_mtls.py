@@ -108,6 +108,7 @@ def test_enrolled_gateway_attaches_over_mutual_tls_and_its_token_joins_the_pool(
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+@pytest.mark.hardware      # starts cardline processes
 def test_client_certificate_calls_the_client_api_and_health(rig, orchestrator):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -117,6 +118,7 @@ def test_client_certificate_calls_the_client_api_and_health(rig, orchestrator):
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.hardware      # starts cardline processes
 def test_cli_client_command_authenticates_with_tls_dir_and_refuses_to_run_without_it(rig, orchestrator):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARDLINE_")}
     ok = subprocess.run([CARDLINE, "--tls-dir", str(rig.directory), "certs", "list", "--orchestrator", orchestrator,
@@ -130,6 +132,7 @@ def test_cli_client_command_authenticates_with_tls_dir_and_refuses_to_run_withou
 
 # -- who is refused at the handshake ----------------------------------------------------------
 
+@pytest.mark.hardware      # starts cardline processes
 def test_client_without_certificate_is_refused(rig, orchestrator):
     credentials = grpc.ssl_channel_credentials(root_certificates=rig.pki.ca_cert_path.read_bytes())
     with grpc.secure_channel(orchestrator, credentials) as channel:
@@ -137,6 +140,7 @@ def test_client_without_certificate_is_refused(rig, orchestrator):
     assert err.code() == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.hardware      # starts cardline processes
 def test_client_with_certificate_of_another_ca_is_refused(rig, other_rig, orchestrator):
     # it even trusts the right CA: only its own certificate is foreign
     foreign = TlsFiles(rig.pki.ca_cert_path, other_rig.pki.cert_path("admin"), other_rig.pki.key_path("admin"))
@@ -149,6 +153,7 @@ def test_client_with_certificate_of_another_ca_is_refused(rig, other_rig, orches
     assert err.code() == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.hardware      # starts cardline processes
 def test_plaintext_client_is_refused_by_a_tls_server(orchestrator):
     with grpc.insecure_channel(orchestrator) as channel:
         err = refusal(lambda: list_certificates(channel))
@@ -157,6 +162,7 @@ def test_plaintext_client_is_refused_by_a_tls_server(orchestrator):
 
 # -- who is refused by role, name or revocation ----------------------------------------------
 
+@pytest.mark.hardware      # starts cardline processes
 def test_gateway_certificate_calling_client_rpcs_is_permission_denied(rig, orchestrator):
     with secure(orchestrator, rig.gateway("station-p")) as channel:
         err = refusal(lambda: list_certificates(channel))
@@ -168,12 +174,14 @@ def test_gateway_certificate_calling_client_rpcs_is_permission_denied(rig, orche
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+@pytest.mark.hardware      # starts cardline processes
 def test_client_certificate_opening_the_gateway_link_is_permission_denied(rig, orchestrator):
     with secure(orchestrator, rig.files()) as channel:
         err = refusal(lambda: open_link(channel, "admin"))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+@pytest.mark.hardware      # starts cardline processes
 def test_gateway_whose_hello_names_another_gateway_is_refused(rig, orchestrator):
     with secure(orchestrator, rig.gateway("station-b")) as channel:
         err = refusal(lambda: open_link(channel, "station-c"))
@@ -185,6 +193,7 @@ def test_gateway_whose_hello_names_another_gateway_is_refused(rig, orchestrator)
     assert "station-c" not in {r.gateway_id for r in gateways.readers}
 
 
+@pytest.mark.hardware      # starts cardline processes
 def test_revoked_gateway_certificate_is_refused_without_restarting_the_orchestrator(rig, orchestrator):
     files = rig.gateway("station-r")
     with secure(orchestrator, files) as channel:
@@ -223,6 +232,7 @@ def _serve(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([CARDLINE, *args], capture_output=True, text=True, env=env, timeout=60)
 
 
+@pytest.mark.hardware      # starts cardline processes
 def test_orchestrator_without_tls_material_or_insecure_flag_refuses_to_start(tmp_path):
     ran = _serve(["orchestrator", "serve", "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path)])
     assert ran.returncode == 2
@@ -232,6 +242,7 @@ def test_orchestrator_without_tls_material_or_insecure_flag_refuses_to_start(tmp
     assert not (tmp_path / "cardline.db").exists()           # stopped before touching anything
 
 
+@pytest.mark.hardware      # starts cardline processes
 def test_gateway_without_tls_material_or_insecure_flag_refuses_to_start(tmp_path):
     ran = _serve(["gateway", "serve", "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path),
                   "--gateway-id", "station-9", "--no-pcsc", "--tls-dir", str(tmp_path / "nothing-here")])
@@ -261,6 +272,7 @@ def test_gateway_certificate_of_another_gateway_id_is_refused_at_start(rig, tmp_
         asyncio.run(gateway_app.start(settings))
 
 
+@pytest.mark.hardware      # starts cardline processes
 def test_insecure_flag_serves_plaintext_for_development(tmp_path):
     with orchestrator_process(tmp_path / "orchestrator", insecure=True) as address:
         with grpc.insecure_channel(address) as channel:
