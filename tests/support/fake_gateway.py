@@ -161,7 +161,7 @@ class FakeToken:
 
     def _login(self, given: str, expected: str, role: str) -> None:
         if given != expected:
-            raise PinIncorrect(f"wrong {role} PIN", slot_id=self.reader_id)
+            raise PinIncorrect(f"wrong {role} PIN", reader_id=self.reader_id)
 
     def _check_writable(self, what: str) -> None:
         if self.refuse_writes:
