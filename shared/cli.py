@@ -13,6 +13,14 @@ app = typer.Typer(help="cardline: card management — orchestrator, gateways and
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from shared.version import VERSION
+
+        typer.echo(f"cardline {VERSION}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _client_tls(
     tls_dir: Optional[pathlib.Path] = typer.Option(None, "--tls-dir", envvar="CARDLINE_TLS_DIR",
@@ -21,6 +29,8 @@ def _client_tls(
                                  help="Client commands: which certificate of --tls-dir (a role 'client' one)."),
     insecure: bool = typer.Option(False, "--insecure", envvar="CARDLINE_INSECURE",
                                   help="Client commands: plaintext to a server started with --insecure (development)."),
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="Print cardline's version and exit."),
 ) -> None:
     """Client commands talk mutual TLS with a client certificate (`cardline pki init` makes
     one named admin); the serve commands have TLS options of their own."""
