@@ -76,9 +76,9 @@ def main() -> None:
         # mutual TLS like production (a throwaway PKI from tests/support/pki.py)
         stub = card_service_pb2_grpc.CardServiceStub(channel(orch))
         gw_stub = gateway_pb2_grpc.GatewayServiceStub(channel(gw))
-        request = card_pb.ProduceCardRequest(reader=pool_pb.ReaderSelector(reader_id=reader.reader_id), subject=SUBJECT,
-                                        user_pin=PIN, certificates=[card_pb.CertificateRequest(template=t, key_type=PROTO_KEY[k])
-                                                                    for t, k in apps])
+        request = card_pb.ProduceCardRequest(
+            reader=pool_pb.ReaderSelector(reader_id=reader.reader_id), subject=SUBJECT, user_pin=PIN,
+            certificates=[card_pb.CertificateRequest(template=t, key_type=PROTO_KEY[k]) for t, k in apps])
 
         def pipeline_production() -> None:
             task = list(stub.ProduceCard(request))[-1].task

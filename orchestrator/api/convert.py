@@ -113,8 +113,10 @@ def lease_to_proto(lease) -> lease_pb.Lease:
 
 _ORDER_STATES = {"RUNNING": order_pb.ORDER_STATE_RUNNING, "DONE": order_pb.ORDER_STATE_DONE,
                  "CANCELLED": order_pb.ORDER_STATE_CANCELLED}
-_ORDER_CARD_STATES = {orders.QUEUED: order_pb.ORDER_CARD_STATE_QUEUED, orders.RUNNING: order_pb.ORDER_CARD_STATE_RUNNING,
-                      orders.SUCCEEDED: order_pb.ORDER_CARD_STATE_SUCCEEDED, orders.FAILED: order_pb.ORDER_CARD_STATE_FAILED}
+_ORDER_CARD_STATES = {orders.QUEUED: order_pb.ORDER_CARD_STATE_QUEUED,
+                      orders.RUNNING: order_pb.ORDER_CARD_STATE_RUNNING,
+                      orders.SUCCEEDED: order_pb.ORDER_CARD_STATE_SUCCEEDED,
+                      orders.FAILED: order_pb.ORDER_CARD_STATE_FAILED}
 
 
 def order_to_proto(order) -> order_pb.Order:
@@ -186,7 +188,8 @@ def handling_result_to_proto(r) -> certificate_pb.HandlingResult:
                                            error=error)
 
 
-_CA_REQUEST_STATES = {CA_REQUEST_PENDING: ca_pb.CA_REQUEST_STATE_PENDING, CA_REQUEST_STORED: ca_pb.CA_REQUEST_STATE_STORED,
+_CA_REQUEST_STATES = {CA_REQUEST_PENDING: ca_pb.CA_REQUEST_STATE_PENDING,
+                      CA_REQUEST_STORED: ca_pb.CA_REQUEST_STATE_STORED,
                       CA_REQUEST_WRITTEN: ca_pb.CA_REQUEST_STATE_WRITTEN,
                       CA_REQUEST_NOT_ISSUED: ca_pb.CA_REQUEST_STATE_NOT_ISSUED}
 

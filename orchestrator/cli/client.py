@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -22,12 +24,11 @@ READER_KINDS = {"pkcs11": common_pb2.READER_KIND_PKCS11, "pcsc": common_pb2.READ
 Stub = TypeVar("Stub")
 
 
-def stub(stub_class: type[Stub], target: str) -> Stub:
+def stub(stub_class: Callable[[grpc.Channel], Stub], target: str) -> Stub:
     """A client of one service. Mutual TLS with the client certificate of `cardline --tls-dir
     DIR [--tls-name NAME]` (or CARDLINE_TLS_DIR / CARDLINE_TLS_NAME); plaintext with
     `cardline --insecure`."""
-    channel: grpc.Channel = client_channel(target)
-    return stub_class(channel)  # type: ignore[call-arg]
+    return stub_class(client_channel(target))
 
 
 def as_json(message) -> dict[str, Any]:
@@ -67,6 +68,5 @@ def secret_inputs(names, given: dict[str, str], prompt_suffix: str = "") -> dict
 
 
 def secrets_from_stdin(read: bool) -> dict[str, str]:
-    import sys
-
+    """NAME=VALUE lines of standard input when READ, else nothing."""
     return dict(line.rstrip("\n").split("=", 1) for line in sys.stdin if "=" in line) if read else {}

@@ -440,7 +440,8 @@ def test_c16_sigkill_at_every_boundary_leaves_no_certificate_unknown_and_no_task
 
     station.start_orchestrator()               # same data directory: the reconciler runs before it serves
     with grpc.insecure_channel(station.address) as channel:
-        assert list(station.stub(channel).ca.ListCaRequests(ca_pb.ListCaRequestsRequest(unsettled_only=True)).requests) == []
+        unsettled = station.stub(channel).ca.ListCaRequests(ca_pb.ListCaRequestsRequest(unsettled_only=True))
+        assert list(unsettled.requests) == []
         assert station.stub(channel).ca.Reconcile(ca_pb.ReconcileRequest()).tasks_ended == 0   # nothing left to do
     station.stop_orchestrator()
 
@@ -474,7 +475,8 @@ def test_c16_ca_answer_lost_after_issuance_is_found_and_stored_by_the_periodic_r
         while stub.ca.ListCaRequests(ca_pb.ListCaRequestsRequest(unsettled_only=True)).requests:
             assert time.monotonic() < deadline, "the periodic reconciler did not settle the lost answer"
             time.sleep(0.2)
-        hits = stub.certificates.SearchIssuedCertificates(certificate_pb.SearchIssuedCertificatesRequest(task_id=task.id)).certificates
+        hits = stub.certificates.SearchIssuedCertificates(
+            certificate_pb.SearchIssuedCertificatesRequest(task_id=task.id)).certificates
     # C4/C5: both are searchable in the internal issued state with the task's error, so
     # handle_issued or the sweeper can revoke the one that never reached the card.
     assert len(hits) == 2 and {h.task_error.reason for h in hits} == {"CA_UNAVAILABLE"}

@@ -284,7 +284,8 @@ def test_batch_order_of_12_cards_over_3_gateways_uses_every_reader_with_fifo_que
     assert len(certs) == 12 and {c.state for c in certs} == {"Active"}
 
     # Cards beyond the three readers waited with visible, distinct positions ...
-    positions = [sorted(c.queue_position for c in s.cards if c.state == order_pb.ORDER_CARD_STATE_QUEUED and c.queue_position)
+    queued_state = order_pb.ORDER_CARD_STATE_QUEUED
+    positions = [sorted(c.queue_position for c in s.cards if c.state == queued_state and c.queue_position)
                  for s in snapshots]
     assert max(max(p, default=0) for p in positions) >= 6
     assert all(p == list(range(1, len(p) + 1)) for p in positions if p)
@@ -504,7 +505,8 @@ def test_lease_is_freed_when_its_gateway_goes_away(tmp_path, softhsm_module):
     gone, readers, gateways = asyncio.run(body())
     assert error_from_rpc(gone).reason == "NOT_FOUND" and "went away" in gone.details()
     states = {r.gateway_id: (r.state, r.holder) for r in readers if r.reader.token_serial}
-    assert states == {"gw0": (pool_pb.POOLED_READER_STATE_CARD_PRESENT, ""), "gw1": (pool_pb.POOLED_READER_STATE_OFFLINE, "")}
+    assert states == {"gw0": (pool_pb.POOLED_READER_STATE_CARD_PRESENT, ""),
+                      "gw1": (pool_pb.POOLED_READER_STATE_OFFLINE, "")}
     assert {g.gateway_id: g.connected for g in gateways} == {"gw0": True, "gw1": False}
 
 

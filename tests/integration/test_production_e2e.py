@@ -40,7 +40,8 @@ def station(tmp_path, softhsm_token):
             yield orch, gw, pooled
 
 
-def produce(orch: str, reader_id: str, pin: str, certificates=None) -> tuple[list[card_pb.ProduceCardResponse], card_pb.Task]:
+def produce(orch: str, reader_id: str, pin: str,
+            certificates=None) -> tuple[list[card_pb.ProduceCardResponse], card_pb.Task]:
     certificates = certificates or [
         card_pb.CertificateRequest(template="EmployeeAuthentication", key_type=common_pb2.KEY_TYPE_EC_P256),
         card_pb.CertificateRequest(template="EmployeeSignature", key_type=common_pb2.KEY_TYPE_RSA_2048)]
