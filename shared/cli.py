@@ -83,9 +83,9 @@ def main() -> None:
         if fail is None:
             raise
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True, soft_wrap=True).print(f"[red]error[/red] {fail.message}", markup=True,
-                                                   highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[red]error[/red] {escape(fail.message)}", highlight=False)
         sys.exit(fail.code)
 
 
