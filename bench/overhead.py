@@ -27,8 +27,9 @@ from orchestrator.ca.base import IssueProfile  # noqa: E402
 from orchestrator.ca.local import LocalCa  # noqa: E402
 from shared import cards  # noqa: E402
 from shared.proto import common_pb2, gateway_pb2, gateway_pb2_grpc, steps_pb2  # noqa: E402
-from shared.proto import orchestrator_pb2 as pb  # noqa: E402
-from shared.proto import orchestrator_pb2_grpc  # noqa: E402
+from shared.proto import card_service_pb2 as card_pb  # noqa: E402
+from shared.proto import card_service_pb2_grpc  # noqa: E402
+from shared.proto import reader_pool_service_pb2 as pool_pb  # noqa: E402
 from tests.support.processes import channel, gateway_process, orchestrator_process  # noqa: E402
 from tests.support.processes import wait_for_pooled_reader  # noqa: E402
 
@@ -73,15 +74,15 @@ def main() -> None:
             gateway_process(orch, "bench", work / "gateway", pkcs11_module=module, env=dict(os.environ)) as (gw, _p):
         reader = wait_for_pooled_reader(orch, lambda r: r.reader.token_serial == serial_pipe).reader
         # mutual TLS like production (a throwaway PKI from tests/support/pki.py)
-        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel(orch))
+        stub = card_service_pb2_grpc.CardServiceStub(channel(orch))
         gw_stub = gateway_pb2_grpc.GatewayServiceStub(channel(gw))
-        request = pb.ProduceCardRequest(reader=pb.ReaderSelector(reader_id=reader.reader_id), subject=SUBJECT,
-                                        user_pin=PIN, certificates=[pb.CertificateRequest(template=t, key_type=PROTO_KEY[k])
-                                                                    for t, k in apps])
+        request = card_pb.ProduceCardRequest(
+            reader=pool_pb.ReaderSelector(reader_id=reader.reader_id), subject=SUBJECT, user_pin=PIN,
+            certificates=[card_pb.CertificateRequest(template=t, key_type=PROTO_KEY[k]) for t, k in apps])
 
         def pipeline_production() -> None:
             task = list(stub.ProduceCard(request))[-1].task
-            assert task.state == pb.TASK_STATE_SUCCEEDED, task.error
+            assert task.state == card_pb.TASK_STATE_SUCCEEDED, task.error
 
         def clean_pipeline_token() -> None:
             """Untimed: delete what the run made, so both tokens stay the same size."""

@@ -34,8 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.drivers import softhsm_setup  # noqa: E402
 from shared.proto import common_pb2, steps_pb2  # noqa: E402
-from shared.proto import orchestrator_pb2 as pb  # noqa: E402
-from shared.proto import orchestrator_pb2_grpc  # noqa: E402
+from shared.proto import lease_service_pb2 as lease_pb  # noqa: E402
+from shared.proto import order_service_pb2 as order_pb  # noqa: E402
+from shared.proto import reader_pool_service_pb2 as pool_pb  # noqa: E402
+from tests.support.api import OrchestratorApi  # noqa: E402
 from tests.integration.test_pool import make_config  # noqa: E402
 from tests.support import pcsc_rig  # noqa: E402
 from tests.support.pki import default_pki  # noqa: E402
@@ -61,13 +63,13 @@ def start_gateway(stack: contextlib.ExitStack, work: pathlib.Path, orch: str, na
 def run_order(stub, cards: int) -> float:
     """Seconds from CreateOrder to the last card done; every card must succeed."""
     t0 = time.perf_counter()
-    order = stub.CreateOrder(pb.CreateOrderRequest(
-        process="pool-produce", items=[pb.OrderItem(inputs={"person": common_pb2.Value(text=f"Bench {i}")})
+    order = stub.orders.CreateOrder(order_pb.CreateOrderRequest(
+        process="pool-produce", items=[order_pb.OrderItem(inputs={"person": common_pb2.Value(text=f"Bench {i}")})
                                        for i in range(cards)], secret_inputs={"pin": PIN})).order
-    for event in stub.WatchOrder(pb.WatchOrderRequest(order_id=order.id)):
+    for event in stub.orders.WatchOrder(order_pb.WatchOrderRequest(order_id=order.id)):
         order = event.order
     elapsed = time.perf_counter() - t0
-    failed = [c for c in order.cards if c.state != "succeeded"]
+    failed = [c for c in order.cards if c.state != order_pb.ORDER_CARD_STATE_SUCCEEDED]
     assert not failed, failed[0].error
     return elapsed
 
@@ -79,7 +81,7 @@ def production_scaling(work: pathlib.Path, cards_per_gateway: int) -> dict[int, 
     env = {**os.environ, "CARDLINE_ORCHESTRATOR_CONFIG_DIR": str(config)}
     with contextlib.ExitStack() as stack:
         orch = stack.enter_context(orchestrator_process(work / "orchestrator", env=env))
-        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel(orch))
+        stub = OrchestratorApi.on(channel(orch))
         attached = 0
         for gateways in (1, 2, 4):
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -118,18 +120,18 @@ def apdu_relay(work: pathlib.Path, rounds: int) -> tuple[float, float, float] | 
                  "--gateway-id", "bench-pcsc", "--pcsc", "--tls-dir", str(default_pki().directory)],
                 address, work / "gw-pcsc" / "gateway.log", dict(os.environ)))
             wait_for_pooled_reader(orch, lambda r: r.reader.reader_id == "pcsc:" + reader and r.reader.card_present)
-            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel(orch))
-            lease = stub.AcquireLease(pb.AcquireLeaseRequest(selector=pb.ReaderSelector(
+            stub = OrchestratorApi.on(channel(orch))
+            lease = stub.leases.AcquireLease(lease_pb.AcquireLeaseRequest(selector=pool_pb.ReaderSelector(
                 kind=common_pb2.READER_KIND_PCSC, card_present=True), ttl_s=600, holder="bench")).lease
 
             def relay_script() -> None:
-                out = stub.RunLeasedStep(pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
+                out = stub.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
                     apdu_script=steps_pb2.ApduScript(apdus=[steps_pb2.Apdu(command=a) for a in SCRIPT])))).outcome
                 assert len(out.apdu_script_result.responses) == len(SCRIPT)
 
             def relay_per_apdu() -> None:
                 for a in SCRIPT:
-                    stub.RunLeasedStep(pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
+                    stub.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
                         apdu_script=steps_pb2.ApduScript(apdus=[steps_pb2.Apdu(command=a)]))))
 
             _, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
@@ -154,7 +156,7 @@ def apdu_relay(work: pathlib.Path, rounds: int) -> tuple[float, float, float] | 
                     t0 = time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - t0)
-            stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.lease_id))
+            stub.leases.ReleaseLease(lease_pb.ReleaseLeaseRequest(lease_id=lease.lease_id))
             scard.SCardReleaseContext(context)
         card.remove()
         return tuple(statistics.median(times[k]) for k in ("relay", "direct", "per_apdu"))  # type: ignore[return-value]

@@ -12,8 +12,14 @@ import signal
 import uuid
 from dataclasses import dataclass, field
 
+from orchestrator.api.ca import CaServicer
+from orchestrator.api.cards import CardServicer
+from orchestrator.api.certificates import CertificateServicer
+from orchestrator.api.leases import LeaseServicer
 from orchestrator.api.link import GatewayLinkServicer
-from orchestrator.api.servicer import OrchestratorServicer
+from orchestrator.api.orders import OrderServicer
+from orchestrator.api.processes import ProcessServicer
+from orchestrator.api.reader_pool import ReaderPoolServicer
 from orchestrator.ca.base import CaConnector
 from orchestrator.ca.registry import build_cas
 from orchestrator.services.card_tasks import BoundaryHook, CardTaskService
@@ -29,16 +35,44 @@ from orchestrator.services.sweeper import IssuedSweeper
 from orchestrator.store.store import Store
 from shared.config import OrchestratorSettings
 from shared.logging import get_logger
-from shared.proto import link_pb2, link_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc
+from shared.proto import (
+    ca_service_pb2,
+    ca_service_pb2_grpc,
+    card_service_pb2,
+    card_service_pb2_grpc,
+    certificate_service_pb2,
+    certificate_service_pb2_grpc,
+    lease_service_pb2,
+    lease_service_pb2_grpc,
+    link_pb2,
+    link_pb2_grpc,
+    order_service_pb2,
+    order_service_pb2_grpc,
+    process_service_pb2,
+    process_service_pb2_grpc,
+    reader_pool_service_pb2,
+    reader_pool_service_pb2_grpc,
+)
 from shared.rpc import Server
 from shared.tls import server_security, settings_tls
 
 log = get_logger(__name__)
+#: The client API, one service per resource, each in its own generated module.
+CLIENT_API = (card_service_pb2, certificate_service_pb2, process_service_pb2, reader_pool_service_pb2,
+              lease_service_pb2, order_service_pb2, ca_service_pb2)
+
+
+def service_name(module) -> str:
+    """The full name of the one service a generated module defines."""
+    (service,) = module.DESCRIPTOR.services_by_name.values()
+    return service.full_name
+
+
 #: Who may call what (shared/tls.py): gateways the link only; clients (and, later, other
-#: orchestrator replicas) the client API; health and reflection any valid certificate.
+#: orchestrator replicas) every service of the client API; health and reflection any valid
+#: certificate.
 CLIENT_ROLES = frozenset({"client", "orchestrator"})
-ROLES = {link_pb2.DESCRIPTOR.services_by_name["GatewayLink"].full_name: frozenset({"gateway"}),
-         orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name: CLIENT_ROLES}
+ROLES = {service_name(link_pb2): frozenset({"gateway"}), **{service_name(m): CLIENT_ROLES for m in CLIENT_API}}
 
 
 @dataclass
@@ -125,14 +159,23 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     report = await asyncio.to_thread(reconciler.reconcile_once)
     log.info("start-up reconciliation", **dataclasses.asdict(report))
     server = Server(settings.listen, [
-        (orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server,
-         OrchestratorServicer(store, pool, card_tasks, templates, cas, processes, certificates,
-                             reconciler=reconciler,
-                             leases=leases, orders=orders),
-         orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name),
+        (card_service_pb2_grpc.add_CardServiceServicer_to_server, CardServicer(store, card_tasks, templates),
+         service_name(card_service_pb2)),
+        (certificate_service_pb2_grpc.add_CertificateServiceServicer_to_server,
+         CertificateServicer(store, certificates), service_name(certificate_service_pb2)),
+        (process_service_pb2_grpc.add_ProcessServiceServicer_to_server, ProcessServicer(store, processes),
+         service_name(process_service_pb2)),
+        (reader_pool_service_pb2_grpc.add_ReaderPoolServiceServicer_to_server, ReaderPoolServicer(pool),
+         service_name(reader_pool_service_pb2)),
+        (lease_service_pb2_grpc.add_LeaseServiceServicer_to_server, LeaseServicer(leases),
+         service_name(lease_service_pb2)),
+        (order_service_pb2_grpc.add_OrderServiceServicer_to_server, OrderServicer(orders),
+         service_name(order_service_pb2)),
+        (ca_service_pb2_grpc.add_CaServiceServicer_to_server, CaServicer(store, cas, reconciler),
+         service_name(ca_service_pb2)),
         (link_pb2_grpc.add_GatewayLinkServicer_to_server,
          GatewayLinkServicer(pool, f"orchestrator-{uuid.uuid4().hex[:8]}", settings.heartbeat_interval_s),
-         link_pb2.DESCRIPTOR.services_by_name["GatewayLink"].full_name),
+         service_name(link_pb2)),
     ], credentials=credentials, interceptors=interceptors)
     await server.start()
     orchestrator = Orchestrator(settings, configuration, store, cas, pool, card_tasks, certificates, processes, server)

@@ -29,8 +29,16 @@ sys.path.insert(0, str(ROOT))
 from gateway.drivers import softhsm_setup  # noqa: E402
 from shared.pki import init_pki  # noqa: E402
 from shared.tls import TlsFiles  # noqa: E402
-from shared.proto import orchestrator_pb2 as pb  # noqa: E402
-from shared.proto import orchestrator_pb2_grpc  # noqa: E402
+from shared.proto import ca_service_pb2 as ca_pb  # noqa: E402
+from shared.proto import card_service_pb2 as card_pb  # noqa: E402
+from shared.proto import certificate_service_pb2 as certificate_pb  # noqa: E402
+from shared.proto import reader_pool_service_pb2 as pool_pb  # noqa: E402
+from shared.proto import (  # noqa: E402
+    ca_service_pb2_grpc,
+    card_service_pb2_grpc,
+    certificate_service_pb2_grpc,
+    reader_pool_service_pb2_grpc,
+)
 
 DEMO = ROOT / "var" / "demo"
 CARDLINE = str(pathlib.Path(sys.executable).parent / "cardline")
@@ -45,11 +53,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_reader(stub, timeout_s: float = 30.0) -> pb.PooledReader:
+def wait_for_reader(pool: reader_pool_service_pb2_grpc.ReaderPoolServiceStub, timeout_s: float = 30.0) -> pool_pb.PooledReader:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            readers = stub.ListReaders(pb.ListReadersRequest(), timeout=2).readers
+            readers = pool.ListReaders(pool_pb.ListReadersRequest(), timeout=2).readers
             for r in readers:
                 if r.reader.token_label == TOKEN_LABEL:
                     return r
@@ -99,9 +107,11 @@ def main() -> int:
     ]
     try:
         admin = TlsFiles(pki.ca_cert_path, pki.cert_path("admin"), pki.key_path("admin"))
-        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(grpc.secure_channel(orch_addr,
-                                                                                 admin.channel_credentials()))
-        reader = wait_for_reader(stub)
+        channel = grpc.secure_channel(orch_addr, admin.channel_credentials())
+        cards = card_service_pb2_grpc.CardServiceStub(channel)
+        certificates_api = certificate_service_pb2_grpc.CertificateServiceStub(channel)
+        ca = ca_service_pb2_grpc.CaServiceStub(channel)
+        reader = wait_for_reader(reader_pool_service_pb2_grpc.ReaderPoolServiceStub(channel))
         print(f"orchestrator {orch_addr} (pid {procs[0].pid}), gateway {gw_addr} (pid {procs[1].pid}), "
               f"mutual TLS with the PKI in {pki.directory}")
         print(f"token {TOKEN_LABEL!r} serial {serial} in reader {reader.reader.reader_id} of {reader.gateway_id}")
@@ -116,15 +126,15 @@ def main() -> int:
             return 1
         instance = json.loads(ran.stdout)
         card_id = instance["process_map"]["card"]["descriptor"]["id"]
-        card = stub.GetCard(pb.GetCardRequest(card_id=card_id)).card
+        card = cards.GetCard(card_pb.GetCardRequest(card_id=card_id)).card
         ca_pem = DEMO / "ca.pem"
         from cryptography import x509
         from cryptography.hazmat.primitives.serialization import Encoding
-        ca_der = stub.GetCaCertificate(pb.GetCaCertificateRequest()).certificate_der
+        ca_der = ca.GetCaCertificate(ca_pb.GetCaCertificateRequest()).certificate_der
         ca_pem.write_bytes(x509.load_der_x509_certificate(ca_der).public_bytes(Encoding.PEM))
         certificates = []
         for cid in card.certificate_ids:
-            cert = stub.GetCertificate(pb.GetCertificateRequest(certificate_id=cid)).certificate
+            cert = certificates_api.GetCertificate(certificate_pb.GetCertificateRequest(certificate_id=cid)).certificate
             pem = DEMO / "certs" / f"{cert.template}-{cert.serial_hex}.pem"
             pem.write_bytes(x509.load_der_x509_certificate(cert.der).public_bytes(Encoding.PEM))
             certificates.append({"id": cert.id, "serial": cert.serial_hex, "state": cert.state,

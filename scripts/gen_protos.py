@@ -6,6 +6,7 @@ a temporary folder and fails when the checked-in code differs.
 from __future__ import annotations
 
 import pathlib
+import re
 import shutil
 import sys
 
@@ -14,11 +15,21 @@ from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
+PACKAGE = "shared.proto"
+
+# protoc names generated modules after the proto package ("cardline.common.v1.common_pb2");
+# they live in the Python package shared.proto, so their imports and module names are
+# rewritten into it, as temporalio's scripts/gen_protos.py does for temporalio.api.
+_IMPORT = re.compile(r"^(from|import) cardline\.", re.MULTILINE)
+_MODULE_NAME = re.compile(r"'(cardline\.[a-z0-9_.]+_pb2)'")
+
+
+def into_package(text: str) -> str:
+    """Generated code with `cardline.x.v1` imports and module names moved under shared.proto."""
+    return _MODULE_NAME.sub(rf"'{PACKAGE}.\1'", _IMPORT.sub(rf"\1 {PACKAGE}.cardline.", text))
 
 
 def generate(out: pathlib.Path) -> None:
-    # Generated modules import "cardline.x.v1..."; they live under shared/proto so the
-    # import root is shared/proto (see shared/proto/__init__.py).
     out.mkdir(parents=True, exist_ok=True)
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
@@ -34,6 +45,8 @@ def generate(out: pathlib.Path) -> None:
         raise SystemExit("protoc failed")
     for d in [out / "cardline", *[p for p in (out / "cardline").rglob("*") if p.is_dir()]]:
         (d / "__init__.py").touch()
+    for path in (out / "cardline").rglob("*.py*"):
+        path.write_text(into_package(path.read_text()))
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 from importlib.metadata import entry_points
 from typing import Optional
 
@@ -11,6 +12,14 @@ import typer
 
 app = typer.Typer(help="cardline: card management — orchestrator, gateways and their clients.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from shared.version import VERSION
+
+        typer.echo(f"cardline {VERSION}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -21,6 +30,8 @@ def _client_tls(
                                  help="Client commands: which certificate of --tls-dir (a role 'client' one)."),
     insecure: bool = typer.Option(False, "--insecure", envvar="CARDLINE_INSECURE",
                                   help="Client commands: plaintext to a server started with --insecure (development)."),
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="Print cardline's version and exit."),
 ) -> None:
     """Client commands talk mutual TLS with a client certificate (`cardline pki init` makes
     one named admin); the serve commands have TLS options of their own."""
@@ -33,10 +44,49 @@ def _client_tls(
         os.environ[tls.CLIENT_INSECURE_ENV] = "1"
 
 
+class CliFail(Exception):
+    """A command cannot go on: main() prints `message` and exits with `code` (2: bad usage)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def failure(exc: BaseException) -> CliFail | None:
+    """What a command's error means for its user; None for a bug (shown as a traceback)."""
+    import grpc
+
+    from shared.errors import CardlineError, ConfigurationError
+    from shared.rpc import error_from_rpc
+
+    if isinstance(exc, CliFail):
+        return exc
+    if isinstance(exc, ConfigurationError):     # this command's own settings (e.g. no TLS material)
+        return CliFail(exc.message, 2)
+    if isinstance(exc, grpc.RpcError):          # the server's answer
+        err = error_from_rpc(exc)
+        return CliFail(f"{err.reason}: {err.message}")
+    if isinstance(exc, CardlineError):
+        return CliFail(f"{exc.reason}: {exc.message}")
+    return None
+
+
 def main() -> None:
+    """Every command's errors end here, once: commands raise, main() reports and exits."""
     for ep in sorted(entry_points(group="cardline.cli"), key=lambda e: e.name):
         ep.load()(app)
-    app()
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - sorted by failure(); anything else re-raised
+        fail = failure(exc)
+        if fail is None:
+            raise
+        from rich.console import Console
+        from rich.markup import escape
+
+        Console(stderr=True, soft_wrap=True).print(f"[red]error[/red] {escape(fail.message)}", highlight=False)
+        sys.exit(fail.code)
 
 
 def run_server(settings_cls, serve, *, json_logs: bool, **options) -> None:

@@ -17,9 +17,9 @@ from shared import convert
 from shared.errors import CardlineError
 from shared.logging import get_logger
 from shared.proto import link_pb2, link_pb2_grpc
+from shared.version import VERSION
 
 log = get_logger(__name__)
-VERSION = "0.1.0"
 
 
 class OrchestratorLink:

@@ -1,25 +1,32 @@
-"""Generated protobuf and gRPC code (from protos/, by `make protos`; do not edit).
-
-The generated modules import each other as top-level `cardline.*`, so this folder is put
-on sys.path once, here. Import messages as `from shared.proto import common_pb2, ...`.
+"""Generated protobuf and gRPC code (from protos/, by `make protos`; do not edit below
+shared/proto/cardline/). scripts/gen_protos.py rewrites the generated imports into this
+package, so nothing is put on sys.path. Import messages as `from shared.proto import common_pb2`.
 """
-import pathlib
-import sys
-
-_HERE = str(pathlib.Path(__file__).parent)
-if _HERE not in sys.path:
-    sys.path.append(_HERE)
-
-from cardline.common.v1 import common_pb2  # noqa: E402
-from cardline.gateway.v1 import gateway_pb2, gateway_pb2_grpc, steps_pb2  # noqa: E402
-from cardline.orchestrator.v1 import (  # noqa: E402
+from shared.proto.cardline.common.v1 import common_pb2
+from shared.proto.cardline.gateway.v1 import gateway_pb2, gateway_pb2_grpc, steps_pb2
+from shared.proto.cardline.orchestrator.v1 import (
+    ca_service_pb2,
+    ca_service_pb2_grpc,
+    card_service_pb2,
+    card_service_pb2_grpc,
+    certificate_service_pb2,
+    certificate_service_pb2_grpc,
+    lease_service_pb2,
+    lease_service_pb2_grpc,
     link_pb2,
     link_pb2_grpc,
-    orchestrator_pb2,
-    orchestrator_pb2_grpc,
+    order_service_pb2,
+    order_service_pb2_grpc,
+    process_service_pb2,
+    process_service_pb2_grpc,
+    reader_pool_service_pb2,
+    reader_pool_service_pb2_grpc,
 )
 
 __all__ = [
-    "common_pb2", "gateway_pb2", "gateway_pb2_grpc", "steps_pb2",
-    "link_pb2", "link_pb2_grpc", "orchestrator_pb2", "orchestrator_pb2_grpc",
+    "common_pb2", "gateway_pb2", "gateway_pb2_grpc", "steps_pb2", "link_pb2", "link_pb2_grpc",
+    "ca_service_pb2", "ca_service_pb2_grpc", "card_service_pb2", "card_service_pb2_grpc",
+    "certificate_service_pb2", "certificate_service_pb2_grpc", "lease_service_pb2", "lease_service_pb2_grpc",
+    "order_service_pb2", "order_service_pb2_grpc", "process_service_pb2", "process_service_pb2_grpc",
+    "reader_pool_service_pb2", "reader_pool_service_pb2_grpc",
 ]

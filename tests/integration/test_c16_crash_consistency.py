@@ -39,8 +39,11 @@ from orchestrator.store import (CA_REQUEST_NOT_ISSUED, CA_REQUEST_PENDING, CA_RE
 from orchestrator.store.records import PROCESS_FAILED, PROCESS_RUNNING, TASK_FAILED, TASK_RUNNING, TASK_SUCCEEDED
 from shared.errors import CaUnavailable, NotFound
 from shared.proto import common_pb2
-from shared.proto import orchestrator_pb2 as pb
-from shared.proto import orchestrator_pb2_grpc
+from shared.proto import ca_service_pb2 as ca_pb
+from shared.proto import card_service_pb2 as card_pb
+from shared.proto import certificate_service_pb2 as certificate_pb
+from shared.proto import reader_pool_service_pb2 as pool_pb
+from tests.support.api import OrchestratorApi
 from tests.support.processes import CARDLINE, free_port
 
 ISSUED, START_STATE = "Issued", "Active"
@@ -277,25 +280,25 @@ class Station:
     def reader_id(self, timeout_s: float = 30.0) -> str:
         deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.address) as channel:
-            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            stub = OrchestratorApi.on(channel)
             while time.monotonic() < deadline:
-                for r in stub.ListReaders(pb.ListReadersRequest(), timeout=2).readers:
+                for r in stub.pool.ListReaders(pool_pb.ListReadersRequest(), timeout=2).readers:
                     if r.reader.token_label == self.token.label:
                         return r.reader.reader_id
                 time.sleep(0.1)
         raise TimeoutError("the token's reader did not appear in the pool")
 
-    def stub(self, channel) -> orchestrator_pb2_grpc.OrchestratorServiceStub:
-        return orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    def stub(self, channel) -> OrchestratorApi:
+        return OrchestratorApi.on(channel)
 
-    def produce(self, reader_id: str) -> pb.Task | None:
+    def produce(self, reader_id: str) -> card_pb.Task | None:
         """A production of two certificates (EC P-256); None if the orchestrator died."""
-        certificates = [pb.CertificateRequest(template="EmployeeAuthentication", key_type=common_pb2.KEY_TYPE_EC_P256),
-                        pb.CertificateRequest(template="EmployeeSignature", key_type=common_pb2.KEY_TYPE_EC_P256)]
+        certificates = [card_pb.CertificateRequest(template="EmployeeAuthentication", key_type=common_pb2.KEY_TYPE_EC_P256),
+                        card_pb.CertificateRequest(template="EmployeeSignature", key_type=common_pb2.KEY_TYPE_EC_P256)]
         with grpc.insecure_channel(self.address) as channel:
             try:
-                events = list(self.stub(channel).ProduceCard(pb.ProduceCardRequest(
-                    reader=pb.ReaderSelector(reader_id=reader_id), subject="CN=Crash Tester,O=Example",
+                events = list(self.stub(channel).cards.ProduceCard(card_pb.ProduceCardRequest(
+                    reader=pool_pb.ReaderSelector(reader_id=reader_id), subject="CN=Crash Tester,O=Example",
                     certificates=certificates, user_pin=self.token.user_pin), timeout=60))
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -437,8 +440,9 @@ def test_c16_sigkill_at_every_boundary_leaves_no_certificate_unknown_and_no_task
 
     station.start_orchestrator()               # same data directory: the reconciler runs before it serves
     with grpc.insecure_channel(station.address) as channel:
-        assert list(station.stub(channel).ListCaRequests(pb.ListCaRequestsRequest(unsettled_only=True)).requests) == []
-        assert station.stub(channel).Reconcile(pb.ReconcileRequest()).tasks_ended == 0   # nothing left to do
+        unsettled = station.stub(channel).ca.ListCaRequests(ca_pb.ListCaRequestsRequest(unsettled_only=True))
+        assert list(unsettled.requests) == []
+        assert station.stub(channel).ca.Reconcile(ca_pb.ReconcileRequest()).tasks_ended == 0   # nothing left to do
     station.stop_orchestrator()
 
     counts = compare_ca_with_store(station, f"{boundary}#{occurrence}" + (f"+{delay_ms}ms" if delay_ms else ""))
@@ -463,15 +467,16 @@ def test_c16_ca_answer_lost_after_issuance_is_found_and_stored_by_the_periodic_r
     station.start_orchestrator(CARDLINE_FAULT_CA_LOST_ANSWER="2", CARDLINE_ORCHESTRATOR_RECONCILE_INTERVAL_S="0.5")
     reader_id = station.start_gateway()
     task = station.produce(reader_id)
-    assert task is not None and task.state == pb.TASK_STATE_FAILED and task.error.reason == "CA_UNAVAILABLE", task
+    assert task is not None and task.state == card_pb.TASK_STATE_FAILED and task.error.reason == "CA_UNAVAILABLE", task
     assert len(task.certificate_ids) == 1            # the store knew only the first one when the task ended
     with grpc.insecure_channel(station.address) as channel:
         stub = station.stub(channel)
         deadline = time.monotonic() + 20
-        while stub.ListCaRequests(pb.ListCaRequestsRequest(unsettled_only=True)).requests:
+        while stub.ca.ListCaRequests(ca_pb.ListCaRequestsRequest(unsettled_only=True)).requests:
             assert time.monotonic() < deadline, "the periodic reconciler did not settle the lost answer"
             time.sleep(0.2)
-        hits = stub.SearchIssuedCertificates(pb.SearchIssuedCertificatesRequest(task_id=task.id)).certificates
+        hits = stub.certificates.SearchIssuedCertificates(
+            certificate_pb.SearchIssuedCertificatesRequest(task_id=task.id)).certificates
     # C4/C5: both are searchable in the internal issued state with the task's error, so
     # handle_issued or the sweeper can revoke the one that never reached the card.
     assert len(hits) == 2 and {h.task_error.reason for h in hits} == {"CA_UNAVAILABLE"}
@@ -486,12 +491,12 @@ def test_c16_ca_unreachable_fails_the_task_and_the_request_settles_once_the_ca_a
     station.start_orchestrator(CARDLINE_FAULT_CA_DOWN="1")
     reader_id = station.start_gateway()
     task = station.produce(reader_id)
-    assert task is not None and task.state == pb.TASK_STATE_FAILED and task.error.reason == "CA_UNAVAILABLE", task
+    assert task is not None and task.state == card_pb.TASK_STATE_FAILED and task.error.reason == "CA_UNAVAILABLE", task
     with grpc.insecure_channel(station.address) as channel:
         stub = station.stub(channel)
-        report = stub.Reconcile(pb.ReconcileRequest())
+        report = stub.ca.Reconcile(ca_pb.ReconcileRequest())
         assert (report.examined, report.stored, report.not_issued) == (1, 0, 0)   # the CA cannot be asked
-        [pending] = stub.ListCaRequests(pb.ListCaRequestsRequest(unsettled_only=True)).requests
+        [pending] = stub.ca.ListCaRequests(ca_pb.ListCaRequestsRequest(unsettled_only=True)).requests
         assert pending.task_id == task.id
     # The same through the CLI.
     cli = lambda *args: json.loads(subprocess.run(  # noqa: E731
@@ -499,12 +504,12 @@ def test_c16_ca_unreachable_fails_the_task_and_the_request_settles_once_the_ca_a
         capture_output=True, text=True, check=True).stdout)
     assert cli("reconcile") == {"examined": 1, "stored": 0, "not_issued": 0, "tasks_ended": 0}
     [row] = cli("ca-requests", "--unsettled")
-    assert (row["request_id"], row["state"], row["task_id"]) == (pending.request_id, "pending", task.id)
+    assert (row["request_id"], row["state"], row["task_id"]) == (pending.request_id, "CA_REQUEST_STATE_PENDING", task.id)
     station.stop_orchestrator()
     station.start_orchestrator()                      # the CA answers again: settled before serving
     with grpc.insecure_channel(station.address) as channel:
-        rows = station.stub(channel).ListCaRequests(pb.ListCaRequestsRequest()).requests
-        assert [(r.request_id, r.state) for r in rows] == [(pending.request_id, "not_issued")]
+        rows = station.stub(channel).ca.ListCaRequests(ca_pb.ListCaRequestsRequest()).requests
+        assert [(r.request_id, r.state) for r in rows] == [(pending.request_id, ca_pb.CA_REQUEST_STATE_NOT_ISSUED)]
     station.stop_orchestrator()
     counts = compare_ca_with_store(station, "ca_unreachable")
     assert (counts["ca_issued"], counts["certificates"], counts["on_token"], counts["not_issued"]) == (0, 0, 0, 1)

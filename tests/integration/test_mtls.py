@@ -18,15 +18,28 @@ import pytest
 from orchestrator import app as orchestrator_app
 from shared import config
 from shared.errors import ConfigurationError
-from shared.proto import gateway_pb2, gateway_pb2_grpc, link_pb2, link_pb2_grpc
-from shared.proto import orchestrator_pb2 as pb
-from shared.proto import orchestrator_pb2_grpc
+from shared.proto import certificate_service_pb2 as certificate_pb
+from shared.proto import (
+    certificate_service_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    link_pb2,
+    link_pb2_grpc,
+    reader_pool_service_pb2_grpc,
+)
+from shared.proto import reader_pool_service_pb2 as pool_pb
 from shared.rpc import error_from_rpc
 from shared.tls import TlsFiles
 from tests.support.pki import TlsRig, make_rig
-from tests.support.processes import CARDLINE, free_port, gateway_process, orchestrator_process, wait_for_pooled_reader
+from tests.support.processes import (
+    CARDLINE,
+    free_port,
+    gateway_process,
+    orchestrator_process,
+    wait_for_pooled_reader,
+)
 
-HEALTH_SERVICE = "cardline.orchestrator.v1.OrchestratorService"
+HEALTH_SERVICE = "cardline.orchestrator.v1.CertificateService"
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +66,9 @@ def secure(address: str, files: TlsFiles) -> grpc.Channel:
     return grpc.secure_channel(address, files.channel_credentials())
 
 
-def list_certificates(channel: grpc.Channel) -> pb.ListCertificatesResponse:
-    return orchestrator_pb2_grpc.OrchestratorServiceStub(channel).ListCertificates(
-        pb.ListCertificatesRequest(), timeout=10)
+def list_certificates(channel: grpc.Channel) -> certificate_pb.ListCertificatesResponse:
+    return certificate_service_pb2_grpc.CertificateServiceStub(channel).ListCertificates(
+        certificate_pb.ListCertificatesRequest(), timeout=10)
 
 
 def open_link(channel: grpc.Channel, gateway_id: str) -> link_pb2.OrchestratorMessage:
@@ -169,9 +182,25 @@ def test_gateway_certificate_calling_client_rpcs_is_permission_denied(rig, orche
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         assert error_from_rpc(err).reason == "PERMISSION_DENIED"
         assert "station-p" in err.details() and "gateway" in err.details()
-        err = refusal(lambda: orchestrator_pb2_grpc.OrchestratorServiceStub(channel).ListReaders(
-            pb.ListReadersRequest(), timeout=10))
+        err = refusal(lambda: reader_pool_service_pb2_grpc.ReaderPoolServiceStub(channel).ListReaders(
+            pool_pb.ListReadersRequest(), timeout=10))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.hardware      # starts cardline processes
+def test_gateway_certificate_is_permission_denied_on_every_client_service(rig, orchestrator):
+    from orchestrator.app import CLIENT_API
+
+    with secure(orchestrator, rig.gateway("station-q")) as channel:
+        for module in CLIENT_API:
+            (service,) = module.DESCRIPTOR.services_by_name.values()
+            method = service.methods[0]
+            path = f"/{service.full_name}/{method.name}"
+            if method.server_streaming:
+                err = refusal(lambda path=path: list(channel.unary_stream(path)(b"", timeout=10)))
+            else:
+                err = refusal(lambda path=path: channel.unary_unary(path)(b"", timeout=10))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, path
 
 
 @pytest.mark.hardware      # starts cardline processes
@@ -189,7 +218,7 @@ def test_gateway_whose_hello_names_another_gateway_is_refused(rig, orchestrator)
         assert "station-c" in err.details() and "station-b" in err.details()
         assert open_link(channel, "station-b").HasField("welcome")     # its own name is welcome
     with secure(orchestrator, rig.files()) as channel:
-        gateways = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).ListReaders(pb.ListReadersRequest())
+        gateways = reader_pool_service_pb2_grpc.ReaderPoolServiceStub(channel).ListReaders(pool_pb.ListReadersRequest())
     assert "station-c" not in {r.gateway_id for r in gateways.readers}
 
 
@@ -219,7 +248,7 @@ def test_gateway_process_with_a_revoked_certificate_never_joins_the_pool(rig, or
                          env=softhsm_token.env, tls_dir=rig.directory, client=rig.files()):
         time.sleep(2)
         with secure(orchestrator, rig.files()) as channel:
-            readers = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).ListReaders(pb.ListReadersRequest())
+            readers = reader_pool_service_pb2_grpc.ReaderPoolServiceStub(channel).ListReaders(pool_pb.ListReadersRequest())
         assert "station-x" not in {r.gateway_id for r in readers.readers}
     log = (tmp_path / "gateway" / "gateway.log").read_text()
     assert "UNAUTHENTICATED" in log and "revoked" in log

@@ -31,9 +31,11 @@ from shared import config
 from shared.cards import ApduResponse
 from shared.errors import UnexpectedStatusWord
 from shared.proto import common_pb2, steps_pb2
-from shared.proto import orchestrator_pb2 as pb
-from shared.proto import orchestrator_pb2_grpc
+from shared.proto import lease_service_pb2 as lease_pb
+from shared.proto import order_service_pb2 as order_pb
+from shared.proto import reader_pool_service_pb2 as pool_pb
 from shared.rpc import error_from_rpc
+from tests.support.api import OrchestratorApi
 from tests.support.netcut import TcpProxy
 from tests.support.pki import default_pki
 from tests.support.processes import CARDLINE, gateway_process
@@ -219,9 +221,9 @@ def pcsc_tls() -> dict:
     return default_pki().settings()
 
 
-def stub_for(orch):
+def api_for(orch):
     channel = default_pki().aio_channel(orch.address)
-    return channel, orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    return channel, OrchestratorApi.on(channel)
 
 
 def tokens(orch) -> list:
@@ -253,15 +255,15 @@ def test_batch_order_of_12_cards_over_3_gateways_uses_every_reader_with_fifo_que
         tmp_path, softhsm_module):
     async def body():
         async with pool_rig(tmp_path, softhsm_module, 3) as (orch, stations, _):
-            channel, stub = stub_for(orch)
+            channel, api = api_for(orch)
             async with channel:
-                gateways = (await stub.ListGateways(pb.ListGatewaysRequest())).gateways
-                order = (await stub.CreateOrder(pb.CreateOrderRequest(
-                    process="pool-produce", selector=pb.ReaderSelector(site="hq"),
-                    items=[pb.OrderItem(inputs={"person": common_pb2.Value(text=f"Person {i}")}) for i in range(12)],
+                gateways = (await api.pool.ListGateways(pool_pb.ListGatewaysRequest())).gateways
+                order = (await api.orders.CreateOrder(order_pb.CreateOrderRequest(
+                    process="pool-produce", selector=pool_pb.ReaderSelector(site="hq"),
+                    items=[order_pb.OrderItem(inputs={"person": common_pb2.Value(text=f"Person {i}")}) for i in range(12)],
                     secret_inputs={"pin": PIN}))).order
-                snapshots = [e.order async for e in stub.WatchOrder(pb.WatchOrderRequest(order_id=order.id))]
-                listed = (await stub.ListOrders(pb.ListOrdersRequest())).orders
+                snapshots = [e.order async for e in api.orders.WatchOrder(order_pb.WatchOrderRequest(order_id=order.id))]
+                listed = (await api.orders.ListOrders(order_pb.ListOrdersRequest())).orders
             cli = await asyncio.to_thread(
                 subprocess.run, [CARDLINE, "orders", "list", "--json", "--orchestrator", orch.address],
                 capture_output=True, text=True)
@@ -276,15 +278,16 @@ def test_batch_order_of_12_cards_over_3_gateways_uses_every_reader_with_fifo_que
     assert {g.gateway_id for g in gateways} == {s.gateway_id for s in stations}
     assert all(g.connected and g.site == "hq" and g.version and g.readers == 2 for g in gateways)  # token + free slot
     final = snapshots[-1]
-    assert final.state == pb.ORDER_STATE_DONE
-    assert [c.state for c in final.cards] == ["succeeded"] * 12, [c.error for c in final.cards]
+    assert final.state == order_pb.ORDER_STATE_DONE
+    assert [c.state for c in final.cards] == [order_pb.ORDER_CARD_STATE_SUCCEEDED] * 12, [c.error for c in final.cards]
     used = {(c.gateway_id, c.reader_id) for c in final.cards}
     assert used == {(s.gateway_id, s.reader_id) for s in stations}            # every reader used
     assert len({c.process_instance_id for c in final.cards}) == 12
     assert len(certs) == 12 and {c.state for c in certs} == {"Active"}
 
     # Cards beyond the three readers waited with visible, distinct positions ...
-    positions = [sorted(c.queue_position for c in s.cards if c.state == "queued" and c.queue_position)
+    queued_state = order_pb.ORDER_CARD_STATE_QUEUED
+    positions = [sorted(c.queue_position for c in s.cards if c.state == queued_state and c.queue_position)
                  for s in snapshots]
     assert max(max(p, default=0) for p in positions) >= 6
     assert all(p == list(range(1, len(p) + 1)) for p in positions if p)
@@ -292,10 +295,10 @@ def test_batch_order_of_12_cards_over_3_gateways_uses_every_reader_with_fifo_que
     started = {}
     for n, s in enumerate(snapshots):
         for c in s.cards:
-            if c.state != "queued":
+            if c.state != order_pb.ORDER_CARD_STATE_QUEUED:
                 started.setdefault(c.index, n)
     for s in snapshots:
-        queued = sorted((c for c in s.cards if c.state == "queued" and c.queue_position),
+        queued = sorted((c for c in s.cards if c.state == order_pb.ORDER_CARD_STATE_QUEUED and c.queue_position),
                         key=lambda c: c.queue_position)
         for ahead, behind in zip(queued, queued[1:]):
             assert started[ahead.index] <= started[behind.index]
@@ -440,36 +443,36 @@ def test_card_pulled_mid_encoding_fails_the_task_and_frees_the_reader(tmp_path, 
 def test_lease_expires_without_renewal_and_a_waiting_lease_gets_the_reader(tmp_path, softhsm_module):
     async def body():
         async with pool_rig(tmp_path, softhsm_module, 1) as (orch, stations, _):
-            channel, stub = stub_for(orch)
+            channel, api = api_for(orch)
             async with channel:
-                first = (await stub.AcquireLease(pb.AcquireLeaseRequest(
-                    selector=pb.ReaderSelector(site="hq", card_present=True), ttl_s=2, holder="signer"))).lease
+                first = (await api.leases.AcquireLease(lease_pb.AcquireLeaseRequest(
+                    selector=pool_pb.ReaderSelector(site="hq", card_present=True), ttl_s=2, holder="signer"))).lease
                 held = tokens(orch)
                 # PKCS#11 through the relay: list the token's objects with its PIN
-                listing = (await stub.RunLeasedStep(pb.RunLeasedStepRequest(lease_id=first.lease_id, step=steps_pb2.Step(
+                listing = (await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(lease_id=first.lease_id, step=steps_pb2.Step(
                     credentials=steps_pb2.Credentials(user_pin=PIN), list_objects=steps_pb2.ListObjects())))).outcome
                 # a second holder that does not wait is refused; one that waits, but gives up, leaves no trace
                 with pytest.raises(grpc.aio.AioRpcError) as busy:
-                    await stub.AcquireLease(pb.AcquireLeaseRequest(selector=pb.ReaderSelector(site="hq", card_present=True), ttl_s=5))
+                    await api.leases.AcquireLease(lease_pb.AcquireLeaseRequest(selector=pool_pb.ReaderSelector(site="hq", card_present=True), ttl_s=5))
                 with pytest.raises(grpc.aio.AioRpcError) as gave_up:
-                    await stub.AcquireLease(pb.AcquireLeaseRequest(selector=pb.ReaderSelector(site="hq", card_present=True), ttl_s=5,
+                    await api.leases.AcquireLease(lease_pb.AcquireLeaseRequest(selector=pool_pb.ReaderSelector(site="hq", card_present=True), ttl_s=5,
                                                                    wait=True), timeout=0.3)
                 await wait_until(lambda: orch.pool.queue() == [], what="the abandoned waiter gone")
                 for _ in range(6):                                     # renewed: still held after 3 s > ttl
                     await asyncio.sleep(0.5)
-                    await stub.RenewLease(pb.RenewLeaseRequest(lease_id=first.lease_id))
+                    await api.leases.RenewLease(lease_pb.RenewLeaseRequest(lease_id=first.lease_id))
                 still = tokens(orch)
-                waiting = asyncio.ensure_future(stub.AcquireLease(pb.AcquireLeaseRequest(
-                    selector=pb.ReaderSelector(site="hq", card_present=True), ttl_s=5, holder="second", wait=True)))
+                waiting = asyncio.ensure_future(api.leases.AcquireLease(lease_pb.AcquireLeaseRequest(
+                    selector=pool_pb.ReaderSelector(site="hq", card_present=True), ttl_s=5, holder="second", wait=True)))
                 await wait_until(lambda: len(orch.pool.queue()) == 1, what="the second holder queued")
                 queued = orch.pool.queue()
                 t0 = time.monotonic()
                 second = (await waiting).lease                          # the first one expires: the second gets it
                 waited = time.monotonic() - t0
                 with pytest.raises(grpc.aio.AioRpcError) as expired:
-                    await stub.RenewLease(pb.RenewLeaseRequest(lease_id=first.lease_id))
+                    await api.leases.RenewLease(lease_pb.RenewLeaseRequest(lease_id=first.lease_id))
                 after = tokens(orch)
-                await stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=second.lease_id))
+                await api.leases.ReleaseLease(lease_pb.ReleaseLeaseRequest(lease_id=second.lease_id))
             assert_nothing_held_or_running(orch)
             return first, held, listing, busy.value, gave_up.value, still, queued, second, waited, expired.value, after
 
@@ -489,24 +492,25 @@ def test_lease_expires_without_renewal_and_a_waiting_lease_gets_the_reader(tmp_p
 def test_lease_is_freed_when_its_gateway_goes_away(tmp_path, softhsm_module):
     async def body():
         async with pool_rig(tmp_path, softhsm_module, 2) as (orch, stations, _):
-            channel, stub = stub_for(orch)
+            channel, api = api_for(orch)
             async with channel:
-                lease = (await stub.AcquireLease(pb.AcquireLeaseRequest(
-                    selector=pb.ReaderSelector(gateway_id="gw1"), ttl_s=60, holder="svc"))).lease
+                lease = (await api.leases.AcquireLease(lease_pb.AcquireLeaseRequest(
+                    selector=pool_pb.ReaderSelector(gateway_id="gw1"), ttl_s=60, holder="svc"))).lease
                 await asyncio.to_thread(stations[1].kill)
                 await wait_until(lambda: not orch.leases.list(), timeout_s=FAULT_BOUND_S, what="the lease ended")
                 with pytest.raises(grpc.aio.AioRpcError) as gone:
-                    await stub.RunLeasedStep(pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
+                    await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
                         read_card_info=steps_pb2.ReadCardInfo())))
-                readers = (await stub.ListReaders(pb.ListReadersRequest())).readers
-                gateways = (await stub.ListGateways(pb.ListGatewaysRequest())).gateways
+                readers = (await api.pool.ListReaders(pool_pb.ListReadersRequest())).readers
+                gateways = (await api.pool.ListGateways(pool_pb.ListGatewaysRequest())).gateways
             assert_nothing_held_or_running(orch)
             return gone.value, readers, gateways
 
     gone, readers, gateways = asyncio.run(body())
     assert error_from_rpc(gone).reason == "NOT_FOUND" and "went away" in gone.details()
     states = {r.gateway_id: (r.state, r.holder) for r in readers if r.reader.token_serial}
-    assert states == {"gw0": (pb.POOLED_READER_STATE_CARD_PRESENT, ""), "gw1": (pb.POOLED_READER_STATE_OFFLINE, "")}
+    assert states == {"gw0": (pool_pb.POOLED_READER_STATE_CARD_PRESENT, ""),
+                      "gw1": (pool_pb.POOLED_READER_STATE_OFFLINE, "")}
     assert {g.gateway_id: g.connected for g in gateways} == {"gw0": True, "gw1": False}
 
 
@@ -528,23 +532,23 @@ def test_run_leased_step_runs_an_apdu_script_on_the_emulator_through_the_orchest
             card = vpcd_card_factory(0)
             await wait_until(lambda: any(p.state is ReaderState.CARD_PRESENT for p in orch.pool.list()),
                              what="the emulator's card")
-            channel, stub = stub_for(orch)
+            channel, api = api_for(orch)
             async with channel:
-                lease = (await stub.AcquireLease(pb.AcquireLeaseRequest(selector=pb.ReaderSelector(
+                lease = (await api.leases.AcquireLease(lease_pb.AcquireLeaseRequest(selector=pool_pb.ReaderSelector(
                     kind=common_pb2.READER_KIND_PCSC, card_present=True), ttl_s=10, holder="apdu-client"))).lease
                 card.reset_count()
-                first = (await stub.RunLeasedStep(pb.RunLeasedStepRequest(
+                first = (await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
                     lease_id=lease.lease_id, step=steps_pb2.Step(apdu_script=script), step_number=1))).outcome
                 count = card.apdu_count
-                resent = (await stub.RunLeasedStep(pb.RunLeasedStepRequest(         # a resent step: answered
+                resent = (await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(         # a resent step: answered
                     lease_id=lease.lease_id, step=steps_pb2.Step(apdu_script=script), step_number=1))).outcome
                 count_after_resend = card.apdu_count
                 with pytest.raises(grpc.aio.AioRpcError) as wrong_sw:
-                    await stub.RunLeasedStep(pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
+                    await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
                         apdu_script=steps_pb2.ApduScript(apdus=[
                             steps_pb2.Apdu(command=bytes.fromhex(SELECT), expected_sw=["9000"]),
                             steps_pb2.Apdu(command=bytes.fromhex("0020008100"), expected_sw=["6A82"])]))))
-                await stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.lease_id))
+                await api.leases.ReleaseLease(lease_pb.ReleaseLeaseRequest(lease_id=lease.lease_id))
             assert_nothing_held_or_running(orch)
             return first, count, resent, count_after_resend, wrong_sw.value
         finally:

@@ -12,12 +12,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from shared.proto import ca_service_pb2 as ca_pb
+from shared.proto import card_service_pb2 as card_pb
+from shared.proto import certificate_service_pb2 as certificate_pb
 from shared.proto import common_pb2, gateway_pb2, gateway_pb2_grpc, steps_pb2
-from shared.proto import orchestrator_pb2 as pb
-from shared.proto import orchestrator_pb2_grpc
+from shared.proto import reader_pool_service_pb2 as pool_pb
 from shared.rpc import error_from_rpc
+from tests.support.api import OrchestratorApi
 from tests.support.processes import channel as client_channel
-from tests.support.processes import gateway_process, orchestrator_process, wait_for_pooled_reader
+from tests.support.processes import (
+    gateway_process,
+    orchestrator_process,
+    wait_for_pooled_reader,
+)
 
 pytestmark = pytest.mark.hardware
 SUBJECT = "CN=Jane Doe,O=Example"
@@ -33,14 +40,15 @@ def station(tmp_path, softhsm_token):
             yield orch, gw, pooled
 
 
-def produce(orch: str, reader_id: str, pin: str, certificates=None) -> tuple[list[pb.TaskEvent], pb.Task]:
+def produce(orch: str, reader_id: str, pin: str,
+            certificates=None) -> tuple[list[card_pb.ProduceCardResponse], card_pb.Task]:
     certificates = certificates or [
-        pb.CertificateRequest(template="EmployeeAuthentication", key_type=common_pb2.KEY_TYPE_EC_P256),
-        pb.CertificateRequest(template="EmployeeSignature", key_type=common_pb2.KEY_TYPE_RSA_2048)]
+        card_pb.CertificateRequest(template="EmployeeAuthentication", key_type=common_pb2.KEY_TYPE_EC_P256),
+        card_pb.CertificateRequest(template="EmployeeSignature", key_type=common_pb2.KEY_TYPE_RSA_2048)]
     with client_channel(orch) as channel:
-        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-        events = list(stub.ProduceCard(pb.ProduceCardRequest(
-            reader=pb.ReaderSelector(reader_id=reader_id), subject=SUBJECT, certificates=certificates, user_pin=pin)))
+        stub = OrchestratorApi.on(channel)
+        events = list(stub.cards.ProduceCard(card_pb.ProduceCardRequest(
+            reader=pool_pb.ReaderSelector(reader_id=reader_id), subject=SUBJECT, certificates=certificates, user_pin=pin)))
     return events, events[-1].task
 
 
@@ -54,14 +62,14 @@ def token_objects(token) -> str:
 def test_production_end_to_end_on_softhsm_through_orchestrator_and_gateway(station, softhsm_token):
     orch, _gw, pooled = station
     events, task = produce(orch, pooled.reader.reader_id, softhsm_token.user_pin)
-    assert task.state == pb.TASK_STATE_SUCCEEDED, task.error
+    assert task.state == card_pb.TASK_STATE_SUCCEEDED, task.error
     assert any("issued" in e.message for e in events) and any("written" in e.message for e in events)
 
     with client_channel(orch) as channel:
-        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-        card = stub.GetCard(pb.GetCardRequest(card_id=task.card_id)).card
-        ca = x509.load_der_x509_certificate(stub.GetCaCertificate(pb.GetCaCertificateRequest()).certificate_der)
-        certs = [stub.GetCertificate(pb.GetCertificateRequest(certificate_id=cid)).certificate
+        stub = OrchestratorApi.on(channel)
+        card = stub.cards.GetCard(card_pb.GetCardRequest(card_id=task.card_id)).card
+        ca = x509.load_der_x509_certificate(stub.ca.GetCaCertificate(ca_pb.GetCaCertificateRequest()).certificate_der)
+        certs = [stub.certificates.GetCertificate(certificate_pb.GetCertificateRequest(certificate_id=cid)).certificate
                  for cid in card.certificate_ids]
     assert card.serial == softhsm_token.serial and card.state == "Active"
     assert sorted(c.template for c in certs) == ["EmployeeAuthentication", "EmployeeSignature"]
@@ -86,7 +94,7 @@ def test_card_key_signs_and_the_signature_verifies_with_the_certificate(station,
     """Proof that the certificate belongs to the key on the card: sign on the card, verify with the certificate."""
     orch, gw, pooled = station
     _events, task = produce(orch, pooled.reader.reader_id, softhsm_token.user_pin)
-    assert task.state == pb.TASK_STATE_SUCCEEDED
+    assert task.state == card_pb.TASK_STATE_SUCCEEDED
     with client_channel(gw) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         listing = stub.RunStep(gateway_pb2.RunStepRequest(reader_id=pooled.reader.reader_id, step=steps_pb2.Step(
@@ -111,7 +119,7 @@ def test_card_key_signs_and_the_signature_verifies_with_the_certificate(station,
 def test_wrong_pin_fails_the_task_before_anything_is_issued(station, softhsm_token):
     orch, _gw, pooled = station
     _events, task = produce(orch, pooled.reader.reader_id, "000000")
-    assert task.state == pb.TASK_STATE_FAILED
+    assert task.state == card_pb.TASK_STATE_FAILED
     assert task.error.reason == "PIN_INCORRECT"
     assert list(task.certificate_ids) == []
     assert "Certificate Object" not in token_objects(softhsm_token)
@@ -129,7 +137,7 @@ def test_unknown_template_is_rejected_before_a_task_starts(station, softhsm_toke
     orch, _gw, pooled = station
     with pytest.raises(grpc.RpcError) as err:
         produce(orch, pooled.reader.reader_id, softhsm_token.user_pin,
-                [pb.CertificateRequest(template="EmployeeAuthentikation")])
+                [card_pb.CertificateRequest(template="EmployeeAuthentikation")])
     assert error_from_rpc(err.value).reason == "TEMPLATE_NOT_FOUND"
     assert "EmployeeAuthentication" in err.value.details()
 
@@ -166,7 +174,7 @@ def test_missing_token_fails_cleanly_and_nothing_is_issued(station, softhsm_toke
     except grpc.RpcError as exc:          # the gateway already reported the token gone
         assert error_from_rpc(exc).reason in {"CARD_NOT_PRESENT", "READER_NOT_FOUND"}
         return
-    assert task.state == pb.TASK_STATE_FAILED
+    assert task.state == card_pb.TASK_STATE_FAILED
     assert task.error.reason in {"CARD_IO", "CARD_NOT_PRESENT", "CARD_REMOVED"}
     assert list(task.certificate_ids) == []
 
@@ -175,16 +183,21 @@ def test_health_and_reflection_on_both_processes(station):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+    from orchestrator.app import CLIENT_API, service_name
+
     orch, gw, _pooled = station
-    expected = {orch: "cardline.orchestrator.v1.OrchestratorService", gw: "cardline.gateway.v1.GatewayService"}
-    for address, service in expected.items():
+    expected = {orch: {service_name(m) for m in CLIENT_API} | {"cardline.orchestrator.v1.GatewayLink"},
+                gw: {"cardline.gateway.v1.GatewayService"}}
+    assert len(expected[orch]) >= 6     # one service per resource besides the link
+    for address, services in expected.items():
         with client_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
-            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            for service in services:
+                health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+                assert health.status == health_pb2.HealthCheckResponse.SERVING, service
             answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
             names = {s.name for a in answers for s in a.list_services_response.service}
-            assert service in names and "grpc.health.v1.Health" in names
+            assert services <= names and "grpc.health.v1.Health" in names, names
 
 
 def test_cli_lists_issued_certificates_and_shows_cards_as_json(station, softhsm_token):
@@ -211,3 +224,12 @@ def test_cli_lists_issued_certificates_and_shows_cards_as_json(station, softhsm_
     missing = subprocess.run([CARDLINE, "cards", "show", "no-such-card", "--orchestrator", orch],
                              capture_output=True, text=True)
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+    # The task of the card, with its type and state as API enum names (docs/api.md).
+    task_shown = json.loads(subprocess.run([CARDLINE, "cards", "task", task["id"], "--orchestrator", orch, "--json"],
+                                           capture_output=True, text=True, check=True).stdout)
+    assert (task_shown["type"], task_shown["state"]) == ("TASK_TYPE_CARD_PRODUCTION", "TASK_STATE_SUCCEEDED")
+    listed = subprocess.run([CARDLINE, "process", "list", "--orchestrator", orch], capture_output=True, text=True)
+    assert listed.returncode == 0 and "card_production" in listed.stdout, listed.stderr
+    bad = subprocess.run([CARDLINE, "certs", "issued", "--older-than", "5x", "--orchestrator", orch],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "duration '5x'" in bad.stderr

@@ -10,7 +10,7 @@ from orchestrator.store import Store
 from shared import convert
 from shared.cards import ApduResponse
 from shared.errors import CardlineError, PinIncorrect, UnexpectedStatusWord
-from shared.proto import orchestrator_pb2
+from shared.proto import card_service_pb2
 from tests.support.error_strategies import any_error, same_error
 
 _ONE_STORE_MANY_TASKS = settings(max_examples=40, deadline=None,
@@ -33,7 +33,7 @@ def test_every_catalogue_error_of_a_failed_task_comes_back_from_the_store(store:
 @given(err=any_error)
 def test_every_catalogue_error_of_a_failed_task_comes_back_through_the_api(store: Store, err: CardlineError):
     wire = task_to_proto(_failed_task(store, err), []).SerializeToString()
-    assert same_error(err, convert.error_from_proto(orchestrator_pb2.Task.FromString(wire).error))
+    assert same_error(err, convert.error_from_proto(card_service_pb2.Task.FromString(wire).error))
 
 
 def test_apdu_responses_and_pin_counter_survive_the_task_row(store: Store):

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.proto import orchestrator_pb2 as pb
-from shared.proto import orchestrator_pb2_grpc
+from shared.proto import reader_pool_service_pb2 as pool_pb
+from shared.proto import reader_pool_service_pb2_grpc
 from shared.tls import TlsFiles
 from tests.support.pki import default_pki
 
@@ -112,13 +112,13 @@ def gateway_process(orchestrator: str, gateway_id: str, data_dir: pathlib.Path, 
         yield address, proc
 
 
-def wait_for_pooled_reader(orchestrator: str, predicate: Callable[[pb.PooledReader], bool],
-                           timeout_s: float = 20.0, client: TlsFiles | None = None) -> pb.PooledReader:
+def wait_for_pooled_reader(orchestrator: str, predicate: Callable[[pool_pb.PooledReader], bool],
+                           timeout_s: float = 20.0, client: TlsFiles | None = None) -> pool_pb.PooledReader:
     deadline = time.monotonic() + timeout_s
     with _client_channel(orchestrator, client, False) as client_channel:
-        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(client_channel)
+        stub = reader_pool_service_pb2_grpc.ReaderPoolServiceStub(client_channel)
         while time.monotonic() < deadline:
-            for r in stub.ListReaders(pb.ListReadersRequest(), timeout=2).readers:
+            for r in stub.ListReaders(pool_pb.ListReadersRequest(), timeout=2).readers:
                 if predicate(r):
                     return r
             time.sleep(0.1)

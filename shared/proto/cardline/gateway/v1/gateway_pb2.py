@@ -22,15 +22,15 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from cardline.common.v1 import common_pb2 as cardline_dot_common_dot_v1_dot_common__pb2
-from cardline.gateway.v1 import steps_pb2 as cardline_dot_gateway_dot_v1_dot_steps__pb2
+from shared.proto.cardline.common.v1 import common_pb2 as cardline_dot_common_dot_v1_dot_common__pb2
+from shared.proto.cardline.gateway.v1 import steps_pb2 as cardline_dot_gateway_dot_v1_dot_steps__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cardline/gateway/v1/gateway.proto\x12\x13\x63\x61rdline.gateway.v1\x1a\x1f\x63\x61rdline/common/v1/common.proto\x1a\x1f\x63\x61rdline/gateway/v1/steps.proto\"\x14\n\x12ListReadersRequest\"B\n\x13ListReadersResponse\x12+\n\x07readers\x18\x01 \x03(\x0b\x32\x1a.cardline.common.v1.Reader\"r\n\x0eRunStepRequest\x12\x11\n\treader_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x13\n\x0bstep_number\x18\x03 \x01(\r\x12\'\n\x04step\x18\x04 \x01(\x0b\x32\x19.cardline.gateway.v1.Step\"V\n\x0fRunStepResponse\x12\x31\n\x07outcome\x18\x01 \x01(\x0b\x32 .cardline.gateway.v1.StepOutcome\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"\x15\n\x13WatchReadersRequest\"m\n\x0bReaderEvent\x12\x32\n\x04type\x18\x01 \x01(\x0e\x32$.cardline.gateway.v1.ReaderEventType\x12*\n\x06reader\x18\x02 \x01(\x0b\x32\x1a.cardline.common.v1.Reader*\xe6\x01\n\x0fReaderEventType\x12!\n\x1dREADER_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19READER_EVENT_TYPE_PRESENT\x10\x01\x12#\n\x1fREADER_EVENT_TYPE_CARD_INSERTED\x10\x02\x12\"\n\x1eREADER_EVENT_TYPE_CARD_REMOVED\x10\x03\x12\"\n\x1eREADER_EVENT_TYPE_READER_ADDED\x10\x04\x12$\n READER_EVENT_TYPE_READER_REMOVED\x10\x05\x32\xa6\x02\n\x0eGatewayService\x12`\n\x0bListReaders\x12\'.cardline.gateway.v1.ListReadersRequest\x1a(.cardline.gateway.v1.ListReadersResponse\x12T\n\x07RunStep\x12#.cardline.gateway.v1.RunStepRequest\x1a$.cardline.gateway.v1.RunStepResponse\x12\\\n\x0cWatchReaders\x12(.cardline.gateway.v1.WatchReadersRequest\x1a .cardline.gateway.v1.ReaderEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cardline.gateway.v1.gateway_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.proto.cardline.gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_READEREVENTTYPE']._serialized_start=553

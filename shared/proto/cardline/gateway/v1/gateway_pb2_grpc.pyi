@@ -3,7 +3,7 @@
 isort:skip_file
 """
 
-from cardline.gateway.v1 import gateway_pb2 as _gateway_pb2
+from shared.proto.cardline.gateway.v1 import gateway_pb2 as _gateway_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1

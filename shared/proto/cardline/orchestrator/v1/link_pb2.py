@@ -22,16 +22,16 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from cardline.common.v1 import common_pb2 as cardline_dot_common_dot_v1_dot_common__pb2
-from cardline.gateway.v1 import gateway_pb2 as cardline_dot_gateway_dot_v1_dot_gateway__pb2
-from cardline.gateway.v1 import steps_pb2 as cardline_dot_gateway_dot_v1_dot_steps__pb2
+from shared.proto.cardline.common.v1 import common_pb2 as cardline_dot_common_dot_v1_dot_common__pb2
+from shared.proto.cardline.gateway.v1 import gateway_pb2 as cardline_dot_gateway_dot_v1_dot_gateway__pb2
+from shared.proto.cardline.gateway.v1 import steps_pb2 as cardline_dot_gateway_dot_v1_dot_steps__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#cardline/orchestrator/v1/link.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1f\x63\x61rdline/common/v1/common.proto\x1a!cardline/gateway/v1/gateway.proto\x1a\x1f\x63\x61rdline/gateway/v1/steps.proto\"\xe1\x01\n\x0cGatewayHello\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x42\n\x06labels\x18\x03 \x03(\x0b\x32\x32.cardline.orchestrator.v1.GatewayHello.LabelsEntry\x12+\n\x07readers\x18\x04 \x03(\x0b\x32\x1a.cardline.common.v1.Reader\x12\x0f\n\x07version\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1d\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"e\n\nStepResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x31\n\x07outcome\x18\x02 \x01(\x0b\x32 .cardline.gateway.v1.StepOutcome\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"\x85\x02\n\x0eGatewayMessage\x12\x37\n\x05hello\x18\x01 \x01(\x0b\x32&.cardline.orchestrator.v1.GatewayHelloH\x00\x12\x38\n\x0creader_event\x18\x02 \x01(\x0b\x32 .cardline.gateway.v1.ReaderEventH\x00\x12\x38\n\theartbeat\x18\x03 \x01(\x0b\x32#.cardline.orchestrator.v1.HeartbeatH\x00\x12;\n\x0bstep_result\x18\x04 \x01(\x0b\x32$.cardline.orchestrator.v1.StepResultH\x00\x42\t\n\x07message\"A\n\x07Welcome\x12\x17\n\x0forchestrator_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\"\x7f\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x11\n\treader_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x13\n\x0bstep_number\x18\x04 \x01(\r\x12\'\n\x04step\x18\x05 \x01(\x0b\x32\x19.cardline.gateway.v1.Step\"\xc6\x01\n\x13OrchestratorMessage\x12\x34\n\x07welcome\x18\x01 \x01(\x0b\x32!.cardline.orchestrator.v1.WelcomeH\x00\x12\x34\n\x07\x63ommand\x18\x02 \x01(\x0b\x32!.cardline.orchestrator.v1.CommandH\x00\x12\x38\n\theartbeat\x18\x03 \x01(\x0b\x32#.cardline.orchestrator.v1.HeartbeatH\x00\x42\t\n\x07message2u\n\x0bGatewayLink\x12\x66\n\x07\x43onnect\x12(.cardline.orchestrator.v1.GatewayMessage\x1a-.cardline.orchestrator.v1.OrchestratorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cardline.orchestrator.v1.link_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.proto.cardline.orchestrator.v1.link_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GATEWAYHELLO_LABELSENTRY']._loaded_options = None

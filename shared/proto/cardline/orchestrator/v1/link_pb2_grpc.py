@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from cardline.orchestrator.v1 import link_pb2 as cardline_dot_orchestrator_dot_v1_dot_link__pb2
+from shared.proto.cardline.orchestrator.v1 import link_pb2 as cardline_dot_orchestrator_dot_v1_dot_link__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -3,7 +3,7 @@
 isort:skip_file
 """
 
-from cardline.orchestrator.v1 import link_pb2 as _link_pb2
+from shared.proto.cardline.orchestrator.v1 import link_pb2 as _link_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1

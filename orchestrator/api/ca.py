@@ -1,0 +1,43 @@
+"""CaService: thin — the CAs' certificates and the CA request journal (rule C16)."""
+from __future__ import annotations
+
+import asyncio
+
+from orchestrator.api import convert as conv
+from orchestrator.ca.base import CaConnector
+from orchestrator.services.reconciler import Reconciler
+from orchestrator.store.records import CA_REQUEST_PENDING
+from orchestrator.store.store import Store
+from shared.errors import NotFound, UnsupportedOperation
+from shared.proto import ca_service_pb2 as pb
+from shared.proto import ca_service_pb2_grpc
+from shared.rpc import rpc_errors
+
+
+class CaServicer(ca_service_pb2_grpc.CaServiceServicer):
+    def __init__(self, store: Store, cas: dict[str, CaConnector], reconciler: Reconciler | None) -> None:
+        self.store = store
+        self.cas = cas
+        self.reconciler = reconciler
+
+    @rpc_errors
+    async def GetCaCertificate(self, request, context):
+        name = request.ca or "local"
+        ca = self.cas.get(name)
+        if ca is None:
+            raise NotFound(f"no CA named {name!r} (known: {', '.join(sorted(self.cas))})", ca=name)
+        return pb.GetCaCertificateResponse(certificate_der=await asyncio.to_thread(ca.ca_certificate_der))
+
+    @rpc_errors
+    async def ListCaRequests(self, request, context):
+        states = [CA_REQUEST_PENDING] if request.unsettled_only else None
+        rows = await asyncio.to_thread(self.store.list_ca_requests, states=states)
+        return pb.ListCaRequestsResponse(requests=[conv.ca_request_to_proto(r) for r in rows])
+
+    @rpc_errors
+    async def Reconcile(self, request, context):
+        if self.reconciler is None:
+            raise UnsupportedOperation("this orchestrator runs no reconciler")
+        report = await asyncio.to_thread(self.reconciler.reconcile_once)
+        return pb.ReconcileResponse(examined=report.examined, stored=report.stored, not_issued=report.not_issued,
+                                    tasks_ended=report.tasks_ended)

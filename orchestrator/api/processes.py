@@ -1,0 +1,48 @@
+"""ProcessService: thin — convert the request, call the process service, convert the answer."""
+from __future__ import annotations
+
+import asyncio
+
+from orchestrator.api import convert as conv
+from orchestrator.api.streams import follow
+from orchestrator.services.processes import ProcessService
+from orchestrator.store.store import Store
+from shared.errors import InvalidArgument
+from shared.proto import process_service_pb2 as pb
+from shared.proto import process_service_pb2_grpc
+from shared.rpc import rpc_errors
+
+
+class ProcessServicer(process_service_pb2_grpc.ProcessServiceServicer):
+    def __init__(self, store: Store, processes: ProcessService) -> None:
+        self.store = store
+        self.processes = processes
+
+    @rpc_errors
+    async def ListProcessDefinitions(self, request, context):
+        definitions = sorted(self.processes.configuration.processes.values(), key=lambda d: d.name)
+        return pb.ListProcessDefinitionsResponse(definitions=[conv.process_definition_to_proto(d) for d in definitions])
+
+    @rpc_errors
+    async def StartProcess(self, request, context):
+        inputs = {k: conv.value_from_proto(v) for k, v in request.inputs.items()}
+        overlap = request.inputs.keys() & request.secret_inputs.keys()
+        if overlap:
+            raise InvalidArgument(f"inputs given both plain and secret: {', '.join(sorted(overlap))}", field="inputs")
+        inputs.update(request.secret_inputs)
+        async for p in follow(lambda sink: self.processes.start(request.process, inputs, sink),
+                              lambda p: p.instance is not None):
+            instance = await self._instance(p.instance) if p.instance is not None else None
+            yield pb.StartProcessResponse(
+                process_instance_id=p.instance_id, task_index=p.task_index,
+                task_type=conv.task_type_to_proto(p.task_type) if p.task_type else 0, on_error=p.on_error,
+                message=p.message, instance=instance)
+
+    @rpc_errors
+    async def GetProcessInstance(self, request, context):
+        record = await asyncio.to_thread(self.store.get_process_instance, request.process_instance_id)
+        return pb.GetProcessInstanceResponse(instance=await self._instance(record))
+
+    async def _instance(self, record) -> pb.ProcessInstance:
+        tasks = await asyncio.to_thread(self.store.list_tasks, process_instance_id=record.id)
+        return conv.process_instance_to_proto(record, [t.id for t in tasks])

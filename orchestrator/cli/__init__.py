@@ -1,0 +1,13 @@
+"""`cardline orchestrator serve` and the client commands that talk to an orchestrator, one
+module per resource. Commands raise (shared.cli.CliFail, gRPC errors); shared/cli.py's main()
+reports them, once."""
+from __future__ import annotations
+
+import typer
+
+from orchestrator.cli import ca, cards, certificates, orders, pool, processes, serve
+
+
+def register(root: typer.Typer) -> None:
+    for module in (serve, cards, certificates, processes, pool, orders, ca):
+        module.register(root)

@@ -1,0 +1,97 @@
+"""`cardline readers` and `cardline gateways` (ReaderPoolService)."""
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from orchestrator.cli.client import (
+    ORCHESTRATOR,
+    as_json,
+    label,
+    print_json,
+    selector,
+    stub,
+)
+from shared.proto import common_pb2, reader_pool_service_pb2_grpc
+from shared.proto import reader_pool_service_pb2 as pb
+
+
+def _readers_table(readers) -> Table:
+    table = Table("gateway", "site", "reader", "kind", "state", "card", "holder", "labels")
+    for r in readers:
+        table.add_row(r.gateway_id, r.site, r.reader.reader_id,
+                      common_pb2.ReaderKind.Name(r.reader.kind).removeprefix("READER_KIND_"),
+                      label(pb.PooledReaderState, r.state),
+                      r.reader.token_label or ("yes" if r.reader.card_present else "-"), r.holder,
+                      ", ".join(f"{k}={v}" for k, v in sorted(r.labels.items())))
+    return table
+
+
+def _watch(pool: reader_pool_service_pb2_grpc.ReaderPoolServiceStub, request: pb.WatchReadersRequest,
+           json_output: bool) -> None:
+    """Every change as a JSON line, or a live table; until Ctrl-C."""
+    rows: dict[tuple[str, str], pb.PooledReader] = {}
+    live = None if json_output else Live(_readers_table([]), console=Console(), auto_refresh=False)
+    if live is not None:
+        live.start()
+    try:
+        for response in pool.WatchReaders(request):
+            if live is None:
+                print(json.dumps({"change": label(pb.ReaderChange, response.change),
+                                  "reader": as_json(response.reader)}), flush=True)
+                continue
+            key = (response.reader.gateway_id, response.reader.reader.reader_id)
+            if response.change == pb.READER_CHANGE_REMOVED:
+                rows.pop(key, None)
+            else:
+                rows[key] = response.reader
+            live.update(_readers_table([rows[k] for k in sorted(rows)]), refresh=True)
+    except KeyboardInterrupt:
+        return
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def register(root: typer.Typer) -> None:
+    @root.command("readers")
+    def readers(
+        watch: bool = typer.Option(False, "--watch", help="Keep showing the pool as it changes (Ctrl-C ends)."),
+        json_output: bool = typer.Option(False, "--json", help="JSON output (with --watch: one change per line)."),
+        gateway: str = typer.Option("", help="Only readers of this gateway."),
+        site: str = typer.Option("", help="Only readers of gateways at this site."),
+        label_: list[str] = typer.Option([], "--label", help="Only gateways with this KEY=VALUE label (repeatable)."),
+        orchestrator_addr: str = ORCHESTRATOR,
+    ) -> None:
+        """Readers of every gateway: state (empty, card present, busy, leased, offline), holder, site, labels."""
+        chosen = selector(gateway, site, label_)
+        pool = stub(reader_pool_service_pb2_grpc.ReaderPoolServiceStub, orchestrator_addr)
+        if watch:
+            _watch(pool, pb.WatchReadersRequest(selector=chosen), json_output)
+            return
+        found = pool.ListReaders(pb.ListReadersRequest(selector=chosen)).readers
+        if json_output:
+            print_json([as_json(r) for r in found])
+        else:
+            Console().print(_readers_table(found))
+
+    @root.command("gateways")
+    def gateways(json_output: bool = typer.Option(False, "--json", help="JSON output."),
+                 orchestrator_addr: str = ORCHESTRATOR) -> None:
+        """Gateways the orchestrator knows: connected or recently gone, since when, last seen, version."""
+        found = stub(reader_pool_service_pb2_grpc.ReaderPoolServiceStub, orchestrator_addr).ListGateways(
+            pb.ListGatewaysRequest()).gateways
+        if json_output:
+            print_json([as_json(g) for g in found])
+            return
+        table = Table("gateway", "site", "connected", "readers", "since", "last seen", "version", "labels")
+        for g in found:
+            table.add_row(g.gateway_id, g.site, "yes" if g.connected else "[red]no[/]", str(g.readers),
+                          g.connected_since.ToDatetime().isoformat(timespec="seconds"),
+                          g.last_seen.ToDatetime().isoformat(timespec="seconds"), g.version,
+                          ", ".join(f"{k}={v}" for k, v in sorted(g.labels.items())))
+        Console().print(table)

@@ -1,0 +1,38 @@
+"""`cardline orchestrator serve`."""
+from __future__ import annotations
+
+import pathlib
+from typing import Optional
+
+import typer
+
+from shared import config
+from shared.cli import run_server
+from shared.pki_cli import INSECURE, TLS_CA, TLS_CERT, TLS_CRL, TLS_DIR, TLS_KEY
+
+
+def register(root: typer.Typer) -> None:
+    orchestrator = typer.Typer(help="The orchestrator: store, CAs, processes, the reader pool.", no_args_is_help=True)
+
+    @orchestrator.command("serve")
+    def serve(
+        listen: Optional[str] = typer.Option(None, help="HOST:PORT to serve gRPC on."),
+        data_dir: Optional[pathlib.Path] = typer.Option(None, help="Directory for the SQLite store and the local CA."),
+        database_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL (default: SQLite in --data-dir)."),
+        config_dir: Optional[pathlib.Path] = typer.Option(None, help="Directory of state graphs, templates, "
+                                                                     "encodings and processes."),
+        config_file: Optional[pathlib.Path] = typer.Option(None, "--config", envvar="CARDLINE_CONFIG",
+                                                           help="YAML configuration file (section 'orchestrator')."),
+        json_logs: bool = typer.Option(False, "--json-logs", help="Log JSON lines."),
+        tls_dir: Optional[pathlib.Path] = TLS_DIR, tls_ca: Optional[pathlib.Path] = TLS_CA,
+        tls_cert: Optional[pathlib.Path] = TLS_CERT, tls_key: Optional[pathlib.Path] = TLS_KEY,
+        tls_crl: Optional[pathlib.Path] = TLS_CRL, insecure: Optional[bool] = INSECURE,
+    ) -> None:
+        """Run the orchestrator (mutual TLS unless --insecure)."""
+        from orchestrator.app import serve as run
+
+        run_server(config.OrchestratorSettings, run, json_logs=json_logs, config_file=config_file, listen=listen,
+                   data_dir=data_dir, database_url=database_url, config_dir=config_dir, tls_dir=tls_dir,
+                   tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_crl=tls_crl, insecure=insecure)
+
+    root.add_typer(orchestrator, name="orchestrator")
