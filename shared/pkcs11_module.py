@@ -173,6 +173,12 @@ class Pkcs11Module:
             module._users += 1
             return module
 
+    @classmethod
+    def in_use(cls, module_path: str) -> bool:
+        """Whether this process holds the module now."""
+        with cls._owners_lock:
+            return os.path.realpath(module_path) in cls._owners
+
     def release(self) -> None:
         """Gives the module back; the last user's release logs out and finalises it."""
         with self._owners_lock:
@@ -228,7 +234,7 @@ class Pkcs11Module:
         if len(found) != 1:
             what = "no PKCS#11 token" if not found else f"{len(found)} PKCS#11 tokens"
             raise ReaderNotFound(f"{what} labelled {token_label!r} in {self.path}", token_label=token_label)
-        return found[0]
+        return int(found[0])
 
     def login(self, slot_id: int, pin: str) -> Any:
         """A session logged in as user on the slot's token (R/W where the token allows),
@@ -305,7 +311,7 @@ class Pkcs11Module:
         itself through its C_GetFunctionList (the module is already initialised in this
         process; dlopen hands back the same loaded copy)."""
         if self._get_token_info is None:
-            self._get_token_info = _token_info_function(self.path) or False
+            self._get_token_info = _module_function(self.path, "C_GetTokenInfo") or False
         if not self._get_token_info:
             return None
         info = _CkTokenInfo()
@@ -315,6 +321,28 @@ class Pkcs11Module:
         if high == 0 or high < low or high >= 1 << 31:   # unknown / CK_UNAVAILABLE_INFORMATION
             return None
         return low, high
+
+    def init_token(self, slot_id: int, label: str, so_pin: str, user_pin: str) -> None:
+        """Initialises the token in the slot (C_InitToken: erases it, sets label and SO PIN),
+        then sets its user PIN (C_InitPIN as SO). python-pkcs11 0.10 has no C_InitToken, so
+        it is called through the module's function list, like C_GetTokenInfo."""
+        raw_label = label.encode()
+        if not label or len(raw_label) > 32:
+            raise ConfigurationError("a token label has 1 to 32 bytes", token_label=label)
+        init = _module_function(self.path, "C_InitToken")
+        if init is None:
+            raise ConfigurationError(f"cannot reach C_InitToken of {self.path}", module=self.path)
+        self.drop(slot_id)
+        pin = so_pin.encode()
+        rv = init(slot_id, pin, len(pin), raw_label.ljust(32, b" "))
+        if rv != 0:
+            exc = p11err.PKCS11Error(f"C_InitToken returned 0x{rv:x}")
+            if rv in (0xA0, 0xA1, 0xA2):    # CKR_PIN_INCORRECT, CKR_PIN_INVALID, CKR_PIN_LEN_RANGE
+                exc = p11err.PinLenRange()
+            raise cardline_error(exc, f"slot {slot_id}", slot_id=str(slot_id))
+        new_slot = self.slot_of(label)
+        with self.role_session(new_slot, so_pin=so_pin) as session, translated(f"slot {new_slot}"):
+            session.init_pin(user_pin)
 
 
 def _open(token: Any, user_pin: str) -> Any:
@@ -384,7 +412,7 @@ class TokenLogin:
         self._slot_id, self._session = None, None
 
 
-# --- C_GetTokenInfo through ctypes -------------------------------------------------------------
+# --- C_GetTokenInfo and C_InitToken through ctypes -------------------------------------------------------------
 
 class _CkTokenInfo(ctypes.Structure):
     """CK_TOKEN_INFO with the default (non-Windows) structure packing."""
@@ -400,18 +428,23 @@ class _CkTokenInfo(ctypes.Structure):
 
 
 _C_GetTokenInfo = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.POINTER(_CkTokenInfo))
+# C_InitToken(slot, SO PIN, SO PIN length, 32-byte blank-padded label)
+_C_InitToken = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 
 
 class _CkFunctionListHead(ctypes.Structure):
-    """The start of CK_FUNCTION_LIST, up to C_GetTokenInfo (same order in every version)."""
-    _fields_ = [("version", ctypes.c_ubyte * 2)] + [
-        (name, ctypes.c_void_p) for name in ("C_Initialize", "C_Finalize", "C_GetInfo", "C_GetFunctionList",
-                                             "C_GetSlotList", "C_GetSlotInfo")
-    ] + [("C_GetTokenInfo", _C_GetTokenInfo)]
+    """The start of CK_FUNCTION_LIST, up to C_InitToken (same order in every version)."""
+    _fields_ = [("version", ctypes.c_ubyte * 2), ("C_Initialize", ctypes.c_void_p),
+                ("C_Finalize", ctypes.c_void_p), ("C_GetInfo", ctypes.c_void_p),
+                ("C_GetFunctionList", ctypes.c_void_p), ("C_GetSlotList", ctypes.c_void_p),
+                ("C_GetSlotInfo", ctypes.c_void_p), ("C_GetTokenInfo", _C_GetTokenInfo),
+                ("C_GetMechanismList", ctypes.c_void_p), ("C_GetMechanismInfo", ctypes.c_void_p),
+                ("C_InitToken", _C_InitToken)]
 
 
-def _token_info_function(module_path: str) -> Any:
-    """The module's C_GetTokenInfo, or None where it cannot be had safely."""
+def _module_function(module_path: str, name: str) -> Any:
+    """A function of the module's CK_FUNCTION_LIST python-pkcs11 does not offer, or None
+    where it cannot be had safely."""
     if os.name == "nt":     # PKCS#11 structures are packed to 1 byte there
         return None
     try:
@@ -422,7 +455,7 @@ def _token_info_function(module_path: str) -> Any:
         funcs = ctypes.POINTER(_CkFunctionListHead)()
         if get_list(ctypes.byref(funcs)) != 0 or not funcs:
             return None
-        function = funcs.contents.C_GetTokenInfo
+        function = getattr(funcs.contents, name)
         return function if function else None
     except (OSError, AttributeError, ValueError):
         return None

@@ -1,6 +1,7 @@
 """Pkcs11Kek on a real SoftHSM2 token, checked with OpenSC's pkcs11-tool (C7 recovery).
 
-Closing every Pkcs11Kek (the `kek` fixture does) releases the module (the last release finalises it), so these tests share
+Closing every Pkcs11Kek (the `kek` fixture does) releases the module (the last release
+finalises it), so these tests share
 one pytest process with tests/hardware/test_pkcs11_driver.py, which loads the same module.
 """
 from __future__ import annotations

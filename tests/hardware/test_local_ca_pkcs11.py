@@ -297,7 +297,8 @@ def test_registry_reports_every_pkcs11_mistake_at_once(tmp_path, tok, pin_file):
     assert "cas[1] (local): pkcs11 needs token_label, pin_file" in message
     assert "unknown key(s) ['pin'] in pkcs11" in message
     assert "cas[2] (a): passphrase_file and pkcs11 exclude each other" in message
-    assert "cas[5] (d): the key 'cardline-ca' on PKCS#11 token" in message and "used by two CAs (cas[2] (a) too)" in message
+    assert "cas[5] (d): the key 'cardline-ca' on PKCS#11 token" in message
+    assert "used by two CAs (cas[2] (a) too)" in message
     assert "cas[3] (b): pkcs11 must be a mapping" in message
     assert "cas[4] (c): unknown key(s) ['pkcs11'] for kind openssl" in message
     assert not (tmp_path / "ca").exists()              # nothing was created
