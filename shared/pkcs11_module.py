@@ -181,15 +181,17 @@ class Pkcs11Module:
 
     def release(self) -> None:
         """Gives the module back; the last user's release logs out and finalises it."""
+        # Under the lock: a concurrent acquire() must not find the module initialised and
+        # then have it finalised under its feet.
         with self._owners_lock:
             self._users -= 1
             if self._users > 0:
                 return
             del self._owners[self.path]
-        try:
-            self.thread.call(self._shutdown)
-        finally:
-            self.thread.close()
+            try:
+                self.thread.call(self._shutdown)
+            finally:
+                self.thread.close()
 
     def _load(self) -> Any:
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -154,7 +153,3 @@ class ReaderRegistry:
             pool.shutdown(wait=False)
         if self.pcsc is not None:
             self.pcsc.close()
-
-
-def module_short_name(path: pathlib.Path) -> str:
-    return path.stem.removeprefix("lib")
