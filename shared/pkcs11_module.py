@@ -59,21 +59,21 @@ _thread_numbers = itertools.count()
 
 
 def cardline_error(exc: p11err.PKCS11Error, where: str, **metadata: str) -> CardlineError:
-    """The cardline error for a PKCS#11 failure `where` ("slot 3", "token 'ca'") - the one
-    mapping every user of a module shares."""
+    """The cardline error for a PKCS#11 failure at `where` ("slot 3", "token 'ca'", "module
+    softhsm2") - the one mapping every user of a module shares."""
     name = type(exc).__name__
     if isinstance(exc, SESSION_LOST):
-        return NoCardPresent(f"the token in {where} is gone: {name}", **metadata)
+        return NoCardPresent(f"{where}: the token or its session is gone ({name})", **metadata)
     if isinstance(exc, p11err.PinLocked):
-        return PinLocked(f"the PIN of the token in {where} is blocked", **metadata)
+        return PinLocked(f"{where}: the PIN is blocked", **metadata)
     if isinstance(exc, BAD_PIN):
-        return PinIncorrect(f"the PIN for the token in {where} was refused", **metadata)
+        return PinIncorrect(f"{where}: the PIN was refused", **metadata)
     if isinstance(exc, (p11err.UserAlreadyLoggedIn, p11err.AnotherUserAlreadyLoggedIn)):
         # Someone else in this process holds a login we do not know about; we cannot check
         # the PIN against it, so refuse rather than ride on it.
-        return CardIoError(f"the token in {where} is already logged in by another session of this "
-                           "process", **metadata)
-    return CardIoError(f"PKCS#11 error on {where}: {name}", **metadata)
+        return CardIoError(f"{where}: the token is already logged in by another session of this process",
+                           **metadata)
+    return CardIoError(f"{where}: PKCS#11 error {name}", **metadata)
 
 
 @contextlib.contextmanager

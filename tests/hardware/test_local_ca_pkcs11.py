@@ -244,6 +244,29 @@ def test_ca_key_and_kek_share_one_module_and_one_token_in_one_process(tmp_path, 
     assert kinds == ["Certificate Object", "Private Key Object", "Public Key Object", "Secret Key Object"]
 
 
+def test_a_session_lost_under_both_users_is_logged_in_again_once_and_keys_are_found_again(tmp_path, tok, ref):
+    """The shared session closes behind the module's back (as when a token restarts): the CA
+    key and the KEK each log in again on their next call and find their own keys again."""
+    from shared.pkcs11_module import Pkcs11Module
+
+    key = generate_key(KeyType.EC_P256)
+    with Pkcs11Kek(tok.module_path, tok.label, tok.user_pin, "cardline-kek") as kek, \
+            LocalCa(tmp_path / "ca", pkcs11=ref) as ca:
+        sealed = KeyArchive(kek).seal(key, "cert-1")
+        module = Pkcs11Module.acquire(tok.module_path)
+        try:
+            stale = module.thread.call(lambda: module.login(tok.slot_id, tok.user_pin))
+            module.thread.call(stale.close)         # the cache still holds it: the next use fails
+            cert = x509.load_der_x509_certificate(ca.issue(make_csr(), AUTH, "req-1"))
+            cert.verify_directly_issued_by(ca_cert(ca))
+            assert KeyArchive(kek).open(*sealed, "cert-1") == pkcs8(key)
+            assert module.thread.call(lambda: module.login(tok.slot_id, tok.user_pin)) is not stale
+        finally:
+            module.release()
+    kinds = sorted(o["kind"] for o in opensc_objects(tok))
+    assert kinds == ["Certificate Object", "Private Key Object", "Public Key Object", "Secret Key Object"]
+
+
 def test_two_cas_share_one_module_with_keys_of_their_own(tmp_path, tok, pin_file):
     cas = build_cas([{"name": "local", "kind": "local",
                       "pkcs11": {"module": tok.module_path, "token_label": tok.label,
