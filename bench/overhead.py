@@ -21,7 +21,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.drivers import softhsm_setup  # noqa: E402
+from tests.support import softhsm  # noqa: E402
 from gateway.drivers.pkcs11 import Pkcs11TokenDriver  # noqa: E402
 from orchestrator.ca.base import IssueProfile  # noqa: E402
 from orchestrator.ca.local import LocalCa  # noqa: E402
@@ -61,13 +61,13 @@ def main() -> None:
     apps = PROFILES[args.profile]
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="cardline-bench-"))
-    conf = softhsm_setup.make_softhsm_dir(work / "softhsm")
+    conf = softhsm.make_softhsm_dir(work / "softhsm")
     os.environ["SOFTHSM2_CONF"] = str(conf)
-    serial_pipe = softhsm_setup.init_token(conf, "bench-pipeline", "12345678", PIN)
-    serial_direct = softhsm_setup.init_token(conf, "bench-direct", "12345678", PIN)
-    module = softhsm_setup.find_module()
+    serial_pipe = softhsm.init_token(conf, "bench-pipeline", "12345678", PIN)
+    serial_direct = softhsm.init_token(conf, "bench-direct", "12345678", PIN)
+    module = softhsm.find_module()
     driver = Pkcs11TokenDriver(module)
-    slot_direct = softhsm_setup.token_slot_id(conf, serial_direct)
+    slot_direct = softhsm.token_slot_id(conf, serial_direct)
     ca = LocalCa(work / "direct-ca")
 
     with orchestrator_process(work / "orchestrator") as orch, \

@@ -32,7 +32,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.drivers import softhsm_setup  # noqa: E402
+from tests.support import softhsm  # noqa: E402
 from shared.proto import common_pb2, steps_pb2  # noqa: E402
 from shared.proto import lease_service_pb2 as lease_pb  # noqa: E402
 from shared.proto import order_service_pb2 as order_pb  # noqa: E402
@@ -52,8 +52,8 @@ SCRIPT = [SELECT] + [GET_SERIAL] * 99                        # 100 APDUs
 
 
 def start_gateway(stack: contextlib.ExitStack, work: pathlib.Path, orch: str, name: str, module: str) -> str:
-    conf = softhsm_setup.make_softhsm_dir(work / f"hsm-{name}")
-    serial = softhsm_setup.init_token(conf, f"bench-{name}", SO_PIN, PIN)
+    conf = softhsm.make_softhsm_dir(work / f"hsm-{name}")
+    serial = softhsm.init_token(conf, f"bench-{name}", SO_PIN, PIN)
     stack.enter_context(gateway_process(orch, name, work / f"gw-{name}", pkcs11_module=module,
                                         env={**os.environ, "SOFTHSM2_CONF": str(conf)}))
     wait_for_pooled_reader(orch, lambda r: r.reader.token_serial == serial)
@@ -75,7 +75,7 @@ def run_order(stub, cards: int) -> float:
 
 
 def production_scaling(work: pathlib.Path, cards_per_gateway: int) -> dict[int, float]:
-    module = softhsm_setup.find_module()
+    module = softhsm.find_module()
     config = make_config(work)
     rates: dict[int, float] = {}
     env = {**os.environ, "CARDLINE_ORCHESTRATOR_CONFIG_DIR": str(config)}

@@ -10,7 +10,6 @@ from gateway.api.link_client import OrchestratorLink
 from gateway.api.servicer import GatewayServicer
 from gateway.core.executor import StepExecutor
 from gateway.core.registry import ReaderRegistry
-from gateway.core.token_worker import TokenWorker
 from gateway.drivers.pkcs11 import Pkcs11TokenDriver
 from shared.config import GatewaySettings
 from shared.logging import get_logger
@@ -56,14 +55,28 @@ def _pcsc_driver():
         return None
 
 
+def _token_drivers(module_paths) -> list[Pkcs11TokenDriver]:
+    """A driver per configured PKCS#11 module; a module that cannot be loaded is a
+    ConfigurationError (the drivers already built are closed again)."""
+    drivers: list[Pkcs11TokenDriver] = []
+    try:
+        for path in module_paths:
+            drivers.append(Pkcs11TokenDriver(str(path)))
+    except BaseException:
+        for driver in drivers:
+            driver.close()
+        raise
+    return drivers
+
+
 async def start(settings: GatewaySettings) -> Gateway:
     # Mutual TLS unless explicitly insecure: one certificate (CN = gateway id, role gateway)
     # serves GatewayService and authenticates the link to the orchestrator.
     tls = settings_tls(settings, f"gateway {settings.gateway_id}", settings.gateway_id, role="gateway",
                        common_name=settings.gateway_id)
-    workers = [TokenWorker(lambda path=str(path): Pkcs11TokenDriver(path)) for path in settings.pkcs11_modules]
+    drivers = await asyncio.to_thread(_token_drivers, settings.pkcs11_modules)
     pcsc = await asyncio.to_thread(_pcsc_driver) if settings.pcsc else None
-    registry = ReaderRegistry(token_workers=workers, pcsc=pcsc)
+    registry = ReaderRegistry(token_drivers=drivers, pcsc=pcsc)
     await registry.refresh()
     executor = StepExecutor(registry)
     credentials, interceptors = server_security(tls, {}, default_roles=frozenset({"client"}))

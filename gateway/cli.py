@@ -1,7 +1,8 @@
-"""`cardline gateway ...` commands."""
+"""`cardline gateway ...` and `cardline tokens ...` commands."""
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Optional
 
 import typer
@@ -65,3 +66,55 @@ def register(root: typer.Typer) -> None:
                    "--orchestrator HOST:PORT")
 
     root.add_typer(gateway, name="gateway")
+    root.add_typer(_tokens(), name="tokens")
+
+
+def _tokens() -> typer.Typer:
+    tokens = typer.Typer(help="Software tokens (SoftHSM2) for stations without card hardware.",
+                         no_args_is_help=True)
+
+    @tokens.command("init")
+    def init(
+        softhsm_dir: pathlib.Path = typer.Option(..., "--softhsm-dir", help="Token directory (created if "
+                                                 "missing): DIR/tokens and DIR/softhsm2.conf."),
+        label: str = typer.Option(..., help="The new token's label (1-32 bytes)."),
+        pins_file: Optional[pathlib.Path] = typer.Option(
+            None, help="File whose first two lines are the SO PIN and the user PIN ('-': standard input). "
+                       "Without it they are asked for, hidden, on a terminal."),
+    ) -> None:
+        """Create a SoftHSM2 token; prints its serial and the SOFTHSM2_CONF a gateway needs.
+        The PINs are never taken from the command line or the environment."""
+        from gateway.softhsm import init_token
+        from shared.errors import CardlineError
+
+        try:
+            so_pin, user_pin = _read_pins(pins_file)
+            token = init_token(softhsm_dir, label, so_pin, user_pin)
+        except CardlineError as exc:
+            typer.echo(f"error {exc.reason}: {exc.message}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"token {token.label!r}: serial {token.serial}")
+        typer.echo(f"SOFTHSM2_CONF={token.conf_path}")
+        typer.echo(f"on the station: SOFTHSM2_CONF={token.conf_path} cardline gateway serve "
+                   f"--pkcs11-module {token.module_path} ...")
+
+    return tokens
+
+
+def _read_pins(pins_file: Optional[pathlib.Path]) -> tuple[str, str]:
+    """(SO PIN, user PIN) from the file, standard input ('-'), or hidden prompts on a terminal."""
+    from shared.errors import ConfigurationError
+
+    if pins_file is None and sys.stdin.isatty():
+        so_pin = typer.prompt("SO PIN", hide_input=True, confirmation_prompt=True)
+        user_pin = typer.prompt("User PIN", hide_input=True, confirmation_prompt=True)
+        return so_pin, user_pin
+    where = "standard input" if pins_file is None or str(pins_file) == "-" else str(pins_file)
+    try:
+        text = sys.stdin.read() if where == "standard input" else pathlib.Path(where).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"cannot read the PINs from {where}: {exc}") from None
+    lines = text.splitlines()
+    if len(lines) < 2 or not lines[0] or not lines[1]:
+        raise ConfigurationError(f"{where} must hold the SO PIN and the user PIN on its first two lines")
+    return lines[0], lines[1]

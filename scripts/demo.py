@@ -26,7 +26,7 @@ import grpc
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.drivers import softhsm_setup  # noqa: E402
+from gateway import softhsm  # noqa: E402  (what `cardline tokens init` runs)
 from shared.pki import init_pki  # noqa: E402
 from shared.tls import TlsFiles  # noqa: E402
 from shared.proto import ca_service_pb2 as ca_pb  # noqa: E402
@@ -80,9 +80,8 @@ def main() -> int:
     puk_file.touch(mode=0o600)
     puk_file.write_text(transport_puk + "\n")
     user_pin = f"{secrets.randbelow(10**6):06d}"          # the PIN the employee chooses
-    conf = softhsm_setup.make_softhsm_dir(DEMO / "softhsm")
-    serial = softhsm_setup.init_token(conf, TOKEN_LABEL, transport_puk, secrets.token_hex(4))
-    module = softhsm_setup.find_module()
+    token = softhsm.init_token(DEMO / "softhsm", TOKEN_LABEL, transport_puk, secrets.token_hex(4))
+    conf, serial, module = token.conf_path, token.serial, token.module_path
     orch_addr, gw_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     # Mutual TLS as in production: a PKI (on an admin's machine, in real life), the station
     # enrolled into a directory of its own; client commands authenticate as "admin".

@@ -5,7 +5,12 @@ on plain dataclasses.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import Message
 
 from shared import cards
 from shared.errors import CardlineError, InvalidArgument, from_details, from_reason
@@ -87,115 +92,176 @@ def error_from_proto(m: common_pb2.Error) -> CardlineError:
     return from_reason(m.reason, m.message, dict(m.metadata))
 
 
-# --- steps -----------------------------------------------------------------------------
+# --- steps: one table of step operations -------------------------------------------------
+#
+# Each operation is one row: its Step.operation case in steps.proto and its dataclass in
+# shared/cards.py, the StepOutcome.result case and dataclass of its value, and the four
+# conversions. step_to_proto / step_from_proto / value_to_outcome / value_from_outcome read
+# only this table; the gateway's dispatch is keyed by the same dataclasses, and
+# tests/unit/test_convert.py checks the table against steps.proto.
+
+@dataclass(frozen=True)
+class StepOperation:
+    field: str                                  # case of the Step.operation oneof
+    operation: type                             # the shared.cards dataclass
+    to_proto: Callable[[Any], Message]
+    from_proto: Callable[[Any], cards.Operation]    # checks the message; InvalidArgument names the field
+    result_field: str                           # case of the StepOutcome.result oneof
+    value: type                                 # the shared.cards dataclass of its value
+    value_to_proto: Callable[[Any], Message]
+    value_from_proto: Callable[[Any], cards.StepValue]
+
+
+def _generate_key_pair(m: steps_pb2.GenerateKeyPair) -> cards.GenerateKeyPair:
+    if not m.key_id:
+        raise InvalidArgument("generate_key_pair.key_id is empty", field="generate_key_pair.key_id")
+    return cards.GenerateKeyPair(key_type_from_proto(m.key_type, "generate_key_pair.key_type"),
+                                 m.label, m.key_id, m.csr_subject)
+
+
+def _sign(m: steps_pb2.Sign) -> cards.Sign:
+    if m.algorithm not in _ALGORITHMS_BACK:
+        raise InvalidArgument("sign.algorithm is unspecified", field="sign.algorithm")
+    return cards.Sign(m.key_id, _ALGORITHMS_BACK[m.algorithm], m.data)
+
+
+def _import_key_pair(m: steps_pb2.ImportKeyPair) -> cards.ImportKeyPair:
+    if not m.key_id or not m.private_key_der:
+        raise InvalidArgument("import_key_pair needs key_id and private_key_der", field="import_key_pair")
+    return cards.ImportKeyPair(m.key_id, m.label, m.private_key_der, m.certificate_der)
+
+
+def _set_pins(m: steps_pb2.SetPins) -> cards.SetPins:
+    if not m.new_user_pin and not m.new_so_pin:
+        raise InvalidArgument("set_pins sets no PIN", field="set_pins")
+    return cards.SetPins(m.new_user_pin, m.new_so_pin)
+
+
+def _object_to_proto(o: cards.StoredObject) -> steps_pb2.TokenObject:
+    return steps_pb2.TokenObject(object_class=_CLASSES[o.object_class], key_id=o.key_id, label=o.label,
+                                 key_type=_KEY_TYPES.get(o.key_type, 0) if o.key_type else 0,
+                                 certificate_der=o.certificate_der)
+
+
+def _object_from_proto(o: steps_pb2.TokenObject) -> cards.StoredObject:
+    return cards.StoredObject(_CLASSES_BACK[o.object_class], o.key_id, o.label, _KEY_TYPES_BACK.get(o.key_type),
+                              o.certificate_der)
+
+
+STEP_OPERATIONS: tuple[StepOperation, ...] = (
+    StepOperation(
+        "generate_key_pair", cards.GenerateKeyPair,
+        lambda op: steps_pb2.GenerateKeyPair(key_type=_KEY_TYPES[op.key_type], label=op.label, key_id=op.key_id,
+                                             csr_subject=op.csr_subject),
+        _generate_key_pair,
+        "key_pair_generated", cards.GeneratedKey,
+        lambda v: steps_pb2.KeyPairGenerated(key_id=v.key_id, public_key_der=v.public_key_der, csr_der=v.csr_der),
+        lambda m: cards.GeneratedKey(m.key_id, m.public_key_der, m.csr_der)),
+    StepOperation(
+        "sign", cards.Sign,
+        lambda op: steps_pb2.Sign(key_id=op.key_id, algorithm=_ALGORITHMS[op.algorithm], data=op.data),
+        _sign,
+        "signed", cards.Signature,
+        lambda v: steps_pb2.Signed(signature=v.signature),
+        lambda m: cards.Signature(m.signature)),
+    StepOperation(
+        "write_certificates", cards.WriteCertificates,
+        lambda op: steps_pb2.WriteCertificates(certificates=[
+            steps_pb2.CertificateObject(key_id=c.key_id, label=c.label, certificate_der=c.certificate_der)
+            for c in op.certificates]),
+        lambda m: cards.WriteCertificates(tuple(cards.CertificateObject(c.key_id, c.label, c.certificate_der)
+                                                for c in m.certificates)),
+        "certificates_written", cards.WrittenCertificates,
+        lambda v: steps_pb2.CertificatesWritten(key_ids=list(v.key_ids)),
+        lambda m: cards.WrittenCertificates(tuple(m.key_ids))),
+    StepOperation(
+        "list_objects", cards.ListObjects,
+        lambda op: steps_pb2.ListObjects(),
+        lambda m: cards.ListObjects(),
+        "object_list", cards.ObjectListing,
+        lambda v: steps_pb2.ObjectList(objects=[_object_to_proto(o) for o in v.objects]),
+        lambda m: cards.ObjectListing(tuple(_object_from_proto(o) for o in m.objects))),
+    StepOperation(
+        "delete_objects", cards.DeleteObjects,
+        lambda op: steps_pb2.DeleteObjects(key_id=op.key_id),
+        lambda m: cards.DeleteObjects(m.key_id),
+        "objects_deleted", cards.DeletedCount,
+        lambda v: steps_pb2.ObjectsDeleted(count=v.count),
+        lambda m: cards.DeletedCount(m.count)),
+    StepOperation(
+        "apdu_script", cards.RunApduScript,
+        lambda op: steps_pb2.ApduScript(apdus=[steps_pb2.Apdu(command=a.command, expected_sw=list(a.expected_sw))
+                                               for a in op.apdus]),
+        lambda m: cards.RunApduScript(tuple(cards.Apdu(a.command, tuple(a.expected_sw) or ("9000",))
+                                            for a in m.apdus)),
+        "apdu_script_result", cards.ApduScriptResult,
+        lambda v: steps_pb2.ApduScriptResult(responses=[steps_pb2.ApduResponse(data=r.data, sw=r.sw)
+                                                        for r in v.responses]),
+        lambda m: cards.ApduScriptResult(tuple(cards.ApduResponse(r.data, r.sw) for r in m.responses))),
+    StepOperation(
+        "read_card_info", cards.ReadCardInfo,
+        lambda op: steps_pb2.ReadCardInfo(),
+        lambda m: cards.ReadCardInfo(),
+        "card_info", cards.Reader,
+        lambda v: steps_pb2.CardInfo(reader=reader_to_proto(v)),
+        lambda m: reader_from_proto(m.reader)),
+    StepOperation(
+        "import_key_pair", cards.ImportKeyPair,
+        lambda op: steps_pb2.ImportKeyPair(key_id=op.key_id, label=op.label, private_key_der=op.private_key_der,
+                                           certificate_der=op.certificate_der),
+        _import_key_pair,
+        "key_pair_imported", cards.KeyPairImported,
+        lambda v: steps_pb2.KeyPairImported(key_id=v.key_id),
+        lambda m: cards.KeyPairImported(m.key_id)),
+    StepOperation(
+        "set_pins", cards.SetPins,
+        lambda op: steps_pb2.SetPins(new_user_pin=op.new_user_pin, new_so_pin=op.new_so_pin),
+        _set_pins,
+        "pins_set", cards.PinsSet,
+        lambda v: steps_pb2.PinsSet(),
+        lambda m: cards.PinsSet()),
+    StepOperation(
+        "write_data_object", cards.WriteDataObject,
+        lambda op: steps_pb2.WriteDataObject(application=op.application, label=op.label, value=op.value,
+                                             private=op.private),
+        lambda m: cards.WriteDataObject(m.application, m.label, m.value, m.private),
+        "data_object_written", cards.DataObjectWritten,
+        lambda v: steps_pb2.DataObjectWritten(label=v.label),
+        lambda m: cards.DataObjectWritten(m.label)),
+)
+_BY_FIELD = {o.field: o for o in STEP_OPERATIONS}
+_BY_OPERATION = {o.operation: o for o in STEP_OPERATIONS}
+_BY_RESULT_FIELD = {o.result_field: o for o in STEP_OPERATIONS}
+_BY_VALUE = {o.value: o for o in STEP_OPERATIONS}
+
+
+def _set_case(parent: Message, field: str, value: Message) -> None:
+    sub = getattr(parent, field)
+    sub.SetInParent()           # an empty message still selects its oneof case
+    sub.CopyFrom(value)
+
 
 def step_to_proto(step: cards.Step) -> steps_pb2.Step:
     msg = steps_pb2.Step(credentials=steps_pb2.Credentials(user_pin=step.user_pin, so_pin=step.so_pin))
-    op = step.operation
-    match op:
-        case cards.GenerateKeyPair():
-            msg.generate_key_pair.CopyFrom(steps_pb2.GenerateKeyPair(
-                key_type=_KEY_TYPES[op.key_type], label=op.label, key_id=op.key_id, csr_subject=op.csr_subject))
-        case cards.Sign():
-            msg.sign.CopyFrom(steps_pb2.Sign(key_id=op.key_id, algorithm=_ALGORITHMS[op.algorithm], data=op.data))
-        case cards.WriteCertificates():
-            msg.write_certificates.CopyFrom(steps_pb2.WriteCertificates(certificates=[
-                steps_pb2.CertificateObject(key_id=c.key_id, label=c.label, certificate_der=c.certificate_der)
-                for c in op.certificates]))
-        case cards.ListObjects():
-            msg.list_objects.SetInParent()
-        case cards.DeleteObjects():
-            msg.delete_objects.CopyFrom(steps_pb2.DeleteObjects(key_id=op.key_id))
-        case cards.RunApduScript():
-            msg.apdu_script.CopyFrom(steps_pb2.ApduScript(apdus=[
-                steps_pb2.Apdu(command=a.command, expected_sw=list(a.expected_sw)) for a in op.apdus]))
-        case cards.ReadCardInfo():
-            msg.read_card_info.SetInParent()
-        case cards.ImportKeyPair():
-            msg.import_key_pair.CopyFrom(steps_pb2.ImportKeyPair(
-                key_id=op.key_id, label=op.label, private_key_der=op.private_key_der, certificate_der=op.certificate_der))
-        case cards.SetPins():
-            msg.set_pins.CopyFrom(steps_pb2.SetPins(new_user_pin=op.new_user_pin, new_so_pin=op.new_so_pin))
-        case cards.WriteDataObject():
-            msg.write_data_object.CopyFrom(steps_pb2.WriteDataObject(
-                application=op.application, label=op.label, value=op.value, private=op.private))
+    entry = _BY_OPERATION[type(step.operation)]
+    _set_case(msg, entry.field, entry.to_proto(step.operation))
     return msg
 
 
 def step_from_proto(msg: steps_pb2.Step) -> cards.Step:
-    which = msg.WhichOneof("operation")
-    op: cards.Operation
-    if which == "generate_key_pair":
-        m = msg.generate_key_pair
-        if not m.key_id:
-            raise InvalidArgument("generate_key_pair.key_id is empty", field="generate_key_pair.key_id")
-        op = cards.GenerateKeyPair(key_type_from_proto(m.key_type, "generate_key_pair.key_type"),
-                                   m.label, m.key_id, m.csr_subject)
-    elif which == "sign":
-        m = msg.sign
-        if m.algorithm not in _ALGORITHMS_BACK:
-            raise InvalidArgument("sign.algorithm is unspecified", field="sign.algorithm")
-        op = cards.Sign(m.key_id, _ALGORITHMS_BACK[m.algorithm], m.data)
-    elif which == "write_certificates":
-        op = cards.WriteCertificates(tuple(cards.CertificateObject(c.key_id, c.label, c.certificate_der)
-                                           for c in msg.write_certificates.certificates))
-    elif which == "list_objects":
-        op = cards.ListObjects()
-    elif which == "delete_objects":
-        op = cards.DeleteObjects(msg.delete_objects.key_id)
-    elif which == "apdu_script":
-        op = cards.RunApduScript(tuple(cards.Apdu(a.command, tuple(a.expected_sw) or ("9000",))
-                                       for a in msg.apdu_script.apdus))
-    elif which == "read_card_info":
-        op = cards.ReadCardInfo()
-    elif which == "import_key_pair":
-        m = msg.import_key_pair
-        if not m.key_id or not m.private_key_der:
-            raise InvalidArgument("import_key_pair needs key_id and private_key_der", field="import_key_pair")
-        op = cards.ImportKeyPair(m.key_id, m.label, m.private_key_der, m.certificate_der)
-    elif which == "set_pins":
-        if not msg.set_pins.new_user_pin and not msg.set_pins.new_so_pin:
-            raise InvalidArgument("set_pins sets no PIN", field="set_pins")
-        op = cards.SetPins(msg.set_pins.new_user_pin, msg.set_pins.new_so_pin)
-    elif which == "write_data_object":
-        m = msg.write_data_object
-        op = cards.WriteDataObject(m.application, m.label, m.value, m.private)
-    else:
+    entry = _BY_FIELD.get(msg.WhichOneof("operation") or "")
+    if entry is None:
         raise InvalidArgument("step has no operation", field="step.operation")
+    op = entry.from_proto(getattr(msg, entry.field))
     return cards.Step(op, user_pin=msg.credentials.user_pin, so_pin=msg.credentials.so_pin)
 
 
 def value_to_outcome(value: cards.StepValue) -> steps_pb2.StepOutcome:
+    entry = _BY_VALUE.get(type(value))
+    if entry is None:
+        raise TypeError(f"not a step value: {value!r}")
     out = steps_pb2.StepOutcome()
-    match value:
-        case cards.GeneratedKey():
-            out.key_pair_generated.CopyFrom(steps_pb2.KeyPairGenerated(
-                key_id=value.key_id, public_key_der=value.public_key_der, csr_der=value.csr_der))
-        case cards.Signature():
-            out.signed.CopyFrom(steps_pb2.Signed(signature=value.signature))
-        case cards.WrittenCertificates():
-            out.certificates_written.CopyFrom(steps_pb2.CertificatesWritten(key_ids=list(value.key_ids)))
-        case cards.ObjectListing():
-            out.object_list.CopyFrom(steps_pb2.ObjectList(objects=[
-                steps_pb2.TokenObject(object_class=_CLASSES[o.object_class], key_id=o.key_id, label=o.label,
-                                      key_type=_KEY_TYPES.get(o.key_type, 0) if o.key_type else 0,
-                                      certificate_der=o.certificate_der)
-                for o in value.objects]))
-        case cards.DeletedCount():
-            out.objects_deleted.CopyFrom(steps_pb2.ObjectsDeleted(count=value.count))
-        case cards.ApduScriptResult():
-            out.apdu_script_result.CopyFrom(steps_pb2.ApduScriptResult(responses=[
-                steps_pb2.ApduResponse(data=r.data, sw=r.sw) for r in value.responses]))
-        case cards.Reader():
-            out.card_info.CopyFrom(steps_pb2.CardInfo(reader=reader_to_proto(value)))
-        case cards.KeyPairImported():
-            out.key_pair_imported.CopyFrom(steps_pb2.KeyPairImported(key_id=value.key_id))
-        case cards.PinsSet():
-            out.pins_set.SetInParent()
-        case cards.DataObjectWritten():
-            out.data_object_written.CopyFrom(steps_pb2.DataObjectWritten(label=value.label))
-        case _:
-            raise TypeError(f"not a step value: {value!r}")
+    _set_case(out, entry.result_field, entry.value_to_proto(value))
     return out
 
 
@@ -208,32 +274,10 @@ def value_from_outcome(out: steps_pb2.StepOutcome) -> cards.StepValue:
     which = out.WhichOneof("result")
     if which == "error":
         raise error_from_proto(out.error)
-    if which == "key_pair_generated":
-        m = out.key_pair_generated
-        return cards.GeneratedKey(m.key_id, m.public_key_der, m.csr_der)
-    if which == "signed":
-        return cards.Signature(out.signed.signature)
-    if which == "certificates_written":
-        return cards.WrittenCertificates(tuple(out.certificates_written.key_ids))
-    if which == "object_list":
-        return cards.ObjectListing(tuple(
-            cards.StoredObject(_CLASSES_BACK[o.object_class], o.key_id, o.label,
-                               _KEY_TYPES_BACK.get(o.key_type), o.certificate_der)
-            for o in out.object_list.objects))
-    if which == "objects_deleted":
-        return cards.DeletedCount(out.objects_deleted.count)
-    if which == "apdu_script_result":
-        return cards.ApduScriptResult(tuple(cards.ApduResponse(r.data, r.sw)
-                                            for r in out.apdu_script_result.responses))
-    if which == "card_info":
-        return reader_from_proto(out.card_info.reader)
-    if which == "key_pair_imported":
-        return cards.KeyPairImported(out.key_pair_imported.key_id)
-    if which == "pins_set":
-        return cards.PinsSet()
-    if which == "data_object_written":
-        return cards.DataObjectWritten(out.data_object_written.label)
-    raise InvalidArgument("step outcome is empty", field="outcome")
+    entry = _BY_RESULT_FIELD.get(which or "")
+    if entry is None:
+        raise InvalidArgument("step outcome is empty", field="outcome")
+    return entry.value_from_proto(getattr(out, entry.result_field))
 
 
 _EVENT_TYPES = {

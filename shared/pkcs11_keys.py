@@ -156,21 +156,3 @@ class TokenRsaKey(rsa.RSAPrivateKey):
 
     def __deepcopy__(self, memo):
         return self
-
-
-def close_session(session) -> None:
-    """Closes a session that may already be gone (token removed, module finalised)."""
-    if session is not None:
-        try:
-            session.close()
-        except p11err.PKCS11Error:
-            pass
-
-
-def finalize(lib) -> None:
-    """Finalises a loaded module; one that is already gone is fine."""
-    if lib is not None:
-        try:
-            lib.finalize()
-        except p11err.PKCS11Error:
-            pass

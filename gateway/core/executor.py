@@ -1,16 +1,80 @@
-"""Runs steps on readers: dispatches each operation to the reader's driver on its worker,
-and answers a resent (task id, step number) from its first result."""
+"""Runs steps on readers: dispatches each operation to the reader's driver on its thread,
+and answers a resent (task id, step number) from its first result.
+
+What each step operation does on a PKCS#11 token is one row of TOKEN_OPERATIONS, keyed by the
+operation's dataclass (the rows of shared.convert.STEP_OPERATIONS); a PC/SC reader runs only
+PCSC_OPERATIONS; READER_OPERATIONS are answered from the inventory.
+tests/unit/test_convert.py checks that every step operation has a row here.
+"""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from gateway.core.idempotency import StepMemo
 from gateway.core.registry import ReaderRegistry
+from gateway.drivers.base import TokenDriver
 from shared import cards
 from shared.errors import CardlineError, UnsupportedOperation
 from shared.logging import get_logger
 
 log = get_logger(__name__)
+
+# (driver, slot id, step, operation) -> value; runs on the driver's thread.
+TokenOperation = Callable[[TokenDriver, int, cards.Step, Any], cards.StepValue]
+
+
+def _generate_key_pair(d: TokenDriver, slot: int, step: cards.Step, op: cards.GenerateKeyPair) -> cards.StepValue:
+    return d.generate_key_pair(slot, step.user_pin, op.key_type, op.label, op.key_id, op.csr_subject)
+
+
+def _sign(d: TokenDriver, slot: int, step: cards.Step, op: cards.Sign) -> cards.StepValue:
+    return cards.Signature(d.sign(slot, step.user_pin, op.key_id, op.algorithm, op.data))
+
+
+def _write_certificates(d: TokenDriver, slot: int, step: cards.Step, op: cards.WriteCertificates) -> cards.StepValue:
+    for c in op.certificates:
+        d.write_certificate(slot, step.user_pin, c.key_id, c.label, c.certificate_der)
+    return cards.WrittenCertificates(tuple(c.key_id for c in op.certificates))
+
+
+def _list_objects(d: TokenDriver, slot: int, step: cards.Step, op: cards.ListObjects) -> cards.StepValue:
+    return cards.ObjectListing(tuple(d.list_objects(slot, step.user_pin)))
+
+
+def _delete_objects(d: TokenDriver, slot: int, step: cards.Step, op: cards.DeleteObjects) -> cards.StepValue:
+    return cards.DeletedCount(d.delete_objects(slot, step.user_pin, op.key_id))
+
+
+def _import_key_pair(d: TokenDriver, slot: int, step: cards.Step, op: cards.ImportKeyPair) -> cards.StepValue:
+    d.import_key_pair(slot, step.user_pin, op.key_id, op.label, op.private_key_der, op.certificate_der)
+    return cards.KeyPairImported(op.key_id)
+
+
+def _set_pins(d: TokenDriver, slot: int, step: cards.Step, op: cards.SetPins) -> cards.StepValue:
+    d.set_pins(slot, step.user_pin, step.so_pin, op.new_user_pin, op.new_so_pin)
+    return cards.PinsSet()
+
+
+def _write_data_object(d: TokenDriver, slot: int, step: cards.Step, op: cards.WriteDataObject) -> cards.StepValue:
+    d.write_data_object(slot, step.user_pin, op.application, op.label, op.value, op.private)
+    return cards.DataObjectWritten(op.label)
+
+
+TOKEN_OPERATIONS: dict[type, TokenOperation] = {
+    cards.GenerateKeyPair: _generate_key_pair,
+    cards.Sign: _sign,
+    cards.WriteCertificates: _write_certificates,
+    cards.ListObjects: _list_objects,
+    cards.DeleteObjects: _delete_objects,
+    cards.ImportKeyPair: _import_key_pair,
+    cards.SetPins: _set_pins,
+    cards.WriteDataObject: _write_data_object,
+}
+PCSC_OPERATIONS: frozenset[type] = frozenset({cards.RunApduScript})
+# Answered from the reader inventory, for both kinds of reader.
+READER_OPERATIONS: frozenset[type] = frozenset({cards.ReadCardInfo})
 
 
 class StepExecutor:
@@ -43,41 +107,22 @@ class StepExecutor:
     async def _pcsc(self, reader_id: str, op: cards.Operation) -> cards.StepValue:
         info = self.registry.pcsc_reader_info(reader_id)
         pcsc = self.registry.pcsc
-        match op:
-            case cards.RunApduScript(apdus=apdus):
-                responses = await self.registry.on_pcsc_worker(reader_id, pcsc.run_script, info.name, list(apdus))
-                return cards.ApduScriptResult(tuple(responses))
-            case cards.ReadCardInfo():
-                return self.registry.reader(reader_id)
+        if isinstance(op, cards.RunApduScript):
+            responses = await self.registry.on_pcsc_worker(reader_id, pcsc.run_script, info.name, list(op.apdus))
+            return cards.ApduScriptResult(tuple(responses))
+        if type(op) in READER_OPERATIONS:
+            return self.registry.reader(reader_id)
         raise UnsupportedOperation(f"{type(op).__name__} needs a PKCS#11 token; {reader_id!r} is a PC/SC reader",
                                    reader_id=reader_id)
 
     async def _token(self, reader_id: str, step: cards.Step) -> cards.StepValue:
         slot = self.registry.token_slot(reader_id)
-        call, slot_id, pin = slot.worker.call, slot.info.slot_id, step.user_pin
-        match step.operation:
-            case cards.GenerateKeyPair() as op:
-                return await call("generate_key_pair", slot_id, pin, op.key_type, op.label, op.key_id, op.csr_subject)
-            case cards.Sign() as op:
-                return cards.Signature(await call("sign", slot_id, pin, op.key_id, op.algorithm, op.data))
-            case cards.WriteCertificates() as op:
-                for c in op.certificates:
-                    await call("write_certificate", slot_id, pin, c.key_id, c.label, c.certificate_der)
-                return cards.WrittenCertificates(tuple(c.key_id for c in op.certificates))
-            case cards.ListObjects():
-                return cards.ObjectListing(tuple(await call("list_objects", slot_id, pin)))
-            case cards.DeleteObjects() as op:
-                return cards.DeletedCount(await call("delete_objects", slot_id, pin, op.key_id))
-            case cards.ReadCardInfo():
-                return self.registry.reader(reader_id)
-            case cards.ImportKeyPair() as op:
-                await call("import_key_pair", slot_id, pin, op.key_id, op.label, op.private_key_der, op.certificate_der)
-                return cards.KeyPairImported(op.key_id)
-            case cards.SetPins() as op:
-                await call("set_pins", slot_id, pin, step.so_pin, op.new_user_pin, op.new_so_pin)
-                return cards.PinsSet()
-            case cards.WriteDataObject() as op:
-                await call("write_data_object", slot_id, pin, op.application, op.label, op.value, op.private)
-                return cards.DataObjectWritten(op.label)
-        raise UnsupportedOperation(f"{type(step.operation).__name__} needs a PC/SC reader; {reader_id!r} is a "
-                                   "PKCS#11 slot", reader_id=reader_id)
+        op = step.operation
+        if type(op) in READER_OPERATIONS:
+            return self.registry.reader(reader_id)
+        run = TOKEN_OPERATIONS.get(type(op))
+        if run is None:
+            raise UnsupportedOperation(f"{type(op).__name__} needs a PC/SC reader; {reader_id!r} is a "
+                                       "PKCS#11 slot", reader_id=reader_id)
+        driver, slot_id = slot.driver, slot.info.slot_id
+        return await driver.thread.call_async(lambda: run(driver, slot_id, step, op))

@@ -1,15 +1,13 @@
 """The gateway's readers: PKCS#11 slots of every loaded module and PC/SC readers, each with
-the one worker thread that may touch it."""
+the one thread that may touch it (a token driver's module thread; one thread per PC/SC reader)."""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.core.token_worker import TokenWorker
-from gateway.drivers.base import PcscDriver, PcscReaderInfo, TokenInfo
+from gateway.drivers.base import PcscDriver, PcscReaderInfo, TokenDriver, TokenInfo
 from shared import cards
 from shared.errors import NoCardPresent, ReaderNotFound
 from shared.logging import get_logger
@@ -32,13 +30,13 @@ def pcsc_reader(info: PcscReaderInfo) -> cards.Reader:
 
 @dataclass
 class TokenSlot:
-    worker: TokenWorker
+    driver: TokenDriver
     info: TokenInfo
 
 
 @dataclass
 class ReaderRegistry:
-    token_workers: list[TokenWorker] = field(default_factory=list)
+    token_drivers: list[TokenDriver] = field(default_factory=list)
     pcsc: PcscDriver | None = None
     _tokens: dict[str, TokenSlot] = field(default_factory=dict)
     _pcsc_readers: dict[str, PcscReaderInfo] = field(default_factory=dict)
@@ -60,9 +58,9 @@ class ReaderRegistry:
     async def _refresh_tokens(self) -> None:
         before = {rid: token_reader(s.info) for rid, s in self._tokens.items()}
         tokens: dict[str, TokenSlot] = {}
-        for worker in self.token_workers:
-            for info in await worker.call("list_tokens"):
-                tokens[info.reader_id] = TokenSlot(worker, info)
+        for driver in self.token_drivers:
+            for info in await driver.thread.call_async(driver.list_tokens):
+                tokens[info.reader_id] = TokenSlot(driver, info)
         self._tokens = tokens
         self._emit_changes(before, {rid: token_reader(s.info) for rid, s in tokens.items()})
 
@@ -149,13 +147,9 @@ class ReaderRegistry:
         await asyncio.gather(pcsc_loop(), token_loop())
 
     def close(self) -> None:
-        for worker in self.token_workers:
-            worker.close()
+        for driver in self.token_drivers:
+            driver.close()
         for pool in self._pcsc_workers.values():
             pool.shutdown(wait=False)
         if self.pcsc is not None:
             self.pcsc.close()
-
-
-def module_short_name(path: pathlib.Path) -> str:
-    return path.stem.removeprefix("lib")

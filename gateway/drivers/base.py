@@ -6,12 +6,15 @@ conversion happens in gateway/api.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 # Card-level value types are shared with the orchestrator (both sides speak them).
 from shared.cards import (  # noqa: F401  (re-exported for drivers)
     Apdu, ApduResponse, GeneratedKey, KeyType, ObjectClass, SignatureAlgorithm, StoredObject,
 )
+
+if TYPE_CHECKING:
+    from shared.pkcs11_module import OwnerThread
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,11 @@ class TokenInfo:
 
 
 class TokenDriver(Protocol):
-    """One loaded PKCS#11 module. Not thread-safe: the core calls it from one worker."""
+    """One loaded PKCS#11 module. Its methods run on its module's one thread (`thread`): the
+    core awaits them with `driver.thread.call_async(lambda: driver.sign(...))`."""
 
+    @property
+    def thread(self) -> OwnerThread: ...
     def list_tokens(self) -> list[TokenInfo]: ...
     def generate_key_pair(self, slot_id: int, pin: str, key_type: KeyType, label: str,
                           key_id: bytes, csr_subject: str = "") -> GeneratedKey: ...

@@ -1,40 +1,29 @@
 """TokenDriver over any PKCS#11 module, through python-pkcs11 (tested with SoftHSM2).
 
-Not thread-safe, by necessity: python-pkcs11 calls C_Initialize(NULL), which tells the
-module the application is single-threaded, so SoftHSM2 switches its own locking off and two
-threads on one module crash it. Construct and call a driver from one thread only
-(gateway.core.token_worker.TokenWorker does that), and load each module in one driver per
-process.
+The module, its one thread and its logged-in sessions belong to shared.pkcs11_module's
+Pkcs11Module: every public method runs on the module's thread (a call from another thread is
+handed over and waited for), so the driver may be called from any thread, and the gateway
+awaits it through `driver.thread.call_async`.
 
-Sessions: PKCS#11 login state belongs to the process (a second C_Login on the same token
-raises UserAlreadyLoggedIn), and every call brings the user PIN. We keep one logged-in R/W
-session per slot and reuse it while the same PIN comes back; a different PIN logs out and
-logs in again, so a wrong PIN is always refused by the token itself. Measured on SoftHSM2
-2.6 (2 cores, token holding one key), ECDSA sign through the driver including the slot
-lookup and C_GetTokenInfo check each call makes: 0.6 ms median on the cached session,
+Sessions: every call brings the user PIN; the module keeps one logged-in R/W session per
+slot and reuses it while the same PIN comes back (see shared/pkcs11_module.py). Measured on
+SoftHSM2 2.6 (2 cores, token holding one key), ECDSA sign through the driver including the
+slot lookup and C_GetTokenInfo check each call makes: 0.6 ms median on the cached session,
 2.5 ms with open+login+logout+close around each call. (With ~100 objects on a SoftHSM2
 token the key search dominates instead, ~4 ms.) On a real card the saved PIN verify is
-10-900 ms. The cached session is dropped on any PKCS#11 error, when the slot's token
-changes serial, and on close().
+10-900 ms.
 
-The PIN itself is kept only inside the live session's login state: the cache remembers an
-HMAC of it under a random key that exists only in this process, never the PIN.
-
-set_pins does not use that cache: it drops the slot's cached session (user and SO cannot be
-logged in at once, and the cache is keyed by the old PIN) and logs in as user or SO in short
-sessions of its own. SoftHSM2 keeps the PINs it loaded for as long as the module is
-initialised: a PIN changed by another process is seen only after close() and a new driver.
+set_pins does not use the cached session: user and SO cannot be logged in at once, and the
+cache is keyed by the old PIN; it logs in as user or SO in short sessions of its own.
+SoftHSM2 keeps the PINs it loaded for as long as the module is initialised: a PIN changed by
+another process is seen only after the module is released by every user and acquired again.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import hashlib
-import hmac
-import os
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec, TypeVar
 
 import pkcs11
 import pkcs11.exceptions as p11err
@@ -43,7 +32,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from pkcs11 import Attribute, CertificateType, TokenFlag
+from pkcs11 import Attribute, CertificateType
 from pkcs11 import KeyType as P11KeyType
 from pkcs11 import ObjectClass as P11Class
 from pkcs11.util import biginteger
@@ -52,16 +41,18 @@ from pkcs11.util.ec import encode_named_curve_parameters
 from gateway.drivers.base import (
     GeneratedKey, KeyType, ObjectClass, SignatureAlgorithm, StoredObject, TokenInfo,
 )
-from shared.errors import (
-    CardIoError, CardlineError, ConfigurationError, InvalidArgument, KeyNotFound, NoCardPresent,
-    PinIncorrect, PinLocked, ReaderNotFound, WriteRefused,
-)
+from shared.errors import CardIoError, CardlineError, InvalidArgument, KeyNotFound, WriteRefused
 from shared.logging import get_logger
 # Token keys as cryptography keys, shared with the orchestrator's LocalCa on a token.
 from shared.pkcs11_keys import ecdsa_sha256 as _ecdsa_sha256
 from shared.pkcs11_keys import public_key_of as _spki_of_public
 from shared.pkcs11_keys import rsa_pkcs1_sha256 as _rsa_pkcs1_sha256
 from shared.pkcs11_keys import token_key as _adapter
+from shared.pkcs11_module import REFUSED_WRITE as _REFUSED_WRITE
+from shared.pkcs11_module import OwnerThread, Pkcs11Module, cardline_error, module_short_name
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 log = get_logger(__name__)
 
@@ -80,31 +71,20 @@ _CLASS_MAP = {
     P11Class.SECRET_KEY: ObjectClass.SECRET_KEY,
 }
 
-# The token says the card or its session is gone: report "no card", not a generic I/O error.
-_GONE = (p11err.TokenNotPresent, p11err.TokenNotRecognised, p11err.DeviceRemoved)
-_BAD_PIN = (p11err.PinIncorrect, p11err.PinLenRange, p11err.PinInvalid)
-_REFUSED_WRITE = (p11err.TokenWriteProtected, p11err.SessionReadOnly, p11err.DeviceMemory,
-                  p11err.TemplateInconsistent, p11err.TemplateIncomplete, p11err.AttributeValueInvalid,
-                  p11err.AttributeReadOnly, p11err.FunctionRejected)
-
-
-def module_short_name(module_path: str) -> str:
-    """'/usr/lib/softhsm/libsofthsm2.so' -> 'softhsm2'; 'opensc-pkcs11.so' -> 'opensc-pkcs11'."""
-    name = os.path.basename(module_path).split(".so")[0]
-    return name.removeprefix("lib") or name
-
-
 def _text(raw: bytes | str) -> str:
     if isinstance(raw, bytes):
         raw = raw.decode("ascii", "replace")
     return raw.strip()
 
 
-@dataclass
-class _CachedSession:
-    session: Any            # pkcs11.Session, logged in
-    token_serial: bytes
-    pin_tag: bytes          # HMAC of the PIN under the driver's per-process key
+def _on_module_thread(method: Callable[P, R]) -> Callable[P, R]:
+    """Runs a public driver method on its module's thread (after checking the driver is open)."""
+    @functools.wraps(method)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        driver: Pkcs11TokenDriver = args[0]  # type: ignore[assignment]
+        driver._check_open()
+        return driver.thread.call(lambda: method(*args, **kwargs))
+    return run
 
 
 class Pkcs11TokenDriver:
@@ -114,34 +94,27 @@ class Pkcs11TokenDriver:
     to "pkcs11:<module>:slot-<slot id>".
 
     New SoftHSM2 tokens (created by softhsm2-util in another process) become visible only
-    after the module is initialised again: close() finalises the module so that the next
-    driver re-reads SOFTHSM2_CONF and the token directory.
+    after the module is initialised again: close() releases the module, and the last user's
+    release finalises it, so that the next driver re-reads SOFTHSM2_CONF and the token
+    directory.
     """
 
     def __init__(self, module_path: str) -> None:
-        self._module_path = module_path
+        self._module = Pkcs11Module.acquire(module_path)
         self._short_name = module_short_name(module_path)
-        try:
-            # pkcs11.lib caches per path and (re)initialises it if a previous driver finalised it.
-            self._lib = pkcs11.lib(module_path)
-        except p11err.PKCS11Error as exc:
-            raise ConfigurationError(f"cannot load PKCS#11 module {module_path}: {exc}",
-                                     module=module_path) from exc
-        self._sessions: dict[int, _CachedSession] = {}
-        self._pin_key = os.urandom(32)
-        self._get_token_info: Any = None     # C_GetTokenInfo through ctypes; False: not available
         self._closed = False
+
+    @property
+    def thread(self) -> OwnerThread:
+        """The one thread every call runs on (the module's)."""
+        return self._module.thread
 
     # --- TokenDriver ---------------------------------------------------------------------
 
+    @_on_module_thread
     def list_tokens(self) -> list[TokenInfo]:
-        self._check_open()
-        try:
-            slots = self._lib.get_slots()
-        except p11err.PKCS11Error as exc:
-            raise CardIoError(f"cannot list slots of {self._short_name}: {type(exc).__name__}") from exc
         infos = []
-        for slot in slots:
+        for slot in self._module.slots():
             token = None
             if slot.flags & pkcs11.SlotFlag.TOKEN_PRESENT:
                 try:
@@ -162,6 +135,7 @@ class Pkcs11TokenDriver:
             ))
         return infos
 
+    @_on_module_thread
     def generate_key_pair(self, slot_id: int, pin: str, key_type: KeyType, label: str,
                           key_id: bytes, csr_subject: str = "") -> GeneratedKey:
         if not key_id:
@@ -199,6 +173,7 @@ class Pkcs11TokenDriver:
         log.info("key pair generated", slot_id=slot_id, key_type=key_type.value, key_id=key_id.hex())
         return GeneratedKey(key_id=key_id, public_key_der=public_der, csr_der=csr_der)
 
+    @_on_module_thread
     def sign(self, slot_id: int, pin: str, key_id: bytes, algorithm: SignatureAlgorithm,
              data: bytes) -> bytes:
         with self._session(slot_id, pin) as session:
@@ -211,6 +186,7 @@ class Pkcs11TokenDriver:
             raise InvalidArgument(f"{getattr(algorithm, 'value', algorithm)} does not fit the "
                                   f"{P11KeyType(kind).name} key {key_id.hex()}")
 
+    @_on_module_thread
     def write_certificate(self, slot_id: int, pin: str, key_id: bytes, label: str,
                           certificate_der: bytes) -> None:
         cert, cert_spki = _parse_certificate(certificate_der)
@@ -224,6 +200,7 @@ class Pkcs11TokenDriver:
                                                   certificate_der)
         log.info("certificate written", slot_id=slot_id, key_id=key_id.hex(), replaced=replaced)
 
+    @_on_module_thread
     def list_objects(self, slot_id: int, pin: str) -> list[StoredObject]:
         with self._session(slot_id, pin) as session:
             result = []
@@ -243,6 +220,7 @@ class Pkcs11TokenDriver:
                                            key_type=key_type, certificate_der=cert_der))
             return result
 
+    @_on_module_thread
     def delete_objects(self, slot_id: int, pin: str, key_id: bytes) -> int:
         if not key_id:
             raise InvalidArgument("key_id must not be empty (it would match nothing or everything)")
@@ -258,6 +236,7 @@ class Pkcs11TokenDriver:
         log.info("objects deleted", slot_id=slot_id, key_id=key_id.hex(), count=len(objects))
         return len(objects)
 
+    @_on_module_thread
     def import_key_pair(self, slot_id: int, pin: str, key_id: bytes, label: str, private_key_der: bytes,
                         certificate_der: bytes = b"") -> None:
         """Stores a key pair made off-card (archival, recovery): the private key becomes a
@@ -312,6 +291,7 @@ class Pkcs11TokenDriver:
         log.info("key pair imported", slot_id=slot_id, key_id=key_id.hex(),
                  key_type=public_template[Attribute.KEY_TYPE].name, certificate=cert is not None)
 
+    @_on_module_thread
     def set_pins(self, slot_id: int, user_pin: str, so_pin: str, new_user_pin: str, new_so_pin: str) -> None:
         """Changes the user PIN (C_SetPIN as user), resets it with the SO PIN when the user PIN
         is not given (C_InitPIN as SO, which also unblocks it), and changes the SO PIN (the
@@ -321,7 +301,6 @@ class Pkcs11TokenDriver:
         a wrong one changes nothing. The cached session of the slot is dropped (it is keyed by
         the old PIN, and SO and user cannot be logged in at the same time).
         """
-        self._check_open()
         for name, value in (("user_pin", user_pin), ("so_pin", so_pin), ("new_user_pin", new_user_pin),
                             ("new_so_pin", new_so_pin)):
             if not isinstance(value, str):
@@ -332,32 +311,32 @@ class Pkcs11TokenDriver:
             raise InvalidArgument("changing the user PIN needs the current user PIN or the SO PIN")
         if new_so_pin and not so_pin:
             raise InvalidArgument("changing the SO PIN needs the current SO PIN")
-        token = self._token(slot_id)
-        limits = self._pin_limits(slot_id)
+        self._module.token(slot_id)        # the slot and its token exist
+        limits = self._module.pin_limits(slot_id)
         for role, new in (("user", new_user_pin), ("SO", new_so_pin)):
             if new and limits is not None and not limits[0] <= len(new.encode()) <= limits[1]:
                 raise InvalidArgument(f"the new {role} PIN must have {limits[0]} to {limits[1]} bytes",
                                       slot_id=str(slot_id))
-        self._drop(slot_id)
         change_user = bool(new_user_pin and user_pin)
         reset_user = bool(new_user_pin and not user_pin)
         as_so = reset_user or bool(new_so_pin)
         if change_user and as_so:
             # Both roles are needed: check the user PIN before the SO part changes anything.
-            with self._pin_session(slot_id, token, user_pin=user_pin):
+            with self._pin_session(slot_id, user_pin=user_pin):
                 pass
         if as_so:
-            with self._pin_session(slot_id, token, so_pin=so_pin) as session:
+            with self._pin_session(slot_id, so_pin=so_pin) as session:
                 if reset_user:
                     session.init_pin(new_user_pin)
                 if new_so_pin:
                     session.set_pin(so_pin, new_so_pin)
         if change_user:
-            with self._pin_session(slot_id, token, user_pin=user_pin) as session:
+            with self._pin_session(slot_id, user_pin=user_pin) as session:
                 session.set_pin(user_pin, new_user_pin)
         log.info("PINs set", slot_id=slot_id, user_pin_changed=change_user, user_pin_reset=reset_user,
                  so_pin_changed=bool(new_so_pin))
 
+    @_on_module_thread
     def write_data_object(self, slot_id: int, pin: str, application: str, label: str, value: bytes,
                           private: bool) -> None:
         """A CKO_DATA object named by CKA_APPLICATION + CKA_LABEL; it replaces the data object of
@@ -382,14 +361,11 @@ class Pkcs11TokenDriver:
                  private=bool(private), size=len(value), replaced=len(old))
 
     def close(self) -> None:
-        """Logs out, closes the sessions and finalises the module (see the class docstring)."""
+        """Releases the module (the last user's release logs out and finalises it)."""
         if self._closed:
             return
         self._closed = True
-        for slot_id in list(self._sessions):
-            self._drop(slot_id)
-        with contextlib.suppress(p11err.PKCS11Error):
-            self._lib.finalize()
+        self._module.release()
 
     # --- sessions ------------------------------------------------------------------------
 
@@ -400,154 +376,32 @@ class Pkcs11TokenDriver:
     @contextlib.contextmanager
     def _session(self, slot_id: int, pin: str) -> Iterator[Any]:
         """A logged-in R/W session on the slot's token; PKCS#11 errors become cardline errors."""
-        self._check_open()
         if not isinstance(pin, str) or not pin:
             raise InvalidArgument("a user PIN is required")
-        token = self._token(slot_id)
-        session = self._login(slot_id, token, pin)
+        session = self._module.login(slot_id, pin)
         try:
             yield session
         except CardlineError:
             raise           # our own verdicts (KeyNotFound...): the session is still good
         except p11err.PKCS11Error as exc:
-            self._drop(slot_id)
-            if isinstance(exc, (*_GONE, p11err.SessionClosed, p11err.SessionHandleInvalid)):
-                raise NoCardPresent(f"the token in slot {slot_id} went away", slot_id=str(slot_id)) from exc
-            raise CardIoError(f"PKCS#11 error on slot {slot_id}: {type(exc).__name__}",
-                              slot_id=str(slot_id)) from exc
-
-    def _token(self, slot_id: int):
-        try:
-            slots = {s.slot_id: s for s in self._lib.get_slots()}
-        except p11err.PKCS11Error as exc:
-            raise CardIoError(f"cannot list slots of {self._short_name}: {type(exc).__name__}") from exc
-        slot = slots.get(slot_id)
-        if slot is None:
-            self._drop(slot_id)
-            raise ReaderNotFound(f"no slot {slot_id} in {self._short_name}", slot_id=str(slot_id))
-        try:
-            return slot.get_token()
-        except _GONE as exc:
-            self._drop(slot_id)
-            raise NoCardPresent(f"no token in slot {slot_id}", slot_id=str(slot_id)) from exc
-        except p11err.PKCS11Error as exc:
-            self._drop(slot_id)
-            # SoftHSM2 answers GeneralError for a token deleted under a live process.
-            raise CardIoError(f"the token in slot {slot_id} cannot be read (removed?): "
-                              f"{type(exc).__name__}", slot_id=str(slot_id)) from exc
-
-    def _login(self, slot_id: int, token, pin: str):
-        tag = hmac.new(self._pin_key, pin.encode(), hashlib.sha256).digest()
-        cached = self._sessions.get(slot_id)
-        if cached is not None:
-            if cached.token_serial == token.serial and hmac.compare_digest(cached.pin_tag, tag):
-                return cached.session
-            self._drop(slot_id)     # other token or other PIN: log out, then in again
-        if token.flags & TokenFlag.USER_PIN_LOCKED:
-            raise PinLocked(f"the user PIN of the token in slot {slot_id} is blocked", slot_id=str(slot_id))
-        try:
-            session = self._open(token, pin)
-        except _BAD_PIN as exc:
-            raise self._pin_error(slot_id) from exc
-        except p11err.PinLocked as exc:
-            raise PinLocked(f"the user PIN of the token in slot {slot_id} is blocked",
-                            slot_id=str(slot_id)) from exc
-        except _GONE as exc:
-            raise NoCardPresent(f"no token in slot {slot_id}", slot_id=str(slot_id)) from exc
-        except p11err.UserAlreadyLoggedIn as exc:
-            # Someone else in this process holds a login we do not know about; we cannot
-            # check the PIN against it, so refuse rather than ride on it.
-            raise CardIoError(f"the token in slot {slot_id} is already logged in by another "
-                              "session of this process", slot_id=str(slot_id)) from exc
-        except p11err.PKCS11Error as exc:
-            raise CardIoError(f"cannot log in to slot {slot_id}: {type(exc).__name__}",
-                              slot_id=str(slot_id)) from exc
-        self._sessions[slot_id] = _CachedSession(session, token.serial, tag)
-        return session
-
-    @staticmethod
-    def _open(token, pin: str):
-        try:
-            return token.open(rw=True, user_pin=pin)
-        except p11err.TokenWriteProtected:
-            # Read-only tokens still sign; writes then fail as SessionReadOnly -> WriteRefused.
-            return token.open(rw=False, user_pin=pin)
-
-    def _pin_error(self, slot_id: int, so: bool = False) -> CardlineError:
-        """PKCS#11 reveals retries only as flags: 'final try' means one left."""
-        try:
-            flags = self._token(slot_id).flags
-        except CardlineError:
-            flags = TokenFlag(0)
-        role, locked, final = (("SO", TokenFlag.SO_PIN_LOCKED, TokenFlag.SO_PIN_FINAL_TRY) if so else
-                               ("user", TokenFlag.USER_PIN_LOCKED, TokenFlag.USER_PIN_FINAL_TRY))
-        if flags & locked:
-            return PinLocked(f"the {role} PIN of the token in slot {slot_id} is now blocked", slot_id=str(slot_id))
-        if flags & final:
-            return PinIncorrect(f"wrong {role} PIN", slot_id=str(slot_id), attempts_remaining="1")
-        return PinIncorrect(f"wrong {role} PIN", slot_id=str(slot_id))
+            self._module.drop(slot_id)
+            raise cardline_error(exc, f"slot {slot_id}", slot_id=str(slot_id)) from exc
 
     @contextlib.contextmanager
-    def _pin_session(self, slot_id: int, token, *, user_pin: str | None = None,
+    def _pin_session(self, slot_id: int, *, user_pin: str | None = None,
                      so_pin: str | None = None) -> Iterator[Any]:
-        """A short R/W session logged in as user or SO, for PIN management; closed (and so
-        logged out) on exit. PKCS#11 errors become cardline errors."""
-        role = "SO" if so_pin is not None else "user"
-        try:
-            session = token.open(rw=True, user_pin=user_pin, so_pin=so_pin)
-        except _BAD_PIN as exc:
-            raise self._pin_error(slot_id, so=so_pin is not None) from exc
-        except p11err.PinLocked as exc:
-            raise PinLocked(f"the {role} PIN of the token in slot {slot_id} is blocked",
-                            slot_id=str(slot_id)) from exc
-        except _GONE as exc:
-            raise NoCardPresent(f"no token in slot {slot_id}", slot_id=str(slot_id)) from exc
-        except (p11err.UserAlreadyLoggedIn, p11err.AnotherUserAlreadyLoggedIn) as exc:
-            raise CardIoError(f"the token in slot {slot_id} is already logged in by another "
-                              "session of this process", slot_id=str(slot_id)) from exc
-        except p11err.PKCS11Error as exc:
-            raise CardIoError(f"cannot log in as {role} to slot {slot_id}: {type(exc).__name__}",
-                              slot_id=str(slot_id)) from exc
-        try:
-            yield session
-        except (p11err.PinLenRange, p11err.PinInvalid, p11err.PinTooWeak) as exc:
-            raise InvalidArgument(f"the token refused the new PIN: {type(exc).__name__}",
-                                  slot_id=str(slot_id)) from exc
-        except p11err.PinIncorrect as exc:
-            raise self._pin_error(slot_id, so=so_pin is not None) from exc
-        except (*_GONE, p11err.SessionClosed, p11err.SessionHandleInvalid) as exc:
-            raise NoCardPresent(f"the token in slot {slot_id} went away", slot_id=str(slot_id)) from exc
-        except p11err.PKCS11Error as exc:
-            raise CardIoError(f"PKCS#11 error on slot {slot_id}: {type(exc).__name__}",
-                              slot_id=str(slot_id)) from exc
-        finally:
-            with contextlib.suppress(p11err.PKCS11Error):
-                session.close()
-
-    def _pin_limits(self, slot_id: int) -> tuple[int, int] | None:
-        """(ulMinPinLen, ulMaxPinLen) of the slot's token, or None if they cannot be read.
-
-        python-pkcs11 0.10 keeps only some CK_TOKEN_INFO fields, so this asks the module
-        itself through its C_GetFunctionList (the module is already initialised by
-        python-pkcs11 in this process; dlopen hands back the same loaded copy)."""
-        if self._get_token_info is None:
-            self._get_token_info = _token_info_function(self._module_path) or False
-        if not self._get_token_info:
-            return None
-        info = _CkTokenInfo()
-        if self._get_token_info(slot_id, ctypes.byref(info)) != 0:      # CKR_OK
-            return None
-        low, high = int(info.ulMinPinLen), int(info.ulMaxPinLen)
-        if high == 0 or high < low or high >= 1 << 31:   # unknown / CK_UNAVAILABLE_INFORMATION
-            return None
-        return low, high
-
-    def _drop(self, slot_id: int) -> None:
-        cached = self._sessions.pop(slot_id, None)
-        if cached is not None:
-            # The session may already be dead (token removed); closing is best effort.
-            with contextlib.suppress(p11err.PKCS11Error):
-                cached.session.close()
+        """A short session logged in as user or SO for PIN management; a PIN the token refuses
+        as a new PIN is InvalidArgument, other PKCS#11 errors become cardline errors."""
+        with self._module.role_session(slot_id, user_pin=user_pin, so_pin=so_pin) as session:
+            try:
+                yield session
+            except (p11err.PinLenRange, p11err.PinInvalid, p11err.PinTooWeak) as exc:
+                raise InvalidArgument(f"the token refused the new PIN: {type(exc).__name__}",
+                                      slot_id=str(slot_id)) from exc
+            except p11err.PinIncorrect as exc:
+                raise self._module.pin_error(slot_id, so=so_pin is not None) from exc
+            except p11err.PKCS11Error as exc:
+                raise cardline_error(exc, f"slot {slot_id}", slot_id=str(slot_id)) from exc
 
     # --- keys ----------------------------------------------------------------------------
 
@@ -700,48 +554,6 @@ def _key_templates(key, key_id: bytes, label: str) -> tuple[dict, dict]:
                        Attribute.PUBLIC_EXPONENT: biginteger(pub.e),
                        Attribute.ENCRYPT: True, Attribute.WRAP: True})
     return private, public
-
-
-class _CkTokenInfo(ctypes.Structure):
-    """CK_TOKEN_INFO with the default (non-Windows) structure packing."""
-    _fields_ = [("label", ctypes.c_char * 32), ("manufacturerID", ctypes.c_char * 32),
-                ("model", ctypes.c_char * 16), ("serialNumber", ctypes.c_char * 16),
-                ("flags", ctypes.c_ulong), ("ulMaxSessionCount", ctypes.c_ulong),
-                ("ulSessionCount", ctypes.c_ulong), ("ulMaxRwSessionCount", ctypes.c_ulong),
-                ("ulRwSessionCount", ctypes.c_ulong), ("ulMaxPinLen", ctypes.c_ulong),
-                ("ulMinPinLen", ctypes.c_ulong), ("ulTotalPublicMemory", ctypes.c_ulong),
-                ("ulFreePublicMemory", ctypes.c_ulong), ("ulTotalPrivateMemory", ctypes.c_ulong),
-                ("ulFreePrivateMemory", ctypes.c_ulong), ("hardwareVersion", ctypes.c_ubyte * 2),
-                ("firmwareVersion", ctypes.c_ubyte * 2), ("utcTime", ctypes.c_char * 16)]
-
-
-_C_GetTokenInfo = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.POINTER(_CkTokenInfo))
-
-
-class _CkFunctionListHead(ctypes.Structure):
-    """The start of CK_FUNCTION_LIST, up to C_GetTokenInfo (same order in every version)."""
-    _fields_ = [("version", ctypes.c_ubyte * 2)] + [
-        (name, ctypes.c_void_p) for name in ("C_Initialize", "C_Finalize", "C_GetInfo", "C_GetFunctionList",
-                                             "C_GetSlotList", "C_GetSlotInfo")
-    ] + [("C_GetTokenInfo", _C_GetTokenInfo)]
-
-
-def _token_info_function(module_path: str):
-    """The module's C_GetTokenInfo, or None where it cannot be had safely."""
-    if os.name == "nt":     # PKCS#11 structures are packed to 1 byte there
-        return None
-    try:
-        module = ctypes.CDLL(module_path)
-        get_list = module.C_GetFunctionList
-        get_list.restype = ctypes.c_ulong
-        get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_CkFunctionListHead))]
-        funcs = ctypes.POINTER(_CkFunctionListHead)()
-        if get_list(ctypes.byref(funcs)) != 0 or not funcs:
-            return None
-        function = funcs.contents.C_GetTokenInfo
-        return function if function else None
-    except (OSError, AttributeError, ValueError):
-        return None
 
 
 def _find(session, cls: P11Class, key_id: bytes) -> list:

@@ -33,12 +33,12 @@ certificate is signed by the token and written to ca-cert.pem, then also stored 
 under the key's CKA_ID and label. Later starts find the key by its label, and check it
 against ca-cert.pem. Every certificate and CRL is signed by the token; the rest of the
 directory is as above. python-pkcs11 is not thread-safe (docs/ca-connectors.md): every token call
-runs on one worker thread owned by this LocalCa, and the module must not be in use by
-another component of the process. close() logs out and finalises the module.
+runs on the module's one thread, owned by shared.pkcs11_module for the whole process (the
+KEK may share the module and the token). close() releases the module; the last user's
+release logs out and finalises it.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import datetime as dt
 import hashlib
@@ -58,7 +58,7 @@ from cryptography.x509.oid import NameOID
 
 from orchestrator.ca.base import REVOCATION_REASONS, IssueProfile, checked_request, revocation_reason
 from shared.files import write_atomic
-from shared.errors import CaRefused, CaUnavailable, ConfigurationError
+from shared.errors import CaRefused, CaUnavailable, CardlineError, ConfigurationError
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -436,67 +436,68 @@ def _read_pin(path: pathlib.Path) -> str:
 
 
 class _TokenCaKey:
-    """The CA's key pair on a PKCS#11 token, driven from one worker thread owned by this object.
+    """The CA's key pair on a PKCS#11 token, through this process's owner of the module
+    (shared.pkcs11_module): every token call runs on the module's one thread, and the login
+    is shared with any other user of the same token in this process (e.g. the KEK).
 
-    Construction loads the module, finds the token by label and logs in (on the worker), so a
-    wrong module, token label or PIN is a ConfigurationError at start-up. A module that another
-    component of this process has initialised is refused (python-pkcs11 modules must have a
-    single owner thread, and one owner's finalize would pull the module from under the other).
-    Signing re-opens a lost session once (token restarted); other token failures are
-    CaUnavailable.
+    Construction loads the module, finds the token by label and logs in, so a wrong module,
+    token label or PIN is a ConfigurationError at start-up. Signing logs in again once after a
+    lost session (token restarted); other token failures are CaUnavailable.
     """
 
     def __init__(self, ref: Pkcs11KeyRef, ca_name: str) -> None:
+        from shared.pkcs11_module import Pkcs11Module, TokenLogin   # python-pkcs11 only when configured
+
         if not ref.module_path or not ref.token_label or not ref.key_label:
             raise ConfigurationError(f"CA {ca_name!r}: a key on a PKCS#11 token needs a module, a token "
                                      "label and a key label")
         self._ref = ref
         self._ca_name = ca_name
-        self._pin = _read_pin(pathlib.Path(ref.pin_file))
         self._where = f"key {ref.key_label!r} on PKCS#11 token {ref.token_label!r}"
-        self._lib: Any = None
-        self._session: Any = None
         self._priv: Any = None
         self._key_id = b""
         self._closed = False
         self._threads: set[int] = set()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ca-pkcs11")
+        pin = _read_pin(pathlib.Path(ref.pin_file))
         try:
-            self.run(self._start)
-        except BaseException:
+            self._module = Pkcs11Module.acquire(ref.module_path)
+        except CardlineError as exc:
+            raise ConfigurationError(f"CA {ca_name!r}: {exc.message}", module=ref.module_path) from exc
+        self._login = TokenLogin(self._module, ref.token_label, pin, self._found_again)
+        try:
+            self._login.run(lambda session: None)
+        except CardlineError as exc:
             self.close()
-            raise
+            raise ConfigurationError(f"CA {ca_name!r}: {exc.message}", token_label=ref.token_label) from exc
 
     @property
     def token_call_threads(self) -> frozenset[int]:
         return frozenset(self._threads)
 
-    def run(self, fn: Callable[[], T]) -> T:
-        """Runs fn (a token operation) on the worker thread and returns its result."""
+    def run(self, fn: Callable[[Any], T]) -> T:
+        """Runs fn(session) on the module's thread; token failures are CaUnavailable."""
         if self._closed:
             raise CaUnavailable(f"CA {self._ca_name!r}: the token of its key is closed", ca=self._ca_name)
 
-        def on_worker() -> T:
+        def on_thread(session: Any) -> T:
             self._threads.add(threading.get_ident())
-            return fn()
+            return fn(session)
         try:
-            future = self._executor.submit(on_worker)
-        except RuntimeError as exc:      # shut down by a concurrent close()
-            raise CaUnavailable(f"CA {self._ca_name!r}: the token of its key is closed",
-                                ca=self._ca_name) from exc
-        return future.result()
+            return self._login.run(on_thread)
+        except (CaUnavailable, ConfigurationError):
+            raise
+        except CardlineError as exc:
+            raise CaUnavailable(f"CA {self._ca_name!r}: {exc.message}", ca=self._ca_name) from exc
 
     def close(self) -> None:
+        """Releases the module (the last user's release logs out and finalises it)."""
         if self._closed:
             return
         self._closed = True
-        try:
-            self._executor.submit(self._shutdown).result()
-        finally:
-            self._executor.shutdown(wait=True)
-            self._pin = ""
+        self._login.forget_pin()
+        self._module.release()
 
-    # -- called from LocalCa (each goes to the worker) ----------------------------------------
+    # -- called from LocalCa ------------------------------------------------------------------
 
     def find_key(self):
         """(signing key, certificate on the token or None), or None when no key has the label."""
@@ -506,64 +507,26 @@ class _TokenCaKey:
         return self.run(self._generate_key)
 
     def store_certificate(self, cert: x509.Certificate) -> None:
-        self.run(lambda: self._store_certificate(cert))
+        self.run(lambda session: self._store_certificate(session, cert))
 
-    # -- on the worker thread -----------------------------------------------------------------
+    # -- on the module's thread ---------------------------------------------------------------
 
-    def _start(self) -> None:
-        import pkcs11
-        import pkcs11.exceptions as p11err
+    def _found_again(self, session: Any) -> None:
+        """After a new login: the key found before must still be there, under the same id."""
+        if not self._key_id:
+            return
+        found = self._private_key_by_label(session)
+        if found is None or found[1] != self._key_id:
+            raise CaUnavailable(f"CA {self._ca_name!r}: the {self._where} was removed or replaced while "
+                                "cardline was running", ca=self._ca_name)
+        self._priv = found[0]
 
-        module = self._ref.module_path
-        loaded = getattr(pkcs11, "_loaded", {}).get(module)
-        if loaded is not None and loaded.initialized:
-            raise ConfigurationError(
-                f"CA {self._ca_name!r}: the PKCS#11 module {module} is already in use by another "
-                "component of this process; python-pkcs11 modules must have a single owner thread",
-                module=module)
-        try:
-            self._lib = pkcs11.lib(module)
-        except p11err.PKCS11Error as exc:
-            raise ConfigurationError(f"CA {self._ca_name!r}: cannot load PKCS#11 module {module}: {exc}",
-                                     module=module) from exc
-        self._open_session()
-
-    def _open_session(self) -> None:
-        import pkcs11.exceptions as p11err
-
-        label = self._ref.token_label
-        try:
-            token = self._lib.get_token(token_label=label)
-        except p11err.NoSuchToken as exc:
-            raise ConfigurationError(f"CA {self._ca_name!r}: no PKCS#11 token labelled {label!r} in "
-                                     f"{self._ref.module_path}", token_label=label) from exc
-        except p11err.MultipleTokensReturned as exc:
-            raise ConfigurationError(f"CA {self._ca_name!r}: several PKCS#11 tokens are labelled {label!r}",
-                                     token_label=label) from exc
-        except p11err.PKCS11Error as exc:
-            raise CaUnavailable(f"CA {self._ca_name!r}: cannot list the tokens of {self._ref.module_path}: "
-                                f"{type(exc).__name__}", token_label=label) from exc
-        try:
-            self._session = token.open(rw=True, user_pin=self._pin)
-        except (p11err.PinIncorrect, p11err.PinInvalid, p11err.PinLenRange) as exc:
-            raise ConfigurationError(f"CA {self._ca_name!r}: the PIN for token {label!r} was refused",
-                                     token_label=label) from exc
-        except p11err.PinLocked as exc:
-            raise ConfigurationError(f"CA {self._ca_name!r}: the user PIN of token {label!r} is blocked",
-                                     token_label=label) from exc
-        except p11err.UserAlreadyLoggedIn as exc:
-            raise ConfigurationError(f"CA {self._ca_name!r}: token {label!r} is already logged in by "
-                                     "another component of this process", token_label=label) from exc
-        except p11err.PKCS11Error as exc:
-            raise CaUnavailable(f"CA {self._ca_name!r}: cannot log in to token {label!r}: "
-                                f"{type(exc).__name__}", token_label=label) from exc
-
-    def _private_key_by_label(self):
+    def _private_key_by_label(self, session: Any):
         from pkcs11 import Attribute, ObjectClass
         from pkcs11 import KeyType as P11KeyType
 
-        found = list(self._session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
-                                                Attribute.LABEL: self._ref.key_label}))
+        found = list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                                           Attribute.LABEL: self._ref.key_label}))
         if len(found) > 1:
             raise ConfigurationError(f"CA {self._ca_name!r}: {len(found)} private keys are labelled "
                                      f"{self._ref.key_label!r} on token {self._ref.token_label!r}; keep one",
@@ -587,25 +550,26 @@ class _TokenCaKey:
                                      f"{', '.join(problems)}", key_label=self._ref.key_label)
         return priv, bytes(attrs[Attribute.ID])
 
-    def _by_id(self, cls, key_id: bytes) -> list:
+    @staticmethod
+    def _by_id(session: Any, cls, key_id: bytes) -> list:
         from pkcs11 import Attribute
 
-        return list(self._session.get_objects({Attribute.CLASS: cls, Attribute.ID: key_id}))
+        return list(session.get_objects({Attribute.CLASS: cls, Attribute.ID: key_id}))
 
-    def _find_key(self):
+    def _find_key(self, session: Any):
         from pkcs11 import Attribute, ObjectClass
 
         from shared.pkcs11_keys import public_key_of
 
-        found = self._private_key_by_label()
+        found = self._private_key_by_label(session)
         if found is None:
             return None
         self._priv, self._key_id = found
         token_cert = None
-        for obj in self._by_id(ObjectClass.CERTIFICATE, self._key_id):
+        for obj in self._by_id(session, ObjectClass.CERTIFICATE, self._key_id):
             with contextlib.suppress(ValueError):
                 token_cert = x509.load_der_x509_certificate(bytes(obj[Attribute.VALUE]))
-        publics = self._by_id(ObjectClass.PUBLIC_KEY, self._key_id)
+        publics = self._by_id(session, ObjectClass.PUBLIC_KEY, self._key_id)
         if publics:
             public_key = public_key_of(publics[0])
         elif token_cert is not None:
@@ -619,7 +583,7 @@ class _TokenCaKey:
                                      key_label=self._ref.key_label)
         return self._adapter(public_key), token_cert
 
-    def _generate_key(self):
+    def _generate_key(self, session: Any):
         from pkcs11 import Attribute, MechanismFlag
         from pkcs11 import KeyType as P11KeyType
         from pkcs11.util.ec import encode_named_curve_parameters
@@ -627,7 +591,7 @@ class _TokenCaKey:
         from shared.pkcs11_keys import public_key_of
 
         key_id = os.urandom(16)
-        params = self._session.create_domain_parameters(
+        params = session.create_domain_parameters(
             P11KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
         pub, priv = params.generate_keypair(
             store=True, id=key_id, label=self._ref.key_label,
@@ -643,18 +607,18 @@ class _TokenCaKey:
     def _adapter(self, public_key):
         from shared.pkcs11_keys import token_key
 
-        # The adapter hashes on the caller's thread and hands the raw ECDSA to self.run; the
-        # private key object it is given resolves the current session's handle there.
-        return token_key(_SigningHandle(self), public_key, call=self.run)
+        # The adapter hashes on the caller's thread and hands the raw ECDSA to run(); the
+        # private key object it is given resolves the current session's key there.
+        return token_key(_SigningHandle(self), public_key, call=lambda fn: self.run(lambda session: fn()))
 
-    def _store_certificate(self, cert: x509.Certificate) -> None:
+    def _store_certificate(self, session: Any, cert: x509.Certificate) -> None:
         import pkcs11.exceptions as p11err
         from asn1crypto.core import Integer
         from pkcs11 import Attribute, CertificateType, ObjectClass
 
-        old = self._by_id(ObjectClass.CERTIFICATE, self._key_id)
+        old = self._by_id(session, ObjectClass.CERTIFICATE, self._key_id)
         try:
-            new = self._session.create_object({
+            new = session.create_object({
                 Attribute.CLASS: ObjectClass.CERTIFICATE,
                 Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
                 Attribute.TOKEN: True,
@@ -678,55 +642,13 @@ class _TokenCaKey:
                     obj.destroy()
 
     def sign_raw(self, data: bytes, mechanism) -> bytes:
-        """The token's signature of data (worker thread); re-opens a lost session once."""
-        import pkcs11.exceptions as p11err
-
-        for attempt in (1, 2):
-            try:
-                if self._session is None:
-                    self._reconnect()
-                return self._priv.sign(data, mechanism=mechanism)
-            except (p11err.SessionClosed, p11err.SessionHandleInvalid, p11err.ObjectHandleInvalid,
-                    p11err.UserNotLoggedIn, p11err.TokenNotPresent, p11err.DeviceRemoved) as exc:
-                self._drop_session()
-                if attempt == 2:
-                    raise CaUnavailable(f"CA {self._ca_name!r}: the token of its key is not reachable: "
-                                        f"{type(exc).__name__}", ca=self._ca_name) from exc
-            except p11err.PKCS11Error as exc:
-                raise CaUnavailable(f"CA {self._ca_name!r}: the token failed to sign: {type(exc).__name__}",
-                                    ca=self._ca_name) from exc
-        raise AssertionError("unreachable")
-
-    def _reconnect(self) -> None:
-        try:
-            self._open_session()
-            found = self._private_key_by_label()
-        except ConfigurationError as exc:
-            self._drop_session()
-            raise CaUnavailable(exc.message, ca=self._ca_name) from exc
-        if found is None or found[1] != self._key_id:
-            self._drop_session()
-            raise CaUnavailable(f"CA {self._ca_name!r}: the {self._where} was removed or replaced while "
-                                "cardline was running", ca=self._ca_name)
-        self._priv = found[0]
-
-    def _drop_session(self) -> None:
-        from shared import pkcs11_keys   # python-pkcs11 only when a token is configured
-
-        session, self._session, self._priv = self._session, None, None
-        pkcs11_keys.close_session(session)
-
-    def _shutdown(self) -> None:
-        from shared import pkcs11_keys
-
-        self._drop_session()
-        lib, self._lib = self._lib, None
-        pkcs11_keys.finalize(lib)
+        """The token's signature of data, by the key of the current session (module thread)."""
+        return self._priv.sign(data, mechanism=mechanism)
 
 
 class _SigningHandle:
     """Stands for the CA's private key object in shared.pkcs11_keys: sign() goes through the
-    session in use at the time (called on the worker thread)."""
+    session in use at the time (called on the module's thread)."""
 
     def __init__(self, token: _TokenCaKey) -> None:
         self._token = token

@@ -46,8 +46,8 @@ _PKCS11_KEYS = {*_PKCS11_REQUIRED, "key_label"}
 
 
 def _check_pkcs11(where: str, entry: dict[str, Any], problems: list[str],
-                  modules: dict[str, str]) -> None:
-    """Problems of a LocalCa entry's pkcs11 mapping; modules: module path -> first CA using it."""
+                  keys: dict[str, str]) -> None:
+    """Problems of a LocalCa entry's pkcs11 mapping; keys: module/token/key label -> first CA using it."""
     options = entry["pkcs11"]
     if not isinstance(options, dict):
         problems.append(f"{where}: pkcs11 must be a mapping with {', '.join(_PKCS11_REQUIRED)} "
@@ -65,14 +65,15 @@ def _check_pkcs11(where: str, entry: dict[str, Any], problems: list[str],
     if "passphrase_file" in entry:
         problems.append(f"{where}: passphrase_file and pkcs11 exclude each other (a key on a token has "
                         "no passphrase)")
-    module = options.get("module")
-    if isinstance(module, str) and module.strip():
-        if module in modules:
-            # python-pkcs11 modules need one owner thread per process (docs/ca-connectors.md, Threads).
-            problems.append(f"{where}: the PKCS#11 module {module} is used by two CAs ({modules[module]} "
-                            "too); one module can serve one CA per process")
+    # CAs may share a module and a token (one owner per module in the process), not a key.
+    key = (options.get("module"), options.get("token_label"), options.get("key_label", "cardline-ca"))
+    if all(isinstance(part, str) and part.strip() for part in key):
+        name = "/".join(str(part) for part in key)
+        if name in keys:
+            problems.append(f"{where}: the key {key[2]!r} on PKCS#11 token {key[1]!r} is used by two CAs "
+                            f"({keys[name]} too); give each CA a key_label of its own")
         else:
-            modules[module] = where
+            keys[name] = where
 
 
 def build_cas(settings_cas: list[dict[str, Any]] | None,
@@ -88,7 +89,7 @@ def build_cas(settings_cas: list[dict[str, Any]] | None,
     planned: list[tuple[str, str, dict[str, Any]]] = []
     local_entry: dict[str, Any] = {}
     seen: set[str] = set()
-    modules: dict[str, str] = {}
+    keys: dict[str, str] = {}
     for number, entry in enumerate(settings_cas or [], 1):
         where = f"cas[{number}]"
         if not isinstance(entry, dict):
@@ -120,7 +121,7 @@ def build_cas(settings_cas: list[dict[str, Any]] | None,
         if "tag_requests" in entry and not isinstance(entry["tag_requests"], bool):
             problems.append(f"{where}: tag_requests must be true or false")
         if kind == "local" and "pkcs11" in entry:
-            _check_pkcs11(where, entry, problems, modules)
+            _check_pkcs11(where, entry, problems, keys)
         if embedded:
             local_entry = entry
         elif isinstance(name, str):

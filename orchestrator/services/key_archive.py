@@ -32,16 +32,15 @@ through the orchestrator's memory in plain form when it is generated and when it
 for recovery — inherent to server-side generation — but never through a file, a log or the
 store.
 
-Pkcs11Kek and threads: python-pkcs11 initialises a module as single-threaded, so every token
-call (including C_Initialize and C_Finalize) runs on one thread owned by the Pkcs11Kek.
-Login belongs to the process: the Pkcs11Kek refuses a module that another component of this
-process has already initialised (two owners would call it from two threads, and one's
-finalize would pull the module from under the other). close() finalises the module, so a
-later user (a test's gateway driver, a new Pkcs11Kek) initialises it afresh.
+Pkcs11Kek and threads: python-pkcs11 initialises a module as single-threaded, and login
+belongs to the process, so every token call (including C_Initialize and C_Finalize) runs on
+the module's one thread, owned by shared.pkcs11_module for the whole process: the KEK and
+the CA key (orchestrator/ca/local.py) may share one module, even one token. close()
+releases the module; the last user's release finalises it, so a later user initialises it
+afresh.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -57,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from shared.cards import KeyType
-from shared.errors import CardIoError, ConfigurationError, InvalidArgument
+from shared.errors import CardIoError, CardlineError, ConfigurationError, InvalidArgument
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -268,40 +267,39 @@ class Pkcs11Kek:
     recreated under the same label is told apart. An existing key with that label that is
     extractable or not sensitive is refused.
 
-    Every token call runs on one worker thread owned by this object (see the module
-    docstring). The PIN stays in this object's memory only (to log in again if the session is
-    lost). Construction connects, logs in and finds or creates the key, so a wrong module,
-    token label or PIN fails at start-up as a ConfigurationError. Call close() when done.
+    Token calls go through this process's owner of the module (shared.pkcs11_module; see the
+    module docstring). The PIN stays in memory only (to log in again if the session is lost).
+    Construction connects, logs in and finds or creates the key, so a wrong module, token
+    label or PIN fails at start-up as a ConfigurationError. Call close() when done.
     """
 
     algorithm = ALGORITHM
 
     def __init__(self, module_path: str, token_label: str, pin: str,
                  key_label: str = "cardline-kek") -> None:
+        from shared.pkcs11_module import Pkcs11Module, TokenLogin   # python-pkcs11 only when configured
+
         if not token_label or not key_label:
             raise ConfigurationError("a PKCS#11 KEK needs a token label and a key label")
         if not isinstance(pin, str) or not pin:
             raise ConfigurationError("a PKCS#11 KEK needs the token's user PIN")
-        self._module_path = module_path
         self._token_label = token_label
         self._key_label = key_label
-        self._pin = pin
         self._kek_id = f"pkcs11:{token_label}:{key_label}"
-        self._lib: Any = None
-        self._session: Any = None
         self._key: Any = None
         self._tag = b""
         self._closed = False
         self._threads: set[int] = set()    # idents of threads that made token calls (diagnostics)
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kek-pkcs11")
+        self._module = Pkcs11Module.acquire(module_path)
+        self._login = TokenLogin(self._module, token_label, pin, self._found_again)
         try:
-            self._run(self._start)
-        except BaseException:
-            self._closed = True
-            self._executor.submit(self._shutdown).result()
-            self._executor.shutdown(wait=True)
-            raise
+            self._key, self._tag = self._run(lambda session: self._find_or_create_key(session, create=True))
+        except CardlineError as exc:
+            self.close()
+            if isinstance(exc, ConfigurationError):
+                raise
+            raise ConfigurationError(f"the KEK token: {exc.message}", kek_id=self._kek_id) from exc
+        log.info("PKCS#11 key-encryption key ready", kek_id=self._kek_id)
 
     def __repr__(self) -> str:
         return f"Pkcs11Kek({self._kek_id!r})"
@@ -315,17 +313,17 @@ class Pkcs11Kek:
         header = _header(self._tag)
         aad = _aad(header, associated_data)
         nonce = os.urandom(_NONCE_LEN)
-        sealed = self._run(lambda: self._crypt("encrypt", plaintext, nonce, aad))
+        sealed = self._run(lambda session: self._crypt("encrypt", plaintext, nonce, aad))
         return header + nonce + sealed
 
     def unwrap(self, blob: bytes, associated_data: bytes) -> bytes:
         header, nonce, sealed = _split_blob(blob, self._kek_id, self._tag)
         aad = _aad(header, associated_data)
-        return self._run(lambda: self._crypt("decrypt", sealed, nonce, aad))
+        return self._run(lambda session: self._crypt("decrypt", sealed, nonce, aad))
 
     def worker_thread_ident(self) -> int:
-        """The id of the thread that makes every token call."""
-        return self._executor.submit(threading.get_ident).result()
+        """The id of the thread that makes every token call (the module's)."""
+        return self._module.thread.ident
 
     @property
     def token_call_threads(self) -> frozenset[int]:
@@ -333,15 +331,12 @@ class Pkcs11Kek:
         return frozenset(self._threads)
 
     def close(self) -> None:
-        """Logs out, closes the session and finalises the module (on the worker thread)."""
+        """Releases the module (the last user's release logs out and finalises it)."""
         if self._closed:
             return
         self._closed = True
-        try:
-            self._executor.submit(self._shutdown).result()
-        finally:
-            self._executor.shutdown(wait=True)
-            self._pin = ""
+        self._login.forget_pin()
+        self._module.release()
 
     def __enter__(self) -> Pkcs11Kek:
         return self
@@ -349,76 +344,33 @@ class Pkcs11Kek:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- on the worker thread ----------------------------------------------------------------
+    # --- on the module's thread --------------------------------------------------------------
 
-    def _run(self, fn: Callable[[], T]) -> T:
+    def _run(self, fn: Callable[[Any], T]) -> T:
         if self._closed:
             raise CardIoError("the PKCS#11 key-encryption key is closed", kek_id=self._kek_id)
 
-        def on_worker() -> T:
+        def on_thread(session: Any) -> T:
             self._threads.add(threading.get_ident())
-            return fn()
-        try:
-            future = self._executor.submit(on_worker)
-        except RuntimeError as exc:      # executor shut down by a concurrent close()
-            raise CardIoError("the PKCS#11 key-encryption key is closed", kek_id=self._kek_id) from exc
-        return future.result()
+            return fn(session)
+        return self._login.run(on_thread)
 
-    def _start(self) -> None:
-        import pkcs11
-        import pkcs11.exceptions as p11err
+    def _found_again(self, session: Any) -> None:
+        """After a new login: the key found before must still be there, the same key."""
+        if not self._tag:
+            return
+        key, tag = self._find_or_create_key(session, create=False)
+        if tag != self._tag:
+            raise ConfigurationError(f"the KEK {self._key_label!r} on token {self._token_label!r} was "
+                                     "replaced while cardline was running", kek_id=self._kek_id)
+        self._key = key
 
-        loaded = getattr(pkcs11, "_loaded", {}).get(self._module_path)
-        if loaded is not None and loaded.initialized:
-            raise ConfigurationError(
-                f"the PKCS#11 module {self._module_path} is already in use by another component "
-                "of this process; python-pkcs11 modules must have a single owner thread",
-                module=self._module_path)
-        try:
-            self._lib = pkcs11.lib(self._module_path)
-        except p11err.PKCS11Error as exc:
-            raise ConfigurationError(f"cannot load PKCS#11 module {self._module_path}: {exc}",
-                                     module=self._module_path) from exc
-        self._open_session()
-        self._key, self._tag = self._find_or_create_key(create=True)
-        log.info("PKCS#11 key-encryption key ready", kek_id=self._kek_id)
-
-    def _open_session(self) -> None:
-        import pkcs11.exceptions as p11err
-
-        try:
-            token = self._lib.get_token(token_label=self._token_label)
-        except p11err.NoSuchToken as exc:
-            raise ConfigurationError(f"no PKCS#11 token labelled {self._token_label!r} in "
-                                     f"{self._module_path}", token_label=self._token_label) from exc
-        except p11err.MultipleTokensReturned as exc:
-            raise ConfigurationError(f"several PKCS#11 tokens are labelled {self._token_label!r}",
-                                     token_label=self._token_label) from exc
-        except p11err.PKCS11Error as exc:
-            raise CardIoError(f"cannot list the tokens of {self._module_path}: {type(exc).__name__}",
-                              module=self._module_path) from exc
-        try:
-            self._session = token.open(rw=True, user_pin=self._pin)
-        except (p11err.PinIncorrect, p11err.PinInvalid, p11err.PinLenRange) as exc:
-            raise ConfigurationError(f"the PIN for the KEK token {self._token_label!r} was refused",
-                                     token_label=self._token_label) from exc
-        except p11err.PinLocked as exc:
-            raise ConfigurationError(f"the user PIN of the KEK token {self._token_label!r} is blocked",
-                                     token_label=self._token_label) from exc
-        except p11err.UserAlreadyLoggedIn as exc:
-            raise ConfigurationError(
-                f"the KEK token {self._token_label!r} is already logged in by another component of "
-                "this process", token_label=self._token_label) from exc
-        except p11err.PKCS11Error as exc:
-            raise CardIoError(f"cannot log in to the KEK token {self._token_label!r}: "
-                              f"{type(exc).__name__}", token_label=self._token_label) from exc
-
-    def _find_or_create_key(self, create: bool) -> tuple[Any, bytes]:
+    def _find_or_create_key(self, session: Any, create: bool) -> tuple[Any, bytes]:
         from pkcs11 import Attribute, ObjectClass
         from pkcs11 import KeyType as P11KeyType
 
-        found = list(self._session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
-                                                Attribute.LABEL: self._key_label}))
+        found = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                                          Attribute.LABEL: self._key_label}))
         if len(found) > 1:
             raise ConfigurationError(
                 f"{len(found)} secret keys are labelled {self._key_label!r} on token "
@@ -443,7 +395,7 @@ class Pkcs11Kek:
                                      f"{self._token_label!r}", kek_id=self._kek_id)
         else:
             key_id = os.urandom(16)
-            key = self._session.generate_key(
+            key = session.generate_key(
                 P11KeyType.AES, 256, id=key_id, label=self._key_label, store=True,
                 template={Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
                           Attribute.EXTRACTABLE: False, Attribute.ENCRYPT: True, Attribute.DECRYPT: True,
@@ -458,54 +410,16 @@ class Pkcs11Kek:
         from pkcs11.mechanisms import GCMParams
 
         params = GCMParams(nonce, aad, _GCM_TAG_LEN * 8)
-        for attempt in (1, 2):
-            try:
-                if self._session is None:
-                    self._reconnect()
-                method = self._key.encrypt if direction == "encrypt" else self._key.decrypt
-                return method(data, mechanism=Mechanism.AES_GCM, mechanism_param=params,
-                              buffer_size=len(data) + 64)
-            except (p11err.EncryptedDataInvalid, p11err.EncryptedDataLenRange) as exc:
+        method = self._key.encrypt if direction == "encrypt" else self._key.decrypt
+        try:
+            return method(data, mechanism=Mechanism.AES_GCM, mechanism_param=params, buffer_size=len(data) + 64)
+        except (p11err.EncryptedDataInvalid, p11err.EncryptedDataLenRange) as exc:
+            raise _does_not_decrypt(self._kek_id) from exc
+        except p11err.GeneralError as exc:
+            if direction == "decrypt":
+                # SoftHSM2 answers CKR_GENERAL_ERROR to a failed GCM tag check.
                 raise _does_not_decrypt(self._kek_id) from exc
-            except p11err.GeneralError as exc:
-                if direction == "decrypt":
-                    # SoftHSM2 answers CKR_GENERAL_ERROR to a failed GCM tag check.
-                    raise _does_not_decrypt(self._kek_id) from exc
-                raise CardIoError(f"the KEK token failed to encrypt: {type(exc).__name__}",
-                                  kek_id=self._kek_id) from exc
-            except (p11err.SessionClosed, p11err.SessionHandleInvalid, p11err.ObjectHandleInvalid,
-                    p11err.UserNotLoggedIn, p11err.TokenNotPresent, p11err.DeviceRemoved) as exc:
-                # The session is gone (token restarted or re-inserted): log in again once.
-                self._drop_session()
-                if attempt == 2:
-                    raise CardIoError(f"the KEK token is not reachable: {type(exc).__name__}",
-                                      kek_id=self._kek_id) from exc
-            except p11err.PKCS11Error as exc:
-                raise CardIoError(f"the KEK token failed to {direction}: {type(exc).__name__}",
-                                  kek_id=self._kek_id) from exc
-        raise AssertionError("unreachable")
-
-    def _reconnect(self) -> None:
-        self._open_session()
-        key, tag = self._find_or_create_key(create=False)
-        if tag != self._tag:
-            self._drop_session()
-            raise ConfigurationError(f"the KEK {self._key_label!r} on token {self._token_label!r} was "
-                                     "replaced while cardline was running", kek_id=self._kek_id)
-        self._key = key
-
-    def _drop_session(self) -> None:
-        from shared import pkcs11_keys   # python-pkcs11 only when a token is configured
-
-        session, self._session, self._key = self._session, None, None
-        pkcs11_keys.close_session(session)
-
-    def _shutdown(self) -> None:
-        from shared import pkcs11_keys
-
-        self._drop_session()
-        lib, self._lib = self._lib, None
-        pkcs11_keys.finalize(lib)
+            raise
 
 
 # --- the archive ---------------------------------------------------------------------------

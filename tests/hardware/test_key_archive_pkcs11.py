@@ -1,6 +1,7 @@
 """Pkcs11Kek on a real SoftHSM2 token, checked with OpenSC's pkcs11-tool (C7 recovery).
 
-Closing every Pkcs11Kek (the `kek` fixture does) finalises the module, so these tests share
+Closing every Pkcs11Kek (the `kek` fixture does) releases the module (the last release
+finalises it), so these tests share
 one pytest process with tests/hardware/test_pkcs11_driver.py, which loads the same module.
 """
 from __future__ import annotations
@@ -180,6 +181,12 @@ def test_kek_from_settings_reads_the_pin_file(tok, tmp_path):
         k.close()
 
 
-def test_module_already_owned_by_another_component_is_refused(kek, tok):
-    with pytest.raises(ConfigurationError, match="already in use"):
-        Pkcs11Kek(tok.module_path, tok.label, tok.user_pin, KEY_LABEL)
+def test_two_keks_on_one_token_share_the_module_and_its_login(kek, tok):
+    """A second user of the module in this process joins the first (one owner, one login)
+    instead of being refused; closing it leaves the first one working."""
+    key = generate_key(KeyType.EC_P256)
+    with Pkcs11Kek(tok.module_path, tok.label, tok.user_pin, KEY_LABEL) as second:
+        assert second.worker_thread_ident() == kek.worker_thread_ident()
+        sealed = KeyArchive(second).seal(key, "cert-1")
+    assert KeyArchive(kek).open(*sealed, "cert-1") == pkcs8(key)
+    assert [o["kind"] for o in opensc_objects(tok)] == ["Secret Key Object"]

@@ -1,7 +1,7 @@
 """LocalCa with its key on a real SoftHSM2 token, checked with OpenSC's pkcs11-tool.
 
-Every LocalCa here is closed (the `token_ca` fixture and `with` blocks), which finalises the
-module, so these tests share one pytest process with the other SoftHSM2 tests
+Every LocalCa here is closed (the `token_ca` fixture and `with` blocks), which releases the
+module (the last release finalises it), so these tests share one pytest process with the other SoftHSM2 tests
 (tests/hardware/test_key_archive_pkcs11.py, tests/hardware/test_pkcs11_driver.py).
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from cryptography.x509.oid import NameOID
 from orchestrator.ca import CaConnector, IssueProfile, LocalCa
 from orchestrator.ca.local import Pkcs11KeyRef
 from orchestrator.ca.registry import build_cas
-from orchestrator.services.key_archive import Pkcs11Kek
+from orchestrator.services.key_archive import KeyArchive, Pkcs11Kek, generate_key
+from shared.cards import KeyType
 from shared.errors import CaUnavailable, ConfigurationError
 
 pytestmark = pytest.mark.hardware
@@ -51,6 +52,11 @@ def token_ca(tmp_path, ref):
     ca = LocalCa(tmp_path / "ca", "local", pkcs11=ref)
     yield ca
     ca.close()
+
+
+def pkcs8(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 def make_csr(cn: str = "Alice Example") -> bytes:
@@ -219,12 +225,66 @@ def test_start_up_mistakes_are_configuration_errors(tmp_path, tok, ref, pin_file
     assert sorted(o["kind"] for o in opensc_objects(tok)).count("Private Key Object") == 1
 
 
-def test_module_already_owned_by_another_component_is_refused(tmp_path, tok, ref):
-    with Pkcs11Kek(tok.module_path, tok.label, tok.user_pin, "cardline-kek"):
-        with pytest.raises(ConfigurationError, match="already in use"):
-            LocalCa(tmp_path / "ca", pkcs11=ref)
-    with LocalCa(tmp_path / "ca", pkcs11=ref) as ca:     # usable once the other owner closed it
-        assert ca.key_on_token
+def test_ca_key_and_kek_share_one_module_and_one_token_in_one_process(tmp_path, tok, ref):
+    """One owner per module in the process: the CA key and the KEK run on the same module
+    thread and share the token's login; closing one leaves the other working."""
+    key = generate_key(KeyType.EC_P256)
+    with Pkcs11Kek(tok.module_path, tok.label, tok.user_pin, "cardline-kek") as kek:
+        sealed = KeyArchive(kek).seal(key, "cert-1")
+        with LocalCa(tmp_path / "ca", pkcs11=ref) as ca:
+            cert = x509.load_der_x509_certificate(ca.issue(make_csr(), AUTH, "req-1"))
+            cert.verify_directly_issued_by(ca_cert(ca))
+            assert KeyArchive(kek).open(*sealed, "cert-1") == pkcs8(key)
+            assert ca.token_call_threads == kek.token_call_threads == {kek.worker_thread_ident()}
+        # The CA released the module; the KEK still holds it and its login.
+        assert KeyArchive(kek).open(*sealed, "cert-1") == pkcs8(key)
+    with LocalCa(tmp_path / "ca", pkcs11=ref) as ca:     # and the CA starts again alone
+        x509.load_der_x509_certificate(ca.issue(make_csr(), AUTH, "req-2")).verify_directly_issued_by(ca_cert(ca))
+    kinds = sorted(o["kind"] for o in opensc_objects(tok))
+    assert kinds == ["Certificate Object", "Private Key Object", "Public Key Object", "Secret Key Object"]
+
+
+def test_a_session_lost_under_both_users_is_logged_in_again_once_and_keys_are_found_again(tmp_path, tok, ref):
+    """The shared session closes behind the module's back (as when a token restarts): the CA
+    key and the KEK each log in again on their next call and find their own keys again."""
+    from shared.pkcs11_module import Pkcs11Module
+
+    key = generate_key(KeyType.EC_P256)
+    with Pkcs11Kek(tok.module_path, tok.label, tok.user_pin, "cardline-kek") as kek, \
+            LocalCa(tmp_path / "ca", pkcs11=ref) as ca:
+        sealed = KeyArchive(kek).seal(key, "cert-1")
+        module = Pkcs11Module.acquire(tok.module_path)
+        try:
+            stale = module.thread.call(lambda: module.login(tok.slot_id, tok.user_pin))
+            module.thread.call(stale.close)         # the cache still holds it: the next use fails
+            cert = x509.load_der_x509_certificate(ca.issue(make_csr(), AUTH, "req-1"))
+            cert.verify_directly_issued_by(ca_cert(ca))
+            assert KeyArchive(kek).open(*sealed, "cert-1") == pkcs8(key)
+            assert module.thread.call(lambda: module.login(tok.slot_id, tok.user_pin)) is not stale
+        finally:
+            module.release()
+    kinds = sorted(o["kind"] for o in opensc_objects(tok))
+    assert kinds == ["Certificate Object", "Private Key Object", "Public Key Object", "Secret Key Object"]
+
+
+def test_two_cas_share_one_module_with_keys_of_their_own(tmp_path, tok, pin_file):
+    cas = build_cas([{"name": "local", "kind": "local",
+                      "pkcs11": {"module": tok.module_path, "token_label": tok.label,
+                                 "pin_file": str(pin_file), "key_label": "ca-one"}},
+                     {"name": "second", "kind": "local", "directory": "second",
+                      "pkcs11": {"module": tok.module_path, "token_label": tok.label,
+                                 "pin_file": str(pin_file), "key_label": "ca-two"}}], tmp_path)
+    try:
+        issued = {name: x509.load_der_x509_certificate(ca.issue(make_csr(), AUTH, "req-1"))
+                  for name, ca in cas.items()}
+        for name, cert in issued.items():
+            cert.verify_directly_issued_by(ca_cert(cas[name]))
+        assert ca_cert(cas["local"]).public_key() != ca_cert(cas["second"]).public_key()
+    finally:
+        for ca in cas.values():
+            ca.close()
+    labels = {o["label"] for o in opensc_objects(tok) if o["kind"] == "Private Key Object"}
+    assert labels == {"ca-one", "ca-two"}
 
 
 def test_registry_puts_the_embedded_local_ca_on_the_token(tmp_path, tok, pin_file):
@@ -252,12 +312,16 @@ def test_registry_reports_every_pkcs11_mistake_at_once(tmp_path, tok, pin_file):
                    {"name": "a", "kind": "local", "directory": "a", "passphrase_file": "x",
                     "pkcs11": {"module": tok.module_path, "token_label": tok.label, "pin_file": str(pin_file)}},
                    {"name": "b", "kind": "local", "directory": "b", "pkcs11": "yes"},
-                   {"name": "c", "kind": "openssl", "directory": "c", "pkcs11": {}}], tmp_path)
+                   {"name": "c", "kind": "openssl", "directory": "c", "pkcs11": {}},
+                   {"name": "d", "kind": "local", "directory": "d",
+                    "pkcs11": {"module": tok.module_path, "token_label": tok.label, "pin_file": str(pin_file)}}],
+                  tmp_path)
     message = caught.value.message
     assert "cas[1] (local): pkcs11 needs token_label, pin_file" in message
     assert "unknown key(s) ['pin'] in pkcs11" in message
     assert "cas[2] (a): passphrase_file and pkcs11 exclude each other" in message
-    assert "used by two CAs" in message
+    assert "cas[5] (d): the key 'cardline-ca' on PKCS#11 token" in message
+    assert "used by two CAs (cas[2] (a) too)" in message
     assert "cas[3] (b): pkcs11 must be a mapping" in message
     assert "cas[4] (c): unknown key(s) ['pkcs11'] for kind openssl" in message
     assert not (tmp_path / "ca").exists()              # nothing was created

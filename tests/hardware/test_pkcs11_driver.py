@@ -11,7 +11,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
-from gateway.drivers import softhsm_setup
+from tests.support import softhsm
 from gateway.drivers.base import KeyType, ObjectClass, SignatureAlgorithm
 from gateway.drivers.pkcs11 import Pkcs11TokenDriver
 from shared.errors import (
@@ -257,7 +257,7 @@ def test_unknown_slot_is_reader_not_found(driver, tok):
 
 def test_token_deleted_between_calls_gives_a_clear_error_and_the_driver_lives_on(driver, tok):
     driver.generate_key_pair(tok.slot_id, tok.user_pin, KeyType.EC_P256, "k", b"\x01")
-    softhsm_setup.delete_token(tok.conf_path, tok.serial)
+    softhsm.delete_token(tok.conf_path, tok.serial)
     with pytest.raises((NoCardPresent, CardIoError)):
         driver.sign(tok.slot_id, tok.user_pin, b"\x01", SignatureAlgorithm.ECDSA_SHA256, b"m")
     with pytest.raises((NoCardPresent, CardIoError)):

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from gateway.drivers import softhsm_setup
+from tests.support import softhsm
 from orchestrator import app as orchestrator_app
 from orchestrator.services.pool import ReaderSelector
 from orchestrator.services.production import CertificateOrder, production_order
@@ -82,7 +82,7 @@ def test_c3_token_removed_after_issuance_leaves_certificates_issued(tmp_path, so
         if name == "after_store":
             stores.append(task_id)
             if len(stores) == 2:      # the second certificate is stored; pull the token before it is written
-                await asyncio.to_thread(softhsm_setup.delete_token, softhsm_token.conf_path, softhsm_token.serial)
+                await asyncio.to_thread(softhsm.delete_token, softhsm_token.conf_path, softhsm_token.serial)
 
     orch, task = asyncio.run(produce_with_hook(tmp_path, softhsm_token, hook))
     assert task.state == "FAILED"

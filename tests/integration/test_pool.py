@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from gateway.drivers import softhsm_setup
+from tests.support import softhsm
 from orchestrator import app as orchestrator_app
 from orchestrator.services.pool import ReaderState
 from shared import config
@@ -170,8 +170,8 @@ class Station:
 
 
 def new_station(tmp_path: pathlib.Path, name: str, module: str, orchestrator: str) -> Station:
-    conf = softhsm_setup.make_softhsm_dir(tmp_path / f"hsm-{name}")
-    serial = softhsm_setup.init_token(conf, f"tok-{name}", SO_PIN, PIN)
+    conf = softhsm.make_softhsm_dir(tmp_path / f"hsm-{name}")
+    serial = softhsm.init_token(conf, f"tok-{name}", SO_PIN, PIN)
     return Station(name, conf, serial, tmp_path / f"gw-{name}", module, orchestrator)
 
 

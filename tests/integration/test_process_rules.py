@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from gateway.drivers import softhsm_setup
+from tests.support import softhsm
 from orchestrator import app as orchestrator_app
 from orchestrator.domain.processes import CoreObjectDescriptor
 from shared import config
@@ -47,7 +47,7 @@ def config_dir(tmp_path: pathlib.Path, encodings: dict[str, str] | None = None,
 async def running(tmp_path: pathlib.Path, token, config: pathlib.Path, *, extra_tokens: int = 0, boundary=None):
     """An in-process orchestrator (so tests can look into its store and hook its step
     boundaries) and a gateway process holding `token` (plus `extra_tokens` more cards)."""
-    serials = [token.serial] + [softhsm_setup.init_token(token.conf_path, f"{token.label}-{i}", PUK, token.user_pin)
+    serials = [token.serial] + [softhsm.init_token(token.conf_path, f"{token.label}-{i}", PUK, token.user_pin)
                                 for i in range(extra_tokens)]
     settings = config_load(tmp_path, config)
     orch = await orchestrator_app.start(settings, boundary=boundary)

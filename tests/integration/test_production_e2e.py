@@ -165,10 +165,10 @@ def _blocks(listing: str, header: str, field: str) -> list[str]:
 
 
 def test_missing_token_fails_cleanly_and_nothing_is_issued(station, softhsm_token):
-    from gateway.drivers import softhsm_setup
+    from tests.support import softhsm
 
     orch, _gw, pooled = station
-    softhsm_setup.delete_token(softhsm_token.conf_path, softhsm_token.serial)
+    softhsm.delete_token(softhsm_token.conf_path, softhsm_token.serial)
     try:
         _events, task = produce(orch, pooled.reader.reader_id, softhsm_token.user_pin)
     except grpc.RpcError as exc:          # the gateway already reported the token gone

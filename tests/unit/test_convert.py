@@ -65,3 +65,22 @@ def test_error_outcome_raises_the_catalogue_error_with_metadata():
 ])
 def test_step_values_round_trip(value):
     assert convert.value_from_outcome(convert.value_to_outcome(value)) == value
+
+
+def test_every_step_operation_in_steps_proto_has_one_row_in_the_table():
+    """A `oneof` case added to steps.proto without a row in convert.STEP_OPERATIONS (and a
+    value, and a way to run it on a gateway) fails here."""
+    from gateway.core.executor import PCSC_OPERATIONS, READER_OPERATIONS, TOKEN_OPERATIONS
+
+    operation_cases = {f.name for f in steps_pb2.Step.DESCRIPTOR.oneofs_by_name["operation"].fields}
+    result_cases = {f.name for f in steps_pb2.StepOutcome.DESCRIPTOR.oneofs_by_name["result"].fields} - {"error"}
+    rows = convert.STEP_OPERATIONS
+    assert sorted(r.field for r in rows) == sorted(operation_cases)
+    assert sorted(r.result_field for r in rows) == sorted(result_cases)
+    assert {r.operation for r in rows} == set(cards.Operation.__args__)
+    assert {r.value for r in rows} == set(cards.StepValue.__args__)
+    for row in rows:
+        runs = [row.operation in TOKEN_OPERATIONS, row.operation in PCSC_OPERATIONS,
+                row.operation in READER_OPERATIONS]
+        assert any(runs), f"{row.field}: no gateway runs it (gateway/core/executor.py)"
+    assert set(TOKEN_OPERATIONS) | PCSC_OPERATIONS | READER_OPERATIONS == {r.operation for r in rows}
