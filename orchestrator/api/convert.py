@@ -8,12 +8,14 @@ from google.protobuf import timestamp_pb2
 from orchestrator.services.pool import GatewayInfo, PooledReader, ReaderSelector, ReaderState
 from orchestrator.services.production import CertificateOrder
 from orchestrator.domain.processes import CoreObjectDescriptor
-from orchestrator.store.records import CardRecord, CertificateRecord, ProcessInstanceRecord, TaskRecord
+from orchestrator.store.records import (CardRecord, CertificateRecord, ProcessInstanceRecord, ProcessState, TaskRecord,
+                                        TaskState)
 from shared import convert
 from shared.proto import common_pb2, orchestrator_pb2
 
-_TASK_STATES = {"RUNNING": orchestrator_pb2.TASK_STATE_RUNNING, "SUCCEEDED": orchestrator_pb2.TASK_STATE_SUCCEEDED,
-                "FAILED": orchestrator_pb2.TASK_STATE_FAILED}
+_TASK_STATES = {TaskState.RUNNING: orchestrator_pb2.TASK_STATE_RUNNING,
+                TaskState.SUCCEEDED: orchestrator_pb2.TASK_STATE_SUCCEEDED,
+                TaskState.FAILED: orchestrator_pb2.TASK_STATE_FAILED}
 
 
 def timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -99,9 +101,9 @@ def order_to_proto(order) -> orchestrator_pb2.Order:
 
 # --- processes -------------------------------------------------------------------------
 
-_PROCESS_STATES = {"RUNNING": orchestrator_pb2.PROCESS_STATE_RUNNING,
-                   "SUCCEEDED": orchestrator_pb2.PROCESS_STATE_SUCCEEDED,
-                   "FAILED": orchestrator_pb2.PROCESS_STATE_FAILED}
+_PROCESS_STATES = {ProcessState.RUNNING: orchestrator_pb2.PROCESS_STATE_RUNNING,
+                   ProcessState.SUCCEEDED: orchestrator_pb2.PROCESS_STATE_SUCCEEDED,
+                   ProcessState.FAILED: orchestrator_pb2.PROCESS_STATE_FAILED}
 
 
 def value_from_proto(m: common_pb2.Value) -> object:

@@ -14,7 +14,7 @@ from orchestrator.services.production import production_order
 from orchestrator.store.store import Store
 from orchestrator.ca.base import CaConnector
 from shared.errors import InvalidArgument, NotFound
-from orchestrator.store.records import CA_REQUEST_PENDING
+from orchestrator.store.records import CARD, CaRequestState
 from shared.errors import UnsupportedOperation
 from shared.proto import orchestrator_pb2 as pb
 from shared.proto import orchestrator_pb2_grpc
@@ -67,12 +67,12 @@ class OrchestratorServicer(PoolRpcs, orchestrator_pb2_grpc.OrchestratorServiceSe
                                   on_error=p.on_error, message=p.message, instance=instance)
 
     async def _instance(self, record) -> pb.ProcessInstance:
-        tasks = await asyncio.to_thread(self.store.list_tasks, process_instance_id=record.id)
+        tasks = await asyncio.to_thread(self.store.tasks.list, process_instance_id=record.id)
         return conv.process_instance_to_proto(record, [t.id for t in tasks])
 
     @rpc_errors
     async def GetProcessInstance(self, request, context):
-        record = await asyncio.to_thread(self.store.get_process_instance, request.process_instance_id)
+        record = await asyncio.to_thread(self.store.processes.get, request.process_instance_id)
         return pb.GetProcessInstanceResponse(instance=await self._instance(record))
 
     @rpc_errors
@@ -99,26 +99,26 @@ class OrchestratorServicer(PoolRpcs, orchestrator_pb2_grpc.OrchestratorServiceSe
 
     @rpc_errors
     async def GetTask(self, request, context):
-        task = await asyncio.to_thread(self.store.get_task, request.task_id)
-        certs = await asyncio.to_thread(self.store.list_certificates, task_id=task.id)
+        task = await asyncio.to_thread(self.store.tasks.get, request.task_id)
+        certs = await asyncio.to_thread(self.store.certificates.list, task_id=task.id)
         return pb.GetTaskResponse(task=conv.task_to_proto(task, [c.id for c in certs]))
 
     @rpc_errors
     async def GetCard(self, request, context):
-        card = await asyncio.to_thread(self.store.get_card, request.card_id)
-        ids = await asyncio.to_thread(self.store.certificate_ids_of_card, card.id)
+        card = await asyncio.to_thread(self.store.cards.get, request.card_id)
+        ids = await asyncio.to_thread(self.store.cards.certificate_ids, card.id)
         return pb.GetCardResponse(card=conv.card_to_proto(card, ids))
 
     @rpc_errors
     async def GetCertificate(self, request, context):
-        cert = await asyncio.to_thread(self.store.get_certificate, request.certificate_id)
+        cert = await asyncio.to_thread(self.store.certificates.get, request.certificate_id)
         card_id = await asyncio.to_thread(self._card_of, cert.id)
         return pb.GetCertificateResponse(certificate=conv.certificate_to_proto(cert, card_id))
 
     @rpc_errors
     async def ListCertificates(self, request, context):
         def certificates_with_cards():
-            certs = self.store.list_certificates(
+            certs = self.store.certificates.list(
                 state=request.state or None, template=request.template or None, card_id=request.card_id or None,
                 task_id=request.task_id or None, limit=request.limit or None)
             return [(c, self._card_of(c.id)) for c in certs]
@@ -128,8 +128,8 @@ class OrchestratorServicer(PoolRpcs, orchestrator_pb2_grpc.OrchestratorServiceSe
 
     def _card_of(self, certificate_id: str) -> str:
         """The card a certificate is related to (blocking: call it in a thread)."""
-        relations = self.store.list_relations(target_id=certificate_id)
-        return next((r.source_id for r in relations if r.source_type == "Card"), "")
+        relations = self.store.relations.list(target_id=certificate_id)
+        return next((r.source_id for r in relations if r.source_type == CARD), "")
 
     @rpc_errors
     async def ListReaders(self, request, context):
@@ -150,8 +150,8 @@ class OrchestratorServicer(PoolRpcs, orchestrator_pb2_grpc.OrchestratorServiceSe
 
     @rpc_errors
     async def ListCaRequests(self, request, context):
-        states = [CA_REQUEST_PENDING] if request.unsettled_only else None
-        rows = await asyncio.to_thread(self.store.list_ca_requests, states=states)
+        states = [CaRequestState.PENDING] if request.unsettled_only else None
+        rows = await asyncio.to_thread(self.store.ca_requests.list, states=states)
         return pb.ListCaRequestsResponse(requests=[pb.CaRequest(
             request_id=r.request_id, ca=r.ca_name, task_id=r.task_id, state=r.state, serial_hex=r.serial_hex or "",
             certificate_id=r.certificate_id or "", created_at=conv.timestamp(r.created_at),
