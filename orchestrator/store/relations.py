@@ -15,16 +15,6 @@ class Relations:
     def __init__(self, sessions: Sessions) -> None:
         self._db = sessions
 
-    def list(self, source_id: str | None = None, target_id: str | None = None) -> list[RelationRecord]:
-        q = select(ObjectRelation)
-        if source_id is not None:
-            q = q.where(ObjectRelation.source_id == source_id)
-        if target_id is not None:
-            q = q.where(ObjectRelation.target_id == target_id)
-        with self._db.read() as s:
-            return [record(RelationRecord, r)
-                    for r in s.scalars(q.order_by(ObjectRelation.created_at, ObjectRelation.id))]
-
     def add(self, task_id: str | None, relations: Iterable[NewRelation]) -> list[RelationRecord]:
         """C9: creates relations on their own, in one transaction - e.g. the card->certificate
         relation of CreateObjectRelation=always right after the certificate is stored, so it
@@ -45,3 +35,13 @@ class Relations:
                 assert row is not None
                 out.append(record(RelationRecord, row))
             return out
+
+    def list(self, source_id: str | None = None, target_id: str | None = None) -> list[RelationRecord]:
+        q = select(ObjectRelation)
+        if source_id is not None:
+            q = q.where(ObjectRelation.source_id == source_id)
+        if target_id is not None:
+            q = q.where(ObjectRelation.target_id == target_id)
+        with self._db.read() as s:
+            return [record(RelationRecord, r)
+                    for r in s.scalars(q.order_by(ObjectRelation.created_at, ObjectRelation.id))]

@@ -185,7 +185,7 @@ def check_relation_ends(session: Session, rel: NewRelation) -> None:
 def insert_relation(session: Session, task_id: str | None, rel: NewRelation, now: dt.datetime) -> None:
     """INSERT ... ON CONFLICT DO NOTHING: an existing relation (also one a concurrent
     transaction just committed) stays as it is, and the transaction goes on."""
-    dialect_insert = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     session.execute(dialect_insert(ObjectRelation)
                     .values(id=new_id(), task_id=task_id, created_at=now, **asdict(rel))
                     .on_conflict_do_nothing(index_elements=[

@@ -32,7 +32,7 @@ def make_engine(database_url: str) -> Engine:
         # Good for single-threaded tools and tests only.
         engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
     else:
-        pathlib.Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(str(url.database)).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url)
 
     @event.listens_for(engine, "connect")

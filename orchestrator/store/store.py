@@ -156,7 +156,7 @@ class Store:
                 raise StateConflict(f"CA request {request_id} is already {journal.state}"
                                     + (f" with certificate {journal.certificate_id}" if journal.certificate_id else "")
                                     + f"; certificate {serial_hex} of {issuer} not stored",
-                                    request_id=request_id, state=journal.state)
+                                    request_id=journal.request_id, state=journal.state)
             now = utcnow()
             failed = task.state == TaskState.FAILED
             row = Certificate(

@@ -62,6 +62,13 @@ class Tasks:
         with self._db.read() as s:
             return record(TaskRecord, task_row(s, task_id))
 
+    def steps(self, task_id: str) -> list[TaskStepRecord]:
+        """The step journal of a task, by step number."""
+        with self._db.read() as s:
+            task_row(s, task_id)
+            rows = s.scalars(select(TaskStep).where(TaskStep.task_id == task_id).order_by(TaskStep.step_number))
+            return [record(TaskStepRecord, r) for r in rows]
+
     def list(self, process_instance_id: str | None = None, state: TaskState | None = None) -> list[TaskRecord]:
         """Tasks, oldest first (so the tasks of a process instance come in the order they ran)."""
         q = select(Task)
@@ -71,10 +78,3 @@ class Tasks:
             q = q.where(Task.state == state)
         with self._db.read() as s:
             return [record(TaskRecord, t) for t in s.scalars(q.order_by(Task.created_at, Task.id))]
-
-    def steps(self, task_id: str) -> list[TaskStepRecord]:
-        """The step journal of a task, by step number."""
-        with self._db.read() as s:
-            task_row(s, task_id)
-            rows = s.scalars(select(TaskStep).where(TaskStep.task_id == task_id).order_by(TaskStep.step_number))
-            return [record(TaskStepRecord, r) for r in rows]
