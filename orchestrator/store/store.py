@@ -33,6 +33,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from cryptography import x509
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -152,20 +153,10 @@ class Store:
                 raise DuplicateCertificate(
                     f"certificate {serial_hex} of {issuer} is already stored as {existing.id}",
                     certificate_id=existing.id, serial_hex=serial_hex, issuer=issuer)
-            if journal is not None and journal.state != CaRequestState.PENDING:
-                raise StateConflict(f"CA request {request_id} is already {journal.state}"
-                                    + (f" with certificate {journal.certificate_id}" if journal.certificate_id else "")
-                                    + f"; certificate {serial_hex} of {issuer} not stored",
-                                    request_id=journal.request_id, state=journal.state)
+            if journal is not None:
+                self._require_pending(journal, serial_hex, issuer)
             now = utcnow()
-            failed = task.state == TaskState.FAILED
-            row = Certificate(
-                id=new_id(), serial_hex=serial_hex, issuer=issuer, subject=cert.subject.rfc4514_string(),
-                not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, der=bytes(der),
-                template=template, ca_name=ca_name, state=state, task_id=task_id,
-                task_error_reason=task.error_reason if failed else None,
-                task_error_message=task.error_message if failed else None,
-                created_at=now, updated_at=now)
+            row = self._certificate_row(cert, bytes(der), task, template, ca_name, state, now)
             s.add(row)
             try:
                 s.flush()
@@ -176,6 +167,25 @@ class Store:
             if journal is not None:
                 self._settle(s, journal, row, now)
             return record(CertificateRecord, row)
+
+    @staticmethod
+    def _require_pending(journal: CaRequest, serial_hex: str, issuer: str) -> None:
+        if journal.state != CaRequestState.PENDING:
+            raise StateConflict(f"CA request {journal.request_id} is already {journal.state}"
+                                + (f" with certificate {journal.certificate_id}" if journal.certificate_id else "")
+                                + f"; certificate {serial_hex} of {issuer} not stored",
+                                request_id=journal.request_id, state=journal.state)
+
+    @staticmethod
+    def _certificate_row(cert: x509.Certificate, der: bytes, task: Task, template: str, ca_name: str,
+                         state: str, now: dt.datetime) -> Certificate:
+        failed = task.state == TaskState.FAILED     # stored late (C16): it carries the task's error (C3)
+        return Certificate(
+            id=new_id(), serial_hex=format(cert.serial_number, "x"), issuer=cert.issuer.rfc4514_string(),
+            subject=cert.subject.rfc4514_string(), not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc, der=der, template=template, ca_name=ca_name, state=state,
+            task_id=task.id, task_error_reason=task.error_reason if failed else None,
+            task_error_message=task.error_message if failed else None, created_at=now, updated_at=now)
 
     @staticmethod
     def _add_archived_key_if_missing(s: Session, certificate_id: str, key: WrappedKey | None,
