@@ -45,8 +45,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from orchestrator.ca.base import CaConnector
-from orchestrator.store.records import (AUDIT_RECONCILE, CERTIFICATE, CaRequestRecord, CaRequestState, ProcessState,
-                                        TaskRecord, TaskState)
+from orchestrator.store.records import (AUDIT_RECONCILE, CERTIFICATE, PROCESS_INSTANCE, TASK, CaRequestRecord,
+                                        CaRequestState, ProcessState, TaskRecord, TaskState)
 from orchestrator.store.store import DuplicateCertificate, Store
 from shared.errors import CardlineError, OrchestratorRestarted, StateConflict
 from shared.logging import get_logger
@@ -166,7 +166,7 @@ class Reconciler:
             self.store.finish_task_failed(task.id, error.reason, error.message, card_state)
         except StateConflict:
             return 0                         # it ended meanwhile: someone else was faster
-        self.store.audit.record(AUDIT_RECONCILE, "Task", task.id, ACTOR,
+        self.store.audit.record(AUDIT_RECONCILE, TASK, task.id, ACTOR,
                                 {"action": "end_orphaned_task", "reason": error.reason, "owner": task.owner,
                                  "card_state": card_state})
         log.warning("orphaned task ended", task_id=task.id, owner=task.owner, card_state=card_state)
@@ -178,7 +178,7 @@ class Reconciler:
             self.store.processes.finish(instance_id, ProcessState.FAILED, error.reason, error.message)
         except StateConflict:
             return 0
-        self.store.audit.record(AUDIT_RECONCILE, "ProcessInstance", instance_id, ACTOR,
+        self.store.audit.record(AUDIT_RECONCILE, PROCESS_INSTANCE, instance_id, ACTOR,
                                 {"action": "end_orphaned_process", "reason": error.reason, "owner": owner})
         log.warning("orphaned process instance ended", process_instance_id=instance_id, owner=owner)
         return 1

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-# Object types as they appear in object relations and CoreObjectDescriptors.
+# Object types as they appear in object relations, CoreObjectDescriptors and audit events.
 CARD = "Card"
 CERTIFICATE = "Certificate"
+TASK = "Task"
+PROCESS_INSTANCE = "ProcessInstance"
 
 
 class TaskState(StrEnum):
