@@ -36,8 +36,17 @@ from orchestrator.domain.processes import CoreObjectDescriptor, ExpressionError,
 from orchestrator.domain.templates import DEFAULT_RELATION_TYPE, CardTemplate, CertificateTemplate, Templates
 from orchestrator.services.key_archive import KeyArchive, generate_key
 from orchestrator.services.pool import Lease, ReaderPool, ReaderSelector
-from orchestrator.store.records import (AUDIT_RECOVER, AUDIT_REVOKE_ON_ISSUE, CARD, CERTIFICATE, CaRequestState,
-                                        NewRelation, TaskRecord, TaskState, WrappedKey)
+from orchestrator.store.records import (
+    AUDIT_RECOVER,
+    AUDIT_REVOKE_ON_ISSUE,
+    CARD,
+    CERTIFICATE,
+    CaRequestState,
+    NewRelation,
+    TaskRecord,
+    TaskState,
+    WrappedKey,
+)
 from orchestrator.store.store import Store
 from shared import cards
 from shared.errors import CardlineError, CsrInvalid, EncodingFailed, InvalidArgument

@@ -185,7 +185,7 @@ class Reconciler:
 
     # -- (a) pending CA requests -------------------------------------------------------------
 
-    def _settle(self, row: CaRequestRecord) -> CaRequestState:
+    def _settle(self, row: CaRequestRecord) -> str:
         ca = self.cas.get(row.ca_name)
         if ca is None:
             return self._still_pending(row, f"CA {row.ca_name!r} is not configured in this orchestrator")
@@ -226,7 +226,7 @@ class Reconciler:
                     serial=record.serial_hex, state=record.state, certificate_id=record.id)
         return CaRequestState.STORED
 
-    def _still_pending(self, row: CaRequestRecord, why: str) -> CaRequestState:
+    def _still_pending(self, row: CaRequestRecord, why: str) -> str:
         log.warning("CA request left pending", request_id=row.request_id, ca=row.ca_name, error=why)
         try:
             self.store.ca_requests.mark(row.request_id, CaRequestState.PENDING, why)

@@ -13,10 +13,26 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from orchestrator.store.models import (AuditEvent, CaRequest, Card, Certificate, ObjectRelation, ProcessInstance,
-                                       Task, utcnow)
-from orchestrator.store.records import (CARD, CERTIFICATE, AuditRecord, NewRelation, ProcessInstanceRecord,
-                                        ProcessState, TaskState, WrappedKey)
+from orchestrator.store.models import (
+    AuditEvent,
+    Card,
+    CaRequest,
+    Certificate,
+    ObjectRelation,
+    ProcessInstance,
+    Task,
+    utcnow,
+)
+from orchestrator.store.records import (
+    CARD,
+    CERTIFICATE,
+    AuditRecord,
+    NewRelation,
+    ProcessInstanceRecord,
+    ProcessState,
+    TaskState,
+    WrappedKey,
+)
 from shared.errors import InvalidArgument, NotFound, StateConflict
 
 R = TypeVar("R")

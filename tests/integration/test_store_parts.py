@@ -18,8 +18,16 @@ import datetime as dt
 import pytest
 from sqlalchemy import func, select
 
-from orchestrator.store import (CARD, CERTIFICATE, CaRequestState, NewRelation, ProcessState, Store, TaskState,
-                                WrappedKey)
+from orchestrator.store import (
+    CARD,
+    CERTIFICATE,
+    CaRequestState,
+    NewRelation,
+    ProcessState,
+    Store,
+    TaskState,
+    WrappedKey,
+)
 from orchestrator.store.models import ObjectRelation
 from shared.errors import InvalidArgument, NotFound
 from tests.integration.test_store import ISSUED, make_cert, production
@@ -33,13 +41,13 @@ def test_certificates_known_by_issuer_and_serial(store: Store):
     assert store.certificates.known(der)
     assert store.certificates.known(make_cert(serial=0x4242))                 # same issuer and serial
     assert not store.certificates.known(make_cert(serial=0x4242, issuer_cn="Another CA"))
-    with pytest.raises(InvalidArgument, match="not a DER X.509 certificate"):
+    with pytest.raises(InvalidArgument, match=r"not a DER X\.509 certificate"):
         store.certificates.known(b"not DER")
 
 
 def test_instances_beat_upserts_one_heartbeat_per_instance(store: Store):
     assert store.instances.heartbeats() == {}
-    before = dt.datetime.now(dt.timezone.utc)
+    before = dt.datetime.now(dt.UTC)
     store.instances.beat("orch-a")
     first = store.instances.heartbeats()["orch-a"]
     store.instances.beat("orch-b")

@@ -342,7 +342,8 @@ def test_archived_key_stored_with_certificate_atomically(store: Store):
         store.store_issued_certificate(task.id, make_cert(serial=0x5151), "EncryptionCert", "local", ISSUED,
                                        archived_key=WrappedKey("kek-2026", "AES-256-GCM", b"\x02other"))
     # The archive is refused: the certificate is not stored either.
-    bad_keys = (WrappedKey("kek", "AES-256-GCM", b""), WrappedKey("", "AES-256-GCM", b"x"), ("kek", "AES-256-GCM", b"x"))
+    bad_keys = (WrappedKey("kek", "AES-256-GCM", b""), WrappedKey("", "AES-256-GCM", b"x"),
+                ("kek", "AES-256-GCM", b"x"))
     for bad in bad_keys:
         with pytest.raises(InvalidArgument):
             store.store_issued_certificate(task.id, make_cert(), "EncryptionCert", "local", ISSUED,
