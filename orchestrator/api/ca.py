@@ -6,7 +6,7 @@ import asyncio
 from orchestrator.api import convert as conv
 from orchestrator.ca.base import CaConnector
 from orchestrator.services.reconciler import Reconciler
-from orchestrator.store.records import CA_REQUEST_PENDING
+from orchestrator.store.records import CaRequestState
 from orchestrator.store.store import Store
 from shared.errors import NotFound, UnsupportedOperation
 from shared.proto import ca_service_pb2 as pb
@@ -30,8 +30,8 @@ class CaServicer(ca_service_pb2_grpc.CaServiceServicer):
 
     @rpc_errors
     async def ListCaRequests(self, request, context):
-        states = [CA_REQUEST_PENDING] if request.unsettled_only else None
-        rows = await asyncio.to_thread(self.store.list_ca_requests, states=states)
+        states = [CaRequestState.PENDING] if request.unsettled_only else None
+        rows = await asyncio.to_thread(self.store.ca_requests.list, states=states)
         return pb.ListCaRequestsResponse(requests=[conv.ca_request_to_proto(r) for r in rows])
 
     @rpc_errors

@@ -32,12 +32,12 @@ class CardServicer(card_service_pb2_grpc.CardServiceServicer):
 
     @rpc_errors
     async def GetCard(self, request, context):
-        card = await asyncio.to_thread(self.store.get_card, request.card_id)
-        ids = await asyncio.to_thread(self.store.certificate_ids_of_card, card.id)
+        card = await asyncio.to_thread(self.store.cards.get, request.card_id)
+        ids = await asyncio.to_thread(self.store.cards.certificate_ids, card.id)
         return pb.GetCardResponse(card=conv.card_to_proto(card, ids))
 
     @rpc_errors
     async def GetTask(self, request, context):
-        task = await asyncio.to_thread(self.store.get_task, request.task_id)
-        certs = await asyncio.to_thread(self.store.list_certificates, task_id=task.id)
+        task = await asyncio.to_thread(self.store.tasks.get, request.task_id)
+        certs = await asyncio.to_thread(self.store.certificates.list, task_id=task.id)
         return pb.GetTaskResponse(task=conv.task_to_proto(task, [c.id for c in certs]))

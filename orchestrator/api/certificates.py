@@ -19,14 +19,14 @@ class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceService
 
     @rpc_errors
     async def GetCertificate(self, request, context):
-        cert = await asyncio.to_thread(self.store.get_certificate, request.certificate_id)
+        cert = await asyncio.to_thread(self.store.certificates.get, request.certificate_id)
         card_id = await asyncio.to_thread(self._card_of, cert.id)
         return pb.GetCertificateResponse(certificate=conv.certificate_to_proto(cert, card_id))
 
     @rpc_errors
     async def ListCertificates(self, request, context):
         def certificates_with_cards():
-            certs = self.store.list_certificates(
+            certs = self.store.certificates.list(
                 state=request.state or None, template=request.template or None, card_id=request.card_id or None,
                 task_id=request.task_id or None, limit=request.limit or None)
             return [(c, self._card_of(c.id)) for c in certs]
@@ -36,7 +36,7 @@ class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceService
 
     def _card_of(self, certificate_id: str) -> str:
         """The card a certificate is related to (blocking: call it in a thread)."""
-        relations = self.store.list_relations(target_id=certificate_id)
+        relations = self.store.relations.list(target_id=certificate_id)
         return next((r.source_id for r in relations if r.source_type == "Card"), "")
 
     @rpc_errors

@@ -10,23 +10,7 @@ from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.services import orders
 from orchestrator.services.pool import GatewayInfo, PooledReader, ReaderSelector, ReaderState
 from orchestrator.services.production import CertificateOrder
-from orchestrator.store.records import (
-    CA_REQUEST_NOT_ISSUED,
-    CA_REQUEST_PENDING,
-    CA_REQUEST_STORED,
-    CA_REQUEST_WRITTEN,
-    PROCESS_FAILED,
-    PROCESS_RUNNING,
-    PROCESS_SUCCEEDED,
-    TASK_FAILED,
-    TASK_RUNNING,
-    TASK_SUCCEEDED,
-    CardRecord,
-    CaRequestRecord,
-    CertificateRecord,
-    ProcessInstanceRecord,
-    TaskRecord,
-)
+from orchestrator.store.records import (CaRequestState, ProcessState, TaskState, CardRecord, CaRequestRecord, CertificateRecord, ProcessInstanceRecord, TaskRecord)
 from shared import convert
 from shared.proto import ca_service_pb2 as ca_pb
 from shared.proto import card_service_pb2 as card_pb
@@ -37,8 +21,8 @@ from shared.proto import order_service_pb2 as order_pb
 from shared.proto import process_service_pb2 as process_pb
 from shared.proto import reader_pool_service_pb2 as pool_pb
 
-_TASK_STATES = {TASK_RUNNING: card_pb.TASK_STATE_RUNNING, TASK_SUCCEEDED: card_pb.TASK_STATE_SUCCEEDED,
-                TASK_FAILED: card_pb.TASK_STATE_FAILED}
+_TASK_STATES = {TaskState.RUNNING: card_pb.TASK_STATE_RUNNING, TaskState.SUCCEEDED: card_pb.TASK_STATE_SUCCEEDED,
+                TaskState.FAILED: card_pb.TASK_STATE_FAILED}
 
 
 def task_type_to_proto(name: str) -> card_pb.TaskType.ValueType:
@@ -134,9 +118,9 @@ def order_to_proto(order) -> order_pb.Order:
 
 # --- processes -------------------------------------------------------------------------
 
-_PROCESS_STATES = {PROCESS_RUNNING: process_pb.PROCESS_STATE_RUNNING,
-                   PROCESS_SUCCEEDED: process_pb.PROCESS_STATE_SUCCEEDED,
-                   PROCESS_FAILED: process_pb.PROCESS_STATE_FAILED}
+_PROCESS_STATES = {ProcessState.RUNNING: process_pb.PROCESS_STATE_RUNNING,
+                   ProcessState.SUCCEEDED: process_pb.PROCESS_STATE_SUCCEEDED,
+                   ProcessState.FAILED: process_pb.PROCESS_STATE_FAILED}
 
 
 def value_from_proto(m: common_pb2.Value) -> object:
@@ -190,10 +174,10 @@ def handling_result_to_proto(r) -> certificate_pb.HandlingResult:
                                            error=error)
 
 
-_CA_REQUEST_STATES = {CA_REQUEST_PENDING: ca_pb.CA_REQUEST_STATE_PENDING,
-                      CA_REQUEST_STORED: ca_pb.CA_REQUEST_STATE_STORED,
-                      CA_REQUEST_WRITTEN: ca_pb.CA_REQUEST_STATE_WRITTEN,
-                      CA_REQUEST_NOT_ISSUED: ca_pb.CA_REQUEST_STATE_NOT_ISSUED}
+_CA_REQUEST_STATES = {CaRequestState.PENDING: ca_pb.CA_REQUEST_STATE_PENDING,
+                      CaRequestState.STORED: ca_pb.CA_REQUEST_STATE_STORED,
+                      CaRequestState.WRITTEN: ca_pb.CA_REQUEST_STATE_WRITTEN,
+                      CaRequestState.NOT_ISSUED: ca_pb.CA_REQUEST_STATE_NOT_ISSUED}
 
 
 def ca_request_to_proto(r: CaRequestRecord) -> ca_pb.CaRequest:

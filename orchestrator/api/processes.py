@@ -40,9 +40,9 @@ class ProcessServicer(process_service_pb2_grpc.ProcessServiceServicer):
 
     @rpc_errors
     async def GetProcessInstance(self, request, context):
-        record = await asyncio.to_thread(self.store.get_process_instance, request.process_instance_id)
+        record = await asyncio.to_thread(self.store.processes.get, request.process_instance_id)
         return pb.GetProcessInstanceResponse(instance=await self._instance(record))
 
     async def _instance(self, record) -> pb.ProcessInstance:
-        tasks = await asyncio.to_thread(self.store.list_tasks, process_instance_id=record.id)
+        tasks = await asyncio.to_thread(self.store.tasks.list, process_instance_id=record.id)
         return conv.process_instance_to_proto(record, [t.id for t in tasks])

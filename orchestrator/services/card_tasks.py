@@ -36,7 +36,17 @@ from orchestrator.domain.processes import CoreObjectDescriptor, ExpressionError,
 from orchestrator.domain.templates import DEFAULT_RELATION_TYPE, CardTemplate, CertificateTemplate, Templates
 from orchestrator.services.key_archive import KeyArchive, generate_key
 from orchestrator.services.pool import Lease, ReaderPool, ReaderSelector
-from orchestrator.store.records import CA_REQUEST_WRITTEN, CARD, CERTIFICATE, TaskRecord
+from orchestrator.store.records import (
+    AUDIT_RECOVER,
+    AUDIT_REVOKE_ON_ISSUE,
+    CARD,
+    CERTIFICATE,
+    CaRequestState,
+    NewRelation,
+    TaskRecord,
+    TaskState,
+    WrappedKey,
+)
 from orchestrator.store.store import Store
 from shared import cards
 from shared.errors import CardlineError, CsrInvalid, EncodingFailed, InvalidArgument, from_details
@@ -79,7 +89,7 @@ class CardTaskOutcome:
 
     @property
     def succeeded(self) -> bool:
-        return self.task.state == "SUCCEEDED"
+        return self.task.state == TaskState.SUCCEEDED
 
     @property
     def error(self) -> CardlineError | None:
@@ -158,7 +168,7 @@ class CardTaskService:
         self.running.add(task_id)
         try:
             async with self.pool.lease(order.selector) as lease:
-                task = await asyncio.to_thread(self.store.create_task, order.type, lease.gateway_id,
+                task = await asyncio.to_thread(self.store.tasks.create, order.type, lease.gateway_id,
                                                lease.reader.reader_id, order.card_id,
                                                process_instance_id=order.process_instance_id,
                                                task_index=order.task_index, owner=self.owner_id, task_id=task_id)
@@ -180,7 +190,7 @@ class _CardTaskRun:
         self.step_number = 0
         self.card_id: str | None = order.card_id
         self.issued: dict[str, CertificateTemplate] = {}          # certificate id -> template
-        self.success_relations: list[tuple[str, str, str, str, str]] = []
+        self.success_relations: list[NewRelation] = []
         self.return_fields: dict[str, CoreObjectDescriptor] = {}
         description = order.encoding.description
         self.user_pin = str(order.fields.get(description.pin_field, "")) if description.pin_field else ""
@@ -205,7 +215,7 @@ class _CardTaskRun:
         # certificate or the task's end records it, and the gateway answers a resent
         # (task, step) from its first result.
         self.step_number += 1
-        await self._db(self.s.store.journal_step, self.task_id, self.step_number, name, "sent")
+        await self._db(self.s.store.tasks.journal_step, self.task_id, self.step_number, name, "sent")
         sending = self.lease.run(cards.Step(operation, user_pin=self.user_pin, so_pin=so_pin),
                                  task_id=self.task_id, step_number=self.step_number,
                                  timeout_s=self.s.step_timeout_s)
@@ -229,9 +239,9 @@ class _CardTaskRun:
         """C9–C11: `always` now (it survives a failed encoding), `success` at the end."""
         if self.card_id is None or app.create_object_relation is CreateObjectRelation.NEVER:
             return
-        relation = (CARD, self.card_id, CERTIFICATE, certificate_id, self._relation_type(app))
+        relation = NewRelation(CARD, self.card_id, CERTIFICATE, certificate_id, self._relation_type(app))
         if app.create_object_relation is CreateObjectRelation.ALWAYS:
-            await self._db(self.s.store.add_relations, self.task_id, [relation])
+            await self._db(self.s.store.relations.add, self.task_id, [relation])
         else:
             self.success_relations.append(relation)
 
@@ -245,12 +255,12 @@ class _CardTaskRun:
             assert isinstance(info, cards.Reader)
             serial = info.token_serial or info.atr.hex()
             if order.type == PRODUCTION:          # C8: production creates the card object
-                card = await self._db(store.create_card, self.task_id, serial, template.name,
+                card = await self._db(store.cards.create, self.task_id, serial, template.name,
                                       template.initial_state, self.lease.gateway_id, self.lease.reader.reader_id)
                 self.card_id = card.id
                 self._tell(f"card {card.serial} ({info.token_label or info.name}) in production")
             elif self.card_id is not None:
-                card = await self._db(store.get_card, self.card_id)
+                card = await self._db(store.cards.get, self.card_id)
                 if card.serial != serial:
                     raise EncodingFailed(f"the card in {info.reader_id} (serial {serial}) is not card {card.id} "
                                          f"(serial {card.serial})")
@@ -273,7 +283,7 @@ class _CardTaskRun:
             task = await self._db(store.finish_task_failed, self.task_id, exc.reason, exc.message,
                                   template.failed_state if order.type == PRODUCTION and self.card_id else None,
                                   details=exc.to_details())
-        ok = task.state == "SUCCEEDED"
+        ok = task.state == TaskState.SUCCEEDED
         self._tell(("card produced" if order.type == PRODUCTION else "card operation done") if ok
                    else f"{order.type} failed: {task.error_message}", task)
         card = CoreObjectDescriptor(CARD, template.name, self.card_id) if self.card_id else None
@@ -355,7 +365,7 @@ class _CardTaskRun:
         request_id = f"{self.task_id}:{self.step_number}:{app.name}"
         # C16: journaled, with the request, before the CA is called: whatever happens next,
         # the reconciler can ask the CA what it issued for it.
-        await self._db(self.s.store.journal_ca_request, request_id, self.task_id, ca.name, template.name, csr_der)
+        await self._db(self.s.store.ca_requests.journal, request_id, self.task_id, ca.name, template.name, csr_der)
         await self._boundary("before_issue")
         der = await asyncio.to_thread(ca.issue, csr_der, profile, request_id)
         await self._boundary("after_issue")
@@ -364,8 +374,9 @@ class _CardTaskRun:
             # Sealed under the key-encryption key before anything is stored, bound to this
             # certificate (issuer and serial) so the blob opens for no other one.
             cert = x509.load_der_x509_certificate(der)
-            archived = await asyncio.to_thread(self.s.key_archive.seal, private_key,
-                                               archive_binding(cert.issuer.rfc4514_string(), format(cert.serial_number, "x")))
+            archived = WrappedKey(*await asyncio.to_thread(
+                self.s.key_archive.seal, private_key,
+                archive_binding(cert.issuer.rfc4514_string(), format(cert.serial_number, "x"))))
         # C1: committed in the internal issued state before the card is asked to store it.
         # C16: the journal row moves to `stored` in the same transaction.
         record = await self._db(self.s.store.store_issued_certificate, self.task_id, der, template.name, ca.name,
@@ -377,7 +388,7 @@ class _CardTaskRun:
         await self._relate(app, record.id)
         if app.revoke_on_issue:             # C6: held at the CA; the store state still follows C1/C2
             await asyncio.to_thread(ca.revoke, record.serial, "certificateHold")
-            await self._db(self.s.store.record_audit, "revoke_on_issue", CERTIFICATE, record.id, "card_task",
+            await self._db(self.s.store.audit.record, AUDIT_REVOKE_ON_ISSUE, CERTIFICATE, record.id, "card_task",
                            {"task_id": self.task_id, "reason": "certificateHold", "ca": ca.name})
             self._tell(f"certificate {record.serial_hex} put on hold at {ca.name} (revokeOnIssue)")
         await self._boundary("after_store")
@@ -388,7 +399,7 @@ class _CardTaskRun:
         else:
             await self._step(f"import_key_pair:{label}", cards.ImportKeyPair(
                 key_id, label, _pkcs8(private_key), der), sent_boundary="write_sent")
-        await self._db(self.s.store.mark_ca_request, request_id, CA_REQUEST_WRITTEN)
+        await self._db(self.s.store.ca_requests.mark, request_id, CaRequestState.WRITTEN)
         self._tell(f"certificate {record.serial_hex} written next to its key ({label})")
         await self._boundary("after_write")
 
@@ -423,7 +434,7 @@ class _CardTaskRun:
         """`WriteCertificate`: a stored certificate written next to its key, which must be on the
         card already (found by its public key). Its state is not changed; related per
         CreateObjectRelation."""
-        record = await self._db(self.s.store.get_certificate, descriptor.id)
+        record = await self._db(self.s.store.certificates.get, descriptor.id)
         label = app.key_label or record.template
         await self._step(f"write_certificate:{label}", cards.WriteCertificates(
             (cards.CertificateObject(b"", label, record.der),)))
@@ -443,14 +454,14 @@ class _CardTaskRun:
     async def _recover(self, app: Application, descriptor: CoreObjectDescriptor) -> None:
         """C7: an archived certificate and its key written to this card; never stored again,
         its state untouched; related per CreateObjectRelation; no return field."""
-        record = await self._db(self.s.store.get_certificate, descriptor.id)
-        archived = await self._db(self.s.store.get_archived_key, record.id)
+        record = await self._db(self.s.store.certificates.get, descriptor.id)
+        archived = await self._db(self.s.store.archived_keys.get, record.id)
         pkcs8 = await asyncio.to_thread(self.s.key_archive.open, archived.kek_id, archived.algorithm,
                                         archived.wrapped_key, archive_binding(record.issuer, record.serial_hex))
         label = app.key_label or record.template
         await self._step(f"recover_certificate:{label}", cards.ImportKeyPair(os.urandom(16), label, pkcs8, record.der))
         await self._relate(app, record.id)
-        await self._db(self.s.store.record_audit, "recover", CERTIFICATE, record.id, "card_task",
+        await self._db(self.s.store.audit.record, AUDIT_RECOVER, CERTIFICATE, record.id, "card_task",
                        {"task_id": self.task_id, "card_id": self.card_id})
         self._tell(f"certificate {record.serial_hex} recovered onto the card ({label})")
 

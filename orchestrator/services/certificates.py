@@ -17,7 +17,7 @@ from orchestrator.ca.base import CaConnector, revocation_reason
 from orchestrator.domain.ca_actions import REMOVE_FROM_CRL, CaAction, LiftHold, ca_action_for
 from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.domain.state_graphs import DEFAULT_INTERNAL_ISSUED_STATE, IllegalMove, StateGraph
-from orchestrator.store.records import CERTIFICATE, TASK_RUNNING, CertificateRecord
+from orchestrator.store.records import CERTIFICATE, CertificateRecord, TaskState
 from shared.errors import (CardlineError, ConfigurationError, IllegalTransition, InvalidArgument, NotFound,
                            TemplateNotFound)
 
@@ -144,10 +144,10 @@ class CertificateService:
     def change_state(self, certificate_id: str, to_state: str, reason: str | None = None,
                      actor: str = "api") -> CertificateRecord:
         """Moves a certificate along its state graph in the store only (no CA involved)."""
-        record = self.store.get_certificate(certificate_id)
+        record = self.store.certificates.get(certificate_id)
         graph = self._graph(record)
         self._require_move(graph, record.id, record.state, to_state, reason)
-        return self.store.change_certificate_state(
+        return self.store.certificates.change_state(
             record.id, to_state, from_state=record.state, actor=actor, action=AUDIT_CHANGE_STATE, reason=reason,
             detail={"graph": graph.name})
 
@@ -159,7 +159,7 @@ class CertificateService:
         orchestrator/domain/ca_actions.py), asks the certificate's CA, then moves the store
         state. An illegal move or an unmapped state raises before the CA is asked; a CA
         failure leaves the store state as it was (and is audited)."""
-        record = self.store.get_certificate(certificate_id)
+        record = self.store.certificates.get(certificate_id)
         graph = self._graph(record)
         self._require_move(graph, record.id, record.state, to_state, reason)
         action = ca_action_for(graph, record.state, to_state)       # UnmappedCaAction: nothing sent
@@ -173,7 +173,7 @@ class CertificateService:
                                 {**failure, "ca_done": False, "state": record.state, **_error_detail(exc)})
             raise
         try:
-            return self.store.change_certificate_state(
+            return self.store.certificates.change_state(
                 record.id, to_state, from_state=record.state, actor=actor, action=AUDIT_CHANGE_STATE_IN_CA,
                 reason=reason, detail=detail)
         except Exception as exc:
@@ -192,7 +192,7 @@ class CertificateService:
 
     def _audit_failure(self, action: str, object_id: str, actor: str, detail: dict) -> None:
         try:
-            self.store.record_audit(action, CERTIFICATE, object_id, actor, detail)
+            self.store.audit.record(action, CERTIFICATE, object_id, actor, detail)
         except Exception:   # never hide the original error behind an audit failure
             log.exception("could not audit %s of certificate %s: %s", action, object_id, detail)
 
@@ -223,7 +223,7 @@ class CertificateService:
         if target_state is not None and target_state == self.issued_state:
             raise InvalidArgument(f"target_state {target_state!r} is the internal issued state")
         if certificate_ids is None:
-            records: list[CertificateRecord | str] = list(self.store.list_certificates(state=self.issued_state))
+            records: list[CertificateRecord | str] = list(self.store.certificates.list(state=self.issued_state))
         else:
             records = list(dict.fromkeys(certificate_ids))   # each once, in the order given
         results = []
@@ -236,7 +236,7 @@ class CertificateService:
                     actor: str, only_finished_tasks: bool, transition_reason: str | None) -> HandlingResult:
         cert_id = item if isinstance(item, str) else item.id
         try:
-            record = self.store.get_certificate(cert_id)    # fresh: the state may have moved since listed
+            record = self.store.certificates.get(cert_id)    # fresh: the state may have moved since listed
         except NotFound as exc:
             return HandlingResult(cert_id, None, False, None, error=_error_text(exc))
         revoked = False
@@ -250,10 +250,10 @@ class CertificateService:
                                   f"(state {record.state!r})")
         if only_finished_tasks and record.task_id is not None:
             try:
-                task = self.store.get_task(record.task_id)
+                task = self.store.tasks.get(record.task_id)
             except NotFound as exc:
                 return result(error=_error_text(exc))
-            if task.state == TASK_RUNNING:
+            if task.state == TaskState.RUNNING:
                 return result(skipped=f"its task {task.id} is still running")
 
         base = {"task_id": record.task_id, "ca": record.ca_name, "serial_hex": record.serial_hex}
@@ -279,12 +279,12 @@ class CertificateService:
                 step = "revoke"
                 ca.revoke(record.serial, revoke_reason)
                 revoked = True
-                self.store.record_audit(AUDIT_HANDLE_ISSUED, CERTIFICATE, record.id, actor,
+                self.store.audit.record(AUDIT_HANDLE_ISSUED, CERTIFICATE, record.id, actor,
                                         {**base, "step": "revoke", "ca_action": "revoke",
                                          "ca_reason": revoke_reason})
             for src, dst, reason in moves:
                 step = f"move {src} -> {dst}"
-                moved = self.store.change_certificate_state(
+                moved = self.store.certificates.change_state(
                     record.id, dst, from_state=src, actor=actor, action=AUDIT_HANDLE_ISSUED, reason=reason,
                     detail={**base, "step": "move", "revoked": revoked,
                             **({"revoke_reason": revoke_reason} if revoked else {})})
@@ -318,7 +318,7 @@ class CertificateService:
             issued_before = now - older_than
         if limit is not None and limit < 0:
             raise InvalidArgument(f"limit must not be negative, got {limit}")
-        records = self.store.list_certificates(state=self.issued_state, template=template, card_id=card_id,
+        records = self.store.certificates.list(state=self.issued_state, template=template, card_id=card_id,
                                                task_id=task_id, issued_before=issued_before, limit=limit,
                                                gateway_id=gateway_id, reader_id=reader_id,
                                                **({"process_instance_id": process_instance_id}

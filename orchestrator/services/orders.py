@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from orchestrator.domain.processes import CardProductionTask
 from orchestrator.services.pool import LEASE_SCOPE, LeaseScope, ReaderPool, ReaderSelector
 from orchestrator.services.processes import ProcessProgress, ProcessService, selector_of
+from orchestrator.store.records import ProcessState
 from shared.errors import Cancelled, CardlineError, InvalidArgument, NotFound, ReaderNotFound
 from shared.logging import get_logger
 
@@ -184,7 +185,7 @@ class OrderService:
                 raise Cancelled(f"order {order.id} was cancelled", order_id=order.id)
             instance = await self.processes.start(order.process, inputs, progress)
             card.process_instance_id = instance.id
-            if instance.state == "SUCCEEDED":
+            if instance.state == ProcessState.SUCCEEDED:
                 card.state = SUCCEEDED
             else:
                 card.state = FAILED

@@ -19,7 +19,7 @@ from orchestrator.services.card_tasks import OPERATION, PRODUCTION, CardTaskOrde
 from orchestrator.services.certificates import CertificateService
 from orchestrator.services.configuration import Configuration
 from orchestrator.services.pool import ReaderSelector
-from orchestrator.store.records import CARD, CERTIFICATE, ProcessInstanceRecord
+from orchestrator.store.records import AUDIT_CHANGE_STATE, CARD, CERTIFICATE, ProcessInstanceRecord, ProcessState
 from orchestrator.store.store import Store
 from shared.errors import CardlineError, EncodingFailed, IllegalTransition, InvalidArgument, NotFound
 from shared.logging import get_logger
@@ -80,7 +80,7 @@ class ProcessService:
         instance_id = str(uuid.uuid4())
         self.running.add(instance_id)           # before the row exists: see CardTaskService.run
         try:
-            instance = await asyncio.to_thread(self.store.create_process_instance, name, process_map.to_dict(),
+            instance = await asyncio.to_thread(self.store.processes.create, name, process_map.to_dict(),
                                                owner=self.card_tasks.owner_id, instance_id=instance_id)
             run = _ProcessRun(self, definition, instance.id, process_map, secrets, progress)
             return await run.execute()
@@ -104,7 +104,7 @@ class _ProcessRun:
         self.progress(ProcessProgress(self.instance_id, index, task.type, message, self.on_error))
 
     async def _save_map(self) -> None:
-        await asyncio.to_thread(self.s.store.update_process_map, self.instance_id, self.process_map.to_dict())
+        await asyncio.to_thread(self.s.store.processes.update_map, self.instance_id, self.process_map.to_dict())
 
     async def execute(self) -> ProcessInstanceRecord:
         error: CardlineError | None = None
@@ -131,7 +131,7 @@ class _ProcessRun:
                 finally:
                     await self._save_map()
         instance = await asyncio.to_thread(
-            self.s.store.finish_process_instance, self.instance_id, "FAILED" if error else "SUCCEEDED",
+            self.s.store.processes.finish, self.instance_id, ProcessState.FAILED if error else ProcessState.SUCCEEDED,
             error.reason if error else None, error.message if error else None, self.process_map.to_dict())
         self.progress(ProcessProgress(self.instance_id, len(self.definition.tasks), "", (
             f"process {self.definition.name} failed: {error.message}" if error
@@ -194,7 +194,7 @@ class _ProcessRun:
             if isinstance(value, CoreObjectDescriptor) and value.type == CARD:
                 card_id = value.id                  # C8: the operation works on the card of the process map
                 if card_template is None:
-                    card_template = config.templates.card((await asyncio.to_thread(self.s.store.get_card, card_id)).template)
+                    card_template = config.templates.card((await asyncio.to_thread(self.s.store.cards.get, card_id)).template)
         if card_template is None:            # an operation on a card the store does not know
             card_template = CardTemplate(name="")
         return_fields = set(encoding.return_fields())
@@ -232,15 +232,15 @@ class _ProcessRun:
                 self._tell(index, task, f"certificate {record.serial_hex} is {record.state}")
             return
         for d in self._descriptors(task.card, CARD):
-            card = await asyncio.to_thread(self.s.store.get_card, d.id)
+            card = await asyncio.to_thread(self.s.store.cards.get, d.id)
             template = self.s.configuration.templates.card(card.template)
             graph = self.s.configuration.graphs[template.state_graph]
             try:
                 graph.require_move(card.state, task.state, task.reason)
             except IllegalMove as exc:
                 raise IllegalTransition(str(exc), card_id=card.id) from None
-            card = await asyncio.to_thread(self.s.store.change_card_state, card.id, task.state, from_state=card.state,
-                                           actor=self.actor, action="change_state", reason=task.reason)
+            card = await asyncio.to_thread(self.s.store.cards.change_state, card.id, task.state, from_state=card.state,
+                                           actor=self.actor, action=AUDIT_CHANGE_STATE, reason=task.reason)
             self._tell(index, task, f"card {card.serial} is {card.state}")
 
     async def _handle_issued(self, index: int, task: HandleIssuedTask) -> None:
@@ -251,7 +251,7 @@ class _ProcessRun:
                 return
             ids = [d.id for d in self._descriptors(task.certificates, CERTIFICATE)]
         else:                        # every certificate of this instance still in the internal issued state
-            records = await asyncio.to_thread(self.s.store.list_certificates,
+            records = await asyncio.to_thread(self.s.store.certificates.list,
                                               state=self.s.configuration.templates.internal_issued_state,
                                               process_instance_id=self.instance_id)
             ids = [r.id for r in records]

@@ -45,8 +45,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from orchestrator.ca.base import CaConnector
-from orchestrator.store.records import (AUDIT_RECONCILE, CA_REQUEST_NOT_ISSUED, CA_REQUEST_PENDING, CERTIFICATE,
-                                        PROCESS_FAILED, PROCESS_RUNNING, TASK_RUNNING, CaRequestRecord, TaskRecord)
+from orchestrator.store.records import (AUDIT_RECONCILE, CERTIFICATE, PROCESS_INSTANCE, TASK, CaRequestRecord,
+                                        CaRequestState, ProcessState, TaskRecord, TaskState)
 from orchestrator.store.store import DuplicateCertificate, Store
 from shared.errors import CardlineError, OrchestratorRestarted, StateConflict
 from shared.logging import get_logger
@@ -106,12 +106,12 @@ class Reconciler:
         """One round, blocking (call it through asyncio.to_thread from async code)."""
         with self._round:
             if self.owner_id:
-                self.store.beat(self.owner_id)
+                self.store.instances.beat(self.owner_id)
             tasks_ended = self._end_orphans()
             examined = stored = not_issued = still_pending = 0
-            for row in self.store.list_ca_requests(states=[CA_REQUEST_PENDING]):
-                task = self.store.get_task(row.task_id)
-                if task.state == TASK_RUNNING:
+            for row in self.store.ca_requests.list(states=[CaRequestState.PENDING]):
+                task = self.store.tasks.get(row.task_id)
+                if task.state == TaskState.RUNNING:
                     continue                   # a live run (here or on a beating replica) settles it
                 examined += 1
                 try:
@@ -119,9 +119,9 @@ class Reconciler:
                 except Exception as exc:  # noqa: BLE001 - one bad row must not stop the others
                     log.exception("CA request not settled", request_id=row.request_id)
                     outcome = self._still_pending(row, f"{type(exc).__name__}: {exc}")
-                stored += outcome == "stored"
-                not_issued += outcome == CA_REQUEST_NOT_ISSUED
-                still_pending += outcome == CA_REQUEST_PENDING
+                stored += outcome == CaRequestState.STORED
+                not_issued += outcome == CaRequestState.NOT_ISSUED
+                still_pending += outcome == CaRequestState.PENDING
             report = ReconcileReport(examined, stored, not_issued, tasks_ended, still_pending)
             if examined or tasks_ended:
                 log.info("reconciled", examined=examined, stored=stored, not_issued=not_issued,
@@ -140,10 +140,10 @@ class Reconciler:
     def _end_orphans(self) -> int:
         # The store first, the registries after: a run registers before its row exists and
         # unregisters after its row has ended, so a live run is never taken for an orphan.
-        tasks = self.store.list_tasks(state=TASK_RUNNING)
-        instances = self.store.list_process_instances(state=PROCESS_RUNNING)
+        tasks = self.store.tasks.list(state=TaskState.RUNNING)
+        instances = self.store.processes.list(state=ProcessState.RUNNING)
         live_tasks, live_processes = frozenset(self.live_tasks()), frozenset(self.live_processes())
-        heartbeats, now = self.store.heartbeats(), _utcnow()
+        heartbeats, now = self.store.instances.heartbeats(), _utcnow()
         ended = 0
         for task in tasks:
             if self._orphaned(task.owner, task.id, live_tasks, heartbeats, now):
@@ -161,12 +161,12 @@ class Reconciler:
         error = self._restarted("task", task.owner)
         card_state = None
         if task.type == PRODUCTION and task.card_id is not None:
-            card_state = self.card_failed_state(self.store.get_card(task.card_id).template)
+            card_state = self.card_failed_state(self.store.cards.get(task.card_id).template)
         try:
             self.store.finish_task_failed(task.id, error.reason, error.message, card_state)
         except StateConflict:
             return 0                         # it ended meanwhile: someone else was faster
-        self.store.record_audit(AUDIT_RECONCILE, "Task", task.id, ACTOR,
+        self.store.audit.record(AUDIT_RECONCILE, TASK, task.id, ACTOR,
                                 {"action": "end_orphaned_task", "reason": error.reason, "owner": task.owner,
                                  "card_state": card_state})
         log.warning("orphaned task ended", task_id=task.id, owner=task.owner, card_state=card_state)
@@ -175,10 +175,10 @@ class Reconciler:
     def _end_process(self, instance_id: str, owner: str | None) -> int:
         error = self._restarted("process instance", owner)
         try:
-            self.store.finish_process_instance(instance_id, PROCESS_FAILED, error.reason, error.message)
+            self.store.processes.finish(instance_id, ProcessState.FAILED, error.reason, error.message)
         except StateConflict:
             return 0
-        self.store.record_audit(AUDIT_RECONCILE, "ProcessInstance", instance_id, ACTOR,
+        self.store.audit.record(AUDIT_RECONCILE, PROCESS_INSTANCE, instance_id, ACTOR,
                                 {"action": "end_orphaned_process", "reason": error.reason, "owner": owner})
         log.warning("orphaned process instance ended", process_instance_id=instance_id, owner=owner)
         return 1
@@ -199,19 +199,19 @@ class Reconciler:
                     candidates = list(found) if isinstance(found, (list, tuple)) else [found] if found else []
                     # A key may have older certificates (a renewal of the same key): the
                     # request's is the oldest one the store does not know yet.
-                    der = next((c for c in candidates if not self.store.certificate_known(c)), None)
+                    der = next((c for c in candidates if not self.store.certificates.known(c)), None)
         except CardlineError as exc:     # CaUnavailable and the like: ask again next round
             return self._still_pending(row, f"{exc.reason}: {exc.message}")
         except OSError as exc:
             return self._still_pending(row, f"{type(exc).__name__}: {exc}")
         if der is None:
             try:
-                self.store.mark_ca_request(row.request_id, CA_REQUEST_NOT_ISSUED,
+                self.store.ca_requests.mark(row.request_id, CaRequestState.NOT_ISSUED,
                                            f"CA {row.ca_name!r} issued nothing for this request")
             except StateConflict:
                 return "raced"
             log.info("CA request not issued", request_id=row.request_id, ca=row.ca_name)
-            return CA_REQUEST_NOT_ISSUED
+            return CaRequestState.NOT_ISSUED
         try:
             record = self.store.store_issued_certificate(row.task_id, der, row.template, row.ca_name,
                                                          self.internal_issued_state, request_id=row.request_id)
@@ -219,17 +219,17 @@ class Reconciler:
             # Known to the store already, under another request: not unknown, but this row
             # cannot say which; left for an operator with the reason.
             return self._still_pending(row, f"{exc.reason}: {exc.message}")
-        self.store.record_audit(AUDIT_RECONCILE, CERTIFICATE, record.id, ACTOR,
+        self.store.audit.record(AUDIT_RECONCILE, CERTIFICATE, record.id, ACTOR,
                                 {"action": "store_found_certificate", "request_id": row.request_id,
                                  "ca": row.ca_name, "serial_hex": record.serial_hex, "task_id": row.task_id})
         log.warning("certificate found at the CA and stored", request_id=row.request_id, ca=row.ca_name,
                     serial=record.serial_hex, state=record.state, certificate_id=record.id)
-        return "stored"
+        return CaRequestState.STORED
 
     def _still_pending(self, row: CaRequestRecord, why: str) -> str:
         log.warning("CA request left pending", request_id=row.request_id, ca=row.ca_name, error=why)
         try:
-            self.store.mark_ca_request(row.request_id, CA_REQUEST_PENDING, why)
+            self.store.ca_requests.mark(row.request_id, CaRequestState.PENDING, why)
         except StateConflict:
             pass
-        return CA_REQUEST_PENDING
+        return CaRequestState.PENDING

@@ -8,31 +8,46 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from enum import StrEnum
+from typing import Any
 
-# Object types as they appear in object relations and CoreObjectDescriptors.
+# Object types as they appear in object relations, CoreObjectDescriptors and audit events.
 CARD = "Card"
 CERTIFICATE = "Certificate"
+TASK = "Task"
+PROCESS_INSTANCE = "ProcessInstance"
 
-# Task states. A task is RUNNING until one finish_task_* call ends it, exactly once.
-TASK_RUNNING = "RUNNING"
-TASK_SUCCEEDED = "SUCCEEDED"
-TASK_FAILED = "FAILED"
 
-# Process instance states: RUNNING until finish_process_instance ends it, exactly once.
-PROCESS_RUNNING = "RUNNING"
-PROCESS_SUCCEEDED = "SUCCEEDED"
-PROCESS_FAILED = "FAILED"
-PROCESS_FINAL_STATES = (PROCESS_SUCCEEDED, PROCESS_FAILED)
+class TaskState(StrEnum):
+    """A task is RUNNING until one finish_task_* call ends it, exactly once."""
 
-# States of a CA request journal row (C16). Only PENDING is unsettled: the reconciler asks
-# the CA about it. STORED: the certificate is in the store (moved there in the same
-# transaction); WRITTEN: also on the card; NOT_ISSUED: the CA says it issued nothing.
-CA_REQUEST_PENDING = "pending"
-CA_REQUEST_STORED = "stored"
-CA_REQUEST_WRITTEN = "written"
-CA_REQUEST_NOT_ISSUED = "not_issued"
-CA_REQUEST_STATES = (CA_REQUEST_PENDING, CA_REQUEST_STORED, CA_REQUEST_WRITTEN, CA_REQUEST_NOT_ISSUED)
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+
+class ProcessState(StrEnum):
+    """A process instance is RUNNING until processes.finish ends it, exactly once."""
+
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+    @property
+    def final(self) -> bool:
+        return self is not ProcessState.RUNNING
+
+
+class CaRequestState(StrEnum):
+    """States of a CA request journal row (C16). Only PENDING is unsettled: the reconciler
+    asks the CA about it. STORED: the certificate is in the store (moved there in the same
+    transaction); WRITTEN: also on the card; NOT_ISSUED: the CA says it issued nothing."""
+
+    PENDING = "pending"
+    STORED = "stored"
+    WRITTEN = "written"
+    NOT_ISSUED = "not_issued"
+
 
 # Audit actions the orchestrator writes (the store accepts any non-empty action).
 AUDIT_CHANGE_STATE = "change_state"
@@ -42,6 +57,11 @@ AUDIT_SWEEP = "sweep"
 AUDIT_REVOKE_ON_ISSUE = "revoke_on_issue"
 AUDIT_RECOVER = "recover"
 AUDIT_RECONCILE = "reconcile"
+
+
+def _coerce(record: object, name: str, kind: type[StrEnum]) -> None:
+    """Rows hold plain strings; records hand out the enum member (equal to the string)."""
+    object.__setattr__(record, name, kind(getattr(record, name)))
 
 
 @dataclass(frozen=True)
@@ -83,7 +103,7 @@ class CertificateRecord:
 class TaskRecord:
     id: str
     type: str
-    state: str                  # TASK_RUNNING / TASK_SUCCEEDED / TASK_FAILED
+    state: TaskState
     gateway_id: str
     reader_id: str
     card_id: str | None
@@ -97,12 +117,15 @@ class TaskRecord:
     owner: str | None = None                # revision 0003: the orchestrator instance running it
     error_details: dict[str, Any] | None = None   # revision 0004: CardlineError.to_details() of the error
 
+    def __post_init__(self) -> None:
+        _coerce(self, "state", TaskState)
+
 
 @dataclass(frozen=True)
 class ProcessInstanceRecord:
     id: str
     definition: str                         # the process's name
-    state: str                              # PROCESS_RUNNING / PROCESS_SUCCEEDED / PROCESS_FAILED
+    state: ProcessState
     process_map: dict[str, Any]             # a fresh dict of JSON values on every read
     error_reason: str | None
     error_message: str | None
@@ -110,6 +133,9 @@ class ProcessInstanceRecord:
     updated_at: dt.datetime                 # last change of the map or the state
     finished_at: dt.datetime | None
     owner: str | None = None                # revision 0003: the orchestrator instance running it
+
+    def __post_init__(self) -> None:
+        _coerce(self, "state", ProcessState)
 
 
 @dataclass(frozen=True)
@@ -150,12 +176,15 @@ class CaRequestRecord:
     ca_name: str
     template: str               # certificate template
     csr_der: bytes = field(repr=False)
-    state: str                  # CA_REQUEST_*
+    state: CaRequestState
     serial_hex: str | None      # once stored
     certificate_id: str | None  # once stored
     error: str | None           # why it is not_issued, or the last reconciliation problem
     created_at: dt.datetime     # journaled (before the CA was called)
     updated_at: dt.datetime
+
+    def __post_init__(self) -> None:
+        _coerce(self, "state", CaRequestState)
 
 
 @dataclass(frozen=True)
@@ -170,11 +199,22 @@ class RelationRecord:
     created_at: dt.datetime
 
 
-class NewRelation(NamedTuple):
-    """A relation to create; plain 5-tuples in this order are accepted as well."""
+@dataclass(frozen=True)
+class NewRelation:
+    """A relation to create: source -> target of relation_type."""
 
     source_type: str
     source_id: str
     target_type: str
     target_id: str
     relation_type: str
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    """A private key wrapped (encrypted) under a key-encryption key, to archive beside its
+    certificate (C7): the three values KeyArchive.seal returns."""
+
+    kek_id: str                             # which key-encryption key wrapped it
+    algorithm: str                          # e.g. "AES-256-GCM"
+    wrapped_key: bytes = field(repr=False)

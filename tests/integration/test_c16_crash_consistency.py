@@ -34,9 +34,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orchestrator.ca import IssueProfile, LocalCa
 from orchestrator.services.fault_injection import AnswerLosingCa, UnreachableCa
 from orchestrator.services.reconciler import Reconciler
-from orchestrator.store import (CA_REQUEST_NOT_ISSUED, CA_REQUEST_PENDING, CA_REQUEST_STORED, CA_REQUEST_WRITTEN,
-                                DuplicateCertificate, StateConflict, Store)
-from orchestrator.store.records import PROCESS_FAILED, PROCESS_RUNNING, TASK_FAILED, TASK_RUNNING, TASK_SUCCEEDED
+from orchestrator.store import CaRequestState, DuplicateCertificate, StateConflict, Store
+from orchestrator.store.records import ProcessState, TaskState
 from shared.errors import CaUnavailable, NotFound
 from shared.proto import common_pb2
 from shared.proto import ca_service_pb2 as ca_pb
@@ -89,8 +88,8 @@ def _csr(cn: str = "Alice") -> bytes:
 
 
 def _production(store: Store, owner: str | None = ME, process_instance_id: str | None = None):
-    task = store.create_task("card_production", "gw1", "r1", owner=owner, process_instance_id=process_instance_id)
-    card = store.create_card(task.id, "0815", "EmployeeCard", "InProduction", "gw1", "r1")
+    task = store.tasks.create("card_production", "gw1", "r1", owner=owner, process_instance_id=process_instance_id)
+    card = store.cards.create(task.id, "0815", "EmployeeCard", "InProduction", "gw1", "r1")
     return task, card
 
 
@@ -98,41 +97,41 @@ def test_c16_journal_is_idempotent_and_settled_with_the_certificate_in_one_trans
     task, _card = _production(store)
     csr = _csr()
     rid = f"{task.id}:2:Application_1"
-    first = store.journal_ca_request(rid, task.id, local_ca.name, "EmployeeAuthentication", csr)
-    again = store.journal_ca_request(rid, task.id, local_ca.name, "EmployeeAuthentication", csr)
-    assert first == again and first.state == CA_REQUEST_PENDING and first.csr_der == csr
-    assert store.list_ca_requests(states=[CA_REQUEST_PENDING]) == [first]
+    first = store.ca_requests.journal(rid, task.id, local_ca.name, "EmployeeAuthentication", csr)
+    again = store.ca_requests.journal(rid, task.id, local_ca.name, "EmployeeAuthentication", csr)
+    assert first == again and first.state == CaRequestState.PENDING and first.csr_der == csr
+    assert store.ca_requests.list(states=[CaRequestState.PENDING]) == [first]
     with pytest.raises(NotFound):
-        store.journal_ca_request("x:1:A", "no-such-task", local_ca.name, "EmployeeAuthentication", csr)
+        store.ca_requests.journal("x:1:A", "no-such-task", local_ca.name, "EmployeeAuthentication", csr)
 
     der = local_ca.issue(csr, PROFILE, rid)
     assert local_ca.issue(csr, PROFILE, rid) == der          # the CA's idempotency on the same key
     cert = store.store_issued_certificate(task.id, der, "EmployeeAuthentication", local_ca.name, ISSUED,
                                           request_id=rid)
-    row = store.get_ca_request(rid)
-    assert (row.state, row.certificate_id, row.serial_hex) == (CA_REQUEST_STORED, cert.id, cert.serial_hex)
+    row = store.ca_requests.get(rid)
+    assert (row.state, row.certificate_id, row.serial_hex) == (CaRequestState.STORED, cert.id, cert.serial_hex)
     # The same certificate for the same request again (a retry, or the reconciler was first):
     # the stored record, not a duplicate.
     assert store.store_issued_certificate(task.id, der, "EmployeeAuthentication", local_ca.name, ISSUED,
                                           request_id=rid) == cert
     with pytest.raises(DuplicateCertificate):                # without the request: still a duplicate
         store.store_issued_certificate(task.id, der, "EmployeeAuthentication", local_ca.name, ISSUED)
-    assert store.mark_ca_request(rid, CA_REQUEST_WRITTEN).state == CA_REQUEST_WRITTEN
+    assert store.ca_requests.mark(rid, CaRequestState.WRITTEN).state == CaRequestState.WRITTEN
     with pytest.raises(StateConflict):
-        store.mark_ca_request(rid, CA_REQUEST_NOT_ISSUED)
-    assert store.list_ca_requests(states=[CA_REQUEST_PENDING]) == []
+        store.ca_requests.mark(rid, CaRequestState.NOT_ISSUED)
+    assert store.ca_requests.list(states=[CaRequestState.PENDING]) == []
 
 
 def test_c16_certificate_never_stored_against_a_request_settled_otherwise(store: Store, local_ca):
     task, _card = _production(store)
     csr = _csr()
     rid = f"{task.id}:2:Application_1"
-    store.journal_ca_request(rid, task.id, local_ca.name, "EmployeeAuthentication", csr)
-    store.mark_ca_request(rid, CA_REQUEST_NOT_ISSUED, "test")
+    store.ca_requests.journal(rid, task.id, local_ca.name, "EmployeeAuthentication", csr)
+    store.ca_requests.mark(rid, CaRequestState.NOT_ISSUED, "test")
     der = local_ca.issue(csr, PROFILE, rid)
     with pytest.raises(StateConflict):
         store.store_issued_certificate(task.id, der, "EmployeeAuthentication", local_ca.name, ISSUED, request_id=rid)
-    assert store.list_certificates() == []                   # nothing half-written
+    assert store.certificates.list() == []                   # nothing half-written
     with pytest.raises(NotFound):
         store.store_issued_certificate(task.id, der, "EmployeeAuthentication", local_ca.name, ISSUED,
                                        request_id="never-journaled")
@@ -144,27 +143,27 @@ def _reconciler(store, cas, **kwargs) -> Reconciler:
 
 
 def test_c16_reconciler_stores_what_the_ca_issued_and_ends_orphaned_work(store: Store, local_ca):
-    instance = store.create_process_instance("produce-employee-card", {"person": "Alice"}, owner=ME)
+    instance = store.processes.create("produce-employee-card", {"person": "Alice"}, owner=ME)
     task, card = _production(store, process_instance_id=instance.id)
     lost, never = f"{task.id}:2:Application_1", f"{task.id}:4:Application_2"
     csr = _csr()
-    store.journal_ca_request(lost, task.id, local_ca.name, "EmployeeAuthentication", csr)
-    store.journal_ca_request(never, task.id, local_ca.name, "EmployeeSignature", _csr())
+    store.ca_requests.journal(lost, task.id, local_ca.name, "EmployeeAuthentication", csr)
+    store.ca_requests.journal(never, task.id, local_ca.name, "EmployeeSignature", _csr())
     der = local_ca.issue(csr, PROFILE, lost)                 # issued; the orchestrator died before storing it
 
     report = _reconciler(store, {local_ca.name: local_ca}).reconcile_once()
     assert (report.tasks_ended, report.examined, report.stored, report.not_issued) == (2, 2, 1, 1)
-    task = store.get_task(task.id)
-    assert task.state == TASK_FAILED and task.error_reason == "ORCHESTRATOR_RESTARTED"
-    assert store.get_card(card.id).state == "ProductionFailed"
-    instance = store.get_process_instance(instance.id)
-    assert instance.state == PROCESS_FAILED and instance.error_reason == "ORCHESTRATOR_RESTARTED"
-    [cert] = store.list_certificates(task_id=task.id)
+    task = store.tasks.get(task.id)
+    assert task.state == TaskState.FAILED and task.error_reason == "ORCHESTRATOR_RESTARTED"
+    assert store.cards.get(card.id).state == "ProductionFailed"
+    instance = store.processes.get(instance.id)
+    assert instance.state == ProcessState.FAILED and instance.error_reason == "ORCHESTRATOR_RESTARTED"
+    [cert] = store.certificates.list(task_id=task.id)
     assert cert.der == der and cert.state == ISSUED                          # C3
     assert cert.task_error_reason == "ORCHESTRATOR_RESTARTED"                # C4: carries the task's error
-    assert store.get_ca_request(lost).certificate_id == cert.id
-    assert store.get_ca_request(never).state == CA_REQUEST_NOT_ISSUED
-    assert {a.detail["action"] for a in store.list_audit(action="reconcile")} == {
+    assert store.ca_requests.get(lost).certificate_id == cert.id
+    assert store.ca_requests.get(never).state == CaRequestState.NOT_ISSUED
+    assert {a.detail["action"] for a in store.audit.list(action="reconcile")} == {
         "end_orphaned_task", "end_orphaned_process", "store_found_certificate"}
     # Settled: a second round has nothing to do.
     assert _reconciler(store, {local_ca.name: local_ca}).reconcile_once().examined == 0
@@ -174,36 +173,36 @@ def test_c16_reconciler_leaves_live_runs_and_beating_replicas_alone(store: Store
     live, _ = _production(store)
     other_alive, _ = _production(store, owner="replica-b")
     other_dead, _ = _production(store, owner="replica-c")
-    store.beat("replica-b")
-    store.beat("replica-c")
+    store.instances.beat("replica-b")
+    store.instances.beat("replica-c")
     rid = f"{live.id}:2:Application_1"
-    store.journal_ca_request(rid, live.id, local_ca.name, "EmployeeAuthentication", _csr())
+    store.ca_requests.journal(rid, live.id, local_ca.name, "EmployeeAuthentication", _csr())
     reconciler = _reconciler(store, {local_ca.name: local_ca}, live_tasks=lambda: {live.id},
                              stale_after=dt.timedelta(seconds=0.5))
     time.sleep(0.6)
-    store.beat("replica-b")          # replica-b still beats; replica-c stopped
+    store.instances.beat("replica-b")          # replica-b still beats; replica-c stopped
     report = reconciler.reconcile_once()
     assert report.tasks_ended == 1 and report.examined == 0      # the live task's request is its own business
-    assert store.get_task(live.id).state == TASK_RUNNING
-    assert store.get_task(other_alive.id).state == TASK_RUNNING
-    assert store.get_task(other_dead.id).state == TASK_FAILED
-    assert store.get_ca_request(rid).state == CA_REQUEST_PENDING
+    assert store.tasks.get(live.id).state == TaskState.RUNNING
+    assert store.tasks.get(other_alive.id).state == TaskState.RUNNING
+    assert store.tasks.get(other_dead.id).state == TaskState.FAILED
+    assert store.ca_requests.get(rid).state == CaRequestState.PENDING
 
 
 def test_c16_unreachable_ca_leaves_the_request_pending_until_it_answers(store: Store, local_ca):
     task, _ = _production(store)
     rid = f"{task.id}:2:Application_1"
     csr = _csr()
-    store.journal_ca_request(rid, task.id, local_ca.name, "EmployeeAuthentication", csr)
+    store.ca_requests.journal(rid, task.id, local_ca.name, "EmployeeAuthentication", csr)
     with pytest.raises(CaUnavailable):                       # issued, but the answer never came back
         AnswerLosingCa(local_ca, 1).issue(csr, PROFILE, rid)
     store.finish_task_failed(task.id, "CA_UNAVAILABLE", "lost")
     down = _reconciler(store, {local_ca.name: UnreachableCa(local_ca)}).reconcile_once()
     assert (down.examined, down.stored, down.still_pending) == (1, 0, 1)
-    assert "CA_UNAVAILABLE" in store.get_ca_request(rid).error
+    assert "CA_UNAVAILABLE" in store.ca_requests.get(rid).error
     up = _reconciler(store, {local_ca.name: local_ca}).reconcile_once()
     assert (up.examined, up.stored) == (1, 1)
-    [cert] = store.list_certificates(task_id=task.id)
+    [cert] = store.certificates.list(task_id=task.id)
     assert cert.state == ISSUED and cert.task_error_reason == "CA_UNAVAILABLE"
     assert local_ca.issued_by_request() == {rid: cert.der}
 
@@ -350,12 +349,12 @@ def compare_ca_with_store(station: Station, point: str) -> dict:
     ca_issued = LocalCa(station.data_dir / "ca", "local").issued_by_request()   # request_id -> DER
     store = Store(f"sqlite:///{station.data_dir / 'cardline.db'}")
     try:
-        certificates = {(c.issuer, c.serial_hex): c for c in store.list_certificates()}
-        journal = {r.request_id: r for r in store.list_ca_requests()}
-        tasks = store.list_tasks()
-        reconciled = [a for a in store.list_audit(action="reconcile")]
-        cards = {t.card_id: store.get_card(t.card_id) for t in tasks if t.card_id}
-        processes = store.list_process_instances(state=PROCESS_RUNNING)
+        certificates = {(c.issuer, c.serial_hex): c for c in store.certificates.list()}
+        journal = {r.request_id: r for r in store.ca_requests.list()}
+        tasks = store.tasks.list()
+        reconciled = [a for a in store.audit.list(action="reconcile")]
+        cards = {t.card_id: store.cards.get(t.card_id) for t in tasks if t.card_id}
+        processes = store.processes.list(state=ProcessState.RUNNING)
     finally:
         store.close()
     on_token = {format(c.serial_number, "x"): c for c in token_certificates(station.token)}
@@ -368,39 +367,40 @@ def compare_ca_with_store(station: Station, point: str) -> dict:
             unknown.append(request_id)
             continue
         assert journal[request_id].certificate_id == stored.id, (point, request_id)
-        assert journal[request_id].state in (CA_REQUEST_STORED, CA_REQUEST_WRITTEN), (point, journal[request_id])
+        assert journal[request_id].state in (CaRequestState.STORED, CaRequestState.WRITTEN), \
+            (point, journal[request_id])
     assert unknown == [], f"{point}: certificates issued by the CA and unknown to the store: {unknown}"
-    assert [r for r in journal.values() if r.state == CA_REQUEST_PENDING] == [], point
+    assert [r for r in journal.values() if r.state == CaRequestState.PENDING] == [], point
     for r in journal.values():
-        if r.state == CA_REQUEST_NOT_ISSUED:
+        if r.state == CaRequestState.NOT_ISSUED:
             assert r.request_id not in ca_issued, (point, r)
-    running = [t for t in tasks if t.state == TASK_RUNNING]
+    running = [t for t in tasks if t.state == TaskState.RUNNING]
     assert running == [] and processes == [], f"{point}: still running after the restart: {running} {processes}"
 
     task_state = {t.id: t for t in tasks}
     for cert in certificates.values():
         task = task_state[cert.task_id]
         # The rule: a certificate is in its start state only if its task SUCCEEDED (C2/C3).
-        assert (cert.state == START_STATE) == (task.state == TASK_SUCCEEDED), (point, cert.state, task.state)
-        if task.state == TASK_FAILED:
+        assert (cert.state == START_STATE) == (task.state == TaskState.SUCCEEDED), (point, cert.state, task.state)
+        if task.state == TaskState.FAILED:
             assert cert.state == ISSUED and cert.task_error_reason == task.error_reason, (point, cert)
     for serial_hex, cert in on_token.items():           # what the card holds, the store knows
         stored = certificates.get((cert.issuer.rfc4514_string(), serial_hex))
         assert stored is not None, f"{point}: certificate {serial_hex} on the token is unknown to the store"
         # Written to the token but the task never finished: still in the internal issued state.
-        if task_state[stored.task_id].state != TASK_SUCCEEDED:
+        if task_state[stored.task_id].state != TaskState.SUCCEEDED:
             assert stored.state == ISSUED, (point, stored)
     for r in journal.values():
-        if r.state == CA_REQUEST_WRITTEN:
+        if r.state == CaRequestState.WRITTEN:
             assert r.serial_hex in on_token, f"{point}: journal says written, the token lacks {r.serial_hex}"
     for task in tasks:
-        if task.type == "card_production" and task.state == TASK_FAILED and task.card_id:
+        if task.type == "card_production" and task.state == TaskState.FAILED and task.card_id:
             assert cards[task.card_id].state == "ProductionFailed", (point, cards[task.card_id])
 
     counts = {"ca_issued": len(ca_issued), "store_found": len(ca_issued) - len(unknown), "unknown": len(unknown),
               "stored_by_reconciler": sum(a.detail.get("action") == "store_found_certificate" for a in reconciled),
               "tasks_ended": sum(a.detail.get("action") == "end_orphaned_task" for a in reconciled),
-              "not_issued": sum(r.state == CA_REQUEST_NOT_ISSUED for r in journal.values()),
+              "not_issued": sum(r.state == CaRequestState.NOT_ISSUED for r in journal.values()),
               "running": len(running), "on_token": len(on_token), "certificates": len(certificates),
               "tasks": tasks}
     SUMMARY.update({k: v for k, v in counts.items() if isinstance(v, int) and k not in ("on_token", "certificates")})
@@ -448,7 +448,7 @@ def test_c16_sigkill_at_every_boundary_leaves_no_certificate_unknown_and_no_task
     counts = compare_ca_with_store(station, f"{boundary}#{occurrence}" + (f"+{delay_ms}ms" if delay_ms else ""))
     assert counts["ca_issued"] == ca_issued
     [task] = counts["tasks"]
-    assert task.state == TASK_FAILED and task.error_reason == "ORCHESTRATOR_RESTARTED"
+    assert task.state == TaskState.FAILED and task.error_reason == "ORCHESTRATOR_RESTARTED"
     assert counts["tasks_ended"] == 1
     # The certificate whose answer came between the CA and the store commit is found by the
     # reconciler; a request journaled but never sent is settled as not issued.
@@ -531,7 +531,7 @@ def test_c16_openssl_ca_index_txt_has_no_certificate_unknown_to_the_store(store:
     crashed, journal_lost, never = (f"{task.id}:{n}:Application_{n}" for n in (2, 4, 6))
     csrs = {rid: _csr(f"User {i}") for i, rid in enumerate((crashed, journal_lost, never))}
     for rid, csr in csrs.items():
-        store.journal_ca_request(rid, task.id, ca.name, "EmployeeAuthentication", csr)
+        store.ca_requests.journal(rid, task.id, ca.name, "EmployeeAuthentication", csr)
     ca.issue(csrs[crashed], PROFILE, crashed)
     ca.issue(csrs[journal_lost], PROFILE, journal_lost)
     for path in (tmp_path / "openssl-ca" / "requests").glob("*.json"):   # killed before the connector's journal
@@ -540,11 +540,11 @@ def test_c16_openssl_ca_index_txt_has_no_certificate_unknown_to_the_store(store:
 
     report = _reconciler(store, {ca.name: ca}).reconcile_once()
     assert (report.tasks_ended, report.stored, report.not_issued) == (1, 2, 1)
-    stored = {(c.issuer, c.serial_hex) for c in store.list_certificates(state=ISSUED)}
+    stored = {(c.issuer, c.serial_hex) for c in store.certificates.list(state=ISSUED)}
     index = [x509.load_der_x509_certificate(der) for der in ca.issued_certificates()]
     assert len(index) == 2
     assert {(c.issuer.rfc4514_string(), format(c.serial_number, "x")) for c in index} == stored
-    assert store.get_ca_request(never).state == CA_REQUEST_NOT_ISSUED
+    assert store.ca_requests.get(never).state == CaRequestState.NOT_ISSUED
     SUMMARY["openssl_index_certificates"] += len(index)
     SUMMARY["openssl_unknown"] += len({(c.issuer.rfc4514_string(), format(c.serial_number, "x"))
                                        for c in index} - stored)

@@ -23,7 +23,7 @@ from orchestrator.services.certificates import CertificateService
 from orchestrator.services.sweeper import IssuedSweeper
 from orchestrator.store import Store
 from orchestrator.store.models import Certificate
-from orchestrator.store.records import TASK_RUNNING
+from orchestrator.store.records import TaskState
 from shared.errors import CaRefused, IllegalTransition, InvalidArgument, StateConflict, UnmappedCaAction
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples" / "state-graphs"
@@ -67,8 +67,8 @@ def service(store: Store, local_ca: LocalCa, graphs) -> CertificateService:
 
 
 def production(store: Store, gateway: str = "gw1", reader: str = "r1"):
-    task = store.create_task("card_production", gateway, reader)
-    card = store.create_card(task.id, serial=uuid.uuid4().hex[:8], template="EmployeeCard", state="InProduction",
+    task = store.tasks.create("card_production", gateway, reader)
+    card = store.cards.create(task.id, serial=uuid.uuid4().hex[:8], template="EmployeeCard", state="InProduction",
                              gateway_id=gateway, reader_id=reader)
     return task, card
 
@@ -105,7 +105,7 @@ def backdate(store: Store, cert_id: str, age: dt.timedelta) -> None:
 
 
 def audit(store: Store, cert_id: str) -> list[tuple[str, str, dict]]:
-    return [(e.action, e.actor, e.detail) for e in store.list_audit(object_id=cert_id)]
+    return [(e.action, e.actor, e.detail) for e in store.audit.list(object_id=cert_id)]
 
 
 def active(store: Store, ca: LocalCa, template: str = AUTH):
@@ -114,7 +114,7 @@ def active(store: Store, ca: LocalCa, template: str = AUTH):
     cert = issue(store, ca, task.id, template)
     start = "Active" if template == AUTH else "Valid"
     store.finish_task_succeeded(task.id, ISSUED, {cert.id: start}, card_state="Active")
-    return store.get_certificate(cert.id)
+    return store.certificates.get(cert.id)
 
 
 # --------------------------------------------------------------------------- C17
@@ -123,7 +123,7 @@ def active(store: Store, ca: LocalCa, template: str = AUTH):
 def test_c17_reason_name_state_passes_through(store, local_ca, service):
     cert = active(store, local_ca, LAB)
     moved = service.change_state_in_ca(cert.id, "keyCompromise", actor="alice")
-    assert moved.state == "keyCompromise" and store.get_certificate(cert.id).state == "keyCompromise"
+    assert moved.state == "keyCompromise" and store.certificates.get(cert.id).state == "keyCompromise"
     assert crl(local_ca) == {cert.serial: "keyCompromise"}
     action, actor, detail = audit(store, cert.id)[-1]
     assert (action, actor) == ("change_state_in_ca", "alice")
@@ -137,8 +137,8 @@ def test_c17_hold_state_maps_to_certificate_hold(store, local_ca, service):
     service.change_state_in_ca(by_name.id, "Suspended")                      # hold-like name
     service.change_state_in_ca(declared.id, "OnHold", reason="cardMislaid")  # declared certificateHold
     assert crl(local_ca) == {by_name.serial: "certificateHold", declared.serial: "certificateHold"}
-    assert store.get_certificate(by_name.id).state == "Suspended"
-    assert store.get_certificate(declared.id).state == "OnHold"
+    assert store.certificates.get(by_name.id).state == "Suspended"
+    assert store.certificates.get(declared.id).state == "OnHold"
 
 
 def test_c17_reactivation_lifts_hold(store, local_ca, service):
@@ -151,8 +151,8 @@ def test_c17_reactivation_lifts_hold(store, local_ca, service):
     assert crl(local_ca) == {declared.serial: "certificateHold"}
     service.change_state_in_ca(declared.id, "Active")    # Active declares removeFromCRL (a)
     assert crl(local_ca) == {}
-    assert store.get_certificate(by_name.id).state == "Valid"
-    assert store.get_certificate(declared.id).state == "Active"
+    assert store.certificates.get(by_name.id).state == "Valid"
+    assert store.certificates.get(declared.id).state == "Active"
     assert audit(store, declared.id)[-1][2]["ca_action"] == "lift_hold"
 
 
@@ -163,7 +163,7 @@ def test_c17_unmapped_state_is_error_and_nothing_revoked(store, local_ca, servic
                                                r"Suspended \(certificateHold\)"):
         service.change_state_in_ca(cert.id, "Lost")
     assert crl(local_ca) == {}
-    assert store.get_certificate(cert.id).state == "Valid"
+    assert store.certificates.get(cert.id).state == "Valid"
     assert audit(store, cert.id) == events
 
     # A typo is not a state: refused by the graph before the table is even consulted.
@@ -171,7 +171,7 @@ def test_c17_unmapped_state_is_error_and_nothing_revoked(store, local_ca, servic
     with pytest.raises(IllegalTransition, match=r"unknown state 'Revokd' \(did you mean 'Revoked'\?\)"):
         service.change_state_in_ca(example.id, "Revokd", reason="keyCompromise")
     assert crl(local_ca) == {}
-    assert store.get_certificate(example.id).state == "Active"
+    assert store.certificates.get(example.id).state == "Active"
 
     # The same state without the CA is a plain state change.
     assert service.change_state(cert.id, "Lost").state == "Lost"
@@ -200,7 +200,7 @@ def test_c17_change_state_in_ca_revokes_at_ca_and_moves_store_state(store, local
     local_ca.revoke(other.serial, "superseded")
     with pytest.raises(CaRefused, match="already revoked"):
         service.change_state_in_ca(other.id, "OnHold", reason="suspended", actor="helpdesk")
-    assert store.get_certificate(other.id).state == "Active"
+    assert store.certificates.get(other.id).state == "Active"
     action, actor, detail = audit(store, other.id)[-1]
     assert (action, actor) == ("change_state_in_ca_failed", "helpdesk")
     assert detail["ca_done"] is False and detail["error_reason"] == "CA_REFUSED" and detail["state"] == "Active"
@@ -219,7 +219,7 @@ def test_c14_issued_state_left_only_to_start_state(store, local_ca, service, gra
             service.change_state(cert.id, target, reason=reason)
         with pytest.raises(IllegalTransition, match="can only be left to the start state 'Active'"):
             service.change_state_in_ca(cert.id, target, reason=reason)
-    assert store.get_certificate(cert.id).state == ISSUED and crl(local_ca) == {}
+    assert store.certificates.get(cert.id).state == ISSUED and crl(local_ca) == {}
 
     moved = service.change_state(cert.id, "Active", actor="operator")
     assert moved.state == "Active"
@@ -232,10 +232,10 @@ def test_c14_issued_state_left_only_to_start_state(store, local_ca, service, gra
     loose = StateGraph(g.name, g.kind, g.start, g.states,
                        g.transitions + (Transition(ISSUED, "Replaced"),))
     loose_service = CertificateService(store, {local_ca.name: local_ca}, {g.name: loose}, lambda t: loose)
-    stuck = issue(store, local_ca, store.create_task("card_operation", "gw1", "r1").id)
+    stuck = issue(store, local_ca, store.tasks.create("card_operation", "gw1", "r1").id)
     with pytest.raises(IllegalTransition, match="can only be left to the start state"):
         loose_service.change_state(stuck.id, "Replaced")
-    assert store.get_certificate(stuck.id).state == ISSUED
+    assert store.certificates.get(stuck.id).state == ISSUED
 
 
 # --------------------------------------------------------------------------- C4
@@ -246,7 +246,7 @@ def test_c4_search_issued_by_age_template_card_task_carries_task_error(store, lo
     old = issue(store, local_ca, failed.id, AUTH, cn="Old")
     young = issue(store, local_ca, failed.id, LAB, cn="Young")
     store.finish_task_failed(failed.id, "WRITE_REFUSED", "the card refused the certificate")
-    running = store.create_task("card_operation", "gw-b", "r-b")
+    running = store.tasks.create("card_operation", "gw-b", "r-b")
     pending = issue(store, local_ca, running.id, AUTH, cn="Pending")
     done = active(store, local_ca)                       # in its start state: never a hit
     backdate(store, old.id, dt.timedelta(hours=5))
@@ -294,9 +294,9 @@ def test_c5_no_automatic_handling_by_default(store, local_ca, service):
         IssuedSweeper(service)   # type: ignore[call-arg]  # no defaults that could act on their own
     with pytest.raises(InvalidArgument, match="target_state is required"):
         IssuedSweeper(service, grace_period=dt.timedelta(hours=1), revoke_reason="superseded", target_state=None)
-    assert store.get_certificate(cert.id).state == ISSUED
+    assert store.certificates.get(cert.id).state == ISSUED
     assert crl(local_ca) == {}
-    assert store.list_audit(object_id=cert.id) == []
+    assert store.audit.list(object_id=cert.id) == []
     assert [h.id for h in service.search_issued()] == [cert.id]
 
 
@@ -305,7 +305,7 @@ def test_c5_handle_issued_revokes_and_moves_with_audit(store, local_ca, service)
     a = issue(store, local_ca, task.id, cn="A")
     b = issue(store, local_ca, task.id, cn="B")
     store.finish_task_failed(task.id, "CARD_REMOVED", "card pulled")
-    running = store.create_task("card_operation", "gw1", "r1")
+    running = store.tasks.create("card_operation", "gw1", "r1")
     in_flight = issue(store, local_ca, running.id, cn="InFlight")
     done = active(store, local_ca)
 
@@ -314,7 +314,7 @@ def test_c5_handle_issued_revokes_and_moves_with_audit(store, local_ca, service)
         service.handle_issued([a.id], revoke_reason="keycompromise", target_state="Retired", actor="p")
     with pytest.raises(InvalidArgument):
         service.handle_issued([a.id], revoke_reason=None, target_state=None, actor="p")
-    assert crl(local_ca) == {} and store.get_certificate(a.id).state == ISSUED
+    assert crl(local_ca) == {} and store.certificates.get(a.id).state == ISSUED
 
     results = service.handle_issued([a.id, b.id, in_flight.id, done.id, "no-such-id"],
                                     revoke_reason="cessationOfOperation", target_state="Retired",
@@ -323,7 +323,7 @@ def test_c5_handle_issued_revokes_and_moves_with_audit(store, local_ca, service)
     for cert in (a, b):
         r = by_id[cert.id]
         assert (r.revoked, r.state, r.error, r.skipped, r.serial_hex) == (True, "Retired", None, None, cert.serial_hex)
-        assert store.get_certificate(cert.id).state == "Retired"
+        assert store.certificates.get(cert.id).state == "Retired"
         events = audit(store, cert.id)
         assert [(e[0], e[1]) for e in events] == [("handle_issued", "process:produce-employee-card")] * 3
         assert events[0][2]["step"] == "revoke" and events[0][2]["ca_reason"] == "cessationOfOperation"
@@ -334,7 +334,7 @@ def test_c5_handle_issued_revokes_and_moves_with_audit(store, local_ca, service)
     assert "not in the internal issued state" in by_id[done.id].skipped
     assert "NOT_FOUND" in by_id["no-such-id"].error
     assert crl(local_ca) == {a.serial: "cessationOfOperation", b.serial: "cessationOfOperation"}
-    assert store.get_certificate(in_flight.id).state == ISSUED and store.get_certificate(done.id).state == "Active"
+    assert store.certificates.get(in_flight.id).state == ISSUED and store.certificates.get(done.id).state == "Active"
 
     # One certificate's failure does not stop the others; an illegal target revokes nothing.
     t2, _ = production(store)
@@ -349,7 +349,7 @@ def test_c5_handle_issued_revokes_and_moves_with_audit(store, local_ca, service)
     assert audit(store, c.id)[-1][0] == "handle_issued_failed"
     assert results[d.id].handled and results[d.id].state == "Replaced"
     assert "ILLEGAL_TRANSITION" in results[e.id].error and not results[e.id].revoked   # Lab has no Replaced
-    assert e.serial not in crl(local_ca) and store.get_certificate(e.id).state == ISSUED
+    assert e.serial not in crl(local_ca) and store.certificates.get(e.id).state == ISSUED
     assert results[in_flight.id].skipped
 
     # With only_finished_tasks=False a running task's certificate is handled too (explicit call).
@@ -363,7 +363,7 @@ def test_c5_sweeper_skips_running_tasks_and_young_certificates(store, local_ca, 
     old_failed = issue(store, local_ca, failed.id, cn="OldFailed")
     young_failed = issue(store, local_ca, failed.id, cn="YoungFailed")
     store.finish_task_failed(failed.id, "CARD_REMOVED", "card pulled")
-    running = store.create_task("card_operation", "gw1", "r1")
+    running = store.tasks.create("card_operation", "gw1", "r1")
     old_running = issue(store, local_ca, running.id, cn="OldRunning")
     for cert in (old_failed, old_running):
         backdate(store, cert.id, dt.timedelta(hours=2))
@@ -375,11 +375,11 @@ def test_c5_sweeper_skips_running_tasks_and_young_certificates(store, local_ca, 
     assert results[old_failed.id].handled and results[old_failed.id].state == "Retired"
     assert "still running" in results[old_running.id].skipped
     assert crl(local_ca) == {old_failed.serial: "cessationOfOperation"}
-    assert store.get_certificate(old_running.id).state == ISSUED
-    assert store.get_task(running.id).state == TASK_RUNNING
-    assert store.get_certificate(young_failed.id).state == ISSUED
-    assert {e.actor for e in store.list_audit(object_id=old_failed.id)} == {"sweeper"}
-    assert store.list_audit(object_id=old_running.id) == [] and store.list_audit(object_id=young_failed.id) == []
+    assert store.certificates.get(old_running.id).state == ISSUED
+    assert store.tasks.get(running.id).state == TaskState.RUNNING
+    assert store.certificates.get(young_failed.id).state == ISSUED
+    assert {e.actor for e in store.audit.list(object_id=old_failed.id)} == {"sweeper"}
+    assert store.audit.list(object_id=old_running.id) == [] and store.audit.list(object_id=young_failed.id) == []
 
     # A second sweep finds nothing new to do; the young one is handled once it is old enough.
     assert [r for r in sweeper.sweep_once() if r.handled] == []
@@ -393,13 +393,13 @@ def test_c5_sweeper_skips_running_tasks_and_young_certificates(store, local_ca, 
         loop_task = asyncio.create_task(sweeper.run_forever())
         for _ in range(200):
             await asyncio.sleep(0.05)
-            if (await asyncio.to_thread(store.get_certificate, old_running.id)).state == "Retired":
+            if (await asyncio.to_thread(store.certificates.get, old_running.id)).state == "Retired":
                 break
         sweeper.stop()
         await asyncio.wait_for(loop_task, 5)
 
     asyncio.run(run())
-    assert store.get_certificate(old_running.id).state == "Retired"
+    assert store.certificates.get(old_running.id).state == "Retired"
     assert crl(local_ca)[old_running.serial] == "cessationOfOperation"
 
 
@@ -425,14 +425,14 @@ def test_c17_concurrent_change_after_ca_action_is_audited(store, local_ca, graph
 
         def revoke(self, serial: int, reason: str) -> None:
             local_ca.revoke(serial, reason)
-            store.change_certificate_state(cert.id, "Replaced", from_state="Active", actor="someone",
+            store.certificates.change_state(cert.id, "Replaced", from_state="Active", actor="someone",
                                            action="change_state")
 
     racing = CertificateService(store, {local_ca.name: RacingCa()}, graphs,
                                 lambda t: graphs["EmployeeCertificate"])
     with pytest.raises(StateConflict):
         racing.change_state_in_ca(cert.id, "OnHold", reason="suspended", actor="helpdesk")
-    assert store.get_certificate(cert.id).state == "Replaced"
+    assert store.certificates.get(cert.id).state == "Replaced"
     action, actor, detail = audit(store, cert.id)[-1]
     assert (action, actor, detail["ca_done"], detail["error_reason"]) == \
         ("change_state_in_ca_failed", "helpdesk", True, "STATE_CONFLICT")

@@ -65,7 +65,7 @@ def test_c1_certificate_committed_as_issued_before_the_card_write(tmp_path, soft
 
     async def hook(name, task_id, orch):
         if name == "after_store":
-            stored = orch.store.list_certificates(task_id=task_id)
+            stored = orch.store.certificates.list(task_id=task_id)
             on_token = await asyncio.to_thread(pkcs11_tool, softhsm_token, "--list-objects", "--type", "cert")
             seen.append(([c.state for c in stored], on_token.count("Certificate Object")))
 
@@ -87,13 +87,13 @@ def test_c3_token_removed_after_issuance_leaves_certificates_issued(tmp_path, so
     orch, task = asyncio.run(produce_with_hook(tmp_path, softhsm_token, hook))
     assert task.state == "FAILED"
     assert task.error_reason in {"CARD_REMOVED", "CARD_NOT_PRESENT", "CARD_IO", "READER_NOT_FOUND"}
-    certs = orch.store.list_certificates(task_id=task.id)
+    certs = orch.store.certificates.list(task_id=task.id)
     assert len(certs) == 2
     assert {c.state for c in certs} == {"Issued"}                      # C3
     assert {c.task_error_reason for c in certs} == {task.error_reason}  # C4: each hit carries the error
-    assert orch.store.list_relations(source_id=task.card_id) == []      # C10 default: no relation on failure
-    assert orch.store.get_card(task.card_id).state == "ProductionFailed"
-    assert orch.store.list_certificates(state="Issued") == certs
+    assert orch.store.relations.list(source_id=task.card_id) == []      # C10 default: no relation on failure
+    assert orch.store.cards.get(task.card_id).state == "ProductionFailed"
+    assert orch.store.certificates.list(state="Issued") == certs
 
 
 def test_c3_write_refused_after_issuance_leaves_certificate_issued(tmp_path, softhsm_token):
@@ -108,7 +108,7 @@ def test_c3_write_refused_after_issuance_leaves_certificate_issued(tmp_path, sof
 
     orch, task = asyncio.run(produce_with_hook(tmp_path, softhsm_token, hook))
     assert task.state == "FAILED" and task.error_reason == "WRITE_REFUSED", task
-    certs = orch.store.list_certificates(task_id=task.id)
+    certs = orch.store.certificates.list(task_id=task.id)
     assert [c.state for c in certs] == ["Issued"]
     assert "Certificate Object" not in pkcs11_tool(softhsm_token, "--list-objects", "--type", "cert")
 

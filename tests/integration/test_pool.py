@@ -234,8 +234,8 @@ def tokens(orch) -> list:
 def assert_nothing_held_or_running(orch) -> None:
     assert [(p.reader.reader_id, p.state, p.holder) for p in orch.pool.list() if p.busy] == []
     assert orch.pool.queue() == []
-    assert orch.store.list_tasks(state="RUNNING") == []
-    assert orch.store.list_process_instances(state="RUNNING") == []
+    assert orch.store.tasks.list(state="RUNNING") == []
+    assert orch.store.processes.list(state="RUNNING") == []
     assert orch.leases.list() == []
 
 
@@ -271,7 +271,7 @@ def test_batch_order_of_12_cards_over_3_gateways_uses_every_reader_with_fifo_que
                 subprocess.run, [CARDLINE, "readers", "--json", "--site", "hq", "--orchestrator", orch.address],
                 capture_output=True, text=True)
             assert_nothing_held_or_running(orch)
-            certs = orch.store.list_certificates()
+            certs = orch.store.certificates.list()
             return stations, gateways, order, snapshots, listed, cli, readers_cli, certs
 
     stations, gateways, order, snapshots, listed, cli, readers_cli, certs = asyncio.run(body())
@@ -338,9 +338,9 @@ def test_gateway_killed_mid_production_fails_the_task_c3_and_the_returning_gatew
                              what="the returning gateway's reader")
             await asyncio.sleep(4 * HEARTBEAT_S)
             back = tokens(orch)
-            certs = orch.store.list_certificates(task_id=rig["task_id"])
-            steps = orch.store.list_task_steps(rig["task_id"])
-            task = orch.store.get_task(rig["task_id"])
+            certs = orch.store.certificates.list(task_id=rig["task_id"])
+            steps = orch.store.tasks.steps(rig["task_id"])
+            task = orch.store.tasks.get(rig["task_id"])
             return instance, ended_after, offline, gateways_gone, back, certs, steps, task, log_before, station.log
 
     instance, ended_after, offline, gateways_gone, back, certs, steps, task, log_before, log_after = asyncio.run(body())
@@ -383,8 +383,8 @@ def test_stream_frozen_then_cut_mid_production_ends_the_task_by_heartbeat_silenc
                              what="the gateway back through the proxy")
             await asyncio.sleep(4 * HEARTBEAT_S)
             back = orch.pool.gateways()
-            task = orch.store.get_task(rig["task_id"])
-            certs = orch.store.list_certificates(task_id=task.id)
+            task = orch.store.tasks.get(rig["task_id"])
+            certs = orch.store.certificates.list(task_id=task.id)
             # the reader works again: a second card on the same reader succeeds
             again = await orch.processes.start("pool-produce", {"person": "John Doe", "pin": PIN})
             return (instance, ended_after, during, connections, proxy.connections, back, task, certs, again,
@@ -424,7 +424,7 @@ def test_card_pulled_mid_encoding_fails_the_task_and_frees_the_reader(tmp_path, 
             ended_after = time.monotonic() - started
             await wait_until(lambda: [p.state for p in orch.pool.list() if p.reader.reader_id == reader_id]
                              == [ReaderState.EMPTY], what="the reader seen empty")
-            tasks = orch.store.list_tasks(process_instance_id=instance.id)
+            tasks = orch.store.tasks.list(process_instance_id=instance.id)
             assert_nothing_held_or_running(orch)
             return instance, ended_after, tasks, card.apdu_count
         finally:

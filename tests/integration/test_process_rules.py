@@ -111,7 +111,7 @@ def test_c2_c8_c12_c13_production_process_success(tmp_path, softhsm_token):
     async def body():
         async with running(tmp_path, softhsm_token, cfg) as (orch, _readers):
             instance = await start(orch, "produce", person="Jane Doe", pin=PIN)
-            certs = orch.store.list_certificates(process_instance_id=instance.id)
+            certs = orch.store.certificates.list(process_instance_id=instance.id)
             return orch, instance, certs
 
     orch, instance, certs = asyncio.run(body())
@@ -121,11 +121,11 @@ def test_c2_c8_c12_c13_production_process_success(tmp_path, softhsm_token):
     assert "pin" not in instance.process_map and "puk" not in instance.process_map and PIN not in str(instance)
     assert {c.state for c in certs} == {"Active"}                                 # C2
     assert generated.type == "Certificate" and generated.id in {c.id for c in certs}
-    relations = {r.target_id: r.relation_type for r in orch.store.list_relations(source_id=card.id)}
+    relations = {r.target_id: r.relation_type for r in orch.store.relations.list(source_id=card.id)}
     by_template = {c.template: c.id for c in certs}
     assert relations == {by_template["EmployeeAuthentication"]: "HAS_A",          # C12: ObjectRelationType
                          by_template["EmployeeSignature"]: "HAS_CERTIFICATE"}     # C12: configured default
-    assert orch.store.get_card(card.id).state == "Active"
+    assert orch.store.cards.get(card.id).state == "Active"
 
 
 # --- C8, C10: a card operation on the produced card ------------------------------------------
@@ -183,9 +183,9 @@ def test_c8_c10_operation_on_the_produced_card_of_the_process_map_relates_on_suc
     assert operated.state == "SUCCEEDED", operated.error_message
     assert cards_after == cards_before                                   # C8: an operation makes no card
     new = CoreObjectDescriptor.from_dict(operated.process_map["newCert"])
-    related = {r.target_id for r in orch.store.list_relations(source_id=card.id)}
+    related = {r.target_id for r in orch.store.relations.list(source_id=card.id)}
     assert new.id in related                                             # C10
-    assert orch.store.get_certificate(new.id).state == "Active"
+    assert orch.store.certificates.get(new.id).state == "Active"
 
 
 # --- C7 recovery ------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def test_c7_recovery_writes_archived_key_to_another_card_without_storing_again(t
     orch, readers, archived = asyncio.run(body())
     assert archived.state == "SUCCEEDED", archived.error_message
     old = CoreObjectDescriptor.from_dict(archived.process_map["newCert"])
-    assert orch.store.get_archived_key(old.id).wrapped_key                # the key is archived, sealed
+    assert orch.store.archived_keys.get(old.id).wrapped_key                # the key is archived, sealed
     second = readers[1]
     (cfg / "processes" / "recover.yaml").write_text(RECOVERY_PROCESS.format(reader=second))
 
@@ -248,9 +248,9 @@ def test_c7_recovery_writes_archived_key_to_another_card_without_storing_again(t
     orch2, instance, before, after = asyncio.run(recover())
     assert instance.state == "SUCCEEDED", instance.error_message
     assert after == before                                               # C7: never stored again
-    record = orch2.store.get_certificate(old.id)
+    record = orch2.store.certificates.get(old.id)
     assert record.state == "Active"                                      # C7: state untouched
-    assert [a.action for a in orch2.store.list_audit(object_id=old.id)] == ["recover"]
+    assert [a.action for a in orch2.store.audit.list(object_id=old.id)] == ["recover"]
     listing = subprocess.run(["pkcs11-tool", "--module", softhsm_token.module_path, "--token-label",
                               f"{softhsm_token.label}-0", "--login", "--pin", softhsm_token.user_pin, "--list-objects"],
                              env=softhsm_token.env, capture_output=True, text=True, check=True).stdout
@@ -299,13 +299,13 @@ def test_c7_cert_key_list_writes_every_archived_pair_without_touching_the_store(
 
     async def restore():
         async with running(tmp_path, softhsm_token, cfg) as (orch, _):
-            states = {d.id: orch.store.get_certificate(d.id).state for d in archived}
+            states = {d.id: orch.store.certificates.get(d.id).state for d in archived}
             instance = await start(orch, "restore", certs=archived, pin=softhsm_token.user_pin)
             return orch, instance, states
 
     orch, instance, states_before = asyncio.run(restore())
     assert instance.state == "SUCCEEDED", instance.error_message
-    assert {d.id: orch.store.get_certificate(d.id).state for d in archived} == states_before
+    assert {d.id: orch.store.certificates.get(d.id).state for d in archived} == states_before
     listing = subprocess.run(["pkcs11-tool", "--module", softhsm_token.module_path, "--token-label",
                               f"{softhsm_token.label}-0", "--login", "--pin", softhsm_token.user_pin,
                               "--list-objects", "--type", "cert"],
@@ -342,7 +342,7 @@ def test_c6_revoke_on_issue_through_openssl_ca_shows_certificate_hold_in_its_crl
 
     orch, instance, crl = asyncio.run(body())
     assert instance.state == "SUCCEEDED", instance.error_message
-    cert = orch.store.get_certificate(CoreObjectDescriptor.from_dict(instance.process_map["newCert"]).id)
+    cert = orch.store.certificates.get(CoreObjectDescriptor.from_dict(instance.process_map["newCert"]).id)
     assert cert.ca_name == "corp" and cert.state == "Active"            # the store follows C1/C2
     (tmp_path / "crl.der").write_bytes(crl)
     text = subprocess.run(["openssl", "crl", "-inform", "DER", "-in", str(tmp_path / "crl.der"), "-noout", "-text"],
@@ -400,7 +400,7 @@ def test_write_certificate_and_data_objects_on_a_card_in_use(tmp_path, softhsm_t
 
     orch, cert, rewritten = asyncio.run(body())
     assert rewritten.state == "SUCCEEDED", rewritten.error_message
-    assert orch.store.get_certificate(cert.id).state == "Active"
+    assert orch.store.certificates.get(cert.id).state == "Active"
     listing = subprocess.run(["pkcs11-tool", "--module", softhsm_token.module_path, "--token-label",
                               softhsm_token.label, "--login", "--pin", softhsm_token.user_pin, "--list-objects"],
                              env=softhsm_token.env, capture_output=True, text=True, check=True).stdout

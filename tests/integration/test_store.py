@@ -12,8 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from orchestrator.store import (CARD, CERTIFICATE, TASK_FAILED, TASK_RUNNING, TASK_SUCCEEDED,
-                                DuplicateCertificate, StateConflict, Store)
+from orchestrator.store import CARD, CERTIFICATE, DuplicateCertificate, NewRelation, StateConflict, Store, TaskState
 from orchestrator.store.models import Base
 from orchestrator.store.store import head_revision
 from shared.errors import InvalidArgument, NotFound
@@ -39,8 +38,8 @@ def make_cert(serial: int | None = None, issuer_cn: str = "Store Test CA", subje
 
 
 def production(store: Store, gateway: str = "gw1", reader: str = "r1", template: str = "EmployeeCard"):
-    task = store.create_task("card_production", gateway, reader)
-    card = store.create_card(task.id, serial="0815", template=template, state="Produced",
+    task = store.tasks.create("card_production", gateway, reader)
+    card = store.cards.create(task.id, serial="0815", template=template, state="Produced",
                              gateway_id=gateway, reader_id=reader)
     return task, card
 
@@ -71,10 +70,10 @@ def test_c1_issued_certificate_committed_in_own_transaction(store: Store):
     # the task is still running - i.e. before the gateway is asked to write anything.
     other = Store(store.database_url)
     try:
-        seen = other.get_certificate(cert.id)
+        seen = other.certificates.get(cert.id)
     finally:
         other.close()
-    assert store.get_task(task.id).state == TASK_RUNNING
+    assert store.tasks.get(task.id).state == TaskState.RUNNING
     assert seen == cert
     assert seen.state == ISSUED and seen.task_id == task.id and seen.der == der
     assert seen.serial_hex == "abcdef" and seen.serial == 0xABCDEF
@@ -85,24 +84,24 @@ def test_c1_issued_certificate_committed_in_own_transaction(store: Store):
 
 
 def test_duplicate_issuer_and_serial_rejected_and_nothing_written(store: Store):
-    task = store.create_task("card_operation", "gw1", "r1")
+    task = store.tasks.create("card_operation", "gw1", "r1")
     der = make_cert(serial=4711)
     first = store.store_issued_certificate(task.id, der, "T", "local", ISSUED)
-    another_task = store.create_task("card_operation", "gw1", "r1")
+    another_task = store.tasks.create("card_operation", "gw1", "r1")
     with pytest.raises(DuplicateCertificate, match="already stored") as err:
         store.store_issued_certificate(another_task.id, make_cert(serial=4711), "T", "local", ISSUED)
     assert err.value.metadata["certificate_id"] == first.id
-    assert [c.id for c in store.list_certificates()] == [first.id]
+    assert [c.id for c in store.certificates.list()] == [first.id]
     # Same serial from another issuer is a different certificate.
     store.store_issued_certificate(another_task.id, make_cert(serial=4711, issuer_cn="Other CA"), "T", "local", ISSUED)
-    assert len(store.list_certificates()) == 2
+    assert len(store.certificates.list()) == 2
 
 
 def test_not_a_certificate_rejected(store: Store):
-    task = store.create_task("card_operation", "gw1", "r1")
+    task = store.tasks.create("card_operation", "gw1", "r1")
     with pytest.raises(InvalidArgument, match="not a DER X.509 certificate"):
         store.store_issued_certificate(task.id, b"\x30\x03junk", "T", "local", ISSUED)
-    assert store.list_certificates() == []
+    assert store.certificates.list() == []
 
 
 def test_c2_success_moves_certificates_relations_and_task_atomically(store: Store):
@@ -112,24 +111,25 @@ def test_c2_success_moves_certificates_relations_and_task_atomically(store: Stor
 
     done = store.finish_task_succeeded(
         task.id, from_state=ISSUED, certificate_states={a.id: "Active", b.id: "Hold"}, card_state="Active",
-        relations=[(CARD, card.id, CERTIFICATE, a.id, "HAS_A"), (CARD, card.id, CERTIFICATE, b.id, "OWNS")])
+        relations=[NewRelation(CARD, card.id, CERTIFICATE, a.id, "HAS_A"),
+                   NewRelation(CARD, card.id, CERTIFICATE, b.id, "OWNS")])
 
-    assert done.state == TASK_SUCCEEDED and done.finished_at is not None and done.card_id == card.id
-    assert store.get_certificate(a.id).state == "Active"
-    assert store.get_certificate(b.id).state == "Hold"
-    assert store.get_card(card.id).state == "Active"
-    rels = store.list_relations(source_id=card.id)
+    assert done.state == TaskState.SUCCEEDED and done.finished_at is not None and done.card_id == card.id
+    assert store.certificates.get(a.id).state == "Active"
+    assert store.certificates.get(b.id).state == "Hold"
+    assert store.cards.get(card.id).state == "Active"
+    rels = store.relations.list(source_id=card.id)
     assert {(r.target_id, r.relation_type, r.task_id) for r in rels} == {(a.id, "HAS_A", task.id),
                                                                         (b.id, "OWNS", task.id)}
-    assert store.certificate_ids_of_card(card.id) == [a.id, b.id]
-    assert store.list_relations(target_id=b.id)[0].source_type == CARD
+    assert store.cards.certificate_ids(card.id) == [a.id, b.id]
+    assert store.relations.list(target_id=b.id)[0].source_type == CARD
 
 
 def test_c2_failure_inside_the_finish_changes_nothing(store: Store):
     task, card = production(store)
     a = store.store_issued_certificate(task.id, make_cert(), "EmployeeAuth", "local", ISSUED)
     b = store.store_issued_certificate(task.id, make_cert(), "EmployeeSign", "local", ISSUED)
-    rel_a = (CARD, card.id, CERTIFICATE, a.id, "HAS_A")
+    rel_a = NewRelation(CARD, card.id, CERTIFICATE, a.id, "HAS_A")
 
     # The last write of the transaction fails (the same relation twice violates the unique
     # constraint) after the certificates and the card were already changed in it.
@@ -137,20 +137,20 @@ def test_c2_failure_inside_the_finish_changes_nothing(store: Store):
         store.finish_task_succeeded(task.id, ISSUED, {a.id: "Active", b.id: "Active"}, "Active",
                                     [rel_a, rel_a])
 
-    assert store.get_certificate(a.id).state == ISSUED
-    assert store.get_certificate(b.id).state == ISSUED
-    assert store.get_card(card.id).state == "Produced"
-    assert store.list_relations() == []
-    assert store.get_task(task.id).state == TASK_RUNNING and store.get_task(task.id).finished_at is None
+    assert store.certificates.get(a.id).state == ISSUED
+    assert store.certificates.get(b.id).state == ISSUED
+    assert store.cards.get(card.id).state == "Produced"
+    assert store.relations.list() == []
+    assert store.tasks.get(task.id).state == TaskState.RUNNING and store.tasks.get(task.id).finished_at is None
 
     # The task can still end properly afterwards.
     store.finish_task_succeeded(task.id, ISSUED, {a.id: "Active", b.id: "Active"}, "Active", [rel_a])
-    assert store.get_certificate(b.id).state == "Active"
+    assert store.certificates.get(b.id).state == "Active"
 
 
 def test_c2_guards_refuse_foreign_moved_or_forgotten_certificates(store: Store):
     task, card = production(store)
-    other_task = store.create_task("card_operation", "gw2", "r9")
+    other_task = store.tasks.create("card_operation", "gw2", "r9")
     mine = store.store_issued_certificate(task.id, make_cert(), "T", "local", ISSUED)
     second = store.store_issued_certificate(task.id, make_cert(), "T", "local", ISSUED)
     theirs = store.store_issued_certificate(other_task.id, make_cert(), "T", "local", ISSUED)
@@ -164,9 +164,9 @@ def test_c2_guards_refuse_foreign_moved_or_forgotten_certificates(store: Store):
         store.finish_task_succeeded(task.id, ISSUED, {mine.id: "Active"}, None, [])
     with pytest.raises(NotFound, match="no Certificate"):
         store.finish_task_succeeded(task.id, ISSUED, {mine.id: "Active", second.id: "Active"}, None,
-                                    [(CARD, card.id, CERTIFICATE, "no-such-id", "HAS_A")])
-    assert {c.state for c in store.list_certificates()} == {ISSUED}
-    assert store.get_task(task.id).state == TASK_RUNNING
+                                    [NewRelation(CARD, card.id, CERTIFICATE, "no-such-id", "HAS_A")])
+    assert {c.state for c in store.certificates.list()} == {ISSUED}
+    assert store.tasks.get(task.id).state == TaskState.RUNNING
 
     store.finish_task_succeeded(task.id, ISSUED, {mine.id: "Active", second.id: "Active"}, None, [])
     with pytest.raises(StateConflict, match="already SUCCEEDED"):
@@ -181,15 +181,15 @@ def test_c3_failed_task_leaves_certificates_in_issued_state_with_error(store: St
     b = store.store_issued_certificate(task.id, make_cert(), "EmployeeSign", "local", ISSUED)
 
     failed = store.finish_task_failed(task.id, "CARD_REMOVED", "card pulled during write", card_state="Broken",
-                                      relations=[(CARD, card.id, CERTIFICATE, a.id, "HAS_A")])  # C9 always
+                                      relations=[NewRelation(CARD, card.id, CERTIFICATE, a.id, "HAS_A")])  # C9 always
 
-    assert failed.state == TASK_FAILED and failed.error_reason == "CARD_REMOVED" and failed.finished_at
+    assert failed.state == TaskState.FAILED and failed.error_reason == "CARD_REMOVED" and failed.finished_at
     for cert_id in (a.id, b.id):
-        cert = store.get_certificate(cert_id)
+        cert = store.certificates.get(cert_id)
         assert cert.state == ISSUED
         assert (cert.task_error_reason, cert.task_error_message) == ("CARD_REMOVED", "card pulled during write")
-    assert store.get_card(card.id).state == "Broken"
-    assert store.certificate_ids_of_card(card.id) == [a.id]
+    assert store.cards.get(card.id).state == "Broken"
+    assert store.cards.certificate_ids(card.id) == [a.id]
 
     # C16: a certificate the reconciler finds later for the failed task carries its error.
     late = store.store_issued_certificate(task.id, make_cert(), "EmployeeAuth", "local", ISSUED)
@@ -206,13 +206,13 @@ def test_c4_issued_certificates_searchable_by_age_template_card_task(store: Stor
     t2, card2 = production(store, gateway="gw-branch", reader="r7")
     ok = store.store_issued_certificate(t2.id, make_cert(), "EmployeeAuth", "local", ISSUED)
     store.finish_task_succeeded(t2.id, ISSUED, {ok.id: "Active"}, None,
-                                [(CARD, card2.id, CERTIFICATE, ok.id, "HAS_A")])
+                                [NewRelation(CARD, card2.id, CERTIFICATE, ok.id, "HAS_A")])
 
-    t3 = store.create_task("card_operation", "gw-branch", "r8", card_id=card2.id)
+    t3 = store.tasks.create("card_operation", "gw-branch", "r8", card_id=card2.id)
     running = store.store_issued_certificate(t3.id, make_cert(), "EmployeeSign", "local", ISSUED)
 
     def ids(**kw):
-        return [c.id for c in store.list_certificates(**kw)]
+        return [c.id for c in store.certificates.list(**kw)]
 
     assert ids(state=ISSUED) == [old.id, sign1.id, running.id]          # oldest first
     assert ids(state=ISSUED, issued_before=cut) == [old.id]
@@ -223,36 +223,36 @@ def test_c4_issued_certificates_searchable_by_age_template_card_task(store: Stor
     assert ids(state=ISSUED, gateway_id="gw-hq") == [old.id, sign1.id]
     assert ids(state=ISSUED, gateway_id="gw-branch", reader_id="r8") == [running.id]
     assert ids(state=ISSUED, limit=1) == [old.id]
-    hit = store.list_certificates(state=ISSUED, card_id=card1.id)[0]
+    hit = store.certificates.list(state=ISSUED, card_id=card1.id)[0]
     assert (hit.serial_hex, hit.issuer, hit.template, hit.task_error_reason) == (
         old.serial_hex, old.issuer, "EmployeeAuth", "CARD_IO")
     with pytest.raises(InvalidArgument, match="timezone-aware"):
-        store.list_certificates(issued_before=dt.datetime.now())
+        store.certificates.list(issued_before=dt.datetime.now())
 
 
 def test_step_journal_is_an_upsert_per_step(store: Store):
-    task = store.create_task("card_production", "gw1", "r1")
-    first = store.journal_step(task.id, 1, "generate_key", "SENT")
-    store.journal_step(task.id, 2, "request_certificate", "SENT", detail="request_id=abc")
-    again = store.journal_step(task.id, 1, "generate_key", "DONE", detail="key 01")
-    steps = store.list_task_steps(task.id)
+    task = store.tasks.create("card_production", "gw1", "r1")
+    first = store.tasks.journal_step(task.id, 1, "generate_key", "SENT")
+    store.tasks.journal_step(task.id, 2, "request_certificate", "SENT", detail="request_id=abc")
+    again = store.tasks.journal_step(task.id, 1, "generate_key", "DONE", detail="key 01")
+    steps = store.tasks.steps(task.id)
     assert [(s.step_number, s.state, s.detail) for s in steps] == [(1, "DONE", "key 01"),
                                                                   (2, "SENT", "request_id=abc")]
     assert again.created_at == first.created_at and again.updated_at >= first.updated_at
 
 
 def test_unknown_ids_raise_not_found(store: Store):
-    for call in (lambda: store.get_task("nope"), lambda: store.get_card("nope"),
-                 lambda: store.get_certificate("nope"), lambda: store.list_task_steps("nope"),
-                 lambda: store.certificate_ids_of_card("nope"),
-                 lambda: store.journal_step("nope", 1, "x", "y"),
-                 lambda: store.create_card("nope", "s", "t", "st", "g", "r"),
+    for call in (lambda: store.tasks.get("nope"), lambda: store.cards.get("nope"),
+                 lambda: store.certificates.get("nope"), lambda: store.tasks.steps("nope"),
+                 lambda: store.cards.certificate_ids("nope"),
+                 lambda: store.tasks.journal_step("nope", 1, "x", "y"),
+                 lambda: store.cards.create("nope", "s", "t", "st", "g", "r"),
                  lambda: store.store_issued_certificate("nope", make_cert(), "T", "local", ISSUED),
                  lambda: store.finish_task_failed("nope", "R", "m"),
-                 lambda: store.create_task("card_operation", "g", "r", card_id="nope")):
+                 lambda: store.tasks.create("card_operation", "g", "r", card_id="nope")):
         with pytest.raises(NotFound):
             call()
-    assert store.list_certificates() == []
+    assert store.certificates.list() == []
 
 
 def test_store_is_safe_from_many_threads(store: Store):
@@ -263,9 +263,9 @@ def test_store_is_safe_from_many_threads(store: Store):
             for _ in range(5):
                 task, card = production(store, gateway=f"gw{n}")
                 cert = store.store_issued_certificate(task.id, make_cert(), "T", "local", ISSUED)
-                store.journal_step(task.id, 1, "write", "DONE")
+                store.tasks.journal_step(task.id, 1, "write", "DONE")
                 store.finish_task_succeeded(task.id, ISSUED, {cert.id: "Active"}, "Active",
-                                            [(CARD, card.id, CERTIFICATE, cert.id, "HAS_A")])
+                                            [NewRelation(CARD, card.id, CERTIFICATE, cert.id, "HAS_A")])
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -275,5 +275,5 @@ def test_store_is_safe_from_many_threads(store: Store):
     for t in threads:
         t.join()
     assert errors == []
-    assert len(store.list_certificates(state="Active")) == 40
-    assert len(store.list_relations()) == 40
+    assert len(store.certificates.list(state="Active")) == 40
+    assert len(store.relations.list()) == 40

@@ -18,9 +18,9 @@ _ONE_STORE_MANY_TASKS = settings(max_examples=40, deadline=None,
 
 
 def _failed_task(store: Store, err: CardlineError):
-    task = store.create_task("card_operation", "gw1", "r1")
+    task = store.tasks.create("card_operation", "gw1", "r1")
     store.finish_task_failed(task.id, err.reason, err.message, details=err.to_details())
-    return store.get_task(task.id)
+    return store.tasks.get(task.id)
 
 
 @_ONE_STORE_MANY_TASKS
@@ -48,8 +48,8 @@ def test_apdu_responses_and_pin_counter_survive_the_task_row(store: Store):
 
 def test_a_task_failed_without_details_is_rebuilt_from_reason_and_message(store: Store):
     """Rows written before revision 0004 (and callers that pass no details)."""
-    task = store.create_task("card_operation", "gw1", "r1")
+    task = store.tasks.create("card_operation", "gw1", "r1")
     store.finish_task_failed(task.id, "PIN_LOCKED", "the user PIN is blocked")
-    back = task_error(store.get_task(task.id))
+    back = task_error(store.tasks.get(task.id))
     assert type(back).__name__ == "PinLocked" and back.message == "the user PIN is blocked"
-    assert task_error(store.create_task("card_operation", "gw1", "r2")) is None
+    assert task_error(store.tasks.create("card_operation", "gw1", "r2")) is None

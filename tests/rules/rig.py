@@ -85,40 +85,40 @@ class RuleRig:
 
     def certificates(self, *, task_id: str | None = None, process_instance_id: str | None = None,
                      state: str | None = None):
-        return self.orch.store.list_certificates(state=state, task_id=task_id,
+        return self.orch.store.certificates.list(state=state, task_id=task_id,
                                                  **({"process_instance_id": process_instance_id}
                                                     if process_instance_id else {}))
 
     def certificate(self, certificate_id: str):
-        return self.orch.store.get_certificate(certificate_id)
+        return self.orch.store.certificates.get(certificate_id)
 
     def relations(self, *, card_id: str | None = None, certificate_id: str | None = None):
-        return self.orch.store.list_relations(source_id=card_id, target_id=certificate_id)
+        return self.orch.store.relations.list(source_id=card_id, target_id=certificate_id)
 
     def card(self, card_id: str):
-        return self.orch.store.get_card(card_id)
+        return self.orch.store.cards.get(card_id)
 
     def card_count(self) -> int:
         """Card objects made so far (every card belongs to the production task that made it)."""
-        return len({t.card_id for t in self.orch.store.list_tasks() if t.card_id})
+        return len({t.card_id for t in self.orch.store.tasks.list() if t.card_id})
 
     def task(self, task_id: str):
-        return self.orch.store.get_task(task_id)
+        return self.orch.store.tasks.get(task_id)
 
     def tasks(self, process_instance_id: str):
-        return self.orch.store.list_tasks(process_instance_id=process_instance_id)
+        return self.orch.store.tasks.list(process_instance_id=process_instance_id)
 
     def process_instance(self, instance_id: str):
-        return self.orch.store.get_process_instance(instance_id)
+        return self.orch.store.processes.get(instance_id)
 
     def audit(self, *, object_id: str | None = None, action: str | None = None):
-        return self.orch.store.list_audit(object_id=object_id, action=action)
+        return self.orch.store.audit.list(object_id=object_id, action=action)
 
     def ca_requests(self, task_id: str):
-        return self.orch.store.list_ca_requests(task_id=task_id)
+        return self.orch.store.ca_requests.list(task_id=task_id)
 
     def archived_key(self, certificate_id: str):
-        return self.orch.store.get_archived_key(certificate_id)
+        return self.orch.store.archived_keys.get(certificate_id)
 
     # --- the CA ------------------------------------------------------------------------------
 

@@ -6,19 +6,19 @@ from orchestrator.api import convert
 from orchestrator.domain.processes import TASK_TYPES
 from orchestrator.services import orders
 from orchestrator.services.pool import ReaderState
-from orchestrator.store.records import CA_REQUEST_STATES
+from orchestrator.store.records import CaRequestState, ProcessState, TaskState
 from shared.proto import ca_service_pb2, card_service_pb2, order_service_pb2, process_service_pb2
 from shared.proto import reader_pool_service_pb2
 
 CASES = [
     (card_service_pb2.TaskType, {convert.task_type_to_proto(t) for t in TASK_TYPES}),
-    (card_service_pb2.TaskState, set(convert._TASK_STATES.values())),
-    (process_service_pb2.ProcessState, set(convert._PROCESS_STATES.values())),
+    (card_service_pb2.TaskState, {convert._TASK_STATES[s] for s in TaskState}),
+    (process_service_pb2.ProcessState, {convert._PROCESS_STATES[s] for s in ProcessState}),
     (reader_pool_service_pb2.PooledReaderState, {convert._READER_STATES[s] for s in ReaderState}),
     (order_service_pb2.OrderState, set(convert._ORDER_STATES.values())),
     (order_service_pb2.OrderCardState,
      {convert._ORDER_CARD_STATES[s] for s in (orders.QUEUED, orders.RUNNING, orders.SUCCEEDED, orders.FAILED)}),
-    (ca_service_pb2.CaRequestState, {convert._CA_REQUEST_STATES[s] for s in CA_REQUEST_STATES}),
+    (ca_service_pb2.CaRequestState, {convert._CA_REQUEST_STATES[s] for s in CaRequestState}),
 ]
 
 

@@ -1,0 +1,134 @@
+"""Certificates: the C4 search, state changes with their audit event (C5), archived keys (C7).
+Storing a newly issued certificate is a rule transaction of the Store itself (C1, C16)."""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from cryptography import x509
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+
+from orchestrator.store.models import ArchivedKey, Certificate, ObjectRelation, Task, utcnow
+from orchestrator.store.records import CARD, CERTIFICATE, ArchivedKeyRecord, CertificateRecord, WrappedKey
+from orchestrator.store.rows import certificate_row, change_state, check_wrapped_key, record
+from orchestrator.store.sessions import Sessions
+from shared.errors import AlreadyExists, InvalidArgument, NotFound
+
+
+def parse_certificate(der: bytes) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise InvalidArgument(f"not a DER X.509 certificate: {exc}") from None
+
+
+class Certificates:
+    def __init__(self, sessions: Sessions) -> None:
+        self._db = sessions
+
+    def get(self, certificate_id: str) -> CertificateRecord:
+        with self._db.read() as s:
+            return record(CertificateRecord, certificate_row(s, certificate_id))
+
+    def known(self, der: bytes) -> bool:
+        """Whether a certificate with this one's issuer and serial is stored (C16)."""
+        cert = parse_certificate(der)
+        with self._db.read() as s:
+            return s.scalar(select(Certificate.id).where(
+                Certificate.issuer == cert.issuer.rfc4514_string(),
+                Certificate.serial_hex == format(cert.serial_number, "x"))) is not None
+
+    def list(self, state: str | None = None, template: str | None = None,
+             card_id: str | None = None, task_id: str | None = None,
+             issued_before: dt.datetime | None = None, limit: int | None = None,
+             gateway_id: str | None = None, reader_id: str | None = None,
+             process_instance_id: str | None = None) -> list[CertificateRecord]:
+        """C4 search, oldest first. All filters combine with AND.
+
+        issued_before: stored (received from the CA) strictly before this aware datetime.
+        card_id: related to the card (Card -> Certificate relation) OR issued by a task of
+          that card - so certificates of a failed production, which has no relation under
+          CreateObjectRelation=success, are found by their card too.
+        gateway_id / reader_id: of the task that issued the certificate.
+        process_instance_id: issued by a task of that process instance.
+        """
+        q = select(Certificate)
+        if state is not None:
+            q = q.where(Certificate.state == state)
+        if template is not None:
+            q = q.where(Certificate.template == template)
+        if task_id is not None:
+            q = q.where(Certificate.task_id == task_id)
+        if issued_before is not None:
+            if issued_before.tzinfo is None:
+                raise InvalidArgument("issued_before must be timezone-aware")
+            q = q.where(Certificate.created_at < issued_before)
+        if gateway_id is not None or reader_id is not None:
+            q = q.join(Task, Certificate.task_id == Task.id)
+            if gateway_id is not None:
+                q = q.where(Task.gateway_id == gateway_id)
+            if reader_id is not None:
+                q = q.where(Task.reader_id == reader_id)
+        if process_instance_id is not None:
+            q = q.where(Certificate.task_id.in_(
+                select(Task.id).where(Task.process_instance_id == process_instance_id)))
+        if card_id is not None:
+            related = select(ObjectRelation.target_id).where(
+                ObjectRelation.source_type == CARD, ObjectRelation.source_id == card_id,
+                ObjectRelation.target_type == CERTIFICATE)
+            of_card_tasks = select(Task.id).where(Task.card_id == card_id)
+            q = q.where(or_(Certificate.id.in_(related), Certificate.task_id.in_(of_card_tasks)))
+        q = q.order_by(Certificate.created_at, Certificate.id)
+        if limit is not None:
+            q = q.limit(limit)
+        with self._db.read() as s:
+            return [record(CertificateRecord, c) for c in s.scalars(q)]
+
+    def change_state(self, certificate_id: str, to_state: str, *, from_state: str | None,
+                     actor: str, action: str, reason: str | None = None,
+                     detail: Mapping[str, Any] | None = None) -> CertificateRecord:
+        """C5/C17: sets the certificate's state and writes the audit event of `action` in ONE
+        transaction. The row is locked (FOR UPDATE on PostgreSQL; SQLite writers are serial),
+        so two changes of one certificate cannot both pass the from_state check. from_state:
+        the state the caller validated the transition from; StateConflict naming both states
+        (and nothing written) if the certificate is elsewhere; None skips the check. The
+        store knows no state graphs: callers validate the transition. The audit detail is
+        `detail` plus {"from", "to", "reason"}."""
+        with self._db.write() as s:
+            cert = certificate_row(s, certificate_id, lock=True)
+            change_state(s, cert, CERTIFICATE, to_state, from_state, actor, action, reason, detail)
+            return record(CertificateRecord, cert)
+
+
+class ArchivedKeys:
+    """The wrapped private keys of certificates (C7); the store never sees a plain key."""
+
+    def __init__(self, sessions: Sessions) -> None:
+        self._db = sessions
+
+    def add(self, certificate_id: str, key: WrappedKey) -> ArchivedKeyRecord:
+        """Stores the wrapped private key of a stored certificate; AlreadyExists if it has one."""
+        check_wrapped_key(key)
+        with self._db.write() as s:
+            certificate_row(s, certificate_id)
+            if s.get(ArchivedKey, certificate_id) is not None:
+                raise AlreadyExists(f"certificate {certificate_id} already has an archived key",
+                                    certificate_id=certificate_id)
+            row = ArchivedKey(certificate_id=certificate_id, kek_id=key.kek_id, algorithm=key.algorithm,
+                              wrapped_key=bytes(key.wrapped_key), created_at=utcnow())
+            s.add(row)
+            try:
+                s.flush()
+            except IntegrityError:  # a concurrent writer archived it first
+                raise AlreadyExists(f"certificate {certificate_id} already has an archived key",
+                                    certificate_id=certificate_id) from None
+            return record(ArchivedKeyRecord, row)
+
+    def get(self, certificate_id: str) -> ArchivedKeyRecord:
+        with self._db.read() as s:
+            row = s.get(ArchivedKey, certificate_id)
+            if row is None:
+                raise NotFound(f"no archived key for certificate {certificate_id!r}", certificate_id=certificate_id)
+            return record(ArchivedKeyRecord, row)

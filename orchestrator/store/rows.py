@@ -1,0 +1,209 @@
+"""Row-level helpers the store's parts share inside one session: look-ups that raise the
+store's errors, records from rows, JSON columns, the audit row and the relation insert."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, astuple, fields
+from typing import Any, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from orchestrator.store.models import (
+    AuditEvent,
+    Card,
+    CaRequest,
+    Certificate,
+    ObjectRelation,
+    ProcessInstance,
+    Task,
+    utcnow,
+)
+from orchestrator.store.records import (
+    CARD,
+    CERTIFICATE,
+    AuditRecord,
+    NewRelation,
+    ProcessInstanceRecord,
+    ProcessState,
+    TaskState,
+    WrappedKey,
+)
+from shared.errors import InvalidArgument, NotFound, StateConflict
+
+R = TypeVar("R")
+
+
+def record(cls: type[R], obj: Any) -> R:
+    return cls(**{f.name: getattr(obj, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def json_object(value: Mapping[str, Any] | None, what: str) -> str:
+    """JSON text of a mapping with string keys and JSON values; InvalidArgument otherwise."""
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(f"{what} must be a mapping, not {type(value).__name__}")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise InvalidArgument(f"{what}: keys must be strings, not {bad!r}")
+    try:
+        return json.dumps(dict(value), allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{what} is not JSON: {exc}") from None
+
+
+def process_record(row: ProcessInstance) -> ProcessInstanceRecord:
+    values = {f.name: getattr(row, f.name) for f in fields(ProcessInstanceRecord)}
+    values["process_map"] = json.loads(row.process_map)
+    return ProcessInstanceRecord(**values)
+
+
+def audit_record(row: AuditEvent) -> AuditRecord:
+    values = {f.name: getattr(row, f.name) for f in fields(AuditRecord)}
+    values["detail"] = json.loads(row.detail)
+    return AuditRecord(**values)
+
+
+# -- tasks and process instances ------------------------------------------------------------
+
+def task_row(session: Session, task_id: str, *, lock: bool = False) -> Task:
+    # FOR UPDATE (PostgreSQL) serialises the finishes of one task across replicas;
+    # SQLite ignores it and is serialised by BEGIN IMMEDIATE.
+    task = session.scalar(select(Task).where(Task.id == task_id).with_for_update(of=Task)) if lock \
+        else session.get(Task, task_id)
+    if task is None:
+        raise NotFound(f"no task {task_id!r}", task_id=task_id)
+    return task
+
+
+def running_task_row(session: Session, task_id: str) -> Task:
+    task = task_row(session, task_id, lock=True)
+    if task.state != TaskState.RUNNING:
+        raise StateConflict(f"task {task_id} is already {task.state}", task_id=task_id, state=task.state)
+    return task
+
+
+def process_row(session: Session, instance_id: str, *, lock: bool = False) -> ProcessInstance:
+    q = select(ProcessInstance).where(ProcessInstance.id == instance_id)
+    row = session.scalar(q.with_for_update() if lock else q)
+    if row is None:
+        raise NotFound(f"no process instance {instance_id!r}", process_instance_id=instance_id)
+    return row
+
+
+def check_process_running(row: ProcessInstance) -> None:
+    if row.state != ProcessState.RUNNING:
+        raise StateConflict(f"process instance {row.id} is already {row.state}",
+                            process_instance_id=row.id, state=row.state)
+
+
+def card_row(session: Session, card_id: str, *, lock: bool = False) -> Card:
+    card = session.scalar(select(Card).where(Card.id == card_id).with_for_update()) if lock \
+        else session.get(Card, card_id)
+    if card is None:
+        raise NotFound(f"no card {card_id!r}", card_id=card_id)
+    return card
+
+
+def certificate_row(session: Session, certificate_id: str, *, lock: bool = False) -> Certificate:
+    cert = session.scalar(select(Certificate).where(Certificate.id == certificate_id).with_for_update()) if lock \
+        else session.get(Certificate, certificate_id)
+    if cert is None:
+        raise NotFound(f"no certificate {certificate_id!r}", certificate_id=certificate_id)
+    return cert
+
+
+def ca_request_row(session: Session, request_id: str, task_id: str | None = None) -> CaRequest:
+    # FOR UPDATE (PostgreSQL): a live run and the reconciler settling one request queue
+    # up here; SQLite writers are serial anyway.
+    row = session.scalar(select(CaRequest).where(CaRequest.request_id == request_id).with_for_update())
+    if row is None:
+        raise NotFound(f"no journaled CA request {request_id!r}", request_id=request_id)
+    if task_id is not None and row.task_id != task_id:
+        raise InvalidArgument(f"CA request {request_id} belongs to task {row.task_id}, not {task_id}",
+                              request_id=request_id)
+    return row
+
+
+# -- audit and state changes (C5) -----------------------------------------------------------
+
+def add_audit(session: Session, action: str, object_type: str, object_id: str, actor: str,
+              detail: Mapping[str, Any] | None, at: dt.datetime) -> AuditEvent:
+    if not action or not actor or not object_type or not object_id:
+        raise InvalidArgument("an audit event needs action, actor, object_type and object_id")
+    row = AuditEvent(at=at, actor=actor, action=action, object_type=object_type, object_id=object_id,
+                     detail=json_object(detail, "audit detail"))
+    session.add(row)
+    return row
+
+
+def change_state(session: Session, row: Card | Certificate, object_type: str, to_state: str,
+                 from_state: str | None, actor: str, action: str, reason: str | None,
+                 detail: Mapping[str, Any] | None) -> None:
+    """Sets row.state and writes its audit event; StateConflict if the row is not in from_state."""
+    if not to_state:
+        raise InvalidArgument(f"{object_type} {row.id}: the target state must not be empty")
+    if from_state is not None and row.state != from_state:
+        raise StateConflict(f"{object_type} {row.id} is in state {row.state!r}, not {from_state!r}; "
+                            f"not changed to {to_state!r}", object_id=row.id, state=row.state,
+                            expected_state=from_state)
+    now = utcnow()
+    audit = {**(detail or {}), "from": row.state, "to": to_state, "reason": reason}
+    row.state = to_state
+    row.updated_at = now
+    add_audit(session, action, object_type, row.id, actor, audit, now)
+    session.flush()
+
+
+# -- archived keys (C7) ---------------------------------------------------------------------
+
+def check_wrapped_key(key: WrappedKey) -> None:
+    if not isinstance(key, WrappedKey):
+        raise InvalidArgument(f"an archived key must be a WrappedKey, not {type(key).__name__}")
+    if not key.kek_id or not key.algorithm:
+        raise InvalidArgument("an archived key needs its kek_id and algorithm")
+    if not isinstance(key.wrapped_key, (bytes, bytearray, memoryview)) or not bytes(key.wrapped_key):
+        raise InvalidArgument("an archived key needs the wrapped (encrypted) key as non-empty bytes")
+
+
+# -- relations (C9) -------------------------------------------------------------------------
+
+def relation_key(rel: NewRelation) -> tuple[Any, ...]:
+    return (ObjectRelation.source_type == rel.source_type, ObjectRelation.source_id == rel.source_id,
+            ObjectRelation.target_type == rel.target_type, ObjectRelation.target_id == rel.target_id,
+            ObjectRelation.relation_type == rel.relation_type)
+
+
+def new_relations(relations: Iterable[NewRelation]) -> list[NewRelation]:
+    out = list(relations)
+    wrong = [r for r in out if not isinstance(r, NewRelation)]
+    if wrong:
+        raise InvalidArgument(f"relations must be NewRelation records, not {type(wrong[0]).__name__}")
+    return out
+
+
+def check_relation_ends(session: Session, rel: NewRelation) -> None:
+    known = {CARD: Card, CERTIFICATE: Certificate}   # ends of other types are not checked
+    for kind, obj_id in ((rel.source_type, rel.source_id), (rel.target_type, rel.target_id)):
+        if kind in known and session.get(known[kind], obj_id) is None:
+            raise NotFound(f"relation {astuple(rel)}: no {kind} {obj_id!r}")
+
+
+def insert_relation(session: Session, task_id: str | None, rel: NewRelation, now: dt.datetime) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING: an existing relation (also one a concurrent
+    transaction just committed) stays as it is, and the transaction goes on."""
+    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    session.execute(dialect_insert(ObjectRelation)
+                    .values(id=new_id(), task_id=task_id, created_at=now, **asdict(rel))
+                    .on_conflict_do_nothing(index_elements=[
+                        ObjectRelation.source_type, ObjectRelation.source_id, ObjectRelation.target_type,
+                        ObjectRelation.target_id, ObjectRelation.relation_type]))

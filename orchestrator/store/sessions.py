@@ -1,0 +1,90 @@
+"""The engine and the session factory every part of the store shares.
+
+Each public store method is one transaction: `write()` for one that changes rows, `read()`
+for one that only reads. A Store is shared by many threads: each call opens its own session,
+and the engine's pool hands each thread its own connection.
+"""
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def make_engine(database_url: str) -> Engine:
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite":
+        # pre_ping: a PostgreSQL restart must not surface as an error on the next call.
+        return create_engine(url, pool_pre_ping=True)
+
+    memory = url.database in (None, "", ":memory:")
+    if memory:
+        # One shared connection, or every thread would see its own empty database.
+        # Good for single-threaded tools and tests only.
+        engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    else:
+        pathlib.Path(str(url.database)).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:
+        # Take BEGIN away from the sqlite3 module (it starts transactions lazily, at the first
+        # write, so a read-then-write could interleave with another writer); _on_begin below
+        # emits it instead.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")            # off by default in SQLite
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")  # wait for the writer, don't fail
+        if not memory:
+            cur.execute("PRAGMA journal_mode=WAL")       # readers don't block the writer
+            cur.execute("PRAGMA synchronous=NORMAL")     # WAL + NORMAL is durable across app crashes
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:
+        # Writers take the write lock up front: upgrading a read transaction to a write one
+        # fails at once with "database is locked" instead of waiting for busy_timeout.
+        write = conn.get_execution_options().get("cardline_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+class Sessions:
+    """One engine and its two session factories (reading, writing), shared by the store's parts."""
+
+    def __init__(self, database_url: str) -> None:
+        self.engine = make_engine(database_url)
+        self.write_engine = self.engine.execution_options(cardline_write=True)
+        self._reading = sessionmaker(self.engine, expire_on_commit=False)
+        self._writing = sessionmaker(self.write_engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        with self._writing() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._reading() as session, session.begin():
+            yield session
+
+    def insert(self, table: Any) -> Any:
+        """INSERT with this backend's ON CONFLICT clauses (PostgreSQL and SQLite spell them alike)."""
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,80 @@
+"""Tasks and their step journal."""
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from orchestrator.store.models import Card, Task, TaskStep, utcnow
+from orchestrator.store.records import TaskRecord, TaskState, TaskStepRecord
+from orchestrator.store.rows import check_process_running, new_id, process_row, record, task_row
+from orchestrator.store.sessions import Sessions
+from shared.errors import InvalidArgument, NotFound
+
+
+class Tasks:
+    def __init__(self, sessions: Sessions) -> None:
+        self._db = sessions
+
+    def create(self, type: str, gateway_id: str, reader_id: str, card_id: str | None = None, *,
+               process_instance_id: str | None = None, task_index: int | None = None,
+               owner: str | None = None, task_id: str | None = None) -> TaskRecord:
+        """A new RUNNING task. card_id: the card a card operation works on (C8); a card
+        production task gets its card from cards.create instead. process_instance_id: the
+        RUNNING process instance the task is part of (StateConflict if it has ended);
+        task_index: the task's position in it (not unique: a retried task repeats it).
+        owner: the orchestrator instance running it; task_id: chosen by the caller (so it can
+        register the run before the row exists, see the reconciler), else a new UUID."""
+        if task_index is not None and task_index < 0:
+            raise InvalidArgument(f"task_index must not be negative, not {task_index}")
+        with self._db.write() as s:
+            if card_id is not None and s.get(Card, card_id) is None:
+                raise NotFound(f"no card {card_id!r}", card_id=card_id)
+            if process_instance_id is not None:
+                check_process_running(process_row(s, process_instance_id))
+            task = Task(id=task_id or new_id(), type=type, state=TaskState.RUNNING, gateway_id=gateway_id,
+                        reader_id=reader_id, card_id=card_id, created_at=utcnow(),
+                        process_instance_id=process_instance_id, task_index=task_index, owner=owner)
+            s.add(task)
+            s.flush()
+            return record(TaskRecord, task)
+
+    def journal_step(self, task_id: str, step_number: int, name: str, state: str,
+                     detail: str = "") -> TaskStepRecord:
+        """Records where a task is (insert or overwrite the row of this step).
+
+        One statement (an upsert returning the row): it runs for every step of every card,
+        so it stays cheap; the task's existence is checked by the foreign key."""
+        now = utcnow()
+        stmt = (self._db.insert(TaskStep)
+                .values(task_id=task_id, step_number=step_number, name=name, state=state, detail=detail,
+                        created_at=now, updated_at=now)
+                .on_conflict_do_update(index_elements=[TaskStep.task_id, TaskStep.step_number],
+                                       set_={"name": name, "state": state, "detail": detail, "updated_at": now})
+                .returning(*TaskStep.__table__.columns))
+        try:
+            with self._db.write() as s:
+                row = s.execute(stmt).one()
+        except IntegrityError:
+            raise NotFound(f"no task {task_id}", task_id=task_id) from None
+        return record(TaskStepRecord, row)
+
+    def get(self, task_id: str) -> TaskRecord:
+        with self._db.read() as s:
+            return record(TaskRecord, task_row(s, task_id))
+
+    def steps(self, task_id: str) -> list[TaskStepRecord]:
+        """The step journal of a task, by step number."""
+        with self._db.read() as s:
+            task_row(s, task_id)
+            rows = s.scalars(select(TaskStep).where(TaskStep.task_id == task_id).order_by(TaskStep.step_number))
+            return [record(TaskStepRecord, r) for r in rows]
+
+    def list(self, process_instance_id: str | None = None, state: TaskState | None = None) -> list[TaskRecord]:
+        """Tasks, oldest first (so the tasks of a process instance come in the order they ran)."""
+        q = select(Task)
+        if process_instance_id is not None:
+            q = q.where(Task.process_instance_id == process_instance_id)
+        if state is not None:
+            q = q.where(Task.state == state)
+        with self._db.read() as s:
+            return [record(TaskRecord, t) for t in s.scalars(q.order_by(Task.created_at, Task.id))]
