@@ -125,13 +125,15 @@ def apdu_relay(work: pathlib.Path, rounds: int) -> tuple[float, float, float] | 
                 kind=common_pb2.READER_KIND_PCSC, card_present=True), ttl_s=600, holder="bench")).lease
 
             def relay_script() -> None:
-                out = stub.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
+                out = stub.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
+                    lease_id=lease.lease_id, step=steps_pb2.Step(
                     apdu_script=steps_pb2.ApduScript(apdus=[steps_pb2.Apdu(command=a) for a in SCRIPT])))).outcome
                 assert len(out.apdu_script_result.responses) == len(SCRIPT)
 
             def relay_per_apdu() -> None:
                 for a in SCRIPT:
-                    stub.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
+                    stub.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
+                        lease_id=lease.lease_id, step=steps_pb2.Step(
                         apdu_script=steps_pb2.ApduScript(apdus=[steps_pb2.Apdu(command=a)]))))
 
             _, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)

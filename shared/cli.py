@@ -78,7 +78,7 @@ def main() -> None:
         ep.load()(app)
     try:
         app()
-    except Exception as exc:  # noqa: BLE001 - sorted by failure(); anything else re-raised
+    except Exception as exc:
         fail = failure(exc)
         if fail is None:
             raise

@@ -39,7 +39,13 @@ import pkcs11.exceptions as p11err
 from pkcs11 import TokenFlag
 
 from shared.errors import (
-    CardIoError, CardlineError, ConfigurationError, NoCardPresent, PinIncorrect, PinLocked, ReaderNotFound,
+    CardIoError,
+    CardlineError,
+    ConfigurationError,
+    NoCardPresent,
+    PinIncorrect,
+    PinLocked,
+    ReaderNotFound,
 )
 
 T = TypeVar("T")

@@ -10,7 +10,16 @@ from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.services import orders
 from orchestrator.services.pool import GatewayInfo, PooledReader, ReaderSelector, ReaderState
 from orchestrator.services.production import CertificateOrder
-from orchestrator.store.records import (CaRequestState, ProcessState, TaskState, CardRecord, CaRequestRecord, CertificateRecord, ProcessInstanceRecord, TaskRecord)
+from orchestrator.store.records import (
+    CardRecord,
+    CaRequestRecord,
+    CaRequestState,
+    CertificateRecord,
+    ProcessInstanceRecord,
+    ProcessState,
+    TaskRecord,
+    TaskState,
+)
 from shared import convert
 from shared.proto import ca_service_pb2 as ca_pb
 from shared.proto import card_service_pb2 as card_pb

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Optional
 
 import typer
 
@@ -16,17 +15,17 @@ def register(root: typer.Typer) -> None:
 
     @orchestrator.command("serve")
     def serve(
-        listen: Optional[str] = typer.Option(None, help="HOST:PORT to serve gRPC on."),
-        data_dir: Optional[pathlib.Path] = typer.Option(None, help="Directory for the SQLite store and the local CA."),
-        database_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL (default: SQLite in --data-dir)."),
-        config_dir: Optional[pathlib.Path] = typer.Option(None, help="Directory of state graphs, templates, "
+        listen: str | None = typer.Option(None, help="HOST:PORT to serve gRPC on."),
+        data_dir: pathlib.Path | None = typer.Option(None, help="Directory for the SQLite store and the local CA."),
+        database_url: str | None = typer.Option(None, help="SQLAlchemy URL (default: SQLite in --data-dir)."),
+        config_dir: pathlib.Path | None = typer.Option(None, help="Directory of state graphs, templates, "
                                                                      "encodings and processes."),
-        config_file: Optional[pathlib.Path] = typer.Option(None, "--config", envvar="CARDLINE_CONFIG",
+        config_file: pathlib.Path | None = typer.Option(None, "--config", envvar="CARDLINE_CONFIG",
                                                            help="YAML configuration file (section 'orchestrator')."),
         json_logs: bool = typer.Option(False, "--json-logs", help="Log JSON lines."),
-        tls_dir: Optional[pathlib.Path] = TLS_DIR, tls_ca: Optional[pathlib.Path] = TLS_CA,
-        tls_cert: Optional[pathlib.Path] = TLS_CERT, tls_key: Optional[pathlib.Path] = TLS_KEY,
-        tls_crl: Optional[pathlib.Path] = TLS_CRL, insecure: Optional[bool] = INSECURE,
+        tls_dir: pathlib.Path | None = TLS_DIR, tls_ca: pathlib.Path | None = TLS_CA,
+        tls_cert: pathlib.Path | None = TLS_CERT, tls_key: pathlib.Path | None = TLS_KEY,
+        tls_crl: pathlib.Path | None = TLS_CRL, insecure: bool | None = INSECURE,
     ) -> None:
         """Run the orchestrator (mutual TLS unless --insecure)."""
         from orchestrator.app import serve as run

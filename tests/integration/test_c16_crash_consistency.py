@@ -292,7 +292,8 @@ class Station:
 
     def produce(self, reader_id: str) -> card_pb.Task | None:
         """A production of two certificates (EC P-256); None if the orchestrator died."""
-        certificates = [card_pb.CertificateRequest(template="EmployeeAuthentication", key_type=common_pb2.KEY_TYPE_EC_P256),
+        certificates = [card_pb.CertificateRequest(template="EmployeeAuthentication",
+                                                   key_type=common_pb2.KEY_TYPE_EC_P256),
                         card_pb.CertificateRequest(template="EmployeeSignature", key_type=common_pb2.KEY_TYPE_EC_P256)]
         with grpc.insecure_channel(self.address) as channel:
             try:
@@ -504,7 +505,8 @@ def test_c16_ca_unreachable_fails_the_task_and_the_request_settles_once_the_ca_a
         capture_output=True, text=True, check=True).stdout)
     assert cli("reconcile") == {"examined": 1, "stored": 0, "not_issued": 0, "tasks_ended": 0}
     [row] = cli("ca-requests", "--unsettled")
-    assert (row["request_id"], row["state"], row["task_id"]) == (pending.request_id, "CA_REQUEST_STATE_PENDING", task.id)
+    assert (row["request_id"], row["state"], row["task_id"]) == (
+        pending.request_id, "CA_REQUEST_STATE_PENDING", task.id)
     station.stop_orchestrator()
     station.start_orchestrator()                      # the CA answers again: settled before serving
     with grpc.insecure_channel(station.address) as channel:

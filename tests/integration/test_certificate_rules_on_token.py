@@ -13,11 +13,11 @@ import subprocess
 
 import pytest
 
-from tests.support import softhsm
 from orchestrator import app as orchestrator_app
 from orchestrator.services.pool import ReaderSelector
 from orchestrator.services.production import CertificateOrder, production_order
 from shared import cards, config
+from tests.support import softhsm
 from tests.support.pki import default_pki
 from tests.support.processes import gateway_process
 

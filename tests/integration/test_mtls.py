@@ -248,7 +248,8 @@ def test_gateway_process_with_a_revoked_certificate_never_joins_the_pool(rig, or
                          env=softhsm_token.env, tls_dir=rig.directory, client=rig.files()):
         time.sleep(2)
         with secure(orchestrator, rig.files()) as channel:
-            readers = reader_pool_service_pb2_grpc.ReaderPoolServiceStub(channel).ListReaders(pool_pb.ListReadersRequest())
+            pool = reader_pool_service_pb2_grpc.ReaderPoolServiceStub(channel)
+            readers = pool.ListReaders(pool_pb.ListReadersRequest())
         assert "station-x" not in {r.gateway_id for r in readers.readers}
     log = (tmp_path / "gateway" / "gateway.log").read_text()
     assert "UNAUTHENTICATED" in log and "revoked" in log

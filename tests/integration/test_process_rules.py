@@ -17,10 +17,10 @@ import textwrap
 
 import pytest
 
-from tests.support import softhsm
 from orchestrator import app as orchestrator_app
 from orchestrator.domain.processes import CoreObjectDescriptor
 from shared import config
+from tests.support import softhsm
 from tests.support.pki import default_pki
 from tests.support.processes import gateway_process
 

@@ -40,7 +40,7 @@ def test_c1_certificate_committed_as_issued_before_the_card_write(tmp_path):
             holder["rig"] = rig
             return rig, await rig.produce(AUTH, SIGN)
 
-    rig, outcome = asyncio.run(body())
+    _rig, outcome = asyncio.run(body())
     assert outcome.task.state == "SUCCEEDED"
     # At each boundary the newest certificate is in the store as Issued; the gateway has not
     # been asked to write it, and the token does not hold it.

@@ -51,7 +51,7 @@ def test_c4_each_hit_carries_descriptor_serial_issuer_and_the_tasks_error(tmp_pa
 def test_c4_search_by_age_finds_only_certificates_older_than_asked(tmp_path):
     rig, _instance = failing_production(tmp_path)
     search = rig.orch.certificates.search_issued
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     assert search(older_than=dt.timedelta(hours=1), now=now) == []
     assert len(search(older_than=dt.timedelta(hours=1), now=now + dt.timedelta(hours=2))) == 2
 

@@ -8,9 +8,17 @@ from cryptography.hazmat.primitives import serialization
 
 from shared import cards
 from shared.errors import CardIoError
-from tests.rules.processes import (ARCHIVED_ENCRYPTION, KEY_LIST_ENCODING, RECOVERY_ENCODING, key_list_process,
-                                   operation_encoding, operation_process, produce_process, reader_of,
-                                   recovery_process)
+from tests.rules.processes import (
+    ARCHIVED_ENCRYPTION,
+    KEY_LIST_ENCODING,
+    RECOVERY_ENCODING,
+    key_list_process,
+    operation_encoding,
+    operation_process,
+    produce_process,
+    reader_of,
+    recovery_process,
+)
 from tests.rules.rig import ISSUED, PIN, START, descriptor, fake_token, rule_orchestrator
 
 
@@ -144,7 +152,7 @@ def test_c7_return_field_on_a_recovery_has_no_effect_and_is_warned_about(tmp_pat
     async def recover(rig, olds, target):
         return rig, olds[0], await rig.process("recover", old=olds[0], pin=PIN)
 
-    rig, old, instance = archive_then(tmp_path, encoding, process, recover)
+    rig, _old, instance = archive_then(tmp_path, encoding, process, recover)
     assert instance.state == "SUCCEEDED", instance.error_message
     assert "newCert" not in instance.process_map or instance.process_map["newCert"] is None
     assert any("no effect on a recovery" in w for w in rig.orch.configuration.warnings)

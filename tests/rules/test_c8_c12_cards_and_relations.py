@@ -152,14 +152,14 @@ def test_c10_operation_without_card_creates_no_relation_and_succeeds(tmp_path):
 # --- C11 never --------------------------------------------------------------------------------
 
 def test_c11_never_makes_no_relation_on_success(tmp_path):
-    rig, card, operated, _ = produce_then_operate(tmp_path, "never")
+    rig, _card, operated, _ = produce_then_operate(tmp_path, "never")
     assert operated.state == "SUCCEEDED", operated.error_message
     new = descriptor(operated, "newCert")
     assert rig.relations(certificate_id=new.id) == [] and rig.certificate(new.id).state == START
 
 
 def test_c11_never_makes_no_relation_on_failure(tmp_path):
-    rig, card, operated, _ = produce_then_operate(tmp_path, "never", fail_operation=True)
+    rig, _card, operated, _ = produce_then_operate(tmp_path, "never", fail_operation=True)
     assert operated.state == "FAILED"
     assert rig.relations(certificate_id=descriptor(operated, "newCert").id) == []
 

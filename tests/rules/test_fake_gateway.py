@@ -23,7 +23,7 @@ def generate(token: FakeToken, key_type=cards.KeyType.EC_P256) -> cards.Generate
 
 def self_signed(private_key) -> bytes:
     name = x509.Name.from_rfc4514_string("CN=t")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private_key.public_key())
             .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
             .sign(private_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))

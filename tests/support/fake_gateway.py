@@ -42,8 +42,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from shared import cards, convert
-from shared.errors import (CardlineError, CardRemoved, InvalidArgument, KeyNotFound, PinIncorrect, ReaderNotFound,
-                           UnexpectedStatusWord, WriteRefused)
+from shared.errors import (
+    CardlineError,
+    CardRemoved,
+    InvalidArgument,
+    KeyNotFound,
+    PinIncorrect,
+    ReaderNotFound,
+    UnexpectedStatusWord,
+    WriteRefused,
+)
 from shared.proto import link_pb2, link_pb2_grpc
 from tests.support.pki import default_pki
 

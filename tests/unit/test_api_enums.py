@@ -7,8 +7,13 @@ from orchestrator.domain.processes import TASK_TYPES
 from orchestrator.services import orders
 from orchestrator.services.pool import ReaderState
 from orchestrator.store.records import CaRequestState, ProcessState, TaskState
-from shared.proto import ca_service_pb2, card_service_pb2, order_service_pb2, process_service_pb2
-from shared.proto import reader_pool_service_pb2
+from shared.proto import (
+    ca_service_pb2,
+    card_service_pb2,
+    order_service_pb2,
+    process_service_pb2,
+    reader_pool_service_pb2,
+)
 
 CASES = [
     (card_service_pb2.TaskType, {convert.task_type_to_proto(t) for t in TASK_TYPES}),
