@@ -10,6 +10,7 @@ import os
 import pathlib
 import signal
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from orchestrator.api.link import GatewayLinkServicer
@@ -79,14 +80,18 @@ class Orchestrator:
                 await asyncio.to_thread(close)
 
 
-async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None = None) -> Orchestrator:
+#: Replaces the CAs before anything uses them (tests wrap them to lose answers or be unreachable).
+CaWrapper = Callable[[dict[str, CaConnector]], dict[str, CaConnector]]
+
+
+async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None = None,
+                wrap_cas: CaWrapper | None = None) -> Orchestrator:
     # Mutual TLS unless explicitly insecure: no TLS material stops start-up before anything else.
     tls = settings_tls(settings, "orchestrator", "orchestrator", role="orchestrator")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     cas = await asyncio.to_thread(build_cas, settings.cas, settings.data_dir)
-    if _fault_injection_requested():     # TEST-ONLY (C16 crash tests); never set in production
-        from orchestrator.services import fault_injection
-        cas, boundary = fault_injection.install(os.environ, cas, boundary)
+    if wrap_cas is not None:
+        cas = wrap_cas(cas)
     owner_id = await asyncio.to_thread(orchestrator_id, settings.data_dir)
     # Configuration first: a wrong one stops start-up with every violation listed (C14).
     configuration = await asyncio.to_thread(load_configuration, settings.config_dir,
@@ -172,10 +177,6 @@ def _card_failed_state(templates, card_template: str) -> str | None:
         return None
 
 
-def _fault_injection_requested() -> bool:
-    return any(k.startswith("CARDLINE_FAULT_") and v for k, v in os.environ.items())
-
-
 async def _reconcile_forever(reconciler: Reconciler, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
@@ -191,8 +192,11 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-async def serve(settings: OrchestratorSettings) -> None:
-    orchestrator = await start(settings)
+async def serve(settings: OrchestratorSettings, *, boundary: BoundaryHook | None = None,
+                wrap_cas: CaWrapper | None = None) -> None:
+    """`cardline orchestrator serve`: start, serve until SIGINT/SIGTERM, stop. The hooks are
+    for test entry scripts (tests/support/faulty_orchestrator.py); the command passes none."""
+    orchestrator = await start(settings, boundary=boundary, wrap_cas=wrap_cas)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
