@@ -126,7 +126,9 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     reconciler = Reconciler(store, cas, templates.internal_issued_state, owner_id=owner_id,
                             live_tasks=lambda: card_tasks.running, live_processes=lambda: processes.running,
                             card_failed_state=lambda name: _card_failed_state(templates, name),
-                            stale_after=datetime.timedelta(seconds=3 * settings.reconcile_interval_s))
+                            stale_after=datetime.timedelta(seconds=3 * settings.reconcile_interval_s),
+                            process_task_count=lambda name: _process_task_count(configuration, name),
+                            live_handlings=lambda: certificates.running)
     report = await asyncio.to_thread(reconciler.reconcile_once)
     log.info("start-up reconciliation", **dataclasses.asdict(report))
     server = Server(settings.listen, [
@@ -167,6 +169,11 @@ def orchestrator_id(data_dir: pathlib.Path) -> str:
         tmp.write_text(f"orchestrator-{os.uname().nodename}-{uuid.uuid4().hex[:12]}\n")
         os.replace(tmp, path)
     return path.read_text().strip()
+
+
+def _process_task_count(configuration: Configuration, definition: str) -> int | None:
+    process = configuration.processes.get(definition)
+    return len(process.tasks) if process is not None else None
 
 
 def _card_failed_state(templates, card_template: str) -> str | None:
