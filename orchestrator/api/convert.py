@@ -61,7 +61,8 @@ _READER_STATES = {ReaderState.EMPTY: orchestrator_pb2.POOLED_READER_STATE_EMPTY,
                   ReaderState.CARD_PRESENT: orchestrator_pb2.POOLED_READER_STATE_CARD_PRESENT,
                   ReaderState.LEASED: orchestrator_pb2.POOLED_READER_STATE_LEASED,
                   ReaderState.BUSY: orchestrator_pb2.POOLED_READER_STATE_BUSY,
-                  ReaderState.OFFLINE: orchestrator_pb2.POOLED_READER_STATE_OFFLINE}
+                  ReaderState.OFFLINE: orchestrator_pb2.POOLED_READER_STATE_OFFLINE,
+                  ReaderState.ERROR: orchestrator_pb2.POOLED_READER_STATE_ERROR}
 
 
 def pooled_reader_to_proto(p: PooledReader) -> orchestrator_pb2.PooledReader:

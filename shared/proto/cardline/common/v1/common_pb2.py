@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x61rdline/common/v1/common.proto\x12\x12\x63\x61rdline.common.v1\"\xba\x01\n\x06Reader\x12\x11\n\treader_id\x18\x01 \x01(\t\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.cardline.common.v1.ReaderKind\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61rd_present\x18\x04 \x01(\x08\x12\x0b\n\x03\x61tr\x18\x05 \x01(\x0c\x12\x13\n\x0btoken_label\x18\x06 \x01(\t\x12\x14\n\x0ctoken_serial\x18\x07 \x01(\t\x12\x13\n\x0btoken_model\x18\x08 \x01(\t\"\x94\x01\n\x05\x45rror\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x39\n\x08metadata\x18\x03 \x03(\x0b\x32\'.cardline.common.v1.Error.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x14\x43oreObjectDescriptor\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\"\x8e\x01\n\x05Value\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12>\n\ndescriptor\x18\x02 \x01(\x0b\x32(.cardline.common.v1.CoreObjectDescriptorH\x00\x12-\n\x04list\x18\x03 \x01(\x0b\x32\x1d.cardline.common.v1.ValueListH\x00\x42\x06\n\x04kind\"6\n\tValueList\x12)\n\x06values\x18\x01 \x03(\x0b\x32\x19.cardline.common.v1.Value*g\n\x07KeyType\x12\x18\n\x14KEY_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_TYPE_EC_P256\x10\x01\x12\x15\n\x11KEY_TYPE_RSA_2048\x10\x02\x12\x15\n\x11KEY_TYPE_RSA_3072\x10\x03*W\n\nReaderKind\x12\x1b\n\x17READER_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10READER_KIND_PCSC\x10\x01\x12\x16\n\x12READER_KIND_PKCS11\x10\x02*\x89\x01\n\x12SignatureAlgorithm\x12#\n\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12$\n SIGNATURE_ALGORITHM_ECDSA_SHA256\x10\x01\x12(\n$SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x61rdline/common/v1/common.proto\x12\x12\x63\x61rdline.common.v1\"\xc9\x01\n\x06Reader\x12\x11\n\treader_id\x18\x01 \x01(\t\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.cardline.common.v1.ReaderKind\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61rd_present\x18\x04 \x01(\x08\x12\x0b\n\x03\x61tr\x18\x05 \x01(\x0c\x12\x13\n\x0btoken_label\x18\x06 \x01(\t\x12\x14\n\x0ctoken_serial\x18\x07 \x01(\t\x12\x13\n\x0btoken_model\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\"\x94\x01\n\x05\x45rror\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x39\n\x08metadata\x18\x03 \x03(\x0b\x32\'.cardline.common.v1.Error.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x14\x43oreObjectDescriptor\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\"\x8e\x01\n\x05Value\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12>\n\ndescriptor\x18\x02 \x01(\x0b\x32(.cardline.common.v1.CoreObjectDescriptorH\x00\x12-\n\x04list\x18\x03 \x01(\x0b\x32\x1d.cardline.common.v1.ValueListH\x00\x42\x06\n\x04kind\"6\n\tValueList\x12)\n\x06values\x18\x01 \x03(\x0b\x32\x19.cardline.common.v1.Value*g\n\x07KeyType\x12\x18\n\x14KEY_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_TYPE_EC_P256\x10\x01\x12\x15\n\x11KEY_TYPE_RSA_2048\x10\x02\x12\x15\n\x11KEY_TYPE_RSA_3072\x10\x03*W\n\nReaderKind\x12\x1b\n\x17READER_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10READER_KIND_PCSC\x10\x01\x12\x16\n\x12READER_KIND_PKCS11\x10\x02*\x89\x01\n\x12SignatureAlgorithm\x12#\n\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12$\n SIGNATURE_ALGORITHM_ECDSA_SHA256\x10\x01\x12(\n$SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERROR_METADATAENTRY']._loaded_options = None
   _globals['_ERROR_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_KEYTYPE']._serialized_start=664
-  _globals['_KEYTYPE']._serialized_end=767
-  _globals['_READERKIND']._serialized_start=769
-  _globals['_READERKIND']._serialized_end=856
-  _globals['_SIGNATUREALGORITHM']._serialized_start=859
-  _globals['_SIGNATUREALGORITHM']._serialized_end=996
+  _globals['_KEYTYPE']._serialized_start=679
+  _globals['_KEYTYPE']._serialized_end=782
+  _globals['_READERKIND']._serialized_start=784
+  _globals['_READERKIND']._serialized_end=871
+  _globals['_SIGNATUREALGORITHM']._serialized_start=874
+  _globals['_SIGNATUREALGORITHM']._serialized_end=1011
   _globals['_READER']._serialized_start=56
-  _globals['_READER']._serialized_end=242
-  _globals['_ERROR']._serialized_start=245
-  _globals['_ERROR']._serialized_end=393
-  _globals['_ERROR_METADATAENTRY']._serialized_start=346
-  _globals['_ERROR_METADATAENTRY']._serialized_end=393
-  _globals['_COREOBJECTDESCRIPTOR']._serialized_start=395
-  _globals['_COREOBJECTDESCRIPTOR']._serialized_end=461
-  _globals['_VALUE']._serialized_start=464
-  _globals['_VALUE']._serialized_end=606
-  _globals['_VALUELIST']._serialized_start=608
-  _globals['_VALUELIST']._serialized_end=662
+  _globals['_READER']._serialized_end=257
+  _globals['_ERROR']._serialized_start=260
+  _globals['_ERROR']._serialized_end=408
+  _globals['_ERROR_METADATAENTRY']._serialized_start=361
+  _globals['_ERROR_METADATAENTRY']._serialized_end=408
+  _globals['_COREOBJECTDESCRIPTOR']._serialized_start=410
+  _globals['_COREOBJECTDESCRIPTOR']._serialized_end=476
+  _globals['_VALUE']._serialized_start=479
+  _globals['_VALUE']._serialized_end=621
+  _globals['_VALUELIST']._serialized_start=623
+  _globals['_VALUELIST']._serialized_end=677
 # @@protoc_insertion_point(module_scope)
