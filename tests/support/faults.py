@@ -7,6 +7,8 @@ entry script tests/support/faulty_orchestrator.py; nothing in the runtime packag
     AnswerLosingCa(ca, n)             the n-th issue call issues, then raises CaUnavailable: the
                                       answer is lost on the way back.
     UnreachableCa(ca)                 every CA call raises CaUnavailable before reaching the CA.
+    GroupKillingCa(ca, when)          SIGKILL the process group inside the first issue call, just
+                                      before or just after the CA issued.
 """
 from __future__ import annotations
 
@@ -114,3 +116,27 @@ class UnreachableCa(_Delegating):
 
     def ca_certificate_der(self) -> bytes:
         raise CaUnavailable(f"CA {self.name!r} cannot be reached (fault injection)")
+
+
+class GroupKillingCa(_Delegating):
+    """Test-only: the first issue call (counted over every wrapper sharing `counter`) kills
+    the process group just before the CA issues ("before") or just after, before the answer
+    is returned ("after")."""
+
+    def __init__(self, inner: CaConnector, when: str, counter: itertools.count | None = None) -> None:
+        if when not in ("before", "after"):
+            raise ConfigurationError(f"kill inside the CA call 'before' or 'after', not {when!r}")
+        super().__init__(inner)
+        self._when = when
+        self._counter = counter or itertools.count(1)
+
+    def issue(self, csr_der: bytes, profile: IssueProfile, request_id: str) -> bytes:
+        first = next(self._counter) == 1
+        if first and self._when == "before":
+            log.warning("fault injection: SIGKILL of the process group inside the CA call, before issuing")
+            kill_group()
+        der = self._inner.issue(csr_der, profile, request_id)
+        if first:
+            log.warning("fault injection: SIGKILL of the process group inside the CA call, after issuing")
+            kill_group()
+        return der

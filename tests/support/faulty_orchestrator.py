@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-lost-answer", type=_positive, metavar="N",
                         help="the N-th CA issue call issues, then raises CaUnavailable")
     parser.add_argument("--ca-down", action="store_true", help="every CA call raises CaUnavailable")
+    parser.add_argument("--kill-in-ca-issue", choices=("before", "after"),
+                        help="SIGKILL the process group inside the first CA issue call, before or after issuing")
     return parser
 
 
@@ -73,6 +75,11 @@ def main(argv: list[str]) -> None:
         wrap_cas = lambda cas: {name: faults.AnswerLosingCa(ca, args.ca_lost_answer, counter)  # noqa: E731
                                 for name, ca in cas.items()}
         installed.append(f"CA answer #{args.ca_lost_answer} lost after issuance")
+    elif args.kill_in_ca_issue:
+        counter = itertools.count(1)
+        wrap_cas = lambda cas: {name: faults.GroupKillingCa(ca, args.kill_in_ca_issue, counter)  # noqa: E731
+                                for name, ca in cas.items()}
+        installed.append(f"SIGKILL of the process group inside the first CA issue call ({args.kill_in_ca_issue})")
     options = _serve_options(serve_argv)
 
     async def serve_with_faults(settings) -> None:
