@@ -8,6 +8,8 @@ the `produce-employee-card` process, each ended by a SIGKILL of the orchestrator
 process group:
 - at every card task boundary (tests/support/faulty_orchestrator.py --kill-at),
 - inside the CA call, just before and just after issuing (--kill-in-ca-issue),
+- between a card task's success and its process instance's end (--kill-after-task-success):
+  the instance must end SUCCEEDED, like its task,
 - with `openssl ca`: inside openssl itself, just before and just after each of the six
   renames that commit an issuance (an LD_PRELOAD shim, tests/support/kill_at_rename.c, makes
   openssl kill its process group),
@@ -71,7 +73,8 @@ def campaign_summary(request):
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         for kind, c in sorted(CAMPAIGN.items()):
             line = (f"C16 process-group kill campaign ({kind} CA): rounds={c['rounds']} "
-                    f"boundary_kills={c['boundary']} in_ca_kills={c['in_ca']} openssl_rename_kills={c['rename']} "
+                    f"boundary_kills={c['boundary']} in_ca_kills={c['in_ca']} after_task_kills={c['after_task']} "
+                    f"openssl_rename_kills={c['rename']} "
                     f"random_kills={c['random']} (during production {c['random_during']}) "
                     f"certificates_issued_by_ca={c['ca_issued']} unknown_to_store={c['unknown']} "
                     f"tasks_left_running={c['tasks_running']} processes_left_running={c['processes_running']} "
@@ -266,6 +269,7 @@ def _rounds(ca_kind: str) -> list[tuple[str, object]]:
     random_rounds = int(os.environ.get("CARDLINE_CRASH_ROUNDS") or RANDOM_ROUNDS[ca_kind])
     rounds: list[tuple[str, object]] = [("boundary", b) for b in BOUNDARY_KILLS]
     rounds += [("in_ca", when) for when in ("before", "after")]
+    rounds += [("after_task", None)]
     if ca_kind == "openssl":
         rounds += [("rename", r) for r in RENAME_KILLS]
     rounds += [("random", None)] * random_rounds
@@ -300,6 +304,8 @@ def test_c16_process_group_killed_at_every_boundary_inside_the_ca_and_at_random_
                 point = f"{boundary}" + (f"+{delay_ms}ms" if delay_ms else "")
             elif kind == "in_ca":
                 faults, point = ["--kill-in-ca-issue", arg], f"inside the CA call, {arg} issuing"
+            elif kind == "after_task":
+                faults, point = ["--kill-after-task-success"], "after the task succeeded"
             elif kind == "rename":
                 n, when = arg
                 openssl, point = _rename_killer_openssl(station, n, when), f"openssl ca rename #{n} ({when})"
@@ -326,6 +332,14 @@ def test_c16_process_group_killed_at_every_boundary_inside_the_ca_and_at_random_
 
         station.start_orchestrator()
         compare_after_restart(station, "the last round")
+        store = Store(f"sqlite:///{station.data_dir / 'cardline.db'}")
+        try:
+            settled = [a for a in store.list_audit(action="reconcile")
+                       if a.detail.get("action") == "end_orphaned_process" and a.detail.get("state") == PROCESS_SUCCEEDED]
+        finally:
+            store.close()
+        # The instance killed after its task succeeded was ended SUCCEEDED, like its task.
+        assert len(settled) == c["after_task"] == 1, settled
         repairs = sum(log.read_text().count("repaired after an interrupted run")
                       for log in station.data_dir.glob("orchestrator-*.log"))
         c["repairs"] = repairs

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-lost-answer", type=_positive, metavar="N",
                         help="the N-th CA issue call issues, then raises CaUnavailable")
     parser.add_argument("--ca-down", action="store_true", help="every CA call raises CaUnavailable")
+    parser.add_argument("--kill-after-task-success", action="store_true",
+                        help="SIGKILL the process group when the first card task has succeeded, before its "
+                             "process instance ends")
     parser.add_argument("--kill-in-ca-issue", choices=("before", "after"),
                         help="SIGKILL the process group inside the first CA issue call, before or after issuing")
     return parser
@@ -55,6 +58,23 @@ def _serve_options(argv: list[str]) -> dict:
     options = vars(serve_parser.parse_args(argv))
     options["config_file"] = options.pop("config")
     return options
+
+
+def _kill_after_task_success() -> None:
+    """The orchestrator has no hook between a card task's end and its process instance's end,
+    so this entry script wraps CardTaskService.run (test-only, in this process only)."""
+    from orchestrator.services.card_tasks import CardTaskService
+
+    run = CardTaskService.run
+
+    async def run_then_die(self, *args, **kwargs):
+        outcome = await run(self, *args, **kwargs)
+        if outcome.succeeded:
+            log.warning("fault injection: SIGKILL of the process group after a successful card task")
+            faults.kill_group()
+        return outcome
+
+    CardTaskService.run = run_then_die  # type: ignore[method-assign]
 
 
 def main(argv: list[str]) -> None:
@@ -80,6 +100,9 @@ def main(argv: list[str]) -> None:
         wrap_cas = lambda cas: {name: faults.GroupKillingCa(ca, args.kill_in_ca_issue, counter)  # noqa: E731
                                 for name, ca in cas.items()}
         installed.append(f"SIGKILL of the process group inside the first CA issue call ({args.kill_in_ca_issue})")
+    if args.kill_after_task_success:
+        _kill_after_task_success()
+        installed.append("SIGKILL of the process group after the first successful card task")
     options = _serve_options(serve_argv)
 
     async def serve_with_faults(settings) -> None:
