@@ -37,9 +37,11 @@ claims is taken as this request's (a retry carries the same CSR, hence the same 
 
 Concurrency: a threading.Lock plus an flock on ca.lock; the lock file descriptor is passed
 to each openssl child, so a child that outlives a killed orchestrator still holds the lock
-until it has finished writing. Files that openssl left half-rotated (index.txt.new,
-serial.new, crlnumber.new after a crash) are rolled forward or back the next time the lock
-is taken. Running `openssl ca` by hand on the directory while cardline runs is safe only
+until it has finished writing. Whatever an openssl run killed at any instruction leaves
+(index.txt missing between its renames, .new files with or without .old, a serial behind the
+index, a newcerts/ file without its index line) is rolled forward or back when the directory
+is opened and whenever the lock is taken and leftovers are found (_recover_directory; each
+repair logged and kept in `repairs`). Running `openssl ca` by hand on the directory while cardline runs is safe only
 under the same lock: `flock ca.lock openssl ca -config openssl.cnf ...`.
 """
 from __future__ import annotations

@@ -42,12 +42,22 @@ import pytest
 from cryptography import x509
 
 from orchestrator.store import Store
-from orchestrator.store.records import (PROCESS_FAILED, PROCESS_RUNNING, PROCESS_SUCCEEDED, TASK_FAILED, TASK_RUNNING,
-                                        TASK_SUCCEEDED)
-from shared.proto import common_pb2
+from orchestrator.store.records import (
+    PROCESS_FAILED,
+    PROCESS_RUNNING,
+    PROCESS_SUCCEEDED,
+    TASK_FAILED,
+    TASK_RUNNING,
+    TASK_SUCCEEDED,
+)
+from shared.proto import common_pb2, orchestrator_pb2_grpc
 from shared.proto import orchestrator_pb2 as pb
-from shared.proto import orchestrator_pb2_grpc
-from tests.integration.test_c16_crash_consistency import REPO, _insecure_env, _stop, _wait_healthy
+from tests.integration.test_c16_crash_consistency import (
+    REPO,
+    _insecure_env,
+    _stop,
+    _wait_healthy,
+)
 from tests.support.processes import CARDLINE, free_port
 
 pytestmark = [pytest.mark.hardware,

@@ -18,8 +18,16 @@ from orchestrator.services.handling_intents import AUDIT_CA_INTENT_SETTLED, open
 from orchestrator.services.reconciler import Reconciler
 from orchestrator.store import Store
 from orchestrator.store.records import PROCESS_FAILED, PROCESS_SUCCEEDED, TASK_FAILED
-from tests.integration.test_certificate_handling import (AUTH, ISSUED, LAB, active, crl, graphs,  # noqa: F401
-                                                         issue, production)
+from tests.integration.test_certificate_handling import (  # noqa: F401
+    AUTH,
+    ISSUED,
+    LAB,
+    active,
+    crl,
+    graphs,
+    issue,
+    production,
+)
 
 ME = "orchestrator-test-me"
 
