@@ -24,6 +24,8 @@ Directory layout (created on first use when the directory holds no CA yet):
                             written atomically after openssl answered.
     ca.lock                 flock()ed around every openssl run and every index.txt read/edit.
     tmp/                    CSR, extension file and output of one openssl run.
+    discarded/              newcerts/ files of killed runs that hold no certificate of this CA
+                            (cut short), set aside by the recovery.
 
 Idempotency (C16). Before openssl is called, the connector looks for a certificate already
 issued for the request: first in requests/, then in index.txt + newcerts/ for a certificate
