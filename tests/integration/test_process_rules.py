@@ -214,7 +214,8 @@ def test_c5_on_error_path_handles_the_generated_certificate(tmp_path, softhsm_to
     serial = orch.store.get_certificate(generated.id).serial
     assert crl_entries(orch)[serial] == "cessation_of_operation"
     actions = [a.action for a in orch.store.list_audit(object_id=generated.id)]
-    assert set(actions) == {"handle_issued"} and len(actions) >= 2      # revocation and moves, audited
+    # the intent before the CA call (C16), then revocation and moves, audited
+    assert actions[0] == "ca_handling_intent" and set(actions[1:]) == {"handle_issued"} and len(actions) >= 3
 
 
 # --- C8, C9, C10, C11: card operations ---------------------------------------------------------
