@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 APT_PACKAGES := gcc python3-dev python3-venv pkg-config pcscd libpcsclite-dev vsmartcard-vpcd \
-                pcsc-tools opensc softhsm2 sqlite3 openssl
+                pcsc-tools opensc softhsm2 sqlite3 openssl strace
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint setup system-packages protos bench clean

@@ -10,6 +10,7 @@ import os
 import pathlib
 import signal
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from orchestrator.api.ca import CaServicer
@@ -113,14 +114,18 @@ class Orchestrator:
                 await asyncio.to_thread(close)
 
 
-async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None = None) -> Orchestrator:
+#: Replaces the CAs before anything uses them (tests wrap them to lose answers or be unreachable).
+CaWrapper = Callable[[dict[str, CaConnector]], dict[str, CaConnector]]
+
+
+async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None = None,
+                wrap_cas: CaWrapper | None = None) -> Orchestrator:
     # Mutual TLS unless explicitly insecure: no TLS material stops start-up before anything else.
     tls = settings_tls(settings, "orchestrator", "orchestrator", role="orchestrator")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     cas = await asyncio.to_thread(build_cas, settings.cas, settings.data_dir)
-    if _fault_injection_requested():     # TEST-ONLY (C16 crash tests); never set in production
-        from orchestrator.services import fault_injection
-        cas, boundary = fault_injection.install(os.environ, cas, boundary)
+    if wrap_cas is not None:
+        cas = wrap_cas(cas)
     owner_id = await asyncio.to_thread(orchestrator_id, settings.data_dir)
     # Configuration first: a wrong one stops start-up with every violation listed (C14).
     configuration = await asyncio.to_thread(load_configuration, settings.config_dir,
@@ -155,7 +160,9 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     reconciler = Reconciler(store, cas, templates.internal_issued_state, owner_id=owner_id,
                             live_tasks=lambda: card_tasks.running, live_processes=lambda: processes.running,
                             card_failed_state=lambda name: _card_failed_state(templates, name),
-                            stale_after=datetime.timedelta(seconds=3 * settings.reconcile_interval_s))
+                            stale_after=datetime.timedelta(seconds=3 * settings.reconcile_interval_s),
+                            process_task_count=lambda name: _process_task_count(configuration, name),
+                            live_handlings=lambda: certificates.running)
     report = await asyncio.to_thread(reconciler.reconcile_once)
     log.info("start-up reconciliation", **dataclasses.asdict(report))
     server = Server(settings.listen, [
@@ -207,16 +214,17 @@ def orchestrator_id(data_dir: pathlib.Path) -> str:
     return path.read_text().strip()
 
 
+def _process_task_count(configuration: Configuration, definition: str) -> int | None:
+    process = configuration.processes.get(definition)
+    return len(process.tasks) if process is not None else None
+
+
 def _card_failed_state(templates, card_template: str) -> str | None:
     try:
         return templates.card(card_template).failed_state
     except Exception:  # noqa: BLE001 - a template gone from the configuration: the card keeps its state
         log.warning("no card template for an orphaned production", card_template=card_template)
         return None
-
-
-def _fault_injection_requested() -> bool:
-    return any(k.startswith("CARDLINE_FAULT_") and v for k, v in os.environ.items())
 
 
 async def _reconcile_forever(reconciler: Reconciler, interval_s: float) -> None:
@@ -234,8 +242,11 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-async def serve(settings: OrchestratorSettings) -> None:
-    orchestrator = await start(settings)
+async def serve(settings: OrchestratorSettings, *, boundary: BoundaryHook | None = None,
+                wrap_cas: CaWrapper | None = None) -> None:
+    """`cardline orchestrator serve`: start, serve until SIGINT/SIGTERM, stop. The hooks are
+    for test entry scripts (tests/support/faulty_orchestrator.py); the command passes none."""
+    orchestrator = await start(settings, boundary=boundary, wrap_cas=wrap_cas)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -98,6 +98,7 @@ class Reader:
     token_label: str = ""
     token_serial: str = ""
     token_model: str = ""
+    error: str = ""             # non-empty: unusable, and why (e.g. a token's object store unreadable)
 
 
 # --- steps: whole operations run next to the reader ------------------------------------

@@ -63,7 +63,7 @@ def reader_kind_to_proto(kind: cards.ReaderKind | None) -> int:
 def reader_to_proto(r: cards.Reader) -> common_pb2.Reader:
     return common_pb2.Reader(reader_id=r.reader_id, kind=_KINDS[r.kind], name=r.name,
                              card_present=r.card_present, atr=r.atr, token_label=r.token_label,
-                             token_serial=r.token_serial, token_model=r.token_model)
+                             token_serial=r.token_serial, token_model=r.token_model, error=r.error)
 
 
 def reader_from_proto(m: common_pb2.Reader) -> cards.Reader:
@@ -72,7 +72,7 @@ def reader_from_proto(m: common_pb2.Reader) -> cards.Reader:
         raise InvalidArgument(f"reader {m.reader_id!r}: unspecified kind", field="reader.kind")
     return cards.Reader(reader_id=m.reader_id, kind=kind, name=m.name, card_present=m.card_present,
                         atr=m.atr, token_label=m.token_label, token_serial=m.token_serial,
-                        token_model=m.token_model)
+                        token_model=m.token_model, error=m.error)
 
 
 # --- errors ----------------------------------------------------------------------------

@@ -68,47 +68,63 @@ class OrchestratorLink:
         unsubscribe = self.registry.subscribe(
             lambda kind, reader: outbox.put_nowait(link_pb2.GatewayMessage(
                 reader_event=convert.reader_event_to_proto(kind, reader))))
-
-        async def outgoing():
-            readers = await self.registry.refresh()
-            yield link_pb2.GatewayMessage(hello=link_pb2.GatewayHello(
-                gateway_id=self.gateway_id, site=self.site, labels=self.labels, version=VERSION,
-                readers=[convert.reader_to_proto(r) for r in readers]))
-            while True:
-                yield await outbox.get()
-
+        heartbeat: asyncio.Task | None = None
+        sender: asyncio.Task | None = None
         try:
             async with channel:
-                call = link_pb2_grpc.GatewayLinkStub(channel).Connect(outgoing())
-                heartbeat: asyncio.Task | None = None
+                # Written by a task of ours rather than consumed by grpc from an async generator:
+                # when the link drops, grpc would close a generator that is still waiting on
+                # the outbox ("aclose(): asynchronous generator is already running").
+                call = link_pb2_grpc.GatewayLinkStub(channel).Connect()
+                sender = asyncio.create_task(self._send(call, outbox))
                 silence_s = 30.0         # until the orchestrator says how often it beats
-                try:
-                    while True:
-                        try:
-                            msg = await asyncio.wait_for(call.read(), silence_s)
-                        except TimeoutError:
-                            call.cancel()
-                            raise ConnectionError(f"orchestrator silent for {silence_s:g} s") from None
-                        if msg is grpc.aio.EOF:
-                            break
-                        kind = msg.WhichOneof("message")
-                        if kind == "welcome":
-                            log.info("attached to orchestrator", orchestrator=msg.welcome.orchestrator_id)
-                            self.connected.set()
-                            interval = max(msg.welcome.heartbeat_interval_ms, 100) / 1000
-                            silence_s = 3 * interval
-                            heartbeat = asyncio.create_task(self._heartbeats(outbox, interval))
-                        elif kind == "command":
-                            task = asyncio.create_task(self._run_command(msg.command, outbox))
-                            running.add(task)
-                            task.add_done_callback(running.discard)
-                finally:
-                    if heartbeat:
-                        heartbeat.cancel()
+                while True:
+                    try:
+                        msg = await asyncio.wait_for(call.read(), silence_s)
+                    except TimeoutError:
+                        call.cancel()
+                        raise ConnectionError(f"orchestrator silent for {silence_s:g} s") from None
+                    except asyncio.CancelledError:
+                        if sender.done() and not sender.cancelled() and sender.exception() is not None:
+                            raise ConnectionError(f"sending to the orchestrator failed: {sender.exception()}") from None
+                        raise
+                    if msg is grpc.aio.EOF:
+                        break
+                    kind = msg.WhichOneof("message")
+                    if kind == "welcome":
+                        log.info("attached to orchestrator", orchestrator=msg.welcome.orchestrator_id)
+                        self.connected.set()
+                        interval = max(msg.welcome.heartbeat_interval_ms, 100) / 1000
+                        silence_s = 3 * interval
+                        heartbeat = asyncio.create_task(self._heartbeats(outbox, interval))
+                    elif kind == "command":
+                        task = asyncio.create_task(self._run_command(msg.command, outbox))
+                        running.add(task)
+                        task.add_done_callback(running.discard)
         finally:
             unsubscribe()
-            for task in running:
-                task.cancel()
+            for task in (heartbeat, sender, *running):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*(t for t in (heartbeat, sender) if t is not None), return_exceptions=True)
+
+    async def _send(self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue) -> None:
+        """The hello with the current inventory, then everything put in the outbox. A write
+        that fails because the link is down ends this task: the reading side reports it."""
+        try:
+            readers = await self.registry.refresh()
+            await call.write(link_pb2.GatewayMessage(hello=link_pb2.GatewayHello(
+                gateway_id=self.gateway_id, site=self.site, labels=self.labels, version=VERSION,
+                readers=[convert.reader_to_proto(r) for r in readers])))
+            while True:
+                await call.write(await outbox.get())
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            return                       # the call ended: read() says why
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            call.cancel()                # e.g. the inventory could not be read: redial
+            raise
 
     async def _heartbeats(self, outbox: asyncio.Queue, interval: float) -> None:
         sequence = 0

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from gateway.drivers.base import PcscDriver, PcscReaderInfo, TokenDriver, TokenInfo
 from shared import cards
-from shared.errors import NoCardPresent, ReaderNotFound
+from shared.errors import CardIoError, NoCardPresent, ReaderNotFound
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -20,7 +20,7 @@ ReaderEventSink = Callable[[str, cards.Reader], None]
 def token_reader(info: TokenInfo) -> cards.Reader:
     return cards.Reader(reader_id=info.reader_id, kind=cards.ReaderKind.PKCS11, name=info.slot_description.strip(),
                         card_present=info.token_present, token_label=info.token_label,
-                        token_serial=info.token_serial, token_model=info.token_model)
+                        token_serial=info.token_serial, token_model=info.token_model, error=info.error)
 
 
 def pcsc_reader(info: PcscReaderInfo) -> cards.Reader:
@@ -71,6 +71,8 @@ class ReaderRegistry:
                 self._emit("reader_added", reader)
             elif (old.card_present, old.token_serial, old.atr) != (reader.card_present, reader.token_serial, reader.atr):
                 self._emit("inserted" if reader.card_present else "removed", reader)
+            elif old.error != reader.error:
+                self._emit("present", reader)           # the same reader, now (not) in error
         for rid in before.keys() - after.keys():
             self._emit("reader_removed", before[rid])
 
@@ -88,6 +90,8 @@ class ReaderRegistry:
         slot = self._tokens.get(reader_id)
         if slot is None:
             raise ReaderNotFound(f"no PKCS#11 slot {reader_id!r} on this gateway", reader_id=reader_id)
+        if slot.info.error:
+            raise CardIoError(f"token {reader_id!r} cannot be used: {slot.info.error}", reader_id=reader_id)
         if not slot.info.token_present:
             raise NoCardPresent(f"no token in {reader_id!r}", reader_id=reader_id)
         return slot

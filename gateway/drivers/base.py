@@ -27,6 +27,7 @@ class TokenInfo:
     token_label: str = ""
     token_serial: str = ""
     token_model: str = ""
+    error: str = ""           # non-empty: a token the module cannot read (e.g. an empty object store)
 
 
 class TokenDriver(Protocol):

@@ -41,6 +41,7 @@ from pkcs11.util.ec import encode_named_curve_parameters
 from gateway.drivers.base import (
     GeneratedKey, KeyType, ObjectClass, SignatureAlgorithm, StoredObject, TokenInfo,
 )
+from gateway.drivers.softhsm_store import unreadable_tokens
 from shared.errors import CardIoError, CardlineError, InvalidArgument, KeyNotFound, WriteRefused
 from shared.logging import get_logger
 # Token keys as cryptography keys, shared with the orchestrator's LocalCa on a token.
@@ -133,6 +134,11 @@ class Pkcs11TokenDriver:
                 token_serial=serial,
                 token_model=_text(token.model) if token is not None else "",
             ))
+        listed = {i.token_serial for i in infos}
+        infos += [TokenInfo(reader_id=f"pkcs11:{self._short_name}:{t.serial}", slot_id=-1,
+                            slot_description=f"SoftHSM2 token {t.directory.name}", token_present=False,
+                            token_serial=t.serial, error=t.reason)
+                  for t in unreadable_tokens(self._module_path) if t.serial not in listed]
         return infos
 
     @_on_module_thread

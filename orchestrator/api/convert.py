@@ -85,7 +85,8 @@ _READER_STATES = {ReaderState.EMPTY: pool_pb.POOLED_READER_STATE_EMPTY,
                   ReaderState.CARD_PRESENT: pool_pb.POOLED_READER_STATE_CARD_PRESENT,
                   ReaderState.LEASED: pool_pb.POOLED_READER_STATE_LEASED,
                   ReaderState.BUSY: pool_pb.POOLED_READER_STATE_BUSY,
-                  ReaderState.OFFLINE: pool_pb.POOLED_READER_STATE_OFFLINE}
+                  ReaderState.OFFLINE: pool_pb.POOLED_READER_STATE_OFFLINE,
+                  ReaderState.ERROR: pool_pb.POOLED_READER_STATE_ERROR}
 
 
 def pooled_reader_to_proto(p: PooledReader) -> pool_pb.PooledReader:

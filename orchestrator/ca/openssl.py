@@ -24,6 +24,8 @@ Directory layout (created on first use when the directory holds no CA yet):
                             written atomically after openssl answered.
     ca.lock                 flock()ed around every openssl run and every index.txt read/edit.
     tmp/                    CSR, extension file and output of one openssl run.
+    discarded/              newcerts/ files of killed runs that hold no certificate of this CA
+                            (cut short), set aside by the recovery.
 
 Idempotency (C16). Before openssl is called, the connector looks for a certificate already
 issued for the request: first in requests/, then in index.txt + newcerts/ for a certificate
@@ -37,9 +39,11 @@ claims is taken as this request's (a retry carries the same CSR, hence the same 
 
 Concurrency: a threading.Lock plus an flock on ca.lock; the lock file descriptor is passed
 to each openssl child, so a child that outlives a killed orchestrator still holds the lock
-until it has finished writing. Files that openssl left half-rotated (index.txt.new,
-serial.new, crlnumber.new after a crash) are rolled forward or back the next time the lock
-is taken. Running `openssl ca` by hand on the directory while cardline runs is safe only
+until it has finished writing. Whatever an openssl run killed at any instruction leaves
+(index.txt missing between its renames, .new files with or without .old, a serial behind the
+index, a newcerts/ file without its index line) is rolled forward or back when the directory
+is opened and whenever the lock is taken and leftovers are found (_recover_directory; each
+repair logged and kept in `repairs`). Running `openssl ca` by hand on the directory while cardline runs is safe only
 under the same lock: `flock ca.lock openssl ca -config openssl.cnf ...`.
 """
 from __future__ import annotations
@@ -60,6 +64,7 @@ import threading
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from orchestrator.ca.base import EXTENDED_KEY_USAGES, IssueProfile, checked_request, revocation_reason
@@ -241,6 +246,169 @@ def _openssl_time(when: dt.datetime) -> str:
     return when.astimezone(dt.timezone.utc).strftime("%Y%m%d%H%M%SZ")
 
 
+# The files `openssl ca` writes as X.new and then rotates: X -> X.old, X.new -> X.
+_ROTATED_NEW = ("serial.new", "index.txt.new", "index.txt.attr.new", "crlnumber.new")
+_ATTR = "unique_subject = no\n"
+
+
+def _index_entries_or_none(path: pathlib.Path) -> list[IndexEntry] | None:
+    """The lines of an index file openssl finished writing; None when missing or cut short."""
+    if not path.exists():
+        return None
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        return None
+    try:
+        return _parse_index(text, path)
+    except CaUnavailable:
+        return None
+
+
+def _newcert_matches(newcerts: pathlib.Path, entry: IndexEntry) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate((newcerts / f"{entry.serial_field}.pem").read_bytes())
+    except (FileNotFoundError, ValueError):
+        return False
+    return cert.serial_number == entry.serial
+
+
+def _openssl_index_time(when: dt.datetime) -> str:
+    """index.txt's expiry: UTCTime before 2050, GeneralizedTime after (RFC 5280 4.1.2.5)."""
+    when = when.astimezone(dt.timezone.utc)
+    return when.strftime("%y%m%d%H%M%SZ" if when.year < 2050 else "%Y%m%d%H%M%SZ")
+
+
+def _recover_directory(directory: pathlib.Path, oneline_subject, ca_signed) -> list[str]:
+    """Brings an `openssl ca` directory back to a state openssl itself would leave, from any
+    instruction at which an openssl run can be killed; what it did, in words.
+
+    An issuing run writes serial.new, index.txt.new, index.txt.attr.new, newcerts/<SERIAL>.pem
+    (in that order), then renames serial -> serial.old, serial.new -> serial, index.txt ->
+    index.txt.old, index.txt.new -> index.txt, index.txt.attr -> .old, .attr.new -> .attr
+    (apps/ca.c save_serial, save_index, rotate_serial, rotate_index); a revocation only the
+    index files, a CRL only crlnumber. The run is committed once index.txt.new is complete and
+    every certificate it adds is in newcerts/: then it is rolled forward, else back. OSError
+    is the caller's to report."""
+    repairs: list[str] = []
+    index, index_new, index_old = (directory / n for n in ("index.txt", "index.txt.new", "index.txt.old"))
+    newcerts = directory / "newcerts"
+
+    # 1. index.txt: the commit decision.
+    current = _index_entries_or_none(index)
+    if index.exists() and current is None:
+        raise CaUnavailable(f"{index} is not an openssl index (cut short or damaged); restore it from "
+                            f"{index_old} or a backup", path=str(index))
+    pending = _index_entries_or_none(index_new)
+    commit = False
+    if index_new.exists():
+        if current is None:                          # killed between index.txt -> .old and .new -> index.txt
+            commit = pending is not None
+        elif pending is not None:
+            added = [e for e in pending if e.serial not in {c.serial for c in current}]
+            commit = ({c.serial for c in current} <= {e.serial for e in pending}
+                      and all(_newcert_matches(newcerts, e) for e in added))
+        if commit:
+            if current is not None:
+                os.replace(index, index_old)
+            os.replace(index_new, index)
+            current = pending
+            repairs.append("completed an interrupted openssl run: index.txt.new became index.txt")
+        else:
+            index_new.unlink()
+            repairs.append("undid an interrupted openssl run: removed an unfinished index.txt.new")
+    if current is None:                              # no index.txt and nothing to roll forward
+        restored = _index_entries_or_none(index_old)
+        if restored is None and any(newcerts.glob("*.pem")):
+            raise CaUnavailable(f"{index} is missing and neither index.txt.new nor index.txt.old can "
+                                f"replace it; restore it from a backup", path=str(index))
+        if restored is not None:
+            shutil.copy2(index_old, index)
+            repairs.append("index.txt was missing: restored from index.txt.old")
+        current = restored or []
+        if restored is None and (directory / "ca-cert.pem").exists():
+            write_atomic(index, b"")
+            repairs.append("index.txt was missing in a CA without certificates: created empty")
+
+    # 2. The files that go with the index: attributes and serial follow its decision.
+    attr, attr_new = directory / "index.txt.attr", directory / "index.txt.attr.new"
+    if attr_new.exists():
+        if not attr.exists() or commit:
+            if attr.exists():
+                os.replace(attr, attr.with_name("index.txt.attr.old"))
+            write_atomic(attr, _ATTR.encode())       # cardline's CAs always say exactly this
+            attr_new.unlink()
+            repairs.append("completed the rotation of index.txt.attr")
+        else:
+            attr_new.unlink()
+            repairs.append("removed an unfinished index.txt.attr.new")
+    serial, serial_new = directory / "serial", directory / "serial.new"
+    if serial_new.exists():
+        if not serial.exists():                      # killed between serial -> .old and .new -> serial
+            os.replace(serial_new, serial)
+            repairs.append("completed the rotation of serial")
+        elif commit:
+            os.replace(serial, serial.with_name("serial.old"))
+            os.replace(serial_new, serial)
+            repairs.append("completed the rotation of serial with its index")
+        else:
+            serial_new.unlink()
+            repairs.append("removed serial.new of an undone run")
+    crlnumber, crlnumber_new = directory / "crlnumber", directory / "crlnumber.new"
+    if crlnumber_new.exists():
+        if re.fullmatch(r"[0-9A-Fa-f]+\n", crlnumber_new.read_text()):   # a skipped CRL number does no harm
+            if crlnumber.exists():
+                os.replace(crlnumber, crlnumber.with_name("crlnumber.old"))
+            os.replace(crlnumber_new, crlnumber)
+            repairs.append("completed the rotation of crlnumber")
+        else:
+            crlnumber_new.unlink()
+            repairs.append("removed an unfinished crlnumber.new")
+    crlnumber_old = crlnumber.with_name("crlnumber.old")
+    if not crlnumber.exists() and crlnumber_old.exists():
+        number = int(crlnumber_old.read_text().strip() or "0", 16) + 1     # never a number used twice
+        write_atomic(crlnumber, f"{number:04X}\n".encode())
+        repairs.append(f"crlnumber was missing: set to {number:04X} after crlnumber.old")
+
+    # 3. newcerts/ files without their index line: a certificate this CA signed is recorded
+    #    (it exists, so the store must be able to learn of it); anything else is set aside.
+    listed = {e.serial_field for e in current}
+    added_lines = []
+    for pem in sorted(newcerts.glob("*.pem")):
+        if pem.stem in listed:
+            continue
+        try:
+            cert = x509.load_pem_x509_certificate(pem.read_bytes())
+        except ValueError:
+            cert = None
+        if cert is not None and format(cert.serial_number, "X").rjust(len(pem.stem), "0") == pem.stem \
+                and ca_signed(cert):
+            entry = IndexEntry("V", _openssl_index_time(cert.not_valid_after_utc), "", cert.serial_number,
+                               pem.stem, oneline_subject(pem))
+            added_lines.append(entry)
+            repairs.append(f"newcerts/{pem.name} had no index line: recorded as valid")
+        else:
+            aside = directory / "discarded"
+            aside.mkdir(mode=0o700, exist_ok=True)
+            os.replace(pem, aside / f"{pem.name}.{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%f}")
+            repairs.append(f"newcerts/{pem.name} is no certificate of this CA (cut short): moved to discarded/")
+    if added_lines:
+        current = current + added_lines
+        write_atomic(index, "".join(e.line() for e in current).encode())
+
+    # 4. The serial counter must be past every serial used, or openssl refuses to issue.
+    used = max((e.serial for e in current), default=0)
+    try:
+        next_serial = int(serial.read_text().strip(), 16) if serial.exists() else 0
+    except ValueError:
+        next_serial = 0
+    if current and next_serial <= used:
+        write_atomic(serial, f"{used + 1:016X}\n".encode())
+        repairs.append(f"serial was behind index.txt: set to {used + 1:X}")
+    elif current and next_serial > used + 1 and any(r.startswith("undid") for r in repairs):
+        repairs.append(f"serial {next_serial:X} is ahead of index.txt (a serial of an undone run is skipped)")
+    return repairs
+
+
 class OpenSslCa:
     """A CA kept by `openssl ca` in `directory`; see the module doc for the layout."""
 
@@ -267,6 +435,8 @@ class OpenSslCa:
         self._passphrase = pathlib.Path(passphrase_file) if passphrase_file else \
             self._dir / "private" / "ca-key.passphrase"
         self._thread_lock = threading.Lock()
+        self._checked = False                       # the full recovery check ran since open
+        self.repairs: list[str] = []                # what the last recovery check repaired
         self._cache: dict[str, _Issued] = {}        # serial_field -> parsed certificate
         try:
             for sub in (self._dir, self._newcerts, self._requests, self._tmp, self._dir / "private"):
@@ -274,9 +444,13 @@ class OpenSslCa:
             self._lock_fd = os.open(self._dir / "ca.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise CaUnavailable(f"CA {name!r}: cannot use directory {self._dir}: {exc.strerror}") from None
-        with self._locked():
-            self._set_up(subject or f"CN=cardline {name} CA,O=cardline")
-        self._ca_cert = x509.load_pem_x509_certificate(self._cert_path.read_bytes())
+        try:
+            with self._locked():
+                self._set_up(subject or f"CN=cardline {name} CA,O=cardline")
+            self._ca_cert = x509.load_pem_x509_certificate(self._cert_path.read_bytes())
+        except OSError as exc:
+            raise CaUnavailable(f"CA {name!r}: cannot set up {self._dir}: {exc.strerror or exc} "
+                                f"({exc.filename or self._dir})", directory=str(self._dir)) from None
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -372,52 +546,46 @@ class OpenSslCa:
                          *args)
 
     def _recover_interrupted(self) -> None:
-        """Finishes or undoes what an openssl run killed half-way left behind. openssl writes
-        X.new, then renames X -> X.old and X.new -> X (apps/ca.c save_index, rotate_index);
-        issuance writes serial.new and index.txt.new before newcerts/<SERIAL>.pem."""
-        index_new = self._index.with_name("index.txt.new")
-        roll_index = index_new.exists() and self._index_new_is_complete(index_new)
-        for base in (self._index, self._dir / "index.txt.attr", self._dir / "serial", self._dir / "crlnumber"):
-            new = base.with_name(base.name + ".new")
-            if not new.exists():
-                continue
-            if not base.exists():                    # killed between the two renames
-                os.replace(new, base)
-                log.warning("openssl CA: finished an interrupted rotation", ca=self._name, file=base.name)
-                continue
-            if base.name == "crlnumber":             # a skipped CRL number does no harm
-                keep = bool(re.fullmatch(r"[0-9A-Fa-f]+\n", new.read_text()))
-            else:                                    # serial and attributes go with their index
-                keep = roll_index
-            if keep:
-                os.replace(base, base.with_name(base.name + ".old"))
-                os.replace(new, base)
-            else:
-                new.unlink()
-            log.warning("openssl CA: interrupted run " + ("completed" if keep else "undone"),
-                        ca=self._name, file=base.name)
+        """Finishes or undoes what an openssl run killed half-way left behind (a quick look for
+        leftovers at every lock; the full check of serial and newcerts/ at open and after one)."""
+        try:
+            leftovers = any(self._dir.joinpath(n).exists() for n in _ROTATED_NEW) or not self._index.exists()
+            if leftovers or not self._checked:
+                repairs = _recover_directory(self._dir, self._ca_oneline_subject, self._ca_signed)
+                self._checked = True
+                self.repairs = repairs
+                for repair in repairs:
+                    log.warning("openssl CA: repaired after an interrupted run", ca=self._name, repair=repair)
+        except OSError as exc:
+            raise CaUnavailable(f"CA {self._name!r}: cannot check {self._dir} for an interrupted openssl run: "
+                                f"{exc.strerror or exc} ({exc.filename or self._dir})",
+                                directory=str(self._dir)) from None
 
-    def _index_new_is_complete(self, new: pathlib.Path) -> bool:
-        text = new.read_text()
-        if text and not text.endswith("\n"):
+    def recover(self) -> list[str]:
+        """Checks the directory for what an interrupted openssl run left (as at open) and
+        repairs it; what was repaired, in words (empty: nothing to do)."""
+        with self._thread_lock:
+            self._checked = False
+            self.repairs = []
+        with self._locked():
+            return list(self.repairs)
+
+    def _ca_oneline_subject(self, pem: pathlib.Path) -> str:
+        """The subject as openssl ca writes it in index.txt (X509_NAME_oneline)."""
+        out = self._run("x509", "-in", str(pem), "-noout", "-subject", "-nameopt", "compat").decode().strip()
+        return out.removeprefix("subject=").strip()
+
+    def _ca_signed(self, cert: x509.Certificate) -> bool:
+        ca_cert = getattr(self, "_ca_cert", None)
+        if ca_cert is None and self._cert_path.exists():
+            ca_cert = x509.load_pem_x509_certificate(self._cert_path.read_bytes())
+        if ca_cert is None:
             return False
         try:
-            new_entries = _parse_index(text, new)
-            old_serials = {e.serial for e in _parse_index(self._index.read_text(), self._index)}
-        except CaUnavailable:
+            cert.verify_directly_issued_by(ca_cert)
+            return True
+        except (ValueError, TypeError, InvalidSignature):
             return False
-        new_serials = {e.serial for e in new_entries}
-        if not old_serials <= new_serials:
-            return False
-        for entry in new_entries:
-            if entry.serial not in old_serials:
-                pem = self._newcerts / f"{entry.serial_field}.pem"
-                try:
-                    if x509.load_pem_x509_certificate(pem.read_bytes()).serial_number != entry.serial:
-                        return False
-                except (OSError, ValueError):
-                    return False
-        return True
 
     # -- reading index.txt and newcerts/ -----------------------------------------------
 

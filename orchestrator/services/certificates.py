@@ -17,6 +17,7 @@ from orchestrator.ca.base import CaConnector, revocation_reason
 from orchestrator.domain.ca_actions import REMOVE_FROM_CRL, CaAction, LiftHold, ca_action_for
 from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.domain.state_graphs import DEFAULT_INTERNAL_ISSUED_STATE, IllegalMove, StateGraph
+from orchestrator.services.handling_intents import record_intent
 from orchestrator.store.records import CERTIFICATE, CertificateRecord, TaskState
 from shared.errors import (CardlineError, ConfigurationError, IllegalTransition, InvalidArgument, NotFound,
                            TemplateNotFound)
@@ -95,6 +96,9 @@ class CertificateService:
         self.graphs = dict(graphs)
         self._graph_of_template = graph_of_template
         self.issued_state = internal_issued_state
+        # Certificates whose handling runs right now (registered before its intent is written,
+        # removed after its moves): the reconciler leaves their intents alone (C16).
+        self.running: set[str] = set()
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -166,7 +170,17 @@ class CertificateService:
         ca = self._ca(record)
         detail = {"graph": graph.name, "ca": record.ca_name, "serial_hex": record.serial_hex, **action.to_dict()}
         failure = {**detail, "from": record.state, "to": to_state, "reason": reason}
+        self.running.add(record.id)
         try:
+            return self._change_in_ca_and_store(ca, record, action, to_state, reason, actor, detail, failure)
+        finally:
+            self.running.discard(record.id)
+
+    def _change_in_ca_and_store(self, ca: CaConnector, record: CertificateRecord, action: CaAction, to_state: str,
+                                reason: str | None, actor: str, detail: dict, failure: dict) -> CertificateRecord:
+        try:
+            record_intent(self.store, record, actor, detail["ca_action"], detail["ca_reason"],
+                          [(record.state, to_state, reason)])
             self._apply(ca, record, action)
         except Exception as exc:
             self._audit_failure(AUDIT_CHANGE_STATE_IN_CA_FAILED, record.id, actor,
@@ -228,8 +242,13 @@ class CertificateService:
             records = list(dict.fromkeys(certificate_ids))   # each once, in the order given
         results = []
         for item in records:
-            results.append(self._handle_one(item, revoke_reason, target_state, actor, only_finished_tasks,
-                                            transition_reason))
+            cert_id = item if isinstance(item, str) else item.id
+            self.running.add(cert_id)
+            try:
+                results.append(self._handle_one(item, revoke_reason, target_state, actor, only_finished_tasks,
+                                                transition_reason))
+            finally:
+                self.running.discard(cert_id)
         return results
 
     def _handle_one(self, item: CertificateRecord | str, revoke_reason: str | None, target_state: str | None,
@@ -277,6 +296,7 @@ class CertificateService:
 
             if ca is not None and revoke_reason is not None:
                 step = "revoke"
+                record_intent(self.store, record, actor, "revoke", revoke_reason, moves)
                 ca.revoke(record.serial, revoke_reason)
                 revoked = True
                 self.store.audit.record(AUDIT_HANDLE_ISSUED, CERTIFICATE, record.id, actor,

@@ -71,6 +71,7 @@ class ReaderState(enum.Enum):
     LEASED = "LEASED"
     BUSY = "BUSY"
     OFFLINE = "OFFLINE"
+    ERROR = "ERROR"              # the gateway reports the reader unusable (reader.error)
 
 
 @dataclass(frozen=True)
@@ -367,6 +368,8 @@ class ReaderPool:
             state = ReaderState.OFFLINE
         elif hold is not None:
             state = ReaderState.BUSY if hold.kind == TASK else ReaderState.LEASED
+        elif reader.error:
+            state = ReaderState.ERROR
         else:
             state = ReaderState.CARD_PRESENT if has_card(reader) else ReaderState.EMPTY
         return PooledReader(session.gateway_id, reader, hold is not None, state, session.site, dict(session.labels),

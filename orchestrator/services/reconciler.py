@@ -13,8 +13,19 @@ One round (`reconcile_once`), at start-up before the orchestrator serves and the
     An orphaned task ends FAILED with ORCHESTRATOR_RESTARTED: a production's card goes to
     its template's failed state, its certificates stay in the internal issued state carrying
     the error (C3, C4), exactly as if the task had failed by itself. An orphaned process
-    instance ends FAILED likewise; its on_error tasks are not run (the certificates are
-    searchable and can be handled: C5).
+    instance ends consistently with its tasks (tasks first, so they have ended by then):
+    SUCCEEDED when its last task is the last task of its definition and every task
+    SUCCEEDED (the run died between its last task and its own end); FAILED with the error of
+    its first failed task; else FAILED with ORCHESTRATOR_RESTARTED. Its on_error tasks are
+    not run (the certificates are searchable and can be handled: C5).
+
+(c) Interrupted certificate handlings. A handling writes its intent before it asks the CA
+    (orchestrator/services/handling_intents.py). For every intent whose run is gone (not in
+    the certificate service's registry), the certificate's CA status is read from the CA's
+    CRL: if the CA did what the handling asked (revoked with the reason, held, hold lifted)
+    while the store has not made all the handling's moves, the remaining moves are made
+    (action "finish_interrupted_handling"); then the intent is settled. A CA that cannot be
+    asked leaves the intent for the next round.
 
 (a) Then every journal row still `pending`, whose task is no longer RUNNING (the request of
     a live run is that run's business): its CA is asked `find_issued(request_id)` and, if
@@ -44,9 +55,21 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from orchestrator.ca.base import CaConnector
-from orchestrator.store.records import (AUDIT_RECONCILE, CERTIFICATE, PROCESS_INSTANCE, TASK, CaRequestRecord,
-                                        CaRequestState, ProcessState, TaskRecord, TaskState)
+from orchestrator.ca.base import REVOCATION_REASONS, CaConnector
+from orchestrator.services import handling_intents
+from orchestrator.services.handling_intents import HandlingIntent
+from orchestrator.store.records import (
+    AUDIT_RECONCILE,
+    CERTIFICATE,
+    PROCESS_INSTANCE,
+    TASK,
+    CaRequestRecord,
+    CaRequestState,
+    ProcessInstanceRecord,
+    ProcessState,
+    TaskRecord,
+    TaskState,
+)
 from orchestrator.store.store import DuplicateCertificate, Store
 from shared.errors import CardlineError, OrchestratorRestarted, StateConflict
 from shared.logging import get_logger
@@ -64,10 +87,20 @@ class ReconcileReport:
     not_issued: int = 0     # rows the CA issued nothing for
     tasks_ended: int = 0    # orphaned tasks and process instances ended FAILED
     still_pending: int = 0  # rows left pending (CA unreachable, unknown CA)
+    handlings_finished: int = 0   # interrupted certificate handlings finished in the store
 
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def _crl_reason(revoked: x509.RevokedCertificate) -> str:
+    """The RFC 5280 name of a CRL entry's reason (no reason extension: unspecified)."""
+    try:
+        flag = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return "unspecified"
+    return next((name for name, f in REVOCATION_REASONS.items() if f == flag), "unspecified")
 
 
 def _spki_of_csr(csr_der: bytes) -> bytes | None:
@@ -84,12 +117,16 @@ class Reconciler:
                  live_tasks: Callable[[], Collection[str]] = frozenset,
                  live_processes: Callable[[], Collection[str]] = frozenset,
                  card_failed_state: Callable[[str], str | None] = lambda card_template: None,
-                 stale_after: dt.timedelta = dt.timedelta(minutes=3)) -> None:
+                 stale_after: dt.timedelta = dt.timedelta(minutes=3),
+                 process_task_count: Callable[[str], int | None] = lambda definition: None,
+                 live_handlings: Callable[[], Collection[str]] = frozenset) -> None:
         """owner_id: this orchestrator's id (tasks.owner); live_tasks / live_processes: ids
         of the tasks and process instances running in this process right now;
         card_failed_state: card template name -> the state of a card whose production
         failed; stale_after: how old another orchestrator's heartbeat must be before its
-        RUNNING work counts as orphaned."""
+        RUNNING work counts as orphaned; process_task_count: process definition name -> the
+        number of its (main path) tasks, None if unknown; live_handlings: ids of the
+        certificates being handled in this process right now."""
         self.store = store
         self.cas = cas
         self.internal_issued_state = templates_internal_issued_state
@@ -98,6 +135,8 @@ class Reconciler:
         self.live_processes = live_processes
         self.card_failed_state = card_failed_state
         self.stale_after = stale_after
+        self.process_task_count = process_task_count
+        self.live_handlings = live_handlings
         self._round = threading.Lock()
 
     # -- a round ---------------------------------------------------------------------------
@@ -122,10 +161,12 @@ class Reconciler:
                 stored += outcome == CaRequestState.STORED
                 not_issued += outcome == CaRequestState.NOT_ISSUED
                 still_pending += outcome == CaRequestState.PENDING
-            report = ReconcileReport(examined, stored, not_issued, tasks_ended, still_pending)
-            if examined or tasks_ended:
+            handlings_finished = self._settle_handlings()
+            report = ReconcileReport(examined, stored, not_issued, tasks_ended, still_pending, handlings_finished)
+            if examined or tasks_ended or handlings_finished:
                 log.info("reconciled", examined=examined, stored=stored, not_issued=not_issued,
-                         tasks_ended=tasks_ended, still_pending=still_pending)
+                         tasks_ended=tasks_ended, still_pending=still_pending,
+                         handlings_finished=handlings_finished)
             return report
 
     # -- (b) orphaned tasks and process instances --------------------------------------------
@@ -150,7 +191,7 @@ class Reconciler:
                 ended += self._end_task(task)
         for instance in instances:
             if self._orphaned(instance.owner, instance.id, live_processes, heartbeats, now):
-                ended += self._end_process(instance.id, instance.owner)
+                ended += self._end_process(instance)
         return ended
 
     def _restarted(self, what: str, owner: str | None) -> OrchestratorRestarted:
@@ -172,15 +213,96 @@ class Reconciler:
         log.warning("orphaned task ended", task_id=task.id, owner=task.owner, card_state=card_state)
         return 1
 
-    def _end_process(self, instance_id: str, owner: str | None) -> int:
-        error = self._restarted("process instance", owner)
+    def _process_outcome(self, instance: ProcessInstanceRecord,
+                         tasks: list[TaskRecord]) -> tuple[str, str | None, str | None, str | None]:
+        """(state, error reason, error message, the task it follows) for an orphaned instance."""
+        count = self.process_task_count(instance.definition)
+        main = [t for t in tasks if count is None or t.task_index is None or t.task_index < count]
+        failed = next((t for t in main if t.state == TaskState.FAILED), None)
+        if failed is not None:
+            return ProcessState.FAILED, failed.error_reason, failed.error_message, failed.id
+        last = max((t.task_index for t in main if t.task_index is not None), default=None)
+        if count is not None and main and len(main) == len(tasks) and last == count - 1 \
+                and all(t.state == TaskState.SUCCEEDED for t in main):
+            return ProcessState.SUCCEEDED, None, None, main[-1].id
+        error = self._restarted("process instance", instance.owner)
+        return ProcessState.FAILED, error.reason, error.message, None
+
+    def _end_process(self, instance: ProcessInstanceRecord) -> int:
+        tasks = self.store.tasks.list(process_instance_id=instance.id)
+        if any(t.state == TaskState.RUNNING for t in tasks):
+            return 0                         # its task is live (or ends first, next round)
+        state, reason, message, source = self._process_outcome(instance, tasks)
         try:
-            self.store.processes.finish(instance_id, ProcessState.FAILED, error.reason, error.message)
+            self.store.processes.finish(instance.id, state, reason, message)
         except StateConflict:
             return 0
-        self.store.audit.record(AUDIT_RECONCILE, PROCESS_INSTANCE, instance_id, ACTOR,
-                                {"action": "end_orphaned_process", "reason": error.reason, "owner": owner})
-        log.warning("orphaned process instance ended", process_instance_id=instance_id, owner=owner)
+        self.store.audit.record(AUDIT_RECONCILE, PROCESS_INSTANCE, instance.id, ACTOR,
+                                {"action": "end_orphaned_process", "state": state, "reason": reason,
+                                 "owner": instance.owner, "following_task": source})
+        log.warning("orphaned process instance ended", process_instance_id=instance.id, owner=instance.owner,
+                    state=state, reason=reason)
+        return 1
+
+    # -- (c) interrupted certificate handlings -----------------------------------------------
+
+    def _settle_handlings(self) -> int:
+        # The store first, the registry after (as for orphans): a handling registers before
+        # it writes its intent and unregisters after its moves.
+        intents = handling_intents.open_intents(self.store)
+        if not intents:
+            return 0
+        live = frozenset(self.live_handlings())
+        crl_status: dict[str, dict[int, str] | None] = {}
+        finished = 0
+        for intent in intents:
+            if intent.certificate_id in live:
+                continue
+            try:
+                finished += self._settle_handling(intent, crl_status)
+            except Exception:  # noqa: BLE001 - one bad intent must not stop the others
+                log.exception("interrupted handling not settled", certificate_id=intent.certificate_id)
+        return finished
+
+    def _revoked_at_ca(self, ca_name: str, cache: dict[str, dict[int, str] | None]) -> dict[int, str] | None:
+        """serial -> RFC 5280 reason name, from the CA's current CRL; None if it cannot be asked."""
+        if ca_name not in cache:
+            ca = self.cas.get(ca_name)
+            try:
+                crl = x509.load_der_x509_crl(ca.crl_der()) if ca is not None else None
+            except (CardlineError, OSError, ValueError) as exc:
+                log.warning("CA status not readable: interrupted handlings wait", ca=ca_name, error=str(exc))
+                crl = None
+            cache[ca_name] = None if crl is None else {r.serial_number: _crl_reason(r) for r in crl}
+        return cache[ca_name]
+
+    def _settle_handling(self, intent: HandlingIntent, crl_cache: dict[str, dict[int, str] | None]) -> int:
+        cert = self.store.certificates.get(intent.certificate_id)
+        sources = [src for src, _dst, _reason in intent.moves]
+        final = intent.moves[-1][1] if intent.moves else None
+        if cert.state not in sources or cert.state == final:      # every move made, or moved on since
+            handling_intents.settle(self.store, intent, ACTOR, "done by the handling")
+            return 0
+        revoked = self._revoked_at_ca(intent.ca_name, crl_cache)
+        if revoked is None:
+            return 0                                               # asked again next round
+        status = revoked.get(intent.serial)
+        acted = status is None if intent.ca_action == "lift_hold" else status == intent.ca_reason
+        if not acted:
+            handling_intents.settle(self.store, intent, ACTOR, f"the CA did not act (status {status or 'valid'})")
+            return 0
+        for src, dst, reason in intent.moves[sources.index(cert.state):]:
+            try:
+                cert = self.store.certificates.change_state(
+                    cert.id, dst, from_state=src, actor=ACTOR, action=AUDIT_RECONCILE, reason=reason,
+                    detail={"action": "finish_interrupted_handling", "intent": intent.audit_id,
+                            "ca": intent.ca_name, "serial_hex": intent.serial_hex, "ca_status": status or "valid",
+                            "handling_actor": intent.actor})
+            except StateConflict:
+                return 0                     # moved meanwhile by someone else: next round looks again
+        handling_intents.settle(self.store, intent, ACTOR, f"moves finished: {cert.state}")
+        log.warning("interrupted certificate handling finished", certificate_id=cert.id, state=cert.state,
+                    ca_status=status or "valid")
         return 1
 
     # -- (a) pending CA requests -------------------------------------------------------------

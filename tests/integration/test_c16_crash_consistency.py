@@ -4,8 +4,9 @@ production), with the CA unreachable, and with the CA's answer lost after it iss
 
 The store-level tests run on SQLite and PostgreSQL with a real LocalCa. The crash tests run
 `cardline orchestrator serve` and `cardline gateway serve` as processes on a SoftHSM2 token;
-the orchestrator kills itself through the test-only fault injection
-(orchestrator/services/fault_injection.py), is restarted on the same data directory (the
+the orchestrator runs from the test entry script tests/support/faulty_orchestrator.py (the
+serve command with the faults of tests/support/faults.py installed through its hooks) in a
+process group of its own and SIGKILLs that whole group, is restarted on the same data directory (the
 reconciler runs before it serves), and the CA's own record - LocalCa's request records,
 read by a LocalCa opened on the same directory - is compared with the store and with the
 token as OpenSC's pkcs11-tool sees it. The counts are printed at the end of the session
@@ -21,6 +22,7 @@ import os
 import pathlib
 import signal
 import subprocess
+import sys
 import time
 
 import grpc
@@ -32,7 +34,6 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.ca import IssueProfile, LocalCa
-from orchestrator.services.fault_injection import AnswerLosingCa, UnreachableCa
 from orchestrator.services.reconciler import Reconciler
 from orchestrator.store import CaRequestState, DuplicateCertificate, StateConflict, Store
 from orchestrator.store.records import ProcessState, TaskState
@@ -43,11 +44,13 @@ from shared.proto import card_service_pb2 as card_pb
 from shared.proto import certificate_service_pb2 as certificate_pb
 from shared.proto import reader_pool_service_pb2 as pool_pb
 from tests.support.api import OrchestratorApi
+from tests.support.faults import AnswerLosingCa, UnreachableCa
 from tests.support.processes import CARDLINE, free_port
 
 ISSUED, START_STATE = "Issued", "Active"
 PROFILE = IssueProfile(validity_days=30, key_usage={"digitalSignature"})
 ME = "orchestrator-test-me"
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # -- the counts reported at the end of the session ------------------------------------------
 
@@ -255,12 +258,16 @@ class Station:
         self.gateway_dir.mkdir()
         self.starts = 0
 
-    def start_orchestrator(self, **faults: str) -> None:
+    def start_orchestrator(self, *faults: str, **env: str) -> None:
+        """`cardline orchestrator serve`, or with faults (tests/support/faulty_orchestrator.py
+        options) the test entry script; either way in a process group of its own."""
         self.starts += 1
+        serve = ["--listen", self.address, "--data-dir", str(self.data_dir)]
+        command = [sys.executable, "-m", "tests.support.faulty_orchestrator", *faults, "--", *serve] if faults \
+            else [CARDLINE, "orchestrator", "serve", *serve]
         with open(self.data_dir / f"orchestrator-{self.starts}.log", "w") as log:
-            self.orchestrator = subprocess.Popen(
-                [CARDLINE, "orchestrator", "serve", "--listen", self.address, "--data-dir", str(self.data_dir)],
-                stdout=log, stderr=subprocess.STDOUT, env=_insecure_env(**faults))
+            self.orchestrator = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                                 env=_insecure_env(**env), start_new_session=True)
         _wait_healthy(self.address, self.orchestrator)
 
     def start_gateway(self) -> str:
@@ -431,10 +438,10 @@ KILL_POINTS = [
                          ids=[f"{b}#{n}" + (f"+{d}ms" if d else "") for b, n, d, _ in KILL_POINTS])
 def test_c16_sigkill_at_every_boundary_leaves_no_certificate_unknown_and_no_task_running(
         station, boundary, occurrence, delay_ms, ca_issued):
-    faults = {"CARDLINE_FAULT_KILL_AT": f"{boundary}:{occurrence}"}
+    faults = ["--kill-at", f"{boundary}:{occurrence}"]
     if delay_ms:
-        faults["CARDLINE_FAULT_KILL_DELAY_MS"] = str(delay_ms)
-    station.start_orchestrator(**faults)
+        faults += ["--kill-delay-ms", str(delay_ms)]
+    station.start_orchestrator(*faults)
     reader_id = station.start_gateway()
     assert station.produce(reader_id) is None, "the orchestrator should have died during the production"
     assert station.wait_killed() == -signal.SIGKILL
@@ -465,7 +472,7 @@ def test_c16_sigkill_at_every_boundary_leaves_no_certificate_unknown_and_no_task
 
 @pytest.mark.hardware
 def test_c16_ca_answer_lost_after_issuance_is_found_and_stored_by_the_periodic_reconciler(station):
-    station.start_orchestrator(CARDLINE_FAULT_CA_LOST_ANSWER="2", CARDLINE_ORCHESTRATOR_RECONCILE_INTERVAL_S="0.5")
+    station.start_orchestrator("--ca-lost-answer", "2", CARDLINE_ORCHESTRATOR_RECONCILE_INTERVAL_S="0.5")
     reader_id = station.start_gateway()
     task = station.produce(reader_id)
     assert task is not None and task.state == card_pb.TASK_STATE_FAILED and task.error.reason == "CA_UNAVAILABLE", task
@@ -489,7 +496,7 @@ def test_c16_ca_answer_lost_after_issuance_is_found_and_stored_by_the_periodic_r
 
 @pytest.mark.hardware
 def test_c16_ca_unreachable_fails_the_task_and_the_request_settles_once_the_ca_answers(station):
-    station.start_orchestrator(CARDLINE_FAULT_CA_DOWN="1")
+    station.start_orchestrator("--ca-down")
     reader_id = station.start_gateway()
     task = station.produce(reader_id)
     assert task is not None and task.state == card_pb.TASK_STATE_FAILED and task.error.reason == "CA_UNAVAILABLE", task

@@ -325,6 +325,10 @@ def test_c5_handle_issued_revokes_and_moves_with_audit(store, local_ca, service)
         assert (r.revoked, r.state, r.error, r.skipped, r.serial_hex) == (True, "Retired", None, None, cert.serial_hex)
         assert store.certificates.get(cert.id).state == "Retired"
         events = audit(store, cert.id)
+        # C16: the intent first (what the reconciler finishes after a crash), then the handling.
+        intent = events.pop(0)
+        assert intent[:2] == ("ca_handling_intent", "process:produce-employee-card")
+        assert intent[2]["moves"] == [[ISSUED, "Active", None], ["Active", "Retired", "cardDestroyed"]]
         assert [(e[0], e[1]) for e in events] == [("handle_issued", "process:produce-employee-card")] * 3
         assert events[0][2]["step"] == "revoke" and events[0][2]["ca_reason"] == "cessationOfOperation"
         assert (events[1][2]["from"], events[1][2]["to"]) == (ISSUED, "Active")

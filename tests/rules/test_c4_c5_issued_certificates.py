@@ -86,7 +86,8 @@ def test_c5_on_error_path_revokes_the_generated_certificate_and_audits_it(tmp_pa
     assert set(states.values()) == {ISSUED}                            # the other one: not named, not handled
     assert rig.crl_reasons()[rig.certificate(generated.id).serial] == "cessation_of_operation"
     actions = [a.action for a in rig.audit(object_id=generated.id)]
-    assert set(actions) == {"handle_issued"} and len(actions) >= 2      # revocation and move, each audited
+    # the intent before the CA call (C16), then the revocation and the move, each audited
+    assert actions[0] == "ca_handling_intent" and set(actions[1:]) == {"handle_issued"} and len(actions) >= 3
 
 
 def test_c5_handle_issued_without_names_handles_every_issued_certificate_of_the_instance(tmp_path):

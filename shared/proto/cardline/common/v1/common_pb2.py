@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x61rdline/common/v1/common.proto\x12\x12\x63\x61rdline.common.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xba\x01\n\x06Reader\x12\x11\n\treader_id\x18\x01 \x01(\t\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.cardline.common.v1.ReaderKind\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61rd_present\x18\x04 \x01(\x08\x12\x0b\n\x03\x61tr\x18\x05 \x01(\x0c\x12\x13\n\x0btoken_label\x18\x06 \x01(\t\x12\x14\n\x0ctoken_serial\x18\x07 \x01(\t\x12\x13\n\x0btoken_model\x18\x08 \x01(\t\"\xbe\x01\n\x05\x45rror\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x39\n\x08metadata\x18\x03 \x03(\x0b\x32\'.cardline.common.v1.Error.MetadataEntry\x12(\n\x07\x64\x65tails\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x14\x43oreObjectDescriptor\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\"\x8e\x01\n\x05Value\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12>\n\ndescriptor\x18\x02 \x01(\x0b\x32(.cardline.common.v1.CoreObjectDescriptorH\x00\x12-\n\x04list\x18\x03 \x01(\x0b\x32\x1d.cardline.common.v1.ValueListH\x00\x42\x06\n\x04kind\"6\n\tValueList\x12)\n\x06values\x18\x01 \x03(\x0b\x32\x19.cardline.common.v1.Value*g\n\x07KeyType\x12\x18\n\x14KEY_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_TYPE_EC_P256\x10\x01\x12\x15\n\x11KEY_TYPE_RSA_2048\x10\x02\x12\x15\n\x11KEY_TYPE_RSA_3072\x10\x03*W\n\nReaderKind\x12\x1b\n\x17READER_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10READER_KIND_PCSC\x10\x01\x12\x16\n\x12READER_KIND_PKCS11\x10\x02*\x89\x01\n\x12SignatureAlgorithm\x12#\n\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12$\n SIGNATURE_ALGORITHM_ECDSA_SHA256\x10\x01\x12(\n$SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x61rdline/common/v1/common.proto\x12\x12\x63\x61rdline.common.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xc9\x01\n\x06Reader\x12\x11\n\treader_id\x18\x01 \x01(\t\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.cardline.common.v1.ReaderKind\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61rd_present\x18\x04 \x01(\x08\x12\x0b\n\x03\x61tr\x18\x05 \x01(\x0c\x12\x13\n\x0btoken_label\x18\x06 \x01(\t\x12\x14\n\x0ctoken_serial\x18\x07 \x01(\t\x12\x13\n\x0btoken_model\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\"\xbe\x01\n\x05\x45rror\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x39\n\x08metadata\x18\x03 \x03(\x0b\x32\'.cardline.common.v1.Error.MetadataEntry\x12(\n\x07\x64\x65tails\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x14\x43oreObjectDescriptor\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\"\x8e\x01\n\x05Value\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12>\n\ndescriptor\x18\x02 \x01(\x0b\x32(.cardline.common.v1.CoreObjectDescriptorH\x00\x12-\n\x04list\x18\x03 \x01(\x0b\x32\x1d.cardline.common.v1.ValueListH\x00\x42\x06\n\x04kind\"6\n\tValueList\x12)\n\x06values\x18\x01 \x03(\x0b\x32\x19.cardline.common.v1.Value*g\n\x07KeyType\x12\x18\n\x14KEY_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_TYPE_EC_P256\x10\x01\x12\x15\n\x11KEY_TYPE_RSA_2048\x10\x02\x12\x15\n\x11KEY_TYPE_RSA_3072\x10\x03*W\n\nReaderKind\x12\x1b\n\x17READER_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10READER_KIND_PCSC\x10\x01\x12\x16\n\x12READER_KIND_PKCS11\x10\x02*\x89\x01\n\x12SignatureAlgorithm\x12#\n\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12$\n SIGNATURE_ALGORITHM_ECDSA_SHA256\x10\x01\x12(\n$SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERROR_METADATAENTRY']._loaded_options = None
   _globals['_ERROR_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_KEYTYPE']._serialized_start=736
-  _globals['_KEYTYPE']._serialized_end=839
-  _globals['_READERKIND']._serialized_start=841
-  _globals['_READERKIND']._serialized_end=928
-  _globals['_SIGNATUREALGORITHM']._serialized_start=931
-  _globals['_SIGNATUREALGORITHM']._serialized_end=1068
+  _globals['_KEYTYPE']._serialized_start=751
+  _globals['_KEYTYPE']._serialized_end=854
+  _globals['_READERKIND']._serialized_start=856
+  _globals['_READERKIND']._serialized_end=943
+  _globals['_SIGNATUREALGORITHM']._serialized_start=946
+  _globals['_SIGNATUREALGORITHM']._serialized_end=1083
   _globals['_READER']._serialized_start=86
-  _globals['_READER']._serialized_end=272
-  _globals['_ERROR']._serialized_start=275
-  _globals['_ERROR']._serialized_end=465
-  _globals['_ERROR_METADATAENTRY']._serialized_start=418
-  _globals['_ERROR_METADATAENTRY']._serialized_end=465
-  _globals['_COREOBJECTDESCRIPTOR']._serialized_start=467
-  _globals['_COREOBJECTDESCRIPTOR']._serialized_end=533
-  _globals['_VALUE']._serialized_start=536
-  _globals['_VALUE']._serialized_end=678
-  _globals['_VALUELIST']._serialized_start=680
-  _globals['_VALUELIST']._serialized_end=734
+  _globals['_READER']._serialized_end=287
+  _globals['_ERROR']._serialized_start=290
+  _globals['_ERROR']._serialized_end=480
+  _globals['_ERROR_METADATAENTRY']._serialized_start=433
+  _globals['_ERROR_METADATAENTRY']._serialized_end=480
+  _globals['_COREOBJECTDESCRIPTOR']._serialized_start=482
+  _globals['_COREOBJECTDESCRIPTOR']._serialized_end=548
+  _globals['_VALUE']._serialized_start=551
+  _globals['_VALUE']._serialized_end=693
+  _globals['_VALUELIST']._serialized_start=695
+  _globals['_VALUELIST']._serialized_end=749
 # @@protoc_insertion_point(module_scope)

@@ -96,6 +96,7 @@ class Reader(_message.Message):
     TOKEN_LABEL_FIELD_NUMBER: _builtins.int
     TOKEN_SERIAL_FIELD_NUMBER: _builtins.int
     TOKEN_MODEL_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     reader_id: _builtins.str
     """stable within its gateway, e.g. "pkcs11:softhsm2:5a1f..." or "pcsc:Virtual PCD 00 00" """
     kind: Global___ReaderKind.ValueType
@@ -109,6 +110,8 @@ class Reader(_message.Message):
     token_serial: _builtins.str
     """PKCS#11 only; for PC/SC the card serial if known"""
     token_model: _builtins.str
+    error: _builtins.str
+    """non-empty: the reader cannot be used, and why (e.g. a token whose object store cannot be read)"""
     def __init__(
         self,
         *,
@@ -120,10 +123,11 @@ class Reader(_message.Message):
         token_label: _builtins.str = ...,
         token_serial: _builtins.str = ...,
         token_model: _builtins.str = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["atr", b"atr", "card_present", b"card_present", "kind", b"kind", "name", b"name", "reader_id", b"reader_id", "token_label", b"token_label", "token_model", b"token_model", "token_serial", b"token_serial"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["atr", b"atr", "card_present", b"card_present", "error", b"error", "kind", b"kind", "name", b"name", "reader_id", b"reader_id", "token_label", b"token_label", "token_model", b"token_model", "token_serial", b"token_serial"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

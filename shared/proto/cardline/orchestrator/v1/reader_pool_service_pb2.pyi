@@ -36,6 +36,8 @@ class _PooledReaderStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Poo
     """running a task"""
     POOLED_READER_STATE_OFFLINE: _PooledReaderState.ValueType  # 5
     """its gateway went away"""
+    POOLED_READER_STATE_ERROR: _PooledReaderState.ValueType  # 6
+    """its gateway reports it unusable (Reader.error says why)"""
 
 class PooledReaderState(_PooledReaderState, metaclass=_PooledReaderStateEnumTypeWrapper): ...
 
@@ -48,6 +50,8 @@ POOLED_READER_STATE_BUSY: PooledReaderState.ValueType  # 4
 """running a task"""
 POOLED_READER_STATE_OFFLINE: PooledReaderState.ValueType  # 5
 """its gateway went away"""
+POOLED_READER_STATE_ERROR: PooledReaderState.ValueType  # 6
+"""its gateway reports it unusable (Reader.error says why)"""
 Global___PooledReaderState: _TypeAlias = PooledReaderState  # noqa: Y015
 
 class _ReaderChange:
