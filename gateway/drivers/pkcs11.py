@@ -138,7 +138,7 @@ class Pkcs11TokenDriver:
         infos += [TokenInfo(reader_id=f"pkcs11:{self._short_name}:{t.serial}", slot_id=-1,
                             slot_description=f"SoftHSM2 token {t.directory.name}", token_present=False,
                             token_serial=t.serial, error=t.reason)
-                  for t in unreadable_tokens(self._module_path) if t.serial not in listed]
+                  for t in unreadable_tokens(self._module.path) if t.serial not in listed]
         return infos
 
     @_on_module_thread
