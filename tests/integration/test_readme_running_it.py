@@ -15,7 +15,7 @@ import socket
 import pytest
 
 from orchestrator.store import Store
-from tests.support.readme import ROOT, ShellSession, commands, section, sh_blocks, substitute
+from tests.support.readme import ROOT, ShellSession, run_block_commands, section, sh_blocks
 
 pytestmark = pytest.mark.hardware
 
@@ -30,28 +30,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def readme_commands() -> list[str]:
-    running_it = section((ROOT / "README.md").read_text(), "## Running it")
-    blocks = sh_blocks(running_it)
+def readme_blocks() -> list[str]:
+    blocks = sh_blocks(section((ROOT / "README.md").read_text(), "## Running it"))
     assert blocks, "README's Running it has no ```sh block"
-    return [c for block in blocks for c in commands(block)]
+    return blocks
+
+
+def readme_table(work: pathlib.Path) -> dict[str, str]:
+    """README_SUBSTITUTIONS: the documented addresses -> free ports, var/cardline -> WORK."""
+    return {"127.0.0.1:7400": f"127.0.0.1:{free_port()}", "127.0.0.1:7401": f"127.0.0.1:{free_port()}",
+            "var/cardline": str(work)}
+
+
+def clean_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("CARDLINE_", "SOFTHSM2_CONF"))}
 
 
 def test_readme_running_it_produces_a_card_as_written(tmp_path: pathlib.Path):
     work = tmp_path / "cardline"
-    table = {"127.0.0.1:7400": f"127.0.0.1:{free_port()}", "127.0.0.1:7401": f"127.0.0.1:{free_port()}",
-             "var/cardline": str(work)}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CARDLINE_", "SOFTHSM2_CONF"))}
     (tmp_path / "logs").mkdir()
-    session = ShellSession(ROOT, env, tmp_path / "logs")
-    outputs = []
+    session = ShellSession(ROOT, clean_environment(), tmp_path / "logs")
     try:
-        for command in readme_commands():
-            stdin = next((answer for word, answer in PROMPT_ANSWERS.items() if word in command), "")
-            done = session.run(substitute(command, table), stdin=stdin)
-            outputs.append(done.stdout)
-            assert done.returncode == 0, (f"README command failed ({done.returncode}): {command}\n"
-                                          f"{done.stdout}\n{done.stderr}\n{session.background_output()}")
+        outputs = run_block_commands(session, readme_blocks(), readme_table(work), PROMPT_ANSWERS)
     finally:
         session.close()
     # The store: both certificates of the card template, Active (its produced state).

@@ -83,3 +83,32 @@ class ShellSession:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+#: Words in the paragraph before a ```sh block that keep the tests from running it.
+NOT_RUN = "not run by the tests"
+
+
+def runnable_sh_blocks(markdown: str) -> list[str]:
+    """The ```sh blocks whose preceding text does not say NOT_RUN."""
+    found = []
+    for match in re.finditer(r"^```sh\n(.*?)^```", markdown, re.S | re.M):
+        before = markdown[:match.start()].rsplit("```", 1)[-1]
+        paragraph = " ".join(before.rstrip().rsplit("\n\n", 1)[-1].split())
+        if NOT_RUN not in paragraph:
+            found.append(match.group(1))
+    return found
+
+
+def run_block_commands(session: ShellSession, blocks: list[str], table: Mapping[str, str],
+                       answers: Mapping[str, str] = {}) -> list[str]:
+    """Runs every command of BLOCKS; fails with its output and the servers' when one fails.
+    ANSWERS: standard input of the commands containing a key (hidden prompts)."""
+    outputs = []
+    for command in [c for block in blocks for c in commands(block)]:
+        stdin = next((answer for word, answer in answers.items() if word in command), "")
+        done = session.run(substitute(command, table), stdin=stdin)
+        outputs.append(done.stdout)
+        assert done.returncode == 0, (f"documented command failed ({done.returncode}): {command}\n"
+                                      f"{done.stdout}\n{done.stderr}\n{session.background_output()}")
+    return outputs
