@@ -11,6 +11,7 @@ from __future__ import annotations
 import pathlib
 import time
 
+import grpc
 import typer
 
 from shared.cli import CliFail
@@ -18,7 +19,7 @@ from shared.cli import CliFail
 SERVERS = ("orchestrator", "gateway")
 
 
-def _own_channel(server: str, config_file: pathlib.Path | None):
+def _own_channel(server: str, config_file: pathlib.Path | None) -> tuple[str, grpc.Channel]:
     """(target, channel) of the server configured here, with its own TLS files."""
     from shared import config, tls
 
@@ -46,7 +47,6 @@ def register(root: typer.Typer) -> None:
         timeout: float = typer.Option(3.0, help="Seconds one check may take."),
     ) -> None:
         """Exit 0 when the server's health service answers SERVING, 1 otherwise."""
-        import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         from shared.tls import client_channel
@@ -57,7 +57,7 @@ def register(root: typer.Typer) -> None:
             raise CliFail(f"--server {server!r}: expected one of {', '.join(SERVERS)}", 2)
         if server is not None:
             target, channel = _own_channel(server, config_file)
-        else:
+        elif target is not None:
             channel = client_channel(target)
         what = f"{target} {service or 'server'}"
         deadline = time.monotonic() + wait

@@ -17,7 +17,8 @@ from shared import config
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 REFERENCE = (ROOT / "docs" / "configuration.md").read_text()
 SAMPLE = ROOT / "examples" / "settings.yaml"
-SERVERS = {"Orchestrator": config.OrchestratorSettings, "Gateway": config.GatewaySettings}
+Server = type[config.OrchestratorSettings | config.GatewaySettings]
+SERVERS: dict[str, Server] = {"Orchestrator": config.OrchestratorSettings, "Gateway": config.GatewaySettings}
 #: Sample entries that deliberately differ from the default.
 SAMPLE_NOT_DEFAULT = {"gateway.orchestrator"}
 
