@@ -42,8 +42,7 @@ def print_json(value: Any) -> None:
 def label(enum, value: int) -> str:
     """An enum value for people: TASK_STATE_SUCCEEDED -> "succeeded"."""
     name = enum.Name(value)
-    # EnumTypeWrapper is not iterable: its names are in the descriptor.
-    prefix = next(v.name for v in enum.DESCRIPTOR.values if v.name.endswith("_UNSPECIFIED")).removesuffix("UNSPECIFIED")
+    prefix = next(n for n in enum.keys() if n.endswith("_UNSPECIFIED")).removesuffix("UNSPECIFIED")  # noqa: SIM118 (protobuf enum wrappers are not iterable)
     return name.removeprefix(prefix).lower().replace("_", " ")
 
 
