@@ -130,7 +130,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     # Configuration first: a wrong one stops start-up with every violation listed (C14).
     configuration = await asyncio.to_thread(load_configuration, settings.config_dir,
                                             internal_issued_state=settings.certificate_internal_issued_state,
-                                            known_cas=tuple(cas))
+                                            known_cas=tuple(cas),
+                                            secrets_dir=settings.effective_secrets_dir())
     for warning in configuration.warnings:
         log.warning("configuration", warning=warning)
     store = Store(settings.effective_database_url())

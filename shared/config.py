@@ -203,6 +203,9 @@ class OrchestratorSettings(_Settings):
     insecure: bool = False
     # State graphs, templates, encodings, processes (docs/templates.md "Configuration directory").
     config_dir: pathlib.Path = Field(default_factory=_default_config_dir)
+    # Where the secret files the configuration names by a relative path (a card template's
+    # transport_puk_file) are read from; None: <config_dir>/secrets. Keeps secrets out of config_dir.
+    secrets_dir: pathlib.Path | None = None
     # C14: the state a certificate is in between "received from the CA" and "task finished".
     certificate_internal_issued_state: str = "Issued"
     # C12: type of the card -> certificate relation when the encoding gives no ObjectRelationType.
@@ -221,6 +224,9 @@ class OrchestratorSettings(_Settings):
         classmethod(lambda cls, v: _check_name(v, INTERNAL_ISSUED_STATE_KEY)))
     _check_relation = field_validator("default_relation_type")(
         classmethod(lambda cls, v: _check_name(v, "default_relation_type")))
+
+    def effective_secrets_dir(self) -> pathlib.Path:
+        return self.secrets_dir if self.secrets_dir is not None else self.config_dir / "secrets"
 
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'cardline.db'}"

@@ -20,6 +20,8 @@ def register(root: typer.Typer) -> None:
         database_url: str | None = typer.Option(None, help="SQLAlchemy URL (default: SQLite in --data-dir)."),
         config_dir: pathlib.Path | None = typer.Option(None, help="Directory of state graphs, templates, "
                                                                      "encodings and processes."),
+        secrets_dir: pathlib.Path | None = typer.Option(None, help="Directory of the secret files the configuration "
+                                                                      "names (default: CONFIG_DIR/secrets)."),
         config_file: pathlib.Path | None = typer.Option(None, "--config", envvar="CARDLINE_CONFIG",
                                                            help="YAML configuration file (section 'orchestrator')."),
         json_logs: bool = typer.Option(False, "--json-logs", help="Log JSON lines."),
@@ -31,7 +33,8 @@ def register(root: typer.Typer) -> None:
         from orchestrator.app import serve as run
 
         run_server(config.OrchestratorSettings, run, json_logs=json_logs, config_file=config_file, listen=listen,
-                   data_dir=data_dir, database_url=database_url, config_dir=config_dir, tls_dir=tls_dir,
+                   data_dir=data_dir, database_url=database_url, config_dir=config_dir, secrets_dir=secrets_dir,
+                   tls_dir=tls_dir,
                    tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_crl=tls_crl, insecure=insecure)
 
     root.add_typer(orchestrator, name="orchestrator")

@@ -77,14 +77,19 @@ class Configuration:
 
 
 def load_configuration(config_dir: pathlib.Path, *, internal_issued_state: str = DEFAULT_INTERNAL_ISSUED_STATE,
-                       known_cas: Collection[str] = ("local",)) -> Configuration:
-    """Loads and cross-checks the whole configuration directory.
+                       known_cas: Collection[str] = ("local",),
+                       secrets_dir: pathlib.Path | None = None) -> Configuration:
+    """Loads and cross-checks the whole configuration directory. A card template's relative
+    transport_puk_file is read from SECRETS_DIR (default: CONFIG_DIR/secrets).
 
     Raises ConfigurationError listing every violation of every file (also available as
     its `violations` attribute, a tuple of located Violations; `warnings` holds the
     warnings found on the way).
     """
-    return _Loader(pathlib.Path(config_dir), internal_issued_state, tuple(known_cas)).load()
+    loader = _Loader(pathlib.Path(config_dir), internal_issued_state, tuple(known_cas))
+    if secrets_dir is not None:
+        loader.secrets_dir = pathlib.Path(secrets_dir)
+    return loader.load()
 
 
 # --------------------------------------------------------------------------- the loader
@@ -93,6 +98,7 @@ def load_configuration(config_dir: pathlib.Path, *, internal_issued_state: str =
 class _Loader:
     def __init__(self, config_dir: pathlib.Path, issued: str, known_cas: tuple[str, ...]) -> None:
         self.dir = config_dir
+        self.secrets_dir = config_dir / "secrets"
         self.issued = issued
         self.known_cas = known_cas
         self.violations: list[Violation] = []
@@ -166,7 +172,7 @@ class _Loader:
             certificates={n: replace(t, start_state=self.graphs[t.state_graph].start)
                           for n, t in self.certificates.items()},
             cards={n: replace(t, initial_state=self.graphs[t.state_graph].start,
-                              transport_puk_file=str(self.dir / t.transport_puk_file)
+                              transport_puk_file=str(self.secrets_dir / t.transport_puk_file)
                               if t.transport_puk_file else "")
                    for n, t in self.cards.items()},
             internal_issued_state=self.issued)
