@@ -22,6 +22,7 @@ from orchestrator.api.processes import ProcessServicer
 from orchestrator.api.reader_pool import ReaderPoolServicer
 from orchestrator.ca.base import CaConnector
 from orchestrator.ca.registry import build_cas
+from orchestrator.services.card_secrets import CardPukStore
 from orchestrator.services.card_tasks import BoundaryHook, CardTaskService
 from orchestrator.services.certificates import CertificateService
 from orchestrator.services.configuration import Configuration, load_configuration
@@ -141,7 +142,7 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     card_tasks = CardTaskService(store, pool, cas, templates, key_archive=KeyArchive(kek),
                                  step_timeout_s=settings.step_timeout_s,
                                  default_relation_type=settings.default_relation_type, boundary=boundary,
-                                 owner_id=owner_id)
+                                 owner_id=owner_id, card_puks=CardPukStore(store, kek))
     certificates = CertificateService(store, cas, configuration.graphs,
                                       lambda name: configuration.graphs[templates.certificate(name).state_graph],
                                       templates.internal_issued_state)
