@@ -18,8 +18,7 @@ from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.services.card_tasks import task_error
 from shared.errors import PinIncorrect
 from tests.integration.test_process_rules import PIN, PUK, config_dir, running
-from tests.support.lifecycle import (add_puk_card_template, pin_works, produce_with_puk_process, reader_line,
-                                     use_reader)
+from tests.support.lifecycle import add_puk_card_template, pin_works, produce_with_puk_process, reader_line, use_reader
 
 pytestmark = pytest.mark.hardware
 NEW_PIN, CARD_PUK = "97531", "card-own-puk-4711"
@@ -78,9 +77,9 @@ def test_change_pin_with_a_wrong_pin_fails_typed_pin_incorrect_and_keeps_the_pin
             produced = await orch.processes.start("produce", {"person": "Jane Doe", "pin": PIN, "puk": CARD_PUK})
             card = CoreObjectDescriptor.from_dict(produced.process_map["card"])
             changed = await orch.processes.start("change-pin", {"card": card, "pin": "000000", "new_pin": NEW_PIN})
-            return orch, changed, orch.store.tasks.list(process_instance_id=changed.id)
+            return changed, orch.store.tasks.list(process_instance_id=changed.id)
 
-    orch, changed, tasks = asyncio.run(body())
+    changed, tasks = asyncio.run(body())
     assert changed.state == "FAILED" and changed.error_reason == "PIN_INCORRECT"
     error = task_error(tasks[0])
     assert isinstance(error, PinIncorrect)                          # typed, rebuilt from the stored task
