@@ -116,7 +116,7 @@ def test_renewal_of_certificates_found_by_certs_expiring_supersedes_the_old_ones
             related = {r.target_id for r in orch.store.relations.list(source_id=card.id)}
             return produced, card, old, within_30, within_5, renewed, states, related
 
-    produced, card, old, within_30, within_5, renewed, states, related = asyncio.run(body())
+    produced, _card, old, within_30, within_5, renewed, states, related = asyncio.run(body())
     assert produced.state == "SUCCEEDED", produced.error_message
     assert within_30.returncode == 0, within_30.stderr
     assert {c["id"] for c in json.loads(within_30.stdout)} == set(old)           # both, 10 days left
@@ -230,7 +230,7 @@ def test_replace_card_keeps_the_old_certificates_valid_when_the_new_card_fails(t
             states = _assert_crl_agrees_with_store(orch, [old_card.id, new_card.id], tmp_path)
             return old, replaced, new_card, states, orch.store.cards.get(new_card.id)
 
-    old, replaced, new_card, states, new_record = asyncio.run(body())
+    old, replaced, _new_card, states, new_record = asyncio.run(body())
     assert replaced.state == "FAILED" and replaced.error_reason == "CARD_REMOVED"
     assert {states[i] for i in old} == {"Active"}                                # still valid, not on the CRL
     assert [s for i, s in states.items() if i not in old] == ["Revoked"]          # the new card's, handled
