@@ -88,7 +88,8 @@ def register(root: typer.Typer) -> None:
     ) -> None:
         """List cards by holder, state, template and token serial (every page)."""
         service = stub(card_service_pb2_grpc.CardServiceStub, orchestrator_addr)
-        found, token = [], ""
+        found: list[pb.Card] = []
+        token = ""
         while True:
             page = service.ListCards(pb.ListCardsRequest(holder=holder, state=state, template=template,
                                                          token_serial=token_serial, page_token=token))

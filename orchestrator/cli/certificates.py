@@ -61,7 +61,8 @@ def register(root: typer.Typer) -> None:
     ) -> None:
         """Certificates whose notAfter falls within the next N days (every page)."""
         service = _certificates(orchestrator_addr)
-        found, token = [], ""
+        found: list[pb.Certificate] = []
+        token = ""
         while True:
             page = service.ListExpiringCertificates(pb.ListExpiringCertificatesRequest(
                 days=days, state=state, template=template, card_id=card, page_token=token))

@@ -36,21 +36,6 @@ class Cards:
         with self._db.read() as s:
             return record(CardRecord, card_row(s, card_id))
 
-    def list(self, *, holder: str | None = None, state: str | None = None, template: str | None = None,
-             token_serial: str | None = None, offset: int = 0, limit: int | None = None) -> list[CardRecord]:
-        """Cards by holder, state, template and token serial (all combine with AND), oldest
-        first; `offset` / `limit` page through them."""
-        q = select(Card)
-        for column, value in ((Card.holder, holder), (Card.state, state), (Card.template, template),
-                              (Card.serial, token_serial)):
-            if value is not None:
-                q = q.where(column == value)
-        q = q.order_by(Card.created_at, Card.id).offset(offset)
-        if limit is not None:
-            q = q.limit(limit)
-        with self._db.read() as s:
-            return [record(CardRecord, c) for c in s.scalars(q)]
-
     def change_state(self, card_id: str, to_state: str, *, from_state: str | None, actor: str,
                      action: str, reason: str | None = None,
                      detail: Mapping[str, Any] | None = None) -> CardRecord:
@@ -73,3 +58,18 @@ class Cards:
                 ObjectRelation.target_type == CERTIFICATE)
             return list(s.scalars(select(Certificate.id).where(Certificate.id.in_(related))
                                   .order_by(Certificate.created_at, Certificate.id)))
+
+    def list(self, *, holder: str | None = None, state: str | None = None, template: str | None = None,
+             token_serial: str | None = None, offset: int = 0, limit: int | None = None) -> list[CardRecord]:
+        """Cards by holder, state, template and token serial (all combine with AND), oldest
+        first; `offset` / `limit` page through them."""
+        q = select(Card)
+        for column, value in ((Card.holder, holder), (Card.state, state), (Card.template, template),
+                              (Card.serial, token_serial)):
+            if value is not None:
+                q = q.where(column == value)
+        q = q.order_by(Card.created_at, Card.id).offset(offset)
+        if limit is not None:
+            q = q.limit(limit)
+        with self._db.read() as s:
+            return [record(CardRecord, c) for c in s.scalars(q)]

@@ -28,7 +28,9 @@ def test_wrong_pins_report_attempts_remaining_until_blocked_and_unblock_pin_with
             blocked = await rig.process("change-pin", card=card, pin=PIN, new_pin=NEW_PIN)
             # The card has its own PUK now, which the orchestrator keeps (the transport PUK no longer works).
             token.so_pin = CARD_PUK
-            await asyncio.to_thread(rig.orch.card_tasks.card_puks.set, token.serial, CARD_PUK, actor="test")
+            puks = rig.orch.card_tasks.card_puks
+            assert puks is not None
+            await asyncio.to_thread(puks.set, token.serial, CARD_PUK, actor="test")
             unblocked = await rig.process("unblock-pin", card=card, new_pin=NEW_PIN)
             changed = await rig.process("change-pin", card=card, pin=NEW_PIN, new_pin=PIN)
             return produced, errors, task_error(rig.tasks(blocked.id)[0]), unblocked, changed
