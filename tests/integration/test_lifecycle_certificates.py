@@ -28,11 +28,11 @@ PERSON = "Jane Doe"
 def _config(tmp_path, *, validity_days: int | None = None):
     """The examples with every certificate template on the `openssl ca` CA "corp"."""
     cfg = config_dir(tmp_path)
-    templates = cfg / "templates" / "templates.yaml"
-    text = templates.read_text().replace("ca: local", "ca: corp")
-    if validity_days is not None:      # the employee templates only, not the temporary one
-        text = text.replace("validity_days: 730", f"validity_days: {validity_days}")
-    templates.write_text(text)
+    for templates in (cfg / "templates").glob("*.yaml"):
+        text = templates.read_text().replace("ca: local", "ca: corp")
+        if validity_days is not None:      # the employee templates only, not the temporary one
+            text = text.replace("validity_days: 730", f"validity_days: {validity_days}")
+        templates.write_text(text)
     return cfg
 
 
@@ -263,7 +263,7 @@ def test_temporary_card_holds_the_permanent_certificates_and_restore_releases_th
     permanent_ids, issued, temp_cert, after_issue, restored, after_restore, crl = asyncio.run(body())
     assert issued.state == "SUCCEEDED", issued.error_message
     assert {after_issue[i] for i in permanent_ids} == {"OnHold"}                 # held at the CA
-    assert after_issue[temp_cert.id] == "Active"
+    assert after_issue[temp_cert.id] == "Active" and temp_cert.ca_name == "corp"
     assert temp_cert.not_after - temp_cert.not_before <= dt.timedelta(days=14, minutes=5)   # short validity
     assert restored.state == "SUCCEEDED", restored.error_message
     assert {after_restore[i] for i in permanent_ids} == {"Active"}               # released: off the CRL
