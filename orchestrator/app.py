@@ -23,6 +23,7 @@ from orchestrator.api.processes import ProcessServicer
 from orchestrator.api.reader_pool import ReaderPoolServicer
 from orchestrator.ca.base import CaConnector
 from orchestrator.ca.registry import build_cas
+from orchestrator.services.card_secrets import CardPukStore
 from orchestrator.services.card_tasks import BoundaryHook, CardTaskService
 from orchestrator.services.certificates import CertificateService
 from orchestrator.services.configuration import Configuration, load_configuration
@@ -144,10 +145,11 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     pool = ReaderPool(queue_timeout_s=settings.pool.queue_timeout_s,
                       offline_retention_s=settings.pool.offline_retention_s)
     templates = configuration.templates
+    card_puks = CardPukStore(store, kek)
     card_tasks = CardTaskService(store, pool, cas, templates, key_archive=KeyArchive(kek),
                                  step_timeout_s=settings.step_timeout_s,
                                  default_relation_type=settings.default_relation_type, boundary=boundary,
-                                 owner_id=owner_id)
+                                 owner_id=owner_id, card_puks=card_puks)
     certificates = CertificateService(store, cas, configuration.graphs,
                                       lambda name: configuration.graphs[templates.certificate(name).state_graph],
                                       templates.internal_issued_state)
@@ -167,7 +169,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     report = await asyncio.to_thread(reconciler.reconcile_once)
     log.info("start-up reconciliation", **dataclasses.asdict(report))
     server = Server(settings.listen, [
-        (card_service_pb2_grpc.add_CardServiceServicer_to_server, CardServicer(store, card_tasks, templates),
+        (card_service_pb2_grpc.add_CardServiceServicer_to_server, CardServicer(store, card_tasks, templates,
+                                                                                card_puks),
          service_name(card_service_pb2)),
         (certificate_service_pb2_grpc.add_CertificateServiceServicer_to_server,
          CertificateServicer(store, certificates), service_name(certificate_service_pb2)),

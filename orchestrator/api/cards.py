@@ -4,21 +4,26 @@ from __future__ import annotations
 import asyncio
 
 from orchestrator.api import convert as conv
+from orchestrator.api.paging import next_page_token, page_window
 from orchestrator.api.streams import follow
 from orchestrator.domain.templates import Templates
+from orchestrator.services.card_secrets import CardPukStore
 from orchestrator.services.card_tasks import CardTaskService
 from orchestrator.services.production import production_order
 from orchestrator.store.store import Store
+from shared.errors import ConfigurationError, InvalidArgument
 from shared.proto import card_service_pb2 as pb
 from shared.proto import card_service_pb2_grpc
 from shared.rpc import rpc_errors
 
 
 class CardServicer(card_service_pb2_grpc.CardServiceServicer):
-    def __init__(self, store: Store, card_tasks: CardTaskService, templates: Templates) -> None:
+    def __init__(self, store: Store, card_tasks: CardTaskService, templates: Templates,
+                 card_puks: CardPukStore | None = None) -> None:
         self.store = store
         self.card_tasks = card_tasks
         self.templates = templates
+        self.card_puks = card_puks
 
     @rpc_errors
     async def ProduceCard(self, request, context):
@@ -41,3 +46,26 @@ class CardServicer(card_service_pb2_grpc.CardServiceServicer):
         task = await asyncio.to_thread(self.store.tasks.get, request.task_id)
         certs = await asyncio.to_thread(self.store.certificates.list, task_id=task.id)
         return pb.GetTaskResponse(task=conv.task_to_proto(task, [c.id for c in certs]))
+
+    @rpc_errors
+    async def ListCards(self, request, context):
+        offset, size = page_window(request.page_size, request.page_token)
+
+        def cards_with_certificates():
+            cards = self.store.cards.list(holder=request.holder or None, state=request.state or None,
+                                          template=request.template or None,
+                                          token_serial=request.token_serial or None, offset=offset, limit=size + 1)
+            return [(c, self.store.cards.certificate_ids(c.id)) for c in cards[:size]], len(cards)
+
+        rows, fetched = await asyncio.to_thread(cards_with_certificates)
+        return pb.ListCardsResponse(cards=[conv.card_to_proto(c, ids) for c, ids in rows],
+                                    next_page_token=next_page_token(offset, size, fetched))
+
+    @rpc_errors
+    async def SetCardPuk(self, request, context):
+        if self.card_puks is None:
+            raise ConfigurationError("this orchestrator keeps no card PUKs")
+        if not request.token_serial:
+            raise InvalidArgument("token_serial is required", field="token_serial")
+        await asyncio.to_thread(self.card_puks.set, request.token_serial, request.puk, actor="api")
+        return pb.SetCardPukResponse()

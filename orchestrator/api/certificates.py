@@ -3,10 +3,13 @@ service, convert the answer."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 from orchestrator.api import convert as conv
+from orchestrator.api.paging import next_page_token, page_window
 from orchestrator.services.certificates import CertificateService
 from orchestrator.store.store import Store
+from shared.errors import InvalidArgument
 from shared.proto import certificate_service_pb2 as pb
 from shared.proto import certificate_service_pb2_grpc
 from shared.rpc import rpc_errors
@@ -60,3 +63,21 @@ class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceService
         change = self.certificates.change_state_in_ca if request.in_ca else self.certificates.change_state
         record = await asyncio.to_thread(change, request.certificate_id, request.state, request.reason or None, "api")
         return pb.ChangeCertificateStateResponse(certificate=conv.certificate_to_proto(record))
+
+    @rpc_errors
+    async def ListExpiringCertificates(self, request, context):
+        if request.days <= 0:
+            raise InvalidArgument("days must be a positive number of days", field="days")
+        offset, size = page_window(request.page_size, request.page_token)
+        now = dt.datetime.now(dt.UTC)
+
+        def expiring_with_cards():
+            certs = self.store.certificates.list(
+                state=request.state or None, template=request.template or None, card_id=request.card_id or None,
+                valid_at=now, expiring_before=now + dt.timedelta(days=request.days), offset=offset, limit=size + 1)
+            return [(c, self._card_of(c.id)) for c in certs[:size]], len(certs)
+
+        rows, fetched = await asyncio.to_thread(expiring_with_cards)
+        return pb.ListExpiringCertificatesResponse(
+            certificates=[conv.certificate_to_proto(c, card) for c, card in rows],
+            next_page_token=next_page_token(offset, size, fetched))

@@ -71,7 +71,8 @@ def task_to_proto(t: TaskRecord, certificate_ids: list[str]) -> card_pb.Task:
 def card_to_proto(c: CardRecord, certificate_ids: list[str]) -> card_pb.Card:
     return card_pb.Card(id=c.id, serial=c.serial, state=c.state, template=c.template,
                                  gateway_id=c.gateway_id or "", reader_id=c.reader_id or "",
-                                 certificate_ids=certificate_ids, created_at=timestamp(c.created_at))
+                                 certificate_ids=certificate_ids, created_at=timestamp(c.created_at),
+                                 holder=c.holder or "")
 
 
 def certificate_to_proto(c: CertificateRecord, card_id: str = "") -> certificate_pb.Certificate:

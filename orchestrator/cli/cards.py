@@ -5,6 +5,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from orchestrator.cli.client import (
     ORCHESTRATOR,
@@ -74,7 +75,50 @@ def register(root: typer.Typer) -> None:
             print_json(as_json(card))
             return
         Console().print(f"card {card.id}\n  serial {card.serial}\n  state {card.state}\n  template {card.template}\n"
-                        f"  certificates {', '.join(card.certificate_ids) or '-'}")
+                        f"  holder {card.holder or '-'}\n  certificates {', '.join(card.certificate_ids) or '-'}")
+
+    @cards.command("list")
+    def cards_list(
+        holder: str = typer.Option("", help="Only cards produced for this holder."),
+        state: str = typer.Option("", help="Only cards in this state."),
+        template: str = typer.Option("", help="Only cards of this card template."),
+        token_serial: str = typer.Option("", "--token-serial", help="Only the card with this token serial."),
+        json_output: bool = typer.Option(False, "--json", help="JSON output."),
+        orchestrator_addr: str = ORCHESTRATOR,
+    ) -> None:
+        """List cards by holder, state, template and token serial (every page)."""
+        service = stub(card_service_pb2_grpc.CardServiceStub, orchestrator_addr)
+        found: list[pb.Card] = []
+        token = ""
+        while True:
+            page = service.ListCards(pb.ListCardsRequest(holder=holder, state=state, template=template,
+                                                         token_serial=token_serial, page_token=token))
+            found += page.cards
+            token = page.next_page_token
+            if not token:
+                break
+        if json_output:
+            print_json([as_json(c) for c in found])
+            return
+        table = Table("id", "serial", "holder", "template", "state", "certificates")
+        for c in found:
+            table.add_row(c.id, c.serial, c.holder or "-", c.template, c.state, str(len(c.certificate_ids)))
+        Console().print(table)
+
+    @cards.command("set-puk")
+    def cards_set_puk(
+        token_serial: str = typer.Option(..., "--token-serial", help="The card's token serial."),
+        puk_file: typer.FileText = typer.Option(..., "--puk-file", help="File whose first line is the card's PUK "
+                                                "(SO PIN); '-' reads standard input."),
+        orchestrator_addr: str = ORCHESTRATOR,
+    ) -> None:
+        """Keep a card's own PUK in the orchestrator (sealed), for unblock-pin."""
+        puk = puk_file.readline().rstrip("\r\n")
+        if not puk:
+            raise CliFail(f"--puk-file {puk_file.name}: the first line is empty", 2)
+        stub(card_service_pb2_grpc.CardServiceStub, orchestrator_addr).SetCardPuk(
+            pb.SetCardPukRequest(token_serial=token_serial, puk=puk))
+        console.print(f"PUK of card {token_serial} kept, sealed")
 
     @cards.command("task")
     def cards_task(task_id: str, json_output: bool = typer.Option(False, "--json", help="JSON output."),

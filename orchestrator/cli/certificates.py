@@ -50,6 +50,35 @@ def register(root: typer.Typer) -> None:
             table.add_row(c.id, c.serial_hex, c.subject, c.template, c.state, c.task_error)
         Console().print(table)
 
+    @certs.command("expiring")
+    def certs_expiring(
+        days: int = typer.Option(..., "--days", min=1, help="Expiring within this many days from now."),
+        state: str = typer.Option("", help="Only certificates in this state (e.g. Active)."),
+        template: str = typer.Option("", help="Only this certificate template."),
+        card: str = typer.Option("", help="Only certificates of this card."),
+        json_output: bool = typer.Option(False, "--json", help="JSON output."),
+        orchestrator_addr: str = ORCHESTRATOR,
+    ) -> None:
+        """Certificates whose notAfter falls within the next N days (every page)."""
+        service = _certificates(orchestrator_addr)
+        found: list[pb.Certificate] = []
+        token = ""
+        while True:
+            page = service.ListExpiringCertificates(pb.ListExpiringCertificatesRequest(
+                days=days, state=state, template=template, card_id=card, page_token=token))
+            found += page.certificates
+            token = page.next_page_token
+            if not token:
+                break
+        if json_output:
+            print_json([{k: v for k, v in as_json(c).items() if k != "der"} for c in found])
+            return
+        table = Table("id", "serial", "subject", "template", "state", "card", "not after")
+        for c in found:
+            table.add_row(c.id, c.serial_hex, c.subject, c.template, c.state, c.card_id or "-",
+                          c.not_after.ToDatetime().isoformat(timespec="seconds"))
+        Console().print(table)
+
     @certs.command("issued")
     def certs_issued(
         older_than: str = typer.Option("", help="Only those stored longer ago than this (30s, 15m, 2h, 7d)."),

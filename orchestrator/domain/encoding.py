@@ -36,7 +36,7 @@ APPLICATION_PREFIX = "Application_"
 
 # Keywords per section, spelled exactly as operators write them (case-sensitive).
 ENCODING_KEYWORDS = ("Type",)
-DESCRIPTION_KEYWORDS = ("SetPIN", "PIN", "InitialPUK")
+DESCRIPTION_KEYWORDS = ("SetPIN", "PIN", "InitialPUK", "NewPIN")
 APPLICATION_KEYWORDS = (
     "GenerateKeyPair", "CertificateTemplate", "KeyLabel", "revokeOnIssue",
     "CreateObjectRelation", "ObjectRelationType", "CertCoreObjectDescriptorReturnField",
@@ -86,6 +86,8 @@ class DescriptionSection:
     pin_field: str | None = None
     initial_puk_field: str | None = None
     line: int = 0                       # 0: the section is absent
+    # With SetPIN=true: the holder changes the PIN; PIN is then the current PIN, NewPIN the new one.
+    new_pin_field: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ class EncodingDescription:
     def input_fields(self) -> tuple[str, ...]:
         """Fields whose value the task must supply, in order of first use, no repeats."""
         d = self.description
-        names = [d.pin_field, d.initial_puk_field]
+        names = [d.pin_field, d.new_pin_field, d.initial_puk_field]
         for a in self.applications:
             names += [a.recover_certificate_field, a.certificate_field, a.cert_key_list_field,
                       a.apdu_script_field]
@@ -383,10 +385,16 @@ class _Parser:
         set_pin = self._bool(kw["SetPIN"], "Description.SetPIN") if "SetPIN" in kw else False
         pin = self._field_ref(kw["PIN"], "Description.PIN") if "PIN" in kw else None
         puk = self._field_ref(kw["InitialPUK"], "Description.InitialPUK") if "InitialPUK" in kw else None
+        new_pin = self._field_ref(kw["NewPIN"], "Description.NewPIN") if "NewPIN" in kw else None
         if set_pin and "PIN" not in kw:
             self.error(kw["SetPIN"].line, "Description.SetPIN",
                        "SetPIN=true needs PIN=<field> naming the field that carries the new PIN")
-        return DescriptionSection(set_pin, pin, puk, section.line)
+        if new_pin is not None and not set_pin:
+            self.error(kw["NewPIN"].line, "Description.NewPIN", "NewPIN needs SetPIN=true (a PIN change)")
+        if new_pin is not None and puk is not None:
+            self.error(kw["NewPIN"].line, "Description.NewPIN",
+                       "NewPIN (the holder changes the PIN) cannot be combined with InitialPUK")
+        return DescriptionSection(set_pin, pin, puk, section.line, new_pin)
 
     def application(self, section: _Section) -> Application:
         name, line = section.name, section.line

@@ -34,6 +34,7 @@ from orchestrator.ca.base import CaConnector, IssueProfile
 from orchestrator.domain.encoding import Application, CreateObjectRelation, EncodingDescription, parse_apdu_script
 from orchestrator.domain.processes import CoreObjectDescriptor, ExpressionError, render
 from orchestrator.domain.templates import DEFAULT_RELATION_TYPE, CardTemplate, CertificateTemplate, Templates
+from orchestrator.services.card_secrets import CardPukStore
 from orchestrator.services.key_archive import KeyArchive, generate_key
 from orchestrator.services.pool import Lease, ReaderPool, ReaderSelector
 from orchestrator.store.records import (
@@ -79,6 +80,7 @@ class CardTaskOrder:
     card_id: str | None = None                  # card_operation: the card of the process map
     process_instance_id: str | None = None
     task_index: int | None = None
+    holder: str | None = None                   # card_production: who the card is for
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ class CardTaskService:
     def __init__(self, store: Store, pool: ReaderPool, cas: dict[str, CaConnector], templates: Templates, *,
                  key_archive: KeyArchive | None = None, step_timeout_s: float = 120.0,
                  default_relation_type: str = DEFAULT_RELATION_TYPE, boundary: BoundaryHook | None = None,
-                 owner_id: str | None = None) -> None:
+                 owner_id: str | None = None, card_puks: CardPukStore | None = None) -> None:
         self.store = store
         self.pool = pool
         self.cas = cas
@@ -132,6 +134,7 @@ class CardTaskService:
         # C16: who runs the tasks (stored with each task) and which ones run here right now.
         self.owner_id = owner_id
         self.running: set[str] = set()
+        self.card_puks = card_puks              # each card's own PUK, sealed (unblock-pin)
 
     def validate(self, order: CardTaskOrder) -> None:
         """Everything that can be refused before a card is touched or a CA is asked."""
@@ -188,6 +191,7 @@ class _CardTaskRun:
         self.order = order
         self.progress = progress
         self.step_number = 0
+        self.serial = ""                                           # the card's, once read
         self.card_id: str | None = order.card_id
         self.issued: dict[str, CertificateTemplate] = {}          # certificate id -> template
         self.success_relations: list[NewRelation] = []
@@ -253,10 +257,11 @@ class _CardTaskRun:
         try:
             info = await self._step("read_card_info", cards.ReadCardInfo())
             assert isinstance(info, cards.Reader)
-            serial = info.token_serial or info.atr.hex()
+            serial = self.serial = info.token_serial or info.atr.hex()
             if order.type == PRODUCTION:          # C8: production creates the card object
                 card = await self._db(store.cards.create, self.task_id, serial, template.name,
-                                      template.initial_state, self.lease.gateway_id, self.lease.reader.reader_id)
+                                      template.initial_state, self.lease.gateway_id, self.lease.reader.reader_id,
+                                      holder=order.holder)
                 self.card_id = card.id
                 self._tell(f"card {card.serial} ({info.token_label or info.name}) in production")
             elif self.card_id is not None:
@@ -296,26 +301,49 @@ class _CardTaskRun:
         return states.pop() if states else self.s.templates.internal_issued_state
 
     async def _set_pins(self) -> None:
-        """`SetPIN=true` personalises the card: its user PIN becomes the `PIN` field's value and,
-        with `InitialPUK`, its PUK (SO PIN) that field's value. The card is authenticated with
-        the PUK it left the factory with, read from the card template's transport PUK file."""
+        """`SetPIN=true` sets the card's user PIN to the `PIN` field's value and, with
+        `InitialPUK`, its PUK (SO PIN) to that field's value. The card is authenticated with its
+        own PUK when the orchestrator keeps one for its token serial (services/card_secrets.py),
+        otherwise with the PUK it left the factory with (the card template's transport PUK
+        file); never with a PUK from the station. A PUK set here is sealed and kept at once: the
+        card holds it from now on, whatever happens to the rest of the task.
+
+        With `NewPIN` the holder changes the PIN: `PIN` is the current PIN, no PUK is involved."""
         description = self.order.encoding.description
         if not description.set_pin:
             return
+        if description.new_pin_field:
+            new_pin = str(self.order.fields.get(description.new_pin_field, ""))
+            await self._step("change_pin", cards.SetPins(new_user_pin=new_pin))
+            self.user_pin = new_pin
+            self._tell("user PIN changed by the holder")
+            return
+        puk, whose = await self._puk()
+        new_puk = str(self.order.fields.get(description.initial_puk_field or "", ""))
+        pin, self.user_pin = self.user_pin, ""     # InitPIN runs logged in as SO, not as user
+        await self._step("set_pins", cards.SetPins(new_user_pin=pin, new_so_pin=new_puk), so_pin=puk)
+        self.user_pin = pin
+        if new_puk and self.s.card_puks is not None:
+            await self._db(self.s.card_puks.set, self.serial, new_puk, actor=f"card_task:{self.task_id}")
+        self._tell(f"user PIN set with {whose}" + (" and a new PUK kept sealed" if new_puk else ""))
+
+    async def _puk(self) -> tuple[str, str]:
+        """The PUK that authenticates a PIN reset, and whose it is (for messages)."""
+        if self.s.card_puks is not None:
+            own = await self._db(self.s.card_puks.get, self.serial)
+            if own is not None:
+                return own, "the card's own PUK"
         template = self.order.card_template
         if not template.transport_puk_file:
-            raise EncodingFailed(f"SetPIN=true in {self.order.encoding.source}, but card template {template.name!r} "
-                                 "names no transport_puk_file to authenticate the PIN change")
+            raise EncodingFailed(f"SetPIN=true in {self.order.encoding.source}, but no PUK is kept for card "
+                                 f"{self.serial} and card template {template.name!r} names no transport_puk_file "
+                                 "to authenticate the PIN change")
         try:
             transport_puk = (await asyncio.to_thread(pathlib.Path(template.transport_puk_file).read_text)).strip()
         except OSError as exc:
             raise EncodingFailed(f"card template {template.name!r}: transport PUK file: {exc.strerror}: "
                                  f"{template.transport_puk_file}") from None
-        new_puk = str(self.order.fields.get(description.initial_puk_field or "", ""))
-        pin, self.user_pin = self.user_pin, ""     # InitPIN runs logged in as SO, not as user
-        await self._step("set_pins", cards.SetPins(new_user_pin=pin, new_so_pin=new_puk), so_pin=transport_puk)
-        self.user_pin = pin
-        self._tell("user PIN set" + (" and PUK" if new_puk else ""))
+        return transport_puk, "the transport PUK"
 
     async def _application(self, app: Application) -> None:
         if app.is_recovery:

@@ -40,6 +40,7 @@ from orchestrator.domain.processes import (
     ChangeStateInCaTask,
     ChangeStateTask,
     HandleIssuedTask,
+    LoadCertificatesTask,
     ProcessDefinition,
     ProcessError,
     TaskDefinition,
@@ -367,6 +368,9 @@ class _ProcessChecks:
         for path, t in steps:
             if isinstance(t, (ChangeStateTask, ChangeStateInCaTask, HandleIssuedTask)):
                 self.state_task(path, t)
+            if isinstance(t, LoadCertificatesTask) and t.template and t.template not in self.l.certificates:
+                self.fail(t.line, f"{path}.template", f"unknown certificate template {t.template!r}",
+                          suggest(t.template, self.l.certificates))
         for i, t in enumerate(self.p.tasks):
             encoding = encodings.get(f"tasks[{i}]")
             if encoding is not None:

@@ -4,6 +4,7 @@ tasks and are never stored."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 from collections import ChainMap
 from collections.abc import Callable, Mapping
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 
 from orchestrator.domain.processes import (CardOperationTask, CardProductionTask, ChangeStateInCaTask,
                                            ChangeStateTask, CoreObjectDescriptor, ExpressionError,
-                                           HandleIssuedTask, ProcessDefinition, ProcessMap, ReaderSpec,
-                                           TaskDefinition, render, variable_of)
+                                           HandleIssuedTask, LoadCertificatesTask, ProcessDefinition, ProcessMap,
+                                           ReaderSpec, TaskDefinition, render, variable_of)
 from orchestrator.domain.state_graphs import IllegalMove
 from orchestrator.domain.templates import CardTemplate
 from orchestrator.services.card_tasks import OPERATION, PRODUCTION, CardTaskOrder, CardTaskService, Progress
@@ -177,6 +178,8 @@ class _ProcessRun:
                     self._tell(index, task, f"certificate {record.serial_hex} is {record.state} (through its CA)")
             case HandleIssuedTask():
                 await self._handle_issued(index, task)
+            case LoadCertificatesTask():
+                await self._load_certificates(index, task)
             case _:
                 raise InvalidArgument(f"task type {task.type!r} cannot run")
 
@@ -207,7 +210,9 @@ class _ProcessRun:
         subject = self._render(task.subject) if task.subject else f"CN={self.definition.name} {self.instance_id[:8]}"
         order = CardTaskOrder(PRODUCTION if isinstance(task, CardProductionTask) else OPERATION, card_template,
                               encoding, selector_of(task.reader), subject, fields, card_id,
-                              process_instance_id=self.instance_id, task_index=index)
+                              process_instance_id=self.instance_id, task_index=index,
+                              holder=self._render(task.holder) if isinstance(task, CardProductionTask)
+                              and task.holder else None)
 
         def relay(p: Progress) -> None:
             if p.task is None:
@@ -262,3 +267,27 @@ class _ProcessRun:
                 f"error {r.error}" if getattr(r, "error", None) else
                 f"skipped ({r.skipped})" if getattr(r, "skipped", None) else
                 f"{'revoked, ' if r.revoked else ''}{r.state}"))
+
+    async def _load_certificates(self, index: int, task: LoadCertificatesTask) -> None:
+        """The card's certificates matching the task's filters, as descriptors in `into`."""
+        card = self._descriptors(task.card, CARD)
+        if len(card) != 1:
+            raise InvalidArgument(f"process variable {task.card!r} must hold one card descriptor", variable=task.card)
+        expiring_before = valid_at = None
+        if task.expiring_within_days is not None:
+            days_text = self._render(task.expiring_within_days)
+            if not days_text.isdigit():
+                raise InvalidArgument(f"expiring_within_days must be a whole number of days, not {days_text!r}",
+                                      field="expiring_within_days")
+            valid_at = dt.datetime.now(dt.UTC)
+            expiring_before = valid_at + dt.timedelta(days=int(days_text))
+        records = await asyncio.to_thread(self.s.store.certificates.list, card_id=card[0].id, state=task.state,
+                                          template=task.template, expiring_before=expiring_before,
+                                          valid_at=valid_at)
+        if task.at_least_one and not records:
+            raise NotFound(f"no certificate of card {card[0].id} matches (state {task.state or 'any'}, template "
+                           f"{task.template or 'any'}, expiring within {task.expiring_within_days or 'any'} days)",
+                           card_id=card[0].id)
+        self.process_map[task.into] = [CoreObjectDescriptor(CERTIFICATE, r.template, r.id) for r in records]
+        self._tell(index, task, f"{len(records)} certificate(s) of card {card[0].id} loaded into {task.into!r}: "
+                   + (", ".join(r.serial_hex for r in records) or "none"))

@@ -18,7 +18,7 @@ class Cards:
         self._db = sessions
 
     def create(self, task_id: str, serial: str, template: str, state: str, gateway_id: str,
-               reader_id: str) -> CardRecord:
+               reader_id: str, holder: str | None = None) -> CardRecord:
         """The card object of a card production task (C8); becomes the task's card."""
         with self._db.write() as s:
             task = running_task_row(s, task_id)
@@ -26,7 +26,7 @@ class Cards:
                 raise StateConflict(f"task {task_id} already has card {task.card_id}", task_id=task_id)
             now = utcnow()
             card = Card(id=new_id(), serial=serial, template=template, state=state, gateway_id=gateway_id,
-                        reader_id=reader_id, created_at=now, updated_at=now)
+                        reader_id=reader_id, created_at=now, updated_at=now, holder=holder or None)
             s.add(card)
             s.flush()
             task.card_id = card.id
@@ -58,3 +58,18 @@ class Cards:
                 ObjectRelation.target_type == CERTIFICATE)
             return list(s.scalars(select(Certificate.id).where(Certificate.id.in_(related))
                                   .order_by(Certificate.created_at, Certificate.id)))
+
+    def list(self, *, holder: str | None = None, state: str | None = None, template: str | None = None,
+             token_serial: str | None = None, offset: int = 0, limit: int | None = None) -> list[CardRecord]:
+        """Cards by holder, state, template and token serial (all combine with AND), oldest
+        first; `offset` / `limit` page through them."""
+        q = select(Card)
+        for column, value in ((Card.holder, holder), (Card.state, state), (Card.template, template),
+                              (Card.serial, token_serial)):
+            if value is not None:
+                q = q.where(column == value)
+        q = q.order_by(Card.created_at, Card.id).offset(offset)
+        if limit is not None:
+            q = q.limit(limit)
+        with self._db.read() as s:
+            return [record(CardRecord, c) for c in s.scalars(q)]

@@ -44,7 +44,8 @@ class Certificates:
              card_id: str | None = None, task_id: str | None = None,
              issued_before: dt.datetime | None = None, limit: int | None = None,
              gateway_id: str | None = None, reader_id: str | None = None,
-             process_instance_id: str | None = None) -> list[CertificateRecord]:
+             process_instance_id: str | None = None, expiring_before: dt.datetime | None = None,
+             valid_at: dt.datetime | None = None, offset: int = 0) -> list[CertificateRecord]:
         """C4 search, oldest first. All filters combine with AND.
 
         issued_before: stored (received from the CA) strictly before this aware datetime.
@@ -53,6 +54,9 @@ class Certificates:
           CreateObjectRelation=success, are found by their card too.
         gateway_id / reader_id: of the task that issued the certificate.
         process_instance_id: issued by a task of that process instance.
+        expiring_before / valid_at: notAfter strictly before / notAfter at or after these aware
+          datetimes ("expiring within N days": valid_at=now, expiring_before=now + N days).
+        offset: skip that many (paging, with limit).
         """
         q = select(Certificate)
         if state is not None:
@@ -65,6 +69,13 @@ class Certificates:
             if issued_before.tzinfo is None:
                 raise InvalidArgument("issued_before must be timezone-aware")
             q = q.where(Certificate.created_at < issued_before)
+        for name, moment in (("expiring_before", expiring_before), ("valid_at", valid_at)):
+            if moment is not None and moment.tzinfo is None:
+                raise InvalidArgument(f"{name} must be timezone-aware")
+        if expiring_before is not None:
+            q = q.where(Certificate.not_after < expiring_before)
+        if valid_at is not None:
+            q = q.where(Certificate.not_after >= valid_at)
         if gateway_id is not None or reader_id is not None:
             q = q.join(Task, Certificate.task_id == Task.id)
             if gateway_id is not None:
@@ -80,7 +91,7 @@ class Certificates:
                 ObjectRelation.target_type == CERTIFICATE)
             of_card_tasks = select(Task.id).where(Task.card_id == card_id)
             q = q.where(or_(Certificate.id.in_(related), Certificate.task_id.in_(of_card_tasks)))
-        q = q.order_by(Certificate.created_at, Certificate.id)
+        q = q.order_by(Certificate.created_at, Certificate.id).offset(offset)
         if limit is not None:
             q = q.limit(limit)
         with self._db.read() as s:

@@ -70,6 +70,8 @@ class Card(Base):
     reader_id: Mapped[str] = mapped_column(NAME)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    # Revision 0006: who the card was produced for (the card_production task's `holder`).
+    holder: Mapped[str | None] = mapped_column(NAME, index=True)
 
 
 class ProcessInstance(Base):
@@ -240,3 +242,17 @@ class OrchestratorInstance(Base):
     id: Mapped[str] = mapped_column(NAME, primary_key=True)
     started_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     heartbeat_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class CardSecret(Base):
+    """A card's own PUK (SO PIN), sealed under the key-encryption key (revision 0006), keyed
+    by the card's token serial: what `unblock-pin` authenticates with. Never stored plain."""
+
+    __tablename__ = "card_secrets"
+
+    token_serial: Mapped[str] = mapped_column(NAME, primary_key=True)
+    kek_id: Mapped[str] = mapped_column(NAME)
+    algorithm: Mapped[str] = mapped_column(NAME)
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)

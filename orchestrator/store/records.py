@@ -16,6 +16,7 @@ CARD = "Card"
 CERTIFICATE = "Certificate"
 TASK = "Task"
 PROCESS_INSTANCE = "ProcessInstance"
+TOKEN_SERIAL = "TokenSerial"         # audit events about a card's secrets, keyed by its token serial
 
 
 class TaskState(StrEnum):
@@ -57,6 +58,7 @@ AUDIT_SWEEP = "sweep"
 AUDIT_REVOKE_ON_ISSUE = "revoke_on_issue"
 AUDIT_RECOVER = "recover"
 AUDIT_RECONCILE = "reconcile"
+AUDIT_SET_CARD_PUK = "set_card_puk"
 
 
 def _coerce(record: object, name: str, kind: type[StrEnum]) -> None:
@@ -72,6 +74,18 @@ class CardRecord:
     state: str
     gateway_id: str
     reader_id: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    holder: str | None = None               # revision 0006: who the card was produced for
+
+
+@dataclass(frozen=True)
+class CardSecretRecord:
+    """A card's PUK sealed under a key-encryption key (revision 0006); never the plain PUK."""
+    token_serial: str
+    kek_id: str
+    algorithm: str
+    sealed: bytes = field(repr=False)
     created_at: dt.datetime
     updated_at: dt.datetime
 

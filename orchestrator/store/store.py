@@ -16,8 +16,9 @@ certificate rules are transaction boundaries:
 
 Plain reads and writes live in one part per aggregate, sharing the facade's engine and
 session factory: store.certificates (C4 search, C5 state changes), store.archived_keys (C7),
-store.cards, store.tasks (and the step journal), store.processes, store.ca_requests (C16
-journal), store.relations (C9), store.audit (C5), store.instances (heartbeats).
+store.cards, store.card_secrets (sealed PUKs), store.tasks (and the step journal),
+store.processes, store.ca_requests (C16 journal), store.relations (C9), store.audit (C5),
+store.instances (heartbeats).
 
 Every public method is one transaction and returns frozen records (records.py), never ORM
 objects. Methods are blocking; async services call them through asyncio.to_thread.
@@ -41,6 +42,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.store.audit import Audit
 from orchestrator.store.ca_requests import CaRequests
+from orchestrator.store.card_secrets import CardSecrets
 from orchestrator.store.cards import Cards
 from orchestrator.store.certificates import ArchivedKeys, Certificates, parse_certificate
 from orchestrator.store.instances import OrchestratorInstances
@@ -87,6 +89,7 @@ class Store:
         self.certificates = Certificates(self._db)
         self.archived_keys = ArchivedKeys(self._db)
         self.cards = Cards(self._db)
+        self.card_secrets = CardSecrets(self._db)
         self.tasks = Tasks(self._db)
         self.processes = ProcessInstances(self._db)
         self.ca_requests = CaRequests(self._db)

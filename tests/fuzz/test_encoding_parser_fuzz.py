@@ -76,7 +76,7 @@ def near_miss(word: str) -> st.SearchStrategy[str]:
 
 BOOL = ["true", "false"]
 GOOD_VALUES = {
-    "SetPIN": BOOL, "PIN": FIELDS, "InitialPUK": FIELDS,
+    "SetPIN": BOOL, "PIN": FIELDS, "InitialPUK": FIELDS, "NewPIN": FIELDS,
     "GenerateKeyPair": ["EC_P256", "RSA_2048", "RSA_3072"], "CertificateTemplate": TEMPLATES,
     "KeyLabel": ["Authentication"], "revokeOnIssue": BOOL, "ArchiveKey": BOOL,
     "CreateObjectRelation": ["always", "success", "never"], "ObjectRelationType": ["HAS_A"],

@@ -48,6 +48,7 @@ from shared.errors import (
     InvalidArgument,
     KeyNotFound,
     PinIncorrect,
+    PinLocked,
     ReaderNotFound,
     UnexpectedStatusWord,
     WriteRefused,
@@ -96,11 +97,16 @@ class FakeToken:
     (application, label), a user PIN and an SO PIN (PUK)."""
 
     def __init__(self, serial: str | None = None, label: str = "fake-token", *, user_pin: str = "1234",
-                 so_pin: str = "12345678") -> None:
+                 so_pin: str = "12345678", pin_tries: int | None = None) -> None:
         self.serial = serial or f"FAKE{next(_serials):012d}"
         self.label = label
         self.user_pin = user_pin
         self.so_pin = so_pin
+        # A user PIN retry counter like a smart card's (None: none, like SoftHSM2): each wrong
+        # PIN counts down and is reported with the attempts left; at 0 the PIN is blocked until
+        # it is reset with the SO PIN.
+        self.pin_tries = pin_tries
+        self.user_tries_left = pin_tries
         self.keys: dict[bytes, FakeKey] = {}
         self.certificates: dict[bytes, FakeCertificate] = {}
         self.data_objects: dict[tuple[str, str], FakeDataObject] = {}
@@ -137,9 +143,14 @@ class FakeToken:
         match op:
             case cards.ReadCardInfo():
                 return self.reader()
-            case cards.SetPins():
+            case cards.SetPins() if not step.so_pin:      # the holder changes the PIN (C_SetPIN as user)
+                self._login(step.user_pin, self.user_pin, "user")
+                self.user_pin = op.new_user_pin
+                return cards.PinsSet()
+            case cards.SetPins():                         # reset with the SO PIN (C_InitPIN), unblocks
                 self._login(step.so_pin, self.so_pin, "SO")
-                self.user_pin = op.new_user_pin or self.user_pin
+                if op.new_user_pin:
+                    self.user_pin, self.user_tries_left = op.new_user_pin, self.pin_tries
                 self.so_pin = op.new_so_pin or self.so_pin
                 return cards.PinsSet()
         self._login(step.user_pin, self.user_pin, "user")
@@ -168,8 +179,20 @@ class FakeToken:
         raise InvalidArgument(f"the fake token cannot run {type(op).__name__}")
 
     def _login(self, given: str, expected: str, role: str) -> None:
-        if given != expected:
+        counted = role == "user" and self.user_tries_left is not None
+        if counted and self.user_tries_left == 0:
+            raise PinLocked("the user PIN is blocked", reader_id=self.reader_id)
+        if given == expected:
+            if counted:
+                self.user_tries_left = self.pin_tries
+            return
+        if not counted:
             raise PinIncorrect(f"wrong {role} PIN", reader_id=self.reader_id)
+        assert self.user_tries_left is not None
+        self.user_tries_left -= 1
+        if self.user_tries_left == 0:
+            raise PinLocked("wrong user PIN; the user PIN is now blocked", reader_id=self.reader_id)
+        raise PinIncorrect("wrong user PIN", reader_id=self.reader_id, attempts_remaining=self.user_tries_left)
 
     def _check_writable(self, what: str) -> None:
         if self.refuse_writes:

@@ -56,9 +56,9 @@ def use_custom_issued_state(conf: pathlib.Path) -> None:
     graph = conf / "state-graphs" / "certificate.yaml"
     edit(graph, "  Issued: {}", f"  {CUSTOM}: {{}}")
     edit(graph, "{from: Issued, to: Active}", f"{{from: {CUSTOM}, to: Active}}")
-    templates = conf / "templates" / "templates.yaml"
-    templates.write_text(templates.read_text().replace("internal_issued_state: Issued",
-                                                       f"internal_issued_state: {CUSTOM}"))
+    for templates in (conf / "templates").glob("*.yaml"):
+        templates.write_text(templates.read_text().replace("internal_issued_state: Issued",
+                                                           f"internal_issued_state: {CUSTOM}"))
 
 
 # -- the examples ----------------------------------------------------------------------
@@ -69,8 +69,11 @@ def test_examples_load_without_violation():
     assert isinstance(configuration, Configuration)
     assert configuration.warnings == ()
     assert set(configuration.graphs) == {"EmployeeCertificate", "EmployeeCard"}
-    assert set(configuration.encodings) == {"employee-card", "employee-card-with-recovery"}
-    assert set(configuration.processes) == {"produce-employee-card", "renew-authentication"}
+    assert set(configuration.encodings) == {"employee-card", "employee-card-with-recovery", "change-pin",
+                                            "unblock-pin", "renew-certificates", "temporary-card"}
+    assert set(configuration.processes) == {"produce-employee-card", "renew-authentication", "change-pin",
+                                            "unblock-pin", "renew-certificates", "replace-card",
+                                            "issue-temporary-card", "restore-card"}
     templates = configuration.templates
     assert templates.internal_issued_state == "Issued"
     assert {t.start_state for t in templates.certificates.values()} == {"Active"}
@@ -97,16 +100,18 @@ def test_c14_custom_issued_state_violations_stop_start_up_all_listed():
     text = "\n".join(messages(error))
     graph = EXAMPLES / "state-graphs" / "certificate.yaml"
     templates = EXAMPLES / "templates" / "templates.yaml"
+    temporary = EXAMPLES / "templates" / "temporary-card.yaml"
     # The graph lacks the state (and its old internal state is now unreachable) ...
     assert f"{graph}:{line_of(graph, 'name:')}: states: certificate state graph 'EmployeeCertificate': lacks " \
            f"the internal issued state {CUSTOM!r}" in text
     assert f"{graph}:{line_of(graph, '  Issued:')}: states.Issued: state 'Issued' is unreachable" in text
-    # ... and every certificate template configures another one: all three listed, each at its line.
-    for name in ("EmployeeAuthentication", "EmployeeSignature", "EmployeeEncryption"):
-        assert re.search(rf"{re.escape(str(templates))}:\d+: internal_issued_state: certificate template "
+    # ... and every certificate template configures another one: all four listed, each at its line.
+    for path, name in ((templates, "EmployeeAuthentication"), (templates, "EmployeeSignature"),
+                       (templates, "EmployeeEncryption"), (temporary, "EmployeeTemporaryAuthentication")):
+        assert re.search(rf"{re.escape(str(path))}:\d+: internal_issued_state: certificate template "
                          rf"'{name}': configures the internal issued state 'Issued', but "
                          rf"{re.escape(INTERNAL_ISSUED_STATE_KEY)} is '{CUSTOM}'", text), name
-    assert len(error.violations) == 5
+    assert len(error.violations) == 6
 
 
 def test_c14_custom_issued_state_accepted_when_graphs_and_templates_follow(conf):
@@ -258,8 +263,9 @@ def test_c6_revoke_on_issue_without_change_state_warns(conf):
     configuration = load_configuration(conf)
     produce = conf / "processes" / "produce-employee-card.yaml"
     renew = conf / "processes" / "renew-authentication.yaml"
+    replace = conf / "processes" / "replace-card.yaml"          # produces an EmployeeCard too
     warnings = configuration.warnings
-    assert len(warnings) == 2, warnings
+    assert len(warnings) == 3, warnings
     produce_warning = next(w for w in warnings if w.startswith(str(produce)))
     assert produce_warning.startswith(f"{produce}:{line_of(produce, 'type: card_production')}: tasks[0]: "
                                       f"{encoding}:{line_of(encoding, 'revokeOnIssue')}: Application_A has "
@@ -273,7 +279,7 @@ def test_c6_revoke_on_issue_without_change_state_warns(conf):
          "    card: \"${card}\"\n  - type: change_state\n    certificates: \"${theGeneratedCertificate}\"\n"
          "    state: OnHold\n    reason: suspended\n")
     warnings = load_configuration(conf).warnings
-    assert len(warnings) == 1 and warnings[0].startswith(str(renew))
+    assert len(warnings) == 2 and {w.split(":")[0] for w in warnings} == {str(renew), str(replace)}
 
 
 def test_c6_no_warning_when_the_start_state_is_a_hold_state(conf):
@@ -378,7 +384,7 @@ def test_handle_issued_target_needs_a_transition_its_reason_allows(conf):
     edit(graph, "reasons: [keyCompromise, cardLost, cardStolen, cessationOfOperation]",
          "reasons: [keyCompromise, cardLost, cardStolen]")
     found = messages(rejected(conf))
-    assert len(found) == 2
+    assert len(found) == 5                  # the error paths of 5 example processes
     assert all("on_error[0].target_state: the transition Active → Revoked of state graph 'EmployeeCertificate' "
                "needs one of the reasons keyCompromise, cardLost, cardStolen; handle_issued gives its revoke_reason "
                "(cessationOfOperation)" in m for m in found)

@@ -106,7 +106,7 @@ def test_definition_is_frozen():
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_load_cleanly(path):
-    definition = load_process(path.read_text(), str(path), known_card_templates={"EmployeeCard"})
+    definition = load_process(path.read_text(), str(path), known_card_templates={"EmployeeCard", "TemporaryCard"})
     assert definition.tasks
 
 

@@ -49,6 +49,7 @@ class CardProductionTask(TaskDefinition):
     subject: str | None = None                  # template, e.g. "CN=${person},O=Example"
     fields: Mapping[str, str] = field(default_factory=frozen)   # field name -> template
     card: str | None = None                     # variable the new card's descriptor is written to
+    holder: str | None = None                   # template of who the card is for, e.g. "${person}"
     # Line of each field in the file, so checks against the encoding description (C13) are located.
     field_lines: Mapping[str, int] = field(default_factory=frozen, compare=False, repr=False)
 
@@ -98,9 +99,25 @@ class HandleIssuedTask(TaskDefinition):
     target_state: str | None = None             # store state to move them to; None = leave the state
 
 
+@dataclass(frozen=True, kw_only=True)
+class LoadCertificatesTask(TaskDefinition):
+    """Searches the certificates of the card in variable `card` and writes their
+    CoreObjectDescriptors (a list, oldest first) into variable `into`, so that later tasks can
+    act on them. Filters combine with AND: state, certificate template, and expiring within
+    `expiring_within_days` days (a number, or `${name}` holding one). `at_least_one`: finding
+    none fails the task (and so the process, before it touches anything)."""
+    type: ClassVar[str] = "load_certificates"
+    card: str
+    into: str
+    state: str | None = None
+    template: str | None = None
+    expiring_within_days: str | None = None     # digits, or a `${name}` template
+    at_least_one: bool = False
+
+
 TASK_TYPES: dict[str, type[TaskDefinition]] = {
     cls.type: cls for cls in (CardProductionTask, CardOperationTask, ChangeStateTask,
-                              ChangeStateInCaTask, HandleIssuedTask)
+                              ChangeStateInCaTask, HandleIssuedTask, LoadCertificatesTask)
 }
 
 # RFC 5280 CRLReason names usable to revoke. removeFromCRL is left out: it lifts a hold, it

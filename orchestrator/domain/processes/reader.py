@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from orchestrator.domain.located_yaml import STR_TAG, LocatedReader, kind_of, line_of
+from orchestrator.domain.located_yaml import BOOL_TAG, INT_TAG, STR_TAG, LocatedReader, kind_of, line_of
 from orchestrator.domain.processes.definitions import (
     REVOCATION_REASONS,
     TASK_TYPES,
@@ -21,6 +21,7 @@ from orchestrator.domain.processes.definitions import (
     ChangeStateInCaTask,
     ChangeStateTask,
     HandleIssuedTask,
+    LoadCertificatesTask,
     ProcessDefinition,
     ProcessError,
     ReaderSpec,
@@ -33,11 +34,12 @@ from shared.cards import ReaderKind
 
 _TOP_KEYS = ("name", "description", "inputs", "secret_inputs", "tasks", "on_error")
 _TASK_KEYS = {
-    "card_production": ("type", "card_template", "reader", "subject", "fields", "card"),
+    "card_production": ("type", "card_template", "reader", "subject", "fields", "card", "holder"),
     "card_operation": ("type", "card_template", "encoding", "reader", "card", "subject", "fields"),
     "change_state": ("type", "certificates", "card", "state", "reason"),
     "change_state_in_ca": ("type", "certificates", "state", "reason"),
     "handle_issued": ("type", "certificates", "revoke_reason", "target_state"),
+    "load_certificates": ("type", "card", "into", "state", "template", "expiring_within_days", "at_least_one"),
 }
 #: A task's values by key (the key nodes are not needed once the keys are checked).
 _Values = dict[str, yaml.Node]
@@ -344,9 +346,15 @@ class _ProcessReader(LocatedReader):
                 self.report(entries["card"], f"{path}.card", f"{card!r} is a secret input; it cannot hold the card")
             elif card is not None:
                 written.add(card)
+        holder = None
+        if "holder" in entries:
+            parsed = self.template(entries["holder"], f"{path}.holder")
+            if parsed is not None:
+                self.read(entries["holder"], f"{path}.holder", parsed[1], scope)
+                holder = parsed[0]
         scope.defined |= written
         return CardProductionTask(line=line, card_template=template or "", reader=reader, subject=subject,
-                                  fields=fields, field_lines=field_lines, card=card)
+                                  fields=fields, field_lines=field_lines, card=card, holder=holder)
 
     def card_operation(self, entries: _Values, path: str, line: int, scope: _Scope) -> CardOperationTask:
         self.one_of(entries, ("card_template", "encoding"), path, line)
@@ -387,6 +395,38 @@ class _ProcessReader(LocatedReader):
         return HandleIssuedTask(line=line, certificates=self.variable_read(entries, "certificates", path, scope),
                                 revoke_reason=reason, target_state=target_state)
 
+    def load_certificates(self, entries: _Values, path: str, line: int, scope: _Scope) -> LoadCertificatesTask:
+        card = self.variable_read(entries, "card", path, scope)
+        into = self.variable(entries["into"], f"{path}.into") if "into" in entries else None
+        if into is not None and into in scope.secrets:
+            self.report(entries["into"], f"{path}.into", f"{into!r} is a secret input; it cannot hold certificates")
+        days = None
+        if "expiring_within_days" in entries:
+            node, days_path = entries["expiring_within_days"], f"{path}.expiring_within_days"
+            if isinstance(node, yaml.ScalarNode) and node.tag == INT_TAG and str(node.value).isdigit():
+                days = str(int(node.value))
+            else:
+                parsed = self.template(node, days_path)
+                if parsed is not None:
+                    days = parsed[0]
+                    if variable_of(days) is not None:
+                        self.read(node, days_path, parsed[1], scope)
+                    elif not days.isdigit():
+                        self.report(node, days_path, f"must be a number of days or '${{name}}', not {days!r}")
+        at_least_one = False
+        if "at_least_one" in entries:
+            node = entries["at_least_one"]
+            if isinstance(node, yaml.ScalarNode) and node.tag == BOOL_TAG:
+                at_least_one = str(node.value).lower() == "true"
+            else:
+                self.report(node, f"{path}.at_least_one", f"must be true or false, not {kind_of(node)}")
+        if into is not None:
+            scope.defined.add(into)
+        return LoadCertificatesTask(line=line, card=card or "", into=into or "",
+                                    state=self.state(entries, "state", path),
+                                    template=self.optional_literal(entries, "template", path),
+                                    expiring_within_days=days, at_least_one=at_least_one)
+
 
 _REQUIRED = {
     "card_production": ("card_template",),
@@ -394,6 +434,7 @@ _REQUIRED = {
     "change_state": ("state",),
     "change_state_in_ca": ("certificates", "state"),
     "handle_issued": (),
+    "load_certificates": ("card", "into"),
 }
 
 

@@ -34,6 +34,7 @@ class _TaskTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskType.Val
     TASK_TYPE_CHANGE_STATE: _TaskType.ValueType  # 3
     TASK_TYPE_CHANGE_STATE_IN_CA: _TaskType.ValueType  # 4
     TASK_TYPE_HANDLE_ISSUED: _TaskType.ValueType  # 5
+    TASK_TYPE_LOAD_CERTIFICATES: _TaskType.ValueType  # 6
 
 class TaskType(_TaskType, metaclass=_TaskTypeEnumTypeWrapper):
     """The task types of process definitions (docs/processes.md)."""
@@ -44,6 +45,7 @@ TASK_TYPE_CARD_OPERATION: TaskType.ValueType  # 2
 TASK_TYPE_CHANGE_STATE: TaskType.ValueType  # 3
 TASK_TYPE_CHANGE_STATE_IN_CA: TaskType.ValueType  # 4
 TASK_TYPE_HANDLE_ISSUED: TaskType.ValueType  # 5
+TASK_TYPE_LOAD_CERTIFICATES: TaskType.ValueType  # 6
 Global___TaskType: _TypeAlias = TaskType  # noqa: Y015
 
 class _TaskState:
@@ -221,6 +223,7 @@ class Card(_message.Message):
     READER_ID_FIELD_NUMBER: _builtins.int
     CERTIFICATE_IDS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     serial: _builtins.str
     state: _builtins.str
@@ -228,6 +231,8 @@ class Card(_message.Message):
     template: _builtins.str
     gateway_id: _builtins.str
     reader_id: _builtins.str
+    holder: _builtins.str
+    """who the card was produced for; empty: not recorded"""
     @_builtins.property
     def certificate_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -243,10 +248,11 @@ class Card(_message.Message):
         reader_id: _builtins.str = ...,
         certificate_ids: _abc.Iterable[_builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        holder: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_ids", b"certificate_ids", "created_at", b"created_at", "gateway_id", b"gateway_id", "id", b"id", "reader_id", b"reader_id", "serial", b"serial", "state", b"state", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_ids", b"certificate_ids", "created_at", b"created_at", "gateway_id", b"gateway_id", "holder", b"holder", "id", b"id", "reader_id", b"reader_id", "serial", b"serial", "state", b"state", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -329,3 +335,102 @@ class GetTaskResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTaskResponse: _TypeAlias = GetTaskResponse  # noqa: Y015
+
+@_typing.final
+class ListCardsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLDER_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    TOKEN_SERIAL_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    holder: _builtins.str
+    """empty: any"""
+    state: _builtins.str
+    template: _builtins.str
+    token_serial: _builtins.str
+    page_size: _builtins.int
+    """0: the server's default; at most the server's maximum"""
+    page_token: _builtins.str
+    """next_page_token of the previous response; empty: the first page"""
+    def __init__(
+        self,
+        *,
+        holder: _builtins.str = ...,
+        state: _builtins.str = ...,
+        template: _builtins.str = ...,
+        token_serial: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "template", b"template", "token_serial", b"token_serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCardsRequest: _TypeAlias = ListCardsRequest  # noqa: Y015
+
+@_typing.final
+class ListCardsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """empty: no more pages"""
+    @_builtins.property
+    def cards(self) -> _containers.RepeatedCompositeFieldContainer[Global___Card]: ...
+    def __init__(
+        self,
+        *,
+        cards: _abc.Iterable[Global___Card] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cards", b"cards", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCardsResponse: _TypeAlias = ListCardsResponse  # noqa: Y015
+
+@_typing.final
+class SetCardPukRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_SERIAL_FIELD_NUMBER: _builtins.int
+    PUK_FIELD_NUMBER: _builtins.int
+    token_serial: _builtins.str
+    puk: _builtins.str
+    """sealed at once; never stored plain, logged or returned"""
+    def __init__(
+        self,
+        *,
+        token_serial: _builtins.str = ...,
+        puk: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["puk", b"puk", "token_serial", b"token_serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCardPukRequest: _TypeAlias = SetCardPukRequest  # noqa: Y015
+
+@_typing.final
+class SetCardPukResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCardPukResponse: _TypeAlias = SetCardPukResponse  # noqa: Y015

@@ -50,6 +50,16 @@ class CardServiceStub:
                 request_serializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.GetTaskRequest.SerializeToString,
                 response_deserializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.GetTaskResponse.FromString,
                 _registered_method=True)
+        self.ListCards = channel.unary_unary(
+                '/cardline.orchestrator.v1.CardService/ListCards',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.ListCardsRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.ListCardsResponse.FromString,
+                _registered_method=True)
+        self.SetCardPuk = channel.unary_unary(
+                '/cardline.orchestrator.v1.CardService/SetCardPuk',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.SetCardPukRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.SetCardPukResponse.FromString,
+                _registered_method=True)
 
 
 class CardServiceServicer:
@@ -76,6 +86,21 @@ class CardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCards(self, request, context):
+        """Cards by holder, state, template and token serial; paged (AIP-158).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCardPuk(self, request, context):
+        """Keeps a card's own PUK (SO PIN) sealed in the orchestrator, for unblock-pin. The PUK is
+        never returned by any RPC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +118,16 @@ def add_CardServiceServicer_to_server(servicer, server):
                     servicer.GetTask,
                     request_deserializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.GetTaskRequest.FromString,
                     response_serializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.GetTaskResponse.SerializeToString,
+            ),
+            'ListCards': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCards,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.ListCardsRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.ListCardsResponse.SerializeToString,
+            ),
+            'SetCardPuk': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCardPuk,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.SetCardPukRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.SetCardPukResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +212,60 @@ class CardService:
             '/cardline.orchestrator.v1.CardService/GetTask',
             cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.GetTaskRequest.SerializeToString,
             cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.GetTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.CardService/ListCards',
+            cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.ListCardsRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.ListCardsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCardPuk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.CardService/SetCardPuk',
+            cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.SetCardPukRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.SetCardPukResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,12 @@ class CardServiceStub:
     """
     GetCard: _grpc.UnaryUnaryMultiCallable[_card_service_pb2.GetCardRequest, _card_service_pb2.GetCardResponse]
     GetTask: _grpc.UnaryUnaryMultiCallable[_card_service_pb2.GetTaskRequest, _card_service_pb2.GetTaskResponse]
+    ListCards: _grpc.UnaryUnaryMultiCallable[_card_service_pb2.ListCardsRequest, _card_service_pb2.ListCardsResponse]
+    """Cards by holder, state, template and token serial; paged (AIP-158)."""
+    SetCardPuk: _grpc.UnaryUnaryMultiCallable[_card_service_pb2.SetCardPukRequest, _card_service_pb2.SetCardPukResponse]
+    """Keeps a card's own PUK (SO PIN) sealed in the orchestrator, for unblock-pin. The PUK is
+    never returned by any RPC.
+    """
 
 @_typing.type_check_only
 class CardServiceAsyncStub(CardServiceStub):
@@ -51,6 +57,12 @@ class CardServiceAsyncStub(CardServiceStub):
     """
     GetCard: _aio.UnaryUnaryMultiCallable[_card_service_pb2.GetCardRequest, _card_service_pb2.GetCardResponse]  # type: ignore[assignment]
     GetTask: _aio.UnaryUnaryMultiCallable[_card_service_pb2.GetTaskRequest, _card_service_pb2.GetTaskResponse]  # type: ignore[assignment]
+    ListCards: _aio.UnaryUnaryMultiCallable[_card_service_pb2.ListCardsRequest, _card_service_pb2.ListCardsResponse]  # type: ignore[assignment]
+    """Cards by holder, state, template and token serial; paged (AIP-158)."""
+    SetCardPuk: _aio.UnaryUnaryMultiCallable[_card_service_pb2.SetCardPukRequest, _card_service_pb2.SetCardPukResponse]  # type: ignore[assignment]
+    """Keeps a card's own PUK (SO PIN) sealed in the orchestrator, for unblock-pin. The PUK is
+    never returned by any RPC.
+    """
 
 class CardServiceServicer(metaclass=_abc_1.ABCMeta):
     """Cards: production on a pooled reader, the stored cards and their card tasks."""
@@ -78,5 +90,23 @@ class CardServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _card_service_pb2.GetTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_card_service_pb2.GetTaskResponse, _abc.Awaitable[_card_service_pb2.GetTaskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListCards(
+        self,
+        request: _card_service_pb2.ListCardsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_card_service_pb2.ListCardsResponse, _abc.Awaitable[_card_service_pb2.ListCardsResponse]]:
+        """Cards by holder, state, template and token serial; paged (AIP-158)."""
+
+    @_abc_1.abstractmethod
+    def SetCardPuk(
+        self,
+        request: _card_service_pb2.SetCardPukRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_card_service_pb2.SetCardPukResponse, _abc.Awaitable[_card_service_pb2.SetCardPukResponse]]:
+        """Keeps a card's own PUK (SO PIN) sealed in the orchestrator, for unblock-pin. The PUK is
+        never returned by any RPC.
+        """
 
 def add_CardServiceServicer_to_server(servicer: CardServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -403,3 +403,65 @@ class ChangeCertificateStateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChangeCertificateStateResponse: _TypeAlias = ChangeCertificateStateResponse  # noqa: Y015
+
+@_typing.final
+class ListExpiringCertificatesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAYS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    CARD_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    days: _builtins.int
+    """expiring within this many days from now; required, > 0"""
+    state: _builtins.str
+    """empty: any state"""
+    template: _builtins.str
+    card_id: _builtins.str
+    page_size: _builtins.int
+    """0: the server's default; at most the server's maximum"""
+    page_token: _builtins.str
+    """next_page_token of the previous response; empty: the first page"""
+    def __init__(
+        self,
+        *,
+        days: _builtins.int = ...,
+        state: _builtins.str = ...,
+        template: _builtins.str = ...,
+        card_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_id", b"card_id", "days", b"days", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExpiringCertificatesRequest: _TypeAlias = ListExpiringCertificatesRequest  # noqa: Y015
+
+@_typing.final
+class ListExpiringCertificatesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """empty: no more pages"""
+    @_builtins.property
+    def certificates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Certificate]: ...
+    def __init__(
+        self,
+        *,
+        certificates: _abc.Iterable[Global___Certificate] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExpiringCertificatesResponse: _TypeAlias = ListExpiringCertificatesResponse  # noqa: Y015

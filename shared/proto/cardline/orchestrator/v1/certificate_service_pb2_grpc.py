@@ -60,6 +60,11 @@ class CertificateServiceStub:
                 request_serializer=cardline_dot_orchestrator_dot_v1_dot_certificate__service__pb2.ChangeCertificateStateRequest.SerializeToString,
                 response_deserializer=cardline_dot_orchestrator_dot_v1_dot_certificate__service__pb2.ChangeCertificateStateResponse.FromString,
                 _registered_method=True)
+        self.ListExpiringCertificates = channel.unary_unary(
+                '/cardline.orchestrator.v1.CertificateService/ListExpiringCertificates',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_certificate__service__pb2.ListExpiringCertificatesRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_certificate__service__pb2.ListExpiringCertificatesResponse.FromString,
+                _registered_method=True)
 
 
 class CertificateServiceServicer:
@@ -98,6 +103,13 @@ class CertificateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListExpiringCertificates(self, request, context):
+        """Certificates whose notAfter falls within the next `days` days (not yet expired); paged (AIP-158).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +137,11 @@ def add_CertificateServiceServicer_to_server(servicer, server):
                     servicer.ChangeCertificateState,
                     request_deserializer=cardline_dot_orchestrator_dot_v1_dot_certificate__service__pb2.ChangeCertificateStateRequest.FromString,
                     response_serializer=cardline_dot_orchestrator_dot_v1_dot_certificate__service__pb2.ChangeCertificateStateResponse.SerializeToString,
+            ),
+            'ListExpiringCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExpiringCertificates,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_certificate__service__pb2.ListExpiringCertificatesRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_certificate__service__pb2.ListExpiringCertificatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +280,33 @@ class CertificateService:
             '/cardline.orchestrator.v1.CertificateService/ChangeCertificateState',
             cardline_dot_orchestrator_dot_v1_dot_certificate__service__pb2.ChangeCertificateStateRequest.SerializeToString,
             cardline_dot_orchestrator_dot_v1_dot_certificate__service__pb2.ChangeCertificateStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExpiringCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.CertificateService/ListExpiringCertificates',
+            cardline_dot_orchestrator_dot_v1_dot_certificate__service__pb2.ListExpiringCertificatesRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_certificate__service__pb2.ListExpiringCertificatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,8 @@ class CertificateServiceStub:
     HandleIssuedCertificates: _grpc.UnaryUnaryMultiCallable[_certificate_service_pb2.HandleIssuedCertificatesRequest, _certificate_service_pb2.HandleIssuedCertificatesResponse]
     ChangeCertificateState: _grpc.UnaryUnaryMultiCallable[_certificate_service_pb2.ChangeCertificateStateRequest, _certificate_service_pb2.ChangeCertificateStateResponse]
     """Moves a certificate along its state graph; with in_ca, through its CA (rule C17)."""
+    ListExpiringCertificates: _grpc.UnaryUnaryMultiCallable[_certificate_service_pb2.ListExpiringCertificatesRequest, _certificate_service_pb2.ListExpiringCertificatesResponse]
+    """Certificates whose notAfter falls within the next `days` days (not yet expired); paged (AIP-158)."""
 
 @_typing.type_check_only
 class CertificateServiceAsyncStub(CertificateServiceStub):
@@ -53,6 +55,8 @@ class CertificateServiceAsyncStub(CertificateServiceStub):
     HandleIssuedCertificates: _aio.UnaryUnaryMultiCallable[_certificate_service_pb2.HandleIssuedCertificatesRequest, _certificate_service_pb2.HandleIssuedCertificatesResponse]  # type: ignore[assignment]
     ChangeCertificateState: _aio.UnaryUnaryMultiCallable[_certificate_service_pb2.ChangeCertificateStateRequest, _certificate_service_pb2.ChangeCertificateStateResponse]  # type: ignore[assignment]
     """Moves a certificate along its state graph; with in_ca, through its CA (rule C17)."""
+    ListExpiringCertificates: _aio.UnaryUnaryMultiCallable[_certificate_service_pb2.ListExpiringCertificatesRequest, _certificate_service_pb2.ListExpiringCertificatesResponse]  # type: ignore[assignment]
+    """Certificates whose notAfter falls within the next `days` days (not yet expired); paged (AIP-158)."""
 
 class CertificateServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stored certificates: reads, the internal issued state (rules C4, C5) and state changes."""
@@ -93,5 +97,13 @@ class CertificateServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_certificate_service_pb2.ChangeCertificateStateResponse, _abc.Awaitable[_certificate_service_pb2.ChangeCertificateStateResponse]]:
         """Moves a certificate along its state graph; with in_ca, through its CA (rule C17)."""
+
+    @_abc_1.abstractmethod
+    def ListExpiringCertificates(
+        self,
+        request: _certificate_service_pb2.ListExpiringCertificatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_certificate_service_pb2.ListExpiringCertificatesResponse, _abc.Awaitable[_certificate_service_pb2.ListExpiringCertificatesResponse]]:
+        """Certificates whose notAfter falls within the next `days` days (not yet expired); paged (AIP-158)."""
 
 def add_CertificateServiceServicer_to_server(servicer: CertificateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
