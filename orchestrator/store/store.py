@@ -17,7 +17,8 @@ certificate rules are transaction boundaries:
 Plain reads and writes live in one part per aggregate, sharing the facade's engine and
 session factory: store.certificates (C4 search, C5 state changes), store.archived_keys (C7),
 store.cards, store.tasks (and the step journal), store.processes, store.ca_requests (C16
-journal), store.relations (C9), store.audit (C5), store.instances (heartbeats).
+journal), store.relations (C9), store.audit (C5), store.instances (heartbeats), store.client_requests
+(client-chosen request ids of creating RPCs).
 
 Every public method is one transaction and returns frozen records (records.py), never ORM
 objects. Methods are blocking; async services call them through asyncio.to_thread.
@@ -42,6 +43,7 @@ from sqlalchemy.orm import Session
 from orchestrator.store.audit import Audit
 from orchestrator.store.ca_requests import CaRequests
 from orchestrator.store.cards import Cards
+from orchestrator.store.client_requests import ClientRequests
 from orchestrator.store.certificates import ArchivedKeys, Certificates, parse_certificate
 from orchestrator.store.instances import OrchestratorInstances
 from orchestrator.store.models import ArchivedKey, CaRequest, Card, Certificate, Task, utcnow
@@ -93,6 +95,7 @@ class Store:
         self.relations = Relations(self._db)
         self.audit = Audit(self._db)
         self.instances = OrchestratorInstances(self._db)
+        self.client_requests = ClientRequests(self._db)
 
     @property
     def dialect(self) -> str:

@@ -39,6 +39,7 @@ class CardServiceStub:
     """
     GetCard: _grpc.UnaryUnaryMultiCallable[_card_service_pb2.GetCardRequest, _card_service_pb2.GetCardResponse]
     GetTask: _grpc.UnaryUnaryMultiCallable[_card_service_pb2.GetTaskRequest, _card_service_pb2.GetTaskResponse]
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_card_service_pb2.ListTasksRequest, _card_service_pb2.ListTasksResponse]
 
 @_typing.type_check_only
 class CardServiceAsyncStub(CardServiceStub):
@@ -51,6 +52,7 @@ class CardServiceAsyncStub(CardServiceStub):
     """
     GetCard: _aio.UnaryUnaryMultiCallable[_card_service_pb2.GetCardRequest, _card_service_pb2.GetCardResponse]  # type: ignore[assignment]
     GetTask: _aio.UnaryUnaryMultiCallable[_card_service_pb2.GetTaskRequest, _card_service_pb2.GetTaskResponse]  # type: ignore[assignment]
+    ListTasks: _aio.UnaryUnaryMultiCallable[_card_service_pb2.ListTasksRequest, _card_service_pb2.ListTasksResponse]  # type: ignore[assignment]
 
 class CardServiceServicer(metaclass=_abc_1.ABCMeta):
     """Cards: production on a pooled reader, the stored cards and their card tasks."""
@@ -78,5 +80,12 @@ class CardServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _card_service_pb2.GetTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_card_service_pb2.GetTaskResponse, _abc.Awaitable[_card_service_pb2.GetTaskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _card_service_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_card_service_pb2.ListTasksResponse, _abc.Awaitable[_card_service_pb2.ListTasksResponse]]: ...
 
 def add_CardServiceServicer_to_server(servicer: CardServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

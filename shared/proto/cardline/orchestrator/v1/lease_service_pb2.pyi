@@ -58,12 +58,17 @@ class AcquireLeaseRequest(_message.Message):
     TTL_S_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     ttl_s: _builtins.int
     """0: the default"""
     holder: _builtins.str
     """who asks, for `cardline readers`"""
     wait: _builtins.bool
     """queue until a reader is free instead of failing"""
+    request_id: _builtins.str
+    """Chosen by the client: a retry with the same id gets the lease the first call got
+    (while it lasts), never a second one.
+    """
     @_builtins.property
     def selector(self) -> _reader_pool_service_pb2.ReaderSelector: ...
     def __init__(
@@ -73,10 +78,11 @@ class AcquireLeaseRequest(_message.Message):
         ttl_s: _builtins.int = ...,
         holder: _builtins.str = ...,
         wait: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "selector", b"selector", "ttl_s", b"ttl_s", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "request_id", b"request_id", "selector", b"selector", "ttl_s", b"ttl_s", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
