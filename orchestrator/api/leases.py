@@ -1,8 +1,13 @@
 """LeaseService: thin — convert the request, call the lease service, convert the answer."""
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 from orchestrator.api import convert as conv
 from orchestrator.services.leases import LeaseService
+from orchestrator.store.client_requests import fingerprint
+from orchestrator.store.store import Store
 from shared import convert
 from shared.errors import InvalidArgument
 from shared.proto import lease_service_pb2 as pb
@@ -11,13 +16,24 @@ from shared.rpc import rpc_errors
 
 
 class LeaseServicer(lease_service_pb2_grpc.LeaseServiceServicer):
-    def __init__(self, leases: LeaseService) -> None:
+    def __init__(self, leases: LeaseService, store: Store) -> None:
         self.leases = leases
+        self.store = store
 
     @rpc_errors
     async def AcquireLease(self, request, context):
+        lease_id = uuid.uuid4().hex
+        if request.request_id:
+            print_ = fingerprint(request.selector.SerializeToString(deterministic=True), request.ttl_s,
+                                 request.holder, request.wait)
+            first = await asyncio.to_thread(self.store.client_requests.claim, "lease", request.request_id,
+                                            lease_id, print_)
+            if first != lease_id:
+                # The first call's lease while it is held (NotFound once it ended, or while
+                # the first call still waits for a reader).
+                return pb.AcquireLeaseResponse(lease=conv.lease_to_proto(self.leases.get(first)))
         lease = await self.leases.acquire(conv.selector_from_proto(request.selector), ttl_s=request.ttl_s,
-                                          holder=request.holder, wait=request.wait)
+                                          holder=request.holder, wait=request.wait, lease_id=lease_id)
         return pb.AcquireLeaseResponse(lease=conv.lease_to_proto(lease))
 
     @rpc_errors
