@@ -11,6 +11,7 @@ import typer
 from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Column, Table
+from rich.text import Text
 
 from shared.cli import CliFail
 from shared.proto import common_pb2
@@ -32,6 +33,8 @@ def stub(stub_class: Callable[[grpc.Channel], Stub], target: str) -> Stub:
     return stub_class(client_channel(target))
 
 
+REQUEST_ID = typer.Option("", "--request-id", help="Your id for this request (e.g. a UUID): a repeat with the same "
+                                                  "id returns the first result instead of producing again.")
 JSON = typer.Option(False, "--json", help="JSON output (protobuf's JSON mapping, every field, zero values "
                                           "included).")
 
@@ -54,12 +57,12 @@ def print_table(*columns: str, rows: Iterable[Sequence[str]]) -> None:
     rows = [[str(v) for v in row] for row in rows]
     table = Table(*(Column(c, overflow="fold") for c in columns))
     for row in rows:
-        table.add_row(*row)
-    out = Console(soft_wrap=True)
+        table.add_row(*(Text(v) for v in row))     # Text: values are never read as rich markup
+    out = Console(soft_wrap=True, highlight=False)
     if not out.is_terminal:
         widths = [max([len(c), *(len(line) for r in rows for line in r[i].splitlines() or [""])])
                   for i, c in enumerate(columns)]
-        out = Console(soft_wrap=True, width=max(80, sum(widths) + 3 * len(widths) + 1))
+        out = Console(soft_wrap=True, highlight=False, width=max(80, sum(widths) + 3 * len(widths) + 1))
     out.print(table)
 
 
@@ -91,6 +94,17 @@ def label(enum, value: int) -> str:
     name = enum.Name(value)
     prefix = next(n for n in enum if n.endswith("_UNSPECIFIED")).removesuffix("UNSPECIFIED")
     return name.removeprefix(prefix).lower().replace("_", " ")
+
+
+def enum_value(enum, text: str, option: str) -> int:
+    """The inverse of label(): "running" -> TASK_STATE_RUNNING's value; empty: the zero value (any)."""
+    if not text:
+        return 0
+    choices = {label(enum, v): v for v in enum.values() if v}
+    key = text.lower().replace("_", " ")
+    if key not in choices:
+        raise CliFail(f"{option} {text!r}: expected one of {', '.join(sorted(choices))}", 2)
+    return choices[key]
 
 
 def selector(gateway: str = "", site: str = "", labels: list[str] | None = None, kind: str = "",

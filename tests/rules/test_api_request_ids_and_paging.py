@@ -1,0 +1,104 @@
+"""The API's request ids and page tokens (docs/api.md), through the real gRPC server of an
+in-process orchestrator with a fake gateway: a retried StartProcess with the same request id
+produces one card; paging lists every item exactly once."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+
+from shared.proto import card_service_pb2 as card_pb
+from shared.proto import certificate_service_pb2 as certificate_pb
+from shared.proto import common_pb2
+from shared.proto import process_service_pb2 as process_pb
+from tests.rules.processes import produce_process
+from tests.rules.rig import PIN, fake_token, rule_orchestrator
+from tests.support.api import OrchestratorApi
+from tests.support.pki import default_pki
+
+
+def _start(name: str, request_id: str, person: str = "Alice") -> process_pb.StartProcessRequest:
+    return process_pb.StartProcessRequest(process=name, request_id=request_id,
+                                          inputs={"person": common_pb2.Value(text=person)},
+                                          secret_inputs={"pin": PIN})
+
+
+async def _last(stream) -> process_pb.StartProcessResponse:
+    responses = [r async for r in stream]
+    assert responses[-1].HasField("instance")
+    return responses[-1]
+
+
+def test_retried_start_process_with_the_same_request_id_produces_one_card(tmp_path):
+    async def body():
+        # Two blank cards: a second production would find a card to run on.
+        async with rule_orchestrator(tmp_path, processes={"produce": produce_process()},
+                                     tokens=(fake_token(), fake_token())) as rig:
+            async with default_pki().aio_channel(rig.orch.address) as channel:
+                api = OrchestratorApi.on(channel)
+                request_id = str(uuid.uuid4())
+                # The retry arrives while the first call still runs, and again after it ended.
+                first, during = await asyncio.gather(_last(api.processes.StartProcess(_start("produce", request_id))),
+                                                     _last(api.processes.StartProcess(_start("produce", request_id))))
+                after = await _last(api.processes.StartProcess(_start("produce", request_id)))
+                other = await _last(api.processes.StartProcess(_start("produce", str(uuid.uuid4()))))
+                instances = rig.orch.store.processes.list()
+                return rig, first, during, after, other, instances
+
+    rig, first, during, after, other, instances = asyncio.run(body())
+    assert first.instance.state == process_pb.PROCESS_STATE_SUCCEEDED
+    assert during.instance == first.instance and after.instance == first.instance
+    assert other.instance.id != first.instance.id               # a new request id is a new production
+    assert len(instances) == 2
+    assert rig.card_count() == 2                                # one card per request id, not per call
+
+
+def test_request_id_reused_for_a_different_request_is_refused(tmp_path):
+    async def body():
+        async with rule_orchestrator(tmp_path, processes={"produce": produce_process()}) as rig:
+            async with default_pki().aio_channel(rig.orch.address) as channel:
+                api = OrchestratorApi.on(channel)
+                await _last(api.processes.StartProcess(_start("produce", "order-7")))
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await _last(api.processes.StartProcess(_start("produce", "order-7", person="Bob")))
+                return rig, refused.value
+
+    rig, refused = asyncio.run(body())
+    assert refused.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert rig.card_count() == 1
+
+
+def test_paging_certificates_and_tasks_through_the_server_returns_each_once(tmp_path):
+    async def body():
+        tokens = tuple(fake_token() for _ in range(5))
+        async with rule_orchestrator(tmp_path, tokens=tokens) as rig:
+            for token in tokens:
+                await rig.produce("EmployeeAuthentication", token=token)
+            async with default_pki().aio_channel(rig.orch.address) as channel:
+                api = OrchestratorApi.on(channel)
+                seen, pages, token = [], 0, ""
+                while True:
+                    page = await api.certificates.ListCertificates(
+                        certificate_pb.ListCertificatesRequest(page_size=2, page_token=token))
+                    seen += [c.id for c in page.certificates]
+                    pages += 1
+                    token = page.next_page_token
+                    if not token:
+                        break
+                tasks, token = [], ""
+                while True:
+                    page = await api.cards.ListTasks(card_pb.ListTasksRequest(page_size=3, page_token=token))
+                    tasks += [t.id for t in page.tasks]
+                    if not (token := page.next_page_token):
+                        break
+                with pytest.raises(grpc.aio.AioRpcError) as bad:
+                    await api.certificates.ListCertificates(certificate_pb.ListCertificatesRequest(page_token="x!"))
+                return rig, seen, pages, tasks, bad.value
+
+    rig, seen, pages, tasks, bad = asyncio.run(body())
+    stored = [c.id for c in rig.orch.store.certificates.list()]
+    assert len(stored) == 5 and seen == stored and pages == 3
+    assert sorted(tasks) == sorted(t.id for t in rig.orch.store.tasks.list()) and len(set(tasks)) == 5
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
