@@ -45,7 +45,8 @@ def check(config_file: pathlib.Path | None, overrides: dict) -> tuple[list[str],
         settings = config.OrchestratorSettings.model_construct(
             **({"config_dir": overrides["config_dir"]} if overrides.get("config_dir") else {}))
     try:
-        settings_tls(settings, "orchestrator", "orchestrator", role="orchestrator")
+        if not settings.insecure:       # (insecure: no TLS files to check)
+            settings_tls(settings, "orchestrator", "orchestrator", role="orchestrator")
     except ConfigurationError as exc:
         violations.extend(f"TLS: {line}" for line in _lines(exc))
     known_cas: tuple[str, ...] = ("local",)
@@ -79,9 +80,6 @@ def register(root: typer.Typer) -> None:
     ) -> None:
         """Check the orchestrator's settings and configuration directory without touching the
         database or a CA: exit 0 when start-up would accept them, 1 with every violation listed."""
-        from shared.logging import configure
-
-        configure()                     # log lines to standard error: standard output may be --json
         violations, warnings, counts = check(config_file, {"config_dir": config_dir, "data_dir": data_dir,
                                                            "database_url": database_url, "tls_dir": tls_dir,
                                                            "insecure": insecure})

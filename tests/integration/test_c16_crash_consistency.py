@@ -259,7 +259,8 @@ class Station:
         self.starts += 1
         with open(self.data_dir / f"orchestrator-{self.starts}.log", "w") as log:
             self.orchestrator = subprocess.Popen(
-                [CARDLINE, "orchestrator", "serve", "--migrate", "--listen", self.address, "--data-dir", str(self.data_dir)],
+                [CARDLINE, "orchestrator", "serve", "--migrate", "--listen", self.address, "--data-dir",
+                 str(self.data_dir)],
                 stdout=log, stderr=subprocess.STDOUT, env=_insecure_env(**faults))
         _wait_healthy(self.address, self.orchestrator)
 

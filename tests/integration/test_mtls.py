@@ -227,7 +227,7 @@ def test_revoked_gateway_certificate_is_refused_without_restarting_the_orchestra
     files = rig.gateway("station-r")
     with secure(orchestrator, files) as channel:
         assert open_link(channel, "station-r").HasField("welcome")
-    revoked = subprocess.run([CARDLINE, "pki", "revoke", "--dir", str(rig.directory), "--name", "station-r"],
+    revoked = subprocess.run([CARDLINE, "pki", "revoke", "--pki-dir", str(rig.directory), "--name", "station-r"],
                              capture_output=True, text=True)
     assert revoked.returncode == 0, revoked.stderr
     with secure(orchestrator, files) as channel:           # a new connection, same certificate

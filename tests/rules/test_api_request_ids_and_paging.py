@@ -34,18 +34,18 @@ async def _last(stream) -> process_pb.StartProcessResponse:
 def test_retried_start_process_with_the_same_request_id_produces_one_card(tmp_path):
     async def body():
         # Two blank cards: a second production would find a card to run on.
-        async with rule_orchestrator(tmp_path, processes={"produce": produce_process()},
-                                     tokens=(fake_token(), fake_token())) as rig:
-            async with default_pki().aio_channel(rig.orch.address) as channel:
-                api = OrchestratorApi.on(channel)
-                request_id = str(uuid.uuid4())
-                # The retry arrives while the first call still runs, and again after it ended.
-                first, during = await asyncio.gather(_last(api.processes.StartProcess(_start("produce", request_id))),
-                                                     _last(api.processes.StartProcess(_start("produce", request_id))))
-                after = await _last(api.processes.StartProcess(_start("produce", request_id)))
-                other = await _last(api.processes.StartProcess(_start("produce", str(uuid.uuid4()))))
-                instances = rig.orch.store.processes.list()
-                return rig, first, during, after, other, instances
+        async with (rule_orchestrator(tmp_path, processes={"produce": produce_process()},
+                                      tokens=(fake_token(), fake_token())) as rig,
+                    default_pki().aio_channel(rig.orch.address) as channel):
+            api = OrchestratorApi.on(channel)
+            request_id = str(uuid.uuid4())
+            # The retry arrives while the first call still runs, and again after it ended.
+            first, during = await asyncio.gather(_last(api.processes.StartProcess(_start("produce", request_id))),
+                                                 _last(api.processes.StartProcess(_start("produce", request_id))))
+            after = await _last(api.processes.StartProcess(_start("produce", request_id)))
+            other = await _last(api.processes.StartProcess(_start("produce", str(uuid.uuid4()))))
+            instances = rig.orch.store.processes.list()
+            return rig, first, during, after, other, instances
 
     rig, first, during, after, other, instances = asyncio.run(body())
     assert first.instance.state == process_pb.PROCESS_STATE_SUCCEEDED
@@ -57,13 +57,13 @@ def test_retried_start_process_with_the_same_request_id_produces_one_card(tmp_pa
 
 def test_request_id_reused_for_a_different_request_is_refused(tmp_path):
     async def body():
-        async with rule_orchestrator(tmp_path, processes={"produce": produce_process()}) as rig:
-            async with default_pki().aio_channel(rig.orch.address) as channel:
-                api = OrchestratorApi.on(channel)
-                await _last(api.processes.StartProcess(_start("produce", "order-7")))
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await _last(api.processes.StartProcess(_start("produce", "order-7", person="Bob")))
-                return rig, refused.value
+        async with (rule_orchestrator(tmp_path, processes={"produce": produce_process()}) as rig,
+                    default_pki().aio_channel(rig.orch.address) as channel):
+            api = OrchestratorApi.on(channel)
+            await _last(api.processes.StartProcess(_start("produce", "order-7")))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await _last(api.processes.StartProcess(_start("produce", "order-7", person="Bob")))
+            return rig, refused.value
 
     rig, refused = asyncio.run(body())
     assert refused.code() == grpc.StatusCode.ALREADY_EXISTS
