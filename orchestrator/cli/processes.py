@@ -75,7 +75,8 @@ def register(root: typer.Typer) -> None:
         json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR,
     ) -> None:
         """Process instances, newest first."""
-        request = pb.ListProcessInstancesRequest(definition=definition_name, state=_state(state))
+        request = pb.ListProcessInstancesRequest(definition=definition_name,
+                                                 state=pb.ProcessState.ValueType(_state(state)))
         found = all_pages(stub(process_service_pb2_grpc.ProcessServiceStub, orchestrator_addr).ListProcessInstances,
                           request, "instances", limit)
         if json_output:

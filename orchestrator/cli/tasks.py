@@ -46,7 +46,7 @@ def register(root: typer.Typer) -> None:
     ) -> None:
         """Card tasks, oldest first."""
         request = pb.ListTasksRequest(process_instance_id=process_instance_id, card_id=card_id,
-                                      state=enum_value(pb.TaskState, state, "--state"))
+                                      state=pb.TaskState.ValueType(enum_value(pb.TaskState, state, "--state")))
         found = all_pages(stub(card_service_pb2_grpc.CardServiceStub, orchestrator_addr).ListTasks, request,
                           "tasks", limit)
         if json_output:

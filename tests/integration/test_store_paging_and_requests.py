@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
+from typing import cast
 
 import pytest
 
 from orchestrator.api.certificates import CertificateServicer
 from orchestrator.api.paging import MAX_PAGE_SIZE, keyset_of
+from orchestrator.services.certificates import CertificateService
 from orchestrator.store import Store
 from orchestrator.store.client_requests import fingerprint
 from orchestrator.store.models import Certificate
@@ -40,7 +42,8 @@ def _list(servicer: CertificateServicer, **fields) -> pb.ListCertificatesRespons
 def test_paging_through_10000_certificates_returns_each_exactly_once(sqlite_store: Store):
     task, _card = production(sqlite_store)
     _bulk_certificates(sqlite_store, task.id, COUNT)
-    servicer = CertificateServicer(sqlite_store, certificates=None)   # ListCertificates reads the store only
+    # ListCertificates reads the store only: no certificate service.
+    servicer = CertificateServicer(sqlite_store, certificates=cast(CertificateService, None))
     seen: list[str] = []
     token, pages = "", 0
     while True:
@@ -59,7 +62,7 @@ def test_paging_through_10000_certificates_returns_each_exactly_once(sqlite_stor
 def test_page_size_has_a_default_and_a_maximum(sqlite_store: Store):
     task, _card = production(sqlite_store)
     _bulk_certificates(sqlite_store, task.id, 1500)
-    servicer = CertificateServicer(sqlite_store, certificates=None)
+    servicer = CertificateServicer(sqlite_store, certificates=cast(CertificateService, None))
     assert len(_list(servicer).certificates) == 100
     assert len(_list(servicer, page_size=5000).certificates) == MAX_PAGE_SIZE
     first = _list(servicer, page_size=1000)
@@ -73,7 +76,7 @@ def test_page_size_has_a_default_and_a_maximum(sqlite_store: Store):
 def test_certificate_found_by_serial_in_any_form(sqlite_store: Store):
     task, _card = production(sqlite_store)
     _bulk_certificates(sqlite_store, task.id, 300)
-    servicer = CertificateServicer(sqlite_store, certificates=None)
+    servicer = CertificateServicer(sqlite_store, certificates=cast(CertificateService, None))
     for form in ("01:0D", "010d", "10D", "0x10d", "serial=010D"):
         [hit] = _list(servicer, serial=form).certificates
         assert hit.serial_hex == "10d", form

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import grpc
 import pytest
@@ -74,10 +75,10 @@ def test_paging_certificates_and_tasks_through_the_server_returns_each_once(tmp_
     async def body():
         tokens = tuple(fake_token() for _ in range(5))
         async with rule_orchestrator(tmp_path, tokens=tokens) as rig:
-            for token in tokens:
-                await rig.produce("EmployeeAuthentication", token=token)
+            for blank in tokens:
+                await rig.produce("EmployeeAuthentication", token=blank)
             async with default_pki().aio_channel(rig.orch.address) as channel:
-                api = OrchestratorApi.on(channel)
+                api: Any = OrchestratorApi.on(channel)      # asyncio stubs: typed as the blocking ones
                 seen, pages, token = [], 0, ""
                 while True:
                     page = await api.certificates.ListCertificates(
