@@ -84,7 +84,7 @@ Global___Certificate: _TypeAlias = Certificate  # noqa: Y015
 class GetCertificateRequest(_message.Message):
     """By id, or by serial number: hex, with or without colons, any case, leading zeros
     optional ("0D:B6:..." as openssl shows it, or "db6..."). A serial two CAs both issued
-    needs issuer too (FAILED_PRECONDITION names the candidates otherwise).
+    needs issuer too (INVALID_ARGUMENT names the candidates otherwise).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
