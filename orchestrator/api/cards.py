@@ -36,11 +36,10 @@ class CardServicer(card_service_pb2_grpc.CardServiceServicer):
             first = await asyncio.to_thread(self.store.client_requests.claim, "task", request.request_id, task_id,
                                             print_)
             if first != task_id:
-                task = await self._task_when_ended(first)
+                task = await self._task_when_ended(first, request.request_id)
                 yield pb.ProduceCardResponse(task_id=task.id, message="request already handled", task=task)
                 return
-        async for p in follow(lambda sink: self.card_tasks.run(order, sink, task_id=task_id),
-                              lambda p: p.task is not None):
+        async for p in self._produce(order, task_id, request.request_id):
             task = None
             if p.task is not None:
                 task = conv.task_to_proto(p.task, list(p.certificate_ids))
@@ -52,7 +51,26 @@ class CardServicer(card_service_pb2_grpc.CardServiceServicer):
         ids = await asyncio.to_thread(self.store.cards.certificate_ids, card.id)
         return pb.GetCardResponse(card=conv.card_to_proto(card, ids))
 
-    async def _task_when_ended(self, task_id: str) -> pb.Task:
+    async def _produce(self, order, task_id: str, request_id: str):
+        """The production's progress; a request id whose call failed before its task existed
+        (no reader, a bad request) is released, so a retry tries again."""
+        try:
+            async for p in follow(lambda sink: self.card_tasks.run(order, sink, task_id=task_id),
+                                  lambda p: p.task is not None):
+                yield p
+        except BaseException:
+            if request_id and not await asyncio.to_thread(self._task_exists, task_id):
+                await asyncio.to_thread(self.store.client_requests.release, "task", request_id, task_id)
+            raise
+
+    def _task_exists(self, task_id: str) -> bool:
+        try:
+            self.store.tasks.get(task_id)
+        except NotFound:
+            return False
+        return True
+
+    async def _task_when_ended(self, task_id: str, request_id: str) -> pb.Task:
         """The task a first ProduceCard with the same request id started, once it ended
         (polled: it may run on another orchestrator, or still wait for its reader)."""
         delay = 0.05
@@ -61,6 +79,9 @@ class CardServicer(card_service_pb2_grpc.CardServiceServicer):
                 task = await asyncio.to_thread(self._task, task_id)
             except NotFound:      # the first call still waits for a reader: no task row yet
                 task = None
+                if await asyncio.to_thread(self.store.client_requests.find, "task", request_id) != task_id:
+                    raise NotFound(f"the first call with request id {request_id!r} failed before it started a "
+                                   "task; send the request again", request_id=request_id) from None
             if task is not None and task.state != pb.TASK_STATE_RUNNING:
                 return task
             await asyncio.sleep(delay)

@@ -32,8 +32,13 @@ class LeaseServicer(lease_service_pb2_grpc.LeaseServiceServicer):
                 # The first call's lease while it is held (NotFound once it ended, or while
                 # the first call still waits for a reader).
                 return pb.AcquireLeaseResponse(lease=conv.lease_to_proto(self.leases.get(first)))
-        lease = await self.leases.acquire(conv.selector_from_proto(request.selector), ttl_s=request.ttl_s,
-                                          holder=request.holder, wait=request.wait, lease_id=lease_id)
+        try:
+            lease = await self.leases.acquire(conv.selector_from_proto(request.selector), ttl_s=request.ttl_s,
+                                              holder=request.holder, wait=request.wait, lease_id=lease_id)
+        except BaseException:       # no lease granted: a retry with the same id tries again
+            if request.request_id:
+                await asyncio.to_thread(self.store.client_requests.release, "lease", request.request_id, lease_id)
+            raise
         return pb.AcquireLeaseResponse(lease=conv.lease_to_proto(lease))
 
     @rpc_errors

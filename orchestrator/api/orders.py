@@ -31,8 +31,13 @@ class OrderServicer(order_service_pb2_grpc.OrderServiceServicer):
                                             order_id, print_)
             if first != order_id:
                 return pb.CreateOrderResponse(order=conv.order_to_proto(self.orders.get(first)))
-        order = self.orders.create(request.process, conv.selector_from_proto(request.selector), items,
-                                   dict(request.secret_inputs), order_id=order_id)
+        try:
+            order = self.orders.create(request.process, conv.selector_from_proto(request.selector), items,
+                                       dict(request.secret_inputs), order_id=order_id)
+        except BaseException:       # refused before it existed: a retry with the same id tries again
+            if request.request_id:
+                await asyncio.to_thread(self.store.client_requests.release, "order", request.request_id, order_id)
+            raise
         return pb.CreateOrderResponse(order=conv.order_to_proto(order))
 
     @rpc_errors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+from sqlalchemy import delete
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -47,3 +48,16 @@ class ClientRequests:
         (go on and create it), else the id of what the first call created."""
         with self._db.write() as s:
             return claim_in(s, kind, request_id, resource_id, print_)
+
+    def release(self, kind: str, request_id: str, resource_id: str) -> None:
+        """Forgets a claim whose call failed before it created `resource_id`, so that the
+        client's retry with the same id tries again instead of waiting for nothing."""
+        with self._db.write() as s:
+            s.execute(delete(ClientRequest).where(ClientRequest.kind == kind, ClientRequest.request_id == request_id,
+                                                  ClientRequest.resource_id == resource_id))
+
+    def find(self, kind: str, request_id: str) -> str | None:
+        """The resource a request id created, None if none (or its claim was released)."""
+        with self._db.read() as s:
+            row = s.get(ClientRequest, (kind, request_id))
+            return None if row is None else row.resource_id

@@ -98,3 +98,12 @@ def test_create_once_records_the_instance_with_its_request_id(store: Store):
     again, created_again = store.processes.create_once("produce", {"person": "Alice"}, "req-9", "f1")
     assert (created, created_again) == (True, False)
     assert again.id == first.id and len(store.processes.list()) == 1
+
+
+def test_a_released_claim_frees_its_request_id(store: Store):
+    assert store.client_requests.claim("order", "req-2", "order-a", "f") == "order-a"
+    store.client_requests.release("order", "req-2", "order-b")          # not its resource: kept
+    assert store.client_requests.find("order", "req-2") == "order-a"
+    store.client_requests.release("order", "req-2", "order-a")
+    assert store.client_requests.find("order", "req-2") is None
+    assert store.client_requests.claim("order", "req-2", "order-c", "g") == "order-c"

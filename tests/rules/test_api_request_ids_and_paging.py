@@ -14,6 +14,7 @@ from shared.proto import card_service_pb2 as card_pb
 from shared.proto import certificate_service_pb2 as certificate_pb
 from shared.proto import common_pb2
 from shared.proto import process_service_pb2 as process_pb
+from shared.proto import reader_pool_service_pb2 as pool_pb
 from tests.rules.processes import produce_process
 from tests.rules.rig import PIN, fake_token, rule_orchestrator
 from tests.support.api import OrchestratorApi
@@ -103,3 +104,28 @@ def test_paging_certificates_and_tasks_through_the_server_returns_each_once(tmp_
     assert len(stored) == 5 and seen == stored and pages == 3
     assert sorted(tasks) == sorted(t.id for t in rig.orch.store.tasks.list()) and len(set(tasks)) == 5
     assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_produce_card_refused_before_its_task_existed_can_be_retried_with_the_same_id(tmp_path):
+    def request(reader_id: str) -> card_pb.ProduceCardRequest:
+        return card_pb.ProduceCardRequest(
+            reader=pool_pb.ReaderSelector(reader_id=reader_id), subject="CN=Retry Tester", user_pin=PIN,
+            certificates=[card_pb.CertificateRequest(template="EmployeeAuthentication")], request_id="produce-1")
+
+    async def body():
+        async with (rule_orchestrator(tmp_path) as rig,
+                    default_pki().aio_channel(rig.orch.address) as channel):
+            api: Any = OrchestratorApi.on(channel)
+            codes = []
+            for _ in range(2):       # no such reader: refused, and the id is free again
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    _ = [r async for r in api.cards.ProduceCard(request("no-such-reader"), timeout=30)]
+                codes.append(refused.value.code())
+            done = [r async for r in api.cards.ProduceCard(request(rig.token.reader_id), timeout=30)]
+            again = [r async for r in api.cards.ProduceCard(request(rig.token.reader_id), timeout=30)]
+            return rig, codes, done[-1].task, again[-1].task
+
+    rig, codes, done, again = asyncio.run(body())
+    assert codes == [grpc.StatusCode.NOT_FOUND] * 2
+    assert done.state == card_pb.TASK_STATE_SUCCEEDED and again == done
+    assert rig.card_count() == 1
