@@ -87,8 +87,7 @@ class RuleRig:
     def certificates(self, *, task_id: str | None = None, process_instance_id: str | None = None,
                      state: str | None = None):
         return self.orch.store.certificates.list(state=state, task_id=task_id,
-                                                 **({"process_instance_id": process_instance_id}
-                                                    if process_instance_id else {}))
+                                                 process_instance_id=process_instance_id)
 
     def certificate(self, certificate_id: str):
         return self.orch.store.certificates.get(certificate_id)
