@@ -5,6 +5,7 @@ import asyncio
 import uuid
 
 from orchestrator.api import convert as conv
+from orchestrator.api import paging
 from orchestrator.services.leases import LeaseService
 from orchestrator.store.client_requests import fingerprint
 from orchestrator.store.store import Store
@@ -49,6 +50,15 @@ class LeaseServicer(lease_service_pb2_grpc.LeaseServiceServicer):
     async def ReleaseLease(self, request, context):
         self.leases.release(request.lease_id)
         return pb.ReleaseLeaseResponse()
+
+    @rpc_errors
+    async def GetLease(self, request, context):
+        return pb.GetLeaseResponse(lease=conv.lease_to_proto(self.leases.get(request.lease_id)))
+
+    @rpc_errors
+    async def ListLeases(self, request, context):
+        page, token = paging.memory_page(self.leases.list(), request, lambda lease: lease.lease_id)
+        return pb.ListLeasesResponse(leases=[conv.lease_to_proto(lease) for lease in page], next_page_token=token)
 
     @rpc_errors
     async def RunLeasedStep(self, request, context):

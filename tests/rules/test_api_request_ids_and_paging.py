@@ -13,6 +13,8 @@ import pytest
 from shared.proto import card_service_pb2 as card_pb
 from shared.proto import certificate_service_pb2 as certificate_pb
 from shared.proto import common_pb2
+from shared.proto import lease_service_pb2 as lease_pb
+from shared.proto import order_service_pb2 as order_pb
 from shared.proto import process_service_pb2 as process_pb
 from shared.proto import reader_pool_service_pb2 as pool_pb
 from tests.rules.processes import produce_process
@@ -128,4 +130,33 @@ def test_produce_card_refused_before_its_task_existed_can_be_retried_with_the_sa
     rig, codes, done, again = asyncio.run(body())
     assert codes == [grpc.StatusCode.NOT_FOUND] * 2
     assert done.state == card_pb.TASK_STATE_SUCCEEDED and again == done
+    assert rig.card_count() == 1
+
+
+def test_retried_acquire_lease_and_create_order_return_the_first_lease_and_order(tmp_path):
+    async def body():
+        async with (rule_orchestrator(tmp_path, processes={"produce": produce_process()},
+                                      tokens=(fake_token(), fake_token())) as rig,
+                    default_pki().aio_channel(rig.orch.address) as channel):
+            api: Any = OrchestratorApi.on(channel)
+            acquire = lease_pb.AcquireLeaseRequest(selector=pool_pb.ReaderSelector(reader_id=rig.token.reader_id),
+                                                   ttl_s=30, holder="test", request_id="lease-1")
+            leases = [(await api.leases.AcquireLease(acquire)).lease for _ in range(2)]
+            listed = (await api.leases.ListLeases(lease_pb.ListLeasesRequest())).leases
+            got = (await api.leases.GetLease(lease_pb.GetLeaseRequest(lease_id=leases[0].lease_id))).lease
+            await api.leases.ReleaseLease(lease_pb.ReleaseLeaseRequest(lease_id=got.lease_id))
+            create = order_pb.CreateOrderRequest(
+                process="produce", request_id="order-1", secret_inputs={"pin": PIN},
+                items=[order_pb.OrderItem(inputs={"person": common_pb2.Value(text="Carol")})])
+            orders = [(await api.orders.CreateOrder(create)).order for _ in range(2)]
+            final = [r.order async for r in api.orders.WatchOrder(order_pb.WatchOrderRequest(order_id=orders[0].id))]
+            shown = (await api.orders.GetOrder(order_pb.GetOrderRequest(order_id=orders[0].id))).order
+            listed_orders = (await api.orders.ListOrders(order_pb.ListOrdersRequest())).orders
+            return rig, leases, listed, got, orders, final[-1], shown, listed_orders
+
+    rig, leases, listed, got, orders, final, shown, listed_orders = asyncio.run(body())
+    assert leases[0].lease_id == leases[1].lease_id == got.lease_id
+    assert [lease.lease_id for lease in listed] == [leases[0].lease_id]
+    assert orders[0].id == orders[1].id and [o.id for o in listed_orders] == [orders[0].id]
+    assert [c.state for c in final.cards] == [order_pb.ORDER_CARD_STATE_SUCCEEDED] and shown == final
     assert rig.card_count() == 1
