@@ -58,7 +58,7 @@ class CardServicer(card_service_pb2_grpc.CardServiceServicer):
             async for p in follow(lambda sink: self.card_tasks.run(order, sink, task_id=task_id),
                                   lambda p: p.task is not None):
                 yield p
-        except BaseException:
+        except Exception:     # not on a caller gone away: the production runs on (api/streams.py)
             if request_id and not await asyncio.to_thread(self._task_exists, task_id):
                 await asyncio.to_thread(self.store.client_requests.release, "task", request_id, task_id)
             raise
