@@ -43,3 +43,14 @@ def test_tables_keep_full_ids_without_a_terminal(capsys):
 def test_json_includes_zero_values_and_enum_names():
     shown = as_json(card_pb.Task(id="t1"))
     assert shown["state"] == "TASK_STATE_UNSPECIFIED" and shown["card_id"] == "" and shown["certificate_ids"] == []
+
+
+def test_enum_labels_and_their_inverse():
+    from orchestrator.cli.client import enum_value, label
+    from shared.cli import CliFail
+
+    assert label(card_pb.TaskState, card_pb.TASK_STATE_SUCCEEDED) == "succeeded"
+    assert enum_value(card_pb.TaskState, "succeeded", "--state") == card_pb.TASK_STATE_SUCCEEDED
+    assert enum_value(card_pb.TaskState, "", "--state") == card_pb.TASK_STATE_UNSPECIFIED
+    with pytest.raises(CliFail, match="--state 'done': expected one of failed, running, succeeded"):
+        enum_value(card_pb.TaskState, "done", "--state")
