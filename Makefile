@@ -15,10 +15,14 @@ demo: setup
 test: setup lint
 	$(PY) -m pytest -q
 
-# ruff and mypy, configured in pyproject.toml (mypy strict on orchestrator/domain and shared).
+# ruff and mypy, configured in pyproject.toml (mypy strict on orchestrator/domain and shared);
+# buf lint on protos/ (buf.yaml) when buf is installed (`npm install -g @bufbuild/buf`).
+BUF ?= $(shell command -v buf 2>/dev/null)
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	@if [ -n "$(BUF)" ]; then echo "$(BUF) lint"; $(BUF) lint; \
+	else echo "buf not installed: protos/ not linted (npm install -g @bufbuild/buf)"; fi
 
 setup: system-packages $(VENV)/.installed
 

@@ -1,6 +1,7 @@
 """`cardline gateway ...` and `cardline tokens ...` commands."""
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 from typing import Optional
@@ -10,6 +11,7 @@ import typer
 from shared import config
 from shared.cli import run_server
 from shared.pki_cli import INSECURE, TLS_CA, TLS_CERT, TLS_CRL, TLS_DIR, TLS_KEY
+from shared.serials import show_serial
 
 
 def register(root: typer.Typer) -> None:
@@ -46,6 +48,7 @@ def register(root: typer.Typer) -> None:
         out: pathlib.Path = typer.Option(..., help="Directory to write ca.crt, ID.crt and ID.key to."),
         name: list[str] = typer.Option([], "--name", help="Host name or IP clients reach the station's own "
                                                            "GatewayService by (repeatable)."),
+        json_output: bool = typer.Option(False, "--json", help="JSON output."),
     ) -> None:
         """Give a new station its certificate, key and the CA certificate in one directory:
         copy it to the station and start `cardline gateway serve --gateway-id ID --tls-dir DIR`."""
@@ -59,7 +62,11 @@ def register(root: typer.Typer) -> None:
         except CardlineError as exc:
             typer.echo(f"error {exc.reason}: {exc.message}", err=True)
             raise typer.Exit(1) from None
-        typer.echo(f"gateway {gateway_id}: serial {issued.serial:x}")
+        if json_output:
+            typer.echo(json.dumps({"gateway_id": gateway_id, "serial": show_serial(format(issued.serial, "x")),
+                                   "files": {k: str(v) for k, v in files.items()}}, indent=2))
+            return
+        typer.echo(f"gateway {gateway_id}: serial {show_serial(format(issued.serial, 'x'))}")
         for path in files.values():
             typer.echo(f"  {path}")
         typer.echo(f"on the station: cardline gateway serve --gateway-id {gateway_id} --tls-dir {out} "
@@ -81,6 +88,7 @@ def _tokens() -> typer.Typer:
         pins_file: Optional[pathlib.Path] = typer.Option(
             None, help="File whose first two lines are the SO PIN and the user PIN ('-': standard input). "
                        "Without it they are asked for, hidden, on a terminal."),
+        json_output: bool = typer.Option(False, "--json", help="JSON output."),
     ) -> None:
         """Create a SoftHSM2 token; prints its serial and the SOFTHSM2_CONF a gateway needs.
         The PINs are never taken from the command line or the environment."""
@@ -93,6 +101,10 @@ def _tokens() -> typer.Typer:
         except CardlineError as exc:
             typer.echo(f"error {exc.reason}: {exc.message}", err=True)
             raise typer.Exit(1) from None
+        if json_output:
+            typer.echo(json.dumps({"label": token.label, "serial": token.serial, "softhsm2_conf": str(token.conf_path),
+                                   "module": str(token.module_path)}, indent=2))
+            return
         typer.echo(f"token {token.label!r}: serial {token.serial}")
         typer.echo(f"SOFTHSM2_CONF={token.conf_path}")
         typer.echo(f"on the station: SOFTHSM2_CONF={token.conf_path} cardline gateway serve "

@@ -22,7 +22,7 @@ from orchestrator.api.orders import OrderServicer
 from orchestrator.api.processes import ProcessServicer
 from orchestrator.api.reader_pool import ReaderPoolServicer
 from orchestrator.ca.base import CaConnector
-from orchestrator.ca.registry import build_cas
+from orchestrator.ca.registry import build_cas, ca_names
 from orchestrator.services.card_secrets import CardPukStore
 from orchestrator.services.card_tasks import BoundaryHook, CardTaskService
 from orchestrator.services.certificates import CertificateService
@@ -34,7 +34,7 @@ from orchestrator.services.pool import ReaderPool
 from orchestrator.services.processes import ProcessService
 from orchestrator.services.reconciler import Reconciler
 from orchestrator.services.sweeper import IssuedSweeper
-from orchestrator.store.store import Store
+from orchestrator.store.store import Store, prepare_schema
 from shared.config import OrchestratorSettings
 from shared.logging import get_logger
 from shared.proto import (
@@ -123,20 +123,25 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
                 wrap_cas: CaWrapper | None = None) -> Orchestrator:
     # Mutual TLS unless explicitly insecure: no TLS material stops start-up before anything else.
     tls = settings_tls(settings, "orchestrator", "orchestrator", role="orchestrator")
+    # Configuration first: a wrong one stops start-up with every violation listed (C14),
+    # before any CA or database is created or changed.
+    configuration = await asyncio.to_thread(load_configuration, settings.config_dir,
+                                            internal_issued_state=settings.certificate_internal_issued_state,
+                                            known_cas=ca_names(settings.cas),
+                                            secrets_dir=settings.effective_secrets_dir())
+    for warning in configuration.warnings:
+        log.warning("configuration", warning=warning)
+    store = Store(settings.effective_database_url())
+    try:
+        await asyncio.to_thread(prepare_schema, store, settings.migrate)
+    except BaseException:
+        store.close()
+        raise
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     cas = await asyncio.to_thread(build_cas, settings.cas, settings.data_dir)
     if wrap_cas is not None:
         cas = wrap_cas(cas)
     owner_id = await asyncio.to_thread(orchestrator_id, settings.data_dir)
-    # Configuration first: a wrong one stops start-up with every violation listed (C14).
-    configuration = await asyncio.to_thread(load_configuration, settings.config_dir,
-                                            internal_issued_state=settings.certificate_internal_issued_state,
-                                            known_cas=tuple(cas),
-                                            secrets_dir=settings.effective_secrets_dir())
-    for warning in configuration.warnings:
-        log.warning("configuration", warning=warning)
-    store = Store(settings.effective_database_url())
-    await asyncio.to_thread(store.migrate)
     archive_settings = settings.key_archive
     kek = await asyncio.to_thread(kek_from_settings, archive_settings.kind, settings.data_dir,
                                   pkcs11_module=archive_settings.pkcs11_module, token_label=archive_settings.token_label,
@@ -178,9 +183,9 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
          service_name(process_service_pb2)),
         (reader_pool_service_pb2_grpc.add_ReaderPoolServiceServicer_to_server, ReaderPoolServicer(pool),
          service_name(reader_pool_service_pb2)),
-        (lease_service_pb2_grpc.add_LeaseServiceServicer_to_server, LeaseServicer(leases),
+        (lease_service_pb2_grpc.add_LeaseServiceServicer_to_server, LeaseServicer(leases, store),
          service_name(lease_service_pb2)),
-        (order_service_pb2_grpc.add_OrderServiceServicer_to_server, OrderServicer(orders),
+        (order_service_pb2_grpc.add_OrderServiceServicer_to_server, OrderServicer(orders, store),
          service_name(order_service_pb2)),
         (ca_service_pb2_grpc.add_CaServiceServicer_to_server, CaServicer(store, cas, reconciler),
          service_name(ca_service_pb2)),

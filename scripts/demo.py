@@ -96,7 +96,7 @@ def main() -> int:
     env.pop("CARDLINE_INSECURE", None)
     logs = {name: open(DEMO / f"{name}.log", "w") for name in ("orchestrator", "gateway")}
     procs = [
-        subprocess.Popen([CARDLINE, "orchestrator", "serve", "--listen", orch_addr, "--data-dir",
+        subprocess.Popen([CARDLINE, "orchestrator", "serve", "--migrate", "--listen", orch_addr, "--data-dir",
                           str(DEMO / "orchestrator"), "--config-dir", str(config_dir), "--tls-dir", str(pki.directory)],
                          stdout=logs["orchestrator"], stderr=subprocess.STDOUT, env=env),
         subprocess.Popen([CARDLINE, "gateway", "serve", "--listen", gw_addr, "--data-dir", str(DEMO / "gateway"),

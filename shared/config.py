@@ -191,6 +191,9 @@ class OrchestratorSettings(_Settings):
     listen: str = "127.0.0.1:7400"
     data_dir: pathlib.Path = pathlib.Path("var/orchestrator")
     database_url: str = ""          # empty: sqlite:///<data_dir>/cardline.db
+    # Upgrade the database schema at start-up; false: refuse to start on a database that is
+    # not at this release's revision (`cardline db upgrade` upgrades it).
+    migrate: bool = False
     step_timeout_s: float = Field(default=120.0, gt=0)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     # Mutual TLS (shared/tls.py): tls_dir holds ca.crt, orchestrator.crt, orchestrator.key and optionally crl.pem;

@@ -1,7 +1,7 @@
 """A development PKI for cardline's own gRPC connections (mutual TLS between orchestrator,
 gateways and clients) — not the CA that issues card certificates.
 
-One directory holds everything (`cardline pki init --dir DIR`):
+One directory holds everything (`cardline pki init --pki-dir DIR`):
 
     ca.crt          the CA certificate (EC P-256, self-signed); every process trusts it
     ca.key          the CA's private key, PKCS#8 encrypted with the passphrase in ca.pass (0600)
@@ -121,7 +121,7 @@ class Pki:
         missing = [n for n in (CA_CERT, CA_KEY, CA_PASS) if not (directory / n).is_file()]
         if missing:
             raise ConfigurationError(f"{directory} is not a cardline PKI directory (missing {', '.join(missing)}); "
-                                     f"create one with `cardline pki init --dir {directory}`")
+                                     f"create one with `cardline pki init --pki-dir {directory}`")
         return cls(directory)
 
     # -- the CA -----------------------------------------------------------------------------

@@ -6,14 +6,22 @@ the CA certificate (`cardline gateway enroll`).
 """
 from __future__ import annotations
 
+import json
 import pathlib
 
 import typer
 
 from shared.errors import CardlineError
 from shared.pki import Pki, init_pki, role_of
+from shared.serials import show_serial
 
-DIR = typer.Option(..., "--dir", help="The PKI directory (holds the CA key: keep it on the admin's machine).")
+DIR = typer.Option(..., "--pki-dir", "--dir", help="The PKI directory (holds the CA key: keep it on the admin's "
+                                                  "machine; --dir: old name).")
+JSON = typer.Option(False, "--json", help="JSON output.")
+
+
+def _print_json(value: object) -> None:
+    typer.echo(json.dumps(value, indent=2))
 
 
 def _fail(exc: CardlineError) -> typer.Exit:
@@ -31,6 +39,7 @@ def register(root: typer.Typer) -> None:
         orchestrator_name: list[str] = typer.Option([], "--orchestrator-name",
                                                     help="Host name or IP the orchestrator is reached by, besides "
                                                          "localhost and 127.0.0.1 (repeatable)."),
+        json_output: bool = JSON,
     ) -> None:
         """Create a CA, the orchestrator's server certificate and a client certificate 'admin'."""
         try:
@@ -39,6 +48,11 @@ def register(root: typer.Typer) -> None:
             admin = created.issue("client", "admin")
         except CardlineError as exc:
             raise _fail(exc) from None
+        if json_output:
+            _print_json({"ca": str(created.ca_cert_path), "crl": str(created.crl_path),
+                         "orchestrator": {"cert": str(orch.cert_path), "key": str(orch.key_path)},
+                         "admin": {"cert": str(admin.cert_path), "key": str(admin.key_path)}})
+            return
         typer.echo(f"CA            {created.ca_cert_path}  (key {directory / 'ca.key'}, encrypted; passphrase in "
                    f"{directory / 'ca.pass'})")
         typer.echo(f"orchestrator  {orch.cert_path}  {orch.key_path}")
@@ -54,16 +68,23 @@ def register(root: typer.Typer) -> None:
         role: str = typer.Option(..., help="client, gateway or orchestrator."),
         name: str = typer.Option(..., help="The certificate's CN (a gateway's CN is its gateway id)."),
         san: list[str] = typer.Option([], "--san", help="Extra host name or IP of a server certificate (repeatable)."),
+        json_output: bool = JSON,
     ) -> None:
         """Issue NAME.crt / NAME.key (the key is unencrypted PEM, mode 0600: gRPC needs it so)."""
         try:
             issued = Pki.open(directory).issue(role, name, san)
         except CardlineError as exc:
             raise _fail(exc) from None
-        typer.echo(f"{issued.role} {issued.name}: {issued.cert_path} {issued.key_path} (serial {issued.serial:x})")
+        if json_output:
+            _print_json({"role": issued.role, "name": issued.name, "cert": str(issued.cert_path),
+                         "key": str(issued.key_path), "serial": show_serial(format(issued.serial, "x"))})
+            return
+        typer.echo(f"{issued.role} {issued.name}: {issued.cert_path} {issued.key_path} "
+                   f"(serial {show_serial(format(issued.serial, 'x'))})")
 
     @pki.command("revoke")
-    def revoke(directory: pathlib.Path = DIR, name: str = typer.Option(..., help="Whose certificate.")) -> None:
+    def revoke(directory: pathlib.Path = DIR, name: str = typer.Option(..., help="Whose certificate."),
+               json_output: bool = JSON) -> None:
         """Revoke NAME's certificate: revoked.json and crl.pem are rewritten; servers reading
         that CRL refuse it from their next call on."""
         try:
@@ -71,23 +92,33 @@ def register(root: typer.Typer) -> None:
             serial = opened.revoke(name)
         except CardlineError as exc:
             raise _fail(exc) from None
-        typer.echo(f"revoked {name} (serial {serial:x}); CRL {opened.crl_path}")
+        if json_output:
+            _print_json({"name": name, "serial": show_serial(format(serial, "x")), "crl": str(opened.crl_path)})
+            return
+        typer.echo(f"revoked {name} (serial {show_serial(format(serial, 'x'))}); CRL {opened.crl_path}")
 
     @pki.command("list")
-    def list_(directory: pathlib.Path = DIR) -> None:
+    def list_(directory: pathlib.Path = DIR, json_output: bool = JSON) -> None:
         """Every certificate of the PKI with role, serial, expiry and revocation."""
         try:
             opened = Pki.open(directory)
             revoked = opened.revoked_serials()
         except CardlineError as exc:
             raise _fail(exc) from None
+        rows = []
         for path in sorted(directory.glob("*.crt")):
             if path.name == "ca.crt":
                 continue
             cert = opened.certificate(path.stem)
-            state = "revoked" if cert.serial_number in revoked else "valid"
-            typer.echo(f"{path.stem:24} {role_of(cert) or '-':12} {cert.serial_number:x}  "
-                       f"until {cert.not_valid_after_utc:%Y-%m-%d}  {state}")
+            rows.append({"name": path.stem, "role": role_of(cert) or "",
+                         "serial": show_serial(format(cert.serial_number, "x")),
+                         "not_after": cert.not_valid_after_utc.isoformat(),
+                         "state": "revoked" if cert.serial_number in revoked else "valid"})
+        if json_output:
+            _print_json(rows)
+            return
+        for r in rows:
+            typer.echo(f"{r['name']:24} {r['role'] or '-':12} {r['serial']}  until {r['not_after'][:10]}  {r['state']}")
 
     root.add_typer(pki, name="pki")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 
 from orchestrator.api import convert as conv
+from orchestrator.api import paging
 from orchestrator.ca.base import CaConnector
 from orchestrator.services.reconciler import Reconciler
 from orchestrator.store.records import CaRequestState
@@ -31,8 +32,16 @@ class CaServicer(ca_service_pb2_grpc.CaServiceServicer):
     @rpc_errors
     async def ListCaRequests(self, request, context):
         states = [CaRequestState.PENDING] if request.unsettled_only else None
-        rows = await asyncio.to_thread(self.store.ca_requests.list, states=states)
-        return pb.ListCaRequestsResponse(requests=[conv.ca_request_to_proto(r) for r in rows])
+        size = paging.page_size(request)
+        rows = await asyncio.to_thread(self.store.ca_requests.list, states=states, task_id=request.task_id or None,
+                                       after=paging.keyset_of(request), limit=size + 1)
+        page, token = paging.keyset_page(rows, size, lambda r: (r.created_at, r.request_id))
+        return pb.ListCaRequestsResponse(requests=[conv.ca_request_to_proto(r) for r in page], next_page_token=token)
+
+    @rpc_errors
+    async def GetCaRequest(self, request, context):
+        row = await asyncio.to_thread(self.store.ca_requests.get, request.request_id)
+        return pb.GetCaRequestResponse(request=conv.ca_request_to_proto(row))
 
     @rpc_errors
     async def Reconcile(self, request, context):

@@ -6,13 +6,15 @@ import asyncio
 import datetime as dt
 
 from orchestrator.api import convert as conv
-from orchestrator.api.paging import next_page_token, page_window
+from orchestrator.api import paging
 from orchestrator.services.certificates import CertificateService
+from orchestrator.store.records import CertificateRecord
 from orchestrator.store.store import Store
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, NotFound
 from shared.proto import certificate_service_pb2 as pb
 from shared.proto import certificate_service_pb2_grpc
 from shared.rpc import rpc_errors
+from shared.serials import show_serial, stored_hex
 
 
 class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceServicer):
@@ -22,20 +24,44 @@ class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceService
 
     @rpc_errors
     async def GetCertificate(self, request, context):
-        cert = await asyncio.to_thread(self.store.certificates.get, request.certificate_id)
+        cert = await asyncio.to_thread(self._find, request)
         card_id = await asyncio.to_thread(self._card_of, cert.id)
         return pb.GetCertificateResponse(certificate=conv.certificate_to_proto(cert, card_id))
 
+    def _find(self, request) -> CertificateRecord:
+        """By id, or by serial (and issuer when two CAs issued that serial). Blocking."""
+        if request.certificate_id:
+            return self.store.certificates.get(request.certificate_id)
+        if not request.serial:
+            raise InvalidArgument("give a certificate_id or a serial", field="certificate_id")
+        serial_hex = stored_hex(request.serial)
+        hits = [c for c in self.store.certificates.list(serial_hex=serial_hex)
+                if not request.issuer or c.issuer == request.issuer]
+        if not hits:
+            raise NotFound(f"no certificate with serial {show_serial(serial_hex)}"
+                           + (f" issued by {request.issuer}" if request.issuer else ""), serial=serial_hex)
+        if len(hits) > 1:
+            raise InvalidArgument(f"{len(hits)} certificates have serial {show_serial(serial_hex)}; give the "
+                                  f"issuer too: {'; '.join(f'{c.id} ({c.issuer})' for c in hits)}",
+                                  field="issuer")
+        return hits[0]
+
     @rpc_errors
     async def ListCertificates(self, request, context):
+        size = paging.page_size(request)
+        after = paging.keyset_of(request)
+        serial_hex = stored_hex(request.serial) if request.serial else None
+
         def certificates_with_cards():
             certs = self.store.certificates.list(
                 state=request.state or None, template=request.template or None, card_id=request.card_id or None,
-                task_id=request.task_id or None, limit=request.limit or None)
-            return [(c, self._card_of(c.id)) for c in certs]
+                task_id=request.task_id or None, serial_hex=serial_hex, after=after, limit=size + 1)
+            page, token = paging.keyset_page(certs, size, lambda c: (c.created_at, c.id))
+            return [(c, self._card_of(c.id)) for c in page], token
 
-        rows = await asyncio.to_thread(certificates_with_cards)
-        return pb.ListCertificatesResponse(certificates=[conv.certificate_to_proto(c, card) for c, card in rows])
+        rows, token = await asyncio.to_thread(certificates_with_cards)
+        return pb.ListCertificatesResponse(certificates=[conv.certificate_to_proto(c, card) for c, card in rows],
+                                           next_page_token=token)
 
     def _card_of(self, certificate_id: str) -> str:
         """The card a certificate is related to (blocking: call it in a thread)."""
@@ -68,16 +94,17 @@ class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceService
     async def ListExpiringCertificates(self, request, context):
         if request.days <= 0:
             raise InvalidArgument("days must be a positive number of days", field="days")
-        offset, size = page_window(request.page_size, request.page_token)
+        size = paging.page_size(request)
+        after = paging.keyset_of(request)
         now = dt.datetime.now(dt.UTC)
 
         def expiring_with_cards():
             certs = self.store.certificates.list(
                 state=request.state or None, template=request.template or None, card_id=request.card_id or None,
-                valid_at=now, expiring_before=now + dt.timedelta(days=request.days), offset=offset, limit=size + 1)
-            return [(c, self._card_of(c.id)) for c in certs[:size]], len(certs)
+                valid_at=now, expiring_before=now + dt.timedelta(days=request.days), after=after, limit=size + 1)
+            page, token = paging.keyset_page(certs, size, lambda c: (c.created_at, c.id))
+            return [(c, self._card_of(c.id)) for c in page], token
 
-        rows, fetched = await asyncio.to_thread(expiring_with_cards)
+        rows, token = await asyncio.to_thread(expiring_with_cards)
         return pb.ListExpiringCertificatesResponse(
-            certificates=[conv.certificate_to_proto(c, card) for c, card in rows],
-            next_page_token=next_page_token(offset, size, fetched))
+            certificates=[conv.certificate_to_proto(c, card) for c, card in rows], next_page_token=token)

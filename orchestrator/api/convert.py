@@ -34,6 +34,16 @@ _TASK_STATES = {TaskState.RUNNING: card_pb.TASK_STATE_RUNNING, TaskState.SUCCEED
                 TaskState.FAILED: card_pb.TASK_STATE_FAILED}
 
 
+def task_state_from_proto(value: int) -> TaskState | None:
+    """A TaskState filter: None for TASK_STATE_UNSPECIFIED (any state)."""
+    return next((s for s, v in _TASK_STATES.items() if v == value), None)
+
+
+def process_state_from_proto(value: int) -> ProcessState | None:
+    """A ProcessState filter: None for PROCESS_STATE_UNSPECIFIED (any state)."""
+    return next((s for s, v in _PROCESS_STATES.items() if v == value), None)
+
+
 def task_type_to_proto(name: str) -> card_pb.TaskType.ValueType:
     """A task type of domain/processes.py (card_production, ...) as its enum value."""
     return card_pb.TaskType.Value(f"TASK_TYPE_{name.upper()}")

@@ -1,8 +1,14 @@
 """LeaseService: thin — convert the request, call the lease service, convert the answer."""
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 from orchestrator.api import convert as conv
+from orchestrator.api import paging
 from orchestrator.services.leases import LeaseService
+from orchestrator.store.client_requests import fingerprint
+from orchestrator.store.store import Store
 from shared import convert
 from shared.errors import InvalidArgument
 from shared.proto import lease_service_pb2 as pb
@@ -11,13 +17,29 @@ from shared.rpc import rpc_errors
 
 
 class LeaseServicer(lease_service_pb2_grpc.LeaseServiceServicer):
-    def __init__(self, leases: LeaseService) -> None:
+    def __init__(self, leases: LeaseService, store: Store) -> None:
         self.leases = leases
+        self.store = store
 
     @rpc_errors
     async def AcquireLease(self, request, context):
-        lease = await self.leases.acquire(conv.selector_from_proto(request.selector), ttl_s=request.ttl_s,
-                                          holder=request.holder, wait=request.wait)
+        lease_id = uuid.uuid4().hex
+        if request.request_id:
+            print_ = fingerprint(request.selector.SerializeToString(deterministic=True), request.ttl_s,
+                                 request.holder, request.wait)
+            first = await asyncio.to_thread(self.store.client_requests.claim, "lease", request.request_id,
+                                            lease_id, print_)
+            if first != lease_id:
+                # The first call's lease while it is held (NotFound once it ended, or while
+                # the first call still waits for a reader).
+                return pb.AcquireLeaseResponse(lease=conv.lease_to_proto(self.leases.get(first)))
+        try:
+            lease = await self.leases.acquire(conv.selector_from_proto(request.selector), ttl_s=request.ttl_s,
+                                              holder=request.holder, wait=request.wait, lease_id=lease_id)
+        except BaseException:       # no lease granted: a retry with the same id tries again
+            if request.request_id:
+                await asyncio.to_thread(self.store.client_requests.release, "lease", request.request_id, lease_id)
+            raise
         return pb.AcquireLeaseResponse(lease=conv.lease_to_proto(lease))
 
     @rpc_errors
@@ -28,6 +50,15 @@ class LeaseServicer(lease_service_pb2_grpc.LeaseServiceServicer):
     async def ReleaseLease(self, request, context):
         self.leases.release(request.lease_id)
         return pb.ReleaseLeaseResponse()
+
+    @rpc_errors
+    async def GetLease(self, request, context):
+        return pb.GetLeaseResponse(lease=conv.lease_to_proto(self.leases.get(request.lease_id)))
+
+    @rpc_errors
+    async def ListLeases(self, request, context):
+        page, token = paging.memory_page(self.leases.list(), request, lambda lease: lease.lease_id)
+        return pb.ListLeasesResponse(leases=[conv.lease_to_proto(lease) for lease in page], next_page_token=token)
 
     @rpc_errors
     async def RunLeasedStep(self, request, context):

@@ -1,23 +1,52 @@
 """OrderService: thin — convert the request, call the order service, convert the answer."""
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 from orchestrator.api import convert as conv
+from orchestrator.api import paging
 from orchestrator.services.orders import OrderService
+from orchestrator.store.client_requests import fingerprint
+from orchestrator.store.store import Store
 from shared.proto import order_service_pb2 as pb
 from shared.proto import order_service_pb2_grpc
 from shared.rpc import rpc_errors
 
 
 class OrderServicer(order_service_pb2_grpc.OrderServiceServicer):
-    def __init__(self, orders: OrderService) -> None:
+    def __init__(self, orders: OrderService, store: Store) -> None:
         self.orders = orders
+        self.store = store
 
     @rpc_errors
     async def CreateOrder(self, request, context):
         items = [{k: conv.value_from_proto(v) for k, v in item.inputs.items()} for item in request.items]
-        order = self.orders.create(request.process, conv.selector_from_proto(request.selector), items,
-                                   dict(request.secret_inputs))
+        order_id = uuid.uuid4().hex[:12]
+        if request.request_id:
+            # Secrets stay out of the fingerprint: it is stored.
+            print_ = fingerprint(request.process, request.selector.SerializeToString(deterministic=True),
+                                 [i.SerializeToString(deterministic=True) for i in request.items])
+            first = await asyncio.to_thread(self.store.client_requests.claim, "order", request.request_id,
+                                            order_id, print_)
+            if first != order_id:
+                return pb.CreateOrderResponse(order=conv.order_to_proto(self.orders.get(first)))
+        try:
+            order = self.orders.create(request.process, conv.selector_from_proto(request.selector), items,
+                                       dict(request.secret_inputs), order_id=order_id)
+        except BaseException:       # refused before it existed: a retry with the same id tries again
+            if request.request_id:
+                await asyncio.to_thread(self.store.client_requests.release, "order", request.request_id, order_id)
+            raise
         return pb.CreateOrderResponse(order=conv.order_to_proto(order))
+
+    @rpc_errors
+    async def GetOrder(self, request, context):
+        return pb.GetOrderResponse(order=conv.order_to_proto(self.orders.get(request.order_id)))
+
+    @rpc_errors
+    async def CancelOrder(self, request, context):
+        return pb.CancelOrderResponse(order=conv.order_to_proto(self.orders.cancel(request.order_id)))
 
     @rpc_errors
     async def WatchOrder(self, request, context):
@@ -26,4 +55,6 @@ class OrderServicer(order_service_pb2_grpc.OrderServiceServicer):
 
     @rpc_errors
     async def ListOrders(self, request, context):
-        return pb.ListOrdersResponse(orders=[conv.order_to_proto(o) for o in self.orders.list()])
+        # Order ids are random: the creation time orders them, the id breaks ties.
+        page, token = paging.memory_page(self.orders.list(), request, lambda o: f"{o.created_at.isoformat()} {o.id}")
+        return pb.ListOrdersResponse(orders=[conv.order_to_proto(o) for o in page], next_page_token=token)

@@ -1,36 +1,74 @@
-"""Pages of List RPCs (AIP-158): page_size and an opaque page_token naming where the next page
-starts."""
+"""Page tokens of the List RPCs (docs/api.md).
+
+A token is opaque to clients: URL-safe base64 of a small JSON object naming where the
+previous page ended - (created_at, id) for stored rows (keyset paging, see
+orchestrator/store/paging.py), the sort key for lists kept in memory."""
 from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
+from orchestrator.store.paging import Keyset
 from shared.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-_PREFIX = "offset:"
+
+T = TypeVar("T")
 
 
-def page_window(page_size: int, page_token: str) -> tuple[int, int]:
-    """(offset, size) of the page asked for; InvalidArgument for a negative size or a token
-    this server did not hand out."""
-    if page_size < 0:
-        raise InvalidArgument(f"page_size must not be negative, not {page_size}", field="page_size")
-    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    if not page_token:
-        return 0, size
+def page_size(request: Any) -> int:
+    """The request's page size: the default for 0, at most MAX_PAGE_SIZE."""
+    return min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _encode(value: dict[str, str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _decode(token: str) -> dict[str, str]:
     try:
-        text = base64.urlsafe_b64decode(page_token.encode("ascii")).decode("ascii")
-    except (binascii.Error, UnicodeError, ValueError):
-        text = ""
-    if not text.startswith(_PREFIX) or not text[len(_PREFIX):].isdigit():
-        raise InvalidArgument("page_token is not one this server handed out", field="page_token")
-    return int(text[len(_PREFIX):]), size
+        value = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise InvalidArgument("page_token is not a token this server issued", field="page_token")
+    return value
 
 
-def next_page_token(offset: int, size: int, fetched: int) -> str:
-    """The token of the page after this one; fetch size + 1 rows to know whether there is one."""
-    if fetched <= size:
-        return ""
-    return base64.urlsafe_b64encode(f"{_PREFIX}{offset + size}".encode("ascii")).decode("ascii")
+def keyset_of(request: Any) -> Keyset | None:
+    """Where the previous page ended, from the request's page_token (None: the first page)."""
+    if not request.page_token:
+        return None
+    value = _decode(request.page_token)
+    try:
+        return dt.datetime.fromisoformat(value["t"]), value["i"]
+    except (KeyError, ValueError):
+        raise InvalidArgument("page_token is not a token of this list", field="page_token") from None
+
+
+def keyset_page(rows: Sequence[T], size: int, key: Callable[[T], Keyset]) -> tuple[Sequence[T], str]:
+    """A page from `size + 1` rows fetched past the keyset, and the token of the next page."""
+    if len(rows) <= size:
+        return rows, ""
+    when, ident = key(rows[size - 1])
+    return rows[:size], _encode({"t": when.isoformat(), "i": ident})
+
+
+def memory_page(items: Sequence[T], request: Any, key: Callable[[T], str]) -> tuple[list[T], str]:
+    """A page of a list kept in memory, ordered by `key` (unique), and the next token."""
+    ordered = sorted(items, key=key)
+    if request.page_token:
+        try:
+            last = _decode(request.page_token)["k"]
+        except KeyError:
+            raise InvalidArgument("page_token is not a token of this list", field="page_token") from None
+        ordered = [i for i in ordered if key(i) > last]
+    size = page_size(request)
+    if len(ordered) <= size:
+        return ordered, ""
+    return ordered[:size], _encode({"k": key(ordered[size - 1])})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 
 from orchestrator.api import convert as conv
+from orchestrator.api import paging
 from orchestrator.api.streams import follow
 from orchestrator.services.processes import ProcessService
 from orchestrator.store.store import Store
@@ -20,8 +21,10 @@ class ProcessServicer(process_service_pb2_grpc.ProcessServiceServicer):
 
     @rpc_errors
     async def ListProcessDefinitions(self, request, context):
-        definitions = sorted(self.processes.configuration.processes.values(), key=lambda d: d.name)
-        return pb.ListProcessDefinitionsResponse(definitions=[conv.process_definition_to_proto(d) for d in definitions])
+        page, token = paging.memory_page(list(self.processes.configuration.processes.values()), request,
+                                         lambda d: d.name)
+        return pb.ListProcessDefinitionsResponse(definitions=[conv.process_definition_to_proto(d) for d in page],
+                                                 next_page_token=token)
 
     @rpc_errors
     async def StartProcess(self, request, context):
@@ -30,7 +33,8 @@ class ProcessServicer(process_service_pb2_grpc.ProcessServiceServicer):
         if overlap:
             raise InvalidArgument(f"inputs given both plain and secret: {', '.join(sorted(overlap))}", field="inputs")
         inputs.update(request.secret_inputs)
-        async for p in follow(lambda sink: self.processes.start(request.process, inputs, sink),
+        async for p in follow(lambda sink: self.processes.start(request.process, inputs, sink,
+                                                                request_id=request.request_id),
                               lambda p: p.instance is not None):
             instance = await self._instance(p.instance) if p.instance is not None else None
             yield pb.StartProcessResponse(
@@ -42,6 +46,16 @@ class ProcessServicer(process_service_pb2_grpc.ProcessServiceServicer):
     async def GetProcessInstance(self, request, context):
         record = await asyncio.to_thread(self.store.processes.get, request.process_instance_id)
         return pb.GetProcessInstanceResponse(instance=await self._instance(record))
+
+    @rpc_errors
+    async def ListProcessInstances(self, request, context):
+        size = paging.page_size(request)
+        after = paging.keyset_of(request)
+        rows = await asyncio.to_thread(self.store.processes.list, state=conv.process_state_from_proto(request.state),
+                                       definition=request.definition or None, after=after, limit=size + 1)
+        page, token = paging.keyset_page(rows, size, lambda p: (p.created_at, p.id))
+        return pb.ListProcessInstancesResponse(instances=[await self._instance(r) for r in page],
+                                               next_page_token=token)
 
     async def _instance(self, record) -> pb.ProcessInstance:
         tasks = await asyncio.to_thread(self.store.tasks.list, process_instance_id=record.id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 
 from orchestrator.api import convert as conv
+from orchestrator.api import paging
 from orchestrator.services.pool import PooledReader, ReaderPool
 from shared.proto import reader_pool_service_pb2 as pb
 from shared.proto import reader_pool_service_pb2_grpc
@@ -20,12 +21,16 @@ class ReaderPoolServicer(reader_pool_service_pb2_grpc.ReaderPoolServiceServicer)
 
     @rpc_errors
     async def ListGateways(self, request, context):
-        return pb.ListGatewaysResponse(gateways=[conv.gateway_to_proto(g) for g in self.pool.gateways()])
+        page, token = paging.memory_page(self.pool.gateways(), request, lambda g: g.gateway_id)
+        return pb.ListGatewaysResponse(gateways=[conv.gateway_to_proto(g) for g in page], next_page_token=token)
 
     @rpc_errors
     async def ListReaders(self, request, context):
         selector = conv.selector_from_proto(request.selector)
-        return pb.ListReadersResponse(readers=[conv.pooled_reader_to_proto(p) for p in self.pool.list(selector)])
+        # Tab: below every printable character, so "gw" sorts before "gw-2".
+        page, token = paging.memory_page(self.pool.list(selector), request,
+                                         lambda p: f"{p.gateway_id}\t{p.reader.reader_id}")
+        return pb.ListReadersResponse(readers=[conv.pooled_reader_to_proto(p) for p in page], next_page_token=token)
 
     @rpc_errors
     async def WatchReaders(self, request, context):

@@ -85,6 +85,38 @@ def build_cas(settings_cas: list[dict[str, Any]] | None,
     that cannot be read) is passed on unchanged.
     """
     data_dir = pathlib.Path(data_dir)
+    local_entry, planned = plan_cas(settings_cas)
+    cas: dict[str, CaConnector] = {}
+    try:
+        cas[LOCAL_CA_NAME] = _local_ca(LOCAL_CA_NAME, {"directory": "ca", **local_entry}, data_dir)
+        for name, kind, entry in planned:
+            if kind == "local":
+                cas[name] = _local_ca(name, entry, data_dir)
+                continue
+            directory = data_dir / pathlib.Path(entry["directory"])     # absolute paths stay absolute
+            options = {k: entry[k] for k in ("openssl", "subject", "tag_requests", "hold_instruction", "timeout_s")
+                       if k in entry}
+            cas[name] = OpenSslCa(directory, name, passphrase_file=entry.get("passphrase_file"), **options)
+    except BaseException:
+        # A CA with its key on a token holds the module: release it when a later CA fails.
+        for ca in cas.values():
+            close = getattr(ca, "close", None)
+            if callable(close):
+                close()
+        raise
+    return cas
+
+
+def ca_names(settings_cas: list[dict[str, Any]] | None) -> tuple[str, ...]:
+    """The names of the configured CAs, "local" first: checked, nothing opened or created."""
+    _, planned = plan_cas(settings_cas)
+    return (LOCAL_CA_NAME, *(name for name, _, _ in planned))
+
+
+def plan_cas(settings_cas: list[dict[str, Any]] | None
+             ) -> tuple[dict[str, Any], list[tuple[str, str, dict[str, Any]]]]:
+    """Checks settings_cas without touching anything: (the local CA's entry, the other CAs
+    as (name, kind, entry)); ConfigurationError listing every mistake."""
     problems: list[str] = []
     planned: list[tuple[str, str, dict[str, Any]]] = []
     local_entry: dict[str, Any] = {}
@@ -129,26 +161,7 @@ def build_cas(settings_cas: list[dict[str, Any]] | None,
     if problems:
         raise ConfigurationError("CA configuration is invalid:\n  " + "\n  ".join(problems),
                                  violations=str(len(problems)))
-
-    cas: dict[str, CaConnector] = {}
-    try:
-        cas[LOCAL_CA_NAME] = _local_ca(LOCAL_CA_NAME, {"directory": "ca", **local_entry}, data_dir)
-        for name, kind, entry in planned:
-            if kind == "local":
-                cas[name] = _local_ca(name, entry, data_dir)
-                continue
-            directory = data_dir / pathlib.Path(entry["directory"])     # absolute paths stay absolute
-            options = {k: entry[k] for k in ("openssl", "subject", "tag_requests", "hold_instruction", "timeout_s")
-                       if k in entry}
-            cas[name] = OpenSslCa(directory, name, passphrase_file=entry.get("passphrase_file"), **options)
-    except BaseException:
-        # A CA with its key on a token holds the module: release it when a later CA fails.
-        for ca in cas.values():
-            close = getattr(ca, "close", None)
-            if callable(close):
-                close()
-        raise
-    return cas
+    return local_entry, planned
 
 
 def _local_ca(name: str, entry: dict[str, Any], data_dir: pathlib.Path) -> LocalCa:

@@ -5,14 +5,15 @@ import sys
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from orchestrator.cli.client import (
     ORCHESTRATOR,
+    REQUEST_ID,
     as_json,
     console,
     label,
     print_json,
+    print_table,
     stub,
 )
 from shared.cli import CliFail
@@ -30,27 +31,41 @@ def certificate_requests(specs: list[str]) -> list[pb.CertificateRequest]:
     for spec in specs:
         template, _, key_type = spec.partition(":")
         if key_type and key_type not in KEY_TYPES:
-            raise CliFail(f"--certificate {spec}: key type must be one of {', '.join(KEY_TYPES)}", 2)
+            raise CliFail(f"--template {spec}: key type must be one of {', '.join(KEY_TYPES)}", 2)
         requests.append(pb.CertificateRequest(template=template, key_type=KEY_TYPES.get(key_type, 0)))
     return requests
+
+
+def _pin_from_stdin() -> str:
+    """The first line of standard input: `user_pin=PIN` (as --secrets-stdin reads elsewhere) or the PIN."""
+    line = sys.stdin.readline().rstrip("\n")
+    name, sep, value = line.partition("=")
+    return value if sep and name == "user_pin" else line
 
 
 def register(root: typer.Typer) -> None:
     @root.command("produce")
     def produce(
         subject: str = typer.Option(..., help="Subject of the certificates, RFC 4514 (\"CN=Jane Doe,O=Example\")."),
-        certificate: list[str] = typer.Option(["EmployeeAuthentication", "EmployeeSignature"], "--certificate",
-                                              help="Certificate template, optionally TEMPLATE:KEYTYPE (repeatable)."),
-        gateway: str = typer.Option("", help="Only readers of this gateway."),
-        reader: str = typer.Option("", help="Only this reader id."),
-        pin_stdin: bool = typer.Option(False, "--pin-stdin", help="Read the user PIN from standard input."),
+        certificate: list[str] = typer.Option(["EmployeeAuthentication", "EmployeeSignature"], "--template",
+                                              "--certificate",
+                                              help="Certificate template, optionally TEMPLATE:KEYTYPE (repeatable; "
+                                                   "--certificate: old name)."),
+        gateway_id: str = typer.Option("", "--gateway-id", "--gateway",
+                                       help="Only readers of this gateway (--gateway: old name)."),
+        reader_id: str = typer.Option("", "--reader-id", "--reader", help="Only this reader (--reader: old name)."),
+        secrets_stdin: bool = typer.Option(False, "--secrets-stdin", "--pin-stdin",
+                                           help="Read the user PIN from standard input: a line user_pin=PIN, or "
+                                                "the PIN alone (--pin-stdin: old name)."),
+        request_id: str = REQUEST_ID,
         json_output: bool = typer.Option(False, "--json", help="Print the finished task as JSON."),
         orchestrator_addr: str = ORCHESTRATOR,
     ) -> None:
         """Produce one card: keys on the card, certificates from the CA, written back."""
-        pin = sys.stdin.readline().rstrip("\n") if pin_stdin else typer.prompt("User PIN", hide_input=True)
-        request = pb.ProduceCardRequest(reader=pool_pb.ReaderSelector(gateway_id=gateway, reader_id=reader),
-                                        subject=subject, certificates=certificate_requests(certificate), user_pin=pin)
+        pin = _pin_from_stdin() if secrets_stdin else typer.prompt("User PIN", hide_input=True)
+        request = pb.ProduceCardRequest(reader=pool_pb.ReaderSelector(gateway_id=gateway_id, reader_id=reader_id),
+                                        subject=subject, certificates=certificate_requests(certificate), user_pin=pin,
+                                        request_id=request_id)
         task = None
         with console.status("producing card…"):
             for response in stub(card_service_pb2_grpc.CardServiceStub, orchestrator_addr).ProduceCard(request):
@@ -100,10 +115,9 @@ def register(root: typer.Typer) -> None:
         if json_output:
             print_json([as_json(c) for c in found])
             return
-        table = Table("id", "serial", "holder", "template", "state", "certificates")
-        for c in found:
-            table.add_row(c.id, c.serial, c.holder or "-", c.template, c.state, str(len(c.certificate_ids)))
-        Console().print(table)
+        print_table("id", "serial", "holder", "template", "state", "certificates",
+                    rows=[(c.id, c.serial, c.holder or "-", c.template, c.state, str(len(c.certificate_ids)))
+                          for c in found])
 
     @cards.command("set-puk")
     def cards_set_puk(

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import typer
 from google.protobuf import json_format
 from rich.console import Console
+from rich.table import Column, Table
+from rich.text import Text
 
 from shared.cli import CliFail
 from shared.proto import common_pb2
@@ -31,12 +33,60 @@ def stub(stub_class: Callable[[grpc.Channel], Stub], target: str) -> Stub:
     return stub_class(client_channel(target))
 
 
+REQUEST_ID = typer.Option("", "--request-id", help="Your id for this request (e.g. a UUID): a repeat with the same "
+                                                  "id returns the first result instead of producing again.")
+JSON = typer.Option(False, "--json", help="JSON output (protobuf's JSON mapping, every field, zero values "
+                                          "included).")
+
+
 def as_json(message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    """One stable shape for every command's --json: protobuf's JSON mapping with the proto's
+    field names, enum names, and every field even when it holds its zero value."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
 
 
 def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
+
+
+def print_table(*columns: str, rows: Iterable[Sequence[str]]) -> None:
+    """A table on standard output whose values are never cut: on a terminal too narrow for a
+    column, its values wrap (fold) onto more lines; without a terminal (a pipe, a file) the
+    table is as wide as its widest values."""
+    rows = [[str(v) for v in row] for row in rows]
+    table = Table(*(Column(c, overflow="fold") for c in columns))
+    for row in rows:
+        table.add_row(*(Text(v) for v in row))     # Text: values are never read as rich markup
+    out = Console(soft_wrap=True, highlight=False)
+    if not out.is_terminal:
+        widths = [max([len(c), *(len(line) for r in rows for line in r[i].splitlines() or [""])])
+                  for i, c in enumerate(columns)]
+        out = Console(soft_wrap=True, highlight=False, width=max(80, sum(widths) + 3 * len(widths) + 1))
+    out.print(table)
+
+
+def all_pages(call: Callable[[Any], Any], request: Any, field: str, limit: int = 0) -> list[Any]:
+    """Every item of a List RPC, page after page (at most `limit` items, 0: all)."""
+    items: list[Any] = []
+    while True:
+        if limit:
+            request.page_size = min(limit - len(items), 1000)
+        response = call(request)
+        items.extend(getattr(response, field))
+        if not response.next_page_token or (limit and len(items) >= limit):
+            return items[:limit] if limit else items
+        request.page_token = response.next_page_token
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Asks before mass changes unless --yes; without a terminal to ask on, --yes is needed."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise CliFail(f"{question} - not confirmed: no terminal to ask on; give --yes to go ahead", 2)
+    if not typer.confirm(question, default=False):
+        raise CliFail("not confirmed; nothing was done", 1)
 
 
 def label(enum, value: int) -> str:
@@ -44,6 +94,17 @@ def label(enum, value: int) -> str:
     name = enum.Name(value)
     prefix = next(n for n in enum.DESCRIPTOR.values_by_name if n.endswith("_UNSPECIFIED")).removesuffix("UNSPECIFIED")
     return name.removeprefix(prefix).lower().replace("_", " ")
+
+
+def enum_value(enum, text: str, option: str) -> int:
+    """The inverse of label(): "running" -> TASK_STATE_RUNNING's value; empty: the zero value (any)."""
+    if not text:
+        return 0
+    choices = {label(enum, v): v for v in enum.values() if v}
+    key = text.lower().replace("_", " ")
+    if key not in choices:
+        raise CliFail(f"{option} {text!r}: expected one of {', '.join(sorted(choices))}", 2)
+    return choices[key]
 
 
 def selector(gateway: str = "", site: str = "", labels: list[str] | None = None, kind: str = "",

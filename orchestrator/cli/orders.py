@@ -5,7 +5,6 @@ import json
 import pathlib
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -13,13 +12,17 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
 
 from orchestrator.cli.client import (
+    JSON,
     ORCHESTRATOR,
+    REQUEST_ID,
+    all_pages,
     as_json,
     console,
+    label,
     print_json,
+    print_table,
     secret_inputs,
     secrets_from_stdin,
     selector,
@@ -109,6 +112,18 @@ def _finish(order: pb.Order, json_output: bool, *, watched: bool) -> None:
     raise typer.Exit(0 if all(c.state == SUCCEEDED for c in order.cards) else 1)
 
 
+def _show_order(order: pb.Order, json_output: bool) -> None:
+    if json_output:
+        print_json(as_json(order))
+        return
+    print(f"order {order.id} ({order.process}) {label(pb.OrderState, order.state)}, created "
+          f"{order.created_at.ToDatetime().isoformat(timespec='seconds')}")
+    print_table("card", "state", "queue", "gateway", "reader", "process instance", "error",
+                rows=[(str(c.index), label(pb.OrderCardState, c.state), str(c.queue_position or ""), c.gateway_id,
+                       c.reader_id, c.process_instance_id,
+                       f"{c.error.reason}: {c.error.message}" if c.error.reason else "") for c in order.cards])
+
+
 def register(root: typer.Typer) -> None:
     orders = typer.Typer(help="Production orders: many cards spread over the pool's readers.", no_args_is_help=True)
 
@@ -117,10 +132,16 @@ def register(root: typer.Typer) -> None:
         process: str,
         input_file: pathlib.Path = typer.Option(..., "--input-file", help="JSON lines, one object of process "
                                                 "inputs per card, e.g. {\"person\": \"Jane Doe\"}."),
-        reader_site: str = typer.Option("", "--reader-site", help="Only readers of gateways at this site."),
-        reader_gateway: str = typer.Option("", "--reader-gateway", help="Only readers of this gateway."),
-        reader_label: list[str] = typer.Option([], "--reader-label", help="Only gateways with this KEY=VALUE label."),
-        reader_kind: str = typer.Option("", "--reader-kind", help="pkcs11 or pcsc."),
+        reader_site: str = typer.Option("", "--site", "--reader-site",
+                                        help="Only readers of gateways at this site (--reader-site: old name)."),
+        reader_gateway: str = typer.Option("", "--gateway-id", "--reader-gateway",
+                                           help="Only readers of this gateway (--reader-gateway: old name)."),
+        reader_label: list[str] = typer.Option([], "--label", "--reader-label",
+                                               help="Only gateways with this KEY=VALUE label (repeatable; "
+                                                    "--reader-label: old name)."),
+        reader_kind: str = typer.Option("", "--kind", "--reader-kind",
+                                        help="pkcs11 or pcsc (--reader-kind: old name)."),
+        request_id: str = REQUEST_ID,
         secrets_stdin: bool = typer.Option(False, "--secrets-stdin", help="Read the secret inputs (the same for "
                                            "every card) as NAME=VALUE lines from standard input."),
         watch: bool = typer.Option(True, "--watch/--no-watch", help="Follow the order until every card is done."),
@@ -129,7 +150,7 @@ def register(root: typer.Typer) -> None:
     ) -> None:
         """Create a production order: one card per line of --input-file."""
         items = _items(input_file)
-        request = pb.CreateOrderRequest(process=process, items=items, selector=selector(
+        request = pb.CreateOrderRequest(process=process, items=items, request_id=request_id, selector=selector(
             reader_gateway, reader_site, reader_label, reader_kind))
         found = definition(stub(process_service_pb2_grpc.ProcessServiceStub, orchestrator_addr), process)
         per_card = set().union(*(set(i.inputs) for i in items))
@@ -153,19 +174,31 @@ def register(root: typer.Typer) -> None:
         _finish(order, json_output, watched=True)
 
     @orders.command("list")
-    def orders_list(json_output: bool = typer.Option(False, "--json", help="JSON output."),
-                    orchestrator_addr: str = ORCHESTRATOR) -> None:
-        """Orders of this orchestrator run (kept in memory)."""
-        found = stub(order_service_pb2_grpc.OrderServiceStub, orchestrator_addr).ListOrders(
-            pb.ListOrdersRequest()).orders
+    def orders_list(json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+        """Orders of this orchestrator run (kept in memory), oldest first."""
+        found = all_pages(stub(order_service_pb2_grpc.OrderServiceStub, orchestrator_addr).ListOrders,
+                          pb.ListOrdersRequest(), "orders")
         if json_output:
             print_json([as_json(o) for o in found])
             return
-        table = Table("order", "process", "state", "cards", "succeeded", "failed", "running", "queued", "created")
-        for o in found:
-            table.add_row(o.id, o.process, pb.OrderState.Name(o.state).removeprefix("ORDER_STATE_"), str(len(o.cards)),
-                          str(_count(o, SUCCEEDED)), str(_count(o, FAILED)), str(_count(o, RUNNING)),
-                          str(_count(o, QUEUED)), o.created_at.ToDatetime().isoformat(timespec="seconds"))
-        Console().print(table)
+        print_table("order", "process", "state", "cards", "succeeded", "failed", "running", "queued", "created",
+                    rows=[(o.id, o.process, label(pb.OrderState, o.state), str(len(o.cards)),
+                           str(_count(o, SUCCEEDED)), str(_count(o, FAILED)), str(_count(o, RUNNING)),
+                           str(_count(o, QUEUED)), o.created_at.ToDatetime().isoformat(timespec="seconds"))
+                          for o in found])
+
+    @orders.command("show")
+    def orders_show(order_id: str, json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+        """One order and each of its cards: state, reader, process instance, error."""
+        order = stub(order_service_pb2_grpc.OrderServiceStub, orchestrator_addr).GetOrder(
+            pb.GetOrderRequest(order_id=order_id)).order
+        _show_order(order, json_output)
+
+    @orders.command("cancel")
+    def orders_cancel(order_id: str, json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+        """Cancel an order: cards still queued are not produced; cards being produced finish."""
+        order = stub(order_service_pb2_grpc.OrderServiceStub, orchestrator_addr).CancelOrder(
+            pb.CancelOrderRequest(order_id=order_id)).order
+        _show_order(order, json_output)
 
     root.add_typer(orders, name="orders")

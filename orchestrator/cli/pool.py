@@ -6,13 +6,16 @@ import json
 import typer
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
+from rich.table import Column, Table
 
 from orchestrator.cli.client import (
+    JSON,
     ORCHESTRATOR,
+    all_pages,
     as_json,
     label,
     print_json,
+    print_table,
     selector,
     stub,
 )
@@ -21,14 +24,19 @@ from shared.proto import reader_pool_service_pb2 as pb
 
 
 def _readers_table(readers) -> Table:
-    table = Table("gateway", "site", "reader", "kind", "state", "card", "holder", "labels")
+    # A live (--watch) table: on a terminal, its values wrap instead of being cut.
+    table = Table(*(Column(c, overflow="fold") for c in ("gateway", "site", "reader", "kind", "state", "card",
+                                                         "holder", "labels")))
     for r in readers:
-        table.add_row(r.gateway_id, r.site, r.reader.reader_id,
-                      common_pb2.ReaderKind.Name(r.reader.kind).removeprefix("READER_KIND_"),
-                      label(pb.PooledReaderState, r.state),
-                      r.reader.token_label or ("yes" if r.reader.card_present else "-"), r.holder,
-                      ", ".join(f"{k}={v}" for k, v in sorted(r.labels.items())))
+        table.add_row(*_reader_row(r))
     return table
+
+
+def _reader_row(r: pb.PooledReader) -> tuple[str, ...]:
+    return (r.gateway_id, r.site, r.reader.reader_id,
+            common_pb2.ReaderKind.Name(r.reader.kind).removeprefix("READER_KIND_"),
+            label(pb.PooledReaderState, r.state), r.reader.token_label or ("yes" if r.reader.card_present else "-"),
+            r.holder, ", ".join(f"{k}={v}" for k, v in sorted(r.labels.items())))
 
 
 def _watch(pool: reader_pool_service_pb2_grpc.ReaderPoolServiceStub, request: pb.WatchReadersRequest,
@@ -62,7 +70,8 @@ def register(root: typer.Typer) -> None:
     def readers(
         watch: bool = typer.Option(False, "--watch", help="Keep showing the pool as it changes (Ctrl-C ends)."),
         json_output: bool = typer.Option(False, "--json", help="JSON output (with --watch: one change per line)."),
-        gateway: str = typer.Option("", help="Only readers of this gateway."),
+        gateway: str = typer.Option("", "--gateway-id", "--gateway",
+                                    help="Only readers of this gateway (--gateway: old name)."),
         site: str = typer.Option("", help="Only readers of gateways at this site."),
         label_: list[str] = typer.Option([], "--label", help="Only gateways with this KEY=VALUE label (repeatable)."),
         orchestrator_addr: str = ORCHESTRATOR,
@@ -73,25 +82,23 @@ def register(root: typer.Typer) -> None:
         if watch:
             _watch(pool, pb.WatchReadersRequest(selector=chosen), json_output)
             return
-        found = pool.ListReaders(pb.ListReadersRequest(selector=chosen)).readers
+        found = all_pages(pool.ListReaders, pb.ListReadersRequest(selector=chosen), "readers")
         if json_output:
             print_json([as_json(r) for r in found])
         else:
-            Console().print(_readers_table(found))
+            print_table("gateway", "site", "reader", "kind", "state", "card", "holder", "labels",
+                        rows=[_reader_row(r) for r in found])
 
     @root.command("gateways")
-    def gateways(json_output: bool = typer.Option(False, "--json", help="JSON output."),
-                 orchestrator_addr: str = ORCHESTRATOR) -> None:
+    def gateways(json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
         """Gateways the orchestrator knows: connected or recently gone, since when, last seen, version."""
-        found = stub(reader_pool_service_pb2_grpc.ReaderPoolServiceStub, orchestrator_addr).ListGateways(
-            pb.ListGatewaysRequest()).gateways
+        found = all_pages(stub(reader_pool_service_pb2_grpc.ReaderPoolServiceStub, orchestrator_addr).ListGateways,
+                          pb.ListGatewaysRequest(), "gateways")
         if json_output:
             print_json([as_json(g) for g in found])
             return
-        table = Table("gateway", "site", "connected", "readers", "since", "last seen", "version", "labels")
-        for g in found:
-            table.add_row(g.gateway_id, g.site, "yes" if g.connected else "[red]no[/]", str(g.readers),
-                          g.connected_since.ToDatetime().isoformat(timespec="seconds"),
-                          g.last_seen.ToDatetime().isoformat(timespec="seconds"), g.version,
-                          ", ".join(f"{k}={v}" for k, v in sorted(g.labels.items())))
-        Console().print(table)
+        print_table("gateway", "site", "connected", "readers", "since", "last seen", "version", "labels",
+                    rows=[(g.gateway_id, g.site, "yes" if g.connected else "no", str(g.readers),
+                           g.connected_since.ToDatetime().isoformat(timespec="seconds"),
+                           g.last_seen.ToDatetime().isoformat(timespec="seconds"), g.version,
+                           ", ".join(f"{k}={v}" for k, v in sorted(g.labels.items()))) for g in found])

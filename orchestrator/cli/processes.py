@@ -5,14 +5,18 @@ import json
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from orchestrator.cli.client import (
+    JSON,
     ORCHESTRATOR,
+    REQUEST_ID,
+    all_pages,
     as_json,
     console,
+    enum_value,
     label,
     print_json,
+    print_table,
     secret_inputs,
     secrets_from_stdin,
     stub,
@@ -35,6 +39,14 @@ def _value(text: str) -> common_pb2.Value:
     return common_pb2.Value(text=text)
 
 
+def _when(ts) -> str:
+    return ts.ToDatetime().isoformat(timespec="seconds") if ts.seconds else "-"
+
+
+def _state(text: str) -> int:
+    return enum_value(pb.ProcessState, text, "--state")
+
+
 def _task_type(value: int) -> str:
     """TASK_TYPE_CARD_PRODUCTION -> card_production, as in process definitions."""
     return label(card_service_pb2.TaskType, value).replace(" ", "_")
@@ -44,15 +56,36 @@ def register(root: typer.Typer) -> None:
     process = typer.Typer(help="Processes: definitions and instances.", no_args_is_help=True)
 
     @process.command("list")
-    def process_list(orchestrator_addr: str = ORCHESTRATOR) -> None:
+    def process_list(json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
         """The process definitions the orchestrator loaded."""
-        definitions = stub(process_service_pb2_grpc.ProcessServiceStub, orchestrator_addr).ListProcessDefinitions(
-            pb.ListProcessDefinitionsRequest()).definitions
-        table = Table("process", "inputs", "secret inputs", "tasks")
-        for d in definitions:
-            table.add_row(d.name, ", ".join(d.inputs), ", ".join(d.secret_inputs),
-                          " → ".join(_task_type(t) for t in d.task_types))
-        Console().print(table)
+        definitions = all_pages(stub(process_service_pb2_grpc.ProcessServiceStub, orchestrator_addr)
+                                .ListProcessDefinitions, pb.ListProcessDefinitionsRequest(), "definitions")
+        if json_output:
+            print_json([as_json(d) for d in definitions])
+            return
+        print_table("process", "inputs", "secret inputs", "tasks",
+                    rows=[(d.name, ", ".join(d.inputs), ", ".join(d.secret_inputs),
+                           " → ".join(_task_type(t) for t in d.task_types)) for d in definitions])
+
+    @process.command("instances")
+    def process_instances(
+        definition_name: str = typer.Option("", "--process", help="Only instances of this process definition."),
+        state: str = typer.Option("", help="Only instances in this state: running, succeeded or failed."),
+        limit: int = typer.Option(0, "--limit", help="At most this many (0: all)."),
+        json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR,
+    ) -> None:
+        """Process instances, newest first."""
+        request = pb.ListProcessInstancesRequest(definition=definition_name,
+                                                 state=pb.ProcessState.ValueType(_state(state)))
+        found = all_pages(stub(process_service_pb2_grpc.ProcessServiceStub, orchestrator_addr).ListProcessInstances,
+                          request, "instances", limit)
+        if json_output:
+            print_json([as_json(i) for i in found])
+            return
+        print_table("instance", "process", "state", "created", "finished", "error",
+                    rows=[(i.id, i.definition, label(pb.ProcessState, i.state), _when(i.created_at),
+                           _when(i.finished_at), f"{i.error.reason}: {i.error.message}" if i.error.reason else "")
+                          for i in found])
 
     @process.command("start")
     def process_start(
@@ -62,12 +95,13 @@ def register(root: typer.Typer) -> None:
         secrets_stdin: bool = typer.Option(False, "--secrets-stdin",
                                            help="Read secret inputs as NAME=VALUE lines from standard input "
                                                 "(otherwise they are prompted for, hidden)."),
+        request_id: str = REQUEST_ID,
         json_output: bool = typer.Option(False, "--json", help="Print the finished instance as JSON."),
         orchestrator_addr: str = ORCHESTRATOR,
     ) -> None:
         """Start a process instance and follow it."""
         processes = stub(process_service_pb2_grpc.ProcessServiceStub, orchestrator_addr)
-        request = pb.StartProcessRequest(process=name)
+        request = pb.StartProcessRequest(process=name, request_id=request_id)
         for item in inputs:
             key, sep, value = item.partition("=")
             if not sep:
@@ -90,16 +124,20 @@ def register(root: typer.Typer) -> None:
         raise typer.Exit(0 if ok else 1)
 
     @process.command("show")
-    def process_show(instance_id: str, json_output: bool = typer.Option(False, "--json", help="JSON output."),
-                     orchestrator_addr: str = ORCHESTRATOR) -> None:
-        """A process instance with its process map."""
+    def process_show(instance_id: str, json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+        """A process instance: state, error, tasks and process map."""
         instance = stub(process_service_pb2_grpc.ProcessServiceStub, orchestrator_addr).GetProcessInstance(
             pb.GetProcessInstanceRequest(process_instance_id=instance_id)).instance
         if json_output:
             print_json(as_json(instance))
             return
-        Console().print(f"process {instance.id} ({instance.definition}) {pb.ProcessState.Name(instance.state)}")
+        out = Console(soft_wrap=True, highlight=False)
+        out.print(f"process {instance.id} ({instance.definition}) {pb.ProcessState.Name(instance.state)}", markup=False)
+        out.print(f"  created {_when(instance.created_at)}, finished {_when(instance.finished_at)}", markup=False)
+        if instance.error.reason:
+            out.print(f"  error {instance.error.reason}: {instance.error.message}", markup=False)
+        out.print(f"  tasks {', '.join(instance.task_ids) or '-'}", markup=False)
         for key, value in sorted(as_json(instance).get("process_map", {}).items()):
-            Console().print(f"  {key} = {json.dumps(value)}")
+            out.print(f"  {key} = {json.dumps(value)}", markup=False)
 
     root.add_typer(process, name="process")

@@ -24,6 +24,9 @@ def register(root: typer.Typer) -> None:
                                                                       "names (default: CONFIG_DIR/secrets)."),
         config_file: pathlib.Path | None = typer.Option(None, "--config", envvar="CARDLINE_CONFIG",
                                                            help="YAML configuration file (section 'orchestrator')."),
+        migrate: bool | None = typer.Option(None, "--migrate", help="Upgrade the database schema at start-up "
+                                             "(otherwise start-up refuses a database `cardline db upgrade` has "
+                                             "not upgraded)."),
         json_logs: bool = typer.Option(False, "--json-logs", help="Log JSON lines."),
         tls_dir: pathlib.Path | None = TLS_DIR, tls_ca: pathlib.Path | None = TLS_CA,
         tls_cert: pathlib.Path | None = TLS_CERT, tls_key: pathlib.Path | None = TLS_KEY,
@@ -34,7 +37,7 @@ def register(root: typer.Typer) -> None:
 
         run_server(config.OrchestratorSettings, run, json_logs=json_logs, config_file=config_file, listen=listen,
                    data_dir=data_dir, database_url=database_url, config_dir=config_dir, secrets_dir=secrets_dir,
-                   tls_dir=tls_dir,
-                   tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_crl=tls_crl, insecure=insecure)
+                   migrate=migrate, tls_dir=tls_dir, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_crl=tls_crl,
+                   insecure=insecure)
 
     root.add_typer(orchestrator, name="orchestrator")

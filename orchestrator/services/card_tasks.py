@@ -163,11 +163,13 @@ class CardTaskService:
             if order.fields.get(name) in (None, ""):
                 raise EncodingFailed(f"{order.encoding.source}: field {name!r} has no value")
 
-    async def run(self, order: CardTaskOrder, progress: ProgressSink = lambda p: None) -> CardTaskOutcome:
+    async def run(self, order: CardTaskOrder, progress: ProgressSink = lambda p: None, *,
+                  task_id: str | None = None) -> CardTaskOutcome:
+        """task_id: chosen by the caller (recorded with a client's request id first), else new."""
         self.validate(order)
         # Registered before the task row exists, so the reconciler never takes a task that is
         # being created for one a crash left behind.
-        task_id = str(uuid.uuid4())
+        task_id = task_id or str(uuid.uuid4())
         self.running.add(task_id)
         try:
             async with self.pool.lease(order.selector) as lease:

@@ -67,11 +67,12 @@ class LeaseService:
     # --- life of a lease -------------------------------------------------------------------
 
     async def acquire(self, selector: ReaderSelector, *, ttl_s: float = 0, holder: str = "",
-                      wait: bool = False) -> ServiceLease:
+                      wait: bool = False, lease_id: str | None = None) -> ServiceLease:
+        """lease_id: chosen by the caller (recorded with a client's request id first), else new."""
         ttl = float(ttl_s or self.default_ttl_s)
         if ttl > self.max_ttl_s:
             raise InvalidArgument(f"ttl_s {ttl:g} is above the maximum of {self.max_ttl_s:g} s", field="ttl_s")
-        lease_id = uuid.uuid4().hex
+        lease_id = lease_id or uuid.uuid4().hex
         shown = f"{holder} (lease {lease_id})" if holder else f"lease {lease_id}"
         pool_lease = await self.pool.acquire(selector, need_card=selector.card_present, wait=wait, kind=SERVICE,
                                              holder=shown)

@@ -100,8 +100,9 @@ class OrderService:
         self._keep = keep
 
     def create(self, process: str, selector: ReaderSelector, items: Sequence[Mapping[str, object]],
-               secrets: Mapping[str, str] | None = None) -> Order:
-        """Checks the whole order, then starts every card; returns at once."""
+               secrets: Mapping[str, str] | None = None, *, order_id: str | None = None) -> Order:
+        """Checks the whole order, then starts every card; returns at once. order_id: chosen
+        by the caller (recorded with a client's request id first), else new."""
         definition = self.processes.definition(process)
         productions = [t for t in definition.tasks if isinstance(t, CardProductionTask)]
         if not productions:
@@ -126,7 +127,7 @@ class OrderService:
         if not any(own.matches_pooled(p) for p in self.pool.list(selector) if p.state.value != "OFFLINE"):
             raise ReaderNotFound(f"no reader of an attached gateway matches the order's {selector.describe()} "
                                  f"and the process's {own.describe()}")
-        order = Order(uuid.uuid4().hex[:12], process, selector, [OrderCard(i) for i in range(len(items))])
+        order = Order(order_id or uuid.uuid4().hex[:12], process, selector, [OrderCard(i) for i in range(len(items))])
         self._orders[order.id] = order
         self._forget_old()
         for card, inputs in zip(order.cards, items):

@@ -20,6 +20,7 @@ from orchestrator.services.card_tasks import OPERATION, PRODUCTION, CardTaskOrde
 from orchestrator.services.certificates import CertificateService
 from orchestrator.services.configuration import Configuration
 from orchestrator.services.pool import ReaderSelector
+from orchestrator.store.client_requests import fingerprint
 from orchestrator.store.records import AUDIT_CHANGE_STATE, CARD, CERTIFICATE, ProcessInstanceRecord, ProcessState
 from orchestrator.store.store import Store
 from shared.errors import CardlineError, EncodingFailed, IllegalTransition, InvalidArgument, NotFound
@@ -72,7 +73,11 @@ class ProcessService:
             raise NotFound(f"no process {name!r} (known: {known})", process=name) from None
 
     async def start(self, name: str, inputs: Mapping[str, object],
-                    progress: ProcessProgressSink = lambda p: None) -> ProcessInstanceRecord:
+                    progress: ProcessProgressSink = lambda p: None, *,
+                    request_id: str = "") -> ProcessInstanceRecord:
+        """Runs a new instance of process `name` to its end. request_id (chosen by the
+        client): a retry with the same id starts nothing and follows the instance the first
+        call started to its end instead (the same id for other inputs: AlreadyExists)."""
         definition = self.definition(name)
         try:
             process_map, secrets = definition.split_inputs(inputs)
@@ -81,12 +86,35 @@ class ProcessService:
         instance_id = str(uuid.uuid4())
         self.running.add(instance_id)           # before the row exists: see CardTaskService.run
         try:
-            instance = await asyncio.to_thread(self.store.processes.create, name, process_map.to_dict(),
-                                               owner=self.card_tasks.owner_id, instance_id=instance_id)
+            if request_id:
+                # Secrets stay out of the fingerprint: it is stored.
+                instance, created = await asyncio.to_thread(
+                    self.store.processes.create_once, name, process_map.to_dict(), request_id,
+                    fingerprint(name, sorted(process_map.to_dict().items())),
+                    owner=self.card_tasks.owner_id, instance_id=instance_id)
+                if not created:
+                    return await self._follow_first(instance, progress)
+            else:
+                instance = await asyncio.to_thread(self.store.processes.create, name, process_map.to_dict(),
+                                                   owner=self.card_tasks.owner_id, instance_id=instance_id)
             run = _ProcessRun(self, definition, instance.id, process_map, secrets, progress)
             return await run.execute()
         finally:
             self.running.discard(instance_id)
+
+    async def _follow_first(self, instance: ProcessInstanceRecord,
+                            progress: ProcessProgressSink) -> ProcessInstanceRecord:
+        """A retried start: waits for the instance the first call started (here or on
+        another orchestrator) to end, and reports it as the last progress."""
+        log.info("process start retried with its request id; following the first instance", instance=instance.id)
+        delay = 0.05
+        while instance.state == ProcessState.RUNNING:
+            await asyncio.sleep(delay)          # polled: the first run may belong to another orchestrator
+            delay = min(delay * 2, 1.0)
+            instance = await asyncio.to_thread(self.store.processes.get, instance.id)
+        progress(ProcessProgress(instance.id, 0, "", f"request already handled: process instance {instance.id} "
+                                 f"{instance.state.lower()}", instance=instance))
+        return instance
 
 
 class _ProcessRun:

@@ -7,7 +7,9 @@ from collections.abc import Iterable
 
 from sqlalchemy import select
 
+from orchestrator.store import paging
 from orchestrator.store.models import CaRequest, utcnow
+from orchestrator.store.paging import Keyset
 from orchestrator.store.records import CaRequestRecord, CaRequestState
 from orchestrator.store.rows import ca_request_row, record, task_row
 from orchestrator.store.sessions import Sessions
@@ -85,9 +87,11 @@ class CaRequests:
             return record(CaRequestRecord, row)
 
     def list(self, states: Iterable[CaRequestState] | None = None,
-             task_id: str | None = None) -> list[CaRequestRecord]:
+             task_id: str | None = None, *, after: Keyset | None = None,
+             limit: int | None = None) -> list[CaRequestRecord]:
         """Journaled CA requests, oldest first; states: only those in these states (e.g.
-        [CaRequestState.PENDING]: the unsettled ones)."""
+        [CaRequestState.PENDING]: the unsettled ones); after: the (created_at, request_id)
+        of the last request of the previous page."""
         q = select(CaRequest)
         if states is not None:
             states = list(states)
@@ -97,6 +101,8 @@ class CaRequests:
             q = q.where(CaRequest.state.in_(states))
         if task_id is not None:
             q = q.where(CaRequest.task_id == task_id)
+        q = paging.after(q, CaRequest.created_at, CaRequest.request_id, after)
+        if limit is not None:
+            q = q.limit(limit)
         with self._db.read() as s:
-            return [record(CaRequestRecord, r)
-                    for r in s.scalars(q.order_by(CaRequest.created_at, CaRequest.request_id))]
+            return [record(CaRequestRecord, r) for r in s.scalars(q)]

@@ -6,7 +6,9 @@ from typing import Any
 
 from sqlalchemy import select
 
+from orchestrator.store import paging
 from orchestrator.store.models import Card, Certificate, ObjectRelation, utcnow
+from orchestrator.store.paging import Keyset
 from orchestrator.store.records import CARD, CERTIFICATE, CardRecord
 from orchestrator.store.rows import card_row, change_state, new_id, record, running_task_row
 from orchestrator.store.sessions import Sessions
@@ -60,15 +62,17 @@ class Cards:
                                   .order_by(Certificate.created_at, Certificate.id)))
 
     def list(self, *, holder: str | None = None, state: str | None = None, template: str | None = None,
-             token_serial: str | None = None, offset: int = 0, limit: int | None = None) -> list[CardRecord]:
+             token_serial: str | None = None, after: Keyset | None = None,
+             limit: int | None = None) -> list[CardRecord]:
         """Cards by holder, state, template and token serial (all combine with AND), oldest
-        first; `offset` / `limit` page through them."""
+        first (created_at, then id); `after` (the last card of the previous page) / `limit`
+        page through them."""
         q = select(Card)
         for column, value in ((Card.holder, holder), (Card.state, state), (Card.template, template),
                               (Card.serial, token_serial)):
             if value is not None:
                 q = q.where(column == value)
-        q = q.order_by(Card.created_at, Card.id).offset(offset)
+        q = paging.after(q, Card.created_at, Card.id, after)
         if limit is not None:
             q = q.limit(limit)
         with self._db.read() as s:

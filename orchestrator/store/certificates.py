@@ -10,7 +10,9 @@ from cryptography import x509
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 
+from orchestrator.store import paging
 from orchestrator.store.models import ArchivedKey, Certificate, ObjectRelation, Task, utcnow
+from orchestrator.store.paging import Keyset
 from orchestrator.store.records import CARD, CERTIFICATE, ArchivedKeyRecord, CertificateRecord, WrappedKey
 from orchestrator.store.rows import certificate_row, change_state, check_wrapped_key, record
 from orchestrator.store.sessions import Sessions
@@ -45,8 +47,9 @@ class Certificates:
              issued_before: dt.datetime | None = None, limit: int | None = None,
              gateway_id: str | None = None, reader_id: str | None = None,
              process_instance_id: str | None = None, expiring_before: dt.datetime | None = None,
-             valid_at: dt.datetime | None = None, offset: int = 0) -> list[CertificateRecord]:
-        """C4 search, oldest first. All filters combine with AND.
+             valid_at: dt.datetime | None = None, serial_hex: str | None = None,
+             after: Keyset | None = None) -> list[CertificateRecord]:
+        """C4 search, oldest first (created_at, then id). All filters combine with AND.
 
         issued_before: stored (received from the CA) strictly before this aware datetime.
         card_id: related to the card (Card -> Certificate relation) OR issued by a task of
@@ -56,9 +59,12 @@ class Certificates:
         process_instance_id: issued by a task of that process instance.
         expiring_before / valid_at: notAfter strictly before / notAfter at or after these aware
           datetimes ("expiring within N days": valid_at=now, expiring_before=now + N days).
-        offset: skip that many (paging, with limit).
+        serial_hex: the serial as stored (lower-case hex, no leading zeros).
+        after: the (created_at, id) of the last certificate of the previous page.
         """
         q = select(Certificate)
+        if serial_hex is not None:
+            q = q.where(Certificate.serial_hex == serial_hex)
         if state is not None:
             q = q.where(Certificate.state == state)
         if template is not None:
@@ -91,7 +97,7 @@ class Certificates:
                 ObjectRelation.target_type == CERTIFICATE)
             of_card_tasks = select(Task.id).where(Task.card_id == card_id)
             q = q.where(or_(Certificate.id.in_(related), Certificate.task_id.in_(of_card_tasks)))
-        q = q.order_by(Certificate.created_at, Certificate.id).offset(offset)
+        q = paging.after(q, Certificate.created_at, Certificate.id, after)
         if limit is not None:
             q = q.limit(limit)
         with self._db.read() as s:

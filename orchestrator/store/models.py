@@ -244,6 +244,22 @@ class OrchestratorInstance(Base):
     heartbeat_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
 
 
+class ClientRequest(Base):
+    """A client-chosen request id of an RPC that creates something (revision 0005): the id
+    of what the first call created, so a retry with the same id returns it instead of
+    creating a second one. kind: what was created ("process_instance", "task", ...);
+    fingerprint: a digest of the first request, so the same id reused for a different
+    request is refused instead of silently answered with the first result."""
+
+    __tablename__ = "client_requests"
+
+    kind: Mapped[str] = mapped_column(String(40), primary_key=True)
+    request_id: Mapped[str] = mapped_column(NAME, primary_key=True)
+    resource_id: Mapped[str] = mapped_column(NAME)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, index=True)
+
+
 class CardSecret(Base):
     """A card's own PUK (SO PIN), sealed under the key-encryption key (revision 0006), keyed
     by the card's token serial: what `unblock-pin` authenticates with. Never stored plain."""

@@ -5,8 +5,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from orchestrator.store import paging
+from orchestrator.store.client_requests import claim_in
 from orchestrator.store.models import ProcessInstance, utcnow
+from orchestrator.store.paging import Keyset
 from orchestrator.store.records import ProcessInstanceRecord, ProcessState
 from orchestrator.store.rows import check_process_running, json_object, new_id, process_record, process_row
 from orchestrator.store.sessions import Sessions
@@ -27,12 +31,32 @@ class ProcessInstances:
             raise InvalidArgument("a process instance needs its definition's name")
         text_map = json_object(process_map, "process map")
         with self._db.write() as s:
-            now = utcnow()
-            row = ProcessInstance(id=instance_id or new_id(), definition=definition, state=ProcessState.RUNNING,
-                                  process_map=text_map, created_at=now, updated_at=now, owner=owner)
-            s.add(row)
-            s.flush()
-            return process_record(row)
+            return process_record(self._add(s, definition, text_map, owner, instance_id or new_id()))
+
+    def create_once(self, definition: str, process_map: Mapping[str, Any], request_id: str, fingerprint: str, *,
+                    owner: str | None = None, instance_id: str | None = None) -> tuple[ProcessInstanceRecord, bool]:
+        """create() for a StartProcess with a client-chosen request id: in the same
+        transaction, the id is recorded with the new instance, or, on a retry, the instance
+        the first call created is returned. Returns the instance and whether this call
+        created it; AlreadyExists if the id was used for a different request (fingerprint)."""
+        if not definition:
+            raise InvalidArgument("a process instance needs its definition's name")
+        text_map = json_object(process_map, "process map")
+        with self._db.write() as s:
+            new = instance_id or new_id()
+            first = claim_in(s, "process_instance", request_id, new, fingerprint)
+            if first != new:
+                return process_record(process_row(s, first)), False
+            return process_record(self._add(s, definition, text_map, owner, new)), True
+
+    @staticmethod
+    def _add(s: Session, definition: str, text_map: str, owner: str | None, instance_id: str) -> ProcessInstance:
+        now = utcnow()
+        row = ProcessInstance(id=instance_id, definition=definition, state=ProcessState.RUNNING,
+                              process_map=text_map, created_at=now, updated_at=now, owner=owner)
+        s.add(row)
+        s.flush()
+        return row
 
     def update_map(self, instance_id: str, process_map: Mapping[str, Any]) -> ProcessInstanceRecord:
         """Replaces the whole process map of a RUNNING instance (StateConflict once it ended)."""
@@ -72,14 +96,14 @@ class ProcessInstances:
             return process_record(process_row(s, instance_id))
 
     def list(self, state: ProcessState | None = None, definition: str | None = None,
-             limit: int | None = None) -> list[ProcessInstanceRecord]:
-        """Newest first."""
+             limit: int | None = None, after: Keyset | None = None) -> list[ProcessInstanceRecord]:
+        """Newest first; after: the (created_at, id) of the last instance of the previous page."""
         q = select(ProcessInstance)
         if state is not None:
             q = q.where(ProcessInstance.state == state)
         if definition is not None:
             q = q.where(ProcessInstance.definition == definition)
-        q = q.order_by(ProcessInstance.created_at.desc(), ProcessInstance.id.desc())
+        q = paging.after(q, ProcessInstance.created_at, ProcessInstance.id, after, newest_first=True)
         if limit is not None:
             q = q.limit(limit)
         with self._db.read() as s:

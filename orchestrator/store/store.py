@@ -16,9 +16,9 @@ certificate rules are transaction boundaries:
 
 Plain reads and writes live in one part per aggregate, sharing the facade's engine and
 session factory: store.certificates (C4 search, C5 state changes), store.archived_keys (C7),
-store.cards, store.card_secrets (sealed PUKs), store.tasks (and the step journal),
-store.processes, store.ca_requests (C16 journal), store.relations (C9), store.audit (C5),
-store.instances (heartbeats).
+store.cards, store.card_secrets (sealed PUKs), store.tasks (and the step journal), store.processes,
+store.ca_requests (C16 journal), store.relations (C9), store.audit (C5), store.instances (heartbeats),
+store.client_requests (client-chosen request ids of creating RPCs).
 
 Every public method is one transaction and returns frozen records (records.py), never ORM
 objects. Methods are blocking; async services call them through asyncio.to_thread.
@@ -37,6 +37,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from cryptography import x509
 from sqlalchemy import select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -44,6 +45,7 @@ from orchestrator.store.audit import Audit
 from orchestrator.store.ca_requests import CaRequests
 from orchestrator.store.card_secrets import CardSecrets
 from orchestrator.store.cards import Cards
+from orchestrator.store.client_requests import ClientRequests
 from orchestrator.store.certificates import ArchivedKeys, Certificates, parse_certificate
 from orchestrator.store.instances import OrchestratorInstances
 from orchestrator.store.models import ArchivedKey, CaRequest, Card, Certificate, Task, utcnow
@@ -55,7 +57,7 @@ from orchestrator.store.rows import (ca_request_row, check_relation_ends, check_
                                      new_id, new_relations, record, running_task_row, task_row)
 from orchestrator.store.sessions import Sessions
 from orchestrator.store.tasks import Tasks
-from shared.errors import AlreadyExists, InvalidArgument, StateConflict
+from shared.errors import AlreadyExists, ConfigurationError, InvalidArgument, StateConflict
 
 MIGRATIONS_DIR = pathlib.Path(__file__).resolve().parent / "migrations"
 # Arbitrary constant: replicas starting together on one PostgreSQL migrate one at a time.
@@ -81,6 +83,21 @@ def head_revision() -> str:
     return head
 
 
+def prepare_schema(store: Store, migrate: bool) -> None:
+    """Start-up: upgrades the schema when `migrate`, else refuses (ConfigurationError) a
+    database that is not at this release's revision - an upgrade is the operator's step
+    (`cardline db upgrade`), not a side effect of starting."""
+    if migrate:
+        store.migrate()
+        return
+    current, head = store.schema_revision(), head_revision()
+    if current != head:
+        state = "is empty (no schema)" if current is None else f"has schema revision {current}"
+        raise ConfigurationError(f"the database {store.database_url_shown} {state}; this cardline needs "
+                                 f"revision {head}: run `cardline db upgrade` (same settings), or start "
+                                 f"with --migrate (setting migrate)")
+
+
 class Store:
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
@@ -96,6 +113,12 @@ class Store:
         self.relations = Relations(self._db)
         self.audit = Audit(self._db)
         self.instances = OrchestratorInstances(self._db)
+        self.client_requests = ClientRequests(self._db)
+
+    @property
+    def database_url_shown(self) -> str:
+        """The database URL without its password, for messages."""
+        return make_url(self.database_url).render_as_string(hide_password=True)
 
     @property
     def dialect(self) -> str:

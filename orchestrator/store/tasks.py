@@ -4,7 +4,9 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from orchestrator.store import paging
 from orchestrator.store.models import Card, Task, TaskStep, utcnow
+from orchestrator.store.paging import Keyset
 from orchestrator.store.records import TaskRecord, TaskState, TaskStepRecord
 from orchestrator.store.rows import check_process_running, new_id, process_row, record, task_row
 from orchestrator.store.sessions import Sessions
@@ -69,12 +71,20 @@ class Tasks:
             rows = s.scalars(select(TaskStep).where(TaskStep.task_id == task_id).order_by(TaskStep.step_number))
             return [record(TaskStepRecord, r) for r in rows]
 
-    def list(self, process_instance_id: str | None = None, state: TaskState | None = None) -> list[TaskRecord]:
-        """Tasks, oldest first (so the tasks of a process instance come in the order they ran)."""
+    def list(self, process_instance_id: str | None = None, state: TaskState | None = None, *,
+             card_id: str | None = None, after: Keyset | None = None,
+             limit: int | None = None) -> list[TaskRecord]:
+        """Tasks, oldest first (so the tasks of a process instance come in the order they ran);
+        after: the (created_at, id) of the last task of the previous page."""
         q = select(Task)
+        if card_id is not None:
+            q = q.where(Task.card_id == card_id)
         if process_instance_id is not None:
             q = q.where(Task.process_instance_id == process_instance_id)
         if state is not None:
             q = q.where(Task.state == state)
+        q = paging.after(q, Task.created_at, Task.id, after)
+        if limit is not None:
+            q = q.limit(limit)
         with self._db.read() as s:
-            return [record(TaskRecord, t) for t in s.scalars(q.order_by(Task.created_at, Task.id))]
+            return [record(TaskRecord, t) for t in s.scalars(q)]

@@ -262,7 +262,7 @@ class Station:
         """`cardline orchestrator serve`, or with faults (tests/support/faulty_orchestrator.py
         options) the test entry script; either way in a process group of its own."""
         self.starts += 1
-        serve = ["--listen", self.address, "--data-dir", str(self.data_dir)]
+        serve = ["--migrate", "--listen", self.address, "--data-dir", str(self.data_dir)]
         command = [sys.executable, "-m", "tests.support.faulty_orchestrator", *faults, "--", *serve] if faults \
             else [CARDLINE, "orchestrator", "serve", *serve]
         with open(self.data_dir / f"orchestrator-{self.starts}.log", "w") as log:

@@ -139,7 +139,8 @@ class CrashStation:
 
     def start_orchestrator(self, *faults: str, openssl: str | None = None) -> None:
         self.starts += 1
-        serve = ["--listen", self.address, "--data-dir", str(self.data_dir), "--config-dir", str(self.config_dir)]
+        serve = ["--migrate", "--listen", self.address, "--data-dir", str(self.data_dir),
+                 "--config-dir", str(self.config_dir)]
         command = [sys.executable, "-m", "tests.support.faulty_orchestrator", *faults, "--", *serve] if faults \
             else [CARDLINE, "orchestrator", "serve", *serve]
         with open(self.data_dir / f"orchestrator-{self.starts}.log", "w") as log:

@@ -36,6 +36,7 @@ def pkcs11_tool(token, *args: str) -> str:
 async def produce_with_hook(tmp_path, token, hook, subject: str = "CN=Rule Tester"):
     """Runs one production with `hook(boundary, task_id, orchestrator)` called at every boundary."""
     settings = config.load(config.OrchestratorSettings, listen="127.0.0.1:0", data_dir=tmp_path / "orchestrator",
+                           migrate=True,
                            step_timeout_s=20, **default_pki().settings())
     holder = {}
 

@@ -227,7 +227,7 @@ def test_revoked_gateway_certificate_is_refused_without_restarting_the_orchestra
     files = rig.gateway("station-r")
     with secure(orchestrator, files) as channel:
         assert open_link(channel, "station-r").HasField("welcome")
-    revoked = subprocess.run([CARDLINE, "pki", "revoke", "--dir", str(rig.directory), "--name", "station-r"],
+    revoked = subprocess.run([CARDLINE, "pki", "revoke", "--pki-dir", str(rig.directory), "--name", "station-r"],
                              capture_output=True, text=True)
     assert revoked.returncode == 0, revoked.stderr
     with secure(orchestrator, files) as channel:           # a new connection, same certificate
@@ -283,7 +283,7 @@ def test_gateway_without_tls_material_or_insecure_flag_refuses_to_start(tmp_path
 def test_in_process_orchestrator_without_tls_material_raises_configuration_error(tmp_path):
     import asyncio
 
-    settings = config.load(config.OrchestratorSettings, listen="127.0.0.1:0", data_dir=tmp_path)
+    settings = config.load(config.OrchestratorSettings, listen="127.0.0.1:0", migrate=True, data_dir=tmp_path)
     assert settings.insecure is False
     with pytest.raises(ConfigurationError, match="without TLS material"):
         asyncio.run(orchestrator_app.start(settings))

@@ -176,7 +176,7 @@ def new_station(tmp_path: pathlib.Path, name: str, module: str, orchestrator: st
 
 
 def settings_for(tmp_path: pathlib.Path, **overrides):
-    return config.load(config.OrchestratorSettings, listen="127.0.0.1:0", data_dir=tmp_path / "orchestrator",
+    return config.load(config.OrchestratorSettings, listen="127.0.0.1:0", migrate=True, data_dir=tmp_path / "orchestrator",
                        config_dir=make_config(tmp_path), step_timeout_s=STEP_TIMEOUT_S,
                        heartbeat_interval_s=HEARTBEAT_S, **default_pki().settings(), **overrides)
 

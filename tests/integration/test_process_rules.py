@@ -68,6 +68,7 @@ async def running(tmp_path: pathlib.Path, token, config: pathlib.Path, *, extra_
 
 def config_load(tmp_path, config_path, **overrides):
     return config.load(config.OrchestratorSettings, listen="127.0.0.1:0", data_dir=tmp_path / "orchestrator",
+                       migrate=True,
                        config_dir=config_path, step_timeout_s=30, **default_pki().settings(), **overrides)
 
 

@@ -206,8 +206,8 @@ def test_cli_lists_issued_certificates_and_shows_cards_as_json(station, softhsm_
     from tests.support.processes import CARDLINE
 
     orch, _gw, pooled = station
-    produced = subprocess.run([CARDLINE, "produce", "--orchestrator", orch, "--reader", pooled.reader.reader_id,
-                               "--subject", SUBJECT, "--certificate", "EmployeeAuthentication", "--pin-stdin", "--json"],
+    produced = subprocess.run([CARDLINE, "produce", "--orchestrator", orch, "--reader-id", pooled.reader.reader_id,
+                               "--subject", SUBJECT, "--template", "EmployeeAuthentication", "--secrets-stdin", "--json"],
                               input=softhsm_token.user_pin + "\n", capture_output=True, text=True)
     assert produced.returncode == 0, produced.stderr
     task = json.loads(produced.stdout)

@@ -53,6 +53,7 @@ def write_config(target: pathlib.Path, encodings: dict[str, str] | None = None,
 
 def settings_for(tmp_path: pathlib.Path, config_dir: pathlib.Path, **overrides) -> config.OrchestratorSettings:
     return config.load(config.OrchestratorSettings, listen="127.0.0.1:0", data_dir=tmp_path / "orchestrator",
+                       migrate=True,
                        config_dir=config_dir, step_timeout_s=overrides.pop("step_timeout_s", 10),
                        **default_pki().settings(), **overrides)
 

@@ -55,6 +55,7 @@ def _serve_options(argv: list[str]) -> dict:
     for flag in ("--data-dir", "--config-dir", "--config"):
         serve_parser.add_argument(flag, type=pathlib.Path)
     serve_parser.add_argument("--insecure", action="store_true", default=None)
+    serve_parser.add_argument("--migrate", action="store_true", default=None)
     options = vars(serve_parser.parse_args(argv))
     options["config_file"] = options.pop("config")
     return options

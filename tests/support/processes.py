@@ -89,7 +89,7 @@ def orchestrator_process(data_dir: pathlib.Path, env: dict[str, str] | None = No
     address = f"127.0.0.1:{free_port()}"
     data_dir.mkdir(parents=True, exist_ok=True)
     tls = ["--insecure"] if insecure else ["--tls-dir", str(tls_dir or default_pki().directory)]
-    with cardline_process(["orchestrator", "serve", "--listen", address, "--data-dir", str(data_dir), *tls], address,
+    with cardline_process(["orchestrator", "serve", "--migrate", "--listen", address, "--data-dir", str(data_dir), *tls], address,
                           data_dir / "orchestrator.log", env, insecure, client):
         yield address
 

@@ -7,10 +7,8 @@ import textwrap
 
 import pytest
 
-from orchestrator.api.paging import MAX_PAGE_SIZE, next_page_token, page_window
 from orchestrator.domain.encoding import EncodingError, parse_encoding
 from orchestrator.domain.processes import LoadCertificatesTask, ProcessError, load_process
-from shared.errors import InvalidArgument
 
 
 def load(text: str, **kw):
@@ -119,14 +117,3 @@ def test_new_pin_refused_without_set_pin_or_with_initial_puk(set_pin, extra, mes
     with pytest.raises(EncodingError, match=message):
         parse_encoding(PIN_CHANGE.format(set_pin=set_pin, extra=extra), "change-pin.ini")
 
-
-def test_page_tokens_walk_the_pages_and_foreign_tokens_are_refused():
-    assert page_window(0, "") == (0, 100) and page_window(5000, "")[1] == MAX_PAGE_SIZE
-    token = next_page_token(0, 10, fetched=11)
-    assert page_window(10, token) == (10, 10)
-    assert next_page_token(10, 10, fetched=10) == ""             # no more rows: the last page
-    for bad in ("nonsense", "b2Zmc2V0Oi0x"):                       # not base64 / "offset:-1"
-        with pytest.raises(InvalidArgument, match="page_token"):
-            page_window(10, bad)
-    with pytest.raises(InvalidArgument, match="page_size"):
-        page_window(-1, "")

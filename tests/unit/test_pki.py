@@ -155,15 +155,15 @@ def test_pki_commands_init_issue_revoke_and_list(tmp_path):
     register(app)
     run = CliRunner().invoke
     directory = str(tmp_path / "pki")
-    made = run(app, ["pki", "init", "--dir", directory, "--orchestrator-name", "orch.example"])
+    made = run(app, ["pki", "init", "--pki-dir", directory, "--orchestrator-name", "orch.example"])
     assert made.exit_code == 0, made.output
     assert {"ca.crt", "ca.key", "ca.pass", "orchestrator.crt", "orchestrator.key", "admin.crt", "admin.key",
             "crl.pem"} <= {p.name for p in (tmp_path / "pki").iterdir()}
-    assert run(app, ["pki", "init", "--dir", directory]).exit_code == 1          # never overwrites a CA
-    assert run(app, ["pki", "issue", "--dir", directory, "--role", "client", "--name", "ops"]).exit_code == 0
-    assert run(app, ["pki", "issue", "--dir", directory, "--role", "wizard", "--name", "x"]).exit_code == 1
-    assert run(app, ["pki", "revoke", "--dir", directory, "--name", "ops"]).exit_code == 0
-    listing = run(app, ["pki", "list", "--dir", directory]).output
+    assert run(app, ["pki", "init", "--pki-dir", directory]).exit_code == 1          # never overwrites a CA
+    assert run(app, ["pki", "issue", "--pki-dir", directory, "--role", "client", "--name", "ops"]).exit_code == 0
+    assert run(app, ["pki", "issue", "--pki-dir", directory, "--role", "wizard", "--name", "x"]).exit_code == 1
+    assert run(app, ["pki", "revoke", "--pki-dir", directory, "--name", "ops"]).exit_code == 0
+    listing = run(app, ["pki", "list", "--pki-dir", directory]).output
     assert "ops" in listing and "revoked" in listing and "orchestrator" in listing
     cert = x509.load_pem_x509_certificate((tmp_path / "pki" / "orchestrator.crt").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)cardline/orchestrator/v1/ca_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x17GetCaCertificateRequest\x12\n\n\x02\x63\x61\x18\x01 \x01(\t\"3\n\x18GetCaCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_der\x18\x01 \x01(\x0c\"\x81\x02\n\tCaRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\n\n\x02\x63\x61\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x37\n\x05state\x18\x04 \x01(\x0e\x32(.cardline.orchestrator.v1.CaRequestState\x12\x12\n\nserial_hex\x18\x05 \x01(\t\x12\x16\n\x0e\x63\x65rtificate_id\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"/\n\x15ListCaRequestsRequest\x12\x16\n\x0eunsettled_only\x18\x01 \x01(\x08\"O\n\x16ListCaRequestsResponse\x12\x35\n\x08requests\x18\x01 \x03(\x0b\x32#.cardline.orchestrator.v1.CaRequest\"\x12\n\x10ReconcileRequest\"^\n\x11ReconcileResponse\x12\x10\n\x08\x65xamined\x18\x01 \x01(\r\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x12\n\nnot_issued\x18\x03 \x01(\r\x12\x13\n\x0btasks_ended\x18\x04 \x01(\r*\xac\x01\n\x0e\x43\x61RequestState\x12 \n\x1c\x43\x41_REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43\x41_REQUEST_STATE_PENDING\x10\x01\x12\x1b\n\x17\x43\x41_REQUEST_STATE_STORED\x10\x02\x12\x1c\n\x18\x43\x41_REQUEST_STATE_WRITTEN\x10\x03\x12\x1f\n\x1b\x43\x41_REQUEST_STATE_NOT_ISSUED\x10\x04\x32\xe1\x02\n\tCaService\x12y\n\x10GetCaCertificate\x12\x31.cardline.orchestrator.v1.GetCaCertificateRequest\x1a\x32.cardline.orchestrator.v1.GetCaCertificateResponse\x12s\n\x0eListCaRequests\x12/.cardline.orchestrator.v1.ListCaRequestsRequest\x1a\x30.cardline.orchestrator.v1.ListCaRequestsResponse\x12\x64\n\tReconcile\x12*.cardline.orchestrator.v1.ReconcileRequest\x1a+.cardline.orchestrator.v1.ReconcileResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)cardline/orchestrator/v1/ca_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x17GetCaCertificateRequest\x12\n\n\x02\x63\x61\x18\x01 \x01(\t\"3\n\x18GetCaCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_der\x18\x01 \x01(\x0c\"\x81\x02\n\tCaRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\n\n\x02\x63\x61\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x37\n\x05state\x18\x04 \x01(\x0e\x32(.cardline.orchestrator.v1.CaRequestState\x12\x12\n\nserial_hex\x18\x05 \x01(\t\x12\x16\n\x0e\x63\x65rtificate_id\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"g\n\x15ListCaRequestsRequest\x12\x16\n\x0eunsettled_only\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\"h\n\x16ListCaRequestsResponse\x12\x35\n\x08requests\x18\x01 \x03(\x0b\x32#.cardline.orchestrator.v1.CaRequest\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x13GetCaRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"L\n\x14GetCaRequestResponse\x12\x34\n\x07request\x18\x01 \x01(\x0b\x32#.cardline.orchestrator.v1.CaRequest\"\x12\n\x10ReconcileRequest\"^\n\x11ReconcileResponse\x12\x10\n\x08\x65xamined\x18\x01 \x01(\r\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x12\n\nnot_issued\x18\x03 \x01(\r\x12\x13\n\x0btasks_ended\x18\x04 \x01(\r*\xac\x01\n\x0e\x43\x61RequestState\x12 \n\x1c\x43\x41_REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43\x41_REQUEST_STATE_PENDING\x10\x01\x12\x1b\n\x17\x43\x41_REQUEST_STATE_STORED\x10\x02\x12\x1c\n\x18\x43\x41_REQUEST_STATE_WRITTEN\x10\x03\x12\x1f\n\x1b\x43\x41_REQUEST_STATE_NOT_ISSUED\x10\x04\x32\xd0\x03\n\tCaService\x12y\n\x10GetCaCertificate\x12\x31.cardline.orchestrator.v1.GetCaCertificateRequest\x1a\x32.cardline.orchestrator.v1.GetCaCertificateResponse\x12s\n\x0eListCaRequests\x12/.cardline.orchestrator.v1.ListCaRequestsRequest\x1a\x30.cardline.orchestrator.v1.ListCaRequestsResponse\x12m\n\x0cGetCaRequest\x12-.cardline.orchestrator.v1.GetCaRequestRequest\x1a..cardline.orchestrator.v1.GetCaRequestResponse\x12\x64\n\tReconcile\x12*.cardline.orchestrator.v1.ReconcileRequest\x1a+.cardline.orchestrator.v1.ReconcileResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.proto.cardline.orchestrator.v1.ca_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CAREQUESTSTATE']._serialized_start=703
-  _globals['_CAREQUESTSTATE']._serialized_end=875
+  _globals['_CAREQUESTSTATE']._serialized_start=905
+  _globals['_CAREQUESTSTATE']._serialized_end=1077
   _globals['_GETCACERTIFICATEREQUEST']._serialized_start=104
   _globals['_GETCACERTIFICATEREQUEST']._serialized_end=141
   _globals['_GETCACERTIFICATERESPONSE']._serialized_start=143
@@ -41,13 +41,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CAREQUEST']._serialized_start=197
   _globals['_CAREQUEST']._serialized_end=454
   _globals['_LISTCAREQUESTSREQUEST']._serialized_start=456
-  _globals['_LISTCAREQUESTSREQUEST']._serialized_end=503
-  _globals['_LISTCAREQUESTSRESPONSE']._serialized_start=505
-  _globals['_LISTCAREQUESTSRESPONSE']._serialized_end=584
-  _globals['_RECONCILEREQUEST']._serialized_start=586
-  _globals['_RECONCILEREQUEST']._serialized_end=604
-  _globals['_RECONCILERESPONSE']._serialized_start=606
-  _globals['_RECONCILERESPONSE']._serialized_end=700
-  _globals['_CASERVICE']._serialized_start=878
-  _globals['_CASERVICE']._serialized_end=1231
+  _globals['_LISTCAREQUESTSREQUEST']._serialized_end=559
+  _globals['_LISTCAREQUESTSRESPONSE']._serialized_start=561
+  _globals['_LISTCAREQUESTSRESPONSE']._serialized_end=665
+  _globals['_GETCAREQUESTREQUEST']._serialized_start=667
+  _globals['_GETCAREQUESTREQUEST']._serialized_end=708
+  _globals['_GETCAREQUESTRESPONSE']._serialized_start=710
+  _globals['_GETCAREQUESTRESPONSE']._serialized_end=786
+  _globals['_RECONCILEREQUEST']._serialized_start=788
+  _globals['_RECONCILEREQUEST']._serialized_end=806
+  _globals['_RECONCILERESPONSE']._serialized_start=808
+  _globals['_RECONCILERESPONSE']._serialized_end=902
+  _globals['_CASERVICE']._serialized_start=1080
+  _globals['_CASERVICE']._serialized_end=1544
 # @@protoc_insertion_point(module_scope)

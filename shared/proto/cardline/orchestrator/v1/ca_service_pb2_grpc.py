@@ -45,6 +45,11 @@ class CaServiceStub:
                 request_serializer=cardline_dot_orchestrator_dot_v1_dot_ca__service__pb2.ListCaRequestsRequest.SerializeToString,
                 response_deserializer=cardline_dot_orchestrator_dot_v1_dot_ca__service__pb2.ListCaRequestsResponse.FromString,
                 _registered_method=True)
+        self.GetCaRequest = channel.unary_unary(
+                '/cardline.orchestrator.v1.CaService/GetCaRequest',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_ca__service__pb2.GetCaRequestRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_ca__service__pb2.GetCaRequestResponse.FromString,
+                _registered_method=True)
         self.Reconcile = channel.unary_unary(
                 '/cardline.orchestrator.v1.CaService/Reconcile',
                 request_serializer=cardline_dot_orchestrator_dot_v1_dot_ca__service__pb2.ReconcileRequest.SerializeToString,
@@ -69,6 +74,12 @@ class CaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCaRequest(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Reconcile(self, request, context):
         """A reconciliation now: pending CA requests settled at their CA, tasks and processes no
         live run owns ended.
@@ -89,6 +100,11 @@ def add_CaServiceServicer_to_server(servicer, server):
                     servicer.ListCaRequests,
                     request_deserializer=cardline_dot_orchestrator_dot_v1_dot_ca__service__pb2.ListCaRequestsRequest.FromString,
                     response_serializer=cardline_dot_orchestrator_dot_v1_dot_ca__service__pb2.ListCaRequestsResponse.SerializeToString,
+            ),
+            'GetCaRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCaRequest,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_ca__service__pb2.GetCaRequestRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_ca__service__pb2.GetCaRequestResponse.SerializeToString,
             ),
             'Reconcile': grpc.unary_unary_rpc_method_handler(
                     servicer.Reconcile,
@@ -151,6 +167,33 @@ class CaService:
             '/cardline.orchestrator.v1.CaService/ListCaRequests',
             cardline_dot_orchestrator_dot_v1_dot_ca__service__pb2.ListCaRequestsRequest.SerializeToString,
             cardline_dot_orchestrator_dot_v1_dot_ca__service__pb2.ListCaRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCaRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.CaService/GetCaRequest',
+            cardline_dot_orchestrator_dot_v1_dot_ca__service__pb2.GetCaRequestRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_ca__service__pb2.GetCaRequestResponse.FromString,
             options,
             channel_credentials,
             insecure,

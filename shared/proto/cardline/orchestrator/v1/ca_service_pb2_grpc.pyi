@@ -36,6 +36,7 @@ class CaServiceStub:
     GetCaCertificate: _grpc.UnaryUnaryMultiCallable[_ca_service_pb2.GetCaCertificateRequest, _ca_service_pb2.GetCaCertificateResponse]
     ListCaRequests: _grpc.UnaryUnaryMultiCallable[_ca_service_pb2.ListCaRequestsRequest, _ca_service_pb2.ListCaRequestsResponse]
     """Requests sent to a CA and how they ended (or not yet)."""
+    GetCaRequest: _grpc.UnaryUnaryMultiCallable[_ca_service_pb2.GetCaRequestRequest, _ca_service_pb2.GetCaRequestResponse]
     Reconcile: _grpc.UnaryUnaryMultiCallable[_ca_service_pb2.ReconcileRequest, _ca_service_pb2.ReconcileResponse]
     """A reconciliation now: pending CA requests settled at their CA, tasks and processes no
     live run owns ended.
@@ -49,6 +50,7 @@ class CaServiceAsyncStub(CaServiceStub):
     GetCaCertificate: _aio.UnaryUnaryMultiCallable[_ca_service_pb2.GetCaCertificateRequest, _ca_service_pb2.GetCaCertificateResponse]  # type: ignore[assignment]
     ListCaRequests: _aio.UnaryUnaryMultiCallable[_ca_service_pb2.ListCaRequestsRequest, _ca_service_pb2.ListCaRequestsResponse]  # type: ignore[assignment]
     """Requests sent to a CA and how they ended (or not yet)."""
+    GetCaRequest: _aio.UnaryUnaryMultiCallable[_ca_service_pb2.GetCaRequestRequest, _ca_service_pb2.GetCaRequestResponse]  # type: ignore[assignment]
     Reconcile: _aio.UnaryUnaryMultiCallable[_ca_service_pb2.ReconcileRequest, _ca_service_pb2.ReconcileResponse]  # type: ignore[assignment]
     """A reconciliation now: pending CA requests settled at their CA, tasks and processes no
     live run owns ended.
@@ -71,6 +73,13 @@ class CaServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ca_service_pb2.ListCaRequestsResponse, _abc.Awaitable[_ca_service_pb2.ListCaRequestsResponse]]:
         """Requests sent to a CA and how they ended (or not yet)."""
+
+    @_abc_1.abstractmethod
+    def GetCaRequest(
+        self,
+        request: _ca_service_pb2.GetCaRequestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_service_pb2.GetCaRequestResponse, _abc.Awaitable[_ca_service_pb2.GetCaRequestResponse]]: ...
 
     @_abc_1.abstractmethod
     def Reconcile(

@@ -105,10 +105,15 @@ class ProduceCardRequest(_message.Message):
     SUBJECT_FIELD_NUMBER: _builtins.int
     CERTIFICATES_FIELD_NUMBER: _builtins.int
     USER_PIN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """RFC 4514, e.g. "CN=Jane Doe,O=Example" """
     user_pin: _builtins.str
     """passes through to the gateway; never stored or logged"""
+    request_id: _builtins.str
+    """Chosen by the client (e.g. a UUID), at most 200 characters: a retry with the same id
+    produces no second card; it follows the task the first call started and ends with it.
+    """
     @_builtins.property
     def reader(self) -> _reader_pool_service_pb2.ReaderSelector: ...
     @_builtins.property
@@ -120,10 +125,11 @@ class ProduceCardRequest(_message.Message):
         subject: _builtins.str = ...,
         certificates: _abc.Iterable[Global___CertificateRequest] | None = ...,
         user_pin: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reader", b"reader"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "reader", b"reader", "subject", b"subject", "user_pin", b"user_pin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "reader", b"reader", "request_id", b"request_id", "subject", b"subject", "user_pin", b"user_pin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -352,7 +358,7 @@ class ListCardsRequest(_message.Message):
     template: _builtins.str
     token_serial: _builtins.str
     page_size: _builtins.int
-    """0: the server's default; at most the server's maximum"""
+    """0: the server's default (100); at most 1000"""
     page_token: _builtins.str
     """next_page_token of the previous response; empty: the first page"""
     def __init__(
@@ -434,3 +440,62 @@ class SetCardPukResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetCardPukResponse: _TypeAlias = SetCardPukResponse  # noqa: Y015
+
+@_typing.final
+class ListTasksRequest(_message.Message):
+    """Oldest first. Empty filters match anything."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROCESS_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CARD_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    process_instance_id: _builtins.str
+    state: Global___TaskState.ValueType
+    card_id: _builtins.str
+    page_size: _builtins.int
+    """Paging (docs/api.md): 0 asks for the default page size (100); at most 1000."""
+    page_token: _builtins.str
+    """next_page_token of the previous response; empty: the first page."""
+    def __init__(
+        self,
+        *,
+        process_instance_id: _builtins.str = ...,
+        state: Global___TaskState.ValueType = ...,
+        card_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_id", b"card_id", "page_size", b"page_size", "page_token", b"page_token", "process_instance_id", b"process_instance_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTasksRequest: _TypeAlias = ListTasksRequest  # noqa: Y015
+
+@_typing.final
+class ListTasksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]: ...
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___Task] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015

@@ -60,6 +60,11 @@ class CardServiceStub:
                 request_serializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.SetCardPukRequest.SerializeToString,
                 response_deserializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.SetCardPukResponse.FromString,
                 _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/cardline.orchestrator.v1.CardService/ListTasks',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
 
 
 class CardServiceServicer:
@@ -101,6 +106,12 @@ class CardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTasks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +139,11 @@ def add_CardServiceServicer_to_server(servicer, server):
                     servicer.SetCardPuk,
                     request_deserializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.SetCardPukRequest.FromString,
                     response_serializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.SetCardPukResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.ListTasksRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.ListTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +282,33 @@ class CardService:
             '/cardline.orchestrator.v1.CardService/SetCardPuk',
             cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.SetCardPukRequest.SerializeToString,
             cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.SetCardPukResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.CardService/ListTasks',
+            cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.ListTasksRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_card__service__pb2.ListTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

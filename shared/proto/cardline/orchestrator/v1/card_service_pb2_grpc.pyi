@@ -45,6 +45,7 @@ class CardServiceStub:
     """Keeps a card's own PUK (SO PIN) sealed in the orchestrator, for unblock-pin. The PUK is
     never returned by any RPC.
     """
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_card_service_pb2.ListTasksRequest, _card_service_pb2.ListTasksResponse]
 
 @_typing.type_check_only
 class CardServiceAsyncStub(CardServiceStub):
@@ -63,6 +64,7 @@ class CardServiceAsyncStub(CardServiceStub):
     """Keeps a card's own PUK (SO PIN) sealed in the orchestrator, for unblock-pin. The PUK is
     never returned by any RPC.
     """
+    ListTasks: _aio.UnaryUnaryMultiCallable[_card_service_pb2.ListTasksRequest, _card_service_pb2.ListTasksResponse]  # type: ignore[assignment]
 
 class CardServiceServicer(metaclass=_abc_1.ABCMeta):
     """Cards: production on a pooled reader, the stored cards and their card tasks."""
@@ -108,5 +110,12 @@ class CardServiceServicer(metaclass=_abc_1.ABCMeta):
         """Keeps a card's own PUK (SO PIN) sealed in the orchestrator, for unblock-pin. The PUK is
         never returned by any RPC.
         """
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _card_service_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_card_service_pb2.ListTasksResponse, _abc.Awaitable[_card_service_pb2.ListTasksResponse]]: ...
 
 def add_CardServiceServicer_to_server(servicer: CardServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

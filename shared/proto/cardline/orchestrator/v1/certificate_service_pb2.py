@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from shared.proto.cardline.common.v1 import common_pb2 as cardline_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2cardline/orchestrator/v1/certificate_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63\x61rdline/common/v1/common.proto\"\xc1\x02\n\x0b\x43\x65rtificate\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nserial_hex\x18\x02 \x01(\t\x12\x0e\n\x06issuer\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12.\n\nnot_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08template\x18\x07 \x01(\t\x12\r\n\x05state\x18\x08 \x01(\t\x12\x0f\n\x07task_id\x18\t \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\n \x01(\t\x12\x0b\n\x03\x64\x65r\x18\x0b \x01(\x0c\x12\x12\n\ntask_error\x18\x0c \x01(\t\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"/\n\x15GetCertificateRequest\x12\x16\n\x0e\x63\x65rtificate_id\x18\x01 \x01(\t\"T\n\x16GetCertificateResponse\x12:\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32%.cardline.orchestrator.v1.Certificate\"k\n\x17ListCertificatesRequest\x12\r\n\x05state\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\r\n\x05limit\x18\x05 \x01(\r\"W\n\x18ListCertificatesResponse\x12;\n\x0c\x63\x65rtificates\x18\x01 \x03(\x0b\x32%.cardline.orchestrator.v1.Certificate\"\xba\x01\n\x1fSearchIssuedCertificatesRequest\x12-\n\nolder_than\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12\x11\n\treader_id\x18\x05 \x01(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\r\n\x05limit\x18\x07 \x01(\r\"\xf6\x01\n\x11IssuedCertificate\x12<\n\ndescriptor\x18\x01 \x01(\x0b\x32(.cardline.common.v1.CoreObjectDescriptor\x12\x12\n\nserial_hex\x18\x02 \x01(\t\x12\x0e\n\x06issuer\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12-\n\ntask_error\x18\x07 \x01(\x0b\x32\x19.cardline.common.v1.Error\"e\n SearchIssuedCertificatesResponse\x12\x41\n\x0c\x63\x65rtificates\x18\x01 \x03(\x0b\x32+.cardline.orchestrator.v1.IssuedCertificate\"g\n\x1fHandleIssuedCertificatesRequest\x12\x17\n\x0f\x63\x65rtificate_ids\x18\x01 \x03(\t\x12\x15\n\rrevoke_reason\x18\x02 \x01(\t\x12\x14\n\x0ctarget_state\x18\x03 \x01(\t\"\x97\x01\n\x0eHandlingResult\x12\x16\n\x0e\x63\x65rtificate_id\x18\x01 \x01(\t\x12\x12\n\nserial_hex\x18\x02 \x01(\t\x12\x0f\n\x07revoked\x18\x03 \x01(\x08\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07skipped\x18\x05 \x01(\t\x12(\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.cardline.common.v1.Error\"]\n HandleIssuedCertificatesResponse\x12\x39\n\x07results\x18\x01 \x03(\x0b\x32(.cardline.orchestrator.v1.HandlingResult\"e\n\x1d\x43hangeCertificateStateRequest\x12\x16\n\x0e\x63\x65rtificate_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05in_ca\x18\x04 \x01(\x08\"\\\n\x1e\x43hangeCertificateStateResponse\x12:\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32%.cardline.orchestrator.v1.Certificate\"\x88\x01\n\x1fListExpiringCertificatesRequest\x12\x0c\n\x04\x64\x61ys\x18\x01 \x01(\r\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"x\n ListExpiringCertificatesResponse\x12;\n\x0c\x63\x65rtificates\x18\x01 \x03(\x0b\x32%.cardline.orchestrator.v1.Certificate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xce\x06\n\x12\x43\x65rtificateService\x12s\n\x0eGetCertificate\x12/.cardline.orchestrator.v1.GetCertificateRequest\x1a\x30.cardline.orchestrator.v1.GetCertificateResponse\x12y\n\x10ListCertificates\x12\x31.cardline.orchestrator.v1.ListCertificatesRequest\x1a\x32.cardline.orchestrator.v1.ListCertificatesResponse\x12\x91\x01\n\x18SearchIssuedCertificates\x12\x39.cardline.orchestrator.v1.SearchIssuedCertificatesRequest\x1a:.cardline.orchestrator.v1.SearchIssuedCertificatesResponse\x12\x91\x01\n\x18HandleIssuedCertificates\x12\x39.cardline.orchestrator.v1.HandleIssuedCertificatesRequest\x1a:.cardline.orchestrator.v1.HandleIssuedCertificatesResponse\x12\x8b\x01\n\x16\x43hangeCertificateState\x12\x37.cardline.orchestrator.v1.ChangeCertificateStateRequest\x1a\x38.cardline.orchestrator.v1.ChangeCertificateStateResponse\x12\x91\x01\n\x18ListExpiringCertificates\x12\x39.cardline.orchestrator.v1.ListExpiringCertificatesRequest\x1a:.cardline.orchestrator.v1.ListExpiringCertificatesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2cardline/orchestrator/v1/certificate_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63\x61rdline/common/v1/common.proto\"\xc1\x02\n\x0b\x43\x65rtificate\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nserial_hex\x18\x02 \x01(\t\x12\x0e\n\x06issuer\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12.\n\nnot_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08template\x18\x07 \x01(\t\x12\r\n\x05state\x18\x08 \x01(\t\x12\x0f\n\x07task_id\x18\t \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\n \x01(\t\x12\x0b\n\x03\x64\x65r\x18\x0b \x01(\x0c\x12\x12\n\ntask_error\x18\x0c \x01(\t\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"O\n\x15GetCertificateRequest\x12\x16\n\x0e\x63\x65rtificate_id\x18\x01 \x01(\t\x12\x0e\n\x06serial\x18\x02 \x01(\t\x12\x0e\n\x06issuer\x18\x03 \x01(\t\"T\n\x16GetCertificateResponse\x12:\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32%.cardline.orchestrator.v1.Certificate\"\x93\x01\n\x17ListCertificatesRequest\x12\r\n\x05state\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x0e\n\x06serial\x18\x07 \x01(\t\"p\n\x18ListCertificatesResponse\x12;\n\x0c\x63\x65rtificates\x18\x01 \x03(\x0b\x32%.cardline.orchestrator.v1.Certificate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xba\x01\n\x1fSearchIssuedCertificatesRequest\x12-\n\nolder_than\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12\x11\n\treader_id\x18\x05 \x01(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\r\n\x05limit\x18\x07 \x01(\r\"\xf6\x01\n\x11IssuedCertificate\x12<\n\ndescriptor\x18\x01 \x01(\x0b\x32(.cardline.common.v1.CoreObjectDescriptor\x12\x12\n\nserial_hex\x18\x02 \x01(\t\x12\x0e\n\x06issuer\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12-\n\ntask_error\x18\x07 \x01(\x0b\x32\x19.cardline.common.v1.Error\"e\n SearchIssuedCertificatesResponse\x12\x41\n\x0c\x63\x65rtificates\x18\x01 \x03(\x0b\x32+.cardline.orchestrator.v1.IssuedCertificate\"g\n\x1fHandleIssuedCertificatesRequest\x12\x17\n\x0f\x63\x65rtificate_ids\x18\x01 \x03(\t\x12\x15\n\rrevoke_reason\x18\x02 \x01(\t\x12\x14\n\x0ctarget_state\x18\x03 \x01(\t\"\x97\x01\n\x0eHandlingResult\x12\x16\n\x0e\x63\x65rtificate_id\x18\x01 \x01(\t\x12\x12\n\nserial_hex\x18\x02 \x01(\t\x12\x0f\n\x07revoked\x18\x03 \x01(\x08\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07skipped\x18\x05 \x01(\t\x12(\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.cardline.common.v1.Error\"]\n HandleIssuedCertificatesResponse\x12\x39\n\x07results\x18\x01 \x03(\x0b\x32(.cardline.orchestrator.v1.HandlingResult\"e\n\x1d\x43hangeCertificateStateRequest\x12\x16\n\x0e\x63\x65rtificate_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05in_ca\x18\x04 \x01(\x08\"\\\n\x1e\x43hangeCertificateStateResponse\x12:\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32%.cardline.orchestrator.v1.Certificate\"\x88\x01\n\x1fListExpiringCertificatesRequest\x12\x0c\n\x04\x64\x61ys\x18\x01 \x01(\r\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x12\n\npage_token\x18\x06 \x01(\t\"x\n ListExpiringCertificatesResponse\x12;\n\x0c\x63\x65rtificates\x18\x01 \x03(\x0b\x32%.cardline.orchestrator.v1.Certificate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xce\x06\n\x12\x43\x65rtificateService\x12s\n\x0eGetCertificate\x12/.cardline.orchestrator.v1.GetCertificateRequest\x1a\x30.cardline.orchestrator.v1.GetCertificateResponse\x12y\n\x10ListCertificates\x12\x31.cardline.orchestrator.v1.ListCertificatesRequest\x1a\x32.cardline.orchestrator.v1.ListCertificatesResponse\x12\x91\x01\n\x18SearchIssuedCertificates\x12\x39.cardline.orchestrator.v1.SearchIssuedCertificatesRequest\x1a:.cardline.orchestrator.v1.SearchIssuedCertificatesResponse\x12\x91\x01\n\x18HandleIssuedCertificates\x12\x39.cardline.orchestrator.v1.HandleIssuedCertificatesRequest\x1a:.cardline.orchestrator.v1.HandleIssuedCertificatesResponse\x12\x8b\x01\n\x16\x43hangeCertificateState\x12\x37.cardline.orchestrator.v1.ChangeCertificateStateRequest\x1a\x38.cardline.orchestrator.v1.ChangeCertificateStateResponse\x12\x91\x01\n\x18ListExpiringCertificates\x12\x39.cardline.orchestrator.v1.ListExpiringCertificatesRequest\x1a:.cardline.orchestrator.v1.ListExpiringCertificatesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,33 +37,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CERTIFICATE']._serialized_start=179
   _globals['_CERTIFICATE']._serialized_end=500
   _globals['_GETCERTIFICATEREQUEST']._serialized_start=502
-  _globals['_GETCERTIFICATEREQUEST']._serialized_end=549
-  _globals['_GETCERTIFICATERESPONSE']._serialized_start=551
-  _globals['_GETCERTIFICATERESPONSE']._serialized_end=635
-  _globals['_LISTCERTIFICATESREQUEST']._serialized_start=637
-  _globals['_LISTCERTIFICATESREQUEST']._serialized_end=744
-  _globals['_LISTCERTIFICATESRESPONSE']._serialized_start=746
-  _globals['_LISTCERTIFICATESRESPONSE']._serialized_end=833
-  _globals['_SEARCHISSUEDCERTIFICATESREQUEST']._serialized_start=836
-  _globals['_SEARCHISSUEDCERTIFICATESREQUEST']._serialized_end=1022
-  _globals['_ISSUEDCERTIFICATE']._serialized_start=1025
-  _globals['_ISSUEDCERTIFICATE']._serialized_end=1271
-  _globals['_SEARCHISSUEDCERTIFICATESRESPONSE']._serialized_start=1273
-  _globals['_SEARCHISSUEDCERTIFICATESRESPONSE']._serialized_end=1374
-  _globals['_HANDLEISSUEDCERTIFICATESREQUEST']._serialized_start=1376
-  _globals['_HANDLEISSUEDCERTIFICATESREQUEST']._serialized_end=1479
-  _globals['_HANDLINGRESULT']._serialized_start=1482
-  _globals['_HANDLINGRESULT']._serialized_end=1633
-  _globals['_HANDLEISSUEDCERTIFICATESRESPONSE']._serialized_start=1635
-  _globals['_HANDLEISSUEDCERTIFICATESRESPONSE']._serialized_end=1728
-  _globals['_CHANGECERTIFICATESTATEREQUEST']._serialized_start=1730
-  _globals['_CHANGECERTIFICATESTATEREQUEST']._serialized_end=1831
-  _globals['_CHANGECERTIFICATESTATERESPONSE']._serialized_start=1833
-  _globals['_CHANGECERTIFICATESTATERESPONSE']._serialized_end=1925
-  _globals['_LISTEXPIRINGCERTIFICATESREQUEST']._serialized_start=1928
-  _globals['_LISTEXPIRINGCERTIFICATESREQUEST']._serialized_end=2064
-  _globals['_LISTEXPIRINGCERTIFICATESRESPONSE']._serialized_start=2066
-  _globals['_LISTEXPIRINGCERTIFICATESRESPONSE']._serialized_end=2186
-  _globals['_CERTIFICATESERVICE']._serialized_start=2189
-  _globals['_CERTIFICATESERVICE']._serialized_end=3035
+  _globals['_GETCERTIFICATEREQUEST']._serialized_end=581
+  _globals['_GETCERTIFICATERESPONSE']._serialized_start=583
+  _globals['_GETCERTIFICATERESPONSE']._serialized_end=667
+  _globals['_LISTCERTIFICATESREQUEST']._serialized_start=670
+  _globals['_LISTCERTIFICATESREQUEST']._serialized_end=817
+  _globals['_LISTCERTIFICATESRESPONSE']._serialized_start=819
+  _globals['_LISTCERTIFICATESRESPONSE']._serialized_end=931
+  _globals['_SEARCHISSUEDCERTIFICATESREQUEST']._serialized_start=934
+  _globals['_SEARCHISSUEDCERTIFICATESREQUEST']._serialized_end=1120
+  _globals['_ISSUEDCERTIFICATE']._serialized_start=1123
+  _globals['_ISSUEDCERTIFICATE']._serialized_end=1369
+  _globals['_SEARCHISSUEDCERTIFICATESRESPONSE']._serialized_start=1371
+  _globals['_SEARCHISSUEDCERTIFICATESRESPONSE']._serialized_end=1472
+  _globals['_HANDLEISSUEDCERTIFICATESREQUEST']._serialized_start=1474
+  _globals['_HANDLEISSUEDCERTIFICATESREQUEST']._serialized_end=1577
+  _globals['_HANDLINGRESULT']._serialized_start=1580
+  _globals['_HANDLINGRESULT']._serialized_end=1731
+  _globals['_HANDLEISSUEDCERTIFICATESRESPONSE']._serialized_start=1733
+  _globals['_HANDLEISSUEDCERTIFICATESRESPONSE']._serialized_end=1826
+  _globals['_CHANGECERTIFICATESTATEREQUEST']._serialized_start=1828
+  _globals['_CHANGECERTIFICATESTATEREQUEST']._serialized_end=1929
+  _globals['_CHANGECERTIFICATESTATERESPONSE']._serialized_start=1931
+  _globals['_CHANGECERTIFICATESTATERESPONSE']._serialized_end=2023
+  _globals['_LISTEXPIRINGCERTIFICATESREQUEST']._serialized_start=2026
+  _globals['_LISTEXPIRINGCERTIFICATESREQUEST']._serialized_end=2162
+  _globals['_LISTEXPIRINGCERTIFICATESRESPONSE']._serialized_start=2164
+  _globals['_LISTEXPIRINGCERTIFICATESRESPONSE']._serialized_end=2284
+  _globals['_CERTIFICATESERVICE']._serialized_start=2287
+  _globals['_CERTIFICATESERVICE']._serialized_end=3133
 # @@protoc_insertion_point(module_scope)

@@ -82,18 +82,30 @@ Global___Certificate: _TypeAlias = Certificate  # noqa: Y015
 
 @_typing.final
 class GetCertificateRequest(_message.Message):
+    """By id, or by serial number: hex, with or without colons, any case, leading zeros
+    optional ("0D:B6:..." as openssl shows it, or "db6..."). A serial two CAs both issued
+    needs issuer too (INVALID_ARGUMENT names the candidates otherwise).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CERTIFICATE_ID_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    ISSUER_FIELD_NUMBER: _builtins.int
     certificate_id: _builtins.str
+    serial: _builtins.str
+    issuer: _builtins.str
+    """RFC 4514, as Certificate.issuer shows it"""
     def __init__(
         self,
         *,
         certificate_id: _builtins.str = ...,
+        serial: _builtins.str = ...,
+        issuer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_id", b"certificate_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_id", b"certificate_id", "issuer", b"issuer", "serial", b"serial"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -127,14 +139,23 @@ class ListCertificatesRequest(_message.Message):
     TEMPLATE_FIELD_NUMBER: _builtins.int
     CARD_ID_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
-    LIMIT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """empty: any state"""
     template: _builtins.str
     card_id: _builtins.str
     task_id: _builtins.str
-    limit: _builtins.int
-    """0: no limit"""
+    page_size: _builtins.int
+    """Oldest first (stored time, then id): a page never repeats nor skips a certificate
+    stored before the listing began.
+    Paging (docs/api.md): 0 asks for the default page size (100); at most 1000.
+    """
+    page_token: _builtins.str
+    """next_page_token of the previous response; empty: the first page."""
+    serial: _builtins.str
+    """any form GetCertificateRequest.serial takes"""
     def __init__(
         self,
         *,
@@ -142,11 +163,13 @@ class ListCertificatesRequest(_message.Message):
         template: _builtins.str = ...,
         card_id: _builtins.str = ...,
         task_id: _builtins.str = ...,
-        limit: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        serial: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_id", b"card_id", "limit", b"limit", "state", b"state", "task_id", b"task_id", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_id", b"card_id", "page_size", b"page_size", "page_token", b"page_token", "serial", b"serial", "state", b"state", "task_id", b"task_id", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -157,16 +180,20 @@ class ListCertificatesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CERTIFICATES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def certificates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Certificate]: ...
     def __init__(
         self,
         *,
         certificates: _abc.Iterable[Global___Certificate] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,7 +448,7 @@ class ListExpiringCertificatesRequest(_message.Message):
     template: _builtins.str
     card_id: _builtins.str
     page_size: _builtins.int
-    """0: the server's default; at most the server's maximum"""
+    """0: the server's default (100); at most 1000"""
     page_token: _builtins.str
     """next_page_token of the previous response; empty: the first page"""
     def __init__(

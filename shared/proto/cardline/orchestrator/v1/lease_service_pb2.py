@@ -28,7 +28,7 @@ from shared.proto.cardline.gateway.v1 import steps_pb2 as cardline_dot_gateway_d
 from shared.proto.cardline.orchestrator.v1 import reader_pool_service_pb2 as cardline_dot_orchestrator_dot_v1_dot_reader__pool__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,cardline/orchestrator/v1/lease_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63\x61rdline/common/v1/common.proto\x1a\x1f\x63\x61rdline/gateway/v1/steps.proto\x1a\x32\x63\x61rdline/orchestrator/v1/reader_pool_service.proto\"\x89\x01\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x12\n\ngateway_id\x18\x02 \x01(\t\x12*\n\x06reader\x18\x03 \x01(\x0b\x32\x1a.cardline.common.v1.Reader\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"~\n\x13\x41\x63quireLeaseRequest\x12:\n\x08selector\x18\x01 \x01(\x0b\x32(.cardline.orchestrator.v1.ReaderSelector\x12\r\n\x05ttl_s\x18\x02 \x01(\r\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12\x0c\n\x04wait\x18\x04 \x01(\x08\"F\n\x14\x41\x63quireLeaseResponse\x12.\n\x05lease\x18\x01 \x01(\x0b\x32\x1f.cardline.orchestrator.v1.Lease\"%\n\x11RenewLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"D\n\x12RenewLeaseResponse\x12.\n\x05lease\x18\x01 \x01(\x0b\x32\x1f.cardline.orchestrator.v1.Lease\"\'\n\x13ReleaseLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x16\n\x14ReleaseLeaseResponse\"f\n\x14RunLeasedStepRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x19.cardline.gateway.v1.Step\x12\x13\n\x0bstep_number\x18\x03 \x01(\r\"J\n\x15RunLeasedStepResponse\x12\x31\n\x07outcome\x18\x01 \x01(\x0b\x32 .cardline.gateway.v1.StepOutcome2\xc7\x03\n\x0cLeaseService\x12m\n\x0c\x41\x63quireLease\x12-.cardline.orchestrator.v1.AcquireLeaseRequest\x1a..cardline.orchestrator.v1.AcquireLeaseResponse\x12g\n\nRenewLease\x12+.cardline.orchestrator.v1.RenewLeaseRequest\x1a,.cardline.orchestrator.v1.RenewLeaseResponse\x12m\n\x0cReleaseLease\x12-.cardline.orchestrator.v1.ReleaseLeaseRequest\x1a..cardline.orchestrator.v1.ReleaseLeaseResponse\x12p\n\rRunLeasedStep\x12..cardline.orchestrator.v1.RunLeasedStepRequest\x1a/.cardline.orchestrator.v1.RunLeasedStepResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,cardline/orchestrator/v1/lease_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63\x61rdline/common/v1/common.proto\x1a\x1f\x63\x61rdline/gateway/v1/steps.proto\x1a\x32\x63\x61rdline/orchestrator/v1/reader_pool_service.proto\"\x89\x01\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x12\n\ngateway_id\x18\x02 \x01(\t\x12*\n\x06reader\x18\x03 \x01(\x0b\x32\x1a.cardline.common.v1.Reader\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x92\x01\n\x13\x41\x63quireLeaseRequest\x12:\n\x08selector\x18\x01 \x01(\x0b\x32(.cardline.orchestrator.v1.ReaderSelector\x12\r\n\x05ttl_s\x18\x02 \x01(\r\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"F\n\x14\x41\x63quireLeaseResponse\x12.\n\x05lease\x18\x01 \x01(\x0b\x32\x1f.cardline.orchestrator.v1.Lease\"%\n\x11RenewLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"D\n\x12RenewLeaseResponse\x12.\n\x05lease\x18\x01 \x01(\x0b\x32\x1f.cardline.orchestrator.v1.Lease\"\'\n\x13ReleaseLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x16\n\x14ReleaseLeaseResponse\"#\n\x0fGetLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"B\n\x10GetLeaseResponse\x12.\n\x05lease\x18\x01 \x01(\x0b\x32\x1f.cardline.orchestrator.v1.Lease\":\n\x11ListLeasesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"^\n\x12ListLeasesResponse\x12/\n\x06leases\x18\x01 \x03(\x0b\x32\x1f.cardline.orchestrator.v1.Lease\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"f\n\x14RunLeasedStepRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x19.cardline.gateway.v1.Step\x12\x13\n\x0bstep_number\x18\x03 \x01(\r\"J\n\x15RunLeasedStepResponse\x12\x31\n\x07outcome\x18\x01 \x01(\x0b\x32 .cardline.gateway.v1.StepOutcome2\x93\x05\n\x0cLeaseService\x12m\n\x0c\x41\x63quireLease\x12-.cardline.orchestrator.v1.AcquireLeaseRequest\x1a..cardline.orchestrator.v1.AcquireLeaseResponse\x12g\n\nRenewLease\x12+.cardline.orchestrator.v1.RenewLeaseRequest\x1a,.cardline.orchestrator.v1.RenewLeaseResponse\x12m\n\x0cReleaseLease\x12-.cardline.orchestrator.v1.ReleaseLeaseRequest\x1a..cardline.orchestrator.v1.ReleaseLeaseResponse\x12\x61\n\x08GetLease\x12).cardline.orchestrator.v1.GetLeaseRequest\x1a*.cardline.orchestrator.v1.GetLeaseResponse\x12g\n\nListLeases\x12+.cardline.orchestrator.v1.ListLeasesRequest\x1a,.cardline.orchestrator.v1.ListLeasesResponse\x12p\n\rRunLeasedStep\x12..cardline.orchestrator.v1.RunLeasedStepRequest\x1a/.cardline.orchestrator.v1.RunLeasedStepResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,22 +37,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LEASE']._serialized_start=226
   _globals['_LEASE']._serialized_end=363
-  _globals['_ACQUIRELEASEREQUEST']._serialized_start=365
-  _globals['_ACQUIRELEASEREQUEST']._serialized_end=491
-  _globals['_ACQUIRELEASERESPONSE']._serialized_start=493
-  _globals['_ACQUIRELEASERESPONSE']._serialized_end=563
-  _globals['_RENEWLEASEREQUEST']._serialized_start=565
-  _globals['_RENEWLEASEREQUEST']._serialized_end=602
-  _globals['_RENEWLEASERESPONSE']._serialized_start=604
-  _globals['_RENEWLEASERESPONSE']._serialized_end=672
-  _globals['_RELEASELEASEREQUEST']._serialized_start=674
-  _globals['_RELEASELEASEREQUEST']._serialized_end=713
-  _globals['_RELEASELEASERESPONSE']._serialized_start=715
-  _globals['_RELEASELEASERESPONSE']._serialized_end=737
-  _globals['_RUNLEASEDSTEPREQUEST']._serialized_start=739
-  _globals['_RUNLEASEDSTEPREQUEST']._serialized_end=841
-  _globals['_RUNLEASEDSTEPRESPONSE']._serialized_start=843
-  _globals['_RUNLEASEDSTEPRESPONSE']._serialized_end=917
-  _globals['_LEASESERVICE']._serialized_start=920
-  _globals['_LEASESERVICE']._serialized_end=1375
+  _globals['_ACQUIRELEASEREQUEST']._serialized_start=366
+  _globals['_ACQUIRELEASEREQUEST']._serialized_end=512
+  _globals['_ACQUIRELEASERESPONSE']._serialized_start=514
+  _globals['_ACQUIRELEASERESPONSE']._serialized_end=584
+  _globals['_RENEWLEASEREQUEST']._serialized_start=586
+  _globals['_RENEWLEASEREQUEST']._serialized_end=623
+  _globals['_RENEWLEASERESPONSE']._serialized_start=625
+  _globals['_RENEWLEASERESPONSE']._serialized_end=693
+  _globals['_RELEASELEASEREQUEST']._serialized_start=695
+  _globals['_RELEASELEASEREQUEST']._serialized_end=734
+  _globals['_RELEASELEASERESPONSE']._serialized_start=736
+  _globals['_RELEASELEASERESPONSE']._serialized_end=758
+  _globals['_GETLEASEREQUEST']._serialized_start=760
+  _globals['_GETLEASEREQUEST']._serialized_end=795
+  _globals['_GETLEASERESPONSE']._serialized_start=797
+  _globals['_GETLEASERESPONSE']._serialized_end=863
+  _globals['_LISTLEASESREQUEST']._serialized_start=865
+  _globals['_LISTLEASESREQUEST']._serialized_end=923
+  _globals['_LISTLEASESRESPONSE']._serialized_start=925
+  _globals['_LISTLEASESRESPONSE']._serialized_end=1019
+  _globals['_RUNLEASEDSTEPREQUEST']._serialized_start=1021
+  _globals['_RUNLEASEDSTEPREQUEST']._serialized_end=1123
+  _globals['_RUNLEASEDSTEPRESPONSE']._serialized_start=1125
+  _globals['_RUNLEASEDSTEPRESPONSE']._serialized_end=1199
+  _globals['_LEASESERVICE']._serialized_start=1202
+  _globals['_LEASESERVICE']._serialized_end=1861
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,16 @@ class LeaseServiceStub:
                 request_serializer=cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.ReleaseLeaseRequest.SerializeToString,
                 response_deserializer=cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.ReleaseLeaseResponse.FromString,
                 _registered_method=True)
+        self.GetLease = channel.unary_unary(
+                '/cardline.orchestrator.v1.LeaseService/GetLease',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.GetLeaseRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.GetLeaseResponse.FromString,
+                _registered_method=True)
+        self.ListLeases = channel.unary_unary(
+                '/cardline.orchestrator.v1.LeaseService/ListLeases',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.ListLeasesRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.ListLeasesResponse.FromString,
+                _registered_method=True)
         self.RunLeasedStep = channel.unary_unary(
                 '/cardline.orchestrator.v1.LeaseService/RunLeasedStep',
                 request_serializer=cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.RunLeasedStepRequest.SerializeToString,
@@ -81,6 +91,19 @@ class LeaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLease(self, request, context):
+        """Leases held now (an ended lease is NOT_FOUND, its message saying how it ended).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLeases(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RunLeasedStep(self, request, context):
         """Runs one step (an APDU script, a PKCS#11 operation) on the leased reader, next to it.
         """
@@ -105,6 +128,16 @@ def add_LeaseServiceServicer_to_server(servicer, server):
                     servicer.ReleaseLease,
                     request_deserializer=cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.ReleaseLeaseRequest.FromString,
                     response_serializer=cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'GetLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLease,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.GetLeaseRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.GetLeaseResponse.SerializeToString,
+            ),
+            'ListLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLeases,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.ListLeasesRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.ListLeasesResponse.SerializeToString,
             ),
             'RunLeasedStep': grpc.unary_unary_rpc_method_handler(
                     servicer.RunLeasedStep,
@@ -194,6 +227,60 @@ class LeaseService:
             '/cardline.orchestrator.v1.LeaseService/ReleaseLease',
             cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.ReleaseLeaseRequest.SerializeToString,
             cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.LeaseService/GetLease',
+            cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.GetLeaseRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.GetLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.LeaseService/ListLeases',
+            cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.ListLeasesRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_lease__service__pb2.ListLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

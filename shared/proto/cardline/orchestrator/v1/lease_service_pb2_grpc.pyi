@@ -39,6 +39,9 @@ class LeaseServiceStub:
     """
     RenewLease: _grpc.UnaryUnaryMultiCallable[_lease_service_pb2.RenewLeaseRequest, _lease_service_pb2.RenewLeaseResponse]
     ReleaseLease: _grpc.UnaryUnaryMultiCallable[_lease_service_pb2.ReleaseLeaseRequest, _lease_service_pb2.ReleaseLeaseResponse]
+    GetLease: _grpc.UnaryUnaryMultiCallable[_lease_service_pb2.GetLeaseRequest, _lease_service_pb2.GetLeaseResponse]
+    """Leases held now (an ended lease is NOT_FOUND, its message saying how it ended)."""
+    ListLeases: _grpc.UnaryUnaryMultiCallable[_lease_service_pb2.ListLeasesRequest, _lease_service_pb2.ListLeasesResponse]
     RunLeasedStep: _grpc.UnaryUnaryMultiCallable[_lease_service_pb2.RunLeasedStepRequest, _lease_service_pb2.RunLeasedStepResponse]
     """Runs one step (an APDU script, a PKCS#11 operation) on the leased reader, next to it."""
 
@@ -53,6 +56,9 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     """
     RenewLease: _aio.UnaryUnaryMultiCallable[_lease_service_pb2.RenewLeaseRequest, _lease_service_pb2.RenewLeaseResponse]  # type: ignore[assignment]
     ReleaseLease: _aio.UnaryUnaryMultiCallable[_lease_service_pb2.ReleaseLeaseRequest, _lease_service_pb2.ReleaseLeaseResponse]  # type: ignore[assignment]
+    GetLease: _aio.UnaryUnaryMultiCallable[_lease_service_pb2.GetLeaseRequest, _lease_service_pb2.GetLeaseResponse]  # type: ignore[assignment]
+    """Leases held now (an ended lease is NOT_FOUND, its message saying how it ended)."""
+    ListLeases: _aio.UnaryUnaryMultiCallable[_lease_service_pb2.ListLeasesRequest, _lease_service_pb2.ListLeasesResponse]  # type: ignore[assignment]
     RunLeasedStep: _aio.UnaryUnaryMultiCallable[_lease_service_pb2.RunLeasedStepRequest, _lease_service_pb2.RunLeasedStepResponse]  # type: ignore[assignment]
     """Runs one step (an APDU script, a PKCS#11 operation) on the leased reader, next to it."""
 
@@ -82,6 +88,21 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lease_service_pb2.ReleaseLeaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lease_service_pb2.ReleaseLeaseResponse, _abc.Awaitable[_lease_service_pb2.ReleaseLeaseResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetLease(
+        self,
+        request: _lease_service_pb2.GetLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lease_service_pb2.GetLeaseResponse, _abc.Awaitable[_lease_service_pb2.GetLeaseResponse]]:
+        """Leases held now (an ended lease is NOT_FOUND, its message saying how it ended)."""
+
+    @_abc_1.abstractmethod
+    def ListLeases(
+        self,
+        request: _lease_service_pb2.ListLeasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lease_service_pb2.ListLeasesResponse, _abc.Awaitable[_lease_service_pb2.ListLeasesResponse]]: ...
 
     @_abc_1.abstractmethod
     def RunLeasedStep(

@@ -27,7 +27,7 @@ from shared.proto.cardline.common.v1 import common_pb2 as cardline_dot_common_do
 from shared.proto.cardline.orchestrator.v1 import reader_pool_service_pb2 as cardline_dot_orchestrator_dot_v1_dot_reader__pool__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,cardline/orchestrator/v1/order_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63\x61rdline/common/v1/common.proto\x1a\x32\x63\x61rdline/orchestrator/v1/reader_pool_service.proto\"\x96\x01\n\tOrderItem\x12?\n\x06inputs\x18\x01 \x03(\x0b\x32/.cardline.orchestrator.v1.OrderItem.InputsEntry\x1aH\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.cardline.common.v1.Value:\x02\x38\x01\"\xd9\x01\n\tOrderCard\x12\r\n\x05index\x18\x01 \x01(\r\x12\x37\n\x05state\x18\x02 \x01(\x0e\x32(.cardline.orchestrator.v1.OrderCardState\x12\x16\n\x0equeue_position\x18\x03 \x01(\r\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12\x11\n\treader_id\x18\x05 \x01(\t\x12\x1b\n\x13process_instance_id\x18\x06 \x01(\t\x12(\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x19.cardline.common.v1.Error\"\xbd\x01\n\x05Order\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07process\x18\x02 \x01(\t\x12\x33\n\x05state\x18\x03 \x01(\x0e\x32$.cardline.orchestrator.v1.OrderState\x12\x32\n\x05\x63\x61rds\x18\x04 \x03(\x0b\x32#.cardline.orchestrator.v1.OrderCard\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa1\x02\n\x12\x43reateOrderRequest\x12\x0f\n\x07process\x18\x01 \x01(\t\x12:\n\x08selector\x18\x02 \x01(\x0b\x32(.cardline.orchestrator.v1.ReaderSelector\x12\x32\n\x05items\x18\x03 \x03(\x0b\x32#.cardline.orchestrator.v1.OrderItem\x12U\n\rsecret_inputs\x18\x04 \x03(\x0b\x32>.cardline.orchestrator.v1.CreateOrderRequest.SecretInputsEntry\x1a\x33\n\x11SecretInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x13\x43reateOrderResponse\x12.\n\x05order\x18\x01 \x01(\x0b\x32\x1f.cardline.orchestrator.v1.Order\"%\n\x11WatchOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"D\n\x12WatchOrderResponse\x12.\n\x05order\x18\x01 \x01(\x0b\x32\x1f.cardline.orchestrator.v1.Order\"\x13\n\x11ListOrdersRequest\"E\n\x12ListOrdersResponse\x12/\n\x06orders\x18\x01 \x03(\x0b\x32\x1f.cardline.orchestrator.v1.Order*s\n\nOrderState\x12\x1b\n\x17ORDER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13ORDER_STATE_RUNNING\x10\x01\x12\x14\n\x10ORDER_STATE_DONE\x10\x02\x12\x19\n\x15ORDER_STATE_CANCELLED\x10\x03*\xaa\x01\n\x0eOrderCardState\x12 \n\x1cORDER_CARD_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17ORDER_CARD_STATE_QUEUED\x10\x01\x12\x1c\n\x18ORDER_CARD_STATE_RUNNING\x10\x02\x12\x1e\n\x1aORDER_CARD_STATE_SUCCEEDED\x10\x03\x12\x1b\n\x17ORDER_CARD_STATE_FAILED\x10\x04\x32\xce\x02\n\x0cOrderService\x12j\n\x0b\x43reateOrder\x12,.cardline.orchestrator.v1.CreateOrderRequest\x1a-.cardline.orchestrator.v1.CreateOrderResponse\x12i\n\nWatchOrder\x12+.cardline.orchestrator.v1.WatchOrderRequest\x1a,.cardline.orchestrator.v1.WatchOrderResponse0\x01\x12g\n\nListOrders\x12+.cardline.orchestrator.v1.ListOrdersRequest\x1a,.cardline.orchestrator.v1.ListOrdersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,cardline/orchestrator/v1/order_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63\x61rdline/common/v1/common.proto\x1a\x32\x63\x61rdline/orchestrator/v1/reader_pool_service.proto\"\x96\x01\n\tOrderItem\x12?\n\x06inputs\x18\x01 \x03(\x0b\x32/.cardline.orchestrator.v1.OrderItem.InputsEntry\x1aH\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.cardline.common.v1.Value:\x02\x38\x01\"\xd9\x01\n\tOrderCard\x12\r\n\x05index\x18\x01 \x01(\r\x12\x37\n\x05state\x18\x02 \x01(\x0e\x32(.cardline.orchestrator.v1.OrderCardState\x12\x16\n\x0equeue_position\x18\x03 \x01(\r\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12\x11\n\treader_id\x18\x05 \x01(\t\x12\x1b\n\x13process_instance_id\x18\x06 \x01(\t\x12(\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x19.cardline.common.v1.Error\"\xbd\x01\n\x05Order\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07process\x18\x02 \x01(\t\x12\x33\n\x05state\x18\x03 \x01(\x0e\x32$.cardline.orchestrator.v1.OrderState\x12\x32\n\x05\x63\x61rds\x18\x04 \x03(\x0b\x32#.cardline.orchestrator.v1.OrderCard\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb5\x02\n\x12\x43reateOrderRequest\x12\x0f\n\x07process\x18\x01 \x01(\t\x12:\n\x08selector\x18\x02 \x01(\x0b\x32(.cardline.orchestrator.v1.ReaderSelector\x12\x32\n\x05items\x18\x03 \x03(\x0b\x32#.cardline.orchestrator.v1.OrderItem\x12U\n\rsecret_inputs\x18\x04 \x03(\x0b\x32>.cardline.orchestrator.v1.CreateOrderRequest.SecretInputsEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a\x33\n\x11SecretInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x13\x43reateOrderResponse\x12.\n\x05order\x18\x01 \x01(\x0b\x32\x1f.cardline.orchestrator.v1.Order\"%\n\x11WatchOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"D\n\x12WatchOrderResponse\x12.\n\x05order\x18\x01 \x01(\x0b\x32\x1f.cardline.orchestrator.v1.Order\":\n\x11ListOrdersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"^\n\x12ListOrdersResponse\x12/\n\x06orders\x18\x01 \x03(\x0b\x32\x1f.cardline.orchestrator.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x0fGetOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"B\n\x10GetOrderResponse\x12.\n\x05order\x18\x01 \x01(\x0b\x32\x1f.cardline.orchestrator.v1.Order\"&\n\x12\x43\x61ncelOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"E\n\x13\x43\x61ncelOrderResponse\x12.\n\x05order\x18\x01 \x01(\x0b\x32\x1f.cardline.orchestrator.v1.Order*s\n\nOrderState\x12\x1b\n\x17ORDER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13ORDER_STATE_RUNNING\x10\x01\x12\x14\n\x10ORDER_STATE_DONE\x10\x02\x12\x19\n\x15ORDER_STATE_CANCELLED\x10\x03*\xaa\x01\n\x0eOrderCardState\x12 \n\x1cORDER_CARD_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17ORDER_CARD_STATE_QUEUED\x10\x01\x12\x1c\n\x18ORDER_CARD_STATE_RUNNING\x10\x02\x12\x1e\n\x1aORDER_CARD_STATE_SUCCEEDED\x10\x03\x12\x1b\n\x17ORDER_CARD_STATE_FAILED\x10\x04\x32\x9d\x04\n\x0cOrderService\x12j\n\x0b\x43reateOrder\x12,.cardline.orchestrator.v1.CreateOrderRequest\x1a-.cardline.orchestrator.v1.CreateOrderResponse\x12i\n\nWatchOrder\x12+.cardline.orchestrator.v1.WatchOrderRequest\x1a,.cardline.orchestrator.v1.WatchOrderResponse0\x01\x12g\n\nListOrders\x12+.cardline.orchestrator.v1.ListOrdersRequest\x1a,.cardline.orchestrator.v1.ListOrdersResponse\x12\x61\n\x08GetOrder\x12).cardline.orchestrator.v1.GetOrderRequest\x1a*.cardline.orchestrator.v1.GetOrderResponse\x12j\n\x0b\x43\x61ncelOrder\x12,.cardline.orchestrator.v1.CancelOrderRequest\x1a-.cardline.orchestrator.v1.CancelOrderResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,10 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORDERITEM_INPUTSENTRY']._serialized_options = b'8\001'
   _globals['_CREATEORDERREQUEST_SECRETINPUTSENTRY']._loaded_options = None
   _globals['_CREATEORDERREQUEST_SECRETINPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_ORDERSTATE']._serialized_start=1321
-  _globals['_ORDERSTATE']._serialized_end=1436
-  _globals['_ORDERCARDSTATE']._serialized_start=1439
-  _globals['_ORDERCARDSTATE']._serialized_end=1609
+  _globals['_ORDERSTATE']._serialized_start=1621
+  _globals['_ORDERSTATE']._serialized_end=1736
+  _globals['_ORDERCARDSTATE']._serialized_start=1739
+  _globals['_ORDERCARDSTATE']._serialized_end=1909
   _globals['_ORDERITEM']._serialized_start=193
   _globals['_ORDERITEM']._serialized_end=343
   _globals['_ORDERITEM_INPUTSENTRY']._serialized_start=271
@@ -51,19 +51,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORDER']._serialized_start=566
   _globals['_ORDER']._serialized_end=755
   _globals['_CREATEORDERREQUEST']._serialized_start=758
-  _globals['_CREATEORDERREQUEST']._serialized_end=1047
-  _globals['_CREATEORDERREQUEST_SECRETINPUTSENTRY']._serialized_start=996
-  _globals['_CREATEORDERREQUEST_SECRETINPUTSENTRY']._serialized_end=1047
-  _globals['_CREATEORDERRESPONSE']._serialized_start=1049
-  _globals['_CREATEORDERRESPONSE']._serialized_end=1118
-  _globals['_WATCHORDERREQUEST']._serialized_start=1120
-  _globals['_WATCHORDERREQUEST']._serialized_end=1157
-  _globals['_WATCHORDERRESPONSE']._serialized_start=1159
-  _globals['_WATCHORDERRESPONSE']._serialized_end=1227
-  _globals['_LISTORDERSREQUEST']._serialized_start=1229
-  _globals['_LISTORDERSREQUEST']._serialized_end=1248
-  _globals['_LISTORDERSRESPONSE']._serialized_start=1250
-  _globals['_LISTORDERSRESPONSE']._serialized_end=1319
-  _globals['_ORDERSERVICE']._serialized_start=1612
-  _globals['_ORDERSERVICE']._serialized_end=1946
+  _globals['_CREATEORDERREQUEST']._serialized_end=1067
+  _globals['_CREATEORDERREQUEST_SECRETINPUTSENTRY']._serialized_start=1016
+  _globals['_CREATEORDERREQUEST_SECRETINPUTSENTRY']._serialized_end=1067
+  _globals['_CREATEORDERRESPONSE']._serialized_start=1069
+  _globals['_CREATEORDERRESPONSE']._serialized_end=1138
+  _globals['_WATCHORDERREQUEST']._serialized_start=1140
+  _globals['_WATCHORDERREQUEST']._serialized_end=1177
+  _globals['_WATCHORDERRESPONSE']._serialized_start=1179
+  _globals['_WATCHORDERRESPONSE']._serialized_end=1247
+  _globals['_LISTORDERSREQUEST']._serialized_start=1249
+  _globals['_LISTORDERSREQUEST']._serialized_end=1307
+  _globals['_LISTORDERSRESPONSE']._serialized_start=1309
+  _globals['_LISTORDERSRESPONSE']._serialized_end=1403
+  _globals['_GETORDERREQUEST']._serialized_start=1405
+  _globals['_GETORDERREQUEST']._serialized_end=1440
+  _globals['_GETORDERRESPONSE']._serialized_start=1442
+  _globals['_GETORDERRESPONSE']._serialized_end=1508
+  _globals['_CANCELORDERREQUEST']._serialized_start=1510
+  _globals['_CANCELORDERREQUEST']._serialized_end=1548
+  _globals['_CANCELORDERRESPONSE']._serialized_start=1550
+  _globals['_CANCELORDERRESPONSE']._serialized_end=1619
+  _globals['_ORDERSERVICE']._serialized_start=1912
+  _globals['_ORDERSERVICE']._serialized_end=2453
 # @@protoc_insertion_point(module_scope)

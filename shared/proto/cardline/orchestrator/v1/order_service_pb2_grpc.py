@@ -50,6 +50,16 @@ class OrderServiceStub:
                 request_serializer=cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.ListOrdersRequest.SerializeToString,
                 response_deserializer=cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.ListOrdersResponse.FromString,
                 _registered_method=True)
+        self.GetOrder = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrderService/GetOrder',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.GetOrderRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.GetOrderResponse.FromString,
+                _registered_method=True)
+        self.CancelOrder = channel.unary_unary(
+                '/cardline.orchestrator.v1.OrderService/CancelOrder',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.CancelOrderRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.CancelOrderResponse.FromString,
+                _registered_method=True)
 
 
 class OrderServiceServicer:
@@ -75,6 +85,19 @@ class OrderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOrder(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelOrder(self, request, context):
+        """Cards not started yet are not produced; cards being produced finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +115,16 @@ def add_OrderServiceServicer_to_server(servicer, server):
                     servicer.ListOrders,
                     request_deserializer=cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.ListOrdersRequest.FromString,
                     response_serializer=cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.ListOrdersResponse.SerializeToString,
+            ),
+            'GetOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOrder,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.GetOrderRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.GetOrderResponse.SerializeToString,
+            ),
+            'CancelOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelOrder,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.CancelOrderRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.CancelOrderResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +209,60 @@ class OrderService:
             '/cardline.orchestrator.v1.OrderService/ListOrders',
             cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.ListOrdersRequest.SerializeToString,
             cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.ListOrdersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrderService/GetOrder',
+            cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.GetOrderRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.GetOrderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.OrderService/CancelOrder',
+            cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.CancelOrderRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_order__service__pb2.CancelOrderResponse.FromString,
             options,
             channel_credentials,
             insecure,

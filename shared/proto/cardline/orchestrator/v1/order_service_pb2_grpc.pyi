@@ -37,6 +37,9 @@ class OrderServiceStub:
     WatchOrder: _grpc.UnaryStreamMultiCallable[_order_service_pb2.WatchOrderRequest, _order_service_pb2.WatchOrderResponse]
     """The order now, then after every change until every card was attempted."""
     ListOrders: _grpc.UnaryUnaryMultiCallable[_order_service_pb2.ListOrdersRequest, _order_service_pb2.ListOrdersResponse]
+    GetOrder: _grpc.UnaryUnaryMultiCallable[_order_service_pb2.GetOrderRequest, _order_service_pb2.GetOrderResponse]
+    CancelOrder: _grpc.UnaryUnaryMultiCallable[_order_service_pb2.CancelOrderRequest, _order_service_pb2.CancelOrderResponse]
+    """Cards not started yet are not produced; cards being produced finish."""
 
 @_typing.type_check_only
 class OrderServiceAsyncStub(OrderServiceStub):
@@ -47,6 +50,9 @@ class OrderServiceAsyncStub(OrderServiceStub):
     WatchOrder: _aio.UnaryStreamMultiCallable[_order_service_pb2.WatchOrderRequest, _order_service_pb2.WatchOrderResponse]  # type: ignore[assignment]
     """The order now, then after every change until every card was attempted."""
     ListOrders: _aio.UnaryUnaryMultiCallable[_order_service_pb2.ListOrdersRequest, _order_service_pb2.ListOrdersResponse]  # type: ignore[assignment]
+    GetOrder: _aio.UnaryUnaryMultiCallable[_order_service_pb2.GetOrderRequest, _order_service_pb2.GetOrderResponse]  # type: ignore[assignment]
+    CancelOrder: _aio.UnaryUnaryMultiCallable[_order_service_pb2.CancelOrderRequest, _order_service_pb2.CancelOrderResponse]  # type: ignore[assignment]
+    """Cards not started yet are not produced; cards being produced finish."""
 
 class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
     """Production orders: N cards spread over every matching reader."""
@@ -72,5 +78,20 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _order_service_pb2.ListOrdersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_order_service_pb2.ListOrdersResponse, _abc.Awaitable[_order_service_pb2.ListOrdersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetOrder(
+        self,
+        request: _order_service_pb2.GetOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_order_service_pb2.GetOrderResponse, _abc.Awaitable[_order_service_pb2.GetOrderResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CancelOrder(
+        self,
+        request: _order_service_pb2.CancelOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_order_service_pb2.CancelOrderResponse, _abc.Awaitable[_order_service_pb2.CancelOrderResponse]]:
+        """Cards not started yet are not produced; cards being produced finish."""
 
 def add_OrderServiceServicer_to_server(servicer: OrderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

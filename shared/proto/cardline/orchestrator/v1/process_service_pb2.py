@@ -27,7 +27,7 @@ from shared.proto.cardline.common.v1 import common_pb2 as cardline_dot_common_do
 from shared.proto.cardline.orchestrator.v1 import card_service_pb2 as cardline_dot_orchestrator_dot_v1_dot_card__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.cardline/orchestrator/v1/process_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63\x61rdline/common/v1/common.proto\x1a+cardline/orchestrator/v1/card_service.proto\"\x95\x01\n\x11ProcessDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12\x15\n\rsecret_inputs\x18\x04 \x03(\t\x12\x36\n\ntask_types\x18\x05 \x03(\x0e\x32\".cardline.orchestrator.v1.TaskType\"\x1f\n\x1dListProcessDefinitionsRequest\"b\n\x1eListProcessDefinitionsResponse\x12@\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32+.cardline.orchestrator.v1.ProcessDefinition\"\xc8\x02\n\x13StartProcessRequest\x12\x0f\n\x07process\x18\x01 \x01(\t\x12I\n\x06inputs\x18\x02 \x03(\x0b\x32\x39.cardline.orchestrator.v1.StartProcessRequest.InputsEntry\x12V\n\rsecret_inputs\x18\x03 \x03(\x0b\x32?.cardline.orchestrator.v1.StartProcessRequest.SecretInputsEntry\x1aH\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.cardline.common.v1.Value:\x02\x38\x01\x1a\x33\n\x11SecretInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa3\x03\n\x0fProcessInstance\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12\x35\n\x05state\x18\x03 \x01(\x0e\x32&.cardline.orchestrator.v1.ProcessState\x12N\n\x0bprocess_map\x18\x04 \x03(\x0b\x32\x39.cardline.orchestrator.v1.ProcessInstance.ProcessMapEntry\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x19.cardline.common.v1.Error\x12\x10\n\x08task_ids\x18\x06 \x03(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1aL\n\x0fProcessMapEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.cardline.common.v1.Value:\x02\x38\x01\"\xde\x01\n\x14StartProcessResponse\x12\x1b\n\x13process_instance_id\x18\x01 \x01(\t\x12\x12\n\ntask_index\x18\x02 \x01(\r\x12\x35\n\ttask_type\x18\x03 \x01(\x0e\x32\".cardline.orchestrator.v1.TaskType\x12\x10\n\x08on_error\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\x12;\n\x08instance\x18\x06 \x01(\x0b\x32).cardline.orchestrator.v1.ProcessInstance\"8\n\x19GetProcessInstanceRequest\x12\x1b\n\x13process_instance_id\x18\x01 \x01(\t\"Y\n\x1aGetProcessInstanceResponse\x12;\n\x08instance\x18\x01 \x01(\x0b\x32).cardline.orchestrator.v1.ProcessInstance*\x7f\n\x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PROCESS_STATE_RUNNING\x10\x01\x12\x1b\n\x17PROCESS_STATE_SUCCEEDED\x10\x02\x12\x18\n\x14PROCESS_STATE_FAILED\x10\x03\x32\x90\x03\n\x0eProcessService\x12\x8b\x01\n\x16ListProcessDefinitions\x12\x37.cardline.orchestrator.v1.ListProcessDefinitionsRequest\x1a\x38.cardline.orchestrator.v1.ListProcessDefinitionsResponse\x12o\n\x0cStartProcess\x12-.cardline.orchestrator.v1.StartProcessRequest\x1a..cardline.orchestrator.v1.StartProcessResponse0\x01\x12\x7f\n\x12GetProcessInstance\x12\x33.cardline.orchestrator.v1.GetProcessInstanceRequest\x1a\x34.cardline.orchestrator.v1.GetProcessInstanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.cardline/orchestrator/v1/process_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63\x61rdline/common/v1/common.proto\x1a+cardline/orchestrator/v1/card_service.proto\"\x95\x01\n\x11ProcessDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12\x15\n\rsecret_inputs\x18\x04 \x03(\t\x12\x36\n\ntask_types\x18\x05 \x03(\x0e\x32\".cardline.orchestrator.v1.TaskType\"F\n\x1dListProcessDefinitionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"{\n\x1eListProcessDefinitionsResponse\x12@\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32+.cardline.orchestrator.v1.ProcessDefinition\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xdc\x02\n\x13StartProcessRequest\x12\x0f\n\x07process\x18\x01 \x01(\t\x12I\n\x06inputs\x18\x02 \x03(\x0b\x32\x39.cardline.orchestrator.v1.StartProcessRequest.InputsEntry\x12V\n\rsecret_inputs\x18\x03 \x03(\x0b\x32?.cardline.orchestrator.v1.StartProcessRequest.SecretInputsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1aH\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.cardline.common.v1.Value:\x02\x38\x01\x1a\x33\n\x11SecretInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa3\x03\n\x0fProcessInstance\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12\x35\n\x05state\x18\x03 \x01(\x0e\x32&.cardline.orchestrator.v1.ProcessState\x12N\n\x0bprocess_map\x18\x04 \x03(\x0b\x32\x39.cardline.orchestrator.v1.ProcessInstance.ProcessMapEntry\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x19.cardline.common.v1.Error\x12\x10\n\x08task_ids\x18\x06 \x03(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1aL\n\x0fProcessMapEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.cardline.common.v1.Value:\x02\x38\x01\"\xde\x01\n\x14StartProcessResponse\x12\x1b\n\x13process_instance_id\x18\x01 \x01(\t\x12\x12\n\ntask_index\x18\x02 \x01(\r\x12\x35\n\ttask_type\x18\x03 \x01(\x0e\x32\".cardline.orchestrator.v1.TaskType\x12\x10\n\x08on_error\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\x12;\n\x08instance\x18\x06 \x01(\x0b\x32).cardline.orchestrator.v1.ProcessInstance\"8\n\x19GetProcessInstanceRequest\x12\x1b\n\x13process_instance_id\x18\x01 \x01(\t\"Y\n\x1aGetProcessInstanceResponse\x12;\n\x08instance\x18\x01 \x01(\x0b\x32).cardline.orchestrator.v1.ProcessInstance\"\x8f\x01\n\x1bListProcessInstancesRequest\x12\x12\n\ndefinition\x18\x01 \x01(\t\x12\x35\n\x05state\x18\x02 \x01(\x0e\x32&.cardline.orchestrator.v1.ProcessState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"u\n\x1cListProcessInstancesResponse\x12<\n\tinstances\x18\x01 \x03(\x0b\x32).cardline.orchestrator.v1.ProcessInstance\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x7f\n\x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PROCESS_STATE_RUNNING\x10\x01\x12\x1b\n\x17PROCESS_STATE_SUCCEEDED\x10\x02\x12\x18\n\x14PROCESS_STATE_FAILED\x10\x03\x32\x98\x04\n\x0eProcessService\x12\x8b\x01\n\x16ListProcessDefinitions\x12\x37.cardline.orchestrator.v1.ListProcessDefinitionsRequest\x1a\x38.cardline.orchestrator.v1.ListProcessDefinitionsResponse\x12o\n\x0cStartProcess\x12-.cardline.orchestrator.v1.StartProcessRequest\x1a..cardline.orchestrator.v1.StartProcessResponse0\x01\x12\x7f\n\x12GetProcessInstance\x12\x33.cardline.orchestrator.v1.GetProcessInstanceRequest\x1a\x34.cardline.orchestrator.v1.GetProcessInstanceResponse\x12\x85\x01\n\x14ListProcessInstances\x12\x35.cardline.orchestrator.v1.ListProcessInstancesRequest\x1a\x36.cardline.orchestrator.v1.ListProcessInstancesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,30 +40,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTPROCESSREQUEST_SECRETINPUTSENTRY']._serialized_options = b'8\001'
   _globals['_PROCESSINSTANCE_PROCESSMAPENTRY']._loaded_options = None
   _globals['_PROCESSINSTANCE_PROCESSMAPENTRY']._serialized_options = b'8\001'
-  _globals['_PROCESSSTATE']._serialized_start=1599
-  _globals['_PROCESSSTATE']._serialized_end=1726
+  _globals['_PROCESSSTATE']._serialized_start=1948
+  _globals['_PROCESSSTATE']._serialized_end=2075
   _globals['_PROCESSDEFINITION']._serialized_start=188
   _globals['_PROCESSDEFINITION']._serialized_end=337
   _globals['_LISTPROCESSDEFINITIONSREQUEST']._serialized_start=339
-  _globals['_LISTPROCESSDEFINITIONSREQUEST']._serialized_end=370
-  _globals['_LISTPROCESSDEFINITIONSRESPONSE']._serialized_start=372
-  _globals['_LISTPROCESSDEFINITIONSRESPONSE']._serialized_end=470
-  _globals['_STARTPROCESSREQUEST']._serialized_start=473
-  _globals['_STARTPROCESSREQUEST']._serialized_end=801
-  _globals['_STARTPROCESSREQUEST_INPUTSENTRY']._serialized_start=676
-  _globals['_STARTPROCESSREQUEST_INPUTSENTRY']._serialized_end=748
-  _globals['_STARTPROCESSREQUEST_SECRETINPUTSENTRY']._serialized_start=750
-  _globals['_STARTPROCESSREQUEST_SECRETINPUTSENTRY']._serialized_end=801
-  _globals['_PROCESSINSTANCE']._serialized_start=804
-  _globals['_PROCESSINSTANCE']._serialized_end=1223
-  _globals['_PROCESSINSTANCE_PROCESSMAPENTRY']._serialized_start=1147
-  _globals['_PROCESSINSTANCE_PROCESSMAPENTRY']._serialized_end=1223
-  _globals['_STARTPROCESSRESPONSE']._serialized_start=1226
-  _globals['_STARTPROCESSRESPONSE']._serialized_end=1448
-  _globals['_GETPROCESSINSTANCEREQUEST']._serialized_start=1450
-  _globals['_GETPROCESSINSTANCEREQUEST']._serialized_end=1506
-  _globals['_GETPROCESSINSTANCERESPONSE']._serialized_start=1508
-  _globals['_GETPROCESSINSTANCERESPONSE']._serialized_end=1597
-  _globals['_PROCESSSERVICE']._serialized_start=1729
-  _globals['_PROCESSSERVICE']._serialized_end=2129
+  _globals['_LISTPROCESSDEFINITIONSREQUEST']._serialized_end=409
+  _globals['_LISTPROCESSDEFINITIONSRESPONSE']._serialized_start=411
+  _globals['_LISTPROCESSDEFINITIONSRESPONSE']._serialized_end=534
+  _globals['_STARTPROCESSREQUEST']._serialized_start=537
+  _globals['_STARTPROCESSREQUEST']._serialized_end=885
+  _globals['_STARTPROCESSREQUEST_INPUTSENTRY']._serialized_start=760
+  _globals['_STARTPROCESSREQUEST_INPUTSENTRY']._serialized_end=832
+  _globals['_STARTPROCESSREQUEST_SECRETINPUTSENTRY']._serialized_start=834
+  _globals['_STARTPROCESSREQUEST_SECRETINPUTSENTRY']._serialized_end=885
+  _globals['_PROCESSINSTANCE']._serialized_start=888
+  _globals['_PROCESSINSTANCE']._serialized_end=1307
+  _globals['_PROCESSINSTANCE_PROCESSMAPENTRY']._serialized_start=1231
+  _globals['_PROCESSINSTANCE_PROCESSMAPENTRY']._serialized_end=1307
+  _globals['_STARTPROCESSRESPONSE']._serialized_start=1310
+  _globals['_STARTPROCESSRESPONSE']._serialized_end=1532
+  _globals['_GETPROCESSINSTANCEREQUEST']._serialized_start=1534
+  _globals['_GETPROCESSINSTANCEREQUEST']._serialized_end=1590
+  _globals['_GETPROCESSINSTANCERESPONSE']._serialized_start=1592
+  _globals['_GETPROCESSINSTANCERESPONSE']._serialized_end=1681
+  _globals['_LISTPROCESSINSTANCESREQUEST']._serialized_start=1684
+  _globals['_LISTPROCESSINSTANCESREQUEST']._serialized_end=1827
+  _globals['_LISTPROCESSINSTANCESRESPONSE']._serialized_start=1829
+  _globals['_LISTPROCESSINSTANCESRESPONSE']._serialized_end=1946
+  _globals['_PROCESSSERVICE']._serialized_start=2078
+  _globals['_PROCESSSERVICE']._serialized_end=2614
 # @@protoc_insertion_point(module_scope)

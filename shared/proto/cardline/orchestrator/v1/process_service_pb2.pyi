@@ -77,14 +77,25 @@ Global___ProcessDefinition: _TypeAlias = ProcessDefinition  # noqa: Y015
 
 @_typing.final
 class ListProcessDefinitionsRequest(_message.Message):
+    """By name."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Paging (docs/api.md): 0 asks for the default page size (100); at most 1000."""
+    page_token: _builtins.str
+    """next_page_token of the previous response; empty: the first page."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -95,16 +106,20 @@ class ListProcessDefinitionsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEFINITIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def definitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProcessDefinition]: ...
     def __init__(
         self,
         *,
         definitions: _abc.Iterable[Global___ProcessDefinition] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["definitions", b"definitions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definitions", b"definitions", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -158,7 +173,13 @@ class StartProcessRequest(_message.Message):
     PROCESS_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     SECRET_INPUTS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     process: _builtins.str
+    request_id: _builtins.str
+    """Chosen by the client (e.g. a UUID), at most 200 characters: a retry with the same id
+    starts nothing; it follows the instance the first call started (its last response
+    carries that instance once it ended).
+    """
     @_builtins.property
     def inputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.Value]: ...
     @_builtins.property
@@ -171,10 +192,11 @@ class StartProcessRequest(_message.Message):
         process: _builtins.str = ...,
         inputs: _abc.Mapping[_builtins.str, _common_pb2.Value] | None = ...,
         secret_inputs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "process", b"process", "secret_inputs", b"secret_inputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "process", b"process", "request_id", b"request_id", "secret_inputs", b"secret_inputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -322,3 +344,59 @@ class GetProcessInstanceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetProcessInstanceResponse: _TypeAlias = GetProcessInstanceResponse  # noqa: Y015
+
+@_typing.final
+class ListProcessInstancesRequest(_message.Message):
+    """Newest first. Empty filters match anything."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    definition: _builtins.str
+    state: Global___ProcessState.ValueType
+    page_size: _builtins.int
+    """Paging (docs/api.md): 0 asks for the default page size (100); at most 1000."""
+    page_token: _builtins.str
+    """next_page_token of the previous response; empty: the first page."""
+    def __init__(
+        self,
+        *,
+        definition: _builtins.str = ...,
+        state: Global___ProcessState.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProcessInstancesRequest: _TypeAlias = ListProcessInstancesRequest  # noqa: Y015
+
+@_typing.final
+class ListProcessInstancesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProcessInstance]: ...
+    def __init__(
+        self,
+        *,
+        instances: _abc.Iterable[Global___ProcessInstance] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProcessInstancesResponse: _TypeAlias = ListProcessInstancesResponse  # noqa: Y015

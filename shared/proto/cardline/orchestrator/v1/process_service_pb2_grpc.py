@@ -50,6 +50,11 @@ class ProcessServiceStub:
                 request_serializer=cardline_dot_orchestrator_dot_v1_dot_process__service__pb2.GetProcessInstanceRequest.SerializeToString,
                 response_deserializer=cardline_dot_orchestrator_dot_v1_dot_process__service__pb2.GetProcessInstanceResponse.FromString,
                 _registered_method=True)
+        self.ListProcessInstances = channel.unary_unary(
+                '/cardline.orchestrator.v1.ProcessService/ListProcessInstances',
+                request_serializer=cardline_dot_orchestrator_dot_v1_dot_process__service__pb2.ListProcessInstancesRequest.SerializeToString,
+                response_deserializer=cardline_dot_orchestrator_dot_v1_dot_process__service__pb2.ListProcessInstancesResponse.FromString,
+                _registered_method=True)
 
 
 class ProcessServiceServicer:
@@ -76,6 +81,12 @@ class ProcessServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListProcessInstances(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProcessServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +104,11 @@ def add_ProcessServiceServicer_to_server(servicer, server):
                     servicer.GetProcessInstance,
                     request_deserializer=cardline_dot_orchestrator_dot_v1_dot_process__service__pb2.GetProcessInstanceRequest.FromString,
                     response_serializer=cardline_dot_orchestrator_dot_v1_dot_process__service__pb2.GetProcessInstanceResponse.SerializeToString,
+            ),
+            'ListProcessInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProcessInstances,
+                    request_deserializer=cardline_dot_orchestrator_dot_v1_dot_process__service__pb2.ListProcessInstancesRequest.FromString,
+                    response_serializer=cardline_dot_orchestrator_dot_v1_dot_process__service__pb2.ListProcessInstancesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +193,33 @@ class ProcessService:
             '/cardline.orchestrator.v1.ProcessService/GetProcessInstance',
             cardline_dot_orchestrator_dot_v1_dot_process__service__pb2.GetProcessInstanceRequest.SerializeToString,
             cardline_dot_orchestrator_dot_v1_dot_process__service__pb2.GetProcessInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProcessInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardline.orchestrator.v1.ProcessService/ListProcessInstances',
+            cardline_dot_orchestrator_dot_v1_dot_process__service__pb2.ListProcessInstancesRequest.SerializeToString,
+            cardline_dot_orchestrator_dot_v1_dot_process__service__pb2.ListProcessInstancesResponse.FromString,
             options,
             channel_credentials,
             insecure,

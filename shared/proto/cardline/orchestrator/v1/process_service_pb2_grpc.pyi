@@ -39,6 +39,7 @@ class ProcessServiceStub:
     finished instance with its process map.
     """
     GetProcessInstance: _grpc.UnaryUnaryMultiCallable[_process_service_pb2.GetProcessInstanceRequest, _process_service_pb2.GetProcessInstanceResponse]
+    ListProcessInstances: _grpc.UnaryUnaryMultiCallable[_process_service_pb2.ListProcessInstancesRequest, _process_service_pb2.ListProcessInstancesResponse]
 
 @_typing.type_check_only
 class ProcessServiceAsyncStub(ProcessServiceStub):
@@ -51,6 +52,7 @@ class ProcessServiceAsyncStub(ProcessServiceStub):
     finished instance with its process map.
     """
     GetProcessInstance: _aio.UnaryUnaryMultiCallable[_process_service_pb2.GetProcessInstanceRequest, _process_service_pb2.GetProcessInstanceResponse]  # type: ignore[assignment]
+    ListProcessInstances: _aio.UnaryUnaryMultiCallable[_process_service_pb2.ListProcessInstancesRequest, _process_service_pb2.ListProcessInstancesResponse]  # type: ignore[assignment]
 
 class ProcessServiceServicer(metaclass=_abc_1.ABCMeta):
     """Processes: YAML definitions in the configuration directory, and their instances."""
@@ -78,5 +80,12 @@ class ProcessServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _process_service_pb2.GetProcessInstanceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_process_service_pb2.GetProcessInstanceResponse, _abc.Awaitable[_process_service_pb2.GetProcessInstanceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListProcessInstances(
+        self,
+        request: _process_service_pb2.ListProcessInstancesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_process_service_pb2.ListProcessInstancesResponse, _abc.Awaitable[_process_service_pb2.ListProcessInstancesResponse]]: ...
 
 def add_ProcessServiceServicer_to_server(servicer: ProcessServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from shared.proto.cardline.common.v1 import common_pb2 as cardline_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2cardline/orchestrator/v1/reader_pool_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63\x61rdline/common/v1/common.proto\"\xfe\x01\n\x0eReaderSelector\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x11\n\treader_id\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.cardline.common.v1.ReaderKind\x12\x0c\n\x04site\x18\x04 \x01(\t\x12\x44\n\x06labels\x18\x05 \x03(\x0b\x32\x34.cardline.orchestrator.v1.ReaderSelector.LabelsEntry\x12\x14\n\x0c\x63\x61rd_present\x18\x06 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa9\x02\n\x0cPooledReader\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12*\n\x06reader\x18\x02 \x01(\x0b\x32\x1a.cardline.common.v1.Reader\x12\x0c\n\x04\x62usy\x18\x03 \x01(\x08\x12:\n\x05state\x18\x04 \x01(\x0e\x32+.cardline.orchestrator.v1.PooledReaderState\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x42\n\x06labels\x18\x06 \x03(\x0b\x32\x32.cardline.orchestrator.v1.PooledReader.LabelsEntry\x12\x0e\n\x06holder\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb2\x02\n\x07Gateway\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12=\n\x06labels\x18\x03 \x03(\x0b\x32-.cardline.orchestrator.v1.Gateway.LabelsEntry\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x0f\n\x07readers\x18\x05 \x01(\r\x12\x33\n\x0f\x63onnected_since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x15\n\x13ListGatewaysRequest\"K\n\x14ListGatewaysResponse\x12\x33\n\x08gateways\x18\x01 \x03(\x0b\x32!.cardline.orchestrator.v1.Gateway\"P\n\x12ListReadersRequest\x12:\n\x08selector\x18\x01 \x01(\x0b\x32(.cardline.orchestrator.v1.ReaderSelector\"N\n\x13ListReadersResponse\x12\x37\n\x07readers\x18\x01 \x03(\x0b\x32&.cardline.orchestrator.v1.PooledReader\"Q\n\x13WatchReadersRequest\x12:\n\x08selector\x18\x01 \x01(\x0b\x32(.cardline.orchestrator.v1.ReaderSelector\"\x86\x01\n\x14WatchReadersResponse\x12\x36\n\x06\x63hange\x18\x01 \x01(\x0e\x32&.cardline.orchestrator.v1.ReaderChange\x12\x36\n\x06reader\x18\x02 \x01(\x0b\x32&.cardline.orchestrator.v1.PooledReader*\xfb\x01\n\x11PooledReaderState\x12#\n\x1fPOOLED_READER_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19POOLED_READER_STATE_EMPTY\x10\x01\x12$\n POOLED_READER_STATE_CARD_PRESENT\x10\x02\x12\x1e\n\x1aPOOLED_READER_STATE_LEASED\x10\x03\x12\x1c\n\x18POOLED_READER_STATE_BUSY\x10\x04\x12\x1f\n\x1bPOOLED_READER_STATE_OFFLINE\x10\x05\x12\x1d\n\x19POOLED_READER_STATE_ERROR\x10\x06*~\n\x0cReaderChange\x12\x1d\n\x19READER_CHANGE_UNSPECIFIED\x10\x00\x12\x19\n\x15READER_CHANGE_PRESENT\x10\x01\x12\x19\n\x15READER_CHANGE_CHANGED\x10\x02\x12\x19\n\x15READER_CHANGE_REMOVED\x10\x03\x32\xdf\x02\n\x11ReaderPoolService\x12m\n\x0cListGateways\x12-.cardline.orchestrator.v1.ListGatewaysRequest\x1a..cardline.orchestrator.v1.ListGatewaysResponse\x12j\n\x0bListReaders\x12,.cardline.orchestrator.v1.ListReadersRequest\x1a-.cardline.orchestrator.v1.ListReadersResponse\x12o\n\x0cWatchReaders\x12-.cardline.orchestrator.v1.WatchReadersRequest\x1a..cardline.orchestrator.v1.WatchReadersResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2cardline/orchestrator/v1/reader_pool_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63\x61rdline/common/v1/common.proto\"\xfe\x01\n\x0eReaderSelector\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x11\n\treader_id\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.cardline.common.v1.ReaderKind\x12\x0c\n\x04site\x18\x04 \x01(\t\x12\x44\n\x06labels\x18\x05 \x03(\x0b\x32\x34.cardline.orchestrator.v1.ReaderSelector.LabelsEntry\x12\x14\n\x0c\x63\x61rd_present\x18\x06 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa9\x02\n\x0cPooledReader\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12*\n\x06reader\x18\x02 \x01(\x0b\x32\x1a.cardline.common.v1.Reader\x12\x0c\n\x04\x62usy\x18\x03 \x01(\x08\x12:\n\x05state\x18\x04 \x01(\x0e\x32+.cardline.orchestrator.v1.PooledReaderState\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x42\n\x06labels\x18\x06 \x03(\x0b\x32\x32.cardline.orchestrator.v1.PooledReader.LabelsEntry\x12\x0e\n\x06holder\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb2\x02\n\x07Gateway\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12=\n\x06labels\x18\x03 \x03(\x0b\x32-.cardline.orchestrator.v1.Gateway.LabelsEntry\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x0f\n\x07readers\x18\x05 \x01(\r\x12\x33\n\x0f\x63onnected_since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x13ListGatewaysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x14ListGatewaysResponse\x12\x33\n\x08gateways\x18\x01 \x03(\x0b\x32!.cardline.orchestrator.v1.Gateway\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"w\n\x12ListReadersRequest\x12:\n\x08selector\x18\x01 \x01(\x0b\x32(.cardline.orchestrator.v1.ReaderSelector\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"g\n\x13ListReadersResponse\x12\x37\n\x07readers\x18\x01 \x03(\x0b\x32&.cardline.orchestrator.v1.PooledReader\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x13WatchReadersRequest\x12:\n\x08selector\x18\x01 \x01(\x0b\x32(.cardline.orchestrator.v1.ReaderSelector\"\x86\x01\n\x14WatchReadersResponse\x12\x36\n\x06\x63hange\x18\x01 \x01(\x0e\x32&.cardline.orchestrator.v1.ReaderChange\x12\x36\n\x06reader\x18\x02 \x01(\x0b\x32&.cardline.orchestrator.v1.PooledReader*\xfb\x01\n\x11PooledReaderState\x12#\n\x1fPOOLED_READER_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19POOLED_READER_STATE_EMPTY\x10\x01\x12$\n POOLED_READER_STATE_CARD_PRESENT\x10\x02\x12\x1e\n\x1aPOOLED_READER_STATE_LEASED\x10\x03\x12\x1c\n\x18POOLED_READER_STATE_BUSY\x10\x04\x12\x1f\n\x1bPOOLED_READER_STATE_OFFLINE\x10\x05\x12\x1d\n\x19POOLED_READER_STATE_ERROR\x10\x06*~\n\x0cReaderChange\x12\x1d\n\x19READER_CHANGE_UNSPECIFIED\x10\x00\x12\x19\n\x15READER_CHANGE_PRESENT\x10\x01\x12\x19\n\x15READER_CHANGE_CHANGED\x10\x02\x12\x19\n\x15READER_CHANGE_REMOVED\x10\x03\x32\xdf\x02\n\x11ReaderPoolService\x12m\n\x0cListGateways\x12-.cardline.orchestrator.v1.ListGatewaysRequest\x1a..cardline.orchestrator.v1.ListGatewaysResponse\x12j\n\x0bListReaders\x12,.cardline.orchestrator.v1.ListReadersRequest\x1a-.cardline.orchestrator.v1.ListReadersResponse\x12o\n\x0cWatchReaders\x12-.cardline.orchestrator.v1.WatchReadersRequest\x1a..cardline.orchestrator.v1.WatchReadersResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,10 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POOLEDREADER_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_GATEWAY_LABELSENTRY']._loaded_options = None
   _globals['_GATEWAY_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_POOLEDREADERSTATE']._serialized_start=1495
-  _globals['_POOLEDREADERSTATE']._serialized_end=1746
-  _globals['_READERCHANGE']._serialized_start=1748
-  _globals['_READERCHANGE']._serialized_end=1874
+  _globals['_POOLEDREADERSTATE']._serialized_start=1623
+  _globals['_POOLEDREADERSTATE']._serialized_end=1874
+  _globals['_READERCHANGE']._serialized_start=1876
+  _globals['_READERCHANGE']._serialized_end=2002
   _globals['_READERSELECTOR']._serialized_start=147
   _globals['_READERSELECTOR']._serialized_end=401
   _globals['_READERSELECTOR_LABELSENTRY']._serialized_start=356
@@ -56,17 +56,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GATEWAY_LABELSENTRY']._serialized_start=356
   _globals['_GATEWAY_LABELSENTRY']._serialized_end=401
   _globals['_LISTGATEWAYSREQUEST']._serialized_start=1012
-  _globals['_LISTGATEWAYSREQUEST']._serialized_end=1033
-  _globals['_LISTGATEWAYSRESPONSE']._serialized_start=1035
-  _globals['_LISTGATEWAYSRESPONSE']._serialized_end=1110
-  _globals['_LISTREADERSREQUEST']._serialized_start=1112
-  _globals['_LISTREADERSREQUEST']._serialized_end=1192
-  _globals['_LISTREADERSRESPONSE']._serialized_start=1194
-  _globals['_LISTREADERSRESPONSE']._serialized_end=1272
-  _globals['_WATCHREADERSREQUEST']._serialized_start=1274
-  _globals['_WATCHREADERSREQUEST']._serialized_end=1355
-  _globals['_WATCHREADERSRESPONSE']._serialized_start=1358
-  _globals['_WATCHREADERSRESPONSE']._serialized_end=1492
-  _globals['_READERPOOLSERVICE']._serialized_start=1877
-  _globals['_READERPOOLSERVICE']._serialized_end=2228
+  _globals['_LISTGATEWAYSREQUEST']._serialized_end=1072
+  _globals['_LISTGATEWAYSRESPONSE']._serialized_start=1074
+  _globals['_LISTGATEWAYSRESPONSE']._serialized_end=1174
+  _globals['_LISTREADERSREQUEST']._serialized_start=1176
+  _globals['_LISTREADERSREQUEST']._serialized_end=1295
+  _globals['_LISTREADERSRESPONSE']._serialized_start=1297
+  _globals['_LISTREADERSRESPONSE']._serialized_end=1400
+  _globals['_WATCHREADERSREQUEST']._serialized_start=1402
+  _globals['_WATCHREADERSREQUEST']._serialized_end=1483
+  _globals['_WATCHREADERSRESPONSE']._serialized_start=1486
+  _globals['_WATCHREADERSRESPONSE']._serialized_end=1620
+  _globals['_READERPOOLSERVICE']._serialized_start=2005
+  _globals['_READERPOOLSERVICE']._serialized_end=2356
 # @@protoc_insertion_point(module_scope)
