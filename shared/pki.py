@@ -28,10 +28,12 @@ import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypedDict, TypeGuard, get_args
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes, CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.files import write_atomic
@@ -83,6 +85,14 @@ def _san(names: Iterable[str]) -> list[x509.GeneralName]:
     return out
 
 
+class RevokedEntry(TypedDict):
+    """One revocation in revoked.json (serial in hex)."""
+    serial: str
+    name: str
+    role: str | None
+    revoked_at: str
+
+
 @dataclass(frozen=True)
 class Issued:
     name: str
@@ -131,7 +141,10 @@ class Pki:
 
     def _ca_key(self) -> ec.EllipticCurvePrivateKey:
         passphrase = (self.directory / CA_PASS).read_bytes().strip()
-        return serialization.load_pem_private_key((self.directory / CA_KEY).read_bytes(), password=passphrase)
+        key = serialization.load_pem_private_key((self.directory / CA_KEY).read_bytes(), password=passphrase)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigurationError(f"{self.directory / CA_KEY}: the CA key must be an EC key")
+        return key
 
     # -- leaves -----------------------------------------------------------------------------
 
@@ -214,10 +227,11 @@ class Pki:
 
     # -- revocation -------------------------------------------------------------------------
 
-    def revoked(self) -> list[dict]:
+    def revoked(self) -> list[RevokedEntry]:
         if not self.revoked_path.exists():
             return []
-        return json.loads(self.revoked_path.read_text())["revoked"]
+        entries: list[RevokedEntry] = json.loads(self.revoked_path.read_text())["revoked"]
+        return entries
 
     def revoked_serials(self) -> set[int]:
         return {int(r["serial"], 16) for r in self.revoked()}
@@ -286,12 +300,18 @@ def init_pki(directory: pathlib.Path | str, *, common_name: str = "cardline deve
     return pki
 
 
+def _can_sign_certificates(key: CertificatePublicKeyTypes) -> TypeGuard[CertificateIssuerPublicKeyTypes]:
+    return isinstance(key, get_args(CertificateIssuerPublicKeyTypes))
+
+
 def load_crl(path: pathlib.Path, ca_cert: x509.Certificate) -> set[int]:
     """Revoked serials of the CRL at PATH, which must be signed by CA_CERT."""
     try:
         crl = x509.load_pem_x509_crl(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigurationError(f"CRL {path}: {exc}") from exc
-    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):
+    ca_key = ca_cert.public_key()
+    if (crl.issuer != ca_cert.subject or not _can_sign_certificates(ca_key)
+            or not crl.is_signature_valid(ca_key)):
         raise ConfigurationError(f"CRL {path} is not signed by the CA {ca_cert.subject.rfc4514_string()}")
     return {r.serial_number for r in crl}

@@ -91,6 +91,7 @@ class OrchestratorLink:
                             raise ConnectionError(f"orchestrator silent for {silence_s:g} s") from None
                         if msg is grpc.aio.EOF:
                             break
+                        assert isinstance(msg, link_pb2.OrchestratorMessage)  # read() gives EOF or a message
                         kind = msg.WhichOneof("message")
                         if kind == "welcome":
                             log.info("attached to orchestrator", orchestrator=msg.welcome.orchestrator_id)
