@@ -160,10 +160,13 @@ class LocalCa:
                                     serialization.BestAvailableEncryption(self._passphrase(passphrase_path)))
             write_atomic(key_path, pem, mode=0o600)
         try:
-            key = serialization.load_pem_private_key(key_path.read_bytes(), self._passphrase(passphrase_path))
+            loaded = serialization.load_pem_private_key(key_path.read_bytes(), self._passphrase(passphrase_path))
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(f"cannot open CA key {key_path} with the passphrase from "
                                      f"{passphrase_path}: {exc}") from None
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ConfigurationError(f"CA key {key_path} is not an EC key", directory=str(self._dir))
+        key = loaded
         if cert_path.exists():
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             if _spki(cert.public_key()) != _spki(key.public_key()):

@@ -144,6 +144,7 @@ class CardTaskService:
         for app in order.encoding.applications:
             where = f"{order.encoding.source}:{app.line}: {app.name}"
             if app.issues_certificate:
+                assert app.certificate_template is not None  # what issues_certificate means
                 template = self.templates.certificate(app.certificate_template)
                 if template.ca not in self.cas:
                     raise EncodingFailed(f"{where}: template {template.name!r} names unknown CA {template.ca!r}")
@@ -341,6 +342,7 @@ class _CardTaskRun:
             self._tell(f"APDU script of {len(apdus)} commands run ({app.name})")
 
     async def _issue(self, app: Application) -> None:
+        assert app.certificate_template is not None  # only applications that issue certificates come here
         template = self.s.templates.certificate(app.certificate_template)
         key_type = app.generate_key_pair or template.key_type
         label = app.key_label or template.name
@@ -374,6 +376,7 @@ class _CardTaskRun:
             # Sealed under the key-encryption key before anything is stored, bound to this
             # certificate (issuer and serial) so the blob opens for no other one.
             cert = x509.load_der_x509_certificate(der)
+            assert self.s.key_archive is not None  # validate() refuses ArchiveKey without a key archive
             archived = WrappedKey(*await asyncio.to_thread(
                 self.s.key_archive.seal, private_key,
                 archive_binding(cert.issuer.rfc4514_string(), format(cert.serial_number, "x"))))
@@ -441,21 +444,23 @@ class _CardTaskRun:
         await self._relate(app, record.id)
         self._tell(f"certificate {record.serial_hex} written to the card ({label})")
 
-    def _certificate_descriptors(self, app: Application, field_name: str, many: bool = False
+    def _certificate_descriptors(self, app: Application, field_name: str | None, many: bool = False
                                  ) -> list[CoreObjectDescriptor]:
-        value = self.order.fields.get(field_name)
+        value = self.order.fields.get(field_name) if field_name is not None else None
         values = value if many and isinstance(value, list) else [value]
-        if not values or not all(isinstance(v, CoreObjectDescriptor) and v.type == CERTIFICATE for v in values):
+        descriptors = [v for v in values if isinstance(v, CoreObjectDescriptor) and v.type == CERTIFICATE]
+        if not values or len(descriptors) != len(values):
             raise InvalidArgument(f"{app.name}: field {field_name} must hold "
                                   f"{'a list of ' if many else 'a '}certificate CoreObjectDescriptor"
                                   f"{'s' if many else ''}, not {type(value).__name__}")
-        return values
+        return descriptors
 
     async def _recover(self, app: Application, descriptor: CoreObjectDescriptor) -> None:
         """C7: an archived certificate and its key written to this card; never stored again,
         its state untouched; related per CreateObjectRelation; no return field."""
         record = await self._db(self.s.store.certificates.get, descriptor.id)
         archived = await self._db(self.s.store.archived_keys.get, record.id)
+        assert self.s.key_archive is not None  # validate() refuses recovery without a key archive
         pkcs8 = await asyncio.to_thread(self.s.key_archive.open, archived.kek_id, archived.algorithm,
                                         archived.wrapped_key, archive_binding(record.issuer, record.serial_hex))
         label = app.key_label or record.template

@@ -27,6 +27,7 @@ Callers further up (orders) narrow the selector and watch the position through t
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import contextvars
 import datetime as dt
@@ -378,7 +379,7 @@ class ReaderPool:
                 for r in sorted(s.readers.values(), key=lambda r: r.reader_id)
                 if selector.matches(s, r) for p in [self._pooled(s, r)]]
 
-    def queue(self) -> list[tuple[int, str, str]]:
+    def queue(self) -> builtins.list[tuple[int, str, str]]:  # list: the method above
         """The waiting requests: (position, holder kind, what they wait for)."""
         return [(w.position, w.kind, w.describe()) for w in self._waiters]
 

@@ -8,6 +8,7 @@ import uuid
 from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from orchestrator.domain.processes import (CardOperationTask, CardProductionTask, ChangeStateInCaTask,
                                            ChangeStateTask, CoreObjectDescriptor, ExpressionError,
@@ -141,7 +142,8 @@ class _ProcessRun:
     # --- values ------------------------------------------------------------------------
 
     def _scope(self) -> Mapping[str, object]:
-        return ChainMap(self.secrets, self.process_map)
+        # Read only, so the secrets' str values may stand among the process map's objects.
+        return ChainMap(cast("dict[str, object]", self.secrets), self.process_map)
 
     def _read(self, variable: str) -> object:
         if variable not in self.process_map or self.process_map[variable] is None:
@@ -217,7 +219,9 @@ class _ProcessRun:
         # C13: the generated certificates' descriptors go to the process map, also on failure
         # so that the error path can handle them.
         for field_name, descriptor in outcome.return_fields.items():
-            self.process_map[variable_of(task.fields[field_name])] = descriptor
+            variable = variable_of(task.fields[field_name])
+            assert variable is not None  # the configuration maps return fields to a ${variable} (C13)
+            self.process_map[variable] = descriptor
         if isinstance(task, CardProductionTask) and task.card and outcome.card:
             self.process_map[task.card] = outcome.card
         if not outcome.succeeded:
@@ -231,6 +235,7 @@ class _ProcessRun:
                                                  self.actor)
                 self._tell(index, task, f"certificate {record.serial_hex} is {record.state}")
             return
+        assert task.card is not None  # the process reader requires certificates or card
         for d in self._descriptors(task.card, CARD):
             card = await asyncio.to_thread(self.s.store.cards.get, d.id)
             template = self.s.configuration.templates.card(card.template)

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from orchestrator.domain.issued_state import INTERNAL_ISSUED_STATE_KEY
-from orchestrator.services.configuration import Configuration, load_configuration
+from orchestrator.services.configuration import Configuration, RejectedConfiguration, load_configuration
 from shared import config
 from shared.errors import ConfigurationError
 
@@ -37,8 +37,8 @@ def line_of(path: pathlib.Path, needle: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), start=1) if needle in line)
 
 
-def rejected(conf: pathlib.Path, **kwargs) -> ConfigurationError:
-    with pytest.raises(ConfigurationError) as err:
+def rejected(conf: pathlib.Path, **kwargs) -> RejectedConfiguration:
+    with pytest.raises(RejectedConfiguration) as err:
         load_configuration(conf, **kwargs)
     error = err.value
     assert error.violations
@@ -48,7 +48,7 @@ def rejected(conf: pathlib.Path, **kwargs) -> ConfigurationError:
     return error
 
 
-def messages(error: ConfigurationError) -> list[str]:
+def messages(error: RejectedConfiguration) -> list[str]:
     return [str(v) for v in error.violations]
 
 
