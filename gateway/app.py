@@ -52,7 +52,7 @@ def _pcsc_driver():
         driver = PyscardDriver()
         driver.list_readers()
         return driver
-    except Exception as exc:  # noqa: BLE001 - pcscd missing or not running
+    except Exception as exc:  # pcscd missing or not running
         log.warning("PC/SC not available, serving PKCS#11 tokens only", error=str(exc))
         return None
 

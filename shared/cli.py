@@ -7,7 +7,7 @@ import pathlib
 import sys
 from collections.abc import Callable, Coroutine
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -28,8 +28,8 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _client_tls(
-    tls_dir: Optional[pathlib.Path] = typer.Option(None, "--tls-dir", envvar="CARDLINE_TLS_DIR",
-                                                   help="Client commands: directory with ca.crt and NAME.crt/NAME.key."),
+    tls_dir: pathlib.Path | None = typer.Option(None, "--tls-dir", envvar="CARDLINE_TLS_DIR",
+                                                help="Client commands: directory with ca.crt and NAME.crt/NAME.key."),
     tls_name: str = typer.Option("admin", "--tls-name", envvar="CARDLINE_TLS_NAME",
                                  help="Client commands: which certificate of --tls-dir (a role 'client' one)."),
     insecure: bool = typer.Option(False, "--insecure", envvar="CARDLINE_INSECURE",
@@ -93,8 +93,8 @@ def main() -> None:
         sys.exit(fail.code)
 
 
-def run_server(settings_cls: type[SettingsT], serve: Callable[[SettingsT], Coroutine[Any, Any, None]], *, json_logs: bool,
-               **options: Any) -> None:
+def run_server(settings_cls: type[SettingsT], serve: Callable[[SettingsT], Coroutine[Any, Any, None]], *,
+               json_logs: bool, **options: Any) -> None:
     """What both `serve` commands do: logging, settings (flags > environment > file), serve;
     a configuration error exits 2 with every violation listed."""
     import asyncio

@@ -274,7 +274,8 @@ def load(settings_cls: type[SettingsT], config_file: pathlib.Path | None = None,
         return settings_cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         lines = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()]
-        where = f" in {config_file or os.environ.get('CARDLINE_CONFIG')}" if (config_file or os.environ.get("CARDLINE_CONFIG")) else ""
+        source = config_file or os.environ.get("CARDLINE_CONFIG")
+        where = f" in {source}" if source else ""
         raise ConfigurationError(f"invalid configuration{where}:\n  " + "\n  ".join(lines)) from None
     finally:
         _CONFIG_FILE.reset(token)

@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes, CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.files import write_atomic
 from shared.errors import AlreadyExists, ConfigurationError, InvalidArgument, NotFound
+from shared.files import write_atomic
 
 ROLES = ("orchestrator", "gateway", "client")
 #: Roles whose certificates also serve (TLS server authentication, SANs).
@@ -45,13 +45,14 @@ SERVER_ROLES = frozenset({"orchestrator", "gateway"})
 CA_CERT, CA_KEY, CA_PASS, REVOKED, CRL = "ca.crt", "ca.key", "ca.pass", "revoked.json", "crl.pem"
 _RESERVED = {"ca", "crl", "revoked"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*$")
 DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
 CA_DAYS, LEAF_DAYS, CRL_DAYS = 3650, 825, 365
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def check_name(name: str) -> str:
@@ -197,8 +198,9 @@ class Pki:
             raise InvalidArgument(f"a {role} certificate has no host names (sans given: {', '.join(sans)})",
                                   field="sans")
         cert = builder.sign(ca_key, hashes.SHA256())
-        write_atomic(self.key_path(name), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()), 0o600)
+        write_atomic(self.key_path(name), key.private_bytes(serialization.Encoding.PEM,
+                                                            serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()), 0o600)
         write_atomic(self.cert_path(name), cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return Issued(name, role, cert.serial_number, self.cert_path(name), self.key_path(name))
 

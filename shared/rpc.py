@@ -57,7 +57,7 @@ def rpc_errors(method: _Method) -> _Method:
                     yield item
             except grpc.aio.AbortError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - mapped to a status
+            except Exception as exc:  # mapped to a status
                 await _abort(context, exc)
         return cast(_Method, stream)
 
@@ -67,7 +67,7 @@ def rpc_errors(method: _Method) -> _Method:
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status
+        except Exception as exc:  # mapped to a status
             await _abort(context, exc)
     return cast(_Method, unary)
 

@@ -22,8 +22,8 @@ from cryptography import x509
 
 from shared.errors import CardlineError, ConfigurationError, PermissionDenied, Unauthenticated
 from shared.logging import get_logger
-from shared.rpc import status_of
 from shared.pki import CA_CERT, CRL, common_name_of, load_crl, role_of
+from shared.rpc import status_of
 
 if TYPE_CHECKING:
     from shared.config import GatewaySettings, OrchestratorSettings
@@ -34,7 +34,8 @@ log = get_logger(__name__)
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                            "grpc.reflection.v1.ServerReflection"})
 #: Environment of client commands (`cardline --tls-dir DIR ...` sets them too).
-CLIENT_TLS_DIR_ENV, CLIENT_TLS_NAME_ENV, CLIENT_INSECURE_ENV = "CARDLINE_TLS_DIR", "CARDLINE_TLS_NAME", "CARDLINE_INSECURE"
+CLIENT_TLS_DIR_ENV, CLIENT_TLS_NAME_ENV = "CARDLINE_TLS_DIR", "CARDLINE_TLS_NAME"
+CLIENT_INSECURE_ENV = "CARDLINE_INSECURE"
 DEFAULT_CLIENT_NAME = "admin"
 
 

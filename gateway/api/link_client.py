@@ -24,7 +24,8 @@ log = get_logger(__name__)
 
 class OrchestratorLink:
     def __init__(self, target: str, gateway_id: str, registry: ReaderRegistry, executor: StepExecutor, *,
-                 site: str = "", labels: dict[str, str] | None = None, credentials: grpc.ChannelCredentials | None = None,
+                 site: str = "", labels: dict[str, str] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None,
                  backoff_min_s: float = 0.2, backoff_max_s: float = 10.0) -> None:
         self.target = target
         self.gateway_id = gateway_id
@@ -126,7 +127,7 @@ class OrchestratorLink:
             outcome = convert.value_to_outcome(value)
         except CardlineError as exc:
             outcome = convert.error_to_outcome(exc)
-        except Exception as exc:  # noqa: BLE001 - reported to the orchestrator, never lost
+        except Exception as exc:  # reported to the orchestrator, never lost
             log.exception("step crashed", command_id=command.command_id)
             outcome = convert.error_to_outcome(CardlineError(f"gateway error: {type(exc).__name__}: {exc}"))
         outbox.put_nowait(link_pb2.GatewayMessage(step_result=link_pb2.StepResult(

@@ -5,9 +5,9 @@ import datetime as dt
 
 from google.protobuf import timestamp_pb2
 
-from orchestrator.services.card_tasks import task_error
 from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.services import orders
+from orchestrator.services.card_tasks import task_error
 from orchestrator.services.pool import GatewayInfo, PooledReader, ReaderSelector, ReaderState
 from orchestrator.services.production import CertificateOrder
 from orchestrator.store.records import (

@@ -88,7 +88,7 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
                         gateway_id=session.gateway_id, silence_s=3 * self.heartbeat_interval_s)
         except (StopAsyncIteration, asyncio.CancelledError):
             pass
-        except Exception:  # noqa: BLE001 - a broken stream ends the session
+        except Exception:  # a broken stream ends the session
             log.exception("gateway link broke", gateway_id=session.gateway_id)
         finally:
             self.pool.detach(session)

@@ -140,7 +140,8 @@ class CardTaskService:
         try:
             x509.Name.from_rfc4514_string(order.subject)
         except ValueError as exc:
-            raise InvalidArgument(f"subject {order.subject!r} is not an RFC 4514 name: {exc}", field="subject") from None
+            raise InvalidArgument(f"subject {order.subject!r} is not an RFC 4514 name: {exc}",
+                                  field="subject") from None
         for app in order.encoding.applications:
             where = f"{order.encoding.source}:{app.line}: {app.name}"
             if app.issues_certificate:
@@ -275,7 +276,7 @@ class _CardTaskRun:
                                   {cid: t.start_state for cid, t in self.issued.items()},
                                   template.produced_state if order.type == PRODUCTION else None,
                                   self.success_relations)
-        except Exception as exc:  # noqa: BLE001 - whatever broke, the task ends in a defined state
+        except Exception as exc:  # whatever broke, the task ends in a defined state
             if not isinstance(exc, CardlineError):
                 log.exception("card task crashed", task_id=self.task_id)
                 exc = CardlineError(f"{type(exc).__name__}: {exc}")
@@ -427,7 +428,8 @@ class _CardTaskRun:
             unknown = sorted(attributes.keys() - {"application", "label", "value", "private"})
             if unknown or not attributes.get("label"):
                 raise InvalidArgument(f"{app.name}: AttributesDataObject needs label= and takes application, "
-                                      f"label, value, private" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+                                      f"label, value, private"
+                                      + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
             found.append(cards.WriteDataObject(attributes.get("application", "cardline"), attributes["label"],
                                                attributes.get("value", "").encode(),
                                                attributes.get("private", "false").lower() == "true"))

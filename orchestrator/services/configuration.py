@@ -57,7 +57,7 @@ from orchestrator.domain.state_graphs import (
 from orchestrator.domain.templates import CardTemplate, CertificateTemplate, Templates, read_templates
 from shared.errors import ConfigurationError
 
-__all__ = ["Configuration", "load_configuration", "SUBDIRECTORIES", "CERTIFICATE_HOLD"]
+__all__ = ["CERTIFICATE_HOLD", "SUBDIRECTORIES", "Configuration", "load_configuration"]
 
 #: The sub-directories of a configuration directory.
 SUBDIRECTORIES = ("state-graphs", "templates", "encodings", "processes")
@@ -499,7 +499,7 @@ def _declared_name(text: str) -> str | None:
     """The `name:` of a state graph file that did not load, if it can be read at all."""
     try:
         data = yaml.safe_load(text)
-    except Exception:     # noqa: BLE001 - any failure just means the name is unknown
+    except Exception:     # any failure just means the name is unknown
         return None
     name = data.get("name") if isinstance(data, dict) else None
     return name if isinstance(name, str) and name.strip() else None
@@ -512,6 +512,7 @@ def _ordered(violations: Iterable[Violation]) -> list[Violation]:
 
 def describe(configuration: Configuration) -> Mapping[str, int]:
     """Counts per kind, for a start-up log line."""
-    return {"state_graphs": len(configuration.graphs), "certificate_templates": len(configuration.templates.certificates),
+    return {"state_graphs": len(configuration.graphs),
+            "certificate_templates": len(configuration.templates.certificates),
             "card_templates": len(configuration.templates.cards), "encodings": len(configuration.encodings),
             "processes": len(configuration.processes), "warnings": len(configuration.warnings)}

@@ -277,7 +277,7 @@ class Pkcs11Kek:
 
     def __init__(self, module_path: str, token_label: str, pin: str,
                  key_label: str = "cardline-kek") -> None:
-        from shared.pkcs11_module import Pkcs11Module, TokenLogin   # python-pkcs11 only when configured
+        from shared.pkcs11_module import Pkcs11Module, TokenLogin  # python-pkcs11 only when configured
 
         if not token_label or not key_label:
             raise ConfigurationError("a PKCS#11 KEK needs a token label and a key label")

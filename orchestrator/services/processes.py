@@ -10,10 +10,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
-from orchestrator.domain.processes import (CardOperationTask, CardProductionTask, ChangeStateInCaTask,
-                                           ChangeStateTask, CoreObjectDescriptor, ExpressionError,
-                                           HandleIssuedTask, ProcessDefinition, ProcessMap, ReaderSpec,
-                                           TaskDefinition, render, variable_of)
+from orchestrator.domain.processes import (
+    CardOperationTask,
+    CardProductionTask,
+    ChangeStateInCaTask,
+    ChangeStateTask,
+    CoreObjectDescriptor,
+    ExpressionError,
+    HandleIssuedTask,
+    ProcessDefinition,
+    ProcessMap,
+    ReaderSpec,
+    TaskDefinition,
+    render,
+    variable_of,
+)
 from orchestrator.domain.state_graphs import IllegalMove
 from orchestrator.domain.templates import CardTemplate
 from orchestrator.services.card_tasks import OPERATION, PRODUCTION, CardTaskOrder, CardTaskService, Progress
@@ -112,7 +123,7 @@ class _ProcessRun:
         for index, task in enumerate(self.definition.tasks):
             try:
                 await self._run_task(index, task)
-            except Exception as exc:  # noqa: BLE001 - the instance always ends in a defined state
+            except Exception as exc:  # the instance always ends in a defined state
                 error = _as_cardline_error(exc)
                 self._tell(index, task, f"{task.type} failed: {error.reason}: {error.message}")
                 break
@@ -124,7 +135,7 @@ class _ProcessRun:
             for index, task in enumerate(self.definition.on_error, start=offset):
                 try:
                     await self._run_task(index, task)
-                except Exception as exc:  # noqa: BLE001 - the error path goes on: every handler gets its chance
+                except Exception as exc:  # the error path goes on: every handler gets its chance
                     failure = _as_cardline_error(exc)
                     log.warning("on_error task failed", instance=self.instance_id, task=task.type,
                                 reason=failure.reason)
@@ -196,7 +207,8 @@ class _ProcessRun:
             if isinstance(value, CoreObjectDescriptor) and value.type == CARD:
                 card_id = value.id                  # C8: the operation works on the card of the process map
                 if card_template is None:
-                    card_template = config.templates.card((await asyncio.to_thread(self.s.store.cards.get, card_id)).template)
+                    card = await asyncio.to_thread(self.s.store.cards.get, card_id)
+                    card_template = config.templates.card(card.template)
         if card_template is None:            # an operation on a card the store does not know
             card_template = CardTemplate(name="")
         return_fields = set(encoding.return_fields())

@@ -52,7 +52,8 @@ def wait_healthy(address: str, timeout_s: float = 20.0, proc: subprocess.Popen |
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"process exited with {proc.returncode} before serving on {address}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 time.sleep(0.1)

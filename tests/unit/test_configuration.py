@@ -216,14 +216,15 @@ tasks:
 
 def test_c13_unmapped_return_field_and_undeclared_field_rejected(conf):
     process = conf / "processes" / "renew-authentication.yaml"
-    edit(process, '      GeneratedCertApp_A: "${renewedCertificate}"', '      GeneratedCertApp_B: "${renewedCertificate}"')
+    edit(process, '      GeneratedCertApp_A: "${renewedCertificate}"',
+         '      GeneratedCertApp_B: "${renewedCertificate}"')
     error = rejected(conf)
     text = "\n".join(messages(error))
     assert f"{process}:{line_of(process, 'GeneratedCertApp_B')}: tasks[0].fields.GeneratedCertApp_B: field " \
            "'GeneratedCertApp_B' is not declared in [Fields]" in text
     assert "(did you mean 'GeneratedCertApp_A'?)" in text
-    assert "tasks[0].fields.GeneratedCertApp_A: return field 'GeneratedCertApp_A' (CertCoreObjectDescriptorReturnField)" \
-           " is not mapped" in text
+    assert "tasks[0].fields.GeneratedCertApp_A: return field 'GeneratedCertApp_A' " \
+           "(CertCoreObjectDescriptorReturnField) is not mapped" in text
 
 
 def test_c13_card_operation_with_named_encoding_is_checked(conf):
@@ -401,5 +402,6 @@ def test_encoding_warnings_are_passed_on(conf):
          "GenerateKeyPair=EC_P256\nCertificateTemplate=EmployeeSignature")
     warnings = load_configuration(conf).warnings
     assert warnings == (f"{encoding}:{line_of(encoding, 'Application_B') + 5}: Application_B.GenerateKeyPair: "
-                        "generates a key of type EC_P256, but certificate template 'EmployeeSignature' says key_type RSA_2048; "
+                        "generates a key of type EC_P256, but certificate template 'EmployeeSignature' says "
+                        "key_type RSA_2048; "
                         "the encoding's key type is used",)
