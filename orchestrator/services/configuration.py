@@ -57,7 +57,7 @@ from orchestrator.domain.state_graphs import (
 from orchestrator.domain.templates import CardTemplate, CertificateTemplate, Templates, read_templates
 from shared.errors import ConfigurationError
 
-__all__ = ["CERTIFICATE_HOLD", "SUBDIRECTORIES", "Configuration", "load_configuration"]
+__all__ = ["CERTIFICATE_HOLD", "SUBDIRECTORIES", "Configuration", "RejectedConfiguration", "load_configuration"]
 
 #: The sub-directories of a configuration directory.
 SUBDIRECTORIES = ("state-graphs", "templates", "encodings", "processes")
