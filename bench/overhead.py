@@ -17,21 +17,29 @@ import sys
 import tempfile
 import time
 
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support import softhsm  # noqa: E402
 from gateway.drivers.pkcs11 import Pkcs11TokenDriver  # noqa: E402
 from orchestrator.ca.base import IssueProfile  # noqa: E402
 from orchestrator.ca.local import LocalCa  # noqa: E402
 from shared import cards  # noqa: E402
-from shared.proto import common_pb2, gateway_pb2, gateway_pb2_grpc, steps_pb2  # noqa: E402
 from shared.proto import card_service_pb2 as card_pb  # noqa: E402
-from shared.proto import card_service_pb2_grpc  # noqa: E402
+from shared.proto import (  # noqa: E402
+    card_service_pb2_grpc,
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    steps_pb2,
+)
 from shared.proto import reader_pool_service_pb2 as pool_pb  # noqa: E402
-from tests.support.processes import channel, gateway_process, orchestrator_process  # noqa: E402
-from tests.support.processes import wait_for_pooled_reader  # noqa: E402
+from tests.support import softhsm  # noqa: E402
+from tests.support.processes import (  # noqa: E402
+    channel,
+    gateway_process,
+    orchestrator_process,
+    wait_for_pooled_reader,
+)
 
 PIN = "1234"
 SUBJECT = "CN=Bench Employee,O=cardline bench"
@@ -92,7 +100,8 @@ def main() -> None:
             for key_id in {o.key_id for o in step(list_objects=steps_pb2.ListObjects()).object_list.objects}:
                 step(delete_objects=steps_pb2.DeleteObjects(key_id=key_id))
 
-        pipeline_s, direct_s = [], []
+        pipeline_s: list[float] = []
+        direct_s: list[float] = []
         pipeline_production()                                        # warm-up, both arms
         clean_pipeline_token()
         for key_id in direct_production(driver, slot_direct, ca, apps, -1):

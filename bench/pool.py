@@ -32,17 +32,22 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support import softhsm  # noqa: E402
 from shared.proto import common_pb2, steps_pb2  # noqa: E402
 from shared.proto import lease_service_pb2 as lease_pb  # noqa: E402
 from shared.proto import order_service_pb2 as order_pb  # noqa: E402
 from shared.proto import reader_pool_service_pb2 as pool_pb  # noqa: E402
-from tests.support.api import OrchestratorApi  # noqa: E402
 from tests.integration.test_pool import make_config  # noqa: E402
-from tests.support import pcsc_rig  # noqa: E402
+from tests.support import pcsc_rig, softhsm  # noqa: E402
+from tests.support.api import OrchestratorApi  # noqa: E402
 from tests.support.pki import default_pki  # noqa: E402
-from tests.support.processes import (cardline_process, channel, free_port, gateway_process,  # noqa: E402
-                                     orchestrator_process, wait_for_pooled_reader)
+from tests.support.processes import (  # noqa: E402
+    cardline_process,
+    channel,
+    free_port,
+    gateway_process,
+    orchestrator_process,
+    wait_for_pooled_reader,
+)
 from tests.support.vpcd_card import VpcdCard  # noqa: E402
 
 PIN, SO_PIN = "1234", "12345678"

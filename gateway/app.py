@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pathlib
 import signal
 from dataclasses import dataclass, field
 
@@ -10,6 +11,7 @@ from gateway.api.link_client import OrchestratorLink
 from gateway.api.servicer import GatewayServicer
 from gateway.core.executor import StepExecutor
 from gateway.core.registry import ReaderRegistry
+from gateway.drivers.base import TokenDriver
 from gateway.drivers.pkcs11 import Pkcs11TokenDriver
 from shared.config import GatewaySettings
 from shared.logging import get_logger
@@ -50,15 +52,15 @@ def _pcsc_driver():
         driver = PyscardDriver()
         driver.list_readers()
         return driver
-    except Exception as exc:  # noqa: BLE001 - pcscd missing or not running
+    except Exception as exc:  # pcscd missing or not running
         log.warning("PC/SC not available, serving PKCS#11 tokens only", error=str(exc))
         return None
 
 
-def _token_drivers(module_paths) -> list[Pkcs11TokenDriver]:
+def _token_drivers(module_paths: list[pathlib.Path]) -> list[TokenDriver]:
     """A driver per configured PKCS#11 module; a module that cannot be loaded is a
     ConfigurationError (the drivers already built are closed again)."""
-    drivers: list[Pkcs11TokenDriver] = []
+    drivers: list[TokenDriver] = []
     try:
         for path in module_paths:
             drivers.append(Pkcs11TokenDriver(str(path)))

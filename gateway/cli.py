@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
-from typing import Optional
 
 import typer
 
@@ -19,19 +18,19 @@ def register(root: typer.Typer) -> None:
 
     @gateway.command("serve")
     def serve(
-        listen: Optional[str] = typer.Option(None, help="HOST:PORT for the gateway's own gRPC service."),
-        data_dir: Optional[pathlib.Path] = typer.Option(None, help="Directory for the gateway's state."),
-        orchestrator: Optional[str] = typer.Option(None, help="HOST:PORT of the orchestrator to dial out to."),
-        gateway_id: Optional[str] = typer.Option(None, help="Name of this gateway in the pool (default: host name)."),
-        site: Optional[str] = typer.Option(None, help="Site of this gateway, for reader selectors."),
-        pkcs11_module: Optional[list[pathlib.Path]] = typer.Option(None, help="PKCS#11 module to load (repeatable)."),
-        pcsc: Optional[bool] = typer.Option(None, "--pcsc/--no-pcsc", help="Watch PC/SC readers through pcscd."),
-        config_file: Optional[pathlib.Path] = typer.Option(None, "--config", envvar="CARDLINE_CONFIG",
+        listen: str | None = typer.Option(None, help="HOST:PORT for the gateway's own gRPC service."),
+        data_dir: pathlib.Path | None = typer.Option(None, help="Directory for the gateway's state."),
+        orchestrator: str | None = typer.Option(None, help="HOST:PORT of the orchestrator to dial out to."),
+        gateway_id: str | None = typer.Option(None, help="Name of this gateway in the pool (default: host name)."),
+        site: str | None = typer.Option(None, help="Site of this gateway, for reader selectors."),
+        pkcs11_module: list[pathlib.Path] | None = typer.Option(None, help="PKCS#11 module to load (repeatable)."),
+        pcsc: bool | None = typer.Option(None, "--pcsc/--no-pcsc", help="Watch PC/SC readers through pcscd."),
+        config_file: pathlib.Path | None = typer.Option(None, "--config", envvar="CARDLINE_CONFIG",
                                                            help="YAML configuration file (section 'gateway')."),
         json_logs: bool = typer.Option(False, "--json-logs", help="Log JSON lines."),
-        tls_dir: Optional[pathlib.Path] = TLS_DIR, tls_ca: Optional[pathlib.Path] = TLS_CA,
-        tls_cert: Optional[pathlib.Path] = TLS_CERT, tls_key: Optional[pathlib.Path] = TLS_KEY,
-        tls_crl: Optional[pathlib.Path] = TLS_CRL, insecure: Optional[bool] = INSECURE,
+        tls_dir: pathlib.Path | None = TLS_DIR, tls_ca: pathlib.Path | None = TLS_CA,
+        tls_cert: pathlib.Path | None = TLS_CERT, tls_key: pathlib.Path | None = TLS_KEY,
+        tls_crl: pathlib.Path | None = TLS_CRL, insecure: bool | None = INSECURE,
     ) -> None:
         """Serve card I/O and keep the link to the orchestrator (mutual TLS unless --insecure)."""
         from gateway.app import serve as run
@@ -43,7 +42,8 @@ def register(root: typer.Typer) -> None:
 
     @gateway.command("enroll")
     def enroll(
-        pki_dir: pathlib.Path = typer.Option(..., help="The PKI directory (`cardline pki init`), on the admin's machine."),
+        pki_dir: pathlib.Path = typer.Option(...,
+                                             help="The PKI directory (`cardline pki init`), on the admin's machine."),
         gateway_id: str = typer.Option(..., help="The new station's gateway id (its certificate's CN)."),
         out: pathlib.Path = typer.Option(..., help="Directory to write ca.crt, ID.crt and ID.key to."),
         name: list[str] = typer.Option([], "--name", help="Host name or IP clients reach the station's own "
@@ -85,7 +85,7 @@ def _tokens() -> typer.Typer:
         softhsm_dir: pathlib.Path = typer.Option(..., "--softhsm-dir", help="Token directory (created if "
                                                  "missing): DIR/tokens and DIR/softhsm2.conf."),
         label: str = typer.Option(..., help="The new token's label (1-32 bytes)."),
-        pins_file: Optional[pathlib.Path] = typer.Option(
+        pins_file: pathlib.Path | None = typer.Option(
             None, help="File whose first two lines are the SO PIN and the user PIN ('-': standard input). "
                        "Without it they are asked for, hidden, on a terminal."),
         json_output: bool = typer.Option(False, "--json", help="JSON output."),
@@ -113,7 +113,7 @@ def _tokens() -> typer.Typer:
     return tokens
 
 
-def _read_pins(pins_file: Optional[pathlib.Path]) -> tuple[str, str]:
+def _read_pins(pins_file: pathlib.Path | None) -> tuple[str, str]:
     """(SO PIN, user PIN) from the file, standard input ('-'), or hidden prompts on a terminal."""
     from shared.errors import ConfigurationError
 

@@ -144,7 +144,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     owner_id = await asyncio.to_thread(orchestrator_id, settings.data_dir)
     archive_settings = settings.key_archive
     kek = await asyncio.to_thread(kek_from_settings, archive_settings.kind, settings.data_dir,
-                                  pkcs11_module=archive_settings.pkcs11_module, token_label=archive_settings.token_label,
+                                  pkcs11_module=archive_settings.pkcs11_module,
+                                  token_label=archive_settings.token_label,
                                   pin_file=archive_settings.pin_file, key_label=archive_settings.key_label,
                                   file_path=archive_settings.file_path)
     pool = ReaderPool(queue_timeout_s=settings.pool.queue_timeout_s,
@@ -231,7 +232,7 @@ def _process_task_count(configuration: Configuration, definition: str) -> int | 
 def _card_failed_state(templates, card_template: str) -> str | None:
     try:
         return templates.card(card_template).failed_state
-    except Exception:  # noqa: BLE001 - a template gone from the configuration: the card keeps its state
+    except Exception:  # a template gone from the configuration: the card keeps its state
         log.warning("no card template for an orphaned production", card_template=card_template)
         return None
 
@@ -241,7 +242,7 @@ async def _reconcile_forever(reconciler: Reconciler, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
         try:
             await asyncio.to_thread(reconciler.reconcile_once)
-        except Exception:  # noqa: BLE001 - e.g. the database away for a moment: next round
+        except Exception:  # e.g. the database away for a moment: next round
             log.exception("reconciliation round failed")
 
 

@@ -3,9 +3,10 @@
 An orchestrator (SQLite under var/demo/, the local CA, the configuration of examples/) and
 a gateway (a fresh SoftHSM2 token, like a blank card with a transport PUK) run as separate
 processes talking gRPC over mutual TLS (a development PKI under var/demo/pki: CA,
-orchestrator, the client "admin", the gateway enrolled into var/demo/gateway-tls); `cardline process start produce-employee-card` runs the example
-process: the user PIN is set with the PUK, two key pairs are generated on the card, two
-certificates issued and written back. The last line printed is one JSON object describing what was made, so that
+orchestrator, the client "admin", the gateway enrolled into var/demo/gateway-tls);
+`cardline process start produce-employee-card` runs the example process: the user PIN is
+set with the PUK, two key pairs are generated on the card, two certificates issued and
+written back. The last line printed is one JSON object describing what was made, so that
 `pkcs11-tool` and `sqlite3` can inspect it afterwards.
 """
 from __future__ import annotations
@@ -28,17 +29,17 @@ sys.path.insert(0, str(ROOT))
 
 from gateway import softhsm  # noqa: E402  (what `cardline tokens init` runs)
 from shared.pki import init_pki  # noqa: E402
-from shared.tls import TlsFiles  # noqa: E402
 from shared.proto import ca_service_pb2 as ca_pb  # noqa: E402
-from shared.proto import card_service_pb2 as card_pb  # noqa: E402
-from shared.proto import certificate_service_pb2 as certificate_pb  # noqa: E402
-from shared.proto import reader_pool_service_pb2 as pool_pb  # noqa: E402
 from shared.proto import (  # noqa: E402
     ca_service_pb2_grpc,
     card_service_pb2_grpc,
     certificate_service_pb2_grpc,
     reader_pool_service_pb2_grpc,
 )
+from shared.proto import card_service_pb2 as card_pb  # noqa: E402
+from shared.proto import certificate_service_pb2 as certificate_pb  # noqa: E402
+from shared.proto import reader_pool_service_pb2 as pool_pb  # noqa: E402
+from shared.tls import TlsFiles  # noqa: E402
 
 DEMO = ROOT / "var" / "demo"
 CARDLINE = str(pathlib.Path(sys.executable).parent / "cardline")
@@ -53,7 +54,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_reader(pool: reader_pool_service_pb2_grpc.ReaderPoolServiceStub, timeout_s: float = 30.0) -> pool_pb.PooledReader:
+def wait_for_reader(pool: reader_pool_service_pb2_grpc.ReaderPoolServiceStub,
+                    timeout_s: float = 30.0) -> pool_pb.PooledReader:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -94,7 +96,8 @@ def main() -> int:
     env = {**os.environ, "SOFTHSM2_CONF": str(conf), "CARDLINE_TLS_DIR": str(pki.directory),
            "CARDLINE_TLS_NAME": "admin"}
     env.pop("CARDLINE_INSECURE", None)
-    logs = {name: open(DEMO / f"{name}.log", "w") for name in ("orchestrator", "gateway")}
+    logs = {name: open(DEMO / f"{name}.log", "w")  # noqa: SIM115 - the servers write to them to the end
+            for name in ("orchestrator", "gateway")}
     procs = [
         subprocess.Popen([CARDLINE, "orchestrator", "serve", "--migrate", "--listen", orch_addr, "--data-dir",
                           str(DEMO / "orchestrator"), "--config-dir", str(config_dir), "--tls-dir", str(pki.directory)],

@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
+from collections.abc import Callable, Coroutine
 from importlib.metadata import entry_points
-from typing import Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from shared.config import SettingsT
 
 app = typer.Typer(help="cardline: card management — orchestrator, gateways and their clients.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -24,8 +28,8 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _client_tls(
-    tls_dir: Optional[pathlib.Path] = typer.Option(None, "--tls-dir", envvar="CARDLINE_TLS_DIR",
-                                                   help="Client commands: directory with ca.crt and NAME.crt/NAME.key."),
+    tls_dir: pathlib.Path | None = typer.Option(None, "--tls-dir", envvar="CARDLINE_TLS_DIR",
+                                                help="Client commands: directory with ca.crt and NAME.crt/NAME.key."),
     tls_name: str = typer.Option("admin", "--tls-name", envvar="CARDLINE_TLS_NAME",
                                  help="Client commands: which certificate of --tls-dir (a role 'client' one)."),
     insecure: bool = typer.Option(False, "--insecure", envvar="CARDLINE_INSECURE",
@@ -89,7 +93,8 @@ def main() -> None:
         sys.exit(fail.code)
 
 
-def run_server(settings_cls, serve, *, json_logs: bool, **options) -> None:
+def run_server(settings_cls: type[SettingsT], serve: Callable[[SettingsT], Coroutine[Any, Any, None]], *,
+               json_logs: bool, **options: Any) -> None:
     """What both `serve` commands do: logging, settings (flags > environment > file), serve;
     a configuration error exits 2 with every violation listed."""
     import asyncio

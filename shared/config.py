@@ -18,10 +18,11 @@ from __future__ import annotations
 import contextvars
 import os
 import pathlib
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from shared.errors import ConfigurationError
@@ -78,8 +79,8 @@ class _YamlSource(PydanticBaseSettingsSource):
                 if given:
                     self._data[name] = next(iter(given.values()))
 
-    def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
-        return self._data.get(field_name), field_name, False
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return self._data.get(field_name), field_name, False  # unused by __call__
 
     def __call__(self) -> dict[str, Any]:
         return dict(self._data)
@@ -88,8 +89,8 @@ class _YamlSource(PydanticBaseSettingsSource):
 class _AliasEnvSource(PydanticBaseSettingsSource):
     """Environment variables named exactly like the keys in the settings class's ALIASES."""
 
-    def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
-        return None, field_name, False
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False  # unused by __call__
 
     def __call__(self) -> dict[str, Any]:
         prefix = self.settings_cls.model_config.get("env_prefix", "")
@@ -111,11 +112,16 @@ _CONFIG_FILE: contextvars.ContextVar[pathlib.Path | None] = contextvars.ContextV
 
 class _Settings(BaseSettings):
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
         path = _CONFIG_FILE.get() or (pathlib.Path(os.environ["CARDLINE_CONFIG"])
                                       if os.environ.get("CARDLINE_CONFIG") else None)
-        yaml_source = _YamlSource(settings_cls, path, cls.model_config["title"])
+        section = cls.model_config.get("title")
+        assert section is not None, "each settings class names its YAML section in model_config's title"
+        yaml_source = _YamlSource(settings_cls, path, section)
         return (init_settings, env_settings, _AliasEnvSource(settings_cls), yaml_source)
 
 
@@ -266,7 +272,10 @@ class GatewaySettings(_Settings):
         return _check_listen(v) if v else v
 
 
-def load(settings_cls: type[_Settings], config_file: pathlib.Path | None = None, **overrides: Any):
+SettingsT = TypeVar("SettingsT", bound=_Settings)
+
+
+def load(settings_cls: type[SettingsT], config_file: pathlib.Path | None = None, **overrides: Any) -> SettingsT:
     """Builds settings (flags > environment > YAML file > defaults), turning every validation
     error into one ConfigurationError that lists them all."""
     token = _CONFIG_FILE.set(config_file)
@@ -274,7 +283,8 @@ def load(settings_cls: type[_Settings], config_file: pathlib.Path | None = None,
         return settings_cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         lines = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()]
-        where = f" in {config_file or os.environ.get('CARDLINE_CONFIG')}" if (config_file or os.environ.get("CARDLINE_CONFIG")) else ""
+        source = config_file or os.environ.get("CARDLINE_CONFIG")
+        where = f" in {source}" if source else ""
         raise ConfigurationError(f"invalid configuration{where}:\n  " + "\n  ".join(lines)) from None
     finally:
         _CONFIG_FILE.reset(token)

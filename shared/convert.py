@@ -21,14 +21,14 @@ _KEY_TYPES = {
     cards.KeyType.RSA_2048: common_pb2.KEY_TYPE_RSA_2048,
     cards.KeyType.RSA_3072: common_pb2.KEY_TYPE_RSA_3072,
 }
-_KEY_TYPES_BACK = {v: k for k, v in _KEY_TYPES.items()}
+_KEY_TYPES_BACK: dict[int, cards.KeyType] = {v: k for k, v in _KEY_TYPES.items()}
 _ALGORITHMS = {
     cards.SignatureAlgorithm.ECDSA_SHA256: common_pb2.SIGNATURE_ALGORITHM_ECDSA_SHA256,
     cards.SignatureAlgorithm.RSA_PKCS1_SHA256: common_pb2.SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256,
 }
 _ALGORITHMS_BACK = {v: k for k, v in _ALGORITHMS.items()}
 _KINDS = {cards.ReaderKind.PCSC: common_pb2.READER_KIND_PCSC, cards.ReaderKind.PKCS11: common_pb2.READER_KIND_PKCS11}
-_KINDS_BACK = {v: k for k, v in _KINDS.items()}
+_KINDS_BACK: dict[int, cards.ReaderKind] = {v: k for k, v in _KINDS.items()}
 _CLASSES = {
     cards.ObjectClass.PUBLIC_KEY: steps_pb2.OBJECT_CLASS_PUBLIC_KEY,
     cards.ObjectClass.PRIVATE_KEY: steps_pb2.OBJECT_CLASS_PRIVATE_KEY,
@@ -139,7 +139,8 @@ def _set_pins(m: steps_pb2.SetPins) -> cards.SetPins:
 
 def _object_to_proto(o: cards.StoredObject) -> steps_pb2.TokenObject:
     return steps_pb2.TokenObject(object_class=_CLASSES[o.object_class], key_id=o.key_id, label=o.label,
-                                 key_type=_KEY_TYPES.get(o.key_type, 0) if o.key_type else 0,
+                                 key_type=_KEY_TYPES.get(o.key_type, common_pb2.KEY_TYPE_UNSPECIFIED)
+                                 if o.key_type else common_pb2.KEY_TYPE_UNSPECIFIED,
                                  certificate_der=o.certificate_der)
 
 

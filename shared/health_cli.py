@@ -23,6 +23,7 @@ def _own_channel(server: str, config_file: pathlib.Path | None) -> tuple[str, gr
     """(target, channel) of the server configured here, with its own TLS files."""
     from shared import config, tls
 
+    settings: config.OrchestratorSettings | config.GatewaySettings
     if server == "orchestrator":
         settings = config.load(config.OrchestratorSettings, config_file)
         files = tls.settings_tls(settings, "health check", "orchestrator", role="orchestrator")

@@ -5,12 +5,13 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
 # Keys whose values are secrets: never printed, whatever code passes them by mistake.
 SECRET_KEYS = frozenset({"pin", "user_pin", "puk", "so_pin", "password", "passphrase", "private_key"})
 
 
-def _redact(_logger, _name, event_dict):
+def _redact(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
     for key in list(event_dict):
         if key.lower() in SECRET_KEYS:
             event_dict[key] = "***"
@@ -34,5 +35,6 @@ def configure(json: bool = False, level: str = "INFO") -> None:
     )
 
 
-def get_logger(name: str):
-    return structlog.get_logger(name)
+def get_logger(name: str) -> FilteringBoundLogger:
+    logger: FilteringBoundLogger = structlog.get_logger(name)
+    return logger

@@ -28,14 +28,16 @@ import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypedDict, TypeGuard, get_args
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes, CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.files import write_atomic
 from shared.errors import AlreadyExists, ConfigurationError, InvalidArgument, NotFound
+from shared.files import write_atomic
 
 ROLES = ("orchestrator", "gateway", "client")
 #: Roles whose certificates also serve (TLS server authentication, SANs).
@@ -43,13 +45,14 @@ SERVER_ROLES = frozenset({"orchestrator", "gateway"})
 CA_CERT, CA_KEY, CA_PASS, REVOKED, CRL = "ca.crt", "ca.key", "ca.pass", "revoked.json", "crl.pem"
 _RESERVED = {"ca", "crl", "revoked"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*$")
 DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
 CA_DAYS, LEAF_DAYS, CRL_DAYS = 3650, 825, 365
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def check_name(name: str) -> str:
@@ -81,6 +84,14 @@ def _san(names: Iterable[str]) -> list[x509.GeneralName]:
                 raise InvalidArgument(f"{name!r} is neither an IP address nor a host name", field="sans") from None
             out.append(x509.DNSName(name))
     return out
+
+
+class RevokedEntry(TypedDict):
+    """One revocation in revoked.json (serial in hex)."""
+    serial: str
+    name: str
+    role: str | None
+    revoked_at: str
 
 
 @dataclass(frozen=True)
@@ -131,7 +142,10 @@ class Pki:
 
     def _ca_key(self) -> ec.EllipticCurvePrivateKey:
         passphrase = (self.directory / CA_PASS).read_bytes().strip()
-        return serialization.load_pem_private_key((self.directory / CA_KEY).read_bytes(), password=passphrase)
+        key = serialization.load_pem_private_key((self.directory / CA_KEY).read_bytes(), password=passphrase)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigurationError(f"{self.directory / CA_KEY}: the CA key must be an EC key")
+        return key
 
     # -- leaves -----------------------------------------------------------------------------
 
@@ -184,8 +198,9 @@ class Pki:
             raise InvalidArgument(f"a {role} certificate has no host names (sans given: {', '.join(sans)})",
                                   field="sans")
         cert = builder.sign(ca_key, hashes.SHA256())
-        write_atomic(self.key_path(name), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()), 0o600)
+        write_atomic(self.key_path(name), key.private_bytes(serialization.Encoding.PEM,
+                                                            serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()), 0o600)
         write_atomic(self.cert_path(name), cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return Issued(name, role, cert.serial_number, self.cert_path(name), self.key_path(name))
 
@@ -214,10 +229,11 @@ class Pki:
 
     # -- revocation -------------------------------------------------------------------------
 
-    def revoked(self) -> list[dict]:
+    def revoked(self) -> list[RevokedEntry]:
         if not self.revoked_path.exists():
             return []
-        return json.loads(self.revoked_path.read_text())["revoked"]
+        entries: list[RevokedEntry] = json.loads(self.revoked_path.read_text())["revoked"]
+        return entries
 
     def revoked_serials(self) -> set[int]:
         return {int(r["serial"], 16) for r in self.revoked()}
@@ -286,12 +302,18 @@ def init_pki(directory: pathlib.Path | str, *, common_name: str = "cardline deve
     return pki
 
 
+def _can_sign_certificates(key: CertificatePublicKeyTypes) -> TypeGuard[CertificateIssuerPublicKeyTypes]:
+    return isinstance(key, get_args(CertificateIssuerPublicKeyTypes))
+
+
 def load_crl(path: pathlib.Path, ca_cert: x509.Certificate) -> set[int]:
     """Revoked serials of the CRL at PATH, which must be signed by CA_CERT."""
     try:
         crl = x509.load_pem_x509_crl(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigurationError(f"CRL {path}: {exc}") from exc
-    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):
+    ca_key = ca_cert.public_key()
+    if (crl.issuer != ca_cert.subject or not _can_sign_certificates(ca_key)
+            or not crl.is_signature_valid(ca_key)):
         raise ConfigurationError(f"CRL {path} is not signed by the CA {ca_cert.subject.rfc4514_string()}")
     return {r.serial_number for r in crl}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -22,6 +22,7 @@ from shared.proto import common_pb2
 
 log = get_logger(__name__)
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 def status_of(err: CardlineError) -> grpc.Status:
@@ -32,16 +33,17 @@ def status_of(err: CardlineError) -> grpc.Status:
     info.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
     typed = any_pb2.Any()
     typed.Pack(error_to_proto(err))
-    return rpc_status.to_status(status_pb2.Status(code=grpc.StatusCode[err.code].value[0], message=err.message,
-                                                  details=[info, typed]))
+    status: grpc.Status = rpc_status.to_status(status_pb2.Status(
+        code=grpc.StatusCode[err.code].value[0], message=err.message, details=[info, typed]))
+    return status
 
 
-def rpc_errors(method: Callable) -> Callable:
+def rpc_errors(method: _Method) -> _Method:
     """Servicer decorator: CardlineError → gRPC status with ErrorInfo; anything else → INTERNAL.
 
     Works for unary and server-streaming (async generator) methods.
     """
-    async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
         if isinstance(exc, CardlineError):
             await context.abort_with_status(status_of(exc))
         log.exception("unhandled error in servicer", method=method.__name__)
@@ -49,31 +51,33 @@ def rpc_errors(method: Callable) -> Callable:
 
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
-        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext):
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             try:
                 async for item in method(self, request, context):
                     yield item
             except grpc.aio.AbortError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - mapped to a status
+            except Exception as exc:  # mapped to a status
                 await _abort(context, exc)
-        return stream
+        return cast(_Method, stream)
 
     @functools.wraps(method)
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext):
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status
+        except Exception as exc:  # mapped to a status
             await _abort(context, exc)
-    return unary
+    return cast(_Method, unary)
 
 
 def error_from_rpc(exc: grpc.RpcError) -> CardlineError:
     """The catalogue error a server reported (from its typed detail, else from its ErrorInfo),
     or a generic one built from the status."""
-    for key, value in exc.trailing_metadata() or ():
+    # Sync errors give (key, value) named tuples, grpc.aio ones a Metadata of pairs: both unpack.
+    trailing = cast("Iterable[tuple[str, bytes]]", exc.trailing_metadata() or ())
+    for key, value in trailing:
         if key == _STATUS_DETAILS_KEY:
             status = status_pb2.Status.FromString(value)
             typed, info = common_pb2.Error(), error_details_pb2.ErrorInfo()

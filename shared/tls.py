@@ -12,17 +12,21 @@ import inspect
 import os
 import pathlib
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
 from cryptography import x509
 
 from shared.errors import CardlineError, ConfigurationError, PermissionDenied, Unauthenticated
 from shared.logging import get_logger
-from shared.rpc import status_of
 from shared.pki import CA_CERT, CRL, common_name_of, load_crl, role_of
+from shared.rpc import status_of
+
+if TYPE_CHECKING:
+    from shared.config import GatewaySettings, OrchestratorSettings
 
 log = get_logger(__name__)
 
@@ -30,7 +34,8 @@ log = get_logger(__name__)
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                            "grpc.reflection.v1.ServerReflection"})
 #: Environment of client commands (`cardline --tls-dir DIR ...` sets them too).
-CLIENT_TLS_DIR_ENV, CLIENT_TLS_NAME_ENV, CLIENT_INSECURE_ENV = "CARDLINE_TLS_DIR", "CARDLINE_TLS_NAME", "CARDLINE_INSECURE"
+CLIENT_TLS_DIR_ENV, CLIENT_TLS_NAME_ENV = "CARDLINE_TLS_DIR", "CARDLINE_TLS_NAME"
+CLIENT_INSECURE_ENV = "CARDLINE_INSECURE"
 DEFAULT_CLIENT_NAME = "admin"
 
 
@@ -83,7 +88,7 @@ def resolve(what: str, name: str, *, tls_dir: pathlib.Path | None = None, tls_ca
         else:
             found[label] = path
     crl = pathlib.Path(tls_crl) if tls_crl else (d / CRL if d and (d / CRL).is_file() else None)
-    if tls_crl and not crl.is_file():
+    if tls_crl and crl is not None and not crl.is_file():
         missing.append(f"CRL: {crl} does not exist")
     if missing:
         raise ConfigurationError(
@@ -111,7 +116,8 @@ def resolve(what: str, name: str, *, tls_dir: pathlib.Path | None = None, tls_ca
     return files
 
 
-def settings_tls(settings, what: str, name: str, *, role: str, common_name: str | None = None) -> TlsFiles | None:
+def settings_tls(settings: OrchestratorSettings | GatewaySettings, what: str, name: str, *, role: str,
+                 common_name: str | None = None) -> TlsFiles | None:
     """`resolve` for an OrchestratorSettings / GatewaySettings."""
     return resolve(what, name, tls_dir=settings.tls_dir, tls_ca=settings.tls_ca, tls_cert=settings.tls_cert,
                    tls_key=settings.tls_key, tls_crl=settings.tls_crl, insecure=settings.insecure, role=role,
@@ -137,7 +143,7 @@ def client_tls(*, tls_dir: str | pathlib.Path | None = None, name: str | None = 
     return resolve("client", name, tls_dir=pathlib.Path(tls_dir), role="client")
 
 
-def client_channel(target: str, files: TlsFiles | None | bool = True) -> grpc.Channel:
+def client_channel(target: str, files: TlsFiles | Literal[True] | None = True) -> grpc.Channel:
     """A blocking channel to TARGET: with FILES' certificate, plaintext when FILES is None,
     from the client environment (client_tls()) when FILES is True."""
     files = client_tls() if files is True else files
@@ -161,9 +167,9 @@ def _identity_of_pem(pem: bytes) -> PeerIdentity:
     return PeerIdentity(role_of(cert), common_name_of(cert), cert.serial_number)
 
 
-def peer_identity(context: grpc.aio.ServicerContext) -> PeerIdentity | None:
+def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity | None:
     """The verified client certificate of the call, None on a plaintext connection."""
-    pems = (context.auth_context() or {}).get("x509_pem_cert")
+    pems = list((context.auth_context() or {}).get("x509_pem_cert", ()))
     return _identity_of_pem(pems[0]) if pems else None
 
 
@@ -175,7 +181,7 @@ class RevocationList:
     def __init__(self, path: pathlib.Path, ca_pem: bytes) -> None:
         self.path = path
         self._ca = x509.load_pem_x509_certificate(ca_pem)
-        self._stamp: tuple | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self.serials: set[int] = set()
         self._load(initial=True)
 
@@ -222,14 +228,17 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
             return None
         return self.roles.get(service, self.default_roles)
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
         allowed = self.allowed(method.split("/")[1] if method.count("/") >= 2 else method)
 
-        async def check(context: grpc.aio.ServicerContext) -> None:
+        async def check(context: grpc.aio.ServicerContext[Any, Any]) -> None:
             err = self._refusal(peer_identity(context), method, allowed)
             if err is not None:
                 log.warning("call refused", method=method, reason=err.reason, error=err.message)
@@ -250,7 +259,8 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
         return None
 
 
-def _guarded(handler: grpc.RpcMethodHandler, check: Callable) -> grpc.RpcMethodHandler:
+def _guarded(handler: grpc.RpcMethodHandler[Any, Any],
+             check: Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]) -> grpc.RpcMethodHandler[Any, Any]:
     """HANDLER with CHECK(context) awaited before its behaviour runs."""
     kinds = {(False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
              (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
@@ -259,8 +269,9 @@ def _guarded(handler: grpc.RpcMethodHandler, check: Callable) -> grpc.RpcMethodH
     attr, make = kinds[(handler.request_streaming, handler.response_streaming)]
     behaviour = getattr(handler, attr)
 
+    guarded: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]
     if handler.response_streaming:
-        async def guarded(request, context):
+        async def guarded_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             await check(context)
             result = behaviour(request, context)
             if hasattr(result, "__aiter__"):
@@ -271,11 +282,13 @@ def _guarded(handler: grpc.RpcMethodHandler, check: Callable) -> grpc.RpcMethodH
             else:
                 for item in result:
                     yield item
+        guarded = guarded_stream
     else:
-        async def guarded(request, context):
+        async def guarded_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await check(context)
             result = behaviour(request, context)
             return await result if inspect.isawaitable(result) else result
+        guarded = guarded_unary
 
     return make(guarded, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)

@@ -24,7 +24,8 @@ log = get_logger(__name__)
 
 class OrchestratorLink:
     def __init__(self, target: str, gateway_id: str, registry: ReaderRegistry, executor: StepExecutor, *,
-                 site: str = "", labels: dict[str, str] | None = None, credentials: grpc.ChannelCredentials | None = None,
+                 site: str = "", labels: dict[str, str] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None,
                  backoff_min_s: float = 0.2, backoff_max_s: float = 10.0) -> None:
         self.target = target
         self.gateway_id = gateway_id
@@ -90,6 +91,7 @@ class OrchestratorLink:
                         raise
                     if msg is grpc.aio.EOF:
                         break
+                    assert isinstance(msg, link_pb2.OrchestratorMessage)  # read() gives EOF or a message
                     kind = msg.WhichOneof("message")
                     if kind == "welcome":
                         log.info("attached to orchestrator", orchestrator=msg.welcome.orchestrator_id)
@@ -103,9 +105,9 @@ class OrchestratorLink:
                         task.add_done_callback(running.discard)
         finally:
             unsubscribe()
-            for task in (heartbeat, sender, *running):
-                if task is not None:
-                    task.cancel()
+            for job in (heartbeat, sender, *running):
+                if job is not None:
+                    job.cancel()
             await asyncio.gather(*(t for t in (heartbeat, sender) if t is not None), return_exceptions=True)
 
     async def _send(self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue) -> None:
@@ -141,7 +143,7 @@ class OrchestratorLink:
             outcome = convert.value_to_outcome(value)
         except CardlineError as exc:
             outcome = convert.error_to_outcome(exc)
-        except Exception as exc:  # noqa: BLE001 - reported to the orchestrator, never lost
+        except Exception as exc:  # reported to the orchestrator, never lost
             log.exception("step crashed", command_id=command.command_id)
             outcome = convert.error_to_outcome(CardlineError(f"gateway error: {type(exc).__name__}: {exc}"))
         outbox.put_nowait(link_pb2.GatewayMessage(step_result=link_pb2.StepResult(

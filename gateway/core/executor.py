@@ -107,6 +107,7 @@ class StepExecutor:
     async def _pcsc(self, reader_id: str, op: cards.Operation) -> cards.StepValue:
         info = self.registry.pcsc_reader_info(reader_id)
         pcsc = self.registry.pcsc
+        assert pcsc is not None  # pcsc_reader_info found the reader: the PC/SC driver runs
         if isinstance(op, cards.RunApduScript):
             responses = await self.registry.on_pcsc_worker(reader_id, pcsc.run_script, info.name, list(op.apdus))
             return cards.ApduScriptResult(tuple(responses))

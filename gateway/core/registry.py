@@ -69,7 +69,8 @@ class ReaderRegistry:
             old = before.get(rid)
             if old is None:
                 self._emit("reader_added", reader)
-            elif (old.card_present, old.token_serial, old.atr) != (reader.card_present, reader.token_serial, reader.atr):
+            elif ((old.card_present, old.token_serial, old.atr)
+                  != (reader.card_present, reader.token_serial, reader.atr)):
                 self._emit("inserted" if reader.card_present else "removed", reader)
             elif old.error != reader.error:
                 self._emit("present", reader)           # the same reader, now (not) in error
@@ -127,7 +128,7 @@ class ReaderRegistry:
             while self.pcsc is not None:
                 try:
                     events = await asyncio.to_thread(self.pcsc.wait_for_events, pcsc_wait_s)
-                except Exception as exc:  # noqa: BLE001 - pcscd gone; keep trying, the driver reconnects
+                except Exception as exc:  # pcscd gone; keep trying, the driver reconnects
                     log.warning("pcsc events unavailable", error=str(exc))
                     await asyncio.sleep(1.0)
                     continue
@@ -145,7 +146,7 @@ class ReaderRegistry:
                 await asyncio.sleep(token_poll_s)
                 try:
                     await self._refresh_tokens()
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     log.warning("token poll failed", error=str(exc))
 
         await asyncio.gather(pcsc_loop(), token_loop())

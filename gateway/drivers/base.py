@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Protocol
 
 # Card-level value types are shared with the orchestrator (both sides speak them).
 from shared.cards import (  # noqa: F401  (re-exported for drivers)
-    Apdu, ApduResponse, GeneratedKey, KeyType, ObjectClass, SignatureAlgorithm, StoredObject,
+    Apdu,
+    ApduResponse,
+    GeneratedKey,
+    KeyType,
+    ObjectClass,
+    SignatureAlgorithm,
+    StoredObject,
 )
 
 if TYPE_CHECKING:

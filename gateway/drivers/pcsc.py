@@ -41,8 +41,16 @@ from smartcard import scard
 
 from gateway.drivers.base import Apdu, ApduResponse, PcscEvent, PcscReaderInfo
 from shared.cards import check_command_apdu
-from shared.errors import (CardIoError, CardRemoved, InvalidArgument, MalformedApdu,
-                           NoCardPresent, ReaderBusy, ReaderNotFound, UnexpectedStatusWord)
+from shared.errors import (
+    CardIoError,
+    CardRemoved,
+    InvalidArgument,
+    MalformedApdu,
+    NoCardPresent,
+    ReaderBusy,
+    ReaderNotFound,
+    UnexpectedStatusWord,
+)
 
 READER_PREFIX = "pcsc:"
 PNP_READER = "\\\\?PnP?\\Notification"
@@ -89,7 +97,7 @@ def _with_le(apdu: bytes, le: int) -> bytes:
 
 def sw_matches(sw: int, pattern: str) -> bool:
     text = f"{sw:04X}"
-    return all(p in ("X", c) for p, c in zip(pattern.upper(), text))
+    return all(p in ("X", c) for p, c in zip(pattern.upper(), text, strict=False))
 
 
 # -- the driver ------------------------------------------------------------------------

@@ -39,11 +39,17 @@ from pkcs11.util import biginteger
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from gateway.drivers.base import (
-    GeneratedKey, KeyType, ObjectClass, SignatureAlgorithm, StoredObject, TokenInfo,
+    GeneratedKey,
+    KeyType,
+    ObjectClass,
+    SignatureAlgorithm,
+    StoredObject,
+    TokenInfo,
 )
 from gateway.drivers.softhsm_store import unreadable_tokens
 from shared.errors import CardIoError, CardlineError, InvalidArgument, KeyNotFound, WriteRefused
 from shared.logging import get_logger
+
 # Token keys as cryptography keys, shared with the orchestrator's LocalCa on a token.
 from shared.pkcs11_keys import ecdsa_sha256 as _ecdsa_sha256
 from shared.pkcs11_keys import public_key_of as _spki_of_public

@@ -43,10 +43,8 @@ class CardServicer(card_service_pb2_grpc.CardServiceServicer):
                 yield pb.ProduceCardResponse(task_id=task.id, message="request already handled", task=task)
                 return
         async for p in self._produce(order, task_id, request.request_id):
-            task = None
-            if p.task is not None:
-                task = conv.task_to_proto(p.task, list(p.certificate_ids))
-            yield pb.ProduceCardResponse(task_id=p.task_id, step_number=p.step_number, message=p.message, task=task)
+            ended = conv.task_to_proto(p.task, list(p.certificate_ids)) if p.task is not None else None
+            yield pb.ProduceCardResponse(task_id=p.task_id, step_number=p.step_number, message=p.message, task=ended)
 
     @rpc_errors
     async def GetCard(self, request, context):

@@ -5,9 +5,9 @@ import datetime as dt
 
 from google.protobuf import timestamp_pb2
 
-from orchestrator.services.card_tasks import task_error
 from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.services import orders
+from orchestrator.services.card_tasks import task_error
 from orchestrator.services.pool import GatewayInfo, PooledReader, ReaderSelector, ReaderState
 from orchestrator.services.production import CertificateOrder
 from orchestrator.store.records import (
@@ -73,7 +73,8 @@ def task_to_proto(t: TaskRecord, certificate_ids: list[str]) -> card_pb.Task:
     failure = task_error(t)
     error = convert.error_to_proto(failure) if failure is not None else None
     return card_pb.Task(
-        id=t.id, type=task_type_to_proto(t.type), state=_TASK_STATES.get(t.state, 0), gateway_id=t.gateway_id or "",
+        id=t.id, type=task_type_to_proto(t.type), state=_TASK_STATES.get(t.state, card_pb.TASK_STATE_UNSPECIFIED),
+        gateway_id=t.gateway_id or "",
         reader_id=t.reader_id or "", card_id=t.card_id or "", certificate_ids=certificate_ids, error=error,
         created_at=timestamp(t.created_at), finished_at=timestamp(t.finished_at))
 
@@ -168,7 +169,7 @@ def value_to_proto(value: object) -> common_pb2.Value:
 def process_instance_to_proto(p: ProcessInstanceRecord, task_ids: list[str]) -> process_pb.ProcessInstance:
     error = common_pb2.Error(reason=p.error_reason, message=p.error_message or "") if p.error_reason else None
     return process_pb.ProcessInstance(
-        id=p.id, definition=p.definition, state=_PROCESS_STATES.get(p.state, 0),
+        id=p.id, definition=p.definition, state=_PROCESS_STATES.get(p.state, process_pb.PROCESS_STATE_UNSPECIFIED),
         process_map={k: value_to_proto(v) for k, v in p.process_map.items()}, error=error, task_ids=task_ids,
         created_at=timestamp(p.created_at), finished_at=timestamp(p.finished_at))
 

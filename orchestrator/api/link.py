@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from orchestrator.services.pool import Command, GatewaySession, ReaderPool
-from shared import convert
+from shared import cards, convert
 from shared.errors import CardlineError, InvalidArgument, PermissionDenied
 from shared.logging import get_logger
 from shared.proto import link_pb2, link_pb2_grpc
@@ -76,7 +76,7 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
                 if kind == "step_result":
                     result = msg.step_result
                     try:
-                        value = convert.value_from_outcome(result.outcome)
+                        value: cards.StepValue | CardlineError = convert.value_from_outcome(result.outcome)
                     except CardlineError as exc:
                         value = exc
                     session.resolve(result.command_id, value)
@@ -88,7 +88,7 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
                         gateway_id=session.gateway_id, silence_s=3 * self.heartbeat_interval_s)
         except (StopAsyncIteration, asyncio.CancelledError):
             pass
-        except Exception:  # noqa: BLE001 - a broken stream ends the session
+        except Exception:  # a broken stream ends the session
             log.exception("gateway link broke", gateway_id=session.gateway_id)
         finally:
             self.pool.detach(session)

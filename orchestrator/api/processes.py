@@ -9,6 +9,7 @@ from orchestrator.api.streams import follow
 from orchestrator.services.processes import ProcessService
 from orchestrator.store.store import Store
 from shared.errors import InvalidArgument
+from shared.proto import card_service_pb2 as card_pb
 from shared.proto import process_service_pb2 as pb
 from shared.proto import process_service_pb2_grpc
 from shared.rpc import rpc_errors
@@ -39,8 +40,8 @@ class ProcessServicer(process_service_pb2_grpc.ProcessServiceServicer):
             instance = await self._instance(p.instance) if p.instance is not None else None
             yield pb.StartProcessResponse(
                 process_instance_id=p.instance_id, task_index=p.task_index,
-                task_type=conv.task_type_to_proto(p.task_type) if p.task_type else 0, on_error=p.on_error,
-                message=p.message, instance=instance)
+                task_type=conv.task_type_to_proto(p.task_type) if p.task_type else card_pb.TASK_TYPE_UNSPECIFIED,
+                on_error=p.on_error, message=p.message, instance=instance)
 
     @rpc_errors
     async def GetProcessInstance(self, request, context):

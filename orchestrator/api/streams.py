@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 
-async def follow(start: Callable[[Callable[[Any], None]], Awaitable[Any]],
+async def follow(start: Callable[[Callable[[Any], None]], Coroutine[Any, Any, object]],
                  is_last: Callable[[Any], bool]) -> AsyncIterator[Any]:
     """Runs `start(sink)` as its own task and yields what it reports until the last event.
 
     The work runs on even if the caller goes away: a task always ends in a defined state,
     never half-done because a client disconnected."""
-    events: asyncio.Queue = asyncio.Queue()
+    events: asyncio.Queue[Any] = asyncio.Queue()
     job = asyncio.create_task(start(events.put_nowait))
     while True:
         getter = asyncio.ensure_future(events.get())

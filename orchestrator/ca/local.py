@@ -57,8 +57,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from orchestrator.ca.base import REVOCATION_REASONS, IssueProfile, checked_request, revocation_reason
+from shared.errors import CardlineError, CaRefused, CaUnavailable, ConfigurationError
 from shared.files import write_atomic
-from shared.errors import CaRefused, CaUnavailable, CardlineError, ConfigurationError
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -85,7 +85,7 @@ class Pkcs11KeyRef:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 def _spki(key) -> bytes:
@@ -160,10 +160,13 @@ class LocalCa:
                                     serialization.BestAvailableEncryption(self._passphrase(passphrase_path)))
             write_atomic(key_path, pem, mode=0o600)
         try:
-            key = serialization.load_pem_private_key(key_path.read_bytes(), self._passphrase(passphrase_path))
+            loaded = serialization.load_pem_private_key(key_path.read_bytes(), self._passphrase(passphrase_path))
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(f"cannot open CA key {key_path} with the passphrase from "
                                      f"{passphrase_path}: {exc}") from None
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ConfigurationError(f"CA key {key_path} is not an EC key", directory=str(self._dir))
+        key = loaded
         if cert_path.exists():
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             if _spki(cert.public_key()) != _spki(key.public_key()):
@@ -376,10 +379,8 @@ class LocalCa:
         subject = x509.Name.from_rfc4514_string(profile.subject) if profile.subject else csr.subject
         san = None
         if profile.copy_subject_alt_names:
-            try:
+            with contextlib.suppress(x509.ExtensionNotFound):
                 san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            except x509.ExtensionNotFound:
-                pass
         if not subject.rdns and san is None:
             raise CaRefused("the certificate would name nobody: empty subject and no subjectAltName",
                             request_id=request_id)
@@ -446,7 +447,7 @@ class _TokenCaKey:
     """
 
     def __init__(self, ref: Pkcs11KeyRef, ca_name: str) -> None:
-        from shared.pkcs11_module import Pkcs11Module, TokenLogin   # python-pkcs11 only when configured
+        from shared.pkcs11_module import Pkcs11Module, TokenLogin  # python-pkcs11 only when configured
 
         if not ref.module_path or not ref.token_label or not ref.key_label:
             raise ConfigurationError(f"CA {ca_name!r}: a key on a PKCS#11 token needs a module, a token "

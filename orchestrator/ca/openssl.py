@@ -68,8 +68,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from orchestrator.ca.base import EXTENDED_KEY_USAGES, IssueProfile, checked_request, revocation_reason
-from shared.files import write_atomic
 from shared.errors import CaRefused, CaUnavailable, ConfigurationError, InvalidArgument
+from shared.files import write_atomic
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -243,7 +243,7 @@ def _subj_argument(name: x509.Name) -> str:
 
 
 def _openssl_time(when: dt.datetime) -> str:
-    return when.astimezone(dt.timezone.utc).strftime("%Y%m%d%H%M%SZ")
+    return when.astimezone(dt.UTC).strftime("%Y%m%d%H%M%SZ")
 
 
 # The files `openssl ca` writes as X.new and then rotates: X -> X.old, X.new -> X.
@@ -274,7 +274,7 @@ def _newcert_matches(newcerts: pathlib.Path, entry: IndexEntry) -> bool:
 
 def _openssl_index_time(when: dt.datetime) -> str:
     """index.txt's expiry: UTCTime before 2050, GeneralizedTime after (RFC 5280 4.1.2.5)."""
-    when = when.astimezone(dt.timezone.utc)
+    when = when.astimezone(dt.UTC)
     return when.strftime("%y%m%d%H%M%SZ" if when.year < 2050 else "%Y%m%d%H%M%SZ")
 
 
@@ -389,7 +389,7 @@ def _recover_directory(directory: pathlib.Path, oneline_subject, ca_signed) -> l
         else:
             aside = directory / "discarded"
             aside.mkdir(mode=0o700, exist_ok=True)
-            os.replace(pem, aside / f"{pem.name}.{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%f}")
+            os.replace(pem, aside / f"{pem.name}.{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}")
             repairs.append(f"newcerts/{pem.name} is no certificate of this CA (cut short): moved to discarded/")
     if added_lines:
         current = current + added_lines
@@ -606,8 +606,9 @@ class OpenSslCa:
             raise CaUnavailable(f"CA {self._name!r}: index.txt lists {entry.serial_field} but "
                                 f"{path} cannot be read: {exc.strerror}") from None
         try:
-            tag = cert.extensions.get_extension_for_oid(REQUEST_TAG_OID).value.value
-            tag = tag[2:] if tag[:2] == b"\x04\x20" else None
+            ext = cert.extensions.get_extension_for_oid(REQUEST_TAG_OID).value
+            raw = ext.value if isinstance(ext, x509.UnrecognizedExtension) else b""   # a private OID: unrecognized
+            tag = raw[2:] if raw[:2] == b"\x04\x20" else None
         except x509.ExtensionNotFound:
             tag = None
         issued = _Issued(cert.public_bytes(serialization.Encoding.DER),
@@ -697,7 +698,7 @@ class OpenSslCa:
                                     serial_hex=format(serial, "x"))
                 # A hold may become a final revocation (RFC 5280 5.3.1); openssl ca refuses to
                 # revoke twice, so the index line is rewritten, dated now.
-                now = dt.datetime.now(dt.timezone.utc).strftime("%y%m%d%H%M%SZ")
+                now = dt.datetime.now(dt.UTC).strftime("%y%m%d%H%M%SZ")
                 self._replace_entry(entry, IndexEntry("R", entry.expiry, f"{now},{_OPENSSL_REASONS[reason]}",
                                                       entry.serial, entry.serial_field, entry.subject))
                 return
@@ -734,7 +735,7 @@ class OpenSslCa:
     def issued_between(self, start: dt.datetime, end: dt.datetime) -> list[bytes]:
         """Certificates whose notBefore (set by openssl ca to the time of issuance) lies in
         [start, end). Naive datetimes are taken as UTC."""
-        start, end = (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc) for t in (start, end))
+        start, end = (t if t.tzinfo else t.replace(tzinfo=dt.UTC) for t in (start, end))
         with self._locked():
             return [i.der for i in map(self._issued, self._entries()) if start <= i.not_before < end]
 
@@ -789,7 +790,7 @@ class OpenSslCa:
         cert = x509.load_der_x509_certificate(issued.der)
         record = {"request_id": request_id, "serial_hex": format(cert.serial_number, "x"),
                   "spki_sha256": issued.spki_sha256,
-                  "recorded_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "recorded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                   "certificate": cert.public_bytes(serialization.Encoding.PEM).decode()}
         try:
             write_atomic(path, json.dumps(record, indent=1).encode())
@@ -843,7 +844,7 @@ class OpenSslCa:
                 "-in", "req.pem", "-out", "cert.pem"]
         if profile.subject:
             args += ["-subj", _subj_argument(subject), "-multivalue-rdn", "-utf8"]
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         if now + dt.timedelta(days=profile.validity_days) > self._ca_cert.not_valid_after_utc:
             args += ["-enddate", _openssl_time(self._ca_cert.not_valid_after_utc)]   # never outlive the CA
         else:

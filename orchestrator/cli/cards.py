@@ -32,7 +32,8 @@ def certificate_requests(specs: list[str]) -> list[pb.CertificateRequest]:
         template, _, key_type = spec.partition(":")
         if key_type and key_type not in KEY_TYPES:
             raise CliFail(f"--template {spec}: key type must be one of {', '.join(KEY_TYPES)}", 2)
-        requests.append(pb.CertificateRequest(template=template, key_type=KEY_TYPES.get(key_type, 0)))
+        requests.append(pb.CertificateRequest(template=template,
+                                              key_type=KEY_TYPES.get(key_type, common_pb2.KEY_TYPE_UNSPECIFIED)))
     return requests
 
 
@@ -72,6 +73,8 @@ def register(root: typer.Typer) -> None:
                 console.print(f"  [dim]step {response.step_number}[/dim] {response.message}")
                 if response.HasField("task"):
                     task = response.task
+        if task is None:
+            raise CliFail("the orchestrator ended the production without reporting its task")
         if json_output:
             print_json(as_json(task))
         ok = task.state == pb.TASK_STATE_SUCCEEDED

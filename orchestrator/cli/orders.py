@@ -65,6 +65,8 @@ def _follow_order(orders: order_service_pb2_grpc.OrderServiceStub, order_id: str
             if bar is None:
                 bar = progress.add_task(text, total=len(order.cards))
             progress.update(bar, completed=done, description=text)
+    if order is None:
+        raise CliFail(f"the orchestrator sent no state of order {order_id}")
     return order
 
 

@@ -117,6 +117,8 @@ def register(root: typer.Typer) -> None:
             console.print(f"  [dim]{where}[/dim] {response.message}")
             if response.HasField("instance"):
                 instance = response.instance
+        if instance is None:
+            raise CliFail(f"the orchestrator ended process {name} without reporting its instance")
         if json_output:
             print_json(as_json(instance))
         ok = instance.state == pb.PROCESS_STATE_SUCCEEDED

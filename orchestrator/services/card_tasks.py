@@ -143,10 +143,12 @@ class CardTaskService:
         try:
             x509.Name.from_rfc4514_string(order.subject)
         except ValueError as exc:
-            raise InvalidArgument(f"subject {order.subject!r} is not an RFC 4514 name: {exc}", field="subject") from None
+            raise InvalidArgument(f"subject {order.subject!r} is not an RFC 4514 name: {exc}",
+                                  field="subject") from None
         for app in order.encoding.applications:
             where = f"{order.encoding.source}:{app.line}: {app.name}"
             if app.issues_certificate:
+                assert app.certificate_template is not None  # what issues_certificate means
                 template = self.templates.certificate(app.certificate_template)
                 if template.ca not in self.cas:
                     raise EncodingFailed(f"{where}: template {template.name!r} names unknown CA {template.ca!r}")
@@ -281,7 +283,7 @@ class _CardTaskRun:
                                   {cid: t.start_state for cid, t in self.issued.items()},
                                   template.produced_state if order.type == PRODUCTION else None,
                                   self.success_relations)
-        except Exception as exc:  # noqa: BLE001 - whatever broke, the task ends in a defined state
+        except Exception as exc:  # whatever broke, the task ends in a defined state
             if not isinstance(exc, CardlineError):
                 log.exception("card task crashed", task_id=self.task_id)
                 exc = CardlineError(f"{type(exc).__name__}: {exc}")
@@ -371,6 +373,7 @@ class _CardTaskRun:
             self._tell(f"APDU script of {len(apdus)} commands run ({app.name})")
 
     async def _issue(self, app: Application) -> None:
+        assert app.certificate_template is not None  # only applications that issue certificates come here
         template = self.s.templates.certificate(app.certificate_template)
         key_type = app.generate_key_pair or template.key_type
         label = app.key_label or template.name
@@ -404,6 +407,7 @@ class _CardTaskRun:
             # Sealed under the key-encryption key before anything is stored, bound to this
             # certificate (issuer and serial) so the blob opens for no other one.
             cert = x509.load_der_x509_certificate(der)
+            assert self.s.key_archive is not None  # validate() refuses ArchiveKey without a key archive
             archived = WrappedKey(*await asyncio.to_thread(
                 self.s.key_archive.seal, private_key,
                 archive_binding(cert.issuer.rfc4514_string(), format(cert.serial_number, "x"))))
@@ -454,7 +458,8 @@ class _CardTaskRun:
             unknown = sorted(attributes.keys() - {"application", "label", "value", "private"})
             if unknown or not attributes.get("label"):
                 raise InvalidArgument(f"{app.name}: AttributesDataObject needs label= and takes application, "
-                                      f"label, value, private" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+                                      f"label, value, private"
+                                      + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
             found.append(cards.WriteDataObject(attributes.get("application", "cardline"), attributes["label"],
                                                attributes.get("value", "").encode(),
                                                attributes.get("private", "false").lower() == "true"))
@@ -471,21 +476,23 @@ class _CardTaskRun:
         await self._relate(app, record.id)
         self._tell(f"certificate {record.serial_hex} written to the card ({label})")
 
-    def _certificate_descriptors(self, app: Application, field_name: str, many: bool = False
+    def _certificate_descriptors(self, app: Application, field_name: str | None, many: bool = False
                                  ) -> list[CoreObjectDescriptor]:
-        value = self.order.fields.get(field_name)
+        value = self.order.fields.get(field_name) if field_name is not None else None
         values = value if many and isinstance(value, list) else [value]
-        if not values or not all(isinstance(v, CoreObjectDescriptor) and v.type == CERTIFICATE for v in values):
+        descriptors = [v for v in values if isinstance(v, CoreObjectDescriptor) and v.type == CERTIFICATE]
+        if not values or len(descriptors) != len(values):
             raise InvalidArgument(f"{app.name}: field {field_name} must hold "
                                   f"{'a list of ' if many else 'a '}certificate CoreObjectDescriptor"
                                   f"{'s' if many else ''}, not {type(value).__name__}")
-        return values
+        return descriptors
 
     async def _recover(self, app: Application, descriptor: CoreObjectDescriptor) -> None:
         """C7: an archived certificate and its key written to this card; never stored again,
         its state untouched; related per CreateObjectRelation; no return field."""
         record = await self._db(self.s.store.certificates.get, descriptor.id)
         archived = await self._db(self.s.store.archived_keys.get, record.id)
+        assert self.s.key_archive is not None  # validate() refuses recovery without a key archive
         pkcs8 = await asyncio.to_thread(self.s.key_archive.open, archived.kek_id, archived.algorithm,
                                         archived.wrapped_key, archive_binding(record.issuer, record.serial_hex))
         label = app.key_label or record.template

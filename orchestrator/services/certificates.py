@@ -19,8 +19,14 @@ from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.domain.state_graphs import DEFAULT_INTERNAL_ISSUED_STATE, IllegalMove, StateGraph
 from orchestrator.services.handling_intents import record_intent
 from orchestrator.store.records import CERTIFICATE, CertificateRecord, TaskState
-from shared.errors import (CardlineError, ConfigurationError, IllegalTransition, InvalidArgument, NotFound,
-                           TemplateNotFound)
+from shared.errors import (
+    CardlineError,
+    ConfigurationError,
+    IllegalTransition,
+    InvalidArgument,
+    NotFound,
+    TemplateNotFound,
+)
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +338,7 @@ class CertificateService:
         if older_than is not None:
             if older_than < dt.timedelta(0):
                 raise InvalidArgument(f"older_than must not be negative, got {older_than}")
-            now = now or dt.datetime.now(dt.timezone.utc)
+            now = now or dt.datetime.now(dt.UTC)
             if now.tzinfo is None:
                 raise InvalidArgument("now must be timezone-aware")
             issued_before = now - older_than

@@ -23,6 +23,7 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import yaml
 
@@ -57,13 +58,25 @@ from orchestrator.domain.state_graphs import (
 from orchestrator.domain.templates import CardTemplate, CertificateTemplate, Templates, read_templates
 from shared.errors import ConfigurationError
 
-__all__ = ["Configuration", "load_configuration", "SUBDIRECTORIES", "CERTIFICATE_HOLD"]
+__all__ = ["CERTIFICATE_HOLD", "SUBDIRECTORIES", "Configuration", "RejectedConfiguration", "load_configuration"]
 
 #: The sub-directories of a configuration directory.
 SUBDIRECTORIES = ("state-graphs", "templates", "encodings", "processes")
 CERTIFICATE_HOLD = "certificateHold"
 
 _YAML_SUFFIXES = (".yaml", ".yml")
+_Template = TypeVar("_Template", CertificateTemplate, CardTemplate)
+
+
+class RejectedConfiguration(ConfigurationError):
+    """A ConfigurationError (same reason) that also holds, for this process only, each
+    violation and the warnings; across a link it is a plain ConfigurationError."""
+
+    def __init__(self, message: str, violations: tuple[Violation, ...], warnings: tuple[str, ...],
+                 **details: object) -> None:
+        super().__init__(message, **details)
+        self.violations = violations
+        self.warnings = warnings
 
 
 @dataclass(frozen=True)
@@ -162,13 +175,10 @@ class _Loader:
         if self.violations:
             violations = tuple(_ordered(self.violations))
             count = len(violations)
-            error = ConfigurationError(
+            raise RejectedConfiguration(
                 f"{count} problem{'s' if count != 1 else ''} in the configuration {self.dir}:\n"
                 + "\n".join(str(v) for v in violations),
-                config_dir=str(self.dir), count=str(count))
-            error.violations = violations          # type: ignore[attr-defined]
-            error.warnings = warnings              # type: ignore[attr-defined]
-            raise error
+                violations, warnings, config_dir=str(self.dir), count=str(count))
         templates = Templates(
             certificates={n: replace(t, start_state=self.graphs[t.state_graph].start)
                           for n, t in self.certificates.items()},
@@ -192,13 +202,14 @@ class _Loader:
                 graph = load_state_graph(text, str(path), self.issued)
             except StateGraphError as e:
                 self.adopt(e.violations)
-                graph = self.retry_graph(text, path)
-                if graph is None:
+                retried = self.retry_graph(text, path)
+                if retried is None:
                     self.graph_files_broken = True
                     name = _declared_name(text)
                     if name:
                         self.broken_graphs.add(name)
                     continue
+                graph = retried
             if graph.name in self.graphs:
                 first = self.graphs[graph.name]
                 self.fail(graph.source, graph.line, "name", f"state graph {graph.name!r} is already defined "
@@ -245,22 +256,24 @@ class _Loader:
             self.adopt(parsed.violations)
             self.certificate_names |= parsed.certificate_names
             self.card_names |= parsed.card_names
-            for kind, templates, known in (("certificate", parsed.certificates, self.certificates),
-                                           ("card", parsed.cards, self.cards)):
-                for t in templates:
-                    if t.name in known:
-                        first = known[t.name]
-                        self.fail(t.source, t.line, "name", f"{kind} template {t.name!r} is already defined "
-                                  f"in {first.source}:{first.line}")
-                        continue
-                    known[t.name] = t
+            self.add_templates("certificate", parsed.certificates, self.certificates)
+            self.add_templates("card", parsed.cards, self.cards)
+
+    def add_templates(self, kind: str, templates: Iterable[_Template], known: dict[str, _Template]) -> None:
+        for t in templates:
+            if t.name in known:
+                first = known[t.name]
+                self.fail(t.source, t.line, "name", f"{kind} template {t.name!r} is already defined "
+                          f"in {first.source}:{first.line}")
+                continue
+            known[t.name] = t
 
     def check_templates(self) -> None:
         # Certificate templates' state graphs are checked with C14 (check_issued_state).
-        for t in self.certificates.values():
-            if t.ca not in self.known_cas:
-                self.fail(t.source, t.line_of("ca"), "ca", f"certificate template {t.name!r}: unknown CA {t.ca!r} "
-                          f"(configured CAs: {', '.join(self.known_cas) or 'none'})", suggest(t.ca, self.known_cas))
+        for c in self.certificates.values():
+            if c.ca not in self.known_cas:
+                self.fail(c.source, c.line_of("ca"), "ca", f"certificate template {c.name!r}: unknown CA {c.ca!r} "
+                          f"(configured CAs: {', '.join(self.known_cas) or 'none'})", suggest(c.ca, self.known_cas))
         for t in self.cards.values():
             what = f"card template {t.name!r}"
             if t.encoding not in self.encoding_names:
@@ -380,7 +393,8 @@ class _ProcessChecks:
         template = self.l.cards.get(task.card_template) if task.card_template else None
         if task.card_template and template is None:
             return None                             # unknown (reported by load_process) or broken
-        name = template.encoding if template is not None else task.encoding
+        name = template.encoding if template is not None else (
+            task.encoding if isinstance(task, CardOperationTask) else None)
         if name is None:
             return None
         if template is None and name not in self.l.encoding_names:
@@ -420,8 +434,9 @@ class _ProcessChecks:
             graphs = self.graphs_for(task.certificates, kind, None if task.certificates else self.issued_graphs)
         else:
             state, key = task.state, "state"
-            kind = "card" if isinstance(task, ChangeStateTask) and task.card else "certificate"
-            graphs = self.graphs_for(task.card if kind == "card" else task.certificates, kind)
+            card = task.card if isinstance(task, ChangeStateTask) else None
+            kind = "card" if card else "certificate"
+            graphs = self.graphs_for(card if kind == "card" else task.certificates, kind)
         if not state or self.l.graph_files_broken:
             return
         where = f"{path}.{key}"
@@ -471,6 +486,7 @@ class _ProcessChecks:
             graph = self.l.graphs.get(certificate.state_graph) if certificate else None
             if graph is None or graph.states[graph.start].ca_action == CERTIFICATE_HOLD:
                 continue
+            assert certificate is not None  # its graph was found
             variable = process_variable_of(task.fields.get(app.return_field, "")) if app.return_field else None
             if variable is not None and any(isinstance(t, (ChangeStateTask, ChangeStateInCaTask))
                                             and t.certificates == variable for t in later):
@@ -493,7 +509,7 @@ def _declared_name(text: str) -> str | None:
     """The `name:` of a state graph file that did not load, if it can be read at all."""
     try:
         data = yaml.safe_load(text)
-    except Exception:     # noqa: BLE001 - any failure just means the name is unknown
+    except Exception:     # any failure just means the name is unknown
         return None
     name = data.get("name") if isinstance(data, dict) else None
     return name if isinstance(name, str) and name.strip() else None
@@ -506,6 +522,7 @@ def _ordered(violations: Iterable[Violation]) -> list[Violation]:
 
 def describe(configuration: Configuration) -> Mapping[str, int]:
     """Counts per kind, for a start-up log line."""
-    return {"state_graphs": len(configuration.graphs), "certificate_templates": len(configuration.templates.certificates),
+    return {"state_graphs": len(configuration.graphs),
+            "certificate_templates": len(configuration.templates.certificates),
             "card_templates": len(configuration.templates.cards), "encodings": len(configuration.encodings),
             "processes": len(configuration.processes), "warnings": len(configuration.warnings)}

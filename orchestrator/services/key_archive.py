@@ -277,7 +277,7 @@ class Pkcs11Kek:
 
     def __init__(self, module_path: str, token_label: str, pin: str,
                  key_label: str = "cardline-kek") -> None:
-        from shared.pkcs11_module import Pkcs11Module, TokenLogin   # python-pkcs11 only when configured
+        from shared.pkcs11_module import Pkcs11Module, TokenLogin  # python-pkcs11 only when configured
 
         if not token_label or not key_label:
             raise ConfigurationError("a PKCS#11 KEK needs a token label and a key label")
@@ -489,6 +489,7 @@ def kek_from_settings(kind: str, data_dir: pathlib.Path, *, pkcs11_module: str |
                                             ("pin_file", pin_file)) if not value]
         if missing:
             raise ConfigurationError(f"the pkcs11 KEK needs {', '.join(missing)}", kind=kind)
+        assert pin_file is not None  # else it is missing
         return Pkcs11Kek(str(pkcs11_module), str(token_label), _read_pin(pathlib.Path(pin_file)),
                          key_label=key_label)
     raise ConfigurationError(f"unknown KEK kind {kind!r}; expected one of {', '.join(KEK_KINDS)}",

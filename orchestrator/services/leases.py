@@ -41,7 +41,7 @@ class ServiceLease:
     auto_steps: int = 0
     in_flight: int = 0
     ended: str = ""                        # why it ended, once it has
-    acquired_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    acquired_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
     @property
     def gateway_id(self) -> str:
@@ -153,4 +153,4 @@ class LeaseService:
 
 
 def _in(seconds: float) -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
+    return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)

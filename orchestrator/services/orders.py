@@ -57,7 +57,7 @@ class Order:
     selector: ReaderSelector
     cards: list[OrderCard]
     state: str = "RUNNING"                       # RUNNING, DONE, CANCELLED
-    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _tasks: list[asyncio.Task] = field(default_factory=list, repr=False)
 
@@ -130,7 +130,7 @@ class OrderService:
         order = Order(order_id or uuid.uuid4().hex[:12], process, selector, [OrderCard(i) for i in range(len(items))])
         self._orders[order.id] = order
         self._forget_old()
-        for card, inputs in zip(order.cards, items):
+        for card, inputs in zip(order.cards, items, strict=False):
             task = asyncio.create_task(self._run_card(order, card, {**inputs, **secrets}))
             order._tasks.append(task)
         log.info("order created", order_id=order.id, process=process, cards=len(items), selector=selector.describe())
@@ -197,7 +197,7 @@ class OrderService:
         except asyncio.CancelledError:
             card.state, card.error_reason, card.error_message = FAILED, "CANCELLED", "the orchestrator stopped"
             raise
-        except Exception as exc:  # noqa: BLE001 - every card ends with an outcome
+        except Exception as exc:  # every card ends with an outcome
             log.exception("order card crashed", order_id=order.id, index=card.index)
             card.state, card.error_reason, card.error_message = FAILED, "INTERNAL", f"{type(exc).__name__}: {exc}"
         finally:

@@ -27,6 +27,7 @@ Callers further up (orders) narrow the selector and watch the position through t
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import contextvars
 import datetime as dt
@@ -38,8 +39,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from shared import cards
-from shared.errors import (CardlineError, GatewayNotConnected, NoCardPresent, ReaderBusy, ReaderNotFound,
-                           StepTimeout)
+from shared.errors import CardlineError, GatewayNotConnected, NoCardPresent, ReaderBusy, ReaderNotFound, StepTimeout
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -53,7 +53,7 @@ def has_card(reader: cards.Reader) -> bool:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,11 @@ class ReaderSelector:
                 and (not self.site or self.site == site)
                 and all(labels.get(k) == v for k, v in self.labels.items()))
 
-    def matches(self, session: "GatewaySession", reader: cards.Reader) -> bool:
+    def matches(self, session: GatewaySession, reader: cards.Reader) -> bool:
         return (self.matches_place(session.gateway_id, session.site, session.labels, reader)
                 and (not self.card_present or has_card(reader)))
 
-    def matches_pooled(self, p: "PooledReader") -> bool:
+    def matches_pooled(self, p: PooledReader) -> bool:
         return (self.matches_place(p.gateway_id, p.site, p.labels, p.reader)
                 and (not self.card_present or has_card(p.reader)))
 
@@ -243,7 +243,7 @@ class _Waiter:
 class Lease:
     """A reader held for one holder until `release()` (or the end of `pool.lease()`)."""
 
-    def __init__(self, pool: "ReaderPool", session: GatewaySession, reader: cards.Reader, hold: _Hold) -> None:
+    def __init__(self, pool: ReaderPool, session: GatewaySession, reader: cards.Reader, hold: _Hold) -> None:
         self._pool = pool
         self.session = session
         self.reader = reader
@@ -318,7 +318,7 @@ class ReaderPool:
         for listener in list(self._gone_listeners):
             try:
                 listener(session)
-            except Exception:  # noqa: BLE001 - one listener must not stop the others
+            except Exception:  # one listener must not stop the others
                 log.exception("gateway-gone listener failed", gateway_id=session.gateway_id)
 
     def on_gateway_gone(self, listener: Callable[[GatewaySession], None]) -> Callable[[], None]:
@@ -381,7 +381,7 @@ class ReaderPool:
                 for r in sorted(s.readers.values(), key=lambda r: r.reader_id)
                 if selector.matches(s, r) for p in [self._pooled(s, r)]]
 
-    def queue(self) -> list[tuple[int, str, str]]:
+    def queue(self) -> builtins.list[tuple[int, str, str]]:  # list: the method above
         """The waiting requests: (position, holder kind, what they wait for)."""
         return [(w.position, w.kind, w.describe()) for w in self._waiters]
 

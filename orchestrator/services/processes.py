@@ -9,11 +9,24 @@ import uuid
 from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
-from orchestrator.domain.processes import (CardOperationTask, CardProductionTask, ChangeStateInCaTask,
-                                           ChangeStateTask, CoreObjectDescriptor, ExpressionError,
-                                           HandleIssuedTask, LoadCertificatesTask, ProcessDefinition, ProcessMap,
-                                           ReaderSpec, TaskDefinition, render, variable_of)
+from orchestrator.domain.processes import (
+    CardOperationTask,
+    CardProductionTask,
+    ChangeStateInCaTask,
+    ChangeStateTask,
+    CoreObjectDescriptor,
+    ExpressionError,
+    HandleIssuedTask,
+    LoadCertificatesTask,
+    ProcessDefinition,
+    ProcessMap,
+    ReaderSpec,
+    TaskDefinition,
+    render,
+    variable_of,
+)
 from orchestrator.domain.state_graphs import IllegalMove
 from orchestrator.domain.templates import CardTemplate
 from orchestrator.services.card_tasks import OPERATION, PRODUCTION, CardTaskOrder, CardTaskService, Progress
@@ -140,7 +153,7 @@ class _ProcessRun:
         for index, task in enumerate(self.definition.tasks):
             try:
                 await self._run_task(index, task)
-            except Exception as exc:  # noqa: BLE001 - the instance always ends in a defined state
+            except Exception as exc:  # the instance always ends in a defined state
                 error = _as_cardline_error(exc)
                 self._tell(index, task, f"{task.type} failed: {error.reason}: {error.message}")
                 break
@@ -152,7 +165,7 @@ class _ProcessRun:
             for index, task in enumerate(self.definition.on_error, start=offset):
                 try:
                     await self._run_task(index, task)
-                except Exception as exc:  # noqa: BLE001 - the error path goes on: every handler gets its chance
+                except Exception as exc:  # the error path goes on: every handler gets its chance
                     failure = _as_cardline_error(exc)
                     log.warning("on_error task failed", instance=self.instance_id, task=task.type,
                                 reason=failure.reason)
@@ -170,7 +183,8 @@ class _ProcessRun:
     # --- values ------------------------------------------------------------------------
 
     def _scope(self) -> Mapping[str, object]:
-        return ChainMap(self.secrets, self.process_map)
+        # Read only, so the secrets' str values may stand among the process map's objects.
+        return ChainMap(cast("dict[str, object]", self.secrets), self.process_map)
 
     def _read(self, variable: str) -> object:
         if variable not in self.process_map or self.process_map[variable] is None:
@@ -225,7 +239,8 @@ class _ProcessRun:
             if isinstance(value, CoreObjectDescriptor) and value.type == CARD:
                 card_id = value.id                  # C8: the operation works on the card of the process map
                 if card_template is None:
-                    card_template = config.templates.card((await asyncio.to_thread(self.s.store.cards.get, card_id)).template)
+                    card = await asyncio.to_thread(self.s.store.cards.get, card_id)
+                    card_template = config.templates.card(card.template)
         if card_template is None:            # an operation on a card the store does not know
             card_template = CardTemplate(name="")
         return_fields = set(encoding.return_fields())
@@ -250,7 +265,9 @@ class _ProcessRun:
         # C13: the generated certificates' descriptors go to the process map, also on failure
         # so that the error path can handle them.
         for field_name, descriptor in outcome.return_fields.items():
-            self.process_map[variable_of(task.fields[field_name])] = descriptor
+            variable = variable_of(task.fields[field_name])
+            assert variable is not None  # the configuration maps return fields to a ${variable} (C13)
+            self.process_map[variable] = descriptor
         if isinstance(task, CardProductionTask) and task.card and outcome.card:
             self.process_map[task.card] = outcome.card
         if not outcome.succeeded:
@@ -264,6 +281,7 @@ class _ProcessRun:
                                                  self.actor)
                 self._tell(index, task, f"certificate {record.serial_hex} is {record.state}")
             return
+        assert task.card is not None  # the process reader requires certificates or card
         for d in self._descriptors(task.card, CARD):
             card = await asyncio.to_thread(self.s.store.cards.get, d.id)
             template = self.s.configuration.templates.card(card.template)

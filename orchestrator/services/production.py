@@ -27,7 +27,7 @@ def production_order(templates: Templates, selector: ReaderSelector, subject: st
                      card_template: str = "EmployeeCard") -> CardTaskOrder:
     if not certificates:
         raise InvalidArgument("the order asks for no certificate", field="certificates")
-    for i, wanted in enumerate(certificates):
+    for wanted in certificates:
         templates.certificate(wanted.template)          # unknown template: refused before a task exists
     applications = tuple(
         Application(name=f"Application_{i + 1}", suffix=str(i + 1), line=0, generate_key_pair=wanted.key_type,

@@ -47,6 +47,7 @@ each step safe against a live run or another replica doing the same at the same 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
 from collections.abc import Callable, Collection, Mapping
@@ -91,7 +92,7 @@ class ReconcileReport:
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _crl_reason(revoked: x509.RevokedCertificate) -> str:
@@ -155,7 +156,7 @@ class Reconciler:
                 examined += 1
                 try:
                     outcome = self._settle(row)
-                except Exception as exc:  # noqa: BLE001 - one bad row must not stop the others
+                except Exception as exc:  # one bad row must not stop the others
                     log.exception("CA request not settled", request_id=row.request_id)
                     outcome = self._still_pending(row, f"{type(exc).__name__}: {exc}")
                 stored += outcome == CaRequestState.STORED
@@ -214,7 +215,7 @@ class Reconciler:
         return 1
 
     def _process_outcome(self, instance: ProcessInstanceRecord,
-                         tasks: list[TaskRecord]) -> tuple[str, str | None, str | None, str | None]:
+                         tasks: list[TaskRecord]) -> tuple[ProcessState, str | None, str | None, str | None]:
         """(state, error reason, error message, the task it follows) for an orphaned instance."""
         count = self.process_task_count(instance.definition)
         main = [t for t in tasks if count is None or t.task_index is None or t.task_index < count]
@@ -260,7 +261,7 @@ class Reconciler:
                 continue
             try:
                 finished += self._settle_handling(intent, crl_status)
-            except Exception:  # noqa: BLE001 - one bad intent must not stop the others
+            except Exception:  # one bad intent must not stop the others
                 log.exception("interrupted handling not settled", certificate_id=intent.certificate_id)
         return finished
 
@@ -350,8 +351,6 @@ class Reconciler:
 
     def _still_pending(self, row: CaRequestRecord, why: str) -> str:
         log.warning("CA request left pending", request_id=row.request_id, ca=row.ca_name, error=why)
-        try:
+        with contextlib.suppress(StateConflict):
             self.store.ca_requests.mark(row.request_id, CaRequestState.PENDING, why)
-        except StateConflict:
-            pass
         return CaRequestState.PENDING

@@ -13,6 +13,7 @@ Reference: docs/certificate-handling.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 
@@ -23,7 +24,7 @@ from shared.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IssuedSweeper", "SWEEPER_ACTOR"]
+__all__ = ["SWEEPER_ACTOR", "IssuedSweeper"]
 
 SWEEPER_ACTOR = "sweeper"
 
@@ -96,10 +97,8 @@ class IssuedSweeper:
                 raise
             except Exception:
                 log.exception("issued sweeper: sweep failed; retrying in %.0f s", self.interval_s)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.interval_s)
-            except asyncio.TimeoutError:
-                pass
         log.info("issued sweeper stopped")
 
     def stop(self) -> None:

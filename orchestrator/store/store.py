@@ -45,16 +45,24 @@ from orchestrator.store.audit import Audit
 from orchestrator.store.ca_requests import CaRequests
 from orchestrator.store.card_secrets import CardSecrets
 from orchestrator.store.cards import Cards
-from orchestrator.store.client_requests import ClientRequests
 from orchestrator.store.certificates import ArchivedKeys, Certificates, parse_certificate
+from orchestrator.store.client_requests import ClientRequests
 from orchestrator.store.instances import OrchestratorInstances
-from orchestrator.store.models import ArchivedKey, CaRequest, Card, Certificate, Task, utcnow
+from orchestrator.store.models import ArchivedKey, Card, CaRequest, Certificate, Task, utcnow
 from orchestrator.store.processes import ProcessInstances
-from orchestrator.store.records import (CaRequestState, CertificateRecord, NewRelation, TaskRecord, TaskState,
-                                        WrappedKey)
+from orchestrator.store.records import CaRequestState, CertificateRecord, NewRelation, TaskRecord, TaskState, WrappedKey
 from orchestrator.store.relations import Relations
-from orchestrator.store.rows import (ca_request_row, check_relation_ends, check_wrapped_key, insert_relation,
-                                     new_id, new_relations, record, running_task_row, task_row)
+from orchestrator.store.rows import (
+    ca_request_row,
+    check_relation_ends,
+    check_wrapped_key,
+    insert_relation,
+    new_id,
+    new_relations,
+    record,
+    running_task_row,
+    task_row,
+)
 from orchestrator.store.sessions import Sessions
 from orchestrator.store.tasks import Tasks
 from shared.errors import AlreadyExists, ConfigurationError, InvalidArgument, StateConflict

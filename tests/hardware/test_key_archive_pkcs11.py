@@ -14,7 +14,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from orchestrator.services.key_archive import (
-    ALGORITHM, FileKek, KeyArchive, KeyEncryptionKey, Pkcs11Kek, generate_key, kek_from_settings,
+    ALGORITHM,
+    FileKek,
+    KeyArchive,
+    KeyEncryptionKey,
+    Pkcs11Kek,
+    generate_key,
+    kek_from_settings,
 )
 from shared.cards import KeyType
 from shared.errors import CardIoError, ConfigurationError, InvalidArgument
@@ -106,7 +112,7 @@ def test_every_token_call_runs_on_one_thread_whoever_calls(kek):
             for i in range(10):
                 cert = f"cert-{n}-{i}"
                 assert archive.open(*archive.seal(key, cert), cert) == pkcs8(key)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
@@ -139,9 +145,9 @@ def test_a_key_recreated_under_the_same_label_is_told_apart(tok):
     subprocess.run(["pkcs11-tool", "--module", tok.module_path, "--slot", str(tok.slot_id), "--login",
                     "--pin", tok.user_pin, "--delete-object", "--type", "secrkey", "--label", KEY_LABEL],
                    env=tok.env, capture_output=True, check=True, timeout=60)
-    with Pkcs11Kek(tok.module_path, tok.label, tok.user_pin, KEY_LABEL) as second:
-        with pytest.raises(ConfigurationError, match="rotated or replaced"):
-            KeyArchive(second).open(*sealed, "cert-1")
+    with (Pkcs11Kek(tok.module_path, tok.label, tok.user_pin, KEY_LABEL) as second,
+          pytest.raises(ConfigurationError, match="rotated or replaced")):
+        KeyArchive(second).open(*sealed, "cert-1")
 
 
 def test_blob_of_a_file_kek_is_refused(kek, tmp_path):
@@ -172,8 +178,8 @@ def test_kek_from_settings_reads_the_pin_file(tok, tmp_path):
     pin_file.write_text(tok.user_pin + "\n")
     k = kek_from_settings("pkcs11", tmp_path, pkcs11_module=tok.module_path, token_label=tok.label,
                           pin_file=pin_file)
+    assert isinstance(k, Pkcs11Kek)
     try:
-        assert isinstance(k, Pkcs11Kek)
         assert k.kek_id == f"pkcs11:{tok.label}:cardline-kek"
         key = generate_key(KeyType.EC_P256)
         assert KeyArchive(k).open(*KeyArchive(k).seal(key, "c"), "c") == pkcs8(key)

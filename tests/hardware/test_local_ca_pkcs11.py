@@ -26,7 +26,7 @@ from shared.errors import CaUnavailable, ConfigurationError
 pytestmark = pytest.mark.hardware
 
 KEY_LABEL = "cardline-ca"
-AUTH = IssueProfile(validity_days=365, key_usage={"digitalSignature"}, extended_key_usage=["clientAuth"])
+AUTH = IssueProfile(validity_days=365, key_usage=frozenset({"digitalSignature"}), extended_key_usage=("clientAuth",))
 
 
 @pytest.fixture
@@ -66,8 +66,14 @@ def make_csr(cn: str = "Alice Example") -> bytes:
             .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
 
 
-def ca_cert(ca: LocalCa) -> x509.Certificate:
+def ca_cert(ca: CaConnector) -> x509.Certificate:
     return x509.load_der_x509_certificate(ca.ca_certificate_der())
+
+
+def ca_public_key(ca: CaConnector) -> ec.EllipticCurvePublicKey:
+    key = ca_cert(ca).public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    return key
 
 
 def opensc_objects(tok) -> list[dict]:
@@ -89,12 +95,11 @@ def opensc_objects(tok) -> list[dict]:
     return objects
 
 
-def test_ca_key_is_generated_on_the_token_and_nothing_of_it_is_on_disk(token_ca, tok, tmp_path):
+def test_ca_key_is_generated_on_the_token_and_nothing_of_it_is_on_disk(token_ca: LocalCa, tok, tmp_path):
     assert isinstance(token_ca, CaConnector) and token_ca.key_on_token
     cert = ca_cert(token_ca)
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
-    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
-    assert cert.public_key().curve.name == "secp256r1"
+    assert ca_public_key(token_ca).curve.name == "secp256r1"
     cert.verify_directly_issued_by(cert)                # self-signed by the token
     token_ca.close()
 
@@ -133,7 +138,7 @@ def test_crl_is_signed_by_the_token_and_lists_revoked_serials_with_reasons(token
     token_ca.revoke(compromised.serial_number, "keyCompromise")
     token_ca.revoke(held.serial_number, "certificateHold")
     crl = x509.load_der_x509_crl(token_ca.crl_der())
-    assert crl.is_signature_valid(ca_cert(token_ca).public_key())
+    assert crl.is_signature_valid(ca_public_key(token_ca))
     assert crl.issuer == ca_cert(token_ca).subject
     reasons = {r.serial_number: r.extensions.get_extension_for_class(x509.CRLReason).value.reason
                for r in crl}
@@ -141,7 +146,7 @@ def test_crl_is_signed_by_the_token_and_lists_revoked_serials_with_reasons(token
                        held.serial_number: x509.ReasonFlags.certificate_hold}
     token_ca.lift_hold(held.serial_number)
     crl2 = x509.load_der_x509_crl(token_ca.crl_der())
-    assert crl2.is_signature_valid(ca_cert(token_ca).public_key())
+    assert crl2.is_signature_valid(ca_public_key(token_ca))
     assert [r.serial_number for r in crl2] == [compromised.serial_number]
 
 
@@ -175,7 +180,7 @@ def test_every_token_call_runs_on_one_thread_whoever_calls(token_ca):
             for i in range(10):
                 token_ca.issue(make_csr(f"user {n}-{i}"), AUTH, f"req-{n}-{i}")
             token_ca.crl_der()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
@@ -199,7 +204,7 @@ def test_closed_ca_refuses_to_sign(tmp_path, ref):
 
 
 def test_start_up_mistakes_are_configuration_errors(tmp_path, tok, ref, pin_file):
-    with pytest.raises(ConfigurationError, match="PIN .* was refused"):
+    with pytest.raises(ConfigurationError, match=r"PIN .* was refused"):
         bad_pin = tmp_path / "bad.pin"
         bad_pin.write_text("9999\n")
         LocalCa(tmp_path / "ca", pkcs11=Pkcs11KeyRef(tok.module_path, tok.label, bad_pin))
@@ -282,6 +287,7 @@ def test_two_cas_share_one_module_with_keys_of_their_own(tmp_path, tok, pin_file
         assert ca_cert(cas["local"]).public_key() != ca_cert(cas["second"]).public_key()
     finally:
         for ca in cas.values():
+            assert isinstance(ca, LocalCa)
             ca.close()
     labels = {o["label"] for o in opensc_objects(tok) if o["kind"] == "Private Key Object"}
     assert labels == {"ca-one", "ca-two"}
@@ -301,6 +307,7 @@ def test_registry_puts_the_embedded_local_ca_on_the_token(tmp_path, tok, pin_fil
         assert (tmp_path / "ca" / "ca-cert.pem").exists()
     finally:
         for ca in cas.values():
+            assert isinstance(ca, LocalCa)
             ca.close()
     labels = {o["label"] for o in opensc_objects(tok) if o["kind"] == "Private Key Object"}
     assert labels == {"embedded-ca"}

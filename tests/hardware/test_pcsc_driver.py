@@ -8,8 +8,15 @@ import pytest
 
 from gateway.drivers.base import Apdu
 from gateway.drivers.pcsc import PyscardDriver, check_command_apdu
-from shared.errors import (CardRemoved, InvalidArgument, MalformedApdu,
-                           NoCardPresent, ReaderBusy, ReaderNotFound, UnexpectedStatusWord)
+from shared.errors import (
+    CardRemoved,
+    InvalidArgument,
+    MalformedApdu,
+    NoCardPresent,
+    ReaderBusy,
+    ReaderNotFound,
+    UnexpectedStatusWord,
+)
 from tests.support.pcsc import wait_card_state
 from tests.support.vpcd_card import APP_AID, ATR, BIG_OBJECT, SERIAL
 
@@ -177,7 +184,7 @@ def test_scripts_run_concurrently_on_two_readers(driver, pcscd, vpcd_card_factor
     def run(slot):
         try:
             results[slot] = driver.run_script(pcscd.reader_name(slot), script)
-        except Exception as exc:       # noqa: BLE001 - reported below
+        except Exception as exc:       # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(s,)) for s in (0, 1)]

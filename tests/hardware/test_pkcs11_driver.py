@@ -11,12 +11,18 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
-from tests.support import softhsm
 from gateway.drivers.base import KeyType, ObjectClass, SignatureAlgorithm
 from gateway.drivers.pkcs11 import Pkcs11TokenDriver
 from shared.errors import (
-    CardIoError, InvalidArgument, KeyNotFound, NoCardPresent, PinIncorrect, ReaderNotFound, WriteRefused,
+    CardIoError,
+    InvalidArgument,
+    KeyNotFound,
+    NoCardPresent,
+    PinIncorrect,
+    ReaderNotFound,
+    WriteRefused,
 )
+from tests.support import softhsm
 
 pytestmark = pytest.mark.hardware
 
@@ -42,7 +48,7 @@ def load_spki(der: bytes):
 def issue(public_key, subject: x509.Name, serial: int = 0x0123456789) -> x509.Certificate:
     """A throwaway certificate from a throwaway software CA."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return (x509.CertificateBuilder().subject_name(subject)
             .issuer_name(x509.Name.from_rfc4514_string("CN=Throwaway Test CA"))
             .public_key(public_key).serial_number(serial)

@@ -40,7 +40,7 @@ def pkcs8(key) -> bytes:
 def issue(public_key, serial: int = 0x2A) -> x509.Certificate:
     """A throwaway certificate from a throwaway software CA."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return (x509.CertificateBuilder().subject_name(NAME)
             .issuer_name(x509.Name.from_rfc4514_string("CN=Throwaway Test CA"))
             .public_key(public_key).serial_number(serial)

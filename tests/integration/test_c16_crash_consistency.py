@@ -38,17 +38,17 @@ from orchestrator.services.reconciler import Reconciler
 from orchestrator.store import CaRequestState, DuplicateCertificate, StateConflict, Store
 from orchestrator.store.records import ProcessState, TaskState
 from shared.errors import CaUnavailable, NotFound
-from shared.proto import common_pb2
 from shared.proto import ca_service_pb2 as ca_pb
 from shared.proto import card_service_pb2 as card_pb
 from shared.proto import certificate_service_pb2 as certificate_pb
+from shared.proto import common_pb2
 from shared.proto import reader_pool_service_pb2 as pool_pb
 from tests.support.api import OrchestratorApi
 from tests.support.faults import AnswerLosingCa, UnreachableCa
 from tests.support.processes import CARDLINE, free_port
 
 ISSUED, START_STATE = "Issued", "Active"
-PROFILE = IssueProfile(validity_days=30, key_usage={"digitalSignature"})
+PROFILE = IssueProfile(validity_days=30, key_usage=frozenset({"digitalSignature"}))
 ME = "orchestrator-test-me"
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -202,7 +202,7 @@ def test_c16_unreachable_ca_leaves_the_request_pending_until_it_answers(store: S
     store.finish_task_failed(task.id, "CA_UNAVAILABLE", "lost")
     down = _reconciler(store, {local_ca.name: UnreachableCa(local_ca)}).reconcile_once()
     assert (down.examined, down.stored, down.still_pending) == (1, 0, 1)
-    assert "CA_UNAVAILABLE" in store.ca_requests.get(rid).error
+    assert "CA_UNAVAILABLE" in (store.ca_requests.get(rid).error or "")
     up = _reconciler(store, {local_ca.name: local_ca}).reconcile_once()
     assert (up.examined, up.stored) == (1, 1)
     [cert] = store.certificates.list(task_id=task.id)
@@ -386,16 +386,18 @@ def compare_ca_with_store(station: Station, point: str) -> dict:
     assert running == [] and processes == [], f"{point}: still running after the restart: {running} {processes}"
 
     task_state = {t.id: t for t in tasks}
-    for cert in certificates.values():
-        task = task_state[cert.task_id]
+    for record in certificates.values():
+        assert record.task_id is not None, (point, record)
+        task = task_state[record.task_id]
         # The rule: a certificate is in its start state only if its task SUCCEEDED (C2/C3).
-        assert (cert.state == START_STATE) == (task.state == TaskState.SUCCEEDED), (point, cert.state, task.state)
+        assert (record.state == START_STATE) == (task.state == TaskState.SUCCEEDED), (point, record.state, task.state)
         if task.state == TaskState.FAILED:
-            assert cert.state == ISSUED and cert.task_error_reason == task.error_reason, (point, cert)
+            assert record.state == ISSUED and record.task_error_reason == task.error_reason, (point, record)
     for serial_hex, cert in on_token.items():           # what the card holds, the store knows
         stored = certificates.get((cert.issuer.rfc4514_string(), serial_hex))
         assert stored is not None, f"{point}: certificate {serial_hex} on the token is unknown to the store"
         # Written to the token but the task never finished: still in the internal issued state.
+        assert stored.task_id is not None, (point, stored)
         if task_state[stored.task_id].state != TaskState.SUCCEEDED:
             assert stored.state == ISSUED, (point, stored)
     for r in journal.values():

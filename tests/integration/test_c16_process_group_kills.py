@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -248,7 +249,7 @@ def compare_after_restart(station: CrashStation, point: str) -> None:
                if (c.issuer.rfc4514_string(), format(c.serial_number, "x")) not in known]
     running = [t.id for t in tasks if t.state == TaskState.RUNNING]
     instances_running = [i.id for i in instances if i.state == ProcessState.RUNNING]
-    contradictions = []
+    contradictions: list[tuple[str, ProcessState, list[TaskState]]] = []
     for instance in instances:
         own = tasks_of[instance.id]
         main = [t for t in own if t.task_index is not None and t.task_index < PROCESS_TASKS]
@@ -273,9 +274,9 @@ def compare_after_restart(station: CrashStation, point: str) -> None:
 
 # -- the campaign -------------------------------------------------------------------------
 
-def _rounds(ca_kind: str) -> list[tuple[str, object]]:
+def _rounds(ca_kind: str) -> list[tuple[str, Any]]:  # (kind, its argument: a boundary, a count, ...)
     random_rounds = int(os.environ.get("CARDLINE_CRASH_ROUNDS") or RANDOM_ROUNDS[ca_kind])
-    rounds: list[tuple[str, object]] = [("boundary", b) for b in BOUNDARY_KILLS]
+    rounds: list[tuple[str, Any]] = [("boundary", b) for b in BOUNDARY_KILLS]
     rounds += [("in_ca", when) for when in ("before", "after")]
     rounds += [("after_task", None)]
     if ca_kind == "openssl":
@@ -301,6 +302,7 @@ def test_c16_process_group_killed_at_every_boundary_inside_the_ca_and_at_random_
         production_s = time.monotonic() - t0
         assert instance is not None and instance.state == process_pb.PROCESS_STATE_SUCCEEDED, instance
         station.kill_group()
+        assert station.orchestrator is not None
         station.orchestrator.wait(10)
 
         rounds = _rounds(ca_kind)
@@ -342,7 +344,7 @@ def test_c16_process_group_killed_at_every_boundary_inside_the_ca_and_at_random_
             else:
                 assert result is None, f"{point}: the orchestrator should have died during the production"
             station.kill_group()                      # if the random moment came after the production
-            assert station.orchestrator.wait(30) == -signal.SIGKILL
+            assert station.orchestrator is not None and station.orchestrator.wait(30) == -signal.SIGKILL
             c[kind] += 1
             c["rounds"] += 1
 
@@ -365,6 +367,7 @@ def test_c16_process_group_killed_at_every_boundary_inside_the_ca_and_at_random_
         final = station.produce()
         assert final is not None and final.state == process_pb.PROCESS_STATE_SUCCEEDED, final
         station.kill_group()
+        assert station.orchestrator is not None
         station.orchestrator.wait(10)
         station.start_orchestrator()
         compare_after_restart(station, "after the final production")

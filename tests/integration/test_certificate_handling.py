@@ -28,8 +28,8 @@ from shared.errors import CaRefused, IllegalTransition, InvalidArgument, StateCo
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples" / "state-graphs"
 ISSUED = "Issued"
-UTC = dt.timezone.utc
-PROFILE = IssueProfile(validity_days=30, key_usage={"digitalSignature"})
+UTC = dt.UTC
+PROFILE = IssueProfile(validity_days=30, key_usage=frozenset({"digitalSignature"}))
 AUTH = "EmployeeAuthentication"     # template -> EmployeeCertificate (examples/state-graphs/certificate.yaml)
 LAB = "LabCertificate"              # template -> Lab (below): states mapped by NAME, and one unmapped state
 
@@ -87,7 +87,9 @@ def crl(ca: LocalCa) -> dict[int, str]:
     """serial -> RFC 5280 reason name, from a freshly signed CRL (checked against the CA key)."""
     ca_cert = x509.load_der_x509_certificate(ca.ca_certificate_der())
     crl = x509.load_der_x509_crl(ca.crl_der())
-    assert crl.is_signature_valid(ca_cert.public_key())
+    ca_public_key = ca_cert.public_key()
+    assert isinstance(ca_public_key, ec.EllipticCurvePublicKey)   # the local CA's key is EC P-256
+    assert crl.is_signature_valid(ca_public_key)
     names = {flag: name for name, flag in REVOCATION_REASONS.items()}
     out = {}
     for entry in crl:
@@ -230,7 +232,7 @@ def test_c14_issued_state_left_only_to_start_state(store, local_ca, service, gra
     # Even a graph that (wrongly) leads elsewhere out of Issued does not open another way out.
     g = graphs["EmployeeCertificate"]
     loose = StateGraph(g.name, g.kind, g.start, g.states,
-                       g.transitions + (Transition(ISSUED, "Replaced"),))
+                       (*g.transitions, Transition(ISSUED, "Replaced")))
     loose_service = CertificateService(store, {local_ca.name: local_ca}, {g.name: loose}, lambda t: loose)
     stuck = issue(store, local_ca, store.tasks.create("card_operation", "gw1", "r1").id)
     with pytest.raises(IllegalTransition, match="can only be left to the start state"):
@@ -289,7 +291,7 @@ def test_c5_no_automatic_handling_by_default(store, local_ca, service):
     backdate(store, cert.id, dt.timedelta(days=30))
     # Nothing runs by itself: the service does nothing until called, there is no sweeper
     # unless one is constructed with an explicit grace period, reason and target state.
-    CertificateService(store, {local_ca.name: local_ca}, {}, lambda t: None)
+    CertificateService(store, {local_ca.name: local_ca}, {}, lambda t: t)
     with pytest.raises(TypeError):
         IssuedSweeper(service)   # type: ignore[call-arg]  # no defaults that could act on their own
     with pytest.raises(InvalidArgument, match="target_state is required"):
@@ -377,7 +379,7 @@ def test_c5_sweeper_skips_running_tasks_and_young_certificates(store, local_ca, 
     results = {r.certificate_id: r for r in sweeper.sweep_once()}
     assert set(results) == {old_failed.id, old_running.id}            # young_failed not even looked at
     assert results[old_failed.id].handled and results[old_failed.id].state == "Retired"
-    assert "still running" in results[old_running.id].skipped
+    assert "still running" in (results[old_running.id].skipped or "")
     assert crl(local_ca) == {old_failed.serial: "cessationOfOperation"}
     assert store.certificates.get(old_running.id).state == ISSUED
     assert store.tasks.get(running.id).state == TaskState.RUNNING
@@ -432,7 +434,7 @@ def test_c17_concurrent_change_after_ca_action_is_audited(store, local_ca, graph
             store.certificates.change_state(cert.id, "Replaced", from_state="Active", actor="someone",
                                            action="change_state")
 
-    racing = CertificateService(store, {local_ca.name: RacingCa()}, graphs,
+    racing = CertificateService(store, {local_ca.name: RacingCa()}, graphs,  # type: ignore[dict-item]  # revoke only
                                 lambda t: graphs["EmployeeCertificate"])
     with pytest.raises(StateConflict):
         racing.change_state_in_ca(cert.id, "OnHold", reason="suspended", actor="helpdesk")

@@ -38,7 +38,7 @@ async def produce_with_hook(tmp_path, token, hook, subject: str = "CN=Rule Teste
     settings = config.load(config.OrchestratorSettings, listen="127.0.0.1:0", data_dir=tmp_path / "orchestrator",
                            migrate=True,
                            step_timeout_s=20, **default_pki().settings())
-    holder = {}
+    holder: dict[str, orchestrator_app.Orchestrator] = {}
 
     async def boundary(name: str, task_id: str) -> None:
         await hook(name, task_id, holder["orchestrator"])
@@ -70,7 +70,7 @@ def test_c1_certificate_committed_as_issued_before_the_card_write(tmp_path, soft
             on_token = await asyncio.to_thread(pkcs11_tool, softhsm_token, "--list-objects", "--type", "cert")
             seen.append(([c.state for c in stored], on_token.count("Certificate Object")))
 
-    orch, task = asyncio.run(produce_with_hook(tmp_path, softhsm_token, hook))
+    _orch, task = asyncio.run(produce_with_hook(tmp_path, softhsm_token, hook))
     assert task.state == "SUCCEEDED"
     # At each boundary the newest certificate is in the store as Issued, not yet on the token.
     assert seen == [(["Issued"], 0), (["Issued", "Issued"], 1)]

@@ -69,6 +69,7 @@ def test_unreadable_token_is_a_reader_in_error_and_the_link_shuts_down_cleanly(t
         assert not reader.reader.card_present
 
         # The orchestrator's whole process group dies; the gateway's link drops and redials.
+        assert station.orchestrator is not None and station.gateway is not None
         os.killpg(station.orchestrator.pid, signal.SIGKILL)
         station.orchestrator.wait(10)
         _wait_for("the gateway noticing", lambda: "orchestrator link down" in _gateway_log(station))

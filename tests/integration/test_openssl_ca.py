@@ -26,8 +26,8 @@ from shared.errors import CaRefused, CaUnavailable, ConfigurationError, CsrInval
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
-AUTH = IssueProfile(validity_days=365, key_usage={"digitalSignature", "keyEncipherment"},
-                    extended_key_usage=["clientAuth", "smartcardLogon"])
+AUTH = IssueProfile(validity_days=365, key_usage=frozenset({"digitalSignature", "keyEncipherment"}),
+                    extended_key_usage=("clientAuth", "smartcardLogon"))
 
 
 def make_csr(key=None, cn: str = "Alice Example", email: str | None = "alice@example.org") -> bytes:
@@ -87,7 +87,8 @@ def test_openssl_ca_implements_the_connector_interface(openssl_ca: OpenSslCa):
     assert openssl_ca.name == "test-openssl"
     ca = load(openssl_ca.ca_certificate_der())
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
-    assert ca.public_key().curve.name == "secp256r1"
+    ca_key = ca.public_key()
+    assert isinstance(ca_key, ec.EllipticCurvePublicKey) and ca_key.curve.name == "secp256r1"
     assert ca.subject.rfc4514_string() == "CN=cardline test-openssl CA,O=cardline"
     config = openssl_ca.config_path.read_text()
     for setting in ("default_ca = CA_default", "database          = $dir/index.txt",
@@ -174,7 +175,7 @@ def test_request_extensions_are_never_copied_and_profile_subject_replaces_the_re
               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mallory")]))
               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
               .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
-    profile = IssueProfile(validity_days=30, key_usage={"nonRepudiation"},
+    profile = IssueProfile(validity_days=30, key_usage=frozenset({"nonRepudiation"}),
                            subject="CN=Signer/1 \\+ x\\=y,O=cardline,C=DE")
     cert = load(openssl_ca.issue(sneaky, profile, "req-sign"))
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
@@ -346,10 +347,10 @@ def test_c16_a_torn_index_from_a_killed_run_is_undone(openssl_ca: OpenSslCa):
 
 
 def test_issued_between_and_issued_certificates(openssl_ca: OpenSslCa):
-    before = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=2)
+    before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=2)
     a = openssl_ca.issue(make_csr(), AUTH, "req-a")
     b = openssl_ca.issue(make_csr(), AUTH, "req-b")
-    after = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=2)
+    after = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)
     assert openssl_ca.issued_between(before, after) == [a, b]
     assert openssl_ca.issued_between(after, after + dt.timedelta(days=1)) == []
     assert openssl_ca.issued_between(before.replace(tzinfo=None), after.replace(tzinfo=None)) == [a, b]
@@ -415,7 +416,7 @@ def test_c6_hold_instruction_when_configured(tmp_path):
     serial = load(ca.issue(make_csr(), AUTH, "req-hold")).serial_number
     ca.revoke(serial, "certificateHold")
     block = crl_entry_block(crl_text(ca, tmp_path), serial)
-    assert "Certificate Hold" in block and "Hold Instruction Reject" in block
+    assert block is not None and "Certificate Hold" in block and "Hold Instruction Reject" in block
     ca.revoke(serial, "certificateHold")                      # retry: no-op
     ca.lift_hold(serial)
     assert crl_entry_block(crl_text(ca, tmp_path), serial) is None
@@ -433,7 +434,7 @@ def test_lift_hold_takes_the_serial_off_the_next_crl(openssl_ca: OpenSslCa, tmp_
     assert lines[0][0] == "V" and lines[0][2] == "" and lines[1][0] == "R"
     second = crl_text(openssl_ca, tmp_path)
     assert crl_entry_block(second, serial) is None
-    assert "Superseded" in crl_entry_block(second, other)
+    assert "Superseded" in (crl_entry_block(second, other) or "")
     numbers = [int(t.split("X509v3 CRL Number:", 1)[1].split()[0]) for t in (first, second)]
     assert numbers[1] > numbers[0]
     with pytest.raises(CaRefused, match="not on hold"):
@@ -457,7 +458,7 @@ def test_a_hold_may_become_a_final_revocation(openssl_ca: OpenSslCa, tmp_path):
     serial = load(openssl_ca.issue(make_csr(), AUTH, "req-h2k")).serial_number
     openssl_ca.revoke(serial, "certificateHold")
     openssl_ca.revoke(serial, "keyCompromise")
-    assert "Key Compromise" in crl_entry_block(crl_text(openssl_ca, tmp_path), serial)
+    assert "Key Compromise" in (crl_entry_block(crl_text(openssl_ca, tmp_path), serial) or "")
     with pytest.raises(CaRefused, match="not on hold"):
         openssl_ca.lift_hold(serial)
 
@@ -497,7 +498,7 @@ def test_registry_reports_every_mistake_at_once(tmp_path):
         build_cas([{"name": "local", "kind": "openssl", "directory": "x"},
                    {"name": "a", "kind": "opensll", "directory": "y"},
                    {"name": "b", "kind": "openssl", "directry": "z"},
-                   "not a mapping"], tmp_path)
+                   "not a mapping"], tmp_path)  # type: ignore[list-item]  # bad input is the point
     message = caught.value.message
     assert "'local' is used twice" in message
     assert "kind 'opensll' is unknown" in message

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import pathlib
@@ -24,7 +25,6 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from tests.support import softhsm
 from orchestrator import app as orchestrator_app
 from orchestrator.services.pool import ReaderState
 from shared import config
@@ -35,6 +35,7 @@ from shared.proto import lease_service_pb2 as lease_pb
 from shared.proto import order_service_pb2 as order_pb
 from shared.proto import reader_pool_service_pb2 as pool_pb
 from shared.rpc import error_from_rpc
+from tests.support import softhsm
 from tests.support.api import OrchestratorApi
 from tests.support.netcut import TcpProxy
 from tests.support.pki import default_pki
@@ -160,6 +161,7 @@ class Station:
         _addr, self.proc = self._cm.__enter__()
 
     def kill(self) -> None:
+        assert self.proc is not None, "kill() before start()"
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
@@ -176,7 +178,8 @@ def new_station(tmp_path: pathlib.Path, name: str, module: str, orchestrator: st
 
 
 def settings_for(tmp_path: pathlib.Path, **overrides):
-    return config.load(config.OrchestratorSettings, listen="127.0.0.1:0", migrate=True, data_dir=tmp_path / "orchestrator",
+    return config.load(config.OrchestratorSettings, listen="127.0.0.1:0", migrate=True,
+                       data_dir=tmp_path / "orchestrator",
                        config_dir=make_config(tmp_path), step_timeout_s=STEP_TIMEOUT_S,
                        heartbeat_interval_s=HEARTBEAT_S, **default_pki().settings(), **overrides)
 
@@ -260,9 +263,11 @@ def test_batch_order_of_12_cards_over_3_gateways_uses_every_reader_with_fifo_que
                 gateways = (await api.pool.ListGateways(pool_pb.ListGatewaysRequest())).gateways
                 order = (await api.orders.CreateOrder(order_pb.CreateOrderRequest(
                     process="pool-produce", selector=pool_pb.ReaderSelector(site="hq"),
-                    items=[order_pb.OrderItem(inputs={"person": common_pb2.Value(text=f"Person {i}")}) for i in range(12)],
+                    items=[order_pb.OrderItem(inputs={"person": common_pb2.Value(text=f"Person {i}")})
+                           for i in range(12)],
                     secret_inputs={"pin": PIN}))).order
-                snapshots = [e.order async for e in api.orders.WatchOrder(order_pb.WatchOrderRequest(order_id=order.id))]
+                snapshots = [e.order
+                             async for e in api.orders.WatchOrder(order_pb.WatchOrderRequest(order_id=order.id))]
                 listed = (await api.orders.ListOrders(order_pb.ListOrdersRequest())).orders
             cli = await asyncio.to_thread(
                 subprocess.run, [CARDLINE, "orders", "list", "--json", "--orchestrator", orch.address],
@@ -292,7 +297,7 @@ def test_batch_order_of_12_cards_over_3_gateways_uses_every_reader_with_fifo_que
     assert max(max(p, default=0) for p in positions) >= 6
     assert all(p == list(range(1, len(p) + 1)) for p in positions if p)
     # ... and left the queue in that order (FIFO): who was ahead started first.
-    started = {}
+    started: dict[int, int] = {}
     for n, s in enumerate(snapshots):
         for c in s.cards:
             if c.state != order_pb.ORDER_CARD_STATE_QUEUED:
@@ -300,7 +305,7 @@ def test_batch_order_of_12_cards_over_3_gateways_uses_every_reader_with_fifo_que
     for s in snapshots:
         queued = sorted((c for c in s.cards if c.state == order_pb.ORDER_CARD_STATE_QUEUED and c.queue_position),
                         key=lambda c: c.queue_position)
-        for ahead, behind in zip(queued, queued[1:]):
+        for ahead, behind in itertools.pairwise(queued):
             assert started[ahead.index] <= started[behind.index]
 
     assert [o.id for o in listed] == [order.id]
@@ -442,28 +447,31 @@ def test_card_pulled_mid_encoding_fails_the_task_and_frees_the_reader(tmp_path, 
 
 def test_lease_expires_without_renewal_and_a_waiting_lease_gets_the_reader(tmp_path, softhsm_module):
     async def body():
-        async with pool_rig(tmp_path, softhsm_module, 1) as (orch, stations, _):
+        async with pool_rig(tmp_path, softhsm_module, 1) as (orch, _stations, _):
             channel, api = api_for(orch)
             async with channel:
                 first = (await api.leases.AcquireLease(lease_pb.AcquireLeaseRequest(
                     selector=pool_pb.ReaderSelector(site="hq", card_present=True), ttl_s=2, holder="signer"))).lease
                 held = tokens(orch)
                 # PKCS#11 through the relay: list the token's objects with its PIN
-                listing = (await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(lease_id=first.lease_id, step=steps_pb2.Step(
-                    credentials=steps_pb2.Credentials(user_pin=PIN), list_objects=steps_pb2.ListObjects())))).outcome
+                listing = (await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
+                    lease_id=first.lease_id, step=steps_pb2.Step(credentials=steps_pb2.Credentials(user_pin=PIN),
+                                                                 list_objects=steps_pb2.ListObjects())))).outcome
                 # a second holder that does not wait is refused; one that waits, but gives up, leaves no trace
                 with pytest.raises(grpc.aio.AioRpcError) as busy:
-                    await api.leases.AcquireLease(lease_pb.AcquireLeaseRequest(selector=pool_pb.ReaderSelector(site="hq", card_present=True), ttl_s=5))
+                    await api.leases.AcquireLease(lease_pb.AcquireLeaseRequest(
+                        selector=pool_pb.ReaderSelector(site="hq", card_present=True), ttl_s=5))
                 with pytest.raises(grpc.aio.AioRpcError) as gave_up:
-                    await api.leases.AcquireLease(lease_pb.AcquireLeaseRequest(selector=pool_pb.ReaderSelector(site="hq", card_present=True), ttl_s=5,
-                                                                   wait=True), timeout=0.3)
+                    await api.leases.AcquireLease(lease_pb.AcquireLeaseRequest(
+                        selector=pool_pb.ReaderSelector(site="hq", card_present=True), ttl_s=5, wait=True), timeout=0.3)
                 await wait_until(lambda: orch.pool.queue() == [], what="the abandoned waiter gone")
                 for _ in range(6):                                     # renewed: still held after 3 s > ttl
                     await asyncio.sleep(0.5)
                     await api.leases.RenewLease(lease_pb.RenewLeaseRequest(lease_id=first.lease_id))
                 still = tokens(orch)
                 waiting = asyncio.ensure_future(api.leases.AcquireLease(lease_pb.AcquireLeaseRequest(
-                    selector=pool_pb.ReaderSelector(site="hq", card_present=True), ttl_s=5, holder="second", wait=True)))
+                    selector=pool_pb.ReaderSelector(site="hq", card_present=True), ttl_s=5, holder="second",
+                    wait=True)))
                 await wait_until(lambda: len(orch.pool.queue()) == 1, what="the second holder queued")
                 queued = orch.pool.queue()
                 t0 = time.monotonic()
@@ -499,8 +507,8 @@ def test_lease_is_freed_when_its_gateway_goes_away(tmp_path, softhsm_module):
                 await asyncio.to_thread(stations[1].kill)
                 await wait_until(lambda: not orch.leases.list(), timeout_s=FAULT_BOUND_S, what="the lease ended")
                 with pytest.raises(grpc.aio.AioRpcError) as gone:
-                    await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
-                        read_card_info=steps_pb2.ReadCardInfo())))
+                    await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
+                        lease_id=lease.lease_id, step=steps_pb2.Step(read_card_info=steps_pb2.ReadCardInfo())))
                 readers = (await api.pool.ListReaders(pool_pb.ListReadersRequest())).readers
                 gateways = (await api.pool.ListGateways(pool_pb.ListGatewaysRequest())).gateways
             assert_nothing_held_or_running(orch)
@@ -540,12 +548,12 @@ def test_run_leased_step_runs_an_apdu_script_on_the_emulator_through_the_orchest
                 first = (await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
                     lease_id=lease.lease_id, step=steps_pb2.Step(apdu_script=script), step_number=1))).outcome
                 count = card.apdu_count
-                resent = (await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(         # a resent step: answered
+                resent = (await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(  # a resent step: answered
                     lease_id=lease.lease_id, step=steps_pb2.Step(apdu_script=script), step_number=1))).outcome
                 count_after_resend = card.apdu_count
                 with pytest.raises(grpc.aio.AioRpcError) as wrong_sw:
-                    await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(lease_id=lease.lease_id, step=steps_pb2.Step(
-                        apdu_script=steps_pb2.ApduScript(apdus=[
+                    await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
+                        lease_id=lease.lease_id, step=steps_pb2.Step(apdu_script=steps_pb2.ApduScript(apdus=[
                             steps_pb2.Apdu(command=bytes.fromhex(SELECT), expected_sw=["9000"]),
                             steps_pb2.Apdu(command=bytes.fromhex("0020008100"), expected_sw=["6A82"])]))))
                 await api.leases.ReleaseLease(lease_pb.ReleaseLeaseRequest(lease_id=lease.lease_id))
@@ -574,7 +582,7 @@ def test_gateway_notices_a_silently_dead_link_and_redials_on_its_own(tmp_path, s
     works — nobody has to close the old one for it."""
 
     async def body():
-        async with pool_rig(tmp_path, softhsm_module, 1, via_proxy=True) as (orch, stations, proxy):
+        async with pool_rig(tmp_path, softhsm_module, 1, via_proxy=True) as (orch, _stations, proxy):
             before = proxy.connections
             proxy.kill_silently()                                 # the link dies: bytes dropped, nothing closed;
             await wait_until(lambda: not [g for g in orch.pool.gateways() if g.connected],   # new links would work

@@ -18,7 +18,7 @@ from orchestrator.store.store import head_revision
 from shared.errors import InvalidArgument, NotFound
 
 ISSUED = "Issued"
-UTC = dt.timezone.utc
+UTC = dt.UTC
 _CA_KEY = ec.generate_private_key(ec.SECP256R1())
 
 
@@ -99,7 +99,7 @@ def test_duplicate_issuer_and_serial_rejected_and_nothing_written(store: Store):
 
 def test_not_a_certificate_rejected(store: Store):
     task = store.tasks.create("card_operation", "gw1", "r1")
-    with pytest.raises(InvalidArgument, match="not a DER X.509 certificate"):
+    with pytest.raises(InvalidArgument, match=r"not a DER X\.509 certificate"):
         store.store_issued_certificate(task.id, b"\x30\x03junk", "T", "local", ISSUED)
     assert store.certificates.list() == []
 
@@ -266,7 +266,7 @@ def test_store_is_safe_from_many_threads(store: Store):
                 store.tasks.journal_step(task.id, 1, "write", "DONE")
                 store.finish_task_succeeded(task.id, ISSUED, {cert.id: "Active"}, "Active",
                                             [NewRelation(CARD, card.id, CERTIFICATE, cert.id, "HAS_A")])
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]

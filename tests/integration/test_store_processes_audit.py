@@ -8,8 +8,17 @@ import threading
 import pytest
 from sqlalchemy import func, select
 
-from orchestrator.store import (CARD, CERTIFICATE, NewRelation, ProcessState, StateConflict, Store, TaskRecord,
-                                TaskState, WrappedKey)
+from orchestrator.store import (
+    CARD,
+    CERTIFICATE,
+    NewRelation,
+    ProcessState,
+    StateConflict,
+    Store,
+    TaskRecord,
+    TaskState,
+    WrappedKey,
+)
 from orchestrator.store.models import ArchivedKey, Certificate
 from shared.errors import AlreadyExists, InvalidArgument, NotFound
 from tests.integration.test_store import ISSUED, make_cert, production
@@ -40,7 +49,7 @@ def test_process_map_round_trips_json(store: Store):
 
 
 def test_process_map_that_is_not_json_is_refused(store: Store):
-    for bad in ({"when": dt.datetime.now(dt.timezone.utc)}, {1: "int key"}, {"x": float("nan")},
+    for bad in ({"when": dt.datetime.now(dt.UTC)}, {1: "int key"}, {"x": float("nan")},
                 {"b": b"bytes"}, ["not", "a", "dict"]):
         with pytest.raises(InvalidArgument):
             store.processes.create("p", bad)   # type: ignore[arg-type]
@@ -118,7 +127,7 @@ def test_tasks_belong_to_a_process_instance_in_order(store: Store):
 
 
 def test_task_record_built_the_old_way_still_works():
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     record = TaskRecord("id", "card_operation", TaskState.RUNNING, "gw", "r", None, None, None, now, None)
     assert (record.process_instance_id, record.task_index) == (None, None)
 
@@ -181,7 +190,7 @@ def test_state_change_from_wrong_state_is_refused_and_nothing_audited(store: Sto
         store.certificates.change_state(cert.id, "Hold", from_state=ISSUED, actor="", action="change_state")
     with pytest.raises(InvalidArgument):
         store.certificates.change_state(cert.id, "Hold", from_state=ISSUED, actor="op", action="change_state",
-                                       detail={"when": dt.datetime.now(dt.timezone.utc)})
+                                       detail={"when": dt.datetime.now(dt.UTC)})
 
     assert store.certificates.get(cert.id) == cert
     assert store.cards.get(card.id) == card
@@ -311,7 +320,7 @@ def test_add_relations_concurrently_creates_one_relation(store: Store):
         barrier.wait()
         try:
             results.extend(store.relations.add(task.id, [NewRelation(CARD, card.id, CERTIFICATE, cert.id, "HAS_A")]))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=add) for _ in range(6)]

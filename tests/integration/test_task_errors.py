@@ -26,7 +26,8 @@ def _failed_task(store: Store, err: CardlineError):
 @_ONE_STORE_MANY_TASKS
 @given(err=any_error)
 def test_every_catalogue_error_of_a_failed_task_comes_back_from_the_store(store: Store, err: CardlineError):
-    assert same_error(err, task_error(_failed_task(store, err)))
+    back = task_error(_failed_task(store, err))
+    assert back is not None and same_error(err, back)
 
 
 @_ONE_STORE_MANY_TASKS
@@ -51,5 +52,5 @@ def test_a_task_failed_without_details_is_rebuilt_from_reason_and_message(store:
     task = store.tasks.create("card_operation", "gw1", "r1")
     store.finish_task_failed(task.id, "PIN_LOCKED", "the user PIN is blocked")
     back = task_error(store.tasks.get(task.id))
-    assert type(back).__name__ == "PinLocked" and back.message == "the user PIN is blocked"
+    assert back is not None and type(back).__name__ == "PinLocked" and back.message == "the user PIN is blocked"
     assert task_error(store.tasks.create("card_operation", "gw1", "r2")) is None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from orchestrator import app as orchestrator_app
+from orchestrator.ca.local import LocalCa
 from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.services.card_tasks import CardTaskOutcome
 from orchestrator.services.pool import ReaderSelector
@@ -87,7 +88,7 @@ class RuleRig:
     def certificates(self, *, task_id: str | None = None, process_instance_id: str | None = None,
                      state: str | None = None):
         return self.orch.store.certificates.list(state=state, task_id=task_id,
-                                                 process_instance_id=process_instance_id)
+                                                 process_instance_id=process_instance_id or None)
 
     def certificate(self, certificate_id: str):
         return self.orch.store.certificates.get(certificate_id)
@@ -123,7 +124,9 @@ class RuleRig:
     # --- the CA ------------------------------------------------------------------------------
 
     def issued_by_ca(self) -> dict[str, bytes]:
-        return self.orch.cas["local"].issued_by_request()
+        ca = self.orch.cas["local"]
+        assert isinstance(ca, LocalCa)
+        return ca.issued_by_request()
 
     def crl_reasons(self) -> dict[int, str]:
         """Serial -> CRL reason name of the local CA's current CRL."""

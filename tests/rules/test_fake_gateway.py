@@ -18,7 +18,9 @@ from tests.support.fake_gateway import FakeToken
 
 
 def generate(token: FakeToken, key_type=cards.KeyType.EC_P256) -> cards.GeneratedKey:
-    return token.run(cards.Step(cards.GenerateKeyPair(key_type, "k", os.urandom(8), "CN=t"), user_pin="1234"))
+    generated = token.run(cards.Step(cards.GenerateKeyPair(key_type, "k", os.urandom(8), "CN=t"), user_pin="1234"))
+    assert isinstance(generated, cards.GeneratedKey)
+    return generated
 
 
 def self_signed(private_key) -> bytes:

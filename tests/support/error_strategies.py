@@ -2,7 +2,7 @@
 values for its typed fields and some free context, as code could raise it."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from hypothesis import strategies as st
 
@@ -16,8 +16,9 @@ _RESPONSES = st.lists(st.builds(ApduResponse, st.binary(max_size=24), st.integer
 # Text is Unicode that UTF-8 can encode (protobuf strings): no lone surrogates. PostgreSQL text
 # columns also refuse NUL (tasks.error_message); messages are written by code, so they are
 # drawn without it (details may hold it: JSON carries it escaped).
-_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
-_MESSAGES = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
+_SURROGATES: tuple[Literal["Cs"]] = ("Cs",)
+_TEXT = st.text(st.characters(exclude_categories=_SURROGATES), max_size=20)
+_MESSAGES = st.text(st.characters(exclude_categories=_SURROGATES, exclude_characters="\x00"), max_size=40)
 _NAMES = st.from_regex(r"[a-z][a-z_]{0,11}", fullmatch=True)
 
 

@@ -40,6 +40,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from shared import cards, convert
 from shared.errors import (
@@ -57,22 +58,24 @@ from shared.proto import link_pb2, link_pb2_grpc
 from tests.support.pki import default_pki
 
 _serials = itertools.count(1)
+# What the fake generates and imports, as the PKCS#11 driver does: EC and RSA keys.
+_PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
-def _new_private_key(key_type: cards.KeyType):
+def _new_private_key(key_type: cards.KeyType) -> _PrivateKey:
     if key_type is cards.KeyType.EC_P256:
         return ec.generate_private_key(ec.SECP256R1())
     return rsa.generate_private_key(65537, {cards.KeyType.RSA_2048: 2048, cards.KeyType.RSA_3072: 3072}[key_type])
 
 
-def _spki(public_key) -> bytes:
+def _spki(public_key: PublicKeyTypes) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 @dataclass
 class FakeKey:
     label: str
-    private_key: object = field(repr=False)
+    private_key: _PrivateKey = field(repr=False)
     imported: bool = False
 
     @property
@@ -225,6 +228,8 @@ class FakeToken:
     def _import(self, op: cards.ImportKeyPair) -> cards.KeyPairImported:
         self._check_writable("key")
         private_key = serialization.load_der_private_key(op.private_key_der, None)
+        if not isinstance(private_key, _PrivateKey):
+            raise InvalidArgument(f"{type(private_key).__name__.lstrip('_')} keys cannot be imported (EC, RSA only)")
         if op.key_id in self.keys:
             raise WriteRefused("a key with this id is already on the token", key_id=op.key_id.hex())
         key = FakeKey(op.label, private_key, imported=True)
@@ -247,9 +252,12 @@ class FakeToken:
         key = self.keys.get(op.key_id)
         if key is None:
             raise KeyNotFound("no private key with this id on the token", key_id=op.key_id.hex())
-        if op.algorithm is cards.SignatureAlgorithm.ECDSA_SHA256:
-            return key.private_key.sign(op.data, ec.ECDSA(hashes.SHA256()))
-        return key.private_key.sign(op.data, padding.PKCS1v15(), hashes.SHA256())
+        private_key, algorithm = key.private_key, op.algorithm
+        if algorithm is cards.SignatureAlgorithm.ECDSA_SHA256 and isinstance(private_key, ec.EllipticCurvePrivateKey):
+            return private_key.sign(op.data, ec.ECDSA(hashes.SHA256()))
+        if algorithm is cards.SignatureAlgorithm.RSA_PKCS1_SHA256 and isinstance(private_key, rsa.RSAPrivateKey):
+            return private_key.sign(op.data, padding.PKCS1v15(), hashes.SHA256())
+        raise InvalidArgument(f"{op.algorithm.value} does not fit the key {op.key_id.hex()}")  # as the driver
 
     def _apdu(self, index: int, apdu: cards.Apdu) -> cards.ApduResponse:
         """Every command answers 9000 with no data: enough to follow a script's path."""
@@ -338,7 +346,7 @@ class FakeGateway:
             readers=[convert.reader_to_proto(t.reader()) for t in self.tokens.values()])))
         call = link_pb2_grpc.GatewayLinkStub(self._channel).Connect(self._outgoing())
         first = await asyncio.wait_for(call.read(), 10)
-        if first is grpc.aio.EOF or first.WhichOneof("message") != "welcome":
+        if not isinstance(first, link_pb2.OrchestratorMessage) or first.WhichOneof("message") != "welcome":
             raise ConnectionError(f"the orchestrator did not welcome fake gateway {self.gateway_id}: {first}")
         self._reader = asyncio.create_task(self._incoming(call))
 

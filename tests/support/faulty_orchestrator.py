@@ -14,8 +14,10 @@ import argparse
 import itertools
 import pathlib
 import sys
+from collections.abc import Callable
 
 from orchestrator.app import serve
+from orchestrator.ca import CaConnector
 from shared import config
 from shared.cli import run_server
 from shared.logging import get_logger
@@ -87,7 +89,7 @@ def main(argv: list[str]) -> None:
         name, _, nth = args.kill_at.partition(":")
         boundary = faults.kill_hook(name, _positive(nth) if nth else 1, args.kill_delay_ms / 1000)
         installed.append(f"SIGKILL of the process group at {args.kill_at}")
-    wrap_cas = None
+    wrap_cas: Callable[[dict[str, CaConnector]], dict[str, CaConnector]] | None = None
     if args.ca_down:
         wrap_cas = lambda cas: {name: faults.UnreachableCa(ca) for name, ca in cas.items()}  # noqa: E731
         installed.append("every CA unreachable")

@@ -14,6 +14,7 @@ Fixtures:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -83,6 +84,7 @@ def pcscd():
     reason = pcsc_rig.unavailable_reason()
     if reason:
         pytest.skip(f"private pcscd unavailable: {reason}")
+    assert _WORKDIR is not None  # pytest_configure made it
     handle = pcsc_rig.start_pcscd(_WORKDIR, pcsc_rig.free_base_port(),
                                   debug=bool(os.environ.get("CARDLINE_PCSCD_DEBUG")))
     os.environ.update(handle.env)      # the same file (resolve() may canonicalise the path)
@@ -122,10 +124,8 @@ def vpcd_card_factory(pcscd):
         card.remove()
     # Leave the slots empty for the next test (removal is seen ~300 ms later).
     for slot in range(pcsc_rig.VPCD_SLOTS):
-        try:
+        with contextlib.suppress(TimeoutError, AssertionError):
             wait_card_state(pcscd.reader_name(slot), present=False)
-        except (TimeoutError, AssertionError):
-            pass
 
 
 @pytest.fixture

@@ -52,7 +52,8 @@ def wait_healthy(address: str, timeout_s: float = 20.0, proc: subprocess.Popen |
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"process exited with {proc.returncode} before serving on {address}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 time.sleep(0.1)
@@ -89,7 +90,8 @@ def orchestrator_process(data_dir: pathlib.Path, env: dict[str, str] | None = No
     address = f"127.0.0.1:{free_port()}"
     data_dir.mkdir(parents=True, exist_ok=True)
     tls = ["--insecure"] if insecure else ["--tls-dir", str(tls_dir or default_pki().directory)]
-    with cardline_process(["orchestrator", "serve", "--migrate", "--listen", address, "--data-dir", str(data_dir), *tls], address,
+    with cardline_process(["orchestrator", "serve", "--migrate", "--listen", address, "--data-dir", str(data_dir),
+                           *tls], address,
                           data_dir / "orchestrator.log", env, insecure, client):
         yield address
 

@@ -30,8 +30,8 @@ from orchestrator.ca import LocalCa
 from orchestrator.store import Store
 
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-TABLES = ("ca_requests", "orchestrator_instances", "audit_events", "archived_keys", "object_relations", "certificates", "task_steps", "tasks",
-          "process_instances", "cards", "card_secrets")
+TABLES = ("ca_requests", "orchestrator_instances", "audit_events", "archived_keys", "object_relations", "certificates",
+          "task_steps", "tasks", "process_instances", "cards", "card_secrets", "client_requests")
 
 
 def _libpq(url: str) -> str:
@@ -84,7 +84,7 @@ def _throwaway_cluster() -> Iterator[str]:
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run(as_user + [pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run([*as_user, pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

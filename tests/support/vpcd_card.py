@@ -33,6 +33,7 @@ Standalone, for benchmarks:  python -m tests.support.vpcd_card --port P
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import struct
 import threading
@@ -248,10 +249,8 @@ class VpcdCard:
         s, t = self._sock, self._thread
         self._sock = self._thread = None
         if s is not None:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
         if t is not None and t is not threading.current_thread():
             t.join(2)
@@ -270,7 +269,7 @@ class VpcdCard:
             self.apdu_count = 0
             self.apdus.clear()
 
-    def __enter__(self) -> "VpcdCard":
+    def __enter__(self) -> VpcdCard:
         self.insert()
         return self
 

@@ -35,20 +35,26 @@ class _StatusOnly(grpc.RpcError, grpc.Call):
         return False
 
 
+def cli_failure(exc: BaseException) -> CliFail:
+    fail = failure(exc)
+    assert fail is not None, f"{exc!r} was left to its traceback"
+    return fail
+
+
 def test_bad_usage_exits_2_with_its_message():
-    fail = failure(CliFail("duration '5x': expected ...", 2))
+    fail = cli_failure(CliFail("duration '5x': expected ...", 2))
     assert (fail.message, fail.code) == ("duration '5x': expected ...", 2)
 
 
 def test_missing_client_settings_exit_2_with_the_message_alone():
-    fail = failure(ConfigurationError("no client certificate: give --tls-dir DIR"))
+    fail = cli_failure(ConfigurationError("no client certificate: give --tls-dir DIR"))
     assert (fail.message, fail.code) == ("no client certificate: give --tls-dir DIR", 2)
 
 
 def test_server_errors_exit_1_with_reason_and_message():
-    fail = failure(NotFound("no card 'x'"))
+    fail = cli_failure(NotFound("no card 'x'"))
     assert (fail.message, fail.code) == ("NOT_FOUND: no card 'x'", 1)
-    fail = failure(_StatusOnly())
+    fail = cli_failure(_StatusOnly())
     assert fail.code == 1 and fail.message.startswith("UNAVAILABLE: ") and "failed to connect" in fail.message
 
 

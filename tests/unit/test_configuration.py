@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from orchestrator.domain.issued_state import INTERNAL_ISSUED_STATE_KEY
-from orchestrator.services.configuration import Configuration, load_configuration
+from orchestrator.services.configuration import Configuration, RejectedConfiguration, load_configuration
 from shared import config
 from shared.errors import ConfigurationError
 
@@ -37,8 +37,8 @@ def line_of(path: pathlib.Path, needle: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), start=1) if needle in line)
 
 
-def rejected(conf: pathlib.Path, **kwargs) -> ConfigurationError:
-    with pytest.raises(ConfigurationError) as err:
+def rejected(conf: pathlib.Path, **kwargs) -> RejectedConfiguration:
+    with pytest.raises(RejectedConfiguration) as err:
         load_configuration(conf, **kwargs)
     error = err.value
     assert error.violations
@@ -48,7 +48,7 @@ def rejected(conf: pathlib.Path, **kwargs) -> ConfigurationError:
     return error
 
 
-def messages(error: ConfigurationError) -> list[str]:
+def messages(error: RejectedConfiguration) -> list[str]:
     return [str(v) for v in error.violations]
 
 
@@ -221,14 +221,15 @@ tasks:
 
 def test_c13_unmapped_return_field_and_undeclared_field_rejected(conf):
     process = conf / "processes" / "renew-authentication.yaml"
-    edit(process, '      GeneratedCertApp_A: "${renewedCertificate}"', '      GeneratedCertApp_B: "${renewedCertificate}"')
+    edit(process, '      GeneratedCertApp_A: "${renewedCertificate}"',
+         '      GeneratedCertApp_B: "${renewedCertificate}"')
     error = rejected(conf)
     text = "\n".join(messages(error))
     assert f"{process}:{line_of(process, 'GeneratedCertApp_B')}: tasks[0].fields.GeneratedCertApp_B: field " \
            "'GeneratedCertApp_B' is not declared in [Fields]" in text
     assert "(did you mean 'GeneratedCertApp_A'?)" in text
-    assert "tasks[0].fields.GeneratedCertApp_A: return field 'GeneratedCertApp_A' (CertCoreObjectDescriptorReturnField)" \
-           " is not mapped" in text
+    assert "tasks[0].fields.GeneratedCertApp_A: return field 'GeneratedCertApp_A' " \
+           "(CertCoreObjectDescriptorReturnField) is not mapped" in text
 
 
 def test_c13_card_operation_with_named_encoding_is_checked(conf):
@@ -407,5 +408,6 @@ def test_encoding_warnings_are_passed_on(conf):
          "GenerateKeyPair=EC_P256\nCertificateTemplate=EmployeeSignature")
     warnings = load_configuration(conf).warnings
     assert warnings == (f"{encoding}:{line_of(encoding, 'Application_B') + 5}: Application_B.GenerateKeyPair: "
-                        "generates a key of type EC_P256, but certificate template 'EmployeeSignature' says key_type RSA_2048; "
+                        "generates a key of type EC_P256, but certificate template 'EmployeeSignature' says "
+                        "key_type RSA_2048; "
                         "the encoding's key type is used",)

@@ -159,7 +159,8 @@ def _through_status(raiser: tuple[_Raiser, grpc.Channel], err: BaseException) ->
     key = str(id(err)).encode()
     servicer.pending[key] = err
     with pytest.raises(grpc.RpcError) as caught:
-        channel.unary_unary("/test.Errors/Raise")(key, timeout=10)
+        raise_rpc: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/test.Errors/Raise")
+        raise_rpc(key, timeout=10)
     return caught.value
 
 
@@ -192,4 +193,5 @@ def test_anything_else_is_internal_without_its_text(raiser):
 
 
 def _sample(kind: object) -> object:
-    return {int: 7, str: "text"}.get(kind, (ApduResponse(b"\x90", 0x9000), ApduResponse(b"", 0x6A82)))
+    samples: dict[object, object] = {int: 7, str: "text"}
+    return samples.get(kind, (ApduResponse(b"\x90", 0x9000), ApduResponse(b"", 0x6A82)))

@@ -14,8 +14,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from orchestrator.ca import CaConnector, IssueProfile, LocalCa
 from shared.errors import CaRefused, ConfigurationError, CsrInvalid, InvalidArgument
 
-AUTH = IssueProfile(validity_days=365, key_usage={"digitalSignature", "keyEncipherment"},
-                    extended_key_usage=["clientAuth", "emailProtection"])
+AUTH = IssueProfile(validity_days=365, key_usage=frozenset({"digitalSignature", "keyEncipherment"}),
+                    extended_key_usage=("clientAuth", "emailProtection"))
 
 
 def make_csr(key=None, cn: str = "Alice Example", email: str | None = "alice@example.org") -> bytes:
@@ -36,7 +36,8 @@ def test_local_ca_implements_the_connector_interface(local_ca: LocalCa):
     assert local_ca.name == "test-local"
     ca = load(local_ca.ca_certificate_der())
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
-    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey) and ca.public_key().curve.name == "secp256r1"
+    ca_key = ca.public_key()
+    assert isinstance(ca_key, ec.EllipticCurvePublicKey) and ca_key.curve.name == "secp256r1"
 
 
 def test_csr_with_bad_signature_refused(local_ca: LocalCa, tmp_path):
@@ -82,7 +83,7 @@ def test_issued_cert_chains_to_ca_and_has_profile_key_usage(local_ca: LocalCa):
 
 
 def test_profile_subject_and_non_repudiation(local_ca: LocalCa):
-    profile = IssueProfile(validity_days=30, key_usage={"nonRepudiation"}, subject="CN=Signer,O=cardline")
+    profile = IssueProfile(validity_days=30, key_usage=frozenset({"nonRepudiation"}), subject="CN=Signer,O=cardline")
     cert = load(local_ca.issue(make_csr(rsa.generate_private_key(65537, 2048)), profile, "req-sign"))
     assert cert.subject.rfc4514_string() == "CN=Signer,O=cardline"
     assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.content_commitment
@@ -92,9 +93,9 @@ def test_profile_subject_and_non_repudiation(local_ca: LocalCa):
 
 def test_profile_with_unknown_names_refused():
     with pytest.raises(InvalidArgument, match="unknown key usage"):
-        IssueProfile(validity_days=1, key_usage={"digitalSignatur"})
+        IssueProfile(validity_days=1, key_usage=frozenset({"digitalSignatur"}))
     with pytest.raises(InvalidArgument, match="unknown extended key usage"):
-        IssueProfile(validity_days=1, extended_key_usage=["clientauth"])
+        IssueProfile(validity_days=1, extended_key_usage=("clientauth",))
 
 
 def test_same_request_id_never_yields_a_second_certificate(local_ca: LocalCa, tmp_path):
@@ -126,7 +127,8 @@ def test_same_request_id_never_yields_a_second_certificate(local_ca: LocalCa, tm
 
 def _crl_entry(local_ca: LocalCa, serial: int):
     crl = x509.load_der_x509_crl(local_ca.crl_der())
-    assert crl.is_signature_valid(load(local_ca.ca_certificate_der()).public_key())
+    ca_key = load(local_ca.ca_certificate_der()).public_key()
+    assert isinstance(ca_key, ec.EllipticCurvePublicKey) and crl.is_signature_valid(ca_key)
     return crl, crl.get_revoked_certificate_by_serial_number(serial)
 
 

@@ -3,7 +3,9 @@ mapping of PKCS#11 errors to cardline errors."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
+from collections.abc import Awaitable
 
 import pkcs11.exceptions as p11err
 import pytest
@@ -113,12 +115,13 @@ def test_many_concurrent_async_calls_through_the_module_thread_all_succeed(softh
     async def scenario():
         gen = await call(lambda: driver.generate_key_pair(tok.slot_id, tok.user_pin, KeyType.EC_P256, "k", b"\x01"))
         public = serialization.load_der_public_key(gen.public_key_der)
+        assert isinstance(public, ec.EllipticCurvePublicKey)
         messages = [f"message {i}".encode() for i in range(100)]
         # Interleaved: signatures, listings and wrong-PIN calls (each of which logs out).
-        calls = []
+        calls: list[Awaitable[object]] = []
         for i, m in enumerate(messages):
-            calls.append(call(lambda m=m: driver.sign(tok.slot_id, tok.user_pin, b"\x01",
-                                                      SignatureAlgorithm.ECDSA_SHA256, m)))
+            calls.append(call(functools.partial(driver.sign, tok.slot_id, tok.user_pin, b"\x01",
+                                                SignatureAlgorithm.ECDSA_SHA256, m)))
             if i % 5 == 0:
                 calls.append(call(lambda: driver.list_objects(tok.slot_id, tok.user_pin)))
             if i % 20 == 10:

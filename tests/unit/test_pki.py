@@ -121,16 +121,16 @@ def test_resolve_lists_everything_missing_and_names_the_way_out(tmp_path):
         resolve("orchestrator", "orchestrator")
     text = err.value.message
     assert "CA certificate" in text and "certificate" in text and "private key" in text and "--insecure" in text
-    with pytest.raises(ConfigurationError, match="orchestrator.key: .*does not exist|orchestrator.key does not exist"):
+    with pytest.raises(ConfigurationError, match=r"orchestrator.key: .*does not exist|orchestrator.key does not exist"):
         resolve("orchestrator", "orchestrator", tls_dir=tmp_path)
 
 
 def test_resolve_checks_the_role_in_the_certificate(pki):
     pki.issue("client", "admin")
-    with pytest.raises(ConfigurationError, match="role 'client'.*needs role 'orchestrator'"):
+    with pytest.raises(ConfigurationError, match=r"role 'client'.*needs role 'orchestrator'"):
         resolve("orchestrator", "admin", tls_dir=pki.directory, role="orchestrator")
     files = resolve("client", "admin", tls_dir=pki.directory, role="client")
-    assert files.crl == pki.crl_path
+    assert files is not None and files.crl == pki.crl_path
 
 
 def test_insecure_resolves_to_plaintext(tmp_path):

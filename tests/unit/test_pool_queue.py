@@ -7,8 +7,7 @@ import asyncio
 import pytest
 
 from orchestrator.services.leases import LeaseService
-from orchestrator.services.pool import (LEASE_SCOPE, GatewaySession, LeaseScope, ReaderPool, ReaderSelector,
-                                        ReaderState)
+from orchestrator.services.pool import LEASE_SCOPE, GatewaySession, LeaseScope, ReaderPool, ReaderSelector, ReaderState
 from shared import cards
 from shared.errors import Cancelled, GatewayNotConnected, NoCardPresent, NotFound, ReaderBusy, ReaderNotFound
 

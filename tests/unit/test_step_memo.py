@@ -1,5 +1,6 @@
 """A resent step (same task id and step number) is answered from its first result."""
 import asyncio
+import functools
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_memo_forgets_oldest_steps_beyond_capacity():
 
     async def main():
         for n in range(3):
-            await memo.run(("t", n), lambda n=n: asyncio.sleep(0, n))
+            await memo.run(("t", n), functools.partial(asyncio.sleep, 0, n))
         return await memo.run(("t", 0), lambda: asyncio.sleep(0, "again"))
 
     assert asyncio.run(main()) == ("again", False)

@@ -31,7 +31,10 @@ if context.is_offline_mode():
 elif (conn := config.attributes.get("connection")) is not None:
     _configure_and_run(conn)
 else:
-    engine = create_engine(config.get_main_option("sqlalchemy.url"))
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("the alembic configuration gives no sqlalchemy.url and no connection")
+    engine = create_engine(url)
     try:
         with engine.connect() as conn:
             _configure_and_run(conn)
