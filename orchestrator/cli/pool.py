@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import typer
 from rich.console import Console
 from rich.live import Live
@@ -19,6 +20,7 @@ from orchestrator.cli.client import (
     selector,
     stub,
 )
+from shared.cli import CliFail
 from shared.proto import common_pb2, reader_pool_service_pb2_grpc
 from shared.proto import reader_pool_service_pb2 as pb
 
@@ -65,6 +67,21 @@ def _watch(pool: reader_pool_service_pb2_grpc.ReaderPoolServiceStub, request: pb
             live.stop()
 
 
+def _wait_for_card(pool: reader_pool_service_pb2_grpc.ReaderPoolServiceStub, chosen: pb.ReaderSelector,
+                   timeout_s: float) -> None:
+    """Returns once a matching reader holds a card and is free (the watch starts with every
+    reader present, then follows changes); CliFail after timeout_s."""
+    try:
+        for response in pool.WatchReaders(pb.WatchReadersRequest(selector=chosen), timeout=timeout_s):
+            if response.change != pb.READER_CHANGE_REMOVED \
+                    and response.reader.state == pb.POOLED_READER_STATE_CARD_PRESENT:
+                return
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+    raise CliFail(f"no matching reader with a card came into the pool within {timeout_s:g} s")
+
+
 def register(root: typer.Typer) -> None:
     @root.command("readers")
     def readers(
@@ -74,11 +91,16 @@ def register(root: typer.Typer) -> None:
                                     help="Only readers of this gateway (--gateway: old name)."),
         site: str = typer.Option("", help="Only readers of gateways at this site."),
         label_: list[str] = typer.Option([], "--label", help="Only gateways with this KEY=VALUE label (repeatable)."),
+        wait_s: float = typer.Option(0.0, "--wait", metavar="SECONDS",
+                                     help="First wait up to SECONDS until a matching reader holds a card and is "
+                                          "free (exit 1 if none comes), then list."),
         orchestrator_addr: str = ORCHESTRATOR,
     ) -> None:
         """Readers of every gateway: state (empty, card present, busy, leased, offline), holder, site, labels."""
         chosen = selector(gateway, site, label_)
         pool = stub(reader_pool_service_pb2_grpc.ReaderPoolServiceStub, orchestrator_addr)
+        if wait_s > 0:
+            _wait_for_card(pool, chosen, wait_s)
         if watch:
             _watch(pool, pb.WatchReadersRequest(selector=chosen), json_output)
             return
