@@ -11,6 +11,7 @@ import pathlib
 import signal
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from orchestrator.api.ca import CaServicer
 from orchestrator.api.cards import CardServicer
@@ -21,7 +22,9 @@ from orchestrator.api.orders import OrderServicer
 from orchestrator.api.processes import ProcessServicer
 from orchestrator.api.reader_pool import ReaderPoolServicer
 from orchestrator.ca.base import CaConnector
-from orchestrator.ca.registry import build_cas
+from orchestrator.ca.registry import LOCAL_CA_NAME, build_cas
+from orchestrator.health import DATABASE, HealthMonitor, ca_check, ca_component, database_check
+from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.services.card_tasks import BoundaryHook, CardTaskService
 from orchestrator.services.certificates import CertificateService
 from orchestrator.services.configuration import Configuration, load_configuration
@@ -35,6 +38,7 @@ from orchestrator.services.sweeper import IssuedSweeper
 from orchestrator.store.store import Store
 from shared.config import OrchestratorSettings
 from shared.logging import get_logger
+from shared.metrics import MetricsEndpoint
 from shared.proto import (
     ca_service_pb2,
     ca_service_pb2_grpc,
@@ -73,6 +77,12 @@ def service_name(module) -> str:
 #: certificate.
 CLIENT_ROLES = frozenset({"client", "orchestrator"})
 ROLES = {service_name(link_pb2): frozenset({"gateway"}), **{service_name(m): CLIENT_ROLES for m in CLIENT_API}}
+#: What each service needs for its health to be SERVING (orchestrator/health.py): None = the
+#: database and every CA; the reader pool, leases and the link work from memory alone.
+HEALTH_NEEDS: dict[str, frozenset[str] | None] = {
+    **{service_name(m): None for m in CLIENT_API},
+    **{service_name(m): frozenset() for m in (reader_pool_service_pb2, lease_service_pb2, link_pb2)},
+}
 
 
 @dataclass
@@ -90,6 +100,9 @@ class Orchestrator:
     reconciler: Reconciler | None = None
     leases: LeaseService | None = None
     orders: OrderService | None = None
+    metrics: OrchestratorMetrics | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
+    health: HealthMonitor | None = None
 
     @property
     def address(self) -> str:
@@ -104,6 +117,8 @@ class Orchestrator:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.metrics_endpoint is not None:
+            await asyncio.to_thread(self.metrics_endpoint.stop)
         await self.server.stop()
         # Token-backed CAs and KEKs own a PKCS#11 module each: log out and finalise them.
         archive = self.card_tasks.key_archive
@@ -116,18 +131,20 @@ class Orchestrator:
 async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None = None) -> Orchestrator:
     # Mutual TLS unless explicitly insecure: no TLS material stops start-up before anything else.
     tls = settings_tls(settings, "orchestrator", "orchestrator", role="orchestrator")
+    # Configuration first: a wrong one stops start-up with every violation listed (C14),
+    # before the data directory, a CA or the database is created or touched.
+    configuration = await asyncio.to_thread(load_configuration, settings.config_dir,
+                                            internal_issued_state=settings.certificate_internal_issued_state,
+                                            known_cas=_configured_ca_names(settings.cas))
+    for warning in configuration.warnings:
+        log.warning("configuration", warning=warning)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     cas = await asyncio.to_thread(build_cas, settings.cas, settings.data_dir)
     if _fault_injection_requested():     # TEST-ONLY (C16 crash tests); never set in production
         from orchestrator.services import fault_injection
         cas, boundary = fault_injection.install(os.environ, cas, boundary)
     owner_id = await asyncio.to_thread(orchestrator_id, settings.data_dir)
-    # Configuration first: a wrong one stops start-up with every violation listed (C14).
-    configuration = await asyncio.to_thread(load_configuration, settings.config_dir,
-                                            internal_issued_state=settings.certificate_internal_issued_state,
-                                            known_cas=tuple(cas))
-    for warning in configuration.warnings:
-        log.warning("configuration", warning=warning)
+    metrics = OrchestratorMetrics()
     store = Store(settings.effective_database_url())
     await asyncio.to_thread(store.migrate)
     archive_settings = settings.key_archive
@@ -136,12 +153,12 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
                                   pin_file=archive_settings.pin_file, key_label=archive_settings.key_label,
                                   file_path=archive_settings.file_path)
     pool = ReaderPool(queue_timeout_s=settings.pool.queue_timeout_s,
-                      offline_retention_s=settings.pool.offline_retention_s)
+                      offline_retention_s=settings.pool.offline_retention_s, observer=metrics)
     templates = configuration.templates
     card_tasks = CardTaskService(store, pool, cas, templates, key_archive=KeyArchive(kek),
                                  step_timeout_s=settings.step_timeout_s,
                                  default_relation_type=settings.default_relation_type, boundary=boundary,
-                                 owner_id=owner_id)
+                                 owner_id=owner_id, observer=metrics)
     certificates = CertificateService(store, cas, configuration.graphs,
                                       lambda name: configuration.graphs[templates.certificate(name).state_graph],
                                       templates.internal_issued_state)
@@ -181,6 +198,20 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     orchestrator = Orchestrator(settings, configuration, store, cas, pool, card_tasks, certificates, processes, server)
     orchestrator.leases, orchestrator.orders = leases, orders
     orchestrator.reconciler = reconciler
+    orchestrator.metrics = metrics
+    # gRPC health follows the database and the CAs: checked now, then every interval.
+    health = HealthMonitor({DATABASE: database_check(store), **{ca_component(n): ca_check(ca) for n, ca in cas.items()}},
+                           HEALTH_NEEDS, lambda service, serving: _set_health(server, service, serving),
+                           interval_s=settings.health_check_interval_s, timeout_s=settings.health_check_timeout_s,
+                           observe=metrics.checked)
+    await health.check_once()
+    orchestrator.health = health
+    orchestrator._background.append(asyncio.create_task(health.run_forever()))
+    if settings.metrics_listen:
+        metrics.watch_pool(pool, asyncio.get_running_loop())
+        metrics.watch_certificates(store.certificates.census, _internal_issued_states(templates),
+                                   timeout_s=settings.health_check_timeout_s)
+        orchestrator.metrics_endpoint = MetricsEndpoint(settings.metrics_listen, metrics.registry)
     orchestrator._background.append(asyncio.create_task(_reconcile_forever(reconciler,
                                                                            settings.reconcile_interval_s)))
     sweeper = settings.issued_sweeper
@@ -191,6 +222,7 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
             revoke_reason=sweeper.revoke_reason, target_state=sweeper.target_state,
             interval_s=sweeper.interval_s).run_forever()))
     log.info("orchestrator serving", address=server.address, database=_safe_url(settings.effective_database_url()),
+             metrics=orchestrator.metrics_endpoint.address if orchestrator.metrics_endpoint else None,
              config_dir=str(settings.config_dir), processes=sorted(configuration.processes))
     return orchestrator
 
@@ -213,6 +245,24 @@ def _card_failed_state(templates, card_template: str) -> str | None:
     except Exception:  # noqa: BLE001 - a template gone from the configuration: the card keeps its state
         log.warning("no card template for an orphaned production", card_template=card_template)
         return None
+
+
+def _configured_ca_names(settings_cas: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The CA names templates may use, read from the settings without opening any CA
+    (build_cas checks the entries themselves)."""
+    names = [entry.get("name") for entry in settings_cas if isinstance(entry, dict)]
+    return (LOCAL_CA_NAME, *(n for n in names if isinstance(n, str) and n and n != LOCAL_CA_NAME))
+
+
+def _internal_issued_states(templates) -> set[str]:
+    return {templates.internal_issued_state, *(t.internal_issued_state for t in templates.certificates.values())}
+
+
+async def _set_health(server: Server, service: str, serving: bool) -> None:
+    from grpc_health.v1 import health_pb2
+
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    await server.health.set(service, status)
 
 
 def _fault_injection_requested() -> bool:

@@ -89,7 +89,7 @@ def main() -> None:
         sys.exit(fail.code)
 
 
-def run_server(settings_cls, serve, *, json_logs: bool, **options) -> None:
+def run_server(settings_cls, serve, *, json_logs: bool | None, log_level: str | None = None, **options) -> None:
     """What both `serve` commands do: logging, settings (flags > environment > file), serve;
     a configuration error exits 2 with every violation listed."""
     import asyncio
@@ -98,9 +98,10 @@ def run_server(settings_cls, serve, *, json_logs: bool, **options) -> None:
     from shared.errors import ConfigurationError
     from shared.logging import configure
 
-    configure(json=json_logs)
+    configure(json=bool(json_logs))        # until the settings are read
     try:
-        settings = config.load(settings_cls, **options)
+        settings = config.load(settings_cls, json_logs=json_logs or None, log_level=log_level, **options)
+        configure(json=settings.json_logs, level=settings.log_level)
         asyncio.run(serve(settings))
     except ConfigurationError as exc:
         typer.echo(str(exc), err=True)
