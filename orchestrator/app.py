@@ -209,7 +209,9 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     orchestrator._background.append(asyncio.create_task(health.run_forever()))
     if settings.metrics_listen:
         metrics.watch_pool(pool, asyncio.get_running_loop())
+        # The store is read for the metrics at most as often as the health checks read it.
         metrics.watch_certificates(store.certificates.census, _internal_issued_states(templates),
+                                   min_interval_s=settings.health_check_interval_s,
                                    timeout_s=settings.health_check_timeout_s)
         orchestrator.metrics_endpoint = MetricsEndpoint(settings.metrics_listen, metrics.registry)
     orchestrator._background.append(asyncio.create_task(_reconcile_forever(reconciler,

@@ -86,7 +86,7 @@ class OrchestratorMetrics:
     def watch_pool(self, pool: ReaderPool, loop: asyncio.AbstractEventLoop) -> None:
         self.registry.register(_PoolCollector(pool, loop))
 
-    def watch_certificates(self, census: Callable[[], tuple[dict[str, int], dt.datetime | None]],
+    def watch_certificates(self, census: Callable[[Collection[str]], tuple[dict[str, int], dt.datetime | None]],
                            internal_states: Collection[str], *, min_interval_s: float = 5.0,
                            timeout_s: float = 5.0) -> None:
         self.registry.register(_CertificateCollector(census, internal_states, min_interval_s, timeout_s))
@@ -134,7 +134,7 @@ class _CertificateCollector(Collector):
     """Certificates by state from the store, bounded: one query at a time on a worker thread,
     at most every min_interval_s, waited for at most timeout_s."""
 
-    def __init__(self, census: Callable[[], tuple[dict[str, int], dt.datetime | None]],
+    def __init__(self, census: Callable[[Collection[str]], tuple[dict[str, int], dt.datetime | None]],
                  internal_states: Collection[str], min_interval_s: float, timeout_s: float) -> None:
         self.census = census
         self.internal_states = frozenset(internal_states)
@@ -152,7 +152,7 @@ class _CertificateCollector(Collector):
             fresh = self._last is not None and time.monotonic() - self._last[0] < self.min_interval_s
             if not fresh:
                 if self._pending is None:
-                    self._pending = self._worker.submit(self.census)
+                    self._pending = self._worker.submit(self.census, self.internal_states)
                 pending = self._pending
                 try:
                     counts, oldest = pending.result(self.timeout_s)
