@@ -16,7 +16,7 @@ from orchestrator import app as orchestrator_app
 from orchestrator.services.pool import ReaderSelector
 from shared import cards
 from shared.errors import CaUnavailable, ConfigurationError, WriteRefused
-from tests.rules.rig import fake_token, rule_orchestrator, settings_for, write_config
+from tests.rules.rig import RuleRig, fake_token, rule_orchestrator, settings_for, write_config
 from tests.support.fake_gateway import FakeGateway
 from tests.support.pki import default_pki
 from tests.support.scrape import Samples, scrape
@@ -25,6 +25,12 @@ AUTH = "EmployeeAuthentication"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 CARDS = "cardline.orchestrator.v1.CardService"
 POOL = "cardline.orchestrator.v1.ReaderPoolService"
+
+
+def metrics_address(rig: RuleRig) -> str:
+    endpoint = rig.orch.metrics_endpoint
+    assert endpoint is not None, "started without metrics_listen"
+    return endpoint.address
 
 
 async def eventually(condition: Callable[[], object], what: str, timeout_s: float = 20.0):
@@ -47,7 +53,7 @@ def test_metrics_after_productions_show_pool_tasks_ca_certificates_and_links(tmp
     async def body() -> tuple[Samples, Samples]:
         async with rule_orchestrator(tmp_path, tokens=tokens, metrics_listen="127.0.0.1:0",
                                      heartbeat_interval_s=0.3, health_check_interval_s=0.2) as rig:
-            address = rig.orch.metrics_endpoint.address
+            address = metrics_address(rig)
             assert (await rig.produce(AUTH, token=tokens[0])).succeeded
             rig.gateway.fail(WriteRefused("token full"), operation=cards.WriteCertificates)
             assert not (await rig.produce(AUTH, token=tokens[1])).succeeded      # certificate stays Issued
@@ -124,8 +130,8 @@ def test_two_orchestrators_in_one_process_keep_their_own_metrics(tmp_path):
         async with rule_orchestrator(tmp_path / "a", metrics_listen="127.0.0.1:0") as a, \
                 rule_orchestrator(tmp_path / "b", metrics_listen="127.0.0.1:0") as b:
             assert (await a.produce(AUTH)).succeeded
-            return (await asyncio.to_thread(scrape, a.orch.metrics_endpoint.address),
-                    await asyncio.to_thread(scrape, b.orch.metrics_endpoint.address))
+            return (await asyncio.to_thread(scrape, metrics_address(a)),
+                    await asyncio.to_thread(scrape, metrics_address(b)))
 
     a, b = asyncio.run(body())
     assert a.value("cardline_card_task_duration_seconds_count") == 1
@@ -179,7 +185,7 @@ def test_health_not_serving_while_the_database_or_a_ca_is_away_and_serving_again
                 # The services that need the database stop serving; the reader pool goes on.
                 await eventually(lambda: _is(statuses(), (NOT_SERVING, NOT_SERVING, SERVING)),
                                  "NOT_SERVING without the database")
-                down = await asyncio.to_thread(scrape, rig.orch.metrics_endpoint.address)
+                down = await asyncio.to_thread(scrape, metrics_address(rig))
                 assert down.value("cardline_health_check_up", component="database") == 0
             finally:
                 database_reachable(True)
