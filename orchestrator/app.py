@@ -140,6 +140,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
         log.warning("configuration", warning=warning)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     cas = await asyncio.to_thread(build_cas, settings.cas, settings.data_dir)
+    # Health asks the connectors themselves: test-only faults act on card tasks and the reconciler.
+    ca_checks = {ca_component(n): ca_check(ca) for n, ca in cas.items()}
     if _fault_injection_requested():     # TEST-ONLY (C16 crash tests); never set in production
         from orchestrator.services import fault_injection
         cas, boundary = fault_injection.install(os.environ, cas, boundary)
@@ -200,8 +202,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     orchestrator.reconciler = reconciler
     orchestrator.metrics = metrics
     # gRPC health follows the database and the CAs: checked now, then every interval.
-    health = HealthMonitor({DATABASE: database_check(store), **{ca_component(n): ca_check(ca) for n, ca in cas.items()}},
-                           HEALTH_NEEDS, lambda service, serving: _set_health(server, service, serving),
+    health = HealthMonitor({DATABASE: database_check(store), **ca_checks}, HEALTH_NEEDS,
+                           lambda service, serving: _set_health(server, service, serving),
                            interval_s=settings.health_check_interval_s, timeout_s=settings.health_check_timeout_s,
                            observe=metrics.checked)
     await health.check_once()
