@@ -91,11 +91,12 @@ async def start(settings: GatewaySettings) -> Gateway:
         (gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(registry, executor),
          gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name),
     ], credentials=credentials, interceptors=interceptors)
-    await server.start()
-    gateway = Gateway(settings, registry, executor, server, None, metrics)
+    metrics_endpoint = None
     if settings.metrics_listen:
         metrics.watch_readers(registry, asyncio.get_running_loop())
-        gateway.metrics_endpoint = MetricsEndpoint(settings.metrics_listen, metrics.registry)
+        metrics_endpoint = MetricsEndpoint(settings.metrics_listen, metrics.registry)
+    await server.start()
+    gateway = Gateway(settings, registry, executor, server, None, metrics, metrics_endpoint)
     gateway._tasks.append(asyncio.create_task(registry.watch()))
     if settings.orchestrator:
         gateway.link = OrchestratorLink(settings.orchestrator, settings.gateway_id, registry, executor,

@@ -196,11 +196,19 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
          GatewayLinkServicer(pool, f"orchestrator-{uuid.uuid4().hex[:8]}", settings.heartbeat_interval_s),
          service_name(link_pb2)),
     ], credentials=credentials, interceptors=interceptors)
+    metrics_endpoint = None
+    if settings.metrics_listen:
+        metrics.watch_pool(pool, asyncio.get_running_loop())
+        # The store is read for the metrics at most as often as the health checks read it.
+        metrics.watch_certificates(store.certificates.census, _internal_issued_states(templates),
+                                   min_interval_s=settings.health_check_interval_s,
+                                   timeout_s=settings.health_check_timeout_s)
+        metrics_endpoint = MetricsEndpoint(settings.metrics_listen, metrics.registry)
     await server.start()
     orchestrator = Orchestrator(settings, configuration, store, cas, pool, card_tasks, certificates, processes, server)
     orchestrator.leases, orchestrator.orders = leases, orders
     orchestrator.reconciler = reconciler
-    orchestrator.metrics = metrics
+    orchestrator.metrics, orchestrator.metrics_endpoint = metrics, metrics_endpoint
     # gRPC health follows the database and the CAs: checked now, then every interval.
     health = HealthMonitor({DATABASE: database_check(store), **ca_checks}, HEALTH_NEEDS,
                            lambda service, serving: _set_health(server, service, serving),
@@ -209,13 +217,6 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     await health.check_once()
     orchestrator.health = health
     orchestrator._background.append(asyncio.create_task(health.run_forever()))
-    if settings.metrics_listen:
-        metrics.watch_pool(pool, asyncio.get_running_loop())
-        # The store is read for the metrics at most as often as the health checks read it.
-        metrics.watch_certificates(store.certificates.census, _internal_issued_states(templates),
-                                   min_interval_s=settings.health_check_interval_s,
-                                   timeout_s=settings.health_check_timeout_s)
-        orchestrator.metrics_endpoint = MetricsEndpoint(settings.metrics_listen, metrics.registry)
     orchestrator._background.append(asyncio.create_task(_reconcile_forever(reconciler,
                                                                            settings.reconcile_interval_s)))
     sweeper = settings.issued_sweeper

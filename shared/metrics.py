@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from shared.errors import ConfigurationError
 from shared.rpc import parse_listen
 
 T = TypeVar("T")
@@ -35,7 +36,10 @@ class MetricsEndpoint:
 
     def __init__(self, listen: str, registry: CollectorRegistry) -> None:
         host, port = parse_listen(listen)
-        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            raise ConfigurationError(f"metrics_listen {listen}: cannot listen: {exc.strerror or exc}") from None
         self.address = f"{host}:{self._server.server_port}"
 
     def stop(self) -> None:
