@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import time
 
 import pytest
@@ -12,8 +13,8 @@ from shared.proto import card_service_pb2 as card_pb
 from shared.proto import common_pb2
 from shared.proto import reader_pool_service_pb2 as pool_pb
 from tests.support.api import OrchestratorApi
+from tests.support.processes import CARDLINE, free_port, gateway_process, orchestrator_process, wait_for_pooled_reader
 from tests.support.processes import channel as client_channel
-from tests.support.processes import free_port, gateway_process, orchestrator_process, wait_for_pooled_reader
 from tests.support.scrape import Samples, scrape
 
 pytestmark = pytest.mark.hardware
@@ -103,3 +104,15 @@ def test_json_logs_every_line_of_an_orchestrator_run_is_json_and_carries_no_secr
     # Alembic's lines come through the same formatter; a failed task is a warning.
     assert any(line.get("logger", "").startswith("alembic") for line in orchestrator_lines)
     assert {line["level"] for line in orchestrator_lines if line["event"] == "card task failed"} == {"warning"}
+
+
+def test_json_logs_a_broken_configuration_directory_is_a_json_line_and_nothing_is_created(tmp_path):
+    data_dir = tmp_path / "orchestrator"
+    done = subprocess.run([CARDLINE, "orchestrator", "serve", "--json-logs", "--insecure", "--listen", "127.0.0.1:0",
+                           "--data-dir", str(data_dir), "--config-dir", str(tmp_path / "no-such-config")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    lines = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()]
+    [error] = [line for line in lines if line["level"] == "error"]
+    assert error["event"] == "configuration error" and "no-such-config" in error["error"]
+    assert not data_dir.exists()
