@@ -107,6 +107,9 @@ class StepExecutor:
             log.info("step failed", reader_id=reader_id, task_id=task_id, step=step_number, op=op_name,
                      reason=exc.reason)
             raise
+        except Exception as exc:            # a driver bug: counted, then reported by the caller
+            self.observer.step_done(op_name, time.perf_counter() - started, False, type(exc).__name__)
+            raise
         seconds = time.perf_counter() - started
         self.observer.step_done(op_name, seconds, replayed, None)
         log.info("step done", reader_id=reader_id, task_id=task_id, step=step_number, op=op_name, replayed=replayed,
