@@ -37,7 +37,8 @@ class MetricsEndpoint:
     def __init__(self, listen: str, registry: CollectorRegistry) -> None:
         host, port = parse_listen(listen)
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+            # [::] names IPv6 in HOST:PORT; the server wants the bare address.
+            self._server, self._thread = start_http_server(port, addr=host.strip("[]"), registry=registry)
         except OSError as exc:
             raise ConfigurationError(f"metrics_listen {listen}: cannot listen: {exc.strerror or exc}") from None
         self.address = f"{host}:{self._server.server_port}"
