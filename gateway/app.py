@@ -13,8 +13,10 @@ from gateway.core.executor import StepExecutor
 from gateway.core.registry import ReaderRegistry
 from gateway.drivers.base import TokenDriver
 from gateway.drivers.pkcs11 import Pkcs11TokenDriver
+from gateway.metrics import GatewayMetrics
 from shared.config import GatewaySettings
 from shared.logging import get_logger
+from shared.metrics import MetricsEndpoint
 from shared.proto import gateway_pb2, gateway_pb2_grpc
 from shared.rpc import Server
 from shared.tls import server_security, settings_tls
@@ -29,6 +31,8 @@ class Gateway:
     executor: StepExecutor
     server: Server
     link: OrchestratorLink | None
+    metrics: GatewayMetrics | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
@@ -41,6 +45,8 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.metrics_endpoint is not None:
+            await asyncio.to_thread(self.metrics_endpoint.stop)
         await self.server.stop()
         await asyncio.to_thread(self.registry.close)
 
@@ -80,23 +86,30 @@ async def start(settings: GatewaySettings) -> Gateway:
     pcsc = await asyncio.to_thread(_pcsc_driver) if settings.pcsc else None
     registry = ReaderRegistry(token_drivers=drivers, pcsc=pcsc)
     await registry.refresh()
-    executor = StepExecutor(registry)
+    metrics = GatewayMetrics()
+    executor = StepExecutor(registry, observer=metrics)
     credentials, interceptors = server_security(tls, {}, default_roles=frozenset({"client"}))
     server = Server(settings.listen, [
         (gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(registry, executor),
          gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name),
     ], credentials=credentials, interceptors=interceptors)
+    metrics_endpoint = None
+    if settings.metrics_listen:
+        metrics.watch_readers(registry, asyncio.get_running_loop())
+        metrics_endpoint = MetricsEndpoint(settings.metrics_listen, metrics.registry)
     await server.start()
-    gateway = Gateway(settings, registry, executor, server, None)
+    gateway = Gateway(settings, registry, executor, server, None, metrics, metrics_endpoint)
     gateway._tasks.append(asyncio.create_task(registry.watch()))
     if settings.orchestrator:
         gateway.link = OrchestratorLink(settings.orchestrator, settings.gateway_id, registry, executor,
                                         site=settings.site, labels=settings.labels,
                                         credentials=tls.channel_credentials() if tls else None,
-                                        backoff_min_s=settings.reconnect_min_s, backoff_max_s=settings.reconnect_max_s)
+                                        backoff_min_s=settings.reconnect_min_s, backoff_max_s=settings.reconnect_max_s,
+                                        observer=metrics)
         gateway._tasks.append(asyncio.create_task(gateway.link.run_forever()))
     log.info("gateway serving", address=server.address, gateway_id=settings.gateway_id,
-             readers=len(registry.readers()), orchestrator=settings.orchestrator or None)
+             readers=len(registry.readers()), orchestrator=settings.orchestrator or None,
+             metrics=gateway.metrics_endpoint.address if gateway.metrics_endpoint else None)
     return gateway
 
 

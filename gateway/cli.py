@@ -27,7 +27,10 @@ def register(root: typer.Typer) -> None:
         pcsc: bool | None = typer.Option(None, "--pcsc/--no-pcsc", help="Watch PC/SC readers through pcscd."),
         config_file: pathlib.Path | None = typer.Option(None, "--config", envvar="CARDLINE_CONFIG",
                                                            help="YAML configuration file (section 'gateway')."),
-        json_logs: bool = typer.Option(False, "--json-logs", help="Log JSON lines."),
+        json_logs: bool = typer.Option(False, "--json-logs", help="Log JSON lines (every line, libraries' too)."),
+        log_level: str | None = typer.Option(None, help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL."),
+        metrics_listen: str | None = typer.Option(None, help="HOST:PORT to serve Prometheus metrics on "
+                                                              "(/metrics); default: none."),
         tls_dir: pathlib.Path | None = TLS_DIR, tls_ca: pathlib.Path | None = TLS_CA,
         tls_cert: pathlib.Path | None = TLS_CERT, tls_key: pathlib.Path | None = TLS_KEY,
         tls_crl: pathlib.Path | None = TLS_CRL, insecure: bool | None = INSECURE,
@@ -35,7 +38,8 @@ def register(root: typer.Typer) -> None:
         """Serve card I/O and keep the link to the orchestrator (mutual TLS unless --insecure)."""
         from gateway.app import serve as run
 
-        run_server(config.GatewaySettings, run, json_logs=json_logs, config_file=config_file, listen=listen,
+        run_server(config.GatewaySettings, run, json_logs=json_logs, log_level=log_level,
+                   metrics_listen=metrics_listen, config_file=config_file, listen=listen,
                    data_dir=data_dir, orchestrator=orchestrator, gateway_id=gateway_id, site=site,
                    pkcs11_modules=pkcs11_module or None, pcsc=pcsc, tls_dir=tls_dir, tls_ca=tls_ca,
                    tls_cert=tls_cert, tls_key=tls_key, tls_crl=tls_crl, insecure=insecure)

@@ -23,6 +23,8 @@ from orchestrator.api.processes import ProcessServicer
 from orchestrator.api.reader_pool import ReaderPoolServicer
 from orchestrator.ca.base import CaConnector
 from orchestrator.ca.registry import build_cas, ca_names
+from orchestrator.health import DATABASE, HealthMonitor, ca_check, ca_component, database_check
+from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.services.card_secrets import CardPukStore
 from orchestrator.services.card_tasks import BoundaryHook, CardTaskService
 from orchestrator.services.certificates import CertificateService
@@ -37,6 +39,7 @@ from orchestrator.services.sweeper import IssuedSweeper
 from orchestrator.store.store import Store, prepare_schema
 from shared.config import OrchestratorSettings
 from shared.logging import get_logger
+from shared.metrics import MetricsEndpoint
 from shared.proto import (
     ca_service_pb2,
     ca_service_pb2_grpc,
@@ -75,6 +78,12 @@ def service_name(module) -> str:
 #: certificate.
 CLIENT_ROLES = frozenset({"client", "orchestrator"})
 ROLES = {service_name(link_pb2): frozenset({"gateway"}), **{service_name(m): CLIENT_ROLES for m in CLIENT_API}}
+#: What each service needs for its health to be SERVING (orchestrator/health.py): None = the
+#: database and every CA; the reader pool, leases and the link work from memory alone.
+HEALTH_NEEDS: dict[str, frozenset[str] | None] = {
+    **{service_name(m): None for m in CLIENT_API},
+    **{service_name(m): frozenset() for m in (reader_pool_service_pb2, lease_service_pb2, link_pb2)},
+}
 
 
 @dataclass
@@ -92,6 +101,9 @@ class Orchestrator:
     reconciler: Reconciler | None = None
     leases: LeaseService | None = None
     orders: OrderService | None = None
+    metrics: OrchestratorMetrics | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
+    health: HealthMonitor | None = None
 
     @property
     def address(self) -> str:
@@ -106,6 +118,8 @@ class Orchestrator:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.metrics_endpoint is not None:
+            await asyncio.to_thread(self.metrics_endpoint.stop)
         await self.server.stop()
         # Token-backed CAs and KEKs own a PKCS#11 module each: log out and finalise them.
         archive = self.card_tasks.key_archive
@@ -139,9 +153,12 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
         raise
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     cas = await asyncio.to_thread(build_cas, settings.cas, settings.data_dir)
+    # Health asks the connectors themselves, not what tests wrap around them.
+    ca_checks = {ca_component(n): ca_check(ca) for n, ca in cas.items()}
     if wrap_cas is not None:
         cas = wrap_cas(cas)
     owner_id = await asyncio.to_thread(orchestrator_id, settings.data_dir)
+    metrics = OrchestratorMetrics()
     archive_settings = settings.key_archive
     kek = await asyncio.to_thread(kek_from_settings, archive_settings.kind, settings.data_dir,
                                   pkcs11_module=archive_settings.pkcs11_module,
@@ -149,13 +166,13 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
                                   pin_file=archive_settings.pin_file, key_label=archive_settings.key_label,
                                   file_path=archive_settings.file_path)
     pool = ReaderPool(queue_timeout_s=settings.pool.queue_timeout_s,
-                      offline_retention_s=settings.pool.offline_retention_s)
+                      offline_retention_s=settings.pool.offline_retention_s, observer=metrics)
     templates = configuration.templates
     card_puks = CardPukStore(store, kek)
     card_tasks = CardTaskService(store, pool, cas, templates, key_archive=KeyArchive(kek),
                                  step_timeout_s=settings.step_timeout_s,
                                  default_relation_type=settings.default_relation_type, boundary=boundary,
-                                 owner_id=owner_id, card_puks=card_puks)
+                                 owner_id=owner_id, card_puks=card_puks, observer=metrics)
     certificates = CertificateService(store, cas, configuration.graphs,
                                       lambda name: configuration.graphs[templates.certificate(name).state_graph],
                                       templates.internal_issued_state)
@@ -194,10 +211,27 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
          GatewayLinkServicer(pool, f"orchestrator-{uuid.uuid4().hex[:8]}", settings.heartbeat_interval_s),
          service_name(link_pb2)),
     ], credentials=credentials, interceptors=interceptors)
+    metrics_endpoint = None
+    if settings.metrics_listen:
+        metrics.watch_pool(pool, asyncio.get_running_loop())
+        # The store is read for the metrics at most as often as the health checks read it.
+        metrics.watch_certificates(store.certificates.census, _internal_issued_states(templates),
+                                   min_interval_s=settings.health_check_interval_s,
+                                   timeout_s=settings.health_check_timeout_s)
+        metrics_endpoint = MetricsEndpoint(settings.metrics_listen, metrics.registry)
     await server.start()
     orchestrator = Orchestrator(settings, configuration, store, cas, pool, card_tasks, certificates, processes, server)
     orchestrator.leases, orchestrator.orders = leases, orders
     orchestrator.reconciler = reconciler
+    orchestrator.metrics, orchestrator.metrics_endpoint = metrics, metrics_endpoint
+    # gRPC health follows the database and the CAs: checked now, then every interval.
+    health = HealthMonitor({DATABASE: database_check(store), **ca_checks}, HEALTH_NEEDS,
+                           lambda service, serving: _set_health(server, service, serving),
+                           interval_s=settings.health_check_interval_s, timeout_s=settings.health_check_timeout_s,
+                           observe=metrics.checked)
+    await health.check_once()
+    orchestrator.health = health
+    orchestrator._background.append(asyncio.create_task(health.run_forever()))
     orchestrator._background.append(asyncio.create_task(_reconcile_forever(reconciler,
                                                                            settings.reconcile_interval_s)))
     sweeper = settings.issued_sweeper
@@ -208,6 +242,7 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
             revoke_reason=sweeper.revoke_reason, target_state=sweeper.target_state,
             interval_s=sweeper.interval_s).run_forever()))
     log.info("orchestrator serving", address=server.address, database=_safe_url(settings.effective_database_url()),
+             metrics=orchestrator.metrics_endpoint.address if orchestrator.metrics_endpoint else None,
              config_dir=str(settings.config_dir), processes=sorted(configuration.processes))
     return orchestrator
 
@@ -235,6 +270,17 @@ def _card_failed_state(templates, card_template: str) -> str | None:
     except Exception:  # a template gone from the configuration: the card keeps its state
         log.warning("no card template for an orphaned production", card_template=card_template)
         return None
+
+
+def _internal_issued_states(templates) -> set[str]:
+    return {templates.internal_issued_state, *(t.internal_issued_state for t in templates.certificates.values())}
+
+
+async def _set_health(server: Server, service: str, serving: bool) -> None:
+    from grpc_health.v1 import health_pb2
+
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    await server.health.set(service, status)
 
 
 async def _reconcile_forever(reconciler: Reconciler, interval_s: float) -> None:

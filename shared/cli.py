@@ -94,19 +94,32 @@ def main() -> None:
 
 
 def run_server(settings_cls: type[SettingsT], serve: Callable[[SettingsT], Coroutine[Any, Any, None]], *,
-               json_logs: bool, **options: Any) -> None:
+               json_logs: bool | None, log_level: str | None = None, **options: Any) -> None:
     """What both `serve` commands do: logging, settings (flags > environment > file), serve;
-    a configuration error exits 2 with every violation listed."""
+    a configuration error exits 2 with every violation listed. Under --json-logs even that
+    error, and a crash, are JSON lines."""
     import asyncio
 
     from shared import config
     from shared.errors import ConfigurationError
-    from shared.logging import configure
+    from shared.logging import configure, get_logger
 
-    configure(json=json_logs)
+    json = bool(json_logs)
+    configure(json=json)                   # until the settings are read
+    log = get_logger("cardline.serve")
     try:
-        settings = config.load(settings_cls, **options)
+        settings = config.load(settings_cls, json_logs=json_logs or None, log_level=log_level, **options)
+        json = settings.json_logs
+        configure(json=json, level=settings.log_level)
         asyncio.run(serve(settings))
     except ConfigurationError as exc:
-        typer.echo(str(exc), err=True)
+        if json:
+            log.error("configuration error", error=str(exc))
+        else:
+            typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+    except Exception:
+        if not json:
+            raise
+        log.exception("server failed")
+        raise typer.Exit(1) from None

@@ -35,6 +35,30 @@ def _check_listen(value: str) -> str:
     return value
 
 
+def _check_optional_listen(value: str) -> str:
+    return _check_listen(value) if value else value
+
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class _Observability(BaseModel):
+    """Settings both servers share (docs/observability.md): logs and the metrics endpoint."""
+
+    # Every line one JSON object (also Alembic's, grpc's and other libraries' lines).
+    json_logs: bool = False
+    log_level: LogLevel = "INFO"
+    # HOST:PORT serving Prometheus metrics at /metrics; empty: no metrics endpoint.
+    metrics_listen: str = ""
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+    _check_metrics = field_validator("metrics_listen")(classmethod(lambda cls, v: _check_optional_listen(v)))
+
+
 #: Key of the founding document for the internal issued state (C14); equal to
 #: orchestrator.domain.issued_state.INTERNAL_ISSUED_STATE_KEY (shared imports no orchestrator code).
 INTERNAL_ISSUED_STATE_KEY = "stateGraphDefinitionManager.certificateInternalIssuedState"
@@ -110,7 +134,7 @@ class _AliasEnvSource(PydanticBaseSettingsSource):
 _CONFIG_FILE: contextvars.ContextVar[pathlib.Path | None] = contextvars.ContextVar("config_file", default=None)
 
 
-class _Settings(BaseSettings):
+class _Settings(BaseSettings, _Observability):
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource,
@@ -224,6 +248,10 @@ class OrchestratorSettings(_Settings):
     pool: PoolSettings = Field(default_factory=PoolSettings)
     # C16: seconds between two rounds of the reconciler (it also runs once at start-up).
     reconcile_interval_s: float = Field(default=60.0, gt=0)
+    # gRPC health: the database and every CA are checked this often (and at most this long each);
+    # a failed check turns the services NOT_SERVING until one succeeds (docs/observability.md).
+    health_check_interval_s: float = Field(default=10.0, ge=0.1, le=3600)
+    health_check_timeout_s: float = Field(default=5.0, gt=0, le=300)
     # CAs besides the embedded local one, e.g. [{name: corp, kind: openssl, directory: /srv/ca}]
     # (docs/ca-connectors.md); certificate templates name them.
     cas: list[dict[str, Any]] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Protocol
 
 import grpc
 
@@ -22,11 +23,27 @@ from shared.version import VERSION
 log = get_logger(__name__)
 
 
+class LinkObserver(Protocol):
+    """What the link tells the metrics (gateway/metrics.py)."""
+    def link_changed(self, up: bool) -> None: ...
+    def redialling(self) -> None: ...
+
+
+class _Unobserved:
+    def link_changed(self, up: bool) -> None:
+        pass
+
+    def redialling(self) -> None:
+        pass
+
+
 class OrchestratorLink:
     def __init__(self, target: str, gateway_id: str, registry: ReaderRegistry, executor: StepExecutor, *,
                  site: str = "", labels: dict[str, str] | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
-                 backoff_min_s: float = 0.2, backoff_max_s: float = 10.0) -> None:
+                 backoff_min_s: float = 0.2, backoff_max_s: float = 10.0,
+                 observer: LinkObserver | None = None) -> None:
+        self.observer: LinkObserver = observer or _Unobserved()
         self.target = target
         self.gateway_id = gateway_id
         self.registry = registry
@@ -55,9 +72,11 @@ class OrchestratorLink:
                     detail=exc.details() if isinstance(exc, grpc.aio.AioRpcError) else None)
             finally:
                 self.connected.clear()
+                self.observer.link_changed(False)
             failures += 1
             delay = random.uniform(0, min(self.backoff_max_s, self.backoff_min_s * 2 ** min(failures, 16)))
             await asyncio.sleep(delay)
+            self.observer.redialling()
 
     async def _session(self) -> None:
         # Mutual TLS with the gateway's own certificate; plaintext only when the gateway was
@@ -96,6 +115,7 @@ class OrchestratorLink:
                     if kind == "welcome":
                         log.info("attached to orchestrator", orchestrator=msg.welcome.orchestrator_id)
                         self.connected.set()
+                        self.observer.link_changed(True)
                         interval = max(msg.welcome.heartbeat_interval_ms, 100) / 1000
                         silence_s = 3 * interval
                         heartbeat = asyncio.create_task(self._heartbeats(outbox, interval))

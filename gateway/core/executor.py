@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.core.idempotency import StepMemo
 from gateway.core.registry import ReaderRegistry
@@ -77,10 +77,22 @@ PCSC_OPERATIONS: frozenset[type] = frozenset({cards.RunApduScript})
 READER_OPERATIONS: frozenset[type] = frozenset({cards.ReadCardInfo})
 
 
+class StepObserver(Protocol):
+    """What the executor tells the metrics (gateway/metrics.py); reason: the error's, or None."""
+    def step_done(self, operation: str, seconds: float, replayed: bool, reason: str | None) -> None: ...
+
+
+class _Unobserved:
+    def step_done(self, operation: str, seconds: float, replayed: bool, reason: str | None) -> None:
+        pass
+
+
 class StepExecutor:
-    def __init__(self, registry: ReaderRegistry, memo: StepMemo | None = None) -> None:
+    def __init__(self, registry: ReaderRegistry, memo: StepMemo | None = None,
+                 observer: StepObserver | None = None) -> None:
         self.registry = registry
         self.memo = memo or StepMemo()
+        self.observer: StepObserver = observer or _Unobserved()
 
     async def run(self, reader_id: str, step: cards.Step, task_id: str = "",
                   step_number: int = 0) -> tuple[cards.StepValue, bool]:
@@ -91,11 +103,17 @@ class StepExecutor:
         try:
             value, replayed = await self.memo.run(key, lambda: self._dispatch(reader_id, step))
         except CardlineError as exc:
+            self.observer.step_done(op_name, time.perf_counter() - started, False, exc.reason)
             log.info("step failed", reader_id=reader_id, task_id=task_id, step=step_number, op=op_name,
                      reason=exc.reason)
             raise
+        except Exception as exc:            # a driver bug: counted, then reported by the caller
+            self.observer.step_done(op_name, time.perf_counter() - started, False, type(exc).__name__)
+            raise
+        seconds = time.perf_counter() - started
+        self.observer.step_done(op_name, seconds, replayed, None)
         log.info("step done", reader_id=reader_id, task_id=task_id, step=step_number, op=op_name, replayed=replayed,
-                 ms=round((time.perf_counter() - started) * 1000, 1))
+                 ms=round(seconds * 1000, 1))
         return value, replayed
 
     async def _dispatch(self, reader_id: str, step: cards.Step) -> cards.StepValue:

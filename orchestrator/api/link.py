@@ -86,6 +86,7 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
         except TimeoutError:
             log.warning("gateway fell silent for three heartbeat intervals; detaching it",
                         gateway_id=session.gateway_id, silence_s=3 * self.heartbeat_interval_s)
+            self.pool.fell_silent(session)
         except (StopAsyncIteration, asyncio.CancelledError):
             pass
         except Exception:  # a broken stream ends the session

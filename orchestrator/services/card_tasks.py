@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -118,12 +120,29 @@ class Progress:
 ProgressSink = Callable[[Progress], None]
 
 
+class TaskObserver(Protocol):
+    """What card tasks tell the metrics (orchestrator/metrics.py); the default does nothing.
+    outcome: the task's end state (SUCCEEDED, FAILED); reason: the error reason or None."""
+    def task_finished(self, task_type: str, outcome: str, seconds: float, reason: str | None) -> None: ...
+    def ca_called(self, ca: str, operation: str, seconds: float, reason: str | None) -> None: ...
+
+
+class _Unobserved:
+    def task_finished(self, task_type: str, outcome: str, seconds: float, reason: str | None) -> None:
+        pass
+
+    def ca_called(self, ca: str, operation: str, seconds: float, reason: str | None) -> None:
+        pass
+
+
 class CardTaskService:
     def __init__(self, store: Store, pool: ReaderPool, cas: dict[str, CaConnector], templates: Templates, *,
                  key_archive: KeyArchive | None = None, step_timeout_s: float = 120.0,
                  default_relation_type: str = DEFAULT_RELATION_TYPE, boundary: BoundaryHook | None = None,
-                 owner_id: str | None = None, card_puks: CardPukStore | None = None) -> None:
+                 owner_id: str | None = None, card_puks: CardPukStore | None = None,
+                 observer: TaskObserver | None = None) -> None:
         self.store = store
+        self.observer: TaskObserver = observer or _Unobserved()
         self.pool = pool
         self.cas = cas
         self.templates = templates
@@ -179,7 +198,11 @@ class CardTaskService:
                                                lease.reader.reader_id, order.card_id,
                                                process_instance_id=order.process_instance_id,
                                                task_index=order.task_index, owner=self.owner_id, task_id=task_id)
-                return await _CardTaskRun(self, task.id, lease, order, progress).execute()
+                started = time.monotonic()
+                outcome = await _CardTaskRun(self, task.id, lease, order, progress).execute()
+                self.observer.task_finished(order.type, outcome.task.state, time.monotonic() - started,
+                                            outcome.task.error_reason)
+                return outcome
         finally:
             self.running.discard(task_id)
 
@@ -207,6 +230,20 @@ class _CardTaskRun:
 
     async def _db(self, fn, *args, **kwargs):
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def _ca(self, ca: CaConnector, operation: str, call: Callable[..., Any], *args: Any) -> Any:
+        """A CA call on a worker thread, timed and counted for the metrics."""
+        started, reason = time.monotonic(), None
+        try:
+            return await asyncio.to_thread(call, *args)
+        except CardlineError as exc:
+            reason = exc.reason
+            raise
+        except Exception as exc:
+            reason = type(exc).__name__
+            raise
+        finally:
+            self.s.observer.ca_called(ca.name, operation, time.monotonic() - started, reason)
 
     async def _boundary(self, name: str) -> None:
         if self.s.boundary is not None:
@@ -287,7 +324,7 @@ class _CardTaskRun:
             if not isinstance(exc, CardlineError):
                 log.exception("card task crashed", task_id=self.task_id)
                 exc = CardlineError(f"{type(exc).__name__}: {exc}")
-            log.info("card task failed", task_id=self.task_id, reason=exc.reason, error=exc.message)
+            log.warning("card task failed", task_id=self.task_id, reason=exc.reason, error=exc.message)
             # C3: certificates stay in the internal issued state, carrying the task's error.
             task = await self._db(store.finish_task_failed, self.task_id, exc.reason, exc.message,
                                   template.failed_state if order.type == PRODUCTION and self.card_id else None,
@@ -400,7 +437,7 @@ class _CardTaskRun:
         # the reconciler can ask the CA what it issued for it.
         await self._db(self.s.store.ca_requests.journal, request_id, self.task_id, ca.name, template.name, csr_der)
         await self._boundary("before_issue")
-        der = await asyncio.to_thread(ca.issue, csr_der, profile, request_id)
+        der = await self._ca(ca, "issue", ca.issue, csr_der, profile, request_id)
         await self._boundary("after_issue")
         archived = None
         if private_key is not None:
@@ -421,7 +458,7 @@ class _CardTaskRun:
         self._tell(f"certificate {record.serial_hex} issued by {ca.name}, stored as {record.state}")
         await self._relate(app, record.id)
         if app.revoke_on_issue:             # C6: held at the CA; the store state still follows C1/C2
-            await asyncio.to_thread(ca.revoke, record.serial, "certificateHold")
+            await self._ca(ca, "revoke", ca.revoke, record.serial, "certificateHold")
             await self._db(self.s.store.audit.record, AUDIT_REVOKE_ON_ISSUE, CERTIFICATE, record.id, "card_task",
                            {"task_id": self.task_id, "reason": "certificateHold", "ca": ca.name})
             self._tell(f"certificate {record.serial_hex} put on hold at {ca.name} (revokeOnIssue)")

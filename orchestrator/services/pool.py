@@ -194,6 +194,29 @@ class GatewaySession:
         return item is _CLOSED
 
 
+class PoolObserver(Protocol):
+    """What the pool tells the metrics (orchestrator/metrics.py); the default does nothing."""
+    def waited(self, kind: str, seconds: float) -> None: ...
+    def heartbeats_missed(self, gateway_id: str) -> None: ...
+
+
+class _Unobserved:
+    def waited(self, kind: str, seconds: float) -> None:
+        pass
+
+    def heartbeats_missed(self, gateway_id: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class PoolCensus:
+    """The pool at one moment, for the metrics: readers by state, the queue, the gateways."""
+    readers: Mapping[ReaderState, int]
+    queue_depth: int
+    oldest_wait_s: float
+    gateways: Mapping[str, bool]                 # gateway id -> connected
+
+
 class LeaseObserver(Protocol):
     def queued(self, position: int) -> None: ...
     def acquired(self, gateway_id: str, reader_id: str) -> None: ...
@@ -227,6 +250,7 @@ class _Waiter:
     holder: str
     future: asyncio.Future
     position: int = 0
+    since: float = field(default_factory=time.monotonic)
 
     def wants(self, session: GatewaySession, reader: cards.Reader) -> bool:
         """Matches the reader, card aside."""
@@ -276,8 +300,10 @@ class Lease:
 
 
 class ReaderPool:
-    def __init__(self, *, queue_timeout_s: float | None = None, offline_retention_s: float = 600.0) -> None:
+    def __init__(self, *, queue_timeout_s: float | None = None, offline_retention_s: float = 600.0,
+                 observer: PoolObserver | None = None) -> None:
         self.queue_timeout_s = queue_timeout_s
+        self.observer: PoolObserver = observer or _Unobserved()
         self.offline_retention_s = offline_retention_s
         self._gateways: dict[str, GatewaySession] = {}        # the latest session of each gateway, closed or not
         self._offline_since: dict[str, float] = {}
@@ -337,6 +363,10 @@ class ReaderPool:
     def seen(self, session: GatewaySession) -> None:
         session.touch()
 
+    def fell_silent(self, session: GatewaySession) -> None:
+        """The gateway's heartbeats stopped coming (the link servicer detaches it next)."""
+        self.observer.heartbeats_missed(session.gateway_id)
+
     def session(self, gateway_id: str) -> GatewaySession:
         session = self._gateways.get(gateway_id)
         if session is None or session.closed:
@@ -380,6 +410,14 @@ class ReaderPool:
         return [p for gid, s in sorted(self._gateways.items())
                 for r in sorted(s.readers.values(), key=lambda r: r.reader_id)
                 if selector.matches(s, r) for p in [self._pooled(s, r)]]
+
+    def census(self) -> PoolCensus:
+        readers = dict.fromkeys(ReaderState, 0)
+        for p in self.list():
+            readers[p.state] += 1
+        now = time.monotonic()
+        return PoolCensus(readers, len(self._waiters), max((now - w.since for w in self._waiters), default=0.0),
+                          {gid: not s.closed for gid, s in self._gateways.items()})
 
     def queue(self) -> builtins.list[tuple[int, str, str]]:  # list: the method above
         """The waiting requests: (position, holder kind, what they wait for)."""
@@ -427,7 +465,9 @@ class ReaderPool:
         if timeout_s is not None and not waiter.future.done():
             timer = asyncio.get_running_loop().call_later(timeout_s, self._time_out, waiter, timeout_s)
         try:
-            return await waiter.future
+            lease = await waiter.future
+            self.observer.waited(kind, time.monotonic() - waiter.since)
+            return lease
         except asyncio.CancelledError:
             future = waiter.future
             if future.done() and not future.cancelled() and future.exception() is None:

@@ -146,6 +146,12 @@ class Store:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
+    def ping(self) -> None:
+        """One query on the schema's own table; raises when the database cannot be reached
+        or holds no cardline schema (the orchestrator's health check)."""
+        with self._engine.connect() as conn:
+            conn.execute(text("SELECT version_num FROM alembic_version")).all()
+
     def schema_revision(self) -> str | None:
         with self._engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()

@@ -25,7 +25,8 @@ Faults, so the failure rules can be tested:
     refused with WriteRefused;
   - `lose_card(operation=..., occurrence=n)` or `token.lose()` (e.g. from an orchestrator
     boundary hook): the token leaves its reader (a `removed` reader event goes up the link)
-    and every later step on it answers CardRemoved.
+    and every later step on it answers CardRemoved;
+  - `fall_silent()`: heartbeats go unanswered, the link stays open.
 Every command received is recorded in `commands` (operation, task, step) for assertions.
 """
 from __future__ import annotations
@@ -308,6 +309,7 @@ class FakeGateway:
         self._outbox: asyncio.Queue[link_pb2.GatewayMessage] = asyncio.Queue()
         self._channel: grpc.aio.Channel | None = None
         self._reader: asyncio.Task | None = None
+        self.silent = False
         for token in self.tokens.values():
             token._on_lost.append(self._token_lost)
 
@@ -328,6 +330,11 @@ class FakeGateway:
         """The token leaves its reader just before the matching command (counted as for
         `fail`) runs; that command and every later one answer CardRemoved."""
         self._faults.append(_Fault(None, operation, step_number, occurrence))
+
+    def fall_silent(self) -> None:
+        """Stops answering the orchestrator's heartbeats, the link left open: a station whose
+        network dropped without a FIN or RST."""
+        self.silent = True
 
     def operations(self, kind: type | None = None) -> list[cards.Operation]:
         return [c.operation for c in self.commands if kind is None or isinstance(c.operation, kind)]
@@ -365,7 +372,7 @@ class FakeGateway:
     async def _incoming(self, call) -> None:
         while (msg := await call.read()) is not grpc.aio.EOF:
             kind = msg.WhichOneof("message")
-            if kind == "heartbeat":        # answered, so the orchestrator never finds us silent
+            if kind == "heartbeat" and not self.silent:   # answered, so the orchestrator never finds us silent
                 self._outbox.put_nowait(link_pb2.GatewayMessage(heartbeat=link_pb2.Heartbeat(
                     sequence=msg.heartbeat.sequence)))
             elif kind == "command":

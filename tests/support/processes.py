@@ -82,16 +82,18 @@ def cardline_process(args: list[str], address: str, log_path: pathlib.Path,
 
 @contextlib.contextmanager
 def orchestrator_process(data_dir: pathlib.Path, env: dict[str, str] | None = None, *,
-                         insecure: bool = False, tls_dir: pathlib.Path | None = None) -> Iterator[str]:
+                         insecure: bool = False, tls_dir: pathlib.Path | None = None,
+                         address: str | None = None, args: tuple[str, ...] = ()) -> Iterator[str]:
     """An orchestrator serving mutual TLS with orchestrator.crt of TLS_DIR (default: the
     session's PKI; another PKI directory must hold a client certificate admin for the health
-    check), or plaintext when INSECURE."""
+    check), or plaintext when INSECURE; on ADDRESS (default: a free port), with ARGS added
+    to `cardline orchestrator serve`. Its output goes to DATA_DIR/orchestrator.log."""
     client = TlsFiles(tls_dir / "ca.crt", tls_dir / "admin.crt", tls_dir / "admin.key") if tls_dir else None
-    address = f"127.0.0.1:{free_port()}"
+    address = address or f"127.0.0.1:{free_port()}"
     data_dir.mkdir(parents=True, exist_ok=True)
     tls = ["--insecure"] if insecure else ["--tls-dir", str(tls_dir or default_pki().directory)]
     with cardline_process(["orchestrator", "serve", "--migrate", "--listen", address, "--data-dir", str(data_dir),
-                           *tls], address,
+                           *tls, *args], address,
                           data_dir / "orchestrator.log", env, insecure, client):
         yield address
 
@@ -99,7 +101,8 @@ def orchestrator_process(data_dir: pathlib.Path, env: dict[str, str] | None = No
 @contextlib.contextmanager
 def gateway_process(orchestrator: str, gateway_id: str, data_dir: pathlib.Path, *, pkcs11_module: str,
                     env: dict[str, str], insecure: bool = False, tls_dir: pathlib.Path | None = None,
-                    client: TlsFiles | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+                    client: TlsFiles | None = None,
+                    args: tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
     """A gateway dialing ORCHESTRATOR with the certificate of GATEWAY_ID from TLS_DIR (default:
     the session's PKI, which issues it on first use); CLIENT checks its health (default: the
     session's admin)."""
@@ -110,7 +113,7 @@ def gateway_process(orchestrator: str, gateway_id: str, data_dir: pathlib.Path, 
     tls = ["--insecure"] if insecure else ["--tls-dir", str(tls_dir or default_pki().directory)]
     with cardline_process(["gateway", "serve", "--listen", address, "--data-dir", str(data_dir), "--orchestrator",
                            orchestrator, "--gateway-id", gateway_id, "--pkcs11-module", pkcs11_module, "--no-pcsc",
-                           *tls], address, data_dir / "gateway.log", env, insecure, client) as proc:
+                           *tls, *args], address, data_dir / "gateway.log", env, insecure, client) as proc:
         yield address, proc
 
 
