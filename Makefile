@@ -16,13 +16,19 @@ test: setup lint
 	$(PY) -m pytest -q
 
 # ruff and mypy, configured in pyproject.toml (mypy strict on orchestrator/domain and shared);
-# buf lint on protos/ (buf.yaml) when buf is installed (`npm install -g @bufbuild/buf`).
-BUF ?= $(shell command -v buf 2>/dev/null)
-lint: setup
+# buf lint on protos/ (buf.yaml), buf installed from npm into .tools/.
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+lint: setup $(BUF)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	@if [ -n "$(BUF)" ]; then echo "$(BUF) lint"; $(BUF) lint; \
-	else echo "buf not installed: protos/ not linted (npm install -g @bufbuild/buf)"; fi
+	$(BUF) lint
+
+# npm from the distribution only where none is installed (a machine may have its own Node.js).
+$(BUF):
+	command -v npm >/dev/null || { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm; }
+	npm install --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
 
 setup: system-packages $(VENV)/.installed
 
