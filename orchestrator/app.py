@@ -187,9 +187,9 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     if sweeper.enabled:        # C5: no automatic handling unless asked for
         import datetime as dt
         orchestrator._background.append(asyncio.create_task(IssuedSweeper(
-            certificates, grace_period=dt.timedelta(seconds=sweeper.grace_period_s),
+            certificates, grace_period=dt.timedelta(seconds=sweeper.grace_period),
             revoke_reason=sweeper.revoke_reason, target_state=sweeper.target_state,
-            interval_s=sweeper.interval_s).run_forever()))
+            transition_reason=sweeper.transition_reason, interval_s=sweeper.interval).run_forever()))
     log.info("orchestrator serving", address=server.address, database=_safe_url(settings.effective_database_url()),
              config_dir=str(settings.config_dir), processes=sorted(configuration.processes))
     return orchestrator
