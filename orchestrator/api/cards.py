@@ -23,7 +23,8 @@ class CardServicer(card_service_pb2_grpc.CardServiceServicer):
     @rpc_errors
     async def ProduceCard(self, request, context):
         order = production_order(self.templates, conv.selector_from_proto(request.reader), request.subject,
-                                 conv.certificate_orders_from_proto(request), request.user_pin)
+                                 conv.certificate_orders_from_proto(request), request.user_pin,
+                                 card_template=request.card_template)
         async for p in follow(lambda sink: self.card_tasks.run(order, sink), lambda p: p.task is not None):
             task = None
             if p.task is not None:

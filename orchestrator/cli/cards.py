@@ -40,6 +40,8 @@ def register(root: typer.Typer) -> None:
         subject: str = typer.Option(..., help="Subject of the certificates, RFC 4514 (\"CN=Jane Doe,O=Example\")."),
         certificate: list[str] = typer.Option(["EmployeeAuthentication", "EmployeeSignature"], "--certificate",
                                               help="Certificate template, optionally TEMPLATE:KEYTYPE (repeatable)."),
+        card_template: str = typer.Option(..., "--card-template",
+                                          help="Card template of the new card (e.g. EmployeeCard)."),
         gateway: str = typer.Option("", help="Only readers of this gateway."),
         reader: str = typer.Option("", help="Only this reader id."),
         pin_stdin: bool = typer.Option(False, "--pin-stdin", help="Read the user PIN from standard input."),
@@ -49,7 +51,8 @@ def register(root: typer.Typer) -> None:
         """Produce one card: keys on the card, certificates from the CA, written back."""
         pin = sys.stdin.readline().rstrip("\n") if pin_stdin else typer.prompt("User PIN", hide_input=True)
         request = pb.ProduceCardRequest(reader=pool_pb.ReaderSelector(gateway_id=gateway, reader_id=reader),
-                                        subject=subject, certificates=certificate_requests(certificate), user_pin=pin)
+                                        subject=subject, certificates=certificate_requests(certificate), user_pin=pin,
+                                        card_template=card_template)
         task = None
         with console.status("producing card…"):
             for response in stub(card_service_pb2_grpc.CardServiceStub, orchestrator_addr).ProduceCard(request):

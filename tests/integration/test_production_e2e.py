@@ -48,7 +48,8 @@ def produce(orch: str, reader_id: str, pin: str,
     with client_channel(orch) as channel:
         stub = OrchestratorApi.on(channel)
         events = list(stub.cards.ProduceCard(card_pb.ProduceCardRequest(
-            reader=pool_pb.ReaderSelector(reader_id=reader_id), subject=SUBJECT, certificates=certificates, user_pin=pin)))
+            reader=pool_pb.ReaderSelector(reader_id=reader_id), subject=SUBJECT, certificates=certificates, user_pin=pin,
+            card_template="EmployeeCard")))
     return events, events[-1].task
 
 
@@ -207,7 +208,7 @@ def test_cli_lists_issued_certificates_and_shows_cards_as_json(station, softhsm_
 
     orch, _gw, pooled = station
     produced = subprocess.run([CARDLINE, "produce", "--orchestrator", orch, "--reader", pooled.reader.reader_id,
-                               "--subject", SUBJECT, "--certificate", "EmployeeAuthentication", "--pin-stdin", "--json"],
+                               "--subject", SUBJECT, "--card-template", "EmployeeCard", "--certificate", "EmployeeAuthentication", "--pin-stdin", "--json"],
                               input=softhsm_token.user_pin + "\n", capture_output=True, text=True)
     assert produced.returncode == 0, produced.stderr
     task = json.loads(produced.stdout)

@@ -27,35 +27,35 @@ from shared.proto.cardline.common.v1 import common_pb2 as cardline_dot_common_do
 from shared.proto.cardline.orchestrator.v1 import reader_pool_service_pb2 as cardline_dot_orchestrator_dot_v1_dot_reader__pool__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+cardline/orchestrator/v1/card_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63\x61rdline/common/v1/common.proto\x1a\x32\x63\x61rdline/orchestrator/v1/reader_pool_service.proto\"h\n\x12\x43\x65rtificateRequest\x12\x10\n\x08template\x18\x01 \x01(\t\x12-\n\x08key_type\x18\x02 \x01(\x0e\x32\x1b.cardline.common.v1.KeyType\x12\x11\n\tkey_label\x18\x03 \x01(\t\"\xb5\x01\n\x12ProduceCardRequest\x12\x38\n\x06reader\x18\x01 \x01(\x0b\x32(.cardline.orchestrator.v1.ReaderSelector\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x42\n\x0c\x63\x65rtificates\x18\x03 \x03(\x0b\x32,.cardline.orchestrator.v1.CertificateRequest\x12\x10\n\x08user_pin\x18\x04 \x01(\t\"z\n\x13ProduceCardResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bstep_number\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12,\n\x04task\x18\x04 \x01(\x0b\x32\x1e.cardline.orchestrator.v1.Task\"\xd4\x02\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x04type\x18\x02 \x01(\x0e\x32\".cardline.orchestrator.v1.TaskType\x12\x32\n\x05state\x18\x03 \x01(\x0e\x32#.cardline.orchestrator.v1.TaskState\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12\x11\n\treader_id\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x06 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_ids\x18\x07 \x03(\t\x12(\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x19.cardline.common.v1.Error\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb3\x01\n\x04\x43\x61rd\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06serial\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08template\x18\x04 \x01(\t\x12\x12\n\ngateway_id\x18\x05 \x01(\t\x12\x11\n\treader_id\x18\x06 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_ids\x18\x07 \x03(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"!\n\x0eGetCardRequest\x12\x0f\n\x07\x63\x61rd_id\x18\x01 \x01(\t\"?\n\x0fGetCardResponse\x12,\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x1e.cardline.orchestrator.v1.Card\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"?\n\x0fGetTaskResponse\x12,\n\x04task\x18\x01 \x01(\x0b\x32\x1e.cardline.orchestrator.v1.Task*\xbd\x01\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TASK_TYPE_CARD_PRODUCTION\x10\x01\x12\x1c\n\x18TASK_TYPE_CARD_OPERATION\x10\x02\x12\x1a\n\x16TASK_TYPE_CHANGE_STATE\x10\x03\x12 \n\x1cTASK_TYPE_CHANGE_STATE_IN_CA\x10\x04\x12\x1b\n\x17TASK_TYPE_HANDLE_ISSUED\x10\x05*p\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_RUNNING\x10\x01\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x02\x12\x15\n\x11TASK_STATE_FAILED\x10\x03\x32\xbb\x02\n\x0b\x43\x61rdService\x12l\n\x0bProduceCard\x12,.cardline.orchestrator.v1.ProduceCardRequest\x1a-.cardline.orchestrator.v1.ProduceCardResponse0\x01\x12^\n\x07GetCard\x12(.cardline.orchestrator.v1.GetCardRequest\x1a).cardline.orchestrator.v1.GetCardResponse\x12^\n\x07GetTask\x12(.cardline.orchestrator.v1.GetTaskRequest\x1a).cardline.orchestrator.v1.GetTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+cardline/orchestrator/v1/card_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63\x61rdline/common/v1/common.proto\x1a\x32\x63\x61rdline/orchestrator/v1/reader_pool_service.proto\"h\n\x12\x43\x65rtificateRequest\x12\x10\n\x08template\x18\x01 \x01(\t\x12-\n\x08key_type\x18\x02 \x01(\x0e\x32\x1b.cardline.common.v1.KeyType\x12\x11\n\tkey_label\x18\x03 \x01(\t\"\xcc\x01\n\x12ProduceCardRequest\x12\x38\n\x06reader\x18\x01 \x01(\x0b\x32(.cardline.orchestrator.v1.ReaderSelector\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x42\n\x0c\x63\x65rtificates\x18\x03 \x03(\x0b\x32,.cardline.orchestrator.v1.CertificateRequest\x12\x10\n\x08user_pin\x18\x04 \x01(\t\x12\x15\n\rcard_template\x18\x05 \x01(\t\"z\n\x13ProduceCardResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bstep_number\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12,\n\x04task\x18\x04 \x01(\x0b\x32\x1e.cardline.orchestrator.v1.Task\"\xd4\x02\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x04type\x18\x02 \x01(\x0e\x32\".cardline.orchestrator.v1.TaskType\x12\x32\n\x05state\x18\x03 \x01(\x0e\x32#.cardline.orchestrator.v1.TaskState\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12\x11\n\treader_id\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x06 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_ids\x18\x07 \x03(\t\x12(\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x19.cardline.common.v1.Error\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb3\x01\n\x04\x43\x61rd\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06serial\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08template\x18\x04 \x01(\t\x12\x12\n\ngateway_id\x18\x05 \x01(\t\x12\x11\n\treader_id\x18\x06 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_ids\x18\x07 \x03(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"!\n\x0eGetCardRequest\x12\x0f\n\x07\x63\x61rd_id\x18\x01 \x01(\t\"?\n\x0fGetCardResponse\x12,\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x1e.cardline.orchestrator.v1.Card\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"?\n\x0fGetTaskResponse\x12,\n\x04task\x18\x01 \x01(\x0b\x32\x1e.cardline.orchestrator.v1.Task*\xbd\x01\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TASK_TYPE_CARD_PRODUCTION\x10\x01\x12\x1c\n\x18TASK_TYPE_CARD_OPERATION\x10\x02\x12\x1a\n\x16TASK_TYPE_CHANGE_STATE\x10\x03\x12 \n\x1cTASK_TYPE_CHANGE_STATE_IN_CA\x10\x04\x12\x1b\n\x17TASK_TYPE_HANDLE_ISSUED\x10\x05*p\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_RUNNING\x10\x01\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x02\x12\x15\n\x11TASK_STATE_FAILED\x10\x03\x32\xbb\x02\n\x0b\x43\x61rdService\x12l\n\x0bProduceCard\x12,.cardline.orchestrator.v1.ProduceCardRequest\x1a-.cardline.orchestrator.v1.ProduceCardResponse0\x01\x12^\n\x07GetCard\x12(.cardline.orchestrator.v1.GetCardRequest\x1a).cardline.orchestrator.v1.GetCardResponse\x12^\n\x07GetTask\x12(.cardline.orchestrator.v1.GetTaskRequest\x1a).cardline.orchestrator.v1.GetTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.proto.cardline.orchestrator.v1.card_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKTYPE']._serialized_start=1331
-  _globals['_TASKTYPE']._serialized_end=1520
-  _globals['_TASKSTATE']._serialized_start=1522
-  _globals['_TASKSTATE']._serialized_end=1634
+  _globals['_TASKTYPE']._serialized_start=1354
+  _globals['_TASKTYPE']._serialized_end=1543
+  _globals['_TASKSTATE']._serialized_start=1545
+  _globals['_TASKSTATE']._serialized_end=1657
   _globals['_CERTIFICATEREQUEST']._serialized_start=191
   _globals['_CERTIFICATEREQUEST']._serialized_end=295
   _globals['_PRODUCECARDREQUEST']._serialized_start=298
-  _globals['_PRODUCECARDREQUEST']._serialized_end=479
-  _globals['_PRODUCECARDRESPONSE']._serialized_start=481
-  _globals['_PRODUCECARDRESPONSE']._serialized_end=603
-  _globals['_TASK']._serialized_start=606
-  _globals['_TASK']._serialized_end=946
-  _globals['_CARD']._serialized_start=949
-  _globals['_CARD']._serialized_end=1128
-  _globals['_GETCARDREQUEST']._serialized_start=1130
-  _globals['_GETCARDREQUEST']._serialized_end=1163
-  _globals['_GETCARDRESPONSE']._serialized_start=1165
-  _globals['_GETCARDRESPONSE']._serialized_end=1228
-  _globals['_GETTASKREQUEST']._serialized_start=1230
-  _globals['_GETTASKREQUEST']._serialized_end=1263
-  _globals['_GETTASKRESPONSE']._serialized_start=1265
-  _globals['_GETTASKRESPONSE']._serialized_end=1328
-  _globals['_CARDSERVICE']._serialized_start=1637
-  _globals['_CARDSERVICE']._serialized_end=1952
+  _globals['_PRODUCECARDREQUEST']._serialized_end=502
+  _globals['_PRODUCECARDRESPONSE']._serialized_start=504
+  _globals['_PRODUCECARDRESPONSE']._serialized_end=626
+  _globals['_TASK']._serialized_start=629
+  _globals['_TASK']._serialized_end=969
+  _globals['_CARD']._serialized_start=972
+  _globals['_CARD']._serialized_end=1151
+  _globals['_GETCARDREQUEST']._serialized_start=1153
+  _globals['_GETCARDREQUEST']._serialized_end=1186
+  _globals['_GETCARDRESPONSE']._serialized_start=1188
+  _globals['_GETCARDRESPONSE']._serialized_end=1251
+  _globals['_GETTASKREQUEST']._serialized_start=1253
+  _globals['_GETTASKREQUEST']._serialized_end=1286
+  _globals['_GETTASKRESPONSE']._serialized_start=1288
+  _globals['_GETTASKRESPONSE']._serialized_end=1351
+  _globals['_CARDSERVICE']._serialized_start=1660
+  _globals['_CARDSERVICE']._serialized_end=1975
 # @@protoc_insertion_point(module_scope)

@@ -103,10 +103,13 @@ class ProduceCardRequest(_message.Message):
     SUBJECT_FIELD_NUMBER: _builtins.int
     CERTIFICATES_FIELD_NUMBER: _builtins.int
     USER_PIN_FIELD_NUMBER: _builtins.int
+    CARD_TEMPLATE_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """RFC 4514, e.g. "CN=Jane Doe,O=Example" """
     user_pin: _builtins.str
     """passes through to the gateway; never stored or logged"""
+    card_template: _builtins.str
+    """card template of the new card object (its state graph); required"""
     @_builtins.property
     def reader(self) -> _reader_pool_service_pb2.ReaderSelector: ...
     @_builtins.property
@@ -118,10 +121,11 @@ class ProduceCardRequest(_message.Message):
         subject: _builtins.str = ...,
         certificates: _abc.Iterable[Global___CertificateRequest] | None = ...,
         user_pin: _builtins.str = ...,
+        card_template: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reader", b"reader"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "reader", b"reader", "subject", b"subject", "user_pin", b"user_pin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_template", b"card_template", "certificates", b"certificates", "reader", b"reader", "subject", b"subject", "user_pin", b"user_pin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
