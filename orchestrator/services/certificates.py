@@ -282,10 +282,12 @@ class CertificateService:
                 self.store.audit.record(AUDIT_HANDLE_ISSUED, CERTIFICATE, record.id, actor,
                                         {**base, "step": "revoke", "ca_action": "revoke",
                                          "ca_reason": revoke_reason})
-            for src, dst, reason in moves:
-                step = f"move {src} -> {dst}"
-                moved = self.store.certificates.change_state(
-                    record.id, dst, from_state=src, actor=actor, action=AUDIT_HANDLE_ISSUED, reason=reason,
+            if moves:
+                # The whole way in one transaction: never left in the start state after the CA
+                # revoked it (a revoked certificate that was never written must not look Active).
+                step = "move " + " -> ".join([moves[0][0], *(dst for _, dst, _ in moves)])
+                moved = self.store.certificates.change_states(
+                    record.id, moves, actor=actor, action=AUDIT_HANDLE_ISSUED,
                     detail={**base, "step": "move", "revoked": revoked,
                             **({"revoke_reason": revoke_reason} if revoked else {})})
                 state = moved.state

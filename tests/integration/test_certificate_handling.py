@@ -358,6 +358,35 @@ def test_c5_handle_issued_revokes_and_moves_with_audit(store, local_ca, service)
     assert r.handled and r.state == "Active" and not r.revoked
 
 
+def test_c5_handle_issued_interrupted_between_its_moves_never_leaves_a_revoked_certificate_active(
+        store, local_ca, service, monkeypatch):
+    # Before: Issued -> Active and Active -> Retired were two transactions; an interruption
+    # after the first left a revoked, never-written certificate Active (and out of reach of
+    # the C4 search, so nothing would handle it again).
+    task, _card = production(store)
+    cert = issue(store, local_ca, task.id)
+    store.finish_task_failed(task.id, "CARD_REMOVED", "card pulled")
+    from orchestrator.store import rows
+    real_add_audit = rows.add_audit
+
+    def interrupted(session, action, object_type, object_id, actor, detail, at):
+        if detail and detail.get("to") == "Retired":
+            raise ConnectionError("the database went away between the two moves")
+        return real_add_audit(session, action, object_type, object_id, actor, detail, at)
+
+    monkeypatch.setattr(rows, "add_audit", interrupted)
+    result = service.handle_issued([cert.id], revoke_reason="cessationOfOperation", target_state="Retired",
+                                   transition_reason="cardDestroyed", actor="operator")[0]
+    monkeypatch.setattr(rows, "add_audit", real_add_audit)
+    assert result.revoked and "ConnectionError" in result.error
+    assert crl(local_ca) == {cert.serial: "cessationOfOperation"}
+    assert store.certificates.get(cert.id).state == ISSUED          # not Active: the path is all or nothing
+    assert [h.id for h in service.search_issued()] == [cert.id]     # so it is found and handled again
+    again = service.handle_issued([cert.id], revoke_reason="cessationOfOperation", target_state="Retired",
+                                  transition_reason="cardDestroyed", actor="operator")[0]
+    assert again.handled and store.certificates.get(cert.id).state == "Retired"
+
+
 def test_c5_sweeper_skips_running_tasks_and_young_certificates(store, local_ca, service):
     failed, _card = production(store)
     old_failed = issue(store, local_ca, failed.id, cn="OldFailed")
