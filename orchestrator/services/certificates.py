@@ -162,7 +162,7 @@ class CertificateService:
         record = self.store.certificates.get(certificate_id)
         graph = self._graph(record)
         self._require_move(graph, record.id, record.state, to_state, reason)
-        action = ca_action_for(graph, record.state, to_state)       # UnmappedCaAction: nothing sent
+        action = ca_action_for(graph, record.state, to_state, reason)   # UnmappedCaAction: nothing sent
         ca = self._ca(record)
         detail = {"graph": graph.name, "ca": record.ca_name, "serial_hex": record.serial_hex, **action.to_dict()}
         failure = {**detail, "from": record.state, "to": to_state, "reason": reason}

@@ -466,3 +466,24 @@ def test_c17_concurrent_change_after_ca_action_is_audited(store, local_ca, graph
     assert (action, actor, detail["ca_done"], detail["error_reason"]) == \
         ("change_state_in_ca_failed", "helpdesk", True, "STATE_CONFLICT")
     assert crl(local_ca) == {cert.serial: "certificateHold"}
+
+
+def test_c17_the_transition_reason_is_the_reason_the_ca_publishes(store, local_ca, service, tmp_path):
+    # Before: Revoked declares keyCompromise, and `Revoked --reason cessationOfOperation`
+    # published keyCompromise. The transition's RFC 5280 reason is what the CA must publish.
+    from orchestrator.ca.openssl import OpenSslCa
+    from tests.support.crl import openssl_crl_reasons
+    openssl_ca = OpenSslCa(tmp_path / "openssl-ca", name="openssl")
+    service.cas[openssl_ca.name] = openssl_ca
+    for ca in (local_ca, openssl_ca):
+        task, _card = production(store)
+        retired, lost, other = (issue(store, ca, task.id, cn=cn) for cn in ("Retired", "Lost", "Other"))
+        store.finish_task_succeeded(task.id, ISSUED, {c.id: "Active" for c in (retired, lost, other)},
+                                    card_state="Active")
+        service.change_state_in_ca(retired.id, "Revoked", reason="cessationOfOperation", actor="operator")
+        service.change_state_in_ca(lost.id, "Revoked", reason="cardLost", actor="operator")   # not an RFC name
+        service.change_state_in_ca(other.id, "OnHold", reason="suspended", actor="operator")
+        assert openssl_crl_reasons(ca) == {retired.serial: "cessationOfOperation", lost.serial: "keyCompromise",
+                                           other.serial: "certificateHold"}, ca.name
+        assert audit(store, retired.id)[-1][2]["ca_reason"] == "cessationOfOperation"
+        assert {store.certificates.get(c.id).state for c in (retired, lost)} == {"Revoked"}
