@@ -70,6 +70,11 @@ class Card(Base):
     reader_id: Mapped[str] = mapped_column(NAME)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    # The physical card (docs/lifecycle.md): `identity` for good, `live_identity` only while
+    # the card object is live (not final, not taken over by a re-issue). Unique: one live
+    # card object per physical card, enforced by the database.
+    identity: Mapped[str | None] = mapped_column(NAME, nullable=True, index=True)
+    live_identity: Mapped[str | None] = mapped_column(NAME, nullable=True, index=True, unique=True)
 
 
 class ProcessInstance(Base):

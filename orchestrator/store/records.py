@@ -74,6 +74,12 @@ class CardRecord:
     reader_id: str
     created_at: dt.datetime
     updated_at: dt.datetime
+    identity: str | None = None         # the physical card: "pkcs11:<token serial>"; None: unknown
+    live_identity: str | None = None    # = identity while the card object is live, else None
+
+    @property
+    def live(self) -> bool:
+        return self.live_identity is not None
 
 
 @dataclass(frozen=True)
