@@ -130,6 +130,9 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
         log.warning("configuration", warning=warning)
     store = Store(settings.effective_database_url())
     await asyncio.to_thread(store.migrate)
+    # A card object in a final state of its card graph frees its physical card (docs/lifecycle.md).
+    store.cards.final_states = {t.name: configuration.graphs[t.state_graph].final_states
+                                for t in configuration.templates.cards.values()}
     archive_settings = settings.key_archive
     kek = await asyncio.to_thread(kek_from_settings, archive_settings.kind, settings.data_dir,
                                   pkcs11_module=archive_settings.pkcs11_module, token_label=archive_settings.token_label,

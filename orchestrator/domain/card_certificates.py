@@ -99,21 +99,21 @@ def plan_certificate_moves(move: CertificateMove, certificates: Sequence[tuple[s
     cannot make the move raises IllegalTransition naming it, and nothing is done."""
     steps = []
     for cert_id, state, graph in certificates:
-        def skip(why: str) -> CertificateStep:
-            return CertificateStep(cert_id, state, move.state, move.reason, skipped=why)
-
+        skipped = None
         if state == move.state:
-            steps.append(skip(f"already {state}"))
+            skipped = f"already {state}"
         elif state == internal_issued_state:
-            steps.append(skip(f"in the internal issued state {state!r}: never written to the card (C3, C5)"))
+            skipped = f"in the internal issued state {state!r}: never written to the card (C3, C5)"
         elif state in graph.states and graph.states[state].final:
-            steps.append(skip(f"in the final state {state!r}"))
+            skipped = f"in the final state {state!r}"
         elif move.state not in graph.states or not graph.can_move(state, move.state, move.reason):
             raise IllegalTransition(
                 f"certificate {cert_id} ({state}, state graph {graph.name!r}) cannot follow its card to "
                 f"{move.state!r}" + (f" with reason {move.reason!r}" if move.reason else "")
                 + "; nothing was changed", certificate_id=cert_id, from_state=state, to_state=move.state,
                 graph=graph.name)
+        if skipped is not None:
+            steps.append(CertificateStep(cert_id, state, move.state, move.reason, skipped=skipped))
         else:
             steps.append(CertificateStep(cert_id, state, move.state, move.reason,
                                          ca_action_for(graph, state, move.state, move.reason)))

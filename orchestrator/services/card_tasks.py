@@ -77,6 +77,7 @@ class CardTaskOrder:
     # CoreObjectDescriptors for fields naming stored objects (RecoverCertificate, ...).
     fields: Mapping[str, object] = field(default_factory=dict, repr=False)
     card_id: str | None = None                  # card_operation: the card of the process map
+    take_over: bool = False                     # card_production: re-issue a card that holds a live card object
     process_instance_id: str | None = None
     task_index: int | None = None
 
@@ -255,8 +256,11 @@ class _CardTaskRun:
             assert isinstance(info, cards.Reader)
             serial = info.token_serial or info.atr.hex()
             if order.type == PRODUCTION:          # C8: production creates the card object
+                # One physical card, one live card object: a card that has one is refused
+                # unless the process re-issues it (docs/lifecycle.md).
                 card = await self._db(store.cards.create, self.task_id, serial, template.name,
-                                      template.initial_state, self.lease.gateway_id, self.lease.reader.reader_id)
+                                      template.initial_state, self.lease.gateway_id, self.lease.reader.reader_id,
+                                      identity=card_identity(info), take_over=order.take_over)
                 self.card_id = card.id
                 self._tell(f"card {card.serial} ({info.token_label or info.name}) in production")
             elif self.card_id is not None:
@@ -464,6 +468,15 @@ class _CardTaskRun:
         await self._db(self.s.store.audit.record, AUDIT_RECOVER, CERTIFICATE, record.id, "card_task",
                        {"task_id": self.task_id, "card_id": self.card_id})
         self._tell(f"certificate {record.serial_hex} recovered onto the card ({label})")
+
+
+def card_identity(info: cards.Reader) -> str | None:
+    """Which physical card is in the reader: `pkcs11:<token serial>` for a token. None when the
+    card gives no identifier of its own (a PC/SC card shows only its ATR, which names a card
+    model, not a card): such a card is not bound (docs/lifecycle.md)."""
+    if info.token_serial:
+        return f"pkcs11:{info.token_serial}"
+    return None
 
 
 def archive_binding(issuer: str, serial_hex: str) -> str:

@@ -111,6 +111,10 @@ class CertificateService:
             graph = self.graphs[graph]
         return graph
 
+    def graph_of(self, record: CertificateRecord) -> StateGraph:
+        """The state graph of the certificate's template."""
+        return self._graph(record)
+
     def _ca(self, record: CertificateRecord) -> CaConnector:
         ca = self.cas.get(record.ca_name)
         if ca is None:

@@ -13,15 +13,15 @@ from orchestrator.domain.processes import (CardOperationTask, CardProductionTask
                                            ChangeStateTask, CoreObjectDescriptor, ExpressionError,
                                            HandleIssuedTask, ProcessDefinition, ProcessMap, ReaderSpec,
                                            TaskDefinition, render, variable_of)
-from orchestrator.domain.state_graphs import IllegalMove
 from orchestrator.domain.templates import CardTemplate
+from orchestrator.services.card_life import CardLifeService
 from orchestrator.services.card_tasks import OPERATION, PRODUCTION, CardTaskOrder, CardTaskService, Progress
 from orchestrator.services.certificates import CertificateService
 from orchestrator.services.configuration import Configuration
 from orchestrator.services.pool import ReaderSelector
-from orchestrator.store.records import AUDIT_CHANGE_STATE, CARD, CERTIFICATE, ProcessInstanceRecord, ProcessState
+from orchestrator.store.records import CARD, CERTIFICATE, ProcessInstanceRecord, ProcessState
 from orchestrator.store.store import Store
-from shared.errors import CardlineError, EncodingFailed, IllegalTransition, InvalidArgument, NotFound
+from shared.errors import CardlineError, EncodingFailed, InvalidArgument, NotFound
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -59,6 +59,7 @@ class ProcessService:
         self.configuration = configuration
         self.card_tasks = card_tasks
         self.certificates = certificates
+        self.cards = CardLifeService(store, configuration.graphs, configuration.templates, certificates)
         # C16: the process instances running here right now (the reconciler ends RUNNING
         # instances no live run owns); they are stored with the card task service's owner.
         self.running: set[str] = set()
@@ -207,7 +208,8 @@ class _ProcessRun:
         subject = self._render(task.subject) if task.subject else f"CN={self.definition.name} {self.instance_id[:8]}"
         order = CardTaskOrder(PRODUCTION if isinstance(task, CardProductionTask) else OPERATION, card_template,
                               encoding, selector_of(task.reader), subject, fields, card_id,
-                              process_instance_id=self.instance_id, task_index=index)
+                              process_instance_id=self.instance_id, task_index=index,
+                              take_over=isinstance(task, CardProductionTask) and task.reissue)
 
         def relay(p: Progress) -> None:
             if p.task is None:
@@ -232,16 +234,14 @@ class _ProcessRun:
                 self._tell(index, task, f"certificate {record.serial_hex} is {record.state}")
             return
         for d in self._descriptors(task.card, CARD):
-            card = await asyncio.to_thread(self.s.store.cards.get, d.id)
-            template = self.s.configuration.templates.card(card.template)
-            graph = self.s.configuration.graphs[template.state_graph]
-            try:
-                graph.require_move(card.state, task.state, task.reason)
-            except IllegalMove as exc:
-                raise IllegalTransition(str(exc), card_id=card.id) from None
-            card = await asyncio.to_thread(self.s.store.cards.change_state, card.id, task.state, from_state=card.state,
-                                           actor=self.actor, action=AUDIT_CHANGE_STATE, reason=task.reason)
-            self._tell(index, task, f"card {card.serial} is {card.state}")
+            # The card's certificates follow it as its graph says (CA first, C17).
+            change = await asyncio.to_thread(self.s.cards.change_state, d.id, task.state, task.reason,
+                                             actor=self.actor)
+            for step in change.certificates:
+                self._tell(index, task, f"certificate {step.certificate_id}: " + (
+                    f"left alone ({step.skipped})" if step.skipped else
+                    f"{step.from_state} -> {step.to_state} ({step.action.name if step.action else 'store only'})"))
+            self._tell(index, task, f"card {change.card.serial} is {change.card.state}")
 
     async def _handle_issued(self, index: int, task: HandleIssuedTask) -> None:
         if task.certificates:

@@ -51,6 +51,9 @@ class CardProductionTask(TaskDefinition):
     card: str | None = None                     # variable the new card's descriptor is written to
     # Line of each field in the file, so checks against the encoding description (C13) are located.
     field_lines: Mapping[str, int] = field(default_factory=frozen, compare=False, repr=False)
+    # The process re-issues a card that may already hold a live card object: the new card
+    # object takes the physical card over (docs/lifecycle.md). Otherwise such a card is refused.
+    reissue: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,7 +33,7 @@ from shared.cards import ReaderKind
 
 _TOP_KEYS = ("name", "description", "inputs", "secret_inputs", "tasks", "on_error")
 _TASK_KEYS = {
-    "card_production": ("type", "card_template", "reader", "subject", "fields", "card"),
+    "card_production": ("type", "card_template", "reader", "subject", "fields", "card", "reissue"),
     "card_operation": ("type", "card_template", "encoding", "reader", "card", "subject", "fields"),
     "change_state": ("type", "certificates", "card", "state", "reason"),
     "change_state_in_ca": ("type", "certificates", "state", "reason"),
@@ -312,6 +312,17 @@ class _ProcessReader(LocatedReader):
             self.read(entries[key], f"{path}.{key}", [name], scope)
         return name
 
+    def flag(self, entries: _Values, key: str, path: str) -> bool:
+        """An optional `true` / `false` (YAML booleans only); absent: false."""
+        if key not in entries:
+            return False
+        node = entries[key]
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
+            return bool(yaml.SafeLoader.bool_values[node.value.lower()])
+        found = node.value if isinstance(node, yaml.ScalarNode) else f"a {node.id}"
+        self.report(node, f"{path}.{key}", f"expected true or false, found {found}")
+        return False
+
     def state(self, entries: _Values, key: str, path: str) -> str | None:
         if key not in entries:
             return None
@@ -346,7 +357,8 @@ class _ProcessReader(LocatedReader):
                 written.add(card)
         scope.defined |= written
         return CardProductionTask(line=line, card_template=template or "", reader=reader, subject=subject,
-                                  fields=fields, field_lines=field_lines, card=card)
+                                  fields=fields, field_lines=field_lines, card=card,
+                                  reissue=self.flag(entries, "reissue", path))
 
     def card_operation(self, entries: _Values, path: str, line: int, scope: _Scope) -> CardOperationTask:
         self.one_of(entries, ("card_template", "encoding"), path, line)
