@@ -322,6 +322,8 @@ class _CardTaskRun:
         self._tell("user PIN set" + (" and PUK" if new_puk else ""))
 
     async def _application(self, app: Application) -> None:
+        if app.delete_objects:
+            await self._delete_objects(app)
         if app.is_recovery:
             await self._recover(app, self._certificate_descriptors(app, app.recover_certificate_field)[0])
         elif app.write_cert_key_list:     # certificate + key pairs from the archive, like recovery
@@ -406,6 +408,17 @@ class _CardTaskRun:
         await self._db(self.s.store.ca_requests.mark, request_id, CaRequestState.WRITTEN)
         self._tell(f"certificate {record.serial_hex} written next to its key ({label})")
         await self._boundary("after_write")
+
+    async def _delete_objects(self, app: Application) -> None:
+        """DeleteObjects=true: every key and certificate on the card, by key id (a retired card)."""
+        listing = await self._step(f"list_objects:{app.name}", cards.ListObjects())
+        assert isinstance(listing, cards.ObjectListing)
+        deleted = 0
+        for key_id in dict.fromkeys(o.key_id for o in listing.objects if o.key_id):
+            count = await self._step(f"delete_objects:{app.name}", cards.DeleteObjects(key_id))
+            assert isinstance(count, cards.DeletedCount)
+            deleted += count.count
+        self._tell(f"{deleted} objects deleted from the card ({app.name})")
 
     def _data_objects(self, app: Application) -> list[cards.WriteDataObject]:
         """The application's data objects (docs/encoding-descriptions.md, "Data objects"):

@@ -7,7 +7,7 @@ import asyncio
 import uuid
 from collections import ChainMap
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from orchestrator.domain.processes import (CardOperationTask, CardProductionTask, ChangeStateInCaTask,
                                            ChangeStateTask, CoreObjectDescriptor, ExpressionError,
@@ -206,8 +206,15 @@ class _ProcessRun:
             variable = variable_of(expr)
             fields[name] = self._scope().get(variable) if variable else self._render(expr)
         subject = self._render(task.subject) if task.subject else f"CN={self.definition.name} {self.instance_id[:8]}"
+        selector = selector_of(task.reader)
+        if isinstance(task, CardOperationTask) and task.when_present:
+            present = await self._reader_holding(card_id, selector)
+            if present is None:
+                self._tell(index, task, f"{task.type} skipped: the card is in no reader (when_present)")
+                return
+            selector = present
         order = CardTaskOrder(PRODUCTION if isinstance(task, CardProductionTask) else OPERATION, card_template,
-                              encoding, selector_of(task.reader), subject, fields, card_id,
+                              encoding, selector, subject, fields, card_id,
                               process_instance_id=self.instance_id, task_index=index,
                               take_over=isinstance(task, CardProductionTask) and task.reissue)
 
@@ -225,6 +232,17 @@ class _ProcessRun:
         if not outcome.succeeded:
             raise outcome.error or CardlineError("card task failed")
         self._tell(index, task, f"{task.type} succeeded (task {outcome.task.id})")
+
+    async def _reader_holding(self, card_id: str | None, selector: ReaderSelector) -> ReaderSelector | None:
+        """The reader (within `selector`) that holds the card right now, by its serial; None if none."""
+        if card_id is None:
+            return None
+        card = await asyncio.to_thread(self.s.store.cards.get, card_id)
+        for pooled in self.s.card_tasks.pool.list(selector):
+            reader = pooled.reader
+            if reader.card_present and card.serial in (reader.token_serial, reader.atr.hex()):
+                return replace(selector, gateway_id=pooled.gateway_id, reader_id=reader.reader_id)
+        return None
 
     async def _change_state(self, index: int, task: ChangeStateTask) -> None:
         if task.certificates:

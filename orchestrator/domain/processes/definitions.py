@@ -68,6 +68,8 @@ class CardOperationTask(TaskDefinition):
     subject: str | None = None
     fields: Mapping[str, str] = field(default_factory=frozen)
     field_lines: Mapping[str, int] = field(default_factory=frozen, compare=False, repr=False)
+    # Run only if the card is in a reader of the pool right now (then on that reader); else skip.
+    when_present: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

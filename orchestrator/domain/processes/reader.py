@@ -34,7 +34,7 @@ from shared.cards import ReaderKind
 _TOP_KEYS = ("name", "description", "inputs", "secret_inputs", "tasks", "on_error")
 _TASK_KEYS = {
     "card_production": ("type", "card_template", "reader", "subject", "fields", "card", "reissue"),
-    "card_operation": ("type", "card_template", "encoding", "reader", "card", "subject", "fields"),
+    "card_operation": ("type", "card_template", "encoding", "reader", "card", "subject", "fields", "when_present"),
     "change_state": ("type", "certificates", "card", "state", "reason"),
     "change_state_in_ca": ("type", "certificates", "state", "reason"),
     "handle_issued": ("type", "certificates", "revoke_reason", "target_state"),
@@ -371,8 +371,13 @@ class _ProcessReader(LocatedReader):
         subject = self.subject(entries, path, scope)
         fields, field_lines, written = self.fields(entries, path, scope)
         scope.defined |= written
+        when_present = self.flag(entries, "when_present", path)
+        if when_present and card is None:
+            self.report(entries["when_present"], f"{path}.when_present", "needs `card`: it is that card that must "
+                        "be present")
         return CardOperationTask(line=line, card_template=template, encoding=encoding, reader=reader,
-                                 card=card, subject=subject, fields=fields, field_lines=field_lines)
+                                 card=card, subject=subject, fields=fields, field_lines=field_lines,
+                                 when_present=when_present)
 
     def change_state(self, entries: _Values, path: str, line: int, scope: _Scope) -> ChangeStateTask:
         self.one_of(entries, ("certificates", "card"), path, line)
