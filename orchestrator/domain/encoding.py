@@ -530,7 +530,7 @@ class _Parser:
         if not does_something and written <= set(APPLICATION_KEYWORDS):
             self.error(a.line, a.name, "the application does nothing: give it GenerateKeyPair,"
                        " CertificateTemplate, ArchiveKey, RecoverCertificate, WriteCertificate,"
-                       " WriteCertKeyList, a data object or an ApduScript")
+                       " WriteCertKeyList, a data object, an ApduScript or DeleteObjects")
 
 
 def parse_encoding(text: str, source: str,
