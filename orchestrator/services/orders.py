@@ -29,7 +29,7 @@ from orchestrator.domain.processes import CardProductionTask
 from orchestrator.services.pool import LEASE_SCOPE, LeaseScope, PooledReader, ReaderPool, ReaderSelector
 from orchestrator.services.processes import ProcessProgress, ProcessService, selector_of
 from orchestrator.store.records import ProcessState
-from shared import cards
+from shared.cards import Reader
 from shared.errors import Cancelled, CardlineError, InvalidArgument, NotFound, ReaderNotFound
 from shared.logging import get_logger
 
@@ -67,10 +67,10 @@ class Order:
     # (gateway, reader) -> the card the order had there; released when that reader's card changes.
     _had: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
 
-    def accepts(self, gateway_id: str, reader: cards.Reader) -> bool:
+    def accepts(self, gateway_id: str, reader: Reader) -> bool:
         return self._had.get((gateway_id, reader.reader_id)) != card_key(reader)
 
-    def reader_changed(self, gateway_id: str, reader: cards.Reader, *, gone: bool = False) -> None:
+    def reader_changed(self, gateway_id: str, reader: Reader, *, gone: bool = False) -> None:
         """The pool saw this reader change: no card, another card, or the reader gone frees it."""
         key = (gateway_id, reader.reader_id)
         if key in self._had and (gone or not reader.card_present or self._had[key] != card_key(reader)):
@@ -91,7 +91,7 @@ class Order:
         old.set()
 
 
-def card_key(reader: cards.Reader) -> str:
+def card_key(reader: Reader) -> str:
     """What tells one card from another in a reader: the token serial, else the ATR."""
     return reader.token_serial or reader.atr.hex()
 

@@ -125,7 +125,8 @@ def test_a_card_with_a_live_card_object_is_refused_in_the_same_transaction(store
     with pytest.raises(AlreadyExists) as err:
         _card_of(store, "pkcs11:9f3a")
     assert "pkcs11:9f3a" in err.value.message and first.id in err.value.message
-    assert store.cards.live("pkcs11:9f3a").id == first.id
+    live = store.cards.live("pkcs11:9f3a")
+    assert live is not None and live.id == first.id
     # Nothing half-written: the refused task has no card, and only one card object exists.
     assert sum(1 for t in store.tasks.list() if t.card_id) == 1
     assert _card_of(store, None).identity is None and _card_of(store, None).live is False   # unbound cards
@@ -149,6 +150,7 @@ def test_a_final_state_or_a_reissue_frees_the_card(store: Store):
     assert not store.cards.get(first.id).live and store.cards.live("pkcs11:c0de") is None
     second = _card_of(store, "pkcs11:c0de")
     third = _card_of(store, "pkcs11:c0de", take_over=True)
-    assert store.cards.live("pkcs11:c0de").id == third.id and not store.cards.get(second.id).live
+    live = store.cards.live("pkcs11:c0de")
+    assert live is not None and live.id == third.id and not store.cards.get(second.id).live
     [event] = store.audit.list(object_id=second.id, action="card_taken_over")
     assert event.detail["by_card"] == third.id

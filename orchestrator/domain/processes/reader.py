@@ -319,7 +319,7 @@ class _ProcessReader(LocatedReader):
         node = entries[key]
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
             return bool(yaml.SafeLoader.bool_values[node.value.lower()])
-        found = node.value if isinstance(node, yaml.ScalarNode) else f"a {node.id}"
+        found = node.value if isinstance(node, yaml.ScalarNode) else f"a {type(node).__name__}"
         self.report(node, f"{path}.{key}", f"expected true or false, found {found}")
         return False
 
