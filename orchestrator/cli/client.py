@@ -42,7 +42,7 @@ def print_json(value: Any) -> None:
 def label(enum, value: int) -> str:
     """An enum value for people: TASK_STATE_SUCCEEDED -> "succeeded"."""
     name = enum.Name(value)
-    prefix = next(n for n in enum if n.endswith("_UNSPECIFIED")).removesuffix("UNSPECIFIED")
+    prefix = next(n for n, _ in enum.items() if n.endswith("_UNSPECIFIED")).removesuffix("UNSPECIFIED")
     return name.removeprefix(prefix).lower().replace("_", " ")
 
 

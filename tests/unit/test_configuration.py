@@ -69,8 +69,9 @@ def test_examples_load_without_violation():
     assert isinstance(configuration, Configuration)
     assert configuration.warnings == ()
     assert set(configuration.graphs) == {"EmployeeCertificate", "EmployeeCard"}
-    assert set(configuration.encodings) == {"employee-card", "employee-card-with-recovery"}
-    assert set(configuration.processes) == {"produce-employee-card", "renew-authentication"}
+    assert set(configuration.encodings) == {"employee-card", "employee-card-with-recovery", "erase-card"}
+    assert set(configuration.processes) == {"produce-employee-card", "renew-authentication", "lock-card",
+                                            "unlock-card", "report-lost", "retire-card"}
     templates = configuration.templates
     assert templates.internal_issued_state == "Issued"
     assert {t.start_state for t in templates.certificates.values()} == {"Active"}
