@@ -60,7 +60,9 @@ def start_gateway(stack: contextlib.ExitStack, work: pathlib.Path, orch: str, na
     stack.enter_context(gateway_process(orch, name, work / f"gw-{name}", pkcs11_module=module,
                                         env={**os.environ, "SOFTHSM2_CONF": str(conf)}))
     for serial in serials:
-        wait_for_pooled_reader(orch, lambda r, serial=serial: r.reader.token_serial == serial)
+        def holds_it(r, serial: str = serial) -> bool:
+            return r.reader.token_serial == serial
+        wait_for_pooled_reader(orch, holds_it)
     return serials
 
 
