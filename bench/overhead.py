@@ -30,6 +30,8 @@ from shared.proto import (  # noqa: E402
     common_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
+    process_service_pb2,
+    process_service_pb2_grpc,
     steps_pb2,
 )
 from shared.proto import reader_pool_service_pb2 as pool_pb  # noqa: E402
@@ -86,14 +88,26 @@ def main() -> None:
         gw_stub = gateway_pb2_grpc.GatewayServiceStub(channel(gw))
         request = card_pb.ProduceCardRequest(
             reader=pool_pb.ReaderSelector(reader_id=reader.reader_id), subject=SUBJECT, user_pin=PIN,
-            certificates=[card_pb.CertificateRequest(template=t, key_type=PROTO_KEY[k]) for t, k in apps])
+            certificates=[card_pb.CertificateRequest(template=t, key_type=PROTO_KEY[k]) for t, k in apps],
+            card_template="EmployeeCard")
+
+        processes = process_service_pb2_grpc.ProcessServiceStub(channel(orch))
+        produced: list[str] = []
 
         def pipeline_production() -> None:
             task = list(stub.ProduceCard(request))[-1].task
             assert task.state == card_pb.TASK_STATE_SUCCEEDED, task.error
+            produced.append(task.card_id)
 
         def clean_pipeline_token() -> None:
-            """Untimed: delete what the run made, so both tokens stay the same size."""
+            """Untimed: retire the card object just made (a token holds one live card object,
+            docs/lifecycle.md; retire-card also erases the card) and delete what is left, so
+            both tokens stay the same size."""
+            card = common_pb2.CoreObjectDescriptor(type="Card", template="EmployeeCard", id=produced[-1])
+            instance = list(processes.StartProcess(process_service_pb2.StartProcessRequest(
+                process="retire-card", inputs={"card": common_pb2.Value(descriptor=card)},
+                secret_inputs={"pin": PIN})))[-1].instance
+            assert instance.state == process_service_pb2.PROCESS_STATE_SUCCEEDED, instance.error
             def step(**op):
                 return gw_stub.RunStep(gateway_pb2.RunStepRequest(reader_id=reader.reader_id, step=steps_pb2.Step(
                     credentials=steps_pb2.Credentials(user_pin=PIN), **op))).outcome

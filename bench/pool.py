@@ -56,13 +56,19 @@ GET_SERIAL = bytes.fromhex("00CA005A08")
 SCRIPT = [SELECT] + [GET_SERIAL] * 99                        # 100 APDUs
 
 
-def start_gateway(stack: contextlib.ExitStack, work: pathlib.Path, orch: str, name: str, module: str) -> str:
+def start_gateway(stack: contextlib.ExitStack, work: pathlib.Path, orch: str, name: str, module: str,
+                  tokens: int = 1) -> list[str]:
+    """A gateway with `tokens` tokens: an order puts one person on one card (docs/lifecycle.md),
+    so a gateway produces as many cards per order as it has tokens."""
     conf = softhsm.make_softhsm_dir(work / f"hsm-{name}")
-    serial = softhsm.init_token(conf, f"bench-{name}", SO_PIN, PIN)
+    serials = [softhsm.init_token(conf, f"bench-{name}-{i}", SO_PIN, PIN) for i in range(tokens)]
     stack.enter_context(gateway_process(orch, name, work / f"gw-{name}", pkcs11_module=module,
                                         env={**os.environ, "SOFTHSM2_CONF": str(conf)}))
-    wait_for_pooled_reader(orch, lambda r: r.reader.token_serial == serial)
-    return serial
+    for serial in serials:
+        def holds_it(r, serial: str = serial) -> bool:
+            return r.reader.token_serial == serial
+        wait_for_pooled_reader(orch, holds_it)
+    return serials
 
 
 def run_order(stub, cards: int) -> float:
@@ -82,6 +88,9 @@ def run_order(stub, cards: int) -> float:
 def production_scaling(work: pathlib.Path, cards_per_gateway: int) -> dict[int, float]:
     module = softhsm.find_module()
     config = make_config(work)
+    # The same tokens serve every run: the bench's production re-issues them (docs/lifecycle.md).
+    process = config / "processes" / "pool-produce.yaml"
+    process.write_text(process.read_text().replace('    card: "${card}"\n', '    card: "${card}"\n    reissue: true\n'))
     rates: dict[int, float] = {}
     env = {**os.environ, "CARDLINE_ORCHESTRATOR_CONFIG_DIR": str(config)}
     with contextlib.ExitStack() as stack:
@@ -90,7 +99,7 @@ def production_scaling(work: pathlib.Path, cards_per_gateway: int) -> dict[int, 
         attached = 0
         for gateways in (1, 2, 4):
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                list(pool.map(lambda i: start_gateway(stack, work, orch, f"gw{i}", module),
+                list(pool.map(lambda i: start_gateway(stack, work, orch, f"gw{i}", module, cards_per_gateway),
                               range(attached, gateways)))
             attached = gateways
             run_order(stub, gateways)                                   # warm-up: every reader once

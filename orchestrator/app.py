@@ -151,6 +151,9 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     except BaseException:
         store.close()
         raise
+    # A card object in a final state of its card graph frees its physical card (docs/lifecycle.md).
+    store.cards.final_states = {t.name: configuration.graphs[t.state_graph].final_states
+                                for t in configuration.templates.cards.values()}
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     cas = await asyncio.to_thread(build_cas, settings.cas, settings.data_dir)
     # Health asks the connectors themselves, not what tests wrap around them.
@@ -238,9 +241,9 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     if sweeper.enabled:        # C5: no automatic handling unless asked for
         import datetime as dt
         orchestrator._background.append(asyncio.create_task(IssuedSweeper(
-            certificates, grace_period=dt.timedelta(seconds=sweeper.grace_period_s),
+            certificates, grace_period=dt.timedelta(seconds=sweeper.grace_period),
             revoke_reason=sweeper.revoke_reason, target_state=sweeper.target_state,
-            interval_s=sweeper.interval_s).run_forever()))
+            transition_reason=sweeper.transition_reason, interval_s=sweeper.interval).run_forever()))
     log.info("orchestrator serving", address=server.address, database=_safe_url(settings.effective_database_url()),
              metrics=orchestrator.metrics_endpoint.address if orchestrator.metrics_endpoint else None,
              config_dir=str(settings.config_dir), processes=sorted(configuration.processes))

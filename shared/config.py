@@ -18,10 +18,20 @@ from __future__ import annotations
 import contextvars
 import os
 import pathlib
+import re
 from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -155,17 +165,51 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(value: object, what: str) -> float:
+    """A duration as the docs write it: seconds as a number, or text `90s`, `15m`, `1h`, `2d`."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what}: expected a duration such as 60s, 15m, 1h or 2d, got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"{what}: expected a duration such as 60s, 15m, 1h or 2d, got {value!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+
+
 class IssuedSweeperSettings(BaseModel):
-    """C5, opt-in: every interval_s, certificates that have been in the internal issued state
-    for longer than grace_period_s (and whose task is finished) are revoked at their CA with
-    revoke_reason (None: not revoked) and moved to target_state. Off by default."""
-    model_config = ConfigDict(extra="forbid")
+    """C5, opt-in: every `interval`, certificates that have been in the internal issued state
+    for longer than `grace_period` (and whose task is finished) are revoked at their CA with
+    revoke_reason (None: not revoked) and moved to target_state (with transition_reason when
+    that move needs one). Off unless the `issued_sweeper` section is given (docs/
+    certificate-handling.md, "The sweeper"); `enabled: false` keeps a written section off.
+    Durations: seconds, or `90s`, `15m`, `1h`, `2d`; `grace_period_s` and `interval_s` are
+    accepted as older spellings."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     enabled: bool = False
-    grace_period_s: float = Field(default=86400.0, gt=0)
+    grace_period: float = Field(default=86400.0, gt=0, validation_alias=AliasChoices("grace_period", "grace_period_s"))
     revoke_reason: str | None = "cessationOfOperation"
     target_state: str = "Revoked"
-    interval_s: float = Field(default=3600.0, gt=0)
+    transition_reason: str | None = None
+    interval: float = Field(default=3600.0, gt=0, validation_alias=AliasChoices("interval", "interval_s"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _section_given_means_on(cls, data: Any) -> Any:
+        # The documented section has no `enabled`: writing it down is asking for the sweeper.
+        if isinstance(data, dict) and data and "enabled" not in data:
+            return {**data, "enabled": True}
+        return data
+
+    @field_validator("grace_period", "interval", mode="before")
+    @classmethod
+    def _duration(cls, v: object, info: ValidationInfo) -> float:
+        return duration_seconds(v, str(info.field_name))
 
     @field_validator("revoke_reason")
     @classmethod
@@ -175,6 +219,14 @@ class IssuedSweeperSettings(BaseModel):
         return v
 
     _check_target = field_validator("target_state")(classmethod(lambda cls, v: _check_name(v, "target_state")))
+
+    @property
+    def grace_period_s(self) -> float:
+        return self.grace_period
+
+    @property
+    def interval_s(self) -> float:
+        return self.interval
 
 
 class KeyArchiveSettings(BaseModel):

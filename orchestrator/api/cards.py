@@ -30,12 +30,14 @@ class CardServicer(card_service_pb2_grpc.CardServiceServicer):
     @rpc_errors
     async def ProduceCard(self, request, context):
         order = production_order(self.templates, conv.selector_from_proto(request.reader), request.subject,
-                                 conv.certificate_orders_from_proto(request), request.user_pin)
+                                 conv.certificate_orders_from_proto(request), request.user_pin,
+                                 card_template=request.card_template)
         task_id = str(uuid.uuid4())
         if request.request_id:
             # The PIN stays out of the fingerprint: it is stored.
             print_ = fingerprint(request.reader.SerializeToString(deterministic=True), request.subject,
-                                 [c.SerializeToString(deterministic=True) for c in request.certificates])
+                                 [c.SerializeToString(deterministic=True) for c in request.certificates],
+                                 request.card_template)
             first = await asyncio.to_thread(self.store.client_requests.claim, "task", request.request_id, task_id,
                                             print_)
             if first != task_id:

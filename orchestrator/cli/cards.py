@@ -58,6 +58,8 @@ def register(root: typer.Typer) -> None:
         secrets_stdin: bool = typer.Option(False, "--secrets-stdin", "--pin-stdin",
                                            help="Read the user PIN from standard input: a line user_pin=PIN, or "
                                                 "the PIN alone (--pin-stdin: old name)."),
+        card_template: str = typer.Option(..., "--card-template",
+                                          help="Card template of the new card (e.g. EmployeeCard)."),
         request_id: str = REQUEST_ID,
         json_output: bool = typer.Option(False, "--json", help="Print the finished task as JSON."),
         orchestrator_addr: str = ORCHESTRATOR,
@@ -66,7 +68,7 @@ def register(root: typer.Typer) -> None:
         pin = _pin_from_stdin() if secrets_stdin else typer.prompt("User PIN", hide_input=True)
         request = pb.ProduceCardRequest(reader=pool_pb.ReaderSelector(gateway_id=gateway_id, reader_id=reader_id),
                                         subject=subject, certificates=certificate_requests(certificate), user_pin=pin,
-                                        request_id=request_id)
+                                        request_id=request_id, card_template=card_template)
         task = None
         with console.status("producing card…"):
             for response in stub(card_service_pb2_grpc.CardServiceStub, orchestrator_addr).ProduceCard(request):

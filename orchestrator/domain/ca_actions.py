@@ -16,6 +16,11 @@ revoke a certificate (docs/certificate-handling.md):
   (e) anything else -> shared.errors.UnmappedCaAction naming the state and listing the
       states that do map. Nothing has been sent to any CA at that point.
 
+The reason of the move refines a revocation: when the target revokes (not a hold, not a
+lift) and the transition's reason is itself an RFC 5280 revocation reason, the CA revokes
+with that reason (`Revoked` declares keyCompromise, `Revoked --reason cessationOfOperation`
+revokes with cessationOfOperation). Other reasons (`cardLost`) leave the state's action.
+
 Pure domain code: no I/O, no CA, no store. Whether the move itself is allowed is the state
 graph's business (StateGraph.require_move); callers check that first.
 """
@@ -124,8 +129,16 @@ def mapped_states(graph: StateGraph) -> dict[str, str]:
     return found
 
 
-def ca_action_for(graph: StateGraph, from_state: str, to_state: str) -> CaAction:
-    """The CA action of moving a certificate from `from_state` to `to_state` (C17).
+def revocation_reason_of(reason: str | None) -> str | None:
+    """`reason` when it is an RFC 5280 reason that revokes for good, else None."""
+    if reason in RFC5280_REASONS and reason not in (REMOVE_FROM_CRL, CERTIFICATE_HOLD):
+        return reason
+    return None
+
+
+def ca_action_for(graph: StateGraph, from_state: str, to_state: str, reason: str | None = None) -> CaAction:
+    """The CA action of moving a certificate from `from_state` to `to_state` (C17), with the
+    transition reason `reason` (see the module doc: an RFC 5280 reason refines a revocation).
 
     Raises UnmappedCaAction when the table has no entry (rule (e)); the caller must not
     have talked to the CA yet. Does not check that the move is allowed by the graph.
@@ -141,6 +154,8 @@ def ca_action_for(graph: StateGraph, from_state: str, to_state: str) -> CaAction
         if action == REMOVE_FROM_CRL:                                  # (a) or (b)
             return LiftHold()
         if action is not None:                                         # (a), (b), (c)
+            if action != CERTIFICATE_HOLD:
+                return Revoke(revocation_reason_of(reason) or action)
             return Revoke(action)
         if from_state in graph.states and is_hold_state(graph, from_state):   # (d)
             return LiftHold()

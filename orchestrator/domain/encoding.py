@@ -42,7 +42,7 @@ APPLICATION_KEYWORDS = (
     "CreateObjectRelation", "ObjectRelationType", "CertCoreObjectDescriptorReturnField",
     "ArchiveKey", "RecoverCertificate", "WriteCertificate", "Certificate",
     "WriteCertKeyList", "CertKeyList", "DataObject", "LabelExpressionDataObject",
-    "AttributesDataObject", "ApduScript",
+    "AttributesDataObject", "ApduScript", "DeleteObjects",
 )
 _SECTION_KEYWORDS = {"Encoding": ENCODING_KEYWORDS, "Description": DESCRIPTION_KEYWORDS,
                      "Application": APPLICATION_KEYWORDS}
@@ -114,6 +114,7 @@ class Application:
     attributes_data_object: str | None = None
     apdu_script_field: str | None = None         # ApduScript=FIELD: the script comes at run time
     apdus: tuple[Apdu, ...] = ()                 # ApduScript=<inline hex>, already validated
+    delete_objects: bool = False                 # DeleteObjects=true: erase the card's keys and certificates first
     # keyword -> line, for errors found later (process loading, encoding time)
     keyword_lines: Mapping[str, int] = field(default_factory=dict, compare=False, hash=False)
 
@@ -423,7 +424,7 @@ class _Parser:
                 v[attr] = kw[key].value
         for key, attr in (("revokeOnIssue", "revoke_on_issue"), ("ArchiveKey", "archive_key"),
                           ("WriteCertificate", "write_certificate"),
-                          ("WriteCertKeyList", "write_cert_key_list")):
+                          ("WriteCertKeyList", "write_cert_key_list"), ("DeleteObjects", "delete_objects")):
             if key in kw:
                 v[attr] = self._bool(kw[key], p(key))
         if "CreateObjectRelation" in kw:
@@ -533,11 +534,11 @@ class _Parser:
         does_something = bool(written & {
             "GenerateKeyPair", "CertificateTemplate", "ArchiveKey", "RecoverCertificate",
             "WriteCertificate", "WriteCertKeyList", "DataObject", "LabelExpressionDataObject",
-            "AttributesDataObject", "ApduScript"})
+            "AttributesDataObject", "ApduScript", "DeleteObjects"})
         if not does_something and written <= set(APPLICATION_KEYWORDS):
             self.error(a.line, a.name, "the application does nothing: give it GenerateKeyPair,"
                        " CertificateTemplate, ArchiveKey, RecoverCertificate, WriteCertificate,"
-                       " WriteCertKeyList, a data object or an ApduScript")
+                       " WriteCertKeyList, a data object, an ApduScript or DeleteObjects")
 
 
 def parse_encoding(text: str, source: str,

@@ -19,7 +19,8 @@ from orchestrator.domain.located_yaml import BOOL_TAG, Entries, LocatedReader, e
 from orchestrator.domain.violations import Violation, did_you_mean, suggest
 
 __all__ = [  # Violation and suggest are re-exported: callers of the state graphs use them too
-    "DEFAULT_INTERNAL_ISSUED_STATE", "KINDS", "RFC5280_REASONS", "IllegalMove", "State", "StateGraph",
+    "DEFAULT_INTERNAL_ISSUED_STATE", "KINDS", "RFC5280_REASONS", "CertificateMove", "IllegalMove", "State",
+    "StateGraph",
     "StateGraphError", "Transition", "Violation", "load_state_graph", "load_state_graphs", "suggest",
 ]
 
@@ -45,10 +46,11 @@ KINDS = ("certificate", "card")
 #: overrides it lives in issued_state.py.
 DEFAULT_INTERNAL_ISSUED_STATE = "Issued"
 
-_TOP_KEYS = ("name", "kind", "start", "states", "transitions", "description")
+_TOP_KEYS = ("name", "kind", "start", "states", "transitions", "description", "certificate_graph")
 _TOP_REQUIRED = ("name", "kind", "start", "states")
 _STATE_KEYS = ("ca_action", "final", "description")
-_TRANSITION_KEYS = ("from", "to", "reasons")
+_TRANSITION_KEYS = ("from", "to", "reasons", "certificates")
+_CERTIFICATE_MOVE_KEYS = ("state", "reason")
 _TRANSITION_REQUIRED = ("from", "to")
 
 
@@ -85,12 +87,22 @@ class State:
 
 
 @dataclass(frozen=True)
+class CertificateMove:
+    """What a card transition does to the card's certificates: move them, through their CA
+    (C17), to `state` of the card graph's certificate graph, with transition reason `reason`."""
+    state: str
+    reason: str | None = None
+    line: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
 class Transition:
     source: str  # state name (not a file: a `from: [A, B]` entry yields one Transition each)
     target: str
     reasons: tuple[str, ...] = ()  # when not empty, a move must give one of these
     line: int = field(default=0, compare=False)
     path: str = field(default="", compare=False)
+    certificates: CertificateMove | None = None   # card graphs: the card's certificates follow
 
     def allows(self, reason: str | None) -> bool:
         # A transition that declares reasons needs one of them; one that declares none takes
@@ -107,6 +119,13 @@ class StateGraph:
     transitions: tuple[Transition, ...]
     source: str = field(default="", compare=False)  # file it was loaded from
     line: int = field(default=0, compare=False)  # line of its `name`
+    # Card graphs: the certificate graph of the card's certificates, which the `certificates`
+    # of its transitions name states of.
+    certificate_graph: str | None = None
+
+    @property
+    def final_states(self) -> frozenset[str]:
+        return frozenset(s.name for s in self.states.values() if s.final)
 
     def transition(self, src: str, dst: str) -> Transition | None:
         return next((t for t in self.transitions if t.source == src and t.target == dst), None)
@@ -197,6 +216,10 @@ def load_state_graphs(directory: str | Path,
                                         f"defined in {first.source}:{first.line}"))
             continue
         graphs[graph.name] = graph
+    if not violations:
+        # Imported here: the check maps moves to CA actions (ca_actions.py imports this module).
+        from orchestrator.domain.card_certificates import check_certificate_moves
+        violations += check_certificate_moves(graphs)
     if violations:
         raise StateGraphError(violations)
     return graphs
@@ -290,6 +313,18 @@ def _parse(text: str, source: str, internal_issued_state: str) -> tuple[StateGra
 
     transitions = _parse_transitions(c, top["transitions"][1], states) if "transitions" in top else []
 
+    certificate_graph = None
+    if "certificate_graph" in top:
+        certificate_graph = c.name(top["certificate_graph"][1], "certificate_graph")
+        if kind == "certificate":
+            c.report(top["certificate_graph"][1], "certificate_graph", "only a card graph names a certificate graph")
+    for t in transitions:
+        if t.certificates is not None and kind == "certificate":
+            c.report(t.line, f"{t.path}.certificates", "only the transitions of a card graph move certificates")
+        elif t.certificates is not None and certificate_graph is None and "certificate_graph" not in top:
+            c.report(t.line, f"{t.path}.certificates", "the card's certificates are moved, but the graph names no "
+                     "`certificate_graph` whose states `certificates.state` refers to")
+
     # A final state is a promise that nothing follows it.
     for t in transitions:
         if states is not None and states[t.source].final:
@@ -309,7 +344,8 @@ def _parse(text: str, source: str, internal_issued_state: str) -> tuple[StateGra
     if c.violations:
         return None, c.violations
     assert name is not None and kind is not None and start is not None and states is not None
-    return StateGraph(name, kind, start, states, tuple(transitions), source=source, line=graph_line), []
+    return StateGraph(name, kind, start, states, tuple(transitions), source=source, line=graph_line,
+                      certificate_graph=certificate_graph), []
 
 
 def _parse_states(c: _Checker, node: Node) -> dict[str, State] | None:
@@ -364,11 +400,25 @@ def _parse_transitions(c: _Checker, node: Node, states: dict[str, State] | None)
         if target is None or not c.known(target, fields["to"][1], f"{path}.to", states):
             continue
         reason_names = tuple(dict.fromkeys(r for r, _ in reasons))  # keep order, drop repeats
+        move = _parse_certificate_move(c, fields["certificates"][1], f"{path}.certificates") \
+            if "certificates" in fields else None
         for s in ok_sources:
             if (s, target) in first_line:
                 c.report(item, path, f"duplicate transition {s} → {target} (first at line {first_line[(s, target)]}); "
                          "list all its reasons in one transition")
                 continue
             first_line[(s, target)] = line_of(item)
-            transitions.append(Transition(s, target, reason_names, line=line_of(item), path=path))
+            transitions.append(Transition(s, target, reason_names, line=line_of(item), path=path,
+                                          certificates=move))
     return transitions
+
+
+def _parse_certificate_move(c: _Checker, node: Node, path: str) -> CertificateMove | None:
+    fields = c.mapping(node, path, "key", _CERTIFICATE_MOVE_KEYS, ("state",))
+    if fields is None or "state" not in fields:
+        return None
+    state = c.name(fields["state"][1], f"{path}.state")
+    reason = c.name(fields["reason"][1], f"{path}.reason") if "reason" in fields else None
+    if state is None or ("reason" in fields and reason is None):
+        return None
+    return CertificateMove(state, reason, line=line_of(fields["state"][1]))

@@ -80,6 +80,7 @@ class CardTaskOrder:
     # CoreObjectDescriptors for fields naming stored objects (RecoverCertificate, ...).
     fields: Mapping[str, object] = field(default_factory=dict, repr=False)
     card_id: str | None = None                  # card_operation: the card of the process map
+    take_over: bool = False                     # card_production: re-issue a card that holds a live card object
     process_instance_id: str | None = None
     task_index: int | None = None
     holder: str | None = None                   # card_production: who the card is for
@@ -300,9 +301,11 @@ class _CardTaskRun:
             assert isinstance(info, cards.Reader)
             serial = self.serial = info.token_serial or info.atr.hex()
             if order.type == PRODUCTION:          # C8: production creates the card object
+                # One physical card, one live card object: a card that has one is refused
+                # unless the process re-issues it (docs/lifecycle.md).
                 card = await self._db(store.cards.create, self.task_id, serial, template.name,
                                       template.initial_state, self.lease.gateway_id, self.lease.reader.reader_id,
-                                      holder=order.holder)
+                                      identity=card_identity(info), take_over=order.take_over, holder=order.holder)
                 self.card_id = card.id
                 self._tell(f"card {card.serial} ({info.token_label or info.name}) in production")
             elif self.card_id is not None:
@@ -387,6 +390,8 @@ class _CardTaskRun:
         return transport_puk, "the transport PUK"
 
     async def _application(self, app: Application) -> None:
+        if app.delete_objects:
+            await self._delete_objects(app)
         if app.is_recovery:
             await self._recover(app, self._certificate_descriptors(app, app.recover_certificate_field)[0])
         elif app.write_cert_key_list:     # certificate + key pairs from the archive, like recovery
@@ -474,6 +479,17 @@ class _CardTaskRun:
         self._tell(f"certificate {record.serial_hex} written next to its key ({label})")
         await self._boundary("after_write")
 
+    async def _delete_objects(self, app: Application) -> None:
+        """DeleteObjects=true: every key and certificate on the card, by key id (a retired card)."""
+        listing = await self._step(f"list_objects:{app.name}", cards.ListObjects())
+        assert isinstance(listing, cards.ObjectListing)
+        deleted = 0
+        for key_id in dict.fromkeys(o.key_id for o in listing.objects if o.key_id):
+            count = await self._step(f"delete_objects:{app.name}", cards.DeleteObjects(key_id))
+            assert isinstance(count, cards.DeletedCount)
+            deleted += count.count
+        self._tell(f"{deleted} objects deleted from the card ({app.name})")
+
     def _data_objects(self, app: Application) -> list[cards.WriteDataObject]:
         """The application's data objects (docs/encoding-descriptions.md, "Data objects"):
         `DataObject=LABEL:VALUE`; `LabelExpressionDataObject=LABEL:VALUE` whose label takes
@@ -538,6 +554,15 @@ class _CardTaskRun:
         await self._db(self.s.store.audit.record, AUDIT_RECOVER, CERTIFICATE, record.id, "card_task",
                        {"task_id": self.task_id, "card_id": self.card_id})
         self._tell(f"certificate {record.serial_hex} recovered onto the card ({label})")
+
+
+def card_identity(info: cards.Reader) -> str | None:
+    """Which physical card is in the reader: `pkcs11:<token serial>` for a token. None when the
+    card gives no identifier of its own (a PC/SC card shows only its ATR, which names a card
+    model, not a card): such a card is not bound (docs/lifecycle.md)."""
+    if info.token_serial:
+        return f"pkcs11:{info.token_serial}"
+    return None
 
 
 def archive_binding(issuer: str, serial_hex: str) -> str:

@@ -121,6 +121,10 @@ class CertificateService:
             graph = self.graphs[graph]
         return graph
 
+    def graph_of(self, record: CertificateRecord) -> StateGraph:
+        """The state graph of the certificate's template."""
+        return self._graph(record)
+
     def _ca(self, record: CertificateRecord) -> CaConnector:
         ca = self.cas.get(record.ca_name)
         if ca is None:
@@ -172,7 +176,7 @@ class CertificateService:
         record = self.store.certificates.get(certificate_id)
         graph = self._graph(record)
         self._require_move(graph, record.id, record.state, to_state, reason)
-        action = ca_action_for(graph, record.state, to_state)       # UnmappedCaAction: nothing sent
+        action = ca_action_for(graph, record.state, to_state, reason)   # UnmappedCaAction: nothing sent
         ca = self._ca(record)
         detail = {"graph": graph.name, "ca": record.ca_name, "serial_hex": record.serial_hex, **action.to_dict()}
         failure = {**detail, "from": record.state, "to": to_state, "reason": reason}
@@ -308,10 +312,12 @@ class CertificateService:
                 self.store.audit.record(AUDIT_HANDLE_ISSUED, CERTIFICATE, record.id, actor,
                                         {**base, "step": "revoke", "ca_action": "revoke",
                                          "ca_reason": revoke_reason})
-            for src, dst, reason in moves:
-                step = f"move {src} -> {dst}"
-                moved = self.store.certificates.change_state(
-                    record.id, dst, from_state=src, actor=actor, action=AUDIT_HANDLE_ISSUED, reason=reason,
+            if moves:
+                # The whole way in one transaction: never left in the start state after the CA
+                # revoked it (a revoked certificate that was never written must not look Active).
+                step = "move " + " -> ".join([moves[0][0], *(dst for _, dst, _ in moves)])
+                moved = self.store.certificates.change_states(
+                    record.id, moves, actor=actor, action=AUDIT_HANDLE_ISSUED,
                     detail={**base, "step": "move", "revoked": revoked,
                             **({"revoke_reason": revoke_reason} if revoked else {})})
                 state = moved.state

@@ -27,6 +27,7 @@ from typing import TypeVar
 
 import yaml
 
+from orchestrator.domain.card_certificates import check_certificate_moves
 from orchestrator.domain.encoding import (
     EncodingDescription,
     EncodingError,
@@ -166,6 +167,8 @@ class _Loader:
             self.fail(str(self.dir), 1, "", "configuration directory does not exist (setting config_dir)")
         else:
             self.load_graphs()
+            if not self.graph_files_broken:     # a broken certificate graph would read as a missing one
+                self.adopt(check_certificate_moves(self.graphs))
             self.load_templates()
             self.load_encodings()
             self.check_templates()

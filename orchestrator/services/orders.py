@@ -5,6 +5,9 @@ Each card of an order is one process instance (`ProcessService.start`), all star
 each waits in the pool's FIFO queue for a free reader that holds a card and matches both
 the order's selector and its task's own `reader:` selector; readers without a card are
 skipped, and the least recently used reader goes first, so every ready reader gets work.
+An order never puts two people on one card: a card it has had (produced, or tried to) is not
+taken again by the same order until the card in that reader changes (removed, or another card
+inserted); until then the order's next cards wait for another reader's card.
 A card's state is queued (with its position in the pool's queue), running (gateway and
 reader known), then succeeded or failed (with the process's error). The order is DONE when
 every card has been attempted, CANCELLED when cancelled (cards still queued then fail with
@@ -23,9 +26,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.domain.processes import CardProductionTask
-from orchestrator.services.pool import LEASE_SCOPE, LeaseScope, ReaderPool, ReaderSelector
+from orchestrator.services.pool import LEASE_SCOPE, LeaseScope, PooledReader, ReaderPool, ReaderSelector
 from orchestrator.services.processes import ProcessProgress, ProcessService, selector_of
 from orchestrator.store.records import ProcessState
+from shared.cards import Reader
 from shared.errors import Cancelled, CardlineError, InvalidArgument, NotFound, ReaderNotFound
 from shared.logging import get_logger
 
@@ -60,6 +64,17 @@ class Order:
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _tasks: list[asyncio.Task] = field(default_factory=list, repr=False)
+    # (gateway, reader) -> the card the order had there; released when that reader's card changes.
+    _had: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+
+    def accepts(self, gateway_id: str, reader: Reader) -> bool:
+        return self._had.get((gateway_id, reader.reader_id)) != card_key(reader)
+
+    def reader_changed(self, gateway_id: str, reader: Reader, *, gone: bool = False) -> None:
+        """The pool saw this reader change: no card, another card, or the reader gone frees it."""
+        key = (gateway_id, reader.reader_id)
+        if key in self._had and (gone or not reader.card_present or self._had[key] != card_key(reader)):
+            del self._had[key]
 
     @property
     def finished(self) -> bool:
@@ -76,11 +91,16 @@ class Order:
         old.set()
 
 
+def card_key(reader: Reader) -> str:
+    """What tells one card from another in a reader: the token serial, else the ATR."""
+    return reader.token_serial or reader.atr.hex()
+
+
 class _CardObserver:
     """Hears from the pool where one card of an order waits and which reader it got."""
 
-    def __init__(self, order: Order, card: OrderCard) -> None:
-        self.order, self.card = order, card
+    def __init__(self, order: Order, card: OrderCard, pool: ReaderPool) -> None:
+        self.order, self.card, self.pool = order, card, pool
 
     def queued(self, position: int) -> None:
         self.card.state, self.card.queue_position = QUEUED, position
@@ -89,6 +109,8 @@ class _CardObserver:
     def acquired(self, gateway_id: str, reader_id: str) -> None:
         self.card.state, self.card.queue_position = RUNNING, 0
         self.card.gateway_id, self.card.reader_id = gateway_id, reader_id
+        for pooled in self.pool.list(ReaderSelector(gateway_id=gateway_id, reader_id=reader_id)):
+            self.order._had[(gateway_id, reader_id)] = card_key(pooled.reader)   # one person per card
         self.order.touch()
 
 
@@ -98,6 +120,12 @@ class OrderService:
         self.pool = pool
         self._orders: dict[str, Order] = {}
         self._keep = keep
+        pool.subscribe(self._reader_changed)
+
+    def _reader_changed(self, kind: str, pooled: PooledReader) -> None:
+        for order in self._orders.values():
+            if order.state == "RUNNING":
+                order.reader_changed(pooled.gateway_id, pooled.reader, gone=kind == "removed")
 
     def create(self, process: str, selector: ReaderSelector, items: Sequence[Mapping[str, object]],
                secrets: Mapping[str, str] | None = None, *, order_id: str | None = None) -> Order:
@@ -172,7 +200,8 @@ class OrderService:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run_card(self, order: Order, card: OrderCard, inputs: dict[str, object]) -> None:
-        LEASE_SCOPE.set(LeaseScope(selector=order.selector, observer=_CardObserver(order, card), tag=order,
+        LEASE_SCOPE.set(LeaseScope(selector=order.selector, observer=_CardObserver(order, card, self.pool), tag=order,
+                                   accepts=order.accepts,
                                    refuse=lambda: Cancelled(f"order {order.id} was cancelled", order_id=order.id)
                                    if order.state == "CANCELLED" else None))
 

@@ -230,6 +230,9 @@ class LeaseScope:
     observer: LeaseObserver | None = None
     tag: object = None                           # lets the owner find its waiters (cancel_waiters)
     refuse: Callable[[], CardlineError | None] | None = None   # a reason not to queue any more (cancelled)
+    # Which cards the owner takes: accepts(gateway_id, reader) false leaves that reader's card
+    # to others (an order never takes a card it already had: orders.py).
+    accepts: Callable[[str, cards.Reader], bool] | None = None
 
 
 LEASE_SCOPE: contextvars.ContextVar[LeaseScope | None] = contextvars.ContextVar("cardline_lease_scope", default=None)
@@ -554,7 +557,8 @@ class ReaderPool:
                 self._waiters.remove(waiter)
                 continue
             free = [(s, r) for s, r in matching if (s.gateway_id, r.reader_id) not in self._holds
-                    and (s.gateway_id, r.reader_id) not in taken_now and (has_card(r) or not waiter.need_card)]
+                    and (s.gateway_id, r.reader_id) not in taken_now and (has_card(r) or not waiter.need_card)
+                    and (waiter.scope is None or waiter.scope.accepts is None or waiter.scope.accepts(s.gateway_id, r))]
             if not free:
                 continue
             session, reader = min(free, key=lambda c: (self._last_used.get((c[0].gateway_id, c[1].reader_id), 0.0),

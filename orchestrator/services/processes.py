@@ -8,7 +8,7 @@ import datetime as dt
 import uuid
 from collections import ChainMap
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 from orchestrator.domain.processes import (
@@ -27,16 +27,16 @@ from orchestrator.domain.processes import (
     render,
     variable_of,
 )
-from orchestrator.domain.state_graphs import IllegalMove
 from orchestrator.domain.templates import CardTemplate
+from orchestrator.services.card_life import CardLifeService
 from orchestrator.services.card_tasks import OPERATION, PRODUCTION, CardTaskOrder, CardTaskService, Progress
 from orchestrator.services.certificates import CertificateService
 from orchestrator.services.configuration import Configuration
 from orchestrator.services.pool import ReaderSelector
 from orchestrator.store.client_requests import fingerprint
-from orchestrator.store.records import AUDIT_CHANGE_STATE, CARD, CERTIFICATE, ProcessInstanceRecord, ProcessState
+from orchestrator.store.records import CARD, CERTIFICATE, ProcessInstanceRecord, ProcessState
 from orchestrator.store.store import Store
-from shared.errors import CardlineError, EncodingFailed, IllegalTransition, InvalidArgument, NotFound
+from shared.errors import CardlineError, EncodingFailed, InvalidArgument, NotFound
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -74,6 +74,7 @@ class ProcessService:
         self.configuration = configuration
         self.card_tasks = card_tasks
         self.certificates = certificates
+        self.cards = CardLifeService(store, configuration.graphs, configuration.templates, certificates)
         # C16: the process instances running here right now (the reconciler ends RUNNING
         # instances no live run owns); they are stored with the card task service's owner.
         self.running: set[str] = set()
@@ -251,11 +252,19 @@ class _ProcessRun:
             variable = variable_of(expr)
             fields[name] = self._scope().get(variable) if variable else self._render(expr)
         subject = self._render(task.subject) if task.subject else f"CN={self.definition.name} {self.instance_id[:8]}"
+        selector = selector_of(task.reader)
+        if isinstance(task, CardOperationTask) and task.when_present:
+            present = await self._reader_holding(card_id, selector)
+            if present is None:
+                self._tell(index, task, f"{task.type} skipped: the card is in no reader (when_present)")
+                return
+            selector = present
         order = CardTaskOrder(PRODUCTION if isinstance(task, CardProductionTask) else OPERATION, card_template,
-                              encoding, selector_of(task.reader), subject, fields, card_id,
+                              encoding, selector, subject, fields, card_id,
                               process_instance_id=self.instance_id, task_index=index,
                               holder=self._render(task.holder) if isinstance(task, CardProductionTask)
-                              and task.holder else None)
+                              and task.holder else None,
+                              take_over=isinstance(task, CardProductionTask) and task.reissue)
 
         def relay(p: Progress) -> None:
             if p.task is None:
@@ -274,6 +283,17 @@ class _ProcessRun:
             raise outcome.error or CardlineError("card task failed")
         self._tell(index, task, f"{task.type} succeeded (task {outcome.task.id})")
 
+    async def _reader_holding(self, card_id: str | None, selector: ReaderSelector) -> ReaderSelector | None:
+        """The reader (within `selector`) that holds the card right now, by its serial; None if none."""
+        if card_id is None:
+            return None
+        card = await asyncio.to_thread(self.s.store.cards.get, card_id)
+        for pooled in self.s.card_tasks.pool.list(selector):
+            reader = pooled.reader
+            if reader.card_present and card.serial in (reader.token_serial, reader.atr.hex()):
+                return replace(selector, gateway_id=pooled.gateway_id, reader_id=reader.reader_id)
+        return None
+
     async def _change_state(self, index: int, task: ChangeStateTask) -> None:
         if task.certificates:
             for d in self._descriptors(task.certificates, CERTIFICATE):
@@ -283,16 +303,14 @@ class _ProcessRun:
             return
         assert task.card is not None  # the process reader requires certificates or card
         for d in self._descriptors(task.card, CARD):
-            card = await asyncio.to_thread(self.s.store.cards.get, d.id)
-            template = self.s.configuration.templates.card(card.template)
-            graph = self.s.configuration.graphs[template.state_graph]
-            try:
-                graph.require_move(card.state, task.state, task.reason)
-            except IllegalMove as exc:
-                raise IllegalTransition(str(exc), card_id=card.id) from None
-            card = await asyncio.to_thread(self.s.store.cards.change_state, card.id, task.state, from_state=card.state,
-                                           actor=self.actor, action=AUDIT_CHANGE_STATE, reason=task.reason)
-            self._tell(index, task, f"card {card.serial} is {card.state}")
+            # The card's certificates follow it as its graph says (CA first, C17).
+            change = await asyncio.to_thread(self.s.cards.change_state, d.id, task.state, task.reason,
+                                             actor=self.actor)
+            for step in change.certificates:
+                self._tell(index, task, f"certificate {step.certificate_id}: " + (
+                    f"left alone ({step.skipped})" if step.skipped else
+                    f"{step.from_state} -> {step.to_state} ({step.action.name if step.action else 'store only'})"))
+            self._tell(index, task, f"card {change.card.serial} is {change.card.state}")
 
     async def _handle_issued(self, index: int, task: HandleIssuedTask) -> None:
         if task.certificates:

@@ -23,8 +23,12 @@ class CertificateOrder:
 
 
 def production_order(templates: Templates, selector: ReaderSelector, subject: str,
-                     certificates: tuple[CertificateOrder, ...], user_pin: str,
-                     card_template: str = "EmployeeCard") -> CardTaskOrder:
+                     certificates: tuple[CertificateOrder, ...], user_pin: str, *,
+                     card_template: str) -> CardTaskOrder:
+    if not card_template:
+        known = ", ".join(sorted(templates.cards)) or "none"
+        raise InvalidArgument(f"the order names no card template (configured: {known})", field="card_template")
+    card = templates.card(card_template)              # unknown template: refused before a task exists
     if not certificates:
         raise InvalidArgument("the order asks for no certificate", field="certificates")
     for wanted in certificates:
@@ -36,5 +40,5 @@ def production_order(templates: Templates, selector: ReaderSelector, subject: st
     encoding = EncodingDescription(source="<ProduceCard request>", encoding_type="Chip",
                                    fields=(FieldDecl(PIN_FIELD, 0),),
                                    description=DescriptionSection(pin_field=PIN_FIELD), applications=applications)
-    return CardTaskOrder(PRODUCTION, templates.card(card_template), encoding, selector, subject,
+    return CardTaskOrder(PRODUCTION, card, encoding, selector, subject,
                          fields={PIN_FIELD: user_pin})

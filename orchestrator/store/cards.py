@@ -1,38 +1,76 @@
-"""Cards: the card object of a production task (C8) and its state (C5)."""
+"""Cards: the card object of a production task (C8), its state (C5) and the physical card it
+is bound to (one live card object per physical card, docs/lifecycle.md)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from orchestrator.store import paging
 from orchestrator.store.models import Card, Certificate, ObjectRelation, utcnow
 from orchestrator.store.paging import Keyset
 from orchestrator.store.records import CARD, CERTIFICATE, CardRecord
-from orchestrator.store.rows import card_row, change_state, new_id, record, running_task_row
+from orchestrator.store.rows import add_audit, card_row, change_state, new_id, record, running_task_row
 from orchestrator.store.sessions import Sessions
-from shared.errors import StateConflict
+from shared.errors import AlreadyExists, StateConflict
+
+#: Audit action of a re-issue that takes a physical card over from its previous card object.
+AUDIT_CARD_TAKEN_OVER = "card_taken_over"
 
 
 class Cards:
     def __init__(self, sessions: Sessions) -> None:
         self._db = sessions
+        #: card template -> the final states of its card state graph; a card object moved to
+        #: one of them is no longer live and frees its physical card. Set where the store is
+        #: wired (orchestrator/app.py); the store itself knows no state graphs.
+        self.final_states: Mapping[str, frozenset[str]] = {}
 
     def create(self, task_id: str, serial: str, template: str, state: str, gateway_id: str,
-               reader_id: str, holder: str | None = None) -> CardRecord:
-        """The card object of a card production task (C8); becomes the task's card."""
+               reader_id: str, *, holder: str | None = None, identity: str | None = None,
+               take_over: bool = False, actor: str = "card_production") -> CardRecord:
+        """The card object of a card production task (C8); becomes the task's card.
+
+        identity: the physical card ("pkcs11:<token serial>"). A card that already holds a
+        live card object is refused (AlreadyExists naming both) unless `take_over` (a process
+        that re-issues or replaces the card): then, in the same transaction, the old card
+        object stops being live (audited, `card_taken_over`) and the new one is."""
         with self._db.write() as s:
             task = running_task_row(s, task_id)
             if task.card_id is not None:
                 raise StateConflict(f"task {task_id} already has card {task.card_id}", task_id=task_id)
             now = utcnow()
+            live = None
+            if identity is not None:
+                live = s.scalar(select(Card).where(Card.live_identity == identity).with_for_update())
+                if live is not None and not take_over:
+                    raise card_in_use(identity, live)
+                if live is not None:
+                    live.live_identity = None
+                    live.updated_at = now
+                    s.flush()
             card = Card(id=new_id(), serial=serial, template=template, state=state, gateway_id=gateway_id,
-                        reader_id=reader_id, created_at=now, updated_at=now, holder=holder or None)
+                        reader_id=reader_id, created_at=now, updated_at=now, holder=holder or None,
+                        identity=identity, live_identity=identity)
             s.add(card)
-            s.flush()
+            try:
+                s.flush()
+            except IntegrityError:   # another writer made a live card object of it just now
+                raise AlreadyExists(f"card {identity} already holds a live card object (made concurrently); "
+                                    "one physical card holds one live card object", identity=identity) from None
+            if live is not None:
+                add_audit(s, AUDIT_CARD_TAKEN_OVER, CARD, live.id, actor,
+                          {"identity": identity, "by_card": card.id, "task_id": task_id, "state": live.state}, now)
             task.card_id = card.id
             return record(CardRecord, card)
+
+    def live(self, identity: str) -> CardRecord | None:
+        """The live card object of a physical card, if any."""
+        with self._db.read() as s:
+            card = s.scalar(select(Card).where(Card.live_identity == identity))
+            return record(CardRecord, card) if card is not None else None
 
     def get(self, card_id: str) -> CardRecord:
         with self._db.read() as s:
@@ -46,6 +84,7 @@ class Cards:
         with self._db.write() as s:
             card = card_row(s, card_id, lock=True)
             change_state(s, card, CARD, to_state, from_state, actor, action, reason, detail)
+            release_if_final(card, self.final_states)
             return record(CardRecord, card)
 
     def certificate_ids(self, card_id: str) -> list[str]:
@@ -77,3 +116,16 @@ class Cards:
             q = q.limit(limit)
         with self._db.read() as s:
             return [record(CardRecord, c) for c in s.scalars(q)]
+
+def card_in_use(identity: str, live: Card) -> AlreadyExists:
+    return AlreadyExists(
+        f"card {identity} already holds the live card object {live.id} (template {live.template}, state "
+        f"{live.state}); a card is produced once: retire or replace that card object first, or run a process "
+        "that re-issues the card (card_production with `reissue: true`)",
+        identity=identity, card_id=live.id)
+
+
+def release_if_final(card: Card, final_states: Mapping[str, frozenset[str]]) -> None:
+    """A card object in a final state of its graph no longer holds its physical card."""
+    if card.live_identity is not None and card.state in final_states.get(card.template, frozenset()):
+        card.live_identity = None

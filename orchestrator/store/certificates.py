@@ -3,7 +3,7 @@ Storing a newly issued certificate is a rule transaction of the Store itself (C1
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -127,6 +127,21 @@ class Certificates:
         with self._db.write() as s:
             cert = certificate_row(s, certificate_id, lock=True)
             change_state(s, cert, CERTIFICATE, to_state, from_state, actor, action, reason, detail)
+            return record(CertificateRecord, cert)
+
+    def change_states(self, certificate_id: str, moves: Sequence[tuple[str, str, str | None]], *, actor: str,
+                      action: str, detail: Mapping[str, Any] | None = None) -> CertificateRecord:
+        """Several moves of one certificate, (from, to, reason) in order, each with its audit
+        event, all in ONE transaction: a path such as internal issued -> start -> target (C5)
+        is taken whole or not at all, so an interruption never leaves the certificate
+        half-way (in its start state, say, after its CA revoked it). StateConflict (and
+        nothing written) if the certificate is not in the first move's from-state."""
+        if not moves:
+            raise InvalidArgument(f"certificate {certificate_id}: no move given")
+        with self._db.write() as s:
+            cert = certificate_row(s, certificate_id, lock=True)
+            for from_state, to_state, reason in moves:
+                change_state(s, cert, CERTIFICATE, to_state, from_state, actor, action, reason, detail)
             return record(CertificateRecord, cert)
 
 

@@ -71,6 +71,11 @@ class Card(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     # Revision 0006: who the card was produced for (the card_production task's `holder`).
     holder: Mapped[str | None] = mapped_column(NAME, index=True)
+    # The physical card (docs/lifecycle.md): `identity` for good, `live_identity` only while
+    # the card object is live (not final, not taken over by a re-issue). Unique: one live
+    # card object per physical card, enforced by the database.
+    identity: Mapped[str | None] = mapped_column(NAME, nullable=True, index=True)
+    live_identity: Mapped[str | None] = mapped_column(NAME, nullable=True, index=True, unique=True)
 
 
 class ProcessInstance(Base):

@@ -77,6 +77,12 @@ class CardRecord:
     created_at: dt.datetime
     updated_at: dt.datetime
     holder: str | None = None               # revision 0006: who the card was produced for
+    identity: str | None = None         # the physical card: "pkcs11:<token serial>"; None: unknown
+    live_identity: str | None = None    # = identity while the card object is live, else None
+
+    @property
+    def live(self) -> bool:
+        return self.live_identity is not None
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 from orchestrator.store.audit import Audit
 from orchestrator.store.ca_requests import CaRequests
 from orchestrator.store.card_secrets import CardSecrets
-from orchestrator.store.cards import Cards
+from orchestrator.store.cards import Cards, release_if_final
 from orchestrator.store.certificates import ArchivedKeys, Certificates, parse_certificate
 from orchestrator.store.client_requests import ClientRequests
 from orchestrator.store.instances import OrchestratorInstances
@@ -309,10 +309,10 @@ class Store:
             self._end_task(s, task, TaskState.FAILED, card_state, wanted, now)
             return record(TaskRecord, task)
 
-    @staticmethod
-    def _end_task(s: Session, task: Task, state: TaskState, card_state: str | None,
+    def _end_task(self, s: Session, task: Task, state: TaskState, card_state: str | None,
                   relations: list[NewRelation], now: dt.datetime) -> None:
         """The common end of a task: its card's state, its relations, its own final state."""
+        final_states = self.cards.final_states
         if card_state is not None:
             if task.card_id is None:
                 raise InvalidArgument(f"task {task.id} has no card to set to {card_state!r}", task_id=task.id)
@@ -320,6 +320,7 @@ class Store:
             assert card is not None  # foreign key
             card.state = card_state
             card.updated_at = now
+            release_if_final(card, final_states)
         # A relation that exists already (created earlier by relations.add, C9) is skipped;
         # the same relation listed twice is a caller's bug.
         seen: set[NewRelation] = set()

@@ -83,7 +83,7 @@ GOOD_VALUES = {
     "CertCoreObjectDescriptorReturnField": FIELDS, "RecoverCertificate": FIELDS,
     "WriteCertificate": BOOL, "Certificate": FIELDS, "WriteCertKeyList": BOOL, "CertKeyList": FIELDS,
     "DataObject": ["label=x"], "LabelExpressionDataObject": ["${name}"], "AttributesDataObject": ["a=b"],
-    "ApduScript": ["00A4040007A0000000010101/9000;00B0000000/9000,61XX", "SCRIPT"],
+    "ApduScript": ["00A4040007A0000000010101/9000;00B0000000/9000,61XX", "SCRIPT"], "DeleteObjects": BOOL,
 }
 BAD_VALUES = st.one_of(
     st.sampled_from(["", "True", "yes", "chip", "EC_P265", "Always", "EmployeeAuth", "USER_PN",
@@ -115,6 +115,7 @@ RECIPES = [
     ["DataObject=label=x", "KeyLabel=unused"],                        # warns
     ["ApduScript=00A4040007A0000000010101/9000;00B0000000/9000,61XX"],
     ["ApduScript=SCRIPT"],
+    ["DeleteObjects=true"],
 ]
 
 

@@ -306,7 +306,8 @@ class Station:
             try:
                 events = list(self.stub(channel).cards.ProduceCard(card_pb.ProduceCardRequest(
                     reader=pool_pb.ReaderSelector(reader_id=reader_id), subject="CN=Crash Tester,O=Example",
-                    certificates=certificates, user_pin=self.token.user_pin), timeout=60))
+                    certificates=certificates, user_pin=self.token.user_pin, card_template="EmployeeCard"),
+                    timeout=60))
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     return None

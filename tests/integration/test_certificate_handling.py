@@ -17,6 +17,7 @@ from sqlalchemy import update
 
 from orchestrator.ca import IssueProfile, LocalCa
 from orchestrator.ca.base import REVOCATION_REASONS
+from orchestrator.ca.openssl import OpenSslCa
 from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.domain.state_graphs import StateGraph, Transition, load_state_graph, load_state_graphs
 from orchestrator.services.certificates import CertificateService
@@ -73,7 +74,7 @@ def production(store: Store, gateway: str = "gw1", reader: str = "r1"):
     return task, card
 
 
-def issue(store: Store, ca: LocalCa, task_id: str, template: str = AUTH, cn: str = "Alice"):
+def issue(store: Store, ca: LocalCa | OpenSslCa, task_id: str, template: str = AUTH, cn: str = "Alice"):
     """A certificate the CA really issued for a CSR, stored in the internal issued state (C1)."""
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()
@@ -364,6 +365,35 @@ def test_c5_handle_issued_revokes_and_moves_with_audit(store, local_ca, service)
     assert r.handled and r.state == "Active" and not r.revoked
 
 
+def test_c5_handle_issued_interrupted_between_its_moves_never_leaves_a_revoked_certificate_active(
+        store, local_ca, service, monkeypatch):
+    # Before: Issued -> Active and Active -> Retired were two transactions; an interruption
+    # after the first left a revoked, never-written certificate Active (and out of reach of
+    # the C4 search, so nothing would handle it again).
+    task, _card = production(store)
+    cert = issue(store, local_ca, task.id)
+    store.finish_task_failed(task.id, "CARD_REMOVED", "card pulled")
+    from orchestrator.store import rows
+    real_add_audit = rows.add_audit
+
+    def interrupted(session, action, object_type, object_id, actor, detail, at):
+        if detail and detail.get("to") == "Retired":
+            raise ConnectionError("the database went away between the two moves")
+        return real_add_audit(session, action, object_type, object_id, actor, detail, at)
+
+    monkeypatch.setattr(rows, "add_audit", interrupted)
+    result = service.handle_issued([cert.id], revoke_reason="cessationOfOperation", target_state="Retired",
+                                   transition_reason="cardDestroyed", actor="operator")[0]
+    monkeypatch.setattr(rows, "add_audit", real_add_audit)
+    assert result.revoked and "ConnectionError" in result.error
+    assert crl(local_ca) == {cert.serial: "cessationOfOperation"}
+    assert store.certificates.get(cert.id).state == ISSUED          # not Active: the path is all or nothing
+    assert [h.id for h in service.search_issued()] == [cert.id]     # so it is found and handled again
+    again = service.handle_issued([cert.id], revoke_reason="cessationOfOperation", target_state="Retired",
+                                  transition_reason="cardDestroyed", actor="operator")[0]
+    assert again.handled and store.certificates.get(cert.id).state == "Retired"
+
+
 def test_c5_sweeper_skips_running_tasks_and_young_certificates(store, local_ca, service):
     failed, _card = production(store)
     old_failed = issue(store, local_ca, failed.id, cn="OldFailed")
@@ -443,3 +473,23 @@ def test_c17_concurrent_change_after_ca_action_is_audited(store, local_ca, graph
     assert (action, actor, detail["ca_done"], detail["error_reason"]) == \
         ("change_state_in_ca_failed", "helpdesk", True, "STATE_CONFLICT")
     assert crl(local_ca) == {cert.serial: "certificateHold"}
+
+
+def test_c17_the_transition_reason_is_the_reason_the_ca_publishes(store, local_ca, service, tmp_path):
+    # Before: Revoked declares keyCompromise, and `Revoked --reason cessationOfOperation`
+    # published keyCompromise. The transition's RFC 5280 reason is what the CA must publish.
+    from tests.support.crl import openssl_crl_reasons
+    openssl_ca = OpenSslCa(tmp_path / "openssl-ca", name="openssl")
+    service.cas[openssl_ca.name] = openssl_ca
+    for ca in (local_ca, openssl_ca):
+        task, _card = production(store)
+        retired, lost, other = (issue(store, ca, task.id, cn=cn) for cn in ("Retired", "Lost", "Other"))
+        store.finish_task_succeeded(task.id, ISSUED, {c.id: "Active" for c in (retired, lost, other)},
+                                    card_state="Active")
+        service.change_state_in_ca(retired.id, "Revoked", reason="cessationOfOperation", actor="operator")
+        service.change_state_in_ca(lost.id, "Revoked", reason="cardLost", actor="operator")   # not an RFC name
+        service.change_state_in_ca(other.id, "OnHold", reason="suspended", actor="operator")
+        assert openssl_crl_reasons(ca) == {retired.serial: "cessationOfOperation", lost.serial: "keyCompromise",
+                                           other.serial: "certificateHold"}, ca.name
+        assert audit(store, retired.id)[-1][2]["ca_reason"] == "cessationOfOperation"
+        assert {store.certificates.get(c.id).state for c in (retired, lost)} == {"Revoked"}

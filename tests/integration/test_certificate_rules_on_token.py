@@ -55,7 +55,7 @@ async def produce_with_hook(tmp_path, token, hook, subject: str = "CN=Rule Teste
             reader = next(p.reader for p in orch.pool.list() if p.reader.token_label == token.label)
             outcome = await orch.card_tasks.run(production_order(
                 orch.configuration.templates, ReaderSelector(reader_id=reader.reader_id), subject, ORDER,
-                token.user_pin))
+                token.user_pin, card_template="EmployeeCard"))
             return orch, outcome.task
     finally:
         await orch.stop()

@@ -25,7 +25,7 @@ def produce(orch: str, reader_id: str, pin: str) -> card_pb.Task:
     with client_channel(orch) as channel:
         events = list(OrchestratorApi.on(channel).cards.ProduceCard(card_pb.ProduceCardRequest(
             reader=pool_pb.ReaderSelector(reader_id=reader_id), subject="CN=Metrics Tester", certificates=[AUTH],
-            user_pin=pin)))
+            user_pin=pin, card_template="EmployeeCard")))
     return events[-1].task
 
 

@@ -49,7 +49,7 @@ def produce(orch: str, reader_id: str, pin: str,
         stub = OrchestratorApi.on(channel)
         events = list(stub.cards.ProduceCard(card_pb.ProduceCardRequest(
             reader=pool_pb.ReaderSelector(reader_id=reader_id), subject=SUBJECT, certificates=certificates,
-            user_pin=pin)))
+            user_pin=pin, card_template="EmployeeCard")))
     return events, events[-1].task
 
 
@@ -210,7 +210,8 @@ def test_cli_lists_issued_certificates_and_shows_cards_as_json(station, softhsm_
 
     orch, _gw, pooled = station
     produced = subprocess.run([CARDLINE, "produce", "--orchestrator", orch, "--reader-id", pooled.reader.reader_id,
-                               "--subject", SUBJECT, "--template", "EmployeeAuthentication", "--secrets-stdin",
+                               "--subject", SUBJECT, "--card-template", "EmployeeCard", "--template",
+                               "EmployeeAuthentication", "--secrets-stdin",
                                "--json"],
                               input=softhsm_token.user_pin + "\n", capture_output=True, text=True)
     assert produced.returncode == 0, produced.stderr

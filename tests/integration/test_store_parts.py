@@ -16,7 +16,8 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from orchestrator.store import (
     CARD,
@@ -28,8 +29,8 @@ from orchestrator.store import (
     TaskState,
     WrappedKey,
 )
-from orchestrator.store.models import ObjectRelation
-from shared.errors import InvalidArgument, NotFound
+from orchestrator.store.models import Card, ObjectRelation
+from shared.errors import AlreadyExists, InvalidArgument, NotFound
 from tests.integration.test_store import ISSUED, make_cert, production
 
 
@@ -108,3 +109,48 @@ def test_relations_and_archived_keys_take_typed_records_not_tuples(store: Store)
     key = store.archived_keys.add(cert.id, WrappedKey("kek", "AES-256-GCM", b"\x01wrapped"))
     assert (key.kek_id, key.algorithm, key.wrapped_key) == ("kek", "AES-256-GCM", b"\x01wrapped")
     assert "wrapped" not in repr(WrappedKey("kek", "AES-256-GCM", b"\x01wrapped"))
+
+
+# --- one physical card, one live card object (docs/lifecycle.md) ----------------------------------
+
+def _card_of(store: Store, identity: str | None, *, take_over: bool = False):
+    task = store.tasks.create("card_production", "gw1", "r1")
+    return store.cards.create(task.id, serial="9f3a", template="EmployeeCard", state="InProduction",
+                              gateway_id="gw1", reader_id="r1", identity=identity, take_over=take_over)
+
+
+def test_a_card_with_a_live_card_object_is_refused_in_the_same_transaction(store: Store):
+    first = _card_of(store, "pkcs11:9f3a")
+    assert (first.identity, first.live) == ("pkcs11:9f3a", True)
+    with pytest.raises(AlreadyExists) as err:
+        _card_of(store, "pkcs11:9f3a")
+    assert "pkcs11:9f3a" in err.value.message and first.id in err.value.message
+    live = store.cards.live("pkcs11:9f3a")
+    assert live is not None and live.id == first.id
+    # Nothing half-written: the refused task has no card, and only one card object exists.
+    assert sum(1 for t in store.tasks.list() if t.card_id) == 1
+    assert _card_of(store, None).identity is None and _card_of(store, None).live is False   # unbound cards
+
+
+def test_the_database_itself_refuses_a_second_live_card_object(store: Store):
+    first = _card_of(store, "pkcs11:beef")
+    with store._engine.begin() as conn, pytest.raises(IntegrityError):
+        conn.execute(insert(Card).values(id="another", serial="beef", template="EmployeeCard", state="Active",
+                                         gateway_id="gw1", reader_id="r1", created_at=first.created_at,
+                                         updated_at=first.created_at, identity="pkcs11:beef",
+                                         live_identity="pkcs11:beef"))
+
+
+def test_a_final_state_or_a_reissue_frees_the_card(store: Store):
+    store.cards.final_states = {"EmployeeCard": frozenset({"Retired"})}
+    first = _card_of(store, "pkcs11:c0de")
+    store.cards.change_state(first.id, "Active", from_state=None, actor="op", action="change_state")
+    assert store.cards.get(first.id).live                       # not final: still holds the card
+    store.cards.change_state(first.id, "Retired", from_state=None, actor="op", action="change_state")
+    assert not store.cards.get(first.id).live and store.cards.live("pkcs11:c0de") is None
+    second = _card_of(store, "pkcs11:c0de")
+    third = _card_of(store, "pkcs11:c0de", take_over=True)
+    live = store.cards.live("pkcs11:c0de")
+    assert live is not None and live.id == third.id and not store.cards.get(second.id).live
+    [event] = store.audit.list(object_id=second.id, action="card_taken_over")
+    assert event.detail["by_card"] == third.id

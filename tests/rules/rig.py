@@ -76,7 +76,8 @@ class RuleRig:
         """A card production of one certificate per template (ProduceCard's path)."""
         token = token or self.token
         order = production_order(self.orch.configuration.templates, ReaderSelector(reader_id=token.reader_id),
-                                 subject, tuple(CertificateOrder(t, key_type) for t in templates), PIN)
+                                 subject, tuple(CertificateOrder(t, key_type) for t in templates), PIN,
+                                 card_template="EmployeeCard")
         return await self.orch.card_tasks.run(order)
 
     async def process(self, name: str, **inputs):

@@ -112,7 +112,8 @@ def test_produce_card_refused_before_its_task_existed_can_be_retried_with_the_sa
     def request(reader_id: str) -> card_pb.ProduceCardRequest:
         return card_pb.ProduceCardRequest(
             reader=pool_pb.ReaderSelector(reader_id=reader_id), subject="CN=Retry Tester", user_pin=PIN,
-            certificates=[card_pb.CertificateRequest(template="EmployeeAuthentication")], request_id="produce-1")
+            certificates=[card_pb.CertificateRequest(template="EmployeeAuthentication")], request_id="produce-1",
+            card_template="EmployeeCard")
 
     async def body():
         async with (rule_orchestrator(tmp_path) as rig,

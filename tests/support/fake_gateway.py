@@ -406,6 +406,13 @@ class FakeGateway:
                 token.lose()
         return token.run(step)
 
+    def insert(self, token: FakeToken) -> None:
+        """Another token is plugged in (a new PKCS#11 slot): the orchestrator hears of it."""
+        self.tokens[token.reader_id] = token
+        token._on_lost.append(self._token_lost)
+        self._outbox.put_nowait(link_pb2.GatewayMessage(
+            reader_event=convert.reader_event_to_proto("inserted", token.reader())))
+
     def _token_lost(self, token: FakeToken) -> None:
         self._outbox.put_nowait(link_pb2.GatewayMessage(
             reader_event=convert.reader_event_to_proto("removed", token.reader())))

@@ -132,3 +132,13 @@ def test_mapped_states_of_the_example(example):
     assert mapped_states(example) == {"Active": "removeFromCRL", "OnHold": "certificateHold",
                                       "Revoked": "keyCompromise", "Retired": "cessationOfOperation",
                                       "Replaced": "superseded"}
+
+
+def test_c17_an_rfc5280_transition_reason_refines_a_revocation_only():
+    example = load_state_graphs(EXAMPLES)["EmployeeCertificate"]
+    assert ca_action_for(example, "Active", "Revoked", "cessationOfOperation") == Revoke("cessationOfOperation")
+    assert ca_action_for(example, "Active", "Revoked", "cardLost") == Revoke("keyCompromise")
+    assert ca_action_for(example, "Active", "Revoked", None) == Revoke("keyCompromise")
+    assert ca_action_for(example, "Active", "OnHold", "keyCompromise") == Revoke("certificateHold")
+    assert ca_action_for(example, "OnHold", "Active", "keyCompromise") == LiftHold()
+    assert ca_action_for(example, "Active", "Retired", "certificateHold") == Revoke("cessationOfOperation")

@@ -34,3 +34,44 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 def test_default_database_is_sqlite_in_the_data_dir(tmp_path):
     settings = config.load(config.OrchestratorSettings, data_dir=tmp_path)
     assert settings.effective_database_url() == f"sqlite:///{tmp_path}/cardline.db"
+
+
+def _documented_sweeper_yaml() -> str:
+    """The sweeper's example configuration exactly as docs/certificate-handling.md shows it."""
+    import pathlib
+    import re
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "certificate-handling.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", doc, re.S) if "issued_sweeper" in b]
+    assert len(blocks) == 1, "docs/certificate-handling.md shows one sweeper configuration"
+    return blocks[0]
+
+
+def test_c5_documented_sweeper_configuration_is_accepted(tmp_path):
+    # Before the fix: "grace_period: Extra inputs are not permitted" (and interval, transition_reason).
+    path = tmp_path / "cardline.yaml"
+    path.write_text(_documented_sweeper_yaml())
+    sweeper = config.load(config.OrchestratorSettings, config_file=path).issued_sweeper
+    assert sweeper.enabled is True          # writing the section down is asking for the sweeper
+    assert (sweeper.grace_period, sweeper.interval) == (3600.0, 60.0)
+    assert (sweeper.revoke_reason, sweeper.target_state, sweeper.transition_reason) == (
+        "cessationOfOperation", "Retired", "cardDestroyed")
+
+
+def test_c5_sweeper_off_without_its_section_or_with_enabled_false(tmp_path):
+    assert config.load(config.OrchestratorSettings).issued_sweeper.enabled is False
+    path = tmp_path / "cardline.yaml"
+    path.write_text("orchestrator:\n  issued_sweeper:\n    enabled: false\n    grace_period: 2d\n")
+    sweeper = config.load(config.OrchestratorSettings, config_file=path).issued_sweeper
+    assert (sweeper.enabled, sweeper.grace_period) == (False, 172800.0)
+
+
+def test_c5_sweeper_older_spellings_and_bad_durations(tmp_path):
+    path = tmp_path / "cardline.yaml"
+    path.write_text("orchestrator:\n  issued_sweeper:\n    grace_period_s: 90\n    interval_s: 5\n")
+    sweeper = config.load(config.OrchestratorSettings, config_file=path).issued_sweeper
+    assert (sweeper.enabled, sweeper.grace_period, sweeper.interval) == (True, 90.0, 5.0)
+    path.write_text("orchestrator:\n  issued_sweeper:\n    grace_period: soon\n    interval: 0s\n")
+    with pytest.raises(ConfigurationError) as err:
+        config.load(config.OrchestratorSettings, config_file=path)
+    assert "grace_period" in str(err.value) and "expected a duration" in str(err.value)
+    assert "interval" in str(err.value)

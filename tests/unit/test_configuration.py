@@ -70,10 +70,11 @@ def test_examples_load_without_violation():
     assert configuration.warnings == ()
     assert set(configuration.graphs) == {"EmployeeCertificate", "EmployeeCard"}
     assert set(configuration.encodings) == {"employee-card", "employee-card-with-recovery", "change-pin",
-                                            "unblock-pin", "renew-certificates", "temporary-card"}
+                                            "unblock-pin", "renew-certificates", "temporary-card", "erase-card"}
     assert set(configuration.processes) == {"produce-employee-card", "renew-authentication", "change-pin",
                                             "unblock-pin", "renew-certificates", "replace-card",
-                                            "issue-temporary-card", "restore-card"}
+                                            "issue-temporary-card", "restore-card", "lock-card",
+                                            "unlock-card", "report-lost", "retire-card"}
     templates = configuration.templates
     assert templates.internal_issued_state == "Issued"
     assert {t.start_state for t in templates.certificates.values()} == {"Active"}
@@ -291,6 +292,8 @@ def test_c6_no_warning_when_the_start_state_is_a_hold_state(conf):
     # The example processes' error path moves Issued -> start -> Revoked.
     edit(graph, "{from: [Active, OnHold], to: Revoked, reasons: [keyCompromise, cardLost, cardStolen, "
                 "cessationOfOperation]}", "{from: [Active, OnHold], to: Revoked}")
+    # ... and so does the lost card's move of its certificates (they follow the card to Revoked).
+    edit(conf / "state-graphs" / "card.yaml", "{state: Revoked, reason: keyCompromise}", "{state: Revoked}")
     configuration = load_configuration(conf)
     assert not [w for w in configuration.warnings if "revokeOnIssue" in w]
 
@@ -300,7 +303,7 @@ def test_c6_no_warning_when_the_start_state_is_a_hold_state(conf):
 
 def test_every_violation_across_files_listed_not_only_the_first(conf):
     graph = conf / "state-graphs" / "card.yaml"
-    edit(graph, "{from: Revoked, to: Destroyed}", "{from: Revoked, to: Destoyed}")
+    edit(graph, "    to: Retired\n", "    to: Retird\n")
     templates = conf / "templates" / "templates.yaml"
     edit(templates, "    validity_days: 730\n    key_usage: [keyEncipherment]",
          "    validity_days: 730\n    key_usages: [keyEncipherment]")
@@ -314,8 +317,8 @@ def test_every_violation_across_files_listed_not_only_the_first(conf):
     for path in (graph, templates, encoding, process):
         assert str(path) in text, path
     expected = [
-        f"{graph}:{line_of(graph, 'Destoyed')}: transitions[5].to: state 'Destoyed' is not declared in states "
-        "(did you mean 'Destroyed'?)",
+        f"{graph}:{line_of(graph, 'Retird')}: transitions[5].to: state 'Retird' is not declared in states "
+        "(did you mean 'Retired'?)",
         f"{templates}:{line_of(templates, 'key_usages')}: certificate_templates[2].key_usages: unknown key "
         "'key_usages'",
         f"{encoding}:{line_of(encoding, 'KeyLable')}: Application_A.KeyLable: unknown keyword 'KeyLable' in "
@@ -348,7 +351,7 @@ def test_templates_name_existing_graphs_encodings_states_and_cas(conf):
                         "state_graph: EmployeeCard\n    internal_issued_state: Issued\n\ncard_templates")
     text = text.replace("encoding: employee-card                    #", "encoding: employee_card  #")
     text = text.replace("    produced_state: Active\n    failed_state: ProductionFailed\n\n",
-                        "    produced_state: Actve\n    failed_state: Revoked\n\n")
+                        "    produced_state: Actve\n    failed_state: Lost\n\n")
     text = text.replace("    state_graph: EmployeeCard\n    encoding: employee-card-with",
                         "    state_graph: EmployeeCertificate\n    encoding: employee-card-with")
     templates.write_text(text)
@@ -362,7 +365,7 @@ def test_templates_name_existing_graphs_encodings_states_and_cas(conf):
     assert ("produced_state: card template 'EmployeeCard': state 'Actve' is not a state of the card state graph "
             "'EmployeeCard' (did you mean 'Active'?)") in found
     assert ("failed_state: card template 'EmployeeCard': the card state graph 'EmployeeCard' has no transition from "
-            "its start state 'InProduction' to 'Revoked', which a production ends in") in found
+            "its start state 'InProduction' to 'Lost', which a production ends in") in found
     assert ("state_graph: card template 'EmployeeCardWithRecovery': names the state graph 'EmployeeCertificate', "
             "which is a certificate state graph, not a card state graph") in found
     assert len(found) == 6

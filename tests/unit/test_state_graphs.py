@@ -224,3 +224,88 @@ def test_directory_reports_violations_of_every_file_and_duplicate_names(tmp_path
 def test_missing_directory_reported():
     with pytest.raises(StateGraphError, match="does not exist"):
         load_state_graphs("/nonexistent/state-graphs")
+
+
+# -- certificates follow their card (docs/state-graphs.md "Certificates follow their card") --
+
+CERT_GRAPH = """\
+name: Cert
+kind: certificate
+start: Active
+states:
+  Issued: {}
+  Active: {ca_action: removeFromCRL}
+  OnHold: {ca_action: certificateHold}
+  Revoked: {ca_action: keyCompromise, final: true}
+  Parked: {}
+transitions:
+  - {from: Issued, to: Active}
+  - {from: Active, to: OnHold, reasons: [suspended]}
+  - {from: OnHold, to: Active}
+  - {from: [Active, OnHold], to: Revoked, reasons: [keyCompromise, cardLost]}
+  - {from: Active, to: Parked}
+"""
+
+
+def _card_graph(moves: str, certificate_graph: str = "Cert") -> str:
+    return (f"name: Card\nkind: card\nstart: Active\ncertificate_graph: {certificate_graph}\n"
+            "states:\n  Active: {}\n  Locked: {}\n  Lost: {final: true}\n"
+            f"transitions:\n{moves}")
+
+
+def _load_pair(tmp_path, card_text: str):
+    (tmp_path / "cert.yaml").write_text(CERT_GRAPH)
+    (tmp_path / "card.yaml").write_text(card_text)
+    return load_state_graphs(tmp_path)
+
+
+def test_card_transitions_name_what_happens_to_the_cards_certificates():
+    graphs = load_state_graphs(EXAMPLES)
+    card = graphs["EmployeeCard"]
+    assert card.certificate_graph == "EmployeeCertificate"
+    moves = {(t.source, t.target): (t.certificates.state, t.certificates.reason)
+             for t in card.transitions if t.certificates}
+    assert moves == {("Active", "Locked"): ("OnHold", "suspended"), ("Locked", "Active"): ("Active", None),
+                     ("Active", "Lost"): ("Revoked", "keyCompromise"), ("Locked", "Lost"): ("Revoked", "keyCompromise"),
+                     ("Active", "Retired"): ("Retired", "cessationOfOperation"),
+                     ("Locked", "Retired"): ("Retired", "cessationOfOperation")}
+    assert card.final_states == {"ProductionFailed", "Lost", "Retired"}
+
+
+def test_certificate_moves_of_card_graphs_are_checked_at_load_with_their_lines(tmp_path):
+    text = _card_graph(
+        "  - {from: Active, to: Locked, certificates: {state: OnHlod, reason: suspended}}\n"      # line 10
+        "  - {from: Locked, to: Active, certificates: {state: Active, reason: unlocked}}\n"       # line 11
+        "  - {from: Active, to: Lost, certificates: {state: Revoked, reason: keyCompromize}}\n"   # line 12
+        "  - {from: Locked, to: Lost, certificates: {state: Parked}}\n")                          # line 13
+    with pytest.raises(StateGraphError) as err:
+        _load_pair(tmp_path, text)
+    found = {(v.line, v.field_path, v.message, v.suggestion) for v in err.value.violations}
+    card = str(tmp_path / "card.yaml")
+    assert all(v.source == card for v in err.value.violations)
+    assert (10, "transitions[0].certificates.state", "state 'OnHlod' is not declared in the certificate graph "
+            "'Cert'", "OnHold") in found
+    assert any(line == 11 and path == "transitions[1].certificates.reason" and "takes reason 'unlocked'" in msg
+               for line, path, msg, _ in found)
+    assert any(line == 12 and "takes reason 'keyCompromize'" in msg and "(did you mean 'keyCompromise'?)" in msg
+               for line, _, msg, _ in found)
+    assert any(line == 13 and "Active → Parked maps to no CA action (C17)" in msg for line, _, msg, _ in found)
+    assert len(found) == 4
+
+
+def test_certificate_moves_need_an_existing_certificate_graph_and_a_card_graph(tmp_path):
+    with pytest.raises(StateGraphError) as err:
+        _load_pair(tmp_path, _card_graph("  - {from: Active, to: Locked, certificates: {state: OnHold, "
+                                         "reason: suspended}}\n  - {from: Locked, to: Lost}\n",
+                                         certificate_graph="Crt"))
+    assert [(v.field_path, v.suggestion) for v in err.value.violations] == [("certificate_graph", "Cert")]
+    no_graph = _card_graph("  - {from: Active, to: Locked, certificates: {state: OnHold}}\n"
+                           "  - {from: Locked, to: Lost}\n").replace(
+        "certificate_graph: Cert\n", "")
+    with pytest.raises(StateGraphError, match=r"transitions\[0\].certificates: the card's certificates are moved, "
+                                              "but the graph names no `certificate_graph`"):
+        load_state_graph(no_graph, "card.yaml")
+    on_cert = CERT_GRAPH.replace("  - {from: Active, to: Parked}", "  - {from: Active, to: Parked, "
+                                 "certificates: {state: Active}}")
+    with pytest.raises(StateGraphError, match="only the transitions of a card graph move certificates"):
+        load_state_graph(on_cert, "cert.yaml")

@@ -52,6 +52,9 @@ class CardProductionTask(TaskDefinition):
     holder: str | None = None                   # template of who the card is for, e.g. "${person}"
     # Line of each field in the file, so checks against the encoding description (C13) are located.
     field_lines: Mapping[str, int] = field(default_factory=frozen, compare=False, repr=False)
+    # The process re-issues a card that may already hold a live card object: the new card
+    # object takes the physical card over (docs/lifecycle.md). Otherwise such a card is refused.
+    reissue: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +69,8 @@ class CardOperationTask(TaskDefinition):
     subject: str | None = None
     fields: Mapping[str, str] = field(default_factory=frozen)
     field_lines: Mapping[str, int] = field(default_factory=frozen, compare=False, repr=False)
+    # Run only if the card is in a reader of the pool right now (then on that reader); else skip.
+    when_present: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -34,8 +34,8 @@ from shared.cards import ReaderKind
 
 _TOP_KEYS = ("name", "description", "inputs", "secret_inputs", "tasks", "on_error")
 _TASK_KEYS = {
-    "card_production": ("type", "card_template", "reader", "subject", "fields", "card", "holder"),
-    "card_operation": ("type", "card_template", "encoding", "reader", "card", "subject", "fields"),
+    "card_production": ("type", "card_template", "reader", "subject", "fields", "card", "holder", "reissue"),
+    "card_operation": ("type", "card_template", "encoding", "reader", "card", "subject", "fields", "when_present"),
     "change_state": ("type", "certificates", "card", "state", "reason"),
     "change_state_in_ca": ("type", "certificates", "state", "reason"),
     "handle_issued": ("type", "certificates", "revoke_reason", "target_state"),
@@ -314,6 +314,17 @@ class _ProcessReader(LocatedReader):
             self.read(entries[key], f"{path}.{key}", [name], scope)
         return name
 
+    def flag(self, entries: _Values, key: str, path: str) -> bool:
+        """An optional `true` / `false` (YAML booleans only); absent: false."""
+        if key not in entries:
+            return False
+        node = entries[key]
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
+            return bool(yaml.SafeLoader.bool_values[node.value.lower()])
+        found = node.value if isinstance(node, yaml.ScalarNode) else f"a {type(node).__name__}"
+        self.report(node, f"{path}.{key}", f"expected true or false, found {found}")
+        return False
+
     def state(self, entries: _Values, key: str, path: str) -> str | None:
         if key not in entries:
             return None
@@ -354,7 +365,8 @@ class _ProcessReader(LocatedReader):
                 holder = parsed[0]
         scope.defined |= written
         return CardProductionTask(line=line, card_template=template or "", reader=reader, subject=subject,
-                                  fields=fields, field_lines=field_lines, card=card, holder=holder)
+                                  fields=fields, field_lines=field_lines, card=card, holder=holder,
+                                  reissue=self.flag(entries, "reissue", path))
 
     def card_operation(self, entries: _Values, path: str, line: int, scope: _Scope) -> CardOperationTask:
         self.one_of(entries, ("card_template", "encoding"), path, line)
@@ -367,8 +379,13 @@ class _ProcessReader(LocatedReader):
         subject = self.subject(entries, path, scope)
         fields, field_lines, written = self.fields(entries, path, scope)
         scope.defined |= written
+        when_present = self.flag(entries, "when_present", path)
+        if when_present and card is None:
+            self.report(entries["when_present"], f"{path}.when_present", "needs `card`: it is that card that must "
+                        "be present")
         return CardOperationTask(line=line, card_template=template, encoding=encoding, reader=reader,
-                                 card=card, subject=subject, fields=fields, field_lines=field_lines)
+                                 card=card, subject=subject, fields=fields, field_lines=field_lines,
+                                 when_present=when_present)
 
     def change_state(self, entries: _Values, path: str, line: int, scope: _Scope) -> ChangeStateTask:
         self.one_of(entries, ("certificates", "card"), path, line)

@@ -1,7 +1,7 @@
 """Card holders and card secrets
 
 Revision ID: 0006
-Revises: 0004 (on this branch; the card-identity revision 0005 goes in between when merged)
+Revises: 0005 (client request ids)
 Create Date: 2026-11-29
 
 cards.holder: who the card was produced for (the card_production task's `holder`), so cards

@@ -27,47 +27,47 @@ from shared.proto.cardline.common.v1 import common_pb2 as cardline_dot_common_do
 from shared.proto.cardline.orchestrator.v1 import reader_pool_service_pb2 as cardline_dot_orchestrator_dot_v1_dot_reader__pool__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+cardline/orchestrator/v1/card_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63\x61rdline/common/v1/common.proto\x1a\x32\x63\x61rdline/orchestrator/v1/reader_pool_service.proto\"h\n\x12\x43\x65rtificateRequest\x12\x10\n\x08template\x18\x01 \x01(\t\x12-\n\x08key_type\x18\x02 \x01(\x0e\x32\x1b.cardline.common.v1.KeyType\x12\x11\n\tkey_label\x18\x03 \x01(\t\"\xc9\x01\n\x12ProduceCardRequest\x12\x38\n\x06reader\x18\x01 \x01(\x0b\x32(.cardline.orchestrator.v1.ReaderSelector\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x42\n\x0c\x63\x65rtificates\x18\x03 \x03(\x0b\x32,.cardline.orchestrator.v1.CertificateRequest\x12\x10\n\x08user_pin\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"z\n\x13ProduceCardResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bstep_number\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12,\n\x04task\x18\x04 \x01(\x0b\x32\x1e.cardline.orchestrator.v1.Task\"\xd4\x02\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x04type\x18\x02 \x01(\x0e\x32\".cardline.orchestrator.v1.TaskType\x12\x32\n\x05state\x18\x03 \x01(\x0e\x32#.cardline.orchestrator.v1.TaskState\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12\x11\n\treader_id\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x06 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_ids\x18\x07 \x03(\t\x12(\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x19.cardline.common.v1.Error\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc3\x01\n\x04\x43\x61rd\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06serial\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08template\x18\x04 \x01(\t\x12\x12\n\ngateway_id\x18\x05 \x01(\t\x12\x11\n\treader_id\x18\x06 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_ids\x18\x07 \x03(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06holder\x18\t \x01(\t\"!\n\x0eGetCardRequest\x12\x0f\n\x07\x63\x61rd_id\x18\x01 \x01(\t\"?\n\x0fGetCardResponse\x12,\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x1e.cardline.orchestrator.v1.Card\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"?\n\x0fGetTaskResponse\x12,\n\x04task\x18\x01 \x01(\x0b\x32\x1e.cardline.orchestrator.v1.Task\"\x80\x01\n\x10ListCardsRequest\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x14\n\x0ctoken_serial\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x12\n\npage_token\x18\x06 \x01(\t\"[\n\x11ListCardsResponse\x12-\n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x1e.cardline.orchestrator.v1.Card\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x11SetCardPukRequest\x12\x14\n\x0ctoken_serial\x18\x01 \x01(\t\x12\x0b\n\x03puk\x18\x02 \x01(\t\"\x14\n\x12SetCardPukResponse\"\x9b\x01\n\x10ListTasksRequest\x12\x1b\n\x13process_instance_id\x18\x01 \x01(\t\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32#.cardline.orchestrator.v1.TaskState\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"[\n\x11ListTasksResponse\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.cardline.orchestrator.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xde\x01\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TASK_TYPE_CARD_PRODUCTION\x10\x01\x12\x1c\n\x18TASK_TYPE_CARD_OPERATION\x10\x02\x12\x1a\n\x16TASK_TYPE_CHANGE_STATE\x10\x03\x12 \n\x1cTASK_TYPE_CHANGE_STATE_IN_CA\x10\x04\x12\x1b\n\x17TASK_TYPE_HANDLE_ISSUED\x10\x05\x12\x1f\n\x1bTASK_TYPE_LOAD_CERTIFICATES\x10\x06*p\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_RUNNING\x10\x01\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x02\x12\x15\n\x11TASK_STATE_FAILED\x10\x03\x32\xf0\x04\n\x0b\x43\x61rdService\x12l\n\x0bProduceCard\x12,.cardline.orchestrator.v1.ProduceCardRequest\x1a-.cardline.orchestrator.v1.ProduceCardResponse0\x01\x12^\n\x07GetCard\x12(.cardline.orchestrator.v1.GetCardRequest\x1a).cardline.orchestrator.v1.GetCardResponse\x12^\n\x07GetTask\x12(.cardline.orchestrator.v1.GetTaskRequest\x1a).cardline.orchestrator.v1.GetTaskResponse\x12\x64\n\tListCards\x12*.cardline.orchestrator.v1.ListCardsRequest\x1a+.cardline.orchestrator.v1.ListCardsResponse\x12g\n\nSetCardPuk\x12+.cardline.orchestrator.v1.SetCardPukRequest\x1a,.cardline.orchestrator.v1.SetCardPukResponse\x12\x64\n\tListTasks\x12*.cardline.orchestrator.v1.ListTasksRequest\x1a+.cardline.orchestrator.v1.ListTasksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+cardline/orchestrator/v1/card_service.proto\x12\x18\x63\x61rdline.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63\x61rdline/common/v1/common.proto\x1a\x32\x63\x61rdline/orchestrator/v1/reader_pool_service.proto\"h\n\x12\x43\x65rtificateRequest\x12\x10\n\x08template\x18\x01 \x01(\t\x12-\n\x08key_type\x18\x02 \x01(\x0e\x32\x1b.cardline.common.v1.KeyType\x12\x11\n\tkey_label\x18\x03 \x01(\t\"\xe0\x01\n\x12ProduceCardRequest\x12\x38\n\x06reader\x18\x01 \x01(\x0b\x32(.cardline.orchestrator.v1.ReaderSelector\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x42\n\x0c\x63\x65rtificates\x18\x03 \x03(\x0b\x32,.cardline.orchestrator.v1.CertificateRequest\x12\x10\n\x08user_pin\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rcard_template\x18\x06 \x01(\t\"z\n\x13ProduceCardResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bstep_number\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12,\n\x04task\x18\x04 \x01(\x0b\x32\x1e.cardline.orchestrator.v1.Task\"\xd4\x02\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x04type\x18\x02 \x01(\x0e\x32\".cardline.orchestrator.v1.TaskType\x12\x32\n\x05state\x18\x03 \x01(\x0e\x32#.cardline.orchestrator.v1.TaskState\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12\x11\n\treader_id\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x06 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_ids\x18\x07 \x03(\t\x12(\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x19.cardline.common.v1.Error\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc3\x01\n\x04\x43\x61rd\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06serial\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08template\x18\x04 \x01(\t\x12\x12\n\ngateway_id\x18\x05 \x01(\t\x12\x11\n\treader_id\x18\x06 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_ids\x18\x07 \x03(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06holder\x18\t \x01(\t\"!\n\x0eGetCardRequest\x12\x0f\n\x07\x63\x61rd_id\x18\x01 \x01(\t\"?\n\x0fGetCardResponse\x12,\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x1e.cardline.orchestrator.v1.Card\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"?\n\x0fGetTaskResponse\x12,\n\x04task\x18\x01 \x01(\x0b\x32\x1e.cardline.orchestrator.v1.Task\"\x80\x01\n\x10ListCardsRequest\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x14\n\x0ctoken_serial\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x12\n\npage_token\x18\x06 \x01(\t\"[\n\x11ListCardsResponse\x12-\n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x1e.cardline.orchestrator.v1.Card\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x11SetCardPukRequest\x12\x14\n\x0ctoken_serial\x18\x01 \x01(\t\x12\x0b\n\x03puk\x18\x02 \x01(\t\"\x14\n\x12SetCardPukResponse\"\x9b\x01\n\x10ListTasksRequest\x12\x1b\n\x13process_instance_id\x18\x01 \x01(\t\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32#.cardline.orchestrator.v1.TaskState\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"[\n\x11ListTasksResponse\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.cardline.orchestrator.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xde\x01\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TASK_TYPE_CARD_PRODUCTION\x10\x01\x12\x1c\n\x18TASK_TYPE_CARD_OPERATION\x10\x02\x12\x1a\n\x16TASK_TYPE_CHANGE_STATE\x10\x03\x12 \n\x1cTASK_TYPE_CHANGE_STATE_IN_CA\x10\x04\x12\x1b\n\x17TASK_TYPE_HANDLE_ISSUED\x10\x05\x12\x1f\n\x1bTASK_TYPE_LOAD_CERTIFICATES\x10\x06*p\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_RUNNING\x10\x01\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x02\x12\x15\n\x11TASK_STATE_FAILED\x10\x03\x32\xf0\x04\n\x0b\x43\x61rdService\x12l\n\x0bProduceCard\x12,.cardline.orchestrator.v1.ProduceCardRequest\x1a-.cardline.orchestrator.v1.ProduceCardResponse0\x01\x12^\n\x07GetCard\x12(.cardline.orchestrator.v1.GetCardRequest\x1a).cardline.orchestrator.v1.GetCardResponse\x12^\n\x07GetTask\x12(.cardline.orchestrator.v1.GetTaskRequest\x1a).cardline.orchestrator.v1.GetTaskResponse\x12\x64\n\tListCards\x12*.cardline.orchestrator.v1.ListCardsRequest\x1a+.cardline.orchestrator.v1.ListCardsResponse\x12g\n\nSetCardPuk\x12+.cardline.orchestrator.v1.SetCardPukRequest\x1a,.cardline.orchestrator.v1.SetCardPukResponse\x12\x64\n\tListTasks\x12*.cardline.orchestrator.v1.ListTasksRequest\x1a+.cardline.orchestrator.v1.ListTasksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.proto.cardline.orchestrator.v1.card_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKTYPE']._serialized_start=1920
-  _globals['_TASKTYPE']._serialized_end=2142
-  _globals['_TASKSTATE']._serialized_start=2144
-  _globals['_TASKSTATE']._serialized_end=2256
+  _globals['_TASKTYPE']._serialized_start=1943
+  _globals['_TASKTYPE']._serialized_end=2165
+  _globals['_TASKSTATE']._serialized_start=2167
+  _globals['_TASKSTATE']._serialized_end=2279
   _globals['_CERTIFICATEREQUEST']._serialized_start=191
   _globals['_CERTIFICATEREQUEST']._serialized_end=295
   _globals['_PRODUCECARDREQUEST']._serialized_start=298
-  _globals['_PRODUCECARDREQUEST']._serialized_end=499
-  _globals['_PRODUCECARDRESPONSE']._serialized_start=501
-  _globals['_PRODUCECARDRESPONSE']._serialized_end=623
-  _globals['_TASK']._serialized_start=626
-  _globals['_TASK']._serialized_end=966
-  _globals['_CARD']._serialized_start=969
-  _globals['_CARD']._serialized_end=1164
-  _globals['_GETCARDREQUEST']._serialized_start=1166
-  _globals['_GETCARDREQUEST']._serialized_end=1199
-  _globals['_GETCARDRESPONSE']._serialized_start=1201
-  _globals['_GETCARDRESPONSE']._serialized_end=1264
-  _globals['_GETTASKREQUEST']._serialized_start=1266
-  _globals['_GETTASKREQUEST']._serialized_end=1299
-  _globals['_GETTASKRESPONSE']._serialized_start=1301
-  _globals['_GETTASKRESPONSE']._serialized_end=1364
-  _globals['_LISTCARDSREQUEST']._serialized_start=1367
-  _globals['_LISTCARDSREQUEST']._serialized_end=1495
-  _globals['_LISTCARDSRESPONSE']._serialized_start=1497
-  _globals['_LISTCARDSRESPONSE']._serialized_end=1588
-  _globals['_SETCARDPUKREQUEST']._serialized_start=1590
-  _globals['_SETCARDPUKREQUEST']._serialized_end=1644
-  _globals['_SETCARDPUKRESPONSE']._serialized_start=1646
-  _globals['_SETCARDPUKRESPONSE']._serialized_end=1666
-  _globals['_LISTTASKSREQUEST']._serialized_start=1669
-  _globals['_LISTTASKSREQUEST']._serialized_end=1824
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1826
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1917
-  _globals['_CARDSERVICE']._serialized_start=2259
-  _globals['_CARDSERVICE']._serialized_end=2883
+  _globals['_PRODUCECARDREQUEST']._serialized_end=522
+  _globals['_PRODUCECARDRESPONSE']._serialized_start=524
+  _globals['_PRODUCECARDRESPONSE']._serialized_end=646
+  _globals['_TASK']._serialized_start=649
+  _globals['_TASK']._serialized_end=989
+  _globals['_CARD']._serialized_start=992
+  _globals['_CARD']._serialized_end=1187
+  _globals['_GETCARDREQUEST']._serialized_start=1189
+  _globals['_GETCARDREQUEST']._serialized_end=1222
+  _globals['_GETCARDRESPONSE']._serialized_start=1224
+  _globals['_GETCARDRESPONSE']._serialized_end=1287
+  _globals['_GETTASKREQUEST']._serialized_start=1289
+  _globals['_GETTASKREQUEST']._serialized_end=1322
+  _globals['_GETTASKRESPONSE']._serialized_start=1324
+  _globals['_GETTASKRESPONSE']._serialized_end=1387
+  _globals['_LISTCARDSREQUEST']._serialized_start=1390
+  _globals['_LISTCARDSREQUEST']._serialized_end=1518
+  _globals['_LISTCARDSRESPONSE']._serialized_start=1520
+  _globals['_LISTCARDSRESPONSE']._serialized_end=1611
+  _globals['_SETCARDPUKREQUEST']._serialized_start=1613
+  _globals['_SETCARDPUKREQUEST']._serialized_end=1667
+  _globals['_SETCARDPUKRESPONSE']._serialized_start=1669
+  _globals['_SETCARDPUKRESPONSE']._serialized_end=1689
+  _globals['_LISTTASKSREQUEST']._serialized_start=1692
+  _globals['_LISTTASKSREQUEST']._serialized_end=1847
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1849
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1940
+  _globals['_CARDSERVICE']._serialized_start=2282
+  _globals['_CARDSERVICE']._serialized_end=2906
 # @@protoc_insertion_point(module_scope)

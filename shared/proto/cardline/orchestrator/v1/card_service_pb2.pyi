@@ -106,6 +106,7 @@ class ProduceCardRequest(_message.Message):
     CERTIFICATES_FIELD_NUMBER: _builtins.int
     USER_PIN_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_TEMPLATE_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """RFC 4514, e.g. "CN=Jane Doe,O=Example" """
     user_pin: _builtins.str
@@ -114,6 +115,8 @@ class ProduceCardRequest(_message.Message):
     """Chosen by the client (e.g. a UUID), at most 200 characters: a retry with the same id
     produces no second card; it follows the task the first call started and ends with it.
     """
+    card_template: _builtins.str
+    """card template of the new card object (its state graph); required"""
     @_builtins.property
     def reader(self) -> _reader_pool_service_pb2.ReaderSelector: ...
     @_builtins.property
@@ -126,10 +129,11 @@ class ProduceCardRequest(_message.Message):
         certificates: _abc.Iterable[Global___CertificateRequest] | None = ...,
         user_pin: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        card_template: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reader", b"reader"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "reader", b"reader", "request_id", b"request_id", "subject", b"subject", "user_pin", b"user_pin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_template", b"card_template", "certificates", b"certificates", "reader", b"reader", "request_id", b"request_id", "subject", b"subject", "user_pin", b"user_pin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
