@@ -45,7 +45,8 @@ async def station(tmp_path: pathlib.Path, token, ca: str):
     """An in-process orchestrator (the example configuration, certificates from `ca`) and a
     gateway process at site hq holding `token`."""
     cas = [{"name": "corp", "kind": "openssl", "directory": str(tmp_path / "openssl-ca")}] if ca == "corp" else []
-    settings = config.load(config.OrchestratorSettings, listen="127.0.0.1:0", data_dir=tmp_path / "orchestrator",
+    settings = config.load(config.OrchestratorSettings, listen="127.0.0.1:0", migrate=True,
+                           data_dir=tmp_path / "orchestrator",
                            config_dir=lifecycle_config(tmp_path, ca), step_timeout_s=30, cas=cas,
                            **default_pki().settings())
     orch = await orchestrator_app.start(settings)
