@@ -118,6 +118,12 @@ class CrashStation:
         shutil.copytree(EXAMPLES, self.config_dir)
         (self.config_dir / "secrets").mkdir()
         (self.config_dir / "secrets" / "transport-puk").write_text(token.so_pin + "\n")   # the token's SO PIN
+        # Every run produces on the same token again: a re-issuing production (docs/lifecycle.md,
+        # "One card, one live card object"), or the second run would be refused.
+        process = self.config_dir / "processes" / f"{PROCESS}.yaml"
+        text = process.read_text()
+        assert "\n    card: " in text
+        process.write_text(text.replace("\n    card: ", "\n    reissue: true\n    card: ", 1))
         if ca_kind == "openssl":
             templates = self.config_dir / "templates" / "templates.yaml"
             templates.write_text(templates.read_text().replace("ca: local", "ca: openssl"))
