@@ -220,14 +220,6 @@ class IssuedSweeperSettings(BaseModel):
 
     _check_target = field_validator("target_state")(classmethod(lambda cls, v: _check_name(v, "target_state")))
 
-    @property
-    def grace_period_s(self) -> float:
-        return self.grace_period
-
-    @property
-    def interval_s(self) -> float:
-        return self.interval
-
 
 class KeyArchiveSettings(BaseModel):
     """Where the key-encryption key (KEK) of archived private keys (ArchiveKey=true) lives:

@@ -109,8 +109,8 @@ class CardServicer(card_service_pb2_grpc.CardServiceServicer):
             rows = self.store.tasks.list(process_instance_id=request.process_instance_id or None, state=state,
                                          card_id=request.card_id or None, after=after, limit=size + 1)
             page, token = paging.keyset_page(rows, size, lambda t: (t.created_at, t.id))
-            return [conv.task_to_proto(t, [c.id for c in self.store.certificates.list(task_id=t.id)])
-                    for t in page], token
+            certificates = self.store.certificates.ids_by_task([t.id for t in page])
+            return [conv.task_to_proto(t, certificates[t.id]) for t in page], token
 
         page, token = await asyncio.to_thread(tasks)
         return pb.ListTasksResponse(tasks=page, next_page_token=token)
@@ -125,7 +125,8 @@ class CardServicer(card_service_pb2_grpc.CardServiceServicer):
                                           template=request.template or None,
                                           token_serial=request.token_serial or None, after=after, limit=size + 1)
             page, token = paging.keyset_page(cards, size, lambda c: (c.created_at, c.id))
-            return [(c, self.store.cards.certificate_ids(c.id)) for c in page], token
+            certificates = self.store.cards.certificate_ids_of([c.id for c in page])
+            return [(c, certificates[c.id]) for c in page], token
 
         rows, token = await asyncio.to_thread(cards_with_certificates)
         return pb.ListCardsResponse(cards=[conv.card_to_proto(c, ids) for c, ids in rows], next_page_token=token)

@@ -57,7 +57,8 @@ class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceService
                 state=request.state or None, template=request.template or None, card_id=request.card_id or None,
                 task_id=request.task_id or None, serial_hex=serial_hex, after=after, limit=size + 1)
             page, token = paging.keyset_page(certs, size, lambda c: (c.created_at, c.id))
-            return [(c, self._card_of(c.id)) for c in page], token
+            cards = self.store.relations.cards_of([c.id for c in page])
+            return [(c, cards.get(c.id, "")) for c in page], token
 
         rows, token = await asyncio.to_thread(certificates_with_cards)
         return pb.ListCertificatesResponse(certificates=[conv.certificate_to_proto(c, card) for c, card in rows],
@@ -65,8 +66,7 @@ class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceService
 
     def _card_of(self, certificate_id: str) -> str:
         """The card a certificate is related to (blocking: call it in a thread)."""
-        relations = self.store.relations.list(target_id=certificate_id)
-        return next((r.source_id for r in relations if r.source_type == "Card"), "")
+        return self.store.relations.cards_of([certificate_id]).get(certificate_id, "")
 
     @rpc_errors
     async def SearchIssuedCertificates(self, request, context):
@@ -103,7 +103,8 @@ class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceService
                 state=request.state or None, template=request.template or None, card_id=request.card_id or None,
                 valid_at=now, expiring_before=now + dt.timedelta(days=request.days), after=after, limit=size + 1)
             page, token = paging.keyset_page(certs, size, lambda c: (c.created_at, c.id))
-            return [(c, self._card_of(c.id)) for c in page], token
+            cards = self.store.relations.cards_of([c.id for c in page])
+            return [(c, cards.get(c.id, "")) for c in page], token
 
         rows, token = await asyncio.to_thread(expiring_with_cards)
         return pb.ListExpiringCertificatesResponse(

@@ -55,8 +55,9 @@ class ProcessServicer(process_service_pb2_grpc.ProcessServiceServicer):
         rows = await asyncio.to_thread(self.store.processes.list, state=conv.process_state_from_proto(request.state),
                                        definition=request.definition or None, after=after, limit=size + 1)
         page, token = paging.keyset_page(rows, size, lambda p: (p.created_at, p.id))
-        return pb.ListProcessInstancesResponse(instances=[await self._instance(r) for r in page],
-                                               next_page_token=token)
+        tasks = await asyncio.to_thread(self.store.tasks.ids_by_process, [r.id for r in page])
+        return pb.ListProcessInstancesResponse(
+            instances=[conv.process_instance_to_proto(r, tasks[r.id]) for r in page], next_page_token=token)
 
     async def _instance(self, record) -> pb.ProcessInstance:
         tasks = await asyncio.to_thread(self.store.tasks.list, process_instance_id=record.id)

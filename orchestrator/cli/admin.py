@@ -58,7 +58,8 @@ def check(config_file: pathlib.Path | None, overrides: dict) -> tuple[list[str],
     counts: dict[str, int] = {}
     try:
         loaded = load_configuration(settings.config_dir, known_cas=known_cas,
-                                    internal_issued_state=settings.certificate_internal_issued_state)
+                                    internal_issued_state=settings.certificate_internal_issued_state,
+                                    secrets_dir=settings.effective_secrets_dir())
         warnings = list(loaded.warnings)
         counts = {"state_graphs": len(loaded.graphs), "card_templates": len(loaded.templates.cards),
                   "certificate_templates": len(loaded.templates.certificates), "encodings": len(loaded.encodings),

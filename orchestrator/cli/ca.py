@@ -4,7 +4,17 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from orchestrator.cli.client import JSON, ORCHESTRATOR, all_pages, as_json, label, print_json, print_table, stub
+from orchestrator.cli.client import (
+    JSON,
+    ORCHESTRATOR,
+    all_pages,
+    as_json,
+    label,
+    print_json,
+    print_table,
+    stub,
+    when,
+)
 from shared.proto import ca_service_pb2 as pb
 from shared.proto import ca_service_pb2_grpc
 from shared.serials import show_serial
@@ -52,17 +62,13 @@ def register(root: typer.Typer) -> None:
         Console(soft_wrap=True, highlight=False).print(
             f"CA request {r.request_id}\n  CA {r.ca}\n  task {r.task_id}\n  state {_state(r.state)}\n"
             f"  serial {show_serial(r.serial_hex) or '-'}\n  certificate {r.certificate_id or '-'}\n"
-            f"  created {_when(r.created_at)}, updated {_when(r.updated_at)}", markup=False)
+            f"  created {when(r.created_at)}, updated {when(r.updated_at)}", markup=False)
 
     root.add_typer(requests, name="ca-requests")
 
 
 def _state(value: int) -> str:
     return label(pb.CaRequestState, value).replace(" ", "_")
-
-
-def _when(ts) -> str:
-    return ts.ToDatetime().isoformat(timespec="seconds") if ts.seconds else "-"
 
 
 def _list(unsettled: bool, task_id: str, json_output: bool, orchestrator_addr: str) -> None:
@@ -73,4 +79,4 @@ def _list(unsettled: bool, task_id: str, json_output: bool, orchestrator_addr: s
         return
     print_table("request", "CA", "state", "serial", "certificate", "updated",
                 rows=[(r.request_id, r.ca, _state(r.state), show_serial(r.serial_hex), r.certificate_id,
-                       _when(r.updated_at)) for r in rows])
+                       when(r.updated_at)) for r in rows])

@@ -16,6 +16,7 @@ from orchestrator.cli.client import (
     print_json,
     print_table,
     stub,
+    when,
 )
 from shared.cli import CliFail
 from shared.proto import certificate_service_pb2 as pb
@@ -42,10 +43,6 @@ def _certificates(target: str) -> certificate_service_pb2_grpc.CertificateServic
 
 def _is_uuid(text: str) -> bool:
     return len(text) == 36 and text.count("-") == 4
-
-
-def _when(ts) -> str:
-    return ts.ToDatetime().isoformat(timespec="seconds") if ts.seconds else "-"
 
 
 def register(root: typer.Typer) -> None:
@@ -84,9 +81,9 @@ def register(root: typer.Typer) -> None:
             return
         Console(soft_wrap=True).print(
             f"certificate {c.id}\n  serial     {show_serial(c.serial_hex)}\n  subject    {c.subject}\n"
-            f"  issuer     {c.issuer}\n  valid      {_when(c.not_before)} to {_when(c.not_after)}\n"
+            f"  issuer     {c.issuer}\n  valid      {when(c.not_before)} to {when(c.not_after)}\n"
             f"  template   {c.template}\n  state      {c.state}\n  card       {c.card_id or '-'}\n"
-            f"  task       {c.task_id or '-'}\n  stored     {_when(c.created_at)}"
+            f"  task       {c.task_id or '-'}\n  stored     {when(c.created_at)}"
             + (f"\n  task error {c.task_error}" if c.task_error else ""), highlight=False, markup=False)
 
     @certs.command("expiring")
@@ -135,7 +132,7 @@ def register(root: typer.Typer) -> None:
             return
         print_table("id", "template", "serial", "issuer", "stored", "task", "task error",
                     rows=[(h.descriptor.id, h.descriptor.template, show_serial(h.serial_hex), h.issuer,
-                           _when(h.created_at), h.task_id,
+                           when(h.created_at), h.task_id,
                            f"{h.task_error.reason}: {h.task_error.message}" if h.task_error.reason else "")
                           for h in hits])
 

@@ -107,6 +107,11 @@ def enum_value(enum, text: str, option: str) -> int:
     return choices[key]
 
 
+def when(ts: Any) -> str:
+    """A protobuf Timestamp for people; \"-\" when unset."""
+    return ts.ToDatetime().isoformat(timespec="seconds") if ts.seconds else "-"
+
+
 def selector(gateway: str = "", site: str = "", labels: list[str] | None = None, kind: str = "",
              card_present: bool = False) -> pool_pb.ReaderSelector:
     result = pool_pb.ReaderSelector(gateway_id=gateway, site=site, card_present=card_present)

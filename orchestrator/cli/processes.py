@@ -20,6 +20,7 @@ from orchestrator.cli.client import (
     secret_inputs,
     secrets_from_stdin,
     stub,
+    when,
 )
 from shared.cli import CliFail
 from shared.proto import card_service_pb2, common_pb2, process_service_pb2_grpc
@@ -27,8 +28,8 @@ from shared.proto import process_service_pb2 as pb
 
 
 def definition(processes: process_service_pb2_grpc.ProcessServiceStub, name: str) -> pb.ProcessDefinition | None:
-    return next((d for d in processes.ListProcessDefinitions(pb.ListProcessDefinitionsRequest()).definitions
-                 if d.name == name), None)
+    definitions = all_pages(processes.ListProcessDefinitions, pb.ListProcessDefinitionsRequest(), "definitions")
+    return next((d for d in definitions if d.name == name), None)
 
 
 def _value(text: str) -> common_pb2.Value:
@@ -37,10 +38,6 @@ def _value(text: str) -> common_pb2.Value:
         kind, template, object_id = text[1:].split(":")
         return common_pb2.Value(descriptor=common_pb2.CoreObjectDescriptor(type=kind, template=template, id=object_id))
     return common_pb2.Value(text=text)
-
-
-def _when(ts) -> str:
-    return ts.ToDatetime().isoformat(timespec="seconds") if ts.seconds else "-"
 
 
 def _state(text: str) -> int:
@@ -83,8 +80,8 @@ def register(root: typer.Typer) -> None:
             print_json([as_json(i) for i in found])
             return
         print_table("instance", "process", "state", "created", "finished", "error",
-                    rows=[(i.id, i.definition, label(pb.ProcessState, i.state), _when(i.created_at),
-                           _when(i.finished_at), f"{i.error.reason}: {i.error.message}" if i.error.reason else "")
+                    rows=[(i.id, i.definition, label(pb.ProcessState, i.state), when(i.created_at),
+                           when(i.finished_at), f"{i.error.reason}: {i.error.message}" if i.error.reason else "")
                           for i in found])
 
     @process.command("start")
@@ -135,7 +132,7 @@ def register(root: typer.Typer) -> None:
             return
         out = Console(soft_wrap=True, highlight=False)
         out.print(f"process {instance.id} ({instance.definition}) {pb.ProcessState.Name(instance.state)}", markup=False)
-        out.print(f"  created {_when(instance.created_at)}, finished {_when(instance.finished_at)}", markup=False)
+        out.print(f"  created {when(instance.created_at)}, finished {when(instance.finished_at)}", markup=False)
         if instance.error.reason:
             out.print(f"  error {instance.error.reason}: {instance.error.message}", markup=False)
         out.print(f"  tasks {', '.join(instance.task_ids) or '-'}", markup=False)

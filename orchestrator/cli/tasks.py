@@ -14,13 +14,10 @@ from orchestrator.cli.client import (
     print_json,
     print_table,
     stub,
+    when,
 )
 from shared.proto import card_service_pb2 as pb
 from shared.proto import card_service_pb2_grpc
-
-
-def _when(ts) -> str:
-    return ts.ToDatetime().isoformat(timespec="seconds") if ts.seconds else "-"
 
 
 def show_task(task: pb.Task) -> None:
@@ -28,7 +25,7 @@ def show_task(task: pb.Task) -> None:
         f"task {task.id} ({label(pb.TaskType, task.type)}) {label(pb.TaskState, task.state)}\n"
         f"  reader {task.gateway_id or '-'} {task.reader_id}\n  card {task.card_id or '-'}\n"
         f"  certificates {', '.join(task.certificate_ids) or '-'}\n"
-        f"  created {_when(task.created_at)}, finished {_when(task.finished_at)}"
+        f"  created {when(task.created_at)}, finished {when(task.finished_at)}"
         + (f"\n  error {task.error.reason}: {task.error.message}" if task.error.reason else ""), markup=False)
 
 
@@ -54,7 +51,7 @@ def register(root: typer.Typer) -> None:
             return
         print_table("task", "type", "state", "gateway", "reader", "card", "created", "error",
                     rows=[(t.id, label(pb.TaskType, t.type), label(pb.TaskState, t.state), t.gateway_id,
-                           t.reader_id, t.card_id, _when(t.created_at),
+                           t.reader_id, t.card_id, when(t.created_at),
                            f"{t.error.reason}: {t.error.message}" if t.error.reason else "") for t in found])
 
     @tasks.command("show")

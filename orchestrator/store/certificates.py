@@ -42,6 +42,20 @@ class Certificates:
                 Certificate.issuer == cert.issuer.rfc4514_string(),
                 Certificate.serial_hex == format(cert.serial_number, "x"))) is not None
 
+    def ids_by_task(self, task_ids: Collection[str]) -> dict[str, list[str]]:
+        """The ids of the certificates of many tasks in one query (a page of a listing):
+        task id -> certificate ids, oldest first (as list(task_id=...)); [] for none."""
+        out: dict[str, list[str]] = {task_id: [] for task_id in task_ids}
+        if not out:
+            return out
+        q = (select(Certificate.task_id, Certificate.id).where(Certificate.task_id.in_(out))
+             .order_by(Certificate.created_at, Certificate.id))
+        with self._db.read() as s:
+            for task_id, certificate_id in s.execute(q):
+                if task_id is not None:          # always: filtered on the task ids
+                    out[task_id].append(certificate_id)
+        return out
+
     def list(self, state: str | None = None, template: str | None = None,
              card_id: str | None = None, task_id: str | None = None,
              issued_before: dt.datetime | None = None, limit: int | None = None,

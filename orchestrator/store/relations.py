@@ -1,12 +1,12 @@
 """Object relations (card -> certificate), created on their own (C9) or with a task's end."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from sqlalchemy import select
 
 from orchestrator.store.models import ObjectRelation, utcnow
-from orchestrator.store.records import NewRelation, RelationRecord
+from orchestrator.store.records import CARD, NewRelation, RelationRecord
 from orchestrator.store.rows import check_relation_ends, insert_relation, new_relations, record, relation_key, task_row
 from orchestrator.store.sessions import Sessions
 
@@ -35,6 +35,20 @@ class Relations:
                 assert row is not None
                 out.append(record(RelationRecord, row))
             return out
+
+    def cards_of(self, certificate_ids: Collection[str]) -> dict[str, str]:
+        """The card each certificate is related to, in one query: certificate id -> card id
+        (the oldest relation wins); certificates without a card are left out."""
+        if not certificate_ids:
+            return {}
+        q = (select(ObjectRelation.target_id, ObjectRelation.source_id)
+             .where(ObjectRelation.source_type == CARD, ObjectRelation.target_id.in_(list(certificate_ids)))
+             .order_by(ObjectRelation.created_at, ObjectRelation.id))
+        out: dict[str, str] = {}
+        with self._db.read() as s:
+            for certificate_id, card_id in s.execute(q):
+                out.setdefault(certificate_id, card_id)
+        return out
 
     def list(self, source_id: str | None = None, target_id: str | None = None) -> list[RelationRecord]:
         q = select(ObjectRelation)

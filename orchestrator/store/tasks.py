@@ -1,6 +1,8 @@
 """Tasks and their step journal."""
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -70,6 +72,20 @@ class Tasks:
             task_row(s, task_id)
             rows = s.scalars(select(TaskStep).where(TaskStep.task_id == task_id).order_by(TaskStep.step_number))
             return [record(TaskStepRecord, r) for r in rows]
+
+    def ids_by_process(self, process_instance_ids: Collection[str]) -> dict[str, list[str]]:
+        """The task ids of many process instances in one query (a page of a listing):
+        instance id -> task ids in the order they ran (as list(process_instance_id=...))."""
+        out: dict[str, list[str]] = {instance_id: [] for instance_id in process_instance_ids}
+        if not out:
+            return out
+        q = paging.after(select(Task.process_instance_id, Task.id).where(Task.process_instance_id.in_(out)),
+                         Task.created_at, Task.id, None)
+        with self._db.read() as s:
+            for instance_id, task_id in s.execute(q):
+                if instance_id is not None:      # always: filtered on the instance ids
+                    out[instance_id].append(task_id)
+        return out
 
     def list(self, process_instance_id: str | None = None, state: TaskState | None = None, *,
              card_id: str | None = None, after: Keyset | None = None,

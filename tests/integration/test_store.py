@@ -125,6 +125,26 @@ def test_c2_success_moves_certificates_relations_and_task_atomically(store: Stor
     assert store.relations.list(target_id=b.id)[0].source_type == CARD
 
 
+def test_page_reads_answer_in_one_query_what_the_single_reads_answer(store: Store):
+    """The batch reads a List RPC uses for a page agree with the per-object reads."""
+    task, card = production(store)
+    a = store.store_issued_certificate(task.id, make_cert(), "EmployeeAuth", "local", ISSUED)
+    b = store.store_issued_certificate(task.id, make_cert(), "EmployeeSign", "local", ISSUED)
+    lone_task, lone_card = production(store)
+    store.finish_task_succeeded(task.id, from_state=ISSUED, certificate_states={a.id: "Active", b.id: "Active"},
+                                card_state="Active",
+                                relations=[NewRelation(CARD, card.id, CERTIFICATE, a.id, "HAS_A"),
+                                           NewRelation(CARD, card.id, CERTIFICATE, b.id, "HAS_A")])
+
+    assert store.cards.certificate_ids_of([card.id, lone_card.id]) == {
+        card.id: store.cards.certificate_ids(card.id), lone_card.id: []}
+    assert store.cards.certificate_ids_of([card.id])[card.id] == [a.id, b.id]
+    assert store.certificates.ids_by_task([task.id, lone_task.id]) == {
+        task.id: [c.id for c in store.certificates.list(task_id=task.id)], lone_task.id: []}
+    assert store.relations.cards_of([a.id, b.id]) == {a.id: card.id, b.id: card.id}
+    assert store.relations.cards_of([]) == {} and store.cards.certificate_ids_of([]) == {}
+
+
 def test_c2_failure_inside_the_finish_changes_nothing(store: Store):
     task, card = production(store)
     a = store.store_issued_certificate(task.id, make_cert(), "EmployeeAuth", "local", ISSUED)
