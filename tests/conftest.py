@@ -26,7 +26,8 @@ pytest_plugins = [
 HARDWARE_FIXTURES = frozenset({"softhsm_module", "softhsm_conf", "softhsm_token", "pcscd", "restart_pcscd",
                                "vpcd_card_factory", "virtual_card"})
 #: Programs a test that is not marked `hardware` must not start.
-HARDWARE_PROGRAMS = frozenset({"cardline", "softhsm2-util", "pkcs11-tool", "pcscd"})
+HARDWARE_PROGRAMS = frozenset({"cardline", "softhsm2-util", "pkcs11-tool", "pcscd",
+                               "tests.support.faulty_orchestrator"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

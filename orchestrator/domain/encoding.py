@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.domain.processes.expressions import variable_of
 from orchestrator.domain.violations import Violation, did_you_mean
 from shared.cards import Apdu, KeyType, check_command_apdu
 
@@ -49,7 +50,6 @@ _SECTION_KEYWORDS = {"Encoding": ENCODING_KEYWORDS, "Description": DESCRIPTION_K
 
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _APPLICATION_SUFFIX = re.compile(r"[A-Za-z0-9_]+\Z")
-_PROCESS_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 _SW_PATTERN = re.compile(r"[0-9A-FX]{4}\Z")
 _HEX = re.compile(r"[0-9A-Fa-f]*\Z")
 
@@ -612,8 +612,7 @@ def load_encoding(path: str | Path,
 
 def process_variable_of(expr: str) -> str | None:
     """``name`` when ``expr`` is exactly ``${name}`` (name an identifier), else None."""
-    m = _PROCESS_VARIABLE.match(expr) if isinstance(expr, str) else None
-    return m.group(1) if m else None
+    return variable_of(expr)
 
 
 def check_field_mapping(encoding: EncodingDescription, mapping: Mapping[str, str], source: str,

@@ -93,12 +93,8 @@ class Cards:
         Unlike certificates.list(card_id=...), certificates of the card's failed tasks
         without a relation are not included: they are probably not on the card."""
         with self._db.read() as s:
-            card_row(s, card_id)
-            related = select(ObjectRelation.target_id).where(
-                ObjectRelation.source_type == CARD, ObjectRelation.source_id == card_id,
-                ObjectRelation.target_type == CERTIFICATE)
-            return list(s.scalars(select(Certificate.id).where(Certificate.id.in_(related))
-                                  .order_by(Certificate.created_at, Certificate.id)))
+            card_row(s, card_id)                     # NotFound for an unknown card
+        return self.certificate_ids_of([card_id])[card_id]
 
     def certificate_ids_of(self, card_ids: Collection[str]) -> dict[str, list[str]]:
         """certificate_ids for many cards in one query (a page of a listing): card id ->

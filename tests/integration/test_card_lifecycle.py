@@ -59,6 +59,8 @@ async def station(tmp_path: pathlib.Path, token, ca: str):
                 if any(p.reader.token_serial == token.serial for p in orch.pool.list()):
                     break
                 await asyncio.sleep(0.1)
+            else:
+                raise TimeoutError("the gateway's tokens did not come into the pool within 20 s")
             yield orch
     finally:
         await orch.stop()

@@ -11,7 +11,6 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from sqlalchemy.engine import make_url
 
 from orchestrator.store import Store
 from tests.support.compose import ROOT, load_compose, parse_dockerfile, service_paths, start_order
+from tests.support.processes import free_port
 
 pytestmark = [pytest.mark.hardware, pytest.mark.postgres]
 
@@ -29,10 +29,6 @@ SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 LISTEN_SETTING = {"orchestrator": "CARDLINE_ORCHESTRATOR_LISTEN", "gateway": "CARDLINE_GATEWAY_LISTEN"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(command: list[str], env: dict[str, str], cwd: pathlib.Path, proc: subprocess.Popen,

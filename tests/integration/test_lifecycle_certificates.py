@@ -54,6 +54,8 @@ async def _running(tmp_path, token, cfg, *, cards: int = 1, boundary=None):
                 if {p.reader.token_serial for p in orch.pool.list()} >= set(serials):
                     break
                 await asyncio.sleep(0.1)
+            else:
+                raise TimeoutError("the gateway's tokens did not come into the pool within 20 s")
             yield orch, serials
     finally:
         await orch.stop()

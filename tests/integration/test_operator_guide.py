@@ -16,10 +16,10 @@ import pytest
 from tests.integration.test_readme_running_it import (
     PROMPT_ANSWERS,
     clean_environment,
-    free_port,
     readme_blocks,
     readme_table,
 )
+from tests.support.processes import free_port
 from tests.support.readme import ROOT, ShellSession, run_block_commands, runnable_sh_blocks, section
 
 pytestmark = pytest.mark.hardware

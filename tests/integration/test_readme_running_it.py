@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 
 import pytest
 
 from orchestrator.store import Store
+from tests.support.processes import free_port
 from tests.support.readme import ROOT, ShellSession, run_block_commands, section, sh_blocks
 
 pytestmark = pytest.mark.hardware
@@ -24,10 +24,6 @@ NEW_PIN = "246810"
 PROMPT_ANSWERS = {"process start": f"{NEW_PIN}\n"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def readme_blocks() -> list[str]:

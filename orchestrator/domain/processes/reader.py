@@ -319,7 +319,7 @@ class _ProcessReader(LocatedReader):
         if key not in entries:
             return False
         node = entries[key]
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
+        if isinstance(node, yaml.ScalarNode) and node.tag == BOOL_TAG:
             return bool(yaml.SafeLoader.bool_values[node.value.lower()])
         found = node.value if isinstance(node, yaml.ScalarNode) else f"a {type(node).__name__}"
         self.report(node, f"{path}.{key}", f"expected true or false, found {found}")
@@ -434,7 +434,7 @@ class _ProcessReader(LocatedReader):
         if "at_least_one" in entries:
             node = entries["at_least_one"]
             if isinstance(node, yaml.ScalarNode) and node.tag == BOOL_TAG:
-                at_least_one = str(node.value).lower() == "true"
+                at_least_one = bool(yaml.SafeLoader.bool_values[node.value.lower()])
             else:
                 self.report(node, f"{path}.at_least_one", f"must be true or false, not {kind_of(node)}")
         if into is not None:
