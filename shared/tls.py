@@ -8,6 +8,7 @@ neither TLS material nor that switch refuses to start.
 """
 from __future__ import annotations
 
+import contextvars
 import inspect
 import os
 import pathlib
@@ -160,6 +161,29 @@ class PeerIdentity:
     name: str
     serial: int
 
+    @property
+    def actor(self) -> str:
+        """How the audit names this caller: role, name and certificate serial."""
+        return f"{self.role or 'none'}:{self.name}#{self.serial:x}"
+
+
+#: The verified caller of the RPC being served (set by the authorising interceptor before
+#: the servicer runs); None in-process and on a plaintext (--insecure) server.
+_CALLER: contextvars.ContextVar[PeerIdentity | None] = contextvars.ContextVar("cardline_caller", default=None)
+#: The audit's actor when no certificate identifies the caller.
+LOCAL_ACTOR = "local"
+
+
+def current_caller() -> PeerIdentity | None:
+    """Who called the RPC this code serves; None when nobody over mutual TLS did."""
+    return _CALLER.get()
+
+
+def current_actor() -> str:
+    """The audit actor of the current call (LOCAL_ACTOR outside an authenticated call)."""
+    caller = _CALLER.get()
+    return caller.actor if caller is not None else LOCAL_ACTOR
+
 
 @lru_cache(maxsize=256)
 def _identity_of_pem(pem: bytes) -> PeerIdentity:
@@ -239,10 +263,14 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
         allowed = self.allowed(method.split("/")[1] if method.count("/") >= 2 else method)
 
         async def check(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            err = self._refusal(peer_identity(context), method, allowed)
+            peer = peer_identity(context)
+            err = self._refusal(peer, method, allowed)
             if err is not None:
                 log.warning("call refused", method=method, reason=err.reason, error=err.message)
                 await context.abort_with_status(status_of(err))
+            # The servicer runs in this task after the check: services read it through
+            # current_caller() without every signature carrying it.
+            _CALLER.set(peer)
 
         return _guarded(handler, check)
 
