@@ -198,6 +198,16 @@ class AuditEvent(Base):
     object_type: Mapped[str] = mapped_column(NAME)
     object_id: Mapped[str] = mapped_column(NAME)   # indexed with id, see __table_args__
     detail: Mapped[str] = mapped_column(Text)       # JSON object
+    # Revision 0008_audit_hash_chain (docs/audit.md): what the action touched, where it
+    # applies, and the hash chain. certificates: JSON list of {"id", "ca", "serial_hex"}.
+    card_id: Mapped[str | None] = mapped_column(NAME, nullable=True, index=True)
+    task_id: Mapped[str | None] = mapped_column(NAME, nullable=True, index=True)
+    gateway_id: Mapped[str | None] = mapped_column(NAME, nullable=True)
+    reader_id: Mapped[str | None] = mapped_column(NAME, nullable=True)
+    step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    certificates: Mapped[str | None] = mapped_column(Text, nullable=True)
+    prev_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class ArchivedKey(Base):

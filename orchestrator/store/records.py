@@ -167,6 +167,31 @@ class AuditRecord:
     object_type: str                        # CERTIFICATE, CARD, ...
     object_id: str
     detail: dict[str, Any]                  # state changes: {"from", "to", "reason", ...}
+    # Revision 0008_audit_hash_chain: where the action applies (AuditSubjects) and its link.
+    card_id: str | None = None
+    task_id: str | None = None
+    gateway_id: str | None = None
+    reader_id: str | None = None
+    step: int | None = None
+    certificates: tuple[dict[str, str], ...] = ()    # {"id", "ca", "serial_hex"}
+    prev_hash: str | None = None
+    hash: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditSubjects:
+    """What an audited action touched and where (docs/audit.md); every part optional.
+    certificates: {"id", "ca", "serial_hex"} each (certificate_subject() builds one)."""
+    card_id: str | None = None
+    task_id: str | None = None
+    gateway_id: str | None = None
+    reader_id: str | None = None
+    step: int | None = None
+    certificates: tuple[dict[str, str], ...] = ()
+
+
+def certificate_subject(certificate_id: str, ca: str, serial_hex: str) -> dict[str, str]:
+    return {"id": certificate_id, "ca": ca, "serial_hex": serial_hex}
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, astuple, fields
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import event, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+
+from orchestrator.domain.audit_chain import CHAINED_FIELDS, GENESIS, canonical, link_hash
 
 from orchestrator.store.models import (
     AuditEvent,
@@ -26,16 +28,23 @@ from orchestrator.store.models import (
 from orchestrator.store.records import (
     CARD,
     CERTIFICATE,
+    TASK,
     AuditRecord,
+    AuditSubjects,
     NewRelation,
     ProcessInstanceRecord,
     ProcessState,
     TaskState,
     WrappedKey,
+    certificate_subject,
 )
 from shared.errors import InvalidArgument, NotFound, StateConflict
 
 R = TypeVar("R")
+# Audit rows a transaction has queued (session.info key) and the PostgreSQL advisory lock
+# that serialises appends to the chain (an arbitrary constant, "audt").
+_PENDING_AUDIT = "cardline_pending_audit"
+_PG_AUDIT_CHAIN_LOCK = 0x61756474
 
 
 def record(cls: type[R], obj: Any) -> R:
@@ -70,6 +79,7 @@ def process_record(row: ProcessInstance) -> ProcessInstanceRecord:
 def audit_record(row: AuditEvent) -> AuditRecord:
     values = {f.name: getattr(row, f.name) for f in fields(AuditRecord)}
     values["detail"] = json.loads(row.detail)
+    values["certificates"] = tuple(json.loads(row.certificates or "[]"))
     return AuditRecord(**values)
 
 
@@ -137,13 +147,57 @@ def ca_request_row(session: Session, request_id: str, task_id: str | None = None
 # -- audit and state changes (C5) -----------------------------------------------------------
 
 def add_audit(session: Session, action: str, object_type: str, object_id: str, actor: str,
-              detail: Mapping[str, Any] | None, at: dt.datetime) -> AuditEvent:
+              detail: Mapping[str, Any] | None, at: dt.datetime,
+              subjects: AuditSubjects | None = None) -> AuditEvent:
+    """Queues an audit row in this transaction; it is chained and inserted when the
+    transaction commits (append_audit), so that rows are chained in the order they commit."""
     if not action or not actor or not object_type or not object_id:
         raise InvalidArgument("an audit event needs action, actor, object_type and object_id")
+    where = subjects or AuditSubjects()
+    bad = [c for c in where.certificates if not isinstance(c, Mapping) or not c.get("id")]
+    if bad:
+        raise InvalidArgument(f"audit certificates need an id each, not {bad!r}")
     row = AuditEvent(at=at, actor=actor, action=action, object_type=object_type, object_id=object_id,
-                     detail=json_object(detail, "audit detail"))
-    session.add(row)
+                     detail=json_object(detail, "audit detail"),
+                     card_id=where.card_id or (object_id if object_type == CARD else None),
+                     task_id=where.task_id or (object_id if object_type == TASK else None),
+                     gateway_id=where.gateway_id, reader_id=where.reader_id, step=where.step,
+                     certificates=json.dumps([dict(c) for c in where.certificates], separators=(",", ":"))
+                     if where.certificates else None)
+    session.info.setdefault(_PENDING_AUDIT, []).append(row)
     return row
+
+
+def append_audit(session: Session) -> None:
+    """Chains the audit rows this transaction queued after the newest chained row and inserts
+    them (docs/audit.md). PostgreSQL: an advisory lock held to the commit serialises appends
+    across connections and replicas; SQLite: writers are serial anyway (BEGIN IMMEDIATE).
+    Runs at commit (the event below), after every other lock the transaction took."""
+    pending: list[AuditEvent] = session.info.pop(_PENDING_AUDIT, [])
+    if not pending:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_CHAIN_LOCK})
+    prev = session.scalar(select(AuditEvent.hash).where(AuditEvent.hash.is_not(None))
+                          .order_by(AuditEvent.id.desc()).limit(1)) or GENESIS
+    for row in pending:
+        row.prev_hash = prev
+        row.hash = prev = link_hash(prev, canonical(chained_fields(row)))
+        session.add(row)
+        session.flush()       # one at a time: ids in chain order
+
+
+def chained_fields(row: AuditEvent) -> dict[str, Any]:
+    """The row's values the chain covers (CHAINED_FIELDS), JSON columns parsed."""
+    values = {name: getattr(row, name) for name in CHAINED_FIELDS}
+    values["detail"] = json.loads(row.detail) if row.detail else {}
+    values["certificates"] = json.loads(row.certificates) if row.certificates else []
+    return values
+
+
+@event.listens_for(Session, "before_commit")
+def _chain_pending_audit(session: Session) -> None:
+    append_audit(session)
 
 
 def change_state(session: Session, row: Card | Certificate, object_type: str, to_state: str,
@@ -160,7 +214,9 @@ def change_state(session: Session, row: Card | Certificate, object_type: str, to
     audit = {**(detail or {}), "from": row.state, "to": to_state, "reason": reason}
     row.state = to_state
     row.updated_at = now
-    add_audit(session, action, object_type, row.id, actor, audit, now)
+    subjects = AuditSubjects(certificates=(certificate_subject(row.id, row.ca_name, row.serial_hex),)) \
+        if isinstance(row, Certificate) else None
+    add_audit(session, action, object_type, row.id, actor, audit, now, subjects)
     session.flush()
 
 
