@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from orchestrator.api.audit import AuditServicer
 from orchestrator.api.ca import CaServicer
 from orchestrator.api.cards import CardServicer
 from orchestrator.api.certificates import CertificateServicer
@@ -25,6 +26,7 @@ from orchestrator.ca.base import CaConnector
 from orchestrator.ca.registry import build_cas, ca_names
 from orchestrator.health import DATABASE, HealthMonitor, ca_check, ca_component, database_check
 from orchestrator.metrics import OrchestratorMetrics
+from orchestrator.services.auditing import ORCHESTRATOR_ACTOR, AuditTrail
 from orchestrator.services.card_secrets import CardPukStore
 from orchestrator.services.card_tasks import BoundaryHook, CardTaskService
 from orchestrator.services.certificates import CertificateService
@@ -36,11 +38,14 @@ from orchestrator.services.pool import ReaderPool
 from orchestrator.services.processes import ProcessService
 from orchestrator.services.reconciler import Reconciler
 from orchestrator.services.sweeper import IssuedSweeper
+from orchestrator.store.records import AUDIT_CONFIGURATION_LOADED, CONFIGURATION
 from orchestrator.store.store import Store, prepare_schema
 from shared.config import OrchestratorSettings
 from shared.logging import get_logger
 from shared.metrics import MetricsEndpoint
 from shared.proto import (
+    audit_service_pb2,
+    audit_service_pb2_grpc,
     ca_service_pb2,
     ca_service_pb2_grpc,
     card_service_pb2,
@@ -64,7 +69,7 @@ from shared.tls import server_security, settings_tls
 log = get_logger(__name__)
 #: The client API, one service per resource, each in its own generated module.
 CLIENT_API = (card_service_pb2, certificate_service_pb2, process_service_pb2, reader_pool_service_pb2,
-              lease_service_pb2, order_service_pb2, ca_service_pb2)
+              lease_service_pb2, order_service_pb2, ca_service_pb2, audit_service_pb2)
 
 
 def service_name(module) -> str:
@@ -104,6 +109,7 @@ class Orchestrator:
     metrics: OrchestratorMetrics | None = None
     metrics_endpoint: MetricsEndpoint | None = None
     health: HealthMonitor | None = None
+    audit: AuditTrail | None = None
 
     @property
     def address(self) -> str:
@@ -114,6 +120,8 @@ class Orchestrator:
             await self.orders.stop()
         if self.leases is not None:
             self.leases.stop()
+        if self.audit is not None:            # rows of leases and orders still being written
+            await self.audit.drain()
         for task in self._background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -152,6 +160,10 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
         store.close()
         raise
     # A card object in a final state of its card graph frees its physical card (docs/lifecycle.md).
+    # Which configuration this orchestrator runs: every file read, with its hash.
+    await asyncio.to_thread(store.audit.record, AUDIT_CONFIGURATION_LOADED, CONFIGURATION,
+                            str(settings.config_dir), ORCHESTRATOR_ACTOR,
+                            {"files": dict(configuration.files), "processes": sorted(configuration.processes)})
     store.cards.final_states = {t.name: configuration.graphs[t.state_graph].final_states
                                 for t in configuration.templates.cards.values()}
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -180,9 +192,11 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
                                       lambda name: configuration.graphs[templates.certificate(name).state_graph],
                                       templates.internal_issued_state)
     processes = ProcessService(store, configuration, card_tasks, certificates)
+    audit = AuditTrail(store)
     leases = LeaseService(pool, default_ttl_s=settings.pool.lease_default_ttl_s,
-                          max_ttl_s=settings.pool.lease_max_ttl_s, step_timeout_s=settings.step_timeout_s)
-    orders = OrderService(processes, pool)
+                          max_ttl_s=settings.pool.lease_max_ttl_s, step_timeout_s=settings.step_timeout_s,
+                          audit=audit)
+    orders = OrderService(processes, pool, audit=audit)
     credentials, interceptors = server_security(tls, ROLES, default_roles=CLIENT_ROLES)
     # C16: before serving, settle what an earlier run left behind (pending CA requests,
     # RUNNING tasks and process instances), then again every reconcile_interval_s.
@@ -210,6 +224,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
          service_name(order_service_pb2)),
         (ca_service_pb2_grpc.add_CaServiceServicer_to_server, CaServicer(store, cas, reconciler),
          service_name(ca_service_pb2)),
+        (audit_service_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(store),
+         service_name(audit_service_pb2)),
         (link_pb2_grpc.add_GatewayLinkServicer_to_server,
          GatewayLinkServicer(pool, f"orchestrator-{uuid.uuid4().hex[:8]}", settings.heartbeat_interval_s),
          service_name(link_pb2)),
@@ -224,7 +240,7 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
         metrics_endpoint = MetricsEndpoint(settings.metrics_listen, metrics.registry)
     await server.start()
     orchestrator = Orchestrator(settings, configuration, store, cas, pool, card_tasks, certificates, processes, server)
-    orchestrator.leases, orchestrator.orders = leases, orders
+    orchestrator.leases, orchestrator.orders, orchestrator.audit = leases, orders, audit
     orchestrator.reconciler = reconciler
     orchestrator.metrics, orchestrator.metrics_endpoint = metrics, metrics_endpoint
     # gRPC health follows the database and the CAs: checked now, then every interval.

@@ -7,12 +7,13 @@ from orchestrator.api import convert as conv
 from orchestrator.api import paging
 from orchestrator.ca.base import CaConnector
 from orchestrator.services.reconciler import Reconciler
-from orchestrator.store.records import CaRequestState
+from orchestrator.store.records import AUDIT_RECONCILE_REQUESTED, CaRequestState
 from orchestrator.store.store import Store
 from shared.errors import NotFound, UnsupportedOperation
 from shared.proto import ca_service_pb2 as pb
 from shared.proto import ca_service_pb2_grpc
 from shared.rpc import rpc_errors
+from shared.tls import current_actor
 
 
 class CaServicer(ca_service_pb2_grpc.CaServiceServicer):
@@ -47,6 +48,8 @@ class CaServicer(ca_service_pb2_grpc.CaServiceServicer):
     async def Reconcile(self, request, context):
         if self.reconciler is None:
             raise UnsupportedOperation("this orchestrator runs no reconciler")
+        await asyncio.to_thread(self.store.audit.record, AUDIT_RECONCILE_REQUESTED, "Reconciliation", "now",
+                                current_actor())
         report = await asyncio.to_thread(self.reconciler.reconcile_once)
         return pb.ReconcileResponse(examined=report.examined, stored=report.stored, not_issued=report.not_issued,
                                     tasks_ended=report.tasks_ended)

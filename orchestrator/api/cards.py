@@ -17,6 +17,7 @@ from shared.errors import ConfigurationError, InvalidArgument, NotFound
 from shared.proto import card_service_pb2 as pb
 from shared.proto import card_service_pb2_grpc
 from shared.rpc import rpc_errors
+from shared.tls import current_actor
 
 
 class CardServicer(card_service_pb2_grpc.CardServiceServicer):
@@ -137,5 +138,5 @@ class CardServicer(card_service_pb2_grpc.CardServiceServicer):
             raise ConfigurationError("this orchestrator keeps no card PUKs")
         if not request.token_serial:
             raise InvalidArgument("token_serial is required", field="token_serial")
-        await asyncio.to_thread(self.card_puks.set, request.token_serial, request.puk, actor="api")
+        await asyncio.to_thread(self.card_puks.set, request.token_serial, request.puk, actor=current_actor())
         return pb.SetCardPukResponse()

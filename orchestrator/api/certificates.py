@@ -15,6 +15,7 @@ from shared.proto import certificate_service_pb2 as pb
 from shared.proto import certificate_service_pb2_grpc
 from shared.rpc import rpc_errors
 from shared.serials import show_serial, stored_hex
+from shared.tls import current_actor
 
 
 class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceServicer):
@@ -81,13 +82,15 @@ class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceService
     async def HandleIssuedCertificates(self, request, context):
         results = await asyncio.to_thread(
             self.certificates.handle_issued, list(request.certificate_ids) or None,
-            revoke_reason=request.revoke_reason or None, target_state=request.target_state or None, actor="api")
+            revoke_reason=request.revoke_reason or None, target_state=request.target_state or None,
+            actor=current_actor())
         return pb.HandleIssuedCertificatesResponse(results=[conv.handling_result_to_proto(r) for r in results])
 
     @rpc_errors
     async def ChangeCertificateState(self, request, context):
         change = self.certificates.change_state_in_ca if request.in_ca else self.certificates.change_state
-        record = await asyncio.to_thread(change, request.certificate_id, request.state, request.reason or None, "api")
+        record = await asyncio.to_thread(change, request.certificate_id, request.state, request.reason or None,
+                                         current_actor())
         return pb.ChangeCertificateStateResponse(certificate=conv.certificate_to_proto(record))
 
     @rpc_errors

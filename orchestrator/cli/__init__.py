@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator.cli import admin, ca, cards, certificates, orders, pool, processes, serve, tasks
+from orchestrator.cli import admin, audit, ca, cards, certificates, orders, pool, processes, serve, tasks
 
 
 def register(root: typer.Typer) -> None:
-    for module in (serve, admin, cards, certificates, processes, tasks, pool, orders, ca):
+    for module in (serve, admin, cards, certificates, processes, tasks, pool, orders, ca, audit):
         module.register(root)

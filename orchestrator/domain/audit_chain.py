@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import pairwise
 from typing import Any
 
 GENESIS = "0" * 64
@@ -129,7 +130,7 @@ def verify_chain(rows: Iterable[ChainedRow], *, expected_head: str | None = None
         if not row.content_matches:
             problems.append(ChainProblem(row.id, ChainFault.EDITED,
                                          f"row {row.id} was edited: its content does not match its hash"))
-    for before, after in zip(chain, chain[1:], strict=False):
+    for before, after in pairwise(chain):
         if after.id < before.id:
             problems.append(ChainProblem(after.id, ChainFault.REORDERED, (
                 f"row {after.id} was reordered: in the chain it follows row {before.id}, which has a later id")))

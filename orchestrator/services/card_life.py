@@ -19,6 +19,7 @@ from orchestrator.domain.templates import Templates
 from orchestrator.services.certificates import CertificateService
 from orchestrator.store.records import AUDIT_CHANGE_STATE, CardRecord
 from shared.errors import ConfigurationError, IllegalTransition
+from shared.tls import current_actor
 
 __all__ = ["CardChange", "CardLifeService"]
 
@@ -50,8 +51,10 @@ class CardLifeService:
         return graph
 
     def change_state(self, card_id: str, to_state: str, reason: str | None = None, *,
-                     actor: str = "api") -> CardChange:
-        """Moves the card along its graph; its certificates follow as the transition says."""
+                     actor: str | None = None) -> CardChange:
+        """Moves the card along its graph; its certificates follow as the transition says.
+        actor: who the audit names; by default the caller (docs/audit.md)."""
+        actor = actor or current_actor()
         card = self.store.cards.get(card_id)
         graph = self.graph_of(card)
         try:

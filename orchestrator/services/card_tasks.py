@@ -36,19 +36,25 @@ from orchestrator.ca.base import CaConnector, IssueProfile
 from orchestrator.domain.encoding import Application, CreateObjectRelation, EncodingDescription, parse_apdu_script
 from orchestrator.domain.processes import CoreObjectDescriptor, ExpressionError, render
 from orchestrator.domain.templates import DEFAULT_RELATION_TYPE, CardTemplate, CertificateTemplate, Templates
+from orchestrator.services.auditing import acting
 from orchestrator.services.card_secrets import CardPukStore
 from orchestrator.services.key_archive import KeyArchive, generate_key
 from orchestrator.services.pool import Lease, ReaderPool, ReaderSelector
 from orchestrator.store.records import (
     AUDIT_RECOVER,
     AUDIT_REVOKE_ON_ISSUE,
+    AUDIT_TASK_FINISHED,
+    AUDIT_TASK_STARTED,
     CARD,
     CERTIFICATE,
+    TASK,
+    AuditSubjects,
     CaRequestState,
     NewRelation,
     TaskRecord,
     TaskState,
     WrappedKey,
+    certificate_subject,
 )
 from orchestrator.store.store import Store
 from shared import cards
@@ -199,6 +205,11 @@ class CardTaskService:
                                                lease.reader.reader_id, order.card_id,
                                                process_instance_id=order.process_instance_id,
                                                task_index=order.task_index, owner=self.owner_id, task_id=task_id)
+                await asyncio.to_thread(self.store.audit.record, AUDIT_TASK_STARTED, TASK, task.id, acting("card_task"),
+                                        {"type": order.type, "process_instance_id": order.process_instance_id,
+                                         "card_template": order.card_template.name},
+                                        subjects=AuditSubjects(card_id=order.card_id, task_id=task.id,
+                                                               gateway_id=task.gateway_id, reader_id=task.reader_id))
                 started = time.monotonic()
                 outcome = await _CardTaskRun(self, task.id, lease, order, progress).execute()
                 self.observer.task_finished(order.type, outcome.task.state, time.monotonic() - started,
@@ -222,6 +233,7 @@ class _CardTaskRun:
         self.serial = ""                                           # the card's, once read
         self.card_id: str | None = order.card_id
         self.issued: dict[str, CertificateTemplate] = {}          # certificate id -> template
+        self.issued_subjects: list[dict[str, str]] = []           # id, CA and serial of each, for the audit
         self.success_relations: list[NewRelation] = []
         self.return_fields: dict[str, CoreObjectDescriptor] = {}
         description = order.encoding.description
@@ -278,6 +290,11 @@ class _CardTaskRun:
             raise
         return await in_flight
 
+    def _where(self, *certificates: dict[str, str]) -> AuditSubjects:
+        """Where this task acts, for its audit rows."""
+        return AuditSubjects(card_id=self.card_id, task_id=self.task_id, gateway_id=self.lease.gateway_id,
+                             reader_id=self.lease.reader.reader_id, step=self.step_number, certificates=certificates)
+
     def _relation_type(self, app: Application) -> str:
         return app.object_relation_type or self.s.default_relation_type      # C12
 
@@ -332,6 +349,10 @@ class _CardTaskRun:
             task = await self._db(store.finish_task_failed, self.task_id, exc.reason, exc.message,
                                   template.failed_state if order.type == PRODUCTION and self.card_id else None,
                                   details=exc.to_details())
+        await self._db(store.audit.record, AUDIT_TASK_FINISHED, TASK, task.id, acting("card_task"),
+                       {"type": order.type, "state": task.state, "error_reason": task.error_reason,
+                        "steps": self.step_number},
+                       subjects=self._where(*self.issued_subjects))
         ok = task.state == TaskState.SUCCEEDED
         self._tell(("card produced" if order.type == PRODUCTION else "card operation done") if ok
                    else f"{order.type} failed: {task.error_message}", task)
@@ -368,7 +389,7 @@ class _CardTaskRun:
         await self._step("set_pins", cards.SetPins(new_user_pin=pin, new_so_pin=new_puk), so_pin=puk)
         self.user_pin = pin
         if new_puk and self.s.card_puks is not None:
-            await self._db(self.s.card_puks.set, self.serial, new_puk, actor=f"card_task:{self.task_id}")
+            await self._db(self.s.card_puks.set, self.serial, new_puk, actor=acting(f"card_task:{self.task_id}"))
         self._tell(f"user PIN set with {whose}" + (" and a new PUK kept sealed" if new_puk else ""))
 
     async def _puk(self) -> tuple[str, str]:
@@ -458,14 +479,16 @@ class _CardTaskRun:
         record = await self._db(self.s.store.store_issued_certificate, self.task_id, der, template.name, ca.name,
                                 template.internal_issued_state, archived_key=archived, request_id=request_id)
         self.issued[record.id] = template
+        self.issued_subjects.append(certificate_subject(record.id, ca.name, record.serial_hex))
         if app.return_field:                 # C13: set after success and after failure alike
             self.return_fields[app.return_field] = CoreObjectDescriptor(CERTIFICATE, template.name, record.id)
         self._tell(f"certificate {record.serial_hex} issued by {ca.name}, stored as {record.state}")
         await self._relate(app, record.id)
         if app.revoke_on_issue:             # C6: held at the CA; the store state still follows C1/C2
             await self._ca(ca, "revoke", ca.revoke, record.serial, "certificateHold")
-            await self._db(self.s.store.audit.record, AUDIT_REVOKE_ON_ISSUE, CERTIFICATE, record.id, "card_task",
-                           {"task_id": self.task_id, "reason": "certificateHold", "ca": ca.name})
+            await self._db(self.s.store.audit.record, AUDIT_REVOKE_ON_ISSUE, CERTIFICATE, record.id,
+                           acting("card_task"), {"task_id": self.task_id, "reason": "certificateHold", "ca": ca.name},
+                           subjects=self._where(certificate_subject(record.id, ca.name, record.serial_hex)))
             self._tell(f"certificate {record.serial_hex} put on hold at {ca.name} (revokeOnIssue)")
         await self._boundary("after_store")
 
@@ -551,8 +574,9 @@ class _CardTaskRun:
         label = app.key_label or record.template
         await self._step(f"recover_certificate:{label}", cards.ImportKeyPair(os.urandom(16), label, pkcs8, record.der))
         await self._relate(app, record.id)
-        await self._db(self.s.store.audit.record, AUDIT_RECOVER, CERTIFICATE, record.id, "card_task",
-                       {"task_id": self.task_id, "card_id": self.card_id})
+        await self._db(self.s.store.audit.record, AUDIT_RECOVER, CERTIFICATE, record.id, acting("card_task"),
+                       {"task_id": self.task_id, "card_id": self.card_id},
+                       subjects=self._where(certificate_subject(record.id, record.ca_name, record.serial_hex)))
         self._tell(f"certificate {record.serial_hex} recovered onto the card ({label})")
 
 

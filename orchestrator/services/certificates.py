@@ -27,6 +27,7 @@ from shared.errors import (
     NotFound,
     TemplateNotFound,
 )
+from shared.tls import current_actor
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,10 @@ class CertificateService:
     # -- change state (store only) ---------------------------------------------------------
 
     def change_state(self, certificate_id: str, to_state: str, reason: str | None = None,
-                     actor: str = "api") -> CertificateRecord:
-        """Moves a certificate along its state graph in the store only (no CA involved)."""
+                     actor: str | None = None) -> CertificateRecord:
+        """Moves a certificate along its state graph in the store only (no CA involved).
+        actor: who the audit names; by default the caller (docs/audit.md)."""
+        actor = actor or current_actor()
         record = self.store.certificates.get(certificate_id)
         graph = self._graph(record)
         self._require_move(graph, record.id, record.state, to_state, reason)
@@ -168,11 +171,12 @@ class CertificateService:
     # -- change state in CA (C17) --------------------------------------------------------
 
     def change_state_in_ca(self, certificate_id: str, to_state: str, reason: str | None = None,
-                           actor: str = "api") -> CertificateRecord:
+                           actor: str | None = None) -> CertificateRecord:
         """C17: validates the move, maps the target state to a CA action (strict table,
         orchestrator/domain/ca_actions.py), asks the certificate's CA, then moves the store
         state. An illegal move or an unmapped state raises before the CA is asked; a CA
         failure leaves the store state as it was (and is audited)."""
+        actor = actor or current_actor()
         record = self.store.certificates.get(certificate_id)
         graph = self._graph(record)
         self._require_move(graph, record.id, record.state, to_state, reason)

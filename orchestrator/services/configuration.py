@@ -20,6 +20,7 @@ naming a state graph whose file is broken is not also told the graph does not ex
 """
 from __future__ import annotations
 
+import hashlib
 import pathlib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -89,6 +90,8 @@ class Configuration:
     warnings: tuple[str, ...] = ()             # located, one line each
     internal_issued_state: str = DEFAULT_INTERNAL_ISSUED_STATE
     config_dir: pathlib.Path = field(default=pathlib.Path("."), compare=False)
+    # Every file read, relative to config_dir, with the SHA-256 of its bytes (the audit of a load).
+    files: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
 def load_configuration(config_dir: pathlib.Path, *, internal_issued_state: str = DEFAULT_INTERNAL_ISSUED_STATE,
@@ -114,6 +117,7 @@ class _Loader:
     def __init__(self, config_dir: pathlib.Path, issued: str, known_cas: tuple[str, ...]) -> None:
         self.dir = config_dir
         self.secrets_dir = config_dir / "secrets"
+        self.read_files: dict[str, str] = {}
         self.issued = issued
         self.known_cas = known_cas
         self.violations: list[Violation] = []
@@ -154,6 +158,7 @@ class _Loader:
 
     def read(self, path: pathlib.Path) -> str | None:
         raw = path.read_bytes()
+        self.read_files[str(path.relative_to(self.dir))] = hashlib.sha256(raw).hexdigest()
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -191,7 +196,7 @@ class _Loader:
                    for n, t in self.cards.items()},
             internal_issued_state=self.issued)
         return Configuration(self.graphs, templates, self.encodings, self.processes, warnings, self.issued,
-                             self.dir)
+                             self.dir, dict(sorted(self.read_files.items())))
 
     # -- state graphs ----------------------------------------------------------------------
 

@@ -20,11 +20,20 @@ import asyncio
 import datetime as dt
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from orchestrator.services.auditing import ORCHESTRATOR_ACTOR, AuditTrail, acting
 from orchestrator.services.pool import SERVICE, GatewaySession, Lease, ReaderPool, ReaderSelector
+from orchestrator.store.records import (
+    AUDIT_LEASE_ACQUIRED,
+    AUDIT_LEASE_ENDED,
+    AUDIT_LEASE_RENEWED,
+    AUDIT_RAW_STEP,
+    LEASE,
+    AuditSubjects,
+)
 from shared import cards
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import CardlineError, InvalidArgument, NotFound
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -54,8 +63,10 @@ class ServiceLease:
 
 class LeaseService:
     def __init__(self, pool: ReaderPool, *, default_ttl_s: float = 30.0, max_ttl_s: float = 3600.0,
-                 step_timeout_s: float = 120.0, remember_ended: int = 1000) -> None:
+                 step_timeout_s: float = 120.0, remember_ended: int = 1000,
+                 audit: AuditTrail | None = None) -> None:
         self.pool = pool
+        self.audit = audit                  # every acquire, renewal, end and step (docs/audit.md)
         self.default_ttl_s = default_ttl_s
         self.max_ttl_s = max_ttl_s
         self.step_timeout_s = step_timeout_s
@@ -81,16 +92,21 @@ class LeaseService:
         self._arm(lease)
         log.info("lease acquired", lease_id=lease_id, holder=holder, gateway_id=lease.gateway_id,
                  reader_id=lease.reader.reader_id, ttl_s=ttl)
+        if self.audit is not None:
+            await self.audit.write(AUDIT_LEASE_ACQUIRED, LEASE, lease_id, acting(),
+                                   {"holder": holder, "ttl_s": ttl, "selector": selector.describe()}, _where(lease))
         return lease
 
     def renew(self, lease_id: str) -> ServiceLease:
         lease = self.get(lease_id)
         lease.expires_at = _in(lease.ttl_s)
         self._arm(lease)
+        if self.audit is not None:
+            self.audit.later(AUDIT_LEASE_RENEWED, LEASE, lease_id, acting(), {"ttl_s": lease.ttl_s}, _where(lease))
         return lease
 
     def release(self, lease_id: str) -> None:
-        self._end(self.get(lease_id), "released")
+        self._end(self.get(lease_id), "released", actor=acting())
 
     def get(self, lease_id: str) -> ServiceLease:
         lease = self._leases.get(lease_id)
@@ -111,10 +127,20 @@ class LeaseService:
             lease.auto_steps += 1
             task_id, step_number = f"lease-{lease_id}-auto", lease.auto_steps
         lease.in_flight += 1
+        outcome = "failed"
         try:
-            return await lease.pool_lease.run(step, task_id=task_id, step_number=step_number,
-                                              timeout_s=self.step_timeout_s)
+            value = await lease.pool_lease.run(step, task_id=task_id, step_number=step_number,
+                                               timeout_s=self.step_timeout_s)
+            outcome = "succeeded"
+            return value
+        except CardlineError as exc:
+            outcome = exc.reason
+            raise
         finally:
+            if self.audit is not None:      # the operation's kind only: a step's PINs never enter the audit
+                self.audit.later(AUDIT_RAW_STEP, LEASE, lease_id, acting(),
+                                 {"operation": type(step.operation).__name__, "outcome": outcome,
+                                  "step_task": task_id}, replace(_where(lease), step=step_number))
             lease.in_flight -= 1
             if lease.ended and lease.in_flight == 0:
                 lease.pool_lease.release()
@@ -137,9 +163,12 @@ class LeaseService:
             if lease.pool_lease.session is session:
                 self._end(lease, f"ended: its gateway {session.gateway_id!r} went away")
 
-    def _end(self, lease: ServiceLease, why: str) -> None:
+    def _end(self, lease: ServiceLease, why: str, actor: str = ORCHESTRATOR_ACTOR) -> None:
         if lease.ended:
             return
+        if self.audit is not None:
+            self.audit.later(AUDIT_LEASE_ENDED, LEASE, lease.lease_id, actor, {"why": why, "holder": lease.holder},
+                             _where(lease))
         lease.ended = why
         if lease.timer is not None:
             lease.timer.cancel()
@@ -150,6 +179,10 @@ class LeaseService:
         if lease.in_flight == 0:              # otherwise the running step frees it when it ends
             lease.pool_lease.release()
         log.info("lease ended", lease_id=lease.lease_id, holder=lease.holder, why=why)
+
+
+def _where(lease: ServiceLease) -> AuditSubjects:
+    return AuditSubjects(gateway_id=lease.gateway_id, reader_id=lease.reader.reader_id)
 
 
 def _in(seconds: float) -> dt.datetime:

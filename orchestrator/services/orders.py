@@ -26,9 +26,16 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.domain.processes import CardProductionTask
+from orchestrator.services.auditing import AuditTrail, acting
 from orchestrator.services.pool import LEASE_SCOPE, LeaseScope, PooledReader, ReaderPool, ReaderSelector
 from orchestrator.services.processes import ProcessProgress, ProcessService, selector_of
-from orchestrator.store.records import ProcessState
+from orchestrator.store.records import (
+    AUDIT_ORDER_CANCELLED,
+    AUDIT_ORDER_CREATED,
+    AUDIT_ORDER_FINISHED,
+    ORDER,
+    ProcessState,
+)
 from shared.cards import Reader
 from shared.errors import Cancelled, CardlineError, InvalidArgument, NotFound, ReaderNotFound
 from shared.logging import get_logger
@@ -115,8 +122,10 @@ class _CardObserver:
 
 
 class OrderService:
-    def __init__(self, processes: ProcessService, pool: ReaderPool, *, keep: int = 1000) -> None:
+    def __init__(self, processes: ProcessService, pool: ReaderPool, *, keep: int = 1000,
+                 audit: AuditTrail | None = None) -> None:
         self.processes = processes
+        self.audit = audit                  # creation, cancellation and end of each order (docs/audit.md)
         self.pool = pool
         self._orders: dict[str, Order] = {}
         self._keep = keep
@@ -162,7 +171,13 @@ class OrderService:
             task = asyncio.create_task(self._run_card(order, card, {**inputs, **secrets}))
             order._tasks.append(task)
         log.info("order created", order_id=order.id, process=process, cards=len(items), selector=selector.describe())
+        self._audit(AUDIT_ORDER_CREATED, order, {"process": process, "cards": len(items),
+                                                 "selector": selector.describe()})
         return order
+
+    def _audit(self, action: str, order: Order, detail: Mapping[str, object]) -> None:
+        if self.audit is not None:
+            self.audit.later(action, ORDER, order.id, acting(), detail)
 
     def get(self, order_id: str) -> Order:
         order = self._orders.get(order_id)
@@ -181,6 +196,7 @@ class OrderService:
             order.state = "CANCELLED"
             self.pool.cancel_waiters(order, Cancelled(f"order {order.id} was cancelled", order_id=order.id))
             order.touch()
+            self._audit(AUDIT_ORDER_CANCELLED, order, order.counts())
         return order
 
     async def watch(self, order_id: str) -> AsyncIterator[Order]:
@@ -234,6 +250,7 @@ class OrderService:
             if order.finished and order.state == "RUNNING":
                 order.state = "DONE"
                 log.info("order done", order_id=order.id, **order.counts())
+                self._audit(AUDIT_ORDER_FINISHED, order, order.counts())
             order.touch()
 
     def _forget_old(self) -> None:

@@ -28,13 +28,23 @@ from orchestrator.domain.processes import (
     variable_of,
 )
 from orchestrator.domain.templates import CardTemplate
+from orchestrator.services.auditing import acting
 from orchestrator.services.card_life import CardLifeService
 from orchestrator.services.card_tasks import OPERATION, PRODUCTION, CardTaskOrder, CardTaskService, Progress
 from orchestrator.services.certificates import CertificateService
 from orchestrator.services.configuration import Configuration
 from orchestrator.services.pool import ReaderSelector
 from orchestrator.store.client_requests import fingerprint
-from orchestrator.store.records import CARD, CERTIFICATE, ProcessInstanceRecord, ProcessState
+from orchestrator.store.records import (
+    AUDIT_PROCESS_FINISHED,
+    AUDIT_PROCESS_STARTED,
+    AUDIT_PROCESS_TASK,
+    CARD,
+    CERTIFICATE,
+    PROCESS_INSTANCE,
+    ProcessInstanceRecord,
+    ProcessState,
+)
 from orchestrator.store.store import Store
 from shared.errors import CardlineError, EncodingFailed, InvalidArgument, NotFound
 from shared.logging import get_logger
@@ -140,7 +150,8 @@ class _ProcessRun:
         self.process_map = process_map
         self.secrets = secrets
         self.progress = progress
-        self.actor = f"process:{definition.name}:{instance_id}"
+        # The caller who started the process acts in it (docs/audit.md); in-process runs name the process.
+        self.actor = acting(f"process:{definition.name}:{instance_id}")
         self.on_error = False
 
     def _tell(self, index: int, task: TaskDefinition, message: str) -> None:
@@ -149,14 +160,22 @@ class _ProcessRun:
     async def _save_map(self) -> None:
         await asyncio.to_thread(self.s.store.processes.update_map, self.instance_id, self.process_map.to_dict())
 
+    async def _audit(self, action: str, detail: Mapping[str, object]) -> None:
+        await asyncio.to_thread(self.s.store.audit.record, action, PROCESS_INSTANCE, self.instance_id, self.actor,
+                                {"process": self.definition.name, **detail})
+
     async def execute(self) -> ProcessInstanceRecord:
         error: CardlineError | None = None
+        await self._audit(AUDIT_PROCESS_STARTED, {"inputs": sorted(self.process_map)})
         for index, task in enumerate(self.definition.tasks):
             try:
                 await self._run_task(index, task)
+                await self._audit(AUDIT_PROCESS_TASK, {"index": index, "type": task.type, "outcome": "succeeded"})
             except Exception as exc:  # the instance always ends in a defined state
                 error = _as_cardline_error(exc)
                 self._tell(index, task, f"{task.type} failed: {error.reason}: {error.message}")
+                await self._audit(AUDIT_PROCESS_TASK, {"index": index, "type": task.type, "outcome": "failed",
+                                                       "error_reason": error.reason})
                 break
             finally:
                 await self._save_map()
@@ -166,8 +185,12 @@ class _ProcessRun:
             for index, task in enumerate(self.definition.on_error, start=offset):
                 try:
                     await self._run_task(index, task)
+                    await self._audit(AUDIT_PROCESS_TASK, {"index": index, "type": task.type, "on_error": True,
+                                                           "outcome": "succeeded"})
                 except Exception as exc:  # the error path goes on: every handler gets its chance
                     failure = _as_cardline_error(exc)
+                    await self._audit(AUDIT_PROCESS_TASK, {"index": index, "type": task.type, "on_error": True,
+                                                           "outcome": "failed", "error_reason": failure.reason})
                     log.warning("on_error task failed", instance=self.instance_id, task=task.type,
                                 reason=failure.reason)
                     self._tell(index, task, f"{task.type} failed: {failure.reason}: {failure.message}")
@@ -176,6 +199,7 @@ class _ProcessRun:
         instance = await asyncio.to_thread(
             self.s.store.processes.finish, self.instance_id, ProcessState.FAILED if error else ProcessState.SUCCEEDED,
             error.reason if error else None, error.message if error else None, self.process_map.to_dict())
+        await self._audit(AUDIT_PROCESS_FINISHED, {"state": instance.state, "error_reason": instance.error_reason})
         self.progress(ProcessProgress(self.instance_id, len(self.definition.tasks), "", (
             f"process {self.definition.name} failed: {error.message}" if error
             else f"process {self.definition.name} succeeded"), self.on_error, instance))

@@ -17,6 +17,9 @@ CERTIFICATE = "Certificate"
 TASK = "Task"
 PROCESS_INSTANCE = "ProcessInstance"
 TOKEN_SERIAL = "TokenSerial"         # audit events about a card's secrets, keyed by its token serial
+LEASE = "Lease"                      # audit events about a lease of the reader pool
+ORDER = "Order"                      # audit events about a production order
+CONFIGURATION = "Configuration"      # audit events about the configuration directory
 
 
 class TaskState(StrEnum):
@@ -58,6 +61,20 @@ AUDIT_SWEEP = "sweep"
 AUDIT_REVOKE_ON_ISSUE = "revoke_on_issue"
 AUDIT_RECOVER = "recover"
 AUDIT_RECONCILE = "reconcile"
+AUDIT_RECONCILE_REQUESTED = "reconcile_requested"
+AUDIT_TASK_STARTED = "task_started"
+AUDIT_TASK_FINISHED = "task_finished"
+AUDIT_PROCESS_STARTED = "process_started"
+AUDIT_PROCESS_TASK = "process_task"
+AUDIT_PROCESS_FINISHED = "process_finished"
+AUDIT_LEASE_ACQUIRED = "lease_acquired"
+AUDIT_LEASE_RENEWED = "lease_renewed"
+AUDIT_LEASE_ENDED = "lease_ended"             # released, expired, its gateway gone
+AUDIT_RAW_STEP = "raw_step"                   # a step a client ran on a leased reader
+AUDIT_ORDER_CREATED = "order_created"
+AUDIT_ORDER_CANCELLED = "order_cancelled"
+AUDIT_ORDER_FINISHED = "order_finished"
+AUDIT_CONFIGURATION_LOADED = "configuration_loaded"
 AUDIT_SET_CARD_PUK = "set_card_puk"
 
 

@@ -14,7 +14,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from orchestrator.domain.audit_chain import CHAINED_FIELDS, GENESIS, canonical, link_hash
-
 from orchestrator.store.models import (
     AuditEvent,
     Card,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
-import pytest
 from sqlalchemy import text
 
 from orchestrator.domain.audit_chain import GENESIS, ChainFault, canonical, link_hash
