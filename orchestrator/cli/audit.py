@@ -7,8 +7,9 @@ import datetime as dt
 
 import typer
 from google.protobuf import timestamp_pb2
+from rich.console import Console
 
-from orchestrator.cli.client import JSON, ORCHESTRATOR, all_pages, as_json, console, print_json, print_table, stub, when
+from orchestrator.cli.client import JSON, ORCHESTRATOR, all_pages, as_json, print_json, print_table, stub, when
 from shared.cli import CliFail
 from shared.proto import audit_service_pb2 as pb
 from shared.proto import audit_service_pb2_grpc
@@ -63,7 +64,8 @@ def register(root: typer.Typer) -> None:
         if json_output:
             print_json(as_json(report))
         elif report.intact:
-            console().print(f"audit trail intact: {report.rows} rows, head {report.head}", markup=False)
+            Console(highlight=False, soft_wrap=True).print(
+                f"audit trail intact: {report.rows} rows, head {report.head}", markup=False)
         if not report.intact:
             first = report.problems[0]
             more = f" (and {len(report.problems) - 1} more problems)" if len(report.problems) > 1 else ""

@@ -376,10 +376,10 @@ def test_c5_handle_issued_interrupted_between_its_moves_never_leaves_a_revoked_c
     from orchestrator.store import rows
     real_add_audit = rows.add_audit
 
-    def interrupted(session, action, object_type, object_id, actor, detail, at):
+    def interrupted(session, action, object_type, object_id, actor, detail, at, *subjects):
         if detail and detail.get("to") == "Retired":
             raise ConnectionError("the database went away between the two moves")
-        return real_add_audit(session, action, object_type, object_id, actor, detail, at)
+        return real_add_audit(session, action, object_type, object_id, actor, detail, at, *subjects)
 
     monkeypatch.setattr(rows, "add_audit", interrupted)
     result = service.handle_issued([cert.id], revoke_reason="cessationOfOperation", target_state="Retired",
