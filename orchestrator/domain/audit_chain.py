@@ -118,14 +118,15 @@ def verify_chain(rows: Iterable[ChainedRow], *, expected_head: str | None = None
 
     walk(GENESIS)
     while True:       # a gap: the chain resumes at the first row following a hash no row has
-        resume = next((r for r in ordered if r.id not in visited and r.prev_hash is not None
+        resume = next(((r.id, r.prev_hash) for r in ordered if r.id not in visited and r.prev_hash is not None
                        and r.prev_hash != GENESIS and r.prev_hash not in present), None)
         if resume is None:
             break
-        problems.append(ChainProblem(resume.id, ChainFault.DELETED, (
-            f"row {resume.id} follows a row that is not there (hash {resume.prev_hash[:16]}…): a row before it "
+        resume_id, missing = resume
+        problems.append(ChainProblem(resume_id, ChainFault.DELETED, (
+            f"row {resume_id} follows a row that is not there (hash {missing[:16]}…): a row before it "
             "was deleted, or the row before it rewritten with a new hash")))
-        walk(resume.prev_hash)   # type: ignore[arg-type]  # not None: checked above
+        walk(missing)
     for row in chain:
         if not row.content_matches:
             problems.append(ChainProblem(row.id, ChainFault.EDITED,
@@ -140,9 +141,9 @@ def verify_chain(rows: Iterable[ChainedRow], *, expected_head: str | None = None
             problems.append(ChainProblem(row.id, ChainFault.INSERTED,
                                          f"row {row.id} was inserted: {why}"))
     if expected_head is not None and expected_head != GENESIS and expected_head not in present:
-        after = ordered[-1].id if ordered else 0
-        problems.append(ChainProblem(after + 1, ChainFault.DELETED, (
-            f"the row with hash {expected_head[:16]}… is not there: rows after row {after} were deleted")))
+        last_id = ordered[-1].id if ordered else 0
+        problems.append(ChainProblem(last_id + 1, ChainFault.DELETED, (
+            f"the row with hash {expected_head[:16]}… is not there: rows after row {last_id} were deleted")))
     problems.sort(key=lambda p: p.row_id)
     head = chain[-1].hash if chain and chain[-1].hash else GENESIS
     return ChainReport(len(ordered), head, tuple(problems))
