@@ -178,3 +178,27 @@ def test_audit_list_filters_and_pages(store: Store):
     rest = store.audit.list(after_id=page[-1].id)
     assert [r.id for r in page + rest] == everything
     assert [r for r in store.audit.list(where=AuditFilter(card_id=CARD))] == []
+
+
+def test_migration_0008_chains_the_rows_written_before_it(tmp_path):
+    from alembic import command
+
+    from orchestrator.store.store import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    store = Store(url)
+    cfg = alembic_config(url)
+    with store._engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0007")
+    for n in range(3):
+        _sql(store, "INSERT INTO audit_events (at, actor, action, object_type, object_id, detail) "
+                    "VALUES (:at, 'api', 'change_state', 'Certificate', :o, :d)",
+             at=dt.datetime(2026, 11, 28, 12, n, tzinfo=dt.UTC).isoformat(" "), o=f"c{n}", d=f'{{"n": {n}}}')
+    store.migrate()
+
+    report = store.audit.verify()
+    assert report.intact and report.rows == 3
+    store.audit.record("change_state", CERTIFICATE, "c3", "operator:alice#1")   # new rows follow the old ones
+    assert store.audit.verify().intact and store.audit.verify().rows == 4
+    store.close()
