@@ -1,9 +1,10 @@
-"""The audit trail of a real production over mutual TLS (docs/audit.md): the rows name the
-calling client's certificate, the card, each certificate with its CA serial, the gateway,
-the reader and the task; carry no PIN; `cardline audit verify` passes, then fails naming the
-row after an edit made directly in the database."""
+"""The audit trail of real productions, leases and orders over mutual TLS (docs/audit.md): the
+rows name the calling client's certificate, the card, each certificate with its CA serial, the
+gateway, the reader and the task; carry no PIN; `cardline audit verify` passes, then fails
+naming the row after an edit made directly in the database."""
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import subprocess
@@ -12,9 +13,11 @@ import pytest
 from google.protobuf import json_format
 
 from shared.proto import audit_service_pb2 as audit_pb
-from shared.proto import audit_service_pb2_grpc, common_pb2
+from shared.proto import audit_service_pb2_grpc, common_pb2, steps_pb2
 from shared.proto import card_service_pb2 as card_pb
 from shared.proto import certificate_service_pb2 as certificate_pb
+from shared.proto import lease_service_pb2 as lease_pb
+from shared.proto import order_service_pb2 as order_pb
 from shared.proto import reader_pool_service_pb2 as pool_pb
 from tests.support.api import OrchestratorApi
 from tests.support.pki import default_pki
@@ -93,3 +96,53 @@ def test_audit_rows_of_a_production_name_the_caller_card_certificates_gateway_re
         assert f"audit trail broken at row {finished.id}: row {finished.id} was edited" in broken.stderr
         offline = _cli("audit", "verify", "--database-url", f"sqlite:///{tmp_path / 'orchestrator' / 'cardline.db'}")
         assert offline.returncode == 1 and f"row {finished.id} was edited" in offline.stderr
+
+
+def test_audit_leases_raw_steps_orders_and_processes_name_their_caller(tmp_path, softhsm_module):
+    from tests.integration.test_pool import PIN, api_for, pool_rig, wait_until
+
+    admin = f"client:admin#{default_pki().files().certificate().serial_number:x}"
+
+    async def body():
+        async with pool_rig(tmp_path, softhsm_module, 1) as (orch, _stations, _):
+            channel, api = api_for(orch)
+            async with channel:
+                selector = pool_pb.ReaderSelector(site="hq", card_present=True)
+                lease = (await api.leases.AcquireLease(lease_pb.AcquireLeaseRequest(
+                    selector=selector, ttl_s=30, holder="signer"))).lease
+                await api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
+                    lease_id=lease.lease_id, step=steps_pb2.Step(read_card_info=steps_pb2.ReadCardInfo())))
+                await api.leases.RenewLease(lease_pb.RenewLeaseRequest(lease_id=lease.lease_id))
+                await api.leases.ReleaseLease(lease_pb.ReleaseLeaseRequest(lease_id=lease.lease_id))
+                forgotten = (await api.leases.AcquireLease(lease_pb.AcquireLeaseRequest(
+                    selector=selector, ttl_s=1, holder="forgetful"))).lease
+                await wait_until(lambda: not orch.leases.list(), what="the unrenewed lease expired")
+                order = (await api.orders.CreateOrder(order_pb.CreateOrderRequest(
+                    process="pool-produce", selector=pool_pb.ReaderSelector(site="hq"),
+                    items=[order_pb.OrderItem(inputs={"person": common_pb2.Value(text="Person 0")})],
+                    secret_inputs={"pin": PIN}))).order
+                async for _ in api.orders.WatchOrder(order_pb.WatchOrderRequest(order_id=order.id)):
+                    pass
+            await orch.audit.drain()
+            return lease, forgotten, order, orch.store.audit.list(), orch.store.audit.verify()
+
+    lease, forgotten, order, rows, report = asyncio.run(body())
+    assert report.intact, report.problems
+
+    def of(object_id: str) -> list:
+        return [r for r in rows if r.object_id == object_id]
+
+    assert sorted(r.action for r in of(lease.lease_id)) == ["lease_acquired", "lease_ended", "lease_renewed",
+                                                          "raw_step"]
+    assert {r.actor for r in of(lease.lease_id)} == {admin}
+    [step] = [r for r in of(lease.lease_id) if r.action == "raw_step"]
+    assert step.detail["operation"] == "ReadCardInfo" and step.detail["outcome"] == "succeeded"
+    assert (step.gateway_id, step.reader_id) == (lease.gateway_id, lease.reader.reader_id) and step.step
+    expired = [(r.action, r.actor) for r in of(forgotten.lease_id)]
+    assert sorted(expired) == [("lease_acquired", admin), ("lease_ended", "orchestrator")]
+    assert "expired" in next(r for r in of(forgotten.lease_id) if r.action == "lease_ended").detail["why"]
+    assert [(r.action, r.actor) for r in of(order.id)] == [("order_created", admin), ("order_finished", admin)]
+    [instance_id] = {r.object_id for r in rows if r.action == "process_started"}
+    assert [(r.action, r.actor) for r in of(instance_id)] == [
+        ("process_started", admin), ("process_task", admin), ("process_finished", admin)]
+    assert PIN not in {leaf for r in rows for leaf in _leaves(r.detail)}
