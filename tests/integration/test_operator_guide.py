@@ -41,6 +41,7 @@ def test_operator_guide_commands_work_as_written(tmp_path: pathlib.Path):
     assert "station-2" in text                                  # pki list shows the enrolled station
     assert (tmp_path / "cardline" / "backup" / "cardline.db").stat().st_size > 0
     assert "orchestrator/ca/" in text                           # the backup holds the local CA
+    assert "audit trail intact" in text                         # the productions' audit rows chain
 
 
 def test_configuration_sample_runs_as_written(tmp_path: pathlib.Path):
