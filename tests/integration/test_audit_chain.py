@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
+import pytest
 from sqlalchemy import text
 
 from orchestrator.domain.audit_chain import GENESIS, ChainFault, canonical, link_hash
@@ -202,3 +203,32 @@ def test_migration_0008_chains_the_rows_written_before_it(tmp_path):
     store.audit.record("change_state", CERTIFICATE, "c3", "operator:alice#1")   # new rows follow the old ones
     assert store.audit.verify().intact and store.audit.verify().rows == 4
     store.close()
+
+
+@pytest.mark.hardware
+def test_cardline_audit_verify_names_the_row_of_each_change_made_in_the_database(store: Store):
+    import subprocess
+
+    from tests.support.processes import CARDLINE
+
+    def verify() -> subprocess.CompletedProcess:
+        return subprocess.run([CARDLINE, "audit", "verify", "--database-url", store.database_url],
+                              capture_output=True, text=True, timeout=60)
+
+    ids = _write_rows(store, 8)
+    intact = verify()
+    assert intact.returncode == 0 and "audit trail intact: 8 rows" in intact.stdout, intact.stderr
+    _sql(store, "UPDATE audit_events SET detail = '{\"n\": 99}' WHERE id = :i", i=ids[6])
+    edited = verify()
+    assert edited.returncode == 1 and f"broken at row {ids[6]}: row {ids[6]} was edited" in edited.stderr
+    _sql(store, "UPDATE audit_events SET id = :t WHERE id = :a", t=-1, a=ids[4])
+    _sql(store, "UPDATE audit_events SET id = :a WHERE id = :b", a=ids[4], b=ids[5])
+    _sql(store, "UPDATE audit_events SET id = :b WHERE id = :t", b=ids[5], t=-1)
+    assert f"broken at row {ids[4]}: row {ids[4]} was reordered" in verify().stderr
+    _sql(store, "INSERT INTO audit_events (id, at, actor, action, object_type, object_id, detail) "
+                "VALUES (:id, :at, 'admin:mallory#1', 'change_state', 'Certificate', 'x', '{}')",
+         id=ids[3] + 100, at=dt.datetime.now(dt.UTC))
+    _sql(store, "DELETE FROM audit_events WHERE id = :i", i=ids[2])
+    broken = verify()
+    assert broken.returncode == 1 and f"broken at row {ids[3]}: row {ids[3]} follows a row that is not there" \
+        in broken.stderr and "(and 3 more problems)" in broken.stderr
