@@ -159,11 +159,11 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     except BaseException:
         store.close()
         raise
-    # A card object in a final state of its card graph frees its physical card (docs/lifecycle.md).
     # Which configuration this orchestrator runs: every file read, with its hash.
     await asyncio.to_thread(store.audit.record, AUDIT_CONFIGURATION_LOADED, CONFIGURATION,
                             str(settings.config_dir), ORCHESTRATOR_ACTOR,
                             {"files": dict(configuration.files), "processes": sorted(configuration.processes)})
+    # A card object in a final state of its card graph frees its physical card (docs/lifecycle.md).
     store.cards.final_states = {t.name: configuration.graphs[t.state_graph].final_states
                                 for t in configuration.templates.cards.values()}
     settings.data_dir.mkdir(parents=True, exist_ok=True)
