@@ -64,6 +64,13 @@ def test_audit_rows_of_a_production_name_the_caller_card_certificates_gateway_re
             [certificate] = [OrchestratorApi.on(channel).certificates.GetCertificate(
                 certificate_pb.GetCertificateRequest(certificate_id=cid)).certificate for cid in card.certificate_ids]
             everything = list(audit.ListAuditEvents(audit_pb.ListAuditEventsRequest()).events)
+            paged, request = [], audit_pb.ListAuditEventsRequest(page_size=1)
+            while True:
+                page = audit.ListAuditEvents(request)
+                paged += page.events
+                if not page.next_page_token:
+                    break
+                request.page_token = page.next_page_token
             by_certificate = list(audit.ListAuditEvents(
                 audit_pb.ListAuditEventsRequest(certificate_id=certificate.id)).events)
 
@@ -80,6 +87,7 @@ def test_audit_rows_of_a_production_name_the_caller_card_certificates_gateway_re
             (certificate.id, "local", certificate.serial_hex)]
         assert [r.id for r in by_certificate] == [finished.id]
         assert everything[0].action == "configuration_loaded"
+        assert [e.id for e in paged] == [e.id for e in everything] and len(everything) >= 3
         values = {leaf for r in everything for leaf in _leaves(json_format.MessageToDict(r.detail))}
         assert softhsm_token.user_pin not in values and softhsm_token.so_pin not in values
 
