@@ -28,7 +28,11 @@ CHAINED_FIELDS = ("at", "actor", "action", "object_type", "object_id", "card_id"
 
 def canonical(fields: Mapping[str, Any]) -> str:
     """The canonical text of a row: its CHAINED_FIELDS as JSON with sorted keys, no spaces,
-    ASCII only; `at` as ISO 8601 UTC with microseconds; no certificates as []."""
+    ASCII only; `at` as ISO 8601 UTC with microseconds; no certificates as [].
+
+    Frozen: every stored hash (and migration 0008_audit_hash_chain) depends on it. A new
+    audit column joins the chain only through a new canonical form with a migration that
+    re-chains, never by changing this one."""
     at = fields["at"]
     if not isinstance(at, dt.datetime) or at.tzinfo is None:
         raise ValueError(f"audit time must be an aware datetime, not {at!r}")
