@@ -64,7 +64,8 @@ def test_audit_rows_of_a_production_name_the_caller_card_certificates_gateway_re
             [certificate] = [OrchestratorApi.on(channel).certificates.GetCertificate(
                 certificate_pb.GetCertificateRequest(certificate_id=cid)).certificate for cid in card.certificate_ids]
             everything = list(audit.ListAuditEvents(audit_pb.ListAuditEventsRequest()).events)
-            paged, request = [], audit_pb.ListAuditEventsRequest(page_size=1)
+            paged: list[audit_pb.AuditEvent] = []
+            request = audit_pb.ListAuditEventsRequest(page_size=1)
             while True:
                 page = audit.ListAuditEvents(request)
                 paged += page.events
