@@ -127,16 +127,18 @@ def test_audit_chain_stays_intact_with_concurrent_writers(store: Store):
     certs = [_stored_cert(store, task.id) for _ in range(4)]
     errors: list[BaseException] = []
     start = threading.Barrier(8)
+    replica = Store(store.database_url)      # a second orchestrator on the same database: its own engine
 
     def writer(n: int) -> None:
+        mine = store if n % 2 else replica
         try:
             start.wait(timeout=30)
             for i in range(10):
                 if n < 4 and i == 0:   # state changes queue their row inside a bigger transaction
-                    store.certificates.change_state(certs[n].id, f"S{n}", from_state=ISSUED, actor=f"w{n}",
-                                                    action="change_state")
-                store.audit.record("raw_step", TASK, f"t{n}", f"service:w{n}#1", {"i": i},
-                                   subjects=AuditSubjects(card_id=card.id, step=i))
+                    mine.certificates.change_state(certs[n].id, f"S{n}", from_state=ISSUED, actor=f"w{n}",
+                                                   action="change_state")
+                mine.audit.record("raw_step", TASK, f"t{n}", f"service:w{n}#1", {"i": i},
+                                  subjects=AuditSubjects(card_id=card.id, step=i))
         except BaseException as exc:  # reported below: a thread's failure must fail the test
             errors.append(exc)
 
@@ -145,6 +147,7 @@ def test_audit_chain_stays_intact_with_concurrent_writers(store: Store):
         t.start()
     for t in threads:
         t.join(timeout=120)
+    replica.close()
     assert not [t for t in threads if t.is_alive()], "writers still running after 120 s"
     assert errors == []
     report = store.audit.verify()
