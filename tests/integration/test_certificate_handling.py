@@ -30,7 +30,7 @@ from shared.errors import CaRefused, IllegalTransition, InvalidArgument, StateCo
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples" / "state-graphs"
 ISSUED = "Issued"
 UTC = dt.UTC
-PROFILE = IssueProfile(validity_days=30, key_usage=frozenset({"digitalSignature"}))
+PROFILE = IssueProfile(validity_days=30, subject="CN=Test Card Holder", key_usage=frozenset({"digitalSignature"}))
 AUTH = "EmployeeAuthentication"     # template -> EmployeeCertificate (examples/state-graphs/certificate.yaml)
 LAB = "LabCertificate"              # template -> Lab (below): states mapped by NAME, and one unmapped state
 
