@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -146,11 +146,11 @@ def _bounded(text: str) -> str:
     return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "…"
 
 
-def requested_beyond(csr: x509.CertificateSigningRequest, profile: IssueProfile) -> dict[str, object]:
+def requested_beyond(csr: x509.CertificateSigningRequest, profile: IssueProfile) -> dict[str, Any]:
     """What a request asks for that the profile does not give — another subject, other
     subjectAltNames, extensions — bounded for an audit row; {} when it asks for nothing more.
     Every connector ignores all of it (it issues exactly the profile); the caller records it."""
-    asked: dict[str, object] = {}
+    asked: dict[str, Any] = {}
     if csr.subject != profile.x509_subject():
         asked["subject"] = _bounded(csr.subject.rfc4514_string())
     extensions = list(csr.extensions)

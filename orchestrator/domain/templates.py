@@ -369,7 +369,8 @@ class _Reader(LocatedReader):
     def san_rules(self, node: Node, path: str) -> tuple[SanRule, ...] | None:
         """A list of one-key mappings, `- email: "${email}"`."""
         if not isinstance(node, SequenceNode):
-            self.report(node, path, f"expected a list of rules such as '- email: \"${{email}}\"', found {excerpt(node)}")
+            self.report(node, path, f"expected a list of rules such as '- email: \"${{email}}\"', "
+                                    f"found {excerpt(node)}")
             return None
         rules: list[SanRule] = []
         ok = True

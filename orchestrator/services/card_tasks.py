@@ -46,9 +46,9 @@ from orchestrator.store.records import (
     AUDIT_REVOKE_ON_ISSUE,
     CARD,
     CERTIFICATE,
+    TASK,
     CaRequestState,
     NewRelation,
-    TASK,
     TaskRecord,
     TaskState,
     WrappedKey,
@@ -505,7 +505,7 @@ class _CardTaskRun:
         return {**self.order.variables, **{k: v for k, v in builtin.items() if v}}
 
     async def _record_ignored_request(self, app: Application, template: CertificateTemplate,
-                                      asked: dict[str, object]) -> None:
+                                      asked: dict[str, Any]) -> None:
         """The station's CSR asked for more than its key: ignored (the CA issues the profile
         only), and recorded against the task, with the gateway as the one who asked."""
         gateway, reader = self.lease.gateway_id, self.lease.reader.reader_id

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from orchestrator.ca import CaConnector, IssueProfile, LocalCa
+from orchestrator.ca.base import SUBJECT_ATTRIBUTES, subject_name
 from orchestrator.ca.openssl import REQUEST_TAG_OID, OpenSslCa
 from orchestrator.ca.registry import build_cas
 from shared.errors import CaRefused, CaUnavailable, ConfigurationError, CsrInvalid, InvalidArgument
@@ -205,6 +206,17 @@ def test_subject_alt_names_are_the_profiles_exactly_including_a_upn_never_the_re
     with pytest.raises(x509.ExtensionNotFound):
         load(openssl_ca.issue(csr, no_names, "req-no-san")).extensions.get_extension_for_class(
             x509.SubjectAlternativeName)
+
+
+def test_every_pattern_attribute_is_issued_exactly_as_the_profile_says(openssl_ca: OpenSslCa):
+    """`-subj` with -preserveDN keeps every attribute a template's subject pattern may name,
+    values with separators included, whatever subject the request asks for."""
+    rdns = [[(kind, f"{kind} a/b+c=d,e") for kind in SUBJECT_ATTRIBUTES if kind not in ("C", "DC", "emailAddress")],
+            [("C", "DE")], [("DC", "example")], [("emailAddress", "jane@example.org")]]
+    subject = subject_name(rdns)
+    cert = load(openssl_ca.issue(make_csr(cn="Evil Chosen CN"), IssueProfile(validity_days=5, subject=subject),
+                                 "req-all-attributes"))
+    assert cert.subject == subject
 
 
 def test_bad_requests_are_refused_before_openssl_runs(openssl_ca: OpenSslCa):
