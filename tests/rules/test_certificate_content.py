@@ -149,7 +149,7 @@ def test_honest_production_certificate_follows_the_template_pattern_and_audits_n
     assert audit == []
 
 
-def test_hostile_gateway_on_produce_card_path_gets_the_requests_subject_and_the_example_sans(tmp_path):
+def test_hostile_gateway_on_produce_card_path_gets_the_requests_subject_and_no_san(tmp_path):
     """A template without a subject pattern (examples/templates/templates.yaml) takes the
     task's subject — here the ProduceCard request's — never the CSR's."""
     async def body():
@@ -159,11 +159,11 @@ def test_hostile_gateway_on_produce_card_path_gets_the_requests_subject_and_the_
             [stored] = rig.certificates(task_id=outcome.task.id)
             return stored, outcome, rig.audit(object_id=outcome.task.id, action="csr_request_ignored")
 
-    stored, outcome, audit = asyncio.run(body())
+    stored, _outcome, audit = asyncio.run(body())
     cert = x509.load_der_x509_certificate(stored.der)
     assert cert.subject == x509.Name.from_rfc4514_string("CN=Rule Tester,O=Example")
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert list(san) == [x509.UniformResourceIdentifier(f"urn:uuid:{outcome.card.id}")]
+    with pytest.raises(x509.ExtensionNotFound):           # the template gives none; the CSR's are not copied
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert [row.detail["requested"]["subject"] for row in audit] == ["CN=Evil Chosen CN"]
 
 
