@@ -70,7 +70,7 @@ BADGE_PROCESS = """\
     tasks:
       - type: card_production
         card_template: BadgeCard
-        reader: {site: hq, kind: pkcs11}
+        reader: {kind: pkcs11}
         fields:
           USER_PIN: "${pin}"
         holder: "${person}"
