@@ -272,7 +272,7 @@ class LocalCa:
                     raise CaRefused(f"request_id {request_id!r} was already used for a different key",
                                     request_id=request_id)
                 return earlier.public_bytes(serialization.Encoding.DER)
-            cert = self._sign(csr, profile, request_id)
+            cert = self._sign(csr, profile)
             pem = cert.public_bytes(serialization.Encoding.PEM).decode()
             serial_hex = format(cert.serial_number, "x")
             record = {"request_id": request_id, "serial_hex": serial_hex,
@@ -374,8 +374,7 @@ class LocalCa:
             raise CaRefused(f"request record {path} belongs to {record['request_id']!r}")
         return x509.load_pem_x509_certificate(record["certificate"].encode())
 
-    def _sign(self, csr: x509.CertificateSigningRequest, profile: IssueProfile,
-              request_id: str) -> x509.Certificate:
+    def _sign(self, csr: x509.CertificateSigningRequest, profile: IssueProfile) -> x509.Certificate:
         # Exactly the profile's subject and subjectAltNames: nothing of the request but its key.
         subject, san = profile.x509_subject(), profile.x509_subject_alt_name()
         now = _now()
