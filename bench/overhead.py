@@ -57,7 +57,7 @@ def direct_production(driver: Pkcs11TokenDriver, slot_id: int, ca: LocalCa, apps
     for i, (template, key_type) in enumerate(apps):
         key_id = os.urandom(16)
         generated = driver.generate_key_pair(slot_id, PIN, key_type, template, key_id, SUBJECT)
-        der = ca.issue(generated.csr_der, IssueProfile(validity_days=730), f"direct:{run}:{i}")
+        der = ca.issue(generated.csr_der, IssueProfile(validity_days=730, subject="CN=Bench"), f"direct:{run}:{i}")
         driver.write_certificate(slot_id, PIN, key_id, template, der)
         key_ids.append(key_id)
     return key_ids

@@ -8,12 +8,13 @@ reached, InvalidArgument for a bad profile or reason name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from shared.errors import CaRefused, CsrInvalid, InvalidArgument
 
@@ -57,6 +58,62 @@ EXTENDED_KEY_USAGES: dict[str, ObjectIdentifier] = {
 }
 
 
+# Subject attribute names of a template's subject pattern -> OIDs
+# (orchestrator/domain/certificate_content.py SUBJECT_ATTRIBUTE_BOUNDS has the same keys).
+SUBJECT_ATTRIBUTES: dict[str, ObjectIdentifier] = {
+    "CN": NameOID.COMMON_NAME, "O": NameOID.ORGANIZATION_NAME, "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "C": NameOID.COUNTRY_NAME, "L": NameOID.LOCALITY_NAME, "ST": NameOID.STATE_OR_PROVINCE_NAME,
+    "STREET": NameOID.STREET_ADDRESS, "DC": NameOID.DOMAIN_COMPONENT, "UID": NameOID.USER_ID,
+    "emailAddress": NameOID.EMAIL_ADDRESS, "serialNumber": NameOID.SERIAL_NUMBER, "GN": NameOID.GIVEN_NAME,
+    "SN": NameOID.SURNAME, "title": NameOID.TITLE,
+}
+
+#: Microsoft's user principal name (smart card logon), an otherName holding a UTF8String.
+UPN_OID = ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
+
+
+def _upn(value: str) -> x509.GeneralName:
+    encoded = value.encode()
+    return x509.OtherName(UPN_OID, b"\x0c" + der_length(len(encoded)) + encoded)
+
+
+def der_length(length: int) -> bytes:
+    if length < 0x80:
+        return bytes([length])
+    octets = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(octets)]) + octets
+
+
+# subjectAltName kinds of a template's rules (certificate_content.py SAN_KINDS) -> general names.
+SAN_BUILDERS: dict[str, Callable[[str], x509.GeneralName]] = {
+    "email": x509.RFC822Name, "dns": x509.DNSName, "uri": x509.UniformResourceIdentifier, "upn": _upn,
+}
+
+
+def subject_name(rdns: Iterable[Iterable[tuple[str, str]]]) -> x509.Name:
+    """An x509 name from RDNs written in RFC 4514 order (most specific first) of
+    (attribute name, value): each value one attribute value, never parsed again."""
+    try:
+        return x509.Name([x509.RelativeDistinguishedName([x509.NameAttribute(SUBJECT_ATTRIBUTES[kind], value)
+                                                          for kind, value in rdn])
+                          for rdn in reversed(list(rdns))])
+    except (KeyError, ValueError) as exc:
+        raise InvalidArgument(f"subject cannot be built: {exc}") from None
+
+
+def general_names(pairs: Iterable[tuple[str, str]]) -> list[x509.GeneralName]:
+    names = []
+    for kind, value in pairs:
+        builder = SAN_BUILDERS.get(kind)
+        if builder is None:
+            raise InvalidArgument(f"unknown subjectAltName kind {kind!r}; known: {', '.join(SAN_BUILDERS)}")
+        try:
+            names.append(builder(value))
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(f"subjectAltName {kind} {value[:80]!r}: {exc}") from None
+    return names
+
+
 # Keys a cardline CA certifies.
 ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 MIN_RSA_BITS = 2048
@@ -81,6 +138,39 @@ def checked_request(csr_der: bytes, request_id: str) -> x509.CertificateSigningR
     return csr
 
 
+#: Bounds of what an audit row tells of a request that asked for more than it got.
+_SHOWN_CHARS, _SHOWN_ITEMS = 200, 8
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "…"
+
+
+def requested_beyond(csr: x509.CertificateSigningRequest, profile: IssueProfile) -> dict[str, Any]:
+    """What a request asks for that the profile does not give — another subject, other
+    subjectAltNames, extensions — bounded for an audit row; {} when it asks for nothing more.
+    Every connector ignores all of it (it issues exactly the profile); the caller records it."""
+    asked: dict[str, Any] = {}
+    if csr.subject != profile.x509_subject():
+        asked["subject"] = _bounded(csr.subject.rfc4514_string())
+    extensions = list(csr.extensions)
+    for extension in extensions:
+        if isinstance(extension.value, x509.SubjectAlternativeName):
+            granted = set(general_names(profile.subject_alt_names))
+            extra = [n for n in extension.value if n not in granted]
+            if extra:
+                asked["subject_alt_names"] = [_bounded(f"{type(n).__name__}:{n.value!r}")
+                                              for n in extra[:_SHOWN_ITEMS]]
+                if len(extra) > _SHOWN_ITEMS:
+                    asked["subject_alt_names_not_shown"] = len(extra) - _SHOWN_ITEMS
+    others = [e.oid for e in extensions if not isinstance(e.value, x509.SubjectAlternativeName)]
+    if others:
+        asked["extensions"] = [oid.dotted_string for oid in others[:_SHOWN_ITEMS]]
+        if len(others) > _SHOWN_ITEMS:
+            asked["extensions_not_shown"] = len(others) - _SHOWN_ITEMS
+    return asked
+
+
 def revocation_reason(name: str) -> x509.ReasonFlags:
     try:
         return REVOCATION_REASONS[name]
@@ -91,22 +181,25 @@ def revocation_reason(name: str) -> x509.ReasonFlags:
 
 @dataclass(frozen=True)
 class IssueProfile:
-    """What a certificate template asks of the CA for one certificate.
+    """What the orchestrator asks of the CA for one certificate: its whole content but the key.
 
-    subject: RFC 4514 string replacing the CSR's subject (the CSR's is used when None).
+    subject: the certificate's subject, exactly (an x509.Name, or RFC 4514 text); the request's
+    subject is never used. subject_alt_names: (kind, value) pairs, kinds as SAN_BUILDERS
+    (email, dns, uri, upn); the certificate carries these and no other subjectAltName. Nothing
+    else of the request (its extensions) reaches the certificate either.
     """
 
     validity_days: int
+    subject: x509.Name | str
     key_usage: frozenset[str] = frozenset({"digitalSignature"})
     extended_key_usage: tuple[str, ...] = ()
-    subject: str | None = None
-    # Subject alternative names of the CSR are copied unless this is False.
-    copy_subject_alt_names: bool = field(default=True)
+    subject_alt_names: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         # Accept any iterable from callers but keep the record hashable and immutable.
         object.__setattr__(self, "key_usage", frozenset(self.key_usage))
         object.__setattr__(self, "extended_key_usage", tuple(self.extended_key_usage))
+        object.__setattr__(self, "subject_alt_names", tuple((k, v) for k, v in self.subject_alt_names))
         if self.validity_days <= 0:
             raise InvalidArgument(f"validity_days must be positive, got {self.validity_days}")
         unknown = sorted(set(self.key_usage) - set(KEY_USAGES))
@@ -116,11 +209,25 @@ class IssueProfile:
         if unknown:
             raise InvalidArgument(f"unknown extended key usage(s) {unknown}; "
                                   f"known: {', '.join(EXTENDED_KEY_USAGES)}")
-        if self.subject is not None:
+        if isinstance(self.subject, str):
             try:
-                x509.Name.from_rfc4514_string(self.subject)
+                object.__setattr__(self, "subject", x509.Name.from_rfc4514_string(self.subject))
             except ValueError as exc:
                 raise InvalidArgument(f"subject {self.subject!r} is not an RFC 4514 name: {exc}") from None
+        general_names(self.subject_alt_names)          # refused here, not halfway through signing
+        if not self.x509_subject().rdns and not self.subject_alt_names:
+            raise InvalidArgument("the certificate would name nobody: empty subject and no subjectAltName")
+
+    def x509_subject(self) -> x509.Name:
+        assert isinstance(self.subject, x509.Name)  # __post_init__ made it one
+        return self.subject
+
+    def x509_subject_alt_name(self) -> x509.SubjectAlternativeName | None:
+        """The profile's subjectAltName extension (RFC 5280 4.2.1.6: critical when the
+        subject is empty), None when it gives none."""
+        if not self.subject_alt_names:
+            return None
+        return x509.SubjectAlternativeName(general_names(self.subject_alt_names))
 
     def x509_key_usage(self) -> x509.KeyUsage | None:
         if not self.key_usage:

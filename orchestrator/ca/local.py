@@ -272,7 +272,7 @@ class LocalCa:
                     raise CaRefused(f"request_id {request_id!r} was already used for a different key",
                                     request_id=request_id)
                 return earlier.public_bytes(serialization.Encoding.DER)
-            cert = self._sign(csr, profile, request_id)
+            cert = self._sign(csr, profile)
             pem = cert.public_bytes(serialization.Encoding.PEM).decode()
             serial_hex = format(cert.serial_number, "x")
             record = {"request_id": request_id, "serial_hex": serial_hex,
@@ -374,16 +374,9 @@ class LocalCa:
             raise CaRefused(f"request record {path} belongs to {record['request_id']!r}")
         return x509.load_pem_x509_certificate(record["certificate"].encode())
 
-    def _sign(self, csr: x509.CertificateSigningRequest, profile: IssueProfile,
-              request_id: str) -> x509.Certificate:
-        subject = x509.Name.from_rfc4514_string(profile.subject) if profile.subject else csr.subject
-        san = None
-        if profile.copy_subject_alt_names:
-            with contextlib.suppress(x509.ExtensionNotFound):
-                san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        if not subject.rdns and san is None:
-            raise CaRefused("the certificate would name nobody: empty subject and no subjectAltName",
-                            request_id=request_id)
+    def _sign(self, csr: x509.CertificateSigningRequest, profile: IssueProfile) -> x509.Certificate:
+        # Exactly the profile's subject and subjectAltNames: nothing of the request but its key.
+        subject, san = profile.x509_subject(), profile.x509_subject_alt_name()
         now = _now()
         not_after = min(now + dt.timedelta(days=profile.validity_days), self._cert.not_valid_after_utc)
         public_key = csr.public_key()

@@ -67,7 +67,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from orchestrator.ca.base import EXTENDED_KEY_USAGES, IssueProfile, checked_request, revocation_reason
+from orchestrator.ca.base import (
+    EXTENDED_KEY_USAGES,
+    IssueProfile,
+    checked_request,
+    der_length,
+    revocation_reason,
+)
 from shared.errors import CaRefused, CaUnavailable, ConfigurationError, InvalidArgument
 from shared.files import write_atomic
 from shared.logging import get_logger
@@ -201,13 +207,6 @@ def _spki(public_key) -> bytes:
 
 def _request_tag(request_id: str) -> bytes:
     return hashlib.sha256(request_id.encode()).digest()
-
-
-def _der_length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(body)]) + body
 
 
 def _parse_index(text: str, path: pathlib.Path) -> list[IndexEntry]:
@@ -802,8 +801,7 @@ class OpenSslCa:
         entries = self._entries()
         self._write_index([new if e.serial_field == old.serial_field else e for e in entries])
 
-    def _extensions(self, csr: x509.CertificateSigningRequest, profile: IssueProfile, request_id: str,
-                    subject_empty: bool) -> str:
+    def _extensions(self, profile: IssueProfile, request_id: str, subject_empty: bool) -> str:
         lines = ["[ cardline_cert ]",
                  "basicConstraints = critical, CA:FALSE",
                  "subjectKeyIdentifier = hash",
@@ -814,36 +812,26 @@ class OpenSslCa:
         if profile.extended_key_usage:
             oids = [EXTENDED_KEY_USAGES[n].dotted_string for n in profile.extended_key_usage]
             lines.append(f"extendedKeyUsage = {', '.join(oids)}")
-        if profile.copy_subject_alt_names:
-            try:
-                san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            except x509.ExtensionNotFound:
-                san = None
-            if san is not None:
-                # The request's names exactly as requested (openssl's arbitrary-extension form);
-                # RFC 5280 4.2.1.6: critical when the subject is empty.
-                lines.append(f"subjectAltName = {'critical, ' if subject_empty else ''}"
-                             f"DER:{san.public_bytes().hex()}")
-            elif subject_empty:
-                raise CaRefused("the certificate would name nobody: empty subject and no subjectAltName",
-                                request_id=request_id)
-        elif subject_empty:
-            raise CaRefused("the certificate would name nobody: empty subject and no subjectAltName",
-                            request_id=request_id)
+        san = profile.x509_subject_alt_name()
+        if san is not None:
+            # The profile's names, DER-encoded (openssl's arbitrary-extension form, so otherName
+            # UPNs pass as they are); RFC 5280 4.2.1.6: critical when the subject is empty.
+            lines.append(f"subjectAltName = {'critical, ' if subject_empty else ''}"
+                         f"DER:{san.public_bytes().hex()}")
         if self._tag_requests:
             tag = _request_tag(request_id)
-            octet_string = b"\x04" + _der_length(len(tag)) + tag
+            octet_string = b"\x04" + der_length(len(tag)) + tag
             lines.append(f"{REQUEST_TAG_OID.dotted_string} = DER:{octet_string.hex()}")
         return "\n".join(lines) + "\n"
 
     def _issue_with_openssl(self, csr: x509.CertificateSigningRequest, profile: IssueProfile,
                             request_id: str) -> bytes:
-        subject = x509.Name.from_rfc4514_string(profile.subject) if profile.subject else csr.subject
-        ext = self._extensions(csr, profile, request_id, subject_empty=not subject.rdns)
+        # Exactly the profile's subject (-subj) and extensions (-extfile; copy_extensions = none):
+        # nothing of the request but its key.
+        subject = profile.x509_subject()
+        ext = self._extensions(profile, request_id, subject_empty=not subject.rdns)
         args = ["-extfile", "ext.cnf", "-extensions", "cardline_cert", "-notext", "-preserveDN",
-                "-in", "req.pem", "-out", "cert.pem"]
-        if profile.subject:
-            args += ["-subj", _subj_argument(subject), "-multivalue-rdn", "-utf8"]
+                "-in", "req.pem", "-out", "cert.pem", "-subj", _subj_argument(subject), "-multivalue-rdn", "-utf8"]
         now = dt.datetime.now(dt.UTC)
         if now + dt.timedelta(days=profile.validity_days) > self._ca_cert.not_valid_after_utc:
             args += ["-enddate", _openssl_time(self._ca_cert.not_valid_after_utc)]   # never outlive the CA
@@ -862,6 +850,9 @@ class OpenSslCa:
         if _spki(cert.public_key()) != _spki(csr.public_key()):
             raise CaRefused(f"CA {self._name!r}: openssl issued a certificate for another key",
                             request_id=request_id)
+        if cert.subject != subject:
+            raise CaRefused(f"CA {self._name!r}: openssl issued the subject {cert.subject.rfc4514_string()!r}, "
+                            f"not {subject.rfc4514_string()!r}", request_id=request_id)
         log.info("openssl CA issued", ca=self._name, serial_hex=format(cert.serial_number, "x"),
                  request_id=request_id)
         return cert.public_bytes(serialization.Encoding.DER)

@@ -23,8 +23,15 @@ from types import MappingProxyType
 from typing import Any
 
 import yaml
-from yaml.nodes import Node, ScalarNode, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from orchestrator.domain.certificate_content import (
+    ContentError,
+    SanRule,
+    SubjectPattern,
+    parse_san_rule,
+    parse_subject_pattern,
+)
 from orchestrator.domain.located_yaml import INT_TAG, Entries, LocatedReader, excerpt, line_of
 from orchestrator.domain.violations import Violation, suggest
 from shared.cards import KeyType
@@ -70,6 +77,10 @@ class CertificateTemplate:
     # not configure it (load_configuration then refuses to start).
     internal_issued_state: str = DEFAULT_INTERNAL_ISSUED_STATE
     description: str = ""
+    # What the certificate says (certificate_content.py): the subject pattern (None: the
+    # task's subject) and the subjectAltName rules (none: no subjectAltName). Never the CSR's.
+    subject: SubjectPattern | None = None
+    subject_alt_names: tuple[SanRule, ...] = ()
     # Where it was loaded from: file, line of its `name`, line of each key (for checks that
     # need the other configuration files, and for messages).
     source: str = field(default="", compare=False)
@@ -78,6 +89,14 @@ class CertificateTemplate:
 
     def line_of(self, key: str) -> int:
         return self.lines.get(key, self.line)
+
+    @property
+    def content_variables(self) -> tuple[str, ...]:
+        """Every variable its subject pattern and subjectAltName rules read, in order."""
+        found = list(self.subject.variables if self.subject else ())
+        for rule in self.subject_alt_names:
+            found.extend(rule.variables)
+        return tuple(dict.fromkeys(found))
 
 
 @dataclass(frozen=True)
@@ -172,7 +191,7 @@ class TemplateFile:
 
 _TOP_KEYS = ("certificate_templates", "card_templates", "description")
 _CERTIFICATE_KEYS = ("name", "ca", "key_type", "validity_days", "key_usage", "extended_key_usage",
-                     "state_graph", "internal_issued_state", "description")
+                     "subject", "subject_alt_names", "state_graph", "internal_issued_state", "description")
 _CERTIFICATE_REQUIRED = ("name", "ca", "key_type", "validity_days", "key_usage", "state_graph")
 _CARD_KEYS = ("name", "state_graph", "encoding", "produced_state", "failed_state", "transport_puk_file",
               "description")
@@ -325,6 +344,10 @@ class _Reader(LocatedReader):
                                                    allow_empty=True)
         if "description" in entries:
             v["description"] = self.text(entries["description"][1], f"{path}.description")
+        if "subject" in entries:
+            v["subject"] = self.subject_pattern(entries["subject"][1], f"{path}.subject")
+        if "subject_alt_names" in entries:
+            v["subject_alt_names"] = self.san_rules(entries["subject_alt_names"][1], f"{path}.subject_alt_names")
         if len(self.violations) != before or name is None:
             return None
         v.setdefault("internal_issued_state", "")          # not configured: C14 decides
@@ -332,6 +355,43 @@ class _Reader(LocatedReader):
         v.setdefault("description", "")
         return CertificateTemplate(name=name, source=self.source, line=line_of(entries["name"][1]),
                                    lines=_lines({k: line_of(val) for k, (_key, val) in entries.items()}), **v)
+
+    def subject_pattern(self, node: Node, path: str) -> SubjectPattern | None:
+        text = self.text(node, path)
+        if text is None:
+            return None
+        try:
+            return parse_subject_pattern(text)
+        except ContentError as exc:
+            self.report(node, path, f"subject pattern {excerpt(node)}: {exc}")
+            return None
+
+    def san_rules(self, node: Node, path: str) -> tuple[SanRule, ...] | None:
+        """A list of one-key mappings, `- email: "${email}"`."""
+        if not isinstance(node, SequenceNode):
+            self.report(node, path, f"expected a list of rules such as '- email: \"${{email}}\"', "
+                                    f"found {excerpt(node)}")
+            return None
+        rules: list[SanRule] = []
+        ok = True
+        for i, item in enumerate(node.value):
+            item_path = f"{path}[{i}]"
+            if not isinstance(item, MappingNode) or len(item.value) != 1:
+                self.report(item, item_path, f"expected one KIND: VALUE (KIND one of email, dns, uri, upn), "
+                                             f"found {excerpt(item)}")
+                ok = False
+                continue
+            key_node, value_node = item.value[0]
+            kind, pattern = self.name(key_node, item_path), self.text(value_node, f"{item_path}.{key_node.value}")
+            if kind is None or pattern is None:
+                ok = False
+                continue
+            try:
+                rules.append(parse_san_rule(kind, pattern))
+            except ContentError as exc:
+                self.report(value_node, f"{item_path}.{kind}", str(exc))
+                ok = False
+        return tuple(rules) if ok else None
 
     def validity(self, node: Node, path: str) -> int | None:
         if not (isinstance(node, ScalarNode) and node.tag == INT_TAG):

@@ -32,15 +32,17 @@ from typing import Any, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from orchestrator.ca.base import CaConnector, IssueProfile
+from orchestrator.ca.base import CaConnector, requested_beyond
 from orchestrator.domain.encoding import Application, CreateObjectRelation, EncodingDescription, parse_apdu_script
 from orchestrator.domain.processes import CoreObjectDescriptor, ExpressionError, render
 from orchestrator.domain.templates import DEFAULT_RELATION_TYPE, CardTemplate, CertificateTemplate, Templates
 from orchestrator.services.auditing import acting
 from orchestrator.services.card_secrets import CardPukStore
+from orchestrator.services.certificate_content import issue_profile, missing_variables
 from orchestrator.services.key_archive import KeyArchive, generate_key
 from orchestrator.services.pool import Lease, ReaderPool, ReaderSelector
 from orchestrator.store.records import (
+    AUDIT_CSR_IGNORED,
     AUDIT_RECOVER,
     AUDIT_REVOKE_ON_ISSUE,
     AUDIT_TASK_FINISHED,
@@ -90,6 +92,9 @@ class CardTaskOrder:
     process_instance_id: str | None = None
     task_index: int | None = None
     holder: str | None = None                   # card_production: who the card is for
+    # What certificate templates' subject patterns and subjectAltName rules may read (the
+    # process's inputs; never a secret), besides the built-in card_id and holder.
+    variables: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,12 @@ class CardTaskService:
                 template = self.templates.certificate(app.certificate_template)
                 if template.ca not in self.cas:
                     raise EncodingFailed(f"{where}: template {template.name!r} names unknown CA {template.ca!r}")
+                missing = missing_variables(template, order.variables)
+                if missing:
+                    raise InvalidArgument(f"{where}: certificate template {template.name!r} reads "
+                                          f"{', '.join(missing)} for the certificate's content, which this task "
+                                          f"does not give (it gives: {', '.join(sorted(order.variables)) or 'none'})",
+                                          template=template.name)
                 if app.archive_key and self.key_archive is None:
                     raise EncodingFailed(f"{where}: ArchiveKey=true but no key archive is configured")
             if (app.create_object_relation is CreateObjectRelation.ALWAYS and app.puts_certificate_on_card
@@ -232,6 +243,7 @@ class _CardTaskRun:
         self.step_number = 0
         self.serial = ""                                           # the card's, once read
         self.card_id: str | None = order.card_id
+        self.holder = order.holder                                 # the stored card's, for an operation
         self.issued: dict[str, CertificateTemplate] = {}          # certificate id -> template
         self.issued_subjects: list[dict[str, str]] = []           # id, CA and serial of each, for the audit
         self.success_relations: list[NewRelation] = []
@@ -330,6 +342,7 @@ class _CardTaskRun:
                 if card.serial != serial:
                     raise EncodingFailed(f"the card in {info.reader_id} (serial {serial}) is not card {card.id} "
                                          f"(serial {card.serial})")
+                self.holder = card.holder
                 self._tell(f"card {card.serial} found for the operation")
             await self._set_pins()
             for app in order.encoding.applications:
@@ -442,21 +455,26 @@ class _CardTaskRun:
         label = app.key_label or template.name
         key_id = os.urandom(16)
         private_key = None
+        # The certificate's content, decided before the card is touched; the card's CSR is
+        # asked for this subject but contributes only its key and the proof of possession.
+        profile = issue_profile(template, self.order.subject, self._content_variables())
+        subject = profile.x509_subject().rfc4514_string()
         if app.archive_key:                 # generated here, archived, then imported onto the card
             private_key = await asyncio.to_thread(generate_key, key_type)
-            csr_der = await asyncio.to_thread(_local_csr, private_key, self.order.subject)
+            csr_der = await asyncio.to_thread(_local_csr, private_key, subject)
             self._tell(f"key pair {key_type.value} generated for archival ({label})")
         else:
             generated = await self._step(f"generate_key_pair:{label}", cards.GenerateKeyPair(
-                key_type, label, key_id, csr_subject=self.order.subject))
+                key_type, label, key_id, csr_subject=subject))
             assert isinstance(generated, cards.GeneratedKey)
-            check_proof_of_possession(generated)
+            csr = check_proof_of_possession(generated)
             csr_der = generated.csr_der
             self._tell(f"key pair {key_type.value} generated on the card ({label})")
+            asked = requested_beyond(csr, profile)
+            if asked:
+                await self._record_ignored_request(app, template, asked)
 
         ca = self.s.cas[template.ca]
-        profile = IssueProfile(validity_days=template.validity_days, key_usage=frozenset(template.key_usage),
-                               extended_key_usage=tuple(template.extended_key_usage))
         # The CA's idempotency key; keep its format stable (CAs key their records on it).
         request_id = f"{self.task_id}:{self.step_number}:{app.name}"
         # C16: journaled, with the request, before the CA is called: whatever happens next,
@@ -501,6 +519,25 @@ class _CardTaskRun:
         await self._db(self.s.store.ca_requests.mark, request_id, CaRequestState.WRITTEN)
         self._tell(f"certificate {record.serial_hex} written next to its key ({label})")
         await self._boundary("after_write")
+
+    def _content_variables(self) -> dict[str, str]:
+        """What subject patterns and subjectAltName rules read: the task's variables and the
+        built-in card_id and holder (when known)."""
+        builtin = {"card_id": self.card_id, "holder": self.holder}
+        return {**self.order.variables, **{k: v for k, v in builtin.items() if v}}
+
+    async def _record_ignored_request(self, app: Application, template: CertificateTemplate,
+                                      asked: dict[str, Any]) -> None:
+        """The station's CSR asked for more than its key: ignored (the CA issues the profile
+        only), and recorded against the task, with the gateway as the one who asked."""
+        gateway, reader = self.lease.gateway_id, self.lease.reader.reader_id
+        log.warning("a card's certificate request asked for content it does not decide; ignored",
+                    task_id=self.task_id, gateway_id=gateway, reader_id=reader, application=app.name,
+                    asked=sorted(asked))
+        await self._db(self.s.store.audit.record, AUDIT_CSR_IGNORED, TASK, self.task_id, f"gateway:{gateway}",
+                       {"task_id": self.task_id, "step_number": self.step_number, "gateway_id": gateway,
+                        "reader_id": reader, "application": app.name, "template": template.name,
+                        "requested": asked})
 
     async def _delete_objects(self, app: Application) -> None:
         """DeleteObjects=true: every key and certificate on the card, by key id (a retired card)."""
@@ -594,8 +631,8 @@ def archive_binding(issuer: str, serial_hex: str) -> str:
     return f"{issuer}|{serial_hex}"
 
 
-def check_proof_of_possession(generated: cards.GeneratedKey) -> None:
-    """The request must be signed by the key the card just generated."""
+def check_proof_of_possession(generated: cards.GeneratedKey) -> x509.CertificateSigningRequest:
+    """The request must be signed by the key the card just generated; the request, checked."""
     try:
         csr = x509.load_der_x509_csr(generated.csr_der)
     except ValueError as exc:
@@ -605,6 +642,7 @@ def check_proof_of_possession(generated: cards.GeneratedKey) -> None:
     spki = csr.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if spki != generated.public_key_der:
         raise CsrInvalid("the certificate request carries another key than the one generated on the card")
+    return csr
 
 
 def _local_csr(private_key, subject: str) -> bytes:

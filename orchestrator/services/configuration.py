@@ -29,6 +29,7 @@ from typing import TypeVar
 import yaml
 
 from orchestrator.domain.card_certificates import check_certificate_moves
+from orchestrator.domain.certificate_content import BUILTIN_VARIABLES
 from orchestrator.domain.encoding import (
     EncodingDescription,
     EncodingError,
@@ -132,6 +133,7 @@ class _Loader:
         self.encodings: dict[str, EncodingDescription] = {}
         self.encoding_names: set[str] = set()       # every encoding file, valid or not
         self.processes: dict[str, ProcessDefinition] = {}
+        self.issued_by_processes: set[str] = set()  # certificate templates some process issues
 
     def fail(self, source: str, line: int, path: str, message: str, suggestion: str | None = None) -> None:
         self.violations.append(Violation(source, max(line, 1), path, message, suggestion))
@@ -178,6 +180,7 @@ class _Loader:
             self.load_encodings()
             self.check_templates()
             self.load_processes()
+            self.check_content_variables()
             self.check_issued_state()
         warnings = tuple(str(w) for w in _ordered(self.warnings))
         if self.violations:
@@ -349,6 +352,20 @@ class _Loader:
             self.processes[process.name] = process
             _ProcessChecks(self, process).run()
 
+    def check_content_variables(self) -> None:
+        """A template no process issues gets only the built-in variables (a ProduceCard request
+        gives no others): any other variable its subject or subjectAltNames read is unknown."""
+        for c in self.certificates.values():
+            if c.name in self.issued_by_processes:
+                continue                            # checked against each process that issues it
+            for variable in c.content_variables:
+                if variable not in BUILTIN_VARIABLES:
+                    key = "subject" if c.subject and variable in c.subject.variables else "subject_alt_names"
+                    self.fail(c.source, c.line_of(key), key,
+                              f"certificate template {c.name!r}: unknown variable {variable!r}: no process issues "
+                              f"this template to give it as an input, and the built-in ones are "
+                              f"{', '.join(BUILTIN_VARIABLES)}", suggest(variable, BUILTIN_VARIABLES))
+
     # -- C14 / C15 -------------------------------------------------------------------------
 
     def check_issued_state(self) -> None:
@@ -423,10 +440,30 @@ class _ProcessChecks:
             if not app.issues_certificate or certificate is None:
                 continue
             self.issued_graphs.add(certificate.state_graph)
+            self.content_variables(path, task, certificate)
             variable = process_variable_of(task.fields.get(app.return_field, "")) if app.return_field else None
             if variable is not None:
                 self.certificate_vars.setdefault(variable, set()).add(certificate.state_graph)
         return encoding
+
+    def content_variables(self, path: str, task: TaskDefinition, certificate: CertificateTemplate) -> None:
+        """A certificate's subject and subjectAltNames read only the built-in variables and the
+        process's inputs, never a secret one; reported at the template's line, naming the process."""
+        self.l.issued_by_processes.add(certificate.name)
+        given = [n for n in self.p.inputs if n not in self.p.secret_inputs]
+        known = sorted({*given, *BUILTIN_VARIABLES})
+        for key, rules in (("subject", [certificate.subject] if certificate.subject else []),
+                           ("subject_alt_names", certificate.subject_alt_names)):
+            for variable in dict.fromkeys(v for rule in rules for v in rule.variables):
+                if variable in known:
+                    continue
+                why = ("is a secret input of" if variable in self.p.secret_inputs
+                       else "is neither built in nor an input of")
+                self.l.fail(certificate.source, certificate.line_of(key), key,
+                            f"certificate template {certificate.name!r}: variable {variable!r} {why} process "
+                            f"{self.p.name!r} ({self.p.source}:{task.line}, {path}), which issues it "
+                            f"(known: {', '.join(known)})",
+                            None if variable in self.p.secret_inputs else suggest(variable, known))
 
     def graphs_for(self, variable: str | None, kind: str, default: set[str] | None = None) -> list[StateGraph]:
         names = (self.certificate_vars if kind == "certificate" else self.card_vars).get(variable or "")

@@ -211,6 +211,12 @@ class _ProcessRun:
         # Read only, so the secrets' str values may stand among the process map's objects.
         return ChainMap(cast("dict[str, object]", self.secrets), self.process_map)
 
+    def _text_variables(self) -> dict[str, str]:
+        """The process map's text values (its inputs; never a secret): what certificate
+        templates' subject patterns and subjectAltName rules may read."""
+        return {k: str(v) for k, v in self.process_map.items()
+                if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
+
     def _read(self, variable: str) -> object:
         if variable not in self.process_map or self.process_map[variable] is None:
             raise InvalidArgument(f"process variable {variable!r} has no value", variable=variable)
@@ -288,7 +294,8 @@ class _ProcessRun:
                               process_instance_id=self.instance_id, task_index=index,
                               holder=self._render(task.holder) if isinstance(task, CardProductionTask)
                               and task.holder else None,
-                              take_over=isinstance(task, CardProductionTask) and task.reissue)
+                              take_over=isinstance(task, CardProductionTask) and task.reissue,
+                              variables=self._text_variables())
 
         def relay(p: Progress) -> None:
             if p.task is None:

@@ -60,6 +60,7 @@ AUDIT_HANDLE_ISSUED = "handle_issued"
 AUDIT_SWEEP = "sweep"
 AUDIT_REVOKE_ON_ISSUE = "revoke_on_issue"
 AUDIT_RECOVER = "recover"
+AUDIT_CSR_IGNORED = "csr_request_ignored"     # a card's CSR asked for a subject, SANs or extensions: ignored
 AUDIT_RECONCILE = "reconcile"
 AUDIT_RECONCILE_REQUESTED = "reconcile_requested"
 AUDIT_TASK_STARTED = "task_started"

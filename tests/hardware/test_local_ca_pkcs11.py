@@ -26,7 +26,8 @@ from shared.errors import CaUnavailable, ConfigurationError
 pytestmark = pytest.mark.hardware
 
 KEY_LABEL = "cardline-ca"
-AUTH = IssueProfile(validity_days=365, key_usage=frozenset({"digitalSignature"}), extended_key_usage=("clientAuth",))
+AUTH = IssueProfile(validity_days=365, subject="CN=Alice Example", key_usage=frozenset({"digitalSignature"}),
+                    extended_key_usage=("clientAuth",))
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ from tests.support.faults import AnswerLosingCa, UnreachableCa
 from tests.support.processes import CARDLINE, free_port
 
 ISSUED, START_STATE = "Issued", "Active"
-PROFILE = IssueProfile(validity_days=30, key_usage=frozenset({"digitalSignature"}))
+PROFILE = IssueProfile(validity_days=30, subject="CN=Test Card Holder", key_usage=frozenset({"digitalSignature"}))
 ME = "orchestrator-test-me"
 REPO = pathlib.Path(__file__).resolve().parents[2]
 

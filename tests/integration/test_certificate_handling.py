@@ -30,7 +30,6 @@ from shared.errors import CaRefused, IllegalTransition, InvalidArgument, StateCo
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples" / "state-graphs"
 ISSUED = "Issued"
 UTC = dt.UTC
-PROFILE = IssueProfile(validity_days=30, key_usage=frozenset({"digitalSignature"}))
 AUTH = "EmployeeAuthentication"     # template -> EmployeeCertificate (examples/state-graphs/certificate.yaml)
 LAB = "LabCertificate"              # template -> Lab (below): states mapped by NAME, and one unmapped state
 
@@ -80,7 +79,8 @@ def issue(store: Store, ca: LocalCa | OpenSslCa, task_id: str, template: str = A
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
-    der = ca.issue(csr, PROFILE, request_id=str(uuid.uuid4()))
+    profile = IssueProfile(validity_days=30, subject=f"CN={cn}", key_usage=frozenset({"digitalSignature"}))
+    der = ca.issue(csr, profile, request_id=str(uuid.uuid4()))
     return store.store_issued_certificate(task_id, der, template=template, ca_name=ca.name, state=ISSUED)
 
 

@@ -20,13 +20,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from orchestrator.ca import CaConnector, IssueProfile, LocalCa
+from orchestrator.ca.base import SUBJECT_ATTRIBUTES, subject_name
 from orchestrator.ca.openssl import REQUEST_TAG_OID, OpenSslCa
 from orchestrator.ca.registry import build_cas
 from shared.errors import CaRefused, CaUnavailable, ConfigurationError, CsrInvalid, InvalidArgument
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
-AUTH = IssueProfile(validity_days=365, key_usage=frozenset({"digitalSignature", "keyEncipherment"}),
+AUTH = IssueProfile(validity_days=365, subject="CN=Alice Example", subject_alt_names=(("email", "alice@example.org"),),
+                    key_usage=frozenset({"digitalSignature", "keyEncipherment"}),
                     extended_key_usage=("clientAuth", "smartcardLogon"))
 
 
@@ -185,22 +187,36 @@ def test_request_extensions_are_never_copied_and_profile_subject_replaces_the_re
         cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
 
 
-def test_subject_alt_names_are_copied_exactly_including_a_upn(openssl_ca: OpenSslCa):
+def test_subject_alt_names_are_the_profiles_exactly_including_a_upn_never_the_requests(openssl_ca: OpenSslCa):
     upn = x509.OtherName(x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3"),
                          b"\x0c\x16alice@corp.example.org")   # UTF8String, as Windows smart card logon wants
     names = x509.SubjectAlternativeName([x509.RFC822Name("alice@example.org"), upn, x509.DNSName("a.example")])
     key = ec.generate_private_key(ec.SECP256R1())
+    asked = x509.SubjectAlternativeName([x509.DNSName("orchestrator.example"), x509.RFC822Name("ceo@example.com")])
     csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
-           .add_extension(names, critical=False).sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
-    cert = load(openssl_ca.issue(csr, AUTH, "req-upn"))
+           .add_extension(asked, critical=False).sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    profile = IssueProfile(validity_days=30, subject="", subject_alt_names=(
+        ("email", "alice@example.org"), ("upn", "alice@corp.example.org"), ("dns", "a.example")))
+    cert = load(openssl_ca.issue(csr, profile, "req-upn"))
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert san.value == names
     assert san.critical                      # RFC 5280 4.2.1.6: the subject is empty
     assert cert.subject == x509.Name([])
-    no_copy = IssueProfile(validity_days=1, subject="CN=Only Subject", copy_subject_alt_names=False)
+    no_names = IssueProfile(validity_days=1, subject="CN=Only Subject")
     with pytest.raises(x509.ExtensionNotFound):
-        load(openssl_ca.issue(csr, no_copy, "req-no-san")).extensions.get_extension_for_class(
+        load(openssl_ca.issue(csr, no_names, "req-no-san")).extensions.get_extension_for_class(
             x509.SubjectAlternativeName)
+
+
+def test_every_pattern_attribute_is_issued_exactly_as_the_profile_says(openssl_ca: OpenSslCa):
+    """`-subj` with -preserveDN keeps every attribute a template's subject pattern may name,
+    values with separators included, whatever subject the request asks for."""
+    rdns = [[(kind, f"{kind} a/b+c=d,e") for kind in SUBJECT_ATTRIBUTES if kind not in ("C", "DC", "emailAddress")],
+            [("C", "DE")], [("DC", "example")], [("emailAddress", "jane@example.org")]]
+    subject = subject_name(rdns)
+    cert = load(openssl_ca.issue(make_csr(cn="Evil Chosen CN"), IssueProfile(validity_days=5, subject=subject),
+                                 "req-all-attributes"))
+    assert cert.subject == subject
 
 
 def test_bad_requests_are_refused_before_openssl_runs(openssl_ca: OpenSslCa):
@@ -210,15 +226,9 @@ def test_bad_requests_are_refused_before_openssl_runs(openssl_ca: OpenSslCa):
         openssl_ca.issue(bytes(bad), AUTH, "req-bad")
     with pytest.raises(CsrInvalid, match="not a DER PKCS#10"):
         openssl_ca.issue(b"\x30\x00", AUTH, "req-garbage")
-    with pytest.raises(CaRefused, match="name nobody"):
-        openssl_ca.issue(_empty_subject_csr(), AUTH, "req-nobody")
+    with pytest.raises(InvalidArgument, match="name nobody"):
+        IssueProfile(validity_days=30, subject="")
     assert index_lines(openssl_ca) == []
-
-
-def _empty_subject_csr() -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    return (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
-            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
 
 
 def test_openssl_failure_is_ca_refused_without_the_passphrase(openssl_ca: OpenSslCa):
@@ -276,7 +286,7 @@ from orchestrator.ca import IssueProfile
 from orchestrator.ca.openssl import OpenSslCa
 OpenSslCa._journal = lambda *args: os.kill(os.getpid(), signal.SIGKILL)   # dies right after openssl answered
 ca = OpenSslCa(sys.argv[1], name="test-openssl")
-ca.issue(open(sys.argv[2], "rb").read(), IssueProfile(validity_days=30), "task-9/step-1")
+ca.issue(open(sys.argv[2], "rb").read(), IssueProfile(validity_days=30, subject="CN=Alice Example"), "task-9/step-1")
 """
 
 
@@ -289,7 +299,8 @@ def test_c16_orchestrator_killed_after_openssl_issued(openssl_ca: OpenSslCa, tmp
     assert list((openssl_ca.directory / "requests").iterdir()) == []     # the journal never got it
     [cert] = openssl_ca.find_issued_for_key(spki(key))
     assert openssl_ca.find_issued("task-9/step-1") == cert
-    assert openssl_ca.issue(make_csr(key), IssueProfile(validity_days=30), "task-9/step-1") == cert
+    profile = IssueProfile(validity_days=30, subject="CN=Alice Example")
+    assert openssl_ca.issue(make_csr(key), profile, "task-9/step-1") == cert
     assert len(index_lines(openssl_ca)) == 1
 
 

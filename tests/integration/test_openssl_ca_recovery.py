@@ -10,6 +10,7 @@ until the run completes; the directory is then opened again, as by a restarted
 orchestrator, and checked against what openssl itself keeps."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -18,6 +19,7 @@ import stat
 import pytest
 from cryptography import x509
 
+from orchestrator.ca import IssueProfile
 from orchestrator.ca.openssl import OpenSslCa
 from orchestrator.services.reconciler import Reconciler
 from orchestrator.store import CaRequestState, Store
@@ -47,6 +49,11 @@ exec {real} "$@"
     return str(script)
 
 
+def issued_to(cn: str) -> IssueProfile:
+    """AUTH for a certificate whose subject is CN=<cn> (the CA issues the profile's subject)."""
+    return dataclasses.replace(AUTH, subject=f"CN={cn}")
+
+
 def _index(d: pathlib.Path) -> list[list[str]]:
     return [line.split("\t") for line in (d / "index.txt").read_text().splitlines()]
 
@@ -66,7 +73,7 @@ def _assert_consistent(d: pathlib.Path) -> list[list[str]]:
 def ca_dir(tmp_path) -> pathlib.Path:
     """A CA made by the connector with one certificate issued through it."""
     ca = OpenSslCa(tmp_path / "base", name="crash")
-    ca.issue(make_csr(cn="First"), AUTH, "req-first")
+    ca.issue(make_csr(), issued_to("First"), "req-first")
     return tmp_path / "base"
 
 
@@ -92,7 +99,7 @@ def test_c16_index_moved_to_new_between_the_renames_is_completed(ca_dir):
 def test_c16_new_files_of_a_complete_run_are_rolled_forward(tmp_path, ca_dir, old):
     ca = OpenSslCa(ca_dir, name="crash")
     before = {n: (ca_dir / n).read_bytes() for n in ("index.txt", "serial")}
-    der = ca.issue(make_csr(cn="Second"), AUTH, "req-second")
+    der = ca.issue(make_csr(), issued_to("Second"), "req-second")
     for name, content in before.items():            # the state before the renames
         os.replace(ca_dir / name, ca_dir / f"{name}.new")
         (ca_dir / name).write_bytes(content)
@@ -109,7 +116,7 @@ def test_c16_new_files_of_a_complete_run_are_rolled_forward(tmp_path, ca_dir, ol
 
 def test_c16_missing_index_is_restored_from_old_and_newcerts(ca_dir):
     ca = OpenSslCa(ca_dir, name="crash")
-    ca.issue(make_csr(cn="Second"), AUTH, "req-second")
+    ca.issue(make_csr(), issued_to("Second"), "req-second")
     (ca_dir / "index.txt").unlink()                 # .old holds the first line only
     reopened = OpenSslCa(ca_dir, name="crash")
     assert any("restored from index.txt.old" in r for r in reopened.repairs)
@@ -141,7 +148,7 @@ def test_c16_serial_behind_the_index_is_moved_past_it_and_ahead_is_kept(ca_dir):
 def test_c16_newcerts_file_without_index_line_is_recorded_or_set_aside(ca_dir):
     ca = OpenSslCa(ca_dir, name="crash")
     index_before = (ca_dir / "index.txt").read_bytes()
-    der = ca.issue(make_csr(cn="Orphan"), AUTH, "req-orphan")
+    der = ca.issue(make_csr(), issued_to("Orphan"), "req-orphan")
     (ca_dir / "index.txt").write_bytes(index_before)
     for journal in (ca_dir / "requests").glob("*.json"):
         journal.unlink()
@@ -196,7 +203,7 @@ def test_c16_issuance_killed_before_every_file_syscall_loses_no_certificate(tmp_
     issued: list[bytes] = []
 
     def issue(ca: OpenSslCa) -> bytes:
-        der = ca.issue(csr, AUTH, "req-killed")
+        der = ca.issue(csr, issued_to("Killed"), "req-killed")
         issued.append(der)
         assert ca.find_issued("req-killed") == der
         # the same request never gets a second certificate
@@ -230,7 +237,7 @@ def test_c16_reconciler_stores_the_certificate_of_the_interrupted_run_by_its_tag
     csr = make_csr(cn="Interrupted")
     store.ca_requests.journal(rid, task.id, "crash", "EmployeeAuthentication", csr)
     ca = OpenSslCa(ca_dir, name="crash")
-    der = ca.issue(csr, AUTH, rid)
+    der = ca.issue(csr, issued_to("Interrupted"), rid)
     for journal in (ca_dir / "requests").glob("*.json"):     # killed before the connector's journal
         journal.unlink()
     os.replace(ca_dir / "index.txt", ca_dir / "index.txt.new")   # ... and inside openssl's renames

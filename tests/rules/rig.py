@@ -40,9 +40,13 @@ def fake_token(**kw) -> FakeToken:
 
 
 def write_config(target: pathlib.Path, encodings: dict[str, str] | None = None,
-                 processes: dict[str, str] | None = None, examples: pathlib.Path = EXAMPLES) -> pathlib.Path:
-    """EXAMPLES (default: examples/) plus the test's own encodings and processes (text dedented)."""
+                 processes: dict[str, str] | None = None, examples: pathlib.Path = EXAMPLES,
+                 templates: dict[str, str] | None = None) -> pathlib.Path:
+    """EXAMPLES (default: examples/) plus the test's own encodings, processes and template
+    files (text dedented)."""
     shutil.copytree(examples, target, dirs_exist_ok=True)
+    for name, text in (templates or {}).items():
+        (target / "templates" / f"{name}.yaml").write_text(textwrap.dedent(text))
     for name, text in (encodings or {}).items():
         (target / "encodings" / f"{name}.ini").write_text(textwrap.dedent(text))
     for name, text in (processes or {}).items():
@@ -148,11 +152,11 @@ def descriptor(instance, variable: str) -> CoreObjectDescriptor:
 async def rule_orchestrator(tmp_path: pathlib.Path, *, encodings: dict[str, str] | None = None,
                             processes: dict[str, str] | None = None, tokens: tuple[FakeToken, ...] = (),
                             boundary=None, examples: pathlib.Path = EXAMPLES,
-                            **settings) -> AsyncIterator[RuleRig]:
+                            templates: dict[str, str] | None = None, **settings) -> AsyncIterator[RuleRig]:
     """An orchestrator with the test's configuration (EXAMPLES plus ENCODINGS and PROCESSES)
     and one fake gateway ("station-1", site hq) holding TOKENS (default: one blank fake token);
     SETTINGS override the orchestrator's settings."""
-    cfg = write_config(tmp_path / "config", encodings, processes, examples)
+    cfg = write_config(tmp_path / "config", encodings, processes, examples, templates)
     orch = await orchestrator_app.start(settings_for(tmp_path, cfg, **settings), boundary=boundary)
     gateway = FakeGateway("station-1", tokens or (fake_token(),), site="hq")
     try:

@@ -26,7 +26,10 @@ Faults, so the failure rules can be tested:
   - `lose_card(operation=..., occurrence=n)` or `token.lose()` (e.g. from an orchestrator
     boundary hook): the token leaves its reader (a `removed` reader event goes up the link)
     and every later step on it answers CardRemoved;
-  - `fall_silent()`: heartbeats go unanswered, the link stays open.
+  - `fall_silent()`: heartbeats go unanswered, the link stays open;
+  - `FakeToken(lying_csr=LyingCsr(subject, extensions))`: a hostile station's card requests
+    its own subject and extensions (subjectAltNames...) instead of the subject it was asked for,
+    signed by the new key as an honest request is (docs/templates.md: ignored and audited).
 Every command received is recorded in `commands` (operation, task, step) for assertions.
 """
 from __future__ import annotations
@@ -96,12 +99,20 @@ class FakeDataObject:
     private: bool
 
 
+@dataclass(frozen=True)
+class LyingCsr:
+    """What a hostile station puts into every certificate request: SUBJECT (RFC 4514) instead
+    of the one it was asked for, and EXTENSIONS (each added non-critical)."""
+    subject: str
+    extensions: tuple[x509.ExtensionType, ...] = ()
+
+
 class FakeToken:
     """A PKCS#11 token kept in dicts: keys and certificates by key id, data objects by
     (application, label), a user PIN and an SO PIN (PUK)."""
 
     def __init__(self, serial: str | None = None, label: str = "fake-token", *, user_pin: str = "1234",
-                 so_pin: str = "12345678", pin_tries: int | None = None) -> None:
+                 so_pin: str = "12345678", pin_tries: int | None = None, lying_csr: LyingCsr | None = None) -> None:
         self.serial = serial or f"FAKE{next(_serials):012d}"
         self.label = label
         self.user_pin = user_pin
@@ -117,6 +128,7 @@ class FakeToken:
         self.apdus: list[bytes] = []             # APDU script commands received, in order
         self.present = True
         self.refuse_writes = False
+        self.lying_csr = lying_csr
         self._on_lost: list = []
 
     @property
@@ -210,8 +222,11 @@ class FakeToken:
         self.keys[op.key_id] = key
         csr = b""
         if op.csr_subject:
-            csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name.from_rfc4514_string(op.csr_subject))
-                   .sign(key.private_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+            builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name.from_rfc4514_string(
+                self.lying_csr.subject if self.lying_csr else op.csr_subject))
+            for extension in self.lying_csr.extensions if self.lying_csr else ():
+                builder = builder.add_extension(extension, critical=False)
+            csr = builder.sign(key.private_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
         return cards.GeneratedKey(op.key_id, key.public_key_der, csr)
 
     def _write_certificate(self, c: cards.CertificateObject) -> bytes:

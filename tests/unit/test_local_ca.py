@@ -14,7 +14,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from orchestrator.ca import CaConnector, IssueProfile, LocalCa
 from shared.errors import CaRefused, ConfigurationError, CsrInvalid, InvalidArgument
 
-AUTH = IssueProfile(validity_days=365, key_usage=frozenset({"digitalSignature", "keyEncipherment"}),
+AUTH = IssueProfile(validity_days=365, subject="CN=Alice Example", subject_alt_names=(("email", "alice@example.org"),),
+                    key_usage=frozenset({"digitalSignature", "keyEncipherment"}),
                     extended_key_usage=("clientAuth", "emailProtection"))
 
 
@@ -93,9 +94,9 @@ def test_profile_subject_and_non_repudiation(local_ca: LocalCa):
 
 def test_profile_with_unknown_names_refused():
     with pytest.raises(InvalidArgument, match="unknown key usage"):
-        IssueProfile(validity_days=1, key_usage=frozenset({"digitalSignatur"}))
+        IssueProfile(validity_days=1, subject="CN=x", key_usage=frozenset({"digitalSignatur"}))
     with pytest.raises(InvalidArgument, match="unknown extended key usage"):
-        IssueProfile(validity_days=1, extended_key_usage=("clientauth",))
+        IssueProfile(validity_days=1, subject="CN=x", extended_key_usage=("clientauth",))
 
 
 def test_same_request_id_never_yields_a_second_certificate(local_ca: LocalCa, tmp_path):

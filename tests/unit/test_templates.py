@@ -63,7 +63,7 @@ def test_example_loads():
     assert {t.internal_issued_state for t in certificates} == {"Issued"}
     assert {c.name: c.encoding for c in cards} == {"EmployeeCard": "employee-card",
                                                    "EmployeeCardWithRecovery": "employee-card-with-recovery"}
-    assert auth.source == str(EXAMPLE) and auth.line == 5 and auth.line_of("key_type") == 8
+    assert auth.source == str(EXAMPLE) and auth.line == 10 and auth.line_of("key_type") == 13
 
 
 def test_embedded_defaults_agree_with_the_example():
