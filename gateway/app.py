@@ -104,7 +104,14 @@ def station_revocations(settings: GatewaySettings, tls: TlsFiles | None) -> Revo
     if tls is None:
         return None
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    revocations = RevocationList(settings.data_dir / CRL, tls.ca_pem(), missing_ok=True)
+    path = settings.data_dir / CRL
+    try:
+        revocations = RevocationList(path, tls.ca_pem(), missing_ok=True)
+    except ConfigurationError as exc:     # e.g. kept from an enrollment under another CA
+        log.warning("the CRL kept in the data directory is not usable; starting from the enrollment's",
+                    path=str(path), error=exc.message)
+        path.unlink()
+        revocations = RevocationList(path, tls.ca_pem(), missing_ok=True)
     if tls.crl is not None:
         revocations.update(tls.crl.read_bytes(), str(tls.crl))
     return revocations
