@@ -77,7 +77,7 @@ def test_malformed_enrollment_extension_is_a_configuration_error_naming_the_cert
             .serial_number(7).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.UnrecognizedExtension(STATION_ENROLLMENT_OID, b"\x0c\x02hq"), critical=False)
             .sign(key, hashes.SHA256()))
-    with pytest.raises(ConfigurationError, match="'station-9' .*malformed station enrollment"):
+    with pytest.raises(ConfigurationError, match=r"'station-9' .*malformed station enrollment"):
         enrollment_of(cert)
 
 
@@ -129,7 +129,7 @@ def test_gateway_without_configured_site_takes_the_enrolled_place(pki, tmp_path)
 
 def test_gateway_configured_elsewhere_than_enrolled_refuses_to_start(pki, tmp_path):
     files = gateway_files(pki, "station-1", "hq", {"line": "a"})
-    with pytest.raises(ConfigurationError, match="site 'branch' .*enrolled with site 'hq'"):
+    with pytest.raises(ConfigurationError, match=r"site 'branch' .*enrolled with site 'hq'"):
         station_place(gateway_settings(tmp_path, site="branch"), files)
     with pytest.raises(ConfigurationError, match=r"labels \{line=b\}"):
         station_place(gateway_settings(tmp_path, labels={"line": "b"}), files)
