@@ -232,12 +232,16 @@ class RevocationList:
         if stamp == self._stamp:
             return
         try:
-            self._take(verified_crl(self.path.read_bytes(), self._ca, str(self.path)))
-            log.info("CRL loaded", path=str(self.path), revoked=len(self.serials), number=self.number)
-        except (OSError, ConfigurationError) as exc:
-            if initial:
+            try:
+                data = self.path.read_bytes()
+            except OSError as exc:
                 raise ConfigurationError(f"CRL {self.path}: {exc}") from None
-            log.error("CRL rejected, keeping the last one", path=str(self.path), error=str(exc))
+            self._take(verified_crl(data, self._ca, str(self.path)))
+            log.info("CRL loaded", path=str(self.path), revoked=len(self.serials), number=self.number)
+        except ConfigurationError as exc:
+            if initial:
+                raise
+            log.error("CRL rejected, keeping the last one", path=str(self.path), error=exc.message)
         self._stamp = stamp
 
     def _take(self, crl: x509.CertificateRevocationList) -> None:
