@@ -180,3 +180,34 @@ def test_revocation_list_refuses_a_crl_of_another_ca(pki, tmp_path):
     with pytest.raises(ConfigurationError, match="not signed by the CA"):
         revocations.update(other.crl_path.read_bytes(), "a stranger")
     assert revocations.der is None and not (tmp_path / "crl.pem").exists()
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+def test_enroll_and_issue_commands_write_site_and_labels_into_the_gateway_certificate(pki, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from gateway.cli import register as register_gateway
+    from shared.pki_cli import register as register_pki
+
+    app = typer.Typer()
+    register_pki(app)
+    register_gateway(app)
+    run = CliRunner().invoke
+    directory = str(pki.directory)
+    enrolled = run(app, ["gateway", "enroll", "--pki-dir", directory, "--gateway-id", "station-1", "--site", "hq",
+                         "--label", "line=a", "--out", str(tmp_path / "station-1-tls")])
+    assert enrolled.exit_code == 0, enrolled.output
+    assert "site 'hq', labels {line=a}" in enrolled.output
+    assert enrollment_of(pki.certificate("station-1")) == Enrollment("hq", {"line": "a"})
+    assert (tmp_path / "station-1-tls" / "crl.pem").read_bytes() == pki.crl_path.read_bytes()
+    issued = run(app, ["pki", "issue", "--pki-dir", directory, "--role", "gateway", "--name", "station-2",
+                       "--site", "branch"])
+    assert issued.exit_code == 0, issued.output
+    assert enrollment_of(pki.certificate("station-2")) == Enrollment("branch", {})
+    refused = run(app, ["pki", "issue", "--pki-dir", directory, "--role", "client", "--name", "ops", "--site", "hq"])
+    assert refused.exit_code == 1 and "only a gateway certificate" in refused.output
+    bad = run(app, ["gateway", "enroll", "--pki-dir", directory, "--gateway-id", "station-3", "--label", "line",
+                    "--out", str(tmp_path / "station-3-tls")])
+    assert bad.exit_code == 1 and "KEY=VALUE" in bad.output and not pki.cert_path("station-3").exists()
