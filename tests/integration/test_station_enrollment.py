@@ -159,7 +159,9 @@ def test_revoked_client_is_refused_by_a_gateway_once_the_crl_reaches_it_over_the
                  "station-c attached")
         assert list_readers(gateway, carol) is None              # carol is served before her revocation
         serial = revoke(rig, "carol")
+        revoked_at = time.monotonic()
         err = wait_for(lambda: list_readers(gateway, carol), WITHIN_S, "the gateway refusing revoked carol")
+        print(f"revoked client refused by the gateway {time.monotonic() - revoked_at:.2f} s after the revocation")
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in (err.details() or "")
         assert error_from_rpc(err).reason == "UNAUTHENTICATED"
         assert proc.poll() is None                                # the same gateway process, never restarted
@@ -183,5 +185,7 @@ def test_revoked_gateway_open_link_is_closed_within_ten_seconds(rig, orchestrato
                  "the revoked gateway's link closed")
         closed_after = time.monotonic() - revoked_at
         assert closed_after < WITHIN_S
-    log = (data_dir / "gateway.log").read_text()
-    assert "orchestrator refused this gateway" in log and "revoked" in log, log[-2000:]
+        print(f"revoked gateway's link closed {closed_after:.2f} s after the revocation")
+        # The gateway hears why (its side of the stream may learn it a moment after the pool does).
+        wait_for(lambda: "orchestrator refused this gateway" in (log := (data_dir / "gateway.log").read_text())
+                 and "has been revoked" in log, WITHIN_S, "the gateway logging that its certificate was revoked")
