@@ -117,6 +117,24 @@ def station_revocations(settings: GatewaySettings, tls: TlsFiles | None) -> Revo
     return revocations
 
 
+async def follow_crl_file(path: pathlib.Path, revocations: RevocationList, interval_s: float = 1.0) -> None:
+    """Offers REVOCATIONS the CRL at PATH whenever that file changes: a CRL an operator copies
+    to the station (its tls_dir or tls_crl) counts as one from the link does."""
+    seen = None
+    while True:
+        try:
+            st = path.stat()
+        except OSError:                  # gone for now: the CRL already taken stays
+            st = None
+        if st is not None and (stamp := (st.st_mtime_ns, st.st_size, st.st_ino)) != seen:
+            seen = stamp
+            try:
+                revocations.update(path.read_bytes(), str(path))
+            except (OSError, ConfigurationError) as exc:
+                log.error("CRL file not taken", path=str(path), error=str(exc))
+        await asyncio.sleep(interval_s)
+
+
 async def start(settings: GatewaySettings) -> Gateway:
     # Mutual TLS unless explicitly insecure: one certificate (CN = gateway id, role gateway)
     # serves GatewayService and authenticates the link to the orchestrator.
@@ -143,6 +161,8 @@ async def start(settings: GatewaySettings) -> Gateway:
     await server.start()
     gateway = Gateway(settings, registry, executor, server, None, metrics, metrics_endpoint)
     gateway._tasks.append(asyncio.create_task(registry.watch()))
+    if revocations is not None and tls is not None and tls.crl is not None:
+        gateway._tasks.append(asyncio.create_task(follow_crl_file(tls.crl, revocations)))
     if settings.orchestrator:
         gateway.link = OrchestratorLink(settings.orchestrator, settings.gateway_id, registry, executor,
                                         site=place.site, labels=dict(place.labels), revocations=revocations,

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.app import station_place, station_revocations
+from gateway.app import follow_crl_file, station_place, station_revocations
 from orchestrator.api.link import enrolled_place
 from shared import config
 from shared.errors import ConfigurationError, InvalidArgument, PermissionDenied
@@ -149,6 +149,34 @@ def test_gateway_starts_from_the_enrollment_crl_and_drops_a_kept_crl_of_another_
     revocations = station_revocations(gateway_settings(tmp_path), files)
     assert revocations is not None and revocations.is_revoked(revoked)
     assert (tmp_path / "gw" / "crl.pem").read_bytes() != other.crl_path.read_bytes()
+
+
+def test_gateway_takes_a_crl_copied_over_its_enrollment_file_without_a_restart(pki, tmp_path):
+    import asyncio
+
+    files = gateway_files(pki, "station-1")
+    copied = tmp_path / "station-1-tls" / "crl.pem"
+    copied.parent.mkdir()
+    copied.write_bytes(pki.crl_path.read_bytes())
+    revocations = station_revocations(gateway_settings(tmp_path), TlsFiles(files.ca, files.cert, files.key, copied))
+    assert revocations is not None
+    pki.issue("client", "carol")
+    serial = pki.revoke("carol")
+
+    async def follow() -> None:
+        task = asyncio.create_task(follow_crl_file(copied, revocations, interval_s=0.01))
+        try:
+            copied.write_bytes(pki.crl_path.read_bytes())        # the operator copies the new CRL over
+            async with asyncio.timeout(5):
+                while not revocations.is_revoked(serial):
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            raise AssertionError("the gateway did not take the CRL copied over its enrollment's within 5 s") from None
+        finally:
+            task.cancel()
+
+    asyncio.run(follow())
+    assert serial in {r.serial_number for r in x509.load_pem_x509_crl((tmp_path / "gw" / "crl.pem").read_bytes())}
 
 
 # -- CRLs handed over in memory ---------------------------------------------------------------
