@@ -140,14 +140,15 @@ async def start(settings: GatewaySettings) -> Gateway:
     # serves GatewayService and authenticates the link to the orchestrator.
     tls = settings_tls(settings, f"gateway {settings.gateway_id}", settings.gateway_id, role="gateway",
                        common_name=settings.gateway_id)
+    # Where it stands and whom it refuses, checked before any driver or reader is touched.
+    place = station_place(settings, tls)
+    revocations = station_revocations(settings, tls)
     drivers = await asyncio.to_thread(_token_drivers, settings.pkcs11_modules)
     pcsc = await asyncio.to_thread(_pcsc_driver) if settings.pcsc else None
     registry = ReaderRegistry(token_drivers=drivers, pcsc=pcsc)
     await registry.refresh()
     metrics = GatewayMetrics()
     executor = StepExecutor(registry, observer=metrics)
-    place = station_place(settings, tls)
-    revocations = station_revocations(settings, tls)
     credentials, interceptors = server_security(tls, {}, default_roles=frozenset({"client"}),
                                                 revocations=revocations)
     server = Server(settings.listen, [
