@@ -2,7 +2,8 @@
 # Prepares, once, the files docker-compose.yml mounts, under DIR (default var/compose):
 #   DIR/pki                 the development PKI with its CA key: stays on this machine
 #   DIR/orchestrator-tls    ca.crt, orchestrator.crt/.key, crl.pem  -> orchestrator /etc/cardline/tls
-#   DIR/station-N-tls       ca.crt, station-N.crt/.key              -> station-N /etc/cardline/tls
+#   DIR/station-N-tls       ca.crt, station-N.crt/.key, crl.pem     -> station-N /etc/cardline/tls
+#                           (each station enrolled at site hq: the example processes select it)
 #   DIR/secrets/            transport-puk, token-pins-station-N, postgres-password, pgpass
 # Secrets are made here with openssl and written by the shell: never on a command line or in
 # the environment. Run it as root to hand the files to the containers' users (uid 10001 for
@@ -20,7 +21,7 @@ cardline pki init --dir "$DIR/pki" --orchestrator-name orchestrator >/dev/null
 cp "$DIR/pki/ca.crt" "$DIR/pki/orchestrator.crt" "$DIR/pki/orchestrator.key" "$DIR/pki/crl.pem" "$DIR/orchestrator-tls/"
 openssl rand -hex 4 > "$DIR/secrets/transport-puk"
 for station in $STATIONS; do
-  cardline gateway enroll --pki-dir "$DIR/pki" --gateway-id "$station" --out "$DIR/$station-tls" >/dev/null
+  cardline gateway enroll --pki-dir "$DIR/pki" --gateway-id "$station" --site hq --out "$DIR/$station-tls" >/dev/null
   { cat "$DIR/secrets/transport-puk"; openssl rand -hex 4; } > "$DIR/secrets/token-pins-$station"
 done
 password=$(openssl rand -hex 16)

@@ -15,11 +15,13 @@ from gateway.drivers.base import TokenDriver
 from gateway.drivers.pkcs11 import Pkcs11TokenDriver
 from gateway.metrics import GatewayMetrics
 from shared.config import GatewaySettings
+from shared.errors import ConfigurationError
 from shared.logging import get_logger
 from shared.metrics import MetricsEndpoint
+from shared.pki import CRL, Enrollment, enrollment_of
 from shared.proto import gateway_pb2, gateway_pb2_grpc
 from shared.rpc import Server
-from shared.tls import server_security, settings_tls
+from shared.tls import RevocationList, TlsFiles, server_security, settings_tls
 
 log = get_logger(__name__)
 
@@ -77,18 +79,78 @@ def _token_drivers(module_paths: list[pathlib.Path]) -> list[TokenDriver]:
     return drivers
 
 
+def station_place(settings: GatewaySettings, tls: TlsFiles | None) -> Enrollment:
+    """Where this station stands: the site and labels enrolled in its certificate. Settings
+    need not name them; when they do, they must be the enrolled ones (else the orchestrator
+    would refuse every hello). Without TLS (development) the settings are all there is."""
+    if tls is None:
+        return Enrollment(settings.site, dict(settings.labels))
+    enrolled = enrollment_of(tls.certificate())
+    wrong = [f"site {settings.site!r}"] if settings.site and settings.site != enrolled.site else []
+    if settings.labels and dict(settings.labels) != dict(enrolled.labels):
+        wrong.append("labels {" + ", ".join(f"{k}={v}" for k, v in sorted(settings.labels.items())) + "}")
+    if wrong:
+        raise ConfigurationError(
+            f"gateway {settings.gateway_id}: the settings give {' and '.join(wrong)} but the certificate "
+            f"{tls.cert} is enrolled with {enrolled.describe()}; drop site/labels from the settings (the "
+            f"enrollment decides) or enroll the station again (`cardline gateway enroll --site ... --label ...`)")
+    return enrolled
+
+
+def station_revocations(settings: GatewaySettings, tls: TlsFiles | None) -> RevocationList | None:
+    """The CRL this gateway refuses callers by: DATA_DIR/crl.pem, which the orchestrator's
+    link keeps up to date, started from the enrollment's CRL (TLS_DIR/crl.pem or tls_crl)
+    when that one is newer."""
+    if tls is None:
+        return None
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = settings.data_dir / CRL
+    try:
+        revocations = RevocationList(path, tls.ca_pem(), missing_ok=True)
+    except ConfigurationError as exc:     # e.g. kept from an enrollment under another CA
+        log.warning("the CRL kept in the data directory is not usable; starting from the enrollment's",
+                    path=str(path), error=exc.message)
+        path.unlink()
+        revocations = RevocationList(path, tls.ca_pem(), missing_ok=True)
+    if tls.crl is not None:
+        revocations.update(tls.crl.read_bytes(), str(tls.crl))
+    return revocations
+
+
+async def follow_crl_file(path: pathlib.Path, revocations: RevocationList, interval_s: float = 1.0) -> None:
+    """Offers REVOCATIONS the CRL at PATH whenever that file changes: a CRL an operator copies
+    to the station (its tls_dir or tls_crl) counts as one from the link does."""
+    seen = None
+    while True:
+        try:
+            st = path.stat()
+        except OSError:                  # gone for now: the CRL already taken stays
+            st = None
+        if st is not None and (stamp := (st.st_mtime_ns, st.st_size, st.st_ino)) != seen:
+            seen = stamp
+            try:
+                revocations.update(path.read_bytes(), str(path))
+            except (OSError, ConfigurationError) as exc:
+                log.error("CRL file not taken", path=str(path), error=str(exc))
+        await asyncio.sleep(interval_s)
+
+
 async def start(settings: GatewaySettings) -> Gateway:
     # Mutual TLS unless explicitly insecure: one certificate (CN = gateway id, role gateway)
     # serves GatewayService and authenticates the link to the orchestrator.
     tls = settings_tls(settings, f"gateway {settings.gateway_id}", settings.gateway_id, role="gateway",
                        common_name=settings.gateway_id)
+    # Where it stands and whom it refuses, checked before any driver or reader is touched.
+    place = station_place(settings, tls)
+    revocations = station_revocations(settings, tls)
     drivers = await asyncio.to_thread(_token_drivers, settings.pkcs11_modules)
     pcsc = await asyncio.to_thread(_pcsc_driver) if settings.pcsc else None
     registry = ReaderRegistry(token_drivers=drivers, pcsc=pcsc)
     await registry.refresh()
     metrics = GatewayMetrics()
     executor = StepExecutor(registry, observer=metrics)
-    credentials, interceptors = server_security(tls, {}, default_roles=frozenset({"client"}))
+    credentials, interceptors = server_security(tls, {}, default_roles=frozenset({"client"}),
+                                                revocations=revocations)
     server = Server(settings.listen, [
         (gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(registry, executor),
          gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name),
@@ -100,14 +162,16 @@ async def start(settings: GatewaySettings) -> Gateway:
     await server.start()
     gateway = Gateway(settings, registry, executor, server, None, metrics, metrics_endpoint)
     gateway._tasks.append(asyncio.create_task(registry.watch()))
+    if revocations is not None and tls is not None and tls.crl is not None:
+        gateway._tasks.append(asyncio.create_task(follow_crl_file(tls.crl, revocations)))
     if settings.orchestrator:
         gateway.link = OrchestratorLink(settings.orchestrator, settings.gateway_id, registry, executor,
-                                        site=settings.site, labels=settings.labels,
+                                        site=place.site, labels=dict(place.labels), revocations=revocations,
                                         credentials=tls.channel_credentials() if tls else None,
                                         backoff_min_s=settings.reconnect_min_s, backoff_max_s=settings.reconnect_max_s,
                                         observer=metrics)
         gateway._tasks.append(asyncio.create_task(gateway.link.run_forever()))
-    log.info("gateway serving", address=server.address, gateway_id=settings.gateway_id,
+    log.info("gateway serving", address=server.address, gateway_id=settings.gateway_id, site=place.site,
              readers=len(registry.readers()), orchestrator=settings.orchestrator or None,
              metrics=gateway.metrics_endpoint.address if gateway.metrics_endpoint else None)
     return gateway

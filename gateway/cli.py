@@ -9,7 +9,7 @@ import typer
 
 from shared import config
 from shared.cli import run_server
-from shared.pki_cli import INSECURE, TLS_CA, TLS_CERT, TLS_CRL, TLS_DIR, TLS_KEY
+from shared.pki_cli import INSECURE, LABEL, SITE, TLS_CA, TLS_CERT, TLS_CRL, TLS_DIR, TLS_KEY
 from shared.serials import show_serial
 
 
@@ -22,7 +22,8 @@ def register(root: typer.Typer) -> None:
         data_dir: pathlib.Path | None = typer.Option(None, help="Directory for the gateway's state."),
         orchestrator: str | None = typer.Option(None, help="HOST:PORT of the orchestrator to dial out to."),
         gateway_id: str | None = typer.Option(None, help="Name of this gateway in the pool (default: host name)."),
-        site: str | None = typer.Option(None, help="Site of this gateway, for reader selectors."),
+        site: str | None = typer.Option(None, help="Site of this gateway: over TLS the enrolled one decides and this "
+                                                    "must equal it if given; only --insecure takes it as is."),
         pkcs11_module: list[pathlib.Path] | None = typer.Option(None, help="PKCS#11 module to load (repeatable)."),
         pcsc: bool | None = typer.Option(None, "--pcsc/--no-pcsc", help="Watch PC/SC readers through pcscd."),
         config_file: pathlib.Path | None = typer.Option(None, "--config", envvar="CARDLINE_CONFIG",
@@ -52,25 +53,30 @@ def register(root: typer.Typer) -> None:
         out: pathlib.Path = typer.Option(..., help="Directory to write ca.crt, ID.crt and ID.key to."),
         name: list[str] = typer.Option([], "--name", help="Host name or IP clients reach the station's own "
                                                            "GatewayService by (repeatable)."),
+        site: str | None = SITE, label: list[str] = LABEL,
         json_output: bool = typer.Option(False, "--json", help="JSON output."),
     ) -> None:
-        """Give a new station its certificate, key and the CA certificate in one directory:
-        copy it to the station and start `cardline gateway serve --gateway-id ID --tls-dir DIR`."""
+        """Give a new station its certificate (with its site and labels), key, the CA
+        certificate and the current CRL in one directory: copy it to the station and start
+        `cardline gateway serve --gateway-id ID --tls-dir DIR`."""
         from shared.errors import CardlineError
-        from shared.pki import Pki
+        from shared.pki import Enrollment, Pki, enrollment_from_options
 
         try:
             pki = Pki.open(pki_dir)
-            issued = pki.issue("gateway", gateway_id, name)
+            enrollment = enrollment_from_options(site, label) or Enrollment()
+            issued = pki.issue("gateway", gateway_id, name, enrollment=enrollment)
             files = pki.export(gateway_id, out)
         except CardlineError as exc:
             typer.echo(f"error {exc.reason}: {exc.message}", err=True)
             raise typer.Exit(1) from None
         if json_output:
             typer.echo(json.dumps({"gateway_id": gateway_id, "serial": show_serial(format(issued.serial, "x")),
+                                   "site": enrollment.site, "labels": dict(enrollment.labels),
                                    "files": {k: str(v) for k, v in files.items()}}, indent=2))
             return
-        typer.echo(f"gateway {gateway_id}: serial {show_serial(format(issued.serial, 'x'))}")
+        typer.echo(f"gateway {gateway_id}: serial {show_serial(format(issued.serial, 'x'))}, "
+                   f"{enrollment.describe()}")
         for path in files.values():
             typer.echo(f"  {path}")
         typer.echo(f"on the station: cardline gateway serve --gateway-id {gateway_id} --tls-dir {out} "

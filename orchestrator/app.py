@@ -64,7 +64,7 @@ from shared.proto import (
     reader_pool_service_pb2_grpc,
 )
 from shared.rpc import Server
-from shared.tls import server_security, settings_tls
+from shared.tls import revocation_list, server_security, settings_tls
 
 log = get_logger(__name__)
 #: The client API, one service per resource, each in its own generated module.
@@ -197,7 +197,9 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
                           max_ttl_s=settings.pool.lease_max_ttl_s, step_timeout_s=settings.step_timeout_s,
                           audit=audit)
     orders = OrderService(processes, pool, audit=audit)
-    credentials, interceptors = server_security(tls, ROLES, default_roles=CLIENT_ROLES)
+    # One CRL refuses revoked callers, travels to every gateway and ends a revoked gateway's link.
+    revocations = revocation_list(tls)
+    credentials, interceptors = server_security(tls, ROLES, default_roles=CLIENT_ROLES, revocations=revocations)
     # C16: before serving, settle what an earlier run left behind (pending CA requests,
     # RUNNING tasks and process instances), then again every reconcile_interval_s.
     reconciler = Reconciler(store, cas, templates.internal_issued_state, owner_id=owner_id,
@@ -227,7 +229,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
         (audit_service_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(store),
          service_name(audit_service_pb2)),
         (link_pb2_grpc.add_GatewayLinkServicer_to_server,
-         GatewayLinkServicer(pool, f"orchestrator-{uuid.uuid4().hex[:8]}", settings.heartbeat_interval_s),
+         GatewayLinkServicer(pool, f"orchestrator-{uuid.uuid4().hex[:8]}", settings.heartbeat_interval_s,
+                             revocations=revocations),
          service_name(link_pb2)),
     ], credentials=credentials, interceptors=interceptors)
     metrics_endpoint = None

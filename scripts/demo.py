@@ -28,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway import softhsm  # noqa: E402  (what `cardline tokens init` runs)
-from shared.pki import init_pki  # noqa: E402
+from shared.pki import Enrollment, init_pki  # noqa: E402
 from shared.proto import ca_service_pb2 as ca_pb  # noqa: E402
 from shared.proto import (  # noqa: E402
     ca_service_pb2_grpc,
@@ -90,7 +90,8 @@ def main() -> int:
     pki = init_pki(DEMO / "pki")
     pki.issue("orchestrator", "orchestrator")
     pki.issue("client", "admin")
-    pki.issue("gateway", "demo-station")
+    # Where the station stands is enrolled in its certificate: the example process selects site hq.
+    pki.issue("gateway", "demo-station", enrollment=Enrollment("hq"))
     gateway_tls = DEMO / "gateway-tls"
     pki.export("demo-station", gateway_tls)
     env = {**os.environ, "SOFTHSM2_CONF": str(conf), "CARDLINE_TLS_DIR": str(pki.directory),
@@ -103,7 +104,7 @@ def main() -> int:
                           str(DEMO / "orchestrator"), "--config-dir", str(config_dir), "--tls-dir", str(pki.directory)],
                          stdout=logs["orchestrator"], stderr=subprocess.STDOUT, env=env),
         subprocess.Popen([CARDLINE, "gateway", "serve", "--listen", gw_addr, "--data-dir", str(DEMO / "gateway"),
-                          "--orchestrator", orch_addr, "--gateway-id", "demo-station", "--site", "hq",
+                          "--orchestrator", orch_addr, "--gateway-id", "demo-station",
                           "--pkcs11-module", module, "--no-pcsc", "--tls-dir", str(gateway_tls)],
                          stdout=logs["gateway"], stderr=subprocess.STDOUT, env=env),
     ]

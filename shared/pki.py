@@ -8,7 +8,8 @@ One directory holds everything (`cardline pki init --pki-dir DIR`):
     ca.pass         the passphrase (0600). Keeping it next to the key only protects a copied
                     ca.key; move it away (or the whole directory to the admin's machine)
                     for anything beyond development.
-    NAME.crt        a leaf certificate: CN=NAME, OU=ROLE (orchestrator, gateway or client)
+    NAME.crt        a leaf certificate: CN=NAME, OU=ROLE (orchestrator, gateway or client); a
+                    gateway's also carries its enrollment (site and labels, STATION_ENROLLMENT_OID)
     NAME.key        its private key: PKCS#8 PEM, *unencrypted* (gRPC only loads unencrypted
                     PEM keys), so it is protected by its mode (0600) and nothing else
     revoked.json    revoked serials (written atomically) — the PKI's own record
@@ -16,7 +17,15 @@ One directory holds everything (`cardline pki init --pki-dir DIR`):
 
 The role travels in the certificate (subject OU) so that the orchestrator can authorise a
 peer by what it is (a gateway may open the GatewayLink, a client may call the client API)
-and the identity in the CN (a gateway's CN is its gateway id).
+and the identity in the CN (a gateway's CN is its gateway id). Where a station stands is
+enrolled too: a gateway certificate carries a non-critical extension (STATION_ENROLLMENT_OID,
+under the UUID arc 2.25 of ITU-T X.667, which needs no registration) whose value is
+
+    StationEnrollment ::= SEQUENCE { site UTF8String, labels SEQUENCE OF Label }
+    Label             ::= SEQUENCE { key UTF8String, value UTF8String }
+
+The orchestrator reads a station's site and labels from there, never from what the station
+says about itself (docs/stations.md).
 """
 from __future__ import annotations
 
@@ -26,10 +35,11 @@ import json
 import pathlib
 import re
 import secrets
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TypedDict, TypeGuard, get_args
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, TypedDict, TypeGuard, get_args
 
+from asn1crypto.core import Sequence, SequenceOf, UTF8String
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -49,6 +59,10 @@ _DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*$")
 DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
 CA_DAYS, LEAF_DAYS, CRL_DAYS = 3650, 825, 365
+#: The gateway certificate extension holding the station's enrolled site and labels.
+STATION_ENROLLMENT_OID = x509.ObjectIdentifier("2.25.56936530596558318526448121304882656253")
+MAX_LABELS, MAX_LABEL_VALUE = 16, 128
+_LABEL_VALUE = re.compile(r"^[^\x00-\x1f\x7f]*$")
 
 
 def _now() -> dt.datetime:
@@ -84,6 +98,94 @@ def _san(names: Iterable[str]) -> list[x509.GeneralName]:
                 raise InvalidArgument(f"{name!r} is neither an IP address nor a host name", field="sans") from None
             out.append(x509.DNSName(name))
     return out
+
+
+class _Label(Sequence):  # type: ignore[misc]  # asn1crypto ships no types
+    _fields: ClassVar[list[tuple[str, type]]] = [("key", UTF8String), ("value", UTF8String)]
+
+
+class _Labels(SequenceOf):  # type: ignore[misc]
+    _child_spec = _Label
+
+
+class _StationEnrollment(Sequence):  # type: ignore[misc]
+    _fields: ClassVar[list[tuple[str, type]]] = [("site", UTF8String), ("labels", _Labels)]
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """Where a station stands, as enrolled in its gateway certificate."""
+    site: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
+        return f"site {self.site!r}, labels {{{labels}}}"
+
+
+def check_enrollment(site: str, labels: Mapping[str, str]) -> Enrollment:
+    """SITE and LABELS checked as a station's enrollment: the site and label keys like
+    certificate names (empty site: none), values at most MAX_LABEL_VALUE printable
+    characters, at most MAX_LABELS labels."""
+    if site and not _NAME.match(site):
+        raise InvalidArgument(f"site {site[:80]!r}: letters, digits, '.', '_' and '-' (at most 64, not starting "
+                              "with a sign)", field="site")
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"{len(labels)} labels: at most {MAX_LABELS}", field="labels")
+    for key, value in labels.items():
+        if not _NAME.match(key):
+            raise InvalidArgument(f"label key {key[:80]!r}: letters, digits, '.', '_' and '-' (at most 64, not "
+                                  "starting with a sign)", field="labels")
+        if len(value) > MAX_LABEL_VALUE or not _LABEL_VALUE.match(value):
+            raise InvalidArgument(f"label {key}: value of at most {MAX_LABEL_VALUE} printable characters",
+                                  field="labels")
+    return Enrollment(site, dict(sorted(labels.items())))
+
+
+def parse_labels(pairs: Iterable[str]) -> dict[str, str]:
+    """KEY=VALUE strings (command-line --label) as a dict; a key given twice is an error."""
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"label {pair[:80]!r}: expected KEY=VALUE", field="labels")
+        if key in labels:
+            raise InvalidArgument(f"label {key!r} given twice", field="labels")
+        labels[key] = value
+    return labels
+
+
+def enrollment_from_options(site: str | None, labels: Iterable[str]) -> Enrollment | None:
+    """The enrollment `--site SITE --label KEY=VALUE ...` ask for; None when neither is given."""
+    labels = list(labels)
+    if not site and not labels:
+        return None
+    return check_enrollment(site or "", parse_labels(labels))
+
+
+def enrollment_of(cert: x509.Certificate) -> Enrollment:
+    """The site and labels enrolled in a (gateway) certificate; none (empty) without the
+    extension. A malformed extension is a ConfigurationError naming the certificate."""
+    try:
+        ext = cert.extensions.get_extension_for_oid(STATION_ENROLLMENT_OID)
+    except x509.ExtensionNotFound:
+        return Enrollment()
+    value = ext.value
+    assert isinstance(value, x509.UnrecognizedExtension)  # cryptography knows nothing of our OID
+    try:
+        parsed = _StationEnrollment.load(value.value, strict=True)
+        site = parsed["site"].native
+        labels = {label["key"].native: label["value"].native for label in parsed["labels"]}
+        return check_enrollment(site, labels)
+    except (ValueError, TypeError, InvalidArgument) as exc:
+        raise ConfigurationError(f"the certificate of {common_name_of(cert)!r} (serial {cert.serial_number:x}) has "
+                                 f"a malformed station enrollment extension: {exc}") from None
+
+
+def _enrollment_extension(enrollment: Enrollment) -> x509.UnrecognizedExtension:
+    der = _StationEnrollment({"site": enrollment.site, "labels": [
+        {"key": k, "value": v} for k, v in enrollment.labels.items()]}).dump()
+    return x509.UnrecognizedExtension(STATION_ENROLLMENT_OID, der)
 
 
 class RevokedEntry(TypedDict):
@@ -155,14 +257,19 @@ class Pki:
             raise NotFound(f"no certificate named {name!r} in {self.directory}", name=name)
         return x509.load_pem_x509_certificate(path.read_bytes())
 
-    def issue(self, role: str, name: str, sans: Iterable[str] = (), *, days: int = LEAF_DAYS) -> Issued:
+    def issue(self, role: str, name: str, sans: Iterable[str] = (), *, days: int = LEAF_DAYS,
+              enrollment: Enrollment | None = None) -> Issued:
         """A new key and certificate NAME.key / NAME.crt for ROLE. Servers (orchestrator,
         gateway) get SANs for localhost, 127.0.0.1, ::1, NAME when it is a host name, and
-        `sans`. A name whose certificate is still valid (not revoked) is refused: revoke it
-        first."""
+        `sans`. A gateway's certificate carries ENROLLMENT (its site and labels; none when
+        not given). A name whose certificate is still valid (not revoked) is refused: revoke
+        it first."""
         if role not in ROLES:
             raise InvalidArgument(f"role {role!r}: expected one of {', '.join(ROLES)}", field="role")
         check_name(name)
+        if enrollment is not None and role != "gateway":
+            raise InvalidArgument(f"only a gateway certificate carries a site and labels, not a {role} one",
+                                  field="site")
         if self.cert_path(name).exists():
             existing = self.certificate(name)
             if existing.serial_number not in self.revoked_serials():
@@ -197,6 +304,8 @@ class Pki:
         elif sans:
             raise InvalidArgument(f"a {role} certificate has no host names (sans given: {', '.join(sans)})",
                                   field="sans")
+        if enrollment is not None and (enrollment.site or enrollment.labels):
+            builder = builder.add_extension(_enrollment_extension(enrollment), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
         write_atomic(self.key_path(name), key.private_bytes(serialization.Encoding.PEM,
                                                             serialization.PrivateFormat.PKCS8,
@@ -217,14 +326,19 @@ class Pki:
 
     def export(self, name: str, out: pathlib.Path | str) -> dict[str, pathlib.Path]:
         """Copies NAME's certificate and key and the CA certificate into OUT (created 0700;
-        the key stays 0600): everything one process needs, as its --tls-dir."""
+        the key stays 0600) and the current CRL: everything one process needs, as its
+        --tls-dir, including whom to refuse from the start."""
         out = pathlib.Path(out)
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         files = {"ca": out / CA_CERT, "cert": out / f"{name}.crt", "key": out / f"{name}.key"}
+        if self.crl_path.is_file():
+            files["crl"] = out / CRL
         if out.resolve() != self.directory.resolve():
             write_atomic(files["ca"], self.ca_cert_path.read_bytes(), 0o644)
             write_atomic(files["cert"], self.cert_path(name).read_bytes(), 0o644)
             write_atomic(files["key"], self.key_path(name).read_bytes(), 0o600)
+            if "crl" in files:
+                write_atomic(files["crl"], self.crl_path.read_bytes(), 0o644)
         return files
 
     # -- revocation -------------------------------------------------------------------------
@@ -306,14 +420,33 @@ def _can_sign_certificates(key: CertificatePublicKeyTypes) -> TypeGuard[Certific
     return isinstance(key, get_args(CertificateIssuerPublicKeyTypes))
 
 
-def load_crl(path: pathlib.Path, ca_cert: x509.Certificate) -> set[int]:
-    """Revoked serials of the CRL at PATH, which must be signed by CA_CERT."""
+def verified_crl(data: bytes, ca_cert: x509.Certificate, source: str) -> x509.CertificateRevocationList:
+    """The CRL in DATA (PEM or DER, from SOURCE, for messages), which must be signed by CA_CERT."""
     try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"CRL {path}: {exc}") from exc
+        crl = (x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----")
+               else x509.load_der_x509_crl(data))
+    except ValueError as exc:
+        raise ConfigurationError(f"CRL {source}: {exc}") from exc
     ca_key = ca_cert.public_key()
     if (crl.issuer != ca_cert.subject or not _can_sign_certificates(ca_key)
             or not crl.is_signature_valid(ca_key)):
-        raise ConfigurationError(f"CRL {path} is not signed by the CA {ca_cert.subject.rfc4514_string()}")
-    return {r.serial_number for r in crl}
+        raise ConfigurationError(f"CRL {source} is not signed by the CA {ca_cert.subject.rfc4514_string()}")
+    return crl
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The CRL's number (0 without the extension): a later CRL of the CA has a larger one."""
+    try:
+        value = crl.extensions.get_extension_for_class(x509.CRLNumber).value
+    except x509.ExtensionNotFound:
+        return 0
+    return value.crl_number
+
+
+def load_crl(path: pathlib.Path, ca_cert: x509.Certificate) -> set[int]:
+    """Revoked serials of the CRL at PATH, which must be signed by CA_CERT."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"CRL {path}: {exc}") from exc
+    return {r.serial_number for r in verified_crl(data, ca_cert, str(path))}

@@ -12,12 +12,15 @@ import pathlib
 import typer
 
 from shared.errors import CardlineError
-from shared.pki import Pki, init_pki, role_of
+from shared.pki import Pki, enrollment_from_options, init_pki, role_of
 from shared.serials import show_serial
 
 DIR = typer.Option(..., "--pki-dir", "--dir", help="The PKI directory (holds the CA key: keep it on the admin's "
                                                   "machine; --dir: old name).")
 JSON = typer.Option(False, "--json", help="JSON output.")
+#: A gateway's enrollment: where the station stands, written into its certificate (docs/stations.md).
+SITE = typer.Option(None, "--site", help="A gateway's site, enrolled in its certificate (reader selectors match it).")
+LABEL = typer.Option([], "--label", help="A gateway's label KEY=VALUE, enrolled in its certificate (repeatable).")
 
 
 def _print_json(value: object) -> None:
@@ -59,7 +62,7 @@ def register(root: typer.Typer) -> None:
         typer.echo(f"client admin  {admin.cert_path}  {admin.key_path}")
         typer.echo(f"CRL           {created.crl_path}")
         typer.echo(f"next: cardline orchestrator serve --tls-dir {directory}\n"
-                   f"      cardline gateway enroll --pki-dir {directory} --gateway-id STATION --out DIR\n"
+                   f"      cardline gateway enroll --pki-dir {directory} --gateway-id STATION --site SITE --out DIR\n"
                    f"      cardline --tls-dir {directory} readers")
 
     @pki.command("issue")
@@ -68,11 +71,12 @@ def register(root: typer.Typer) -> None:
         role: str = typer.Option(..., help="client, gateway or orchestrator."),
         name: str = typer.Option(..., help="The certificate's CN (a gateway's CN is its gateway id)."),
         san: list[str] = typer.Option([], "--san", help="Extra host name or IP of a server certificate (repeatable)."),
+        site: str | None = SITE, label: list[str] = LABEL,
         json_output: bool = JSON,
     ) -> None:
         """Issue NAME.crt / NAME.key (the key is unencrypted PEM, mode 0600: gRPC needs it so)."""
         try:
-            issued = Pki.open(directory).issue(role, name, san)
+            issued = Pki.open(directory).issue(role, name, san, enrollment=enrollment_from_options(site, label))
         except CardlineError as exc:
             raise _fail(exc) from None
         if json_output:

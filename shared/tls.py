@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from shared.errors import CardlineError, ConfigurationError, PermissionDenied, Unauthenticated
+from shared.files import write_atomic
 from shared.logging import get_logger
-from shared.pki import CA_CERT, CRL, common_name_of, load_crl, role_of
+from shared.pki import CA_CERT, CRL, common_name_of, crl_number, role_of, verified_crl
 from shared.rpc import status_of
 
 if TYPE_CHECKING:
@@ -200,14 +202,22 @@ def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity |
 class RevocationList:
     """Revoked serials from a CRL file signed by the CA; re-read when the file changes (its
     mtime, size or inode). A CRL that turns unreadable or badly signed keeps the last good
-    list and logs an error."""
+    list and logs an error. `update` takes a newer CRL handed over in memory (a gateway's
+    from the orchestrator's link) and persists it to the file. With MISSING_OK a file that
+    does not exist yet is an empty list until a CRL arrives."""
 
-    def __init__(self, path: pathlib.Path, ca_pem: bytes) -> None:
+    def __init__(self, path: pathlib.Path, ca_pem: bytes, *, missing_ok: bool = False) -> None:
         self.path = path
         self._ca = x509.load_pem_x509_certificate(ca_pem)
         self._stamp: tuple[int, int, int] | None = None
         self.serials: set[int] = set()
-        self._load(initial=True)
+        #: The current CRL's number (CRLNumber; -1 before any) and its DER encoding.
+        self.number = -1
+        self.der: bytes | None = None
+        if missing_ok and not path.exists():
+            log.info("no CRL yet; waiting for one", path=str(path))
+        else:
+            self._load(initial=True)
 
     def _load(self, initial: bool = False) -> None:
         try:
@@ -215,19 +225,50 @@ class RevocationList:
         except OSError as exc:
             if initial:
                 raise ConfigurationError(f"CRL {self.path}: {exc}") from None
-            log.error("CRL unreadable, keeping the last one", path=str(self.path), error=str(exc))
+            if self._stamp is not None:
+                log.error("CRL unreadable, keeping the last one", path=str(self.path), error=str(exc))
             return
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         if stamp == self._stamp:
             return
         try:
-            self.serials = load_crl(self.path, self._ca)
-            log.info("CRL loaded", path=str(self.path), revoked=len(self.serials))
+            try:
+                data = self.path.read_bytes()
+            except OSError as exc:
+                raise ConfigurationError(f"CRL {self.path}: {exc}") from None
+            self._take(verified_crl(data, self._ca, str(self.path)))
+            log.info("CRL loaded", path=str(self.path), revoked=len(self.serials), number=self.number)
         except ConfigurationError as exc:
             if initial:
                 raise
             log.error("CRL rejected, keeping the last one", path=str(self.path), error=exc.message)
         self._stamp = stamp
+
+    def _take(self, crl: x509.CertificateRevocationList) -> None:
+        self.serials = {r.serial_number for r in crl}
+        self.number = crl_number(crl)
+        self.der = crl.public_bytes(serialization.Encoding.DER)
+
+    def refresh(self) -> int:
+        """Re-reads the file if it changed; the current CRL number."""
+        self._load()
+        return self.number
+
+    def update(self, data: bytes, source: str) -> bool:
+        """Takes the CRL in DATA (PEM or DER, from SOURCE) when the CA signed it and it is
+        newer than the current one, and writes it to the file; False (and nothing changed)
+        for one that is not newer. Raises ConfigurationError for one the CA did not sign."""
+        self._load()
+        crl = verified_crl(data, self._ca, source)
+        if crl_number(crl) <= self.number:
+            return False
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(self.path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        self._take(crl)
+        st = self.path.stat()
+        self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        log.info("CRL updated", source=source, path=str(self.path), revoked=len(self.serials), number=self.number)
+        return True
 
     def is_revoked(self, serial: int) -> bool:
         self._load()
@@ -323,11 +364,24 @@ def _guarded(handler: grpc.RpcMethodHandler[Any, Any],
 
 
 def server_security(files: TlsFiles | None, roles: Mapping[str, frozenset[str]], *,
-                    default_roles: frozenset[str] = frozenset({"client"})
+                    default_roles: frozenset[str] = frozenset({"client"}),
+                    revocations: RevocationList | None = None,
                     ) -> tuple[grpc.ServerCredentials | None, list[grpc.aio.ServerInterceptor]]:
-    """Credentials and interceptors of a server: (None, []) for plaintext."""
+    """Credentials and interceptors of a server: (None, []) for plaintext. REVOCATIONS
+    (default: from the CRL of FILES, if any) refuses revoked callers."""
     if files is None:
         return None, []
-    revocations = RevocationList(files.crl, files.ca_pem()) if files.crl else None
+    revocations = revocations or revocation_list(files)
     return files.server_credentials(), [AuthorizationInterceptor(roles, default_roles=default_roles,
                                                                  revocations=revocations)]
+
+
+def revocation_list(files: TlsFiles | None) -> RevocationList | None:
+    """The RevocationList of FILES' CRL; None without TLS or without a CRL."""
+    return RevocationList(files.crl, files.ca_pem()) if files is not None and files.crl else None
+
+
+def peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> x509.Certificate | None:
+    """The verified client certificate of the call itself, None on a plaintext connection."""
+    pems = list((context.auth_context() or {}).get("x509_pem_cert", ()))
+    return x509.load_pem_x509_certificate(pems[0]) if pems else None

@@ -15,9 +15,10 @@ import grpc
 from gateway.core.executor import StepExecutor
 from gateway.core.registry import ReaderRegistry
 from shared import convert
-from shared.errors import CardlineError
+from shared.errors import CardlineError, ConfigurationError
 from shared.logging import get_logger
 from shared.proto import link_pb2, link_pb2_grpc
+from shared.tls import RevocationList
 from shared.version import VERSION
 
 log = get_logger(__name__)
@@ -41,6 +42,7 @@ class OrchestratorLink:
     def __init__(self, target: str, gateway_id: str, registry: ReaderRegistry, executor: StepExecutor, *,
                  site: str = "", labels: dict[str, str] | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
+                 revocations: RevocationList | None = None,
                  backoff_min_s: float = 0.2, backoff_max_s: float = 10.0,
                  observer: LinkObserver | None = None) -> None:
         self.observer: LinkObserver = observer or _Unobserved()
@@ -51,6 +53,7 @@ class OrchestratorLink:
         self.site = site
         self.labels = labels or {}
         self.credentials = credentials
+        self.revocations = revocations      # takes the CRLs the orchestrator sends
         self.backoff_min_s = backoff_min_s
         self.backoff_max_s = backoff_max_s
         self.connected = asyncio.Event()
@@ -119,6 +122,8 @@ class OrchestratorLink:
                         interval = max(msg.welcome.heartbeat_interval_ms, 100) / 1000
                         silence_s = 3 * interval
                         heartbeat = asyncio.create_task(self._heartbeats(outbox, interval))
+                    elif kind == "revocations":
+                        self._take_crl(msg.revocations.crl_der)
                     elif kind == "command":
                         task = asyncio.create_task(self._run_command(msg.command, outbox))
                         running.add(task)
@@ -129,6 +134,14 @@ class OrchestratorLink:
                 if job is not None:
                     job.cancel()
             await asyncio.gather(*(t for t in (heartbeat, sender) if t is not None), return_exceptions=True)
+
+    def _take_crl(self, der: bytes) -> None:
+        if self.revocations is None:     # a plaintext link: no certificates to refuse
+            return
+        try:
+            self.revocations.update(der, f"the orchestrator at {self.target}")
+        except ConfigurationError as exc:  # not signed by our CA: keep the CRL we have
+            log.error("CRL from the orchestrator refused", error=exc.message)
 
     async def _send(self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue) -> None:
         """The hello with the current inventory, then everything put in the outbox. A write

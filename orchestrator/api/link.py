@@ -1,16 +1,21 @@
 """GatewayLink: the stream each gateway keeps open. Thin: it converts messages and hands
-them to the reader pool; the stream's life is the gateway's presence."""
+them to the reader pool; the stream's life is the gateway's presence.
+
+Over mutual TLS a station's site and labels come from its certificate (enrolled, see
+shared/pki.py), never from its hello; the link carries the orchestrator's CRL to the gateway
+and ends as soon as the gateway's own certificate is revoked (docs/stations.md)."""
 from __future__ import annotations
 
 import asyncio
 
 from orchestrator.services.pool import Command, GatewaySession, ReaderPool
 from shared import cards, convert
-from shared.errors import CardlineError, InvalidArgument, PermissionDenied
+from shared.errors import CardlineError, InvalidArgument, PermissionDenied, Unauthenticated
 from shared.logging import get_logger
+from shared.pki import Enrollment, enrollment_of
 from shared.proto import link_pb2, link_pb2_grpc
 from shared.rpc import rpc_errors
-from shared.tls import peer_identity
+from shared.tls import PeerIdentity, RevocationList, peer_certificate, peer_identity
 
 log = get_logger(__name__)
 
@@ -21,11 +26,38 @@ def command_to_proto(c: Command) -> link_pb2.OrchestratorMessage:
         step=convert.step_to_proto(c.step)))
 
 
+def _bounded(text: str, limit: int = 64) -> str:
+    """TEXT for an error message: a station's claims are not echoed without bound."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def enrolled_place(hello: link_pb2.GatewayHello, enrollment: Enrollment, peer: PeerIdentity) -> Enrollment:
+    """ENROLLMENT, the place of the station whose certificate it is; a hello that names
+    another site or other labels is refused (an empty site or no labels claims nothing)."""
+    claimed_labels = dict(hello.labels)
+    wrong = []
+    if hello.site and hello.site != enrollment.site:
+        wrong.append(f"site {_bounded(hello.site)!r}")
+    if claimed_labels and claimed_labels != dict(enrollment.labels):
+        pairs = ", ".join(f"{_bounded(k, 32)}={_bounded(v, 32)}" for k, v in sorted(claimed_labels.items())[:8])
+        wrong.append(f"labels {{{pairs}{', ...' if len(claimed_labels) > 8 else ''}}}")
+    if wrong:
+        raise PermissionDenied(
+            f"gateway {peer.name!r} claims {' and '.join(wrong)} in its hello but is enrolled with "
+            f"{enrollment.describe()} (certificate serial {peer.serial:x}): a station does not choose where it "
+            "stands; drop site/labels from its settings or enroll it again", gateway_id=peer.name)
+    return enrollment
+
+
 class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
-    def __init__(self, pool: ReaderPool, orchestrator_id: str, heartbeat_interval_s: float) -> None:
+    def __init__(self, pool: ReaderPool, orchestrator_id: str, heartbeat_interval_s: float, *,
+                 revocations: RevocationList | None = None, revocation_check_s: float = 1.0) -> None:
         self.pool = pool
         self.orchestrator_id = orchestrator_id
         self.heartbeat_interval_s = heartbeat_interval_s
+        # The CRL sent to every gateway and checked for each open link every revocation_check_s.
+        self.revocations = revocations
+        self.revocation_check_s = revocation_check_s
 
     @rpc_errors
     async def Connect(self, request_iterator, context):
@@ -37,14 +69,22 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
             raise InvalidArgument("hello.gateway_id is empty", field="hello.gateway_id")
         peer = peer_identity(context)     # None only on a plaintext (--insecure) server
         if peer is not None and peer.name != hello.gateway_id:
-            raise PermissionDenied(f"hello names gateway {hello.gateway_id!r} but the certificate is issued to "
-                                   f"{peer.name!r}", gateway_id=hello.gateway_id, certificate=peer.name)
+            raise PermissionDenied(f"hello names gateway {_bounded(hello.gateway_id)!r} but the certificate is "
+                                   f"issued to {peer.name!r}", gateway_id=_bounded(hello.gateway_id),
+                                   certificate=peer.name)
+        certificate = peer_certificate(context)
+        if peer is not None and certificate is not None:
+            place = enrolled_place(hello, enrollment_of(certificate), peer)
+        else:                             # plaintext development link: nobody to ask but the hello
+            place = Enrollment(hello.site, dict(hello.labels))
         # The hello carries the whole inventory: a returning gateway's readers are re-read.
-        session = GatewaySession(gateway_id=hello.gateway_id, site=hello.site, labels=dict(hello.labels),
+        session = GatewaySession(gateway_id=hello.gateway_id, site=place.site, labels=dict(place.labels),
                                  readers={r.reader_id: convert.reader_from_proto(r) for r in hello.readers},
                                  version=hello.version)
         self.pool.attach(session)
         reader = asyncio.create_task(self._incoming(request_iterator, session))
+        watcher = (asyncio.create_task(self._watch_revocations(session, peer))
+                   if peer is not None and self.revocations is not None else None)
         try:
             yield link_pb2.OrchestratorMessage(welcome=link_pb2.Welcome(
                 orchestrator_id=self.orchestrator_id, heartbeat_interval_ms=int(self.heartbeat_interval_s * 1000)))
@@ -60,10 +100,34 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
                     continue
                 if GatewaySession.is_close_marker(item):
                     return
-                yield command_to_proto(item)
+                if isinstance(item, CardlineError):
+                    raise item            # the gateway's certificate was revoked
+                yield item if isinstance(item, link_pb2.OrchestratorMessage) else command_to_proto(item)
         finally:
             reader.cancel()
+            if watcher is not None:
+                watcher.cancel()
             self.pool.detach(session)
+
+    async def _watch_revocations(self, session: GatewaySession, peer: PeerIdentity) -> None:
+        """Sends the CRL now and whenever it changes; ends the link (UNAUTHENTICATED) once the
+        gateway's own certificate is on it. The file is looked at every revocation_check_s."""
+        assert self.revocations is not None
+        sent = None
+        while not session.closed:
+            number = self.revocations.refresh()
+            if self.revocations.is_revoked(peer.serial):
+                log.warning("gateway certificate revoked; closing its link", gateway_id=peer.name,
+                            serial=f"{peer.serial:x}")
+                session.outbox.put_nowait(Unauthenticated(
+                    f"the certificate of gateway {peer.name!r} (serial {peer.serial:x}) has been revoked",
+                    name=peer.name))
+                return
+            if number != sent and self.revocations.der is not None:
+                session.outbox.put_nowait(link_pb2.OrchestratorMessage(
+                    revocations=link_pb2.RevocationList(crl_der=self.revocations.der)))
+                sent = number
+            await asyncio.sleep(self.revocation_check_s)
 
     async def _incoming(self, request_iterator, session: GatewaySession) -> None:
         """Reads until the gateway goes away or falls silent for three heartbeat intervals."""

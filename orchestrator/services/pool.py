@@ -138,7 +138,9 @@ _CLOSED = object()
 
 @dataclass(eq=False)
 class GatewaySession:
-    """One attached gateway: its readers and the commands in flight on its stream."""
+    """One attached gateway: its readers and the commands in flight on its stream. Its site
+    and labels are the ones enrolled in its certificate (the link servicer reads them there;
+    only a plaintext development link takes them from the hello)."""
     gateway_id: str
     site: str = ""
     labels: dict[str, str] = field(default_factory=dict)

@@ -3,6 +3,7 @@ reached through pyscard inside a gateway, called over gRPC like a local tool wou
 from __future__ import annotations
 
 import asyncio
+import tempfile
 
 import grpc
 import pytest
@@ -28,13 +29,14 @@ def script(*apdus: tuple[bytes, list[str]]) -> steps_pb2.Step:
 async def with_gateway(body):
     pki = default_pki()
     pki.gateway("pcsc-station")          # mutual TLS like production: the gateway's and admin's certificates
-    gw = await gateway_app.start(config.load(config.GatewaySettings, listen="127.0.0.1:0", pcsc=True,
-                                             gateway_id="pcsc-station", **pki.settings()))
-    try:
-        async with pki.aio_channel(gw.address) as channel:
-            return await body(gateway_pb2_grpc.GatewayServiceStub(channel), gw)
-    finally:
-        await gw.stop()
+    with tempfile.TemporaryDirectory(prefix="cardline-gw-") as data_dir:     # its CRL is kept there
+        gw = await gateway_app.start(config.load(config.GatewaySettings, listen="127.0.0.1:0", pcsc=True,
+                                                 gateway_id="pcsc-station", data_dir=data_dir, **pki.settings()))
+        try:
+            async with pki.aio_channel(gw.address) as channel:
+                return await body(gateway_pb2_grpc.GatewayServiceStub(channel), gw)
+        finally:
+            await gw.stop()
 
 
 def test_apdu_script_runs_next_to_the_reader_with_get_response_chaining(pcscd, virtual_card):

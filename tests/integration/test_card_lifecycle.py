@@ -54,7 +54,7 @@ async def station(tmp_path: pathlib.Path, token, ca: str):
         with contextlib.ExitStack() as stack:
             await asyncio.to_thread(stack.enter_context, gateway_process(
                 orch.address, "station-1", tmp_path / "gateway", pkcs11_module=token.module_path,
-                env={**token.env, "CARDLINE_GATEWAY_SITE": "hq"}))
+                env=token.env, site="hq"))
             for _ in range(200):
                 if any(p.reader.token_serial == token.serial for p in orch.pool.list()):
                     break

@@ -49,7 +49,7 @@ async def _running(tmp_path, token, cfg, *, cards: int = 1, boundary=None):
         with contextlib.ExitStack() as stack:
             await asyncio.to_thread(stack.enter_context, gateway_process(
                 orch.address, "station-1", tmp_path / "gateway", pkcs11_module=token.module_path,
-                env={**token.env, "CARDLINE_GATEWAY_SITE": "hq"}))
+                env=token.env, site="hq"))
             for _ in range(200):
                 if {p.reader.token_serial for p in orch.pool.list()} >= set(serials):
                     break

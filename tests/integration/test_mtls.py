@@ -113,7 +113,7 @@ def test_enrolled_gateway_attaches_over_mutual_tls_and_its_token_joins_the_pool(
     enrolled = subprocess.run([CARDLINE, "gateway", "enroll", "--pki-dir", str(rig.directory), "--gateway-id",
                                "station-a", "--out", str(station)], capture_output=True, text=True)
     assert enrolled.returncode == 0, enrolled.stderr
-    assert sorted(p.name for p in station.iterdir()) == ["ca.crt", "station-a.crt", "station-a.key"]
+    assert sorted(p.name for p in station.iterdir()) == ["ca.crt", "crl.pem", "station-a.crt", "station-a.key"]
     assert (station / "station-a.key").stat().st_mode & 0o777 == 0o600
     with gateway_process(orchestrator, "station-a", tmp_path / "gateway", pkcs11_module=softhsm_token.module_path,
                          env=softhsm_token.env, tls_dir=station, client=rig.files()) as (gw, _proc):

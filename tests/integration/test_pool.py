@@ -151,13 +151,12 @@ class Station:
         return (self.data_dir / "gateway.log").read_text()
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "SOFTHSM2_CONF": str(self.conf), "CARDLINE_GATEWAY_SITE": "hq",
-                "CARDLINE_GATEWAY_LABELS": json.dumps({"line": self.gateway_id}),
-                "CARDLINE_GATEWAY_RECONNECT_MAX_S": "0.5"}
+        return {**os.environ, "SOFTHSM2_CONF": str(self.conf), "CARDLINE_GATEWAY_RECONNECT_MAX_S": "0.5"}
 
     def start(self) -> None:
+        # Where the station stands is enrolled in its certificate, not configured.
         self._cm = gateway_process(self.orchestrator, self.gateway_id, self.data_dir, pkcs11_module=self.module,
-                                   env=self.env())
+                                   env=self.env(), site="hq", labels={"line": self.gateway_id})
         _addr, self.proc = self._cm.__enter__()
 
     def kill(self) -> None:
@@ -219,8 +218,8 @@ async def pool_rig(tmp_path, module: str, gateways: int, *, boundary=None, via_p
         await orch.stop()
 
 
-def pcsc_tls() -> dict:
-    default_pki().gateway("pcsc-1")                     # the in-process gateway's certificate
+def pcsc_tls(site: str = "") -> dict:
+    default_pki().gateway("pcsc-1", site=site)          # the in-process gateway's certificate
     return default_pki().settings()
 
 
@@ -429,7 +428,7 @@ def test_card_pulled_mid_encoding_fails_the_task_and_frees_the_reader(tmp_path, 
         orch = await orchestrator_app.start(settings_for(tmp_path))
         gw = await gateway_app.start(config.load(config.GatewaySettings, listen="127.0.0.1:0",
                                                  data_dir=tmp_path / "gw-pcsc", orchestrator=orch.address,
-                                                 gateway_id="pcsc-1", pcsc=True, **pcsc_tls(), site="lab"))
+                                                 gateway_id="pcsc-1", pcsc=True, **pcsc_tls(site="lab")))
         try:
             card = vpcd_card_factory(0)
             reader_id = "pcsc:" + pcscd.reader_name(0)

@@ -55,7 +55,7 @@ async def running(tmp_path: pathlib.Path, token, config: pathlib.Path, *, extra_
         with contextlib.ExitStack() as stack:
             await asyncio.to_thread(stack.enter_context, gateway_process(
                 orch.address, "station-1", tmp_path / "gateway", pkcs11_module=token.module_path,
-                env={**token.env, "CARDLINE_GATEWAY_SITE": "hq"}))
+                env=token.env, site="hq"))
             for _ in range(100):
                 if {p.reader.token_serial for p in orch.pool.list()} >= set(serials):
                     break

@@ -361,8 +361,8 @@ class FakeGateway:
         if insecure:
             self._channel = grpc.aio.insecure_channel(address)
         else:
-            self._channel = grpc.aio.secure_channel(
-                address, default_pki().gateway(self.gateway_id).channel_credentials())
+            enrolled = default_pki().gateway(self.gateway_id, site=self.site, labels=self.labels)
+            self._channel = grpc.aio.secure_channel(address, enrolled.channel_credentials())
         self._outbox.put_nowait(link_pb2.GatewayMessage(hello=link_pb2.GatewayHello(
             gateway_id=self.gateway_id, site=self.site, labels=self.labels, version="fake",
             readers=[convert.reader_to_proto(t.reader()) for t in self.tokens.values()])))

@@ -15,15 +15,18 @@ import atexit
 import pathlib
 import shutil
 import tempfile
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
 import pytest
 
-from shared.pki import Pki, init_pki
+from shared.pki import Pki, check_enrollment, enrollment_of, init_pki, role_of
 from shared.tls import CLIENT_INSECURE_ENV, CLIENT_TLS_DIR_ENV, CLIENT_TLS_NAME_ENV, TlsFiles
 
 ADMIN = "admin"
+_ISSUING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,20 @@ class TlsRig:
     def files(self, name: str = ADMIN) -> TlsFiles:
         return TlsFiles(self.pki.ca_cert_path, self.pki.cert_path(name), self.pki.key_path(name))
 
-    def gateway(self, gateway_id: str) -> TlsFiles:
-        """The gateway certificate of GATEWAY_ID (issued on first use)."""
-        self.pki.ensure("gateway", gateway_id)
+    def gateway(self, gateway_id: str, *, site: str = "", labels: Mapping[str, str] | None = None) -> TlsFiles:
+        """The gateway certificate of GATEWAY_ID enrolled at SITE with LABELS (issued on first
+        use; one enrolled elsewhere is revoked and issued anew)."""
+        wanted = check_enrollment(site, dict(labels or {}))
+        # Stations start in parallel threads, and a revocation reads, changes and rewrites revoked.json.
+        with _ISSUING:
+            if self.pki.cert_path(gateway_id).exists():
+                cert = self.pki.certificate(gateway_id)
+                valid = cert.serial_number not in self.pki.revoked_serials()
+                if valid and role_of(cert) == "gateway" and enrollment_of(cert) == wanted:
+                    return self.files(gateway_id)
+                if valid:
+                    self.pki.revoke(gateway_id)
+            self.pki.issue("gateway", gateway_id, enrollment=wanted)
         return self.files(gateway_id)
 
     def client(self, name: str) -> TlsFiles:

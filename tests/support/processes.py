@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -101,15 +101,15 @@ def orchestrator_process(data_dir: pathlib.Path, env: dict[str, str] | None = No
 @contextlib.contextmanager
 def gateway_process(orchestrator: str, gateway_id: str, data_dir: pathlib.Path, *, pkcs11_module: str,
                     env: dict[str, str], insecure: bool = False, tls_dir: pathlib.Path | None = None,
-                    client: TlsFiles | None = None,
+                    client: TlsFiles | None = None, site: str = "", labels: Mapping[str, str] | None = None,
                     args: tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
     """A gateway dialing ORCHESTRATOR with the certificate of GATEWAY_ID from TLS_DIR (default:
-    the session's PKI, which issues it on first use); CLIENT checks its health (default: the
-    session's admin)."""
+    the session's PKI, which issues it on first use, enrolled at SITE with LABELS); CLIENT
+    checks its health (default: the session's admin)."""
     address = f"127.0.0.1:{free_port()}"
     data_dir.mkdir(parents=True, exist_ok=True)
     if tls_dir is None and not insecure:
-        default_pki().gateway(gateway_id)
+        default_pki().gateway(gateway_id, site=site, labels=labels)
     tls = ["--insecure"] if insecure else ["--tls-dir", str(tls_dir or default_pki().directory)]
     with cardline_process(["gateway", "serve", "--listen", address, "--data-dir", str(data_dir), "--orchestrator",
                            orchestrator, "--gateway-id", gateway_id, "--pkcs11-module", pkcs11_module, "--no-pcsc",

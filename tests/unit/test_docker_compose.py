@@ -109,12 +109,16 @@ def test_c14_compose_passes_the_internal_issued_state_under_its_documented_key()
     assert COMPOSE["services"]["orchestrator"]["environment"][config.INTERNAL_ISSUED_STATE_KEY] == "Issued"
 
 
-def test_stations_dial_the_orchestrator_and_select_the_example_process_site():
+def test_stations_dial_the_orchestrator_and_are_enrolled_at_the_example_process_site():
     orchestrator_port = image_settings(config.OrchestratorSettings).listen.rpartition(":")[2]
+    init = (ROOT / "deploy" / "compose-init.sh").read_text()
+    # examples/processes/produce-employee-card.yaml selects site hq: the enrollment places the
+    # stations there, their environment claims nothing (docs/stations.md)
+    assert re.search(r"cardline gateway enroll .*--site hq ", init)
     for station in ("station-1", "station-2"):
         environment = COMPOSE["services"][station]["environment"]
         assert environment["CARDLINE_GATEWAY_ORCHESTRATOR"] == f"orchestrator:{orchestrator_port}"
-        assert environment["CARDLINE_GATEWAY_SITE"] == "hq"       # examples/processes/produce-employee-card.yaml
+        assert "CARDLINE_GATEWAY_SITE" not in environment and "CARDLINE_GATEWAY_LABELS" not in environment
         assert environment["CARDLINE_GATEWAY_GATEWAY_ID"] == station == environment["TOKEN_LABEL"]
 
 

@@ -109,10 +109,12 @@ def test_revocation_list_is_reread_when_the_crl_changes(pki):
     assert revocations.is_revoked(issued.serial)
 
 
-def test_export_gives_a_station_exactly_its_files(pki, tmp_path):
+def test_export_gives_a_station_exactly_its_files_and_the_crl(pki, tmp_path):
     pki.issue("gateway", "station-4")
     files = pki.export("station-4", tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ca.crt", "station-4.crt", "station-4.key"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ca.crt", "crl.pem", "station-4.crt",
+                                                                     "station-4.key"]
+    assert files["crl"].read_bytes() == pki.crl_path.read_bytes()
     assert files["key"].stat().st_mode & 0o777 == 0o600
 
 

@@ -52,6 +52,10 @@ class GatewayHello(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     gateway_id: _builtins.str
     site: _builtins.str
+    """Where the station stands is enrolled in its certificate (docs/stations.md): over mutual
+    TLS the orchestrator takes site and labels from there and refuses a hello whose non-empty
+    site or labels differ. Only a plaintext (--insecure, development) link takes them from here.
+    """
     version: _builtins.str
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -208,30 +212,58 @@ class Command(_message.Message):
 Global___Command: _TypeAlias = Command  # noqa: Y015
 
 @_typing.final
+class RevocationList(_message.Message):
+    """The CRL of the PKI the link's certificates come from, sent after the welcome and whenever
+    it changes: the gateway takes it when it is signed by its CA and newer than its own, and
+    refuses the revoked callers on its own GatewayService from then on.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CRL_DER_FIELD_NUMBER: _builtins.int
+    crl_der: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        crl_der: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_der", b"crl_der"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevocationList: _TypeAlias = RevocationList  # noqa: Y015
+
+@_typing.final
 class OrchestratorMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WELCOME_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    REVOCATIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
     def command(self) -> Global___Command: ...
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
+    @_builtins.property
+    def revocations(self) -> Global___RevocationList: ...
     def __init__(
         self,
         *,
         welcome: Global___Welcome | None = ...,
         command: Global___Command | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        revocations: Global___RevocationList | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "heartbeat", b"heartbeat", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "heartbeat", b"heartbeat", "message", b"message", "revocations", b"revocations", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "heartbeat", b"heartbeat", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "heartbeat", b"heartbeat", "message", b"message", "revocations", b"revocations", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "command", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "command", "heartbeat", "revocations"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
