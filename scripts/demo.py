@@ -40,6 +40,7 @@ from shared.proto import card_service_pb2 as card_pb  # noqa: E402
 from shared.proto import certificate_service_pb2 as certificate_pb  # noqa: E402
 from shared.proto import reader_pool_service_pb2 as pool_pb  # noqa: E402
 from shared.tls import TlsFiles  # noqa: E402
+from shared.transport_puk import TransportPukRule, create_key_file, read_key_file  # noqa: E402
 
 DEMO = ROOT / "var" / "demo"
 CARDLINE = str(pathlib.Path(sys.executable).parent / "cardline")
@@ -74,15 +75,13 @@ def main() -> int:
     (DEMO / "certs").mkdir(parents=True)
     config_dir = DEMO / "config"
     shutil.copytree(EXAMPLES, config_dir)
-    # A blank card: a random transport PUK (its SO PIN), known to the card template through a
-    # file readable by the orchestrator only, and a transport user PIN nobody needs.
-    transport_puk = secrets.token_hex(4)
+    # A blank card: its transport PUK (SO PIN) diversified for its serial from a key the card
+    # template names (readable by the orchestrator only), and a transport user PIN nobody needs.
     (config_dir / "secrets").mkdir(mode=0o700)
-    puk_file = config_dir / "secrets" / "transport-puk"
-    puk_file.touch(mode=0o600)
-    puk_file.write_text(transport_puk + "\n")
+    transport_key = create_key_file(config_dir / "secrets" / "transport-puk.key")
     user_pin = f"{secrets.randbelow(10**6):06d}"          # the PIN the employee chooses
-    token = softhsm.init_token(DEMO / "softhsm", TOKEN_LABEL, transport_puk, secrets.token_hex(4))
+    token = softhsm.init_token(DEMO / "softhsm", TOKEN_LABEL, TransportPukRule(read_key_file(transport_key)),
+                               secrets.token_hex(4))
     conf, serial, module = token.conf_path, token.serial, token.module_path
     orch_addr, gw_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     # Mutual TLS as in production: a PKI (on an admin's machine, in real life), the station
