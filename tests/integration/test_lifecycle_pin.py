@@ -17,7 +17,7 @@ import pytest
 from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.services.card_tasks import task_error
 from shared.errors import PinIncorrect
-from tests.integration.test_process_rules import PIN, PUK, config_dir, running
+from tests.integration.test_process_rules import PIN, config_dir, running
 from tests.support.lifecycle import add_puk_card_template, pin_works, produce_with_puk_process, reader_line, use_reader
 
 pytestmark = pytest.mark.hardware
@@ -112,7 +112,7 @@ def test_unblock_pin_uses_the_card_puk_kept_sealed_by_the_orchestrator_and_the_n
     assert "new_pin" not in unblocked.process_map
     assert pin_works(softhsm_token, NEW_PIN) and not pin_works(softhsm_token, PIN)
     # The card's PUK is the one the orchestrator kept, no longer the transport PUK.
-    assert pin_works(softhsm_token, CARD_PUK, so=True) and not pin_works(softhsm_token, PUK, so=True)
+    assert pin_works(softhsm_token, CARD_PUK, so=True) and not pin_works(softhsm_token, softhsm_token.so_pin, so=True)
     log = (tmp_path / "gateway" / "gateway.log").read_text()
     assert CARD_PUK not in log and NEW_PIN not in log
 
@@ -122,11 +122,12 @@ def test_unblock_pin_with_a_puk_set_from_a_file_by_the_admin_command(tmp_path, s
     orchestrator with `cardline cards set-puk`, and unblock-pin authenticates with it."""
     from tests.support.lifecycle import cardline_cli
     cfg = _config(tmp_path, softhsm_token)
-    (tmp_path / "puk.txt").write_text(PUK + "\n")
+    puk = softhsm_token.so_pin                   # the factory PUK (the transport PUK for its serial)
+    (tmp_path / "puk.txt").write_text(puk + "\n")
 
     async def body():
         async with running(tmp_path, softhsm_token, cfg) as (orch, _):
-            produced = await orch.processes.start("produce", {"person": "Jane Doe", "pin": PIN, "puk": PUK})
+            produced = await orch.processes.start("produce", {"person": "Jane Doe", "pin": PIN, "puk": puk})
             card = CoreObjectDescriptor.from_dict(produced.process_map["card"])
             await asyncio.to_thread(orch.store.card_secrets.put, softhsm_token.serial, "other-kek", "AES-256-GCM",
                                     b"x" * 40, actor="test", action="set_card_puk")   # a stale entry to replace
@@ -137,7 +138,7 @@ def test_unblock_pin_with_a_puk_set_from_a_file_by_the_admin_command(tmp_path, s
 
     result, unblocked = asyncio.run(body())
     assert result.returncode == 0, result.stderr
-    assert PUK not in result.stdout + result.stderr
+    assert puk not in result.stdout + result.stderr
     assert unblocked.state == "SUCCEEDED", unblocked.error_message
     assert pin_works(softhsm_token, NEW_PIN)
 
