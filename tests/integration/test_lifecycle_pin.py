@@ -11,9 +11,13 @@ Counting attempts down to a blocked PIN is shown on the fake gateway
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import pathlib
 
 import pytest
 
+from orchestrator.ca.base import PASSPHRASE_ENV
 from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.services.card_tasks import task_error
 from shared.errors import PinIncorrect
@@ -115,6 +119,27 @@ def test_unblock_pin_uses_the_card_puk_kept_sealed_by_the_orchestrator_and_the_n
     assert pin_works(softhsm_token, CARD_PUK, so=True) and not pin_works(softhsm_token, softhsm_token.so_pin, so=True)
     log = (tmp_path / "gateway" / "gateway.log").read_text()
     assert CARD_PUK not in log and NEW_PIN not in log
+    assert_no_secret_at_rest(tmp_path, {CARD_PUK, NEW_PIN, PIN, softhsm_token.so_pin}, cfg, [produced, unblocked])
+
+
+def assert_no_secret_at_rest(tmp_path, secrets: set[str], cfg, instances) -> None:
+    """The secret scan, extended to the per-card transport PUK (derived for the token's serial,
+    softhsm_token.so_pin), its key and the CA key's passphrase file: none of them is in the
+    gateway's log, the database (with its WAL), a process map or the orchestrator's
+    environment; the passphrase is not in the CA directory."""
+    key_hex = (cfg / "secrets" / "transport-puk.key").read_text().strip()
+    passphrase = pathlib.Path(os.environ[PASSPHRASE_ENV]).read_text().strip()
+    needles = {*secrets, key_hex, passphrase}
+    data_dir = tmp_path / "orchestrator"
+    stored = b"".join(p.read_bytes() for p in data_dir.glob("cardline.db*"))
+    texts = {"gateway log": (tmp_path / "gateway" / "gateway.log").read_text(),
+             "process maps": "".join(json.dumps(i.process_map) for i in instances),
+             "environment": "".join(os.environ.values())}
+    for secret in needles:
+        assert secret.encode() not in stored, "a secret is in the database"
+        for where, text in texts.items():
+            assert secret not in text, f"a secret is in the {where}"
+    assert not any(passphrase.encode() in p.read_bytes() for p in (data_dir / "ca").rglob("*") if p.is_file())
 
 
 def test_unblock_pin_with_a_puk_set_from_a_file_by_the_admin_command(tmp_path, softhsm_token):
