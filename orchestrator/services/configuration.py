@@ -20,6 +20,7 @@ naming a state graph whose file is broken is not also told the graph does not ex
 """
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -308,8 +309,10 @@ class _Loader:
         A missing file is accepted: it may be provided later (a Docker secret, say), and a
         production that needs it fails naming it."""
         where = f"card template {t.name!r}: {key} {name!r}"
-        secrets_dir = self.secrets_dir.resolve()
-        path = (secrets_dir / name).resolve()
+        # Lexically (`..` folded, links not followed): a secret mounted as a link into the
+        # directory (docker, Kubernetes) is the operator's choice and stays allowed.
+        secrets_dir = pathlib.Path(os.path.abspath(self.secrets_dir))
+        path = pathlib.Path(os.path.normpath(secrets_dir / name))
         if not path.is_relative_to(secrets_dir):
             self.fail(t.source, t.line_of(key), key, f"{where} is outside the secrets directory {secrets_dir} "
                       "(setting secrets_dir): secret files are named relative to it")

@@ -49,7 +49,7 @@ def test_a_station_claiming_a_produced_cards_serial_gets_no_puk(tmp_path):
         async with rule_orchestrator(tmp_path, processes=_producing_on(honest, liar), tokens=(honest, liar)) as rig:
             produced = await rig.process("produce-0", person="Jane Doe", pin=PIN)
             claimed = dataclasses.replace(liar.reader(), token_serial=honest.serial)
-            liar.reader = lambda: claimed                       # lies from now on
+            liar.reader = lambda: claimed  # type: ignore[method-assign]  # lies from now on
             hostile = await rig.process("produce-1", person="Eve", pin=PIN)
             return rig, produced, hostile
 

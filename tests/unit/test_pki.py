@@ -191,7 +191,7 @@ def test_pki_init_gives_the_orchestrator_a_bundle_without_the_ca_key(tmp_path):
     assert oct(bundle.stat().st_mode & 0o777) == "0o700" and oct((bundle / "orchestrator.key").stat().st_mode
                                                                 & 0o777) == "0o600"
     resolved = resolve("orchestrator", "orchestrator", tls_dir=bundle, role="orchestrator")
-    assert resolved.crl is not None                         # the server checks revocations from its bundle
+    assert resolved is not None and resolved.crl is not None    # the server checks revocations from its bundle
     pki = Pki.open(directory)
     ops = pki.issue("client", "ops")
     pki.revoke("ops")
