@@ -66,3 +66,16 @@ def test_a_key_file_without_a_key_is_a_configuration_error_naming_it(tmp_path, c
     with pytest.raises(ConfigurationError, match=str(path)) as caught:
         read_key_file(path)
     assert "12345678" not in caught.value.message
+
+
+def test_a_card_template_with_a_puk_shape_that_cannot_work_is_refused_at_its_line():
+    from orchestrator.domain.templates import read_templates
+
+    text = ("card_templates:\n  - name: Card\n    state_graph: G\n    encoding: e\n    produced_state: A\n"
+            "    failed_state: F\n    transport_puk_key_file: k.key\n    transport_puk_length: 40\n")
+    [violation] = read_templates(text, "t.yaml").violations
+    assert (violation.line, violation.field_path) == (8, "card_templates[0].transport_puk_length")
+    assert "128 bits" in violation.message
+    [card] = read_templates(text.replace(": 40", ": 6"), "t.yaml").cards
+    assert (card.transport_puk_key_file, card.transport_puk_length, card.transport_puk_alphabet) == ("k.key", 6,
+                                                                                                    "0123456789")
