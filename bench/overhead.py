@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.drivers.pkcs11 import Pkcs11TokenDriver  # noqa: E402
-from orchestrator.ca.base import IssueProfile  # noqa: E402
+from orchestrator.ca.base import PASSPHRASE_ENV, IssueProfile  # noqa: E402
 from orchestrator.ca.local import LocalCa  # noqa: E402
 from shared import cards  # noqa: E402
 from shared.proto import card_service_pb2 as card_pb  # noqa: E402
@@ -73,6 +73,8 @@ def main() -> None:
     work = pathlib.Path(tempfile.mkdtemp(prefix="cardline-bench-"))
     conf = softhsm.make_softhsm_dir(work / "softhsm")
     os.environ["SOFTHSM2_CONF"] = str(conf)
+    # Both CAs' key passphrase: a file outside their directories (made on first start), named by the variable.
+    os.environ[PASSPHRASE_ENV] = str(work / "ca-passphrase")
     serial_pipe = softhsm.init_token(conf, "bench-pipeline", "12345678", PIN)
     serial_direct = softhsm.init_token(conf, "bench-direct", "12345678", PIN)
     module = softhsm.find_module()

@@ -1,14 +1,15 @@
 #!/bin/sh
-# Gateway container with a SoftHSM2 token: creates the token on first start, then serves.
-# The token's PINs come from a secret file (two lines: SO PIN — the transport PUK the
-# orchestrator's card templates authenticate with —, then a transport user PIN), never from
-# the environment or the command line.
+# Gateway container with a SoftHSM2 token: the token comes initialised, like a blank card from
+# a card bureau (deploy/compose-init.sh), in SOFTHSM_TOKENS; this writes the SoftHSM2
+# configuration pointing at it on first start (as gateway/softhsm.py's make_softhsm_dir
+# does), then serves. The station never holds a PIN, a PUK or the transport PUK key.
 set -eu
-PINS=${TOKEN_PINS_FILE:-/run/secrets/token-pins}
 CONF=${SOFTHSM2_CONF:-/var/lib/cardline/softhsm/softhsm2.conf}
+TOKENS=${SOFTHSM_TOKENS:-/var/lib/softhsm-tokens}
 if [ ! -f "$CONF" ]; then
-  cardline tokens init --softhsm-dir "$(dirname "$CONF")" --label "${TOKEN_LABEL:-station-token}" \
-      --pins-file "$PINS"
+  mkdir -p "$(dirname "$CONF")"
+  printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\nslots.mechanisms = ALL\nlibrary.reset_on_fork = false\n' \
+      "$TOKENS" > "$CONF"
 fi
 export SOFTHSM2_CONF="$CONF"
 exec cardline gateway serve "$@"

@@ -11,6 +11,7 @@ from shared import config
 from shared.cli import run_server
 from shared.pki_cli import INSECURE, LABEL, SITE, TLS_CA, TLS_CERT, TLS_CRL, TLS_DIR, TLS_KEY
 from shared.serials import show_serial
+from shared.transport_puk import DEFAULT_LENGTH, DIGITS
 
 
 def register(root: typer.Typer) -> None:
@@ -90,23 +91,54 @@ def _tokens() -> typer.Typer:
     tokens = typer.Typer(help="Software tokens (SoftHSM2) for stations without card hardware.",
                          no_args_is_help=True)
 
+    @tokens.command("new-transport-key")
+    def new_transport_key(
+        path: pathlib.Path = typer.Argument(..., help="The key file to create (mode 0600; never overwritten)."),
+    ) -> None:
+        """Create a transport PUK key: blank cards initialised with it (--transport-puk-key) get
+        a PUK of their own, which the orchestrator derives from the same file."""
+        from shared.errors import CardlineError
+        from shared.transport_puk import create_key_file
+
+        try:
+            create_key_file(path)
+        except CardlineError as exc:
+            typer.echo(f"error {exc.reason}: {exc.message}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"transport PUK key written to {path}; give it to the orchestrator's secrets_dir and to "
+                   "whoever initialises blank cards, nobody else")
+
     @tokens.command("init")
     def init(
         softhsm_dir: pathlib.Path = typer.Option(..., "--softhsm-dir", help="Token directory (created if "
                                                  "missing): DIR/tokens and DIR/softhsm2.conf."),
         label: str = typer.Option(..., help="The new token's label (1-32 bytes)."),
         pins_file: pathlib.Path | None = typer.Option(
-            None, help="File whose first two lines are the SO PIN and the user PIN ('-': standard input). "
-                       "Without it they are asked for, hidden, on a terminal."),
+            None, help="File whose first two lines are the SO PIN and the user PIN ('-': standard input); "
+                       "with --transport-puk-key, its first line is the user PIN. Without it they are asked "
+                       "for, hidden, on a terminal."),
+        transport_puk_key: pathlib.Path | None = typer.Option(
+            None, help="A blank card: the SO PIN is the transport PUK diversified for the new token's serial "
+                       "from this key file (the card template's transport_puk_key_file)."),
+        puk_alphabet: str = typer.Option(DIGITS, help="With --transport-puk-key: the card template's "
+                                         "transport_puk_alphabet."),
+        puk_length: int = typer.Option(DEFAULT_LENGTH, help="With --transport-puk-key: the card template's "
+                                       "transport_puk_length."),
         json_output: bool = typer.Option(False, "--json", help="JSON output."),
     ) -> None:
         """Create a SoftHSM2 token; prints its serial and the SOFTHSM2_CONF a gateway needs.
         The PINs are never taken from the command line or the environment."""
         from gateway.softhsm import init_token
         from shared.errors import CardlineError
+        from shared.transport_puk import TransportPukRule, read_key_file
 
         try:
-            so_pin, user_pin = _read_pins(pins_file)
+            so_pin: str | TransportPukRule
+            if transport_puk_key is not None:
+                so_pin = TransportPukRule(read_key_file(transport_puk_key), puk_alphabet, puk_length)
+                user_pin = _read_user_pin(pins_file)
+            else:
+                so_pin, user_pin = _read_pins(pins_file)
             token = init_token(softhsm_dir, label, so_pin, user_pin)
         except CardlineError as exc:
             typer.echo(f"error {exc.reason}: {exc.message}", err=True)
@@ -123,6 +155,33 @@ def _tokens() -> typer.Typer:
     return tokens
 
 
+def _read_user_pin(pins_file: pathlib.Path | None) -> str:
+    """The user PIN: the first line of the file or standard input ('-'), or a hidden prompt."""
+    from shared.errors import ConfigurationError
+
+    if pins_file is None and sys.stdin.isatty():
+        return str(typer.prompt("User PIN", hide_input=True, confirmation_prompt=True))
+    lines = _read_pin_lines(pins_file)
+    if not lines or not lines[0]:
+        raise ConfigurationError(f"{_pins_source(pins_file)} must hold the user PIN on its first line")
+    return lines[0]
+
+
+def _pins_source(pins_file: pathlib.Path | None) -> str:
+    return "standard input" if pins_file is None or str(pins_file) == "-" else str(pins_file)
+
+
+def _read_pin_lines(pins_file: pathlib.Path | None) -> list[str]:
+    from shared.errors import ConfigurationError
+
+    where = _pins_source(pins_file)
+    try:
+        text = sys.stdin.read() if where == "standard input" else pathlib.Path(where).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"cannot read the PINs from {where}: {exc}") from None
+    return text.splitlines()
+
+
 def _read_pins(pins_file: pathlib.Path | None) -> tuple[str, str]:
     """(SO PIN, user PIN) from the file, standard input ('-'), or hidden prompts on a terminal."""
     from shared.errors import ConfigurationError
@@ -131,12 +190,8 @@ def _read_pins(pins_file: pathlib.Path | None) -> tuple[str, str]:
         so_pin = typer.prompt("SO PIN", hide_input=True, confirmation_prompt=True)
         user_pin = typer.prompt("User PIN", hide_input=True, confirmation_prompt=True)
         return so_pin, user_pin
-    where = "standard input" if pins_file is None or str(pins_file) == "-" else str(pins_file)
-    try:
-        text = sys.stdin.read() if where == "standard input" else pathlib.Path(where).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigurationError(f"cannot read the PINs from {where}: {exc}") from None
-    lines = text.splitlines()
+    where = _pins_source(pins_file)
+    lines = _read_pin_lines(pins_file)
     if len(lines) < 2 or not lines[0] or not lines[1]:
         raise ConfigurationError(f"{where} must hold the SO PIN and the user PIN on its first two lines")
     return lines[0], lines[1]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import pathlib
+import secrets
 from dataclasses import dataclass
 
 from shared.errors import AlreadyExists, CardIoError, ConfigurationError, ReaderNotFound
+from shared.transport_puk import TransportPukRule
 
 CONF_ENV = "SOFTHSM2_CONF"
 MODULE_ENV = "SOFTHSM2_MODULE"
@@ -58,9 +60,14 @@ def make_softhsm_dir(path: str | os.PathLike[str]) -> pathlib.Path:
     return conf
 
 
-def init_token(directory: str | os.PathLike[str], label: str, so_pin: str, user_pin: str,
+def init_token(directory: str | os.PathLike[str], label: str, so_pin: str | TransportPukRule, user_pin: str,
                module_path: str | None = None) -> CreatedToken:
     """Creates a token labelled `label` in the SoftHSM2 token directory (made if missing).
+
+    `so_pin` is the SO PIN, or the transport PUK rule of a card series: the token then gets
+    the PUK diversified for its serial (shared/transport_puk.py), like a blank card from a
+    card bureau. SoftHSM2 chooses the serial in C_InitToken, so the token is initialised with
+    a random SO PIN first, which is then changed to the derived PUK.
 
     SoftHSM2 reads SOFTHSM2_CONF when the module is initialised, so this sets it for this
     process and must run before anything else here loads the module."""
@@ -68,7 +75,8 @@ def init_token(directory: str | os.PathLike[str], label: str, so_pin: str, user_
 
     from shared.pkcs11_module import Pkcs11Module
 
-    for name, pin in (("SO PIN", so_pin), ("user PIN", user_pin)):
+    first_so_pin = so_pin if isinstance(so_pin, str) else secrets.token_hex(16)
+    for name, pin in (("SO PIN", first_so_pin), ("user PIN", user_pin)):
         if not pin:
             raise ConfigurationError(f"the {name} is empty")
     conf = make_softhsm_dir(directory)
@@ -91,9 +99,14 @@ def init_token(directory: str | os.PathLike[str], label: str, so_pin: str, user_
                 and not slot.get_token().flags & pkcs11.TokenFlag.TOKEN_INITIALIZED]
         if not free:
             raise CardIoError(f"SoftHSM2 offers no free slot in {conf.parent}")
-        module.init_token(free[0], label, so_pin, user_pin)
-        serial = module.token(module.slot_of(label)).serial
-        return (serial.decode("ascii", "replace") if isinstance(serial, bytes) else serial).strip()
+        module.init_token(free[0], label, first_so_pin, user_pin)
+        slot_id = module.slot_of(label)
+        raw = module.token(slot_id).serial
+        serial = (raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw).strip()
+        if isinstance(so_pin, TransportPukRule):
+            with module.role_session(slot_id, so_pin=first_so_pin) as session:
+                session.set_pin(first_so_pin, so_pin.puk_for(serial))
+        return str(serial)
 
     try:
         serial = module.thread.call(create)

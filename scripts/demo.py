@@ -40,6 +40,7 @@ from shared.proto import card_service_pb2 as card_pb  # noqa: E402
 from shared.proto import certificate_service_pb2 as certificate_pb  # noqa: E402
 from shared.proto import reader_pool_service_pb2 as pool_pb  # noqa: E402
 from shared.tls import TlsFiles  # noqa: E402
+from shared.transport_puk import TransportPukRule, create_key_file, read_key_file  # noqa: E402
 
 DEMO = ROOT / "var" / "demo"
 CARDLINE = str(pathlib.Path(sys.executable).parent / "cardline")
@@ -74,15 +75,13 @@ def main() -> int:
     (DEMO / "certs").mkdir(parents=True)
     config_dir = DEMO / "config"
     shutil.copytree(EXAMPLES, config_dir)
-    # A blank card: a random transport PUK (its SO PIN), known to the card template through a
-    # file readable by the orchestrator only, and a transport user PIN nobody needs.
-    transport_puk = secrets.token_hex(4)
+    # A blank card: its transport PUK (SO PIN) diversified for its serial from a key the card
+    # template names (readable by the orchestrator only), and a transport user PIN nobody needs.
     (config_dir / "secrets").mkdir(mode=0o700)
-    puk_file = config_dir / "secrets" / "transport-puk"
-    puk_file.touch(mode=0o600)
-    puk_file.write_text(transport_puk + "\n")
+    transport_key = create_key_file(config_dir / "secrets" / "transport-puk.key")
     user_pin = f"{secrets.randbelow(10**6):06d}"          # the PIN the employee chooses
-    token = softhsm.init_token(DEMO / "softhsm", TOKEN_LABEL, transport_puk, secrets.token_hex(4))
+    token = softhsm.init_token(DEMO / "softhsm", TOKEN_LABEL, TransportPukRule(read_key_file(transport_key)),
+                               secrets.token_hex(4))
     conf, serial, module = token.conf_path, token.serial, token.module_path
     orch_addr, gw_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     # Mutual TLS as in production: a PKI (on an admin's machine, in real life), the station
@@ -92,16 +91,19 @@ def main() -> int:
     pki.issue("client", "admin")
     # Where the station stands is enrolled in its certificate: the example process selects site hq.
     pki.issue("gateway", "demo-station", enrollment=Enrollment("hq"))
-    gateway_tls = DEMO / "gateway-tls"
+    gateway_tls, orchestrator_tls = DEMO / "gateway-tls", DEMO / "orchestrator-tls"
     pki.export("demo-station", gateway_tls)
+    pki.bundle("orchestrator", orchestrator_tls)          # the orchestrator never sees the PKI's CA key
+    # The card CA's key passphrase: in a file outside its directory, named (not held) by the variable.
     env = {**os.environ, "SOFTHSM2_CONF": str(conf), "CARDLINE_TLS_DIR": str(pki.directory),
-           "CARDLINE_TLS_NAME": "admin"}
+           "CARDLINE_TLS_NAME": "admin", "CARDLINE_CA_PASSPHRASE_FILE": str(config_dir / "secrets" / "ca-passphrase")}
     env.pop("CARDLINE_INSECURE", None)
     logs = {name: open(DEMO / f"{name}.log", "w")  # noqa: SIM115 - the servers write to them to the end
             for name in ("orchestrator", "gateway")}
     procs = [
         subprocess.Popen([CARDLINE, "orchestrator", "serve", "--migrate", "--listen", orch_addr, "--data-dir",
-                          str(DEMO / "orchestrator"), "--config-dir", str(config_dir), "--tls-dir", str(pki.directory)],
+                          str(DEMO / "orchestrator"), "--config-dir", str(config_dir),
+                          "--tls-dir", str(orchestrator_tls)],
                          stdout=logs["orchestrator"], stderr=subprocess.STDOUT, env=env),
         subprocess.Popen([CARDLINE, "gateway", "serve", "--listen", gw_addr, "--data-dir", str(DEMO / "gateway"),
                           "--orchestrator", orch_addr, "--gateway-id", "demo-station",

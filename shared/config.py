@@ -281,7 +281,7 @@ class OrchestratorSettings(_Settings):
     # State graphs, templates, encodings, processes (docs/templates.md "Configuration directory").
     config_dir: pathlib.Path = Field(default_factory=_default_config_dir)
     # Where the secret files the configuration names by a relative path (a card template's
-    # transport_puk_file) are read from; None: <config_dir>/secrets. Keeps secrets out of config_dir.
+    # transport_puk_key_file) are read from, and must stay in; None: <config_dir>/secrets.
     secrets_dir: pathlib.Path | None = None
     # C14: the state a certificate is in between "received from the CA" and "task finished".
     certificate_internal_issued_state: str = "Issued"

@@ -14,6 +14,11 @@ One directory holds everything (`cardline pki init --pki-dir DIR`):
                     PEM keys), so it is protected by its mode (0600) and nothing else
     revoked.json    revoked serials (written atomically) — the PKI's own record
     crl.pem         the CRL signed by the CA, rewritten on every revocation; servers read it
+    bundles.json    the bundle directories made by `bundle` (their crl.pem follows this one)
+    orchestrator/   the orchestrator's bundle, made by `cardline pki init` (or where
+                    --orchestrator-dir says): ca.crt, crl.pem, orchestrator.crt/.key and
+                    nothing else — the directory the orchestrator is given as --tls-dir. The
+                    CA key and its passphrase stay in the PKI directory, apart from it.
 
 The role travels in the certificate (subject OU) so that the orchestrator can authorise a
 peer by what it is (a gateway may open the GatewayLink, a client may call the client API)
@@ -53,6 +58,7 @@ ROLES = ("orchestrator", "gateway", "client")
 #: Roles whose certificates also serve (TLS server authentication, SANs).
 SERVER_ROLES = frozenset({"orchestrator", "gateway"})
 CA_CERT, CA_KEY, CA_PASS, REVOKED, CRL = "ca.crt", "ca.key", "ca.pass", "revoked.json", "crl.pem"
+BUNDLES = "bundles.json"
 _RESERVED = {"ca", "crl", "revoked"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -341,6 +347,24 @@ class Pki:
                 write_atomic(files["crl"], self.crl_path.read_bytes(), 0o644)
         return files
 
+    def bundle(self, name: str, out: pathlib.Path | str) -> dict[str, pathlib.Path]:
+        """NAME's own files for a server that must not see the CA key: `export` plus crl.pem,
+        with OUT recorded so that every later CRL is copied there too (a revocation reaches
+        the server without a copy by hand)."""
+        out = pathlib.Path(out).resolve()
+        if out == self.directory.resolve():
+            raise InvalidArgument(f"a bundle for {name!r} must be a directory apart from the PKI directory "
+                                  f"{self.directory}, which holds the CA key", field="out")
+        files = self.export(name, out)
+        write_atomic(out / CRL, self.crl_path.read_bytes(), 0o644)
+        bundles = sorted({*self._bundles(), str(out)})
+        write_atomic(self.directory / BUNDLES, (json.dumps({"bundles": bundles}, indent=2) + "\n").encode(), 0o644)
+        return {**files, "crl": out / CRL}
+
+    def _bundles(self) -> list[str]:
+        path = self.directory / BUNDLES
+        return list(json.loads(path.read_text())["bundles"]) if path.exists() else []
+
     # -- revocation -------------------------------------------------------------------------
 
     def revoked(self) -> list[RevokedEntry]:
@@ -378,8 +402,11 @@ class Pki:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(int(entry["serial"], 16))
                 .revocation_date(dt.datetime.fromisoformat(entry["revoked_at"])).build())
-        crl = builder.sign(ca_key, hashes.SHA256())
-        write_atomic(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        crl = builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        write_atomic(self.crl_path, crl, 0o644)
+        for bundle in map(pathlib.Path, self._bundles()):
+            if bundle.is_dir():                  # a bundle moved away is no longer ours to update
+                write_atomic(bundle / CRL, crl, 0o644)
         return self.crl_path
 
 

@@ -42,18 +42,24 @@ def register(root: typer.Typer) -> None:
         orchestrator_name: list[str] = typer.Option([], "--orchestrator-name",
                                                     help="Host name or IP the orchestrator is reached by, besides "
                                                          "localhost and 127.0.0.1 (repeatable)."),
+        orchestrator_dir: pathlib.Path | None = typer.Option(
+            None, help="The orchestrator's bundle: ca.crt, crl.pem, orchestrator.crt/.key and no CA key; its "
+                       "--tls-dir. Default: PKI_DIR/orchestrator."),
         json_output: bool = JSON,
     ) -> None:
-        """Create a CA, the orchestrator's server certificate and a client certificate 'admin'."""
+        """Create a CA, the orchestrator's server certificate and bundle, and a client certificate 'admin'."""
+        bundle_dir = orchestrator_dir or directory / "orchestrator"
         try:
             created = init_pki(directory)
             orch = created.issue("orchestrator", "orchestrator", orchestrator_name)
             admin = created.issue("client", "admin")
+            created.bundle("orchestrator", bundle_dir)
         except CardlineError as exc:
             raise _fail(exc) from None
         if json_output:
             _print_json({"ca": str(created.ca_cert_path), "crl": str(created.crl_path),
-                         "orchestrator": {"cert": str(orch.cert_path), "key": str(orch.key_path)},
+                         "orchestrator": {"cert": str(orch.cert_path), "key": str(orch.key_path),
+                                          "tls_dir": str(bundle_dir)},
                          "admin": {"cert": str(admin.cert_path), "key": str(admin.key_path)}})
             return
         typer.echo(f"CA            {created.ca_cert_path}  (key {directory / 'ca.key'}, encrypted; passphrase in "
@@ -61,7 +67,8 @@ def register(root: typer.Typer) -> None:
         typer.echo(f"orchestrator  {orch.cert_path}  {orch.key_path}")
         typer.echo(f"client admin  {admin.cert_path}  {admin.key_path}")
         typer.echo(f"CRL           {created.crl_path}")
-        typer.echo(f"next: cardline orchestrator serve --tls-dir {directory}\n"
+        typer.echo(f"orchestrator's own files (no CA key): {bundle_dir}")
+        typer.echo(f"next: cardline orchestrator serve --tls-dir {bundle_dir}\n"
                    f"      cardline gateway enroll --pki-dir {directory} --gateway-id STATION --site SITE --out DIR\n"
                    f"      cardline --tls-dir {directory} readers")
 

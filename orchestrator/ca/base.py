@@ -8,6 +8,8 @@ reached, InvalidArgument for a bad profile or reason name.
 """
 from __future__ import annotations
 
+import os
+import pathlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -16,7 +18,31 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
-from shared.errors import CaRefused, CsrInvalid, InvalidArgument
+from shared.errors import CaRefused, ConfigurationError, CsrInvalid, InvalidArgument
+
+#: Names the passphrase file of every CA whose settings give no passphrase_file (never holds
+#: the passphrase itself: secrets are not put in the environment).
+PASSPHRASE_ENV = "CARDLINE_CA_PASSPHRASE_FILE"
+
+
+def passphrase_file_of(ca_name: str, ca_directory: pathlib.Path,
+                       passphrase_file: str | os.PathLike[str] | None) -> pathlib.Path:
+    """The file holding the passphrase of a CA key kept on disk: the CA's passphrase_file, else
+    the file $CARDLINE_CA_PASSPHRASE_FILE names. One of them is required, and the file must not
+    be inside the CA directory: a passphrase beside its key protects nothing once the
+    directory is copied. (A CA key on a PKCS#11 token has no passphrase.)"""
+    named = passphrase_file or os.environ.get(PASSPHRASE_ENV)
+    if not named:
+        raise ConfigurationError(
+            f"CA {ca_name!r}: its key in {ca_directory} needs a passphrase file outside that directory: "
+            f"set passphrase_file in its cas entry or {PASSPHRASE_ENV} (the file's path, never the "
+            "passphrase), or keep the key on a PKCS#11 token (docs/ca-connectors.md)", path=str(ca_directory))
+    path = pathlib.Path(named)
+    if path.resolve().is_relative_to(ca_directory.resolve()):
+        raise ConfigurationError(
+            f"CA {ca_name!r}: the passphrase file {path} is inside the CA directory {ca_directory}, beside the "
+            "key it protects; keep it elsewhere (docs/ca-connectors.md)", path=str(path))
+    return path
 
 # RFC 5280 5.3.1 CRLReason names. Only these names pass; a typo never revokes (C17).
 REVOCATION_REASONS: dict[str, x509.ReasonFlags] = {

@@ -6,11 +6,6 @@ Directory layout (created on first start):
 
     ca-key.pem          EC P-256 CA key, PKCS#8 encrypted with the passphrase (mode 0600).
                         The key is never written to disk unencrypted.
-    ca-key.passphrase   random passphrase (mode 0600), created with the key. If the
-                        environment variable CARDLINE_CA_PASSPHRASE_FILE is set (or the
-                        passphrase_file argument given), the passphrase is read from that file
-                        instead - e.g. a docker secret - and created there on first start if
-                        missing.
     ca-cert.pem         self-signed CA certificate.
     requests/<sha256(request_id)>.json
                         the CA's record of every issuance: request_id, serial, certificate.
@@ -20,6 +15,11 @@ Directory layout (created on first start):
                         every issued certificate by serial (lowercase hex, no leading zeros,
                         like the store's serial_hex); an index rebuilt from requests/.
     revocations.json    revoked serials with reason and date, and the CRL number.
+
+The passphrase is not in the directory: it is read from the passphrase_file argument or the
+file CARDLINE_CA_PASSPHRASE_FILE names (e.g. a docker secret), which must lie outside the
+directory (base.passphrase_file_of); a random one is created there (mode 0600) on first start
+if the file is missing.
 
 Every file is replaced atomically (write to a temporary file, fsync, rename). One LocalCa
 object per directory and process: a lock makes it thread-safe, nothing makes two processes
@@ -56,14 +56,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from orchestrator.ca.base import REVOCATION_REASONS, IssueProfile, checked_request, revocation_reason
+from orchestrator.ca.base import (
+    REVOCATION_REASONS,
+    IssueProfile,
+    checked_request,
+    passphrase_file_of,
+    revocation_reason,
+)
 from shared.errors import CardlineError, CaRefused, CaUnavailable, ConfigurationError
 from shared.files import write_atomic
 from shared.logging import get_logger
 
 log = get_logger(__name__)
 
-PASSPHRASE_ENV = "CARDLINE_CA_PASSPHRASE_FILE"
 CA_VALIDITY = dt.timedelta(days=3650)
 CRL_VALIDITY = dt.timedelta(days=1)
 # Certificates start a little in the past so that a relying party whose clock is slightly
@@ -98,6 +103,9 @@ class LocalCa:
                  pkcs11: Pkcs11KeyRef | None = None) -> None:
         self._name = name
         self._dir = pathlib.Path(directory)
+        if pkcs11 is not None and passphrase_file is not None:
+            raise ConfigurationError(f"CA {name!r}: a key on a PKCS#11 token has no passphrase_file")
+        passphrase_path = passphrase_file_of(name, self._dir, passphrase_file) if pkcs11 is None else None
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._requests = self._dir / "requests"
         self._issued = self._dir / "issued"
@@ -107,12 +115,9 @@ class LocalCa:
         self._lock = threading.RLock()
         self._token: _TokenCaKey | None = None
         if pkcs11 is not None:
-            if passphrase_file is not None:
-                raise ConfigurationError(f"CA {name!r}: a key on a PKCS#11 token has no passphrase_file")
             self._key, self._cert = self._load_or_create_on_token(pkcs11)
         else:
-            passphrase_path = pathlib.Path(passphrase_file or os.environ.get(PASSPHRASE_ENV)
-                                           or self._dir / "ca-key.passphrase")
+            assert passphrase_path is not None  # resolved above for a key on disk
             self._key, self._cert = self._load_or_create(passphrase_path)
         try:
             self._ca_ski = self._cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value

@@ -15,9 +15,6 @@ Directory layout (created on first use when the directory holds no CA yet):
     serial, crlnumber       openssl's counters (hex). The first serial is random (64 bits).
     newcerts/<SERIAL>.pem   every issued certificate, named by openssl (uppercase hex).
     private/ca-key.pem      EC P-256 CA key, PKCS#8 encrypted (AES-256) - never plain on disk.
-    private/ca-key.passphrase
-                            random passphrase (0600) unless passphrase_file names another file
-                            (e.g. a docker secret; created there on first use if missing).
     ca-cert.pem             the self-signed CA certificate.
     requests/<sha256(request_id)>.json
                             the connector's journal: request_id -> serial and certificate,
@@ -26,6 +23,10 @@ Directory layout (created on first use when the directory holds no CA yet):
     tmp/                    CSR, extension file and output of one openssl run.
     discarded/              newcerts/ files of killed runs that hold no certificate of this CA
                             (cut short), set aside by the recovery.
+
+The key's passphrase is not in the directory: passphrase_file (or the file
+CARDLINE_CA_PASSPHRASE_FILE names; e.g. a docker secret) outside it, created with a random
+passphrase (0600) on first use if missing (base.passphrase_file_of).
 
 Idempotency (C16). Before openssl is called, the connector looks for a certificate already
 issued for the request: first in requests/, then in index.txt + newcerts/ for a certificate
@@ -72,6 +73,7 @@ from orchestrator.ca.base import (
     IssueProfile,
     checked_request,
     der_length,
+    passphrase_file_of,
     revocation_reason,
 )
 from shared.errors import CaRefused, CaUnavailable, ConfigurationError, InvalidArgument
@@ -431,8 +433,7 @@ class OpenSslCa:
         self._tmp = self._dir / "tmp"
         self._key_path = self._dir / "private" / "ca-key.pem"
         self._cert_path = self._dir / "ca-cert.pem"
-        self._passphrase = pathlib.Path(passphrase_file) if passphrase_file else \
-            self._dir / "private" / "ca-key.passphrase"
+        self._passphrase = passphrase_file_of(name, self._dir, passphrase_file)
         self._thread_lock = threading.Lock()
         self._checked = False                       # the full recovery check ran since open
         self.repairs: list[str] = []                # what the last recovery check repaired
@@ -642,6 +643,11 @@ class OpenSslCa:
         after a crash before the journal was written (request tags on). False: after such a
         crash only find_issued_for_key / issued_between find it."""
         return self._tag_requests
+
+    @property
+    def passphrase_path(self) -> pathlib.Path:
+        """The file holding the CA key's passphrase (outside the CA directory)."""
+        return self._passphrase
 
     @property
     def config_path(self) -> pathlib.Path:

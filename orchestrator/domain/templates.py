@@ -36,6 +36,9 @@ from orchestrator.domain.located_yaml import INT_TAG, Entries, LocatedReader, ex
 from orchestrator.domain.violations import Violation, suggest
 from shared.cards import KeyType
 from shared.errors import TemplateNotFound
+from shared.transport_puk import DEFAULT_LENGTH as DEFAULT_PUK_LENGTH
+from shared.transport_puk import DIGITS
+from shared.transport_puk import format_problem as transport_puk_format_problem
 
 DEFAULT_INTERNAL_ISSUED_STATE = "Issued"
 DEFAULT_RELATION_TYPE = "HAS_CERTIFICATE"
@@ -107,9 +110,12 @@ class CardTemplate:
     initial_state: str = "InProduction"     # the start state of its state graph
     produced_state: str = "Active"
     failed_state: str = "ProductionFailed"
-    # File holding the PUK (SO PIN) cards of this template leave the factory with: SetPIN
-    # authenticates with it. A file (a Docker secret, say), never the PUK itself in config.
-    transport_puk_file: str = ""
+    # The key the PUKs (SO PINs) of this template's blank cards are diversified from, one per
+    # card by its token serial (shared/transport_puk.py): SetPIN authenticates with the PUK of
+    # the card in the reader. A file in secrets_dir, never the key itself in the configuration.
+    transport_puk_key_file: str = ""
+    transport_puk_alphabet: str = DIGITS
+    transport_puk_length: int = DEFAULT_PUK_LENGTH
     description: str = ""
     source: str = field(default="", compare=False)
     line: int = field(default=0, compare=False)
@@ -193,8 +199,8 @@ _TOP_KEYS = ("certificate_templates", "card_templates", "description")
 _CERTIFICATE_KEYS = ("name", "ca", "key_type", "validity_days", "key_usage", "extended_key_usage",
                      "subject", "subject_alt_names", "state_graph", "internal_issued_state", "description")
 _CERTIFICATE_REQUIRED = ("name", "ca", "key_type", "validity_days", "key_usage", "state_graph")
-_CARD_KEYS = ("name", "state_graph", "encoding", "produced_state", "failed_state", "transport_puk_file",
-              "description")
+_CARD_KEYS = ("name", "state_graph", "encoding", "produced_state", "failed_state", "transport_puk_key_file",
+              "transport_puk_alphabet", "transport_puk_length", "description")
 _CARD_REQUIRED = ("name", "state_graph", "encoding", "produced_state", "failed_state")
 
 
@@ -392,6 +398,13 @@ class _Reader(LocatedReader):
                 self.report(value_node, f"{item_path}.{kind}", str(exc))
                 ok = False
         return tuple(rules) if ok else None
+    def whole_number(self, node: Node, path: str) -> int | None:
+        if isinstance(node, ScalarNode) and node.tag == INT_TAG:
+            value = yaml.safe_load(node.value)
+            if isinstance(value, int):
+                return value
+        self.report(node, path, f"expected a whole number, found {excerpt(node)}")
+        return None
 
     def validity(self, node: Node, path: str) -> int | None:
         if not (isinstance(node, ScalarNode) and node.tag == INT_TAG):
@@ -419,9 +432,19 @@ class _Reader(LocatedReader):
         for key in ("state_graph", "encoding", "produced_state", "failed_state"):
             if key in entries:
                 v[key] = self.name(entries[key][1], f"{path}.{key}")
-        for key in ("description", "transport_puk_file"):
+        for key in ("description", "transport_puk_key_file", "transport_puk_alphabet"):
             if key in entries:
                 v[key] = self.text(entries[key][1], f"{path}.{key}")
+        if "transport_puk_length" in entries:
+            v["transport_puk_length"] = self.whole_number(entries["transport_puk_length"][1],
+                                                          f"{path}.transport_puk_length")
+        for key in ("transport_puk_length", "transport_puk_alphabet"):     # the shape, reported once
+            if key in entries and v.get(key) is not None:
+                problem = transport_puk_format_problem(v.get("transport_puk_alphabet") or DIGITS,
+                                                       v.get("transport_puk_length") or DEFAULT_PUK_LENGTH)
+                if problem:
+                    self.report(entries[key][1], f"{path}.{key}", problem)
+                break
         if v.get("produced_state") and v.get("produced_state") == v.get("failed_state"):
             self.report(entries["failed_state"][1], f"{path}.failed_state",
                         f"a failed production must not end in the produced state {v['produced_state']!r}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pathlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -62,6 +61,8 @@ from orchestrator.store.store import Store
 from shared import cards
 from shared.errors import CardlineError, CsrInvalid, EncodingFailed, InvalidArgument, from_details
 from shared.logging import get_logger
+from shared.transport_puk import TransportPukRule
+from shared.transport_puk import read_key_file as read_transport_key
 
 log = get_logger(__name__)
 
@@ -137,6 +138,9 @@ class TaskObserver(Protocol):
     outcome: the task's end state (SUCCEEDED, FAILED); reason: the error reason or None."""
     def task_finished(self, task_type: str, outcome: str, seconds: float, reason: str | None) -> None: ...
     def ca_called(self, ca: str, operation: str, seconds: float, reason: str | None) -> None: ...
+
+
+_NO_LOGIN = (cards.ReadCardInfo, cards.RunApduScript)     # operations that never use the user PIN
 
 
 class _Unobserved:
@@ -286,7 +290,9 @@ class _CardTaskRun:
         # (task, step) from its first result.
         self.step_number += 1
         await self._db(self.s.store.tasks.journal_step, self.task_id, self.step_number, name, "sent")
-        sending = self.lease.run(cards.Step(operation, user_pin=self.user_pin, so_pin=so_pin),
+        # The user PIN goes only with steps that log in to the card.
+        user_pin = "" if isinstance(operation, _NO_LOGIN) else self.user_pin
+        sending = self.lease.run(cards.Step(operation, user_pin=user_pin, so_pin=so_pin),
                                  task_id=self.task_id, step_number=self.step_number,
                                  timeout_s=self.s.step_timeout_s)
         if sent_boundary is None or self.s.boundary is None:
@@ -382,9 +388,10 @@ class _CardTaskRun:
         """`SetPIN=true` sets the card's user PIN to the `PIN` field's value and, with
         `InitialPUK`, its PUK (SO PIN) to that field's value. The card is authenticated with its
         own PUK when the orchestrator keeps one for its token serial (services/card_secrets.py),
-        otherwise with the PUK it left the factory with (the card template's transport PUK
-        file); never with a PUK from the station. A PUK set here is sealed and kept at once: the
-        card holds it from now on, whatever happens to the rest of the task.
+        otherwise with the PUK it left the factory with (derived for its token serial from the
+        card template's transport PUK key); never with a PUK from the station. A PUK set here
+        is sealed and kept at once: the card holds it from now on, whatever happens to the rest
+        of the task.
 
         With `NewPIN` the holder changes the PIN: `PIN` is the current PIN, no PUK is involved."""
         description = self.order.encoding.description
@@ -412,15 +419,15 @@ class _CardTaskRun:
             if own is not None:
                 return own, "the card's own PUK"
         template = self.order.card_template
-        if not template.transport_puk_file:
+        if not template.transport_puk_key_file:
             raise EncodingFailed(f"SetPIN=true in {self.order.encoding.source}, but no PUK is kept for card "
-                                 f"{self.serial} and card template {template.name!r} names no transport_puk_file "
-                                 "to authenticate the PIN change")
-        try:
-            transport_puk = (await asyncio.to_thread(pathlib.Path(template.transport_puk_file).read_text)).strip()
-        except OSError as exc:
-            raise EncodingFailed(f"card template {template.name!r}: transport PUK file: {exc.strerror}: "
-                                 f"{template.transport_puk_file}") from None
+                                 f"{self.serial} and card template {template.name!r} names no "
+                                 "transport_puk_key_file to authenticate the PIN change")
+        # Derived for self.serial: the card this task read and recorded (production) or checked
+        # against the card object (operation), never a serial a station names later.
+        key = await asyncio.to_thread(read_transport_key, template.transport_puk_key_file)
+        transport_puk = TransportPukRule(key, template.transport_puk_alphabet,
+                                         template.transport_puk_length).puk_for(self.serial)
         return transport_puk, "the transport PUK"
 
     async def _application(self, app: Application) -> None:

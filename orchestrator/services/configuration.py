@@ -21,6 +21,7 @@ naming a state graph whose file is broken is not also told the graph does not ex
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,7 @@ from orchestrator.domain.state_graphs import (
 )
 from orchestrator.domain.templates import CardTemplate, CertificateTemplate, Templates, read_templates
 from shared.errors import ConfigurationError
+from shared.transport_puk import read_key_file as read_transport_key
 
 __all__ = ["CERTIFICATE_HOLD", "SUBDIRECTORIES", "Configuration", "RejectedConfiguration", "load_configuration"]
 
@@ -98,8 +100,9 @@ class Configuration:
 def load_configuration(config_dir: pathlib.Path, *, internal_issued_state: str = DEFAULT_INTERNAL_ISSUED_STATE,
                        known_cas: Collection[str] = ("local",),
                        secrets_dir: pathlib.Path | None = None) -> Configuration:
-    """Loads and cross-checks the whole configuration directory. A card template's relative
-    transport_puk_file is read from SECRETS_DIR (default: CONFIG_DIR/secrets).
+    """Loads and cross-checks the whole configuration directory. A card template's
+    transport_puk_key_file is read from SECRETS_DIR (default: CONFIG_DIR/secrets) and must
+    stay inside it.
 
     Raises ConfigurationError listing every violation of every file (also available as
     its `violations` attribute, a tuple of located Violations; `warnings` holds the
@@ -134,6 +137,7 @@ class _Loader:
         self.encoding_names: set[str] = set()       # every encoding file, valid or not
         self.processes: dict[str, ProcessDefinition] = {}
         self.issued_by_processes: set[str] = set()  # certificate templates some process issues
+        self.secret_files: dict[str, str] = {}       # card template -> its transport PUK key file
 
     def fail(self, source: str, line: int, path: str, message: str, suggestion: str | None = None) -> None:
         self.violations.append(Violation(source, max(line, 1), path, message, suggestion))
@@ -194,8 +198,7 @@ class _Loader:
             certificates={n: replace(t, start_state=self.graphs[t.state_graph].start)
                           for n, t in self.certificates.items()},
             cards={n: replace(t, initial_state=self.graphs[t.state_graph].start,
-                              transport_puk_file=str(self.secrets_dir / t.transport_puk_file)
-                              if t.transport_puk_file else "")
+                              transport_puk_key_file=self.secret_files.get(n, ""))
                    for n, t in self.cards.items()},
             internal_issued_state=self.issued)
         return Configuration(self.graphs, templates, self.encodings, self.processes, warnings, self.issued,
@@ -304,6 +307,31 @@ class _Loader:
                     self.fail(t.source, t.line_of(key), key, f"{what}: the card state graph {graph.name!r} has no "
                               f"transition from its start state {graph.start!r} to {state!r}, which a "
                               f"production ends in")
+        for t in self.cards.values():
+            if t.transport_puk_key_file:
+                self.check_secret_file(t, "transport_puk_key_file", t.transport_puk_key_file)
+
+    def check_secret_file(self, t: CardTemplate, key: str, name: str) -> None:
+        """A secret file stays inside secrets_dir (no `../`, no absolute path elsewhere) and,
+        when present, holds a transport PUK key; its resolved path is kept for the card tasks.
+        A missing file is accepted: it may be provided later (a Docker secret, say), and a
+        production that needs it fails naming it."""
+        where = f"card template {t.name!r}: {key} {name!r}"
+        # Lexically (`..` folded, links not followed): a secret mounted as a link into the
+        # directory (docker, Kubernetes) is the operator's choice and stays allowed.
+        secrets_dir = pathlib.Path(os.path.abspath(self.secrets_dir))
+        path = pathlib.Path(os.path.normpath(secrets_dir / name))
+        if not path.is_relative_to(secrets_dir):
+            self.fail(t.source, t.line_of(key), key, f"{where} is outside the secrets directory {secrets_dir} "
+                      "(setting secrets_dir): secret files are named relative to it")
+            return
+        self.secret_files[t.name] = str(path)
+        if not path.exists():
+            return
+        try:
+            read_transport_key(path)
+        except ConfigurationError as exc:
+            self.fail(t.source, t.line_of(key), key, f"{where}: {exc.message}")
 
     # -- encodings -------------------------------------------------------------------------
 

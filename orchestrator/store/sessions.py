@@ -6,6 +6,8 @@ and the engine's pool hands each thread its own connection.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import pathlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +22,19 @@ from sqlalchemy.pool import StaticPool
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 
+def private_database_file(path: pathlib.Path) -> None:
+    """Creates the SQLite database file 0600 before SQLite opens it (and takes group and other
+    access away from an existing one and its -wal/-shm files): SQLite creates the -wal and -shm
+    files with the database file's permissions, so they are private too. The store holds
+    sealed secrets and the audit; nobody but the orchestrator's user reads it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
+
+
 def make_engine(database_url: str) -> Engine:
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite":
@@ -32,7 +47,7 @@ def make_engine(database_url: str) -> Engine:
         # Good for single-threaded tools and tests only.
         engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
     else:
-        pathlib.Path(str(url.database)).parent.mkdir(parents=True, exist_ok=True)
+        private_database_file(pathlib.Path(str(url.database)))
         engine = create_engine(url)
 
     @event.listens_for(engine, "connect")

@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from shared.transport_puk import TransportPukRule, read_key_file
 from tests.support import softhsm
 from tests.support.processes import CARDLINE
 
@@ -69,3 +70,35 @@ def test_tokens_init_refuses_missing_pins_and_a_taken_label_and_creates_nothing(
     taken = tokens_init(tmp_path / "hsm", "station-1", f"{SO_PIN}\n{USER_PIN}\n")
     assert taken.returncode == 1 and "ALREADY_EXISTS" in taken.stderr
     assert len(softhsm.list_tokens(conf)) == 1
+
+
+def _so_pin_works(module: str, conf, label: str, so_pin: str) -> bool:
+    return pkcs11_tool(module, conf, label, "--login", "--login-type", "so", "--so-pin", so_pin,
+                       "--init-pin", "--new-pin", USER_PIN).returncode == 0
+
+
+def test_blank_tokens_get_their_own_transport_puk_derived_from_the_key(tmp_path, softhsm_module):
+    """`tokens new-transport-key` + `tokens init --transport-puk-key`: each token's SO PIN is
+    the transport PUK for its own serial (what the orchestrator derives), so two blank tokens
+    have different PUKs and neither opens with the other's."""
+    key_file = tmp_path / "transport-puk.key"
+    made = subprocess.run([CARDLINE, "tokens", "new-transport-key", str(key_file)], capture_output=True, text=True,
+                          timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    again = subprocess.run([CARDLINE, "tokens", "new-transport-key", str(key_file)], capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 1 and "never overwritten" in again.stderr
+    rule = TransportPukRule(read_key_file(key_file))
+    for label in ("blank-1", "blank-2"):
+        done = tokens_init(tmp_path / "hsm", label, f"{USER_PIN}\n", "--transport-puk-key", str(key_file))
+        assert done.returncode == 0, done.stderr
+    conf = tmp_path / "hsm" / "softhsm2.conf"
+    serials = {t["label"]: t["serial"] for t in softhsm.list_tokens(conf)}
+    puks = {label: rule.puk_for(serial) for label, serial in serials.items()}
+    assert puks["blank-1"] != puks["blank-2"]
+    assert _so_pin_works(softhsm_module, conf, "blank-1", puks["blank-1"])
+    assert _so_pin_works(softhsm_module, conf, "blank-2", puks["blank-2"])
+    assert not _so_pin_works(softhsm_module, conf, "blank-1", puks["blank-2"])
+    assert pkcs11_tool(softhsm_module, conf, "blank-2", "--login", "--pin", USER_PIN,
+                       "--list-objects").returncode == 0

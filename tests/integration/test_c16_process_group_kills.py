@@ -57,6 +57,7 @@ from tests.integration.test_c16_crash_consistency import (
 )
 from tests.support.api import OrchestratorApi
 from tests.support.processes import CARDLINE, free_port
+from tests.support.transport_puk import write_transport_key
 
 pytestmark = [pytest.mark.hardware,
               pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("gcc") is None,
@@ -116,8 +117,7 @@ class CrashStation:
         self.data_dir.mkdir(parents=True)
         self.config_dir = tmp_path / "config"
         shutil.copytree(EXAMPLES, self.config_dir)
-        (self.config_dir / "secrets").mkdir()
-        (self.config_dir / "secrets" / "transport-puk").write_text(token.so_pin + "\n")   # the token's SO PIN
+        write_transport_key(self.config_dir / "secrets")       # the token's SO PIN is derived from it
         # Every run produces on the same token again: a re-issuing production (docs/lifecycle.md,
         # "One card, one live card object"), or the second run would be refused.
         process = self.config_dir / "processes" / f"{PROCESS}.yaml"

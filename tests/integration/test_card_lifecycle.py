@@ -19,10 +19,11 @@ from shared import config
 from tests.support.crl import openssl_crl_reasons
 from tests.support.pki import default_pki
 from tests.support.processes import gateway_process
+from tests.support.transport_puk import write_transport_key
 
 pytestmark = pytest.mark.hardware
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
-PIN, PUK = "246810", "12345678"      # PUK: the SO PIN the softhsm_token fixture gives its tokens
+PIN = "246810"
 
 #: Store state of a certificate -> the reason its CA's CRL must show (None: not on the CRL).
 CRL_REASON_OF_STATE = {"Active": None, "OnHold": "certificateHold", "Revoked": "keyCompromise",
@@ -32,8 +33,7 @@ CRL_REASON_OF_STATE = {"Active": None, "OnHold": "certificateHold", "Revoked": "
 def lifecycle_config(tmp_path: pathlib.Path, ca: str) -> pathlib.Path:
     target = tmp_path / "config"
     shutil.copytree(EXAMPLES, target)
-    (target / "secrets").mkdir()
-    (target / "secrets" / "transport-puk").write_text(PUK + "\n")
+    write_transport_key(target / "secrets")
     if ca != "local":
         templates = target / "templates" / "templates.yaml"
         templates.write_text(templates.read_text().replace("    ca: local\n", f"    ca: {ca}\n"))

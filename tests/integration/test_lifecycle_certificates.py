@@ -16,7 +16,7 @@ import pytest
 from orchestrator import app as orchestrator_app
 from orchestrator.domain.processes import CoreObjectDescriptor
 from shared.errors import CardRemoved
-from tests.integration.test_process_rules import PIN, PUK, config_dir, config_load
+from tests.integration.test_process_rules import PIN, config_dir, config_load
 from tests.support import softhsm
 from tests.support.lifecycle import CRL_REASON_OF_STATE, cardline_cli, crl_reasons, use_reader
 from tests.support.processes import gateway_process
@@ -40,7 +40,7 @@ def _config(tmp_path, *, validity_days: int | None = None):
 async def _running(tmp_path, token, cfg, *, cards: int = 1, boundary=None):
     """An in-process orchestrator with `openssl ca` "corp", a gateway process, and `cards`
     tokens (the fixture's first); yields (orchestrator, serials)."""
-    serials = [token.serial] + [softhsm.init_token(token.conf_path, f"{token.label}-{i}", PUK, token.user_pin)
+    serials = [token.serial] + [softhsm.init_blank_token(token.conf_path, f"{token.label}-{i}", token.user_pin)
                                 for i in range(cards - 1)]
     settings = config_load(tmp_path, cfg, cas=[{"name": "corp", "kind": "openssl",
                                                 "directory": str(tmp_path / "openssl-ca")}])

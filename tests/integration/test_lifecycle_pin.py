@@ -11,13 +11,17 @@ Counting attempts down to a blocked PIN is shown on the fake gateway
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import pathlib
 
 import pytest
 
+from orchestrator.ca.base import PASSPHRASE_ENV
 from orchestrator.domain.processes import CoreObjectDescriptor
 from orchestrator.services.card_tasks import task_error
 from shared.errors import PinIncorrect
-from tests.integration.test_process_rules import PIN, PUK, config_dir, running
+from tests.integration.test_process_rules import PIN, config_dir, running
 from tests.support.lifecycle import add_puk_card_template, pin_works, produce_with_puk_process, reader_line, use_reader
 
 pytestmark = pytest.mark.hardware
@@ -112,9 +116,30 @@ def test_unblock_pin_uses_the_card_puk_kept_sealed_by_the_orchestrator_and_the_n
     assert "new_pin" not in unblocked.process_map
     assert pin_works(softhsm_token, NEW_PIN) and not pin_works(softhsm_token, PIN)
     # The card's PUK is the one the orchestrator kept, no longer the transport PUK.
-    assert pin_works(softhsm_token, CARD_PUK, so=True) and not pin_works(softhsm_token, PUK, so=True)
+    assert pin_works(softhsm_token, CARD_PUK, so=True) and not pin_works(softhsm_token, softhsm_token.so_pin, so=True)
     log = (tmp_path / "gateway" / "gateway.log").read_text()
     assert CARD_PUK not in log and NEW_PIN not in log
+    assert_no_secret_at_rest(tmp_path, {CARD_PUK, NEW_PIN, PIN, softhsm_token.so_pin}, cfg, [produced, unblocked])
+
+
+def assert_no_secret_at_rest(tmp_path, secrets: set[str], cfg, instances) -> None:
+    """The secret scan, extended to the per-card transport PUK (derived for the token's serial,
+    softhsm_token.so_pin), its key and the CA key's passphrase file: none of them is in the
+    gateway's log, the database (with its WAL), a process map or the orchestrator's
+    environment; the passphrase is not in the CA directory."""
+    key_hex = (cfg / "secrets" / "transport-puk.key").read_text().strip()
+    passphrase = pathlib.Path(os.environ[PASSPHRASE_ENV]).read_text().strip()
+    needles = {*secrets, key_hex, passphrase}
+    data_dir = tmp_path / "orchestrator"
+    stored = b"".join(p.read_bytes() for p in data_dir.glob("cardline.db*"))
+    texts = {"gateway log": (tmp_path / "gateway" / "gateway.log").read_text(),
+             "process maps": "".join(json.dumps(i.process_map) for i in instances),
+             "environment": "".join(os.environ.values())}
+    for secret in needles:
+        assert secret.encode() not in stored, "a secret is in the database"
+        for where, text in texts.items():
+            assert secret not in text, f"a secret is in the {where}"
+    assert not any(passphrase.encode() in p.read_bytes() for p in (data_dir / "ca").rglob("*") if p.is_file())
 
 
 def test_unblock_pin_with_a_puk_set_from_a_file_by_the_admin_command(tmp_path, softhsm_token):
@@ -122,11 +147,12 @@ def test_unblock_pin_with_a_puk_set_from_a_file_by_the_admin_command(tmp_path, s
     orchestrator with `cardline cards set-puk`, and unblock-pin authenticates with it."""
     from tests.support.lifecycle import cardline_cli
     cfg = _config(tmp_path, softhsm_token)
-    (tmp_path / "puk.txt").write_text(PUK + "\n")
+    puk = softhsm_token.so_pin                   # the factory PUK (the transport PUK for its serial)
+    (tmp_path / "puk.txt").write_text(puk + "\n")
 
     async def body():
         async with running(tmp_path, softhsm_token, cfg) as (orch, _):
-            produced = await orch.processes.start("produce", {"person": "Jane Doe", "pin": PIN, "puk": PUK})
+            produced = await orch.processes.start("produce", {"person": "Jane Doe", "pin": PIN, "puk": puk})
             card = CoreObjectDescriptor.from_dict(produced.process_map["card"])
             await asyncio.to_thread(orch.store.card_secrets.put, softhsm_token.serial, "other-kek", "AES-256-GCM",
                                     b"x" * 40, actor="test", action="set_card_puk")   # a stale entry to replace
@@ -137,7 +163,7 @@ def test_unblock_pin_with_a_puk_set_from_a_file_by_the_admin_command(tmp_path, s
 
     result, unblocked = asyncio.run(body())
     assert result.returncode == 0, result.stderr
-    assert PUK not in result.stdout + result.stderr
+    assert puk not in result.stdout + result.stderr
     assert unblocked.state == "SUCCEEDED", unblocked.error_message
     assert pin_works(softhsm_token, NEW_PIN)
 

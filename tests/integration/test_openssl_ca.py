@@ -78,6 +78,7 @@ def crl_entry_block(text: str, serial: int) -> str | None:
 
 @pytest.fixture
 def openssl_ca(tmp_path) -> OpenSslCa:
+    """Its passphrase in the session's file ($CARDLINE_CA_PASSPHRASE_FILE, tests/support/store_ca.py)."""
     return OpenSslCa(tmp_path / "openssl-ca", name="test-openssl")
 
 
@@ -112,9 +113,11 @@ def test_ca_key_on_disk_is_encrypted_and_private(openssl_ca: OpenSslCa):
     wrong = subprocess.run(["openssl", "pkey", "-in", key_path, "-passin", "pass:wrong", "-noout"],
                            capture_output=True)
     assert wrong.returncode != 0
-    for path in (key_path, openssl_ca.directory / "private" / "ca-key.passphrase"):
+    for path in (key_path, openssl_ca.passphrase_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    passphrase = (openssl_ca.directory / "private" / "ca-key.passphrase").read_bytes().strip()
+    assert not openssl_ca.passphrase_path.resolve().is_relative_to(openssl_ca.directory)   # not beside the key
+    passphrase = openssl_ca.passphrase_path.read_bytes().strip()
+    assert not any(passphrase in p.read_bytes() for p in openssl_ca.directory.rglob("*") if p.is_file())
     key = serialization.load_pem_private_key(pem, password=passphrase)
     assert spki(key) == load(openssl_ca.ca_certificate_der()).public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -123,7 +126,7 @@ def test_ca_key_on_disk_is_encrypted_and_private(openssl_ca: OpenSslCa):
 def test_plain_ca_key_is_refused(tmp_path):
     ca = OpenSslCa(tmp_path / "ca")
     key_path = tmp_path / "ca" / "private" / "ca-key.pem"
-    subprocess.run(["openssl", "pkey", "-in", key_path, "-passin", f"file:{tmp_path / 'ca/private/ca-key.passphrase'}",
+    subprocess.run(["openssl", "pkey", "-in", key_path, "-passin", f"file:{ca.passphrase_path}",
                     "-out", tmp_path / "plain.pem"], check=True)
     os.replace(tmp_path / "plain.pem", key_path)
     assert ca is not None
@@ -231,8 +234,9 @@ def test_bad_requests_are_refused_before_openssl_runs(openssl_ca: OpenSslCa):
     assert index_lines(openssl_ca) == []
 
 
-def test_openssl_failure_is_ca_refused_without_the_passphrase(openssl_ca: OpenSslCa):
-    passphrase_file = openssl_ca.directory / "private" / "ca-key.passphrase"
+def test_openssl_failure_is_ca_refused_without_the_passphrase(tmp_path):
+    passphrase_file = tmp_path / "own-ca.pass"               # its own: this test spoils it
+    openssl_ca = OpenSslCa(tmp_path / "own-ca", name="test-openssl", passphrase_file=passphrase_file)
     secret = "not-the-right-passphrase-42"
     passphrase_file.write_text(secret + "\n")
     with pytest.raises(CaRefused) as caught:
@@ -396,7 +400,7 @@ def test_c16_concurrent_issues_from_threads_and_two_connectors(openssl_ca: OpenS
     assert all(line[0] == "V" for line in lines)
     # openssl itself still reads the database.
     subprocess.run(["openssl", "ca", "-config", openssl_ca.config_path, "-updatedb", "-passin",
-                    f"file:{openssl_ca.directory / 'private' / 'ca-key.passphrase'}"], check=True, capture_output=True)
+                    f"file:{openssl_ca.passphrase_path}"], check=True, capture_output=True)
     assert len(openssl_ca.index_entries()) == 8
 
 

@@ -40,10 +40,11 @@ from tests.support.api import OrchestratorApi
 from tests.support.netcut import TcpProxy
 from tests.support.pki import default_pki
 from tests.support.processes import CARDLINE, gateway_process
+from tests.support.transport_puk import write_transport_key
 
 pytestmark = pytest.mark.hardware
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
-PIN, SO_PIN = "1234", "12345678"
+PIN = "1234"
 HEARTBEAT_S = 0.3                 # silence after 3 intervals (0.9 s) detaches a gateway
 STEP_TIMEOUT_S = 8.0
 FAULT_BOUND_S = 5.0               # a fault must end its task within this
@@ -125,8 +126,7 @@ def make_config(tmp_path: pathlib.Path) -> pathlib.Path:
         f.write(CARD_TEMPLATES)
     (target / "processes" / "pool-produce.yaml").write_text(POOL_PROCESS)
     (target / "processes" / "apdu-produce.yaml").write_text(APDU_PROCESS)
-    (target / "secrets").mkdir()
-    (target / "secrets" / "transport-puk").write_text(SO_PIN + "\n")
+    write_transport_key(target / "secrets")
     return target
 
 
@@ -172,7 +172,7 @@ class Station:
 
 def new_station(tmp_path: pathlib.Path, name: str, module: str, orchestrator: str) -> Station:
     conf = softhsm.make_softhsm_dir(tmp_path / f"hsm-{name}")
-    serial = softhsm.init_token(conf, f"tok-{name}", SO_PIN, PIN)
+    serial = softhsm.init_blank_token(conf, f"tok-{name}", PIN)
     return Station(name, conf, serial, tmp_path / f"gw-{name}", module, orchestrator)
 
 

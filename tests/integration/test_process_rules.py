@@ -23,10 +23,11 @@ from shared import config
 from tests.support import softhsm
 from tests.support.pki import default_pki
 from tests.support.processes import gateway_process
+from tests.support.transport_puk import write_transport_key
 
 pytestmark = pytest.mark.hardware
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
-PIN, PUK = "246810", "12345678"      # PUK: the SO PIN the softhsm_token fixture gives its tokens
+PIN = "246810"
 
 
 def config_dir(tmp_path: pathlib.Path, encodings: dict[str, str] | None = None,
@@ -38,8 +39,7 @@ def config_dir(tmp_path: pathlib.Path, encodings: dict[str, str] | None = None,
         (target / "encodings" / f"{name}.ini").write_text(textwrap.dedent(text))
     for name, text in (processes or {}).items():
         (target / "processes" / f"{name}.yaml").write_text(text)
-    (target / "secrets").mkdir()
-    (target / "secrets" / "transport-puk").write_text(PUK + "\n")     # the blank tokens' SO PIN
+    write_transport_key(target / "secrets")
     return target
 
 
@@ -47,7 +47,7 @@ def config_dir(tmp_path: pathlib.Path, encodings: dict[str, str] | None = None,
 async def running(tmp_path: pathlib.Path, token, config: pathlib.Path, *, extra_tokens: int = 0, boundary=None):
     """An in-process orchestrator (so tests can look into its store and hook its step
     boundaries) and a gateway process holding `token` (plus `extra_tokens` more cards)."""
-    serials = [token.serial] + [softhsm.init_token(token.conf_path, f"{token.label}-{i}", PUK, token.user_pin)
+    serials = [token.serial] + [softhsm.init_blank_token(token.conf_path, f"{token.label}-{i}", token.user_pin)
                                 for i in range(extra_tokens)]
     settings = config_load(tmp_path, config)
     orch = await orchestrator_app.start(settings, boundary=boundary)

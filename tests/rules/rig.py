@@ -27,16 +27,20 @@ from orchestrator.services.production import CertificateOrder, production_order
 from shared import cards, config
 from tests.support.fake_gateway import FakeGateway, FakeToken
 from tests.support.pki import default_pki
+from tests.support.transport_puk import transport_puk, write_transport_key
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 PIN = "246810"               # the user PIN the tests' cards get (or have)
-TRANSPORT_PUK = "12345678"   # the SO PIN blank fake tokens come with (secrets/transport-puk)
 ISSUED, START = "Issued", "Active"   # the example certificate graph's internal issued and start states
 
 
 def fake_token(**kw) -> FakeToken:
-    """A blank card as the tests' card templates expect it."""
-    return FakeToken(user_pin=kw.pop("user_pin", PIN), so_pin=kw.pop("so_pin", TRANSPORT_PUK), **kw)
+    """A blank card as the tests' card templates expect it: its PUK is the transport PUK for
+    its serial (tests/support/transport_puk.py) unless the test gives another."""
+    so_pin = kw.pop("so_pin", None)
+    token = FakeToken(user_pin=kw.pop("user_pin", PIN), **kw)
+    token.so_pin = so_pin if so_pin is not None else transport_puk(token.serial)
+    return token
 
 
 def write_config(target: pathlib.Path, encodings: dict[str, str] | None = None,
@@ -51,8 +55,7 @@ def write_config(target: pathlib.Path, encodings: dict[str, str] | None = None,
         (target / "encodings" / f"{name}.ini").write_text(textwrap.dedent(text))
     for name, text in (processes or {}).items():
         (target / "processes" / f"{name}.yaml").write_text(textwrap.dedent(text))
-    (target / "secrets").mkdir(exist_ok=True)
-    (target / "secrets" / "transport-puk").write_text(TRANSPORT_PUK + "\n")
+    write_transport_key(target / "secrets")
     return target
 
 

@@ -290,6 +290,9 @@ class ReceivedCommand:
     step_number: int
     operation: cards.Operation
     reader_id: str
+    # The secrets the step brought: what a station sees (tests check where they go).
+    user_pin: str = field(default="", repr=False)
+    so_pin: str = field(default="", repr=False)
 
 
 @dataclass
@@ -400,7 +403,8 @@ class FakeGateway:
             return link_pb2.StepResult(command_id=command.command_id, outcome=first.outcome, replayed=True)
         try:
             step = convert.step_from_proto(command.step)
-            received = ReceivedCommand(command.task_id, command.step_number, step.operation, command.reader_id)
+            received = ReceivedCommand(command.task_id, command.step_number, step.operation, command.reader_id,
+                                       step.user_pin, step.so_pin)
             self.commands.append(received)
             value = self._run(received, step)
             outcome = convert.value_to_outcome(value)

@@ -30,7 +30,7 @@ PUK_CARD_TEMPLATE = """
   - name: EmployeeCardWithPuk
     state_graph: EmployeeCard
     encoding: employee-card-with-puk
-    transport_puk_file: transport-puk
+    transport_puk_key_file: transport-puk.key
     produced_state: Active
     failed_state: ProductionFailed
 """

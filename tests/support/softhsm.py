@@ -30,8 +30,10 @@ import pytest
 
 from gateway.softhsm import find_module, make_softhsm_dir
 from shared.errors import ConfigurationError
+from tests.support.transport_puk import transport_puk
 
-__all__ = ["SoftHsmError", "SoftHsmToken", "delete_token", "find_module", "init_token", "list_tokens",
+__all__ = ["SoftHsmError", "SoftHsmToken", "delete_token", "find_module", "init_blank_token", "init_token",
+           "list_tokens",
            "make_softhsm_dir", "token_slot_id"]
 
 
@@ -48,6 +50,29 @@ def init_token(conf_path: str | os.PathLike, label: str, so_pin: str, user_pin: 
         if token["label"] == label:
             return token["serial"]
     raise SoftHsmError(f"token {label!r} was initialised but softhsm2-util does not show it")
+
+
+def init_blank_token(conf_path: str | os.PathLike, label: str, user_pin: str) -> str:
+    """A token like a blank card from the factory: its SO PIN is the tests' transport PUK for
+    its serial (tests/support/transport_puk.py). Returns the serial."""
+    serial = init_token(conf_path, label, _FIRST_SO_PIN, user_pin)
+    _change_so_pin(conf_path, label, _FIRST_SO_PIN, transport_puk(serial))
+    return serial
+
+
+_FIRST_SO_PIN = "12345678"      # until the serial, which the transport PUK is derived for, is known
+
+
+def _change_so_pin(conf_path: str | os.PathLike, label: str, so_pin: str, puk: str) -> None:
+    exe = shutil.which("pkcs11-tool")
+    if exe is None:
+        raise SoftHsmError("pkcs11-tool not found (install opensc)")
+    proc = subprocess.run([exe, "--module", find_module(), "--token-label", label, "--login", "--login-type", "so",
+                           "--so-pin", so_pin, "--change-pin", "--new-pin", puk],
+                          env={**os.environ, "SOFTHSM2_CONF": str(conf_path)}, capture_output=True, text=True,
+                          timeout=60)
+    if proc.returncode != 0:
+        raise SoftHsmError(f"pkcs11-tool --change-pin (SO) failed: {proc.stderr.strip() or proc.stdout.strip()}")
 
 
 def token_slot_id(conf_path: str | os.PathLike, serial: str) -> int:
@@ -124,13 +149,14 @@ def softhsm_conf(tmp_path_factory: pytest.TempPathFactory, softhsm_module: str):
 
 @pytest.fixture
 def softhsm_token(softhsm_conf: pathlib.Path, softhsm_module: str):
-    """A new, empty token for this test (SoftHsmToken)."""
+    """A new, empty token for this test (SoftHsmToken); its SO PIN is the tests' transport PUK
+    for its serial, like a blank card's."""
     label = f"t-{uuid.uuid4().hex[:12]}"
-    so_pin, user_pin = "12345678", "1234"
-    serial = init_token(softhsm_conf, label, so_pin, user_pin)
+    user_pin = "1234"
+    serial = init_blank_token(softhsm_conf, label, user_pin)
     token = SoftHsmToken(module_path=softhsm_module, conf_path=softhsm_conf, label=label, serial=serial,
                          slot_id=token_slot_id(softhsm_conf, serial),
-                         so_pin=so_pin, user_pin=user_pin)
+                         so_pin=transport_puk(serial), user_pin=user_pin)
     yield token
     with contextlib.suppress(SoftHsmError):     # the test may have deleted it already
         delete_token(softhsm_conf, serial)

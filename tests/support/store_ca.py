@@ -27,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from orchestrator.ca import LocalCa
+from orchestrator.ca.base import PASSPHRASE_ENV
 from orchestrator.store import Store
 
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -153,5 +154,17 @@ def store(request: pytest.FixtureRequest) -> Store:
 
 @pytest.fixture
 def local_ca(tmp_path: pathlib.Path) -> LocalCa:
-    """A LocalCa in its own directory (key, passphrase, records all under tmp_path/ca)."""
-    return LocalCa(tmp_path / "ca", name="test-local", passphrase_file=tmp_path / "ca" / "ca-key.passphrase")
+    """A LocalCa in its own directory (key and records under tmp_path/ca; its passphrase in
+    tmp_path/ca-key.passphrase, outside the CA directory)."""
+    return LocalCa(tmp_path / "ca", name="test-local", passphrase_file=tmp_path / "ca-key.passphrase")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ca_passphrase_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
+    """The passphrase file of every CA a test starts without a passphrase_file of its own:
+    $CARDLINE_CA_PASSPHRASE_FILE names it (outside every CA directory) for the whole session,
+    subprocesses included. Created by the first CA that starts."""
+    path = tmp_path_factory.mktemp("ca-passphrase") / "ca-key.passphrase"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(PASSPHRASE_ENV, str(path))
+        yield path

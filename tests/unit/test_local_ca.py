@@ -120,7 +120,7 @@ def test_same_request_id_never_yields_a_second_certificate(local_ca: LocalCa, tm
     assert len(set(results)) == 1 and len(results) == 8
 
     # The record survives a restart of the CA, and the by-serial index matches it.
-    reopened = LocalCa(tmp_path / "ca", name="test-local", passphrase_file=tmp_path / "ca" / "ca-key.passphrase")
+    reopened = LocalCa(tmp_path / "ca", name="test-local", passphrase_file=tmp_path / "ca-key.passphrase")
     assert reopened.find_issued("task-1/step-3") == first
     assert reopened.issued_by_request() == {"task-1/step-3": first, "req-race": results[0]}
     assert len(list((tmp_path / "ca" / "issued").glob("*.pem"))) == 2
@@ -180,7 +180,7 @@ def test_ca_key_file_on_disk_is_encrypted(local_ca: LocalCa, tmp_path):
     assert pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
     with pytest.raises(TypeError):          # needs a password
         serialization.load_pem_private_key(pem, None)
-    passphrase_file = directory / "ca-key.passphrase"
+    passphrase_file = tmp_path / "ca-key.passphrase"
     for path in (directory / "ca-key.pem", passphrase_file):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     key = serialization.load_pem_private_key(pem, passphrase_file.read_bytes().strip())
@@ -193,10 +193,34 @@ def test_passphrase_file_from_environment(tmp_path, monkeypatch):
     secret.write_text("correct horse battery staple\n")
     monkeypatch.setenv("CARDLINE_CA_PASSPHRASE_FILE", str(secret))
     ca = LocalCa(tmp_path / "ca")
-    assert not (tmp_path / "ca" / "ca-key.passphrase").exists()
+    assert not any("passphrase" in p.name for p in (tmp_path / "ca").rglob("*"))
     key = serialization.load_pem_private_key((tmp_path / "ca" / "ca-key.pem").read_bytes(),
                                              b"correct horse battery staple")
     assert key.public_key() == load(ca.ca_certificate_der()).public_key()
     secret.write_text("wrong\n")
     with pytest.raises(ConfigurationError, match="cannot open CA key"):
         LocalCa(tmp_path / "ca")
+
+
+def test_a_ca_key_on_disk_without_a_passphrase_file_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("CARDLINE_CA_PASSPHRASE_FILE", raising=False)
+    with pytest.raises(ConfigurationError, match="needs a passphrase file outside that directory"):
+        LocalCa(tmp_path / "ca")
+    assert not (tmp_path / "ca" / "ca-key.pem").exists()          # nothing half-made
+
+
+def test_ca_passphrase_is_never_beside_its_key(tmp_path, monkeypatch):
+    """The passphrase file must lie outside the CA directory, named by the setting or the
+    variable; the variable names the file, it never holds the passphrase."""
+    monkeypatch.setenv("CARDLINE_CA_PASSPHRASE_FILE", str(tmp_path / "ca" / "ca-key.passphrase"))
+    with pytest.raises(ConfigurationError, match="inside the CA directory"):
+        LocalCa(tmp_path / "ca")
+    with pytest.raises(ConfigurationError, match="inside the CA directory"):
+        LocalCa(tmp_path / "ca", passphrase_file=tmp_path / "ca" / "sub" / "pass")
+    ca = LocalCa(tmp_path / "ca", passphrase_file=tmp_path / "elsewhere.pass")
+    assert (tmp_path / "elsewhere.pass").read_text().strip()
+    assert stat.S_IMODE((tmp_path / "elsewhere.pass").stat().st_mode) == 0o600
+    files = [p for p in (tmp_path / "ca").rglob("*") if p.is_file()]
+    passphrase = (tmp_path / "elsewhere.pass").read_bytes().strip()
+    assert files and not any(passphrase in p.read_bytes() for p in files)
+    assert ca.ca_certificate_der()

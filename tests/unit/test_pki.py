@@ -170,3 +170,40 @@ def test_pki_commands_init_issue_revoke_and_list(tmp_path):
     cert = x509.load_pem_x509_certificate((tmp_path / "pki" / "orchestrator.crt").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "orch.example" in san.get_values_for_type(x509.DNSName)
+
+
+def test_pki_init_gives_the_orchestrator_a_bundle_without_the_ca_key(tmp_path):
+    """`cardline pki init` keeps the TLS CA's key and passphrase apart from what the orchestrator
+    is given: its bundle holds ca.crt, crl.pem and its own certificate and key, nothing else,
+    and later revocations reach the bundle's crl.pem."""
+    import typer
+    from typer.testing import CliRunner
+
+    from shared.pki_cli import register
+
+    app = typer.Typer()
+    register(app)
+    directory, bundle = tmp_path / "admin" / "pki", tmp_path / "server" / "orchestrator-tls"
+    made = CliRunner().invoke(app, ["pki", "init", "--pki-dir", str(directory), "--orchestrator-dir", str(bundle)])
+    assert made.exit_code == 0, made.output
+    assert f"--tls-dir {bundle}" in made.output
+    assert sorted(p.name for p in bundle.iterdir()) == ["ca.crt", "crl.pem", "orchestrator.crt", "orchestrator.key"]
+    ca_key, passphrase = (directory / "ca.key").read_bytes(), (directory / "ca.pass").read_bytes().strip()
+    assert not any(ca_key in p.read_bytes() or passphrase in p.read_bytes() for p in bundle.iterdir())
+    assert oct(bundle.stat().st_mode & 0o777) == "0o700" and oct((bundle / "orchestrator.key").stat().st_mode
+                                                                & 0o777) == "0o600"
+    resolved = resolve("orchestrator", "orchestrator", tls_dir=bundle, role="orchestrator")
+    assert resolved is not None and resolved.crl is not None    # the server checks revocations from its bundle
+    pki = Pki.open(directory)
+    ops = pki.issue("client", "ops")
+    pki.revoke("ops")
+    assert ops.serial in load_crl(bundle / "crl.pem", pki.ca_certificate())
+
+
+def test_pki_init_default_bundle_is_the_orchestrator_subdirectory(tmp_path):
+    pki = init_pki(tmp_path / "pki")
+    pki.issue("orchestrator", "orchestrator")
+    with pytest.raises(InvalidArgument, match="apart from the PKI directory"):
+        pki.bundle("orchestrator", tmp_path / "pki")
+    files = pki.bundle("orchestrator", tmp_path / "pki" / "orchestrator")
+    assert {p.name for p in files.values()} == {"ca.crt", "crl.pem", "orchestrator.crt", "orchestrator.key"}
