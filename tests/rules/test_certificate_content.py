@@ -43,7 +43,7 @@ BADGE_TEMPLATES = """\
       - name: BadgeCard
         state_graph: EmployeeCard
         encoding: badge-card
-        transport_puk_file: transport-puk
+        transport_puk_key_file: transport-puk.key
         produced_state: Active
         failed_state: ProductionFailed
     """
