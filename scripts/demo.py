@@ -89,7 +89,7 @@ def main() -> int:
     # enrolled into a directory of its own; client commands authenticate as "admin".
     pki = init_pki(DEMO / "pki")
     pki.issue("orchestrator", "orchestrator")
-    pki.issue("client", "admin")
+    pki.issue("admin", "admin")
     pki.issue("gateway", "demo-station")
     gateway_tls = DEMO / "gateway-tls"
     pki.export("demo-station", gateway_tls)

@@ -12,7 +12,7 @@ import pathlib
 import typer
 
 from shared.errors import CardlineError
-from shared.pki import Pki, init_pki, role_of
+from shared.pki import ROLES, Pki, init_pki, role_of
 from shared.serials import show_serial
 
 DIR = typer.Option(..., "--pki-dir", "--dir", help="The PKI directory (holds the CA key: keep it on the admin's "
@@ -30,7 +30,8 @@ def _fail(exc: CardlineError) -> typer.Exit:
 
 
 def register(root: typer.Typer) -> None:
-    pki = typer.Typer(help="Development PKI for mutual TLS between orchestrator, gateways and clients.",
+    pki = typer.Typer(help="Development PKI for mutual TLS between orchestrator, gateways and clients (one role "
+                           "per certificate, docs/permissions.md).",
                       no_args_is_help=True)
 
     @pki.command("init")
@@ -41,11 +42,11 @@ def register(root: typer.Typer) -> None:
                                                          "localhost and 127.0.0.1 (repeatable)."),
         json_output: bool = JSON,
     ) -> None:
-        """Create a CA, the orchestrator's server certificate and a client certificate 'admin'."""
+        """Create a CA, the orchestrator's server certificate and a certificate 'admin' of role admin."""
         try:
             created = init_pki(directory)
             orch = created.issue("orchestrator", "orchestrator", orchestrator_name)
-            admin = created.issue("client", "admin")
+            admin = created.issue("admin", "admin")
         except CardlineError as exc:
             raise _fail(exc) from None
         if json_output:
@@ -56,7 +57,7 @@ def register(root: typer.Typer) -> None:
         typer.echo(f"CA            {created.ca_cert_path}  (key {directory / 'ca.key'}, encrypted; passphrase in "
                    f"{directory / 'ca.pass'})")
         typer.echo(f"orchestrator  {orch.cert_path}  {orch.key_path}")
-        typer.echo(f"client admin  {admin.cert_path}  {admin.key_path}")
+        typer.echo(f"admin         {admin.cert_path}  {admin.key_path}")
         typer.echo(f"CRL           {created.crl_path}")
         typer.echo(f"next: cardline orchestrator serve --tls-dir {directory}\n"
                    f"      cardline gateway enroll --pki-dir {directory} --gateway-id STATION --out DIR\n"
@@ -65,7 +66,8 @@ def register(root: typer.Typer) -> None:
     @pki.command("issue")
     def issue(
         directory: pathlib.Path = DIR,
-        role: str = typer.Option(..., help="client, gateway or orchestrator."),
+        role: str = typer.Option(..., help=f"{', '.join(ROLES)}: what the certificate may call "
+                                           "(docs/permissions.md)."),
         name: str = typer.Option(..., help="The certificate's CN (a gateway's CN is its gateway id)."),
         san: list[str] = typer.Option([], "--san", help="Extra host name or IP of a server certificate (repeatable)."),
         json_output: bool = JSON,
