@@ -94,7 +94,7 @@ async def start(settings: GatewaySettings) -> Gateway:
         (gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(registry, executor),
          gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name),
     ], credentials=credentials, interceptors=interceptors)
-    require_rows(f"gateway {settings.gateway_id}", server.service_names)
+    require_rows(f"gateway {settings.gateway_id}", server.service_names, PERMISSIONS)
     metrics_endpoint = None
     if settings.metrics_listen:
         metrics.watch_readers(registry, asyncio.get_running_loop())

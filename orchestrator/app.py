@@ -211,7 +211,7 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
          GatewayLinkServicer(pool, f"orchestrator-{uuid.uuid4().hex[:8]}", settings.heartbeat_interval_s),
          service_name(link_pb2)),
     ], credentials=credentials, interceptors=interceptors)
-    require_rows("orchestrator", server.service_names)
+    require_rows("orchestrator", server.service_names, PERMISSIONS)
     metrics_endpoint = None
     if settings.metrics_listen:
         metrics.watch_pool(pool, asyncio.get_running_loop())

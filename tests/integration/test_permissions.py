@@ -24,6 +24,7 @@ from google.protobuf import descriptor_pool
 from gateway import app as gateway_app
 from orchestrator import app as orchestrator_app
 from shared import config
+from shared.errors import ConfigurationError
 from shared.permissions import PERMISSIONS, methods_of
 from shared.pki import ROLES
 from shared.proto import reader_pool_service_pb2 as pool_pb
@@ -104,7 +105,7 @@ async def call_outcome(channel: grpc.aio.Channel, method: str) -> grpc.StatusCod
 
 
 async def _servers(rig: TlsRig, tmp_path: pathlib.Path):
-    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets").mkdir(parents=True)
     orchestrator = await orchestrator_app.start(config.load(
         config.OrchestratorSettings, listen="127.0.0.1:0", migrate=True, data_dir=tmp_path / "orchestrator",
         secrets_dir=tmp_path / "secrets", tls_dir=rig.directory))
@@ -179,6 +180,23 @@ def test_certificates_lying_about_their_role_are_refused_and_a_revoked_one_is_un
     assert outcomes == {"two roles": (denied, denied), "client": (denied, denied), "no role": (denied, denied),
                         "auditor named admin": (denied, ok),
                         "revoked admin": (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED)}
+
+
+def test_a_server_serving_an_rpc_without_a_row_refuses_to_start_naming_it(rig, tmp_path, monkeypatch):
+    def without(service: str) -> dict[str, frozenset[str]]:
+        return {m: roles for m, roles in PERMISSIONS.items() if not m.startswith(f"{service}/")}
+
+    monkeypatch.setattr(orchestrator_app, "PERMISSIONS", without("cardline.orchestrator.v1.CaService"))
+    monkeypatch.setattr(gateway_app, "PERMISSIONS", without("cardline.gateway.v1.GatewayService"))
+    with pytest.raises(ConfigurationError) as orchestrator_refused:
+        asyncio.run(_servers(rig, tmp_path))
+    assert "orchestrator: 4 RPC(s) have no row in the permission table" in orchestrator_refused.value.message
+    assert "cardline.orchestrator.v1.CaService/Reconcile" in orchestrator_refused.value.message
+    monkeypatch.setattr(orchestrator_app, "PERMISSIONS", PERMISSIONS)
+    with pytest.raises(ConfigurationError) as gateway_refused:
+        asyncio.run(_servers(rig, tmp_path / "again"))
+    assert "gateway station-1: 3 RPC(s) have no row" in gateway_refused.value.message
+    assert "cardline.gateway.v1.GatewayService/RunStep" in gateway_refused.value.message
 
 
 class CallerEchoingReaderPool(reader_pool_service_pb2_grpc.ReaderPoolServiceServicer):
