@@ -23,7 +23,7 @@ from cryptography import x509
 
 from shared.errors import CardlineError, ConfigurationError, PermissionDenied, Unauthenticated
 from shared.logging import get_logger
-from shared.pki import CA_CERT, CLIENT_ROLES, CRL, common_name_of, load_crl, role_of
+from shared.pki import CA_CERT, CLIENT_ROLES, CRL, ROLES, common_name_of, load_crl, role_of
 from shared.rpc import status_of
 
 if TYPE_CHECKING:
@@ -286,9 +286,11 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
         if allowed is not None and peer.role not in allowed:
             who = (f"is for role {' or '.join(sorted(allowed))}" if allowed
                    else "has no row in the permission table: nobody may call it")
-            return PermissionDenied(f"{method} {who}; the certificate of {peer.name!r} has role "
-                                    f"{peer.role or 'none'} (docs/permissions.md)", role=peer.role or "",
-                                    name=peer.name)
+            # Certificates of the role `client` that went away land here too: say what a role is.
+            has = (f"has role {peer.role}" if peer.role else
+                   f"has no role (its subject OU must be exactly one of {', '.join(ROLES)})")
+            return PermissionDenied(f"{method} {who}; the certificate of {peer.name!r} {has} (docs/permissions.md)",
+                                    role=peer.role or "", name=peer.name)
         return None
 
 

@@ -170,12 +170,19 @@ def test_certificates_lying_about_their_role_are_refused_and_a_revoked_one_is_un
                                  ("auditor named admin", admin_by_name), ("revoked admin", revoked)]:
                 async with grpc.aio.secure_channel(orchestrator.address, files.channel_credentials()) as channel:
                     outcomes[label] = (await call_outcome(channel, reconcile), await call_outcome(channel, read))
-            return outcomes
+            async with grpc.aio.secure_channel(orchestrator.address, old_client.channel_credentials()) as channel:
+                pool = reader_pool_service_pb2_grpc.ReaderPoolServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await pool.ListReaders(pool_pb.ListReadersRequest(), timeout=DEADLINE_S)
+            return outcomes, refused.value.details()
         finally:
             await gateway.stop()
             await orchestrator.stop()
 
-    outcomes = asyncio.run(body())
+    outcomes, details = asyncio.run(body())
+    assert details == ("/cardline.orchestrator.v1.ReaderPoolService/ListReaders is for role admin or auditor or "
+                       "operator or service; the certificate of 'legacy' has no role (its subject OU must be exactly "
+                       "one of admin, operator, auditor, service, gateway, orchestrator) (docs/permissions.md)")
     denied, ok = grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OK
     assert outcomes == {"two roles": (denied, denied), "client": (denied, denied), "no role": (denied, denied),
                         "auditor named admin": (denied, ok),
