@@ -18,6 +18,7 @@ from shared.config import GatewaySettings
 from shared.errors import ConfigurationError
 from shared.logging import get_logger
 from shared.metrics import MetricsEndpoint
+from shared.permissions import PERMISSIONS, require_rows
 from shared.pki import CRL, Enrollment, enrollment_of
 from shared.proto import gateway_pb2, gateway_pb2_grpc
 from shared.rpc import Server
@@ -149,12 +150,12 @@ async def start(settings: GatewaySettings) -> Gateway:
     await registry.refresh()
     metrics = GatewayMetrics()
     executor = StepExecutor(registry, observer=metrics)
-    credentials, interceptors = server_security(tls, {}, default_roles=frozenset({"client"}),
-                                                revocations=revocations)
+    credentials, interceptors = server_security(tls, PERMISSIONS, revocations=revocations)
     server = Server(settings.listen, [
         (gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(registry, executor),
          gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name),
     ], credentials=credentials, interceptors=interceptors)
+    require_rows(f"gateway {settings.gateway_id}", server.service_names, PERMISSIONS)
     metrics_endpoint = None
     if settings.metrics_listen:
         metrics.watch_readers(registry, asyncio.get_running_loop())

@@ -43,6 +43,7 @@ from orchestrator.store.store import Store, prepare_schema
 from shared.config import OrchestratorSettings
 from shared.logging import get_logger
 from shared.metrics import MetricsEndpoint
+from shared.permissions import PERMISSIONS, require_rows
 from shared.proto import (
     audit_service_pb2,
     audit_service_pb2_grpc,
@@ -78,11 +79,6 @@ def service_name(module) -> str:
     return service.full_name
 
 
-#: Who may call what (shared/tls.py): gateways the link only; clients (and, later, other
-#: orchestrator replicas) every service of the client API; health and reflection any valid
-#: certificate.
-CLIENT_ROLES = frozenset({"client", "orchestrator"})
-ROLES = {service_name(link_pb2): frozenset({"gateway"}), **{service_name(m): CLIENT_ROLES for m in CLIENT_API}}
 #: What each service needs for its health to be SERVING (orchestrator/health.py): None = the
 #: database and every CA; the reader pool, leases and the link work from memory alone.
 HEALTH_NEEDS: dict[str, frozenset[str] | None] = {
@@ -199,7 +195,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     orders = OrderService(processes, pool, audit=audit)
     # One CRL refuses revoked callers, travels to every gateway and ends a revoked gateway's link.
     revocations = revocation_list(tls)
-    credentials, interceptors = server_security(tls, ROLES, default_roles=CLIENT_ROLES, revocations=revocations)
+    # Who may call what: one row per RPC (shared/permissions.py, docs/permissions.md).
+    credentials, interceptors = server_security(tls, PERMISSIONS, revocations=revocations)
     # C16: before serving, settle what an earlier run left behind (pending CA requests,
     # RUNNING tasks and process instances), then again every reconcile_interval_s.
     reconciler = Reconciler(store, cas, templates.internal_issued_state, owner_id=owner_id,
@@ -233,6 +230,7 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
                              revocations=revocations),
          service_name(link_pb2)),
     ], credentials=credentials, interceptors=interceptors)
+    require_rows("orchestrator", server.service_names, PERMISSIONS)
     metrics_endpoint = None
     if settings.metrics_listen:
         metrics.watch_pool(pool, asyncio.get_running_loop())

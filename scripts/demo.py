@@ -88,7 +88,7 @@ def main() -> int:
     # enrolled into a directory of its own; client commands authenticate as "admin".
     pki = init_pki(DEMO / "pki")
     pki.issue("orchestrator", "orchestrator")
-    pki.issue("client", "admin")
+    pki.issue("admin", "admin")
     # Where the station stands is enrolled in its certificate: the example process selects site hq.
     pki.issue("gateway", "demo-station", enrollment=Enrollment("hq"))
     gateway_tls, orchestrator_tls = DEMO / "gateway-tls", DEMO / "orchestrator-tls"

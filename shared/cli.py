@@ -37,8 +37,9 @@ def _client_tls(
     _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                   help="Print cardline's version and exit."),
 ) -> None:
-    """Client commands talk mutual TLS with a client certificate (`cardline pki init` makes
-    one named admin); the serve commands have TLS options of their own."""
+    """Client commands talk mutual TLS with a certificate of a client role (admin, operator,
+    auditor, service; `cardline pki init` makes one named admin, docs/permissions.md); the
+    serve commands have TLS options of their own."""
     from shared import tls
 
     if tls_dir is not None:

@@ -8,8 +8,8 @@ One directory holds everything (`cardline pki init --pki-dir DIR`):
     ca.pass         the passphrase (0600). Keeping it next to the key only protects a copied
                     ca.key; move it away (or the whole directory to the admin's machine)
                     for anything beyond development.
-    NAME.crt        a leaf certificate: CN=NAME, OU=ROLE (orchestrator, gateway or client); a
-                    gateway's also carries its enrollment (site and labels, STATION_ENROLLMENT_OID)
+    NAME.crt        a leaf certificate: CN=NAME, OU=ROLE (one of ROLES); a gateway's also
+                    carries its enrollment (site and labels, STATION_ENROLLMENT_OID)
     NAME.key        its private key: PKCS#8 PEM, *unencrypted* (gRPC only loads unencrypted
                     PEM keys), so it is protected by its mode (0600) and nothing else
     revoked.json    revoked serials (written atomically) — the PKI's own record
@@ -20,11 +20,12 @@ One directory holds everything (`cardline pki init --pki-dir DIR`):
                     nothing else — the directory the orchestrator is given as --tls-dir. The
                     CA key and its passphrase stay in the PKI directory, apart from it.
 
-The role travels in the certificate (subject OU) so that the orchestrator can authorise a
-peer by what it is (a gateway may open the GatewayLink, a client may call the client API)
-and the identity in the CN (a gateway's CN is its gateway id). Where a station stands is
-enrolled too: a gateway certificate carries a non-critical extension (STATION_ENROLLMENT_OID,
-under the UUID arc 2.25 of ITU-T X.667, which needs no registration) whose value is
+The role travels in the certificate (subject OU) so that a server can authorise a peer by
+what it is (shared/permissions.py: a gateway may open the GatewayLink, an operator may start
+processes, ...) and the identity in the CN (a gateway's CN is its gateway id). Where a station
+stands is enrolled too: a gateway certificate carries a non-critical extension
+(STATION_ENROLLMENT_OID, under the UUID arc 2.25 of ITU-T X.667, which needs no registration)
+whose value is
 
     StationEnrollment ::= SEQUENCE { site UTF8String, labels SEQUENCE OF Label }
     Label             ::= SEQUENCE { key UTF8String, value UTF8String }
@@ -54,7 +55,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from shared.errors import AlreadyExists, ConfigurationError, InvalidArgument, NotFound
 from shared.files import write_atomic
 
-ROLES = ("orchestrator", "gateway", "client")
+#: Every role a certificate can carry (docs/permissions.md): the clients' roles, then the servers'.
+ROLES = ("admin", "operator", "auditor", "service", "gateway", "orchestrator")
+#: Roles of the people and programs calling the client API (the orchestrator's own certificate is not one).
+CLIENT_ROLES = frozenset({"admin", "operator", "auditor", "service"})
 #: Roles whose certificates also serve (TLS server authentication, SANs).
 SERVER_ROLES = frozenset({"orchestrator", "gateway"})
 CA_CERT, CA_KEY, CA_PASS, REVOKED, CRL = "ca.crt", "ca.key", "ca.pass", "revoked.json", "crl.pem"

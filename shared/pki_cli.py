@@ -12,7 +12,7 @@ import pathlib
 import typer
 
 from shared.errors import CardlineError
-from shared.pki import Pki, enrollment_from_options, init_pki, role_of
+from shared.pki import ROLES, Pki, enrollment_from_options, init_pki, role_of
 from shared.serials import show_serial
 
 DIR = typer.Option(..., "--pki-dir", "--dir", help="The PKI directory (holds the CA key: keep it on the admin's "
@@ -33,7 +33,8 @@ def _fail(exc: CardlineError) -> typer.Exit:
 
 
 def register(root: typer.Typer) -> None:
-    pki = typer.Typer(help="Development PKI for mutual TLS between orchestrator, gateways and clients.",
+    pki = typer.Typer(help="Development PKI for mutual TLS between orchestrator, gateways and clients (one role "
+                           "per certificate, docs/permissions.md).",
                       no_args_is_help=True)
 
     @pki.command("init")
@@ -47,12 +48,12 @@ def register(root: typer.Typer) -> None:
                        "--tls-dir. Default: PKI_DIR/orchestrator."),
         json_output: bool = JSON,
     ) -> None:
-        """Create a CA, the orchestrator's server certificate and bundle, and a client certificate 'admin'."""
+        """Create a CA, the orchestrator's server certificate and bundle, and a certificate 'admin' of role admin."""
         bundle_dir = orchestrator_dir or directory / "orchestrator"
         try:
             created = init_pki(directory)
             orch = created.issue("orchestrator", "orchestrator", orchestrator_name)
-            admin = created.issue("client", "admin")
+            admin = created.issue("admin", "admin")
             created.bundle("orchestrator", bundle_dir)
         except CardlineError as exc:
             raise _fail(exc) from None
@@ -65,7 +66,7 @@ def register(root: typer.Typer) -> None:
         typer.echo(f"CA            {created.ca_cert_path}  (key {directory / 'ca.key'}, encrypted; passphrase in "
                    f"{directory / 'ca.pass'})")
         typer.echo(f"orchestrator  {orch.cert_path}  {orch.key_path}")
-        typer.echo(f"client admin  {admin.cert_path}  {admin.key_path}")
+        typer.echo(f"admin         {admin.cert_path}  {admin.key_path}")
         typer.echo(f"CRL           {created.crl_path}")
         typer.echo(f"orchestrator's own files (no CA key): {bundle_dir}")
         typer.echo(f"next: cardline orchestrator serve --tls-dir {bundle_dir}\n"
@@ -75,7 +76,8 @@ def register(root: typer.Typer) -> None:
     @pki.command("issue")
     def issue(
         directory: pathlib.Path = DIR,
-        role: str = typer.Option(..., help="client, gateway or orchestrator."),
+        role: str = typer.Option(..., help=f"{', '.join(ROLES)}: what the certificate may call "
+                                           "(docs/permissions.md)."),
         name: str = typer.Option(..., help="The certificate's CN (a gateway's CN is its gateway id)."),
         san: list[str] = typer.Option([], "--san", help="Extra host name or IP of a server certificate (repeatable)."),
         site: str | None = SITE, label: list[str] = LABEL,

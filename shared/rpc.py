@@ -127,6 +127,11 @@ class Server:
             raise InvalidArgument(f"cannot listen on {listen}", field="listen")
         self.address = f"{listen.rpartition(':')[0]}:{self.port}"
 
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        """Full names of the services given (health and reflection, which it adds, aside)."""
+        return tuple(self._names)
+
     async def start(self) -> None:
         await self._server.start()
         for name in ["", *self._names]:

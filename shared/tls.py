@@ -1,7 +1,7 @@
 """Mutual TLS for every cardline connection: which files a process uses, gRPC credentials
 built from them, who the peer is (role and name from its certificate, see shared/pki.py),
-and a server interceptor that authorises each call by the caller's role and refuses
-revoked certificates.
+and a server interceptor that authorises each call by the caller's role (the permission
+table of shared/permissions.py, per RPC) and refuses revoked certificates.
 
 Plaintext exists only as an explicit development switch (`insecure`); a server started with
 neither TLS material nor that switch refuses to start.
@@ -13,7 +13,7 @@ import inspect
 import os
 import pathlib
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from shared.errors import CardlineError, ConfigurationError, PermissionDenied, Unauthenticated
 from shared.files import write_atomic
 from shared.logging import get_logger
-from shared.pki import CA_CERT, CRL, common_name_of, crl_number, role_of, verified_crl
+from shared.pki import CA_CERT, CLIENT_ROLES, CRL, ROLES, common_name_of, crl_number, role_of, verified_crl
 from shared.rpc import status_of
 
 if TYPE_CHECKING:
@@ -67,12 +67,12 @@ class TlsFiles:
 
 def resolve(what: str, name: str, *, tls_dir: pathlib.Path | None = None, tls_ca: pathlib.Path | None = None,
             tls_cert: pathlib.Path | None = None, tls_key: pathlib.Path | None = None,
-            tls_crl: pathlib.Path | None = None, insecure: bool = False, role: str | None = None,
+            tls_crl: pathlib.Path | None = None, insecure: bool = False, role: str | Collection[str] | None = None,
             common_name: str | None = None) -> TlsFiles | None:
     """The TLS files of WHAT (for messages): explicit paths win over TLS_DIR/ca.crt,
     TLS_DIR/NAME.crt, TLS_DIR/NAME.key and (optional) TLS_DIR/crl.pem. None when INSECURE.
     Raises ConfigurationError listing everything missing, and when the certificate does not
-    carry ROLE / COMMON_NAME."""
+    carry ROLE (one role, or one of a collection) / COMMON_NAME."""
     if insecure:
         log.warning("plaintext gRPC without authentication: development only", component=what)
         return None
@@ -105,8 +105,10 @@ def resolve(what: str, name: str, *, tls_dir: pathlib.Path | None = None, tls_ca
     except ValueError as exc:
         raise ConfigurationError(f"{what}: cannot read {files.cert} or {files.ca}: {exc}") from None
     problems = []
-    if role and role_of(cert) != role:
-        problems.append(f"{files.cert} has role {role_of(cert)!r} (subject OU), {what} needs role {role!r}")
+    roles = {role} if isinstance(role, str) else set(role or ())
+    if roles and role_of(cert) not in roles:
+        problems.append(f"{files.cert} has role {role_of(cert)!r} (subject OU), {what} needs role "
+                        f"{' or '.join(repr(r) for r in sorted(roles))}")
     if common_name is not None and common_name_of(cert) != common_name:
         problems.append(f"{files.cert} is issued to {common_name_of(cert)!r}, not {common_name!r}")
     if cert.issuer != ca.subject:
@@ -143,7 +145,7 @@ def client_tls(*, tls_dir: str | pathlib.Path | None = None, name: str | None = 
         raise ConfigurationError(f"no client certificate: give --tls-dir DIR (or {CLIENT_TLS_DIR_ENV}) holding ca.crt "
                                  f"and {name}.crt/{name}.key (`cardline pki init` makes 'admin'), or --insecure for "
                                  "a plaintext development server")
-    return resolve("client", name, tls_dir=pathlib.Path(tls_dir), role="client")
+    return resolve("client", name, tls_dir=pathlib.Path(tls_dir), role=CLIENT_ROLES)
 
 
 def client_channel(target: str, files: TlsFiles | Literal[True] | None = True) -> grpc.Channel:
@@ -278,20 +280,21 @@ class RevocationList:
 # -- authorisation ----------------------------------------------------------------------------
 
 class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
-    """Every call needs a verified certificate that is not revoked (else UNAUTHENTICATED);
-    a service named in ROLES is open to those roles only (else PERMISSION_DENIED), services
-    of OPEN_SERVICES to any certificate, any other service to DEFAULT_ROLES."""
+    """Every call needs a verified certificate that is not revoked (else UNAUTHENTICATED).
+    The RPCs of OPEN_SERVICES answer any such certificate; every other RPC the roles of its
+    row in PERMISSIONS (full method name `package.Service/Method` -> roles, see
+    shared/permissions.py), and nobody when it has no row (else PERMISSION_DENIED)."""
 
-    def __init__(self, roles: Mapping[str, frozenset[str]], *, default_roles: frozenset[str] = frozenset({"client"}),
-                 revocations: RevocationList | None = None) -> None:
-        self.roles = dict(roles)
-        self.default_roles = default_roles
+    def __init__(self, permissions: Mapping[str, frozenset[str]], *, revocations: RevocationList | None = None) -> None:
+        self.permissions = dict(permissions)
         self.revocations = revocations
 
-    def allowed(self, service: str) -> frozenset[str] | None:
-        if service in OPEN_SERVICES:
+    def allowed(self, method: str) -> frozenset[str] | None:
+        """The roles that may call METHOD (`/package.Service/Method`); None: any certificate."""
+        name = method.lstrip("/")
+        if name.partition("/")[0] in OPEN_SERVICES:
             return None
-        return self.roles.get(service, self.default_roles)
+        return self.permissions.get(name, frozenset())
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
@@ -301,7 +304,7 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        allowed = self.allowed(method.split("/")[1] if method.count("/") >= 2 else method)
+        allowed = self.allowed(method)
 
         async def check(context: grpc.aio.ServicerContext[Any, Any]) -> None:
             peer = peer_identity(context)
@@ -322,9 +325,13 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
             return Unauthenticated(f"the certificate of {peer.name!r} (serial {peer.serial:x}) is revoked",
                                    name=peer.name)
         if allowed is not None and peer.role not in allowed:
-            return PermissionDenied(f"{method} is for role {' or '.join(sorted(allowed))}; the certificate of "
-                                    f"{peer.name!r} has role {peer.role or 'none'}", role=peer.role or "",
-                                    name=peer.name)
+            who = (f"is for role {' or '.join(sorted(allowed))}" if allowed
+                   else "has no row in the permission table: nobody may call it")
+            # Certificates of the role `client` that went away land here too: say what a role is.
+            has = (f"has role {peer.role}" if peer.role else
+                   f"has no role (its subject OU must be exactly one of {', '.join(ROLES)})")
+            return PermissionDenied(f"{method} {who}; the certificate of {peer.name!r} {has} (docs/permissions.md)",
+                                    role=peer.role or "", name=peer.name)
         return None
 
 
@@ -363,17 +370,16 @@ def _guarded(handler: grpc.RpcMethodHandler[Any, Any],
                 response_serializer=handler.response_serializer)
 
 
-def server_security(files: TlsFiles | None, roles: Mapping[str, frozenset[str]], *,
-                    default_roles: frozenset[str] = frozenset({"client"}),
+def server_security(files: TlsFiles | None, permissions: Mapping[str, frozenset[str]], *,
                     revocations: RevocationList | None = None,
                     ) -> tuple[grpc.ServerCredentials | None, list[grpc.aio.ServerInterceptor]]:
-    """Credentials and interceptors of a server: (None, []) for plaintext. REVOCATIONS
-    (default: from the CRL of FILES, if any) refuses revoked callers."""
+    """Credentials and interceptors of a server authorising by PERMISSIONS (shared/permissions.py):
+    (None, []) for plaintext. REVOCATIONS (default: from the CRL of FILES, if any) refuses
+    revoked callers."""
     if files is None:
         return None, []
     revocations = revocations or revocation_list(files)
-    return files.server_credentials(), [AuthorizationInterceptor(roles, default_roles=default_roles,
-                                                                 revocations=revocations)]
+    return files.server_credentials(), [AuthorizationInterceptor(permissions, revocations=revocations)]
 
 
 def revocation_list(files: TlsFiles | None) -> RevocationList | None:

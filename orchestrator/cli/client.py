@@ -27,7 +27,7 @@ Stub = TypeVar("Stub")
 
 
 def stub(stub_class: Callable[[grpc.Channel], Stub], target: str) -> Stub:
-    """A client of one service. Mutual TLS with the client certificate of `cardline --tls-dir
+    """A client of one service. Mutual TLS with the certificate of `cardline --tls-dir
     DIR [--tls-name NAME]` (or CARDLINE_TLS_DIR / CARDLINE_TLS_NAME); plaintext with
     `cardline --insecure`."""
     return stub_class(client_channel(target))

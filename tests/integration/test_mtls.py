@@ -120,11 +120,11 @@ def test_enrolled_gateway_attaches_over_mutual_tls_and_its_token_joins_the_pool(
         pooled = wait_for_pooled_reader(orchestrator, lambda r: r.reader.token_label == softhsm_token.label,
                                         client=rig.files())
         assert pooled.gateway_id == "station-a"
-        # the station's own GatewayService is mutual TLS too: a client certificate may list its readers
+        # the station's own GatewayService is mutual TLS too: an admin certificate may list its readers
         with secure(gw, rig.files()) as channel:
             readers = gateway_pb2_grpc.GatewayServiceStub(channel).ListReaders(gateway_pb2.ListReadersRequest()).readers
         assert softhsm_token.label in {r.token_label for r in readers}
-        # ... and a gateway certificate may not (GatewayService is for clients)
+        # ... and a gateway certificate may not (GatewayService is for admins, docs/permissions.md)
         with secure(gw, rig.files("station-a")) as channel:
             err = refusal(lambda: gateway_pb2_grpc.GatewayServiceStub(channel).ListReaders(
                 gateway_pb2.ListReadersRequest(), timeout=10))
@@ -132,7 +132,7 @@ def test_enrolled_gateway_attaches_over_mutual_tls_and_its_token_joins_the_pool(
 
 
 @pytest.mark.hardware      # starts cardline processes
-def test_client_certificate_calls_the_client_api_and_health(rig, orchestrator):
+def test_admin_certificate_calls_the_client_api_and_health(rig, orchestrator):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with secure(orchestrator, rig.files()) as channel:
@@ -211,10 +211,28 @@ def test_gateway_certificate_is_permission_denied_on_every_client_service(rig, o
 
 
 @pytest.mark.hardware      # starts cardline processes
-def test_client_certificate_opening_the_gateway_link_is_permission_denied(rig, orchestrator):
+def test_admin_certificate_opening_the_gateway_link_is_permission_denied(rig, orchestrator):
     with secure(orchestrator, rig.files()) as channel:
         err = refusal(lambda: open_link(channel, "admin"))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.hardware      # starts cardline processes
+def test_cli_as_auditor_reads_but_is_refused_reconcile_naming_rpc_roles_and_caller(rig, orchestrator):
+    issued = subprocess.run([CARDLINE, "pki", "issue", "--pki-dir", str(rig.directory), "--role", "auditor",
+                             "--name", "auditor-7"], capture_output=True, text=True)
+    assert issued.returncode == 0, issued.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDLINE_")}
+    as_auditor = [CARDLINE, "--tls-dir", str(rig.directory), "--tls-name", "auditor-7"]
+    read = subprocess.run([*as_auditor, "certs", "list", "--orchestrator", orchestrator, "--json"],
+                          capture_output=True, text=True, env=env)
+    assert read.returncode == 0, read.stderr
+    refused = subprocess.run([*as_auditor, "reconcile", "--orchestrator", orchestrator], capture_output=True,
+                             text=True, env=env)
+    assert refused.returncode != 0
+    assert "PERMISSION_DENIED" in refused.stderr
+    assert "CaService/Reconcile is for role admin" in refused.stderr
+    assert "'auditor-7' has role auditor" in refused.stderr
 
 
 @pytest.mark.hardware      # starts cardline processes

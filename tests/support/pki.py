@@ -1,13 +1,13 @@
 """pytest plugin: one development PKI (shared/pki.py) for the whole test session, so that
 every end-to-end test runs over mutual TLS like production.
 
-`cardline_pki` (session, autouse) creates a CA, the orchestrator's certificate and a client
-certificate "admin" under the session's tmp dir, makes it the default of
+`cardline_pki` (session, autouse) creates a CA, the orchestrator's certificate and a
+certificate "admin" of role admin under the session's tmp dir, makes it the default of
 tests/support/processes.py (orchestrator and gateway subprocesses get --tls-dir, health
 checks and helper channels use "admin"), and points CARDLINE_TLS_DIR at it so `cardline`
 client commands run by tests authenticate as admin. Gateway certificates are issued on
-demand (`gateway(gateway_id)`). Code outside pytest (bench/) gets a PKI in a temporary
-directory from `default_pki()`.
+demand (`gateway(gateway_id)`), clients of other roles too (`client(name, role)`). Code
+outside pytest (bench/) gets a PKI in a temporary directory from `default_pki()`.
 """
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ class TlsRig:
             self.pki.issue("gateway", gateway_id, enrollment=wanted)
         return self.files(gateway_id)
 
-    def client(self, name: str) -> TlsFiles:
-        self.pki.ensure("client", name)
+    def client(self, name: str, role: str = ADMIN) -> TlsFiles:
+        """The certificate NAME of ROLE (admin, operator, auditor, service; issued on first use)."""
+        self.pki.ensure(role, name)
         return self.files(name)
 
     def channel(self, address: str, name: str = ADMIN) -> grpc.Channel:
@@ -74,7 +75,7 @@ class TlsRig:
 def make_rig(directory: pathlib.Path) -> TlsRig:
     pki = init_pki(directory)
     pki.issue("orchestrator", "orchestrator")
-    pki.issue("client", ADMIN)
+    pki.issue(ADMIN, ADMIN)
     return TlsRig(pki)
 
 

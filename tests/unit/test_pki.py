@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from shared.errors import AlreadyExists, ConfigurationError, InvalidArgument
-from shared.pki import Pki, init_pki, load_crl, role_of
+from shared.pki import CLIENT_ROLES, Pki, init_pki, load_crl, role_of
 from shared.tls import RevocationList, client_tls, resolve
 
 
@@ -49,31 +49,34 @@ def test_server_certificate_carries_role_name_and_host_names(pki):
 
 
 def test_leaf_key_is_unencrypted_pkcs8_with_mode_0600(pki):
-    issued = pki.issue("client", "alice")
+    issued = pki.issue("operator", "alice")
     assert issued.key_path.stat().st_mode & 0o777 == 0o600
     pem = issued.key_path.read_bytes()
     assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")           # PKCS#8, what gRPC loads
     serialization.load_pem_private_key(pem, password=None)
     cert = x509.load_pem_x509_certificate(issued.cert_path.read_bytes())
-    assert role_of(cert) == "client"
+    assert role_of(cert) == "operator"
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
 
 
-def test_client_certificates_get_no_host_names(pki):
+@pytest.mark.parametrize("role", sorted(CLIENT_ROLES))
+def test_client_certificates_get_no_host_names(pki, role):
     with pytest.raises(InvalidArgument):
-        pki.issue("client", "bob", ["bob.example"])
+        pki.issue(role, "bob", ["bob.example"])
 
 
 @pytest.mark.parametrize("name", ["", "../etc", "a/b", "-x", "ca", "crl", "x" * 65])
 def test_bad_names_are_refused(pki, name):
     with pytest.raises(InvalidArgument):
-        pki.issue("client", name)
+        pki.issue("admin", name)
 
 
-def test_unknown_role_is_refused(pki):
-    with pytest.raises(InvalidArgument, match="role"):
-        pki.issue("admin", "x")
+def test_unknown_role_is_refused_naming_the_valid_ones(pki):
+    # "client" was the catch-all role before admin, operator, auditor and service
+    with pytest.raises(InvalidArgument, match="role 'client': expected one of admin, operator, auditor, service, "
+                                              "gateway, orchestrator"):
+        pki.issue("client", "x")
 
 
 def test_a_name_is_issued_once_until_revoked(pki):
@@ -128,11 +131,22 @@ def test_resolve_lists_everything_missing_and_names_the_way_out(tmp_path):
 
 
 def test_resolve_checks_the_role_in_the_certificate(pki):
-    pki.issue("client", "admin")
-    with pytest.raises(ConfigurationError, match=r"role 'client'.*needs role 'orchestrator'"):
+    pki.issue("admin", "admin")
+    with pytest.raises(ConfigurationError, match=r"role 'admin'.*needs role 'orchestrator'"):
         resolve("orchestrator", "admin", tls_dir=pki.directory, role="orchestrator")
-    files = resolve("client", "admin", tls_dir=pki.directory, role="client")
+    files = resolve("client", "admin", tls_dir=pki.directory, role="admin")
     assert files is not None and files.crl == pki.crl_path
+
+
+def test_client_commands_take_a_certificate_of_any_client_role_but_not_a_servers(pki, monkeypatch):
+    monkeypatch.delenv("CARDLINE_INSECURE", raising=False)
+    pki.issue("auditor", "ann")
+    pki.issue("gateway", "station-1")
+    files = client_tls(tls_dir=pki.directory, name="ann")
+    assert files is not None and files.cert.name == "ann.crt"
+    with pytest.raises(ConfigurationError, match=r"role 'gateway'.*needs role 'admin' or 'auditor' or 'operator' "
+                                                 r"or 'service'"):
+        client_tls(tls_dir=pki.directory, name="station-1")
 
 
 def test_insecure_resolves_to_plaintext(tmp_path):
@@ -162,8 +176,12 @@ def test_pki_commands_init_issue_revoke_and_list(tmp_path):
     assert {"ca.crt", "ca.key", "ca.pass", "orchestrator.crt", "orchestrator.key", "admin.crt", "admin.key",
             "crl.pem"} <= {p.name for p in (tmp_path / "pki").iterdir()}
     assert run(app, ["pki", "init", "--pki-dir", directory]).exit_code == 1          # never overwrites a CA
-    assert run(app, ["pki", "issue", "--pki-dir", directory, "--role", "client", "--name", "ops"]).exit_code == 0
-    assert run(app, ["pki", "issue", "--pki-dir", directory, "--role", "wizard", "--name", "x"]).exit_code == 1
+    assert run(app, ["pki", "issue", "--pki-dir", directory, "--role", "operator", "--name", "ops"]).exit_code == 0
+    admin = x509.load_pem_x509_certificate((tmp_path / "pki" / "admin.crt").read_bytes())
+    assert role_of(admin) == "admin"
+    wrong = run(app, ["pki", "issue", "--pki-dir", directory, "--role", "client", "--name", "x"])
+    assert wrong.exit_code == 1
+    assert "role 'client': expected one of admin, operator, auditor, service, gateway, orchestrator" in wrong.output
     assert run(app, ["pki", "revoke", "--pki-dir", directory, "--name", "ops"]).exit_code == 0
     listing = run(app, ["pki", "list", "--pki-dir", directory]).output
     assert "ops" in listing and "revoked" in listing and "orchestrator" in listing
