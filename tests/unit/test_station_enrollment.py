@@ -47,7 +47,7 @@ def test_certificate_without_enrollment_stands_nowhere(pki):
 
 def test_only_a_gateway_certificate_is_enrolled(pki):
     with pytest.raises(InvalidArgument, match="only a gateway certificate carries a site"):
-        pki.issue("client", "carol", enrollment=Enrollment("hq"))
+        pki.issue("admin", "carol", enrollment=Enrollment("hq"))
 
 
 @pytest.mark.parametrize(("site", "labels", "complaint"), [
@@ -144,7 +144,7 @@ def test_gateway_starts_from_the_enrollment_crl_and_drops_a_kept_crl_of_another_
     other = init_pki(tmp_path / "other")
     (tmp_path / "gw").mkdir()
     (tmp_path / "gw" / "crl.pem").write_bytes(other.crl_path.read_bytes())
-    pki.issue("client", "carol")
+    pki.issue("admin", "carol")
     revoked = pki.revoke("carol")
     revocations = station_revocations(gateway_settings(tmp_path), files)
     assert revocations is not None and revocations.is_revoked(revoked)
@@ -160,7 +160,7 @@ def test_gateway_takes_a_crl_copied_over_its_enrollment_file_without_a_restart(p
     copied.write_bytes(pki.crl_path.read_bytes())
     revocations = station_revocations(gateway_settings(tmp_path), TlsFiles(files.ca, files.cert, files.key, copied))
     assert revocations is not None
-    pki.issue("client", "carol")
+    pki.issue("admin", "carol")
     serial = pki.revoke("carol")
 
     async def follow() -> None:
@@ -185,7 +185,7 @@ def test_revocation_list_takes_a_newer_crl_and_persists_it(pki, tmp_path):
     kept = tmp_path / "data" / "crl.pem"
     revocations = RevocationList(kept, pki.ca_cert_path.read_bytes(), missing_ok=True)
     assert revocations.der is None and not kept.exists()
-    pki.issue("client", "carol")
+    pki.issue("admin", "carol")
     serial = pki.revoke("carol")
     assert revocations.update(pki.crl_path.read_bytes(), "test") is True
     assert revocations.is_revoked(serial)
@@ -194,7 +194,7 @@ def test_revocation_list_takes_a_newer_crl_and_persists_it(pki, tmp_path):
 
 def test_revocation_list_keeps_its_crl_when_offered_an_older_one(pki, tmp_path):
     older = pki.crl_path.read_bytes()
-    pki.issue("client", "carol")
+    pki.issue("admin", "carol")
     serial = pki.revoke("carol")
     revocations = RevocationList(tmp_path / "crl.pem", pki.ca_cert_path.read_bytes(), missing_ok=True)
     assert revocations.update(pki.crl_path.read_bytes(), "test") is True
