@@ -299,6 +299,15 @@ class StepTimeout(LinkError):
     step: str | None = None
 
 
+class StepOutcomeMismatch(LinkError):
+    """The gateway answered a step with the outcome of another kind of step (a DeleteObjects
+    answered with card info): the answer is refused, never taken for the step's."""
+    reason, code = "STEP_OUTCOME_MISMATCH", "INTERNAL"
+    step: str | None = None
+    expected: str | None = None                     # StepOutcome field, e.g. "objects_deleted"
+    received: str | None = None                     # e.g. "card_info"
+
+
 class OrchestratorRestarted(LinkError):
     """The orchestrator running the task or process stopped before it ended; the reconciler
     ended it (C16)."""

@@ -52,7 +52,14 @@ from orchestrator.store.records import (
 )
 from orchestrator.store.store import Store
 from shared import cards
-from shared.errors import CardlineError, CsrInvalid, EncodingFailed, InvalidArgument, from_details
+from shared.errors import (
+    CardlineError,
+    CsrInvalid,
+    EncodingFailed,
+    InvalidArgument,
+    StepOutcomeMismatch,
+    from_details,
+)
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -262,9 +269,9 @@ class _CardTaskRun:
         # (task, step) from its first result.
         self.step_number += 1
         await self._db(self.s.store.tasks.journal_step, self.task_id, self.step_number, name, "sent")
-        sending = self.lease.run(cards.Step(operation, user_pin=self.user_pin, so_pin=so_pin),
-                                 task_id=self.task_id, step_number=self.step_number,
-                                 timeout_s=self.s.step_timeout_s)
+        sending = self._refusal_journaled(name, self.lease.run(
+            cards.Step(operation, user_pin=self.user_pin, so_pin=so_pin), task_id=self.task_id,
+            step_number=self.step_number, timeout_s=self.s.step_timeout_s))
         if sent_boundary is None or self.s.boundary is None:
             return await sending
         # The boundary runs while the step is in flight: one turn of the loop hands the
@@ -277,6 +284,16 @@ class _CardTaskRun:
             in_flight.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise
         return await in_flight
+
+    async def _refusal_journaled(self, name: str, sending: Awaitable[cards.StepValue]) -> cards.StepValue:
+        """SENDING's value; an answer of another kind of step (the pool refuses it) is also
+        journaled on the step, then fails the task like any step error."""
+        try:
+            return await sending
+        except StepOutcomeMismatch as exc:
+            await self._db(self.s.store.tasks.journal_step, self.task_id, self.step_number, name, "refused",
+                           exc.message)
+            raise
 
     def _relation_type(self, app: Application) -> str:
         return app.object_relation_type or self.s.default_relation_type      # C12
