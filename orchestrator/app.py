@@ -30,7 +30,7 @@ from orchestrator.services.card_tasks import BoundaryHook, CardTaskService
 from orchestrator.services.certificates import CertificateService
 from orchestrator.services.configuration import Configuration, load_configuration
 from orchestrator.services.key_archive import KeyArchive, kek_from_settings
-from orchestrator.services.leases import LeaseService
+from orchestrator.services.leases import LeaseService, service_selectors
 from orchestrator.services.orders import OrderService
 from orchestrator.services.pool import ReaderPool
 from orchestrator.services.processes import ProcessService
@@ -181,7 +181,9 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
                                       templates.internal_issued_state)
     processes = ProcessService(store, configuration, card_tasks, certificates)
     leases = LeaseService(pool, default_ttl_s=settings.pool.lease_default_ttl_s,
-                          max_ttl_s=settings.pool.lease_max_ttl_s, step_timeout_s=settings.step_timeout_s)
+                          max_ttl_s=settings.pool.lease_max_ttl_s, step_timeout_s=settings.step_timeout_s,
+                          max_per_caller=settings.pool.max_leases_per_caller,
+                          service_readers=service_selectors(settings.pool.service_readers))
     orders = OrderService(processes, pool)
     credentials, interceptors = server_security(tls, ROLES, default_roles=CLIENT_ROLES)
     # C16: before serving, settle what an earlier run left behind (pending CA requests,

@@ -369,6 +369,12 @@ class InvalidArgument(CardlineError):
     field: str | None = None
 
 
+class LeaseQuotaExceeded(CardlineError):
+    """The caller already holds (or waits for) as many reader leases as its quota allows."""
+    reason, code = "LEASE_QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED"
+    quota: int | None = None                        # pool.max_leases_per_caller
+
+
 class Cancelled(CardlineError):
     """The request was cancelled before it ran (a card of a cancelled order, still in the queue)."""
     reason, code = "CANCELLED", "CANCELLED"
