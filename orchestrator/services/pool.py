@@ -184,7 +184,7 @@ class GatewaySession:
                         reader_id=reader_id, task_id=task_id, step=step_number, expected=expected, received=received)
             raise StepOutcomeMismatch(
                 f"gateway {self.gateway_id!r} answered step {step_number} ({type(step.operation).__name__}) of "
-                f"{task_id} with {received}; a {expected} was expected", gateway_id=self.gateway_id,
+                f"{task_id} with {received}, not {expected}", gateway_id=self.gateway_id,
                 step=str(step_number), expected=expected, received=received, task_id=task_id, reader_id=reader_id)
         return value
 
