@@ -32,7 +32,7 @@ from orchestrator.services.card_tasks import BoundaryHook, CardTaskService
 from orchestrator.services.certificates import CertificateService
 from orchestrator.services.configuration import Configuration, load_configuration
 from orchestrator.services.key_archive import KeyArchive, kek_from_settings
-from orchestrator.services.leases import LeaseService
+from orchestrator.services.leases import LeaseService, service_selectors
 from orchestrator.services.orders import OrderService
 from orchestrator.services.pool import ReaderPool
 from orchestrator.services.processes import ProcessService
@@ -191,7 +191,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     audit = AuditTrail(store)
     leases = LeaseService(pool, default_ttl_s=settings.pool.lease_default_ttl_s,
                           max_ttl_s=settings.pool.lease_max_ttl_s, step_timeout_s=settings.step_timeout_s,
-                          audit=audit)
+                          max_per_caller=settings.pool.max_leases_per_caller,
+                          service_readers=service_selectors(settings.pool.service_readers), audit=audit)
     orders = OrderService(processes, pool, audit=audit)
     # One CRL refuses revoked callers, travels to every gateway and ends a revoked gateway's link.
     revocations = revocation_list(tls)

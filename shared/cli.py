@@ -31,7 +31,8 @@ def _client_tls(
     tls_dir: pathlib.Path | None = typer.Option(None, "--tls-dir", envvar="CARDLINE_TLS_DIR",
                                                 help="Client commands: directory with ca.crt and NAME.crt/NAME.key."),
     tls_name: str = typer.Option("admin", "--tls-name", envvar="CARDLINE_TLS_NAME",
-                                 help="Client commands: which certificate of --tls-dir (one of a client role: admin, operator, auditor, service)."),
+                                 help="Client commands: which certificate of --tls-dir (role admin, operator, "
+                                      "auditor or service)."),
     insecure: bool = typer.Option(False, "--insecure", envvar="CARDLINE_INSECURE",
                                   help="Client commands: plaintext to a server started with --insecure (development)."),
     _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,

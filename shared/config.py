@@ -244,16 +244,41 @@ class KeyArchiveSettings(BaseModel):
         return self
 
 
+class ReaderSelectorSettings(BaseModel):
+    """Readers a `service` identity may lease: the keys of a process task's `reader:`
+    (docs/processes.md, "Reader selector"); every key given must match."""
+    model_config = ConfigDict(extra="forbid")
+
+    gateway: str | None = None
+    reader: str | None = None
+    site: str | None = None
+    labels: dict[str, str] = {}
+    kind: Literal["pcsc", "pkcs11"] | None = None
+
+
 class PoolSettings(BaseModel):
     """The reader pool (orchestrator/services/pool.py, leases.py): how long a request may wait
     in the queue for a reader, how long the readers of a gateway that went away stay listed
-    as OFFLINE, and the default and largest ttl of a lease other services take."""
+    as OFFLINE, the default and largest ttl of a lease other services take, how many leases
+    one caller may hold, and which readers each `service` identity may lease."""
     model_config = ConfigDict(extra="forbid")
 
     queue_timeout_s: float = Field(default=3600.0, gt=0)
     offline_retention_s: float = Field(default=600.0, ge=0)
     lease_default_ttl_s: float = Field(default=30.0, gt=0)
     lease_max_ttl_s: float = Field(default=3600.0, gt=0)
+    # Leases one identity (certificate role and name) may hold or wait for at once.
+    max_leases_per_caller: int = Field(default=16, ge=1)
+    # Service name (its certificate's CN) -> the selector, or list of selectors, of the readers
+    # it may lease; a service named nowhere may lease none (docs/pool.md).
+    service_readers: dict[str, list[ReaderSelectorSettings]] = {}
+
+    @field_validator("service_readers", mode="before")
+    @classmethod
+    def _one_or_more_selectors(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {name: [s] if isinstance(s, dict) else s for name, s in value.items()}
+        return value
 
 
 class OrchestratorSettings(_Settings):

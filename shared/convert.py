@@ -270,6 +270,17 @@ def error_to_outcome(err: CardlineError) -> steps_pb2.StepOutcome:
     return steps_pb2.StepOutcome(error=error_to_proto(err))
 
 
+def expected_result(operation: cards.Operation) -> str:
+    """The outcome a step of OPERATION answers with: its StepOutcome field, e.g. "objects_deleted"."""
+    return _BY_OPERATION[type(operation)].result_field
+
+
+def result_of(value: cards.StepValue) -> str:
+    """The StepOutcome field VALUE travels in (e.g. "card_info"); its class name if none."""
+    entry = _BY_VALUE.get(type(value))
+    return entry.result_field if entry is not None else type(value).__name__
+
+
 def value_from_outcome(out: steps_pb2.StepOutcome) -> cards.StepValue:
     """The step's value, or raises the error the gateway reported."""
     which = out.WhichOneof("result")

@@ -299,6 +299,15 @@ class StepTimeout(LinkError):
     step: str | None = None
 
 
+class StepOutcomeMismatch(LinkError):
+    """The gateway answered a step with the outcome of another kind of step (a DeleteObjects
+    answered with card info): the answer is refused, never taken for the step's."""
+    reason, code = "STEP_OUTCOME_MISMATCH", "INTERNAL"
+    step: str | None = None
+    expected: str | None = None                     # StepOutcome field, e.g. "objects_deleted"
+    received: str | None = None                     # e.g. "card_info"
+
+
 class OrchestratorRestarted(LinkError):
     """The orchestrator running the task or process stopped before it ended; the reconciler
     ended it (C16)."""
@@ -358,6 +367,12 @@ class InvalidArgument(CardlineError):
     """A request field is malformed."""
     reason, code = "INVALID_ARGUMENT", "INVALID_ARGUMENT"
     field: str | None = None
+
+
+class LeaseQuotaExceeded(CardlineError):
+    """The caller already holds (or waits for) as many reader leases as its quota allows."""
+    reason, code = "LEASE_QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED"
+    quota: int | None = None                        # pool.max_leases_per_caller
 
 
 class Cancelled(CardlineError):

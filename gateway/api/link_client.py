@@ -12,7 +12,7 @@ from typing import Protocol
 
 import grpc
 
-from gateway.core.executor import StepExecutor
+from gateway.core.executor import LinkCaller, StepExecutor
 from gateway.core.registry import ReaderRegistry
 from shared import convert
 from shared.errors import CardlineError, ConfigurationError
@@ -57,6 +57,7 @@ class OrchestratorLink:
         self.backoff_min_s = backoff_min_s
         self.backoff_max_s = backoff_max_s
         self.connected = asyncio.Event()
+        self.caller = LinkCaller(target)
 
     async def run_forever(self) -> None:
         failures = 0
@@ -172,7 +173,8 @@ class OrchestratorLink:
         replayed = False
         try:
             step = convert.step_from_proto(command.step)
-            value, replayed = await self.executor.run(command.reader_id, step, command.task_id, command.step_number)
+            value, replayed = await self.executor.run(command.reader_id, step, command.task_id, command.step_number,
+                                                      caller=self.caller)
             outcome = convert.value_to_outcome(value)
         except CardlineError as exc:
             outcome = convert.error_to_outcome(exc)

@@ -9,6 +9,7 @@ from shared import convert
 from shared.errors import InvalidArgument
 from shared.proto import gateway_pb2, gateway_pb2_grpc
 from shared.rpc import rpc_errors
+from shared.tls import current_caller
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -25,7 +26,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if not request.reader_id:
             raise InvalidArgument("reader_id is empty", field="reader_id")
         step = convert.step_from_proto(request.step)
-        value, replayed = await self.executor.run(request.reader_id, step, request.task_id, request.step_number)
+        # Remembered under the caller's certificate: a caller is answered from its own steps only.
+        value, replayed = await self.executor.run(request.reader_id, step, request.task_id, request.step_number,
+                                                  caller=current_caller())
         return gateway_pb2.RunStepResponse(outcome=convert.value_to_outcome(value), replayed=replayed)
 
     @rpc_errors

@@ -1,5 +1,12 @@
 """Runs steps on readers: dispatches each operation to the reader's driver on its thread,
-and answers a resent (task id, step number) from its first result.
+and answers a resent step from its first result.
+
+A step is remembered under its caller, reader, operation, task id and step number (StepMemo):
+a caller is answered only from its own steps. Another caller of the gateway's service that
+sends the same (task id, step number) first neither seeds the orchestrator's answer nor
+reads it; a resent step that names another reader or operation runs as the new step it is.
+The caller is the verified certificate of a GatewayService call (None on an --insecure
+gateway: every such caller is one) or `LinkCaller`, the orchestrator the link dialled.
 
 What each step operation does on a PKCS#11 token is one row of TOKEN_OPERATIONS, keyed by the
 operation's dataclass (the rows of shared.convert.STEP_OPERATIONS); a PC/SC reader runs only
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.core.idempotency import StepMemo
@@ -18,6 +26,7 @@ from gateway.drivers.base import TokenDriver
 from shared import cards
 from shared.errors import CardlineError, UnsupportedOperation
 from shared.logging import get_logger
+from shared.tls import PeerIdentity
 
 log = get_logger(__name__)
 
@@ -77,6 +86,26 @@ PCSC_OPERATIONS: frozenset[type] = frozenset({cards.RunApduScript})
 READER_OPERATIONS: frozenset[type] = frozenset({cards.ReadCardInfo})
 
 
+@dataclass(frozen=True)
+class LinkCaller:
+    """The orchestrator, sending steps down the link this gateway dialled to TARGET (the
+    link is mutual TLS: the gateway checked the orchestrator's certificate against its CA)."""
+    target: str
+
+    @property
+    def actor(self) -> str:
+        return f"link:{self.target}"
+
+
+#: Who sent a step: never equal across the kinds, so no direct caller can stand for the link.
+StepCaller = PeerIdentity | LinkCaller | None
+
+
+def caller_shown(caller: StepCaller) -> str:
+    """How logs name CALLER."""
+    return caller.actor if caller is not None else "local"
+
+
 class StepObserver(Protocol):
     """What the executor tells the metrics (gateway/metrics.py); reason: the error's, or None."""
     def step_done(self, operation: str, seconds: float, replayed: bool, reason: str | None) -> None: ...
@@ -94,18 +123,19 @@ class StepExecutor:
         self.memo = memo or StepMemo()
         self.observer: StepObserver = observer or _Unobserved()
 
-    async def run(self, reader_id: str, step: cards.Step, task_id: str = "",
-                  step_number: int = 0) -> tuple[cards.StepValue, bool]:
-        """Returns (value, replayed); raises the CardlineError the step ended with."""
-        key = (task_id, step_number) if task_id else None
+    async def run(self, reader_id: str, step: cards.Step, task_id: str = "", step_number: int = 0, *,
+                  caller: StepCaller) -> tuple[cards.StepValue, bool]:
+        """Returns (value, replayed); raises the CardlineError the step ended with. A step
+        without task id is never remembered."""
         op_name = type(step.operation).__name__
+        key = (caller, reader_id, op_name, task_id, step_number) if task_id else None
         started = time.perf_counter()
         try:
             value, replayed = await self.memo.run(key, lambda: self._dispatch(reader_id, step))
         except CardlineError as exc:
             self.observer.step_done(op_name, time.perf_counter() - started, False, exc.reason)
             log.info("step failed", reader_id=reader_id, task_id=task_id, step=step_number, op=op_name,
-                     reason=exc.reason)
+                     reason=exc.reason, caller=caller_shown(caller))
             raise
         except Exception as exc:            # a driver bug: counted, then reported by the caller
             self.observer.step_done(op_name, time.perf_counter() - started, False, type(exc).__name__)
@@ -113,7 +143,7 @@ class StepExecutor:
         seconds = time.perf_counter() - started
         self.observer.step_done(op_name, seconds, replayed, None)
         log.info("step done", reader_id=reader_id, task_id=task_id, step=step_number, op=op_name, replayed=replayed,
-                 ms=round(seconds * 1000, 1))
+                 ms=round(seconds * 1000, 1), caller=caller_shown(caller))
         return value, replayed
 
     async def _dispatch(self, reader_id: str, step: cards.Step) -> cards.StepValue:

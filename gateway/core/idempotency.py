@@ -1,19 +1,22 @@
-"""Remembers the first result of each (task id, step number) so a resent step is answered,
-not run twice — also while the first run is still in progress."""
+"""Remembers the first result of each step key so a resent step is answered, not run twice —
+also while the first run is still in progress. The executor (gateway/core/executor.py) makes
+the key: caller, reader, operation, task id and step number."""
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
+
+StepKey = tuple[Hashable, ...]
 
 
 class StepMemo:
     def __init__(self, capacity: int = 10_000) -> None:
         self._capacity = capacity
-        self._results: OrderedDict[tuple[str, int], asyncio.Future] = OrderedDict()
+        self._results: OrderedDict[StepKey, asyncio.Future] = OrderedDict()
 
-    async def run(self, key: tuple[str, int] | None, work: Callable[[], Awaitable[Any]]) -> tuple[Any, bool]:
+    async def run(self, key: StepKey | None, work: Callable[[], Awaitable[Any]]) -> tuple[Any, bool]:
         """Returns (value, replayed). Errors are remembered like values and raised again."""
         if key is None:
             return await work(), False

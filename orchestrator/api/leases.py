@@ -31,8 +31,9 @@ class LeaseServicer(lease_service_pb2_grpc.LeaseServiceServicer):
                                             lease_id, print_)
             if first != lease_id:
                 # The first call's lease while it is held (NotFound once it ended, or while
-                # the first call still waits for a reader).
-                return pb.AcquireLeaseResponse(lease=conv.lease_to_proto(self.leases.get(first)))
+                # the first call still waits for a reader), to the identity that made it only.
+                return pb.AcquireLeaseResponse(lease=conv.lease_to_proto(
+                    self.leases.owned(first, "repeat the request of")))
         try:
             lease = await self.leases.acquire(conv.selector_from_proto(request.selector), ttl_s=request.ttl_s,
                                               holder=request.holder, wait=request.wait, lease_id=lease_id)

@@ -59,7 +59,14 @@ from orchestrator.store.records import (
 )
 from orchestrator.store.store import Store
 from shared import cards
-from shared.errors import CardlineError, CsrInvalid, EncodingFailed, InvalidArgument, from_details
+from shared.errors import (
+    CardlineError,
+    CsrInvalid,
+    EncodingFailed,
+    InvalidArgument,
+    StepOutcomeMismatch,
+    from_details,
+)
 from shared.logging import get_logger
 from shared.transport_puk import TransportPukRule
 from shared.transport_puk import read_key_file as read_transport_key
@@ -292,9 +299,9 @@ class _CardTaskRun:
         await self._db(self.s.store.tasks.journal_step, self.task_id, self.step_number, name, "sent")
         # The user PIN goes only with steps that log in to the card.
         user_pin = "" if isinstance(operation, _NO_LOGIN) else self.user_pin
-        sending = self.lease.run(cards.Step(operation, user_pin=user_pin, so_pin=so_pin),
-                                 task_id=self.task_id, step_number=self.step_number,
-                                 timeout_s=self.s.step_timeout_s)
+        sending = self._refusal_journaled(name, self.lease.run(
+            cards.Step(operation, user_pin=user_pin, so_pin=so_pin), task_id=self.task_id,
+            step_number=self.step_number, timeout_s=self.s.step_timeout_s))
         if sent_boundary is None or self.s.boundary is None:
             return await sending
         # The boundary runs while the step is in flight: one turn of the loop hands the
@@ -312,6 +319,15 @@ class _CardTaskRun:
         """Where this task acts, for its audit rows."""
         return AuditSubjects(card_id=self.card_id, task_id=self.task_id, gateway_id=self.lease.gateway_id,
                              reader_id=self.lease.reader.reader_id, step=self.step_number, certificates=certificates)
+    async def _refusal_journaled(self, name: str, sending: Awaitable[cards.StepValue]) -> cards.StepValue:
+        """SENDING's value; an answer of another kind of step (the pool refuses it) is also
+        journaled on the step, then fails the task like any step error."""
+        try:
+            return await sending
+        except StepOutcomeMismatch as exc:
+            await self._db(self.s.store.tasks.journal_step, self.task_id, self.step_number, name, "refused",
+                           exc.message)
+            raise
 
     def _relation_type(self, app: Application) -> str:
         return app.object_relation_type or self.s.default_relation_type      # C12

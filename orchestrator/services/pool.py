@@ -38,8 +38,16 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shared import cards
-from shared.errors import CardlineError, GatewayNotConnected, NoCardPresent, ReaderBusy, ReaderNotFound, StepTimeout
+from shared import cards, convert
+from shared.errors import (
+    CardlineError,
+    GatewayNotConnected,
+    NoCardPresent,
+    ReaderBusy,
+    ReaderNotFound,
+    StepOutcomeMismatch,
+    StepTimeout,
+)
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -164,12 +172,23 @@ class GatewaySession:
         self._pending[command.command_id] = future
         self.outbox.put_nowait(command)
         try:
-            return await asyncio.wait_for(future, timeout_s)
+            value = await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
             raise StepTimeout(f"gateway {self.gateway_id!r} did not answer step {step_number} within {timeout_s:g} s",
                               gateway_id=self.gateway_id, step=str(step_number)) from None
         finally:
             self._pending.pop(command.command_id, None)
+        # A gateway that answers with another step's outcome (a replayed older one, or a lie)
+        # must not have it taken for this step's: card tasks and leases both come through here.
+        expected, received = convert.expected_result(step.operation), convert.result_of(value)
+        if received != expected:
+            log.warning("step answered with another kind of outcome; refused", gateway_id=self.gateway_id,
+                        reader_id=reader_id, task_id=task_id, step=step_number, expected=expected, received=received)
+            raise StepOutcomeMismatch(
+                f"gateway {self.gateway_id!r} answered step {step_number} ({type(step.operation).__name__}) of "
+                f"{task_id} with {received}, not {expected}", gateway_id=self.gateway_id,
+                step=str(step_number), expected=expected, received=received, task_id=task_id, reader_id=reader_id)
+        return value
 
     def resolve(self, command_id: str, result: cards.StepValue | CardlineError) -> None:
         future = self._pending.get(command_id)

@@ -26,6 +26,9 @@ Faults, so the failure rules can be tested:
   - `lose_card(operation=..., occurrence=n)` or `token.lose()` (e.g. from an orchestrator
     boundary hook): the token leaves its reader (a `removed` reader event goes up the link)
     and every later step on it answers CardRemoved;
+  - `answer_with(value, operation=..., occurrence=n | step_number=n)`: that command is
+    answered with VALUE, e.g. the outcome of another kind of step (a gateway replaying an
+    older answer, or lying); nothing is done on the token;
   - `fall_silent()`: heartbeats go unanswered, the link stays open;
   - `FakeToken(lying_csr=LyingCsr(subject, extensions))`: a hostile station's card requests
     its own subject and extensions (subjectAltNames...) instead of the subject it was asked for,
@@ -302,6 +305,7 @@ class _Fault:
     step_number: int | None
     occurrence: int
     seen: int = 0
+    answer: cards.StepValue | None = None     # answered instead of running the step
 
     def matches(self, command: ReceivedCommand) -> bool:
         if self.operation is not None and not isinstance(command.operation, self.operation):
@@ -348,6 +352,12 @@ class FakeGateway:
         """The token leaves its reader just before the matching command (counted as for
         `fail`) runs; that command and every later one answer CardRemoved."""
         self._faults.append(_Fault(None, operation, step_number, occurrence))
+
+    def answer_with(self, value: cards.StepValue, *, operation: type | None = None, step_number: int | None = None,
+                    occurrence: int = 1) -> None:
+        """The matching command (counted as for `fail`) is answered with VALUE, whatever its
+        operation; the token is not touched."""
+        self._faults.append(_Fault(None, operation, step_number, occurrence, answer=value))
 
     def fall_silent(self) -> None:
         """Stops answering the orchestrator's heartbeats, the link left open: a station whose
@@ -420,6 +430,8 @@ class FakeGateway:
             raise ReaderNotFound(f"no reader {command.reader_id!r} on fake gateway {self.gateway_id}")
         for fault in self._faults:
             if fault.matches(command):
+                if fault.answer is not None:
+                    return fault.answer
                 if fault.error is not None:
                     raise fault.error
                 token.lose()

@@ -118,7 +118,7 @@ class RunStepResponse(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
-    """answered from the first run of the same (task_id, step_number)"""
+    """answered from this caller's first run of the same step"""
     @_builtins.property
     def outcome(self) -> _steps_pb2.StepOutcome:
         """never carries an error: errors are gRPC status codes here"""

@@ -63,8 +63,10 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RunStep(self, request, context):
-        """Runs one step on one reader. (task_id, step_number) make a step idempotent: a
-        repeated step is answered from its first result, not run again.
+        """Runs one step on one reader. (task_id, step_number) make a step idempotent for its
+        caller: the same caller (client certificate) repeating it on the same reader with the
+        same operation is answered from its first result, not run again; another caller's steps
+        (the orchestrator's included) never answer it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -35,8 +35,10 @@ class GatewayServiceStub:
     def __new__(cls, channel: _aio.Channel) -> GatewayServiceAsyncStub: ...
     ListReaders: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListReadersRequest, _gateway_pb2.ListReadersResponse]
     RunStep: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RunStepRequest, _gateway_pb2.RunStepResponse]
-    """Runs one step on one reader. (task_id, step_number) make a step idempotent: a
-    repeated step is answered from its first result, not run again.
+    """Runs one step on one reader. (task_id, step_number) make a step idempotent for its
+    caller: the same caller (client certificate) repeating it on the same reader with the
+    same operation is answered from its first result, not run again; another caller's steps
+    (the orchestrator's included) never answer it.
     """
     WatchReaders: _grpc.UnaryStreamMultiCallable[_gateway_pb2.WatchReadersRequest, _gateway_pb2.ReaderEvent]
     """Card insert/remove events, starting with the current inventory."""
@@ -48,8 +50,10 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListReaders: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListReadersRequest, _gateway_pb2.ListReadersResponse]  # type: ignore[assignment]
     RunStep: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RunStepRequest, _gateway_pb2.RunStepResponse]  # type: ignore[assignment]
-    """Runs one step on one reader. (task_id, step_number) make a step idempotent: a
-    repeated step is answered from its first result, not run again.
+    """Runs one step on one reader. (task_id, step_number) make a step idempotent for its
+    caller: the same caller (client certificate) repeating it on the same reader with the
+    same operation is answered from its first result, not run again; another caller's steps
+    (the orchestrator's included) never answer it.
     """
     WatchReaders: _aio.UnaryStreamMultiCallable[_gateway_pb2.WatchReadersRequest, _gateway_pb2.ReaderEvent]  # type: ignore[assignment]
     """Card insert/remove events, starting with the current inventory."""
@@ -70,8 +74,10 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.RunStepRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.RunStepResponse, _abc.Awaitable[_gateway_pb2.RunStepResponse]]:
-        """Runs one step on one reader. (task_id, step_number) make a step idempotent: a
-        repeated step is answered from its first result, not run again.
+        """Runs one step on one reader. (task_id, step_number) make a step idempotent for its
+        caller: the same caller (client certificate) repeating it on the same reader with the
+        same operation is answered from its first result, not run again; another caller's steps
+        (the orchestrator's included) never answer it.
         """
 
     @_abc_1.abstractmethod
