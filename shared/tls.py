@@ -24,7 +24,7 @@ from cryptography import x509
 from shared.errors import CardlineError, ConfigurationError, PermissionDenied, Unauthenticated
 from shared.logging import get_logger
 from shared.pki import CA_CERT, CRL, common_name_of, load_crl, role_of
-from shared.rpc import status_of
+from shared.rpc import MESSAGE_SIZE_OPTIONS, status_of
 
 if TYPE_CHECKING:
     from shared.config import GatewaySettings, OrchestratorSettings
@@ -149,8 +149,8 @@ def client_channel(target: str, files: TlsFiles | Literal[True] | None = True) -
     from the client environment (client_tls()) when FILES is True."""
     files = client_tls() if files is True else files
     if files is None:
-        return grpc.insecure_channel(target)
-    return grpc.secure_channel(target, files.channel_credentials())
+        return grpc.insecure_channel(target, options=MESSAGE_SIZE_OPTIONS)
+    return grpc.secure_channel(target, files.channel_credentials(), options=MESSAGE_SIZE_OPTIONS)
 
 
 # -- the peer ---------------------------------------------------------------------------------

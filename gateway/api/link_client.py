@@ -18,6 +18,7 @@ from shared import convert
 from shared.errors import CardlineError
 from shared.logging import get_logger
 from shared.proto import link_pb2, link_pb2_grpc
+from shared.rpc import MESSAGE_SIZE_OPTIONS
 from shared.version import VERSION
 
 log = get_logger(__name__)
@@ -81,8 +82,8 @@ class OrchestratorLink:
     async def _session(self) -> None:
         # Mutual TLS with the gateway's own certificate; plaintext only when the gateway was
         # started with --insecure (development).
-        channel = (grpc.aio.secure_channel(self.target, self.credentials) if self.credentials
-                   else grpc.aio.insecure_channel(self.target))
+        channel = (grpc.aio.secure_channel(self.target, self.credentials, options=MESSAGE_SIZE_OPTIONS)
+                   if self.credentials else grpc.aio.insecure_channel(self.target, options=MESSAGE_SIZE_OPTIONS))
         outbox: asyncio.Queue[link_pb2.GatewayMessage] = asyncio.Queue()
         running: set[asyncio.Task] = set()
         unsubscribe = self.registry.subscribe(

@@ -7,6 +7,7 @@ import asyncio
 from orchestrator.services.pool import Command, GatewaySession, ReaderPool
 from shared import cards, convert
 from shared.errors import CardlineError, InvalidArgument, PermissionDenied
+from shared.limits import check_message
 from shared.logging import get_logger
 from shared.proto import link_pb2, link_pb2_grpc
 from shared.rpc import rpc_errors
@@ -33,6 +34,7 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
         if first is None or first.WhichOneof("message") != "hello":
             raise InvalidArgument("the first message on the link must be a hello", field="hello")
         hello = first.hello
+        check_message(hello, "hello")       # shared/limits.py: what it announces reaches every pool client
         if not hello.gateway_id:
             raise InvalidArgument("hello.gateway_id is empty", field="hello.gateway_id")
         peer = peer_identity(context)     # None only on a plaintext (--insecure) server
@@ -58,7 +60,7 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
                     sequence += 1
                     yield link_pb2.OrchestratorMessage(heartbeat=link_pb2.Heartbeat(sequence=sequence))
                     continue
-                if GatewaySession.is_close_marker(item):
+                if GatewaySession.is_close_marker(item) or session.closed:
                     return
                 yield command_to_proto(item)
         finally:
@@ -73,6 +75,15 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
                 msg = await asyncio.wait_for(anext(iterator), 3 * self.heartbeat_interval_s)
                 self.pool.seen(session)
                 kind = msg.WhichOneof("message")
+                try:
+                    check_message(msg)
+                except InvalidArgument as exc:
+                    if kind != "step_result":
+                        log.warning("gateway message over the limits ignored", gateway_id=session.gateway_id,
+                                    kind=kind, error=exc.message)
+                        continue
+                    session.resolve(msg.step_result.command_id, exc)     # the step fails, with the reason
+                    continue
                 if kind == "step_result":
                     result = msg.step_result
                     try:
