@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from gateway.core.idempotency import StepMemo
+from gateway.core.pin_guard import PinGuard
 from gateway.core.registry import ReaderRegistry
 from gateway.drivers.base import TokenDriver
 from shared import cards
@@ -89,9 +90,10 @@ class _Unobserved:
 
 class StepExecutor:
     def __init__(self, registry: ReaderRegistry, memo: StepMemo | None = None,
-                 observer: StepObserver | None = None) -> None:
+                 observer: StepObserver | None = None, pin_guard: PinGuard | None = None) -> None:
         self.registry = registry
         self.memo = memo or StepMemo()
+        self.pin_guard = pin_guard or PinGuard()
         self.observer: StepObserver = observer or _Unobserved()
 
     async def run(self, reader_id: str, step: cards.Step, task_id: str = "",
@@ -118,6 +120,11 @@ class StepExecutor:
 
     async def _dispatch(self, reader_id: str, step: cards.Step) -> cards.StepValue:
         reader = self.registry.reader(reader_id)
+        # Wrong PINs slow down the next attempt on that card (gateway/core/pin_guard.py).
+        return await self.pin_guard.run(reader, step, lambda: self._on_reader(reader, step))
+
+    async def _on_reader(self, reader: cards.Reader, step: cards.Step) -> cards.StepValue:
+        reader_id = reader.reader_id
         if reader.kind is cards.ReaderKind.PCSC:
             return await self._pcsc(reader_id, step.operation)
         return await self._token(reader_id, step)
