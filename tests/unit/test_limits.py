@@ -1,0 +1,128 @@
+"""shared/limits.py: the size limits of requests, durations, List pages and watch backlogs,
+and shared/errors.py `quoted`: no error message echoes unbounded input."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared import limits
+from shared.errors import InvalidArgument, PinAttemptsThrottled, WatcherTooSlow, quoted
+from shared.proto import certificate_service_pb2 as certificate_pb
+from shared.proto import common_pb2, link_pb2
+from shared.proto import lease_service_pb2 as lease_pb
+from shared.proto import process_service_pb2 as process_pb
+from shared.proto import reader_pool_service_pb2 as pool_pb
+
+
+def refusal(message, path: str = "") -> InvalidArgument:
+    with pytest.raises(InvalidArgument) as err:
+        limits.check_message(message, path)
+    return err.value
+
+
+def test_limits_a_45_kb_hello_label_is_refused_naming_the_field_and_the_limit():
+    err = refusal(link_pb2.GatewayHello(gateway_id="station-1", labels={"room": "x" * 45_000}), "hello")
+    assert err.field == "hello.labels['room']" and err.limit == limits.MAX_NAME_CHARS
+    assert "45000 characters" in err.message and len(err.message) < 200
+
+
+def test_limits_a_hello_with_too_many_readers_or_labels_is_refused():
+    readers = [common_pb2.Reader(reader_id=f"pkcs11:m:{i}") for i in range(limits.MAX_READERS_PER_GATEWAY + 1)]
+    assert refusal(link_pb2.GatewayHello(gateway_id="g", readers=readers), "hello").field == "hello.readers"
+    labels = {f"k{i}": "v" for i in range(limits.MAX_LABELS + 1)}
+    assert refusal(link_pb2.GatewayHello(gateway_id="g", labels=labels), "hello").field == "hello.labels"
+    long_key = refusal(link_pb2.GatewayHello(gateway_id="g", labels={"k" * 5000: "v"}), "hello")
+    assert long_key.field == "hello.labels" and len(long_key.message) < 200
+
+
+def test_limits_a_reader_name_in_a_hello_is_bounded_by_its_field_path():
+    hello = link_pb2.GatewayHello(gateway_id="g", readers=[common_pb2.Reader(reader_id="r"),
+                                                          common_pb2.Reader(reader_id="r2", name="n" * 300)])
+    assert refusal(hello, "hello").field == "hello.readers[1].name"
+
+
+def test_limits_a_2_5_mb_lease_holder_is_refused():
+    err = refusal(lease_pb.AcquireLeaseRequest(holder="h" * 2_500_000))
+    assert err.field == "holder" and err.limit == limits.MAX_NAME_CHARS and len(err.message) < 200
+
+
+def test_limits_nested_fields_ids_tokens_and_secrets_have_their_own_limits():
+    selector = pool_pb.ListReadersRequest(selector=pool_pb.ReaderSelector(gateway_id="g" * (limits.MAX_ID_CHARS + 1)))
+    assert refusal(selector).field == "selector.gateway_id"
+    assert refusal(pool_pb.ListReadersRequest(page_token="t" * 2000)).limit == limits.MAX_PAGE_TOKEN_CHARS
+    start = process_pb.StartProcessRequest(process="p", secret_inputs={"pin": "9" * 300})
+    err = refusal(start)
+    assert err.field == "secret_inputs['pin']" and "9999" not in err.message      # the secret is not quoted
+    inputs = process_pb.StartProcessRequest(process="p", inputs={"list": common_pb2.Value(list=common_pb2.ValueList(
+        values=[common_pb2.Value(text="ok"), common_pb2.Value(text="y" * 5000)]))})
+    assert refusal(inputs).field == "inputs['list'].list.values[1].text"
+
+
+def test_limits_requests_at_the_limits_pass():
+    limits.check_message(lease_pb.AcquireLeaseRequest(holder="h" * limits.MAX_NAME_CHARS, request_id="r" * 128,
+                                                      selector=pool_pb.ReaderSelector(
+                                                          labels={"k" * 63: "v" * 256 for _ in range(1)})))
+    limits.check_message(link_pb2.GatewayHello(gateway_id="g", readers=[
+        common_pb2.Reader(reader_id=f"r{i}", atr=b"\x3b" * 33) for i in range(limits.MAX_READERS_PER_GATEWAY)]))
+
+
+@given(st.text(min_size=0, max_size=3 * limits.MAX_NAME_CHARS))
+def test_limits_a_holder_passes_exactly_when_within_its_limit(holder):
+    request = lease_pb.AcquireLeaseRequest(holder=holder)
+    if len(holder) <= limits.MAX_NAME_CHARS:
+        limits.check_message(request)
+    else:
+        assert refusal(request).field == "holder"
+
+
+def test_limits_a_huge_duration_is_invalid_argument_not_an_overflow():
+    request = certificate_pb.SearchIssuedCertificatesRequest()
+    request.older_than.seconds = 315_576_000_000          # the largest protobuf Duration: 10 000 years
+    err = refusal(request)
+    assert err.field == "older_than" and err.reason == "INVALID_ARGUMENT"
+    with pytest.raises(InvalidArgument):
+        limits.check_days(4_000_000_000, "days")           # uint32 days: timedelta would overflow
+    with pytest.raises(InvalidArgument):
+        limits.check_duration(float("inf"), "ttl")
+    assert limits.check_days(30, "days") == dt.timedelta(days=30)
+
+
+def test_errors_quoted_bounds_a_1_mb_input():
+    text = quoted("x" * 1_000_000)
+    assert len(text) < 120 and text.endswith("(1000000 characters)")
+    assert quoted("short") == "'short'"
+
+
+def test_limits_pages_stop_at_the_byte_budget_and_always_hold_one_item():
+    assert limits.page_fits([100] * 10) == 10
+    big = limits.MAX_PAGE_BYTES // 4
+    assert limits.page_fits([big] * 10) == 3
+    assert limits.page_fits([limits.MAX_PAGE_BYTES * 2, 1]) == 1
+
+
+def test_limits_a_backlog_drops_a_slow_watcher_with_how_far_behind_it_is():
+    async def body():
+        backlog: limits.Backlog[int] = limits.Backlog(limit=3)
+        for i in range(5):
+            backlog.put(i)
+        with pytest.raises(WatcherTooSlow) as err:
+            await backlog.get()
+        fast: limits.Backlog[int] = limits.Backlog(limit=3)
+        got = []
+        for i in range(10):
+            fast.put(i)
+            got.append(await fast.get())
+        return err.value, got
+
+    err, got = asyncio.run(body())
+    assert err.code == "RESOURCE_EXHAUSTED" and err.behind == 5 and "watcher too slow: 5 events behind" in err.message
+    assert got == list(range(10))
+
+
+def test_errors_pin_family_carries_attempts_remaining():
+    err = PinAttemptsThrottled("wait", retry_after_ms=1000, failures=2, attempts_remaining=1)
+    assert err.code == "RESOURCE_EXHAUSTED" and err.to_details()["attempts_remaining"] == 1
