@@ -63,9 +63,10 @@ def test_limits_nested_fields_ids_tokens_and_secrets_have_their_own_limits():
 
 
 def test_limits_requests_at_the_limits_pass():
+    labels = {f"{i:02d}".ljust(limits.MAX_LABEL_KEY_CHARS, "k"): "v" * limits.MAX_NAME_CHARS
+              for i in range(limits.MAX_LABELS)}
     limits.check_message(lease_pb.AcquireLeaseRequest(holder="h" * limits.MAX_NAME_CHARS, request_id="r" * 128,
-                                                      selector=pool_pb.ReaderSelector(
-                                                          labels={"k" * 63: "v" * 256 for _ in range(1)})))
+                                                      selector=pool_pb.ReaderSelector(labels=labels)))
     limits.check_message(link_pb2.GatewayHello(gateway_id="g", readers=[
         common_pb2.Reader(reader_id=f"r{i}", atr=b"\x3b" * 33) for i in range(limits.MAX_READERS_PER_GATEWAY)]))
 

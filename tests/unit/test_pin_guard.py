@@ -110,7 +110,8 @@ def test_pin_guard_reads_63cx_answers_to_verify_with_the_tries_left():
         first = await attempt(guard, PCSC, script, card_says_two_left)
         second = await attempt(guard, PCSC, script, card_says_two_left)
         empty_verify = cards.Step(cards.RunApduScript((cards.Apdu(bytes.fromhex("0020008100"), ("63CX",)),)))
-        ask = await attempt(guard, PCSC, empty_verify, lambda: cards.ApduScriptResult((cards.ApduResponse(b"", 0x63C2),)))
+        tries_left = cards.ApduScriptResult((cards.ApduResponse(b"", 0x63C2),))
+        ask = await attempt(guard, PCSC, empty_verify, lambda: tries_left)
         return first, second, ask
 
     first, second, ask = asyncio.run(body())
