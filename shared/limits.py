@@ -28,7 +28,8 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: What a List answer fills at most: half a message, so an answer always fits.
 MAX_PAGE_BYTES = MAX_MESSAGE_BYTES // 2
 
-MAX_ID_CHARS = 128              # *_id, request_id, serials
+MAX_ID_CHARS = 128              # *_id, serials
+MAX_REQUEST_ID_CHARS = 200      # a client's request_id (docs/api.md, "Request ids")
 MAX_NAME_CHARS = 256            # names, holders, sites, reader ids, label values, templates, states
 MAX_SECRET_CHARS = 256          # PINs, PUKs, secret process inputs
 MAX_PAGE_TOKEN_CHARS = 1024
@@ -44,7 +45,7 @@ MAX_DURATION = dt.timedelta(days=36_525)
 #: is dropped with RESOURCE_EXHAUSTED.
 MAX_WATCH_BACKLOG = 1000
 
-_ID_NAMES = frozenset({"id", "request_id", "serial", "serial_hex", "token_serial", "command_id", "task_id"})
+_ID_NAMES = frozenset({"id", "serial", "serial_hex", "token_serial", "command_id", "task_id"})
 _NAME_NAMES = frozenset({"reader_id", "holder", "site", "name", "template", "card_template", "state", "target_state",
                          "token_label", "token_model", "label", "key_label", "process", "definition", "ca",
                          "version", "revoke_reason", "reason", "type", "application"})
@@ -58,6 +59,8 @@ def text_limit(name: str) -> int:
         return MAX_SECRET_CHARS
     if name in _TOKEN_NAMES:
         return MAX_PAGE_TOKEN_CHARS
+    if name == "request_id":
+        return MAX_REQUEST_ID_CHARS
     if name in _NAME_NAMES or name == "labels":
         return MAX_NAME_CHARS
     if name in _ID_NAMES or name.endswith("_id"):

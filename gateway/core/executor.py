@@ -17,7 +17,7 @@ from gateway.core.pin_guard import PinGuard
 from gateway.core.registry import ReaderRegistry
 from gateway.drivers.base import TokenDriver
 from shared import cards
-from shared.errors import CardlineError, UnsupportedOperation
+from shared.errors import CardlineError, UnsupportedOperation, quoted
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -139,7 +139,7 @@ class StepExecutor:
             return cards.ApduScriptResult(tuple(responses))
         if type(op) in READER_OPERATIONS:
             return self.registry.reader(reader_id)
-        raise UnsupportedOperation(f"{type(op).__name__} needs a PKCS#11 token; {reader_id!r} is a PC/SC reader",
+        raise UnsupportedOperation(f"{type(op).__name__} needs a PKCS#11 token; {quoted(reader_id)} is a PC/SC reader",
                                    reader_id=reader_id)
 
     async def _token(self, reader_id: str, step: cards.Step) -> cards.StepValue:
@@ -149,7 +149,7 @@ class StepExecutor:
             return self.registry.reader(reader_id)
         run = TOKEN_OPERATIONS.get(type(op))
         if run is None:
-            raise UnsupportedOperation(f"{type(op).__name__} needs a PC/SC reader; {reader_id!r} is a "
+            raise UnsupportedOperation(f"{type(op).__name__} needs a PC/SC reader; {quoted(reader_id)} is a "
                                        "PKCS#11 slot", reader_id=reader_id)
         driver, slot_id = slot.driver, slot.info.slot_id
         return await driver.thread.call_async(lambda: run(driver, slot_id, step, op))

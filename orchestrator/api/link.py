@@ -6,7 +6,7 @@ import asyncio
 
 from orchestrator.services.pool import Command, GatewaySession, ReaderPool
 from shared import cards, convert
-from shared.errors import CardlineError, InvalidArgument, PermissionDenied
+from shared.errors import CardlineError, InvalidArgument, PermissionDenied, quoted
 from shared.limits import check_message
 from shared.logging import get_logger
 from shared.proto import link_pb2, link_pb2_grpc
@@ -39,7 +39,7 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
             raise InvalidArgument("hello.gateway_id is empty", field="hello.gateway_id")
         peer = peer_identity(context)     # None only on a plaintext (--insecure) server
         if peer is not None and peer.name != hello.gateway_id:
-            raise PermissionDenied(f"hello names gateway {hello.gateway_id!r} but the certificate is issued to "
+            raise PermissionDenied(f"hello names gateway {quoted(hello.gateway_id)} but the certificate is issued to "
                                    f"{peer.name!r}", gateway_id=hello.gateway_id, certificate=peer.name)
         # The hello carries the whole inventory: a returning gateway's readers are re-read.
         session = GatewaySession(gateway_id=hello.gateway_id, site=hello.site, labels=dict(hello.labels),

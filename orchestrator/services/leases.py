@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.services.pool import SERVICE, GatewaySession, Lease, ReaderPool, ReaderSelector
 from shared import cards
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import InvalidArgument, NotFound, quoted
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -96,7 +96,7 @@ class LeaseService:
         lease = self._leases.get(lease_id)
         if lease is None or lease.ended:
             why = lease.ended if lease is not None else self._ended.get(lease_id)
-            raise NotFound(f"lease {lease_id!r} is not held" + (f": it {why}" if why else " (unknown id)"),
+            raise NotFound(f"lease {quoted(lease_id)} is not held" + (f": it {why}" if why else " (unknown id)"),
                            lease_id=lease_id, ended=why or "unknown")
         return lease
 

@@ -85,7 +85,7 @@ class ProcessService:
             return self.configuration.processes[name]
         except KeyError:
             known = ", ".join(sorted(self.configuration.processes)) or "none"
-            raise NotFound(f"no process {name!r} (known: {known})", process=name) from None
+            raise NotFound(f"no process {quoted(name)} (known: {known})", process=name) from None
 
     async def start(self, name: str, inputs: Mapping[str, object],
                     progress: ProcessProgressSink = lambda p: None, *,

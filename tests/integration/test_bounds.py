@@ -39,6 +39,17 @@ def own_channel(address: str) -> grpc.aio.Channel:
                                    options=[("grpc.use_local_subchannel_pool", 1)])
 
 
+def api_on(channel):
+    """The orchestrator's stubs on an aio channel (typed as the blocking stubs they are not)."""
+    return OrchestratorApi.on(channel)
+
+
+def field_of(err: grpc.aio.AioRpcError) -> str | None:
+    error = error_from_rpc(err)
+    assert isinstance(error, InvalidArgument), error
+    return error.field
+
+
 @contextlib.asynccontextmanager
 async def orchestrator(tmp_path):
     orch = await orchestrator_app.start(settings_for(tmp_path, write_config(tmp_path / "config")))
@@ -51,7 +62,7 @@ async def orchestrator(tmp_path):
         await orch.stop()
 
 
-async def all_readers(api: OrchestratorApi, page_size: int = 0) -> tuple[list[str], int]:
+async def all_readers(api, page_size: int = 0) -> tuple[list[str], int]:
     """Every reader id through ListReaders' pages, and how many pages it took."""
     ids, token, pages = [], "", 0
     while True:
@@ -75,10 +86,10 @@ def test_bounds_a_45_kb_hello_and_a_2_5_mb_holder_are_refused_and_list_readers_k
             await hostile.close()
             async with own_channel(orch.address) as attacker, own_channel(orch.address) as other:
                 with pytest.raises(grpc.aio.AioRpcError) as holder:
-                    await OrchestratorApi.on(attacker).leases.AcquireLease(lease_pb.AcquireLeaseRequest(
+                    await api_on(attacker).leases.AcquireLease(lease_pb.AcquireLeaseRequest(
                         selector=pool_pb.ReaderSelector(card_present=True), holder="h" * 2_500_000))
-                readers, _ = await all_readers(OrchestratorApi.on(other))
-                gateways_seen = await OrchestratorApi.on(other).pool.ListGateways(pool_pb.ListGatewaysRequest())
+                readers, _ = await all_readers(api_on(other))
+                gateways_seen = await api_on(other).pool.ListGateways(pool_pb.ListGatewaysRequest())
             return hello.value, holder.value, readers, gateways_seen, orch.leases.list()
 
     hello, holder, readers, gateways_seen, leases = asyncio.run(body())
@@ -106,7 +117,7 @@ def test_bounds_list_readers_pages_by_bytes_so_the_largest_allowed_gateways_fit(
                 await gw.connect(orch.address)
                 gateways.append(gw)
             async with own_channel(orch.address) as channel:
-                api = OrchestratorApi.on(channel)
+                api = api_on(channel)
                 first = await api.pool.ListReaders(pool_pb.ListReadersRequest(page_size=limits.MAX_ITEMS))
                 ids, pages = await all_readers(api, limits.MAX_ITEMS)
             return first, ids, pages
@@ -132,8 +143,8 @@ def test_bounds_a_slow_watcher_is_dropped_with_the_reason_while_a_fast_one_keeps
             host, _, port = orch.address.rpartition(":")
             proxy = await TcpProxy(host, int(port)).start()
             async with own_channel(proxy.address) as slow_channel, own_channel(orch.address) as fast_channel:
-                slow = OrchestratorApi.on(slow_channel).pool.WatchReaders(pool_pb.WatchReadersRequest())
-                fast = OrchestratorApi.on(fast_channel).pool.WatchReaders(pool_pb.WatchReadersRequest())
+                slow = api_on(slow_channel).pool.WatchReaders(pool_pb.WatchReadersRequest())
+                fast = api_on(fast_channel).pool.WatchReaders(pool_pb.WatchReadersRequest())
                 await slow.read()                           # both subscribed: the reader as it is now
                 await fast.read()
                 proxy.stall()
@@ -179,7 +190,7 @@ def test_bounds_a_slow_watcher_is_dropped_with_the_reason_while_a_fast_one_keeps
 def test_bounds_huge_durations_are_invalid_argument_not_internal(tmp_path):
     async def body():
         async with orchestrator(tmp_path) as (orch, _), own_channel(orch.address) as channel:
-            api = OrchestratorApi.on(channel)
+            api = api_on(channel)
             search = certificate_pb.SearchIssuedCertificatesRequest()
             search.older_than.seconds = 315_576_000_000
             refused = []
@@ -194,17 +205,17 @@ def test_bounds_huge_durations_are_invalid_argument_not_internal(tmp_path):
 
     refused = asyncio.run(body())
     assert [e.code() for e in refused] == [grpc.StatusCode.INVALID_ARGUMENT] * 3, [e.details() for e in refused]
-    assert [error_from_rpc(e).field for e in refused] == ["older_than", "days", "ttl_s"]
+    assert [field_of(e) for e in refused] == ["older_than", "days", "ttl_s"]
 
 
 def test_bounds_an_error_for_a_1_mb_input_carries_a_bounded_message(tmp_path):
     async def body():
         async with orchestrator(tmp_path) as (orch, _), own_channel(orch.address) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await OrchestratorApi.on(channel).cards.GetCard(card_pb.GetCardRequest(card_id="c" * 1_000_000))
+                await api_on(channel).cards.GetCard(card_pb.GetCardRequest(card_id="c" * 1_000_000))
             return err.value
 
     err = asyncio.run(body())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert error_from_rpc(err).field == "card_id" and len(err.details()) < 200
+    assert field_of(err) == "card_id" and len(err.details()) < 200
     assert len(str(err.trailing_metadata())) < 2000                     # nor do the details echo it
