@@ -51,6 +51,8 @@ _NAME_NAMES = frozenset({"reader_id", "holder", "site", "name", "template", "car
                          "version", "revoke_reason", "reason", "type", "application"})
 _SECRET_NAMES = frozenset({"user_pin", "so_pin", "new_user_pin", "new_so_pin", "puk", "secret_inputs"})
 _TOKEN_NAMES = frozenset({"page_token"})
+# Text that carries card data (an error's details from a gateway: APDU responses as hex).
+_BULK_TEXT_NAMES = frozenset({"metadata", "string_value"})
 
 
 def text_limit(name: str) -> int:
@@ -61,6 +63,8 @@ def text_limit(name: str) -> int:
         return MAX_PAGE_TOKEN_CHARS
     if name == "request_id":
         return MAX_REQUEST_ID_CHARS
+    if name in _BULK_TEXT_NAMES:
+        return 2 * MAX_BYTES + MAX_TEXT_CHARS
     if name in _NAME_NAMES or name == "labels":
         return MAX_NAME_CHARS
     if name in _ID_NAMES or name.endswith("_id"):

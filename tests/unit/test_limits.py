@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared import limits
-from shared.errors import InvalidArgument, PinAttemptsThrottled, WatcherTooSlow, quoted
+from shared import convert, limits
+from shared.cards import ApduResponse
+from shared.errors import InvalidArgument, PinAttemptsThrottled, UnexpectedStatusWord, WatcherTooSlow, quoted
 from shared.proto import certificate_service_pb2 as certificate_pb
 from shared.proto import common_pb2, link_pb2
 from shared.proto import lease_service_pb2 as lease_pb
@@ -69,6 +70,14 @@ def test_limits_requests_at_the_limits_pass():
                                                       selector=pool_pb.ReaderSelector(labels=labels)))
     limits.check_message(link_pb2.GatewayHello(gateway_id="g", readers=[
         common_pb2.Reader(reader_id=f"r{i}", atr=b"\x3b" * 33) for i in range(limits.MAX_READERS_PER_GATEWAY)]))
+
+
+def test_limits_a_gateway_error_carrying_long_apdu_responses_passes_the_link_check():
+    responses = (*(ApduResponse(bytes(256), 0x9000) for _ in range(40)), ApduResponse(b"", 0x6A82))
+    error = UnexpectedStatusWord("APDU 40 answered 6A82", index=40, sw=0x6A82, responses=responses)
+    message = link_pb2.GatewayMessage(step_result=link_pb2.StepResult(command_id="c",
+                                                                      outcome=convert.error_to_outcome(error)))
+    limits.check_message(message)
 
 
 @given(st.text(min_size=0, max_size=3 * limits.MAX_NAME_CHARS))
