@@ -9,8 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared import convert, limits
+from orchestrator.cli.certificates import duration
+from shared import config, convert, limits
 from shared.cards import ApduResponse
+from shared.cli import CliFail
 from shared.errors import InvalidArgument, PinAttemptsThrottled, UnexpectedStatusWord, WatcherTooSlow, quoted
 from shared.proto import certificate_service_pb2 as certificate_pb
 from shared.proto import common_pb2, link_pb2
@@ -99,6 +101,18 @@ def test_limits_a_huge_duration_is_invalid_argument_not_an_overflow():
     with pytest.raises(InvalidArgument):
         limits.check_duration(float("inf"), "ttl")
     assert limits.check_days(30, "days") == dt.timedelta(days=30)
+
+
+def test_limits_older_than_and_configured_durations_past_the_limit_are_refused_not_overflowed():
+    with pytest.raises(CliFail) as cli:
+        duration("99999999999d")
+    assert cli.value.code == 2 and "36525 days" in str(cli.value)
+    assert duration("7d") == dt.timedelta(days=7)
+    with pytest.raises(ValueError, match="the limit is"):
+        config.duration_seconds("999999999d", "grace_period")
+    with pytest.raises(ValueError, match="the limit is"):
+        config.duration_seconds(float("inf"), "grace_period")
+    assert config.duration_seconds("2d", "grace_period") == 172800.0
 
 
 def test_errors_quoted_bounds_a_1_mb_input():
