@@ -91,6 +91,24 @@ def test_limits_a_holder_passes_exactly_when_within_its_limit(holder):
         assert refusal(request).field == "holder"
 
 
+_FIELDS = st.sampled_from(["gateway_id", "site", "version"])
+_TEXTS = st.text(max_size=50) | st.builds(lambda c, n: c * n, st.characters(), st.integers(0, 20_000))
+
+
+@given(_FIELDS, _TEXTS, st.dictionaries(_TEXTS, _TEXTS, max_size=40))
+def test_limits_any_hello_passes_or_is_refused_with_a_bounded_message_naming_a_field(field, text, labels):
+    hello = link_pb2.GatewayHello(labels=labels, **{field: text})
+    try:
+        limits.check_message(hello, "hello")
+    except InvalidArgument as err:
+        assert err.field is not None and err.field.startswith("hello.") and err.limit is not None
+        assert len(err.message) < 300
+    else:
+        assert len(text) <= limits.text_limit(field) and len(labels) <= limits.MAX_LABELS
+        assert all(len(k) <= limits.MAX_LABEL_KEY_CHARS and len(v) <= limits.MAX_NAME_CHARS
+                   for k, v in labels.items())
+
+
 def test_limits_a_huge_duration_is_invalid_argument_not_an_overflow():
     request = certificate_pb.SearchIssuedCertificatesRequest()
     request.older_than.seconds = 315_576_000_000          # the largest protobuf Duration: 10 000 years
