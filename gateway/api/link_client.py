@@ -64,9 +64,11 @@ class OrchestratorLink:
                 failures = 0
             except (grpc.aio.AioRpcError, ConnectionError) as exc:
                 refused = isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
-                    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-                # A refused certificate (revoked, wrong role, wrong gateway id) is an operator's
-                # problem: logged as an error with the orchestrator's reason, and retried with backoff.
+                    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.INVALID_ARGUMENT)
+                # A refused certificate (revoked, wrong role, wrong gateway id) or hello (labels over
+                # docs/limits.md) is an operator's problem: logged as an error with the
+                # orchestrator's reason, and retried with backoff.
                 (log.error if refused else log.warning)(
                     "orchestrator refused this gateway" if refused else "orchestrator link down", target=self.target,
                     error=exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc),
