@@ -15,8 +15,9 @@ import grpc
 import pytest
 
 from orchestrator import app as orchestrator_app
-from shared import limits
-from shared.errors import InvalidArgument, WatcherTooSlow
+from orchestrator.services.pool import ReaderSelector
+from shared import cards, limits
+from shared.errors import CardIoError, InvalidArgument, WatcherTooSlow
 from shared.proto import card_service_pb2 as card_pb
 from shared.proto import certificate_service_pb2 as certificate_pb
 from shared.proto import lease_service_pb2 as lease_pb
@@ -185,6 +186,25 @@ def test_bounds_a_slow_watcher_is_dropped_with_the_reason_while_a_fast_one_keeps
     assert slow_got < events                                # it never got everything: it was dropped
     print(f"bounds: {events} events to a fast watcher in {took:.2f} s; the slow one read {slow_got} "
           f"and was dropped {error.behind} events behind")
+
+
+def test_bounds_a_step_result_over_the_limits_fails_that_step_and_the_link_stays(tmp_path):
+    async def body():
+        async with orchestrator(tmp_path) as (orch, gateways):
+            gw = FakeGateway("station-1", (FakeToken(serial="s1", user_pin="1234"),))
+            await gw.connect(orch.address)
+            gateways.append(gw)
+            gw.fail(CardIoError("x" * 10_000), operation=cards.ListObjects)       # a lying, oversized answer
+            lease = await orch.leases.acquire(ReaderSelector(card_present=True))
+            with pytest.raises(InvalidArgument) as refused:
+                await orch.leases.run_step(lease.lease_id, cards.Step(cards.ListObjects(), user_pin="1234"))
+            again = await orch.leases.run_step(lease.lease_id, cards.Step(cards.ListObjects(), user_pin="1234"))
+            return refused.value, again
+
+    refused, again = asyncio.run(body())
+    assert refused.field == "step_result.outcome.error.message" and refused.limit == limits.MAX_TEXT_CHARS
+    assert len(refused.message) < 200
+    assert again == cards.ObjectListing(())                                # the same link answers the next step
 
 
 def test_bounds_huge_durations_are_invalid_argument_not_internal(tmp_path):
