@@ -90,9 +90,8 @@ def too_long(field: str, size: int, limit: int, unit: str) -> InvalidArgument:
     return InvalidArgument(f"{field} is {size} {unit} long; the limit is {limit}", field=field, limit=limit)
 
 
-def check_text(value: str, field: str, limit: int | None = None) -> str:
-    """VALUE, or InvalidArgument when it is longer than LIMIT (default: by the field's name)."""
-    limit = text_limit(field.rpartition(".")[2].partition("[")[0]) if limit is None else limit
+def check_text(value: str, field: str, limit: int) -> str:
+    """VALUE, or InvalidArgument when it is longer than LIMIT."""
     if len(value) > limit:
         raise too_long(field, len(value), limit, "characters")
     return value
