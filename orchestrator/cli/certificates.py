@@ -20,7 +20,7 @@ from orchestrator.cli.client import (
 )
 from shared.cli import CliFail
 from shared.errors import InvalidArgument, quoted
-from shared.limits import MAX_DURATION, check_duration
+from shared.limits import MAX_DURATION, MAX_ITEMS, check_duration
 from shared.proto import certificate_service_pb2 as pb
 from shared.proto import certificate_service_pb2_grpc
 from shared.serials import show_serial
@@ -177,8 +177,10 @@ def register(root: typer.Typer) -> None:
                 f"move to {target_state} " if target_state else "")
             confirm(f"{what or 'handle '}{len(chosen)} certificate(s) in the internal issued state?", yes)
             ids = [h.descriptor.id for h in chosen]   # exactly those confirmed, not ones stored since
-        results = certificates.HandleIssuedCertificates(pb.HandleIssuedCertificatesRequest(
-            certificate_ids=ids, revoke_reason=revoke_reason, target_state=target_state)).results
+        results = [r for start in range(0, len(ids), MAX_ITEMS)     # a request names at most MAX_ITEMS
+                   for r in certificates.HandleIssuedCertificates(pb.HandleIssuedCertificatesRequest(
+                       certificate_ids=ids[start:start + MAX_ITEMS], revoke_reason=revoke_reason,
+                       target_state=target_state)).results]
         if json_output:
             print_json([as_json(r) for r in results])
             return
