@@ -35,7 +35,8 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from shared.errors import ConfigurationError
+from shared.errors import ConfigurationError, InvalidArgument, quoted
+from shared.limits import check_duration
 
 
 def _check_listen(value: str) -> str:
@@ -174,11 +175,17 @@ def duration_seconds(value: object, what: str) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{what}: expected a duration such as 60s, 15m, 1h or 2d, got {value!r}")
     if isinstance(value, int | float):
-        return float(value)
-    match = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
-    if match is None:
-        raise ValueError(f"{what}: expected a duration such as 60s, 15m, 1h or 2d, got {value!r}")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+        seconds = float(value)
+    else:
+        match = _DURATION.fullmatch(value.strip()) if isinstance(value, str) and len(value) < 40 else None
+        if match is None:
+            raise ValueError(f"{what}: expected a duration such as 60s, 15m, 1h or 2d, got {quoted(value)}")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    try:
+        check_duration(seconds, what)       # datetime arithmetic with it must not overflow later
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
+    return seconds
 
 
 class IssuedSweeperSettings(BaseModel):

@@ -249,13 +249,21 @@ class ReaderBusy(CardError):
 
 
 class PinError(CardError):
-    """Family: the card refused a PIN."""
+    """Family: the card refused a PIN, or the gateway would not try one yet."""
+    attempts_remaining: int | None = None   # the card's tries left; None: the card does not tell
 
 
 class PinIncorrect(PinError):
     """The PIN was refused."""
     reason, code = "PIN_INCORRECT", "PERMISSION_DENIED"
-    attempts_remaining: int | None = None   # None: the card does not tell
+
+
+class PinAttemptsThrottled(PinError):
+    """The gateway did not try the PIN: wrong PINs were given for this card moments ago, and
+    the next attempt waits for a growing interval (docs/limits.md, "Wrong PINs")."""
+    reason, code = "PIN_THROTTLED", "RESOURCE_EXHAUSTED"
+    retry_after_ms: int | None = None       # when the next attempt is accepted
+    failures: int | None = None             # wrong PINs in a row on this card
 
 
 class PinLocked(PinError):
@@ -367,6 +375,13 @@ class InvalidArgument(CardlineError):
     """A request field is malformed."""
     reason, code = "INVALID_ARGUMENT", "INVALID_ARGUMENT"
     field: str | None = None
+    limit: int | None = None        # the bound the field broke (shared/limits.py), if that is what is wrong
+
+
+class WatcherTooSlow(CardlineError):
+    """A watching caller fell too many events behind and was dropped (docs/limits.md)."""
+    reason, code = "WATCHER_TOO_SLOW", "RESOURCE_EXHAUSTED"
+    behind: int | None = None       # events it had not read
 
 
 class LeaseQuotaExceeded(CardlineError):
@@ -433,6 +448,16 @@ class PermissionDenied(AuthError):
     """The peer's certificate (its role or name) does not allow this call."""
     reason, code = "PERMISSION_DENIED", "PERMISSION_DENIED"
     role: str | None = None
+
+
+def quoted(value: object, limit: int = 80) -> str:
+    """VALUE as an error message quotes what a caller sent: its repr, cut to about LIMIT
+    characters (with the full length said), so that no message echoes unbounded input."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = len(value) if isinstance(value, (str, bytes)) else len(text)
+    return f"{text[:limit]}... ({size} characters)"
 
 
 def _text(value: JsonValue) -> str:

@@ -9,6 +9,7 @@ from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -17,12 +18,17 @@ from grpc_status import rpc_status
 
 from shared.convert import error_from_proto, error_to_proto
 from shared.errors import DOMAIN, CardlineError, InvalidArgument, from_reason
+from shared.limits import MAX_MESSAGE_BYTES, check_message
 from shared.logging import get_logger
 from shared.proto import common_pb2
 
 log = get_logger(__name__)
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 _Method = TypeVar("_Method", bound=Callable[..., Any])
+#: The message size limits of every server and channel (docs/limits.md): set, not left to
+#: each gRPC implementation's defaults, and the same both ways.
+MESSAGE_SIZE_OPTIONS: list[tuple[str, Any]] = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
 def status_of(err: CardlineError) -> grpc.Status:
@@ -39,9 +45,12 @@ def status_of(err: CardlineError) -> grpc.Status:
 
 
 def rpc_errors(method: _Method) -> _Method:
-    """Servicer decorator: CardlineError → gRPC status with ErrorInfo; anything else → INTERNAL.
+    """Servicer decorator: the request checked against shared/limits.py first (INVALID_ARGUMENT
+    naming the field over its limit); CardlineError → gRPC status with ErrorInfo; anything
+    else → INTERNAL.
 
-    Works for unary and server-streaming (async generator) methods.
+    Works for unary and server-streaming (async generator) methods; a streaming request
+    (the gateway link) checks its messages itself.
     """
     async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
         if isinstance(exc, CardlineError):
@@ -53,6 +62,8 @@ def rpc_errors(method: _Method) -> _Method:
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             try:
+                if isinstance(request, Message):
+                    check_message(request)
                 async for item in method(self, request, context):
                     yield item
             except grpc.aio.AbortError:
@@ -64,6 +75,8 @@ def rpc_errors(method: _Method) -> _Method:
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
+            if isinstance(request, Message):
+                check_message(request)
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
@@ -108,7 +121,8 @@ class Server:
                  interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> None:
         """Plaintext when CREDENTIALS is None (development); shared.tls.server_security()
         gives the mutual-TLS credentials and the authorising interceptors."""
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=list(interceptors) or None)
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS],
+                                       interceptors=list(interceptors) or None)
         names = []
         for add, servicer, full_name in services:
             add(servicer, self._server)

@@ -26,7 +26,7 @@ from shared.errors import CardlineError, ConfigurationError, PermissionDenied, U
 from shared.files import write_atomic
 from shared.logging import get_logger
 from shared.pki import CA_CERT, CLIENT_ROLES, CRL, ROLES, common_name_of, crl_number, role_of, verified_crl
-from shared.rpc import status_of
+from shared.rpc import MESSAGE_SIZE_OPTIONS, status_of
 
 if TYPE_CHECKING:
     from shared.config import GatewaySettings, OrchestratorSettings
@@ -153,8 +153,8 @@ def client_channel(target: str, files: TlsFiles | Literal[True] | None = True) -
     from the client environment (client_tls()) when FILES is True."""
     files = client_tls() if files is True else files
     if files is None:
-        return grpc.insecure_channel(target)
-    return grpc.secure_channel(target, files.channel_credentials())
+        return grpc.insecure_channel(target, options=MESSAGE_SIZE_OPTIONS)
+    return grpc.secure_channel(target, files.channel_credentials(), options=MESSAGE_SIZE_OPTIONS)
 
 
 # -- the peer ---------------------------------------------------------------------------------

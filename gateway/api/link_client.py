@@ -18,6 +18,7 @@ from shared import convert
 from shared.errors import CardlineError, ConfigurationError
 from shared.logging import get_logger
 from shared.proto import link_pb2, link_pb2_grpc
+from shared.rpc import MESSAGE_SIZE_OPTIONS
 from shared.tls import RevocationList
 from shared.version import VERSION
 
@@ -67,9 +68,11 @@ class OrchestratorLink:
                 failures = 0
             except (grpc.aio.AioRpcError, ConnectionError) as exc:
                 refused = isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
-                    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-                # A refused certificate (revoked, wrong role, wrong gateway id) is an operator's
-                # problem: logged as an error with the orchestrator's reason, and retried with backoff.
+                    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.INVALID_ARGUMENT)
+                # A refused certificate (revoked, wrong role, wrong gateway id) or hello (labels over
+                # docs/limits.md) is an operator's problem: logged as an error with the
+                # orchestrator's reason, and retried with backoff.
                 (log.error if refused else log.warning)(
                     "orchestrator refused this gateway" if refused else "orchestrator link down", target=self.target,
                     error=exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc),
@@ -85,8 +88,8 @@ class OrchestratorLink:
     async def _session(self) -> None:
         # Mutual TLS with the gateway's own certificate; plaintext only when the gateway was
         # started with --insecure (development).
-        channel = (grpc.aio.secure_channel(self.target, self.credentials) if self.credentials
-                   else grpc.aio.insecure_channel(self.target))
+        channel = (grpc.aio.secure_channel(self.target, self.credentials, options=MESSAGE_SIZE_OPTIONS)
+                   if self.credentials else grpc.aio.insecure_channel(self.target, options=MESSAGE_SIZE_OPTIONS))
         outbox: asyncio.Queue[link_pb2.GatewayMessage] = asyncio.Queue()
         running: set[asyncio.Task] = set()
         unsubscribe = self.registry.subscribe(

@@ -1,12 +1,11 @@
 """GatewayService: direct card I/O for local tools. Thin: convert, call the core, convert."""
 from __future__ import annotations
 
-import asyncio
-
 from gateway.core.executor import StepExecutor
 from gateway.core.registry import ReaderRegistry
-from shared import convert
+from shared import cards, convert
 from shared.errors import InvalidArgument
+from shared.limits import Backlog
 from shared.proto import gateway_pb2, gateway_pb2_grpc
 from shared.rpc import rpc_errors
 from shared.tls import current_caller
@@ -33,8 +32,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     @rpc_errors
     async def WatchReaders(self, request, context):
-        queue: asyncio.Queue = asyncio.Queue()
-        unsubscribe = self.registry.subscribe(lambda kind, reader: queue.put_nowait((kind, reader)))
+        # Bounded: a watcher that falls behind is dropped with the reason (shared/limits.py).
+        queue: Backlog[tuple[str, cards.Reader]] = Backlog()
+        unsubscribe = self.registry.subscribe(lambda kind, reader: queue.put((kind, reader)))
         try:
             for reader in self.registry.readers():
                 yield convert.reader_event_to_proto("present", reader)

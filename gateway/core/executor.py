@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.core.idempotency import StepMemo
+from gateway.core.pin_guard import PinGuard
 from gateway.core.registry import ReaderRegistry
 from gateway.drivers.base import TokenDriver
 from shared import cards
-from shared.errors import CardlineError, UnsupportedOperation
+from shared.errors import CardlineError, UnsupportedOperation, quoted
 from shared.logging import get_logger
 from shared.tls import PeerIdentity
 
@@ -118,9 +119,10 @@ class _Unobserved:
 
 class StepExecutor:
     def __init__(self, registry: ReaderRegistry, memo: StepMemo | None = None,
-                 observer: StepObserver | None = None) -> None:
+                 observer: StepObserver | None = None, pin_guard: PinGuard | None = None) -> None:
         self.registry = registry
         self.memo = memo or StepMemo()
+        self.pin_guard = pin_guard or PinGuard()
         self.observer: StepObserver = observer or _Unobserved()
 
     async def run(self, reader_id: str, step: cards.Step, task_id: str = "", step_number: int = 0, *,
@@ -148,6 +150,11 @@ class StepExecutor:
 
     async def _dispatch(self, reader_id: str, step: cards.Step) -> cards.StepValue:
         reader = self.registry.reader(reader_id)
+        # Wrong PINs slow down the next attempt on that card (gateway/core/pin_guard.py).
+        return await self.pin_guard.run(reader, step, lambda: self._on_reader(reader, step))
+
+    async def _on_reader(self, reader: cards.Reader, step: cards.Step) -> cards.StepValue:
+        reader_id = reader.reader_id
         if reader.kind is cards.ReaderKind.PCSC:
             return await self._pcsc(reader_id, step.operation)
         return await self._token(reader_id, step)
@@ -162,7 +169,7 @@ class StepExecutor:
             return cards.ApduScriptResult(tuple(responses))
         if type(op) in READER_OPERATIONS:
             return self.registry.reader(reader_id)
-        raise UnsupportedOperation(f"{type(op).__name__} needs a PKCS#11 token; {reader_id!r} is a PC/SC reader",
+        raise UnsupportedOperation(f"{type(op).__name__} needs a PKCS#11 token; {quoted(reader_id)} is a PC/SC reader",
                                    reader_id=reader_id)
 
     async def _token(self, reader_id: str, step: cards.Step) -> cards.StepValue:
@@ -172,7 +179,7 @@ class StepExecutor:
             return self.registry.reader(reader_id)
         run = TOKEN_OPERATIONS.get(type(op))
         if run is None:
-            raise UnsupportedOperation(f"{type(op).__name__} needs a PC/SC reader; {reader_id!r} is a "
+            raise UnsupportedOperation(f"{type(op).__name__} needs a PC/SC reader; {quoted(reader_id)} is a "
                                        "PKCS#11 slot", reader_id=reader_id)
         driver, slot_id = slot.driver, slot.info.slot_id
         return await driver.thread.call_async(lambda: run(driver, slot_id, step, op))

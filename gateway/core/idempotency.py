@@ -8,6 +8,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
+from shared.errors import PinAttemptsThrottled
+
 StepKey = tuple[Hashable, ...]
 
 
@@ -33,6 +35,8 @@ class StepMemo:
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # marks it retrieved: a replay re-raises it, nobody else must
+            if isinstance(exc, PinAttemptsThrottled):
+                self._results.pop(key, None)   # nothing ran: the same step may try again later
             raise
         future.set_result(value)
         return value, False

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from gateway.drivers.base import PcscDriver, PcscReaderInfo, TokenDriver, TokenInfo
 from shared import cards
-from shared.errors import CardIoError, NoCardPresent, ReaderNotFound
+from shared.errors import CardIoError, NoCardPresent, ReaderNotFound, quoted
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -85,22 +85,22 @@ class ReaderRegistry:
         for r in self.readers():
             if r.reader_id == reader_id:
                 return r
-        raise ReaderNotFound(f"no reader {reader_id!r} on this gateway", reader_id=reader_id)
+        raise ReaderNotFound(f"no reader {quoted(reader_id)} on this gateway", reader_id=reader_id)
 
     def token_slot(self, reader_id: str) -> TokenSlot:
         slot = self._tokens.get(reader_id)
         if slot is None:
-            raise ReaderNotFound(f"no PKCS#11 slot {reader_id!r} on this gateway", reader_id=reader_id)
+            raise ReaderNotFound(f"no PKCS#11 slot {quoted(reader_id)} on this gateway", reader_id=reader_id)
         if slot.info.error:
-            raise CardIoError(f"token {reader_id!r} cannot be used: {slot.info.error}", reader_id=reader_id)
+            raise CardIoError(f"token {quoted(reader_id)} cannot be used: {slot.info.error}", reader_id=reader_id)
         if not slot.info.token_present:
-            raise NoCardPresent(f"no token in {reader_id!r}", reader_id=reader_id)
+            raise NoCardPresent(f"no token in {quoted(reader_id)}", reader_id=reader_id)
         return slot
 
     def pcsc_reader_info(self, reader_id: str) -> PcscReaderInfo:
         info = self._pcsc_readers.get(reader_id)
         if info is None or self.pcsc is None:
-            raise ReaderNotFound(f"no PC/SC reader {reader_id!r} on this gateway", reader_id=reader_id)
+            raise ReaderNotFound(f"no PC/SC reader {quoted(reader_id)} on this gateway", reader_id=reader_id)
         return info
 
     async def on_pcsc_worker(self, reader_id: str, fn, *args):

@@ -9,7 +9,7 @@ from orchestrator.ca.base import CaConnector
 from orchestrator.services.reconciler import Reconciler
 from orchestrator.store.records import AUDIT_RECONCILE_REQUESTED, CaRequestState
 from orchestrator.store.store import Store
-from shared.errors import NotFound, UnsupportedOperation
+from shared.errors import NotFound, UnsupportedOperation, quoted
 from shared.proto import ca_service_pb2 as pb
 from shared.proto import ca_service_pb2_grpc
 from shared.rpc import rpc_errors
@@ -27,7 +27,7 @@ class CaServicer(ca_service_pb2_grpc.CaServiceServicer):
         name = request.ca or "local"
         ca = self.cas.get(name)
         if ca is None:
-            raise NotFound(f"no CA named {name!r} (known: {', '.join(sorted(self.cas))})", ca=name)
+            raise NotFound(f"no CA named {quoted(name)} (known: {', '.join(sorted(self.cas))})", ca=name)
         return pb.GetCaCertificateResponse(certificate_der=await asyncio.to_thread(ca.ca_certificate_der))
 
     @rpc_errors

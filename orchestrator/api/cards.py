@@ -13,7 +13,7 @@ from orchestrator.services.card_tasks import CardTaskService
 from orchestrator.services.production import production_order
 from orchestrator.store.client_requests import fingerprint
 from orchestrator.store.store import Store
-from shared.errors import ConfigurationError, InvalidArgument, NotFound
+from shared.errors import ConfigurationError, InvalidArgument, NotFound, quoted
 from shared.proto import card_service_pb2 as pb
 from shared.proto import card_service_pb2_grpc
 from shared.rpc import rpc_errors
@@ -84,7 +84,7 @@ class CardServicer(card_service_pb2_grpc.CardServiceServicer):
             except NotFound:      # the first call still waits for a reader: no task row yet
                 task = None
                 if await asyncio.to_thread(self.store.client_requests.find, "task", request_id) != task_id:
-                    raise NotFound(f"the first call with request id {request_id!r} failed before it started a "
+                    raise NotFound(f"the first call with request id {quoted(request_id)} failed before it started a "
                                    "task; send the request again", request_id=request_id) from None
             if task is not None and task.state != pb.TASK_STATE_RUNNING:
                 return task

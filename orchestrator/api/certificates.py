@@ -11,6 +11,7 @@ from orchestrator.services.certificates import CertificateService
 from orchestrator.store.records import CertificateRecord
 from orchestrator.store.store import Store
 from shared.errors import InvalidArgument, NotFound
+from shared.limits import check_days
 from shared.proto import certificate_service_pb2 as pb
 from shared.proto import certificate_service_pb2_grpc
 from shared.rpc import rpc_errors
@@ -97,6 +98,7 @@ class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceService
     async def ListExpiringCertificates(self, request, context):
         if request.days <= 0:
             raise InvalidArgument("days must be a positive number of days", field="days")
+        within = check_days(request.days, "days")
         size = paging.page_size(request)
         after = paging.keyset_of(request)
         now = dt.datetime.now(dt.UTC)
@@ -104,7 +106,7 @@ class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceService
         def expiring_with_cards():
             certs = self.store.certificates.list(
                 state=request.state or None, template=request.template or None, card_id=request.card_id or None,
-                valid_at=now, expiring_before=now + dt.timedelta(days=request.days), after=after, limit=size + 1)
+                valid_at=now, expiring_before=now + within, after=after, limit=size + 1)
             page, token = paging.keyset_page(certs, size, lambda c: (c.created_at, c.id))
             cards = self.store.relations.cards_of([c.id for c in page])
             return [(c, cards.get(c.id, "")) for c in page], token

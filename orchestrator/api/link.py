@@ -10,7 +10,8 @@ import asyncio
 
 from orchestrator.services.pool import Command, GatewaySession, ReaderPool
 from shared import cards, convert
-from shared.errors import CardlineError, InvalidArgument, PermissionDenied, Unauthenticated
+from shared.errors import CardlineError, InvalidArgument, PermissionDenied, Unauthenticated, quoted
+from shared.limits import check_message
 from shared.logging import get_logger
 from shared.pki import Enrollment, enrollment_of
 from shared.proto import link_pb2, link_pb2_grpc
@@ -26,20 +27,15 @@ def command_to_proto(c: Command) -> link_pb2.OrchestratorMessage:
         step=convert.step_to_proto(c.step)))
 
 
-def _bounded(text: str, limit: int = 64) -> str:
-    """TEXT for an error message: a station's claims are not echoed without bound."""
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
-
-
 def enrolled_place(hello: link_pb2.GatewayHello, enrollment: Enrollment, peer: PeerIdentity) -> Enrollment:
     """ENROLLMENT, the place of the station whose certificate it is; a hello that names
     another site or other labels is refused (an empty site or no labels claims nothing)."""
     claimed_labels = dict(hello.labels)
     wrong = []
     if hello.site and hello.site != enrollment.site:
-        wrong.append(f"site {_bounded(hello.site)!r}")
+        wrong.append(f"site {quoted(hello.site, 64)}")
     if claimed_labels and claimed_labels != dict(enrollment.labels):
-        pairs = ", ".join(f"{_bounded(k, 32)}={_bounded(v, 32)}" for k, v in sorted(claimed_labels.items())[:8])
+        pairs = ", ".join(f"{quoted(k, 32)}={quoted(v, 32)}" for k, v in sorted(claimed_labels.items())[:8])
         wrong.append(f"labels {{{pairs}{', ...' if len(claimed_labels) > 8 else ''}}}")
     if wrong:
         raise PermissionDenied(
@@ -65,12 +61,13 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
         if first is None or first.WhichOneof("message") != "hello":
             raise InvalidArgument("the first message on the link must be a hello", field="hello")
         hello = first.hello
+        check_message(hello, "hello")       # shared/limits.py: what it announces reaches every pool client
         if not hello.gateway_id:
             raise InvalidArgument("hello.gateway_id is empty", field="hello.gateway_id")
         peer = peer_identity(context)     # None only on a plaintext (--insecure) server
         if peer is not None and peer.name != hello.gateway_id:
-            raise PermissionDenied(f"hello names gateway {_bounded(hello.gateway_id)!r} but the certificate is "
-                                   f"issued to {peer.name!r}", gateway_id=_bounded(hello.gateway_id),
+            raise PermissionDenied(f"hello names gateway {quoted(hello.gateway_id)} but the certificate is "
+                                   f"issued to {peer.name!r}", gateway_id=quoted(hello.gateway_id),
                                    certificate=peer.name)
         certificate = peer_certificate(context)
         if peer is not None and certificate is not None:
@@ -98,7 +95,7 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
                     sequence += 1
                     yield link_pb2.OrchestratorMessage(heartbeat=link_pb2.Heartbeat(sequence=sequence))
                     continue
-                if GatewaySession.is_close_marker(item):
+                if GatewaySession.is_close_marker(item) or session.closed:
                     return
                 if isinstance(item, CardlineError):
                     raise item            # the gateway's certificate was revoked
@@ -137,6 +134,15 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
                 msg = await asyncio.wait_for(anext(iterator), 3 * self.heartbeat_interval_s)
                 self.pool.seen(session)
                 kind = msg.WhichOneof("message")
+                try:
+                    check_message(msg)
+                except InvalidArgument as exc:
+                    if kind != "step_result":
+                        log.warning("gateway message over the limits ignored", gateway_id=session.gateway_id,
+                                    kind=kind, error=exc.message)
+                        continue
+                    session.resolve(msg.step_result.command_id, exc)     # the step fails, with the reason
+                    continue
                 if kind == "step_result":
                     result = msg.step_result
                     try:

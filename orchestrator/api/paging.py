@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from orchestrator.store.paging import Keyset
 from shared.errors import InvalidArgument
+from shared.limits import page_fits
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -59,8 +60,12 @@ def keyset_page(rows: Sequence[T], size: int, key: Callable[[T], Keyset]) -> tup
     return rows[:size], _encode({"t": when.isoformat(), "i": ident})
 
 
-def memory_page(items: Sequence[T], request: Any, key: Callable[[T], str]) -> tuple[list[T], str]:
-    """A page of a list kept in memory, ordered by `key` (unique), and the next token."""
+def memory_page(items: Sequence[T], request: Any, key: Callable[[T], str],
+                size_of: Callable[[T], int] | None = None) -> tuple[list[T], str]:
+    """A page of a list kept in memory, ordered by `key` (unique), and the next token.
+    With `size_of` (an item's serialized bytes), the page also ends where it would pass
+    shared.limits.MAX_PAGE_BYTES: items whose size callers choose (labels, holders) never
+    make an answer too large to receive."""
     ordered = sorted(items, key=key)
     if request.page_token:
         try:
@@ -69,6 +74,8 @@ def memory_page(items: Sequence[T], request: Any, key: Callable[[T], str]) -> tu
             raise InvalidArgument("page_token is not a token of this list", field="page_token") from None
         ordered = [i for i in ordered if key(i) > last]
     size = page_size(request)
+    if size_of is not None:
+        size = min(size, page_fits([size_of(i) for i in ordered[:size]]))
     if len(ordered) <= size:
         return ordered, ""
     return ordered[:size], _encode({"k": key(ordered[size - 1])})

@@ -19,6 +19,8 @@ from orchestrator.cli.client import (
     when,
 )
 from shared.cli import CliFail
+from shared.errors import InvalidArgument, quoted
+from shared.limits import MAX_DURATION, MAX_ITEMS, check_duration
 from shared.proto import certificate_service_pb2 as pb
 from shared.proto import certificate_service_pb2_grpc
 from shared.serials import show_serial
@@ -33,8 +35,13 @@ LIMIT = typer.Option(0, "--limit", help="At most this many (0: all).")
 def duration(text: str) -> dt.timedelta:
     """30s, 15m, 2h, 7d."""
     if len(text) < 2 or text[-1] not in _UNITS or not text[:-1].isdigit():
-        raise CliFail(f"duration {text!r}: expected a number and s, m, h or d (e.g. 15m)", 2)
-    return dt.timedelta(seconds=int(text[:-1]) * _UNITS[text[-1]])
+        raise CliFail(f"duration {quoted(text)}: expected a number and s, m, h or d (e.g. 15m)", 2)
+    if len(text) > 20:          # int() of thousands of digits is slow, and far past the limit anyway
+        raise CliFail(f"duration {quoted(text)}: longer than the limit of {MAX_DURATION.days} days", 2)
+    try:
+        return check_duration(int(text[:-1]) * _UNITS[text[-1]], "--older-than")
+    except InvalidArgument as exc:
+        raise CliFail(f"duration {quoted(text)}: {exc.message}", 2) from None
 
 
 def _certificates(target: str) -> certificate_service_pb2_grpc.CertificateServiceStub:
@@ -170,8 +177,10 @@ def register(root: typer.Typer) -> None:
                 f"move to {target_state} " if target_state else "")
             confirm(f"{what or 'handle '}{len(chosen)} certificate(s) in the internal issued state?", yes)
             ids = [h.descriptor.id for h in chosen]   # exactly those confirmed, not ones stored since
-        results = certificates.HandleIssuedCertificates(pb.HandleIssuedCertificatesRequest(
-            certificate_ids=ids, revoke_reason=revoke_reason, target_state=target_state)).results
+        results = [r for start in range(0, len(ids), MAX_ITEMS)     # a request names at most MAX_ITEMS
+                   for r in certificates.HandleIssuedCertificates(pb.HandleIssuedCertificatesRequest(
+                       certificate_ids=ids[start:start + MAX_ITEMS], revoke_reason=revoke_reason,
+                       target_state=target_state)).results]
         if json_output:
             print_json([as_json(r) for r in results])
             return

@@ -26,6 +26,7 @@ from shared.errors import (
     InvalidArgument,
     NotFound,
     TemplateNotFound,
+    quoted,
 )
 from shared.tls import current_actor
 
@@ -249,7 +250,7 @@ class CertificateService:
                 raise InvalidArgument("removeFromCRL lifts a hold; it is no revocation reason for handle_issued",
                                       reason_name=revoke_reason)
         if target_state is not None and target_state == self.issued_state:
-            raise InvalidArgument(f"target_state {target_state!r} is the internal issued state")
+            raise InvalidArgument(f"target_state {quoted(target_state)} is the internal issued state")
         if certificate_ids is None:
             records: list[CertificateRecord | str] = list(self.store.certificates.list(state=self.issued_state))
         else:

@@ -53,7 +53,7 @@ from orchestrator.store.records import (
 )
 from shared import cards
 from shared.config import ReaderSelectorSettings
-from shared.errors import CardlineError, InvalidArgument, LeaseQuotaExceeded, NotFound, PermissionDenied
+from shared.errors import CardlineError, InvalidArgument, LeaseQuotaExceeded, NotFound, PermissionDenied, quoted
 from shared.logging import get_logger
 from shared.permissions import ADMIN
 from shared.permissions import SERVICE as SERVICE_CALLER
@@ -187,7 +187,7 @@ class LeaseService:
         lease = self._leases.get(lease_id)
         if lease is None or lease.ended:
             why = lease.ended if lease is not None else self._ended.get(lease_id)
-            raise NotFound(f"lease {lease_id!r} is not held" + (f": it {why}" if why else " (unknown id)"),
+            raise NotFound(f"lease {quoted(lease_id)} is not held" + (f": it {why}" if why else " (unknown id)"),
                            lease_id=lease_id, ended=why or "unknown")
         return lease
 

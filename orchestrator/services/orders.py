@@ -37,7 +37,7 @@ from orchestrator.store.records import (
     ProcessState,
 )
 from shared.cards import Reader
-from shared.errors import Cancelled, CardlineError, InvalidArgument, NotFound, ReaderNotFound
+from shared.errors import Cancelled, CardlineError, InvalidArgument, NotFound, ReaderNotFound, quoted
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -143,7 +143,7 @@ class OrderService:
         definition = self.processes.definition(process)
         productions = [t for t in definition.tasks if isinstance(t, CardProductionTask)]
         if not productions:
-            raise InvalidArgument(f"process {process!r} has no card_production task: an order produces cards",
+            raise InvalidArgument(f"process {quoted(process)} has no card_production task: an order produces cards",
                                   field="process")
         if not items:
             raise InvalidArgument("the order has no card", field="items")
@@ -182,7 +182,7 @@ class OrderService:
     def get(self, order_id: str) -> Order:
         order = self._orders.get(order_id)
         if order is None:
-            raise NotFound(f"no order {order_id!r} (orders are kept in memory until the orchestrator stops)",
+            raise NotFound(f"no order {quoted(order_id)} (orders are kept in memory until the orchestrator stops)",
                            order_id=order_id)
         return order
 

@@ -48,6 +48,7 @@ from shared.errors import (
     StepOutcomeMismatch,
     StepTimeout,
 )
+from shared.limits import MAX_WATCH_BACKLOG
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -154,7 +155,9 @@ class GatewaySession:
     labels: dict[str, str] = field(default_factory=dict)
     readers: dict[str, cards.Reader] = field(default_factory=dict)
     version: str = ""
-    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # Commands not yet sent on the stream; bounded (shared/limits.py): a gateway that stops
+    # reading makes new steps fail with ReaderBusy instead of piling up.
+    outbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=MAX_WATCH_BACKLOG))
     _pending: dict[str, asyncio.Future] = field(default_factory=dict)
     closed: bool = False
     connected_since: dt.datetime = field(default_factory=_now)
@@ -167,6 +170,9 @@ class GatewaySession:
                        timeout_s: float) -> cards.StepValue:
         if self.closed:
             raise GatewayNotConnected(f"gateway {self.gateway_id!r} is not attached", gateway_id=self.gateway_id)
+        if self.outbox.full():
+            raise ReaderBusy(f"gateway {self.gateway_id!r} has {self.outbox.qsize()} steps waiting to be sent "
+                             "and reads none", reader_id=reader_id, gateway_id=self.gateway_id)
         command = Command(uuid.uuid4().hex, reader_id, task_id, step_number, step)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[command.command_id] = future
@@ -208,7 +214,8 @@ class GatewaySession:
             if not future.done():
                 future.set_exception(GatewayNotConnected(
                     f"gateway {self.gateway_id!r} went away during the step", gateway_id=self.gateway_id))
-        self.outbox.put_nowait(_CLOSED)
+        if not self.outbox.full():          # a full outbox: the link sees `closed` after its next command
+            self.outbox.put_nowait(_CLOSED)
 
     @staticmethod
     def is_close_marker(item: object) -> bool:

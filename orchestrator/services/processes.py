@@ -46,7 +46,8 @@ from orchestrator.store.records import (
     ProcessState,
 )
 from orchestrator.store.store import Store
-from shared.errors import CardlineError, EncodingFailed, InvalidArgument, NotFound
+from shared.errors import CardlineError, EncodingFailed, InvalidArgument, NotFound, quoted
+from shared.limits import check_days
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -94,7 +95,7 @@ class ProcessService:
             return self.configuration.processes[name]
         except KeyError:
             known = ", ".join(sorted(self.configuration.processes)) or "none"
-            raise NotFound(f"no process {name!r} (known: {known})", process=name) from None
+            raise NotFound(f"no process {quoted(name)} (known: {known})", process=name) from None
 
     async def start(self, name: str, inputs: Mapping[str, object],
                     progress: ProcessProgressSink = lambda p: None, *,
@@ -372,10 +373,10 @@ class _ProcessRun:
         if task.expiring_within_days is not None:
             days_text = self._render(task.expiring_within_days)
             if not days_text.isdigit():
-                raise InvalidArgument(f"expiring_within_days must be a whole number of days, not {days_text!r}",
+                raise InvalidArgument(f"expiring_within_days must be a whole number of days, not {quoted(days_text)}",
                                       field="expiring_within_days")
             valid_at = dt.datetime.now(dt.UTC)
-            expiring_before = valid_at + dt.timedelta(days=int(days_text))
+            expiring_before = valid_at + check_days(int(days_text), "expiring_within_days")
         records = await asyncio.to_thread(self.s.store.certificates.list, card_id=card[0].id, state=task.state,
                                           template=task.template, expiring_before=expiring_before,
                                           valid_at=valid_at)

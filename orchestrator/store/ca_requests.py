@@ -13,7 +13,7 @@ from orchestrator.store.paging import Keyset
 from orchestrator.store.records import CaRequestRecord, CaRequestState
 from orchestrator.store.rows import ca_request_row, record, task_row
 from orchestrator.store.sessions import Sessions
-from shared.errors import AlreadyExists, InvalidArgument, NotFound, StateConflict
+from shared.errors import AlreadyExists, InvalidArgument, NotFound, StateConflict, quoted
 
 _STATES = [str(state) for state in CaRequestState]
 
@@ -62,7 +62,7 @@ class CaRequests:
         other move (nothing written); InvalidArgument for STORED (store_issued_certificate
         does that, with the certificate) or an unknown state."""
         if state not in _STATES:
-            raise InvalidArgument(f"a CA request is in one of {_STATES}, not {state!r}")
+            raise InvalidArgument(f"a CA request is in one of {_STATES}, not {quoted(state)}")
         state = CaRequestState(state)
         if state == CaRequestState.STORED:
             raise InvalidArgument("a CA request becomes stored only with its certificate "
@@ -83,7 +83,7 @@ class CaRequests:
         with self._db.read() as s:
             row = s.get(CaRequest, request_id)
             if row is None:
-                raise NotFound(f"no journaled CA request {request_id!r}", request_id=request_id)
+                raise NotFound(f"no journaled CA request {quoted(request_id)}", request_id=request_id)
             return record(CaRequestRecord, row)
 
     def list(self, states: Iterable[CaRequestState] | None = None,

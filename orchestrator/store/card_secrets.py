@@ -9,7 +9,7 @@ from orchestrator.store.models import CardSecret, utcnow
 from orchestrator.store.records import TOKEN_SERIAL, CardSecretRecord
 from orchestrator.store.rows import add_audit, record
 from orchestrator.store.sessions import Sessions
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import InvalidArgument, NotFound, quoted
 
 
 class CardSecrets:
@@ -38,7 +38,7 @@ class CardSecrets:
         with self._db.read() as s:
             row = s.get(CardSecret, token_serial)
             if row is None:
-                raise NotFound(f"no PUK stored for the card with token serial {token_serial!r}",
+                raise NotFound(f"no PUK stored for the card with token serial {quoted(token_serial)}",
                                token_serial=token_serial)
             return record(CardSecretRecord, row)
 

@@ -16,7 +16,7 @@ from orchestrator.store.paging import Keyset
 from orchestrator.store.records import CARD, CERTIFICATE, ArchivedKeyRecord, CertificateRecord, WrappedKey
 from orchestrator.store.rows import certificate_row, change_state, check_wrapped_key, record
 from orchestrator.store.sessions import Sessions
-from shared.errors import AlreadyExists, InvalidArgument, NotFound
+from shared.errors import AlreadyExists, InvalidArgument, NotFound, quoted
 
 
 def parse_certificate(der: bytes) -> x509.Certificate:
@@ -187,5 +187,6 @@ class ArchivedKeys:
         with self._db.read() as s:
             row = s.get(ArchivedKey, certificate_id)
             if row is None:
-                raise NotFound(f"no archived key for certificate {certificate_id!r}", certificate_id=certificate_id)
+                raise NotFound(f"no archived key for certificate {quoted(certificate_id)}",
+                               certificate_id=certificate_id)
             return record(ArchivedKeyRecord, row)

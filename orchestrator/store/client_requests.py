@@ -10,9 +10,8 @@ from sqlalchemy.orm import Session
 
 from orchestrator.store.models import ClientRequest, utcnow
 from orchestrator.store.sessions import Sessions
-from shared.errors import AlreadyExists, InvalidArgument
-
-MAX_REQUEST_ID = 200
+from shared.errors import AlreadyExists, InvalidArgument, quoted
+from shared.limits import MAX_REQUEST_ID_CHARS as MAX_REQUEST_ID
 
 
 def fingerprint(*parts: object) -> str:
@@ -34,7 +33,7 @@ def claim_in(s: Session, kind: str, request_id: str, resource_id: str, print_: s
     row = s.get(ClientRequest, (kind, request_id), populate_existing=True)
     assert row is not None
     if row.fingerprint != print_:
-        raise AlreadyExists(f"request_id {request_id!r} was already used for a different {kind} request "
+        raise AlreadyExists(f"request_id {quoted(request_id)} was already used for a different {kind} request "
                             f"(which created {row.resource_id})", request_id=request_id)
     return row.resource_id
 

@@ -37,7 +37,7 @@ from orchestrator.store.records import (
     WrappedKey,
     certificate_subject,
 )
-from shared.errors import InvalidArgument, NotFound, StateConflict
+from shared.errors import InvalidArgument, NotFound, StateConflict, quoted
 
 R = TypeVar("R")
 # Audit rows a transaction has queued (session.info key) and the PostgreSQL advisory lock
@@ -90,7 +90,7 @@ def task_row(session: Session, task_id: str, *, lock: bool = False) -> Task:
     task = session.scalar(select(Task).where(Task.id == task_id).with_for_update(of=Task)) if lock \
         else session.get(Task, task_id)
     if task is None:
-        raise NotFound(f"no task {task_id!r}", task_id=task_id)
+        raise NotFound(f"no task {quoted(task_id)}", task_id=task_id)
     return task
 
 
@@ -105,7 +105,7 @@ def process_row(session: Session, instance_id: str, *, lock: bool = False) -> Pr
     q = select(ProcessInstance).where(ProcessInstance.id == instance_id)
     row = session.scalar(q.with_for_update() if lock else q)
     if row is None:
-        raise NotFound(f"no process instance {instance_id!r}", process_instance_id=instance_id)
+        raise NotFound(f"no process instance {quoted(instance_id)}", process_instance_id=instance_id)
     return row
 
 
@@ -119,7 +119,7 @@ def card_row(session: Session, card_id: str, *, lock: bool = False) -> Card:
     card = session.scalar(select(Card).where(Card.id == card_id).with_for_update()) if lock \
         else session.get(Card, card_id)
     if card is None:
-        raise NotFound(f"no card {card_id!r}", card_id=card_id)
+        raise NotFound(f"no card {quoted(card_id)}", card_id=card_id)
     return card
 
 
@@ -127,7 +127,7 @@ def certificate_row(session: Session, certificate_id: str, *, lock: bool = False
     cert = session.scalar(select(Certificate).where(Certificate.id == certificate_id).with_for_update()) if lock \
         else session.get(Certificate, certificate_id)
     if cert is None:
-        raise NotFound(f"no certificate {certificate_id!r}", certificate_id=certificate_id)
+        raise NotFound(f"no certificate {quoted(certificate_id)}", certificate_id=certificate_id)
     return cert
 
 
@@ -136,7 +136,7 @@ def ca_request_row(session: Session, request_id: str, task_id: str | None = None
     # up here; SQLite writers are serial anyway.
     row = session.scalar(select(CaRequest).where(CaRequest.request_id == request_id).with_for_update())
     if row is None:
-        raise NotFound(f"no journaled CA request {request_id!r}", request_id=request_id)
+        raise NotFound(f"no journaled CA request {quoted(request_id)}", request_id=request_id)
     if task_id is not None and row.task_id != task_id:
         raise InvalidArgument(f"CA request {request_id} belongs to task {row.task_id}, not {task_id}",
                               request_id=request_id)
@@ -250,7 +250,7 @@ def check_relation_ends(session: Session, rel: NewRelation) -> None:
     known = {CARD: Card, CERTIFICATE: Certificate}   # ends of other types are not checked
     for kind, obj_id in ((rel.source_type, rel.source_id), (rel.target_type, rel.target_id)):
         if kind in known and session.get(known[kind], obj_id) is None:
-            raise NotFound(f"relation {astuple(rel)}: no {kind} {obj_id!r}")
+            raise NotFound(f"relation {astuple(rel)}: no {kind} {quoted(obj_id)}")
 
 
 def insert_relation(session: Session, task_id: str | None, rel: NewRelation, now: dt.datetime) -> None:

@@ -12,7 +12,7 @@ from orchestrator.store.paging import Keyset
 from orchestrator.store.records import TaskRecord, TaskState, TaskStepRecord
 from orchestrator.store.rows import check_process_running, new_id, process_row, record, task_row
 from orchestrator.store.sessions import Sessions
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import InvalidArgument, NotFound, quoted
 
 
 class Tasks:
@@ -32,7 +32,7 @@ class Tasks:
             raise InvalidArgument(f"task_index must not be negative, not {task_index}")
         with self._db.write() as s:
             if card_id is not None and s.get(Card, card_id) is None:
-                raise NotFound(f"no card {card_id!r}", card_id=card_id)
+                raise NotFound(f"no card {quoted(card_id)}", card_id=card_id)
             if process_instance_id is not None:
                 check_process_running(process_row(s, process_instance_id))
             task = Task(id=task_id or new_id(), type=type, state=TaskState.RUNNING, gateway_id=gateway_id,

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from gateway.core.pin_guard import delay as pin_delay
 from shared.proto import card_service_pb2 as card_pb
 from shared.proto import common_pb2
 from shared.proto import reader_pool_service_pb2 as pool_pb
@@ -52,6 +53,7 @@ def test_gateway_metrics_count_steps_link_and_reconnects_around_a_production(tmp
                                               args=("--metrics-listen", gateway_metrics)))
         reader = wait_for_pooled_reader(orch, lambda r: r.reader.token_label == softhsm_token.label).reader
         assert produce(orch, reader.reader_id, "not-the-pin").state == card_pb.TASK_STATE_FAILED
+        time.sleep(pin_delay(1))          # the gateway's wait after a wrong PIN (docs/limits.md), not a guess
         assert produce(orch, reader.reader_id, softhsm_token.user_pin).state == card_pb.TASK_STATE_SUCCEEDED
         central = scrape(orchestrator_metrics)
         before = scrape(gateway_metrics)
@@ -89,6 +91,7 @@ def test_json_logs_every_line_of_an_orchestrator_run_is_json_and_carries_no_secr
                             env=softhsm_token.env, args=("--json-logs",)):
         reader = wait_for_pooled_reader(orch, lambda r: r.reader.token_label == softhsm_token.label).reader
         assert produce(orch, reader.reader_id, "9999").state == card_pb.TASK_STATE_FAILED     # a wrong PIN
+        time.sleep(pin_delay(1))          # the gateway's wait after a wrong PIN (docs/limits.md), not a guess
         assert produce(orch, reader.reader_id, softhsm_token.user_pin).state == card_pb.TASK_STATE_SUCCEEDED
     # Both processes have stopped (SIGTERM): start-up, migrations, productions and shut-down are logged.
     secrets = {softhsm_token.user_pin, softhsm_token.so_pin, "9999"}

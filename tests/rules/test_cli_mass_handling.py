@@ -54,3 +54,23 @@ def test_handle_issued_without_ids_lists_asks_and_handles_what_it_counted(tmp_pa
     assert shown[0] == 0 and json.loads(shown[1])["id"] == cert.id         # found by 0D:B6:... serial
     assert done[0] == 0 and [r["certificate_id"] for r in json.loads(done[1])] == [cert.id]
     assert final.state == "Revoked"
+
+
+def test_handle_issued_sends_more_certificates_than_one_request_may_name_in_batches(tmp_path, monkeypatch):
+    """A request names at most shared.limits.MAX_ITEMS ids (docs/limits.md): the CLI splits."""
+    from orchestrator.cli import certificates as certificates_cli
+    monkeypatch.setattr(certificates_cli, "MAX_ITEMS", 2)
+
+    async def body():
+        async with rule_orchestrator(tmp_path) as rig:
+            rig.gateway.fail(WriteRefused("token full"), operation=cards.WriteCertificates, occurrence=3)
+            outcome = await rig.produce("EmployeeAuthentication", "EmployeeSignature", "EmployeeEncryption")
+            left = rig.certificates(task_id=outcome.task.id)
+            done = await asyncio.to_thread(_cardline, rig.orch.address, "certs", "handle-issued", "--revoke-reason",
+                                           "cessationOfOperation", "--target-state", "Revoked", "--yes", "--json")
+            return left, done, [rig.certificate(c.id).state for c in left]
+
+    left, done, states = asyncio.run(body())
+    assert len(left) == 3 and done[0] == 0, done
+    assert sorted(r["certificate_id"] for r in json.loads(done[1])) == sorted(c.id for c in left)
+    assert states == ["Revoked"] * 3

@@ -1,7 +1,9 @@
 """A TCP proxy on 127.0.0.1 that a test can use to break the network between a gateway and
 the orchestrator: `freeze()` silently drops every byte in both directions (a dead link: no
 FIN, no RST, the peers only notice by silence), `cut()` closes every connection (both peers
-see the stream end at once) and forwards again for the connections that follow.
+see the stream end at once) and forwards again for the connections that follow; `stall()`
+stops reading in both directions until `flow()` (a peer that reads nothing: TCP's own flow
+control pushes back on the sender).
 
 Runs on the test's asyncio loop. Only connects to the target it was given."""
 from __future__ import annotations
@@ -18,6 +20,8 @@ class TcpProxy:
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._links: list[dict] = []          # per connection: {"dead": bool}
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     @property
     def address(self) -> str:
@@ -31,6 +35,12 @@ class TcpProxy:
 
     def freeze(self) -> None:
         self.frozen = True
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        self._flowing.set()
 
     def kill_silently(self) -> None:
         """Every open connection goes dead for good (bytes dropped, nothing closed), while
@@ -75,6 +85,7 @@ class TcpProxy:
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: dict) -> None:
         while True:
+            await self._flowing.wait()
             data = await reader.read(65536)
             if not data:
                 writer.transport.abort()
