@@ -18,6 +18,7 @@ from orchestrator import app as orchestrator_app
 from orchestrator.services.pool import ReaderSelector
 from shared import cards, limits
 from shared.errors import CardIoError, InvalidArgument, WatcherTooSlow
+from shared.pki import MAX_LABEL_VALUE, MAX_LABELS
 from shared.proto import card_service_pb2 as card_pb
 from shared.proto import certificate_service_pb2 as certificate_pb
 from shared.proto import lease_service_pb2 as lease_pb
@@ -30,8 +31,10 @@ from tests.support.netcut import TcpProxy
 from tests.support.pki import default_pki
 
 # The largest labels a gateway may announce: each reader of the pool carries them.
-FULL_LABELS = {f"{i:02d}".ljust(limits.MAX_LABEL_KEY_CHARS, "k"): "v" * limits.MAX_NAME_CHARS
-               for i in range(limits.MAX_LABELS)}
+# The largest place a station can be enrolled at (shared/pki.py check_enrollment: the hello
+# no longer says where a station stands).
+FULL_SITE = "s" * 64
+FULL_LABELS = {f"{i:02d}".ljust(limits.MAX_LABEL_KEY_CHARS, "k"): "v" * MAX_LABEL_VALUE for i in range(MAX_LABELS)}
 
 
 def own_channel(address: str) -> grpc.aio.Channel:
@@ -81,7 +84,8 @@ def test_bounds_a_45_kb_hello_and_a_2_5_mb_holder_are_refused_and_list_readers_k
             honest = FakeGateway("station-1", (FakeToken(serial="honest-1"),))
             await honest.connect(orch.address)
             gateways.append(honest)
-            hostile = FakeGateway("station-2", (FakeToken(serial="hostile-1"),), labels={"room": "x" * 45_000})
+            hostile = FakeGateway("station-2", (FakeToken(serial="hostile-1"),),
+                                  hello_labels={"room": "x" * 45_000})
             with pytest.raises(grpc.aio.AioRpcError) as hello:
                 await hostile.connect(orch.address)
             await hostile.close()
@@ -108,13 +112,13 @@ def test_bounds_a_45_kb_hello_and_a_2_5_mb_holder_are_refused_and_list_readers_k
 
 
 def test_bounds_list_readers_pages_by_bytes_so_the_largest_allowed_gateways_fit(tmp_path):
-    readers_per_gateway = 200
+    readers_per_gateway, stations = limits.MAX_READERS_PER_GATEWAY, 4
 
     async def body():
         async with orchestrator(tmp_path) as (orch, gateways):
-            for g in range(2):
+            for g in range(stations):
                 tokens = tuple(FakeToken(serial=f"g{g}-{i:03d}", label="l" * 32) for i in range(readers_per_gateway))
-                gw = FakeGateway(f"station-{g}", tokens, site="s" * limits.MAX_NAME_CHARS, labels=FULL_LABELS)
+                gw = FakeGateway(f"station-{g}", tokens, site=FULL_SITE, labels=FULL_LABELS)
                 await gw.connect(orch.address)
                 gateways.append(gw)
             async with own_channel(orch.address) as channel:
@@ -125,8 +129,8 @@ def test_bounds_list_readers_pages_by_bytes_so_the_largest_allowed_gateways_fit(
 
     first, ids, pages = asyncio.run(body())
     assert 0 < first.ByteSize() <= limits.MAX_PAGE_BYTES + 1024       # cut by bytes, not only by count
-    assert len(first.readers) < 2 * readers_per_gateway and first.next_page_token
-    assert len(ids) == len(set(ids)) == 2 * readers_per_gateway and pages >= 2
+    assert len(first.readers) < stations * readers_per_gateway and first.next_page_token
+    assert len(ids) == len(set(ids)) == stations * readers_per_gateway and pages >= 2
 
 
 def test_bounds_a_slow_watcher_is_dropped_with_the_reason_while_a_fast_one_keeps_receiving(tmp_path):
@@ -136,7 +140,7 @@ def test_bounds_a_slow_watcher_is_dropped_with_the_reason_while_a_fast_one_keeps
 
     async def body():
         async with orchestrator(tmp_path) as (orch, gateways):
-            gw = FakeGateway("station-1", (FakeToken(serial="watched"),), labels=FULL_LABELS)   # ~10 KB an event
+            gw = FakeGateway("station-1", (FakeToken(serial="watched"),), labels=FULL_LABELS)   # ~3 KB an event
             await gw.connect(orch.address)
             gateways.append(gw)
             session = orch.pool.session("station-1")

@@ -320,11 +320,14 @@ class FakeGateway:
     """One fake station: its tokens, the link to the orchestrator, the faults to play."""
 
     def __init__(self, gateway_id: str = "station-1", tokens: tuple[FakeToken, ...] = (), *, site: str = "hq",
-                 labels: dict[str, str] | None = None) -> None:
+                 labels: dict[str, str] | None = None, hello_labels: dict[str, str] | None = None) -> None:
+        """SITE and LABELS are enrolled in its certificate and said in its hello; HELLO_LABELS,
+        when given, are what its hello claims instead (a lying or oversized hello)."""
         self.gateway_id = gateway_id
         self.tokens = {t.reader_id: t for t in (tokens or (FakeToken(),))}
         self.site = site
         self.labels = labels or {}
+        self.hello_labels = self.labels if hello_labels is None else hello_labels
         self.commands: list[ReceivedCommand] = []
         self._faults: list[_Fault] = []
         self._results: dict[tuple[str, int], link_pb2.StepResult] = {}   # (task, step) -> first answer
@@ -377,7 +380,7 @@ class FakeGateway:
             enrolled = default_pki().gateway(self.gateway_id, site=self.site, labels=self.labels)
             self._channel = grpc.aio.secure_channel(address, enrolled.channel_credentials())
         self._outbox.put_nowait(link_pb2.GatewayMessage(hello=link_pb2.GatewayHello(
-            gateway_id=self.gateway_id, site=self.site, labels=self.labels, version="fake",
+            gateway_id=self.gateway_id, site=self.site, labels=self.hello_labels, version="fake",
             readers=[convert.reader_to_proto(t.reader()) for t in self.tokens.values()])))
         call = link_pb2_grpc.GatewayLinkStub(self._channel).Connect(self._outgoing())
         first = await asyncio.wait_for(call.read(), 10)
