@@ -73,7 +73,8 @@ def identity_of(caller: PeerIdentity | None) -> str:
 
 def selector_of_settings(s: ReaderSelectorSettings) -> ReaderSelector:
     return ReaderSelector(gateway_id=s.gateway or "", reader_id=s.reader or "",
-                          kind=cards.ReaderKind(s.kind) if s.kind else None, site=s.site or "", labels=dict(s.labels))
+                          kind=cards.ReaderKind(s.kind.upper()) if s.kind else None, site=s.site or "",
+                          labels=dict(s.labels))
 
 
 def service_selectors(configured: Mapping[str, Sequence[ReaderSelectorSettings]]
@@ -236,14 +237,16 @@ class LeaseService:
 
     def _service_scope(self, caller: PeerIdentity | None, selector: ReaderSelector) -> LeaseScope | None:
         """For a `service` caller, the scope under which the pool hands it only readers of its
-        selectors; refuses a request no such reader matches. None for every other caller."""
+        selectors; refuses a request only readers outside them match. None for every other caller."""
         if caller is None or caller.role != SERVICE_CALLER:
             return None
         allowed = self.service_readers.get(caller.name, ())
         shown = " or ".join(s.describe() for s in allowed) or "none (pool.service_readers names no selector for it)"
-        if not any(selector.matches_place(p.gateway_id, p.site, p.labels, p.reader)
-                   and any(a.matches_pooled(p) for a in allowed)
-                   for p in self.pool.list()):
+        # Refused when no selector is configured for it, or when readers match the request but
+        # none of them is its own; a request nothing in the pool matches yet is left to the
+        # pool's own answer (wait or not found), as for any caller.
+        matching = [p for p in self.pool.list() if selector.matches_place(p.gateway_id, p.site, p.labels, p.reader)]
+        if not allowed or (matching and not any(a.matches_pooled(p) for p in matching for a in allowed)):
             raise PermissionDenied(f"service {caller.name!r} may lease readers matching {shown}; none of them "
                                    f"matches {selector.describe()}", role=caller.role, name=caller.name)
 

@@ -108,7 +108,10 @@ async def _servers(rig: TlsRig, tmp_path: pathlib.Path):
     (tmp_path / "secrets").mkdir(parents=True)
     orchestrator = await orchestrator_app.start(config.load(
         config.OrchestratorSettings, listen="127.0.0.1:0", migrate=True, data_dir=tmp_path / "orchestrator",
-        secrets_dir=tmp_path / "secrets", tls_dir=rig.directory))
+        secrets_dir=tmp_path / "secrets", tls_dir=rig.directory,
+        # The service caller may lease some readers: its allowed calls then reach the lease
+        # service rather than its reader-selector refusal (docs/pool.md).
+        pool={"service_readers": {"encoder-1": {"kind": "pkcs11"}}}))
     try:
         gateway = await gateway_app.start(config.load(
             config.GatewaySettings, listen="127.0.0.1:0", data_dir=tmp_path / "gateway", gateway_id="station-1",

@@ -4,9 +4,9 @@ with a valid certificate that learnt the lease id (ListLeases shows it) is PERMI
 for each; one identity holds at most `pool.max_leases_per_caller` leases; a `service`
 identity leases only readers matching its `pool.service_readers` selectors.
 
-Clients are distinct certificates of the session's PKI with different NAMES over mutual TLS
-to an in-process orchestrator with fake gateways, so the rules hold whatever the roles are
-called. The service rules run in-process: `as_caller` stands in for the authorising
+Clients are distinct `service` certificates of the session's PKI with different NAMES over
+mutual TLS to an in-process orchestrator with fake gateways, each allowed the readers at site
+hq (SERVICES_AT_HQ). The service rules run in-process: `as_caller` stands in for the authorising
 interceptor (shared/tls.py), which sets the caller before a servicer runs."""
 from __future__ import annotations
 
@@ -32,16 +32,18 @@ from tests.support.api import OrchestratorApi
 from tests.support.fake_gateway import FakeGateway
 from tests.support.pki import default_pki
 
+#: The services of these tests may lease the readers at site hq (the fake station's).
+SERVICES_AT_HQ = {"service_readers": {name: {"site": "hq"} for name in ("alice", "bob", "mallory")}}
 LIST_OBJECTS = steps_pb2.Step(list_objects=steps_pb2.ListObjects(), credentials=steps_pb2.Credentials(user_pin=PIN))
 
 
 @contextlib.asynccontextmanager
 async def clients(address: str, *names: str) -> AsyncIterator[list[Any]]:
-    """The client API as each of NAMES (a client certificate each, issued on first use)."""
+    """The client API as each of NAMES (a `service` certificate each, issued on first use)."""
     async with contextlib.AsyncExitStack() as stack:
         apis = []
         for name in names:
-            default_pki().client(name)
+            default_pki().client(name, "service")
             channel = await stack.enter_async_context(default_pki().aio_channel(address, name))
             apis.append(OrchestratorApi.on(channel))
         yield apis
@@ -66,7 +68,8 @@ def acquire(reader_id: str = "", **kw) -> lease_pb.AcquireLeaseRequest:
 
 def test_lease_owner_runs_steps_renews_and_releases_its_lease(tmp_path):
     async def body():
-        async with rule_orchestrator(tmp_path) as rig, clients(rig.orch.address, "alice") as [alice]:
+        async with rule_orchestrator(tmp_path, pool=SERVICES_AT_HQ) as rig, \
+                clients(rig.orch.address, "alice") as [alice]:
             lease = (await alice.leases.AcquireLease(acquire(rig.token.reader_id, holder="alice"))).lease
             outcome = (await alice.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
                 lease_id=lease.lease_id, step=LIST_OBJECTS))).outcome
@@ -82,7 +85,7 @@ def test_lease_owner_runs_steps_renews_and_releases_its_lease(tmp_path):
 
 def test_lease_used_by_another_identity_is_refused_for_steps_renewal_and_release(tmp_path):
     async def body():
-        async with rule_orchestrator(tmp_path) as rig, \
+        async with rule_orchestrator(tmp_path, pool=SERVICES_AT_HQ) as rig, \
                 clients(rig.orch.address, "alice", "mallory") as [alice, mallory]:
             lease = (await alice.leases.AcquireLease(acquire(rig.token.reader_id, holder="alice"))).lease
             # Mallory learns the id as anyone can, then tries each use of it.
@@ -107,7 +110,7 @@ def test_lease_used_by_another_identity_is_refused_for_steps_renewal_and_release
     for err in refused:
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
         assert isinstance(error_from_rpc(err), PermissionDenied)
-        assert "client:alice" in (err.details() or "") and "client:mallory" in (err.details() or "")
+        assert "service:alice" in (err.details() or "") and "service:mallory" in (err.details() or "")
     assert steps_after == steps_before                     # nothing reached the card
     assert held == [lease.lease_id]
     assert outcome.WhichOneof("result") == "object_list"   # alice's step 1 ran: mallory seeded nothing
@@ -115,7 +118,7 @@ def test_lease_used_by_another_identity_is_refused_for_steps_renewal_and_release
 
 def test_repeated_acquire_request_id_by_another_identity_does_not_hand_over_the_lease(tmp_path):
     async def body():
-        async with rule_orchestrator(tmp_path) as rig, \
+        async with rule_orchestrator(tmp_path, pool=SERVICES_AT_HQ) as rig, \
                 clients(rig.orch.address, "alice", "mallory") as [alice, mallory]:
             first = (await alice.leases.AcquireLease(acquire(rig.token.reader_id, request_id="req-1"))).lease
             again = (await alice.leases.AcquireLease(acquire(rig.token.reader_id, request_id="req-1"))).lease
@@ -133,7 +136,8 @@ def test_lease_quota_exceeded_is_resource_exhausted_naming_the_quota(tmp_path):
     tokens = tuple(fake_token() for _ in range(3))
 
     async def body():
-        async with rule_orchestrator(tmp_path, tokens=tokens, pool={"max_leases_per_caller": 2}) as rig, \
+        async with rule_orchestrator(tmp_path, tokens=tokens,
+                                     pool={**SERVICES_AT_HQ, "max_leases_per_caller": 2}) as rig, \
                 clients(rig.orch.address, "alice", "bob") as [alice, bob]:
             mine = [(await alice.leases.AcquireLease(acquire(t.reader_id))).lease for t in tokens[:2]]
             over = await refusal(alice.leases.AcquireLease(acquire(tokens[2].reader_id)))
@@ -152,7 +156,7 @@ def test_lease_quota_exceeded_is_resource_exhausted_naming_the_quota(tmp_path):
 
 def test_lease_quota_counts_requests_still_waiting_for_a_reader(tmp_path):
     async def body():
-        async with rule_orchestrator(tmp_path, pool={"max_leases_per_caller": 1}) as rig, \
+        async with rule_orchestrator(tmp_path, pool={**SERVICES_AT_HQ, "max_leases_per_caller": 1}) as rig, \
                 clients(rig.orch.address, "alice", "bob") as [alice, bob]:
             bobs = (await bob.leases.AcquireLease(acquire(rig.token.reader_id))).lease
             waiting = asyncio.ensure_future(alice.leases.AcquireLease(acquire(rig.token.reader_id, wait=True)))
@@ -236,7 +240,7 @@ def test_service_cannot_lease_a_reader_outside_its_selectors(tmp_path):
                 await as_caller(PeerIdentity("service", "payroll-svc", 0x5F),
                                 lambda: leases.acquire(ReaderSelector()))
             # Other roles are not bound by the service selectors, whatever their name.
-            client = await as_caller(PeerIdentity("client", "billing-svc", 0x60),
+            client = await as_caller(PeerIdentity("admin", "billing-svc", 0x60),
                                      lambda: leases.acquire(ReaderSelector(reader_id=rig.token.reader_id)))
             held = [(x.owner, x.gateway_id) for x in leases.list()]
             return outside.value, unlisted.value, client, held
@@ -245,16 +249,16 @@ def test_service_cannot_lease_a_reader_outside_its_selectors(tmp_path):
     assert "billing-svc" in outside.message and "{site=branch, label desk=3}" in outside.message
     assert "payroll-svc" in unlisted.message and "pool.service_readers" in unlisted.message
     assert client.gateway_id == "station-1"
-    assert held == [("client:billing-svc", "station-1")]
+    assert held == [("admin:billing-svc", "station-1")]
 
 
 def test_admin_may_release_another_identitys_lease_but_not_run_steps_on_or_renew_it(tmp_path):
     admin = PeerIdentity("admin", "root", 0xAD)
 
     async def body():
-        async with rule_orchestrator(tmp_path) as rig:
+        async with rule_orchestrator(tmp_path, pool=SERVICES_AT_HQ) as rig:
             leases = leases_of(rig)
-            alices = await as_caller(PeerIdentity("client", "alice", 0xA1),
+            alices = await as_caller(PeerIdentity("service", "alice", 0xA1),
                                      lambda: leases.acquire(ReaderSelector(reader_id=rig.token.reader_id)))
             with pytest.raises(PermissionDenied):
                 await as_caller(admin, lambda: leases.run_step(alices.lease_id, cards.Step(cards.ReadCardInfo())))
@@ -264,5 +268,5 @@ def test_admin_may_release_another_identitys_lease_but_not_run_steps_on_or_renew
             return alices, leases.list(), rig.orch.pool.list()
 
     alices, held, pooled = asyncio.run(body())
-    assert alices.owner == "client:alice" and held == []
+    assert alices.owner == "service:alice" and held == []
     assert [p.holder for p in pooled] == [""]
