@@ -18,7 +18,7 @@ from shared.tls import OPEN_SERVICES, AuthorizationInterceptor
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CARDLINE_PACKAGES = ("cardline.orchestrator.", "cardline.gateway.")
 #: How the names of RPCs that only read begin (docs/api.md names them so).
-READ_VERBS = ("Get", "List", "Search", "Watch")
+READ_VERBS = ("Get", "List", "Search", "Watch", "Verify")   # VerifyAudit reads the chain, changes nothing
 
 
 def cardline_services() -> list[str]:
