@@ -42,7 +42,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_audit_rows_of_a_production_name_the_caller_card_certificates_gateway_reader_and_task(tmp_path,
                                                                                              softhsm_token):
-    operator = default_pki().client(OPERATOR)
+    operator = default_pki().client(OPERATOR, "operator")
     serial = operator.certificate().serial_number
     with (orchestrator_process(tmp_path / "orchestrator") as orch,
           gateway_process(orch, "station-audit", tmp_path / "gateway", pkcs11_module=softhsm_token.module_path,
@@ -77,7 +77,7 @@ def test_audit_rows_of_a_production_name_the_caller_card_certificates_gateway_re
 
         assert [r.action for r in rows] == ["task_started", "task_finished"]
         for row in rows:
-            assert row.actor == f"client:{OPERATOR}#{serial:x}"
+            assert row.actor == f"operator:{OPERATOR}#{serial:x}"
             assert row.task_id == task.id
             assert (row.gateway_id, row.reader_id) == ("station-audit", pooled.reader.reader_id)
         started, finished = rows
@@ -110,7 +110,7 @@ def test_audit_rows_of_a_production_name_the_caller_card_certificates_gateway_re
 def test_audit_leases_raw_steps_orders_and_processes_name_their_caller(tmp_path, softhsm_module):
     from tests.integration.test_pool import PIN, api_for, pool_rig, wait_until
 
-    admin = f"client:admin#{default_pki().files().certificate().serial_number:x}"
+    admin = f"admin:admin#{default_pki().files().certificate().serial_number:x}"
 
     async def body():
         async with pool_rig(tmp_path, softhsm_module, 1) as (orch, _stations, _):

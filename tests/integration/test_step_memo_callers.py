@@ -89,6 +89,6 @@ def test_step_memo_of_another_caller_neither_seeds_nor_reads_the_orchestrators_s
     assert error_from_rpc(read_back.value).reason == "PIN_INCORRECT"   # not alice's listing
     steps = gateway_steps(log, task_id)
     link = [(n, replayed) for n, caller, replayed in steps if caller.startswith("link:")]
-    direct = [(n, replayed) for n, caller, replayed in steps if caller.startswith("client:mallory#")]
+    direct = [(n, replayed) for n, caller, replayed in steps if caller.startswith("admin:mallory#")]
     assert link == [(1, False), (1, True), (3, False)]
     assert direct == [(2, False), (2, True), (1, False), (3, False)]

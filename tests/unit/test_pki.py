@@ -213,7 +213,7 @@ def test_pki_init_gives_the_orchestrator_a_bundle_without_the_ca_key(tmp_path):
     resolved = resolve("orchestrator", "orchestrator", tls_dir=bundle, role="orchestrator")
     assert resolved is not None and resolved.crl is not None    # the server checks revocations from its bundle
     pki = Pki.open(directory)
-    ops = pki.issue("client", "ops")
+    ops = pki.issue("operator", "ops")
     pki.revoke("ops")
     assert ops.serial in load_crl(bundle / "crl.pem", pki.ca_certificate())
 

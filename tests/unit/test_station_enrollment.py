@@ -234,7 +234,7 @@ def test_enroll_and_issue_commands_write_site_and_labels_into_the_gateway_certif
                        "--site", "branch"])
     assert issued.exit_code == 0, issued.output
     assert enrollment_of(pki.certificate("station-2")) == Enrollment("branch", {})
-    refused = run(app, ["pki", "issue", "--pki-dir", directory, "--role", "client", "--name", "ops", "--site", "hq"])
+    refused = run(app, ["pki", "issue", "--pki-dir", directory, "--role", "operator", "--name", "ops", "--site", "hq"])
     assert refused.exit_code == 1 and "only a gateway certificate" in refused.output
     bad = run(app, ["gateway", "enroll", "--pki-dir", directory, "--gateway-id", "station-3", "--label", "line",
                     "--out", str(tmp_path / "station-3-tls")])

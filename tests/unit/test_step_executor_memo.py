@@ -13,7 +13,7 @@ from gateway.core.registry import ReaderRegistry
 from shared import cards
 from shared.tls import PeerIdentity
 
-ALICE, MALLORY = PeerIdentity("client", "alice", 1), PeerIdentity("client", "mallory", 2)
+ALICE, MALLORY = PeerIdentity("admin", "alice", 1), PeerIdentity("admin", "mallory", 2)
 LINK = LinkCaller("127.0.0.1:7400")
 
 
