@@ -25,15 +25,15 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench import launch  # noqa: E402
-from bench.common import interleaved, say  # noqa: E402
-from shared.proto import common_pb2, steps_pb2  # noqa: E402
-from shared.proto import lease_service_pb2 as lease_pb  # noqa: E402
-from shared.proto import reader_pool_service_pb2 as pool_pb  # noqa: E402
-from tests.support import pcsc_rig  # noqa: E402
-from tests.support.api import OrchestratorApi  # noqa: E402
-from tests.support.processes import channel, wait_for_pooled_reader  # noqa: E402
-from tests.support.vpcd_card import VpcdCard  # noqa: E402
+from bench import launch
+from bench.common import interleaved, say, stop_on_sigterm
+from shared.proto import common_pb2, steps_pb2
+from shared.proto import lease_service_pb2 as lease_pb
+from shared.proto import reader_pool_service_pb2 as pool_pb
+from tests.support import pcsc_rig
+from tests.support.api import OrchestratorApi
+from tests.support.processes import channel, wait_for_pooled_reader
+from tests.support.vpcd_card import VpcdCard
 
 SELECT = bytes.fromhex("00A4040C0AF0434152444C494E4501")
 GET_SERIAL = bytes.fromhex("00CA005A08")
@@ -65,9 +65,9 @@ def measure(work: pathlib.Path, rounds: int) -> dict:
                 stack.callback(stub.leases.ReleaseLease, lease_pb.ReleaseLeaseRequest(lease_id=lease.lease_id))
 
                 def relayed(apdus: list[bytes]) -> None:
+                    script = steps_pb2.ApduScript(apdus=[steps_pb2.Apdu(command=a) for a in apdus])
                     out = stub.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
-                        lease_id=lease.lease_id, step=steps_pb2.Step(
-                            apdu_script=steps_pb2.ApduScript(apdus=[steps_pb2.Apdu(command=a) for a in apdus])))).outcome
+                        lease_id=lease.lease_id, step=steps_pb2.Step(apdu_script=script))).outcome
                     if len(out.apdu_script_result.responses) != len(apdus):
                         raise RuntimeError(f"B2: the relay answered {out} to a script of {len(apdus)} APDUs")
 
@@ -107,6 +107,7 @@ def measure(work: pathlib.Path, rounds: int) -> dict:
 
 
 def main() -> None:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import statistics
 import sys
 import time
@@ -49,3 +50,10 @@ def say(text: str) -> None:
 
 def log_to_stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every `with` stops the processes it started."""
+    def _raise(_signum, _frame) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+    signal.signal(signal.SIGTERM, _raise)

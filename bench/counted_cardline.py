@@ -15,11 +15,11 @@ import threading
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import event  # noqa: E402
-from sqlalchemy.engine import Engine  # noqa: E402
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
-from bench.launch import COUNTER_ENV, COUNTER_FORMAT, map_counter  # noqa: E402
-from shared.cli import main  # noqa: E402
+from bench.launch import COUNTER_ENV, COUNTER_FORMAT, map_counter
+from shared.cli import main
 
 
 def count_transactions(path: str) -> None:

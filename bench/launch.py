@@ -77,17 +77,16 @@ def process_group(argv: list[str], log_path: pathlib.Path, env: dict[str, str],
 def stop_group(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(10)
-    except subprocess.TimeoutExpired:
-        pass
     with contextlib.suppress(ProcessLookupError):     # the group's other members, and a deaf leader
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
 @contextlib.contextmanager
-def orchestrator(data_dir: pathlib.Path, env: dict[str, str] | None = None, *, counter: TransactionCounter | None = None,
+def orchestrator(data_dir: pathlib.Path, env: dict[str, str] | None = None, *,
+                 counter: TransactionCounter | None = None,
                  args: tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
     """An orchestrator on a free 127.0.0.1 port with its store under DATA_DIR; yields its
     address and process. COUNTER: count its transactions there."""

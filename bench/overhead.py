@@ -19,14 +19,14 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench import launch  # noqa: E402
-from bench.common import interleaved, say  # noqa: E402
-from gateway.drivers.pkcs11 import Pkcs11TokenDriver  # noqa: E402
-from orchestrator.ca.base import IssueProfile  # noqa: E402
-from orchestrator.ca.local import LocalCa  # noqa: E402
-from shared import cards  # noqa: E402
-from shared.proto import card_service_pb2 as card_pb  # noqa: E402
-from shared.proto import (  # noqa: E402
+from bench import launch
+from bench.common import interleaved, say, stop_on_sigterm
+from gateway.drivers.pkcs11 import Pkcs11TokenDriver
+from orchestrator.ca.base import IssueProfile
+from orchestrator.ca.local import LocalCa
+from shared import cards
+from shared.proto import card_service_pb2 as card_pb
+from shared.proto import (
     card_service_pb2_grpc,
     common_pb2,
     gateway_pb2,
@@ -35,9 +35,9 @@ from shared.proto import (  # noqa: E402
     process_service_pb2_grpc,
     steps_pb2,
 )
-from shared.proto import reader_pool_service_pb2 as pool_pb  # noqa: E402
-from tests.support import softhsm  # noqa: E402
-from tests.support.processes import channel, wait_for_pooled_reader  # noqa: E402
+from shared.proto import reader_pool_service_pb2 as pool_pb
+from tests.support import softhsm
+from tests.support.processes import channel, wait_for_pooled_reader
 
 PIN = "1234"
 SUBJECT = "CN=Bench Employee,O=cardline bench"
@@ -137,6 +137,7 @@ def measure(work: pathlib.Path, runs: int, profile: str = "ec") -> dict:
 
 
 def main() -> None:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="ec")

@@ -3,10 +3,10 @@
 The stations are `SimulatedStation`s (bench-only): tests/support/fake_gateway.py's fake
 gateway speaking the real link protocol over mutual TLS, each with one in-memory token, whose
 key generation takes real-card time (`keygen_s`, default 1 s, awaited without blocking the
-other stations). They all run on one event loop in a thread of the bench process
-(`StationFleet`); the orchestrators are processes of their own (bench/launch.py).
+other stations). They all run on one event loop in a process of their own (`StationFleet`,
+`stations.py fleet`); the orchestrators are processes of their own too (bench/launch.py).
 
-B4: cards per second with N stations (default 50) ÷ N × the rate of one station. Two
+B4: cards per second with N stations (default 50) ÷ N x the rate of one station. Two
 orchestrators run side by side, one with a single station and one with N; each round runs an
 order of `cards_per_station` cards per station on one, then on the other (interleaved,
 median of the rounds). A card is the B1 card: two EC P-256 key pairs generated on the token,
@@ -22,32 +22,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import os
 import pathlib
+import select
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
 
 import grpc
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench import launch  # noqa: E402
-from bench.common import ROOT, say, size  # noqa: E402
-from shared.proto import common_pb2, link_pb2  # noqa: E402
-from shared.proto import order_service_pb2 as order_pb  # noqa: E402
-from tests.support.api import OrchestratorApi  # noqa: E402
-from tests.support.fake_gateway import FakeGateway, FakeToken  # noqa: E402
-from tests.support.processes import channel, wait_for_pooled_reader  # noqa: E402
+from bench import launch
+from bench.common import ROOT, say, size, stop_on_sigterm
+from shared import convert
+from shared.pki import Pki
+from shared.proto import common_pb2, link_pb2
+from shared.proto import order_service_pb2 as order_pb
+from tests.support import pki as support_pki
+from tests.support.api import OrchestratorApi
+from tests.support.fake_gateway import FakeGateway, FakeToken
+from tests.support.processes import channel, wait_for_pooled_reader
 
-T = TypeVar("T")
 PIN = "1234"
 CONNECTS_AT_ONCE = 50                 # TLS handshakes in flight while a fleet dials in
 
@@ -109,7 +111,7 @@ def bench_config(work: pathlib.Path) -> pathlib.Path:
 class SimulatedStation(FakeGateway):
     """Bench-only simulated station: the fake gateway's link and token, but commands are
     answered concurrently and a key generation first waits KEYGEN_S, as a real card does.
-    `swap_card()` is its operator taking the produced card out and putting a blank one in
+    `swap_card()` is its operator taking the produced token out and putting a blank one in
     (an order puts one person on one card: docs/lifecycle.md)."""
 
     def __init__(self, gateway_id: str, keygen_s: float) -> None:
@@ -136,68 +138,115 @@ class SimulatedStation(FakeGateway):
         self._results.clear()          # no step is resent to a live link in a bench run
 
     def swap_card(self, reader_id: str) -> None:
-        """The card in READER_ID out (a `removed` event), a blank one in (`inserted`)."""
+        """As the gateway's registry reports a PKCS#11 token swapped between two scans
+        (gateway/core/registry.py): the new token's reader added, then the old one removed.
+        (Removed first, the order's queued cards would fail with READER_NOT_FOUND: no reader
+        left that matches.)"""
         done = self.tokens.pop(reader_id, None)
-        if done is not None:
-            done.lose()
-            self.insert(FakeToken(label=self.gateway_id))
+        if done is None:
+            return
+        done.present = False
+        blank = FakeToken(label=self.gateway_id)
+        self.tokens[blank.reader_id] = blank
+        for kind, reader in (("reader_added", blank.reader()), ("reader_removed", done.reader())):
+            self._outbox.put_nowait(link_pb2.GatewayMessage(reader_event=convert.reader_event_to_proto(kind, reader)))
+
+
+async def serve_fleet(commands: asyncio.Queue[str | None]) -> None:
+    """The fleet process: runs COMMANDS (lines from the bench) until None (its stdin closed).
+      connect ADDRESS PREFIX COUNT KEYGEN_S -> COUNT stations PREFIX-0001...; answers
+                                               "connected PREFIX" once every one is welcomed
+      swap GATEWAY_ID READER_ID             -> that station swaps the token in that reader"""
+    stations: dict[str, SimulatedStation] = {}
+
+    async def connect(address: str, prefix: str, count: int, keygen_s: float) -> None:
+        gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
+        batch = [SimulatedStation(f"{prefix}-{i:04d}", keygen_s) for i in range(1, count + 1)]
+        stations.update((s.gateway_id, s) for s in batch)
+
+        async def dial(station: SimulatedStation) -> None:
+            async with gate:
+                await station.connect(address)
+        try:
+            await asyncio.gather(*(dial(s) for s in batch))
+            print(f"connected {prefix}", flush=True)
+        except Exception as exc:
+            print(f"error {prefix}: {type(exc).__name__}: {exc}", flush=True)
+
+    pending: set[asyncio.Task] = set()
+    while (line := await commands.get()) is not None:
+        word, *args = line.split()
+        if word == "connect":
+            task = asyncio.create_task(connect(args[0], args[1], int(args[2]), float(args[3])))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        elif word == "swap":
+            stations[args[0]].swap_card(args[1])
+    await asyncio.gather(*(s.close() for s in stations.values()), return_exceptions=True)
+
+
+def fleet_main(pki_dir: str) -> None:
+    """Entry of the fleet process; the stations use the bench's PKI in PKI_DIR."""
+    support_pki._default = support_pki.TlsRig(Pki(pathlib.Path(pki_dir)))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        commands: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def read_stdin() -> None:
+            for line in sys.stdin:
+                loop.call_soon_threadsafe(commands.put_nowait, line)
+            loop.call_soon_threadsafe(commands.put_nowait, None)
+        threading.Thread(target=read_stdin, daemon=True).start()
+        await serve_fleet(commands)
+    asyncio.run(main())
 
 
 class StationFleet:
-    """Simulated stations on one event loop in a background thread."""
+    """Simulated stations in a process of their own (one asyncio loop; grpc.aio there, the
+    bench's synchronous gRPC clients here: one process must not mix them)."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="station-fleet", daemon=True)
-        self._thread.start()
-        self.stations: list[SimulatedStation] = []
-        self._by_id: dict[str, SimulatedStation] = {}
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
 
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout_s: float) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
 
     def connect(self, address: str, prefix: str, count: int, keygen_s: float) -> None:
         """COUNT stations PREFIX-0001... dialling ADDRESS; returns once every one is welcomed."""
-        stations = [SimulatedStation(f"{prefix}-{i:04d}", keygen_s) for i in range(1, count + 1)]
-        # Their certificates first (files in the throwaway PKI), outside the loop.
-        for station in stations:
-            launch.default_pki().gateway(station.gateway_id)
-
-        async def dial_all() -> None:
-            gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
-
-            async def dial(station: SimulatedStation) -> None:
-                async with gate:
-                    await station.connect(address)
-            await asyncio.gather(*(dial(s) for s in stations))
-        self.stations += stations
-        self._by_id.update((s.gateway_id, s) for s in stations)
-        self.run(dial_all(), timeout_s=60 + count * 0.5)
+        for i in range(1, count + 1):            # their certificates first, in the bench's PKI
+            launch.default_pki().gateway(f"{prefix}-{i:04d}")
+        self._send(f"connect {address} {prefix} {count} {keygen_s}")
+        timeout_s = 60 + count * 0.5
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        answer = self.proc.stdout.readline().strip() if ready else ""
+        if answer != f"connected {prefix}":
+            raise RuntimeError(f"the station fleet did not connect {count} stations {prefix} to {address} "
+                               f"within {timeout_s} s: {answer or 'no answer'}")
 
     def swap_card(self, gateway_id: str, reader_id: str) -> None:
-        station = self._by_id[gateway_id]
-        self.loop.call_soon_threadsafe(station.swap_card, reader_id)
-
-    def close(self) -> None:
-        async def close_all() -> None:
-            await asyncio.gather(*(s.close() for s in self.stations), return_exceptions=True)
-            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in rest:                           # the links' request iterators
-                task.cancel()
-            await asyncio.gather(*rest, return_exceptions=True)
-        with contextlib.suppress(concurrent.futures.TimeoutError):
-            self.run(close_all(), timeout_s=60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
+        self._send(f"swap {gateway_id} {reader_id}")
 
 
 @contextlib.contextmanager
-def fleet() -> Iterator[StationFleet]:
-    stations = StationFleet()
+def fleet(work: pathlib.Path) -> Iterator[StationFleet]:
+    work.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, __file__, "fleet", "--pki-dir", str(launch.default_pki().directory)]
+    with open(work / "fleet.log", "w") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                start_new_session=True)
     try:
-        yield stations
+        yield StationFleet(proc)
     finally:
-        stations.close()
+        with contextlib.suppress(BrokenPipeError):
+            assert proc.stdin is not None
+            proc.stdin.close()                       # the fleet closes its links and exits
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        launch.stop_group(proc)
 
 
 def wait_for_readers(address: str, count: int, timeout_s: float) -> None:
@@ -250,7 +299,7 @@ def measure_b4(work: pathlib.Path) -> dict:
     rounds = size("CARDLINE_BENCH_B4_ROUNDS", 3)
     keygen_s = float(os.environ.get("CARDLINE_BENCH_B4_KEYGEN_S", "1.0"))
     env = {**os.environ, "CARDLINE_ORCHESTRATOR_CONFIG_DIR": str(bench_config(work))}
-    with fleet() as simulated, \
+    with fleet(work) as simulated, \
             launch.orchestrator(work / "orchestrator-one", env) as (one, _p1), \
             launch.orchestrator(work / "orchestrator-many", env) as (many, _p2):
         simulated.connect(one, "bench-one", 1, keygen_s)
@@ -290,7 +339,7 @@ def _rss_mb(pid: int) -> float:
 def measure_b6(work: pathlib.Path) -> dict:
     links = size("CARDLINE_BENCH_B6_LINKS", 1000)
     window_s = size("CARDLINE_BENCH_B6_WINDOW_S", 30)
-    with fleet() as simulated, launch.orchestrator(work / "orchestrator-idle") as (address, proc):
+    with fleet(work) as simulated, launch.orchestrator(work / "orchestrator-idle") as (address, proc):
         simulated.connect(address, "bench-idle", links, keygen_s=1.0)
         wait_for_readers(address, links, 120)
         cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
@@ -307,9 +356,14 @@ def measure_b6(work: pathlib.Path) -> dict:
 
 
 def main() -> None:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("figure", choices=["b4", "b6"])
+    parser.add_argument("figure", choices=["b4", "b6", "fleet"])
+    parser.add_argument("--pki-dir", help="fleet: the bench's PKI directory")
     args = parser.parse_args()
+    if args.figure == "fleet":
+        fleet_main(args.pki_dir)
+        return
     work = pathlib.Path(tempfile.mkdtemp(prefix=f"cardline-bench-{args.figure}-"))
     result = (measure_b4 if args.figure == "b4" else measure_b6)(work)
     for key, value in result.items():
