@@ -43,12 +43,13 @@ from bench import launch
 from bench.common import ROOT, say, size, stop_on_sigterm
 from shared import convert
 from shared.pki import Pki
-from shared.proto import common_pb2, link_pb2
+from shared.proto import common_pb2, link_pb2, reader_pool_service_pb2_grpc
 from shared.proto import order_service_pb2 as order_pb
+from shared.proto import reader_pool_service_pb2 as pool_pb
 from tests.support import pki as support_pki
 from tests.support.api import OrchestratorApi
 from tests.support.fake_gateway import FakeGateway, FakeToken
-from tests.support.processes import channel, wait_for_pooled_reader
+from tests.support.processes import channel
 
 PIN = "1234"
 CONNECTS_AT_ONCE = 50                 # TLS handshakes in flight while a fleet dials in
@@ -250,21 +251,22 @@ def fleet(work: pathlib.Path) -> Iterator[StationFleet]:
 
 
 def wait_for_readers(address: str, count: int, timeout_s: float) -> None:
-    """Until the orchestrator's pool lists COUNT readers."""
-    readers: list = []
-
-    def enough(r) -> bool:
-        readers.append(r)
-        return False
+    """Until the orchestrator's pool lists COUNT online readers (every page)."""
+    online = 0
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        readers.clear()
-        with contextlib.suppress(TimeoutError):
-            wait_for_pooled_reader(address, enough, timeout_s=0.01)
-        if len(readers) >= count:
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{address}: {len(readers)} of {count} station readers in the pool after {timeout_s} s")
+    with channel(address) as client:
+        stub = reader_pool_service_pb2_grpc.ReaderPoolServiceStub(client)
+        while time.monotonic() < deadline:
+            online, token = 0, ""
+            while True:
+                page = stub.ListReaders(pool_pb.ListReadersRequest(page_size=1000, page_token=token), timeout=10)
+                online += sum(r.state != pool_pb.POOLED_READER_STATE_OFFLINE for r in page.readers)
+                if not (token := page.next_page_token):
+                    break
+            if online >= count:
+                return
+            time.sleep(0.2)
+    raise TimeoutError(f"{address}: {online} of {count} station readers online in the pool after {timeout_s} s")
 
 
 FINISHED = (order_pb.ORDER_CARD_STATE_SUCCEEDED, order_pb.ORDER_CARD_STATE_FAILED)
@@ -301,7 +303,7 @@ def measure_b4(work: pathlib.Path) -> dict:
     env = {**os.environ, "CARDLINE_ORCHESTRATOR_CONFIG_DIR": str(bench_config(work))}
     with fleet(work) as simulated, \
             launch.orchestrator(work / "orchestrator-one", env) as (one, _p1), \
-            launch.orchestrator(work / "orchestrator-many", env) as (many, _p2):
+            launch.orchestrator(work / "orchestrator-many", env) as (many, many_proc):
         simulated.connect(one, "bench-one", 1, keygen_s)
         simulated.connect(many, "bench-many", stations, keygen_s)
         wait_for_readers(one, 1, 30)
@@ -309,16 +311,25 @@ def measure_b4(work: pathlib.Path) -> dict:
         apis = {"one": OrchestratorApi.on(channel(one)), "many": OrchestratorApi.on(channel(many))}
         cards = {"one": per_station, "many": per_station * stations}
         rates: dict[str, list[float]] = {"one": [], "many": []}
+        busy = {"orchestrator": 0.0, "stations": 0.0, "elapsed": 0.0}     # CPU s while the many-side orders ran
         for timed in (False, *([True] * rounds)):        # an untimed warm-up round first
             for side in ("one", "many"):
+                cpu = (_cpu_seconds(many_proc.pid), _cpu_seconds(simulated.proc.pid))
                 elapsed = run_order(apis[side], simulated, cards[side], side)
                 if timed:
                     rates[side].append(cards[side] / elapsed)
+                if timed and side == "many":
+                    busy["orchestrator"] += _cpu_seconds(many_proc.pid) - cpu[0]
+                    busy["stations"] += _cpu_seconds(simulated.proc.pid) - cpu[1]
+                    busy["elapsed"] += elapsed
     one_rate, many_rate = statistics.median(rates["one"]), statistics.median(rates["many"])
     return {
         "B4": round(many_rate / (stations * one_rate), 3),
         "B4_cards_per_s_one_station": round(one_rate, 3),
         "B4_cards_per_s_many_stations": round(many_rate, 2),
+        # % of one core while the many-station orders ran: near 100 %, that process is the limit
+        "B4_orchestrator_cpu": round(busy["orchestrator"] / busy["elapsed"] * 100, 1),
+        "B4_stations_process_cpu": round(busy["stations"] / busy["elapsed"] * 100, 1),
         "B4_stations": stations,
         "B4_keygen_s": keygen_s,
     }
