@@ -281,17 +281,20 @@ def run_order(api: OrchestratorApi, stations: StationFleet, cards: int, label: s
         process="bench-produce", secret_inputs={"pin": PIN},
         items=[order_pb.OrderItem(inputs={"person": common_pb2.Value(text=f"Bench {label} {i}")})
                for i in range(cards)])).order
-    for event in api.orders.WatchOrder(order_pb.WatchOrderRequest(order_id=order.id)):
-        order = event.order
-        for card in order.cards:
-            if card.state in FINISHED and card.index not in swapped:
-                swapped.add(card.index)
-                stations.swap_card(card.gateway_id, card.reader_id)
+    while not all(c.state in FINISHED for c in order.cards):   # a watch stream may end early: watch again
+        for event in api.orders.WatchOrder(order_pb.WatchOrderRequest(order_id=order.id)):
+            order = event.order
+            for card in order.cards:
+                if card.state in FINISHED and card.index not in swapped:
+                    swapped.add(card.index)
+                    stations.swap_card(card.gateway_id, card.reader_id)
     elapsed = time.perf_counter() - t0
     failed = [c for c in order.cards if c.state != order_pb.ORDER_CARD_STATE_SUCCEEDED]
     if failed:
-        raise RuntimeError(f"B4: {len(failed)} of {cards} cards failed in the {label} order, "
-                           f"first: {failed[0].error}")
+        first = failed[0]
+        raise RuntimeError(f"B4: {len(failed)} of {cards} cards failed in the {label} order, first: card "
+                           f"{first.index} {order_pb.OrderCardState.Name(first.state)} on {first.reader_id or '-'}: "
+                           f"{first.error.reason} {first.error.message}")
     return elapsed
 
 
