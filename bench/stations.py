@@ -53,6 +53,7 @@ from tests.support.processes import channel
 
 PIN = "1234"
 CONNECTS_AT_ONCE = 50                 # TLS handshakes in flight while a fleet dials in
+ORDER_TIMEOUT_S = 600
 
 BENCH_ENCODING = """\
 [Encoding]
@@ -282,7 +283,10 @@ def run_order(api: OrchestratorApi, stations: StationFleet, cards: int, label: s
         items=[order_pb.OrderItem(inputs={"person": common_pb2.Value(text=f"Bench {label} {i}")})
                for i in range(cards)])).order
     while not all(c.state in FINISHED for c in order.cards):   # a watch stream may end early: watch again
-        for event in api.orders.WatchOrder(order_pb.WatchOrderRequest(order_id=order.id)):
+        if time.perf_counter() - t0 > ORDER_TIMEOUT_S:
+            raise TimeoutError(f"B4: the {label} order of {cards} cards not finished after {ORDER_TIMEOUT_S} s")
+        for event in api.orders.WatchOrder(order_pb.WatchOrderRequest(order_id=order.id),
+                                           timeout=ORDER_TIMEOUT_S):
             order = event.order
             for card in order.cards:
                 if card.state in FINISHED and card.index not in swapped:
