@@ -26,7 +26,7 @@ import tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench import launch
-from bench.common import interleaved, say, stop_on_sigterm
+from bench.common import interleaved, prepare_bench_process, say
 from shared.proto import common_pb2, steps_pb2
 from shared.proto import lease_service_pb2 as lease_pb
 from shared.proto import reader_pool_service_pb2 as pool_pb
@@ -107,7 +107,7 @@ def measure(work: pathlib.Path, rounds: int) -> dict:
 
 
 def main() -> None:
-    stop_on_sigterm()
+    prepare_bench_process()
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()

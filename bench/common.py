@@ -9,6 +9,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from shared.logging import configure as configure_logging
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -52,8 +54,10 @@ def log_to_stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so every `with` stops the processes it started."""
+def prepare_bench_process() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every `with` stops the processes it started; this
+    process logs warnings only, to stderr (stdout is for the figures)."""
+    configure_logging(level="WARNING")
     def _raise(_signum, _frame) -> None:
         raise KeyboardInterrupt("SIGTERM")
     signal.signal(signal.SIGTERM, _raise)

@@ -20,7 +20,7 @@ import tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench import launch
-from bench.common import interleaved, say, stop_on_sigterm
+from bench.common import interleaved, prepare_bench_process, say
 from gateway.drivers.pkcs11 import Pkcs11TokenDriver
 from orchestrator.ca.base import IssueProfile
 from orchestrator.ca.local import LocalCa
@@ -137,7 +137,7 @@ def measure(work: pathlib.Path, runs: int, profile: str = "ec") -> dict:
 
 
 def main() -> None:
-    stop_on_sigterm()
+    prepare_bench_process()
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="ec")

@@ -29,7 +29,7 @@ from collections.abc import Callable
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench import apdu_relay, overhead, search, stations
-from bench.common import log_to_stderr, say, size, stop_on_sigterm
+from bench.common import log_to_stderr, prepare_bench_process, say, size
 
 REPLICAS_NOTE = "needs orchestrator replicas on one PostgreSQL (issue 13 scale-out not built)"
 
@@ -47,7 +47,7 @@ def parts(work: pathlib.Path) -> dict[str, tuple[tuple[str, ...], Callable[[], d
 
 
 def main() -> None:
-    stop_on_sigterm()
+    prepare_bench_process()
     only = {p.strip().upper() for p in os.environ.get("CARDLINE_BENCH_ONLY", "").split(",") if p.strip()}
     work = pathlib.Path(tempfile.mkdtemp(prefix="cardline-bench-"))
     figures: dict[str, object] = {}

@@ -40,7 +40,7 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from bench.common import interleaved, say, size, stop_on_sigterm
+from bench.common import interleaved, prepare_bench_process, say, size
 from orchestrator.store import Store
 from tests.support.store_ca import DEFAULT_ADMIN_URL, _libpq, _reachable, _throwaway_cluster
 
@@ -158,7 +158,7 @@ def measure() -> dict:
 
 
 def main() -> None:
-    stop_on_sigterm()
+    prepare_bench_process()
     for key, value in measure().items():
         say(f"{key}: {value}")
 

@@ -40,7 +40,7 @@ import grpc
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench import launch
-from bench.common import ROOT, say, size, stop_on_sigterm
+from bench.common import ROOT, prepare_bench_process, say, size
 from shared import convert
 from shared.pki import Pki
 from shared.proto import common_pb2, link_pb2, reader_pool_service_pb2_grpc
@@ -374,7 +374,7 @@ def measure_b6(work: pathlib.Path) -> dict:
 
 
 def main() -> None:
-    stop_on_sigterm()
+    prepare_bench_process()
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("figure", choices=["b4", "b6", "fleet"])
     parser.add_argument("--pki-dir", help="fleet: the bench's PKI directory")
