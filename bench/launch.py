@@ -26,29 +26,36 @@ from tests.support.processes import CARDLINE, free_port, wait_healthy
 
 BENCH = pathlib.Path(__file__).resolve().parent
 COUNTER_ENV = "CARDLINE_BENCH_TRANSACTION_COUNTER"
-COUNTER_FORMAT = "<QQ"                     # read transactions, write transactions
+# read transactions, write transactions, microseconds writers waited in BEGIN IMMEDIATE
+COUNTER_FORMAT = "<QQQ"
 
 
 @dataclass(frozen=True)
 class Transactions:
     reads: int
     writes: int
+    write_lock_wait_us: int = 0          # SQLite: time writers spent waiting for the write lock
 
     @property
     def total(self) -> int:
         return self.reads + self.writes
 
+    def __add__(self, other: Transactions) -> Transactions:
+        return Transactions(self.reads + other.reads, self.writes + other.writes,
+                            self.write_lock_wait_us + other.write_lock_wait_us)
+
     def __sub__(self, other: Transactions) -> Transactions:
-        return Transactions(self.reads - other.reads, self.writes - other.writes)
+        return Transactions(self.reads - other.reads, self.writes - other.writes,
+                            self.write_lock_wait_us - other.write_lock_wait_us)
 
 
 class TransactionCounter:
-    """The file a counted orchestrator keeps its transaction counts in (two little-endian
-    64-bit integers, rewritten in place at every BEGIN)."""
+    """The file a counted orchestrator keeps its transaction counts in (little-endian 64-bit
+    integers, rewritten in place at every BEGIN)."""
 
     def __init__(self, path: pathlib.Path) -> None:
         self.path = path
-        path.write_bytes(struct.pack(COUNTER_FORMAT, 0, 0))
+        path.write_bytes(struct.pack(COUNTER_FORMAT, 0, 0, 0))
 
     def read(self) -> Transactions:
         return Transactions(*struct.unpack(COUNTER_FORMAT, self.path.read_bytes()[:struct.calcsize(COUNTER_FORMAT)]))

@@ -132,6 +132,7 @@ def measure(work: pathlib.Path, runs: int, profile: str = "ec") -> dict:
         "B1_direct_ms": round(medians["direct"] * 1000, 1),
         "B1_transactions_per_card": statistics.median(t.total for t in timed),
         "B1_write_transactions_per_card": statistics.median(t.writes for t in timed),
+        "B1_write_lock_wait_ms_per_card": round(statistics.median(t.write_lock_wait_us for t in timed) / 1000, 2),
         "B1_profile": f"{profile}: " + " + ".join(f"{t} {k.value}" for t, k in apps),
     }
 

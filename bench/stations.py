@@ -308,9 +308,11 @@ def measure_b4(work: pathlib.Path) -> dict:
     rounds = size("CARDLINE_BENCH_B4_ROUNDS", 3)
     keygen_s = float(os.environ.get("CARDLINE_BENCH_B4_KEYGEN_S", "1.0"))
     env = {**os.environ, "CARDLINE_ORCHESTRATOR_CONFIG_DIR": str(bench_config(work))}
+    counter = launch.TransactionCounter(work / "transactions-many")
+    store = launch.Transactions(0, 0)                  # of the many-side orders timed
     with fleet(work) as simulated, \
             launch.orchestrator(work / "orchestrator-one", env) as (one, _p1), \
-            launch.orchestrator(work / "orchestrator-many", env) as (many, many_proc):
+            launch.orchestrator(work / "orchestrator-many", env, counter=counter) as (many, many_proc):
         simulated.connect(one, "bench-one", 1, keygen_s)
         simulated.connect(many, "bench-many", stations, keygen_s)
         wait_for_readers(one, 1, 30)
@@ -322,6 +324,7 @@ def measure_b4(work: pathlib.Path) -> dict:
         for timed in (False, *([True] * rounds)):        # an untimed warm-up round first
             for side in ("one", "many"):
                 cpu = (_cpu_seconds(many_proc.pid), _cpu_seconds(simulated.proc.pid))
+                before = counter.read()
                 elapsed = run_order(apis[side], simulated, cards[side], side)
                 if timed:
                     rates[side].append(cards[side] / elapsed)
@@ -329,6 +332,7 @@ def measure_b4(work: pathlib.Path) -> dict:
                     busy["orchestrator"] += _cpu_seconds(many_proc.pid) - cpu[0]
                     busy["stations"] += _cpu_seconds(simulated.proc.pid) - cpu[1]
                     busy["elapsed"] += elapsed
+                    store = store + (counter.read() - before)
     one_rate, many_rate = statistics.median(rates["one"]), statistics.median(rates["many"])
     return {
         "B4": round(many_rate / (stations * one_rate), 3),
@@ -337,6 +341,9 @@ def measure_b4(work: pathlib.Path) -> dict:
         # % of one core while the many-station orders ran: near 100 %, that process is the limit
         "B4_orchestrator_cpu": round(busy["orchestrator"] / busy["elapsed"] * 100, 1),
         "B4_stations_process_cpu": round(busy["stations"] / busy["elapsed"] * 100, 1),
+        "B4_transactions_per_card": round(store.total / (rounds * cards["many"]), 1),
+        # waiting for SQLite's write lock, summed over the concurrent tasks
+        "B4_write_lock_wait_ms_per_card": round(store.write_lock_wait_us / 1000 / (rounds * cards["many"]), 1),
         "B4_stations": stations,
         "B4_keygen_s": keygen_s,
     }
