@@ -111,8 +111,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
-    for key, value in measure(pathlib.Path(tempfile.mkdtemp(prefix="cardline-bench-apdu-")), args.rounds).items():
-        say(f"{key}: {value}")
+    with tempfile.TemporaryDirectory(prefix="cardline-bench-apdu-") as work:
+        for key, value in measure(pathlib.Path(work), args.rounds).items():
+            say(f"{key}: {value}")
 
 
 if __name__ == "__main__":

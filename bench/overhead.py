@@ -143,7 +143,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="ec")
     args = parser.parse_args()
-    result = measure(pathlib.Path(tempfile.mkdtemp(prefix="cardline-bench-b1-")), args.runs, args.profile)
+    with tempfile.TemporaryDirectory(prefix="cardline-bench-b1-") as work:
+        result = measure(pathlib.Path(work), args.runs, args.profile)
     for key, value in result.items():
         say(f"{key}: {value}")
 

@@ -389,8 +389,8 @@ def main() -> None:
     if args.figure == "fleet":
         fleet_main(args.pki_dir)
         return
-    work = pathlib.Path(tempfile.mkdtemp(prefix=f"cardline-bench-{args.figure}-"))
-    result = (measure_b4 if args.figure == "b4" else measure_b6)(work)
+    with tempfile.TemporaryDirectory(prefix=f"cardline-bench-{args.figure}-") as work:
+        result = (measure_b4 if args.figure == "b4" else measure_b6)(pathlib.Path(work))
     for key, value in result.items():
         say(f"{key}: {value}")
 
