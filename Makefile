@@ -50,8 +50,9 @@ $(VENV)/.installed: pyproject.toml
 protos: setup
 	$(PY) scripts/gen_protos.py
 
+# The benchmark suite of issue 13 (bench/README.md): its last line is one JSON object.
 bench: setup
-	$(PY) bench/overhead.py
+	$(PY) bench/run.py
 
 clean:
 	rm -rf var/demo
