@@ -33,7 +33,9 @@ from tests.support.fake_gateway import FakeGateway
 from tests.support.pki import default_pki
 
 #: The services of these tests may lease the readers at site hq (the fake station's).
-SERVICES_AT_HQ = {"service_readers": {name: {"site": "hq"} for name in ("alice", "bob", "mallory")}}
+#: Service identities of these tests (names of their own: the session's PKI issues one role a name).
+ALICE, BOB, MALLORY = "svc-alice", "svc-bob", "svc-mallory"
+SERVICES_AT_HQ = {"service_readers": {name: {"site": "hq"} for name in (ALICE, BOB, MALLORY)}}
 LIST_OBJECTS = steps_pb2.Step(list_objects=steps_pb2.ListObjects(), credentials=steps_pb2.Credentials(user_pin=PIN))
 
 
@@ -69,7 +71,7 @@ def acquire(reader_id: str = "", **kw) -> lease_pb.AcquireLeaseRequest:
 def test_lease_owner_runs_steps_renews_and_releases_its_lease(tmp_path):
     async def body():
         async with rule_orchestrator(tmp_path, pool=SERVICES_AT_HQ) as rig, \
-                clients(rig.orch.address, "alice") as [alice]:
+                clients(rig.orch.address, ALICE) as [alice]:
             lease = (await alice.leases.AcquireLease(acquire(rig.token.reader_id, holder="alice"))).lease
             outcome = (await alice.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
                 lease_id=lease.lease_id, step=LIST_OBJECTS))).outcome
@@ -86,7 +88,7 @@ def test_lease_owner_runs_steps_renews_and_releases_its_lease(tmp_path):
 def test_lease_used_by_another_identity_is_refused_for_steps_renewal_and_release(tmp_path):
     async def body():
         async with rule_orchestrator(tmp_path, pool=SERVICES_AT_HQ) as rig, \
-                clients(rig.orch.address, "alice", "mallory") as [alice, mallory]:
+                clients(rig.orch.address, ALICE, MALLORY) as [alice, mallory]:
             lease = (await alice.leases.AcquireLease(acquire(rig.token.reader_id, holder="alice"))).lease
             # Mallory learns the id as anyone can, then tries each use of it.
             listed = [x.lease_id for x in (await mallory.leases.ListLeases(lease_pb.ListLeasesRequest())).leases]
@@ -110,7 +112,7 @@ def test_lease_used_by_another_identity_is_refused_for_steps_renewal_and_release
     for err in refused:
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
         assert isinstance(error_from_rpc(err), PermissionDenied)
-        assert "service:alice" in (err.details() or "") and "service:mallory" in (err.details() or "")
+        assert f"service:{ALICE}" in (err.details() or "") and f"service:{MALLORY}" in (err.details() or "")
     assert steps_after == steps_before                     # nothing reached the card
     assert held == [lease.lease_id]
     assert outcome.WhichOneof("result") == "object_list"   # alice's step 1 ran: mallory seeded nothing
@@ -119,7 +121,7 @@ def test_lease_used_by_another_identity_is_refused_for_steps_renewal_and_release
 def test_repeated_acquire_request_id_by_another_identity_does_not_hand_over_the_lease(tmp_path):
     async def body():
         async with rule_orchestrator(tmp_path, pool=SERVICES_AT_HQ) as rig, \
-                clients(rig.orch.address, "alice", "mallory") as [alice, mallory]:
+                clients(rig.orch.address, ALICE, MALLORY) as [alice, mallory]:
             first = (await alice.leases.AcquireLease(acquire(rig.token.reader_id, request_id="req-1"))).lease
             again = (await alice.leases.AcquireLease(acquire(rig.token.reader_id, request_id="req-1"))).lease
             stolen = await refusal(mallory.leases.AcquireLease(acquire(rig.token.reader_id, request_id="req-1")))
@@ -138,7 +140,7 @@ def test_lease_quota_exceeded_is_resource_exhausted_naming_the_quota(tmp_path):
     async def body():
         async with rule_orchestrator(tmp_path, tokens=tokens,
                                      pool={**SERVICES_AT_HQ, "max_leases_per_caller": 2}) as rig, \
-                clients(rig.orch.address, "alice", "bob") as [alice, bob]:
+                clients(rig.orch.address, ALICE, BOB) as [alice, bob]:
             mine = [(await alice.leases.AcquireLease(acquire(t.reader_id))).lease for t in tokens[:2]]
             over = await refusal(alice.leases.AcquireLease(acquire(tokens[2].reader_id)))
             bobs = (await bob.leases.AcquireLease(acquire(tokens[2].reader_id))).lease     # per identity
@@ -157,7 +159,7 @@ def test_lease_quota_exceeded_is_resource_exhausted_naming_the_quota(tmp_path):
 def test_lease_quota_counts_requests_still_waiting_for_a_reader(tmp_path):
     async def body():
         async with rule_orchestrator(tmp_path, pool={**SERVICES_AT_HQ, "max_leases_per_caller": 1}) as rig, \
-                clients(rig.orch.address, "alice", "bob") as [alice, bob]:
+                clients(rig.orch.address, ALICE, BOB) as [alice, bob]:
             bobs = (await bob.leases.AcquireLease(acquire(rig.token.reader_id))).lease
             waiting = asyncio.ensure_future(alice.leases.AcquireLease(acquire(rig.token.reader_id, wait=True)))
             deadline = asyncio.get_running_loop().time() + 10
@@ -258,7 +260,7 @@ def test_admin_may_release_another_identitys_lease_but_not_run_steps_on_or_renew
     async def body():
         async with rule_orchestrator(tmp_path, pool=SERVICES_AT_HQ) as rig:
             leases = leases_of(rig)
-            alices = await as_caller(PeerIdentity("service", "alice", 0xA1),
+            alices = await as_caller(PeerIdentity("service", ALICE, 0xA1),
                                      lambda: leases.acquire(ReaderSelector(reader_id=rig.token.reader_id)))
             with pytest.raises(PermissionDenied):
                 await as_caller(admin, lambda: leases.run_step(alices.lease_id, cards.Step(cards.ReadCardInfo())))
@@ -268,5 +270,5 @@ def test_admin_may_release_another_identitys_lease_but_not_run_steps_on_or_renew
             return alices, leases.list(), rig.orch.pool.list()
 
     alices, held, pooled = asyncio.run(body())
-    assert alices.owner == "service:alice" and held == []
+    assert alices.owner == f"service:{ALICE}" and held == []
     assert [p.holder for p in pooled] == [""]
