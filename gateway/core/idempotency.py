@@ -49,8 +49,9 @@ def _stored_key(key: StepKey) -> str:
 def _outcome_of(result: Any) -> bytes:
     """What is kept of a step's value or CardlineError: its StepOutcome, the very message the
     caller is answered with. A step's credentials (PINs) are in the step, never in it."""
-    outcome = convert.error_to_outcome(result) if isinstance(result, CardlineError) else convert.value_to_outcome(result)
-    return outcome.SerializeToString()
+    if isinstance(result, CardlineError):
+        return convert.error_to_outcome(result).SerializeToString()
+    return convert.value_to_outcome(result).SerializeToString()
 
 
 class UnreadableMemo(Exception):
