@@ -3,10 +3,10 @@ also while the first run is still in progress, and after a gateway restart. The 
 (gateway/core/executor.py) makes the key: caller, reader, operation, task id and step number.
 
 Finished steps are kept in DATA_DIR/step-memo.sqlite3 (PersistedSteps): the result is
-committed (WAL, synchronous=FULL: on disk, not only in the page cache) before the step is
-answered, so a gateway killed between running a step and answering it answers the resent
-step from the file. A step that was still running when the gateway died has no row: it runs
-again (docs/stations.md, "Step memo").
+committed (WAL, synchronous=NORMAL: handed to the operating system, which keeps it whatever
+becomes of the gateway's process) before the step is answered, so a gateway killed between
+running a step and answering it answers the resent step from the file. A step that was
+still running when the gateway died has no row: it runs again (docs/stations.md, "Step memo").
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class UnreadableMemo(Exception):
 
 class PersistedSteps:
     """The memo's finished steps on disk, at most CAPACITY, the oldest written dropped first.
-    All calls run on one thread of its own (SQLite and fsync block)."""
+    All calls run on one thread of its own (SQLite blocks)."""
 
     def __init__(self, path: pathlib.Path, capacity: int = DEFAULT_CAPACITY) -> None:
         self.path = path
@@ -103,9 +103,14 @@ class PersistedSteps:
             if (check := db.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
                 raise UnreadableMemo(f"quick_check: {check}")
             db.execute("PRAGMA journal_mode=WAL")
-            # FULL: the WAL is fsync'ed at each commit, so a recorded step survives a power cut
-            # too, not only a killed process (measured: about 0.25 ms per step on ext4).
-            db.execute("PRAGMA synchronous=FULL")
+            # NORMAL, not FULL: a commit is in the WAL in the OS's page cache when it returns, so it
+            # survives any death of the gateway's process (crash, SIGKILL, OOM, restart); only a
+            # power cut or OS crash may take back the last commits, and never half of one. A step
+            # taken back is a step the gateway died in: it runs again (the orchestrator's journal
+            # decides), as it would with FULL for a cut just before the commit. FULL fsyncs every
+            # step: measured 0.4-2.6 ms per step on this project's loaded test machine, against
+            # 0.16-0.24 ms with NORMAL (2,000 steps of StepMemo.run in a loop).
+            db.execute("PRAGMA synchronous=NORMAL")
             db.execute(_SCHEMA)
             db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         except BaseException:
@@ -117,7 +122,7 @@ class PersistedSteps:
         return await asyncio.wrap_future(self._thread.submit(self._get, _stored_key(key)))
 
     async def put(self, key: StepKey, outcome: bytes) -> None:
-        """Returns once the row is committed to disk."""
+        """Returns once the row is committed (in the WAL, see _connect)."""
         await asyncio.wrap_future(self._thread.submit(self._put, _stored_key(key), outcome))
 
     def _get(self, key: str) -> bytes | None:
@@ -199,7 +204,7 @@ class StepMemo:
             return None
 
     async def _record(self, key: StepKey, result: Any) -> None:
-        """Writes RESULT durably before the step is answered. A failed write is logged and the
+        """Commits RESULT before the step is answered. A failed write is logged and the
         step still answered: its result is real, and a resend after a restart runs it again,
         as for a step the gateway died in."""
         if self._store is None:
