@@ -187,3 +187,26 @@ def test_step_memo_file_that_cannot_be_opened_is_a_configuration_error_naming_it
     with pytest.raises(ConfigurationError) as refused:
         PersistedSteps(path)
     assert str(path) in refused.value.message
+
+
+def test_step_memo_file_left_readable_by_others_is_made_private_again(tmp_path):
+    path = tmp_path / STEP_MEMO_FILE
+    path.touch(mode=0o644)
+    path.chmod(0o644)
+    PersistedSteps(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_step_memo_file_row_that_does_not_decode_runs_the_step_again_with_a_warning(tmp_path, capsys):
+    card = Card()
+    memo, store = memo_at(tmp_path)
+    run(memo, ("t", 1), card.generate)
+    store.close()
+    with sqlite3.connect(tmp_path / STEP_MEMO_FILE) as db:
+        db.execute("UPDATE steps SET outcome = ?", (b"\xff\xff\xff not a StepOutcome",))
+    db.close()
+    memo, store = memo_at(tmp_path)
+    again = run(memo, ("t", 1), card.generate)
+    store.close()
+    assert again == (cards.GeneratedKey(b"k1", b"public key #2", b""), False)
+    assert "a remembered step is unreadable" in "".join(capsys.readouterr())
