@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from gateway.api.link_client import OrchestratorLink
 from gateway.api.servicer import GatewayServicer
 from gateway.core.executor import StepExecutor
+from gateway.core.idempotency import STEP_MEMO_FILE, PersistedSteps, StepMemo
 from gateway.core.registry import ReaderRegistry
 from gateway.drivers.base import TokenDriver
 from gateway.drivers.pkcs11 import Pkcs11TokenDriver
@@ -36,6 +37,7 @@ class Gateway:
     link: OrchestratorLink | None
     metrics: GatewayMetrics | None = None
     metrics_endpoint: MetricsEndpoint | None = None
+    persisted_steps: PersistedSteps | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
@@ -51,6 +53,8 @@ class Gateway:
         if self.metrics_endpoint is not None:
             await asyncio.to_thread(self.metrics_endpoint.stop)
         await self.server.stop()
+        if self.persisted_steps is not None:
+            await asyncio.to_thread(self.persisted_steps.close)
         await asyncio.to_thread(self.registry.close)
 
 
@@ -149,7 +153,11 @@ async def start(settings: GatewaySettings) -> Gateway:
     registry = ReaderRegistry(token_drivers=drivers, pcsc=pcsc)
     await registry.refresh()
     metrics = GatewayMetrics()
-    executor = StepExecutor(registry, observer=metrics)
+    # Finished steps are kept in the data directory: a step resent after a restart is answered
+    # from there, not run again (gateway/core/idempotency.py).
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    persisted_steps = await asyncio.to_thread(PersistedSteps, settings.data_dir / STEP_MEMO_FILE)
+    executor = StepExecutor(registry, StepMemo(store=persisted_steps), observer=metrics)
     credentials, interceptors = server_security(tls, PERMISSIONS, revocations=revocations)
     server = Server(settings.listen, [
         (gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(registry, executor),
@@ -161,7 +169,7 @@ async def start(settings: GatewaySettings) -> Gateway:
         metrics.watch_readers(registry, asyncio.get_running_loop())
         metrics_endpoint = MetricsEndpoint(settings.metrics_listen, metrics.registry)
     await server.start()
-    gateway = Gateway(settings, registry, executor, server, None, metrics, metrics_endpoint)
+    gateway = Gateway(settings, registry, executor, server, None, metrics, metrics_endpoint, persisted_steps)
     gateway._tasks.append(asyncio.create_task(registry.watch()))
     if revocations is not None and tls is not None and tls.crl is not None:
         gateway._tasks.append(asyncio.create_task(follow_crl_file(tls.crl, revocations)))

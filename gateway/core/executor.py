@@ -102,6 +102,16 @@ class LinkCaller:
 StepCaller = PeerIdentity | LinkCaller | None
 
 
+def caller_key(caller: StepCaller) -> tuple[str | int | None, ...]:
+    """CALLER in a step's memo key: plain values the memo file can keep (gateway/core/
+    idempotency.py), the kind first so no direct caller can stand for the link."""
+    if isinstance(caller, LinkCaller):
+        return ("link", caller.target)
+    if isinstance(caller, PeerIdentity):
+        return ("peer", caller.role, caller.name, caller.serial)
+    return ("local",)
+
+
 def caller_shown(caller: StepCaller) -> str:
     """How logs name CALLER."""
     return caller.actor if caller is not None else "local"
@@ -130,7 +140,7 @@ class StepExecutor:
         """Returns (value, replayed); raises the CardlineError the step ended with. A step
         without task id is never remembered."""
         op_name = type(step.operation).__name__
-        key = (caller, reader_id, op_name, task_id, step_number) if task_id else None
+        key = (caller_key(caller), reader_id, op_name, task_id, step_number) if task_id else None
         started = time.perf_counter()
         try:
             value, replayed = await self.memo.run(key, lambda: self._dispatch(reader_id, step))
