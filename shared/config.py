@@ -51,12 +51,12 @@ def _check_optional_listen(value: str) -> str:
 
 
 def orchestrator_addresses(value: Any) -> list[str]:
-    """The orchestrator addresses of a setting or option: a list, or one string of
+    """The orchestrator addresses of a setting or option: a list, or one string, of
     comma-separated addresses; each HOST:PORT (a DNS name with several records included)."""
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)):
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
         raise ValueError(f"expected a list of HOST:PORT or one string of them separated by commas, got {value!r}")
-    addresses = [str(item).strip() for item in items]
+    addresses = [part.strip() for item in items for part in item.split(",")]
     if any(not a for a in addresses) and any(addresses):
         raise ValueError(f"empty address in {value!r}")
     addresses = [a for a in addresses if a]

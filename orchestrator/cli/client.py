@@ -2,6 +2,7 @@
 several orchestrators), output helpers."""
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -35,12 +36,12 @@ Stub = TypeVar("Stub")
 READ_PREFIXES = ("Get", "List", "Search", "Verify", "Watch")
 
 
-def stub(stub_class: Callable[[grpc.Channel], Stub], target: str | Sequence[str]) -> Stub:
+def stub(stub_class: Callable[[grpc.Channel], Stub], target: str | list[str]) -> Stub:
     """A client of one service on the orchestrator(s) of TARGET (a --orchestrator value).
     Mutual TLS with the certificate of `cardline --tls-dir DIR [--tls-name NAME]` (or
     CARDLINE_TLS_DIR / CARDLINE_TLS_NAME); plaintext with `cardline --insecure`."""
     try:
-        addresses = orchestrator_addresses(target if isinstance(target, str) else ",".join(target))
+        addresses = orchestrator_addresses(target)
     except ValueError as exc:
         raise CliFail(f"--orchestrator: {exc}", 2) from None
     if len(addresses) == 1:
@@ -75,6 +76,9 @@ class FailoverStub:
             address = self._addresses[position]
             if address not in self._stubs:
                 channel = client_channel(address)
+                # Closed at exit: a channel watched for its connectivity keeps a thread that
+                # would otherwise hold the interpreter's exit up.
+                atexit.register(channel.close)
                 self._stubs[address] = channel, self._stub_class(channel)
             channel, service = self._stubs[address]
             state = _connection(channel, self._connect_timeout)
