@@ -8,11 +8,14 @@ handlers: the first refuses everything UNAVAILABLE after receiving it, the secon
 from __future__ import annotations
 
 import collections
+import socket
+import time
 from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from orchestrator.cli.client import stub
 from shared import config
@@ -119,3 +122,28 @@ def test_gateway_orchestrator_setting_error_names_the_field_and_the_address(give
     with pytest.raises(ConfigurationError) as bad:
         config.load(config.GatewaySettings, orchestrator=given, insecure=True)
     assert "orchestrator:" in bad.value.message and named in bad.value.message
+
+
+def test_grpc_pick_first_moves_past_a_frozen_address_of_one_target():
+    """What docs/operator-guide.md relies on for a DNS name with several records: gRPC's
+    pick_first, given the records' addresses, connects to the next when the first accepts
+    TCP but never answers (a frozen host), in well under its 20 s connect
+    timeout. (The `ipv4:` target hands pick_first the same list a resolved name does.)"""
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(16)                  # the kernel completes connections; nobody speaks
+    live = grpc.server(futures.ThreadPoolExecutor(2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), live)
+    port = live.add_insecure_port("127.0.0.1:0")
+    live.start()
+    try:
+        with grpc.insecure_channel(f"ipv4:127.0.0.1:{frozen.getsockname()[1]},127.0.0.1:{port}") as channel:
+            started = time.monotonic()
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10,
+                                                                wait_for_ready=True)
+            took = time.monotonic() - started
+    finally:
+        live.stop(None)
+        frozen.close()
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    assert took < 5, f"pick_first took {took:.2f} s past the frozen address"
