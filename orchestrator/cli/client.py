@@ -33,7 +33,7 @@ READER_KINDS = {"pkcs11": common_pb2.READER_KIND_PKCS11, "pcsc": common_pb2.READ
 Stub = TypeVar("Stub")
 #: Calls without side effects, by name: repeated on the next orchestrator even when the first
 #: may have received them.
-READ_PREFIXES = ("Get", "List", "Search", "Verify", "Watch")
+READ_PREFIXES = ("Get", "List", "Search", "Verify")
 
 
 def stub(stub_class: Callable[[grpc.Channel], Stub], target: str | list[str]) -> Stub:

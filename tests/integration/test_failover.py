@@ -10,6 +10,7 @@ directory: this is client-side failover, not replica coordination."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -29,20 +30,29 @@ from tests.support.processes import CARDLINE, channel, free_port, gateway_proces
 pytestmark = pytest.mark.hardware
 
 
+@dataclasses.dataclass
+class Orchestrator:
+    proc: subprocess.Popen
+    address: str
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
 @contextlib.contextmanager
-def orchestrator_group(data_dir: pathlib.Path) -> Iterator[subprocess.Popen]:
+def orchestrator_group(data_dir: pathlib.Path) -> Iterator[Orchestrator]:
     """An orchestrator (mutual TLS, the session's PKI) leading a process group of its own, so
-    the test can kill or freeze it whole; its address is `proc.address`."""
+    the test can kill or freeze it whole."""
     address = f"127.0.0.1:{free_port()}"
     data_dir.mkdir(parents=True)
     with open(data_dir / "orchestrator.log", "w") as log:
         proc = subprocess.Popen([CARDLINE, "orchestrator", "serve", "--migrate", "--listen", address,
                                  "--data-dir", str(data_dir), "--tls-dir", str(default_pki().directory)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.address = address      # type: ignore[attr-defined]
     try:
         wait_healthy(address, proc=proc)
-        yield proc
+        yield Orchestrator(proc, address)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGCONT)      # a frozen one must run to stop
@@ -87,7 +97,7 @@ def test_gateway_attaches_to_the_next_orchestrator_when_its_orchestrator_dies(tm
         assert not [r for r in readers_of(second.address) if mine(r)]        # one link, to the first
 
         os.killpg(first.pid, signal.SIGKILL)
-        first.wait(10)
+        first.proc.wait(10)
         killed = time.monotonic()
         pooled = wait_for_pooled_reader(second.address, mine, timeout_s=15)
         took = time.monotonic() - killed

@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 import pytest
@@ -25,7 +26,7 @@ from shared.proto import order_service_pb2_grpc
 from shared.tls import CLIENT_INSECURE_ENV
 
 SERVICE = "cardline.orchestrator.v1.OrderService"
-METHODS = {"GetOrder": (pb.GetOrderRequest, pb.GetOrderResponse),
+METHODS: dict[str, tuple[Any, Any]] = {"GetOrder": (pb.GetOrderRequest, pb.GetOrderResponse),
            "CancelOrder": (pb.CancelOrderRequest, pb.CancelOrderResponse),
            "CreateOrder": (pb.CreateOrderRequest, pb.CreateOrderResponse)}
 
