@@ -39,7 +39,12 @@ class ScriptedLink(OrchestratorLink):
 def run(link: ScriptedLink, monkeypatch) -> list[float]:
     """Runs LINK until it stops; the ceilings of the pauses it drew, in multiples of MIN_S."""
     ceilings: list[float] = []
-    monkeypatch.setattr(random, "uniform", lambda low, high: ceilings.append(round(high / MIN_S)) or 0.0)
+
+    def no_jitter(low: float, high: float) -> float:
+        ceilings.append(round(high / MIN_S))
+        return 0.0
+
+    monkeypatch.setattr(random, "uniform", no_jitter)
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(link.run_forever())
     return ceilings
