@@ -21,7 +21,9 @@ def register(root: typer.Typer) -> None:
     def serve(
         listen: str | None = typer.Option(None, help="HOST:PORT for the gateway's own gRPC service."),
         data_dir: pathlib.Path | None = typer.Option(None, help="Directory for the gateway's state."),
-        orchestrator: str | None = typer.Option(None, help="HOST:PORT of the orchestrator to dial out to."),
+        orchestrator: list[str] | None = typer.Option(
+            None, help="HOST:PORT of an orchestrator to dial out to: repeatable, or several separated by commas; "
+                       "tried in order, the next when one fails (docs/operator-guide.md)."),
         gateway_id: str | None = typer.Option(None, help="Name of this gateway in the pool (default: host name)."),
         site: str | None = typer.Option(None, help="Site of this gateway: over TLS the enrolled one decides and this "
                                                     "must equal it if given; only --insecure takes it as is."),
@@ -42,7 +44,7 @@ def register(root: typer.Typer) -> None:
 
         run_server(config.GatewaySettings, run, json_logs=json_logs, log_level=log_level,
                    metrics_listen=metrics_listen, config_file=config_file, listen=listen,
-                   data_dir=data_dir, orchestrator=orchestrator, gateway_id=gateway_id, site=site,
+                   data_dir=data_dir, orchestrator=orchestrator or None, gateway_id=gateway_id, site=site,
                    pkcs11_modules=pkcs11_module or None, pcsc=pcsc, tls_dir=tls_dir, tls_ca=tls_ca,
                    tls_cert=tls_cert, tls_key=tls_key, tls_crl=tls_crl, insecure=insecure)
 

@@ -35,6 +35,9 @@ class GatewayMetrics:
                                      ["operation", "reason"], registry=r)
         self.link_up = Gauge(PREFIX + "gateway_orchestrator_link_up",
                              "1 while the link to the orchestrator is attached.", registry=r)
+        self.attached_to = Gauge(PREFIX + "gateway_orchestrator_attached",
+                                 "1 for the orchestrator address the link is attached to (none while down).",
+                                 ["address"], registry=r)
         self.reconnects = Counter(PREFIX + "gateway_orchestrator_reconnects",
                                   "Times the link to the orchestrator was dialled again after it broke.", registry=r)
 
@@ -46,8 +49,11 @@ class GatewayMetrics:
         if reason is not None:
             self.step_failures.labels(operation, reason).inc()
 
-    def link_changed(self, up: bool) -> None:
+    def link_changed(self, up: bool, address: str) -> None:
         self.link_up.set(1 if up else 0)
+        self.attached_to.clear()
+        if up:
+            self.attached_to.labels(address).set(1)
 
     def redialling(self) -> None:
         self.reconnects.inc()

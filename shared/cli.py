@@ -14,6 +14,10 @@ import typer
 if TYPE_CHECKING:
     from shared.config import SettingsT
 
+#: Where the --connect-timeout of client commands is passed on (orchestrator/cli/client.py).
+CONNECT_TIMEOUT_ENV = "CARDLINE_CONNECT_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+
 app = typer.Typer(help="cardline: card management — orchestrator, gateways and their clients.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 
@@ -35,6 +39,9 @@ def _client_tls(
                                       "auditor or service)."),
     insecure: bool = typer.Option(False, "--insecure", envvar="CARDLINE_INSECURE",
                                   help="Client commands: plaintext to a server started with --insecure (development)."),
+    connect_timeout: float = typer.Option(DEFAULT_CONNECT_TIMEOUT_S, "--connect-timeout", envvar=CONNECT_TIMEOUT_ENV,
+                                          min=0.1, help="Client commands given several orchestrators: seconds to "
+                                                        "wait for a connection to one before trying the next."),
     _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                   help="Print cardline's version and exit."),
 ) -> None:
@@ -46,6 +53,7 @@ def _client_tls(
     if tls_dir is not None:
         os.environ[tls.CLIENT_TLS_DIR_ENV] = str(tls_dir)
     os.environ[tls.CLIENT_TLS_NAME_ENV] = tls_name
+    os.environ[CONNECT_TIMEOUT_ENV] = str(connect_timeout)
     if insecure:
         os.environ[tls.CLIENT_INSECURE_ENV] = "1"
 

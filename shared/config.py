@@ -19,7 +19,7 @@ import contextvars
 import os
 import pathlib
 import re
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from shared.errors import ConfigurationError, InvalidArgument, quoted
 from shared.limits import check_duration
@@ -48,6 +48,26 @@ def _check_listen(value: str) -> str:
 
 def _check_optional_listen(value: str) -> str:
     return _check_listen(value) if value else value
+
+
+def orchestrator_addresses(value: Any) -> list[str]:
+    """The orchestrator addresses of a setting or option: a list, or one string, of
+    comma-separated addresses; each HOST:PORT (a DNS name with several records included)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise ValueError(f"expected a list of HOST:PORT or one string of them separated by commas, got {value!r}")
+    addresses = [part.strip() for item in items for part in item.split(",")]
+    if any(not a for a in addresses) and any(addresses):
+        raise ValueError(f"empty address in {value!r}")
+    addresses = [a for a in addresses if a]
+    for position, address in enumerate(addresses, 1):
+        try:
+            _check_listen(address)
+        except ValueError as exc:
+            raise ValueError(f"address {position}: {exc}") from None
+    if len(set(addresses)) != len(addresses):
+        raise ValueError(f"an address is given twice in {addresses}")
+    return addresses
 
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -354,7 +374,9 @@ class GatewaySettings(_Settings):
     labels: dict[str, str] = {}
     listen: str = "127.0.0.1:7401"
     data_dir: pathlib.Path = pathlib.Path("var/gateway")
-    orchestrator: str = ""          # HOST:PORT to dial out to; empty: no link
+    # HOST:PORT (or dns:///NAME:PORT) of each orchestrator to dial out to, in order of preference;
+    # a string is a comma-separated list (so one address keeps working); empty: no link.
+    orchestrator: Annotated[list[str], NoDecode] = []
     pkcs11_modules: list[pathlib.Path] = []
     pcsc: bool = True               # watch PC/SC readers (needs pcscd)
     # Mutual TLS (shared/tls.py): tls_dir holds ca.crt, <gateway_id>.crt, <gateway_id>.key and optionally crl.pem;
@@ -370,10 +392,10 @@ class GatewaySettings(_Settings):
 
     _check = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
 
-    @field_validator("orchestrator")
+    @field_validator("orchestrator", mode="before")
     @classmethod
-    def _check_orchestrator(cls, v: str) -> str:
-        return _check_listen(v) if v else v
+    def _check_orchestrator(cls, v: Any) -> list[str]:
+        return orchestrator_addresses(v)
 
 
 SettingsT = TypeVar("SettingsT", bound=_Settings)

@@ -1,13 +1,18 @@
 """The gateway's outbound link: one long-lived stream to the orchestrator carrying the
 inventory, reader events, heartbeats and step results up, and commands down.
 
-The gateway dials out (stations behind NAT work) and reconnects with exponential backoff
-and full jitter; on every connection it announces its current inventory again.
+The gateway dials out (stations behind NAT work); on every connection it announces its
+current inventory again. Given several orchestrator addresses it attaches to one at a time:
+a link that fails or drops makes it dial the next address after a short jittered pause
+(at most the minimum backoff), and a whole round of addresses that failed makes it back off
+exponentially, with full jitter, before the next round (docs/operator-guide.md, failover).
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
+from collections.abc import Sequence
 from typing import Protocol
 
 import grpc
@@ -27,12 +32,12 @@ log = get_logger(__name__)
 
 class LinkObserver(Protocol):
     """What the link tells the metrics (gateway/metrics.py)."""
-    def link_changed(self, up: bool) -> None: ...
+    def link_changed(self, up: bool, address: str) -> None: ...
     def redialling(self) -> None: ...
 
 
 class _Unobserved:
-    def link_changed(self, up: bool) -> None:
+    def link_changed(self, up: bool, address: str) -> None:
         pass
 
     def redialling(self) -> None:
@@ -40,14 +45,19 @@ class _Unobserved:
 
 
 class OrchestratorLink:
-    def __init__(self, target: str, gateway_id: str, registry: ReaderRegistry, executor: StepExecutor, *,
+    def __init__(self, targets: str | Sequence[str], gateway_id: str, registry: ReaderRegistry,
+                 executor: StepExecutor, *,
                  site: str = "", labels: dict[str, str] | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
                  revocations: RevocationList | None = None,
                  backoff_min_s: float = 0.2, backoff_max_s: float = 10.0,
                  observer: LinkObserver | None = None) -> None:
         self.observer: LinkObserver = observer or _Unobserved()
-        self.target = target
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
+        if not self.targets:
+            raise ConfigurationError(f"gateway {gateway_id}: no orchestrator address to dial")
+        self.target = self.targets[0]   # the address dialled now (or last)
+        self.attached: str | None = None  # the address whose orchestrator welcomed this link, while it holds
         self.gateway_id = gateway_id
         self.registry = registry
         self.executor = executor
@@ -58,14 +68,17 @@ class OrchestratorLink:
         self.backoff_min_s = backoff_min_s
         self.backoff_max_s = backoff_max_s
         self.connected = asyncio.Event()
-        self.caller = LinkCaller(target)
+        # One caller for every address: the orchestrators of one deployment share the steps
+        # they send (a replica that takes a task over resends its step, docs/pool.md).
+        self.caller = LinkCaller(",".join(self.targets))
 
     async def run_forever(self) -> None:
-        failures = 0
-        while True:
+        failed_rounds = 0
+        failed_in_round = 0
+        for target in itertools.cycle(self.targets):     # in order, for ever
+            self.target = target
             try:
                 await self._session()
-                failures = 0
             except (grpc.aio.AioRpcError, ConnectionError) as exc:
                 refused = isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
                     grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
@@ -78,11 +91,21 @@ class OrchestratorLink:
                     error=exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc),
                     detail=exc.details() if isinstance(exc, grpc.aio.AioRpcError) else None)
             finally:
+                was_attached = self.attached is not None
+                self.attached = None
                 self.connected.clear()
-                self.observer.link_changed(False)
-            failures += 1
-            delay = random.uniform(0, min(self.backoff_max_s, self.backoff_min_s * 2 ** min(failures, 16)))
-            await asyncio.sleep(delay)
+                self.observer.link_changed(False, self.target)
+            if was_attached:          # a link that held: a fresh round starts at the next address
+                failed_rounds = failed_in_round = 0
+            else:
+                failed_in_round += 1
+            if failed_in_round >= len(self.targets):     # every address failed once: back off
+                failed_rounds += 1
+                failed_in_round = 0
+                ceiling = self.backoff_min_s * 2 ** min(failed_rounds, 16)
+            else:
+                ceiling = self.backoff_min_s
+            await asyncio.sleep(random.uniform(0, min(self.backoff_max_s, ceiling)))
             self.observer.redialling()
 
     async def _session(self) -> None:
@@ -120,9 +143,11 @@ class OrchestratorLink:
                     assert isinstance(msg, link_pb2.OrchestratorMessage)  # read() gives EOF or a message
                     kind = msg.WhichOneof("message")
                     if kind == "welcome":
-                        log.info("attached to orchestrator", orchestrator=msg.welcome.orchestrator_id)
+                        self.attached = self.target
+                        log.info("attached to orchestrator", orchestrator=msg.welcome.orchestrator_id,
+                                 address=self.target, addresses=len(self.targets))
                         self.connected.set()
-                        self.observer.link_changed(True)
+                        self.observer.link_changed(True, self.target)
                         interval = max(msg.welcome.heartbeat_interval_ms, 100) / 1000
                         silence_s = 3 * interval
                         heartbeat = asyncio.create_task(self._heartbeats(outbox, interval))

@@ -32,7 +32,7 @@ def register(root: typer.Typer) -> None:
         certificate_id: str = typer.Option("", "--certificate-id", help="Only events naming this certificate."),
         task_id: str = typer.Option("", "--task-id", help="Only events of this task."),
         limit: int = typer.Option(0, "--limit", help="At most N events (0: all)."),
-        json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR,
+        json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """Audit events, oldest first, filtered."""
         request = pb.ListAuditEventsRequest(object_id=object_id, action=action, actor=actor, card_id=card_id,
@@ -55,7 +55,7 @@ def register(root: typer.Typer) -> None:
     def audit_verify(expect_head: str = EXPECT_HEAD,
                      database_url: str = typer.Option("", "--database-url", help="Verify this database directly "
                                                        "(SQLAlchemy URL) instead of asking the orchestrator."),
-                     json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+                     json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         """Check the hash chain: exit 0 with a summary when intact; exit 1 naming the first bad
         row and what is wrong (edited, deleted, inserted, reordered)."""
         report = _verify_database(database_url, expect_head) if database_url else \

@@ -23,7 +23,7 @@ from shared.serials import show_serial
 def register(root: typer.Typer) -> None:
     @root.command("reconcile")
     def reconcile(json_output: bool = JSON,
-                  orchestrator_addr: str = ORCHESTRATOR) -> None:
+                  orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         """Run a reconciliation now (rule C16): pending CA requests are settled at their CA,
         tasks and processes no live run owns are ended."""
         report = stub(ca_service_pb2_grpc.CaServiceStub, orchestrator_addr).Reconcile(pb.ReconcileRequest())
@@ -40,19 +40,20 @@ def register(root: typer.Typer) -> None:
     def ca_requests(ctx: typer.Context,
                     unsettled: bool = typer.Option(False, "--unsettled", help="Only requests still pending."),
                     task_id: str = typer.Option("", "--task-id", help="Only requests of this task."),
-                    json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+                    json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         if ctx.invoked_subcommand is None:
             _list(unsettled, task_id, json_output, orchestrator_addr)
 
     @requests.command("list")
     def ca_requests_list(unsettled: bool = typer.Option(False, "--unsettled", help="Only requests still pending."),
                          task_id: str = typer.Option("", "--task-id", help="Only requests of this task."),
-                         json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+                         json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         """Every request sent to a CA and how it ended, oldest first."""
         _list(unsettled, task_id, json_output, orchestrator_addr)
 
     @requests.command("show")
-    def ca_requests_show(request_id: str, json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+    def ca_requests_show(request_id: str, json_output: bool = JSON,
+                         orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         """One CA request: its CA, task, state, serial and certificate."""
         r = stub(ca_service_pb2_grpc.CaServiceStub, orchestrator_addr).GetCaRequest(
             pb.GetCaRequestRequest(request_id=request_id)).request
@@ -71,7 +72,7 @@ def _state(value: int) -> str:
     return label(pb.CaRequestState, value).replace(" ", "_")
 
 
-def _list(unsettled: bool, task_id: str, json_output: bool, orchestrator_addr: str) -> None:
+def _list(unsettled: bool, task_id: str, json_output: bool, orchestrator_addr: list[str]) -> None:
     rows = all_pages(stub(ca_service_pb2_grpc.CaServiceStub, orchestrator_addr).ListCaRequests,
                      pb.ListCaRequestsRequest(unsettled_only=unsettled, task_id=task_id), "requests")
     if json_output:

@@ -62,7 +62,7 @@ def register(root: typer.Typer) -> None:
                                           help="Card template of the new card (e.g. EmployeeCard)."),
         request_id: str = REQUEST_ID,
         json_output: bool = typer.Option(False, "--json", help="Print the finished task as JSON."),
-        orchestrator_addr: str = ORCHESTRATOR,
+        orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """Produce one card: keys on the card, certificates from the CA, written back."""
         pin = _pin_from_stdin() if secrets_stdin else typer.prompt("User PIN", hide_input=True)
@@ -87,7 +87,7 @@ def register(root: typer.Typer) -> None:
 
     @cards.command("show")
     def cards_show(card_id: str, json_output: bool = typer.Option(False, "--json", help="JSON output."),
-                   orchestrator_addr: str = ORCHESTRATOR) -> None:
+                   orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         """Show one card and its certificates."""
         card = stub(card_service_pb2_grpc.CardServiceStub, orchestrator_addr).GetCard(
             pb.GetCardRequest(card_id=card_id)).card
@@ -104,7 +104,7 @@ def register(root: typer.Typer) -> None:
         template: str = typer.Option("", help="Only cards of this card template."),
         token_serial: str = typer.Option("", "--token-serial", help="Only the card with this token serial."),
         json_output: bool = typer.Option(False, "--json", help="JSON output."),
-        orchestrator_addr: str = ORCHESTRATOR,
+        orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """List cards by holder, state, template and token serial (every page)."""
         service = stub(card_service_pb2_grpc.CardServiceStub, orchestrator_addr)
@@ -129,7 +129,7 @@ def register(root: typer.Typer) -> None:
         token_serial: str = typer.Option(..., "--token-serial", help="The card's token serial."),
         puk_file: typer.FileText = typer.Option(..., "--puk-file", help="File whose first line is the card's PUK "
                                                 "(SO PIN); '-' reads standard input."),
-        orchestrator_addr: str = ORCHESTRATOR,
+        orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """Keep a card's own PUK in the orchestrator (sealed), for unblock-pin."""
         puk = puk_file.readline().rstrip("\r\n")
@@ -141,7 +141,7 @@ def register(root: typer.Typer) -> None:
 
     @cards.command("task")
     def cards_task(task_id: str, json_output: bool = typer.Option(False, "--json", help="JSON output."),
-                   orchestrator_addr: str = ORCHESTRATOR) -> None:
+                   orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         """Show one card task: its state, card, certificates and error."""
         task = stub(card_service_pb2_grpc.CardServiceStub, orchestrator_addr).GetTask(
             pb.GetTaskRequest(task_id=task_id)).task

@@ -44,7 +44,7 @@ def duration(text: str) -> dt.timedelta:
         raise CliFail(f"duration {quoted(text)}: {exc.message}", 2) from None
 
 
-def _certificates(target: str) -> certificate_service_pb2_grpc.CertificateServiceStub:
+def _certificates(target: list[str]) -> certificate_service_pb2_grpc.CertificateServiceStub:
     return stub(certificate_service_pb2_grpc.CertificateServiceStub, target)
 
 
@@ -60,7 +60,7 @@ def register(root: typer.Typer) -> None:
         state: str = typer.Option("", help="Only certificates in this state (e.g. Issued)."),
         template: str = TEMPLATE, card_id: str = CARD_ID, task_id: str = TASK_ID,
         serial: str = typer.Option("", help="Only this serial number (0D:B6:..., or hex without colons)."),
-        limit: int = LIMIT, json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR,
+        limit: int = LIMIT, json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """List certificates, oldest first (paged through the API)."""
         found = all_pages(_certificates(orchestrator_addr).ListCertificates, pb.ListCertificatesRequest(
@@ -77,7 +77,7 @@ def register(root: typer.Typer) -> None:
         certificate: str = typer.Argument(..., help="The certificate's id, or its serial number (0D:B6:... as "
                                                     "openssl shows it, or hex without colons)."),
         issuer: str = typer.Option("", help="Its issuer (RFC 4514), when two CAs issued that serial."),
-        json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR,
+        json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """One certificate: serial, subject, issuer, validity, state, card, task."""
         request = (pb.GetCertificateRequest(certificate_id=certificate) if _is_uuid(certificate)
@@ -100,7 +100,7 @@ def register(root: typer.Typer) -> None:
         template: str = typer.Option("", help="Only this certificate template."),
         card: str = typer.Option("", help="Only certificates of this card."),
         json_output: bool = typer.Option(False, "--json", help="JSON output."),
-        orchestrator_addr: str = ORCHESTRATOR,
+        orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """Certificates whose notAfter falls within the next N days (every page)."""
         service = _certificates(orchestrator_addr)
@@ -129,7 +129,7 @@ def register(root: typer.Typer) -> None:
         reader_id: str = typer.Option("", "--reader-id", "--reader",
                                       help="Only certificates made on this reader (--reader: old name)."),
         task_id: str = TASK_ID, limit: int = LIMIT, json_output: bool = JSON,
-        orchestrator_addr: str = ORCHESTRATOR,
+        orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """Certificates left in the internal issued state by failed tasks (rule C4)."""
         hits = _search_issued(orchestrator_addr, older_than=older_than, template=template, card_id=card_id,
@@ -152,7 +152,7 @@ def register(root: typer.Typer) -> None:
         target_state: str = typer.Option("", help="Move them to this state of their graph."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Only list the certificates that would be handled."),
         yes: bool = typer.Option(False, "--yes", "-y", help="Handle every issued certificate without asking."),
-        json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR,
+        json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """Handle certificates left in the internal issued state (rule C5), audited."""
         ids = list(certificate_ids or [])
@@ -195,7 +195,7 @@ def register(root: typer.Typer) -> None:
         certificate_id: str, state: str,
         reason: str = typer.Option("", help="Reason of the transition."),
         in_ca: bool = typer.Option(False, "--in-ca", help="Through the CA (revoke, hold, lift a hold: rule C17)."),
-        json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR,
+        json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """Move a certificate along its state graph."""
         cert = _certificates(orchestrator_addr).ChangeCertificateState(pb.ChangeCertificateStateRequest(
@@ -209,7 +209,7 @@ def register(root: typer.Typer) -> None:
     root.add_typer(certs, name="certs")
 
 
-def _search_issued(target: str, *, older_than: str = "", template: str = "", card_id: str = "",
+def _search_issued(target: list[str], *, older_than: str = "", template: str = "", card_id: str = "",
                    gateway_id: str = "", reader_id: str = "", task_id: str = "",
                    limit: int = 0) -> list[pb.IssuedCertificate]:
     request = pb.SearchIssuedCertificatesRequest(template=template, card_id=card_id, gateway_id=gateway_id,

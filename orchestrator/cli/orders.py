@@ -148,7 +148,7 @@ def register(root: typer.Typer) -> None:
                                            "every card) as NAME=VALUE lines from standard input."),
         watch: bool = typer.Option(True, "--watch/--no-watch", help="Follow the order until every card is done."),
         json_output: bool = typer.Option(False, "--json", help="Print the order as JSON."),
-        orchestrator_addr: str = ORCHESTRATOR,
+        orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """Create a production order: one card per line of --input-file."""
         items = _items(input_file)
@@ -169,14 +169,14 @@ def register(root: typer.Typer) -> None:
     @orders.command("watch")
     def orders_watch(order_id: str, json_output: bool = typer.Option(False, "--json",
                                                                      help="Print the final order as JSON."),
-                     orchestrator_addr: str = ORCHESTRATOR) -> None:
+                     orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         """Follow an order with a progress display until every card is done."""
         order = _follow_order(stub(order_service_pb2_grpc.OrderServiceStub, orchestrator_addr), order_id,
                               json_output)
         _finish(order, json_output, watched=True)
 
     @orders.command("list")
-    def orders_list(json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+    def orders_list(json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         """Orders of this orchestrator run (kept in memory), oldest first."""
         found = all_pages(stub(order_service_pb2_grpc.OrderServiceStub, orchestrator_addr).ListOrders,
                           pb.ListOrdersRequest(), "orders")
@@ -190,14 +190,14 @@ def register(root: typer.Typer) -> None:
                           for o in found])
 
     @orders.command("show")
-    def orders_show(order_id: str, json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+    def orders_show(order_id: str, json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         """One order and each of its cards: state, reader, process instance, error."""
         order = stub(order_service_pb2_grpc.OrderServiceStub, orchestrator_addr).GetOrder(
             pb.GetOrderRequest(order_id=order_id)).order
         _show_order(order, json_output)
 
     @orders.command("cancel")
-    def orders_cancel(order_id: str, json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+    def orders_cancel(order_id: str, json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         """Cancel an order: cards still queued are not produced; cards being produced finish."""
         order = stub(order_service_pb2_grpc.OrderServiceStub, orchestrator_addr).CancelOrder(
             pb.CancelOrderRequest(order_id=order_id)).order

@@ -94,7 +94,7 @@ def register(root: typer.Typer) -> None:
         wait_s: float = typer.Option(0.0, "--wait", metavar="SECONDS",
                                      help="First wait up to SECONDS until a matching reader holds a card and is "
                                           "free (exit 1 if none comes), then list."),
-        orchestrator_addr: str = ORCHESTRATOR,
+        orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """Readers of every gateway: state (empty, card present, busy, leased, offline), holder, site, labels."""
         chosen = selector(gateway, site, label_)
@@ -112,7 +112,7 @@ def register(root: typer.Typer) -> None:
                         rows=[_reader_row(r) for r in found])
 
     @root.command("gateways")
-    def gateways(json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+    def gateways(json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         """Gateways the orchestrator knows: connected or recently gone, since when, last seen, version."""
         found = all_pages(stub(reader_pool_service_pb2_grpc.ReaderPoolServiceStub, orchestrator_addr).ListGateways,
                           pb.ListGatewaysRequest(), "gateways")

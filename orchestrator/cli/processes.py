@@ -53,7 +53,7 @@ def register(root: typer.Typer) -> None:
     process = typer.Typer(help="Processes: definitions and instances.", no_args_is_help=True)
 
     @process.command("list")
-    def process_list(json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+    def process_list(json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         """The process definitions the orchestrator loaded."""
         definitions = all_pages(stub(process_service_pb2_grpc.ProcessServiceStub, orchestrator_addr)
                                 .ListProcessDefinitions, pb.ListProcessDefinitionsRequest(), "definitions")
@@ -69,7 +69,7 @@ def register(root: typer.Typer) -> None:
         definition_name: str = typer.Option("", "--process", help="Only instances of this process definition."),
         state: str = typer.Option("", help="Only instances in this state: running, succeeded or failed."),
         limit: int = typer.Option(0, "--limit", help="At most this many (0: all)."),
-        json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR,
+        json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """Process instances, newest first."""
         request = pb.ListProcessInstancesRequest(definition=definition_name,
@@ -94,7 +94,7 @@ def register(root: typer.Typer) -> None:
                                                 "(otherwise they are prompted for, hidden)."),
         request_id: str = REQUEST_ID,
         json_output: bool = typer.Option(False, "--json", help="Print the finished instance as JSON."),
-        orchestrator_addr: str = ORCHESTRATOR,
+        orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """Start a process instance and follow it."""
         processes = stub(process_service_pb2_grpc.ProcessServiceStub, orchestrator_addr)
@@ -123,7 +123,7 @@ def register(root: typer.Typer) -> None:
         raise typer.Exit(0 if ok else 1)
 
     @process.command("show")
-    def process_show(instance_id: str, json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+    def process_show(instance_id: str, json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         """A process instance: state, error, tasks and process map."""
         instance = stub(process_service_pb2_grpc.ProcessServiceStub, orchestrator_addr).GetProcessInstance(
             pb.GetProcessInstanceRequest(process_instance_id=instance_id)).instance

@@ -39,7 +39,7 @@ def register(root: typer.Typer) -> None:
         card_id: str = typer.Option("", "--card-id", help="Only tasks on this card."),
         state: str = typer.Option("", help="Only tasks in this state: running, succeeded or failed."),
         limit: int = typer.Option(0, "--limit", help="At most this many (0: all)."),
-        json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR,
+        json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR,
     ) -> None:
         """Card tasks, oldest first."""
         request = pb.ListTasksRequest(process_instance_id=process_instance_id, card_id=card_id,
@@ -55,7 +55,7 @@ def register(root: typer.Typer) -> None:
                            f"{t.error.reason}: {t.error.message}" if t.error.reason else "") for t in found])
 
     @tasks.command("show")
-    def tasks_show(task_id: str, json_output: bool = JSON, orchestrator_addr: str = ORCHESTRATOR) -> None:
+    def tasks_show(task_id: str, json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
         """One card task: its state, reader, card, certificates and error."""
         task = stub(card_service_pb2_grpc.CardServiceStub, orchestrator_addr).GetTask(
             pb.GetTaskRequest(task_id=task_id)).task
