@@ -14,7 +14,14 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from orchestrator.ca import LocalCa
-from orchestrator.services.deployment_keys import CA, KEK, KEK_NAME, ca_fingerprint, kek_fingerprint, require_shared_keys
+from orchestrator.services.deployment_keys import (
+    CA,
+    KEK,
+    KEK_NAME,
+    ca_fingerprint,
+    kek_fingerprint,
+    require_shared_keys,
+)
 from orchestrator.services.key_archive import FileKek
 from orchestrator.store import Store
 from orchestrator.store.store import alembic_config, head_revision
