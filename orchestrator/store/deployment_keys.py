@@ -46,7 +46,7 @@ class DeploymentKeys:
                              .where(tuple_(DeploymentKey.kind, DeploymentKey.name).in_(keys)))
             return {(r.kind, r.name): record(DeploymentKeyRecord, r) for r in rows}
 
-    def list(self) -> list[DeploymentKeyRecord]:
+    def recorded(self) -> list[DeploymentKeyRecord]:
         """Every recorded key, by kind and name."""
         with self._db.read() as s:
             return [record(DeploymentKeyRecord, r) for r in

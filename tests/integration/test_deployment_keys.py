@@ -39,7 +39,7 @@ def _replica(tmp_path: pathlib.Path, name: str, *, ca_dir: pathlib.Path | None =
 def test_first_replica_records_its_keys_and_a_replica_with_the_same_keys_starts(store: Store, tmp_path):
     cas, kek = _replica(tmp_path, "a")
     require_shared_keys(store, cas, kek, "orchestrator-a")
-    recorded = {(k.kind, k.name): k for k in store.deployment_keys.list()}
+    recorded = {(k.kind, k.name): k for k in store.deployment_keys.recorded()}
     assert set(recorded) == {(CA, "local"), (KEK, KEK_NAME)}
     assert recorded[(CA, "local")].fingerprint == ca_fingerprint(cas["local"])
     assert recorded[(KEK, KEK_NAME)].fingerprint == kek_fingerprint(kek)
@@ -47,7 +47,7 @@ def test_first_replica_records_its_keys_and_a_replica_with_the_same_keys_starts(
 
     same_cas, same_kek = _replica(tmp_path, "b", ca_dir=tmp_path / "a" / "ca", kek_file=tmp_path / "a" / "kek.key")
     require_shared_keys(store, same_cas, same_kek, "orchestrator-b")     # accepted
-    assert {(k.kind, k.name): k for k in store.deployment_keys.list()} == recorded   # the first one's, unchanged
+    assert {(k.kind, k.name): k for k in store.deployment_keys.recorded()} == recorded   # the first one's, unchanged
 
 
 def test_replica_with_another_built_in_ca_is_refused_naming_both_fingerprints(store: Store, tmp_path):
@@ -63,7 +63,7 @@ def test_replica_with_another_built_in_ca_is_refused_naming_both_fingerprints(st
     assert "CA 'local'" in message and theirs in message and mine in message
     assert "orchestrator-a" in message and "docs/ca-connectors.md" in message
     assert refused.value.context["violations"] == "1"     # the KEK is shared: only the CA is named
-    assert [k.fingerprint for k in store.deployment_keys.list() if k.kind == CA] == [theirs]
+    assert [k.fingerprint for k in store.deployment_keys.recorded() if k.kind == CA] == [theirs]
 
 
 def test_replica_with_another_kek_is_refused_naming_both_key_tags(store: Store, tmp_path):
@@ -93,7 +93,7 @@ def test_a_ca_configured_later_is_recorded_by_the_first_replica_that_has_it(stor
     require_shared_keys(store, cas, kek, "orchestrator-a")
     departmental = LocalCa(tmp_path / "departmental", "departmental", passphrase_file=tmp_path / "ca.passphrase")
     require_shared_keys(store, {**cas, "departmental": departmental}, kek, "orchestrator-b")
-    recorded = {(k.kind, k.name): k.first_seen_by for k in store.deployment_keys.list()}
+    recorded = {(k.kind, k.name): k.first_seen_by for k in store.deployment_keys.recorded()}
     assert recorded == {(CA, "local"): "orchestrator-a", (KEK, KEK_NAME): "orchestrator-a",
                         (CA, "departmental"): "orchestrator-b"}
 
@@ -123,7 +123,7 @@ def test_replicas_recording_different_keys_at_once_agree_on_one(store: Store, tm
         s.close()
     assert sorted(outcome.values()) == ["accepted"] + ["refused"] * (len(replicas) - 1), outcome
     (winner,) = [n for n, result in outcome.items() if result == "accepted"]
-    recorded = {(k.kind, k.name): (k.fingerprint, k.first_seen_by) for k in store.deployment_keys.list()}
+    recorded = {(k.kind, k.name): (k.fingerprint, k.first_seen_by) for k in store.deployment_keys.recorded()}
     cas, kek = replicas[winner]
     assert recorded == {(CA, "local"): (ca_fingerprint(cas["local"]), f"orchestrator-{winner}"),
                         (KEK, KEK_NAME): (kek_fingerprint(kek), f"orchestrator-{winner}")}
@@ -141,9 +141,9 @@ def _upgrade_0008_database_and_record(url: str, tmp_path: pathlib.Path) -> None:
         assert store.schema_revision() == "0008_audit_hash_chain"
         store.migrate()
         assert store.schema_revision() == head_revision() == "0009_deployment_keys"
-        assert store.deployment_keys.list() == []          # empty: the next start records
+        assert store.deployment_keys.recorded() == []          # empty: the next start records
         require_shared_keys(store, *_replica(tmp_path, "a"), "orchestrator-a")
-        assert len(store.deployment_keys.list()) == 2
+        assert len(store.deployment_keys.recorded()) == 2
     finally:
         store.close()
 
