@@ -31,6 +31,7 @@ from orchestrator.services.card_secrets import CardPukStore
 from orchestrator.services.card_tasks import BoundaryHook, CardTaskService
 from orchestrator.services.certificates import CertificateService
 from orchestrator.services.configuration import Configuration, load_configuration
+from orchestrator.services.deployment_keys import require_shared_keys
 from orchestrator.services.key_archive import KeyArchive, kek_from_settings
 from orchestrator.services.leases import LeaseService, service_selectors
 from orchestrator.services.orders import OrderService
@@ -127,10 +128,15 @@ class Orchestrator:
         await self.server.stop()
         # Token-backed CAs and KEKs own a PKCS#11 module each: log out and finalise them.
         archive = self.card_tasks.key_archive
-        for owner in [*self.cas.values(), archive.kek if archive else None]:
-            close = getattr(owner, "close", None)
-            if close is not None:
-                await asyncio.to_thread(close)
+        await _close_key_owners([*self.cas.values(), archive.kek if archive else None])
+
+
+async def _close_key_owners(owners: list[object]) -> None:
+    """Closes each owner that can be closed (a token-backed CA or KEK releases its module)."""
+    for owner in owners:
+        close = getattr(owner, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
 
 
 #: Replaces the CAs before anything uses them (tests wrap them to lose answers or be unreachable).
@@ -166,6 +172,7 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     cas = await asyncio.to_thread(build_cas, settings.cas, settings.data_dir)
     # Health asks the connectors themselves, not what tests wrap around them.
     ca_checks = {ca_component(n): ca_check(ca) for n, ca in cas.items()}
+    own_cas = cas
     if wrap_cas is not None:
         cas = wrap_cas(cas)
     owner_id = await asyncio.to_thread(orchestrator_id, settings.data_dir)
@@ -176,6 +183,14 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
                                   token_label=archive_settings.token_label,
                                   pin_file=archive_settings.pin_file, key_label=archive_settings.key_label,
                                   file_path=archive_settings.file_path)
+    # Replicas on one database share its CAs and KEK: a different one is refused before the
+    # reconciler settles any CA request against it (docs/ca-connectors.md).
+    try:
+        await asyncio.to_thread(require_shared_keys, store, own_cas, kek, owner_id)
+    except BaseException:
+        await _close_key_owners([*own_cas.values(), kek])
+        store.close()
+        raise
     pool = ReaderPool(queue_timeout_s=settings.pool.queue_timeout_s,
                       offline_retention_s=settings.pool.offline_retention_s, observer=metrics)
     templates = configuration.templates

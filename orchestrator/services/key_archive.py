@@ -97,6 +97,12 @@ class KeyEncryptionKey(Protocol):
     def kek_id(self) -> str: ...
 
     @property
+    def key_tag(self) -> str:
+        """The key tag in every blob's header, in hex: names the actual AES key, not only its
+        label or file, and is no secret (every blob carries it)."""
+        ...
+
+    @property
     def algorithm(self) -> str: ...
 
     def wrap(self, plaintext: bytes, associated_data: bytes) -> bytes: ...
@@ -176,6 +182,11 @@ class FileKek:
     def kek_id(self) -> str:
         self._load()
         return self._kek_id
+
+    @property
+    def key_tag(self) -> str:
+        self._load()
+        return self._tag.hex()
 
     def wrap(self, plaintext: bytes, associated_data: bytes) -> bytes:
         aes = self._load()
@@ -307,6 +318,10 @@ class Pkcs11Kek:
     @property
     def kek_id(self) -> str:
         return self._kek_id
+
+    @property
+    def key_tag(self) -> str:
+        return self._tag.hex()
 
     def wrap(self, plaintext: bytes, associated_data: bytes) -> bytes:
         plaintext = bytes(plaintext)

@@ -286,3 +286,18 @@ class CardSecret(Base):
     sealed: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class DeploymentKey(Base):
+    """The fingerprint of a key every replica on this database must share (revision
+    0009_deployment_keys): kind "ca" (name: the CA's name; fingerprint of its signing
+    certificate) or "kek" (name "kek"; the key-encryption key's key tag). The first
+    orchestrator to start records it; one with another fingerprint is refused at start-up."""
+
+    __tablename__ = "deployment_keys"
+
+    kind: Mapped[str] = mapped_column(String(20), primary_key=True)
+    name: Mapped[str] = mapped_column(NAME, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(200))
+    first_seen: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    first_seen_by: Mapped[str] = mapped_column(NAME)

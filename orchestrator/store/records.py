@@ -281,3 +281,13 @@ class WrappedKey:
     kek_id: str                             # which key-encryption key wrapped it
     algorithm: str                          # e.g. "AES-256-GCM"
     wrapped_key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class DeploymentKeyRecord:
+    """A key fingerprint recorded by the first orchestrator on this database (deployment_keys)."""
+    kind: str
+    name: str
+    fingerprint: str
+    first_seen: dt.datetime
+    first_seen_by: str

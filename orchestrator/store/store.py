@@ -18,7 +18,8 @@ Plain reads and writes live in one part per aggregate, sharing the facade's engi
 session factory: store.certificates (C4 search, C5 state changes), store.archived_keys (C7),
 store.cards, store.card_secrets (sealed PUKs), store.tasks (and the step journal), store.processes,
 store.ca_requests (C16 journal), store.relations (C9), store.audit (C5), store.instances (heartbeats),
-store.client_requests (client-chosen request ids of creating RPCs).
+store.client_requests (client-chosen request ids of creating RPCs), store.deployment_keys (the
+CA and KEK fingerprints every replica shares).
 
 Every public method is one transaction and returns frozen records (records.py), never ORM
 objects. Methods are blocking; async services call them through asyncio.to_thread.
@@ -47,6 +48,7 @@ from orchestrator.store.card_secrets import CardSecrets
 from orchestrator.store.cards import Cards, release_if_final
 from orchestrator.store.certificates import ArchivedKeys, Certificates, parse_certificate
 from orchestrator.store.client_requests import ClientRequests
+from orchestrator.store.deployment_keys import DeploymentKeys
 from orchestrator.store.instances import OrchestratorInstances
 from orchestrator.store.models import ArchivedKey, Card, CaRequest, Certificate, Task, utcnow
 from orchestrator.store.processes import ProcessInstances
@@ -122,6 +124,7 @@ class Store:
         self.audit = Audit(self._db)
         self.instances = OrchestratorInstances(self._db)
         self.client_requests = ClientRequests(self._db)
+        self.deployment_keys = DeploymentKeys(self._db)
 
     @property
     def database_url_shown(self) -> str:

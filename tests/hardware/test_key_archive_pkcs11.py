@@ -99,6 +99,8 @@ def test_the_key_survives_a_restart_and_is_not_created_twice(tok):
         sealed = KeyArchive(first).seal(key, "cert-1")
     with Pkcs11Kek(tok.module_path, tok.label, tok.user_pin, KEY_LABEL) as second:
         assert KeyArchive(second).open(*sealed, "cert-1") == pkcs8(key)
+        # The same key: the same key tag (what replicas compare), the one in the blob's header.
+        assert second.key_tag == first.key_tag == sealed[2][1:9].hex()
     assert [o["kind"] for o in opensc_objects(tok)] == ["Secret Key Object"]
 
 
@@ -147,6 +149,7 @@ def test_a_key_recreated_under_the_same_label_is_told_apart(tok):
                    env=tok.env, capture_output=True, check=True, timeout=60)
     with (Pkcs11Kek(tok.module_path, tok.label, tok.user_pin, KEY_LABEL) as second,
           pytest.raises(ConfigurationError, match="rotated or replaced")):
+        assert second.key_tag != first.key_tag          # replicas with the two keys are told apart
         KeyArchive(second).open(*sealed, "cert-1")
 
 

@@ -108,6 +108,18 @@ def test_kek_id_is_the_sha256_fingerprint_of_the_key(kek_path):
     assert kek_id == "file:" + hashlib.sha256(kek_path.read_bytes()).hexdigest()[:16]
 
 
+def test_file_kek_key_tag_is_in_every_blob_and_follows_the_key_not_the_file(kek_path, tmp_path):
+    kek = FileKek(kek_path)
+    blob = kek.wrap(b"secret", b"aad")
+    assert blob[1:9].hex() == kek.key_tag
+    copy = tmp_path / "copy" / "kek.key"
+    copy.parent.mkdir()
+    copy.write_bytes(kek_path.read_bytes())
+    copy.chmod(0o600)
+    assert FileKek(copy).key_tag == kek.key_tag                      # a copy is the same key
+    assert FileKek(tmp_path / "other.key").key_tag != kek.key_tag    # another key is not
+
+
 def test_kek_file_created_concurrently_is_one_key(kek_path):
     keks = [FileKek(kek_path) for _ in range(8)]
     ids: list[str] = []
