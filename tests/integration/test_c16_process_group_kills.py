@@ -291,6 +291,9 @@ def _rounds(ca_kind: str) -> list[tuple[str, Any]]:  # (kind, its argument: a bo
     return rounds
 
 
+# Each round restarts the orchestrator and produces a card: ~3.5 min on an idle machine, much
+# longer on a loaded one; the suite's 300 s per test would cut a healthy campaign short.
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("ca_kind", ["openssl", "local"])
 def test_c16_process_group_killed_at_every_boundary_inside_the_ca_and_at_random_moments(
         tmp_path, softhsm_token, ca_kind):
