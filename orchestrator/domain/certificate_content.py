@@ -159,8 +159,11 @@ def _checked_value(kind: str, value: str) -> str:
     bound = SUBJECT_ATTRIBUTE_BOUNDS[kind]
     if not value.strip():
         raise ContentError(f"attribute {kind} would be empty")
-    if len(value) > bound:
-        raise ContentError(f"attribute {kind}: {_shown(value)} has {len(value)} characters, at most {bound}")
+    # Counted as the encoder counts (UTF-8 bytes): a value of accented or non-Latin letters
+    # is refused here, at rendering, not later by the certificate builder.
+    size = len(value.encode("utf-8"))
+    if size > bound:
+        raise ContentError(f"attribute {kind}: {_shown(value)} has {size} bytes in UTF-8, at most {bound}")
     if kind == "C" and not (value.isascii() and value.isalpha()):
         raise ContentError(f"attribute C takes a two-letter country code, not {_shown(value)}")
     return value
