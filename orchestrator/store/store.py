@@ -22,12 +22,14 @@ store.client_requests (client-chosen request ids of creating RPCs).
 
 Every public method is one transaction and returns frozen records (records.py), never ORM
 objects. Methods are blocking; async services call them through asyncio.to_thread.
+`together(*calls)` runs several of them as ONE transaction (a card task's consecutive writes
+that need not be durable apart, services/card_tasks.py).
 """
 from __future__ import annotations
 
 import datetime as dt
 import pathlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import astuple
 from typing import Any
 
@@ -145,6 +147,15 @@ class Store:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+
+    def together(self, *calls: Callable[[], Any]) -> list[Any]:
+        """Runs the store calls (each a method of this store with its arguments bound, e.g.
+        functools.partial) in order, in ONE write transaction: committed together when the
+        last returns, nothing written when any raises (its error is raised). Their results,
+        in order. Each call sees what the calls before it wrote. Audit rows go last (they lock
+        the audit chain on PostgreSQL until the commit)."""
+        with self._db.one_transaction():
+            return [call() for call in calls]
 
     def ping(self) -> None:
         """One query on the schema's own table; raises when the database cannot be reached
