@@ -29,6 +29,9 @@ _MOVES = {
 class CaRequests:
     def __init__(self, sessions: Sessions) -> None:
         self._db = sessions
+        # Built once (one per card's certificate): the values come with each execution.
+        requests = CaRequest.__table__
+        self._insert_new = sessions.insert(requests).on_conflict_do_nothing(index_elements=[requests.c.request_id])
 
     def journal(self, request_id: str, task_id: str, ca_name: str, template: str,
                 csr_der: bytes) -> CaRequestRecord:
@@ -44,10 +47,9 @@ class CaRequests:
         with self._db.write() as s:
             task_row(s, task_id)
             now = utcnow()
-            s.execute(self._db.insert(CaRequest).values(
-                request_id=request_id, task_id=task_id, ca_name=ca_name, template=template,
-                csr_der=bytes(csr_der), state=CaRequestState.PENDING, created_at=now, updated_at=now,
-            ).on_conflict_do_nothing(index_elements=[CaRequest.request_id]))
+            s.execute(self._insert_new, {
+                "request_id": request_id, "task_id": task_id, "ca_name": ca_name, "template": template,
+                "csr_der": bytes(csr_der), "state": str(CaRequestState.PENDING), "created_at": now, "updated_at": now})
             row = s.get(CaRequest, request_id, populate_existing=True)
             assert row is not None
             if row.task_id != task_id:
