@@ -35,11 +35,11 @@ class CaRequests:
 
     def journal(self, request_id: str, task_id: str, ca_name: str, template: str,
                 csr_der: bytes) -> CaRequestRecord:
-        """C16: records, in its own transaction, a request about to be sent to CA `ca_name`
-        (commit BEFORE calling the CA). request_id is the idempotency key the CA sees. A
-        second call with the same request_id returns the row journaled first, whatever its
-        state (AlreadyExists if it belongs to another task). NotFound if the task does not
-        exist."""
+        """C16: records a request about to be sent to CA `ca_name` (commit BEFORE calling the
+        CA: alone, or with a card task's waiting writes, Store.together). request_id is the
+        idempotency key the CA sees. A second call with the same request_id returns the row
+        journaled first, whatever its state (AlreadyExists if it belongs to another task).
+        NotFound if the task does not exist."""
         if not request_id or not ca_name or not template:
             raise InvalidArgument("a CA request needs its request_id, CA name and certificate template")
         if not isinstance(csr_der, (bytes, bytearray, memoryview)) or not bytes(csr_der):

@@ -2,8 +2,9 @@
 
 `Store` is the facade. It owns the schema (migrate) and the rule transactions, where the
 certificate rules are transaction boundaries:
-  C1  store_issued_certificate commits the certificate on its own, in the internal issued
-      state, before anything is written to a card.
+  C1  store_issued_certificate commits the certificate in the internal issued state before
+      anything is written to a card (a card task commits it with the journal entry of the step
+      that writes it, through together()).
   C2  finish_task_succeeded moves the task's certificates to their start states, sets the
       card state, creates the relations and ends the task in ONE transaction; any failure
       changes nothing.
@@ -173,7 +174,8 @@ class Store:
                                  state: str, *, archived_key: WrappedKey | None = None,
                                  request_id: str | None = None) -> CertificateRecord:
         """C1: commits a certificate just received from the CA, in the internal issued state
-        `state`, in its own transaction, so it is known before any card write is attempted.
+        `state`, so it is known before any card write is attempted (one transaction; a card
+        task joins the write step's journal entry to it, together()).
 
         Also used by the reconciler (C16) after the task has ended: a certificate stored for a
         failed task carries that task's error, as if it had been there when the task failed.
