@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from functools import partial
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_card_production_takes_at_most_8_store_transactions_per_card(tmp_path: p
                            ("--pkcs11-module", softhsm.find_module(), "--no-pcsc")):
         stub = card_service_pb2_grpc.CardServiceStub(channel(orch))
         for serial in serials:      # one card per token: a token holds one live card object
-            reader = wait_for_pooled_reader(orch, lambda r, s=serial: r.reader.token_serial == s).reader
+            reader = wait_for_pooled_reader(orch, partial(_holds_token, serial)).reader
             before = counter.read()
             task = list(stub.ProduceCard(card_pb.ProduceCardRequest(
                 reader=pool_pb.ReaderSelector(reader_id=reader.reader_id), subject="CN=Txn Count,O=cardline",
@@ -54,3 +55,7 @@ def test_card_production_takes_at_most_8_store_transactions_per_card(tmp_path: p
     assert fewest.total <= MOST_TRANSACTIONS_PER_CARD, \
         f"a card took {fewest.total} store transactions (at most {MOST_TRANSACTIONS_PER_CARD}): {per_card}"
     assert fewest.writes >= 1, f"the counter saw no write transaction; is it counting at all? {per_card}"
+
+
+def _holds_token(serial: str, pooled: pool_pb.PooledReader) -> bool:
+    return pooled.reader.token_serial == serial
