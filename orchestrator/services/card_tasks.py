@@ -17,6 +17,14 @@ before the CA is called; the certificate and the journal row's move to `stored` 
 transaction; the row becomes `written` once the card holds the certificate. The service
 keeps the ids of the tasks it is running (`running`): a RUNNING task no live run owns was
 left by a crash, and the reconciler (services/reconciler.py) ends it.
+
+Store transactions: a write that need not be durable on its own waits (`_defer`) and is
+committed with the next one that must be (`_write`, Store.together): every step's journal
+entry, every CA request's, the task's end. Nothing is sent to a card or a CA while a write
+waits, so what the rules order before a step or a CA call is committed before it: the task
+with its start audit and first step's entry; the card object with the next step's entry; a
+certificate (C1) with the entry of the step that writes it; a row's move to `written` with
+whatever comes next; the task's end (C2, C3) with its audit.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from cryptography import x509
@@ -51,6 +60,7 @@ from orchestrator.store.records import (
     TASK,
     AuditSubjects,
     CaRequestState,
+    CertificateRecord,
     NewRelation,
     TaskRecord,
     TaskState,
@@ -77,7 +87,8 @@ PRODUCTION, OPERATION = "card_production", "card_operation"
 # Named points between the steps of a task; tests and fault injection hook in here.
 #   before_issue   the CA request is journaled, the CA not called yet
 #   after_issue    the CA answered; the certificate is not stored yet
-#   after_store    the certificate is committed (C1); the card write not sent yet
+#   after_store    the certificate is committed (C1) with the write step's journal entry;
+#                  the card write not sent yet
 #   write_sent     the write step is handed to the gateway; its answer not processed yet
 #   after_write    the card holds the certificate
 #   before_finish  every application done; the final transition (C2) not made yet
@@ -103,6 +114,15 @@ class CardTaskOrder:
     # What certificate templates' subject patterns and subjectAltName rules may read (the
     # process's inputs; never a secret), besides the built-in card_id and holder.
     variables: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _DeferredWrite:
+    """A store write waiting for the card task's next _write; its result once committed."""
+    call: Callable[[], Any]
+    then: Callable[[Any], None] | None = None
+    if_lost: Callable[[], None] | None = None
+    result: Any = None
 
 
 @dataclass(frozen=True)
@@ -223,17 +243,19 @@ class CardTaskService:
         self.running.add(task_id)
         try:
             async with self.pool.lease(order.selector) as lease:
-                task = await asyncio.to_thread(self.store.tasks.create, order.type, lease.gateway_id,
-                                               lease.reader.reader_id, order.card_id,
-                                               process_instance_id=order.process_instance_id,
-                                               task_index=order.task_index, owner=self.owner_id, task_id=task_id)
-                await asyncio.to_thread(self.store.audit.record, AUDIT_TASK_STARTED, TASK, task.id, acting("card_task"),
-                                        {"type": order.type, "process_instance_id": order.process_instance_id,
-                                         "card_template": order.card_template.name},
-                                        subjects=AuditSubjects(card_id=order.card_id, task_id=task.id,
-                                                               gateway_id=task.gateway_id, reader_id=task.reader_id))
+                run = _CardTaskRun(self, task_id, lease, order, progress)
+                # Committed with the first step's journal entry (_CardTaskRun.execute).
+                run._defer(partial(self.store.tasks.create, order.type, lease.gateway_id, lease.reader.reader_id,
+                                   order.card_id, process_instance_id=order.process_instance_id,
+                                   task_index=order.task_index, owner=self.owner_id, task_id=task_id))
+                run._defer(partial(self.store.audit.record, AUDIT_TASK_STARTED, TASK, task_id, acting("card_task"),
+                                   {"type": order.type, "process_instance_id": order.process_instance_id,
+                                    "card_template": order.card_template.name},
+                                   subjects=AuditSubjects(card_id=order.card_id, task_id=task_id,
+                                                          gateway_id=lease.gateway_id,
+                                                          reader_id=lease.reader.reader_id)), audit=True)
                 started = time.monotonic()
-                outcome = await _CardTaskRun(self, task.id, lease, order, progress).execute()
+                outcome = await run.execute()
                 self.observer.task_finished(order.type, outcome.task.state, time.monotonic() - started,
                                             outcome.task.error_reason)
                 return outcome
@@ -261,11 +283,42 @@ class _CardTaskRun:
         self.return_fields: dict[str, CoreObjectDescriptor] = {}
         description = order.encoding.description
         self.user_pin = str(order.fields.get(description.pin_field, "")) if description.pin_field else ""
+        self._waiting: list[_DeferredWrite] = []          # committed by the next _write, in order
+        self._waiting_audits: list[_DeferredWrite] = []   # after them (audit rows go last: Store.together)
 
     # --- plumbing ------------------------------------------------------------------------
 
     async def _db(self, fn, *args, **kwargs):
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def _defer(self, call: Callable[[], Any], *, audit: bool = False,
+               then: Callable[[Any], None] | None = None,
+               if_lost: Callable[[], None] | None = None) -> _DeferredWrite:
+        """A store write (a bound store method) committed with the next _write. then: called
+        with its result once committed; if_lost: called when that transaction fails."""
+        deferred = _DeferredWrite(call, then, if_lost)
+        (self._waiting_audits if audit else self._waiting).append(deferred)
+        return deferred
+
+    async def _write(self, *calls: Callable[[], Any]) -> list[Any]:
+        """The deferred writes, CALLS, then the deferred audit rows, in ONE transaction (one
+        trip to a worker thread); CALLS' results. When it fails nothing of it is written and
+        the deferred writes are dropped (their if_lost runs): the task fails with the error."""
+        waiting, audits = self._waiting, self._waiting_audits
+        self._waiting, self._waiting_audits = [], []
+        everything = [*waiting, *(_DeferredWrite(call) for call in calls), *audits]
+        try:
+            results = await asyncio.to_thread(self.s.store.together, *(w.call for w in everything))
+        except BaseException:
+            for w in everything:
+                if w.if_lost is not None:
+                    w.if_lost()
+            raise
+        for w, result in zip(everything, results, strict=True):
+            w.result = result
+            if w.then is not None:
+                w.then(result)
+        return results[len(waiting):len(waiting) + len(calls)]
 
     async def _ca(self, ca: CaConnector, operation: str, call: Callable[..., Any], *args: Any) -> Any:
         """A CA call on a worker thread, timed and counted for the metrics."""
@@ -290,13 +343,22 @@ class _CardTaskRun:
                                tuple(self.issued) if task is not None else ()))
 
     async def _step(self, name: str, operation: cards.Operation, *, so_pin: str = "",
-                    sent_boundary: str | None = None) -> cards.StepValue:
-        # Journaled before it is sent: after a crash the journal tells which step may have
-        # run. Its completion needs no write of its own: the next journal entry, the stored
-        # certificate or the task's end records it, and the gateway answers a resent
-        # (task, step) from its first result.
+                    journaled_boundary: str | None = None, sent_boundary: str | None = None) -> cards.StepValue:
+        # Journaled before it is sent, with the writes waiting (_defer): after a crash the
+        # journal tells which step may have run. Its completion needs no write of its own:
+        # the next journal entry, the stored certificate or the task's end records it, and
+        # the gateway answers a resent (task, step) from its first result.
+        await self._journal_step(name)
+        if journaled_boundary is not None:
+            await self._boundary(journaled_boundary)
+        return await self._send(name, operation, so_pin=so_pin, sent_boundary=sent_boundary)
+
+    async def _journal_step(self, name: str) -> None:
         self.step_number += 1
-        await self._db(self.s.store.tasks.journal_step, self.task_id, self.step_number, name, "sent")
+        await self._write(partial(self.s.store.tasks.journal_step, self.task_id, self.step_number, name, "sent"))
+
+    async def _send(self, name: str, operation: cards.Operation, *, so_pin: str = "",
+                    sent_boundary: str | None = None) -> cards.StepValue:
         # The user PIN goes only with steps that log in to the card.
         user_pin = "" if isinstance(operation, _NO_LOGIN) else self.user_pin
         sending = self._refusal_journaled(name, self.lease.run(
@@ -347,18 +409,24 @@ class _CardTaskRun:
     async def execute(self) -> CardTaskOutcome:
         store, order = self.s.store, self.order
         template = order.card_template
+        # The task's row and start audit are committed with this entry; if that fails there is
+        # no task to end, and the error is the caller's.
+        await self._journal_step("read_card_info")
         try:
-            info = await self._step("read_card_info", cards.ReadCardInfo())
+            info = await self._send("read_card_info", cards.ReadCardInfo())
             assert isinstance(info, cards.Reader)
             serial = self.serial = info.token_serial or info.atr.hex()
             if order.type == PRODUCTION:          # C8: production creates the card object
                 # One physical card, one live card object: a card that has one is refused
-                # unless the process re-issues it (docs/lifecycle.md).
-                card = await self._db(store.cards.create, self.task_id, serial, template.name,
-                                      template.initial_state, self.lease.gateway_id, self.lease.reader.reader_id,
-                                      identity=card_identity(info), take_over=order.take_over, holder=order.holder)
-                self.card_id = card.id
-                self._tell(f"card {card.serial} ({info.token_label or info.name}) in production")
+                # unless the process re-issues it (docs/lifecycle.md). Committed with the next
+                # step's journal entry, before that step is sent; its id is chosen here, as the
+                # certificate content of the next application may name it.
+                self.card_id = str(uuid.uuid4())
+                self._defer(partial(store.cards.create, self.task_id, serial, template.name, template.initial_state,
+                                    self.lease.gateway_id, self.lease.reader.reader_id, identity=card_identity(info),
+                                    take_over=order.take_over, holder=order.holder, card_id=self.card_id),
+                            if_lost=self._card_not_created)
+                self._tell(f"card {serial} ({info.token_label or info.name}) in production")
             elif self.card_id is not None:
                 card = await self._db(store.cards.get, self.card_id)
                 if card.serial != serial:
@@ -371,28 +439,36 @@ class _CardTaskRun:
                 await self._application(app)
             await self._boundary("before_finish")
             # C2: one transaction moves every certificate to its start state with the relations.
-            task = await self._db(store.finish_task_succeeded, self.task_id, self._internal_state(),
-                                  {cid: t.start_state for cid, t in self.issued.items()},
-                                  template.produced_state if order.type == PRODUCTION else None,
-                                  self.success_relations)
+            finish = partial(store.finish_task_succeeded, self.task_id, self._internal_state(),
+                             {cid: t.start_state for cid, t in self.issued.items()},
+                             template.produced_state if order.type == PRODUCTION else None, self.success_relations)
+            self._audit_finished(TaskState.SUCCEEDED, None)
+            task, = await self._write(finish)
         except Exception as exc:  # whatever broke, the task ends in a defined state
             if not isinstance(exc, CardlineError):
                 log.exception("card task crashed", task_id=self.task_id)
                 exc = CardlineError(f"{type(exc).__name__}: {exc}")
             log.warning("card task failed", task_id=self.task_id, reason=exc.reason, error=exc.message)
             # C3: certificates stay in the internal issued state, carrying the task's error.
-            task = await self._db(store.finish_task_failed, self.task_id, exc.reason, exc.message,
-                                  template.failed_state if order.type == PRODUCTION and self.card_id else None,
-                                  details=exc.to_details())
-        await self._db(store.audit.record, AUDIT_TASK_FINISHED, TASK, task.id, acting("card_task"),
-                       {"type": order.type, "state": task.state, "error_reason": task.error_reason,
-                        "steps": self.step_number},
-                       subjects=self._where(*self.issued_subjects))
+            self._audit_finished(TaskState.FAILED, exc.reason)
+            task, = await self._write(partial(store.finish_task_failed, self.task_id, exc.reason, exc.message,
+                                              template.failed_state if order.type == PRODUCTION and self.card_id
+                                              else None, details=exc.to_details()))
         ok = task.state == TaskState.SUCCEEDED
         self._tell(("card produced" if order.type == PRODUCTION else "card operation done") if ok
                    else f"{order.type} failed: {task.error_message}", task)
         card = CoreObjectDescriptor(CARD, template.name, self.card_id) if self.card_id else None
         return CardTaskOutcome(task, card, dict(self.return_fields))
+
+    def _audit_finished(self, state: TaskState, error_reason: str | None) -> None:
+        """The task's end, audited in the transaction that ends it."""
+        self._defer(partial(self.s.store.audit.record, AUDIT_TASK_FINISHED, TASK, self.task_id, acting("card_task"),
+                            {"type": self.order.type, "state": state, "error_reason": error_reason,
+                             "steps": self.step_number},
+                            subjects=self._where(*self.issued_subjects)), audit=True)
+
+    def _card_not_created(self) -> None:
+        self.card_id = None
 
     def _internal_state(self) -> str:
         states = {t.internal_issued_state for t in self.issued.values()}
@@ -495,14 +571,15 @@ class _CardTaskRun:
             self._tell(f"key pair {key_type.value} generated on the card ({label})")
             asked = requested_beyond(csr, profile)
             if asked:
-                await self._record_ignored_request(app, template, asked)
+                self._record_ignored_request(app, template, asked)
 
         ca = self.s.cas[template.ca]
         # The CA's idempotency key; keep its format stable (CAs key their records on it).
         request_id = f"{self.task_id}:{self.step_number}:{app.name}"
         # C16: journaled, with the request, before the CA is called: whatever happens next,
         # the reconciler can ask the CA what it issued for it.
-        await self._db(self.s.store.ca_requests.journal, request_id, self.task_id, ca.name, template.name, csr_der)
+        await self._write(partial(self.s.store.ca_requests.journal, request_id, self.task_id, ca.name, template.name,
+                                  csr_der))
         await self._boundary("before_issue")
         der = await self._ca(ca, "issue", ca.issue, csr_der, profile, request_id)
         await self._boundary("after_issue")
@@ -515,33 +592,49 @@ class _CardTaskRun:
             archived = WrappedKey(*await asyncio.to_thread(
                 self.s.key_archive.seal, private_key,
                 archive_binding(cert.issuer.rfc4514_string(), format(cert.serial_number, "x"))))
-        # C1: committed in the internal issued state before the card is asked to store it.
+        # C1: committed in the internal issued state before the card is asked to store it: with
+        # the write step's journal entry, or at once when something else must follow it first.
         # C16: the journal row moves to `stored` in the same transaction.
-        record = await self._db(self.s.store.store_issued_certificate, self.task_id, der, template.name, ca.name,
-                                template.internal_issued_state, archived_key=archived, request_id=request_id)
-        self.issued[record.id] = template
-        self.issued_subjects.append(certificate_subject(record.id, ca.name, record.serial_hex))
-        if app.return_field:                 # C13: set after success and after failure alike
-            self.return_fields[app.return_field] = CoreObjectDescriptor(CERTIFICATE, template.name, record.id)
-        self._tell(f"certificate {record.serial_hex} issued by {ca.name}, stored as {record.state}")
-        await self._relate(app, record.id)
+        stored = self._defer(partial(self.s.store.store_issued_certificate, self.task_id, der, template.name,
+                                     ca.name, template.internal_issued_state, archived_key=archived,
+                                     request_id=request_id),
+                             then=partial(self._stored, app, template, ca.name))
+        relate_now = self.card_id is not None and app.create_object_relation is CreateObjectRelation.ALWAYS
+        if relate_now or app.revoke_on_issue:
+            await self._write()
+            record = stored.result
+            await self._relate(app, record.id)
         if app.revoke_on_issue:             # C6: held at the CA; the store state still follows C1/C2
             await self._ca(ca, "revoke", ca.revoke, record.serial, "certificateHold")
             await self._db(self.s.store.audit.record, AUDIT_REVOKE_ON_ISSUE, CERTIFICATE, record.id,
                            acting("card_task"), {"task_id": self.task_id, "reason": "certificateHold", "ca": ca.name},
                            subjects=self._where(certificate_subject(record.id, ca.name, record.serial_hex)))
             self._tell(f"certificate {record.serial_hex} put on hold at {ca.name} (revokeOnIssue)")
-        await self._boundary("after_store")
 
         if private_key is None:
             await self._step(f"write_certificate:{label}", cards.WriteCertificates(
-                (cards.CertificateObject(key_id, label, der),)), sent_boundary="write_sent")
+                (cards.CertificateObject(key_id, label, der),)), journaled_boundary="after_store",
+                sent_boundary="write_sent")
         else:
             await self._step(f"import_key_pair:{label}", cards.ImportKeyPair(
-                key_id, label, _pkcs8(private_key), der), sent_boundary="write_sent")
-        await self._db(self.s.store.ca_requests.mark, request_id, CaRequestState.WRITTEN)
+                key_id, label, _pkcs8(private_key), der), journaled_boundary="after_store", sent_boundary="write_sent")
+        # Recorded with the next write (a step's entry, the task's end): until then the row
+        # says `stored`, which a crash may leave as it would between the write and the mark.
+        self._defer(partial(self.s.store.ca_requests.mark, request_id, CaRequestState.WRITTEN))
+        record = stored.result
+        if not (relate_now or app.revoke_on_issue):
+            await self._relate(app, record.id)      # a `success` relation (C10): kept for the task's end
         self._tell(f"certificate {record.serial_hex} written next to its key ({label})")
         await self._boundary("after_write")
+
+    def _stored(self, app: Application, template: CertificateTemplate, ca_name: str,
+                record: CertificateRecord) -> None:
+        """A certificate of this task is committed (C1): what the task keeps of it."""
+        self.issued[record.id] = template
+        self.issued_subjects.append(certificate_subject(record.id, ca_name, record.serial_hex))
+        if app.return_field:                 # C13: set after success and after failure alike
+            self.return_fields[app.return_field] = CoreObjectDescriptor(CERTIFICATE, template.name, record.id)
+        self._tell(f"certificate {record.serial_hex} issued by {ca_name}, stored as {record.state}")
 
     def _content_variables(self) -> dict[str, str]:
         """What subject patterns and subjectAltName rules read: the task's variables and the
@@ -549,7 +642,7 @@ class _CardTaskRun:
         builtin = {"card_id": self.card_id, "holder": self.holder}
         return {**self.order.variables, **{k: v for k, v in builtin.items() if v}}
 
-    async def _record_ignored_request(self, app: Application, template: CertificateTemplate,
+    def _record_ignored_request(self, app: Application, template: CertificateTemplate,
                                       asked: dict[str, Any]) -> None:
         """The station's CSR asked for more than its key: ignored (the CA issues the profile
         only), and recorded against the task, with the gateway as the one who asked."""
@@ -557,10 +650,11 @@ class _CardTaskRun:
         log.warning("a card's certificate request asked for content it does not decide; ignored",
                     task_id=self.task_id, gateway_id=gateway, reader_id=reader, application=app.name,
                     asked=sorted(asked))
-        await self._db(self.s.store.audit.record, AUDIT_CSR_IGNORED, TASK, self.task_id, f"gateway:{gateway}",
-                       {"task_id": self.task_id, "step_number": self.step_number, "gateway_id": gateway,
-                        "reader_id": reader, "application": app.name, "template": template.name,
-                        "requested": asked})
+        # Committed with the CA request's journal row, before the CA is called.
+        self._defer(partial(self.s.store.audit.record, AUDIT_CSR_IGNORED, TASK, self.task_id, f"gateway:{gateway}",
+                            {"task_id": self.task_id, "step_number": self.step_number, "gateway_id": gateway,
+                             "reader_id": reader, "application": app.name, "template": template.name,
+                             "requested": asked}), audit=True)
 
     async def _delete_objects(self, app: Application) -> None:
         """DeleteObjects=true: every key and certificate on the card, by key id (a retired card)."""

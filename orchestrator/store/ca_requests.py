@@ -29,14 +29,17 @@ _MOVES = {
 class CaRequests:
     def __init__(self, sessions: Sessions) -> None:
         self._db = sessions
+        # Built once (one per card's certificate): the values come with each execution.
+        requests = CaRequest.__table__
+        self._insert_new = sessions.insert(requests).on_conflict_do_nothing(index_elements=[requests.c.request_id])
 
     def journal(self, request_id: str, task_id: str, ca_name: str, template: str,
                 csr_der: bytes) -> CaRequestRecord:
-        """C16: records, in its own transaction, a request about to be sent to CA `ca_name`
-        (commit BEFORE calling the CA). request_id is the idempotency key the CA sees. A
-        second call with the same request_id returns the row journaled first, whatever its
-        state (AlreadyExists if it belongs to another task). NotFound if the task does not
-        exist."""
+        """C16: records a request about to be sent to CA `ca_name` (commit BEFORE calling the
+        CA: alone, or with a card task's waiting writes, Store.together). request_id is the
+        idempotency key the CA sees. A second call with the same request_id returns the row
+        journaled first, whatever its state (AlreadyExists if it belongs to another task).
+        NotFound if the task does not exist."""
         if not request_id or not ca_name or not template:
             raise InvalidArgument("a CA request needs its request_id, CA name and certificate template")
         if not isinstance(csr_der, (bytes, bytearray, memoryview)) or not bytes(csr_der):
@@ -44,10 +47,9 @@ class CaRequests:
         with self._db.write() as s:
             task_row(s, task_id)
             now = utcnow()
-            s.execute(self._db.insert(CaRequest).values(
-                request_id=request_id, task_id=task_id, ca_name=ca_name, template=template,
-                csr_der=bytes(csr_der), state=CaRequestState.PENDING, created_at=now, updated_at=now,
-            ).on_conflict_do_nothing(index_elements=[CaRequest.request_id]))
+            s.execute(self._insert_new, {
+                "request_id": request_id, "task_id": task_id, "ca_name": ca_name, "template": template,
+                "csr_der": bytes(csr_der), "state": str(CaRequestState.PENDING), "created_at": now, "updated_at": now})
             row = s.get(CaRequest, request_id, populate_existing=True)
             assert row is not None
             if row.task_id != task_id:

@@ -30,8 +30,10 @@ class Cards:
 
     def create(self, task_id: str, serial: str, template: str, state: str, gateway_id: str,
                reader_id: str, *, holder: str | None = None, identity: str | None = None,
-               take_over: bool = False, actor: str = "card_production") -> CardRecord:
+               take_over: bool = False, actor: str = "card_production", card_id: str | None = None) -> CardRecord:
         """The card object of a card production task (C8); becomes the task's card.
+        card_id: chosen by the caller (a card task that commits the card with its next step's
+        journal entry, Store.together), else a new id.
 
         identity: the physical card ("pkcs11:<token serial>"). A card that already holds a
         live card object is refused (AlreadyExists naming both) unless `take_over` (a process
@@ -51,7 +53,7 @@ class Cards:
                     live.live_identity = None
                     live.updated_at = now
                     s.flush()
-            card = Card(id=new_id(), serial=serial, template=template, state=state, gateway_id=gateway_id,
+            card = Card(id=card_id or new_id(), serial=serial, template=template, state=state, gateway_id=gateway_id,
                         reader_id=reader_id, created_at=now, updated_at=now, holder=holder or None,
                         identity=identity, live_identity=identity)
             s.add(card)

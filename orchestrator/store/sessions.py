@@ -2,13 +2,16 @@
 
 Each public store method is one transaction: `write()` for one that changes rows, `read()`
 for one that only reads. A Store is shared by many threads: each call opens its own session,
-and the engine's pool hands each thread its own connection.
+and the engine's pool hands each thread its own connection. Inside `one_transaction()` the
+store methods a thread calls join that block's write transaction instead (Store.together):
+they commit together or not at all.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import pathlib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -82,6 +85,7 @@ class Sessions:
         self.write_engine = self.engine.execution_options(cardline_write=True)
         self._reading = sessionmaker(self.engine, expire_on_commit=False)
         self._writing = sessionmaker(self.write_engine, expire_on_commit=False)
+        self._joined = threading.local()      # .session: this thread's one_transaction(), if open
 
     @property
     def dialect(self) -> str:
@@ -89,13 +93,37 @@ class Sessions:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
+        joined = self._joined_session()
+        if joined is not None:
+            yield joined
+            return
         with self._writing() as session, session.begin():
             yield session
 
     @contextmanager
     def read(self) -> Iterator[Session]:
+        joined = self._joined_session()
+        if joined is not None:          # reads what the block has written so far
+            yield joined
+            return
         with self._reading() as session, session.begin():
             yield session
+
+    @contextmanager
+    def one_transaction(self) -> Iterator[Session]:
+        """One write transaction that every write() and read() of this thread joins until the
+        block ends: committed when it ends, rolled back whole when anything in it raises."""
+        if self._joined_session() is not None:
+            raise RuntimeError("one_transaction() is already open in this thread")
+        with self._writing() as session, session.begin():
+            self._joined.session = session
+            try:
+                yield session
+            finally:
+                self._joined.session = None
+
+    def _joined_session(self) -> Session | None:
+        return getattr(self._joined, "session", None)
 
     def insert(self, table: Any) -> Any:
         """INSERT with this backend's ON CONFLICT clauses (PostgreSQL and SQLite spell them alike)."""

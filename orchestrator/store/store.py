@@ -2,8 +2,9 @@
 
 `Store` is the facade. It owns the schema (migrate) and the rule transactions, where the
 certificate rules are transaction boundaries:
-  C1  store_issued_certificate commits the certificate on its own, in the internal issued
-      state, before anything is written to a card.
+  C1  store_issued_certificate commits the certificate in the internal issued state before
+      anything is written to a card (a card task commits it with the journal entry of the step
+      that writes it, through together()).
   C2  finish_task_succeeded moves the task's certificates to their start states, sets the
       card state, creates the relations and ends the task in ONE transaction; any failure
       changes nothing.
@@ -23,12 +24,14 @@ CA and KEK fingerprints every replica shares).
 
 Every public method is one transaction and returns frozen records (records.py), never ORM
 objects. Methods are blocking; async services call them through asyncio.to_thread.
+`together(*calls)` runs several of them as ONE transaction (a card task's consecutive writes
+that need not be durable apart, services/card_tasks.py).
 """
 from __future__ import annotations
 
 import datetime as dt
 import pathlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import astuple
 from typing import Any
 
@@ -149,6 +152,15 @@ class Store:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
+    def together(self, *calls: Callable[[], Any]) -> list[Any]:
+        """Runs the store calls (each a method of this store with its arguments bound, e.g.
+        functools.partial) in order, in ONE write transaction: committed together when the
+        last returns, nothing written when any raises (its error is raised). Their results,
+        in order. Each call sees what the calls before it wrote. Audit rows go last (they lock
+        the audit chain on PostgreSQL until the commit)."""
+        with self._db.one_transaction():
+            return [call() for call in calls]
+
     def ping(self) -> None:
         """One query on the schema's own table; raises when the database cannot be reached
         or holds no cardline schema (the orchestrator's health check)."""
@@ -165,7 +177,8 @@ class Store:
                                  state: str, *, archived_key: WrappedKey | None = None,
                                  request_id: str | None = None) -> CertificateRecord:
         """C1: commits a certificate just received from the CA, in the internal issued state
-        `state`, in its own transaction, so it is known before any card write is attempted.
+        `state`, so it is known before any card write is attempted (one transaction; a card
+        task joins the write step's journal entry to it, together()).
 
         Also used by the reconciler (C16) after the task has ended: a certificate stored for a
         failed task carries that task's error, as if it had been there when the task failed.

@@ -18,6 +18,12 @@ from shared.errors import InvalidArgument, NotFound, quoted
 class Tasks:
     def __init__(self, sessions: Sessions) -> None:
         self._db = sessions
+        steps = TaskStep.__table__
+        insert = sessions.insert(steps)      # the values come with each execution
+        self._journal_upsert = insert.on_conflict_do_update(
+            index_elements=[steps.c.task_id, steps.c.step_number],
+            set_={column: insert.excluded[column] for column in ("name", "state", "detail", "updated_at")},
+        ).returning(*steps.columns)
 
     def create(self, type: str, gateway_id: str, reader_id: str, card_id: str | None = None, *,
                process_instance_id: str | None = None, task_index: int | None = None,
@@ -46,18 +52,14 @@ class Tasks:
                      detail: str = "") -> TaskStepRecord:
         """Records where a task is (insert or overwrite the row of this step).
 
-        One statement (an upsert returning the row): it runs for every step of every card,
-        so it stays cheap; the task's existence is checked by the foreign key."""
+        One statement (an upsert returning the row), built once: it runs for every step of
+        every card, so it stays cheap; the task's existence is checked by the foreign key."""
         now = utcnow()
-        stmt = (self._db.insert(TaskStep)
-                .values(task_id=task_id, step_number=step_number, name=name, state=state, detail=detail,
-                        created_at=now, updated_at=now)
-                .on_conflict_do_update(index_elements=[TaskStep.task_id, TaskStep.step_number],
-                                       set_={"name": name, "state": state, "detail": detail, "updated_at": now})
-                .returning(*TaskStep.__table__.columns))
         try:
             with self._db.write() as s:
-                row = s.execute(stmt).one()
+                row = s.execute(self._journal_upsert, {
+                    "task_id": task_id, "step_number": step_number, "name": name, "state": state, "detail": detail,
+                    "created_at": now, "updated_at": now}).one()
         except IntegrityError:
             raise NotFound(f"no task {task_id}", task_id=task_id) from None
         return record(TaskStepRecord, row)
