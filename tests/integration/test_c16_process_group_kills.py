@@ -366,8 +366,9 @@ def test_c16_process_group_killed_at_every_boundary_inside_the_ca_and_at_random_
                        and a.detail.get("state") == ProcessState.SUCCEEDED]
         finally:
             store.close()
-        # The instance killed after its task succeeded was ended SUCCEEDED, like its task.
-        assert len(settled) == c["after_task"] == 1, settled
+        # The instance killed after its task succeeded was ended SUCCEEDED, like its task (a
+        # random kill landing between a task's success and its process's end adds more).
+        assert c["after_task"] == 1 and len(settled) >= c["after_task"], settled
         repairs = sum(log.read_text().count("repaired after an interrupted run")
                       for log in station.data_dir.glob("orchestrator-*.log"))
         c["repairs"] = repairs
