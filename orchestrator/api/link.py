@@ -51,9 +51,12 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
         self.pool = pool
         self.orchestrator_id = orchestrator_id
         self.heartbeat_interval_s = heartbeat_interval_s
-        # The CRL sent to every gateway and checked for each open link every revocation_check_s.
+        # The CRL sent to every gateway; one watch for all open links looks at it every
+        # revocation_check_s (not one per link: a thousand idle links cost one stat a second).
         self.revocations = revocations
         self.revocation_check_s = revocation_check_s
+        self._linked: dict[int, tuple[GatewaySession, PeerIdentity]] = {}
+        self._crl_watch: asyncio.Task | None = None
 
     @rpc_errors
     async def Connect(self, request_iterator, context):
@@ -80,8 +83,8 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
                                  version=hello.version)
         self.pool.attach(session)
         reader = asyncio.create_task(self._incoming(request_iterator, session))
-        watcher = (asyncio.create_task(self._watch_revocations(session, peer))
-                   if peer is not None and self.revocations is not None else None)
+        if peer is not None and self.revocations is not None:
+            self._follow(session, peer)
         try:
             yield link_pb2.OrchestratorMessage(welcome=link_pb2.Welcome(
                 orchestrator_id=self.orchestrator_id, heartbeat_interval_ms=int(self.heartbeat_interval_s * 1000)))
@@ -102,29 +105,47 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
                 yield item if isinstance(item, link_pb2.OrchestratorMessage) else command_to_proto(item)
         finally:
             reader.cancel()
-            if watcher is not None:
-                watcher.cancel()
+            self._linked.pop(id(session), None)
+            if not self._linked and self._crl_watch is not None:
+                self._crl_watch.cancel()
+                self._crl_watch = None
             self.pool.detach(session)
 
-    async def _watch_revocations(self, session: GatewaySession, peer: PeerIdentity) -> None:
-        """Sends the CRL now and whenever it changes; ends the link (UNAUTHENTICATED) once the
-        gateway's own certificate is on it. The file is looked at every revocation_check_s."""
+    def _follow(self, session: GatewaySession, peer: PeerIdentity) -> None:
+        """Sends SESSION the current CRL and puts it under the CRL watch."""
+        self._linked[id(session)] = (session, peer)
+        self._tell(session, peer)
+        if self._crl_watch is None or self._crl_watch.done():
+            self._crl_watch = asyncio.create_task(self._watch_revocations())
+
+    def _tell(self, session: GatewaySession, peer: PeerIdentity) -> None:
+        """Ends the link (UNAUTHENTICATED) when the gateway's own certificate is revoked, else
+        sends it the current CRL."""
         assert self.revocations is not None
-        sent = None
-        while not session.closed:
-            number = self.revocations.refresh()
-            if self.revocations.is_revoked(peer.serial):
-                log.warning("gateway certificate revoked; closing its link", gateway_id=peer.name,
-                            serial=f"{peer.serial:x}")
-                session.outbox.put_nowait(Unauthenticated(
-                    f"the certificate of gateway {peer.name!r} (serial {peer.serial:x}) has been revoked",
-                    name=peer.name))
-                return
-            if number != sent and self.revocations.der is not None:
-                session.outbox.put_nowait(link_pb2.OrchestratorMessage(
-                    revocations=link_pb2.RevocationList(crl_der=self.revocations.der)))
-                sent = number
+        if self.revocations.is_revoked(peer.serial):
+            log.warning("gateway certificate revoked; closing its link", gateway_id=peer.name,
+                        serial=f"{peer.serial:x}")
+            self._linked.pop(id(session), None)
+            session.outbox.put_nowait(Unauthenticated(
+                f"the certificate of gateway {peer.name!r} (serial {peer.serial:x}) has been revoked",
+                name=peer.name))
+        elif self.revocations.der is not None:
+            session.outbox.put_nowait(link_pb2.OrchestratorMessage(
+                revocations=link_pb2.RevocationList(crl_der=self.revocations.der)))
+
+    async def _watch_revocations(self) -> None:
+        """While links are open: looks at the CRL file every revocation_check_s and, when it
+        changed, tells every linked gateway (_tell)."""
+        assert self.revocations is not None
+        seen = self.revocations.number
+        while self._linked:
             await asyncio.sleep(self.revocation_check_s)
+            number = self.revocations.refresh()
+            if number == seen:
+                continue
+            seen = number
+            for session, peer in list(self._linked.values()):
+                self._tell(session, peer)
 
     async def _incoming(self, request_iterator, session: GatewaySession) -> None:
         """Reads until the gateway goes away or falls silent for three heartbeat intervals."""
