@@ -116,8 +116,10 @@ class SimulatedStation(FakeGateway):
     `swap_card()` is its operator taking the produced token out and putting a blank one in
     (an order puts one person on one card: docs/lifecycle.md)."""
 
+    SITE = "hq"
+
     def __init__(self, gateway_id: str, keygen_s: float) -> None:
-        super().__init__(gateway_id, (FakeToken(label=gateway_id),))
+        super().__init__(gateway_id, (FakeToken(label=gateway_id),), site=self.SITE)
         self.keygen_s = keygen_s
         self._answering: set[asyncio.Task] = set()
 
@@ -218,8 +220,11 @@ class StationFleet:
 
     def connect(self, address: str, prefix: str, count: int, keygen_s: float) -> None:
         """COUNT stations PREFIX-0001... dialling ADDRESS; returns once every one is welcomed."""
-        for i in range(1, count + 1):            # their certificates first, in the bench's PKI
-            launch.default_pki().gateway(f"{prefix}-{i:04d}")
+        # Their certificates first, in the bench's PKI, enrolled where the stations say they
+        # stand (FakeGateway's site): one enrolled elsewhere would be revoked and issued anew,
+        # and every revocation sends the new CRL down every open link.
+        for i in range(1, count + 1):
+            launch.default_pki().gateway(f"{prefix}-{i:04d}", site=SimulatedStation.SITE)
         self._send(f"connect {address} {prefix} {count} {keygen_s}")
         timeout_s = 60 + count * 0.5
         assert self.proc.stdout is not None
