@@ -12,7 +12,7 @@ One directory holds everything (`cardline pki init --pki-dir DIR`):
                     carries its enrollment (site and labels, STATION_ENROLLMENT_OID)
     NAME.key        its private key: PKCS#8 PEM, *unencrypted* (gRPC only loads unencrypted
                     PEM keys), so it is protected by its mode (0600) and nothing else
-    revoked.json    revoked serials (written atomically) — the PKI's own record
+    revoked.json    revoked serials (written atomically, under pki.lock) — the PKI's own record
     crl.pem         the CRL signed by the CA, rewritten on every revocation; servers read it
     bundles.json    the bundle directories made by `bundle` (their crl.pem follows this one)
     orchestrator/   the orchestrator's bundle, made by `cardline pki init` (or where
@@ -35,13 +35,15 @@ says about itself (docs/stations.md).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import json
 import pathlib
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, TypedDict, TypeGuard, get_args
 
@@ -63,6 +65,7 @@ CLIENT_ROLES = frozenset({"admin", "operator", "auditor", "service"})
 SERVER_ROLES = frozenset({"orchestrator", "gateway"})
 CA_CERT, CA_KEY, CA_PASS, REVOKED, CRL = "ca.crt", "ca.key", "ca.pass", "revoked.json", "crl.pem"
 BUNDLES = "bundles.json"
+LOCK = "pki.lock"          # held while revoked.json and the CRL are rewritten
 _RESERVED = {"ca", "crl", "revoked"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -380,26 +383,48 @@ class Pki:
     def revoked_serials(self) -> set[int]:
         return {int(r["serial"], 16) for r in self.revoked()}
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The PKI directory held against other revocations (threads or processes): revoked.json
+        is read, changed and rewritten, and CRL numbers must only grow."""
+        with open(self.directory / LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def revoke(self, name: str) -> int:
         """Revokes NAME's current certificate: its serial goes to revoked.json and a new CRL
         is written. Returns the serial. Revoking twice is harmless."""
         cert = self.certificate(name)
-        entries = self.revoked()
-        if cert.serial_number not in {int(r["serial"], 16) for r in entries}:
-            entries.append({"serial": f"{cert.serial_number:x}", "name": name, "role": role_of(cert),
-                            "revoked_at": _now().isoformat(timespec="seconds")})
-            write_atomic(self.revoked_path, (json.dumps({"revoked": entries}, indent=2) + "\n").encode(), 0o644)
-        self.write_crl()
+        with self._locked():
+            entries = self.revoked()
+            if cert.serial_number not in {int(r["serial"], 16) for r in entries}:
+                entries.append({"serial": f"{cert.serial_number:x}", "name": name, "role": role_of(cert),
+                                "revoked_at": _now().isoformat(timespec="seconds")})
+                write_atomic(self.revoked_path, (json.dumps({"revoked": entries}, indent=2) + "\n").encode(),
+                             0o644)
+            self._write_crl()
         return cert.serial_number
 
     def write_crl(self) -> pathlib.Path:
+        with self._locked():
+            return self._write_crl()
+
+    def _write_crl(self) -> pathlib.Path:
         ca_cert, ca_key = self.ca_certificate(), self._ca_key()
         now = _now()
+        # Gateways take only a CRL with a larger number than theirs: the time in milliseconds,
+        # and always above the last one (two revocations within a millisecond).
+        number = int(now.timestamp() * 1000)
+        if self.crl_path.is_file():
+            number = max(number, crl_number(x509.load_pem_x509_crl(self.crl_path.read_bytes())) + 1)
         builder = (x509.CertificateRevocationListBuilder()
                    .issuer_name(ca_cert.subject)
                    .last_update(now - dt.timedelta(minutes=5))
                    .next_update(now + dt.timedelta(days=CRL_DAYS))
-                   .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+                   .add_extension(x509.CRLNumber(number), critical=False)
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                                   critical=False))
         for entry in self.revoked():

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import pathlib
+import subprocess
+import sys
 
 import pytest
 from cryptography import x509
@@ -10,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from shared.errors import AlreadyExists, ConfigurationError, InvalidArgument
-from shared.pki import CLIENT_ROLES, Pki, init_pki, load_crl, role_of
+from shared.pki import CLIENT_ROLES, Pki, crl_number, init_pki, load_crl, role_of
 from shared.tls import RevocationList, client_tls, resolve
 
 
@@ -225,3 +228,28 @@ def test_pki_init_default_bundle_is_the_orchestrator_subdirectory(tmp_path):
         pki.bundle("orchestrator", tmp_path / "pki")
     files = pki.bundle("orchestrator", tmp_path / "pki" / "orchestrator")
     assert {p.name for p in files.values()} == {"ca.crt", "crl.pem", "orchestrator.crt", "orchestrator.key"}
+
+
+def test_concurrent_revocations_from_two_processes_lose_none_and_crl_numbers_only_grow(tmp_path):
+    # Two processes revoking at once (two administrators, or a script run twice): each reads,
+    # changes and rewrites revoked.json; under the PKI's lock no revocation is lost, and every
+    # CRL written has a larger number than the one before, even within one millisecond.
+    pki = init_pki(tmp_path / "pki")
+    names = [f"op-{i}" for i in range(16)]
+    serials = {pki.issue("operator", name).serial for name in names}
+    script = ("import sys\nfrom shared.pki import Pki, crl_number\nfrom cryptography import x509\n"
+              "pki = Pki.open(sys.argv[1])\nfor name in sys.argv[2:]:\n"
+              "    pki.revoke(name)\n"
+              "    print(crl_number(x509.load_pem_x509_crl(pki.crl_path.read_bytes())))\n")
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(pki.directory), *names[i::2]],
+                                stdout=subprocess.PIPE, text=True, cwd=pathlib.Path(__file__).parents[2])
+               for i in range(2)]
+    numbers = [int(line) for w in workers for line in w.communicate(timeout=120)[0].split()]
+    assert [w.returncode for w in workers] == [0, 0]
+    assert pki.revoked_serials() == serials
+    assert load_crl(pki.crl_path, pki.ca_certificate()) == serials
+    assert len(set(numbers)) == len(names)                     # no two CRLs share a number
+    before = crl_number(x509.load_pem_x509_crl(pki.crl_path.read_bytes()))
+    pki.write_crl()
+    pki.write_crl()
+    assert crl_number(x509.load_pem_x509_crl(pki.crl_path.read_bytes())) >= before + 2
