@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import queue
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,8 +24,6 @@ from shared.proto import (
     certificate_service_pb2_grpc,
     gateway_pb2,
     gateway_pb2_grpc,
-    link_pb2,
-    link_pb2_grpc,
     reader_pool_service_pb2_grpc,
 )
 from shared.proto import reader_pool_service_pb2 as pool_pb
@@ -37,6 +34,7 @@ from tests.support.processes import (
     CARDLINE,
     free_port,
     gateway_process,
+    open_link,
     orchestrator_process,
     wait_for_pooled_reader,
 )
@@ -71,23 +69,6 @@ def secure(address: str, files: TlsFiles) -> grpc.Channel:
 def list_certificates(channel: grpc.Channel) -> certificate_pb.ListCertificatesResponse:
     return certificate_service_pb2_grpc.CertificateServiceStub(channel).ListCertificates(
         certificate_pb.ListCertificatesRequest(), timeout=10)
-
-
-def open_link(channel: grpc.Channel, gateway_id: str) -> link_pb2.OrchestratorMessage:
-    """Opens GatewayLink with a hello naming GATEWAY_ID; the orchestrator's first answer."""
-    outbox: queue.Queue = queue.Queue()
-    outbox.put(link_pb2.GatewayMessage(hello=link_pb2.GatewayHello(gateway_id=gateway_id, version="test")))
-
-    def messages():
-        while (item := outbox.get()) is not None:
-            yield item
-
-    call = link_pb2_grpc.GatewayLinkStub(channel).Connect(messages(), timeout=10)
-    try:
-        return next(call)
-    finally:
-        outbox.put(None)
-        call.cancel()
 
 
 def _call_with_empty_request(channel: grpc.Channel, path: str, server_streaming: bool) -> object:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import queue
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -17,12 +16,12 @@ import grpc
 import pytest
 from cryptography import x509
 
-from shared.proto import gateway_pb2, gateway_pb2_grpc, link_pb2, link_pb2_grpc, reader_pool_service_pb2_grpc
+from shared.proto import gateway_pb2, gateway_pb2_grpc, reader_pool_service_pb2_grpc
 from shared.proto import reader_pool_service_pb2 as pool_pb
 from shared.rpc import error_from_rpc
 from shared.tls import TlsFiles
 from tests.support.pki import TlsRig, make_rig
-from tests.support.processes import CARDLINE, free_port, gateway_process, orchestrator_process
+from tests.support.processes import CARDLINE, free_port, gateway_process, open_link, orchestrator_process
 
 T = TypeVar("T")
 #: The issue's bound for a revoked gateway's open link, and for a CRL to reach a station.
@@ -72,25 +71,6 @@ def gateway_in_pool(orchestrator: str, rig: TlsRig, gateway_id: str) -> pool_pb.
     return next((g for g in listed.gateways if g.gateway_id == gateway_id), None)
 
 
-def hello(channel: grpc.Channel, gateway_id: str, site: str = "", labels: dict[str, str] | None = None
-          ) -> link_pb2.OrchestratorMessage:
-    """Opens GatewayLink with a hello claiming SITE and LABELS; the orchestrator's first answer."""
-    outbox: queue.Queue = queue.Queue()
-    outbox.put(link_pb2.GatewayMessage(hello=link_pb2.GatewayHello(gateway_id=gateway_id, site=site,
-                                                                   labels=labels or {}, version="test")))
-
-    def messages():
-        while (item := outbox.get()) is not None:
-            yield item
-
-    call = link_pb2_grpc.GatewayLinkStub(channel).Connect(messages(), timeout=10)
-    try:
-        return next(call)
-    finally:
-        outbox.put(None)
-        call.cancel()
-
-
 def refused(call: Callable[[], object]) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as err:
         call()
@@ -124,14 +104,14 @@ def test_station_stands_where_it_was_enrolled_and_a_hello_claiming_elsewhere_is_
         assert (pooled.site, dict(pooled.labels), pooled.connected) == ("site-a", {"line": "1"}, True)
     # The hostile one: its own valid certificate, a hello that says it stands elsewhere.
     with grpc.secure_channel(orchestrator, station.channel_credentials()) as channel:
-        err = refused(lambda: hello(channel, "station-a", site="site-b"))
+        err = refused(lambda: open_link(channel, "station-a", site="site-b"))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "claims site 'site-b'" in (err.details() or "") and "site 'site-a'" in (err.details() or "")
-        err = refused(lambda: hello(channel, "station-a", site="site-a", labels={"line": "2"}))
+        err = refused(lambda: open_link(channel, "station-a", site="site-a", labels={"line": "2"}))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "labels {'line'='2'}" in (err.details() or "")
         # a hello repeating the enrolled place, or claiming nothing, is welcome
-        assert hello(channel, "station-a", site="site-a", labels={"line": "1"}).HasField("welcome")
-        assert hello(channel, "station-a").HasField("welcome")
+        assert open_link(channel, "station-a", site="site-a", labels={"line": "1"}).HasField("welcome")
+        assert open_link(channel, "station-a").HasField("welcome")
 
 
 @pytest.mark.hardware

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import queue
 import signal
 import socket
 import subprocess
@@ -17,8 +18,8 @@ from collections.abc import Callable, Iterator, Mapping
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.proto import link_pb2, link_pb2_grpc, reader_pool_service_pb2_grpc
 from shared.proto import reader_pool_service_pb2 as pool_pb
-from shared.proto import reader_pool_service_pb2_grpc
 from shared.tls import TlsFiles
 from tests.support.pki import default_pki
 
@@ -128,3 +129,23 @@ def wait_for_pooled_reader(orchestrator: str, predicate: Callable[[pool_pb.Poole
                     return r
             time.sleep(0.1)
     raise TimeoutError("no matching reader appeared in the pool")
+
+
+def open_link(channel: grpc.Channel, gateway_id: str, site: str = "",
+              labels: Mapping[str, str] | None = None) -> link_pb2.OrchestratorMessage:
+    """Opens GatewayLink with a hello naming GATEWAY_ID (claiming SITE and LABELS); the
+    orchestrator's first answer."""
+    outbox: queue.Queue = queue.Queue()
+    outbox.put(link_pb2.GatewayMessage(hello=link_pb2.GatewayHello(gateway_id=gateway_id, site=site,
+                                                                   labels=dict(labels or {}), version="test")))
+
+    def messages():
+        while (item := outbox.get()) is not None:
+            yield item
+
+    call = link_pb2_grpc.GatewayLinkStub(channel).Connect(messages(), timeout=10)
+    try:
+        return next(call)
+    finally:
+        outbox.put(None)
+        call.cancel()
