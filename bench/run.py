@@ -28,10 +28,8 @@ from collections.abc import Callable
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench import apdu_relay, overhead, search, stations
+from bench import apdu_relay, overhead, replicas, search, stations
 from bench.common import log_to_stderr, prepare_bench_process, say, size
-
-REPLICAS_NOTE = "needs orchestrator replicas on one PostgreSQL (issue 13 scale-out not built)"
 
 
 def parts(work: pathlib.Path) -> dict[str, tuple[tuple[str, ...], Callable[[], dict]]]:
@@ -42,7 +40,7 @@ def parts(work: pathlib.Path) -> dict[str, tuple[tuple[str, ...], Callable[[], d
         "B4": (("B4",), lambda: stations.measure_b4(work / "b4")),
         "B5": (("B5",), search.measure),
         "B6": (("B6_cpu", "B6_rss_mb"), lambda: stations.measure_b6(work / "b6")),
-        "B7": (("B7",), lambda: {"B7": None, "B7_note": REPLICAS_NOTE}),
+        "B7": (("B7",), lambda: replicas.measure_b7(work / "b7")),
     }
 
 

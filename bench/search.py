@@ -92,22 +92,29 @@ def postgres_admin() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def bench_database(admin_url: str, label: str) -> Iterator[Store]:
-    """A database of its own, migrated; dropped on the way out."""
+def empty_database(admin_url: str, label: str) -> Iterator[str]:
+    """A database of its own (its URL), empty; dropped on the way out."""
     import psycopg
-    name = f"cardline_bench_b5_{uuid.uuid4().hex[:8]}_{label}"
+    name = f"cardline_bench_{label}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(_libpq(admin_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    store = None
     try:
-        store = Store(make_url(admin_url).set(database=name).render_as_string(hide_password=False))
-        store.migrate()
-        yield store
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        if store is not None:
-            store.close()
         with psycopg.connect(_libpq(admin_url), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def bench_database(admin_url: str, label: str) -> Iterator[Store]:
+    """A database of its own, migrated; dropped on the way out."""
+    with empty_database(admin_url, f"b5_{label}") as url:
+        store = Store(url)
+        try:
+            store.migrate()
+            yield store
+        finally:
+            store.close()
 
 
 def fill(store: Store, rows: int, issued: int, der: bytes) -> float:

@@ -118,8 +118,8 @@ class SimulatedStation(FakeGateway):
 
     SITE = "hq"
 
-    def __init__(self, gateway_id: str, keygen_s: float) -> None:
-        super().__init__(gateway_id, (FakeToken(label=gateway_id),), site=self.SITE)
+    def __init__(self, gateway_id: str, keygen_s: float, site: str = SITE) -> None:
+        super().__init__(gateway_id, (FakeToken(label=gateway_id),), site=site)
         self.keygen_s = keygen_s
         self._answering: set[asyncio.Task] = set()
 
@@ -158,14 +158,14 @@ class SimulatedStation(FakeGateway):
 
 async def serve_fleet(commands: asyncio.Queue[str | None]) -> None:
     """The fleet process: runs COMMANDS (lines from the bench) until None (its stdin closed).
-      connect ADDRESS PREFIX COUNT KEYGEN_S -> COUNT stations PREFIX-0001...; answers
-                                               "connected PREFIX" once every one is welcomed
+      connect ADDRESS PREFIX COUNT KEYGEN_S SITE -> COUNT stations PREFIX-0001... at SITE;
+                                               answers "connected PREFIX" once every one is welcomed
       swap GATEWAY_ID READER_ID             -> that station swaps the token in that reader"""
     stations: dict[str, SimulatedStation] = {}
 
-    async def connect(address: str, prefix: str, count: int, keygen_s: float) -> None:
+    async def connect(address: str, prefix: str, count: int, keygen_s: float, site: str) -> None:
         gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
-        batch = [SimulatedStation(f"{prefix}-{i:04d}", keygen_s) for i in range(1, count + 1)]
+        batch = [SimulatedStation(f"{prefix}-{i:04d}", keygen_s, site) for i in range(1, count + 1)]
         stations.update((s.gateway_id, s) for s in batch)
 
         async def dial(station: SimulatedStation) -> None:
@@ -181,7 +181,7 @@ async def serve_fleet(commands: asyncio.Queue[str | None]) -> None:
     while (line := await commands.get()) is not None:
         word, *args = line.split()
         if word == "connect":
-            task = asyncio.create_task(connect(args[0], args[1], int(args[2]), float(args[3])))
+            task = asyncio.create_task(connect(args[0], args[1], int(args[2]), float(args[3]), args[4]))
             pending.add(task)
             task.add_done_callback(pending.discard)
         elif word == "swap":
@@ -212,20 +212,24 @@ class StationFleet:
 
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
+        self._sending = threading.Lock()          # B7 watches two orders from two threads
 
     def _send(self, line: str) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
+        with self._sending:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
 
-    def connect(self, address: str, prefix: str, count: int, keygen_s: float) -> None:
-        """COUNT stations PREFIX-0001... dialling ADDRESS; returns once every one is welcomed."""
+    def connect(self, address: str, prefix: str, count: int, keygen_s: float,
+                site: str = SimulatedStation.SITE) -> None:
+        """COUNT stations PREFIX-0001... at SITE dialling ADDRESS; returns once every one is
+        welcomed."""
         # Their certificates first, in the bench's PKI, enrolled where the stations say they
         # stand (FakeGateway's site): one enrolled elsewhere would be revoked and issued anew,
         # and every revocation sends the new CRL down every open link.
         for i in range(1, count + 1):
-            launch.default_pki().gateway(f"{prefix}-{i:04d}", site=SimulatedStation.SITE)
-        self._send(f"connect {address} {prefix} {count} {keygen_s}")
+            launch.default_pki().gateway(f"{prefix}-{i:04d}", site=site)
+        self._send(f"connect {address} {prefix} {count} {keygen_s} {site}")
         timeout_s = 60 + count * 0.5
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
@@ -278,13 +282,14 @@ def wait_for_readers(address: str, count: int, timeout_s: float) -> None:
 FINISHED = (order_pb.ORDER_CARD_STATE_SUCCEEDED, order_pb.ORDER_CARD_STATE_FAILED)
 
 
-def run_order(api: OrchestratorApi, stations: StationFleet, cards: int, label: str) -> float:
+def run_order(api: OrchestratorApi, stations: StationFleet, cards: int, label: str, site: str = "") -> float:
     """Seconds from CreateOrder to the last card done; every card must succeed. Watching the
-    order like an operator, each finished card is swapped for a blank one at once."""
+    order like an operator, each finished card is swapped for a blank one at once. SITE: the
+    order takes readers of that site only."""
     swapped: set[int] = set()
     t0 = time.perf_counter()
     order = api.orders.CreateOrder(order_pb.CreateOrderRequest(
-        process="bench-produce", secret_inputs={"pin": PIN},
+        process="bench-produce", secret_inputs={"pin": PIN}, selector=pool_pb.ReaderSelector(site=site),
         items=[order_pb.OrderItem(inputs={"person": common_pb2.Value(text=f"Bench {label} {i}")})
                for i in range(cards)])).order
     while not all(c.state in FINISHED for c in order.cards):   # a watch stream may end early: watch again

@@ -25,7 +25,7 @@ TOY_SIZES = {
 
 def test_bench_last_line_is_json_with_every_figure() -> None:
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py")], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **TOY_SIZES}, timeout=240)
+                          env={**os.environ, **TOY_SIZES}, timeout=480)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     missing = [k for k in FIGURES if k not in figures]
@@ -33,7 +33,6 @@ def test_bench_last_line_is_json_with_every_figure() -> None:
     unexplained = [k for k in FIGURES if figures[k] is None and not figures.get(f"{k}_note")]
     assert not unexplained, f"null without a note: {unexplained}"
     # What needs only SoftHSM2 and cardline's own processes is measured here, not skipped.
-    for key in ("B1", "B4", "B6_cpu", "B6_rss_mb"):
+    for key in ("B1", "B4", "B6_cpu", "B6_rss_mb", "B7"):
         assert isinstance(figures[key], (int, float)), f"{key}: {figures[key]} ({figures.get(key + '_note')})"
     assert figures["B1_transactions_per_card"] >= 1, figures
-    assert figures["B7"] is None and "replicas" in figures["B7_note"]
