@@ -45,9 +45,36 @@ def record_intent(store, record: CertificateRecord, actor: str, ca_action: str, 
 
 
 def open_intents(store) -> list[HandlingIntent]:
-    """Intents not yet settled, oldest first."""
-    settled = {a.detail.get("intent") for a in store.audit.list(action=AUDIT_CA_INTENT_SETTLED)}
-    return [_intent(a) for a in store.audit.list(action=AUDIT_CA_INTENT) if a.id not in settled]
+    """Intents not yet settled, oldest first (the whole trail read: see OpenIntents)."""
+    return OpenIntents(store).read()
+
+
+class OpenIntents:
+    """The open intents, followed incrementally: the first read goes through the trail, each
+    later one reads only the intent and settlement rows written since (by any replica), so a
+    reconcile round costs what changed, not the whole history."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self._open: dict[int, HandlingIntent] = {}
+        self._seen = {AUDIT_CA_INTENT: 0, AUDIT_CA_INTENT_SETTLED: 0}      # last audit id read, per action
+
+    def read(self) -> list[HandlingIntent]:
+        """Intents not yet settled, oldest first. Settlements are read before intents, each
+        from where the last read stopped: a settlement is written after its intent, so the
+        intent of every settlement read is known by the time it is applied."""
+        settled = self._new(AUDIT_CA_INTENT_SETTLED)
+        for row in self._new(AUDIT_CA_INTENT):
+            self._open[row.id] = _intent(row)
+        for row in settled:
+            self._open.pop(row.detail.get("intent"), None)
+        return [self._open[k] for k in sorted(self._open)]
+
+    def _new(self, action: str) -> list[AuditRecord]:
+        rows = self.store.audit.list(action=action, after_id=self._seen[action])
+        if rows:
+            self._seen[action] = rows[-1].id
+        return rows
 
 
 def settle(store, intent: HandlingIntent, actor: str, outcome: str) -> None:

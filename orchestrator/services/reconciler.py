@@ -139,6 +139,7 @@ class Reconciler:
         self.process_task_count = process_task_count
         self.live_handlings = live_handlings
         self._round = threading.Lock()
+        self._intents = handling_intents.OpenIntents(store)
 
     # -- a round ---------------------------------------------------------------------------
 
@@ -250,7 +251,7 @@ class Reconciler:
     def _settle_handlings(self) -> int:
         # The store first, the registry after (as for orphans): a handling registers before
         # it writes its intent and unregisters after its moves.
-        intents = handling_intents.open_intents(self.store)
+        intents = self._intents.read()
         if not intents:
             return 0
         live = frozenset(self.live_handlings())
