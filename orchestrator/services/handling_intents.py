@@ -67,7 +67,7 @@ class OpenIntents:
         for row in self._new(AUDIT_CA_INTENT):
             self._open[row.id] = _intent(row)
         for row in settled:
-            self._open.pop(row.detail.get("intent"), None)
+            self._open.pop(int(row.detail["intent"]), None)
         return [self._open[k] for k in sorted(self._open)]
 
     def _new(self, action: str) -> list[AuditRecord]:

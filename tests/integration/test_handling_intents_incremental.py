@@ -13,7 +13,7 @@ MOVES = [("Issued", "Revoked", "unspecified")]
 
 def _intent(store, n: int) -> int:
     certificate = SimpleNamespace(id=f"cert-{n}", ca_name="local", serial_hex=f"{n:x}")
-    return record_intent(store, certificate, "operator:test", "revoke", "unspecified", MOVES)
+    return record_intent(store, certificate, "operator:test", "revoke", "unspecified", MOVES)  # type: ignore[arg-type]
 
 
 def test_c16_open_intents_read_incrementally_match_a_full_read_and_read_only_new_rows(store):
