@@ -705,6 +705,8 @@ class _CardTaskRun:
         relate_now = self.card_id is not None and app.create_object_relation is CreateObjectRelation.ALWAYS
         if relate_now:
             await self._relate(app, record.id)
+        if app.revoke_on_issue:     # C6: asked again (the dead run may have died before); a retried hold is no error
+            await self._ca(ca, "revoke", ca.revoke, record.serial, "certificateHold")
         await self._step(f"write_certificate:{label}", cards.WriteCertificates(
             (cards.CertificateObject(key_id, label, record.der),)), journaled_boundary="after_store",
             sent_boundary="write_sent")
