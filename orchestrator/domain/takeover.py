@@ -104,6 +104,6 @@ def decide_takeover(view: TakeoverView) -> TakeoverDecision:
     sent = len(view.steps)
     settled = sum(r.state in (REQUEST_STORED, REQUEST_WRITTEN) for r in view.ca_requests)
     pending = sum(r.state == REQUEST_PENDING for r in view.ca_requests)
-    return TakeoverDecision(True, f"resumed from step {sent + 1 if sent else 1}: {sent} journaled step(s) answered "
-                                  f"from the gateway's step memo, {settled} certificate(s) reused, {pending} CA "
-                                  "request(s) settled from the C16 journal")
+    return TakeoverDecision(True, f"replayed under its task id: {sent} journaled step(s) resent with their step "
+                                  f"numbers (answered from the gateway's step memo where they ran), {settled} "
+                                  f"certificate(s) reused, {pending} CA request(s) settled from the C16 journal")

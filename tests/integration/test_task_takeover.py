@@ -7,8 +7,9 @@ Real parts: PostgreSQL; two `cardline orchestrator serve` replicas A and B on on
 one built-in CA directory and one KEK file, each leading a process group of its own; a
 `cardline gateway serve` with a SoftHSM2 token and the address list [A, B]; mutual TLS with the
 session's PKI. A runs the test-only entry script tests/support/faulty_orchestrator.py, which
-SIGKILLs A's whole process group at the card task boundary `after_issue`: the first key pair
-was generated on the token and the CA issued its certificate, which A never stored. Short
+SIGKILLs A's whole process group at a card task boundary of the first application, after its
+key pair was generated on the token (KILL_POINTS: before or after the CA issued, after the
+certificate was stored, with its card write sent or answered). Short
 settings: a reconciliation round (and heartbeat) a second, so a replica is stale after 3 s."""
 from __future__ import annotations
 
@@ -151,11 +152,18 @@ def _spki(public_key) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+# Where A dies in the first application, after its key generation was answered: the CA request
+# journaled but not sent (pending, nothing issued), issued but not stored (pending, issued),
+# stored (C1) with the card write not sent, the write sent, the write answered.
+KILL_POINTS = ["before_issue", "after_issue", "after_store", "write_sent", "after_write"]
+
+
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("boundary", KILL_POINTS)
 def test_c16_takeover_resumes_a_task_whose_replica_died_after_its_key_generation_and_produces_the_card(
-        tmp_path, softhsm_token, postgres_store: Store, postgres_database_url: str):
+        tmp_path, softhsm_token, postgres_store: Store, postgres_database_url: str, boundary: str):
     replicas = Replicas(tmp_path, postgres_database_url)
-    with replicas.replica("a", "--kill-at", "after_issue") as (a, a_proc), replicas.replica("b") as (b, _b_proc), \
+    with replicas.replica("a", "--kill-at", boundary) as (a, a_proc), replicas.replica("b") as (b, _b_proc), \
             gateway([a, b], tmp_path / "gateway", softhsm_token):
         mine = lambda r: r.reader.token_serial == softhsm_token.serial  # noqa: E731
         wait_for_pooled_reader(a, mine, timeout_s=30)
@@ -199,8 +207,8 @@ def test_c16_takeover_resumes_a_task_whose_replica_died_after_its_key_generation
         replayed = [line for line in gateway_log.splitlines()
                     if "op=GenerateKeyPair" in line and "replayed=True" in line]
         assert len(replayed) == 1, gateway_log[-4000:]
-        print(f"takeover: task resumed by replica B and the card produced {took:.1f} s after replica A was killed "
-              f"({len(steps)} journaled steps)")
+        print(f"takeover ({boundary}): task resumed by replica B and the card produced {took:.1f} s after replica A "
+              f"was killed ({len(steps)} journaled steps)")
 
 
 @pytest.mark.timeout(300)
