@@ -242,8 +242,8 @@ class ProcessService:
 
     async def _take_over(self, task: TaskRecord) -> None:
         try:
-            reader = await self._wait_for_reader(task.gateway_id, task.reader_id, self.takeover_wait_s)
-            decision, resumable = await asyncio.to_thread(self._decide, task, reader)
+            attached, reader = await self._wait_for_reader(task.gateway_id, task.reader_id, self.takeover_wait_s)
+            decision, resumable = await asyncio.to_thread(self._decide, task, attached, reader)
             await asyncio.to_thread(self.store.audit.record, AUDIT_RECONCILE, TASK, task.id, "reconciler", {
                 "action": "take_over_task", "from_owner": task.owner, "to_owner": self.card_tasks.owner_id,
                 "process_instance_id": task.process_instance_id, "resume": decision.resume,
@@ -265,28 +265,32 @@ class ProcessService:
             await asyncio.to_thread(self.store.process_secrets.drop_ended)
             self._unregister(task)
 
-    async def _wait_for_reader(self, gateway_id: str, reader_id: str, wait_s: float) -> cards.Reader | None:
-        """The task's reader once its gateway is attached here with a card in it (a gateway fails
-        over to another replica after its own died); None after WAIT_S seconds."""
-        selector = ReaderSelector(gateway_id=gateway_id, reader_id=reader_id)
+    async def _wait_for_reader(self, gateway_id: str, reader_id: str,
+                               wait_s: float) -> tuple[bool, cards.Reader | None]:
+        """(whether the task's gateway is attached here, the task's reader) once the gateway is
+        attached with a card in that reader (a gateway fails over to another replica after its
+        own died), or as they stand after WAIT_S seconds."""
+        pool = self.card_tasks.pool
         changed = asyncio.Event()
-        unsubscribe = self.card_tasks.pool.subscribe(lambda kind, pooled: changed.set())
+        unsubscribe = pool.subscribe(lambda kind, pooled: changed.set())
         deadline = time.monotonic() + wait_s
         try:
             while True:
-                found = [p for p in self.card_tasks.pool.list(selector) if p.state is not ReaderState.OFFLINE]
-                if found and has_card(found[0].reader):
-                    return found[0].reader
+                online = [p for p in pool.list(ReaderSelector(gateway_id=gateway_id))
+                          if p.state is not ReaderState.OFFLINE]
+                found = [p.reader for p in online if p.reader.reader_id == reader_id]
+                if found and has_card(found[0]):
+                    return True, found[0]
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return found[0].reader if found else None
+                    return bool(online), found[0] if found else None
                 changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), min(left, 1.0))
         finally:
             unsubscribe()
 
-    def _decide(self, task: TaskRecord, reader: cards.Reader | None
+    def _decide(self, task: TaskRecord, attached: bool, reader: cards.Reader | None
                 ) -> tuple[TakeoverDecision, tuple[ProcessDefinition, ProcessInstanceRecord, dict[str, str]] | None]:
         """Blocking: the decision over the task's journals, and what a resumed run needs."""
         steps = tuple(JournaledStep(s.step_number, s.name, s.state) for s in self.store.tasks.steps(task.id))
@@ -306,7 +310,7 @@ class ProcessService:
         card_serial = self.store.cards.get(task.card_id).serial if task.card_id else None
         view = TakeoverView(steps, requests, process_instance=in_process, secrets_kept=secrets is not None,
                             archive_applications=self._archive_applications(card_task, task),
-                            gateway_attached=reader is not None, card_serial=card_serial,
+                            gateway_attached=attached, card_serial=card_serial,
                             reader_serial=_reader_serial(reader) if reader is not None else None)
         decision = decide_takeover(view)
         if not decision.resume or instance is None or definition is None or secrets is None:

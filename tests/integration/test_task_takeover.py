@@ -36,12 +36,15 @@ from shared.proto import process_service_pb2 as process_pb
 from tests.support.api import OrchestratorApi
 from tests.support.pki import default_pki
 from tests.support.processes import CARDLINE, channel, free_port, wait_for_pooled_reader, wait_healthy
+from tests.support.softhsm import delete_token, init_blank_token
 from tests.support.transport_puk import write_transport_key
 
 pytestmark = [pytest.mark.hardware, pytest.mark.postgres]
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-PROCESS = "produce-employee-card"        # two key pairs (EC P-256, RSA-2048), two certificates
+# produce-employee-card (two key pairs, EC P-256 and RSA-2048, two certificates) followed by a
+# second task: the instance taken over continues with it on the replica that took it over.
+PROCESS = "produce-and-load"
 GATEWAY = "station-takeover"
 
 
@@ -54,6 +57,15 @@ class Replicas:
         self.config_dir = tmp / "config"
         shutil.copytree(REPO / "examples", self.config_dir)
         write_transport_key(self.config_dir / "secrets")       # the token's SO PIN is derived from it
+        produce = (self.config_dir / "processes" / "produce-employee-card.yaml").read_text()
+        assert "\non_error:" in produce
+        (self.config_dir / "processes" / f"{PROCESS}.yaml").write_text(produce.replace(
+            "name: produce-employee-card", f"name: {PROCESS}").replace("\non_error:", """
+  - type: load_certificates
+    card: "${card}"
+    state: Active
+    into: "${certificates}"
+on_error:""", 1))
         self.ca_dir = tmp / "shared-ca"
         self.env = {**os.environ,
                     "CARDLINE_ORCHESTRATOR_CAS": json.dumps([{"name": "local", "kind": "local",
@@ -176,6 +188,7 @@ def test_c16_takeover_resumes_a_task_whose_replica_died_after_its_key_generation
         tasks = postgres_store.tasks.list(process_instance_id=instance.id)
         assert [t.state for t in tasks] == [TaskState.SUCCEEDED], [(t.state, t.error_message) for t in tasks]
         assert instance.state == ProcessState.SUCCEEDED, instance.error_message
+        assert len(instance.process_map["certificates"]) == 2     # the next task ran after the takeover
         task = tasks[0]
         steps = postgres_store.tasks.steps(task.id)
         # The token holds exactly the two key pairs: the first run's EC key came back from the
@@ -242,8 +255,40 @@ def test_c16_takeover_ends_the_task_with_the_reason_when_its_gateway_never_comes
         assert all((c.issuer.rfc4514_string(), format(c.serial_number, "x")) in known for c in issued.values())
         stored = postgres_store.certificates.list(task_id=main[0].id)
         assert [c.state for c in stored] == ["Issued"] and stored[0].task_error_reason == "ORCHESTRATOR_RESTARTED"
+        assert postgres_store.cards.get(main[0].card_id).state == "ProductionFailed"
         assert postgres_store.tasks.list(state=TaskState.RUNNING) == []
         assert postgres_store.processes.list(state=ProcessState.RUNNING) == []
         taken = [e for e in postgres_store.audit.list(object_id=main[0].id, action=AUDIT_RECONCILE)
                  if e.detail.get("action") == "take_over_task"]
         assert len(taken) == 1 and taken[0].detail["resume"] is False
+
+
+@pytest.mark.timeout(300)
+def test_c16_takeover_ends_the_task_with_the_reason_when_another_card_is_in_the_reader(
+        tmp_path, softhsm_token, postgres_store: Store, postgres_database_url: str):
+    replicas = Replicas(tmp_path, postgres_database_url)
+    with replicas.replica("a", "--kill-at", "after_issue") as (a, a_proc), replicas.replica("b") as (b, _b_proc):
+        with gateway([a, b], tmp_path / "gateway", softhsm_token) as gateway_proc:
+            wait_for_pooled_reader(a, lambda r: r.reader.token_serial == softhsm_token.serial, timeout_s=30)
+            start_process_until_the_replica_dies(a, softhsm_token)
+            os.killpg(gateway_proc.pid, signal.SIGKILL)
+            gateway_proc.wait(10)
+            a_proc.wait(10)
+        # While the station is down its card is swapped for a blank one: the gateway comes
+        # back (to B) with another token, whose reader is not the task's.
+        delete_token(softhsm_token.conf_path, softhsm_token.serial)
+        other = init_blank_token(softhsm_token.conf_path, f"other-{softhsm_token.label}", softhsm_token.user_pin)
+        try:
+            with gateway([a, b], tmp_path / "gateway-again", softhsm_token):
+                wait_for_pooled_reader(b, lambda r: r.reader.token_serial == other, timeout_s=30)
+                instance = wait_instance_ended(postgres_store)
+        finally:
+            delete_token(softhsm_token.conf_path, other)
+        main = [t for t in postgres_store.tasks.list(process_instance_id=instance.id) if t.task_index == 0]
+        assert [t.state for t in main] == [TaskState.FAILED]
+        assert "no card in the task's reader" in (main[0].error_message or ""), main[0].error_message
+        assert instance.state == ProcessState.FAILED
+        card = postgres_store.cards.get(main[0].card_id)
+        assert card.serial == softhsm_token.serial and card.state == "ProductionFailed"     # C3, C4
+        assert postgres_store.tasks.list(state=TaskState.RUNNING) == []
+        assert postgres_store.processes.list(state=ProcessState.RUNNING) == []
