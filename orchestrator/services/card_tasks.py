@@ -340,7 +340,10 @@ class _CardTaskRun:
         the deferred writes are dropped (their if_lost runs): the task fails with the error."""
         waiting, audits = self._waiting, self._waiting_audits
         self._waiting, self._waiting_audits = [], []
-        everything = [*waiting, *(_DeferredWrite(call) for call in calls), *audits]
+        # Fencing (takeover): nothing is written once another replica has taken the task over.
+        fence = [_DeferredWrite(partial(self.s.store.tasks.check_owner, self.task_id, self.s.owner_id))] \
+            if self.s.owner_id else []
+        everything = [*waiting, *fence, *(_DeferredWrite(call) for call in calls), *audits]
         try:
             results = await asyncio.to_thread(self.s.store.together, *(w.call for w in everything))
         except BaseException:
@@ -352,7 +355,7 @@ class _CardTaskRun:
             w.result = result
             if w.then is not None:
                 w.then(result)
-        return results[len(waiting):len(waiting) + len(calls)]
+        return results[len(waiting) + len(fence):len(waiting) + len(fence) + len(calls)]
 
     async def _ca(self, ca: CaConnector, operation: str, call: Callable[..., Any], *args: Any) -> Any:
         """A CA call on a worker thread, timed and counted for the metrics."""

@@ -387,7 +387,18 @@ class _ProcessRun:
         self.progress(ProcessProgress(self.instance_id, index, task.type, message, self.on_error))
 
     async def _save_map(self) -> None:
-        await asyncio.to_thread(self.s.store.processes.update_map, self.instance_id, self.process_map.to_dict())
+        if await self._taken_over() is None:
+            await asyncio.to_thread(self.s.store.processes.update_map, self.instance_id,
+                                    self.process_map.to_dict())
+
+    async def _taken_over(self) -> str | None:
+        """The replica that took this instance over (this one was frozen, its heartbeat lapsed),
+        or None while it is this replica's: a run that lost its instance writes no more."""
+        owner = self.s.card_tasks.owner_id
+        if not owner:
+            return None
+        current = (await asyncio.to_thread(self.s.store.processes.get, self.instance_id)).owner
+        return current if current not in (None, owner) else None
 
     async def _audit(self, action: str, detail: Mapping[str, object]) -> None:
         await asyncio.to_thread(self.s.store.audit.record, action, PROCESS_INSTANCE, self.instance_id, self.actor,
@@ -417,6 +428,14 @@ class _ProcessRun:
                 break
             finally:
                 await self._save_map()
+        taken_by = await self._taken_over() if error is not None else None
+        if taken_by is not None:
+            log.warning("process instance taken over by another replica: this run stops", instance=self.instance_id,
+                        taken_by=taken_by)
+            instance = await asyncio.to_thread(self.s.store.processes.get, self.instance_id)
+            self.progress(ProcessProgress(self.instance_id, len(self.definition.tasks), "",
+                                          f"process {self.definition.name} taken over by {taken_by}", False, instance))
+            return instance
         if error is not None:
             self.on_error = True
             offset = len(self.definition.tasks)

@@ -12,7 +12,7 @@ from orchestrator.store.paging import Keyset
 from orchestrator.store.records import ProcessState, TaskRecord, TaskState, TaskStepRecord
 from orchestrator.store.rows import check_process_running, new_id, process_row, record, task_row
 from orchestrator.store.sessions import Sessions
-from shared.errors import InvalidArgument, NotFound, quoted
+from shared.errors import InvalidArgument, NotFound, StateConflict, quoted
 
 
 class Tasks:
@@ -71,6 +71,17 @@ class Tasks:
                                                         owned_by(ProcessInstance.owner))
                           .values(owner=to_owner, updated_at=utcnow()))
             return True
+
+    def check_owner(self, task_id: str, owner: str) -> None:
+        """Fencing (C16, takeover): StateConflict unless OWNER still runs the task. Joined to a
+        card task's transactions (Store.together), with the task's row locked on PostgreSQL, so
+        a replica that was only frozen, not dead, writes nothing once another took its task
+        over: a claim waits for the transaction holding the lock, and the next one fails."""
+        with self._db.write() as s:
+            current = s.scalar(select(Task.owner).where(Task.id == task_id).with_for_update())
+            if current is not None and current != owner:
+                raise StateConflict(f"task {task_id} was taken over by {current}; {owner} no longer runs it",
+                                    task_id=task_id, owner=current)
 
     def journal_step(self, task_id: str, step_number: int, name: str, state: str,
                      detail: str = "") -> TaskStepRecord:
