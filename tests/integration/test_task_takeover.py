@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -292,3 +293,50 @@ def test_c16_takeover_ends_the_task_with_the_reason_when_another_card_is_in_the_
         assert card.serial == softhsm_token.serial and card.state == "ProductionFailed"     # C3, C4
         assert postgres_store.tasks.list(state=TaskState.RUNNING) == []
         assert postgres_store.processes.list(state=ProcessState.RUNNING) == []
+
+
+def _wait_for_line(path: pathlib.Path, text: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if text in path.read_text():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{text!r} not in {path}:\n{path.read_text()[-3000:]}")
+
+
+@pytest.mark.timeout(300)
+def test_c16_takeover_of_a_frozen_replica_which_writes_nothing_when_it_thaws(
+        tmp_path, softhsm_token, postgres_store: Store, postgres_database_url: str):
+    """A is frozen (SIGSTOP of its process group) right after the CA issued; the gateway finds
+    it silent and fails over to B, which takes the task over and produces the card. Thawed, A
+    finds the task no longer its own: it stores nothing and does not end the instance."""
+    replicas = Replicas(tmp_path, postgres_database_url)
+    replicas.env["CARDLINE_ORCHESTRATOR_HEARTBEAT_INTERVAL_S"] = "0.5"     # the gateway finds A silent in 1.5 s
+    with replicas.replica("a", "--stop-at", "after_issue") as (a, a_proc), replicas.replica("b") as (b, _b_proc), \
+            gateway([a, b], tmp_path / "gateway", softhsm_token):
+        wait_for_pooled_reader(a, lambda r: r.reader.token_serial == softhsm_token.serial, timeout_s=30)
+        call = threading.Thread(target=_start_process_on_frozen, args=(a, softhsm_token), daemon=True)
+        call.start()
+        instance = wait_instance_ended(postgres_store)
+        assert instance.state == ProcessState.SUCCEEDED, instance.error_message
+        os.killpg(a_proc.pid, signal.SIGCONT)
+        _wait_for_line(tmp_path / "a" / "orchestrator.log", "process instance taken over by another replica")
+        call.join(30)
+
+        b_id = (tmp_path / "b" / "orchestrator-id").read_text().strip()
+        after = postgres_store.processes.get(instance.id)
+        assert after.state == ProcessState.SUCCEEDED and after.owner == b_id and after.error_reason is None
+        task, = postgres_store.tasks.list(process_instance_id=instance.id)
+        assert task.state == TaskState.SUCCEEDED and task.owner == b_id
+        assert token_objects(softhsm_token, "privkey") == 2 and token_objects(softhsm_token, "cert") == 2
+        assert len(ca_issued(replicas.ca_dir)) == 2
+        assert len(postgres_store.certificates.list(task_id=task.id)) == 2
+        assert "was taken over by" in (tmp_path / "a" / "orchestrator.log").read_text()
+
+
+def _start_process_on_frozen(address: str, token) -> None:
+    """StartProcess on A, which freezes inside the card task; the call ends however A answers."""
+    with contextlib.suppress(grpc.RpcError), channel(address) as ch:
+        list(OrchestratorApi.on(ch).processes.StartProcess(process_pb.StartProcessRequest(
+            process=PROCESS, inputs={"person": common_pb2.Value(text="Take Over")},
+            secret_inputs={"pin": token.user_pin}), timeout=120))
