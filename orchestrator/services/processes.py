@@ -387,9 +387,7 @@ class _ProcessRun:
         self.progress(ProcessProgress(self.instance_id, index, task.type, message, self.on_error))
 
     async def _save_map(self) -> None:
-        if await self._taken_over() is None:
-            await asyncio.to_thread(self.s.store.processes.update_map, self.instance_id,
-                                    self.process_map.to_dict())
+        await asyncio.to_thread(self.s.store.processes.update_map, self.instance_id, self.process_map.to_dict())
 
     async def _taken_over(self) -> str | None:
         """The replica that took this instance over (this one was frozen, its heartbeat lapsed),
@@ -408,6 +406,7 @@ class _ProcessRun:
         """Runs the tasks from index START; RESUMED: the card task at START that a dead replica
         ran, replayed under its task id (takeover)."""
         error: CardlineError | None = None
+        taken_by: str | None = None
         if resumed is None:
             await self._audit(AUDIT_PROCESS_STARTED, {"inputs": sorted(self.process_map)})
         for index, task in enumerate(self.definition.tasks):
@@ -427,8 +426,11 @@ class _ProcessRun:
                                                        "error_reason": error.reason})
                 break
             finally:
-                await self._save_map()
-        taken_by = await self._taken_over() if error is not None else None
+                # A failed task may mean this replica lost the instance (it was frozen and another
+                # took it over, fenced): then it writes nothing more, not even the map.
+                taken_by = await self._taken_over() if error is not None else None
+                if taken_by is None:
+                    await self._save_map()
         if taken_by is not None:
             log.warning("process instance taken over by another replica: this run stops", instance=self.instance_id,
                         taken_by=taken_by)

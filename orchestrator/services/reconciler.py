@@ -158,6 +158,9 @@ class Reconciler:
             if self.owner_id:
                 self.store.instances.beat(self.owner_id)
             tasks_ended, taken_over = self._end_orphans()
+            # The sealed secret inputs of instances that have ended (a run that died, an
+            # instance ended above) go with them (docs/rules.md, C16 "Takeover").
+            self.store.process_secrets.drop_ended()
             examined = stored = not_issued = still_pending = 0
             for row in self.store.ca_requests.list(states=[CaRequestState.PENDING]):
                 task = self.store.tasks.get(row.task_id)
