@@ -22,6 +22,7 @@ import uuid
 from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import cast
 
 from orchestrator.domain.processes import (
@@ -144,13 +145,15 @@ class ProcessService:
         archive = self.card_tasks.key_archive
         return archive.kek if archive is not None else None
 
-    def _seal_secrets(self, instance_id: str, secrets: Mapping[str, str]) -> None:
+    def _keep_secrets(self, instance_id: str, secrets: Mapping[str, str]) -> list[Callable[[], object]]:
+        """The store call that keeps SECRETS sealed for the instance (none without secrets or
+        KEK), to join the transaction that creates it."""
         kek = self._kek()
         if kek is None or not secrets:
-            return
+            return []
         sealed = kek.wrap(json.dumps(dict(secrets), sort_keys=True).encode("utf-8"),
                           _SECRETS_CONTEXT + instance_id.encode())
-        self.store.process_secrets.put(instance_id, kek.kek_id, kek.algorithm, sealed)
+        return [partial(self.store.process_secrets.put, instance_id, kek.kek_id, kek.algorithm, sealed)]
 
     def _open_secrets(self, instance_id: str) -> dict[str, str] | None:
         """The instance's secret inputs, or None when none are kept (or this KEK cannot open them)."""
@@ -185,18 +188,21 @@ class ProcessService:
         instance_id = str(uuid.uuid4())
         self.running.add(instance_id)           # before the row exists: see CardTaskService.run
         try:
+            # The secrets are kept sealed (takeover) in the transaction that creates the instance.
+            keep = await asyncio.to_thread(self._keep_secrets, instance_id, secrets)
             if request_id:
                 # Secrets stay out of the fingerprint: it is stored.
-                instance, created = await asyncio.to_thread(
-                    self.store.processes.create_once, name, process_map.to_dict(), request_id,
-                    fingerprint(name, sorted(process_map.to_dict().items())),
-                    owner=self.card_tasks.owner_id, instance_id=instance_id)
+                (instance, created), *_ = await asyncio.to_thread(
+                    self.store.together, partial(
+                        self.store.processes.create_once, name, process_map.to_dict(), request_id,
+                        fingerprint(name, sorted(process_map.to_dict().items())),
+                        owner=self.card_tasks.owner_id, instance_id=instance_id), *keep)
                 if not created:
                     return await self._follow_first(instance, progress)
             else:
-                instance = await asyncio.to_thread(self.store.processes.create, name, process_map.to_dict(),
-                                                   owner=self.card_tasks.owner_id, instance_id=instance_id)
-            await asyncio.to_thread(self._seal_secrets, instance.id, secrets)
+                instance, *_ = await asyncio.to_thread(
+                    self.store.together, partial(self.store.processes.create, name, process_map.to_dict(),
+                                                 owner=self.card_tasks.owner_id, instance_id=instance_id), *keep)
             run = _ProcessRun(self, definition, instance.id, process_map, secrets, progress)
             return await run.execute()
         finally:
@@ -455,11 +461,12 @@ class _ProcessRun:
                     self._tell(index, task, f"{task.type} failed: {failure.reason}: {failure.message}")
                 finally:
                     await self._save_map()
-        instance = await asyncio.to_thread(
+        # The instance's end drops its sealed secrets in the same transaction.
+        instance, _ = await asyncio.to_thread(self.s.store.together, partial(
             self.s.store.processes.finish, self.instance_id, ProcessState.FAILED if error else ProcessState.SUCCEEDED,
-            error.reason if error else None, error.message if error else None, self.process_map.to_dict())
+            error.reason if error else None, error.message if error else None, self.process_map.to_dict()),
+            partial(self.s.store.process_secrets.drop, self.instance_id))
         await self._audit(AUDIT_PROCESS_FINISHED, {"state": instance.state, "error_reason": instance.error_reason})
-        await asyncio.to_thread(self.s.store.process_secrets.drop, self.instance_id)
         self.progress(ProcessProgress(self.instance_id, len(self.definition.tasks), "", (
             f"process {self.definition.name} failed: {error.message}" if error
             else f"process {self.definition.name} succeeded"), self.on_error, instance))

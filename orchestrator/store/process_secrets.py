@@ -27,15 +27,18 @@ class ProcessSecrets:
         self._db = sessions
 
     def put(self, process_instance_id: str, kek_id: str, algorithm: str, sealed: bytes) -> None:
-        """Keeps the sealed secrets of a process instance (replacing earlier ones)."""
+        """Keeps the sealed secrets of a process instance; the first kept stay. Joins the
+        transaction that creates the instance (Store.together); an instance that was not
+        created (a retried start with a request id follows the first call's instance, which
+        keeps that call's secrets) gets nothing."""
         if not process_instance_id or not kek_id or not algorithm or not sealed:
             raise InvalidArgument("process secrets need an instance id, a KEK id, an algorithm and the sealed value")
         with self._db.write() as s:
-            row = s.get(ProcessSecret, process_instance_id, with_for_update=True)
-            if row is None:
-                row = ProcessSecret(process_instance_id=process_instance_id, created_at=utcnow())
-                s.add(row)
-            row.kek_id, row.algorithm, row.sealed = kek_id, algorithm, bytes(sealed)
+            if s.get(ProcessInstance, process_instance_id) is not None \
+                    and s.get(ProcessSecret, process_instance_id) is None:
+                s.add(ProcessSecret(process_instance_id=process_instance_id, kek_id=kek_id, algorithm=algorithm,
+                                    sealed=bytes(sealed), created_at=utcnow()))
+                s.flush()
 
     def find(self, process_instance_id: str) -> SealedProcessSecrets | None:
         with self._db.read() as s:

@@ -70,6 +70,7 @@ def test_takeover_fences_the_replica_that_lost_its_task(store: Store):
 def test_process_secrets_are_kept_sealed_until_the_instance_ends(store: Store):
     instance, _task = _running_task(store)
     store.process_secrets.put(instance.id, "kek-1", "AES-256-GCM", b"\x01sealed")
+    store.process_secrets.put(instance.id, "kek-1", "AES-256-GCM", b"\x02retry")     # a retried start: the first stay
     kept = store.process_secrets.find(instance.id)
     assert kept is not None and kept.sealed == b"\x01sealed" and kept.kek_id == "kek-1"
     assert store.process_secrets.drop_ended() == 0          # still running
