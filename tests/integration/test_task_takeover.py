@@ -77,15 +77,15 @@ on_error:""", 1))
         self.procs: list[subprocess.Popen] = []
 
     @contextlib.contextmanager
-    def replica(self, name: str, *faults: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    def replica(self, name: str, *faults: str, restart: bool = False) -> Iterator[tuple[str, subprocess.Popen]]:
         address = f"127.0.0.1:{free_port()}"
         data_dir = self.tmp / name
-        data_dir.mkdir()
+        data_dir.mkdir(exist_ok=restart)
         serve = ["--migrate", "--listen", address, "--data-dir", str(data_dir), "--config-dir", str(self.config_dir),
                  "--database-url", self.database_url]
         command = [sys.executable, "-m", "tests.support.faulty_orchestrator", *faults, "--", *serve] if faults \
             else [CARDLINE, "orchestrator", "serve", *serve]
-        with open(data_dir / "orchestrator.log", "w") as log:
+        with open(data_dir / ("orchestrator-restarted.log" if restart else "orchestrator.log"), "w") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=self.env,
                                     start_new_session=True)
         try:
@@ -161,6 +161,14 @@ def ca_issued(ca_dir: pathlib.Path) -> dict[str, x509.Certificate]:
     return out
 
 
+def _snapshot(store: Store) -> tuple:
+    """What a replica could change: tasks, instances, certificates, CA requests (states, owners)."""
+    return (sorted((t.id, t.state, t.owner, t.error_reason) for t in store.tasks.list()),
+            sorted((i.id, i.state, i.owner) for i in store.processes.list()),
+            sorted((c.id, c.state) for c in store.certificates.list()),
+            sorted((r.request_id, r.state) for r in store.ca_requests.list()))
+
+
 def _spki(public_key) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -221,6 +229,11 @@ def test_c16_takeover_resumes_a_task_whose_replica_died_after_its_key_generation
         replayed = [line for line in gateway_log.splitlines()
                     if "op=GenerateKeyPair" in line and "replayed=True" in line]
         assert len(replayed) == 1, gateway_log[-4000:]
+        # The killed replica restarted on its data directory (its reconciler runs before it
+        # serves) changes nothing: the task is the other replica's, and ended.
+        before = _snapshot(postgres_store)
+        with replicas.replica("a", restart=True):
+            assert _snapshot(postgres_store) == before
         print(f"takeover ({boundary}): task resumed by replica B and the card produced {took:.1f} s after replica A "
               f"was killed ({len(steps)} journaled steps)")
 
