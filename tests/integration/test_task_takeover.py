@@ -269,6 +269,7 @@ def test_c16_takeover_ends_the_task_with_the_reason_when_its_gateway_never_comes
         assert all((c.issuer.rfc4514_string(), format(c.serial_number, "x")) in known for c in issued.values())
         stored = postgres_store.certificates.list(task_id=main[0].id)
         assert [c.state for c in stored] == ["Issued"] and stored[0].task_error_reason == "ORCHESTRATOR_RESTARTED"
+        assert main[0].card_id is not None
         assert postgres_store.cards.get(main[0].card_id).state == "ProductionFailed"
         assert postgres_store.tasks.list(state=TaskState.RUNNING) == []
         assert postgres_store.processes.list(state=ProcessState.RUNNING) == []
@@ -302,6 +303,7 @@ def test_c16_takeover_ends_the_task_with_the_reason_when_another_card_is_in_the_
         assert [t.state for t in main] == [TaskState.FAILED]
         assert "no card in the task's reader" in (main[0].error_message or ""), main[0].error_message
         assert instance.state == ProcessState.FAILED
+        assert main[0].card_id is not None
         card = postgres_store.cards.get(main[0].card_id)
         assert card.serial == softhsm_token.serial and card.state == "ProductionFailed"     # C3, C4
         assert postgres_store.tasks.list(state=TaskState.RUNNING) == []
