@@ -215,12 +215,16 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     credentials, interceptors = server_security(tls, PERMISSIONS, revocations=revocations)
     # C16: before serving, settle what an earlier run left behind (pending CA requests,
     # RUNNING tasks and process instances), then again every reconcile_interval_s.
+    # A replica whose heartbeat is older than stale_after has died: its RUNNING card tasks are
+    # taken over (resumed or ended with the reason), its gateways waited for as long again.
+    stale_after = datetime.timedelta(seconds=3 * settings.reconcile_interval_s)
+    processes.enable_takeover(asyncio.get_running_loop(), stale_after.total_seconds())
     reconciler = Reconciler(store, cas, templates.internal_issued_state, owner_id=owner_id,
                             live_tasks=lambda: card_tasks.running, live_processes=lambda: processes.running,
                             card_failed_state=lambda name: _card_failed_state(templates, name),
-                            stale_after=datetime.timedelta(seconds=3 * settings.reconcile_interval_s),
+                            stale_after=stale_after,
                             process_task_count=lambda name: _process_task_count(configuration, name),
-                            live_handlings=lambda: certificates.running)
+                            live_handlings=lambda: certificates.running, take_over=processes.claim)
     report = await asyncio.to_thread(reconciler.reconcile_once)
     log.info("start-up reconciliation", **dataclasses.asdict(report))
     server = Server(settings.listen, [

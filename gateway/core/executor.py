@@ -6,7 +6,11 @@ a caller is answered only from its own steps. Another caller of the gateway's se
 sends the same (task id, step number) first neither seeds the orchestrator's answer nor
 reads it; a resent step that names another reader or operation runs as the new step it is.
 The caller is the verified certificate of a GatewayService call (None on an --insecure
-gateway: every such caller is one) or `LinkCaller`, the orchestrator the link dialled.
+gateway: every such caller is one) or `LinkCaller`, the orchestrator the link dialled. Every
+link caller is one caller: the link is mutual TLS to an orchestrator-role certificate of the
+deployment's CA, and the replicas of a deployment share their work, so a step resent by the
+replica that took a task over (or by the same one through another address) is answered from
+the memo (docs/rules.md, "Takeover").
 
 What each step operation does on a PKCS#11 token is one row of TOKEN_OPERATIONS, keyed by the
 operation's dataclass (the rows of shared.convert.STEP_OPERATIONS); a PC/SC reader runs only
@@ -106,7 +110,9 @@ def caller_key(caller: StepCaller) -> tuple[str | int | None, ...]:
     """CALLER in a step's memo key: plain values the memo file can keep (gateway/core/
     idempotency.py), the kind first so no direct caller can stand for the link."""
     if isinstance(caller, LinkCaller):
-        return ("link", caller.target)
+        # Any orchestrator replica of the deployment, not the address dialled: a replica that
+        # takes a dead one's task over resends its steps through its own link.
+        return ("link", "orchestrator")
     if isinstance(caller, PeerIdentity):
         return ("peer", caller.role, caller.name, caller.serial)
     return ("local",)

@@ -18,6 +18,16 @@ transaction; the row becomes `written` once the card holds the certificate. The 
 keeps the ids of the tasks it is running (`running`): a RUNNING task no live run owns was
 left by a crash, and the reconciler (services/reconciler.py) ends it.
 
+Takeover (C16, docs/rules.md): a task of a replica that died may be resumed by another
+(services/processes.py decides, orchestrator/domain/takeover.py) as a replay: `run(...,
+resumed=the task's row)` runs the task again under its task id without creating it anew.
+Every step keeps its number, so a step the dead run sent is answered from the gateway's step
+memo (the same generated keys) and a step it never sent runs now; a step whose name differs
+from the journal's fails the task (the replay diverged). The card object the dead run stored
+is the task's; a CA request it journaled is settled from the journal: its stored certificate
+is reused, a pending one is asked for at the CA (find_issued, as the reconciler does) and
+issued only when the CA has none for it — never issued twice.
+
 Store transactions: a write that need not be durable on its own waits (`_defer`) and is
 committed with the next one that must be (`_write`, Store.together): every step's journal
 entry, every CA request's, the task's end. Nothing is sent to a card or a CA while a write
@@ -59,6 +69,7 @@ from orchestrator.store.records import (
     CERTIFICATE,
     TASK,
     AuditSubjects,
+    CaRequestRecord,
     CaRequestState,
     CertificateRecord,
     NewRelation,
@@ -234,9 +245,13 @@ class CardTaskService:
                 raise EncodingFailed(f"{order.encoding.source}: field {name!r} has no value")
 
     async def run(self, order: CardTaskOrder, progress: ProgressSink = lambda p: None, *,
-                  task_id: str | None = None) -> CardTaskOutcome:
-        """task_id: chosen by the caller (recorded with a client's request id first), else new."""
+                  task_id: str | None = None, resumed: TaskRecord | None = None) -> CardTaskOutcome:
+        """task_id: chosen by the caller (recorded with a client's request id first), else new.
+        resumed: the RUNNING task a dead replica left, taken over by this one: replayed under
+        its id (task_id must be its id)."""
         self.validate(order)
+        if resumed is not None and task_id != resumed.id:
+            raise InvalidArgument("a resumed task runs under its own task id", task_id=resumed.id)
         # Registered before the task row exists, so the reconciler never takes a task that is
         # being created for one a crash left behind.
         task_id = task_id or str(uuid.uuid4())
@@ -244,16 +259,10 @@ class CardTaskService:
         try:
             async with self.pool.lease(order.selector) as lease:
                 run = _CardTaskRun(self, task_id, lease, order, progress)
-                # Committed with the first step's journal entry (_CardTaskRun.execute).
-                run._defer(partial(self.store.tasks.create, order.type, lease.gateway_id, lease.reader.reader_id,
-                                   order.card_id, process_instance_id=order.process_instance_id,
-                                   task_index=order.task_index, owner=self.owner_id, task_id=task_id))
-                run._defer(partial(self.store.audit.record, AUDIT_TASK_STARTED, TASK, task_id, acting("card_task"),
-                                   {"type": order.type, "process_instance_id": order.process_instance_id,
-                                    "card_template": order.card_template.name},
-                                   subjects=AuditSubjects(card_id=order.card_id, task_id=task_id,
-                                                          gateway_id=lease.gateway_id,
-                                                          reader_id=lease.reader.reader_id)), audit=True)
+                if resumed is not None:
+                    await run.resume_from(resumed)
+                else:
+                    self._created(run, task_id, lease, order)
                 started = time.monotonic()
                 outcome = await run.execute()
                 self.observer.task_finished(order.type, outcome.task.state, time.monotonic() - started,
@@ -261,6 +270,18 @@ class CardTaskService:
                 return outcome
         finally:
             self.running.discard(task_id)
+
+    def _created(self, run: _CardTaskRun, task_id: str, lease: Lease, order: CardTaskOrder) -> None:
+        """A new task's row and start audit, committed with its first step's journal entry."""
+        run._defer(partial(self.store.tasks.create, order.type, lease.gateway_id, lease.reader.reader_id,
+                           order.card_id, process_instance_id=order.process_instance_id,
+                           task_index=order.task_index, owner=self.owner_id, task_id=task_id))
+        run._defer(partial(self.store.audit.record, AUDIT_TASK_STARTED, TASK, task_id, acting("card_task"),
+                           {"type": order.type, "process_instance_id": order.process_instance_id,
+                            "card_template": order.card_template.name},
+                           subjects=AuditSubjects(card_id=order.card_id, task_id=task_id,
+                                                  gateway_id=lease.gateway_id,
+                                                  reader_id=lease.reader.reader_id)), audit=True)
 
 
 class _CardTaskRun:
@@ -285,6 +306,19 @@ class _CardTaskRun:
         self.user_pin = str(order.fields.get(description.pin_field, "")) if description.pin_field else ""
         self._waiting: list[_DeferredWrite] = []          # committed by the next _write, in order
         self._waiting_audits: list[_DeferredWrite] = []   # after them (audit rows go last: Store.together)
+        # A replay (takeover): the task's row as the dead run left it, its step journal (step
+        # number -> name) and its journaled CA requests (request id -> row).
+        self.resumed: TaskRecord | None = None
+        self.journal: dict[int, str] = {}
+        self.requests: dict[str, CaRequestRecord] = {}
+
+    async def resume_from(self, task: TaskRecord) -> None:
+        """This run replays TASK (takeover): its journals are read, nothing is created."""
+        steps = await self._db(self.s.store.tasks.steps, task.id)
+        requests = await self._db(self.s.store.ca_requests.list, None, task.id)
+        self.resumed = task
+        self.journal = {step.step_number: step.name for step in steps}
+        self.requests = {row.request_id: row for row in requests}
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -306,7 +340,10 @@ class _CardTaskRun:
         the deferred writes are dropped (their if_lost runs): the task fails with the error."""
         waiting, audits = self._waiting, self._waiting_audits
         self._waiting, self._waiting_audits = [], []
-        everything = [*waiting, *(_DeferredWrite(call) for call in calls), *audits]
+        # Fencing (takeover): nothing is written once another replica has taken the task over.
+        fence = [_DeferredWrite(partial(self.s.store.tasks.check_owner, self.task_id, self.s.owner_id))] \
+            if self.s.owner_id else []
+        everything = [*waiting, *fence, *(_DeferredWrite(call) for call in calls), *audits]
         try:
             results = await asyncio.to_thread(self.s.store.together, *(w.call for w in everything))
         except BaseException:
@@ -318,7 +355,7 @@ class _CardTaskRun:
             w.result = result
             if w.then is not None:
                 w.then(result)
-        return results[len(waiting):len(waiting) + len(calls)]
+        return results[len(waiting) + len(fence):len(waiting) + len(fence) + len(calls)]
 
     async def _ca(self, ca: CaConnector, operation: str, call: Callable[..., Any], *args: Any) -> Any:
         """A CA call on a worker thread, timed and counted for the metrics."""
@@ -355,6 +392,10 @@ class _CardTaskRun:
 
     async def _journal_step(self, name: str) -> None:
         self.step_number += 1
+        journaled = self.journal.get(self.step_number)
+        if journaled is not None and journaled != name:
+            raise EncodingFailed(f"the resumed task diverged from its journal: step {self.step_number} is "
+                                 f"{journaled!r} in the journal, {name!r} in the replay")
         await self._write(partial(self.s.store.tasks.journal_step, self.task_id, self.step_number, name, "sent"))
 
     async def _send(self, name: str, operation: cards.Operation, *, so_pin: str = "",
@@ -416,7 +457,10 @@ class _CardTaskRun:
             info = await self._send("read_card_info", cards.ReadCardInfo())
             assert isinstance(info, cards.Reader)
             serial = self.serial = info.token_serial or info.atr.hex()
-            if order.type == PRODUCTION:          # C8: production creates the card object
+            if order.type == PRODUCTION and self.resumed is not None and self.resumed.card_id is not None:
+                self.card_id = self.resumed.card_id     # stored by the run that died (takeover)
+                self._tell(f"card {serial} in production (resumed)")
+            elif order.type == PRODUCTION:          # C8: production creates the card object
                 # One physical card, one live card object: a card that has one is refused
                 # unless the process re-issues it (docs/lifecycle.md). Committed with the next
                 # step's journal entry, before that step is sent; its id is chosen here, as the
@@ -568,6 +612,7 @@ class _CardTaskRun:
             assert isinstance(generated, cards.GeneratedKey)
             csr = check_proof_of_possession(generated)
             csr_der = generated.csr_der
+            key_id = generated.key_id or key_id          # a replayed step answers with the first run's key
             self._tell(f"key pair {key_type.value} generated on the card ({label})")
             asked = requested_beyond(csr, profile)
             if asked:
@@ -576,12 +621,20 @@ class _CardTaskRun:
         ca = self.s.cas[template.ca]
         # The CA's idempotency key; keep its format stable (CAs key their records on it).
         request_id = f"{self.task_id}:{self.step_number}:{app.name}"
+        settled = self.requests.get(request_id)
+        if settled is not None and settled.state in (CaRequestState.STORED, CaRequestState.WRITTEN):
+            await self._reuse_stored(app, template, ca, settled, key_id, label, private_key)
+            return
         # C16: journaled, with the request, before the CA is called: whatever happens next,
         # the reconciler can ask the CA what it issued for it.
         await self._write(partial(self.s.store.ca_requests.journal, request_id, self.task_id, ca.name, template.name,
                                   csr_der))
         await self._boundary("before_issue")
-        der = await self._ca(ca, "issue", ca.issue, csr_der, profile, request_id)
+        # A request the dead run journaled (takeover): what the CA issued for it, if anything,
+        # before it is asked to issue (never issued twice).
+        der = await self._issued_before(ca, request_id, csr_der) if settled is not None else None
+        if der is None:
+            der = await self._ca(ca, "issue", ca.issue, csr_der, profile, request_id)
         await self._boundary("after_issue")
         archived = None
         if private_key is not None:
@@ -625,6 +678,46 @@ class _CardTaskRun:
         if not (relate_now or app.revoke_on_issue):
             await self._relate(app, record.id)      # a `success` relation (C10): kept for the task's end
         self._tell(f"certificate {record.serial_hex} written next to its key ({label})")
+        await self._boundary("after_write")
+
+    async def _issued_before(self, ca: CaConnector, request_id: str, csr_der: bytes) -> bytes | None:
+        """The certificate CA issued for a request the dead run journaled, found as the
+        reconciler finds it (by request id, else by the request's key); None if none."""
+        der = await self._ca(ca, "find_issued", ca.find_issued, request_id)
+        finder = getattr(ca, "find_issued_for_key", None)
+        if der is None and callable(finder) and not getattr(ca, "confirms_request_ids", False):
+            spki = x509.load_der_x509_csr(csr_der).public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            found = await self._ca(ca, "find_issued", finder, spki)
+            candidates = list(found) if isinstance(found, (list, tuple)) else [found] if found else []
+            for candidate in candidates:
+                if not await self._db(self.s.store.certificates.known, candidate):
+                    return candidate
+        if der is not None:
+            log.info("resumed task: certificate found at the CA for its journaled request", request_id=request_id)
+        return der
+
+    async def _reuse_stored(self, app: Application, template: CertificateTemplate, ca: CaConnector,
+                            row: CaRequestRecord, key_id: bytes, label: str, private_key: Any) -> None:
+        """A replayed application whose certificate the dead run stored (C1): the stored one is
+        written (the write step answered from the memo if it was sent), never issued again."""
+        assert row.certificate_id is not None   # a stored or written row names its certificate
+        assert private_key is None               # decide_takeover ends tasks with journaled ArchiveKey requests
+        record = await self._db(self.s.store.certificates.get, row.certificate_id)
+        self._stored(app, template, ca.name, record)
+        relate_now = self.card_id is not None and app.create_object_relation is CreateObjectRelation.ALWAYS
+        if relate_now:
+            await self._relate(app, record.id)
+        if app.revoke_on_issue:     # C6: asked again (the dead run may have died before); a retried hold is no error
+            await self._ca(ca, "revoke", ca.revoke, record.serial, "certificateHold")
+        await self._step(f"write_certificate:{label}", cards.WriteCertificates(
+            (cards.CertificateObject(key_id, label, record.der),)), journaled_boundary="after_store",
+            sent_boundary="write_sent")
+        if row.state == CaRequestState.STORED:
+            self._defer(partial(self.s.store.ca_requests.mark, row.request_id, CaRequestState.WRITTEN))
+        if not relate_now:
+            await self._relate(app, record.id)
+        self._tell(f"certificate {record.serial_hex} written next to its key ({label}, resumed)")
         await self._boundary("after_write")
 
     def _stored(self, app: Application, template: CertificateTemplate, ca_name: str,

@@ -10,6 +10,11 @@ One round (`reconcile_once`), at start-up before the orchestrator serves and the
       kill left it. At start-up the registries are empty, so every one of ours is orphaned.
     - owned by another orchestrator (replicas on one PostgreSQL) whose heartbeat is older
       than `stale_after`: that replica is gone. A replica that beats is left alone.
+    Takeover: a RUNNING task of another replica whose heartbeat lapsed goes to `take_over`
+    when one is given (services/processes.py ProcessService.claim): the replica that wins the
+    claim (one conditional UPDATE) resumes it from its journals or ends it with the reason,
+    and adopts its process instance (docs/rules.md, C16 "Takeover"); counted in
+    `tasks_taken_over`. Without `take_over`, and for this orchestrator's own tasks, as below.
     An orphaned task ends FAILED with ORCHESTRATOR_RESTARTED: a production's card goes to
     its template's failed state, its certificates stay in the internal issued state carrying
     the error (C3, C4), exactly as if the task had failed by itself. An orphaned process
@@ -89,6 +94,7 @@ class ReconcileReport:
     tasks_ended: int = 0    # orphaned tasks and process instances ended FAILED
     still_pending: int = 0  # rows left pending (CA unreachable, unknown CA)
     handlings_finished: int = 0   # interrupted certificate handlings finished in the store
+    tasks_taken_over: int = 0     # RUNNING tasks of lapsed replicas handed to the takeover
 
 
 def _utcnow() -> dt.datetime:
@@ -120,14 +126,17 @@ class Reconciler:
                  card_failed_state: Callable[[str], str | None] = lambda card_template: None,
                  stale_after: dt.timedelta = dt.timedelta(minutes=3),
                  process_task_count: Callable[[str], int | None] = lambda definition: None,
-                 live_handlings: Callable[[], Collection[str]] = frozenset) -> None:
+                 live_handlings: Callable[[], Collection[str]] = frozenset,
+                 take_over: Callable[[TaskRecord], bool] | None = None) -> None:
         """owner_id: this orchestrator's id (tasks.owner); live_tasks / live_processes: ids
         of the tasks and process instances running in this process right now;
         card_failed_state: card template name -> the state of a card whose production
         failed; stale_after: how old another orchestrator's heartbeat must be before its
         RUNNING work counts as orphaned; process_task_count: process definition name -> the
         number of its (main path) tasks, None if unknown; live_handlings: ids of the
-        certificates being handled in this process right now."""
+        certificates being handled in this process right now; take_over: hands a RUNNING task
+        of a replica whose heartbeat lapsed to the takeover (True: handled there, claimed here
+        or by another replica; False: end it here as an orphan)."""
         self.store = store
         self.cas = cas
         self.internal_issued_state = templates_internal_issued_state
@@ -138,6 +147,7 @@ class Reconciler:
         self.stale_after = stale_after
         self.process_task_count = process_task_count
         self.live_handlings = live_handlings
+        self.take_over = take_over
         self._round = threading.Lock()
         self._intents = handling_intents.OpenIntents(store)
 
@@ -148,7 +158,10 @@ class Reconciler:
         with self._round:
             if self.owner_id:
                 self.store.instances.beat(self.owner_id)
-            tasks_ended = self._end_orphans()
+            tasks_ended, taken_over = self._end_orphans()
+            # The sealed secret inputs of instances that have ended (a run that died, an
+            # instance ended above) go with them (docs/rules.md, C16 "Takeover").
+            self.store.process_secrets.drop_ended()
             examined = stored = not_issued = still_pending = 0
             for row in self.store.ca_requests.list(states=[CaRequestState.PENDING]):
                 task = self.store.tasks.get(row.task_id)
@@ -164,11 +177,12 @@ class Reconciler:
                 not_issued += outcome == CaRequestState.NOT_ISSUED
                 still_pending += outcome == CaRequestState.PENDING
             handlings_finished = self._settle_handlings()
-            report = ReconcileReport(examined, stored, not_issued, tasks_ended, still_pending, handlings_finished)
-            if examined or tasks_ended or handlings_finished:
+            report = ReconcileReport(examined, stored, not_issued, tasks_ended, still_pending, handlings_finished,
+                                     taken_over)
+            if examined or tasks_ended or handlings_finished or taken_over:
                 log.info("reconciled", examined=examined, stored=stored, not_issued=not_issued,
                          tasks_ended=tasks_ended, still_pending=still_pending,
-                         handlings_finished=handlings_finished)
+                         handlings_finished=handlings_finished, tasks_taken_over=taken_over)
             return report
 
     # -- (b) orphaned tasks and process instances --------------------------------------------
@@ -180,21 +194,27 @@ class Reconciler:
         beat = heartbeats.get(owner)
         return beat is None or now - beat > self.stale_after
 
-    def _end_orphans(self) -> int:
+    def _end_orphans(self) -> tuple[int, int]:
         # The store first, the registries after: a run registers before its row exists and
         # unregisters after its row has ended, so a live run is never taken for an orphan.
         tasks = self.store.tasks.list(state=TaskState.RUNNING)
         instances = self.store.processes.list(state=ProcessState.RUNNING)
         live_tasks, live_processes = frozenset(self.live_tasks()), frozenset(self.live_processes())
         heartbeats, now = self.store.instances.heartbeats(), _utcnow()
-        ended = 0
+        ended = taken_over = 0
         for task in tasks:
             if self._orphaned(task.owner, task.id, live_tasks, heartbeats, now):
+                if self.take_over is not None and task.owner not in (None, self.owner_id) and self.take_over(task):
+                    taken_over += 1
+                    continue
                 ended += self._end_task(task)
+        adopted = frozenset(self.live_processes()) if taken_over else frozenset()
         for instance in instances:
+            if instance.id in adopted:
+                continue                     # adopted with its task just now: runs here
             if self._orphaned(instance.owner, instance.id, live_processes, heartbeats, now):
                 ended += self._end_process(instance)
-        return ended
+        return ended, taken_over
 
     def _restarted(self, what: str, owner: str | None) -> OrchestratorRestarted:
         return OrchestratorRestarted(f"the orchestrator running this {what} ({owner or 'unknown'}) stopped before "

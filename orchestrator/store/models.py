@@ -288,6 +288,20 @@ class CardSecret(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
 
 
+class ProcessSecret(Base):
+    """The secret inputs (PINs) of a RUNNING process instance, sealed under the key-encryption
+    key (revision 0012), so that a replica taking the instance over (C16, takeover) can resend
+    its card steps; deleted when the instance ends. Never stored plain."""
+
+    __tablename__ = "process_secrets"
+
+    process_instance_id: Mapped[str] = mapped_column(ID, ForeignKey("process_instances.id"), primary_key=True)
+    kek_id: Mapped[str] = mapped_column(NAME)
+    algorithm: Mapped[str] = mapped_column(NAME)
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
 class DeploymentKey(Base):
     """The fingerprint of a key every replica on this database must share (revision
     0009_deployment_keys): kind "ca" (name: the CA's name; fingerprint of its signing

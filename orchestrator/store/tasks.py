@@ -3,16 +3,16 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.store import paging
-from orchestrator.store.models import Card, Task, TaskStep, utcnow
+from orchestrator.store.models import Card, ProcessInstance, Task, TaskStep, utcnow
 from orchestrator.store.paging import Keyset
-from orchestrator.store.records import TaskRecord, TaskState, TaskStepRecord
+from orchestrator.store.records import ProcessState, TaskRecord, TaskState, TaskStepRecord
 from orchestrator.store.rows import check_process_running, new_id, process_row, record, task_row
 from orchestrator.store.sessions import Sessions
-from shared.errors import InvalidArgument, NotFound, quoted
+from shared.errors import InvalidArgument, NotFound, StateConflict, quoted
 
 
 class Tasks:
@@ -47,6 +47,41 @@ class Tasks:
             s.add(task)
             s.flush()
             return record(TaskRecord, task)
+
+    def take_over(self, task_id: str, from_owner: str | None, to_owner: str) -> bool:
+        """C16, takeover: claims the RUNNING task of FROM_OWNER (a replica whose heartbeat
+        lapsed) for TO_OWNER, with its RUNNING process instance of the same owner, in one
+        transaction of conditional UPDATEs (... WHERE owner = FROM_OWNER): of replicas claiming
+        at once exactly one wins. True for the winner; False when the task has ended or another
+        replica claimed it first (nothing written)."""
+        if not to_owner:
+            raise InvalidArgument("a takeover needs the new owner's id")
+        def owned_by(column):
+            return column.is_(None) if from_owner is None else column == from_owner
+        with self._db.write() as s:
+            claimed = s.execute(update(Task).where(Task.id == task_id, Task.state == TaskState.RUNNING,
+                                                   owned_by(Task.owner)).values(owner=to_owner)
+                                .returning(Task.process_instance_id)).first()
+            if claimed is None:
+                return False
+            instance_id = claimed[0]
+            if instance_id is not None:
+                s.execute(update(ProcessInstance).where(ProcessInstance.id == instance_id,
+                                                        ProcessInstance.state == ProcessState.RUNNING,
+                                                        owned_by(ProcessInstance.owner))
+                          .values(owner=to_owner, updated_at=utcnow()))
+            return True
+
+    def check_owner(self, task_id: str, owner: str) -> None:
+        """Fencing (C16, takeover): StateConflict unless OWNER still runs the task. Joined to a
+        card task's transactions (Store.together), with the task's row locked on PostgreSQL, so
+        a replica that was only frozen, not dead, writes nothing once another took its task
+        over: a claim waits for the transaction holding the lock, and the next one fails."""
+        with self._db.write() as s:
+            current = s.scalar(select(Task.owner).where(Task.id == task_id).with_for_update())
+            if current is not None and current != owner:
+                raise StateConflict(f"task {task_id} was taken over by {current}; {owner} no longer runs it",
+                                    task_id=task_id, owner=current)
 
     def journal_step(self, task_id: str, step_number: int, name: str, state: str,
                      detail: str = "") -> TaskStepRecord:

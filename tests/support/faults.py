@@ -24,14 +24,16 @@ from shared.logging import get_logger
 
 log = get_logger(__name__)
 
-def kill_group() -> None:
+def kill_group(sig: signal.Signals = signal.SIGKILL) -> None:
     """SIGKILL this process's whole process group - as a container stop, a cgroup OOM kill or
-    systemd's KillMode=control-group do: any `openssl` child dies with the orchestrator."""
-    os.killpg(os.getpgid(0), signal.SIGKILL)
+    systemd's KillMode=control-group do: any `openssl` child dies with the orchestrator.
+    SIGSTOP freezes it instead (a replica that stalls; SIGCONT from the test resumes it)."""
+    os.killpg(os.getpgid(0), sig)
 
 
-def kill_hook(boundary: str, n: int = 1, delay_s: float = 0.0) -> BoundaryHook:
-    """A boundary hook that SIGKILLs this process group at the n-th `boundary`."""
+def kill_hook(boundary: str, n: int = 1, delay_s: float = 0.0,
+              sig: signal.Signals = signal.SIGKILL) -> BoundaryHook:
+    """A boundary hook that SIGKILLs (or sends SIG to) this process group at the n-th `boundary`."""
     if boundary not in BOUNDARIES:
         raise ConfigurationError(f"unknown boundary {boundary!r}; known: {', '.join(BOUNDARIES)}")
     seen = itertools.count(1)
@@ -41,9 +43,9 @@ def kill_hook(boundary: str, n: int = 1, delay_s: float = 0.0) -> BoundaryHook:
             return
         if delay_s:
             await asyncio.sleep(delay_s)
-        log.warning("fault injection: SIGKILL of the process group", boundary=boundary, occurrence=n,
+        log.warning(f"fault injection: {sig.name} of the process group", boundary=boundary, occurrence=n,
                     task_id=task_id)
-        kill_group()
+        kill_group(sig)
 
     return hook
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import pathlib
+import signal
 import sys
 from collections.abc import Callable
 
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kill-at", metavar="BOUNDARY[:N]",
                         help="SIGKILL the process group at the N-th (default 1) occurrence of BOUNDARY")
+    parser.add_argument("--stop-at", metavar="BOUNDARY[:N]",
+                        help="SIGSTOP the process group at the N-th (default 1) occurrence of BOUNDARY (a frozen "
+                             "replica: the test sends SIGCONT)")
     parser.add_argument("--kill-delay-ms", type=_positive, default=0,
                         help="with --kill-at: wait this long at the boundary before the kill")
     parser.add_argument("--ca-lost-answer", type=_positive, metavar="N",
@@ -89,6 +93,10 @@ def main(argv: list[str]) -> None:
         name, _, nth = args.kill_at.partition(":")
         boundary = faults.kill_hook(name, _positive(nth) if nth else 1, args.kill_delay_ms / 1000)
         installed.append(f"SIGKILL of the process group at {args.kill_at}")
+    elif args.stop_at:
+        name, _, nth = args.stop_at.partition(":")
+        boundary = faults.kill_hook(name, _positive(nth) if nth else 1, 0.0, signal.SIGSTOP)
+        installed.append(f"SIGSTOP of the process group at {args.stop_at}")
     wrap_cas: Callable[[dict[str, CaConnector]], dict[str, CaConnector]] | None = None
     if args.ca_down:
         wrap_cas = lambda cas: {name: faults.UnreachableCa(ca) for name, ca in cas.items()}  # noqa: E731

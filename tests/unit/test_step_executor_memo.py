@@ -57,3 +57,15 @@ def test_step_memo_runs_a_step_naming_another_reader_or_operation(executor):
                       (LINK, "r2", cards.DeleteObjects(b"k")))
     assert [replayed for _, replayed in answers] == [False] * 3
     assert ran == [("r1", "ReadCardInfo"), ("r1", "DeleteObjects"), ("r2", "DeleteObjects")]
+
+
+def test_step_memo_answers_a_step_resent_by_another_orchestrator_replica(executor):
+    """A replica that took a dead one's task over resends its steps through a link to another
+    address: every link is mutual TLS to an orchestrator of the deployment, one caller."""
+    ex, ran = executor
+    answers = run_all(ex, (LinkCaller("127.0.0.1:7400"), "r1", cards.ListObjects()),
+                      (LinkCaller("10.0.0.2:7400"), "r1", cards.ListObjects()),
+                      (PeerIdentity("orchestrator", "orchestrator", 3), "r1", cards.ListObjects()))
+    assert answers[:2] == [(cards.DeletedCount(1), False), (cards.DeletedCount(1), True)]
+    assert answers[2][1] is False          # a direct caller with an orchestrator certificate is not the link
+    assert len(ran) == 2
