@@ -2,7 +2,8 @@
 
 CARDLINE_BENCH_PROFILE=DIR makes bench/launch.py start orchestrators and gateways through
 this wrapper; each writes DIR/<role>-<pid>.pstats (CPU time of every thread, pstats format,
-read it with `python -m pstats`) when it exits, and every 10 s while it runs. Needs `pip install yappi` in .venv; the
+read it with `python -m pstats`) when it exits, and every CARDLINE_BENCH_PROFILE_SAVE_S seconds (default 10,
+0: never) while it runs: saving stalls the process a moment. Needs `pip install yappi` in .venv; the
 product never imports it.
 """
 from __future__ import annotations
@@ -41,7 +42,9 @@ def main() -> None:
     # SIGUSR1 forgets what was counted so far: a benchmark sends it where its window starts.
     signal.signal(signal.SIGUSR1, lambda _signum, _frame: yappi.clear_stats())
     yappi.start(builtins=False)
-    threading.Thread(target=save_every, args=(10.0,), daemon=True, name="profile-save").start()
+    every_s = float(os.environ.get("CARDLINE_BENCH_PROFILE_SAVE_S", "10"))   # 0: only at exit
+    if every_s > 0:
+        threading.Thread(target=save_every, args=(every_s,), daemon=True, name="profile-save").start()
     try:
         runpy.run_path(target, run_name="__main__")
     finally:
