@@ -144,11 +144,15 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
         firewall: no FIN, no RST — by their absence and redials); a link whose gateway sent
         nothing for three intervals is ended as fallen silent."""
         interval = self.heartbeat_interval_s
+        woke = time.monotonic()
         while self._open:
             await asyncio.sleep(interval / 4)
             now = time.monotonic()
+            # This process stood still (a long stretch of work on the loop): what the gateways
+            # sent meanwhile is read first, then silence is judged.
+            stalled, woke = now - woke > interval, now
             for link in list(self._open.values()):
-                if now - link.last_heard >= 3 * interval:
+                if now - link.last_heard >= 3 * interval and not stalled:
                     if not link.silent and link.reader is not None:
                         link.silent = True
                         link.reader.cancel()        # _incoming detaches the gateway
