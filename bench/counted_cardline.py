@@ -2,18 +2,21 @@
 
 Registers SQLAlchemy listeners on every engine that count read and write transactions (at
 BEGIN: the store emits BEGIN IMMEDIATE for writers, BEGIN for readers,
-orchestrator/store/sessions.py) and the time writers waited in BEGIN IMMEDIATE for SQLite's
-write lock, into the file named by CARDLINE_BENCH_TRANSACTION_COUNTER; then runs the
-`cardline` command with the given arguments. Bench-only: the product never imports it.
+orchestrator/store/sessions.py) and the time writers waited for SQLite's write lock (their
+turn among the process's writers, Sessions.write_turn, then BEGIN IMMEDIATE), into the file
+named by CARDLINE_BENCH_TRANSACTION_COUNTER; then runs the `cardline` command with the given
+arguments. Bench-only: the product never imports it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import struct
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -21,6 +24,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from bench.launch import COUNTER_ENV, COUNTER_FORMAT, map_counter
+from orchestrator.store.sessions import Sessions
 from shared.cli import main
 
 
@@ -50,6 +54,20 @@ def count_transactions(path: str) -> None:
         started = conn.info.pop("bench_begin_immediate", None) if statement.startswith("BEGIN IMMEDIATE") else None
         if started is not None:
             add(waited_us=round((time.perf_counter() - started) * 1e6))
+
+
+    # This process's writers first wait for their turn among themselves (Sessions.write_turn,
+    # SQLite only), then in BEGIN IMMEDIATE for writers of other processes: both are counted.
+    turn = Sessions.write_turn
+
+    @contextlib.contextmanager
+    def timed_turn(self: Sessions) -> Iterator[None]:
+        started = time.perf_counter()
+        with turn(self):
+            add(waited_us=round((time.perf_counter() - started) * 1e6))
+            yield
+
+    Sessions.write_turn = timed_turn  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

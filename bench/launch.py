@@ -29,6 +29,7 @@ BENCH = pathlib.Path(__file__).resolve().parent
 COUNTER_ENV = "CARDLINE_BENCH_TRANSACTION_COUNTER"
 # read transactions, write transactions, microseconds writers waited in BEGIN IMMEDIATE
 COUNTER_FORMAT = "<QQQ"
+PROFILE_ENV = "CARDLINE_BENCH_PROFILE"
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,14 @@ class TransactionCounter:
 def map_counter(path: str) -> mmap.mmap:
     with open(path, "r+b") as f:
         return mmap.mmap(f.fileno(), struct.calcsize(COUNTER_FORMAT))
+
+
+def profiled(program: list[str]) -> list[str]:
+    """PROGRAM, run under the profiler when CARDLINE_BENCH_PROFILE names a directory
+    (bench/profiled_cardline.py)."""
+    if not os.environ.get(PROFILE_ENV):
+        return program
+    return [sys.executable, str(BENCH / "profiled_cardline.py"), program[-1]]
 
 
 @contextlib.contextmanager
@@ -107,7 +116,7 @@ def orchestrator(data_dir: pathlib.Path, env: dict[str, str] | None = None, *,
     if counter is not None:
         program = [sys.executable, str(BENCH / "counted_cardline.py")]
         env[COUNTER_ENV] = str(counter.path)
-    argv = [*program, "orchestrator", "serve", "--migrate", "--listen", address, "--data-dir", str(data_dir),
+    argv = [*profiled(program), "orchestrator", "serve", "--migrate", "--listen", address, "--data-dir", str(data_dir),
             "--tls-dir", str(default_pki().directory), *args]
     with process_group(argv, data_dir / "orchestrator.log", env, healthy_on=address) as proc:
         yield address, proc
@@ -121,7 +130,7 @@ def gateway(orchestrator_address: str, gateway_id: str, data_dir: pathlib.Path, 
     address = f"127.0.0.1:{free_port()}"
     data_dir.mkdir(parents=True, exist_ok=True)
     default_pki().gateway(gateway_id)
-    argv = [CARDLINE, "gateway", "serve", "--listen", address, "--data-dir", str(data_dir),
+    argv = [*profiled([CARDLINE]), "gateway", "serve", "--listen", address, "--data-dir", str(data_dir),
             "--orchestrator", orchestrator_address, "--gateway-id", gateway_id,
             "--tls-dir", str(default_pki().directory), *device_args]
     with process_group(argv, data_dir / "gateway.log", env, healthy_on=address):

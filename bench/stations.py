@@ -27,6 +27,7 @@ import os
 import pathlib
 import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -378,6 +379,8 @@ def measure_b6(work: pathlib.Path) -> dict:
         simulated.connect(address, "bench-idle", links, keygen_s=1.0)
         wait_for_readers(address, links, 120)
         cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
+        if os.environ.get(launch.PROFILE_ENV):        # profiled (bench/profiled_cardline.py): the window only
+            os.kill(proc.pid, signal.SIGUSR1)
         time.sleep(window_s)                            # the measurement window itself
         cpu1, t1 = _cpu_seconds(proc.pid), time.monotonic()
         rss = _rss_mb(proc.pid)

@@ -67,6 +67,9 @@ class PersistedSteps:
         self.capacity = capacity
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-memo")
         self._db = self._thread.submit(self._open).result()
+        # The keys the file holds (a few stale ones of evicted rows at most, reread when they
+        # pile up): a step the file cannot know — every first run — is not looked up on disk.
+        self._keys: set[str] = self._thread.submit(self._read_keys).result()
 
     def _open(self) -> sqlite3.Connection:
         """Opens the file, or sets an unreadable one aside (logged) and starts a fresh memo:
@@ -119,7 +122,10 @@ class PersistedSteps:
         return db
 
     async def get(self, key: StepKey) -> bytes | None:
-        return await asyncio.wrap_future(self._thread.submit(self._get, _stored_key(key)))
+        stored = _stored_key(key)
+        if stored not in self._keys:
+            return None
+        return await asyncio.wrap_future(self._thread.submit(self._get, stored))
 
     async def put(self, key: StepKey, outcome: bytes) -> None:
         """Returns once the row is committed (in the WAL, see _connect)."""
@@ -136,6 +142,12 @@ class PersistedSteps:
                                    (key, outcome)).lastrowid
             assert seq is not None      # an INSERT gives its rowid
             self._db.execute("DELETE FROM steps WHERE seq <= ?", (seq - self.capacity,))
+        self._keys.add(key)             # committed: from now on a resend looks it up
+        if len(self._keys) > 2 * self.capacity:
+            self._keys = self._read_keys()
+
+    def _read_keys(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT step_key FROM steps")}
 
     def count(self) -> int:
         return self._thread.submit(lambda: self._db.execute("SELECT count(*) FROM steps").fetchone()[0]).result()

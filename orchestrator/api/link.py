@@ -7,6 +7,8 @@ and ends as soon as the gateway's own certificate is revoked (docs/stations.md).
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import dataclass, field
 
 from orchestrator.services.pool import Command, GatewaySession, ReaderPool
 from shared import cards, convert
@@ -45,6 +47,21 @@ def enrolled_place(hello: link_pb2.GatewayHello, enrollment: Enrollment, peer: P
     return enrollment
 
 
+_HEARTBEAT = object()       # in a session's outbox: send a heartbeat (GatewayLinkServicer._watch_heartbeats)
+
+
+@dataclass(eq=False)
+class _Link:
+    """One open link as the heartbeat watch sees it (monotonic seconds)."""
+    session: GatewaySession
+    reader: asyncio.Task | None = None
+    last_sent: float = field(default_factory=time.monotonic)
+    last_heard: float = field(default_factory=time.monotonic)
+    sequence: int = 0
+    beat_queued: bool = False
+    silent: bool = False
+
+
 class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
     def __init__(self, pool: ReaderPool, orchestrator_id: str, heartbeat_interval_s: float, *,
                  revocations: RevocationList | None = None, revocation_check_s: float = 1.0) -> None:
@@ -57,6 +74,10 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
         self.revocation_check_s = revocation_check_s
         self._linked: dict[int, tuple[GatewaySession, PeerIdentity]] = {}
         self._crl_watch: asyncio.Task | None = None
+        # Heartbeats and silence: one watch for all open links (_watch_heartbeats), not two
+        # timers per link and message (a thousand idle links cost one scan a quarter interval).
+        self._open: dict[int, _Link] = {}
+        self._heartbeat_watch: asyncio.Task | None = None
 
     @rpc_errors
     async def Connect(self, request_iterator, context):
@@ -82,34 +103,63 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
                                  readers={r.reader_id: convert.reader_from_proto(r) for r in hello.readers},
                                  version=hello.version)
         self.pool.attach(session)
-        reader = asyncio.create_task(self._incoming(request_iterator, session))
+        link = _Link(session)
+        link.reader = asyncio.create_task(self._incoming(request_iterator, link))
+        self._open[id(session)] = link
+        if self._heartbeat_watch is None or self._heartbeat_watch.done():
+            self._heartbeat_watch = asyncio.create_task(self._watch_heartbeats())
         if peer is not None and self.revocations is not None:
             self._follow(session, peer)
         try:
             yield link_pb2.OrchestratorMessage(welcome=link_pb2.Welcome(
                 orchestrator_id=self.orchestrator_id, heartbeat_interval_ms=int(self.heartbeat_interval_s * 1000)))
-            sequence = 0
+            link.last_sent = time.monotonic()
             while True:
-                try:
-                    item = await asyncio.wait_for(session.outbox.get(), self.heartbeat_interval_s)
-                except TimeoutError:
-                    # Heartbeats both ways: the gateway notices a link that died silently
-                    # (NAT, firewall: no FIN, no RST) by their absence and redials.
-                    sequence += 1
-                    yield link_pb2.OrchestratorMessage(heartbeat=link_pb2.Heartbeat(sequence=sequence))
-                    continue
+                item = await session.outbox.get()
                 if GatewaySession.is_close_marker(item) or session.closed:
                     return
                 if isinstance(item, CardlineError):
                     raise item            # the gateway's certificate was revoked
+                if item is _HEARTBEAT:
+                    link.beat_queued = False
+                    link.sequence += 1
+                    item = link_pb2.OrchestratorMessage(heartbeat=link_pb2.Heartbeat(sequence=link.sequence))
                 yield item if isinstance(item, link_pb2.OrchestratorMessage) else command_to_proto(item)
+                link.last_sent = time.monotonic()
         finally:
-            reader.cancel()
+            link.reader.cancel()
+            self._open.pop(id(session), None)
+            if not self._open and self._heartbeat_watch is not None:
+                self._heartbeat_watch.cancel()
+                self._heartbeat_watch = None
             self._linked.pop(id(session), None)
             if not self._linked and self._crl_watch is not None:
                 self._crl_watch.cancel()
                 self._crl_watch = None
             self.pool.detach(session)
+
+    async def _watch_heartbeats(self) -> None:
+        """While links are open, every quarter heartbeat interval: a heartbeat to each link that
+        sent nothing for an interval (the gateway notices a link that died silently — NAT,
+        firewall: no FIN, no RST — by their absence and redials); a link whose gateway sent
+        nothing for three intervals is ended as fallen silent."""
+        interval = self.heartbeat_interval_s
+        woke = time.monotonic()
+        while self._open:
+            await asyncio.sleep(interval / 4)
+            now = time.monotonic()
+            # This process stood still (a long stretch of work on the loop): what the gateways
+            # sent meanwhile is read first, then silence is judged.
+            stalled, woke = now - woke > interval, now
+            for link in list(self._open.values()):
+                if now - link.last_heard >= 3 * interval and not stalled:
+                    if not link.silent and link.reader is not None:
+                        link.silent = True
+                        link.reader.cancel()        # _incoming detaches the gateway
+                elif (not link.beat_queued and now - link.last_sent >= interval
+                      and not link.session.outbox.full()):
+                    link.beat_queued = True
+                    link.session.outbox.put_nowait(_HEARTBEAT)
 
     def _follow(self, session: GatewaySession, peer: PeerIdentity) -> None:
         """Sends SESSION the current CRL and puts it under the CRL watch."""
@@ -147,14 +197,17 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
             for session, peer in list(self._linked.values()):
                 self._tell(session, peer)
 
-    async def _incoming(self, request_iterator, session: GatewaySession) -> None:
-        """Reads until the gateway goes away or falls silent for three heartbeat intervals."""
-        iterator = request_iterator.__aiter__()
+    async def _incoming(self, request_iterator, link: _Link) -> None:
+        """Reads until the gateway goes away or falls silent for three heartbeat intervals
+        (_watch_heartbeats cancels it then)."""
+        session = link.session
         try:
-            while True:
-                msg = await asyncio.wait_for(anext(iterator), 3 * self.heartbeat_interval_s)
+            async for msg in request_iterator:
+                link.last_heard = time.monotonic()
                 self.pool.seen(session)
                 kind = msg.WhichOneof("message")
+                if kind == "heartbeat":          # its presence is all it says (one int, nothing to bound)
+                    continue
                 try:
                     check_message(msg)
                 except InvalidArgument as exc:
@@ -174,12 +227,11 @@ class GatewayLinkServicer(link_pb2_grpc.GatewayLinkServicer):
                 elif kind == "reader_event":
                     event, reader = convert.reader_event_from_proto(msg.reader_event)
                     self.pool.reader_event(session, event, reader)
-        except TimeoutError:
-            log.warning("gateway fell silent for three heartbeat intervals; detaching it",
-                        gateway_id=session.gateway_id, silence_s=3 * self.heartbeat_interval_s)
-            self.pool.fell_silent(session)
-        except (StopAsyncIteration, asyncio.CancelledError):
-            pass
+        except asyncio.CancelledError:
+            if link.silent:
+                log.warning("gateway fell silent for three heartbeat intervals; detaching it",
+                            gateway_id=session.gateway_id, silence_s=3 * self.heartbeat_interval_s)
+                self.pool.fell_silent(session)
         except Exception:  # a broken stream ends the session
             log.exception("gateway link broke", gateway_id=session.gateway_id)
         finally:

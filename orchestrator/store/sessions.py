@@ -78,7 +78,12 @@ def make_engine(database_url: str) -> Engine:
 
 
 class Sessions:
-    """One engine and its two session factories (reading, writing), shared by the store's parts."""
+    """One engine and its two session factories (reading, writing), shared by the store's parts.
+
+    SQLite has one writer at a time; a writer that finds the write lock taken waits in SQLite's
+    busy handler, which sleeps in steps of up to 100 ms however soon the lock is free. So this
+    process's writers take their turn on a lock of their own first (woken as soon as it is
+    released): SQLite's busy wait is left for writers of other processes (the CLI)."""
 
     def __init__(self, database_url: str) -> None:
         self.engine = make_engine(database_url)
@@ -86,6 +91,7 @@ class Sessions:
         self._reading = sessionmaker(self.engine, expire_on_commit=False)
         self._writing = sessionmaker(self.write_engine, expire_on_commit=False)
         self._joined = threading.local()      # .session: this thread's one_transaction(), if open
+        self._writer = threading.RLock() if self.engine.dialect.name == "sqlite" else None
 
     @property
     def dialect(self) -> str:
@@ -97,8 +103,23 @@ class Sessions:
         if joined is not None:
             yield joined
             return
-        with self._writing() as session, session.begin():
+        with self.write_turn(), self._writing() as session, session.begin():
             yield session
+
+    @contextmanager
+    def write_turn(self) -> Iterator[None]:
+        """This thread's turn among the process's SQLite writers (a no-op on PostgreSQL, whose
+        writers lock rows, not the database). Not had within SQLite's busy timeout: the
+        transaction goes on to SQLite's own wait, which decides as it would without it."""
+        if self._writer is None:
+            yield
+            return
+        mine = self._writer.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+        try:
+            yield
+        finally:
+            if mine:
+                self._writer.release()
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -115,7 +136,7 @@ class Sessions:
         block ends: committed when it ends, rolled back whole when anything in it raises."""
         if self._joined_session() is not None:
             raise RuntimeError("one_transaction() is already open in this thread")
-        with self._writing() as session, session.begin():
+        with self.write_turn(), self._writing() as session, session.begin():
             self._joined.session = session
             try:
                 yield session
