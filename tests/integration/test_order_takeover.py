@@ -293,7 +293,8 @@ def test_order_run_by_one_replica_is_read_and_cancelled_through_the_other(
             final = watch_until(a.address, order.id, lambda o: count(o, *DONE_STATES) == 4, timeout_s=30)
             assert final.state == order_pb.ORDER_STATE_CANCELLED
             assert sorted(c.error.reason for c in final.cards) == ["", "", "CANCELLED", "CANCELLED"]
-            assert get_order(b.address, order.id) == final
+            # B reads it from the database, as A wrote it down.
+            assert watch_until(b.address, order.id, lambda o: count(o, *DONE_STATES) == 4, timeout_s=30) == final
             assert_nothing_running(postgres_store)
 
 
