@@ -558,7 +558,15 @@ class OrderService:
         order = _view(record)
         order.generation = generation
         order._had = {tuple(k.split("\n", 1)): v for k, v in record.had.items()}  # type: ignore[misc]
-        inputs = [self._opened(order_id, row) for row in rows]
+        inputs: list[dict[str, object]] = []
+        for card, row in zip(order.cards, rows, strict=True):
+            try:
+                inputs.append(self._opened(order_id, row))
+            except CardlineError as exc:            # e.g. sealed under a KEK this replica lacks
+                inputs.append({})
+                if not card.finished:
+                    card.state, card.error_reason, card.error_message = FAILED, exc.reason, exc.message
+                    self._dirty.setdefault(order_id, set()).add(card.index)
         log.info("order adopted", order_id=order_id, from_owner=previous_owner, open_cards=sum(
             not c.finished for c in order.cards))
         self._orders[order.id] = order

@@ -322,7 +322,7 @@ def test_orchestrator_killed_mid_order_continues_it_on_restart_without_two_peopl
             assert [c.state for c in final.cards] == [order_pb.ORDER_CARD_STATE_SUCCEEDED] * 6, final
             # The three that waited in the queue were retried as their next attempt, once each.
             assert "order adopted" in orch.log and orch.log.count("order card retried") == 3
-            assert sorted(c.index for c in final.cards if "" != c.process_instance_id) == list(range(6))
+            assert all(c.process_instance_id for c in final.cards)
             store = Store(env["CARDLINE_ORCHESTRATOR_DATABASE_URL"])
             try:
                 readers = sorted(t.reader_id for t in store.tasks.list(state=TaskState.SUCCEEDED))
