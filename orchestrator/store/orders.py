@@ -65,8 +65,8 @@ class OrderCardInputs:
 
 @dataclass(frozen=True)
 class OrderChange:
-    """What an owner writes about one order in one save(): card rows (index -> the
-    CARD_FIELDS), the readers' cards it had (None: unchanged), and DONE when every card ended."""
+    """What an owner writes about one order in one save(): card rows (index -> every one of
+    the CARD_FIELDS), the readers' cards it had (None: unchanged), and DONE when every card ended."""
     order_id: str
     generation: int
     cards: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
@@ -143,6 +143,7 @@ class Orders:
         at the change's generation (another replica adopted it) is left alone: its id is
         returned, so the caller stops running it."""
         lost: set[str] = set()
+        rows: list[dict[str, Any]] = []
         if not changes:
             return lost
         now = utcnow()
@@ -155,17 +156,17 @@ class Orders:
                     lost.add(change.order_id)
                     continue
                 for index, values in change.cards.items():
-                    unknown = set(values) - set(CARD_FIELDS)
-                    if unknown:
-                        raise InvalidArgument(f"order card fields {sorted(unknown)} cannot be saved")
-                    s.execute(update(OrderCard).where(OrderCard.order_id == change.order_id,
-                                                      OrderCard.card_index == index)
-                              .values(**values, updated_at=now))
+                    if set(values) != set(CARD_FIELDS):
+                        raise InvalidArgument(f"an order card is saved with exactly {CARD_FIELDS}, "
+                                              f"not {sorted(values)}")
+                    rows.append({"order_id": change.order_id, "card_index": index, **values, "updated_at": now})
                 if change.had is not None:
                     row.had = dict(change.had)
                 if change.done and row.state == RUNNING:
                     row.state = DONE
                 row.updated_at = now
+            if rows:
+                s.execute(update(OrderCard), rows)      # by primary key, one executemany
             s.flush()
         return lost
 
