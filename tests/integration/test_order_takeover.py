@@ -32,6 +32,7 @@ from sqlalchemy import text
 
 from orchestrator.store import ProcessState, Store, TaskState
 from shared.proto import common_pb2
+from shared.proto import lease_service_pb2 as lease_pb
 from shared.proto import order_service_pb2 as order_pb
 from shared.proto import reader_pool_service_pb2 as pool_pb
 from tests.integration.test_pool import make_config
@@ -245,6 +246,7 @@ def test_replica_killed_mid_order_of_12_cards_the_other_adopts_it_every_card_end
                 api = OrchestratorApi.on(ch)
                 assert [r for r in api.pool.ListReaders(pool_pb.ListReadersRequest(), timeout=5).readers
                         if r.busy] == []
+                assert list(api.leases.ListLeases(lease_pb.ListLeasesRequest(), timeout=5).leases) == []
             # Every certificate the CA issued is in the store (C16), and no PIN is.
             issued = ca_issued(tmp_path)
             stored = {c.serial_hex for c in store.certificates.list()}
