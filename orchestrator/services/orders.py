@@ -16,7 +16,8 @@ CANCELLED; running ones finish).
 
 Persistence (store.orders, revision 0011_persisted_orders). The order and every card's
 state, reader, process instance and error are written as they change; the changes of a
-moment are merged into one transaction (`FLUSH_DELAY_S`). A card's non-secret inputs are
+moment are merged into one transaction (`FLUSH_DELAY_S`); queue positions alone, which all
+move whenever one waiter is served, at most every `POSITION_FLUSH_S`. A card's non-secret inputs are
 stored as JSON, its secret ones (the order's `secret_inputs` and the inputs its process
 declares secret) only sealed under the key-encryption key, bound to the order and the card.
 Attempt n of card i runs under the client request id "order:<id>:<i>:<n>", so the process
@@ -83,6 +84,8 @@ log = get_logger(__name__)
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 #: Card changes of this long are merged into one store transaction.
 FLUSH_DELAY_S = 0.05
+#: Queue positions alone (every waiter moves when one is served) are written at most this often.
+POSITION_FLUSH_S = 1.0
 #: Watching an order another replica runs: the store is read at most this far apart.
 WATCH_POLL_MIN_S, WATCH_POLL_MAX_S = 0.1, 1.0
 #: Attempts of one card in all: one, plus retries of attempts a takeover found untouched.
@@ -212,8 +215,9 @@ class _CardObserver:
         self.service, self.order, self.card = service, order, card
 
     def queued(self, position: int) -> None:
+        moved_only = self.card.state == QUEUED
         self.card.state, self.card.queue_position = QUEUED, position
-        self.service._changed(self.order, self.card)
+        self.service._changed(self.order, self.card, moved_only=moved_only)
 
     def acquired(self, gateway_id: str, reader_id: str) -> None:
         self.card.state, self.card.queue_position = RUNNING, 0
@@ -248,6 +252,7 @@ class OrderService:
         self._flusher: asyncio.Task | None = None
         self._adopting = asyncio.Lock()
         self._adopter: asyncio.Task | None = None
+        self._position_timer: asyncio.TimerHandle | None = None
         pool.subscribe(self._reader_changed)
 
     # --- the API's calls -------------------------------------------------------------------
@@ -283,8 +288,13 @@ class OrderService:
         order = Order(order_id or uuid.uuid4().hex[:12], process, selector, [OrderCard(i) for i in range(len(items))])
         secret_names = set(secrets) | set(definition.secret_inputs)
         rows = [self._sealed(order.id, i, {**inputs, **secrets}, secret_names) for i, inputs in enumerate(items)]
-        record = await asyncio.to_thread(self.store.orders.create, order.id, process, selector_to_json(selector),
-                                         self.owner_id, rows)
+        self._orders[order.id] = order           # before it is stored: not one to adopt (adopt_once)
+        try:
+            record = await asyncio.to_thread(self.store.orders.create, order.id, process,
+                                             selector_to_json(selector), self.owner_id, rows)
+        except BaseException:       # not stored; or stored after all (the call was cancelled): adopted then
+            self._orders.pop(order.id, None)
+            raise
         order.created_at, order.generation = record.created_at, record.generation
         self._run(order, [{**inputs, **secrets} for inputs in items])
         log.info("order created", order_id=order.id, process=process, cards=len(items), selector=selector.describe())
@@ -466,12 +476,22 @@ class OrderService:
 
     # --- writing it down ------------------------------------------------------------------
 
-    def _changed(self, order: Order, card: OrderCard, *, had: bool = False) -> None:
+    def _changed(self, order: Order, card: OrderCard, *, had: bool = False, moved_only: bool = False) -> None:
+        """moved_only: only the card's queue position changed. Every waiter moves whenever
+        one is served, so positions alone are written at most every POSITION_FLUSH_S (with
+        the next other change, if sooner)."""
         self._dirty.setdefault(order.id, set()).add(card.index)
         if had:
             self._dirty_had.add(order.id)
-        self._wake.set()
+        if not moved_only:
+            self._wake.set()
+        elif self._position_timer is None:
+            self._position_timer = asyncio.get_running_loop().call_later(POSITION_FLUSH_S, self._positions_due)
         order.touch()
+
+    def _positions_due(self) -> None:
+        self._position_timer = None
+        self._wake.set()
 
     def _start_flusher(self) -> None:
         if self._flusher is None or self._flusher.done():
@@ -618,6 +638,9 @@ class OrderService:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._position_timer is not None:
+            self._position_timer.cancel()
+            self._position_timer = None
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
