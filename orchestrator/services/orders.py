@@ -247,6 +247,7 @@ class OrderService:
         self._orders: dict[str, Order] = {}          # the orders this replica runs (and recent ended ones)
         self._keep = keep
         self._dirty: dict[str, set[int]] = {}        # order id -> cards changed since the last save
+        self._moved: dict[str, set[int]] = {}        # order id -> cards whose queue position alone changed
         self._dirty_had: set[str] = set()
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task | None = None
@@ -478,19 +479,23 @@ class OrderService:
 
     def _changed(self, order: Order, card: OrderCard, *, had: bool = False, moved_only: bool = False) -> None:
         """moved_only: only the card's queue position changed. Every waiter moves whenever
-        one is served, so positions alone are written at most every POSITION_FLUSH_S (with
-        the next other change, if sooner)."""
-        self._dirty.setdefault(order.id, set()).add(card.index)
-        if had:
-            self._dirty_had.add(order.id)
-        if not moved_only:
+        one is served, so cards that only moved are written at most every POSITION_FLUSH_S."""
+        if moved_only:
+            self._moved.setdefault(order.id, set()).add(card.index)
+            if self._position_timer is None:
+                self._position_timer = asyncio.get_running_loop().call_later(POSITION_FLUSH_S, self._positions_due)
+        else:
+            self._dirty.setdefault(order.id, set()).add(card.index)
+            if had:
+                self._dirty_had.add(order.id)
             self._wake.set()
-        elif self._position_timer is None:
-            self._position_timer = asyncio.get_running_loop().call_later(POSITION_FLUSH_S, self._positions_due)
         order.touch()
 
     def _positions_due(self) -> None:
         self._position_timer = None
+        for order_id, indices in self._moved.items():
+            self._dirty.setdefault(order_id, set()).update(indices)
+        self._moved = {}
         self._wake.set()
 
     def _start_flusher(self) -> None:
@@ -640,7 +645,7 @@ class OrderService:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._position_timer is not None:
             self._position_timer.cancel()
-            self._position_timer = None
+        self._positions_due()
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
