@@ -83,7 +83,7 @@ log = get_logger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 #: Card changes of this long are merged into one store transaction.
-FLUSH_DELAY_S = 0.05
+FLUSH_DELAY_S = 0.25
 #: Queue positions alone (every waiter moves when one is served) are written at most this often.
 POSITION_FLUSH_S = 1.0
 #: Watching an order another replica runs: the store is read at most this far apart.

@@ -252,6 +252,7 @@ def test_replica_killed_mid_order_of_12_cards_the_other_adopts_it_every_card_end
             stored = {c.serial_hex for c in store.certificates.list()}
             assert issued and issued <= stored, f"issued by the CA, unknown to the store: {issued - stored}"
             assert_no_pin_stored(store)
+            wait_for(lambda: store.orders.get(order.id).state == "DONE", "the order ended in the database")
             before = settled(store, order.id)
             produced = count(final, order_pb.ORDER_CARD_STATE_SUCCEEDED)
             print(f"order {order.id} ended on B {took:.1f} s after A was killed: {produced} produced, "
@@ -286,7 +287,8 @@ def test_order_run_by_one_replica_is_read_and_cancelled_through_the_other(
             waiting = watch_until(b.address, order.id, lambda o: count(o, order_pb.ORDER_CARD_STATE_SUCCEEDED) == 2
                                   and count(o, order_pb.ORDER_CARD_STATE_QUEUED) == 2)
             assert waiting.state == order_pb.ORDER_STATE_RUNNING
-            assert get_order(b.address, order.id) == get_order(a.address, order.id)
+            # B reads what A writes down (queue positions alone at most a second late).
+            wait_for(lambda: get_order(b.address, order.id) == get_order(a.address, order.id), "the same order on B")
             with channel(b.address) as ch:
                 cancelled = OrchestratorApi.on(ch).orders.CancelOrder(
                     order_pb.CancelOrderRequest(order_id=order.id), timeout=10).order
