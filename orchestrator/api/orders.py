@@ -55,7 +55,8 @@ class OrderServicer(order_service_pb2_grpc.OrderServiceServicer):
 
     @rpc_errors
     async def ListOrders(self, request, context):
-        # Order ids are random: the creation time orders them, the id breaks ties.
-        orders = await self.orders.list()
-        page, token = paging.memory_page(orders, request, lambda o: f"{o.created_at.isoformat()} {o.id}")
+        # Stored orders page by (creation time, id), oldest first.
+        size = paging.page_size(request)
+        orders = await self.orders.list(size + 1, paging.keyset_of(request))
+        page, token = paging.keyset_page(orders, size, lambda o: (o.created_at, o.id))
         return pb.ListOrdersResponse(orders=[conv.order_to_proto(o) for o in page], next_page_token=token)

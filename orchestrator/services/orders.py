@@ -58,6 +58,7 @@ from orchestrator.services.key_archive import KeyEncryptionKey
 from orchestrator.services.pool import LEASE_SCOPE, LeaseScope, PooledReader, ReaderPool, ReaderSelector
 from orchestrator.services.processes import ProcessProgress, ProcessService, selector_of
 from orchestrator.store import orders as stored
+from orchestrator.store.paging import Keyset
 from orchestrator.store.records import (
     AUDIT_ORDER_CANCELLED,
     AUDIT_ORDER_CREATED,
@@ -232,8 +233,8 @@ class OrderService:
                  kek: KeyEncryptionKey | None = None, keep: int = 1000, audit: AuditTrail | None = None,
                  stale_after: dt.timedelta = dt.timedelta(minutes=3), interval_s: float = 10.0) -> None:
         """owner_id: this replica's orchestrator id; kek: seals the orders' secret inputs
-        (None: orders with secret inputs are refused); keep: how many orders List shows
-        (the newest) and how many ended ones stay in memory; stale_after: how old another
+        (None: orders with secret inputs are refused); keep: how many ended orders stay in
+        memory (for their watchers); stale_after: how old another
         replica's heartbeat must be before its orders are adopted; interval_s: how often
         orders to adopt and cancellations from other replicas are looked for."""
         self.processes = processes
@@ -309,9 +310,10 @@ class OrderService:
             return order
         return _view(await asyncio.to_thread(self.store.orders.get, order_id))
 
-    async def list(self) -> builtins.list[Order]:
-        """The newest `keep` orders of every replica, oldest first (this replica's own from memory)."""
-        records = await asyncio.to_thread(self.store.orders.newest, self._keep)
+    async def list(self, limit: int, after: Keyset | None = None) -> builtins.list[Order]:
+        """Up to `limit` orders of every replica, oldest first, past `after` ((created_at, id)
+        of the last one of the previous page); those run here as this replica sees them now."""
+        records = await asyncio.to_thread(self.store.orders.page, limit, after)
         return [self._orders.get(r.id) or _view(r) for r in records]
 
     async def cancel(self, order_id: str) -> Order:

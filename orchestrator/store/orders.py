@@ -16,7 +16,9 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from orchestrator.store import paging
 from orchestrator.store.models import Order, OrderCard, utcnow
+from orchestrator.store.paging import Keyset
 from orchestrator.store.sessions import Sessions
 from shared.errors import InvalidArgument, NotFound, quoted
 
@@ -114,12 +116,13 @@ class Orders:
                 raise NotFound(f"no order {quoted(order_id)}", order_id=order_id)
             return _record(row, self._cards(s, [order_id])[order_id])
 
-    def newest(self, limit: int) -> list[OrderRecord]:
-        """The newest `limit` orders with their cards, oldest first."""
+    def page(self, limit: int, after: Keyset | None = None) -> list[OrderRecord]:
+        """Up to `limit` orders with their cards, oldest first, past `after` (the (created_at,
+        id) of the last order of the previous page)."""
         with self._db.read() as s:
-            rows = list(s.scalars(select(Order).order_by(Order.created_at.desc(), Order.id.desc()).limit(limit)))
+            rows = list(s.scalars(paging.after(select(Order), Order.created_at, Order.id, after).limit(limit)))
             cards = self._cards(s, [r.id for r in rows])
-            return [_record(r, cards[r.id]) for r in reversed(rows)]
+            return [_record(r, cards[r.id]) for r in rows]
 
     @staticmethod
     def _cards(s: Session, order_ids: Collection[str]) -> dict[str, list[OrderCard]]:

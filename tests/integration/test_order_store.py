@@ -24,7 +24,7 @@ def test_order_round_trips_with_its_cards_inputs_and_sealed_secrets(store: Store
     inputs = store.orders.card_inputs("o1")
     assert inputs[0] == OrderCardInputs(0, {"person": "Person 0"}, "kek-1", b"sealed")
     assert inputs[2] == OrderCardInputs(2, {"person": "Person 2"})
-    assert [o.id for o in store.orders.newest(10)] == ["o1"]
+    assert [o.id for o in store.orders.page(10)] == ["o1"]
 
 
 def test_save_merges_card_changes_and_ends_the_order_only_for_its_owner(store: Store):
@@ -79,3 +79,12 @@ def test_cancel_from_any_replica_once_and_what_is_left_to_adopt(store: Store):
     assert sorted(o[0] for o in store.orders.unfinished()) == ["cancelled", "running"]
     assert store.orders.states(["running", "cancelled"]) == {"running": ("RUNNING", "replica-a", 1),
                                                             "cancelled": ("CANCELLED", "replica-a", 1)}
+
+
+def test_orders_page_oldest_first_by_creation_time_and_id(store: Store):
+    for n in range(5):
+        _order(store, f"o{n}", cards=1)
+    first = store.orders.page(3)
+    rest = store.orders.page(3, (first[-1].created_at, first[-1].id))
+    assert [o.id for o in first + rest] == [f"o{n}" for n in range(5)]
+    assert [len(o.cards) for o in first + rest] == [1] * 5
