@@ -93,6 +93,9 @@ WATCH_POLL_MIN_S, WATCH_POLL_MAX_S = 0.1, 1.0
 MAX_ATTEMPTS = 3
 #: How long an adopted card waits for a matching reader to be linked (gateways fail over).
 ADOPT_READER_WAIT_S = 300.0
+#: What an adopted order had in a reader its attempt's task used, when the card itself was not
+#: written down (its owner died first): the card found there next is taken for that card.
+SOME_CARD = "*"
 _SECRETS_CONTEXT = b"cardline/order-secrets/v1\x00"
 _PROCESS_INSTANCE = "process_instance"       # the client request kind ProcessService.start records
 
@@ -133,13 +136,23 @@ class Order:
     _audited_end: bool = field(default=False, repr=False)
 
     def accepts(self, gateway_id: str, reader: Reader) -> bool:
-        return self._had.get((gateway_id, reader.reader_id)) != card_key(reader)
+        key = (gateway_id, reader.reader_id)
+        if self._had.get(key) == SOME_CARD:          # first sight since a takeover: this card is the one
+            self._had[key] = card_key(reader)
+        return self._had.get(key) != card_key(reader)
 
     def reader_changed(self, gateway_id: str, reader: Reader, *, gone: bool = False) -> bool:
         """The pool saw this reader change: no card, another card, or the reader gone frees it.
         Whether that released a card the order had."""
         key = (gateway_id, reader.reader_id)
-        if key in self._had and (gone or not reader.card_present or self._had[key] != card_key(reader)):
+        if key not in self._had:
+            return False
+        if gone or not reader.card_present:
+            del self._had[key]
+            return True
+        if self._had[key] == SOME_CARD:              # first sight since a takeover: this card is the one
+            self._had[key] = card_key(reader)
+        elif self._had[key] != card_key(reader):
             del self._had[key]
             return True
         return False
@@ -473,6 +486,9 @@ class OrderService:
         for order in self._orders.values():
             if order.state == "RUNNING" and order.reader_changed(pooled.gateway_id, pooled.reader,
                                                                  gone=kind == "removed"):
+                log.info("the card an order had in a reader changed; the reader takes its next card",
+                         order_id=order.id, gateway_id=pooled.gateway_id, reader_id=pooled.reader.reader_id,
+                         change=kind, card_present=pooled.reader.card_present)
                 self._dirty_had.add(order.id)
                 self._dirty.setdefault(order.id, set())
                 self._wake.set()
@@ -538,6 +554,7 @@ class OrderService:
                 self._dirty.setdefault(order_id, set()).update(indices)
             self._dirty_had |= had
             raise
+        log.debug("order changes saved", orders=len(changes), cards=sum(len(c.cards) for c in changes))
         for order_id in lost:
             self._lose(order_id)
 
@@ -584,7 +601,7 @@ class OrderService:
         rows = await asyncio.to_thread(self.store.orders.card_inputs, order_id)
         order = _view(record)
         order.generation = generation
-        order._had = {tuple(k.split("\n", 1)): v for k, v in record.had.items()}  # type: ignore[misc]
+        order._had = await asyncio.to_thread(self._had_of, order, record.had)
         inputs: list[dict[str, object]] = []
         for card, row in zip(order.cards, rows, strict=True):
             try:
@@ -604,6 +621,22 @@ class OrderService:
                 order._tasks.append(asyncio.create_task(self._run_card(order, card, card_inputs, adopted=True)))
         if order.finished:
             self._finish(order)
+
+    def _had_of(self, order: Order, written: Mapping[str, str]) -> dict[tuple[str, str], str]:
+        """The cards an adopted order had, per reader: as its owner wrote them down, and every
+        reader a task of a card's current attempt used (the owner may have died before writing
+        that down), whose card is then the one found there next (SOME_CARD). Blocking."""
+        had: dict[tuple[str, str], str] = {}
+        for key, what in written.items():
+            gateway_id, _, reader_id = key.partition("\n")
+            had[(gateway_id, reader_id)] = what
+        for card in order.cards:
+            instance_id = card.process_instance_id or self.store.client_requests.find(
+                _PROCESS_INSTANCE, request_id(order.id, card.index, card.attempt))
+            if instance_id:
+                for task in self.store.tasks.list(process_instance_id=instance_id):
+                    had.setdefault((task.gateway_id, task.reader_id), SOME_CARD)
+        return had
 
     async def _follow_elsewhere(self) -> None:
         """Cancellations written by another replica, and orders another replica adopted."""
