@@ -80,6 +80,8 @@ def service_name(module) -> str:
     return service.full_name
 
 
+#: Orders to adopt and cancellations made on other replicas are looked for at least this often.
+ORDER_ADOPT_INTERVAL_S = 5.0
 #: What each service needs for its health to be SERVING (orchestrator/health.py): None = the
 #: database and every CA; the reader pool, leases and the link work from memory alone.
 HEALTH_NEEDS: dict[str, frozenset[str] | None] = {
@@ -208,7 +210,6 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
                           max_ttl_s=settings.pool.lease_max_ttl_s, step_timeout_s=settings.step_timeout_s,
                           max_per_caller=settings.pool.max_leases_per_caller,
                           service_readers=service_selectors(settings.pool.service_readers), audit=audit)
-    orders = OrderService(processes, pool, audit=audit)
     # One CRL refuses revoked callers, travels to every gateway and ends a revoked gateway's link.
     revocations = revocation_list(tls)
     # Who may call what: one row per RPC (shared/permissions.py, docs/permissions.md).
@@ -227,6 +228,11 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
                             live_handlings=lambda: certificates.running, take_over=processes.claim)
     report = await asyncio.to_thread(reconciler.reconcile_once)
     log.info("start-up reconciliation", **dataclasses.asdict(report))
+    # Orders live in the store: this replica's unfinished ones (a restart) and those of replicas
+    # gone are adopted once it serves (services/orders.py).
+    orders = OrderService(processes, pool, store, owner_id=owner_id, kek=kek, audit=audit,
+                          stale_after=reconciler.stale_after,
+                          interval_s=min(settings.reconcile_interval_s, ORDER_ADOPT_INTERVAL_S))
     server = Server(settings.listen, [
         (card_service_pb2_grpc.add_CardServiceServicer_to_server, CardServicer(store, card_tasks, templates,
                                                                                 card_puks),
@@ -263,6 +269,7 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     orchestrator = Orchestrator(settings, configuration, store, cas, pool, card_tasks, certificates, processes, server)
     orchestrator.leases, orchestrator.orders, orchestrator.audit = leases, orders, audit
     orchestrator.reconciler = reconciler
+    orders.start_adopting()
     orchestrator.metrics, orchestrator.metrics_endpoint = metrics, metrics_endpoint
     # gRPC health follows the database and the CAs: checked now, then every interval.
     health = HealthMonitor({DATABASE: database_check(store), **ca_checks}, HEALTH_NEEDS,

@@ -30,10 +30,10 @@ class OrderServicer(order_service_pb2_grpc.OrderServiceServicer):
             first = await asyncio.to_thread(self.store.client_requests.claim, "order", request.request_id,
                                             order_id, print_)
             if first != order_id:
-                return pb.CreateOrderResponse(order=conv.order_to_proto(self.orders.get(first)))
+                return pb.CreateOrderResponse(order=conv.order_to_proto(await self.orders.get(first)))
         try:
-            order = self.orders.create(request.process, conv.selector_from_proto(request.selector), items,
-                                       dict(request.secret_inputs), order_id=order_id)
+            order = await self.orders.create(request.process, conv.selector_from_proto(request.selector), items,
+                                             dict(request.secret_inputs), order_id=order_id)
         except BaseException:       # refused before it existed: a retry with the same id tries again
             if request.request_id:
                 await asyncio.to_thread(self.store.client_requests.release, "order", request.request_id, order_id)
@@ -42,11 +42,11 @@ class OrderServicer(order_service_pb2_grpc.OrderServiceServicer):
 
     @rpc_errors
     async def GetOrder(self, request, context):
-        return pb.GetOrderResponse(order=conv.order_to_proto(self.orders.get(request.order_id)))
+        return pb.GetOrderResponse(order=conv.order_to_proto(await self.orders.get(request.order_id)))
 
     @rpc_errors
     async def CancelOrder(self, request, context):
-        return pb.CancelOrderResponse(order=conv.order_to_proto(self.orders.cancel(request.order_id)))
+        return pb.CancelOrderResponse(order=conv.order_to_proto(await self.orders.cancel(request.order_id)))
 
     @rpc_errors
     async def WatchOrder(self, request, context):
@@ -55,6 +55,8 @@ class OrderServicer(order_service_pb2_grpc.OrderServiceServicer):
 
     @rpc_errors
     async def ListOrders(self, request, context):
-        # Order ids are random: the creation time orders them, the id breaks ties.
-        page, token = paging.memory_page(self.orders.list(), request, lambda o: f"{o.created_at.isoformat()} {o.id}")
+        # Stored orders page by (creation time, id), oldest first.
+        size = paging.page_size(request)
+        orders = await self.orders.list(size + 1, paging.keyset_of(request))
+        page, token = paging.keyset_page(orders, size, lambda o: (o.created_at, o.id))
         return pb.ListOrdersResponse(orders=[conv.order_to_proto(o) for o in page], next_page_token=token)

@@ -177,7 +177,7 @@ def register(root: typer.Typer) -> None:
 
     @orders.command("list")
     def orders_list(json_output: bool = JSON, orchestrator_addr: list[str] = ORCHESTRATOR) -> None:
-        """Orders of this orchestrator run (kept in memory), oldest first."""
+        """The orders of every orchestrator on the database, oldest first."""
         found = all_pages(stub(order_service_pb2_grpc.OrderServiceStub, orchestrator_addr).ListOrders,
                           pb.ListOrdersRequest(), "orders")
         if json_output:

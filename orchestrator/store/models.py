@@ -315,3 +315,49 @@ class DeploymentKey(Base):
     fingerprint: Mapped[str] = mapped_column(String(200))
     first_seen: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     first_seen_by: Mapped[str] = mapped_column(NAME)
+
+
+class Order(Base):
+    """A production order (revision 0011_persisted_orders): N cards of one process, run by the
+    replica `owner` (its orchestrator id); another replica adopts a RUNNING order whose owner
+    stopped beating (orchestrator/services/orders.py). `generation` grows with every claim, so
+    only one replica wins one. `had`: the card each reader gave the order ("gateway\\nreader"
+    -> card key), so the order never puts two people on one card, across a takeover too."""
+
+    __tablename__ = "orders"
+    __table_args__ = (Index("ix_orders_state_owner", "state", "owner"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    process: Mapped[str] = mapped_column(NAME)
+    selector: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(20))
+    owner: Mapped[str] = mapped_column(NAME)
+    generation: Mapped[int] = mapped_column(Integer)
+    had: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class OrderCard(Base):
+    """One card of an order: where it stands, the process instance that produces it (attempt
+    n runs under the client request id "order:<id>:<index>:<n>"), its outcome, and its inputs:
+    the non-secret ones as JSON, the secret ones (PINs) only sealed under the key-encryption
+    key (`sealed_secrets`, bound to the order and the card's index; never stored plain)."""
+
+    __tablename__ = "order_cards"
+    __table_args__ = (Index("ix_order_cards_state", "state"),)    # the few cards not yet ended
+
+    order_id: Mapped[str] = mapped_column(ID, ForeignKey("orders.id", ondelete="CASCADE"), primary_key=True)
+    card_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    state: Mapped[str] = mapped_column(String(20))
+    attempt: Mapped[int] = mapped_column(Integer)
+    queue_position: Mapped[int] = mapped_column(Integer)
+    gateway_id: Mapped[str] = mapped_column(NAME)
+    reader_id: Mapped[str] = mapped_column(NAME)
+    process_instance_id: Mapped[str] = mapped_column(ID)
+    error_reason: Mapped[str] = mapped_column(NAME)
+    error_message: Mapped[str] = mapped_column(Text)
+    inputs: Mapped[dict[str, Any]] = mapped_column(JSON)
+    kek_id: Mapped[str | None] = mapped_column(NAME, nullable=True)
+    sealed_secrets: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)

@@ -20,7 +20,7 @@ session factory: store.certificates (C4 search, C5 state changes), store.archive
 store.cards, store.card_secrets (sealed PUKs), store.tasks (and the step journal), store.processes,
 store.ca_requests (C16 journal), store.relations (C9), store.audit (C5), store.instances (heartbeats),
 store.client_requests (client-chosen request ids of creating RPCs), store.deployment_keys (the
-CA and KEK fingerprints every replica shares).
+CA and KEK fingerprints every replica shares), store.orders (production orders and their cards).
 
 Every public method is one transaction and returns frozen records (records.py), never ORM
 objects. Methods are blocking; async services call them through asyncio.to_thread.
@@ -54,6 +54,7 @@ from orchestrator.store.client_requests import ClientRequests
 from orchestrator.store.deployment_keys import DeploymentKeys
 from orchestrator.store.instances import OrchestratorInstances
 from orchestrator.store.models import ArchivedKey, Card, CaRequest, Certificate, Task, utcnow
+from orchestrator.store.orders import Orders
 from orchestrator.store.process_secrets import ProcessSecrets
 from orchestrator.store.processes import ProcessInstances
 from orchestrator.store.records import CaRequestState, CertificateRecord, NewRelation, TaskRecord, TaskState, WrappedKey
@@ -130,6 +131,7 @@ class Store:
         self.client_requests = ClientRequests(self._db)
         self.deployment_keys = DeploymentKeys(self._db)
         self.process_secrets = ProcessSecrets(self._db)    # sealed PINs of running instances (takeover)
+        self.orders = Orders(self._db)
 
     @property
     def database_url_shown(self) -> str:

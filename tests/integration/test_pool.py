@@ -280,7 +280,7 @@ def test_batch_order_of_12_cards_over_3_gateways_uses_every_reader_with_fifo_que
                     if (states.count(order_pb.ORDER_CARD_STATE_SUCCEEDED) == 3
                             and len(in_pool_queue) == 9
                             and e.order.state == order_pb.ORDER_STATE_RUNNING):
-                        orch.orders.cancel(order.id)
+                        await orch.orders.cancel(order.id)
                         waiting = list(snapshots)           # the snapshots before the cancellation
                 listed = (await api.orders.ListOrders(order_pb.ListOrdersRequest())).orders
             cli = await asyncio.to_thread(

@@ -103,8 +103,8 @@ def test_an_order_never_puts_two_people_on_one_card_it_waits_for_the_card_to_cha
                                      tokens=(first, second)) as rig:
             orders = rig.orch.orders
             assert orders is not None
-            order = orders.create("produce", ReaderSelector(),
-                                           [{"person": f"Person {i}"} for i in range(3)], {"pin": PIN})
+            order = await orders.create("produce", ReaderSelector(),
+                                        [{"person": f"Person {i}"} for i in range(3)], {"pin": PIN})
             async with asyncio.timeout(30):
                 async for seen in orders.watch(order.id):
                     counts = seen.counts()

@@ -1,7 +1,7 @@
 """Sealed secret inputs of running process instances (C16, takeover)
 
 Revision ID: 0012_process_secrets
-Revises: 0009_deployment_keys
+Revises: 0011_persisted_orders
 Create Date: 2026-11-29
 
 process_secrets: process instance id -> its secret inputs (PINs), sealed under the
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0012_process_secrets"
-down_revision = "0009_deployment_keys"
+down_revision = "0011_persisted_orders"
 branch_labels = None
 depends_on = None
 
