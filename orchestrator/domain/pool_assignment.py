@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared import cards
 
@@ -64,7 +64,7 @@ class ReaderSelector:
         return (self.matches_place(place.gateway_id, place.site, place.labels, reader)
                 and (not self.card_present or has_card(reader)))
 
-    def matches_pooled(self, p) -> bool:     # a PooledReader (orchestrator/services/pool.py)
+    def matches_pooled(self, p: Any) -> bool:     # a PooledReader (orchestrator/services/pool.py)
         return (self.matches_place(p.gateway_id, p.site, p.labels, p.reader)
                 and (not self.card_present or has_card(p.reader)))
 
@@ -76,17 +76,20 @@ class ReaderSelector:
             parts.append("card present")
         return "{" + ", ".join(parts) + "}" if parts else "{any reader}"
 
-    def to_data(self) -> dict:
+    def to_data(self) -> dict[str, Any]:
         """As JSON-able data (a waiter's row)."""
         return {"gateway_id": self.gateway_id, "reader_id": self.reader_id,
                 "kind": self.kind.value if self.kind else "", "site": self.site, "labels": dict(self.labels),
                 "card_present": self.card_present}
 
     @classmethod
-    def from_data(cls, data: Mapping) -> ReaderSelector:
+    def from_data(cls, data: Mapping[str, Any]) -> ReaderSelector:
         return cls(gateway_id=data.get("gateway_id", ""), reader_id=data.get("reader_id", ""),
                    kind=cards.ReaderKind(data["kind"]) if data.get("kind") else None, site=data.get("site", ""),
                    labels=dict(data.get("labels") or {}), card_present=bool(data.get("card_present")))
+
+
+ANY_READER = ReaderSelector()
 
 
 @dataclass(frozen=True)

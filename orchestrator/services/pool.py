@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from orchestrator.domain.pool_assignment import Candidate, ReaderSelector, Want, assign, has_card
+from orchestrator.domain.pool_assignment import ANY_READER, Candidate, ReaderSelector, Want, assign, has_card
 from shared import cards, convert
 from shared.errors import (
     CardlineError,
@@ -400,7 +400,7 @@ class ReaderPool:
         return PooledReader(session.gateway_id, reader, hold is not None, state, session.site, dict(session.labels),
                             hold.holder if hold else "")
 
-    def list(self, selector: ReaderSelector = ReaderSelector()) -> list[PooledReader]:
+    def list(self, selector: ReaderSelector = ANY_READER) -> list[PooledReader]:
         self._purge()
         return [p for gid, s in sorted(self._gateways.items())
                 for r in sorted(s.readers.values(), key=lambda r: r.reader_id)

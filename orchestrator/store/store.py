@@ -54,6 +54,7 @@ from orchestrator.store.client_requests import ClientRequests
 from orchestrator.store.deployment_keys import DeploymentKeys
 from orchestrator.store.instances import OrchestratorInstances
 from orchestrator.store.models import ArchivedKey, Card, CaRequest, Certificate, Task, utcnow
+from orchestrator.store.pool import ReplicaPool
 from orchestrator.store.processes import ProcessInstances
 from orchestrator.store.records import CaRequestState, CertificateRecord, NewRelation, TaskRecord, TaskState, WrappedKey
 from orchestrator.store.relations import Relations
@@ -128,6 +129,7 @@ class Store:
         self.instances = OrchestratorInstances(self._db)
         self.client_requests = ClientRequests(self._db)
         self.deployment_keys = DeploymentKeys(self._db)
+        self.replica_pool = ReplicaPool(self._db)      # PostgreSQL only (orchestrator/store/pool.py)
 
     @property
     def database_url_shown(self) -> str:
