@@ -216,7 +216,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     leases = LeaseService(pool, default_ttl_s=settings.pool.lease_default_ttl_s,
                           max_ttl_s=settings.pool.lease_max_ttl_s, step_timeout_s=settings.step_timeout_s,
                           max_per_caller=settings.pool.max_leases_per_caller,
-                          service_readers=service_selectors(settings.pool.service_readers), audit=audit)
+                          service_readers=service_selectors(settings.pool.service_readers), audit=audit,
+                          shared=store.replica_pool if isinstance(pool, FederatedPool) else None)
     orders = OrderService(processes, pool, audit=audit)
     # One CRL refuses revoked callers, travels to every gateway and ends a revoked gateway's link.
     revocations = revocation_list(tls)
@@ -270,6 +271,7 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     await server.start()
     if isinstance(pool, FederatedPool):
         pool.address = settings.replica.advertise_address or server.address
+        pool.every_round(leases.end_expired)          # any replica ends any replica's expired leases
         await pool.start()
     orchestrator = Orchestrator(settings, configuration, store, cas, pool, card_tasks, certificates, processes, server)
     orchestrator.leases, orchestrator.orders, orchestrator.audit = leases, orders, audit

@@ -139,6 +139,11 @@ class FederatedPool(ReaderPool):
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._cycle = asyncio.Lock()
+        self._rounds: list[Callable[[], Awaitable[object]]] = []
+
+    def every_round(self, call: Callable[[], Awaitable[object]]) -> None:
+        """CALL runs after each heartbeat round (e.g. the leases ending expired ones)."""
+        self._rounds.append(call)
 
     # --- life ------------------------------------------------------------------------------
 
@@ -172,6 +177,8 @@ class FederatedPool(ReaderPool):
                     await asyncio.to_thread(self.db.seen, self.replica_id,
                                             [s.gateway_id for s in self._links if not s.closed])
                     await asyncio.to_thread(self.db.clean, self.stale_after_s, self.offline_retention_s)
+                    for call in self._rounds:
+                        await call()
                 await self.refresh(serve=True)
             except asyncio.CancelledError:
                 raise
