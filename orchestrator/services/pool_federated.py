@@ -148,6 +148,7 @@ class FederatedPool(ReaderPool):
     # --- life ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.db.forget, self.replica_id)        # what its previous run left
         await asyncio.to_thread(self.db.advertise, self.replica_id, self.address)
         await self.refresh()
         self._tasks.append(asyncio.create_task(self._run()))
@@ -159,10 +160,10 @@ class FederatedPool(ReaderPool):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for session in list(self._links):           # its links end with the replica
-            link_id = self._links.pop(session)
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.db.link_down, link_id, session.gateway_id)
+        with contextlib.suppress(Exception):        # its links, queued requests and holds end with it
+            await self._flush()
+            await asyncio.to_thread(self.db.forget, self.replica_id)
+        self._links.clear()
 
     async def _run(self) -> None:
         last_beat = 0.0

@@ -365,6 +365,17 @@ class ReplicaPool:
                 _notify(s)
             return changed
 
+    def forget(self, replica_id: str) -> None:
+        """What a run of REPLICA_ID left that nothing uses once it stopped (at its start and
+        stop): its queued requests, its holds but those of leases, its gateways' links."""
+        with self._db.write() as s:
+            s.execute(delete(PoolWaiter).where(PoolWaiter.replica_id == replica_id))
+            s.execute(delete(PoolHold).where(PoolHold.replica_id == replica_id,
+                                             PoolHold.hold_id.not_in(select(PoolLease.hold_id))))
+            s.execute(update(PoolGateway).where(PoolGateway.replica_id == replica_id, PoolGateway.connected)
+                      .values(connected=False, last_seen=utcnow()))
+            _notify(s)
+
     # --- leases ------------------------------------------------------------------------------
 
     def add_lease(self, lease: LeaseRow) -> None:

@@ -64,12 +64,12 @@ def replicas(tmp_path: pathlib.Path, database_url: str) -> Iterator[tuple[str, s
 
 
 @contextlib.contextmanager
-def stations(tmp_path: pathlib.Path, orchestrator: str, module: str) -> Iterator[list[str]]:
-    """GATEWAYS gateways linked to ORCHESTRATOR, each with one SoftHSM2 token of its own; their
+def stations(tmp_path: pathlib.Path, orchestrator: str, module: str, count: int = GATEWAYS) -> Iterator[list[str]]:
+    """COUNT gateways linked to ORCHESTRATOR, each with one SoftHSM2 token of its own; their
     token labels."""
     labels = []
     with contextlib.ExitStack() as stack:
-        for i in range(GATEWAYS):
+        for i in range(count):
             conf = make_softhsm_dir(tmp_path / f"hsm-{i}")
             label = f"replica-{i}"
             init_blank_token(conf, label, PIN)
@@ -175,6 +175,42 @@ def test_a_replica_lists_produces_on_and_leases_the_readers_of_gateways_linked_t
             _until(lambda: next(r for r in _readers(a) if r[:2] == (second.gateway_id, second.reader.reader_id))[3]
                    == pool_pb.POOLED_READER_STATE_CARD_PRESENT, what="the reader free again")
             assert _queue_depth(metrics_a) == 0
+
+
+def _read_card_info(api: OrchestratorApi, lease_id: str) -> str:
+    return api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
+        lease_id=lease_id, step=steps_pb2.Step(read_card_info=steps_pb2.ReadCardInfo())),
+        timeout=30).outcome.WhichOneof("result")
+
+
+def test_a_lease_outlives_a_restart_of_the_replica_that_granted_it(tmp_path, postgres_store, postgres_database_url,
+                                                                   softhsm_module):
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    with orchestrator_process(b_dir, _env(postgres_database_url)) as b, \
+            stations(tmp_path, b, softhsm_module, count=1) as (label,):
+        a_env = _env(postgres_database_url, b_dir / "ca", b_dir / "kek.key")
+        address_a = f"127.0.0.1:{free_port()}"
+        with orchestrator_process(a_dir, a_env, address=address_a) as a:
+            pooled = wait_for_pooled_reader(a, lambda r: r.reader.token_label == label
+                                            and r.state == pool_pb.POOLED_READER_STATE_CARD_PRESENT)
+            with channel(a) as ch:
+                lease = OrchestratorApi.on(ch).leases.AcquireLease(lease_pb.AcquireLeaseRequest(
+                    selector=pool_pb.ReaderSelector(gateway_id=pooled.gateway_id, reader_id=pooled.reader.reader_id),
+                    ttl_s=300, holder="long"), timeout=20).lease
+        # A is down: B still knows the lease, and its reader stays leased.
+        with channel(b) as ch:
+            api_b = OrchestratorApi.on(ch)
+            assert api_b.leases.GetLease(lease_pb.GetLeaseRequest(lease_id=lease.lease_id), timeout=5).lease.lease_id
+            assert _read_card_info(api_b, lease.lease_id) == "card_info"
+            assert next(r for r in _readers(b) if r[2] == label)[3] == pool_pb.POOLED_READER_STATE_LEASED
+        with orchestrator_process(a_dir, a_env, address=address_a) as a, channel(a) as ch:
+            api_a = OrchestratorApi.on(ch)
+            assert [x.lease_id for x in api_a.leases.ListLeases(lease_pb.ListLeasesRequest(), timeout=5).leases] == \
+                [lease.lease_id]
+            assert _read_card_info(api_a, lease.lease_id) == "card_info"
+            api_a.leases.ReleaseLease(lease_pb.ReleaseLeaseRequest(lease_id=lease.lease_id), timeout=10)
+            _until(lambda: next(r for r in _readers(b) if r[2] == label)[3]
+                   == pool_pb.POOLED_READER_STATE_CARD_PRESENT, what="the reader free after the release")
 
 
 @pytest.mark.parametrize("caller", ["admin", "service"])
