@@ -220,11 +220,18 @@ class LeaseService:
 
     async def run_step(self, lease_id: str, step: cards.Step, step_number: int = 0) -> cards.StepValue:
         lease = self.owned(lease_id, "run steps on")
+        if not step_number:
+            lease.auto_steps += 1
+        return await self._run(lease, step, step_number, lease.auto_steps)
+
+    async def _run(self, lease: ServiceLease, step: cards.Step, step_number: int, auto: int) -> cards.StepValue:
+        """Runs STEP on the lease's reader: as the caller's step STEP_NUMBER, or (0) as the
+        lease's automatic step AUTO; audited with its outcome."""
+        lease_id = lease.lease_id
         if step_number:
             task_id = f"lease-{lease_id}"
         else:
-            lease.auto_steps += 1
-            task_id, step_number = f"lease-{lease_id}-auto", lease.auto_steps
+            task_id, step_number = f"lease-{lease_id}-auto", auto
         lease.in_flight += 1
         outcome = "failed"
         try:
@@ -320,27 +327,10 @@ class LeaseService:
         if self.shared is None:
             return await self.run_step(lease_id, step, step_number)
         lease = await self.owned_shared(lease_id, "run steps on")
-        if lease_id in self._leases:
-            return await self.run_step(lease_id, step, step_number)
-        if step_number:
-            task_id = f"lease-{lease_id}"
-        else:
-            task_id, step_number = f"lease-{lease_id}-auto", await asyncio.to_thread(self.shared.next_auto_step,
-                                                                                     lease_id)
-        outcome = "failed"
-        try:
-            value = await lease.pool_lease.run(step, task_id=task_id, step_number=step_number,
-                                               timeout_s=self.step_timeout_s)
-            outcome = "succeeded"
-            return value
-        except CardlineError as exc:
-            outcome = exc.reason
-            raise
-        finally:
-            if self.audit is not None:
-                self.audit.later(AUDIT_RAW_STEP, LEASE, lease_id, acting(),
-                                 {"operation": type(step.operation).__name__, "outcome": outcome,
-                                  "step_task": task_id}, replace(_where(lease), step=step_number))
+        # Automatic step numbers are counted in the lease's row: two replicas never send the
+        # same (task, step) for two different steps (the gateway's memo would answer the second).
+        auto = 0 if step_number else await asyncio.to_thread(self.shared.next_auto_step, lease_id)
+        return await self._run(lease, step, step_number, auto)
 
     async def end_expired(self) -> int:
         """Ends the leases of every replica whose time ran out (PostgreSQL); how many."""

@@ -182,6 +182,17 @@ class GatewaySession:
         return item is _CLOSED
 
 
+def reader_state(connected: bool, held_by: str | None, reader: cards.Reader) -> ReaderState:
+    """A pooled reader's state: its gateway's link, who holds it (TASK, SERVICE, None), its card."""
+    if not connected:
+        return ReaderState.OFFLINE
+    if held_by is not None:
+        return ReaderState.BUSY if held_by == TASK else ReaderState.LEASED
+    if reader.error:
+        return ReaderState.ERROR
+    return ReaderState.CARD_PRESENT if has_card(reader) else ReaderState.EMPTY
+
+
 class PoolObserver(Protocol):
     """What the pool tells the metrics (orchestrator/metrics.py); the default does nothing."""
     def waited(self, kind: str, seconds: float) -> None: ...
@@ -389,14 +400,7 @@ class ReaderPool:
 
     def _pooled(self, session: GatewaySession, reader: cards.Reader) -> PooledReader:
         hold = self._holds.get((session.gateway_id, reader.reader_id))
-        if session.closed:
-            state = ReaderState.OFFLINE
-        elif hold is not None:
-            state = ReaderState.BUSY if hold.kind == TASK else ReaderState.LEASED
-        elif reader.error:
-            state = ReaderState.ERROR
-        else:
-            state = ReaderState.CARD_PRESENT if has_card(reader) else ReaderState.EMPTY
+        state = reader_state(not session.closed, hold.kind if hold else None, reader)
         return PooledReader(session.gateway_id, reader, hold is not None, state, session.site, dict(session.labels),
                             hold.holder if hold else "")
 
@@ -410,9 +414,17 @@ class ReaderPool:
         readers = dict.fromkeys(ReaderState, 0)
         for p in self.list():
             readers[p.state] += 1
+        waits = self._waits()
+        return PoolCensus(readers, len(waits), max(waits, default=0.0), self._link_states())
+
+    def _waits(self) -> builtins.list[float]:
+        """How long each queued request has waited, in seconds."""
         now = time.monotonic()
-        return PoolCensus(readers, len(self._waiters), max((now - w.since for w in self._waiters), default=0.0),
-                          {gid: not s.closed for gid, s in self._gateways.items()})
+        return [now - w.since for w in self._waiters]
+
+    def _link_states(self) -> dict[str, bool]:
+        """Gateway id -> connected."""
+        return {gid: not s.closed for gid, s in self._gateways.items()}
 
     def queue(self) -> builtins.list[tuple[int, str, str]]:  # list: the method above
         """The waiting requests: (position, holder kind, what they wait for)."""

@@ -30,7 +30,7 @@ import functools
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.domain.pool_assignment import ANY_READER, ReaderSelector, card_key, has_card
@@ -40,13 +40,13 @@ from orchestrator.services.pool import (
     GatewayInfo,
     GatewaySession,
     Lease,
-    LeaseScope,
-    PoolCensus,
     PooledReader,
     PoolObserver,
     ReaderPool,
     ReaderState,
     _Hold,
+    _Waiter,
+    reader_state,
 )
 from orchestrator.store.pool import FAILED, GRANTED, WAITING, PoolView, ReplicaPool, take_key
 from shared import cards
@@ -105,16 +105,9 @@ class FederatedLease(Lease):
 
 
 @dataclass(eq=False)
-class _FedWaiter:
-    waiter_id: str
-    selector: ReaderSelector
-    scope: LeaseScope | None
-    need_card: bool
-    kind: str
-    holder: str
-    future: asyncio.Future
-    position: int = 0
-    since: float = field(default_factory=time.monotonic)
+class _FedWaiter(_Waiter):
+    """A request of this replica's callers, queued in the database as row WAITER_ID."""
+    waiter_id: str = ""
 
 
 class FederatedPool(ReaderPool):
@@ -233,7 +226,7 @@ class FederatedPool(ReaderPool):
                 continue
             if row is None:
                 waiter.future.set_exception(ReaderBusy(
-                    f"the request for a reader matching {_describe(waiter)} left the queue (its replica was "
+                    f"the request for a reader matching {waiter.describe()} left the queue (its replica was "
                     "taken for gone)"))
                 self._mine.pop(waiter_id, None)
             elif row.state == GRANTED and row.gateway_id and row.reader_id:
@@ -263,7 +256,7 @@ class FederatedPool(ReaderPool):
                 await asyncio.to_thread(self.db.withdraw, waiter_id)
                 if not waiter.future.done():
                     waiter.future.set_exception(ReaderNotFound(
-                        f"no reader of an attached gateway matches {_describe(waiter)} any more",
+                        f"no reader of an attached gateway matches {waiter.describe()} any more",
                         reader_id=waiter.selector.reader_id))
             elif row.position and row.position != waiter.position:
                 waiter.position = row.position
@@ -321,14 +314,7 @@ class FederatedPool(ReaderPool):
             if g is None:
                 continue
             hold = view.holds.get((gid, reader.reader_id))
-            if not g.connected:
-                state = ReaderState.OFFLINE
-            elif hold is not None:
-                state = ReaderState.BUSY if hold.kind == TASK else ReaderState.LEASED
-            elif reader.error:
-                state = ReaderState.ERROR
-            else:
-                state = ReaderState.CARD_PRESENT if has_card(reader) else ReaderState.EMPTY
+            state = reader_state(g.connected, hold.kind if hold else None, reader)
             out.append(PooledReader(gid, reader, hold is not None, state, g.site, dict(g.labels),
                                     hold.holder if hold else ""))
         return out
@@ -343,14 +329,12 @@ class FederatedPool(ReaderPool):
         return [GatewayInfo(g.gateway_id, g.site, dict(g.labels), g.connected, counts.get(g.gateway_id, 0),
                             g.connected_since, g.last_seen, g.version) for g in self._view.gateways]
 
-    def census(self) -> PoolCensus:
-        readers = dict.fromkeys(ReaderState, 0)
-        for p in self.list():
-            readers[p.state] += 1
-        waiting = [w for w in self._view.waiters if w.state == WAITING]
+    def _waits(self) -> builtins.list[float]:
         now = dt.datetime.now(dt.UTC)
-        return PoolCensus(readers, len(waiting), max(((now - w.since).total_seconds() for w in waiting), default=0.0),
-                          {g.gateway_id: g.connected for g in self._view.gateways})
+        return [(now - w.since).total_seconds() for w in self._view.waiters if w.state == WAITING]
+
+    def _link_states(self) -> dict[str, bool]:
+        return {g.gateway_id: g.connected for g in self._view.gateways}
 
     def queue(self) -> builtins.list[tuple[int, str, str]]:
         return [(w.position, w.kind, w.describe()) for w in self._view.waiters if w.state == WAITING]
@@ -358,17 +342,6 @@ class FederatedPool(ReaderPool):
     def position(self, holder: str) -> int:
         """The queue position of the first waiting request of HOLDER (0: none waits)."""
         return next((w.position for w in self._view.waiters if w.state == WAITING and w.holder == holder), 0)
-
-    def _publish(self) -> None:
-        now = {(p.gateway_id, p.reader.reader_id): p for p in self.list()}
-        before, self._snapshot = self._snapshot, now
-        if not self._sinks:
-            return
-        events = [("present" if key not in before else "changed", p) for key, p in now.items() if before.get(key) != p]
-        events += [("removed", p) for key, p in before.items() if key not in now]
-        for kind, p in events:
-            for sink in builtins.list(self._sinks):
-                sink(kind, p)
 
     # --- holding readers -------------------------------------------------------------------
 
@@ -379,8 +352,8 @@ class FederatedPool(ReaderPool):
         if refusal is not None:
             raise refusal
         await self.refresh()
-        waiter = _FedWaiter(str(uuid.uuid4()), selector, scope, need_card or selector.card_present, kind, holder,
-                            asyncio.get_running_loop().create_future())
+        waiter = _FedWaiter(selector, scope, need_card or selector.card_present, kind, holder,
+                            asyncio.get_running_loop().create_future(), waiter_id=str(uuid.uuid4()))
         self._refuse_unmatchable_view(waiter)
         self._mine[waiter.waiter_id] = waiter
         try:
@@ -393,14 +366,14 @@ class FederatedPool(ReaderPool):
                     await self._give_up(waiter)
                     raise refusal
                 log.info("request queued", kind=kind, holder=holder, position=waiter.position,
-                         wants=_describe(waiter))
+                         wants=waiter.describe())
             timeout_s = self.queue_timeout_s if timeout_s is None else timeout_s
             lease = await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
             self.observer.waited(kind, time.monotonic() - waiter.since)
             return lease
         except TimeoutError:
             await self._give_up(waiter)
-            raise ReaderBusy(f"no reader matching {_describe(waiter)} became free within {timeout_s:g} s in the "
+            raise ReaderBusy(f"no reader matching {waiter.describe()} became free within {timeout_s:g} s in the "
                              "queue") from None
         except asyncio.CancelledError:
             await asyncio.shield(self._give_up(waiter))
@@ -438,7 +411,7 @@ class FederatedPool(ReaderPool):
         row = self._view.gateway(gid) if gid else None
         if gid and (row is None or not row.connected):
             raise GatewayNotConnected(f"gateway {gid!r} is not attached", gateway_id=gid)
-        raise ReaderNotFound(f"no reader of an attached gateway matches {_describe(waiter)}",
+        raise ReaderNotFound(f"no reader of an attached gateway matches {waiter.describe()}",
                              reader_id=waiter.selector.reader_id)
 
     def _matching(self, waiter: _FedWaiter) -> builtins.list[PooledReader]:
@@ -451,16 +424,11 @@ class FederatedPool(ReaderPool):
         matching = self._matching(waiter)
         held = [p for p in matching if p.busy]
         if waiter.need_card and not held and not any(has_card(p.reader) for p in matching):
-            return NoCardPresent(f"no card in any reader matching {_describe(waiter)}",
+            return NoCardPresent(f"no card in any reader matching {waiter.describe()}",
                                  reader_id=matching[0].reader.reader_id if matching else "")
         if not wait:
-            return ReaderBusy(f"every reader matching {_describe(waiter)} is busy or leased")
+            return ReaderBusy(f"every reader matching {waiter.describe()} is busy or leased")
         return None
-
-
-def _describe(waiter: _FedWaiter) -> str:
-    s = waiter.scope.selector if waiter.scope else None
-    return waiter.selector.describe() + (f" within {s.describe()}" if s else "")
 
 
 async def listen_for_changes(database_url: str, wake: Callable[[], None], *, retry_s: float = 2.0) -> None:
