@@ -176,8 +176,9 @@ class FederatedPool(ReaderPool):
                 await self.refresh(serve=True)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the database away for a moment: the next round
-                log.exception("reader pool round failed")
+            except Exception as exc:  # the database away for a moment: the next round
+                log.warning("reader pool round failed; trying again", error=str(exc)[:500],
+                            retry_s=self.poll_interval_s)
 
     def _kick(self) -> None:
         self._wake.set()
@@ -266,6 +267,9 @@ class FederatedPool(ReaderPool):
     # --- gateways linked here ------------------------------------------------------------
 
     def attach(self, session: GatewaySession) -> None:
+        old = self._gateways.get(session.gateway_id)
+        if old is not None:
+            self._links.pop(old, None)             # the new link's row replaces the old one's
         link_id = str(uuid.uuid4())
         self._links[session] = link_id
         readers = list(session.readers.values())

@@ -150,6 +150,9 @@ def test_a_replica_lists_produces_on_and_leases_the_readers_of_gateways_linked_t
             assert api_b.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
                 lease_id=lease.lease_id, step=steps_pb2.Step(read_card_info=steps_pb2.ReadCardInfo())),
                 timeout=30).outcome.WhichOneof("result") == "card_info"
+            remote, local = _step_times(api_a, lease.lease_id), _step_times(api_b, lease.lease_id)
+            print(f"read_card_info on a lease, median of {STEPS}: through A (relayed to B) {remote * 1000:.1f} ms, "
+                  f"through B (holds the link) {local * 1000:.1f} ms")
             leased = next(r for r in _readers(b) if r[:2] == (second.gateway_id, second.reader.reader_id))
             assert leased[3] == pool_pb.POOLED_READER_STATE_LEASED
 
@@ -165,8 +168,10 @@ def test_a_replica_lists_produces_on_and_leases_the_readers_of_gateways_linked_t
                 assert not waiting.done()
 
                 # Released through B (granted through A): the reader goes to the one waiting.
+                released = time.monotonic()
                 api_b.leases.ReleaseLease(lease_pb.ReleaseLeaseRequest(lease_id=lease.lease_id), timeout=10)
                 granted = waiting.result(timeout=30).lease
+                print(f"released through B, granted to the next in the queue {time.monotonic() - released:.3f} s later")
             assert (granted.gateway_id, granted.reader.reader_id) == (second.gateway_id, second.reader.reader_id)
             with pytest.raises(grpc.RpcError) as gone:
                 api_a.leases.GetLease(lease_pb.GetLeaseRequest(lease_id=lease.lease_id), timeout=5)
@@ -175,6 +180,19 @@ def test_a_replica_lists_produces_on_and_leases_the_readers_of_gateways_linked_t
             _until(lambda: next(r for r in _readers(a) if r[:2] == (second.gateway_id, second.reader.reader_id))[3]
                    == pool_pb.POOLED_READER_STATE_CARD_PRESENT, what="the reader free again")
             assert _queue_depth(metrics_a) == 0
+
+
+STEPS = 20
+
+
+def _step_times(api: OrchestratorApi, lease_id: str) -> float:
+    """The median time of STEPS read_card_info steps on the lease."""
+    times = []
+    for _ in range(STEPS):
+        started = time.monotonic()
+        assert _read_card_info(api, lease_id) == "card_info"
+        times.append(time.monotonic() - started)
+    return sorted(times)[STEPS // 2]
 
 
 def _read_card_info(api: OrchestratorApi, lease_id: str) -> str:
