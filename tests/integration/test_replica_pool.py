@@ -15,7 +15,7 @@ import os
 import pathlib
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import psycopg
@@ -79,6 +79,11 @@ def stations(tmp_path: pathlib.Path, orchestrator: str, module: str, count: int 
         yield labels
 
 
+def _ready(label: str) -> Callable[[pool_pb.PooledReader], bool]:
+    """The pooled reader of the token LABEL, holding it."""
+    return lambda r: r.reader.token_label == label and r.state == pool_pb.POOLED_READER_STATE_CARD_PRESENT
+
+
 def _readers(address: str) -> list[tuple[str, str, str, int]]:
     with channel(address) as ch:
         listed = OrchestratorApi.on(ch).pool.ListReaders(pool_pb.ListReadersRequest(), timeout=5).readers
@@ -113,9 +118,7 @@ def test_a_replica_lists_produces_on_and_leases_the_readers_of_gateways_linked_t
         tmp_path, postgres_store, postgres_database_url, softhsm_module):
     with replicas(tmp_path, postgres_database_url) as (a, metrics_a, b, metrics_b), \
             stations(tmp_path, b, softhsm_module) as labels:
-        pooled = {label: wait_for_pooled_reader(a, lambda r, label=label: r.reader.token_label == label
-                                                and r.state == pool_pb.POOLED_READER_STATE_CARD_PRESENT)
-                  for label in labels}
+        pooled = {label: wait_for_pooled_reader(a, _ready(label)) for label in labels}
         assert {p.gateway_id for p in pooled.values()} == {f"station-r{i}" for i in range(GATEWAYS)}
         _until(lambda: _readers(a) == _readers(b), what="A and B listing the same readers")
 
@@ -196,9 +199,10 @@ def _step_times(api: OrchestratorApi, lease_id: str) -> float:
 
 
 def _read_card_info(api: OrchestratorApi, lease_id: str) -> str:
-    return api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
+    """The kind of outcome of a read_card_info step on the lease."""
+    return str(api.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
         lease_id=lease_id, step=steps_pb2.Step(read_card_info=steps_pb2.ReadCardInfo())),
-        timeout=30).outcome.WhichOneof("result")
+        timeout=30).outcome.WhichOneof("result"))
 
 
 def test_a_lease_outlives_a_restart_of_the_replica_that_granted_it(tmp_path, postgres_store, postgres_database_url,
@@ -209,8 +213,7 @@ def test_a_lease_outlives_a_restart_of_the_replica_that_granted_it(tmp_path, pos
         a_env = _env(postgres_database_url, b_dir / "ca", b_dir / "kek.key")
         address_a = f"127.0.0.1:{free_port()}"
         with orchestrator_process(a_dir, a_env, address=address_a) as a:
-            pooled = wait_for_pooled_reader(a, lambda r: r.reader.token_label == label
-                                            and r.state == pool_pb.POOLED_READER_STATE_CARD_PRESENT)
+            pooled = wait_for_pooled_reader(a, _ready(label))
             with channel(a) as ch:
                 lease = OrchestratorApi.on(ch).leases.AcquireLease(lease_pb.AcquireLeaseRequest(
                     selector=pool_pb.ReaderSelector(gateway_id=pooled.gateway_id, reader_id=pooled.reader.reader_id),
