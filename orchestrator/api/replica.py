@@ -12,9 +12,10 @@ import asyncio
 import grpc
 
 from orchestrator.services.pool import ReaderPool
+from orchestrator.services.pool_federated import FederatedPool
 from orchestrator.store.pool import ReplicaPool
 from shared import cards, convert
-from shared.errors import InvalidArgument, ReaderBusy, StepTimeout
+from shared.errors import GatewayNotConnected, InvalidArgument, ReaderBusy, StepTimeout
 from shared.proto import replica_service_pb2 as pb
 from shared.proto import replica_service_pb2_grpc
 from shared.rpc import MESSAGE_SIZE_OPTIONS, error_from_rpc, rpc_errors
@@ -39,7 +40,11 @@ class ReplicaServicer(replica_service_pb2_grpc.ReplicaServiceServicer):
         if hold is None or (hold.gateway_id, hold.reader_id) != (request.gateway_id, request.reader_id):
             raise ReaderBusy(f"reader {request.reader_id!r} of gateway {request.gateway_id!r} is not held under "
                              f"hold {request.hold_id!r}", reader_id=request.reader_id, gateway_id=request.gateway_id)
-        session = self.pool.session(request.gateway_id)
+        # Only a link of this replica: a step is relayed once, never on (two replicas with stale
+        # views of where a gateway is linked must not hand it back and forth).
+        pool = self.pool
+        session = pool.linked_session(request.gateway_id) if isinstance(pool, FederatedPool) else pool.session(
+            request.gateway_id)
         timeout_s = min(request.timeout_ms / 1000 if request.timeout_ms else self.max_timeout_s, self.max_timeout_s)
         value = await session.run_step(request.reader_id, convert.step_from_proto(request.step),
                                        task_id=request.task_id, step_number=request.step_number, timeout_s=timeout_s)
@@ -77,7 +82,11 @@ class ReplicaClient:
             if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise StepTimeout(f"replica {address} did not answer step {step_number} within {timeout_s:g} s",
                                   gateway_id=gateway_id, step=str(step_number)) from None
-            raise error_from_rpc(exc) from None
+            error = error_from_rpc(exc)        # the replica's own error (CARD_IO, ...), when it sent one
+            if error.reason == grpc.StatusCode.UNAVAILABLE.name:
+                raise GatewayNotConnected(f"gateway {gateway_id!r} is linked to replica {address}, which cannot be "
+                                          f"reached: {exc.details()}", gateway_id=gateway_id) from None
+            raise error from None
         return convert.value_from_outcome(response.outcome)
 
     async def close(self) -> None:

@@ -95,13 +95,19 @@ class FederatedLease(Lease):
         self.hold_id = hold_id
 
     async def run(self, step: cards.Step, *, task_id: str, step_number: int, timeout_s: float) -> cards.StepValue:
+        pool = self._pool
+        assert isinstance(pool, FederatedPool)
         if self._hold.kind == TASK and not self._hold.holder:
             self._hold.holder = task_id          # a card task learns its id after taking the reader
-            pool = self._pool
-            assert isinstance(pool, FederatedPool)
             pool._write(lambda: pool.db.set_holder(self.hold_id, task_id))
-        return await self.session.run_step(self.reader.reader_id, step, task_id=task_id,
-                                           step_number=step_number, timeout_s=timeout_s)
+        # A link of this replica is this lease's for good (it ends with the link, as in one
+        # process); another replica's link is looked up for every step: the gateway may have
+        # moved to another replica, or to this one, meanwhile.
+        session = self.session
+        if isinstance(session, RemoteSession):
+            session = pool._session_for(self.gateway_id, self.hold_id)
+        return await session.run_step(self.reader.reader_id, step, task_id=task_id, step_number=step_number,
+                                      timeout_s=timeout_s)
 
 
 @dataclass(eq=False)
@@ -217,7 +223,9 @@ class FederatedPool(ReaderPool):
         accepts = waiter.scope.accepts if waiter.scope is not None else None
         if accepts is None:
             return None
-        return [take_key(gid, r, card_key(r)) for gid, r in self._view.readers if accepts(gid, r)]
+        connected = {g.gateway_id for g in self._view.gateways if g.connected}
+        return [take_key(gid, r, card_key(r)) for gid, r in self._view.readers
+                if gid in connected and _accepted(accepts, gid, r)]
 
     async def _answer(self) -> None:
         rows = {w.waiter_id: w for w in self._view.waiters}
@@ -295,6 +303,15 @@ class FederatedPool(ReaderPool):
 
     def session(self, gateway_id: str) -> GatewaySession:
         return self._session_for(gateway_id)
+
+    def linked_session(self, gateway_id: str) -> GatewaySession:
+        """The session of a gateway linked to THIS replica (GatewayNotConnected otherwise): what
+        ReplicaService runs steps on, never relaying them further."""
+        local = self._gateways.get(gateway_id)
+        if local is None or local.closed:
+            raise GatewayNotConnected(f"gateway {gateway_id!r} is not linked to replica {self.replica_id}",
+                                      gateway_id=gateway_id)
+        return local
 
     def _session_for(self, gateway_id: str, hold_id: str = "") -> GatewaySession:
         local = self._gateways.get(gateway_id)
@@ -433,6 +450,13 @@ class FederatedPool(ReaderPool):
         if not wait:
             return ReaderBusy(f"every reader matching {waiter.describe()} is busy or leased")
         return None
+
+
+def _accepted(accepts: Callable[[str, cards.Reader], bool], gateway_id: str, reader: cards.Reader) -> bool:
+    try:
+        return accepts(gateway_id, reader)
+    except CardlineError:                # e.g. its gateway went away meanwhile: not now
+        return False
 
 
 async def listen_for_changes(database_url: str, wake: Callable[[], None], *, retry_s: float = 2.0) -> None:
