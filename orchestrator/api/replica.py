@@ -2,8 +2,9 @@
 replica on the same database (docs/replicas.md), and the client the replicas call it with.
 
 Only the role `orchestrator` may call it (shared/permissions.py). The step runs on this
-replica's GatewaySession of the gateway, with the same outcome-kind check as every step, and
-only while the reader is held in the database under the hold the caller names.
+replica's own link to the gateway, with the same outcome-kind check as every step, and only
+while the reader is held in the database under the hold the caller names
+(FederatedPool.run_relayed).
 """
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ import grpc
 
 from orchestrator.services.pool import ReaderPool
 from orchestrator.services.pool_federated import FederatedPool
-from orchestrator.store.pool import ReplicaPool
 from shared import cards, convert
-from shared.errors import GatewayNotConnected, InvalidArgument, ReaderBusy, StepTimeout
+from shared.errors import GatewayNotConnected, InvalidArgument, StepTimeout
 from shared.proto import replica_service_pb2 as pb
 from shared.proto import replica_service_pb2_grpc
 from shared.rpc import MESSAGE_SIZE_OPTIONS, error_from_rpc, rpc_errors
@@ -25,29 +25,19 @@ MAX_CHANNELS = 64          # replicas one replica keeps a channel to
 
 
 class ReplicaServicer(replica_service_pb2_grpc.ReplicaServiceServicer):
-    def __init__(self, pool: ReaderPool, holds: ReplicaPool | None, max_timeout_s: float) -> None:
+    def __init__(self, pool: ReaderPool) -> None:
         self.pool = pool
-        self.holds = holds              # None: not on PostgreSQL, no other replica may be served
-        self.max_timeout_s = max_timeout_s
 
     @rpc_errors
     async def RunStep(self, request, context):
-        if self.holds is None:
+        if not isinstance(self.pool, FederatedPool):
             raise InvalidArgument("this orchestrator runs no pool shared with replicas (SQLite)", field="hold_id")
         if not request.HasField("step") or not request.step.WhichOneof("operation"):
             raise InvalidArgument("the request carries no step", field="step")
-        hold = await asyncio.to_thread(self.holds.hold, request.hold_id) if request.hold_id else None
-        if hold is None or (hold.gateway_id, hold.reader_id) != (request.gateway_id, request.reader_id):
-            raise ReaderBusy(f"reader {request.reader_id!r} of gateway {request.gateway_id!r} is not held under "
-                             f"hold {request.hold_id!r}", reader_id=request.reader_id, gateway_id=request.gateway_id)
-        # Only a link of this replica: a step is relayed once, never on (two replicas with stale
-        # views of where a gateway is linked must not hand it back and forth).
-        pool = self.pool
-        session = pool.linked_session(request.gateway_id) if isinstance(pool, FederatedPool) else pool.session(
-            request.gateway_id)
-        timeout_s = min(request.timeout_ms / 1000 if request.timeout_ms else self.max_timeout_s, self.max_timeout_s)
-        value = await session.run_step(request.reader_id, convert.step_from_proto(request.step),
-                                       task_id=request.task_id, step_number=request.step_number, timeout_s=timeout_s)
+        value = await self.pool.run_relayed(request.gateway_id, request.reader_id, request.hold_id,
+                                            convert.step_from_proto(request.step), task_id=request.task_id,
+                                            step_number=request.step_number,
+                                            timeout_s=request.timeout_ms / 1000 if request.timeout_ms else 0)
         return pb.RunStepResponse(outcome=convert.value_to_outcome(value))
 
 

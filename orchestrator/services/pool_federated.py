@@ -119,6 +119,7 @@ class _FedWaiter(_Waiter):
 class FederatedPool(ReaderPool):
     def __init__(self, db: ReplicaPool, replica_id: str, address: str, *, stale_after_s: float,
                  poll_interval_s: float, heartbeat_interval_s: float, remote: RemoteStep,
+                 max_step_timeout_s: float = 120.0,
                  listen: Callable[[Callable[[], None]], Coroutine[Any, Any, None]] | None = None,
                  queue_timeout_s: float | None = None, offline_retention_s: float = 600.0,
                  observer: PoolObserver | None = None) -> None:
@@ -130,6 +131,7 @@ class FederatedPool(ReaderPool):
         self.poll_interval_s = poll_interval_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.remote = remote
+        self.max_step_timeout_s = max_step_timeout_s
         self._listen = listen
         self._view = PoolView([], [], {}, [], {})
         self._mine: dict[str, _FedWaiter] = {}
@@ -304,14 +306,22 @@ class FederatedPool(ReaderPool):
     def session(self, gateway_id: str) -> GatewaySession:
         return self._session_for(gateway_id)
 
-    def linked_session(self, gateway_id: str) -> GatewaySession:
-        """The session of a gateway linked to THIS replica (GatewayNotConnected otherwise): what
-        ReplicaService runs steps on, never relaying them further."""
+    async def run_relayed(self, gateway_id: str, reader_id: str, hold_id: str, step: cards.Step, *, task_id: str,
+                          step_number: int, timeout_s: float) -> cards.StepValue:
+        """A step another replica sends (ReplicaService): run on THIS replica's link to the
+        gateway only - never relayed on, so that two replicas with stale views of where a
+        gateway is linked cannot hand it back and forth - and only while the reader is held
+        under HOLD_ID. TIMEOUT_S: at most `max_step_timeout_s` (0: that)."""
+        hold = await asyncio.to_thread(self.db.hold, hold_id) if hold_id else None
+        if hold is None or (hold.gateway_id, hold.reader_id) != (gateway_id, reader_id):
+            raise ReaderBusy(f"reader {reader_id!r} of gateway {gateway_id!r} is not held under hold {hold_id!r}",
+                             reader_id=reader_id, gateway_id=gateway_id)
         local = self._gateways.get(gateway_id)
         if local is None or local.closed:
             raise GatewayNotConnected(f"gateway {gateway_id!r} is not linked to replica {self.replica_id}",
                                       gateway_id=gateway_id)
-        return local
+        timeout_s = min(timeout_s or self.max_step_timeout_s, self.max_step_timeout_s)
+        return await local.run_step(reader_id, step, task_id=task_id, step_number=step_number, timeout_s=timeout_s)
 
     def _session_for(self, gateway_id: str, hold_id: str = "") -> GatewaySession:
         local = self._gateways.get(gateway_id)
@@ -376,10 +386,11 @@ class FederatedPool(ReaderPool):
         waiter = _FedWaiter(selector, scope, need_card or selector.card_present, kind, holder,
                             asyncio.get_running_loop().create_future(), waiter_id=str(uuid.uuid4()))
         self._refuse_unmatchable_view(waiter)
-        self._mine[waiter.waiter_id] = waiter
         try:
-            await asyncio.to_thread(self.db.enqueue, waiter.waiter_id, self.replica_id, kind, holder, selector,
-                                    scope.selector if scope else None, waiter.need_card, self._takes(waiter))
+            async with self._cycle:         # no round between the row and the waiter known here
+                await asyncio.to_thread(self.db.enqueue, waiter.waiter_id, self.replica_id, kind, holder, selector,
+                                        scope.selector if scope else None, waiter.need_card, self._takes(waiter))
+                self._mine[waiter.waiter_id] = waiter
             await self.refresh(serve=True)
             if not waiter.future.done():
                 refusal = self._refusal_view(waiter, wait)
