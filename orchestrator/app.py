@@ -270,6 +270,9 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     await server.start()
     if isinstance(pool, FederatedPool):
         pool.address = settings.replica.advertise_address or server.address
+        if pool.address.rpartition(":")[0] in {"0.0.0.0", "[::]", "::", ""}:
+            log.warning("replicas cannot reach this one at its listen address; set replica.advertise_address",
+                        address=pool.address)
         pool.every_round(leases.end_expired)          # any replica ends any replica's expired leases
         await pool.start()
     orchestrator = Orchestrator(settings, configuration, store, cas, pool, card_tasks, certificates, processes, server)
