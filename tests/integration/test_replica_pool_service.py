@@ -53,11 +53,15 @@ async def _until(predicate, what: str, timeout_s: float = 10.0) -> None:
             await asyncio.sleep(0.05)
 
 
-def test_two_replicas_acquiring_one_reader_one_gets_it_the_other_waits_first_in_the_one_queue(postgres_store):
+def test_two_replicas_acquiring_one_reader_one_gets_it_the_other_waits_first_in_the_one_queue_watched_from_both(
+        postgres_store):
     async def body():
         async with _replicas(postgres_store) as (a, b, _):
+            watched: list[tuple[str, str, ReaderState]] = []       # what a WatchReaders on a hears
+            a.subscribe(lambda kind, p: watched.append((kind, p.reader.reader_id, p.state)))
             b.attach(GatewaySession(gateway_id="gw1", site="hq", readers={"r1": _reader("r1", "card-1")}))
             await _until(lambda: [p.state for p in a.list()] == [ReaderState.CARD_PRESENT], "a sees b's reader")
+            assert watched == [("present", "r1", ReaderState.CARD_PRESENT)]
             first = await asyncio.gather(a.acquire(ReaderSelector(), kind="lease", holder="from-a", timeout_s=0.5),
                                          b.acquire(ReaderSelector(), kind="lease", holder="from-b", timeout_s=0.5),
                                          return_exceptions=True)
@@ -77,6 +81,8 @@ def test_two_replicas_acquiring_one_reader_one_gets_it_the_other_waits_first_in_
             await _until(lambda: a.list()[0].holder == "next" == b.list()[0].holder, "the new holder seen by both")
             second.release()
             await _until(lambda: [p.state for p in b.list()] == [ReaderState.CARD_PRESENT], "free again")
+            await _until(lambda: watched[-1] == ("changed", "r1", ReaderState.CARD_PRESENT), "a told it is free")
+            assert ("changed", "r1", ReaderState.LEASED) in watched
 
     asyncio.run(body())
 
