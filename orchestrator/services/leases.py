@@ -135,6 +135,7 @@ class LeaseService:
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._remember = remember_ended
         self._unsubscribe = pool.on_gateway_gone(self._gateway_gone)
+        self._ending: set[asyncio.Task] = set()          # lease rows being removed (PostgreSQL)
 
     # --- life of a lease -------------------------------------------------------------------
 
@@ -432,7 +433,7 @@ class LeaseService:
     def _end(self, lease: ServiceLease, why: str, actor: str = ORCHESTRATOR_ACTOR, audited: bool = True) -> None:
         if lease.ended:
             return
-        if audited and self.audit is not None:
+        if audited and self.audit is not None and self.shared is None:
             self.audit.later(AUDIT_LEASE_ENDED, LEASE, lease.lease_id, actor, {"why": why, "holder": lease.holder},
                              _where(lease))
         lease.ended = why
@@ -440,13 +441,25 @@ class LeaseService:
             lease.timer.cancel()
         self._leases.pop(lease.lease_id, None)
         self._remember_end(lease.lease_id, why)
-        if self.shared is not None:           # its row goes first: its hold then goes with release()
-            shared, lease_id = self.shared, lease.lease_id
+        if self.shared is not None:           # its row goes; audited by the replica that removed it
             with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().create_task(asyncio.to_thread(shared.end_lease, lease_id))
+                task = asyncio.get_running_loop().create_task(self._end_shared(lease, why, actor, audited))
+                self._ending.add(task)
+                task.add_done_callback(self._ending.discard)
         if lease.in_flight == 0:              # otherwise the running step frees it when it ends
             lease.pool_lease.release()
         log.info("lease ended", lease_id=lease.lease_id, holder=lease.holder, why=why)
+
+    async def _end_shared(self, lease: ServiceLease, why: str, actor: str, audited: bool) -> None:
+        assert self.shared is not None
+        try:
+            row = await asyncio.to_thread(self.shared.end_lease, lease.lease_id)
+        except Exception:  # the database away: the lease expires there, and any replica ends it then
+            log.exception("lease row not removed", lease_id=lease.lease_id)
+            return
+        if row is not None and audited and self.audit is not None:
+            self.audit.later(AUDIT_LEASE_ENDED, LEASE, lease.lease_id, actor, {"why": why, "holder": lease.holder},
+                             _where(lease))
 
     def _remember_end(self, lease_id: str, why: str) -> None:
         self._ended[lease_id] = why
