@@ -65,6 +65,7 @@ log = get_logger(__name__)
 #: runs a step through the replica at ADDRESS (orchestrator/api/replica.py ReplicaClient).
 RemoteStep = Callable[[str, str, str, str, cards.Step, str, int, float], Awaitable[cards.StepValue]]
 MAX_PENDING_WRITES = 10_000
+STOP_WAIT_S = 5.0                 # how long stop() waits for its rounds and its listener to end
 
 
 class RemoteSession(GatewaySession):
@@ -141,6 +142,7 @@ class FederatedPool(ReaderPool):
         self._tasks: list[asyncio.Task] = []
         self._cycle = asyncio.Lock()
         self._rounds: list[Callable[[], Awaitable[object]]] = []
+        self._stopping = False
 
     def every_round(self, call: Callable[[], Awaitable[object]]) -> None:
         """CALL runs after each heartbeat round (e.g. the leases ending expired ones)."""
@@ -157,10 +159,12 @@ class FederatedPool(ReaderPool):
             self._tasks.append(asyncio.create_task(self._listen(self._wake.set)))
 
     async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=STOP_WAIT_S)
         with contextlib.suppress(Exception):        # its links, queued requests and holds end with it
             await self._flush()
             await asyncio.to_thread(self.db.forget, self.replica_id)
@@ -168,10 +172,13 @@ class FederatedPool(ReaderPool):
 
     async def _run(self) -> None:
         last_beat = 0.0
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
+                async with asyncio.timeout(self.poll_interval_s):
+                    await self._wake.wait()
             self._wake.clear()
+            if self._stopping:
+                return
             try:
                 if time.monotonic() - last_beat >= self.heartbeat_interval_s:
                     last_beat = time.monotonic()
@@ -400,7 +407,8 @@ class FederatedPool(ReaderPool):
                 log.info("request queued", kind=kind, holder=holder, position=waiter.position,
                          wants=waiter.describe())
             timeout_s = self.queue_timeout_s if timeout_s is None else timeout_s
-            lease = await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                lease = await asyncio.shield(waiter.future)
             self.observer.waited(kind, time.monotonic() - waiter.since)
             return lease
         except TimeoutError:

@@ -1,22 +1,24 @@
 """Two FederatedPools (orchestrator/services/pool_federated.py), "replicas" a and b in one test
 process, each with its own engine and its own LISTEN connection on one PostgreSQL database; the
 gateway's session is made by hand and attached to b. Steps are not run here (the replica test
-with real processes does): this is the queue and the holds as the services see them."""
+with real processes does): this is the queue, the holds and the leases as the services see them."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator
 
 import pytest
 
+from orchestrator.services.leases import LeaseService
 from orchestrator.services.pool import LEASE_SCOPE, GatewaySession, LeaseScope, ReaderSelector, ReaderState
 from orchestrator.services.pool_federated import FederatedPool, listen_for_changes
 from orchestrator.store.pool import ReplicaPool
 from orchestrator.store.sessions import Sessions
 from orchestrator.store.store import Store
 from shared import cards
-from shared.errors import GatewayNotConnected, ReaderBusy, ReaderNotFound
+from shared.errors import GatewayNotConnected, NotFound, ReaderBusy, ReaderNotFound
 
 pytestmark = pytest.mark.postgres
 
@@ -113,5 +115,30 @@ def test_a_cancelled_request_leaves_the_queue_one_refusing_the_card_is_passed_ov
                 await a.acquire(ReaderSelector(gateway_id="gw1"))
             with pytest.raises(ReaderNotFound):
                 await a.acquire(ReaderSelector(site="hq"))
+
+    asyncio.run(body())
+
+
+def test_a_lease_renewed_through_one_replica_is_kept_by_the_other_and_ended_by_another_once_expired(
+        postgres_store):
+    async def body():
+        async with _replicas(postgres_store) as (a, b, _):
+            leases_a = LeaseService(a, shared=a.db)
+            leases_b = LeaseService(b, shared=b.db)
+            b.attach(GatewaySession(gateway_id="gw1", site="hq", readers={"r1": _reader("r1", "card-1")}))
+            await _until(lambda: len(a.list()) == 1, "a sees b's reader")
+            lease = await leases_a.acquire(ReaderSelector(), ttl_s=1.0, holder="short")
+            await asyncio.sleep(0.6)
+            renewed = await leases_b.renew_shared(lease.lease_id)            # through the other replica
+            await asyncio.sleep(0.6)                                         # past the first expiry
+            assert (await leases_a.get_shared(lease.lease_id)).expires_at == renewed.expires_at
+            assert [x.lease_id for x in await leases_b.list_shared()] == [lease.lease_id]
+            leases_a.stop()                 # the granting replica's lease service gone: its timers with it
+            await _until(lambda: dt.datetime.now(dt.UTC) > renewed.expires_at, "the renewed lease expired", 5)
+            assert await leases_b.end_expired() == 1                         # another replica ends it
+            with pytest.raises(NotFound):
+                await leases_a.get_shared(lease.lease_id)
+            await _until(lambda: [p.state for p in a.list()] == [ReaderState.CARD_PRESENT], "the reader free")
+            leases_b.stop()
 
     asyncio.run(body())
