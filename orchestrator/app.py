@@ -22,6 +22,7 @@ from orchestrator.api.link import GatewayLinkServicer
 from orchestrator.api.orders import OrderServicer
 from orchestrator.api.processes import ProcessServicer
 from orchestrator.api.reader_pool import ReaderPoolServicer
+from orchestrator.api.replica import ReplicaClient, ReplicaServicer
 from orchestrator.ca.base import CaConnector
 from orchestrator.ca.registry import build_cas, ca_names
 from orchestrator.health import DATABASE, HealthMonitor, ca_check, ca_component, database_check
@@ -36,6 +37,7 @@ from orchestrator.services.key_archive import KeyArchive, kek_from_settings
 from orchestrator.services.leases import LeaseService, service_selectors
 from orchestrator.services.orders import OrderService
 from orchestrator.services.pool import ReaderPool
+from orchestrator.services.pool_federated import FederatedPool, listen_for_changes
 from orchestrator.services.processes import ProcessService
 from orchestrator.services.reconciler import Reconciler
 from orchestrator.services.sweeper import IssuedSweeper
@@ -64,9 +66,11 @@ from shared.proto import (
     process_service_pb2_grpc,
     reader_pool_service_pb2,
     reader_pool_service_pb2_grpc,
+    replica_service_pb2,
+    replica_service_pb2_grpc,
 )
 from shared.rpc import Server
-from shared.tls import revocation_list, server_security, settings_tls
+from shared.tls import TlsFiles, revocation_list, server_security, settings_tls
 
 log = get_logger(__name__)
 #: The client API, one service per resource, each in its own generated module.
@@ -87,6 +91,7 @@ ORDER_ADOPT_INTERVAL_S = 5.0
 HEALTH_NEEDS: dict[str, frozenset[str] | None] = {
     **{service_name(m): None for m in CLIENT_API},
     **{service_name(m): frozenset() for m in (reader_pool_service_pb2, lease_service_pb2, link_pb2)},
+    service_name(replica_service_pb2): frozenset({DATABASE}),
 }
 
 
@@ -109,6 +114,7 @@ class Orchestrator:
     metrics_endpoint: MetricsEndpoint | None = None
     health: HealthMonitor | None = None
     audit: AuditTrail | None = None
+    replicas: ReplicaClient | None = None
 
     @property
     def address(self) -> str:
@@ -127,7 +133,11 @@ class Orchestrator:
                 await task
         if self.metrics_endpoint is not None:
             await asyncio.to_thread(self.metrics_endpoint.stop)
+        if isinstance(self.pool, FederatedPool):
+            await self.pool.stop()
         await self.server.stop()
+        if self.replicas is not None:
+            await self.replicas.close()
         # Token-backed CAs and KEKs own a PKCS#11 module each: log out and finalise them.
         archive = self.card_tasks.key_archive
         await _close_key_owners([*self.cas.values(), archive.kek if archive else None])
@@ -193,8 +203,7 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
         await _close_key_owners([*own_cas.values(), kek])
         store.close()
         raise
-    pool = ReaderPool(queue_timeout_s=settings.pool.queue_timeout_s,
-                      offline_retention_s=settings.pool.offline_retention_s, observer=metrics)
+    pool, replicas = _reader_pool(settings, store, owner_id, tls, metrics)
     templates = configuration.templates
     card_puks = CardPukStore(store, kek)
     card_tasks = CardTaskService(store, pool, cas, templates, key_archive=KeyArchive(kek),
@@ -209,7 +218,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     leases = LeaseService(pool, default_ttl_s=settings.pool.lease_default_ttl_s,
                           max_ttl_s=settings.pool.lease_max_ttl_s, step_timeout_s=settings.step_timeout_s,
                           max_per_caller=settings.pool.max_leases_per_caller,
-                          service_readers=service_selectors(settings.pool.service_readers), audit=audit)
+                          service_readers=service_selectors(settings.pool.service_readers), audit=audit,
+                          shared=store.replica_pool if isinstance(pool, FederatedPool) else None)
     # One CRL refuses revoked callers, travels to every gateway and ends a revoked gateway's link.
     revocations = revocation_list(tls)
     # Who may call what: one row per RPC (shared/permissions.py, docs/permissions.md).
@@ -251,6 +261,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
          service_name(ca_service_pb2)),
         (audit_service_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(store),
          service_name(audit_service_pb2)),
+        (replica_service_pb2_grpc.add_ReplicaServiceServicer_to_server,
+         ReplicaServicer(pool), service_name(replica_service_pb2)),
         (link_pb2_grpc.add_GatewayLinkServicer_to_server,
          GatewayLinkServicer(pool, f"orchestrator-{uuid.uuid4().hex[:8]}", settings.heartbeat_interval_s,
                              revocations=revocations),
@@ -266,10 +278,18 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
                                    timeout_s=settings.health_check_timeout_s)
         metrics_endpoint = MetricsEndpoint(settings.metrics_listen, metrics.registry)
     await server.start()
+    if isinstance(pool, FederatedPool):
+        pool.address = settings.replica.advertise_address or server.address
+        if pool.address.rpartition(":")[0] in {"0.0.0.0", "[::]", "::", ""}:
+            log.warning("replicas cannot reach this one at its listen address; set replica.advertise_address",
+                        address=pool.address)
+        pool.every_round(leases.end_expired)          # any replica ends any replica's expired leases
+        await pool.start()
     orchestrator = Orchestrator(settings, configuration, store, cas, pool, card_tasks, certificates, processes, server)
     orchestrator.leases, orchestrator.orders, orchestrator.audit = leases, orders, audit
     orchestrator.reconciler = reconciler
     orders.start_adopting()
+    orchestrator.replicas = replicas
     orchestrator.metrics, orchestrator.metrics_endpoint = metrics, metrics_endpoint
     # gRPC health follows the database and the CAs: checked now, then every interval.
     health = HealthMonitor({DATABASE: database_check(store), **ca_checks}, HEALTH_NEEDS,
@@ -292,6 +312,25 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
              metrics=orchestrator.metrics_endpoint.address if orchestrator.metrics_endpoint else None,
              config_dir=str(settings.config_dir), processes=sorted(configuration.processes))
     return orchestrator
+
+
+def _reader_pool(settings: OrchestratorSettings, store: Store, replica_id: str, tls: TlsFiles | None,
+                 metrics: OrchestratorMetrics) -> tuple[ReaderPool, ReplicaClient | None]:
+    """The reader pool: in memory on SQLite (one process); on PostgreSQL one pool shared with
+    every replica on the database (orchestrator/services/pool_federated.py), whose steps on
+    other replicas' readers go through their ReplicaService with this replica's certificate."""
+    if store.dialect != "postgresql":
+        return ReaderPool(queue_timeout_s=settings.pool.queue_timeout_s,
+                          offline_retention_s=settings.pool.offline_retention_s, observer=metrics), None
+    client, replica = ReplicaClient(tls), settings.replica
+    database_url = settings.effective_database_url()
+    return FederatedPool(store.replica_pool, replica_id, replica.advertise_address or settings.listen,
+                         stale_after_s=replica.stale_after_s, poll_interval_s=replica.poll_interval_s,
+                         heartbeat_interval_s=replica.heartbeat_interval_s, remote=client.run_step,
+                         max_step_timeout_s=settings.step_timeout_s,
+                         listen=lambda wake: listen_for_changes(database_url, wake),
+                         queue_timeout_s=settings.pool.queue_timeout_s,
+                         offline_retention_s=settings.pool.offline_retention_s, observer=metrics), client
 
 
 def orchestrator_id(data_dir: pathlib.Path) -> str:

@@ -308,6 +308,19 @@ class PoolSettings(BaseModel):
         return value
 
 
+class ReplicaSettings(BaseModel):
+    """Replicas on one PostgreSQL database sharing one reader pool (docs/replicas.md): the
+    address the others reach this one at (empty: its listen address), how often it beats and
+    looks at the pool without being told, and after how long without a beat a replica counts
+    as gone (its gateways offline, its queued requests and holds removed)."""
+    model_config = ConfigDict(extra="forbid")
+
+    advertise_address: str = ""
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    poll_interval_s: float = Field(default=2.0, gt=0, le=600)
+    stale_after_s: float = Field(default=30.0, gt=0, le=86400)
+
+
 class OrchestratorSettings(_Settings):
     model_config = SettingsConfigDict(env_prefix="CARDLINE_ORCHESTRATOR_", env_nested_delimiter="__",
                                       title="orchestrator", extra="forbid")
@@ -342,6 +355,7 @@ class OrchestratorSettings(_Settings):
     issued_sweeper: IssuedSweeperSettings = Field(default_factory=IssuedSweeperSettings)
     key_archive: KeyArchiveSettings = Field(default_factory=KeyArchiveSettings)
     pool: PoolSettings = Field(default_factory=PoolSettings)
+    replica: ReplicaSettings = Field(default_factory=ReplicaSettings)
     # C16: seconds between two rounds of the reconciler (it also runs once at start-up).
     reconcile_interval_s: float = Field(default=60.0, gt=0)
     # gRPC health: the database and every CA are checked this often (and at most this long each);

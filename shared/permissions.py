@@ -17,7 +17,7 @@ Why the rows are what they are (docs/permissions.md says it for operators):
 - service drives readers itself: leases and the raw steps on them, and the reader pool to
   find readers; it sees no cards, certificates or processes;
 - gateway opens the gateway link and nothing else; orchestrator (the orchestrator's own
-  server certificate) is not a client and may call nothing.
+  server certificate) is no client: it calls only another replica's ReplicaService.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from shared.errors import ConfigurationError
 from shared.pki import ROLES
 
 ADMIN, OPERATOR, AUDITOR, SERVICE, GATEWAY = "admin", "operator", "auditor", "service", "gateway"
+#: A replica's own certificate, calling another replica on the same database.
+ORCHESTRATOR = "orchestrator"
 #: Reads of cards, certificates, processes, orders and CA requests.
 READ = frozenset({ADMIN, OPERATOR, AUDITOR})
 #: Actions of the production floor.
@@ -73,6 +75,9 @@ PERMISSIONS: Mapping[str, frozenset[str]] = {
                GetCaCertificate=READ, ListCaRequests=READ, GetCaRequest=READ, Reconcile=ADMINISTER),
     **_service(f"{ORCHESTRATOR_PACKAGE}.AuditService", ListAuditEvents=AUDIT, VerifyAudit=AUDIT),
     **_service(f"{ORCHESTRATOR_PACKAGE}.GatewayLink", Connect=frozenset({GATEWAY})),
+    # Replicas on one database run steps on readers linked to one another (docs/replicas.md):
+    # a replica's own certificate only, never a client's.
+    **_service(f"{ORCHESTRATOR_PACKAGE}.ReplicaService", RunStep=frozenset({ORCHESTRATOR})),
     # A station's own service bypasses the orchestrator's leases, reader selectors and audit:
     # admins only, for diagnostics. The orchestrator never calls it (gateways dial out).
     **_service(f"{GATEWAY_PACKAGE}.GatewayService",

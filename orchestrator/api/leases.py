@@ -1,4 +1,5 @@
-"""LeaseService: thin — convert the request, call the lease service, convert the answer."""
+"""LeaseService: thin — convert the request, call the lease service, convert the answer (the
+*_shared calls: on PostgreSQL, the leases of every replica; else this process's)."""
 from __future__ import annotations
 
 import asyncio
@@ -33,7 +34,7 @@ class LeaseServicer(lease_service_pb2_grpc.LeaseServiceServicer):
                 # The first call's lease while it is held (NotFound once it ended, or while
                 # the first call still waits for a reader), to the identity that made it only.
                 return pb.AcquireLeaseResponse(lease=conv.lease_to_proto(
-                    self.leases.owned(first, "repeat the request of")))
+                    await self.leases.owned_shared(first, "repeat the request of")))
         try:
             lease = await self.leases.acquire(conv.selector_from_proto(request.selector), ttl_s=request.ttl_s,
                                               holder=request.holder, wait=request.wait, lease_id=lease_id)
@@ -45,20 +46,20 @@ class LeaseServicer(lease_service_pb2_grpc.LeaseServiceServicer):
 
     @rpc_errors
     async def RenewLease(self, request, context):
-        return pb.RenewLeaseResponse(lease=conv.lease_to_proto(self.leases.renew(request.lease_id)))
+        return pb.RenewLeaseResponse(lease=conv.lease_to_proto(await self.leases.renew_shared(request.lease_id)))
 
     @rpc_errors
     async def ReleaseLease(self, request, context):
-        self.leases.release(request.lease_id)
+        await self.leases.release_shared(request.lease_id)
         return pb.ReleaseLeaseResponse()
 
     @rpc_errors
     async def GetLease(self, request, context):
-        return pb.GetLeaseResponse(lease=conv.lease_to_proto(self.leases.get(request.lease_id)))
+        return pb.GetLeaseResponse(lease=conv.lease_to_proto(await self.leases.get_shared(request.lease_id)))
 
     @rpc_errors
     async def ListLeases(self, request, context):
-        page, token = paging.memory_page(self.leases.list(), request, lambda lease: lease.lease_id)
+        page, token = paging.memory_page(await self.leases.list_shared(), request, lambda lease: lease.lease_id)
         return pb.ListLeasesResponse(leases=[conv.lease_to_proto(lease) for lease in page], next_page_token=token)
 
     @rpc_errors
@@ -66,5 +67,5 @@ class LeaseServicer(lease_service_pb2_grpc.LeaseServiceServicer):
         if not request.HasField("step") or not request.step.WhichOneof("operation"):
             raise InvalidArgument("the request carries no step", field="step")
         step = convert.step_from_proto(request.step)
-        value = await self.leases.run_step(request.lease_id, step, request.step_number)
+        value = await self.leases.run_step_shared(request.lease_id, step, request.step_number)
         return pb.RunLeasedStepResponse(outcome=convert.value_to_outcome(value))

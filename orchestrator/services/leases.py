@@ -19,6 +19,12 @@ One identity holds or waits for at most `max_per_caller` leases (LEASE_QUOTA_EXC
 name (`pool.service_readers`); a request that only readers outside them could serve is
 PERMISSION_DENIED, and the queue hands it none of those.
 
+On PostgreSQL, with replicas (docs/replicas.md), a lease is also a row of the database
+(orchestrator/store/pool.py, `shared`): Get, List, Renew, Release and steps work from any
+replica, and the lease outlives a restart of the replica that granted it - its hold stays
+until it expires or is released. Any replica ends the expired ones (`end_expired`, called by
+the pool's rounds).
+
 Steps relayed for a lease carry (task id "lease-<id>", step number): the caller may give its
 own step number so that a step it resends after a lost answer is answered by the gateway's
 StepMemo, not run twice; without one, every call is a new step.
@@ -26,6 +32,8 @@ StepMemo, not run twice; without one, every call is a new step.
 from __future__ import annotations
 
 import asyncio
+import builtins
+import contextlib
 import dataclasses
 import datetime as dt
 import uuid
@@ -42,7 +50,10 @@ from orchestrator.services.pool import (
     LeaseScope,
     ReaderPool,
     ReaderSelector,
+    _Hold,
 )
+from orchestrator.services.pool_federated import FederatedLease, FederatedPool
+from orchestrator.store.pool import LeaseRow, ReplicaPool
 from orchestrator.store.records import (
     AUDIT_LEASE_ACQUIRED,
     AUDIT_LEASE_ENDED,
@@ -110,8 +121,9 @@ class LeaseService:
     def __init__(self, pool: ReaderPool, *, default_ttl_s: float = 30.0, max_ttl_s: float = 3600.0,
                  step_timeout_s: float = 120.0, remember_ended: int = 1000, max_per_caller: int = 16,
                  service_readers: Mapping[str, Sequence[ReaderSelector]] | None = None,
-                 audit: AuditTrail | None = None) -> None:
+                 audit: AuditTrail | None = None, shared: ReplicaPool | None = None) -> None:
         self.pool = pool
+        self.shared = shared                # PostgreSQL: leases in the database, for every replica
         self.audit = audit                  # every acquire, renewal, end and step (docs/audit.md)
         self.default_ttl_s = default_ttl_s
         self.max_ttl_s = max_ttl_s
@@ -123,6 +135,7 @@ class LeaseService:
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._remember = remember_ended
         self._unsubscribe = pool.on_gateway_gone(self._gateway_gone)
+        self._ending: set[asyncio.Task] = set()          # lease rows being removed (PostgreSQL)
 
     # --- life of a lease -------------------------------------------------------------------
 
@@ -150,6 +163,12 @@ class LeaseService:
             if not self._acquiring[owner]:
                 del self._acquiring[owner]
         lease = ServiceLease(lease_id, holder, ttl, _in(ttl), pool_lease, owner=owner)
+        if self.shared is not None:
+            try:
+                await asyncio.to_thread(self.shared.add_lease, _row(lease))
+            except BaseException:
+                pool_lease.release()
+                raise
         self._leases[lease_id] = lease
         self._arm(lease)
         log.info("lease acquired", lease_id=lease_id, holder=holder, owner=owner, gateway_id=lease.gateway_id,
@@ -174,6 +193,12 @@ class LeaseService:
         """The held lease LEASE_ID when the caller may ACTION it: its owner may do anything
         with it, an admin may release it; anyone else is refused."""
         lease = self.get(lease_id)
+        self._check_owner(lease, action)
+        return lease
+
+    @staticmethod
+    def _check_owner(lease: ServiceLease, action: str) -> None:
+        lease_id = lease.lease_id
         caller = current_caller()
         identity = identity_of(caller)
         if identity != lease.owner and not (action == "release" and caller is not None
@@ -182,7 +207,6 @@ class LeaseService:
                         action=action)
             raise PermissionDenied(f"lease {lease_id} belongs to {lease.owner}; {identity} may not {action} it",
                                    role=caller.role if caller is not None else None, lease_id=lease_id)
-        return lease
 
     def get(self, lease_id: str) -> ServiceLease:
         lease = self._leases.get(lease_id)
@@ -197,11 +221,18 @@ class LeaseService:
 
     async def run_step(self, lease_id: str, step: cards.Step, step_number: int = 0) -> cards.StepValue:
         lease = self.owned(lease_id, "run steps on")
+        if not step_number:
+            lease.auto_steps += 1
+        return await self._run(lease, step, step_number, lease.auto_steps)
+
+    async def _run(self, lease: ServiceLease, step: cards.Step, step_number: int, auto: int) -> cards.StepValue:
+        """Runs STEP on the lease's reader: as the caller's step STEP_NUMBER, or (0) as the
+        lease's automatic step AUTO; audited with its outcome."""
+        lease_id = lease.lease_id
         if step_number:
             task_id = f"lease-{lease_id}"
         else:
-            lease.auto_steps += 1
-            task_id, step_number = f"lease-{lease_id}-auto", lease.auto_steps
+            task_id, step_number = f"lease-{lease_id}-auto", auto
         lease.in_flight += 1
         outcome = "failed"
         try:
@@ -221,9 +252,113 @@ class LeaseService:
             if lease.ended and lease.in_flight == 0:
                 lease.pool_lease.release()
 
+    # --- from any replica (PostgreSQL), or this process's memory --------------------------------
+
+    async def get_shared(self, lease_id: str) -> ServiceLease:
+        """get(), the database's lease on PostgreSQL: one any replica granted."""
+        if self.shared is None:
+            return self.get(lease_id)
+        row = await asyncio.to_thread(self.shared.lease, lease_id)
+        if row is None:
+            local = self._leases.get(lease_id)
+            if local is not None and not local.ended:          # released or ended by another replica
+                self._end(local, "ended by another replica", audited=False)
+            why = self._ended.get(lease_id)
+            raise NotFound(f"lease {quoted(lease_id)} is not held" + (f": it {why}" if why else
+                                                                       " (released, expired or unknown)"),
+                           lease_id=lease_id, ended=why or "unknown")
+        local = self._leases.get(lease_id)
+        if local is not None and not local.ended:
+            local.expires_at = row.expires_at
+            return local
+        return self._adopted(row)
+
+    def _adopted(self, row: LeaseRow) -> ServiceLease:
+        """A lease another replica (or this one before a restart) granted, as this one uses it."""
+        assert isinstance(self.pool, FederatedPool)
+        session = self.pool._session_for(row.gateway_id, row.hold_id)
+        pool_lease = FederatedLease(self.pool, session, row.reader, _Hold(SERVICE, row.holder), row.hold_id)
+        pool_lease.released = True          # giving it back is end_lease's, not this copy's
+        return ServiceLease(row.lease_id, row.holder, row.ttl_s, row.expires_at, pool_lease, owner=row.owner,
+                            acquired_at=row.acquired_at)
+
+    async def owned_shared(self, lease_id: str, action: str) -> ServiceLease:
+        lease = await self.get_shared(lease_id)
+        self._check_owner(lease, action)
+        return lease
+
+    async def list_shared(self) -> builtins.list[ServiceLease]:
+        if self.shared is None:
+            return self.list()
+        rows = await asyncio.to_thread(self.shared.leases)
+        return [self._leases[r.lease_id] if r.lease_id in self._leases else self._adopted(r) for r in rows
+                if r.gateway_id]
+
+    async def renew_shared(self, lease_id: str) -> ServiceLease:
+        if self.shared is None:
+            return self.renew(lease_id)
+        lease = await self.owned_shared(lease_id, "renew")
+        row = await asyncio.to_thread(self.shared.renew_lease, lease_id, _in(lease.ttl_s))
+        if row is None:
+            raise NotFound(f"lease {quoted(lease_id)} is not held (released or expired)", lease_id=lease_id,
+                           ended="unknown")
+        lease.expires_at = row.expires_at
+        if lease_id in self._leases:
+            self._arm(lease)
+        if self.audit is not None:
+            self.audit.later(AUDIT_LEASE_RENEWED, LEASE, lease_id, acting(), {"ttl_s": lease.ttl_s}, _where(lease))
+        return lease
+
+    async def release_shared(self, lease_id: str) -> None:
+        if self.shared is None:
+            self.release(lease_id)
+            return
+        lease = await self.owned_shared(lease_id, "release")
+        local = self._leases.get(lease_id)
+        if local is not None:
+            self._end(local, "released", actor=acting())
+            return
+        if await asyncio.to_thread(self.shared.end_lease, lease_id) is not None and self.audit is not None:
+            self.audit.later(AUDIT_LEASE_ENDED, LEASE, lease_id, acting(), {"why": "released", "holder": lease.holder},
+                             _where(lease))
+        self._remember_end(lease_id, "released")
+
+    async def run_step_shared(self, lease_id: str, step: cards.Step, step_number: int = 0) -> cards.StepValue:
+        """run_step() on a lease of any replica (PostgreSQL)."""
+        if self.shared is None:
+            return await self.run_step(lease_id, step, step_number)
+        lease = await self.owned_shared(lease_id, "run steps on")
+        # Automatic step numbers are counted in the lease's row: two replicas never send the
+        # same (task, step) for two different steps (the gateway's memo would answer the second).
+        auto = 0 if step_number else await asyncio.to_thread(self.shared.next_auto_step, lease_id)
+        return await self._run(lease, step, step_number, auto)
+
+    async def end_expired(self) -> int:
+        """Ends the leases of every replica whose time ran out (PostgreSQL); how many."""
+        if self.shared is None:
+            return 0
+        ended = 0
+        for row in await asyncio.to_thread(self.shared.expired_leases):
+            local = self._leases.get(row.lease_id)
+            why = f"expired (not renewed within {row.ttl_s:g} s)"
+            if local is not None:
+                self._end(local, why)
+            elif await asyncio.to_thread(self.shared.end_lease, row.lease_id) is not None:
+                self._remember_end(row.lease_id, why)
+                if self.audit is not None:
+                    self.audit.later(AUDIT_LEASE_ENDED, LEASE, row.lease_id, ORCHESTRATOR_ACTOR,
+                                     {"why": why, "holder": row.holder},
+                                     AuditSubjects(gateway_id=row.gateway_id, reader_id=row.reader.reader_id))
+            ended += 1
+        return ended
+
     def stop(self) -> None:
         self._unsubscribe()
         for lease in list(self._leases.values()):
+            if self.shared is not None:          # it outlives this replica: its row and hold stay
+                if lease.timer is not None:
+                    lease.timer.cancel()
+                continue
             self._end(lease, "ended with the orchestrator")
 
     # --- who may lease what ------------------------------------------------------------------
@@ -265,30 +400,77 @@ class LeaseService:
     def _arm(self, lease: ServiceLease) -> None:
         if lease.timer is not None:
             lease.timer.cancel()
+        delay = max(0.0, (lease.expires_at - dt.datetime.now(dt.UTC)).total_seconds())
+        if self.shared is not None:          # renewed through another replica, maybe: the row decides
+            lease.timer = asyncio.get_running_loop().call_later(
+                delay, lambda: asyncio.get_running_loop().create_task(self._expire_shared(lease)))
+            return
         lease.timer = asyncio.get_running_loop().call_later(lease.ttl_s, self._end, lease,
                                                             f"expired (not renewed within {lease.ttl_s:g} s)")
+
+    async def _expire_shared(self, lease: ServiceLease) -> None:
+        assert self.shared is not None
+        try:
+            row = await asyncio.to_thread(self.shared.lease, lease.lease_id)
+        except Exception:
+            log.exception("lease expiry check failed; trying again", lease_id=lease.lease_id)
+            lease.expires_at = _in(1.0)
+            self._arm(lease)
+            return
+        if row is None:
+            self._end(lease, "ended by another replica", audited=False)
+        elif row.expires_at > dt.datetime.now(dt.UTC):
+            lease.expires_at = row.expires_at
+            self._arm(lease)
+        else:
+            self._end(lease, f"expired (not renewed within {lease.ttl_s:g} s)")
 
     def _gateway_gone(self, session: GatewaySession) -> None:
         for lease in list(self._leases.values()):
             if lease.pool_lease.session is session:
                 self._end(lease, f"ended: its gateway {session.gateway_id!r} went away")
 
-    def _end(self, lease: ServiceLease, why: str, actor: str = ORCHESTRATOR_ACTOR) -> None:
+    def _end(self, lease: ServiceLease, why: str, actor: str = ORCHESTRATOR_ACTOR, audited: bool = True) -> None:
         if lease.ended:
             return
-        if self.audit is not None:
+        if audited and self.audit is not None and self.shared is None:
             self.audit.later(AUDIT_LEASE_ENDED, LEASE, lease.lease_id, actor, {"why": why, "holder": lease.holder},
                              _where(lease))
         lease.ended = why
         if lease.timer is not None:
             lease.timer.cancel()
         self._leases.pop(lease.lease_id, None)
-        self._ended[lease.lease_id] = why
-        while len(self._ended) > self._remember:
-            self._ended.popitem(last=False)
+        self._remember_end(lease.lease_id, why)
+        if self.shared is not None:           # its row goes; audited by the replica that removed it
+            with contextlib.suppress(RuntimeError):
+                task = asyncio.get_running_loop().create_task(self._end_shared(lease, why, actor, audited))
+                self._ending.add(task)
+                task.add_done_callback(self._ending.discard)
         if lease.in_flight == 0:              # otherwise the running step frees it when it ends
             lease.pool_lease.release()
         log.info("lease ended", lease_id=lease.lease_id, holder=lease.holder, why=why)
+
+    async def _end_shared(self, lease: ServiceLease, why: str, actor: str, audited: bool) -> None:
+        assert self.shared is not None
+        try:
+            row = await asyncio.to_thread(self.shared.end_lease, lease.lease_id)
+        except Exception:  # the database away: the lease expires there, and any replica ends it then
+            log.exception("lease row not removed", lease_id=lease.lease_id)
+            return
+        if row is not None and audited and self.audit is not None:
+            self.audit.later(AUDIT_LEASE_ENDED, LEASE, lease.lease_id, actor, {"why": why, "holder": lease.holder},
+                             _where(lease))
+
+    def _remember_end(self, lease_id: str, why: str) -> None:
+        self._ended[lease_id] = why
+        while len(self._ended) > self._remember:
+            self._ended.popitem(last=False)
+
+
+def _row(lease: ServiceLease) -> LeaseRow:
+    hold_id = getattr(lease.pool_lease, "hold_id", "")
+    return LeaseRow(lease.lease_id, hold_id, lease.gateway_id, lease.reader, lease.owner, lease.holder, lease.ttl_s,
+                    lease.expires_at, lease.acquired_at, lease.auto_steps)
 
 
 def _where(lease: ServiceLease) -> AuditSubjects:

@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from orchestrator.domain.pool_assignment import ANY_READER, Candidate, ReaderSelector, Want, assign, has_card
 from shared import cards, convert
 from shared.errors import (
     CardlineError,
@@ -54,11 +55,6 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 TASK, SERVICE = "task", "lease"          # kinds of holders: a card task (BUSY), a service lease (LEASED)
-
-
-def has_card(reader: cards.Reader) -> bool:
-    """Holds a card that can be worked on (an uninitialised PKCS#11 token has no serial)."""
-    return reader.card_present and (reader.kind is not cards.ReaderKind.PKCS11 or bool(reader.token_serial))
 
 
 def _now() -> dt.datetime:
@@ -81,42 +77,6 @@ class ReaderState(enum.Enum):
     BUSY = "BUSY"
     OFFLINE = "OFFLINE"
     ERROR = "ERROR"              # the gateway reports the reader unusable (reader.error)
-
-
-@dataclass(frozen=True)
-class ReaderSelector:
-    """Picks readers from the pool; empty fields match anything. `labels` must all match the
-    gateway's labels; `card_present` asks for readers holding a card."""
-    gateway_id: str = ""
-    reader_id: str = ""
-    kind: cards.ReaderKind | None = None
-    site: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
-    card_present: bool = False
-
-    def matches_place(self, gateway_id: str, site: str, labels: Mapping[str, str], reader: cards.Reader) -> bool:
-        """Everything but the card."""
-        return ((not self.gateway_id or self.gateway_id == gateway_id)
-                and (not self.reader_id or self.reader_id == reader.reader_id)
-                and (self.kind is None or self.kind is reader.kind)
-                and (not self.site or self.site == site)
-                and all(labels.get(k) == v for k, v in self.labels.items()))
-
-    def matches(self, session: GatewaySession, reader: cards.Reader) -> bool:
-        return (self.matches_place(session.gateway_id, session.site, session.labels, reader)
-                and (not self.card_present or has_card(reader)))
-
-    def matches_pooled(self, p: PooledReader) -> bool:
-        return (self.matches_place(p.gateway_id, p.site, p.labels, p.reader)
-                and (not self.card_present or has_card(p.reader)))
-
-    def describe(self) -> str:
-        parts = [f"{k}={v}" for k, v in (("gateway", self.gateway_id), ("reader", self.reader_id),
-                                          ("kind", self.kind.value if self.kind else ""), ("site", self.site)) if v]
-        parts += [f"label {k}={v}" for k, v in sorted(self.labels.items())]
-        if self.card_present:
-            parts.append("card present")
-        return "{" + ", ".join(parts) + "}" if parts else "{any reader}"
 
 
 @dataclass(frozen=True)
@@ -222,6 +182,17 @@ class GatewaySession:
         return item is _CLOSED
 
 
+def reader_state(connected: bool, held_by: str | None, reader: cards.Reader) -> ReaderState:
+    """A pooled reader's state: its gateway's link, who holds it (TASK, SERVICE, None), its card."""
+    if not connected:
+        return ReaderState.OFFLINE
+    if held_by is not None:
+        return ReaderState.BUSY if held_by == TASK else ReaderState.LEASED
+    if reader.error:
+        return ReaderState.ERROR
+    return ReaderState.CARD_PRESENT if has_card(reader) else ReaderState.EMPTY
+
+
 class PoolObserver(Protocol):
     """What the pool tells the metrics (orchestrator/metrics.py); the default does nothing."""
     def waited(self, kind: str, seconds: float) -> None: ...
@@ -293,6 +264,10 @@ class _Waiter:
     def describe(self) -> str:
         s = self.scope.selector if self.scope else None
         return self.selector.describe() + (f" within {s.describe()}" if s else "")
+
+    def want(self) -> Want:
+        return Want(self, self.selector, self.need_card, self.scope.selector if self.scope else None,
+                    self.scope.accepts if self.scope else None)
 
 
 class Lease:
@@ -425,18 +400,11 @@ class ReaderPool:
 
     def _pooled(self, session: GatewaySession, reader: cards.Reader) -> PooledReader:
         hold = self._holds.get((session.gateway_id, reader.reader_id))
-        if session.closed:
-            state = ReaderState.OFFLINE
-        elif hold is not None:
-            state = ReaderState.BUSY if hold.kind == TASK else ReaderState.LEASED
-        elif reader.error:
-            state = ReaderState.ERROR
-        else:
-            state = ReaderState.CARD_PRESENT if has_card(reader) else ReaderState.EMPTY
+        state = reader_state(not session.closed, hold.kind if hold else None, reader)
         return PooledReader(session.gateway_id, reader, hold is not None, state, session.site, dict(session.labels),
                             hold.holder if hold else "")
 
-    def list(self, selector: ReaderSelector = ReaderSelector()) -> list[PooledReader]:
+    def list(self, selector: ReaderSelector = ANY_READER) -> list[PooledReader]:
         self._purge()
         return [p for gid, s in sorted(self._gateways.items())
                 for r in sorted(s.readers.values(), key=lambda r: r.reader_id)
@@ -446,9 +414,17 @@ class ReaderPool:
         readers = dict.fromkeys(ReaderState, 0)
         for p in self.list():
             readers[p.state] += 1
+        waits = self._waits()
+        return PoolCensus(readers, len(waits), max(waits, default=0.0), self._link_states())
+
+    def _waits(self) -> builtins.list[float]:
+        """How long each queued request has waited, in seconds."""
         now = time.monotonic()
-        return PoolCensus(readers, len(self._waiters), max((now - w.since for w in self._waiters), default=0.0),
-                          {gid: not s.closed for gid, s in self._gateways.items()})
+        return [now - w.since for w in self._waiters]
+
+    def _link_states(self) -> dict[str, bool]:
+        """Gateway id -> connected."""
+        return {gid: not s.closed for gid, s in self._gateways.items()}
 
     def queue(self) -> builtins.list[tuple[int, str, str]]:  # list: the method above
         """The waiting requests: (position, holder kind, what they wait for)."""
@@ -569,40 +545,38 @@ class ReaderPool:
         self._serve()
 
     def _serve(self) -> None:
-        """Hands free readers to the queue in order, fails hopeless waiters, renumbers the
-        rest and tells everyone."""
-        sessions = self._connected()
-        taken_now: set[tuple[str, str]] = set()
-        for waiter in list(self._waiters):
-            if waiter.future.done():
-                self._waiters.remove(waiter)
-                continue
-            matching = [(s, r) for s in sessions for r in s.readers.values() if waiter.wants(s, r)]
-            if not matching:
-                waiter.future.set_exception(ReaderNotFound(
-                    f"no reader of an attached gateway matches {waiter.describe()} any more",
-                    reader_id=waiter.selector.reader_id))
-                self._waiters.remove(waiter)
-                continue
-            free = [(s, r) for s, r in matching if (s.gateway_id, r.reader_id) not in self._holds
-                    and (s.gateway_id, r.reader_id) not in taken_now and (has_card(r) or not waiter.need_card)
-                    and (waiter.scope is None or waiter.scope.accepts is None or waiter.scope.accepts(s.gateway_id, r))]
-            if not free:
-                continue
-            session, reader = min(free, key=lambda c: (self._last_used.get((c[0].gateway_id, c[1].reader_id), 0.0),
-                                                       c[0].gateway_id, c[1].reader_id))
-            key = (session.gateway_id, reader.reader_id)
-            hold = _Hold(waiter.kind, waiter.holder)
-            self._holds[key] = hold
-            self._last_used[key] = time.monotonic()
-            taken_now.add(key)
+        """Hands free readers to the queue in order (orchestrator/domain/pool_assignment.py),
+        fails hopeless waiters, renumbers the rest and tells everyone."""
+        self._waiters = [w for w in self._waiters if not w.future.done()]
+        candidates = [Candidate(s.gateway_id, s.site, s.labels, r) for s in self._connected()
+                      for r in s.readers.values()]
+        result = assign([w.want() for w in self._waiters], candidates, self._holds.__contains__,
+                        lambda key: self._last_used.get(key, 0.0))
+        for want in result.hopeless:
+            waiter = _waiter_of(want)
+            waiter.future.set_exception(ReaderNotFound(
+                f"no reader of an attached gateway matches {waiter.describe()} any more",
+                reader_id=waiter.selector.reader_id))
             self._waiters.remove(waiter)
-            waiter.future.set_result(Lease(self, session, reader, hold))
+        for want, chosen in result.granted:
+            waiter = _waiter_of(want)
+            session = self._gateways[chosen.gateway_id]
+            hold = _Hold(waiter.kind, waiter.holder)
+            self._holds[chosen.key] = hold
+            self._last_used[chosen.key] = time.monotonic()
+            self._waiters.remove(waiter)
+            waiter.future.set_result(Lease(self, session, chosen.reader, hold))
             if waiter.scope is not None and waiter.scope.observer is not None:
-                waiter.scope.observer.acquired(*key)
-        for position, waiter in enumerate(self._waiters, start=1):
+                waiter.scope.observer.acquired(*chosen.key)
+        for want, position in result.positions:
+            waiter = _waiter_of(want)
             if waiter.position != position:
                 waiter.position = position
                 if waiter.scope is not None and waiter.scope.observer is not None:
                     waiter.scope.observer.queued(position)
         self._publish()
+
+
+def _waiter_of(want: Want) -> _Waiter:
+    assert isinstance(want.waiter, _Waiter)
+    return want.waiter

@@ -8,7 +8,22 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -256,6 +271,8 @@ class OrchestratorInstance(Base):
     id: Mapped[str] = mapped_column(NAME, primary_key=True)
     started_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     heartbeat_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    # Where the other replicas reach it (replica.advertise_address; revision 0010_replica_pool).
+    address: Mapped[str | None] = mapped_column(NAME)
 
 
 class ClientRequest(Base):
@@ -361,3 +378,85 @@ class OrderCard(Base):
     kek_id: Mapped[str | None] = mapped_column(NAME, nullable=True)
     sealed_secrets: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+# -- one reader pool across replicas (revision 0010_replica_pool; PostgreSQL only) -----------
+
+class PoolGateway(Base):
+    """A gateway linked to a replica (replica_id; link_id: which of its links, so that a link
+    that ended after the gateway dialled again does not mark the new one disconnected)."""
+
+    __tablename__ = "pool_gateways"
+
+    gateway_id: Mapped[str] = mapped_column(NAME, primary_key=True)
+    replica_id: Mapped[str] = mapped_column(NAME)
+    link_id: Mapped[str] = mapped_column(ID)
+    site: Mapped[str] = mapped_column(NAME)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON)
+    version: Mapped[str] = mapped_column(NAME)
+    connected: Mapped[bool] = mapped_column(Boolean)
+    connected_since: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    last_seen: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class PoolReader(Base):
+    """A reader of a pooled gateway as the gateway reports it (reader: its fields as JSON);
+    last_used: when it was last given back (epoch seconds), for spreading work."""
+
+    __tablename__ = "pool_readers"
+
+    gateway_id: Mapped[str] = mapped_column(NAME, primary_key=True)
+    reader_id: Mapped[str] = mapped_column(NAME, primary_key=True)
+    reader: Mapped[dict[str, Any]] = mapped_column(JSON)
+    last_used: Mapped[float] = mapped_column(Float)
+
+
+class PoolHold(Base):
+    """A reader held (kind "task" or "lease") by one replica's caller: at most one per reader."""
+
+    __tablename__ = "pool_holds"
+
+    gateway_id: Mapped[str] = mapped_column(NAME, primary_key=True)
+    reader_id: Mapped[str] = mapped_column(NAME, primary_key=True)
+    hold_id: Mapped[str] = mapped_column(ID, unique=True)
+    replica_id: Mapped[str] = mapped_column(NAME)
+    kind: Mapped[str] = mapped_column(String(20))
+    holder: Mapped[str] = mapped_column(NAME)
+    since: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class PoolWaiter(Base):
+    """A request waiting for a reader, in the one queue (seq: its order). request: its
+    selectors and whether it needs a card; takes: the cards it would take (None: any);
+    state "waiting", "granted" (gateway_id/reader_id, held as hold_id = waiter_id) or "failed"."""
+
+    __tablename__ = "pool_waiters"
+
+    waiter_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, Identity(), index=True)
+    replica_id: Mapped[str] = mapped_column(NAME)
+    kind: Mapped[str] = mapped_column(String(20))
+    holder: Mapped[str] = mapped_column(NAME)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    takes: Mapped[list[str] | None] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(20))
+    position: Mapped[int] = mapped_column(Integer)
+    gateway_id: Mapped[str | None] = mapped_column(NAME)
+    reader_id: Mapped[str | None] = mapped_column(NAME)
+    since: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class PoolLease(Base):
+    """A lease of another service (orchestrator/services/leases.py), on its hold."""
+
+    __tablename__ = "pool_leases"
+
+    lease_id: Mapped[str] = mapped_column(NAME, primary_key=True)
+    hold_id: Mapped[str] = mapped_column(ID)
+    gateway_id: Mapped[str] = mapped_column(NAME)
+    reader_id: Mapped[str] = mapped_column(NAME)
+    reader: Mapped[dict[str, Any]] = mapped_column(JSON)
+    owner: Mapped[str] = mapped_column(NAME)
+    holder: Mapped[str] = mapped_column(NAME)
+    ttl_s: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    acquired_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    auto_steps: Mapped[int] = mapped_column(Integer)

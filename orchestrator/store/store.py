@@ -55,6 +55,7 @@ from orchestrator.store.deployment_keys import DeploymentKeys
 from orchestrator.store.instances import OrchestratorInstances
 from orchestrator.store.models import ArchivedKey, Card, CaRequest, Certificate, Task, utcnow
 from orchestrator.store.orders import Orders
+from orchestrator.store.pool import ReplicaPool
 from orchestrator.store.process_secrets import ProcessSecrets
 from orchestrator.store.processes import ProcessInstances
 from orchestrator.store.records import CaRequestState, CertificateRecord, NewRelation, TaskRecord, TaskState, WrappedKey
@@ -132,6 +133,7 @@ class Store:
         self.deployment_keys = DeploymentKeys(self._db)
         self.process_secrets = ProcessSecrets(self._db)    # sealed PINs of running instances (takeover)
         self.orders = Orders(self._db)
+        self.replica_pool = ReplicaPool(self._db)      # PostgreSQL only (orchestrator/store/pool.py)
 
     @property
     def database_url_shown(self) -> str:

@@ -23,6 +23,8 @@ from shared.proto.cardline.orchestrator.v1 import (
     process_service_pb2_grpc,
     reader_pool_service_pb2,
     reader_pool_service_pb2_grpc,
+    replica_service_pb2,
+    replica_service_pb2_grpc,
 )
 
 __all__ = [
@@ -47,5 +49,7 @@ __all__ = [
     "process_service_pb2_grpc",
     "reader_pool_service_pb2",
     "reader_pool_service_pb2_grpc",
+    "replica_service_pb2",
+    "replica_service_pb2_grpc",
     "steps_pb2",
 ]

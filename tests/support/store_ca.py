@@ -33,7 +33,8 @@ from orchestrator.store import Store
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TABLES = ("ca_requests", "orchestrator_instances", "audit_events", "archived_keys", "object_relations", "certificates",
           "task_steps", "tasks", "process_instances", "cards", "card_secrets", "client_requests",
-          "deployment_keys", "order_cards", "orders")
+          "deployment_keys", "order_cards", "orders", "pool_gateways", "pool_readers", "pool_holds", "pool_waiters",
+          "pool_leases")
 
 
 def _libpq(url: str) -> str:

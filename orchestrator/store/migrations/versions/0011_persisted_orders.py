@@ -1,7 +1,7 @@
 """Production orders in the store
 
 Revision ID: 0011_persisted_orders
-Revises: 0009_deployment_keys
+Revises: 0010_replica_pool
 Create Date: 2026-11-29
 
 orders: a production order, its reader selector, its state (RUNNING, DONE, CANCELLED), the
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0011_persisted_orders"
-down_revision = "0009_deployment_keys"
+down_revision = "0010_replica_pool"
 branch_labels = None
 depends_on = None
 
