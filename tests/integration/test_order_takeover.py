@@ -11,6 +11,7 @@ session's PKI, and PostgreSQL or SQLite.
   ends SUCCEEDED or FAILED with a reason, every certificate the CA issued is in the store,
   nothing stays leased or running, and restarting A changes nothing.
 - Get, List and Cancel of an order through the replica that does not run it.
+- An order created on A while every gateway is linked to B completes, its steps going through B.
 - SQLite, one orchestrator killed in the middle of an order: on restart it continues the
   order, and the cards it retries never go to a card the order already had.
 """
@@ -303,6 +304,37 @@ def test_order_run_by_one_replica_is_read_and_cancelled_through_the_other(
             assert sorted(c.error.reason for c in final.cards) == ["", "", "CANCELLED", "CANCELLED"]
             # B reads it from the database, as A wrote it down.
             assert watch_until(b.address, order.id, lambda o: count(o, *DONE_STATES) == 4, timeout_s=30) == final
+            assert_nothing_running(postgres_store)
+
+
+@pytest.mark.postgres
+def test_order_created_on_one_replica_completes_on_gateways_linked_only_to_the_other(
+        tmp_path, softhsm_module, postgres_store, postgres_database_url):
+    """One pool across replicas (docs/replicas.md): A runs the order, every reader is B's; each
+    step goes through B, which holds the links. The order and the pool read the same on both."""
+    env = replica_env(tmp_path, postgres_database_url)
+    a = Replica(tmp_path / "a", f"127.0.0.1:{free_port()}", env)
+    b = Replica(tmp_path / "b", f"127.0.0.1:{free_port()}", env)
+    with replicas(a, b):
+        a.start()
+        b.start()
+        with (station(tmp_path, "gw0", b.address, softhsm_module, 1) as s0,
+              station(tmp_path, "gw1", b.address, softhsm_module, 1) as s1,
+              station(tmp_path, "gw2", b.address, softhsm_module, 1) as s2):
+            serials = set(s0 + s1 + s2)
+            wait_for(lambda: tokens_in_pool(a.address) == serials, "B's three tokens in A's pool")
+            order = create_order(a.address, 3)
+            final = watch_until(a.address, order.id, lambda o: count(o, *DONE_STATES) == 3)
+            assert final.state == order_pb.ORDER_STATE_DONE
+            assert [c.state for c in final.cards] == [order_pb.ORDER_CARD_STATE_SUCCEEDED] * 3, final
+            assert {c.gateway_id for c in final.cards} == {"gw0", "gw1", "gw2"}
+            assert postgres_store.orders.get(order.id).owner == a.orchestrator_id
+            tasks = postgres_store.tasks.list(state=TaskState.SUCCEEDED)
+            assert len(tasks) == 3 and {t.owner for t in tasks} == {a.orchestrator_id}   # A ran them
+            assert "gateway attached" not in a.log                       # ... through B's links
+            wait_for(lambda: get_order(b.address, order.id) == get_order(a.address, order.id), "the same order on B")
+            wait_for(lambda: _list(b.address) == _list(a.address), "the same orders listed on B")
+            assert len({c.serial_hex for c in postgres_store.certificates.list()}) == 3
             assert_nothing_running(postgres_store)
 
 
