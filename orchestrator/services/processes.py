@@ -275,7 +275,8 @@ class ProcessService:
                                wait_s: float) -> tuple[bool, cards.Reader | None]:
         """(whether the task's gateway is attached here, the task's reader) once the gateway is
         attached with a card in that reader (a gateway fails over to another replica after its
-        own died), or as they stand after WAIT_S seconds."""
+        own died), or as they stand after WAIT_S seconds. Attached HERE: the pool shared by
+        replicas still lists a dead replica's gateways until its own staleness expires."""
         pool = self.card_tasks.pool
         changed = asyncio.Event()
         unsubscribe = pool.subscribe(lambda kind, pooled: changed.set())
@@ -283,7 +284,7 @@ class ProcessService:
         try:
             while True:
                 online = [p for p in pool.list(ReaderSelector(gateway_id=gateway_id))
-                          if p.state is not ReaderState.OFFLINE]
+                          if p.state is not ReaderState.OFFLINE and pool.linked_here(gateway_id)]
                 found = [p.reader for p in online if p.reader.reader_id == reader_id]
                 if found and has_card(found[0]):
                     return True, found[0]
