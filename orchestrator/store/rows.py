@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, astuple, fields
 from typing import Any, TypeVar
 
-from sqlalchemy import event, select, text
+from sqlalchemy import event, insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -175,15 +175,28 @@ def append_audit(session: Session) -> None:
     pending: list[AuditEvent] = session.info.pop(_PENDING_AUDIT, [])
     if not pending:
         return
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_CHAIN_LOCK})
-    prev = session.scalar(select(AuditEvent.hash).where(AuditEvent.hash.is_not(None))
-                          .order_by(AuditEvent.id.desc()).limit(1)) or GENESIS
+    # The transaction's other changes first, so the chain's lock is still taken after every
+    # other lock. Then Core statements on the session's connection (built once, compiled
+    # once): this runs in nearly every transaction, and the ORM's unit of work per audit row
+    # cost more than SQLite's work.
+    session.flush()
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(_LOCK_AUDIT_CHAIN, {"k": _PG_AUDIT_CHAIN_LOCK})
+    prev = conn.execute(_AUDIT_HEAD).scalar() or GENESIS
     for row in pending:
         row.prev_hash = prev
         row.hash = prev = link_hash(prev, canonical(chained_fields(row)))
-        session.add(row)
-        session.flush()       # one at a time: ids in chain order
+        # One at a time: ids in chain order. The row object stays outside the session; it
+        # gets its id for the caller's record (Audit.record).
+        inserted = conn.execute(_INSERT_AUDIT, {c: getattr(row, c) for c in _AUDIT_INSERT_COLUMNS})
+        row.id = inserted.inserted_primary_key[0]
+
+
+_LOCK_AUDIT_CHAIN = text("SELECT pg_advisory_xact_lock(:k)")
+_AUDIT_HEAD = select(AuditEvent.hash).where(AuditEvent.hash.is_not(None)).order_by(AuditEvent.id.desc()).limit(1)
+_AUDIT_INSERT_COLUMNS = tuple(c.key for c in AuditEvent.__table__.columns if c.key != "id")
+_INSERT_AUDIT = insert(AuditEvent.__table__)
 
 
 def chained_fields(row: AuditEvent) -> dict[str, Any]:
