@@ -190,13 +190,15 @@ def append_audit(session: Session) -> None:
         # One at a time: ids in chain order. The row object stays outside the session; it
         # gets its id for the caller's record (Audit.record).
         inserted = conn.execute(_INSERT_AUDIT, {c: getattr(row, c) for c in _AUDIT_INSERT_COLUMNS})
-        row.id = inserted.inserted_primary_key[0]
+        key = inserted.inserted_primary_key
+        assert key is not None       # an INSERT of one row
+        row.id = key[0]
 
 
 _LOCK_AUDIT_CHAIN = text("SELECT pg_advisory_xact_lock(:k)")
 _AUDIT_HEAD = select(AuditEvent.hash).where(AuditEvent.hash.is_not(None)).order_by(AuditEvent.id.desc()).limit(1)
 _AUDIT_INSERT_COLUMNS = tuple(c.key for c in AuditEvent.__table__.columns if c.key != "id")
-_INSERT_AUDIT = insert(AuditEvent.__table__)
+_INSERT_AUDIT = insert(AuditEvent)
 
 
 def chained_fields(row: AuditEvent) -> dict[str, Any]:

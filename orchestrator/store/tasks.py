@@ -14,7 +14,6 @@ from orchestrator.store.rows import check_process_running, new_id, process_row, 
 from orchestrator.store.sessions import Sessions
 from shared.errors import InvalidArgument, NotFound, StateConflict, quoted
 
-
 _TASK_OWNER_FOR_UPDATE = select(Task.owner).where(Task.id == bindparam("task_id")).with_for_update()
 
 
