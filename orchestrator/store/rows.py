@@ -270,10 +270,12 @@ def check_relation_ends(session: Session, rel: NewRelation) -> None:
 
 def insert_relation(session: Session, task_id: str | None, rel: NewRelation, now: dt.datetime) -> None:
     """INSERT ... ON CONFLICT DO NOTHING: an existing relation (also one a concurrent
-    transaction just committed) stays as it is, and the transaction goes on."""
-    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    session.execute(dialect_insert(ObjectRelation)
-                    .values(id=new_id(), task_id=task_id, created_at=now, **asdict(rel))
-                    .on_conflict_do_nothing(index_elements=[
-                        ObjectRelation.source_type, ObjectRelation.source_id, ObjectRelation.target_type,
-                        ObjectRelation.target_id, ObjectRelation.relation_type]))
+    transaction just committed) stays as it is, and the transaction goes on. The statement
+    is built once per dialect; the values come with each execution."""
+    session.execute(_INSERT_RELATION[session.get_bind().dialect.name == "postgresql"],
+                    {"id": new_id(), "task_id": task_id, "created_at": now, **asdict(rel)})
+
+
+_INSERT_RELATION = {postgres: (postgresql.insert if postgres else sqlite.insert)(ObjectRelation).on_conflict_do_nothing(
+    index_elements=[ObjectRelation.source_type, ObjectRelation.source_id, ObjectRelation.target_type,
+                    ObjectRelation.target_id, ObjectRelation.relation_type]) for postgres in (False, True)}

@@ -96,7 +96,8 @@ class Tasks:
         now = utcnow()
         try:
             with self._db.write() as s:
-                row = s.execute(self._journal_upsert, {
+                s.flush()           # a joined transaction's pending rows first, as autoflush would
+                row = s.connection().execute(self._journal_upsert, {
                     "task_id": task_id, "step_number": step_number, "name": name, "state": state, "detail": detail,
                     "created_at": now, "updated_at": now}).one()
         except IntegrityError:
