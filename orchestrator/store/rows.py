@@ -272,8 +272,10 @@ def insert_relation(session: Session, task_id: str | None, rel: NewRelation, now
     """INSERT ... ON CONFLICT DO NOTHING: an existing relation (also one a concurrent
     transaction just committed) stays as it is, and the transaction goes on. The statement
     is built once per dialect; the values come with each execution."""
-    session.execute(_INSERT_RELATION[session.get_bind().dialect.name == "postgresql"],
-                    {"id": new_id(), "task_id": task_id, "created_at": now, **asdict(rel)})
+    session.flush()         # the transaction's pending rows first, as autoflush would
+    conn = session.connection()
+    conn.execute(_INSERT_RELATION[conn.dialect.name == "postgresql"],
+                 {"id": new_id(), "task_id": task_id, "created_at": now, **asdict(rel)})
 
 
 _INSERT_RELATION = {postgres: (postgresql.insert if postgres else sqlite.insert)(ObjectRelation).on_conflict_do_nothing(
