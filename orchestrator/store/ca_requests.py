@@ -12,7 +12,7 @@ from orchestrator.store import paging
 from orchestrator.store.models import CaRequest, utcnow
 from orchestrator.store.paging import Keyset
 from orchestrator.store.records import CaRequestRecord, CaRequestState
-from orchestrator.store.rows import ca_request_row, record, task_row
+from orchestrator.store.rows import ca_request_row, record, task_facts
 from orchestrator.store.sessions import Sessions
 from shared.errors import AlreadyExists, InvalidArgument, NotFound, StateConflict, quoted
 
@@ -46,7 +46,7 @@ class CaRequests:
         if not isinstance(csr_der, (bytes, bytearray, memoryview)) or not bytes(csr_der):
             raise InvalidArgument("a CA request needs the certificate request (DER) as non-empty bytes")
         with self._db.write() as s:
-            task_row(s, task_id)
+            task_facts(s, task_id)
             now = utcnow()
             values: dict[str, Any] = {
                 "request_id": request_id, "task_id": task_id, "ca_name": ca_name, "template": template,

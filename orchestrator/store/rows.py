@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, astuple, fields
 from typing import Any, TypeVar
 
-from sqlalchemy import event, insert, select, text
+from sqlalchemy import bindparam, event, insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -92,6 +92,19 @@ def task_row(session: Session, task_id: str, *, lock: bool = False) -> Task:
     if task is None:
         raise NotFound(f"no task {quoted(task_id)}", task_id=task_id)
     return task
+
+
+def task_facts(session: Session, task_id: str) -> Any:
+    """The task's id, state and error (a row with those attributes), read without loading the
+    ORM object: for the hot path's checks that only need these. NotFound as task_row."""
+    session.flush()         # the transaction's pending rows first, as autoflush would
+    facts = session.connection().execute(_TASK_FACTS, {"task_id": task_id}).first()
+    if facts is None:
+        raise NotFound(f"no task {quoted(task_id)}", task_id=task_id)
+    return facts
+
+
+_TASK_FACTS = select(Task.id, Task.state, Task.error_reason, Task.error_message).where(Task.id == bindparam("task_id"))
 
 
 def running_task_row(session: Session, task_id: str) -> Task:
