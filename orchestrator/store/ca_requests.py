@@ -4,6 +4,7 @@ move it on from there."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy import select
 
@@ -11,7 +12,7 @@ from orchestrator.store import paging
 from orchestrator.store.models import CaRequest, utcnow
 from orchestrator.store.paging import Keyset
 from orchestrator.store.records import CaRequestRecord, CaRequestState
-from orchestrator.store.rows import ca_request_row, record, task_row
+from orchestrator.store.rows import ca_request_row, record, task_facts
 from orchestrator.store.sessions import Sessions
 from shared.errors import AlreadyExists, InvalidArgument, NotFound, StateConflict, quoted
 
@@ -45,12 +46,16 @@ class CaRequests:
         if not isinstance(csr_der, (bytes, bytearray, memoryview)) or not bytes(csr_der):
             raise InvalidArgument("a CA request needs the certificate request (DER) as non-empty bytes")
         with self._db.write() as s:
-            task_row(s, task_id)
+            task_facts(s, task_id)
             now = utcnow()
-            s.execute(self._insert_new, {
+            values: dict[str, Any] = {
                 "request_id": request_id, "task_id": task_id, "ca_name": ca_name, "template": template,
-                "csr_der": bytes(csr_der), "state": str(CaRequestState.PENDING), "created_at": now, "updated_at": now})
-            row = s.get(CaRequest, request_id, populate_existing=True)
+                "csr_der": bytes(csr_der), "state": str(CaRequestState.PENDING), "created_at": now, "updated_at": now}
+            if s.connection().execute(self._insert_new, values).rowcount == 1:
+                # Journaled now: the record is what was written, not read back (one card's
+                # certificate, once per card).
+                return CaRequestRecord(**values, serial_hex=None, certificate_id=None, error=None)
+            row = s.get(CaRequest, request_id, populate_existing=True)   # journaled before
             assert row is not None
             if row.task_id != task_id:
                 raise AlreadyExists(f"CA request {request_id} is journaled for task {row.task_id}, not {task_id}",

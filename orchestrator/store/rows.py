@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, astuple, fields
 from typing import Any, TypeVar
 
-from sqlalchemy import event, select, text
+from sqlalchemy import bindparam, event, insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -94,6 +94,19 @@ def task_row(session: Session, task_id: str, *, lock: bool = False) -> Task:
     return task
 
 
+def task_facts(session: Session, task_id: str) -> Any:
+    """The task's id, state and error (a row with those attributes), read without loading the
+    ORM object: for the hot path's checks that only need these. NotFound as task_row."""
+    session.flush()         # the transaction's pending rows first, as autoflush would
+    facts = session.connection().execute(_TASK_FACTS, {"task_id": task_id}).first()
+    if facts is None:
+        raise NotFound(f"no task {quoted(task_id)}", task_id=task_id)
+    return facts
+
+
+_TASK_FACTS = select(Task.id, Task.state, Task.error_reason, Task.error_message).where(Task.id == bindparam("task_id"))
+
+
 def running_task_row(session: Session, task_id: str) -> Task:
     task = task_row(session, task_id, lock=True)
     if task.state != TaskState.RUNNING:
@@ -175,15 +188,30 @@ def append_audit(session: Session) -> None:
     pending: list[AuditEvent] = session.info.pop(_PENDING_AUDIT, [])
     if not pending:
         return
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_CHAIN_LOCK})
-    prev = session.scalar(select(AuditEvent.hash).where(AuditEvent.hash.is_not(None))
-                          .order_by(AuditEvent.id.desc()).limit(1)) or GENESIS
+    # The transaction's other changes first, so the chain's lock is still taken after every
+    # other lock. Then Core statements on the session's connection (built once, compiled
+    # once): this runs in nearly every transaction, and the ORM's unit of work per audit row
+    # cost more than SQLite's work.
+    session.flush()
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(_LOCK_AUDIT_CHAIN, {"k": _PG_AUDIT_CHAIN_LOCK})
+    prev = conn.execute(_AUDIT_HEAD).scalar() or GENESIS
     for row in pending:
         row.prev_hash = prev
         row.hash = prev = link_hash(prev, canonical(chained_fields(row)))
-        session.add(row)
-        session.flush()       # one at a time: ids in chain order
+        # One at a time: ids in chain order. The row object stays outside the session; it
+        # gets its id for the caller's record (Audit.record).
+        inserted = conn.execute(_INSERT_AUDIT, {c: getattr(row, c) for c in _AUDIT_INSERT_COLUMNS})
+        key = inserted.inserted_primary_key
+        assert key is not None       # an INSERT of one row
+        row.id = key[0]
+
+
+_LOCK_AUDIT_CHAIN = text("SELECT pg_advisory_xact_lock(:k)")
+_AUDIT_HEAD = select(AuditEvent.hash).where(AuditEvent.hash.is_not(None)).order_by(AuditEvent.id.desc()).limit(1)
+_AUDIT_INSERT_COLUMNS = tuple(c.key for c in AuditEvent.__table__.columns if c.key != "id")
+_INSERT_AUDIT = insert(AuditEvent)
 
 
 def chained_fields(row: AuditEvent) -> dict[str, Any]:
@@ -255,10 +283,14 @@ def check_relation_ends(session: Session, rel: NewRelation) -> None:
 
 def insert_relation(session: Session, task_id: str | None, rel: NewRelation, now: dt.datetime) -> None:
     """INSERT ... ON CONFLICT DO NOTHING: an existing relation (also one a concurrent
-    transaction just committed) stays as it is, and the transaction goes on."""
-    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    session.execute(dialect_insert(ObjectRelation)
-                    .values(id=new_id(), task_id=task_id, created_at=now, **asdict(rel))
-                    .on_conflict_do_nothing(index_elements=[
-                        ObjectRelation.source_type, ObjectRelation.source_id, ObjectRelation.target_type,
-                        ObjectRelation.target_id, ObjectRelation.relation_type]))
+    transaction just committed) stays as it is, and the transaction goes on. The statement
+    is built once per dialect; the values come with each execution."""
+    session.flush()         # the transaction's pending rows first, as autoflush would
+    conn = session.connection()
+    conn.execute(_INSERT_RELATION[conn.dialect.name == "postgresql"],
+                 {"id": new_id(), "task_id": task_id, "created_at": now, **asdict(rel)})
+
+
+_INSERT_RELATION = {postgres: (postgresql.insert if postgres else sqlite.insert)(ObjectRelation).on_conflict_do_nothing(
+    index_elements=[ObjectRelation.source_type, ObjectRelation.source_id, ObjectRelation.target_type,
+                    ObjectRelation.target_id, ObjectRelation.relation_type]) for postgres in (False, True)}

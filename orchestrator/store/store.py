@@ -69,7 +69,7 @@ from orchestrator.store.rows import (
     new_relations,
     record,
     running_task_row,
-    task_row,
+    task_facts,
 )
 from orchestrator.store.sessions import Sessions
 from orchestrator.store.tasks import Tasks
@@ -205,7 +205,7 @@ class Store:
         serial_hex = format(cert.serial_number, "x")
         issuer = cert.issuer.rfc4514_string()
         with self._db.write() as s:
-            task = task_row(s, task_id)
+            task = task_facts(s, task_id)
             journal = ca_request_row(s, request_id, task_id) if request_id is not None else None
             existing = s.scalar(select(Certificate).where(Certificate.issuer == issuer,
                                                           Certificate.serial_hex == serial_hex))
@@ -240,8 +240,9 @@ class Store:
                                 request_id=journal.request_id, state=journal.state)
 
     @staticmethod
-    def _certificate_row(cert: x509.Certificate, der: bytes, task: Task, template: str, ca_name: str,
+    def _certificate_row(cert: x509.Certificate, der: bytes, task: Any, template: str, ca_name: str,
                          state: str, now: dt.datetime) -> Certificate:
+        # task: its id, state and error (rows.task_facts), not the ORM object.
         failed = task.state == TaskState.FAILED     # stored late (C16): it carries the task's error (C3)
         return Certificate(
             id=new_id(), serial_hex=format(cert.serial_number, "x"), issuer=cert.issuer.rfc4514_string(),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.store import paging
@@ -13,6 +13,8 @@ from orchestrator.store.records import ProcessState, TaskRecord, TaskState, Task
 from orchestrator.store.rows import check_process_running, new_id, process_row, record, task_row
 from orchestrator.store.sessions import Sessions
 from shared.errors import InvalidArgument, NotFound, StateConflict, quoted
+
+_TASK_OWNER_FOR_UPDATE = select(Task.owner).where(Task.id == bindparam("task_id")).with_for_update()
 
 
 class Tasks:
@@ -78,7 +80,9 @@ class Tasks:
         a replica that was only frozen, not dead, writes nothing once another took its task
         over: a claim waits for the transaction holding the lock, and the next one fails."""
         with self._db.write() as s:
-            current = s.scalar(select(Task.owner).where(Task.id == task_id).with_for_update())
+            # Core on the session's connection, the statement built once: this runs in every
+            # transaction of every card task.
+            current = s.connection().execute(_TASK_OWNER_FOR_UPDATE, {"task_id": task_id}).scalar()
             if current is not None and current != owner:
                 raise StateConflict(f"task {task_id} was taken over by {current}; {owner} no longer runs it",
                                     task_id=task_id, owner=current)
@@ -92,7 +96,8 @@ class Tasks:
         now = utcnow()
         try:
             with self._db.write() as s:
-                row = s.execute(self._journal_upsert, {
+                s.flush()           # a joined transaction's pending rows first, as autoflush would
+                row = s.connection().execute(self._journal_upsert, {
                     "task_id": task_id, "step_number": step_number, "name": name, "state": state, "detail": detail,
                     "created_at": now, "updated_at": now}).one()
         except IntegrityError:
