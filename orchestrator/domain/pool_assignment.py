@@ -135,15 +135,28 @@ def assign(queue: Sequence[Want], candidates: Sequence[Candidate], held: Callabl
     out = Assignment()
     taken_now: set[ReaderKey] = set()
     waiting: list[Want] = []
+    # Waiters asking alike (an order's cards: one selector, one scope, one accepts) share
+    # their matching readers, and once one of them finds none free in this round, so do the
+    # ones behind it (readers are only taken within a round): a serve costs a pass over the
+    # readers per kind of request and per grant, not per waiter.
+    matching_of: dict[tuple[object, ...], list[Candidate]] = {}
+    exhausted: set[tuple[object, ...]] = set()
     for want in queue:
-        matching = [c for c in candidates if want.wants(c)]
+        alike = (want.selector, want.scope, want.need_card, want.accepts)
+        matching = matching_of.get(alike)
+        if matching is None:
+            matching = matching_of[alike] = [c for c in candidates if want.wants(c)]
         if not matching:
             out.hopeless.append(want)
+            continue
+        if alike in exhausted:
+            waiting.append(want)
             continue
         free = [c for c in matching if c.key not in taken_now and not held(c.key)
                 and (has_card(c.reader) or not want.need_card)
                 and (want.accepts is None or want.accepts(c.gateway_id, c.reader))]
         if not free:
+            exhausted.add(alike)
             waiting.append(want)
             continue
         chosen = min(free, key=lambda c: (last_used(c.key), c.gateway_id, c.reader.reader_id))

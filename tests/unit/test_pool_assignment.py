@@ -2,6 +2,9 @@
 rule both the in-memory pool and the pool shared by replicas on PostgreSQL serve with."""
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from orchestrator.domain.pool_assignment import Candidate, ReaderSelector, Want, assign
 from shared import cards
 
@@ -51,3 +54,53 @@ def test_a_selector_round_trips_through_its_data():
     selector = ReaderSelector(gateway_id="gw1", kind=cards.ReaderKind.PKCS11, site="hq", labels={"desk": "3"},
                               card_present=True)
     assert ReaderSelector.from_data(selector.to_data()) == selector
+
+
+def _assign_waiter_by_waiter(queue, candidates, held, last_used):
+    """The rule as docs/pool.md states it, each waiter on its own: what `assign` must equal."""
+    granted, waiting, hopeless, taken = [], [], [], set()
+    for want in queue:
+        matching = [c for c in candidates if want.wants(c)]
+        if not matching:
+            hopeless.append(want.waiter)
+            continue
+        free = [c for c in matching if c.key not in taken and not held(c.key)
+                and (bool(c.reader.token_serial) or not want.need_card)
+                and (want.accepts is None or want.accepts(c.gateway_id, c.reader))]
+        if not free:
+            waiting.append(want.waiter)
+            continue
+        chosen = min(free, key=lambda c: (last_used(c.key), c.gateway_id, c.reader.reader_id))
+        taken.add(chosen.key)
+        granted.append((want.waiter, chosen.key))
+    return granted, [(w, p) for p, w in enumerate(waiting, start=1)], hopeless
+
+
+_GATEWAYS = ("gw1", "gw2", "gw3")
+_SELECTORS = [ReaderSelector(), ReaderSelector(gateway_id="gw1"), ReaderSelector(gateway_id="gw9"),
+              ReaderSelector(site="hq"), ReaderSelector(reader_id="r1")]
+
+
+def _refuses(serial: str):
+    return lambda gid, reader: reader.token_serial != serial
+
+
+_ACCEPTS = [None, _refuses("s1"), _refuses("s2")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(readers=st.lists(st.tuples(st.sampled_from(_GATEWAYS), st.sampled_from(["r1", "r2", "r3"]),
+                                  st.sampled_from(["", "s1", "s2", "s3", "s4"])),
+                        max_size=9, unique_by=lambda r: r[:2]),
+       wants=st.lists(st.tuples(st.integers(0, len(_SELECTORS) - 1), st.booleans(),
+                                st.integers(0, len(_ACCEPTS) - 1)), max_size=25),
+       held=st.sets(st.tuples(st.sampled_from(_GATEWAYS), st.sampled_from(["r1", "r2", "r3"]))),
+       used=st.dictionaries(st.tuples(st.sampled_from(_GATEWAYS), st.sampled_from(["r1", "r2", "r3"])),
+                            st.floats(0, 100)))
+def test_serving_alike_waiters_together_hands_out_exactly_what_serving_each_alone_does(readers, wants, held, used):
+    candidates = _candidates(*readers)
+    queue = [Want(f"w{i}", _SELECTORS[s], need_card=need, accepts=_ACCEPTS[a]) for i, (s, need, a) in enumerate(wants)]
+    result = assign(queue, candidates, held.__contains__, lambda key: used.get(key, 0.0))
+    expected = _assign_waiter_by_waiter(queue, candidates, held.__contains__, lambda key: used.get(key, 0.0))
+    assert ([(w.waiter, c.key) for w, c in result.granted], [(w.waiter, p) for w, p in result.positions],
+            [w.waiter for w in result.hopeless]) == expected
