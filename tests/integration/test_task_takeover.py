@@ -52,7 +52,7 @@ GATEWAY = "station-takeover"
 class Replicas:
     """Replicas A (faulty: killed at a boundary) and B on one database, one CA, one KEK."""
 
-    def __init__(self, tmp: pathlib.Path, database_url: str) -> None:
+    def __init__(self, tmp: pathlib.Path, database_url: str, token) -> None:
         self.tmp = tmp
         self.database_url = database_url
         self.config_dir = tmp / "config"
@@ -60,6 +60,11 @@ class Replicas:
         write_transport_key(self.config_dir / "secrets")       # the token's SO PIN is derived from it
         produce = (self.config_dir / "processes" / "produce-employee-card.yaml").read_text()
         assert "\non_error:" in produce
+        # The process takes the test's token only: the session's SoftHSM2 directory may hold
+        # tokens other tests left, each a reader at the same site.
+        assert "reader: {site: hq, kind: pkcs11}" in produce
+        produce = produce.replace("reader: {site: hq, kind: pkcs11}",
+                                  f'reader: {{site: hq, kind: pkcs11, reader: "pkcs11:softhsm2:{token.serial}"}}')
         (self.config_dir / "processes" / f"{PROCESS}.yaml").write_text(produce.replace(
             "name: produce-employee-card", f"name: {PROCESS}").replace("\non_error:", """
   - type: load_certificates
@@ -183,7 +188,7 @@ KILL_POINTS = ["before_issue", "after_issue", "after_store", "write_sent", "afte
 @pytest.mark.parametrize("boundary", KILL_POINTS)
 def test_c16_takeover_resumes_a_task_whose_replica_died_after_its_key_generation_and_produces_the_card(
         tmp_path, softhsm_token, postgres_store: Store, postgres_database_url: str, boundary: str):
-    replicas = Replicas(tmp_path, postgres_database_url)
+    replicas = Replicas(tmp_path, postgres_database_url, softhsm_token)
     with replicas.replica("a", "--kill-at", boundary) as (a, a_proc), replicas.replica("b") as (b, _b_proc), \
             gateway([a, b], tmp_path / "gateway", softhsm_token):
         mine = lambda r: r.reader.token_serial == softhsm_token.serial  # noqa: E731
@@ -241,7 +246,7 @@ def test_c16_takeover_resumes_a_task_whose_replica_died_after_its_key_generation
 @pytest.mark.timeout(300)
 def test_c16_takeover_ends_the_task_with_the_reason_when_its_gateway_never_comes_back(
         tmp_path, softhsm_token, postgres_store: Store, postgres_database_url: str):
-    replicas = Replicas(tmp_path, postgres_database_url)
+    replicas = Replicas(tmp_path, postgres_database_url, softhsm_token)
     with replicas.replica("a", "--kill-at", "after_issue") as (a, a_proc), replicas.replica("b") as (b, _b_proc):
         with gateway([a, b], tmp_path / "gateway", softhsm_token) as gateway_proc:
             wait_for_pooled_reader(a, lambda r: r.reader.token_serial == softhsm_token.serial, timeout_s=30)
@@ -281,7 +286,7 @@ def test_c16_takeover_ends_the_task_with_the_reason_when_its_gateway_never_comes
 @pytest.mark.timeout(300)
 def test_c16_takeover_ends_the_task_with_the_reason_when_another_card_is_in_the_reader(
         tmp_path, softhsm_token, postgres_store: Store, postgres_database_url: str):
-    replicas = Replicas(tmp_path, postgres_database_url)
+    replicas = Replicas(tmp_path, postgres_database_url, softhsm_token)
     with replicas.replica("a", "--kill-at", "after_issue") as (a, a_proc), replicas.replica("b") as (b, _b_proc):
         with gateway([a, b], tmp_path / "gateway", softhsm_token) as gateway_proc:
             wait_for_pooled_reader(a, lambda r: r.reader.token_serial == softhsm_token.serial, timeout_s=30)
@@ -325,7 +330,7 @@ def test_c16_takeover_of_a_frozen_replica_which_writes_nothing_when_it_thaws(
     """A is frozen (SIGSTOP of its process group) right after the CA issued; the gateway finds
     it silent and fails over to B, which takes the task over and produces the card. Thawed, A
     finds the task no longer its own: it stores nothing and does not end the instance."""
-    replicas = Replicas(tmp_path, postgres_database_url)
+    replicas = Replicas(tmp_path, postgres_database_url, softhsm_token)
     replicas.env["CARDLINE_ORCHESTRATOR_HEARTBEAT_INTERVAL_S"] = "0.5"     # the gateway finds A silent in 1.5 s
     with replicas.replica("a", "--stop-at", "after_issue") as (a, a_proc), replicas.replica("b") as (b, _b_proc), \
             gateway([a, b], tmp_path / "gateway", softhsm_token):
