@@ -284,7 +284,7 @@ class ProcessService:
         try:
             while True:
                 online = [p for p in pool.list(ReaderSelector(gateway_id=gateway_id))
-                          if p.state is not ReaderState.OFFLINE and pool.linked_here(gateway_id)]
+                          if p.state is not ReaderState.OFFLINE] if pool.linked_here(gateway_id) else []
                 found = [p.reader for p in online if p.reader.reader_id == reader_id]
                 if found and has_card(found[0]):
                     return True, found[0]
