@@ -165,29 +165,47 @@ class StepMemo:
         self._capacity = capacity
         self._store = store
         self._results: OrderedDict[StepKey, asyncio.Future] = OrderedDict()
+        self._running: set[asyncio.Task] = set()
 
     async def run(self, key: StepKey | None, work: Callable[[], Awaitable[Any]]) -> tuple[Any, bool]:
-        """Returns (value, replayed). Errors are remembered like values and raised again."""
+        """Returns (value, replayed). Errors are remembered like values and raised again.
+
+        The first run of a step belongs to the step, not to its caller: a link that drops
+        mid-step cancels the caller, while the card operation goes on (a PKCS#11 or PC/SC call
+        in a thread cannot be stopped). The run finishes and is remembered, so the step resent
+        after a failover - by another orchestrator replica too - is answered with its outcome
+        instead of waiting for a run that was abandoned."""
         if key is None:
             return await work(), False
         first = self._results.get(key)
         if first is not None:
             self._results.move_to_end(key)
-            return await asyncio.shield(first), True
+            value, _ = await asyncio.shield(first)
+            return value, True
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._results[key] = future          # before any await: a resend from now on waits for this run
         while len(self._results) > self._capacity:
             self._results.popitem(last=False)
+        running = asyncio.create_task(self._settle(key, work, future))
+        self._running.add(running)
+        running.add_done_callback(self._running.discard)
+        return await asyncio.shield(future)
+
+    async def _settle(self, key: StepKey, work: Callable[[], Awaitable[Any]], future: asyncio.Future) -> None:
+        """Runs the step's first run to its end and resolves FUTURE with (value, replayed) or its error."""
         try:
-            value, replayed = await self._first_run(key, work)
+            outcome = await self._first_run(key, work)
+        except asyncio.CancelledError:      # the gateway stops: nothing is remembered, a resend runs it
+            self._results.pop(key, None)
+            future.cancel()
+            raise
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # marks it retrieved: a replay re-raises it, nobody else must
             if isinstance(exc, PinAttemptsThrottled):
                 self._results.pop(key, None)   # nothing ran: the same step may try again later
-            raise
-        future.set_result(value)
-        return value, replayed
+            return
+        future.set_result(outcome)
 
     async def _first_run(self, key: StepKey, work: Callable[[], Awaitable[Any]]) -> tuple[Any, bool]:
         """The step's result from the file (a run before a restart), else from running it."""

@@ -157,12 +157,16 @@ def create_order(address: str, cards: int) -> order_pb.Order:
 def watch_until(address: str, order_id: str, predicate: Callable[[order_pb.Order], bool],
                 timeout_s: float = 120.0) -> order_pb.Order:
     """Follows WatchOrder on ADDRESS until PREDICATE holds for a snapshot; returns it."""
+    last = None
     with channel(address) as ch:
         for event in OrchestratorApi.on(ch).orders.WatchOrder(order_pb.WatchOrderRequest(order_id=order_id),
                                                               timeout=timeout_s):
             if predicate(event.order):
                 return event.order
-    raise AssertionError(f"order {order_id} ended its watch on {address} without the awaited state")
+            last = event.order
+    cards = [(c.index, order_pb.OrderCardState.Name(c.state), c.error.reason) for c in last.cards] if last else None
+    raise AssertionError(f"order {order_id} ended its watch on {address} without the awaited state; last seen: "
+                         f"{order_pb.OrderState.Name(last.state) if last else None} {cards}")
 
 
 def get_order(address: str, order_id: str) -> order_pb.Order:
@@ -213,10 +217,6 @@ def beats_after(store: Store, orchestrator_id: str, since: dt.datetime, rounds: 
 # --- PostgreSQL: two replicas, one killed ------------------------------------------------------------
 
 @pytest.mark.postgres
-@pytest.mark.skip(reason="known defect, open in issue 13: since the pool is shared through PostgreSQL, after a "
-                         "replica is killed mid-order the survivor's resumed and adopted cards can stay queued for the "
-                         "readers of the failed-over gateways and the order never ends (seen twice in the whole suite; "
-                         "it passed before the shared pool was merged)")
 def test_replica_killed_mid_order_of_12_cards_the_other_adopts_it_every_card_ends_and_nothing_is_lost(
         tmp_path, softhsm_module, postgres_store, postgres_database_url):
     env = replica_env(tmp_path, postgres_database_url)

@@ -68,3 +68,33 @@ def test_memo_forgets_oldest_steps_beyond_capacity():
         return await memo.run(("t", 0), lambda: asyncio.sleep(0, "again"))
 
     assert asyncio.run(main()) == ("again", False)
+
+
+def test_step_whose_caller_is_cancelled_mid_run_finishes_and_answers_the_resend_without_running_again():
+    """Takeover (docs/rules.md, C16): the link that carried a step drops while the card works
+    (its caller is cancelled); the step still ends, and the step resent through the next link
+    gets that outcome instead of waiting for an abandoned run."""
+    memo, runs = StepMemo(), []
+
+    async def main():
+        started, card_done = asyncio.Event(), asyncio.Event()
+
+        async def work():
+            runs.append(1)
+            started.set()
+            await card_done.wait()          # the card operation, which a cancelled caller cannot stop
+            return "written"
+
+        caller = asyncio.create_task(memo.run(("t", 3), work))
+        await started.wait()
+        caller.cancel()                     # the link drops
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        resend = asyncio.create_task(memo.run(("t", 3), work))
+        await asyncio.sleep(0)
+        assert not resend.done()            # waits for the run still going on
+        card_done.set()
+        return await asyncio.wait_for(resend, 5)
+
+    assert asyncio.run(main()) == ("written", True)
+    assert len(runs) == 1
