@@ -226,9 +226,11 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     credentials, interceptors = server_security(tls, PERMISSIONS, revocations=revocations)
     # C16: before serving, settle what an earlier run left behind (pending CA requests,
     # RUNNING tasks and process instances), then again every reconcile_interval_s.
-    # A replica whose heartbeat is older than stale_after has died: its RUNNING card tasks are
-    # taken over (resumed or ended with the reason), its gateways waited for as long again.
-    stale_after = datetime.timedelta(seconds=3 * settings.reconcile_interval_s)
+    # A replica whose heartbeat is older than replica.stale_after_s has died - the one rule the
+    # shared pool (its gateways offline, its holds and queued requests gone), the reconciler
+    # (its RUNNING card tasks taken over: resumed or ended with the reason; its gateways waited
+    # for as long again) and the orders (adopted) all follow.
+    stale_after = datetime.timedelta(seconds=settings.replica.stale_after_s)
     processes.enable_takeover(asyncio.get_running_loop(), stale_after.total_seconds())
     reconciler = Reconciler(store, cas, templates.internal_issued_state, owner_id=owner_id,
                             live_tasks=lambda: card_tasks.running, live_processes=lambda: processes.running,
@@ -301,6 +303,9 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     orchestrator._background.append(asyncio.create_task(health.run_forever()))
     orchestrator._background.append(asyncio.create_task(_reconcile_forever(reconciler,
                                                                            settings.reconcile_interval_s)))
+    if not isinstance(pool, FederatedPool):     # a federated pool beats with its address, in its rounds
+        orchestrator._background.append(asyncio.create_task(
+            _beat_forever(store, owner_id, settings.replica.heartbeat_interval_s)))
     sweeper = settings.issued_sweeper
     if sweeper.enabled:        # C5: no automatic handling unless asked for
         import datetime as dt
@@ -367,6 +372,17 @@ async def _set_health(server: Server, service: str, serving: bool) -> None:
 
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     await server.health.set(service, status)
+
+
+async def _beat_forever(store: Store, owner_id: str, interval_s: float) -> None:
+    """This orchestrator's heartbeat, every INTERVAL_S: others take its work over only once it
+    is older than replica.stale_after_s."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(store.instances.beat, owner_id)
+        except Exception as exc:  # the database away for a moment: the next beat
+            log.warning("heartbeat not written", error=str(exc)[:500])
 
 
 async def _reconcile_forever(reconciler: Reconciler, interval_s: float) -> None:

@@ -312,13 +312,25 @@ class ReplicaSettings(BaseModel):
     """Replicas on one PostgreSQL database sharing one reader pool (docs/replicas.md): the
     address the others reach this one at (empty: its listen address), how often it beats and
     looks at the pool without being told, and after how long without a beat a replica counts
-    as gone (its gateways offline, its queued requests and holds removed)."""
+    as gone - the one rule by which its gateways go offline, its queued requests and holds are
+    removed, its running card tasks are taken over and its orders adopted."""
     model_config = ConfigDict(extra="forbid")
 
     advertise_address: str = ""
     heartbeat_interval_s: float = Field(default=5.0, gt=0, le=3600)
     poll_interval_s: float = Field(default=2.0, gt=0, le=600)
     stale_after_s: float = Field(default=30.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _beats_before_stale(self) -> ReplicaSettings:
+        # A replica beats in its pool rounds: at the latest every max(heartbeat, poll) seconds.
+        # Two of those must fit in stale_after_s, or a live replica is taken for dead.
+        beat = max(self.heartbeat_interval_s, self.poll_interval_s)
+        if self.stale_after_s < 2 * beat:
+            raise ValueError(f"stale_after_s ({self.stale_after_s:g}) must be at least twice "
+                             f"max(heartbeat_interval_s, poll_interval_s) ({beat:g}): a live replica would be "
+                             "taken for dead")
+        return self
 
 
 class OrchestratorSettings(_Settings):

@@ -379,12 +379,6 @@ class ReaderPool:
             raise GatewayNotConnected(f"gateway {gateway_id!r} is not attached", gateway_id=gateway_id)
         return session
 
-    def linked_here(self, gateway_id: str) -> bool:
-        """The gateway's link is open to THIS orchestrator (with replicas, `list()` also shows
-        the readers of gateways linked to others)."""
-        session = self._gateways.get(gateway_id)
-        return session is not None and not session.closed
-
     def gateways(self) -> list[GatewayInfo]:
         self._purge()
         return [GatewayInfo(gid, s.site, dict(s.labels), not s.closed, len(s.readers), s.connected_since,

@@ -273,10 +273,11 @@ class ProcessService:
 
     async def _wait_for_reader(self, gateway_id: str, reader_id: str,
                                wait_s: float) -> tuple[bool, cards.Reader | None]:
-        """(whether the task's gateway is attached here, the task's reader) once the gateway is
+        """(whether the task's gateway is attached, the task's reader) once the gateway is
         attached with a card in that reader (a gateway fails over to another replica after its
-        own died), or as they stand after WAIT_S seconds. Attached HERE: the pool shared by
-        replicas still lists a dead replica's gateways until its own staleness expires."""
+        own died), or as they stand after WAIT_S seconds. The shared pool counts a gateway of
+        a replica taken for dead as offline by the same staleness that drives this takeover,
+        so an attached gateway is one linked to a live replica: this one or another."""
         pool = self.card_tasks.pool
         changed = asyncio.Event()
         unsubscribe = pool.subscribe(lambda kind, pooled: changed.set())
@@ -284,7 +285,7 @@ class ProcessService:
         try:
             while True:
                 online = [p for p in pool.list(ReaderSelector(gateway_id=gateway_id))
-                          if p.state is not ReaderState.OFFLINE] if pool.linked_here(gateway_id) else []
+                          if p.state is not ReaderState.OFFLINE]
                 found = [p.reader for p in online if p.reader.reader_id == reader_id]
                 if found and has_card(found[0]):
                     return True, found[0]

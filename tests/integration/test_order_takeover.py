@@ -45,7 +45,8 @@ from tests.support.processes import CARDLINE, channel, free_port, gateway_proces
 pytestmark = pytest.mark.hardware
 
 PIN = "583920"             # the tokens' user PIN: distinct enough to scan the database for
-RECONCILE_S = 1.0          # a replica's heartbeat lapses after 3 s; orders are looked for every second
+RECONCILE_S = 1.0          # takeover rounds and the orders' adoption every second
+STALE_S = 3.0              # a replica is gone 3 s after its last heartbeat (one rule: tasks, orders, pool)
 DONE_STATES = (order_pb.ORDER_CARD_STATE_SUCCEEDED, order_pb.ORDER_CARD_STATE_FAILED)
 
 
@@ -111,6 +112,9 @@ def replica_env(tmp_path: pathlib.Path, database_url: str, **extra: str) -> dict
                                                       "directory": str(shared / "ca")}]),
             "CARDLINE_ORCHESTRATOR_KEY_ARCHIVE__FILE_PATH": str(shared / "kek.key"),
             "CARDLINE_ORCHESTRATOR_RECONCILE_INTERVAL_S": str(RECONCILE_S),
+            "CARDLINE_ORCHESTRATOR_REPLICA__STALE_AFTER_S": str(STALE_S),
+            "CARDLINE_ORCHESTRATOR_REPLICA__HEARTBEAT_INTERVAL_S": "0.5",
+            "CARDLINE_ORCHESTRATOR_REPLICA__POLL_INTERVAL_S": "0.5",
             "CARDLINE_ORCHESTRATOR_HEARTBEAT_INTERVAL_S": "0.3",
             "CARDLINE_ORCHESTRATOR_STEP_TIMEOUT_S": "8",
             **extra}
@@ -241,10 +245,9 @@ def test_replica_killed_mid_order_of_12_cards_the_other_adopts_it_every_card_end
             a.kill()
             killed = time.monotonic()
             print(f"A killed with {count(mid, order_pb.ORDER_CARD_STATE_SUCCEEDED)} of 12 cards produced")
-            # Every gateway fails over to B; B adopts the order and follows it to its end.
-            # With the pool shared through PostgreSQL, the dead replica's holds lapse only after
-            # replica.stale_after_s and resumed tasks wait for their readers: minutes, not seconds.
-            final = watch_until(b.address, order.id, lambda o: count(o, *DONE_STATES) == 12, timeout_s=480)
+            # Every gateway fails over to B; once A's heartbeat is STALE_S old, B drops A's holds
+            # from the shared pool, takes A's tasks over and adopts the order, and follows it to its end.
+            final = watch_until(b.address, order.id, lambda o: count(o, *DONE_STATES) == 12, timeout_s=240)
             took = time.monotonic() - killed
             assert final.state == order_pb.ORDER_STATE_DONE
             for card in final.cards:

@@ -78,7 +78,11 @@ on_error:""", 1))
                                                               "directory": str(self.ca_dir)}]),
                     "CARDLINE_ORCHESTRATOR_KEY_ARCHIVE__FILE_PATH": str(tmp / "kek.key"),
                     "CARDLINE_ORCHESTRATOR_TLS_DIR": str(default_pki().directory),
-                    "CARDLINE_ORCHESTRATOR_RECONCILE_INTERVAL_S": "1"}
+                    "CARDLINE_ORCHESTRATOR_RECONCILE_INTERVAL_S": "1",
+                    # A replica is gone 3 s after its last heartbeat (one rule: tasks and pool).
+                    "CARDLINE_ORCHESTRATOR_REPLICA__STALE_AFTER_S": "3",
+                    "CARDLINE_ORCHESTRATOR_REPLICA__HEARTBEAT_INTERVAL_S": "0.5",
+                    "CARDLINE_ORCHESTRATOR_REPLICA__POLL_INTERVAL_S": "0.5"}
         self.procs: list[subprocess.Popen] = []
 
     @contextlib.contextmanager

@@ -75,3 +75,17 @@ def test_c5_sweeper_older_spellings_and_bad_durations(tmp_path):
         config.load(config.OrchestratorSettings, config_file=path)
     assert "grace_period" in str(err.value) and "expected a duration" in str(err.value)
     assert "interval" in str(err.value)
+
+
+def test_replica_staleness_shorter_than_two_heartbeats_is_refused_naming_the_settings(tmp_path):
+    """One rule says when a replica is gone (docs/replicas.md): a staleness that two beats do
+    not fit in would take a live replica's tasks, orders and readers away; start-up refuses it."""
+    path = tmp_path / "cardline.yaml"
+    path.write_text("orchestrator:\n  replica:\n    heartbeat_interval_s: 5\n    stale_after_s: 6\n")
+    with pytest.raises(ConfigurationError) as err:
+        config.load(config.OrchestratorSettings, config_file=path)
+    text = str(err.value)
+    assert str(path) in text and "replica" in text
+    assert "stale_after_s (6) must be at least twice max(heartbeat_interval_s, poll_interval_s) (5)" in text
+    path.write_text("orchestrator:\n  replica:\n    heartbeat_interval_s: 5\n    stale_after_s: 10\n")
+    assert config.load(config.OrchestratorSettings, config_file=path).replica.stale_after_s == 10
