@@ -303,7 +303,10 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     orchestrator._background.append(asyncio.create_task(health.run_forever()))
     orchestrator._background.append(asyncio.create_task(_reconcile_forever(reconciler,
                                                                            settings.reconcile_interval_s)))
-    if not isinstance(pool, FederatedPool):     # a federated pool beats with its address, in its rounds
+    if isinstance(pool, FederatedPool):         # replicas: a dead one's tasks move within a heartbeat
+        orchestrator._background.append(asyncio.create_task(
+            _take_over_forever(reconciler, settings.replica.heartbeat_interval_s)))
+    else:                                       # a federated pool beats with its address, in its rounds
         orchestrator._background.append(asyncio.create_task(
             _beat_forever(store, owner_id, settings.replica.heartbeat_interval_s)))
     sweeper = settings.issued_sweeper
@@ -383,6 +386,15 @@ async def _beat_forever(store: Store, owner_id: str, interval_s: float) -> None:
             await asyncio.to_thread(store.instances.beat, owner_id)
         except Exception as exc:  # the database away for a moment: the next beat
             log.warning("heartbeat not written", error=str(exc)[:500])
+
+
+async def _take_over_forever(reconciler: Reconciler, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(reconciler.take_over_once)
+        except Exception:  # e.g. the database away for a moment: the next look
+            log.exception("looking for a dead replica's tasks failed")
 
 
 async def _reconcile_forever(reconciler: Reconciler, interval_s: float) -> None:

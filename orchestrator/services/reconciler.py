@@ -185,6 +185,16 @@ class Reconciler:
                          handlings_finished=handlings_finished, tasks_taken_over=taken_over)
             return report
 
+    def take_over_once(self) -> tuple[int, int]:
+        """Between rounds, blocking: (tasks ended, tasks taken over) of runs whose orchestrator
+        is gone - so that a dead replica's work moves once its heartbeat is
+        replica.stale_after_s old, not at the next full round (which also settles CA requests)."""
+        with self._round:
+            ended, taken_over = self._end_orphans()
+        if ended or taken_over:
+            log.info("reconciled", tasks_ended=ended, tasks_taken_over=taken_over)
+        return ended, taken_over
+
     # -- (b) orphaned tasks and process instances --------------------------------------------
 
     def _orphaned(self, owner: str | None, run_id: str, live: Collection[str],

@@ -47,6 +47,7 @@ pytestmark = pytest.mark.hardware
 PIN = "583920"             # the tokens' user PIN: distinct enough to scan the database for
 RECONCILE_S = 1.0          # takeover rounds and the orders' adoption every second
 STALE_S = 3.0              # a replica is gone 3 s after its last heartbeat (one rule: tasks, orders, pool)
+HEARTBEAT_S = 0.5
 DONE_STATES = (order_pb.ORDER_CARD_STATE_SUCCEEDED, order_pb.ORDER_CARD_STATE_FAILED)
 
 
@@ -113,7 +114,7 @@ def replica_env(tmp_path: pathlib.Path, database_url: str, **extra: str) -> dict
             "CARDLINE_ORCHESTRATOR_KEY_ARCHIVE__FILE_PATH": str(shared / "kek.key"),
             "CARDLINE_ORCHESTRATOR_RECONCILE_INTERVAL_S": str(RECONCILE_S),
             "CARDLINE_ORCHESTRATOR_REPLICA__STALE_AFTER_S": str(STALE_S),
-            "CARDLINE_ORCHESTRATOR_REPLICA__HEARTBEAT_INTERVAL_S": "0.5",
+            "CARDLINE_ORCHESTRATOR_REPLICA__HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
             "CARDLINE_ORCHESTRATOR_REPLICA__POLL_INTERVAL_S": "0.5",
             "CARDLINE_ORCHESTRATOR_HEARTBEAT_INTERVAL_S": "0.3",
             "CARDLINE_ORCHESTRATOR_STEP_TIMEOUT_S": "8",
@@ -212,10 +213,11 @@ def assert_no_pin_stored(store: Store) -> None:
         assert sealed and all(sealed), "every card's secret inputs are kept, sealed"
 
 
-def beats_after(store: Store, orchestrator_id: str, since: dt.datetime, rounds: int) -> bool:
-    """The orchestrator beat (one reconciliation round each) ROUNDS intervals after SINCE."""
+def beats_after(store: Store, orchestrator_id: str, since: dt.datetime, beats: int) -> bool:
+    """The orchestrator beat BEATS heartbeat intervals after SINCE (each beat one look for a
+    dead replica's work)."""
     beat = store.instances.heartbeats().get(orchestrator_id)
-    return beat is not None and beat >= since + dt.timedelta(seconds=rounds * RECONCILE_S)
+    return beat is not None and beat >= since + dt.timedelta(seconds=beats * HEARTBEAT_S)
 
 
 # --- PostgreSQL: two replicas, one killed ------------------------------------------------------------
@@ -223,7 +225,8 @@ def beats_after(store: Store, orchestrator_id: str, since: dt.datetime, rounds: 
 @pytest.mark.postgres
 def test_replica_killed_mid_order_of_12_cards_the_other_adopts_it_every_card_ends_and_nothing_is_lost(
         tmp_path, softhsm_module, postgres_store, postgres_database_url):
-    env = replica_env(tmp_path, postgres_database_url)
+    # Reconciliation rounds far apart: the takeover follows the heartbeats, not the rounds.
+    env = replica_env(tmp_path, postgres_database_url, CARDLINE_ORCHESTRATOR_RECONCILE_INTERVAL_S="300")
     a = Replica(tmp_path / "a", f"127.0.0.1:{free_port()}", env)
     b = Replica(tmp_path / "b", f"127.0.0.1:{free_port()}", env)
     store = postgres_store
@@ -275,7 +278,7 @@ def test_replica_killed_mid_order_of_12_cards_the_other_adopts_it_every_card_end
             # A comes back: it settles nothing again, and the order stays as B ended it.
             restarted = dt.datetime.now(dt.UTC)
             a.start()
-            wait_for(lambda: beats_after(store, a.orchestrator_id, restarted, 2), "two rounds of the restarted A")
+            wait_for(lambda: beats_after(store, a.orchestrator_id, restarted, 4), "four beats of the restarted A")
             assert settled(store, order.id) == before
             assert get_order(a.address, order.id) == get_order(b.address, order.id)
 
