@@ -244,7 +244,8 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     # gone are adopted once it serves (services/orders.py).
     orders = OrderService(processes, pool, store, owner_id=owner_id, kek=kek, audit=audit,
                           stale_after=reconciler.stale_after,
-                          interval_s=min(settings.reconcile_interval_s, ORDER_ADOPT_INTERVAL_S))
+                          interval_s=min(settings.reconcile_interval_s, ORDER_ADOPT_INTERVAL_S),
+                          retention=settings.orders.retention)
     server = Server(settings.listen, [
         (card_service_pb2_grpc.add_CardServiceServicer_to_server, CardServicer(store, card_tasks, templates,
                                                                                 card_puks),

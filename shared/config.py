@@ -16,6 +16,7 @@ error rather than a guess.
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
 import os
 import pathlib
 import re
@@ -333,6 +334,18 @@ class ReplicaSettings(BaseModel):
         return self
 
 
+class OrderSettings(BaseModel):
+    """Orders (docs/pool.md, "Orders"): how long an ended order stays in the store."""
+    model_config = ConfigDict(extra="forbid")
+
+    # 0: kept for good. What the cards produced (certificates, tasks, the audit trail) stays either way.
+    retention_days: float = Field(default=90.0, ge=0, le=36500)
+
+    @property
+    def retention(self) -> dt.timedelta | None:
+        return dt.timedelta(days=self.retention_days) if self.retention_days else None
+
+
 class OrchestratorSettings(_Settings):
     model_config = SettingsConfigDict(env_prefix="CARDLINE_ORCHESTRATOR_", env_nested_delimiter="__",
                                       title="orchestrator", extra="forbid")
@@ -368,6 +381,7 @@ class OrchestratorSettings(_Settings):
     key_archive: KeyArchiveSettings = Field(default_factory=KeyArchiveSettings)
     pool: PoolSettings = Field(default_factory=PoolSettings)
     replica: ReplicaSettings = Field(default_factory=ReplicaSettings)
+    orders: OrderSettings = Field(default_factory=OrderSettings)
     # C16: seconds between two rounds of the reconciler (it also runs once at start-up).
     reconcile_interval_s: float = Field(default=60.0, gt=0)
     # gRPC health: the database and every CA are checked this often (and at most this long each);

@@ -93,6 +93,8 @@ WATCH_POLL_MIN_S, WATCH_POLL_MAX_S = 0.1, 1.0
 MAX_ATTEMPTS = 3
 #: How long an adopted card waits for a matching reader to be linked (gateways fail over).
 ADOPT_READER_WAIT_S = 300.0
+#: Ended orders older than orders.retention_days are looked for this often (a few indexed deletes).
+PURGE_INTERVAL_S = 600.0
 #: What an adopted order had in a reader its attempt's task used, when the card itself was not
 #: written down (its owner died first): the card found there next is taken for that card.
 SOME_CARD = "*"
@@ -244,12 +246,14 @@ class _CardObserver:
 class OrderService:
     def __init__(self, processes: ProcessService, pool: ReaderPool, store: Store, *, owner_id: str,
                  kek: KeyEncryptionKey | None = None, keep: int = 1000, audit: AuditTrail | None = None,
-                 stale_after: dt.timedelta = dt.timedelta(minutes=3), interval_s: float = 10.0) -> None:
+                 stale_after: dt.timedelta = dt.timedelta(minutes=3), interval_s: float = 10.0,
+                 retention: dt.timedelta | None = None) -> None:
         """owner_id: this replica's orchestrator id; kek: seals the orders' secret inputs
         (None: orders with secret inputs are refused); keep: how many ended orders stay in
         memory (for their watchers); stale_after: how old another
         replica's heartbeat must be before its orders are adopted; interval_s: how often
-        orders to adopt and cancellations from other replicas are looked for."""
+        orders to adopt and cancellations from other replicas are looked for; retention: how
+        long an ended order stays in the store (None: for good)."""
         self.processes = processes
         self.audit = audit                  # creation, cancellation and end of each order (docs/audit.md)
         self.pool = pool
@@ -258,6 +262,8 @@ class OrderService:
         self.kek = kek
         self.stale_after = stale_after
         self.interval_s = interval_s
+        self.retention = retention
+        self._next_purge = 0.0
         self._orders: dict[str, Order] = {}          # the orders this replica runs (and recent ended ones)
         self._keep = keep
         self._dirty: dict[str, set[int]] = {}        # order id -> cards changed since the last save
@@ -662,11 +668,31 @@ class OrderService:
         while True:
             try:
                 await self.adopt_once()
+                await self._purge_when_due()
             except asyncio.CancelledError:
                 raise
             except Exception:  # e.g. the database away for a moment: next round
                 log.exception("order adoption round failed")
             await asyncio.sleep(self.interval_s)
+
+    async def purge_once(self) -> int:
+        """Deletes the ended orders older than the retention from the store (any replica may:
+        each order goes once). How many went."""
+        if self.retention is None:
+            return 0
+        before = dt.datetime.now(dt.UTC) - self.retention
+        purged = 0
+        while (batch := await asyncio.to_thread(self.store.orders.purge_ended, before)):
+            purged += batch
+        if purged:
+            log.info("ended orders purged", orders=purged, retention_days=self.retention.total_seconds() / 86400)
+        return purged
+
+    async def _purge_when_due(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._next_purge:
+            self._next_purge = loop.time() + PURGE_INTERVAL_S
+            await self.purge_once()
 
     async def stop(self) -> None:
         """Stops the cards run here (they stay as stored: the next start resumes them) and

@@ -13,7 +13,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.store import paging
@@ -193,6 +193,21 @@ class Orders:
             open_ids = select(OrderCard.order_id).where(OrderCard.state.in_(("queued", "running")))
             return [(r.id, r.owner, r.generation, r.state) for r in s.scalars(
                 select(Order).where(or_(Order.state == RUNNING, Order.id.in_(open_ids))).order_by(Order.created_at))]
+
+    def purge_ended(self, before: dt.datetime, limit: int = 500) -> int:
+        """Deletes, with their cards, up to LIMIT orders that ended (DONE, or CANCELLED with no
+        card still queued or running) and last changed before BEFORE, oldest first. How many
+        went. What each card produced stays: the process instances, tasks, certificates and
+        the audit trail of the order are not the order's rows."""
+        with self._db.write() as s:
+            open_ids = select(OrderCard.order_id).where(OrderCard.state.in_(("queued", "running")))
+            ids = list(s.scalars(select(Order.id).where(Order.state.in_((DONE, CANCELLED)), Order.updated_at < before,
+                                                        Order.id.not_in(open_ids))
+                                 .order_by(Order.updated_at).limit(limit).with_for_update(skip_locked=True)))
+            if ids:
+                s.execute(delete(OrderCard).where(OrderCard.order_id.in_(ids)))
+                s.execute(delete(Order).where(Order.id.in_(ids)))
+            return len(ids)
 
     def states(self, order_ids: Collection[str]) -> dict[str, tuple[str, str, int]]:
         """Order id -> (state, owner, generation)."""

@@ -88,3 +88,30 @@ def test_orders_page_oldest_first_by_creation_time_and_id(store: Store):
     rest = store.orders.page(3, (first[-1].created_at, first[-1].id))
     assert [o.id for o in first + rest] == [f"o{n}" for n in range(5)]
     assert [len(o.cards) for o in first + rest] == [1] * 5
+
+
+def test_ended_orders_leave_the_store_after_their_retention_and_open_ones_never(store: Store):
+    """orders.retention_days (docs/pool.md): an order whose every card ended goes with its
+    cards once older than the retention; a running order, or a cancelled one whose card still
+    runs, stays whatever its age."""
+    import datetime as dt
+
+    for order_id in ("done", "cancelled-open", "running", "recent"):
+        _order(store, order_id, cards=2)
+    store.orders.save("replica-a", [OrderChange("done", 1, {i: _ended(i) for i in range(2)}, done=True)])
+    store.orders.save("replica-a", [OrderChange("cancelled-open", 1, {0: _ended(0)})])
+    store.orders.cancel("cancelled-open")               # card 1 still queued: not ended
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60)
+    assert store.orders.purge_ended(dt.datetime.now(dt.UTC) - dt.timedelta(days=1)) == 0   # nothing that old
+    store.orders.save("replica-a", [OrderChange("recent", 1, {i: _ended(i) for i in range(2)}, done=True)])
+    assert store.orders.purge_ended(future, limit=1) == 1        # batches: the oldest first
+    assert store.orders.purge_ended(future) == 1
+    left = {o.id for o in store.orders.page(10)}
+    assert left == {"cancelled-open", "running"}
+    assert store.orders.card_inputs("done") == [] and store.orders.card_inputs("recent") == []
+    assert [c.state for c in store.orders.get("cancelled-open").cards] == ["failed", "queued"]
+
+
+def _ended(index: int) -> dict:
+    return {"state": "failed", "queue_position": 0, "gateway_id": "", "reader_id": "", "process_instance_id": "",
+            "error_reason": "CANCELLED", "error_message": "cancelled", "attempt": 0}
