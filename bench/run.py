@@ -48,6 +48,7 @@ def main() -> None:
     prepare_bench_process()
     only = {p.strip().upper() for p in os.environ.get("CARDLINE_BENCH_ONLY", "").split(",") if p.strip()}
     work = pathlib.Path(tempfile.mkdtemp(prefix="cardline-bench-"))
+    failed = False
     figures: dict[str, object] = {}
     say(f"cardline bench: {os.cpu_count()} CPUs; working in {work}")
     # A busy machine (other jobs) squeezes the ratios towards 1 where both sides share a
@@ -65,6 +66,7 @@ def main() -> None:
                 result = measure()
             except Exception as exc:                 # one broken part must not hide the others
                 log_to_stderr(traceback.format_exc())
+                failed = True
                 result = {k: None for k in keys}
                 result.update({f"{k}_note": f"measurement failed: {type(exc).__name__}: {exc}" for k in keys})
             for key, value in result.items():
@@ -72,7 +74,10 @@ def main() -> None:
             say(f"  ({time.monotonic() - t0:.0f} s)")
             figures.update(result)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if failed:                                   # the processes' logs tell why
+            say(f"a measurement failed: its logs are kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     figures["machine_cpus"] = os.cpu_count()
     figures["machine_load_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]     # at start, at end
     print(json.dumps(figures), flush=True)

@@ -354,9 +354,11 @@ class OrderService:
         while True:
             if order_id in self._orders:             # run here (or adopted meanwhile): its own events
                 order = self._orders[order_id]
-                changed = order._changed
+                # Read before the yield, as the caller sees it: the order may end while the
+                # caller sends this snapshot, and the watch must not end without the last one.
+                changed, finished = order._changed, order.finished
                 yield order
-                if order.finished:
+                if finished:
                     return
                 await changed.wait()
                 continue
