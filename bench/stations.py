@@ -302,7 +302,8 @@ def run_order(api: OrchestratorApi, stations: StationFleet, cards: int, label: s
             for card in order.cards:
                 if card.state in FINISHED and card.index not in swapped:
                     swapped.add(card.index)
-                    stations.swap_card(card.gateway_id, card.reader_id)
+                    if card.reader_id:             # a card that failed before it got a reader used none
+                        stations.swap_card(card.gateway_id, card.reader_id)
     elapsed = time.perf_counter() - t0
     failed = [c for c in order.cards if c.state != order_pb.ORDER_CARD_STATE_SUCCEEDED]
     if failed:

@@ -141,6 +141,10 @@ class FederatedPool(ReaderPool):
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._cycle = asyncio.Lock()
+        # Refreshes asked for (a count) and the count the last finished one covered: callers
+        # that queued behind a refresh which started after they asked take its result.
+        self._asked = self._covered = 0
+        self._serve_asked = False
         self._rounds: list[Callable[[], Awaitable[object]]] = []
         self._stopping = False
 
@@ -155,6 +159,7 @@ class FederatedPool(ReaderPool):
         await asyncio.to_thread(self.db.advertise, self.replica_id, self.address)
         await self.refresh()
         self._tasks.append(asyncio.create_task(self._run()))
+        self._tasks.append(asyncio.create_task(self._beat()))
         if self._listen is not None:
             self._tasks.append(asyncio.create_task(self._listen(self._wake.set)))
 
@@ -171,7 +176,6 @@ class FederatedPool(ReaderPool):
         self._links.clear()
 
     async def _run(self) -> None:
-        last_beat = 0.0
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_interval_s):
@@ -180,20 +184,33 @@ class FederatedPool(ReaderPool):
             if self._stopping:
                 return
             try:
-                if time.monotonic() - last_beat >= self.heartbeat_interval_s:
-                    last_beat = time.monotonic()
-                    await asyncio.to_thread(self.db.advertise, self.replica_id, self.address)
-                    await asyncio.to_thread(self.db.seen, self.replica_id,
-                                            [s.gateway_id for s in self._links if not s.closed])
-                    await asyncio.to_thread(self.db.clean, self.stale_after_s, self.offline_retention_s)
-                    for call in self._rounds:
-                        await call()
                 await self.refresh(serve=True)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database away for a moment: the next round
                 log.warning("reader pool round failed; trying again", error=str(exc)[:500],
                             retry_s=self.poll_interval_s)
+
+    async def _beat(self) -> None:
+        """The heartbeat, on a task of its own: rounds that wait for the pool's lock (many
+        requests at once) must not delay it past replica.stale_after_s, or the others would
+        take this replica for gone while it works."""
+        while not self._stopping:
+            try:
+                await asyncio.to_thread(self.db.advertise, self.replica_id, self.address)
+                await asyncio.to_thread(self.db.seen, self.replica_id,
+                                        [s.gateway_id for s in self._links if not s.closed])
+                if await asyncio.to_thread(self.db.clean, self.stale_after_s, self.offline_retention_s,
+                                           self.replica_id):
+                    self._kick()
+                for call in self._rounds:
+                    await call()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database away for a moment: the next beat
+                log.warning("replica heartbeat failed; trying again", error=str(exc)[:500],
+                            retry_s=self.heartbeat_interval_s)
+            await asyncio.sleep(self.heartbeat_interval_s)
 
     def _kick(self) -> None:
         self._wake.set()
@@ -216,17 +233,33 @@ class FederatedPool(ReaderPool):
 
     async def refresh(self, serve: bool = False) -> None:
         """One round: pending writes, the cards this replica's waiters take, the serve, a
-        fresh view, this replica's waiters answered, changes published."""
+        fresh view, this replica's waiters answered, changes published. Callers that ask while
+        a round runs share the next one (a hundred requests at once cost two rounds, not a
+        hundred): a round that started after a caller asked covers it."""
+        self._asked += 1
+        ticket = self._asked
+        self._serve_asked |= serve
         async with self._cycle:
-            await self._flush()
-            takes = {w.waiter_id: keys for w in self._mine.values() if (keys := self._takes(w)) is not None}
-            if takes:
-                await asyncio.to_thread(self.db.set_takes, takes)
-            if serve and (self._mine or any(w.state == WAITING for w in self._view.waiters)):
-                await asyncio.to_thread(self.db.serve, self.stale_after_s)
-            self._view = await asyncio.to_thread(self.db.view, self.stale_after_s)
-            await self._answer()
-            self._publish()
+            if self._covered >= ticket:
+                return
+            covers, serve, self._serve_asked = self._asked, self._serve_asked, False
+            try:
+                await self._round(serve)
+            except BaseException:
+                self._serve_asked |= serve          # the next round serves for the callers of this one
+                raise
+            self._covered = covers
+
+    async def _round(self, serve: bool) -> None:
+        await self._flush()
+        takes = {w.waiter_id: keys for w in self._mine.values() if (keys := self._takes(w)) is not None}
+        if takes:
+            await asyncio.to_thread(self.db.set_takes, takes)
+        if serve and (self._mine or any(w.state == WAITING for w in self._view.waiters)):
+            await asyncio.to_thread(self.db.serve, self.stale_after_s, self.replica_id)
+        self._view = await asyncio.to_thread(self.db.view, self.stale_after_s, self.replica_id)
+        await self._answer()
+        self._publish()
 
     def _takes(self, waiter: _FedWaiter) -> list[str] | None:
         accepts = waiter.scope.accepts if waiter.scope is not None else None

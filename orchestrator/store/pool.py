@@ -163,10 +163,16 @@ class ReplicaPool:
                                              set_={"heartbeat_at": now, "address": address}))
 
     @staticmethod
-    def _live(s: Session, stale_after_s: float) -> dict[str, str]:
+    def _live(s: Session, stale_after_s: float, own: str = "") -> dict[str, str]:
+        """Live replica id -> address. OWN, the replica asking, is live whatever its row says:
+        a replica whose beat is late (a busy event loop) must not take itself for gone and
+        fail its own queue."""
         since = utcnow() - dt.timedelta(seconds=stale_after_s)
-        return {r.id: r.address or "" for r in s.scalars(select(OrchestratorInstance)
+        live = {r.id: r.address or "" for r in s.scalars(select(OrchestratorInstance)
                                                          .where(OrchestratorInstance.heartbeat_at >= since))}
+        if own and own not in live:
+            live[own] = s.scalar(select(OrchestratorInstance.address).where(OrchestratorInstance.id == own)) or ""
+        return live
 
     # --- gateways and readers (written by the replica holding the link) --------------------
 
@@ -225,9 +231,9 @@ class ReplicaPool:
 
     # --- what every replica sees -----------------------------------------------------------
 
-    def view(self, stale_after_s: float) -> PoolView:
+    def view(self, stale_after_s: float, own: str = "") -> PoolView:
         with self._db.read() as s:
-            live = self._live(s, stale_after_s)
+            live = self._live(s, stale_after_s, own)
             gateways = [GatewayRow(g.gateway_id, g.replica_id, g.link_id, g.site, dict(g.labels), g.version,
                                    g.connected and g.replica_id in live, g.connected_since, g.last_seen)
                         for g in s.scalars(select(PoolGateway).order_by(PoolGateway.gateway_id))]
@@ -270,15 +276,16 @@ class ReplicaPool:
                 _notify(s)            # the queue's positions change
             return gone
 
-    def serve(self, stale_after_s: float) -> Served:
-        """Serves the queue in one transaction under the serve lock (see the module doc)."""
+    def serve(self, stale_after_s: float, own: str = "") -> Served:
+        """Serves the queue in one transaction under the serve lock (see the module doc); OWN:
+        the serving replica (live in its own serve)."""
         with self._db.write() as s:
             s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SERVE_LOCK})
             waiters = [w for w in s.scalars(select(PoolWaiter).where(PoolWaiter.state == WAITING)
                                             .order_by(PoolWaiter.seq).with_for_update())]
             if not waiters:
                 return Served([], [])
-            live = self._live(s, stale_after_s)
+            live = self._live(s, stale_after_s, own)
             connected = {g.gateway_id: g for g in s.scalars(select(PoolGateway).where(PoolGateway.connected))
                          if g.replica_id in live}
             rows = [r for r in s.scalars(select(PoolReader)) if r.gateway_id in connected]
@@ -339,13 +346,13 @@ class ReplicaPool:
 
     # --- the rows of replicas that stopped -------------------------------------------------
 
-    def clean(self, stale_after_s: float, retention_s: float) -> int:
+    def clean(self, stale_after_s: float, retention_s: float, own: str = "") -> int:
         """What replicas whose heartbeat lapsed left: their waiters and their holds (except
         those of leases, which stay until they expire or are released) go, their gateways are
         disconnected; gateways disconnected for longer than RETENTION_S are forgotten with
         their readers. How many rows changed."""
         with self._db.write() as s:
-            live = set(self._live(s, stale_after_s))
+            live = set(self._live(s, stale_after_s, own))
             leased = select(PoolLease.hold_id)
             changed = 0
             for statement in (

@@ -85,3 +85,25 @@ def test_the_rows_of_a_replica_whose_heartbeat_lapsed_count_offline_and_are_clea
     assert a.clean(STALE_S, retention_s=600) >= 2
     view = a.view(STALE_S)
     assert view.holds == {} and view.waiters == []
+
+
+def test_a_replica_whose_own_beat_is_late_still_serves_and_keeps_its_queue(two_replicas, postgres_store):
+    """Staleness is for the others (docs/replicas.md): a replica whose beat is late - its event
+    loop busy with a large order - serves its own gateways' readers and cleans nothing of its own,
+    while another replica takes it for gone."""
+    a, b = two_replicas
+    with postgres_store._engine.begin() as conn:                # replica-b's last beat a minute ago
+        from sqlalchemy import text
+        conn.execute(text("UPDATE orchestrator_instances SET heartbeat_at = now() - interval '60 seconds' "
+                          "WHERE id = 'replica-b'"))
+    b.enqueue("first", "replica-b", "task", "", ReaderSelector(gateway_id="gw1"), None, True, None)
+    b.enqueue("second", "replica-b", "task", "", ReaderSelector(gateway_id="gw1"), None, True, None)
+    assert b.clean(STALE_S, retention_s=600, own="replica-b") == 0
+    served = b.serve(STALE_S, own="replica-b")
+    assert served.granted == [("first", "gw1", "r1")] and served.failed == []
+    own_view = b.view(STALE_S, own="replica-b")
+    assert own_view.gateway("gw1").connected and own_view.addresses["replica-b"] == "127.0.0.1:2"
+    assert [(w.waiter_id, w.state, w.position) for w in own_view.waiters] == [("first", GRANTED, 0),
+                                                                             ("second", WAITING, 1)]
+    # Another replica sees it gone: its gateway offline.
+    assert not a.view(STALE_S, own="replica-a").gateway("gw1").connected
