@@ -169,7 +169,7 @@ class PeerIdentity:
     @property
     def actor(self) -> str:
         """How the audit names this caller: role, name and certificate serial."""
-        return f"{self.role or 'none'}:{self.name}#{self.serial:x}"
+        return actor_of(self)
 
 
 #: The verified caller of the RPC being served (set by the authorising interceptor before
@@ -179,6 +179,17 @@ _CALLER: contextvars.ContextVar[PeerIdentity | None] = contextvars.ContextVar("c
 LOCAL_ACTOR = "local"
 
 
+def actor_of(caller: PeerIdentity | None, *, serial: bool = True, nobody: str = LOCAL_ACTOR) -> str:
+    """How cardline names CALLER in audit rows, logs and lease owners: `role:name#serial` (hex)
+    of its certificate, without `#serial` when SERIAL is false (a renewed certificate of the
+    same name is the same owner); NOBODY when no certificate identifies the caller. Stored
+    audit rows carry this text: it must not change."""
+    if caller is None:
+        return nobody
+    named = f"{caller.role or 'none'}:{caller.name}"
+    return f"{named}#{caller.serial:x}" if serial else named
+
+
 def current_caller() -> PeerIdentity | None:
     """Who called the RPC this code serves; None when nobody over mutual TLS did."""
     return _CALLER.get()
@@ -186,8 +197,7 @@ def current_caller() -> PeerIdentity | None:
 
 def current_actor() -> str:
     """The audit actor of the current call (LOCAL_ACTOR outside an authenticated call)."""
-    caller = _CALLER.get()
-    return caller.actor if caller is not None else LOCAL_ACTOR
+    return actor_of(_CALLER.get())
 
 
 @lru_cache(maxsize=256)
