@@ -1,11 +1,14 @@
 """How cardline names a caller (shared/tls.py actor_of): one rendering for audit rows, logs
-and lease owners. Audit rows already stored carry this text, so its form is pinned here."""
+and lease owners. Audit rows already stored carry this text, so its form is pinned here.
+`calling_as` runs code as a caller in-process, as the authorising interceptor does."""
 from __future__ import annotations
+
+import asyncio
 
 from gateway.core.executor import LinkCaller, caller_shown
 from orchestrator.services.auditing import ORCHESTRATOR_ACTOR, acting
 from orchestrator.services.leases import identity_of
-from shared.tls import LOCAL_ACTOR, PeerIdentity, actor_of, current_actor
+from shared.tls import LOCAL_ACTOR, PeerIdentity, actor_of, calling_as, current_actor, current_caller
 
 BILLING = PeerIdentity("service", "billing-svc", 0x5E)
 
@@ -28,3 +31,24 @@ def test_no_certificate_is_local_unless_the_orchestrator_acts_by_itself():
 def test_gateway_logs_name_a_direct_caller_as_the_audit_does_and_the_link_as_the_link():
     assert caller_shown(BILLING) == "service:billing-svc#5e"
     assert caller_shown(LinkCaller("orch.example:7443")) == "link:orch.example:7443"
+
+
+def test_code_run_calling_as_a_caller_is_named_by_it_everywhere_and_only_inside_the_block():
+    with calling_as(BILLING):
+        assert current_caller() == BILLING
+        assert current_actor() == acting() == acting("card_task") == "service:billing-svc#5e"
+    assert current_caller() is None and acting() == ORCHESTRATOR_ACTOR
+
+
+def test_calling_as_holds_across_awaits_and_for_tasks_started_inside_but_not_for_other_tasks():
+    async def body():
+        async def named() -> str:
+            await asyncio.sleep(0)
+            return current_actor()
+        with calling_as(BILLING):
+            started_inside = asyncio.create_task(named())
+            awaited = await named()
+        started_after = asyncio.create_task(named())
+        return awaited, await started_inside, await started_after
+
+    assert asyncio.run(body()) == ("service:billing-svc#5e", "service:billing-svc#5e", LOCAL_ACTOR)
