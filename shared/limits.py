@@ -37,6 +37,13 @@ MAX_TEXT_CHARS = 4096           # any other string (subjects, messages, reasons,
 MAX_BYTES = 256 * 1024          # any bytes field (certificates, APDU data, data objects, data to sign)
 MAX_LABELS = 32                 # entries of a labels map (gateway or selector)
 MAX_LABEL_KEY_CHARS = 63
+#: A station's enrollment (site and labels, shared/pki.py check_enrollment) is carried in its
+#: gateway certificate, and grpcio 1.85's TLS handshake fails to send a certificate beyond about
+#: 8 KB (measured: 7,850 bytes connect, 8,506 do not): so fewer, shorter labels than a labels
+#: map may hold, and a bound on their encoded size (values may be multi-byte UTF-8).
+MAX_ENROLLED_LABELS = 16
+MAX_ENROLLED_LABEL_VALUE_CHARS = 128
+MAX_ENROLLMENT_BYTES = 4096
 MAX_READERS_PER_GATEWAY = 256   # readers announced in a hello
 MAX_ITEMS = 1000                # any other repeated field or map (ids to handle, order items, APDUs, inputs)
 #: The longest duration accepted anywhere (older_than, --older-than, days): about 100 years.

@@ -56,6 +56,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.errors import AlreadyExists, ConfigurationError, InvalidArgument, NotFound
 from shared.files import write_atomic
+from shared.limits import (
+    MAX_ENROLLED_LABEL_VALUE_CHARS,
+    MAX_ENROLLED_LABELS,
+    MAX_ENROLLMENT_BYTES,
+    MAX_LABEL_KEY_CHARS,
+)
 
 #: Every role a certificate can carry (docs/permissions.md): the clients' roles, then the servers'.
 ROLES = ("admin", "operator", "auditor", "service", "gateway", "orchestrator")
@@ -74,7 +80,6 @@ DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
 CA_DAYS, LEAF_DAYS, CRL_DAYS = 3650, 825, 365
 #: The gateway certificate extension holding the station's enrolled site and labels.
 STATION_ENROLLMENT_OID = x509.ObjectIdentifier("2.25.56936530596558318526448121304882656253")
-MAX_LABELS, MAX_LABEL_VALUE = 16, 128
 _LABEL_VALUE = re.compile(r"^[^\x00-\x1f\x7f]*$")
 
 
@@ -137,21 +142,25 @@ class Enrollment:
 
 
 def check_enrollment(site: str, labels: Mapping[str, str]) -> Enrollment:
-    """SITE and LABELS checked as a station's enrollment: the site and label keys like
-    certificate names (empty site: none), values at most MAX_LABEL_VALUE printable
-    characters, at most MAX_LABELS labels."""
+    """SITE and LABELS checked as a station's enrollment (limits in shared/limits.py): the site
+    and label keys like certificate names, keys as short as a selector's (empty site: none),
+    values printable, few and small enough that the gateway certificate still connects."""
     if site and not _NAME.match(site):
         raise InvalidArgument(f"site {site[:80]!r}: letters, digits, '.', '_' and '-' (at most 64, not starting "
                               "with a sign)", field="site")
-    if len(labels) > MAX_LABELS:
-        raise InvalidArgument(f"{len(labels)} labels: at most {MAX_LABELS}", field="labels")
+    if len(labels) > MAX_ENROLLED_LABELS:
+        raise InvalidArgument(f"{len(labels)} labels: at most {MAX_ENROLLED_LABELS}", field="labels")
     for key, value in labels.items():
-        if not _NAME.match(key):
-            raise InvalidArgument(f"label key {key[:80]!r}: letters, digits, '.', '_' and '-' (at most 64, not "
-                                  "starting with a sign)", field="labels")
-        if len(value) > MAX_LABEL_VALUE or not _LABEL_VALUE.match(value):
-            raise InvalidArgument(f"label {key}: value of at most {MAX_LABEL_VALUE} printable characters",
-                                  field="labels")
+        if len(key) > MAX_LABEL_KEY_CHARS or not _NAME.match(key):
+            raise InvalidArgument(f"label key {key[:80]!r}: letters, digits, '.', '_' and '-' (at most "
+                                  f"{MAX_LABEL_KEY_CHARS}, not starting with a sign)", field="labels")
+        if len(value) > MAX_ENROLLED_LABEL_VALUE_CHARS or not _LABEL_VALUE.match(value):
+            raise InvalidArgument(f"label {key}: value of at most {MAX_ENROLLED_LABEL_VALUE_CHARS} printable "
+                                  "characters", field="labels")
+    size = len(site.encode()) + sum(len(k.encode()) + len(v.encode()) for k, v in labels.items())
+    if size > MAX_ENROLLMENT_BYTES:
+        raise InvalidArgument(f"site and labels take {size} bytes in UTF-8: at most {MAX_ENROLLMENT_BYTES}",
+                              field="labels")
     return Enrollment(site, dict(sorted(labels.items())))
 
 

@@ -8,12 +8,14 @@ neither TLS material nor that switch refuses to start.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import os
 import pathlib
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal
@@ -168,7 +170,7 @@ class PeerIdentity:
     @property
     def actor(self) -> str:
         """How the audit names this caller: role, name and certificate serial."""
-        return f"{self.role or 'none'}:{self.name}#{self.serial:x}"
+        return actor_of(self)
 
 
 #: The verified caller of the RPC being served (set by the authorising interceptor before
@@ -178,6 +180,17 @@ _CALLER: contextvars.ContextVar[PeerIdentity | None] = contextvars.ContextVar("c
 LOCAL_ACTOR = "local"
 
 
+def actor_of(caller: PeerIdentity | None, *, serial: bool = True, nobody: str = LOCAL_ACTOR) -> str:
+    """How cardline names CALLER in audit rows, logs and lease owners: `role:name#serial` (hex)
+    of its certificate, without `#serial` when SERIAL is false (a renewed certificate of the
+    same name is the same owner); NOBODY when no certificate identifies the caller. Stored
+    audit rows carry this text: it must not change."""
+    if caller is None:
+        return nobody
+    named = f"{caller.role or 'none'}:{caller.name}"
+    return f"{named}#{caller.serial:x}" if serial else named
+
+
 def current_caller() -> PeerIdentity | None:
     """Who called the RPC this code serves; None when nobody over mutual TLS did."""
     return _CALLER.get()
@@ -185,8 +198,19 @@ def current_caller() -> PeerIdentity | None:
 
 def current_actor() -> str:
     """The audit actor of the current call (LOCAL_ACTOR outside an authenticated call)."""
-    caller = _CALLER.get()
-    return caller.actor if caller is not None else LOCAL_ACTOR
+    return actor_of(_CALLER.get())
+
+
+@contextlib.contextmanager
+def calling_as(caller: PeerIdentity | None) -> Iterator[None]:
+    """Runs the block as CALLER, as the authorising interceptor has the servicer of an admitted
+    call run: for code that acts for an identity in-process, without a connection (tests of
+    the service rules). The caller before is back after the block."""
+    token = _CALLER.set(caller)
+    try:
+        yield
+    finally:
+        _CALLER.reset(token)
 
 
 @lru_cache(maxsize=256)
@@ -201,17 +225,27 @@ def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity |
     return _identity_of_pem(pems[0]) if pems else None
 
 
+#: How long is_revoked trusts the CRL it last looked at before it stats the file again. It
+#: runs on every call and link check, where a stat each time is wasted work; one second keeps
+#: a revocation prompt (refresh and update always look).
+CRL_RECHECK_S = 1.0
+
+
 class RevocationList:
     """Revoked serials from a CRL file signed by the CA; re-read when the file changes (its
-    mtime, size or inode). A CRL that turns unreadable or badly signed keeps the last good
-    list and logs an error. `update` takes a newer CRL handed over in memory (a gateway's
-    from the orchestrator's link) and persists it to the file. With MISSING_OK a file that
-    does not exist yet is an empty list until a CRL arrives."""
+    mtime, size or inode), looked at by is_revoked at most every RECHECK_S. A CRL that turns
+    unreadable or badly signed keeps the last good list and logs an error. `update` takes a
+    newer CRL handed over in memory (a gateway's from the orchestrator's link) and persists it
+    to the file. With MISSING_OK a file that does not exist yet is an empty list until a CRL
+    arrives."""
 
-    def __init__(self, path: pathlib.Path, ca_pem: bytes, *, missing_ok: bool = False) -> None:
+    def __init__(self, path: pathlib.Path, ca_pem: bytes, *, missing_ok: bool = False,
+                 recheck_s: float = CRL_RECHECK_S) -> None:
         self.path = path
+        self.recheck_s = recheck_s
         self._ca = x509.load_pem_x509_certificate(ca_pem)
         self._stamp: tuple[int, int, int] | None = None
+        self._looked_at = -float("inf")       # time.monotonic() of the last look at the file
         self.serials: set[int] = set()
         #: The current CRL's number (CRLNumber; -1 before any) and its DER encoding.
         self.number = -1
@@ -222,6 +256,7 @@ class RevocationList:
             self._load(initial=True)
 
     def _load(self, initial: bool = False) -> None:
+        self._looked_at = time.monotonic()
         try:
             st = self.path.stat()
         except OSError as exc:
@@ -273,7 +308,8 @@ class RevocationList:
         return True
 
     def is_revoked(self, serial: int) -> bool:
-        self._load()
+        if time.monotonic() - self._looked_at >= self.recheck_s:
+            self._load()
         return serial in self.serials
 
 

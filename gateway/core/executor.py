@@ -31,7 +31,7 @@ from gateway.drivers.base import TokenDriver
 from shared import cards
 from shared.errors import CardlineError, UnsupportedOperation, quoted
 from shared.logging import get_logger
-from shared.tls import PeerIdentity
+from shared.tls import PeerIdentity, actor_of
 
 log = get_logger(__name__)
 
@@ -120,7 +120,7 @@ def caller_key(caller: StepCaller) -> tuple[str | int | None, ...]:
 
 def caller_shown(caller: StepCaller) -> str:
     """How logs name CALLER."""
-    return caller.actor if caller is not None else "local"
+    return caller.actor if isinstance(caller, LinkCaller) else actor_of(caller)
 
 
 class StepObserver(Protocol):

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
-from shared.errors import CaRefused, ConfigurationError, CsrInvalid, InvalidArgument
+from shared.errors import CaRefused, ConfigurationError, CsrInvalid, InvalidArgument, quoted
 
 #: Names the passphrase file of every CA whose settings give no passphrase_file (never holds
 #: the passphrase itself: secrets are not put in the environment).
@@ -168,24 +168,20 @@ def checked_request(csr_der: bytes, request_id: str) -> x509.CertificateSigningR
 _SHOWN_CHARS, _SHOWN_ITEMS = 200, 8
 
 
-def _bounded(text: str) -> str:
-    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "…"
-
-
 def requested_beyond(csr: x509.CertificateSigningRequest, profile: IssueProfile) -> dict[str, Any]:
     """What a request asks for that the profile does not give — another subject, other
     subjectAltNames, extensions — bounded for an audit row; {} when it asks for nothing more.
     Every connector ignores all of it (it issues exactly the profile); the caller records it."""
     asked: dict[str, Any] = {}
     if csr.subject != profile.x509_subject():
-        asked["subject"] = _bounded(csr.subject.rfc4514_string())
+        asked["subject"] = quoted(csr.subject.rfc4514_string(), _SHOWN_CHARS)
     extensions = list(csr.extensions)
     for extension in extensions:
         if isinstance(extension.value, x509.SubjectAlternativeName):
             granted = set(general_names(profile.subject_alt_names))
             extra = [n for n in extension.value if n not in granted]
             if extra:
-                asked["subject_alt_names"] = [_bounded(f"{type(n).__name__}:{n.value!r}")
+                asked["subject_alt_names"] = [f"{type(n).__name__}:{quoted(n.value, _SHOWN_CHARS)}"
                                               for n in extra[:_SHOWN_ITEMS]]
                 if len(extra) > _SHOWN_ITEMS:
                     asked["subject_alt_names_not_shown"] = len(extra) - _SHOWN_ITEMS

@@ -12,7 +12,7 @@ from typing import Any
 from orchestrator.store.records import AuditSubjects
 from orchestrator.store.store import Store
 from shared.logging import get_logger
-from shared.tls import current_caller
+from shared.tls import actor_of, current_caller
 
 log = get_logger(__name__)
 
@@ -23,8 +23,7 @@ ORCHESTRATOR_ACTOR = "orchestrator"
 def acting(own: str = ORCHESTRATOR_ACTOR) -> str:
     """The caller's identity when an authenticated call is being served, else OWN (the
     background part or in-process tool that acts)."""
-    caller = current_caller()
-    return caller.actor if caller is not None else own
+    return actor_of(current_caller(), nobody=own)
 
 
 class AuditTrail:

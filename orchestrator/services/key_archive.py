@@ -43,11 +43,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pathlib
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
@@ -480,6 +481,33 @@ def _certificate_aad(certificate_id: str) -> bytes:
     if not isinstance(certificate_id, str) or not certificate_id:
         raise InvalidArgument("an archived key needs the id of its certificate")
     return _ARCHIVE_CONTEXT + certificate_id.encode("utf-8")
+
+
+# --- secret mappings (process and order inputs) ------------------------------------------------
+
+def seal_json(kek: KeyEncryptionKey, mapping: Mapping[str, object], binding: bytes) -> bytes:
+    """MAPPING as JSON wrapped under KEK, bound to BINDING (a blob copied onto another row does
+    not open). Keys are sorted: rows sealed so far hold exactly this plaintext."""
+    return kek.wrap(json.dumps(dict(mapping), sort_keys=True).encode("utf-8"), binding)
+
+
+def open_json(kek: KeyEncryptionKey | None, blob: bytes, binding: bytes, *, kek_id: str | None,
+              what: str = "the sealed secrets", **details: object) -> dict[str, object]:
+    """The mapping seal_json sealed in BLOB; KEK_ID is the one stored beside it, WHAT and
+    DETAILS name the secrets in the errors (ConfigurationError when this orchestrator lacks
+    that KEK, InvalidArgument when the blob is modified, bound to another row or not a mapping)."""
+    if kek is None or kek_id != kek.kek_id:
+        having = ("which this orchestrator does not have" if kek is None
+                  else f"but this orchestrator uses {kek.kek_id!r}")
+        raise ConfigurationError(f"{what} were sealed by key-encryption key {kek_id!r}, {having}",
+                                 kek_id=kek_id, **details)
+    try:
+        opened = json.loads(kek.unwrap(blob, binding))
+    except ValueError:
+        opened = None
+    if not isinstance(opened, dict):
+        raise InvalidArgument(f"{what} did not open to a JSON object", kek_id=kek_id, **details)
+    return opened
 
 
 # --- wiring --------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ from shared.errors import CardlineError, InvalidArgument, LeaseQuotaExceeded, No
 from shared.logging import get_logger
 from shared.permissions import ADMIN
 from shared.permissions import SERVICE as SERVICE_CALLER
-from shared.tls import LOCAL_ACTOR, PeerIdentity, current_caller
+from shared.tls import LOCAL_ACTOR, PeerIdentity, actor_of, current_caller
 
 log = get_logger(__name__)
 
@@ -79,7 +79,7 @@ log = get_logger(__name__)
 def identity_of(caller: PeerIdentity | None) -> str:
     """Whom a lease belongs to: the certificate's role and name (a renewed certificate of the
     same name keeps its leases); LOCAL_ACTOR without one."""
-    return f"{caller.role or 'none'}:{caller.name}" if caller is not None else LOCAL_ACTOR
+    return actor_of(caller, serial=False)
 
 
 def selector_of_settings(s: ReaderSelectorSettings) -> ReaderSelector:

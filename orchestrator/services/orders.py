@@ -44,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import datetime as dt
-import json
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ from typing import Any
 from orchestrator.domain.processes import CardProductionTask
 from orchestrator.domain.processes.descriptor import CoreObjectDescriptor
 from orchestrator.services.auditing import AuditTrail, acting
-from orchestrator.services.key_archive import KeyEncryptionKey
+from orchestrator.services.key_archive import KeyEncryptionKey, open_json, seal_json
 from orchestrator.services.pool import LEASE_SCOPE, LeaseScope, PooledReader, ReaderPool, ReaderSelector
 from orchestrator.services.processes import ProcessProgress, ProcessService, selector_of
 from orchestrator.store import orders as stored
@@ -727,17 +726,15 @@ class OrderService:
             return stored.OrderCardInputs(index, plain)
         if self.kek is None:
             raise ConfigurationError("orders with secret inputs need the key-encryption key")
-        blob = self.kek.wrap(json.dumps(secret, sort_keys=True).encode(), _binding(order_id, index))
+        blob = seal_json(self.kek, secret, _binding(order_id, index))
         return stored.OrderCardInputs(index, plain, self.kek.kek_id, blob)
 
     def _opened(self, order_id: str, row: stored.OrderCardInputs) -> dict[str, object]:
         inputs = {k: _value_from_json(v) for k, v in row.inputs.items()}
         if row.sealed_secrets is None:
             return inputs
-        if self.kek is None or row.kek_id != self.kek.kek_id:
-            raise ConfigurationError(f"the secret inputs of order {order_id} were sealed by key-encryption key "
-                                     f"{row.kek_id!r}, which this orchestrator does not have", order_id=order_id)
-        secret = json.loads(self.kek.unwrap(row.sealed_secrets, _binding(order_id, row.index)))
+        secret = open_json(self.kek, row.sealed_secrets, _binding(order_id, row.index), kek_id=row.kek_id,
+                           what=f"the secret inputs of order {order_id}", order_id=order_id)
         return {**inputs, **secret}
 
     def _audit(self, action: str, order: Order, detail: Mapping[str, object]) -> None:

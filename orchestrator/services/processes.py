@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import time
 import uuid
 from collections import ChainMap
@@ -54,6 +53,7 @@ from orchestrator.services.card_life import CardLifeService
 from orchestrator.services.card_tasks import OPERATION, PRODUCTION, CardTaskOrder, CardTaskService, Progress
 from orchestrator.services.certificates import CertificateService
 from orchestrator.services.configuration import Configuration
+from orchestrator.services.key_archive import open_json, seal_json
 from orchestrator.services.pool import ReaderSelector, ReaderState, has_card
 from orchestrator.store.client_requests import fingerprint
 from orchestrator.store.records import (
@@ -151,8 +151,7 @@ class ProcessService:
         kek = self._kek()
         if kek is None or not secrets:
             return []
-        sealed = kek.wrap(json.dumps(dict(secrets), sort_keys=True).encode("utf-8"),
-                          _SECRETS_CONTEXT + instance_id.encode())
+        sealed = seal_json(kek, secrets, _SECRETS_CONTEXT + instance_id.encode())
         return [partial(self.store.process_secrets.put, instance_id, kek.kek_id, kek.algorithm, sealed)]
 
     def _open_secrets(self, instance_id: str) -> dict[str, str] | None:
@@ -161,11 +160,11 @@ class ProcessService:
         if kek is None or row is None or row.kek_id != kek.kek_id:
             return None
         try:
-            opened = json.loads(kek.unwrap(row.sealed, _SECRETS_CONTEXT + instance_id.encode()))
-        except (CardlineError, ValueError):
+            opened = open_json(kek, row.sealed, _SECRETS_CONTEXT + instance_id.encode(), kek_id=row.kek_id)
+        except CardlineError:
             log.warning("sealed process secrets do not open", process_instance_id=instance_id)
             return None
-        return {str(k): str(v) for k, v in opened.items()} if isinstance(opened, dict) else None
+        return {str(k): str(v) for k, v in opened.items()}
 
     def definition(self, name: str) -> ProcessDefinition:
         try:

@@ -18,7 +18,6 @@ from orchestrator import app as orchestrator_app
 from orchestrator.services.pool import ReaderSelector
 from shared import cards, limits
 from shared.errors import CardIoError, InvalidArgument, WatcherTooSlow
-from shared.pki import MAX_LABEL_VALUE, MAX_LABELS
 from shared.proto import card_service_pb2 as card_pb
 from shared.proto import certificate_service_pb2 as certificate_pb
 from shared.proto import lease_service_pb2 as lease_pb
@@ -34,7 +33,8 @@ from tests.support.pki import default_pki
 # The largest place a station can be enrolled at (shared/pki.py check_enrollment: the hello
 # no longer says where a station stands).
 FULL_SITE = "s" * 64
-FULL_LABELS = {f"{i:02d}".ljust(limits.MAX_LABEL_KEY_CHARS, "k"): "v" * MAX_LABEL_VALUE for i in range(MAX_LABELS)}
+FULL_LABELS = {f"{i:02d}".ljust(limits.MAX_LABEL_KEY_CHARS, "k"): "v" * limits.MAX_ENROLLED_LABEL_VALUE_CHARS
+               for i in range(limits.MAX_ENROLLED_LABELS)}
 
 
 def own_channel(address: str) -> grpc.aio.Channel:

@@ -83,6 +83,6 @@ def test_hostile_gateway_to_a_real_orchestrator_process_gets_the_templates_subje
     rows = Store(f"sqlite:///{data_dir / 'cardline.db'}").audit.list(action="csr_request_ignored")
     [row] = rows
     assert row.object_id == certificate.task_id and row.actor == "gateway:station-1"
-    assert row.detail["requested"]["subject"] == "CN=Evil Chosen CN"
+    assert row.detail["requested"]["subject"] == "'CN=Evil Chosen CN'"
     for evil in EVIL:
         assert any(evil in shown for shown in row.detail["requested"]["subject_alt_names"]), evil

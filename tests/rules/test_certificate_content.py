@@ -135,7 +135,7 @@ def test_hostile_gateway_csr_subject_and_sans_are_ignored_and_audited(tmp_path, 
         (stored.task_id, "station-1", rig.token.reader_id)
     assert row.detail["template"] == "BadgeAuthentication" and row.detail["step_number"] >= 1
     asked = row.detail["requested"]
-    assert asked["subject"] == "CN=Evil Chosen CN"
+    assert asked["subject"] == "'CN=Evil Chosen CN'"
     assert len(asked["subject_alt_names"]) == 3
     for evil in ("orchestrator.example", "ceo@example.com", "https://evil.example/admin"):
         assert any(evil in shown for shown in asked["subject_alt_names"]), evil
@@ -164,7 +164,7 @@ def test_hostile_gateway_on_produce_card_path_gets_the_requests_subject_and_no_s
     assert cert.subject == x509.Name.from_rfc4514_string("CN=Rule Tester,O=Example")
     with pytest.raises(x509.ExtensionNotFound):           # the template gives none; the CSR's are not copied
         cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    assert [row.detail["requested"]["subject"] for row in audit] == ["CN=Evil Chosen CN"]
+    assert [row.detail["requested"]["subject"] for row in audit] == ["'CN=Evil Chosen CN'"]
 
 
 def test_template_variable_the_task_does_not_give_is_refused_before_the_card_is_touched(tmp_path):

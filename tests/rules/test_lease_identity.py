@@ -26,7 +26,7 @@ from shared.proto import lease_service_pb2 as lease_pb
 from shared.proto import reader_pool_service_pb2 as pool_pb
 from shared.proto import steps_pb2
 from shared.rpc import error_from_rpc
-from shared.tls import _CALLER, PeerIdentity
+from shared.tls import PeerIdentity, calling_as
 from tests.rules.rig import PIN, fake_token, rule_orchestrator
 from tests.support.api import OrchestratorApi
 from tests.support.fake_gateway import FakeGateway
@@ -180,10 +180,8 @@ def test_lease_quota_counts_requests_still_waiting_for_a_reader(tmp_path):
 
 async def as_caller(caller: PeerIdentity, work: Callable[[], Awaitable[Any]]) -> Any:
     """WORK run as CALLER, as if the authorising interceptor had admitted its certificate."""
-    async def admitted():
-        _CALLER.set(caller)
+    with calling_as(caller):
         return await work()
-    return await asyncio.create_task(admitted())       # a task of its own: the caller stays in it
 
 
 async def call(fn: Callable[..., Any], *args: Any) -> Any:

@@ -1,6 +1,7 @@
 """Server-side key generation and key archival under a file KEK (C7 recovery)."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
@@ -17,6 +18,8 @@ from orchestrator.services.key_archive import (
     Pkcs11Kek,
     generate_key,
     kek_from_settings,
+    open_json,
+    seal_json,
 )
 from shared.cards import KeyType
 from shared.errors import ConfigurationError, InvalidArgument
@@ -200,6 +203,42 @@ def test_seal_needs_a_certificate_id_and_a_private_key(archive, ec_key):
         archive.seal(ec_key, "")
     with pytest.raises(InvalidArgument):
         archive.seal(ec_key.public_key(), "cert-1")
+
+
+# --- secret mappings (process and order inputs) --------------------------------------------------
+
+def test_sealed_mapping_opens_to_the_same_mapping_only_under_its_binding(kek_path):
+    kek = FileKek(kek_path)
+    blob = seal_json(kek, {"pin": "123456", "puk": "12345678"}, b"row-1")
+    assert open_json(kek, blob, b"row-1", kek_id=kek.kek_id) == {"pin": "123456", "puk": "12345678"}
+    with pytest.raises(InvalidArgument, match="does not decrypt"):
+        open_json(kek, blob, b"row-2", kek_id=kek.kek_id)
+
+
+def test_mappings_sealed_before_seal_json_existed_still_open(kek_path):
+    # Rows already stored hold the sorted-keys JSON their services wrapped directly.
+    kek = FileKek(kek_path)
+    stored = kek.wrap(json.dumps({"b": "2", "a": "1"}, sort_keys=True).encode(), b"row-1")
+    assert open_json(kek, stored, b"row-1", kek_id=kek.kek_id) == {"a": "1", "b": "2"}
+    assert kek.unwrap(seal_json(kek, {"b": "2", "a": "1"}, b"row-1"), b"row-1") == b'{"a": "1", "b": "2"}'
+
+
+def test_mapping_sealed_by_a_kek_this_orchestrator_lacks_is_a_configuration_error_naming_it(kek_path):
+    kek = FileKek(kek_path)
+    blob = seal_json(kek, {"pin": "123456"}, b"row-1")
+    with pytest.raises(ConfigurationError, match="key-encryption key 'kek-old', but this orchestrator uses") as other:
+        open_json(kek, blob, b"row-1", kek_id="kek-old", what="the secret inputs of order o-1", order_id="o-1")
+    assert other.value.message.startswith("the secret inputs of order o-1 were sealed")
+    with pytest.raises(ConfigurationError, match="'kek-old', which this orchestrator does not have"):
+        open_json(None, blob, b"row-1", kek_id="kek-old")
+
+
+def test_blob_that_is_not_a_sealed_mapping_is_refused(kek_path):
+    kek = FileKek(kek_path)
+    with pytest.raises(InvalidArgument, match="JSON object"):
+        open_json(kek, kek.wrap(b'["a list"]', b"row-1"), b"row-1", kek_id=kek.kek_id)
+    with pytest.raises(InvalidArgument, match="JSON object"):
+        open_json(kek, kek.wrap(b"\xff not json", b"row-1"), b"row-1", kek_id=kek.kek_id)
 
 
 # --- the plain key never shows ---------------------------------------------------------------

@@ -16,6 +16,12 @@ from gateway.app import follow_crl_file, station_place, station_revocations
 from orchestrator.api.link import enrolled_place
 from shared import config
 from shared.errors import ConfigurationError, InvalidArgument, PermissionDenied
+from shared.limits import (
+    MAX_ENROLLED_LABEL_VALUE_CHARS,
+    MAX_ENROLLED_LABELS,
+    MAX_ENROLLMENT_BYTES,
+    MAX_LABEL_KEY_CHARS,
+)
 from shared.pki import (
     STATION_ENROLLMENT_OID,
     Enrollment,
@@ -52,12 +58,25 @@ def test_only_a_gateway_certificate_is_enrolled(pki):
 
 @pytest.mark.parametrize(("site", "labels", "complaint"), [
     ("-hq", {}, "site"), ("h q", {}, "site"), ("x" * 65, {}, "site"),
-    ("hq", {"bad key": "v"}, "label key"), ("hq", {"k": "a\nb"}, "printable"), ("hq", {"k": "v" * 129}, "printable"),
-    ("hq", {f"k{i}": "v" for i in range(17)}, "at most 16"),
+    ("hq", {"bad key": "v"}, "label key"), ("hq", {"k" * (MAX_LABEL_KEY_CHARS + 1): "v"}, "label key"),
+    ("hq", {"k": "a\nb"}, "printable"), ("hq", {"k": "v" * (MAX_ENROLLED_LABEL_VALUE_CHARS + 1)}, "printable"),
+    ("hq", {f"k{i}": "v" for i in range(MAX_ENROLLED_LABELS + 1)}, f"at most {MAX_ENROLLED_LABELS}"),
+    ("hq", {f"k{i}": "€" * MAX_ENROLLED_LABEL_VALUE_CHARS for i in range(MAX_ENROLLED_LABELS)}, "bytes in UTF-8"),
 ])
 def test_enrollment_refuses_what_a_selector_could_not_name(site, labels, complaint):
     with pytest.raises(InvalidArgument, match=complaint):
         check_enrollment(site, labels)
+
+
+def test_largest_ascii_enrollment_is_accepted_within_the_byte_bound_and_read_back(pki):
+    # The largest in ASCII; tests/integration/test_bounds.py connects a gateway enrolled so.
+    labels = {f"{i:02d}".ljust(MAX_LABEL_KEY_CHARS, "k"): "v" * MAX_ENROLLED_LABEL_VALUE_CHARS
+              for i in range(MAX_ENROLLED_LABELS)}
+    enrollment = check_enrollment("s" * 64, labels)
+    assert enrollment == Enrollment("s" * 64, labels)
+    assert 64 + sum(len(k) + len(v) for k, v in labels.items()) <= MAX_ENROLLMENT_BYTES
+    pki.issue("gateway", "station-1", enrollment=enrollment)
+    assert enrollment_of(pki.certificate("station-1")) == enrollment
 
 
 def test_label_options_need_key_equals_value_once():
