@@ -107,7 +107,7 @@ class Replicas:
                  metrics: bool = False) -> None:
         self.tmp = tmp
         self.database_url = database_url
-        self.ca_dir = tmp / "shared" / "ca"
+        self.ca_dir = tmp / "shared" / "ca"           # the built-in CA's, when on a database
         self._metrics = metrics
         self._env = {**os.environ, "CARDLINE_ORCHESTRATOR_TLS_DIR": str(default_pki().directory)}
         if database_url:
