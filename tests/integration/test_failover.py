@@ -9,65 +9,19 @@ CLI; mutual TLS with the session's PKI throughout. Each orchestrator has its own
 directory: this is client-side failover, not replica coordination."""
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import os
-import pathlib
-import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 
-from shared.proto import reader_pool_service_pb2 as pool_pb
-from shared.proto import reader_pool_service_pb2_grpc
 from tests.support.pki import default_pki
-from tests.support.processes import CARDLINE, channel, free_port, gateway_process, wait_for_pooled_reader, wait_healthy
+from tests.support.processes import CARDLINE, free_port, gateway_process, wait_for_pooled_reader
+from tests.support.replicas import Replicas, pooled_readers
 
 pytestmark = pytest.mark.hardware
-
-
-@dataclasses.dataclass
-class Orchestrator:
-    proc: subprocess.Popen
-    address: str
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-
-@contextlib.contextmanager
-def orchestrator_group(data_dir: pathlib.Path) -> Iterator[Orchestrator]:
-    """An orchestrator (mutual TLS, the session's PKI) leading a process group of its own, so
-    the test can kill or freeze it whole."""
-    address = f"127.0.0.1:{free_port()}"
-    data_dir.mkdir(parents=True)
-    with open(data_dir / "orchestrator.log", "w") as log:
-        proc = subprocess.Popen([CARDLINE, "orchestrator", "serve", "--migrate", "--listen", address,
-                                 "--data-dir", str(data_dir), "--tls-dir", str(default_pki().directory)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_healthy(address, proc=proc)
-        yield Orchestrator(proc, address)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGCONT)      # a frozen one must run to stop
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def readers_of(address: str) -> list[pool_pb.PooledReader]:
-    with channel(address) as ch:
-        return list(reader_pool_service_pb2_grpc.ReaderPoolServiceStub(ch).ListReaders(
-            pool_pb.ListReadersRequest(), timeout=5).readers)
 
 
 def attached_address(metrics_address: str) -> str | None:
@@ -86,31 +40,32 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 def test_gateway_attaches_to_the_next_orchestrator_when_its_orchestrator_dies(tmp_path, softhsm_token):
     metrics = f"127.0.0.1:{free_port()}"
-    with (orchestrator_group(tmp_path / "first") as first, orchestrator_group(tmp_path / "second") as second,
-          gateway_process(f"{first.address},{second.address}", "station-failover", tmp_path / "gateway",
-                          pkcs11_module=softhsm_token.module_path,
-                          env={**softhsm_token.env, "CARDLINE_GATEWAY_RECONNECT_MAX_S": "1"},
-                          args=("--metrics-listen", metrics))):
-        mine = lambda r: r.reader.token_label == softhsm_token.label  # noqa: E731
-        wait_for_pooled_reader(first.address, mine)
-        assert attached_address(metrics) == first.address
-        assert not [r for r in readers_of(second.address) if mine(r)]        # one link, to the first
+    with Replicas(tmp_path) as orchestrators:
+        first, second = orchestrators.start_all("first", "second")
+        with gateway_process(f"{first.address},{second.address}", "station-failover", tmp_path / "gateway",
+                             pkcs11_module=softhsm_token.module_path,
+                             env={**softhsm_token.env, "CARDLINE_GATEWAY_RECONNECT_MAX_S": "1"},
+                             args=("--metrics-listen", metrics)):
+            mine = lambda r: r.reader.token_label == softhsm_token.label  # noqa: E731
+            wait_for_pooled_reader(first.address, mine)
+            assert attached_address(metrics) == first.address
+            assert not [r for r in pooled_readers(second.address) if mine(r)]    # one link, to the first
 
-        os.killpg(first.pid, signal.SIGKILL)
-        first.proc.wait(10)
-        killed = time.monotonic()
-        pooled = wait_for_pooled_reader(second.address, mine, timeout_s=15)
-        took = time.monotonic() - killed
-        assert pooled.reader.token_serial == softhsm_token.serial
-        assert attached_address(metrics) == second.address
-        log = (tmp_path / "gateway" / "gateway.log").read_text()
-        assert "attached to orchestrator" in log and second.address in log
-        print(f"gateway attached to the second orchestrator {took:.2f} s after the first was killed")
+            first.kill()
+            killed = time.monotonic()
+            pooled = wait_for_pooled_reader(second.address, mine, timeout_s=15)
+            took = time.monotonic() - killed
+            assert pooled.reader.token_serial == softhsm_token.serial
+            assert attached_address(metrics) == second.address
+            log = (tmp_path / "gateway" / "gateway.log").read_text()
+            assert "attached to orchestrator" in log and second.address in log
+            print(f"gateway attached to the second orchestrator {took:.2f} s after the first was killed")
 
 
 def test_cli_call_is_answered_by_the_next_orchestrator_when_nobody_listens_on_the_first(tmp_path):
     dead = f"127.0.0.1:{free_port()}"
-    with orchestrator_group(tmp_path / "live") as live:
+    with Replicas(tmp_path) as orchestrators:
+        live = orchestrators.start("live")
         repeated = cli("gateways", "--json", "--orchestrator", dead, "--orchestrator", live.address)
         assert repeated.returncode == 0, repeated.stderr
         assert json.loads(repeated.stdout) == []
@@ -119,8 +74,9 @@ def test_cli_call_is_answered_by_the_next_orchestrator_when_nobody_listens_on_th
 
 
 def test_cli_call_is_answered_by_the_next_orchestrator_when_the_first_is_frozen(tmp_path):
-    with orchestrator_group(tmp_path / "frozen") as frozen, orchestrator_group(tmp_path / "live") as live:
-        os.killpg(frozen.pid, signal.SIGSTOP)        # accepts connections (the kernel does), answers nothing
+    with Replicas(tmp_path) as orchestrators:
+        frozen, live = orchestrators.start_all("frozen", "live")
+        frozen.freeze()                              # accepts connections (the kernel does), answers nothing
         started = time.monotonic()
         answered = cli("--connect-timeout", "1", "gateways", "--json",
                        "--orchestrator", f"{frozen.address},{live.address}")

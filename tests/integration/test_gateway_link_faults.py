@@ -13,12 +13,12 @@ import os
 import signal
 import time
 
-import grpc
 import pytest
 
 from shared.proto import reader_pool_service_pb2 as pool_pb
 from tests.integration.test_c16_crash_consistency import Station
 from tests.support import softhsm as softhsm_setup
+from tests.support.replicas import pooled_readers
 from tests.support.softhsm import SoftHsmToken
 
 pytestmark = pytest.mark.hardware
@@ -29,11 +29,6 @@ def _private_token(tmp_path, softhsm_module: str, label: str) -> SoftHsmToken:
     serial = softhsm_setup.init_token(conf, label, "12345678", "1234")
     return SoftHsmToken(module_path=softhsm_module, conf_path=conf, label=label, serial=serial,
                         slot_id=softhsm_setup.token_slot_id(conf, serial), so_pin="12345678", user_pin="1234")
-
-
-def _readers(station: Station) -> list[pool_pb.PooledReader]:
-    with grpc.insecure_channel(station.address) as channel:
-        return list(station.stub(channel).pool.ListReaders(pool_pb.ListReadersRequest(), timeout=5).readers)
 
 
 def _wait_for(what: str, predicate, timeout_s: float = 30.0):
@@ -62,7 +57,7 @@ def test_unreadable_token_is_a_reader_in_error_and_the_link_shuts_down_cleanly(t
         station.start_orchestrator()
         station.start_gateway()                      # waits for the good token's reader
         broken = _wait_for("the broken token's reader", lambda: [
-            r for r in _readers(station) if r.reader.token_serial == broken_serial])
+            r for r in pooled_readers(station.address, insecure=True) if r.reader.token_serial == broken_serial])
         [reader] = broken
         assert reader.state == pool_pb.POOLED_READER_STATE_ERROR
         assert "empty (0 bytes)" in reader.reader.error and str(broken_dir) in reader.reader.error
@@ -75,8 +70,8 @@ def test_unreadable_token_is_a_reader_in_error_and_the_link_shuts_down_cleanly(t
         _wait_for("the gateway noticing", lambda: "orchestrator link down" in _gateway_log(station))
         station.start_orchestrator()
         station.reader_id()                          # the gateway attached again
-        assert [r.state for r in _readers(station) if r.reader.token_serial == broken_serial] == \
-            [pool_pb.POOLED_READER_STATE_ERROR]
+        assert [r.state for r in pooled_readers(station.address, insecure=True)
+                if r.reader.token_serial == broken_serial] == [pool_pb.POOLED_READER_STATE_ERROR]
         station.gateway.send_signal(signal.SIGTERM)
         assert station.gateway.wait(15) == 0
     finally:

@@ -18,13 +18,9 @@ session's PKI, and PostgreSQL or SQLite.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
-import json
 import os
 import pathlib
-import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -39,8 +35,8 @@ from shared.proto import reader_pool_service_pb2 as pool_pb
 from tests.integration.test_pool import make_config
 from tests.support import softhsm
 from tests.support.api import OrchestratorApi
-from tests.support.pki import default_pki
-from tests.support.processes import CARDLINE, channel, free_port, gateway_process, wait_healthy
+from tests.support.processes import channel, gateway_process
+from tests.support.replicas import Replicas, pooled_readers
 
 pytestmark = pytest.mark.hardware
 
@@ -51,67 +47,10 @@ HEARTBEAT_S = 0.5
 DONE_STATES = (order_pb.ORDER_CARD_STATE_SUCCEEDED, order_pb.ORDER_CARD_STATE_FAILED)
 
 
-@dataclasses.dataclass
-class Replica:
-    data_dir: pathlib.Path
-    address: str
-    env: dict[str, str]
-    proc: subprocess.Popen | None = None
-
-    def start(self) -> Replica:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.data_dir / "orchestrator.log", "a") as log:
-            self.proc = subprocess.Popen(
-                [CARDLINE, "orchestrator", "serve", "--migrate", "--listen", self.address, "--data-dir",
-                 str(self.data_dir), "--tls-dir", str(default_pki().directory)],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-        wait_healthy(self.address, timeout_s=60, proc=self.proc)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL of its whole process group."""
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    @property
-    def log(self) -> str:
-        return (self.data_dir / "orchestrator.log").read_text()
-
-    @property
-    def orchestrator_id(self) -> str:
-        return (self.data_dir / "orchestrator-id").read_text().strip()
-
-
-@contextlib.contextmanager
-def replicas(*items: Replica) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for r in items:
-            r.stop()
-
-
-def replica_env(tmp_path: pathlib.Path, database_url: str, **extra: str) -> dict[str, str]:
-    """One database, one built-in CA directory and one KEK for every replica; short heartbeats."""
-    shared = tmp_path / "shared"
-    shared.mkdir(exist_ok=True)
-    return {**os.environ,
-            "CARDLINE_ORCHESTRATOR_DATABASE_URL": database_url,
-            "CARDLINE_ORCHESTRATOR_CONFIG_DIR": str(make_config(tmp_path) if not (tmp_path / "config").exists()
+def replica_env(tmp_path: pathlib.Path, **extra: str) -> dict[str, str]:
+    """What every replica is given besides the database, CA and KEK (tests/support/replicas.py): short heartbeats."""
+    return {"CARDLINE_ORCHESTRATOR_CONFIG_DIR": str(make_config(tmp_path) if not (tmp_path / "config").exists()
                                                     else tmp_path / "config"),
-            "CARDLINE_ORCHESTRATOR_CAS": json.dumps([{"name": "local", "kind": "local",
-                                                      "directory": str(shared / "ca")}]),
-            "CARDLINE_ORCHESTRATOR_KEY_ARCHIVE__FILE_PATH": str(shared / "kek.key"),
             "CARDLINE_ORCHESTRATOR_RECONCILE_INTERVAL_S": str(RECONCILE_S),
             "CARDLINE_ORCHESTRATOR_REPLICA__STALE_AFTER_S": str(STALE_S),
             "CARDLINE_ORCHESTRATOR_REPLICA__HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
@@ -134,9 +73,7 @@ def station(tmp_path: pathlib.Path, name: str, addresses: str, module: str, toke
 
 
 def tokens_in_pool(address: str) -> set[str]:
-    with channel(address) as ch:
-        readers = OrchestratorApi.on(ch).pool.ListReaders(pool_pb.ListReadersRequest(), timeout=5).readers
-    return {r.reader.token_serial for r in readers
+    return {r.reader.token_serial for r in pooled_readers(address)
             if r.reader.token_serial and r.state == pool_pb.POOLED_READER_STATE_CARD_PRESENT}
 
 
@@ -226,13 +163,10 @@ def beats_after(store: Store, orchestrator_id: str, since: dt.datetime, beats: i
 def test_replica_killed_mid_order_of_12_cards_the_other_adopts_it_every_card_ends_and_nothing_is_lost(
         tmp_path, softhsm_module, postgres_store, postgres_database_url):
     # Reconciliation rounds far apart: the takeover follows the heartbeats, not the rounds.
-    env = replica_env(tmp_path, postgres_database_url, CARDLINE_ORCHESTRATOR_RECONCILE_INTERVAL_S="300")
-    a = Replica(tmp_path / "a", f"127.0.0.1:{free_port()}", env)
-    b = Replica(tmp_path / "b", f"127.0.0.1:{free_port()}", env)
+    env = replica_env(tmp_path, CARDLINE_ORCHESTRATOR_RECONCILE_INTERVAL_S="300")
     store = postgres_store
-    with replicas(a, b):
-        a.start()
-        b.start()
+    with Replicas(tmp_path, postgres_database_url, env=env) as replicas:
+        a, b = replicas.start_all("a", "b")
         both = f"{a.address},{b.address}"
         with (station(tmp_path, "gw0", both, softhsm_module, 4) as s0,
               station(tmp_path, "gw1", both, softhsm_module, 4) as s1,
@@ -291,12 +225,9 @@ def _list(address: str) -> list[order_pb.Order]:
 @pytest.mark.postgres
 def test_order_run_by_one_replica_is_read_and_cancelled_through_the_other(
         tmp_path, softhsm_module, postgres_store, postgres_database_url):
-    env = replica_env(tmp_path, postgres_database_url)
-    a = Replica(tmp_path / "a", f"127.0.0.1:{free_port()}", env)
-    b = Replica(tmp_path / "b", f"127.0.0.1:{free_port()}", env)
-    with replicas(a, b):
-        a.start()
-        b.start()
+    env = replica_env(tmp_path)
+    with Replicas(tmp_path, postgres_database_url, env=env) as replicas:
+        a, b = replicas.start_all("a", "b")
         with station(tmp_path, "gw0", a.address, softhsm_module, 2) as serials:
             wait_for(lambda: tokens_in_pool(a.address) == set(serials), "both tokens in A's pool")
             # Four people, two cards: after two cards the other two wait for a card to change.
@@ -324,12 +255,9 @@ def test_order_created_on_one_replica_completes_on_gateways_linked_only_to_the_o
         tmp_path, softhsm_module, postgres_store, postgres_database_url):
     """One pool across replicas (docs/replicas.md): A runs the order, every reader is B's; each
     step goes through B, which holds the links. The order and the pool read the same on both."""
-    env = replica_env(tmp_path, postgres_database_url)
-    a = Replica(tmp_path / "a", f"127.0.0.1:{free_port()}", env)
-    b = Replica(tmp_path / "b", f"127.0.0.1:{free_port()}", env)
-    with replicas(a, b):
-        a.start()
-        b.start()
+    env = replica_env(tmp_path)
+    with Replicas(tmp_path, postgres_database_url, env=env) as replicas:
+        a, b = replicas.start_all("a", "b")
         with (station(tmp_path, "gw0", b.address, softhsm_module, 1) as s0,
               station(tmp_path, "gw1", b.address, softhsm_module, 1) as s1,
               station(tmp_path, "gw2", b.address, softhsm_module, 1) as s2):
@@ -354,10 +282,10 @@ def test_order_created_on_one_replica_completes_on_gateways_linked_only_to_the_o
 
 def test_orchestrator_killed_mid_order_continues_it_on_restart_without_two_people_on_one_card(
         tmp_path, softhsm_module):
-    env = replica_env(tmp_path, f"sqlite:///{tmp_path / 'orchestrator' / 'cardline.db'}")
-    orch = Replica(tmp_path / "orchestrator", f"127.0.0.1:{free_port()}", env)
-    with replicas(orch):
-        orch.start()
+    env = replica_env(tmp_path)
+    database_url = f"sqlite:///{tmp_path / 'orchestrator' / 'cardline.db'}"
+    with Replicas(tmp_path, database_url, env=env) as replicas:
+        orch = replicas.start("orchestrator")
         with station(tmp_path, "gw0", orch.address, softhsm_module, 3) as first:
             wait_for(lambda: tokens_in_pool(orch.address) == set(first), "the first gateway's tokens")
             # Six people, three cards for now: three are produced, three wait in the queue.
@@ -375,7 +303,7 @@ def test_orchestrator_killed_mid_order_continues_it_on_restart_without_two_peopl
             # The three that waited in the queue were retried as their next attempt, once each.
             assert "order adopted" in orch.log and orch.log.count("order card retried") == 3
             assert all(c.process_instance_id for c in final.cards)
-            store = Store(env["CARDLINE_ORCHESTRATOR_DATABASE_URL"])
+            store = Store(database_url)
             try:
                 readers = sorted(t.reader_id for t in store.tasks.list(state=TaskState.SUCCEEDED))
                 assert len(set(readers)) == 6, readers                  # six people, six cards

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
 import os
 import pathlib
 import time
@@ -30,7 +29,8 @@ from shared.proto import reader_pool_service_pb2 as pool_pb
 from shared.proto import replica_service_pb2 as replica_pb
 from tests.support.api import OrchestratorApi
 from tests.support.pki import default_pki
-from tests.support.processes import channel, free_port, gateway_process, orchestrator_process, wait_for_pooled_reader
+from tests.support.processes import channel, gateway_process, wait_for_pooled_reader
+from tests.support.replicas import Replicas, pooled_readers
 from tests.support.softhsm import init_blank_token
 
 pytestmark = [pytest.mark.hardware, pytest.mark.postgres]
@@ -39,28 +39,10 @@ PIN = "1234"
 GATEWAYS = 3
 
 
-def _env(database_url: str, ca_dir: pathlib.Path | None = None, kek_file: pathlib.Path | None = None) -> dict:
-    env = {**os.environ, "CARDLINE_ORCHESTRATOR_DATABASE_URL": database_url,
-           "CARDLINE_ORCHESTRATOR_REPLICA__POLL_INTERVAL_S": "0.5",
-           "CARDLINE_ORCHESTRATOR_REPLICA__HEARTBEAT_INTERVAL_S": "1",
-           "CARDLINE_ORCHESTRATOR_REPLICA__STALE_AFTER_S": "15"}
-    if ca_dir is not None:
-        env["CARDLINE_ORCHESTRATOR_CAS"] = json.dumps([{"name": "local", "kind": "local", "directory": str(ca_dir)}])
-    if kek_file is not None:
-        env["CARDLINE_ORCHESTRATOR_KEY_ARCHIVE__FILE_PATH"] = str(kek_file)
-    return env
-
-
-@contextlib.contextmanager
-def replicas(tmp_path: pathlib.Path, database_url: str) -> Iterator[tuple[str, str, str, str]]:
-    """Replicas A and B on one database, sharing A's CA directory and KEK; (address A, metrics
-    A, address B, metrics B)."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    metrics_a, metrics_b = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    with orchestrator_process(a, _env(database_url), args=("--metrics-listen", metrics_a)) as address_a, \
-            orchestrator_process(b, _env(database_url, a / "ca", a / "kek.key"),
-                                 args=("--metrics-listen", metrics_b)) as address_b:
-        yield address_a, metrics_a, address_b, metrics_b
+#: Every replica looks at the pool every 0.5 s, beats every second, and counts as gone after 15 s without a beat.
+REPLICA_ENV = {"CARDLINE_ORCHESTRATOR_REPLICA__POLL_INTERVAL_S": "0.5",
+               "CARDLINE_ORCHESTRATOR_REPLICA__HEARTBEAT_INTERVAL_S": "1",
+               "CARDLINE_ORCHESTRATOR_REPLICA__STALE_AFTER_S": "15"}
 
 
 @contextlib.contextmanager
@@ -85,9 +67,8 @@ def _ready(label: str) -> Callable[[pool_pb.PooledReader], bool]:
 
 
 def _readers(address: str) -> list[tuple[str, str, str, int]]:
-    with channel(address) as ch:
-        listed = OrchestratorApi.on(ch).pool.ListReaders(pool_pb.ListReadersRequest(), timeout=5).readers
-    return sorted((r.gateway_id, r.reader.reader_id, r.reader.token_label, r.state) for r in listed)
+    """(gateway, reader, token label, state) of each reader in the pool of ADDRESS, sorted."""
+    return sorted((r.gateway_id, r.reader.reader_id, r.reader.token_label, r.state) for r in pooled_readers(address))
 
 
 def _queue_depth(metrics: str) -> float:
@@ -116,73 +97,76 @@ def _until(predicate, timeout_s: float = 20.0, what: str = "the condition"):
 
 def test_a_replica_lists_produces_on_and_leases_the_readers_of_gateways_linked_to_another(
         tmp_path, postgres_store, postgres_database_url, softhsm_module):
-    with replicas(tmp_path, postgres_database_url) as (a, metrics_a, b, metrics_b), \
-            stations(tmp_path, b, softhsm_module) as labels:
-        pooled = {label: wait_for_pooled_reader(a, _ready(label)) for label in labels}
-        assert {p.gateway_id for p in pooled.values()} == {f"station-r{i}" for i in range(GATEWAYS)}
-        _until(lambda: _readers(a) == _readers(b), what="A and B listing the same readers")
+    with Replicas(tmp_path, postgres_database_url, env=REPLICA_ENV, metrics=True) as replicas:
+        replica_a, replica_b = replicas.start_all("a", "b")
+        a, b = replica_a.address, replica_b.address
+        with stations(tmp_path, b, softhsm_module) as labels:
+            pooled = {label: wait_for_pooled_reader(a, _ready(label)) for label in labels}
+            assert {p.gateway_id for p in pooled.values()} == {f"station-r{i}" for i in range(GATEWAYS)}
+            _until(lambda: _readers(a) == _readers(b), what="A and B listing the same readers")
 
-        # A process on A produces a card on a reader of a gateway linked to B.
-        first = pooled[labels[0]]
-        with channel(a) as ch:
-            events = list(OrchestratorApi.on(ch).cards.ProduceCard(card_pb.ProduceCardRequest(
-                reader=pool_pb.ReaderSelector(gateway_id=first.gateway_id, reader_id=first.reader.reader_id),
-                subject="CN=Replica Test,O=Example", user_pin=PIN, card_template="EmployeeCard",
-                certificates=[card_pb.CertificateRequest(template="EmployeeAuthentication",
-                                                         key_type=common_pb2.KEY_TYPE_EC_P256)]), timeout=120))
-        task = events[-1].task
-        assert task.state == card_pb.TASK_STATE_SUCCEEDED, task.error
-        assert (task.gateway_id, task.reader_id) == (first.gateway_id, first.reader.reader_id)
+            # A process on A produces a card on a reader of a gateway linked to B.
+            first = pooled[labels[0]]
+            with channel(a) as ch:
+                events = list(OrchestratorApi.on(ch).cards.ProduceCard(card_pb.ProduceCardRequest(
+                    reader=pool_pb.ReaderSelector(gateway_id=first.gateway_id, reader_id=first.reader.reader_id),
+                    subject="CN=Replica Test,O=Example", user_pin=PIN, card_template="EmployeeCard",
+                    certificates=[card_pb.CertificateRequest(template="EmployeeAuthentication",
+                                                             key_type=common_pb2.KEY_TYPE_EC_P256)]), timeout=120))
+            task = events[-1].task
+            assert task.state == card_pb.TASK_STATE_SUCCEEDED, task.error
+            assert (task.gateway_id, task.reader_id) == (first.gateway_id, first.reader.reader_id)
 
-        # A lease taken through A on a reader of B's gateway runs a step through A...
-        second = pooled[labels[1]]
-        selector = pool_pb.ReaderSelector(gateway_id=second.gateway_id, reader_id=second.reader.reader_id)
-        with channel(a) as ch_a, channel(b) as ch_b:
-            api_a, api_b = OrchestratorApi.on(ch_a), OrchestratorApi.on(ch_b)
-            lease = api_a.leases.AcquireLease(lease_pb.AcquireLeaseRequest(selector=selector, ttl_s=120,
-                                                                           holder="first"), timeout=20).lease
-            outcome = api_a.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
-                lease_id=lease.lease_id, step=steps_pb2.Step(read_card_info=steps_pb2.ReadCardInfo())),
-                timeout=30).outcome
-            assert outcome.WhichOneof("result") == "card_info", outcome
-            # ... and is the same seen from B, which runs steps on it too.
-            assert [x.lease_id for x in api_b.leases.ListLeases(lease_pb.ListLeasesRequest(), timeout=5).leases] == \
-                [lease.lease_id]
-            seen_b = api_b.leases.GetLease(lease_pb.GetLeaseRequest(lease_id=lease.lease_id), timeout=5).lease
-            assert (seen_b.gateway_id, seen_b.reader.reader_id) == (second.gateway_id, second.reader.reader_id)
-            assert api_b.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
-                lease_id=lease.lease_id, step=steps_pb2.Step(read_card_info=steps_pb2.ReadCardInfo())),
-                timeout=30).outcome.WhichOneof("result") == "card_info"
-            remote, local = _step_times(api_a, lease.lease_id), _step_times(api_b, lease.lease_id)
-            print(f"read_card_info on a lease, median of {STEPS}: through A (relayed to B) {remote * 1000:.1f} ms, "
-                  f"through B (holds the link) {local * 1000:.1f} ms")
-            leased = next(r for r in _readers(b) if r[:2] == (second.gateway_id, second.reader.reader_id))
-            assert leased[3] == pool_pb.POOLED_READER_STATE_LEASED
+            # A lease taken through A on a reader of B's gateway runs a step through A...
+            second = pooled[labels[1]]
+            selector = pool_pb.ReaderSelector(gateway_id=second.gateway_id, reader_id=second.reader.reader_id)
+            with channel(a) as ch_a, channel(b) as ch_b:
+                api_a, api_b = OrchestratorApi.on(ch_a), OrchestratorApi.on(ch_b)
+                lease = api_a.leases.AcquireLease(lease_pb.AcquireLeaseRequest(selector=selector, ttl_s=120,
+                                                                               holder="first"), timeout=20).lease
+                outcome = api_a.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
+                    lease_id=lease.lease_id, step=steps_pb2.Step(read_card_info=steps_pb2.ReadCardInfo())),
+                    timeout=30).outcome
+                assert outcome.WhichOneof("result") == "card_info", outcome
+                # ... and is the same seen from B, which runs steps on it too.
+                assert [x.lease_id for x in api_b.leases.ListLeases(lease_pb.ListLeasesRequest(),
+                                                                      timeout=5).leases] == [lease.lease_id]
+                seen_b = api_b.leases.GetLease(lease_pb.GetLeaseRequest(lease_id=lease.lease_id), timeout=5).lease
+                assert (seen_b.gateway_id, seen_b.reader.reader_id) == (second.gateway_id, second.reader.reader_id)
+                assert api_b.leases.RunLeasedStep(lease_pb.RunLeasedStepRequest(
+                    lease_id=lease.lease_id, step=steps_pb2.Step(read_card_info=steps_pb2.ReadCardInfo())),
+                    timeout=30).outcome.WhichOneof("result") == "card_info"
+                remote, local = _step_times(api_a, lease.lease_id), _step_times(api_b, lease.lease_id)
+                print(f"read_card_info on a lease, median of {STEPS}: through A (relayed to B) {remote * 1000:.1f} ms, "
+                      f"through B (holds the link) {local * 1000:.1f} ms")
+                leased = next(r for r in _readers(b) if r[:2] == (second.gateway_id, second.reader.reader_id))
+                assert leased[3] == pool_pb.POOLED_READER_STATE_LEASED
 
-            # A second request for that reader, made through B, queues behind it: one queue.
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                waiting = pool.submit(api_b.leases.AcquireLease, lease_pb.AcquireLeaseRequest(
-                    selector=selector, ttl_s=120, holder="second", wait=True), timeout=60)
-                (holder, position), = _until(lambda: [w for w in _positions(postgres_database_url) if w[1]],
-                                             what="the second request queued and numbered")
-                assert holder.startswith("second") and position == 1
-                _until(lambda: _queue_depth(metrics_a) == 1 and _queue_depth(metrics_b) == 1,
-                       what="both replicas showing the one queued request")
-                assert not waiting.done()
+                # A second request for that reader, made through B, queues behind it: one queue.
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    waiting = pool.submit(api_b.leases.AcquireLease, lease_pb.AcquireLeaseRequest(
+                        selector=selector, ttl_s=120, holder="second", wait=True), timeout=60)
+                    (holder, position), = _until(lambda: [w for w in _positions(postgres_database_url) if w[1]],
+                                                 what="the second request queued and numbered")
+                    assert holder.startswith("second") and position == 1
+                    _until(lambda: _queue_depth(replica_a.metrics) == 1 and _queue_depth(replica_b.metrics) == 1,
+                           what="both replicas showing the one queued request")
+                    assert not waiting.done()
 
-                # Released through B (granted through A): the reader goes to the one waiting.
-                released = time.monotonic()
-                api_b.leases.ReleaseLease(lease_pb.ReleaseLeaseRequest(lease_id=lease.lease_id), timeout=10)
-                granted = waiting.result(timeout=30).lease
-                print(f"released through B, granted to the next in the queue {time.monotonic() - released:.3f} s later")
-            assert (granted.gateway_id, granted.reader.reader_id) == (second.gateway_id, second.reader.reader_id)
-            with pytest.raises(grpc.RpcError) as gone:
-                api_a.leases.GetLease(lease_pb.GetLeaseRequest(lease_id=lease.lease_id), timeout=5)
-            assert gone.value.code() == grpc.StatusCode.NOT_FOUND
-            api_a.leases.ReleaseLease(lease_pb.ReleaseLeaseRequest(lease_id=granted.lease_id), timeout=10)
-            _until(lambda: next(r for r in _readers(a) if r[:2] == (second.gateway_id, second.reader.reader_id))[3]
-                   == pool_pb.POOLED_READER_STATE_CARD_PRESENT, what="the reader free again")
-            assert _queue_depth(metrics_a) == 0
+                    # Released through B (granted through A): the reader goes to the one waiting.
+                    released = time.monotonic()
+                    api_b.leases.ReleaseLease(lease_pb.ReleaseLeaseRequest(lease_id=lease.lease_id), timeout=10)
+                    granted = waiting.result(timeout=30).lease
+                    print(f"released through B, granted to the next in the queue "
+                          f"{time.monotonic() - released:.3f} s later")
+                assert (granted.gateway_id, granted.reader.reader_id) == (second.gateway_id, second.reader.reader_id)
+                with pytest.raises(grpc.RpcError) as gone:
+                    api_a.leases.GetLease(lease_pb.GetLeaseRequest(lease_id=lease.lease_id), timeout=5)
+                assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+                api_a.leases.ReleaseLease(lease_pb.ReleaseLeaseRequest(lease_id=granted.lease_id), timeout=10)
+                _until(lambda: next(r for r in _readers(a) if r[:2] == (second.gateway_id, second.reader.reader_id))[3]
+                       == pool_pb.POOLED_READER_STATE_CARD_PRESENT, what="the reader free again")
+                assert _queue_depth(replica_a.metrics) == 0
 
 
 STEPS = 20
@@ -207,31 +191,34 @@ def _read_card_info(api: OrchestratorApi, lease_id: str) -> str:
 
 def test_a_lease_outlives_a_restart_of_the_replica_that_granted_it(tmp_path, postgres_store, postgres_database_url,
                                                                    softhsm_module):
-    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
-    with orchestrator_process(b_dir, _env(postgres_database_url)) as b, \
-            stations(tmp_path, b, softhsm_module, count=1) as (label,):
-        a_env = _env(postgres_database_url, b_dir / "ca", b_dir / "kek.key")
-        address_a = f"127.0.0.1:{free_port()}"
-        with orchestrator_process(a_dir, a_env, address=address_a) as a:
+    with Replicas(tmp_path, postgres_database_url, env=REPLICA_ENV) as replicas:
+        b = replicas.start("b").address
+        with stations(tmp_path, b, softhsm_module, count=1) as (label,):
+            replica_a = replicas.start("a")
+            a = replica_a.address
             pooled = wait_for_pooled_reader(a, _ready(label))
             with channel(a) as ch:
                 lease = OrchestratorApi.on(ch).leases.AcquireLease(lease_pb.AcquireLeaseRequest(
                     selector=pool_pb.ReaderSelector(gateway_id=pooled.gateway_id, reader_id=pooled.reader.reader_id),
                     ttl_s=300, holder="long"), timeout=20).lease
-        # A is down: B still knows the lease, and its reader stays leased.
-        with channel(b) as ch:
-            api_b = OrchestratorApi.on(ch)
-            assert api_b.leases.GetLease(lease_pb.GetLeaseRequest(lease_id=lease.lease_id), timeout=5).lease.lease_id
-            assert _read_card_info(api_b, lease.lease_id) == "card_info"
-            assert next(r for r in _readers(b) if r[2] == label)[3] == pool_pb.POOLED_READER_STATE_LEASED
-        with orchestrator_process(a_dir, a_env, address=address_a) as a, channel(a) as ch:
-            api_a = OrchestratorApi.on(ch)
-            assert [x.lease_id for x in api_a.leases.ListLeases(lease_pb.ListLeasesRequest(), timeout=5).leases] == \
-                [lease.lease_id]
-            assert _read_card_info(api_a, lease.lease_id) == "card_info"
-            api_a.leases.ReleaseLease(lease_pb.ReleaseLeaseRequest(lease_id=lease.lease_id), timeout=10)
-            _until(lambda: next(r for r in _readers(b) if r[2] == label)[3]
-                   == pool_pb.POOLED_READER_STATE_CARD_PRESENT, what="the reader free after the release")
+            replica_a.stop()
+            # A is down: B still knows the lease, and its reader stays leased.
+            with channel(b) as ch:
+                api_b = OrchestratorApi.on(ch)
+                assert api_b.leases.GetLease(lease_pb.GetLeaseRequest(lease_id=lease.lease_id),
+                                             timeout=5).lease.lease_id
+                assert _read_card_info(api_b, lease.lease_id) == "card_info"
+                assert next(r for r in _readers(b) if r[2] == label)[3] == pool_pb.POOLED_READER_STATE_LEASED
+            replica_a.start()
+            with channel(a) as ch:
+                api_a = OrchestratorApi.on(ch)
+                assert [x.lease_id for x in api_a.leases.ListLeases(lease_pb.ListLeasesRequest(),
+                                                                      timeout=5).leases] == [lease.lease_id]
+                assert _read_card_info(api_a, lease.lease_id) == "card_info"
+                api_a.leases.ReleaseLease(lease_pb.ReleaseLeaseRequest(lease_id=lease.lease_id), timeout=10)
+                _until(lambda: next(r for r in _readers(b) if r[2] == label)[3]
+                       == pool_pb.POOLED_READER_STATE_CARD_PRESENT, what="the reader free after the release")
+            replica_a.stop()
 
 
 @pytest.mark.parametrize("caller", ["admin", "service"])
@@ -239,15 +226,17 @@ def test_a_client_certificate_calling_the_replicas_own_service_is_refused(tmp_pa
                                                                         postgres_database_url, caller):
     if caller == "service" and not default_pki().pki.cert_path(caller).exists():
         default_pki().pki.issue(caller, "service")
-    with orchestrator_process(tmp_path / "a", _env(postgres_database_url)) as a, channel(a, caller) as ch:
-        with pytest.raises(grpc.RpcError) as refused:
-            replica_service_pb2_grpc.ReplicaServiceStub(ch).RunStep(replica_pb.RunStepRequest(
-                gateway_id="station-r0", reader_id="r", hold_id="h",
-                step=steps_pb2.Step(read_card_info=steps_pb2.ReadCardInfo())), timeout=10)
-        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        # The replica's own certificate is let in, and still refused a reader it does not hold.
-        with channel(a, "orchestrator") as own, pytest.raises(grpc.RpcError) as not_held:
-            replica_service_pb2_grpc.ReplicaServiceStub(own).RunStep(replica_pb.RunStepRequest(
-                gateway_id="station-r0", reader_id="r", hold_id="h",
-                step=steps_pb2.Step(read_card_info=steps_pb2.ReadCardInfo())), timeout=10)
-        assert not_held.value.code() != grpc.StatusCode.PERMISSION_DENIED
+    with Replicas(tmp_path, postgres_database_url, env=REPLICA_ENV) as replicas:
+        a = replicas.start("a").address
+        with channel(a, caller) as ch:
+            with pytest.raises(grpc.RpcError) as refused:
+                replica_service_pb2_grpc.ReplicaServiceStub(ch).RunStep(replica_pb.RunStepRequest(
+                    gateway_id="station-r0", reader_id="r", hold_id="h",
+                    step=steps_pb2.Step(read_card_info=steps_pb2.ReadCardInfo())), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            # The replica's own certificate is let in, and still refused a reader it does not hold.
+            with channel(a, "orchestrator") as own, pytest.raises(grpc.RpcError) as not_held:
+                replica_service_pb2_grpc.ReplicaServiceStub(own).RunStep(replica_pb.RunStepRequest(
+                    gateway_id="station-r0", reader_id="r", hold_id="h",
+                    step=steps_pb2.Step(read_card_info=steps_pb2.ReadCardInfo())), timeout=10)
+            assert not_held.value.code() != grpc.StatusCode.PERMISSION_DENIED

@@ -20,7 +20,6 @@ import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -36,7 +35,8 @@ from shared.proto import common_pb2
 from shared.proto import process_service_pb2 as process_pb
 from tests.support.api import OrchestratorApi
 from tests.support.pki import default_pki
-from tests.support.processes import CARDLINE, channel, free_port, wait_for_pooled_reader, wait_healthy
+from tests.support.processes import CARDLINE, channel, free_port, stop_process_group, wait_for_pooled_reader
+from tests.support.replicas import Replicas
 from tests.support.softhsm import delete_token, init_blank_token
 from tests.support.transport_puk import write_transport_key
 
@@ -49,70 +49,36 @@ PROCESS = "produce-and-load"
 GATEWAY = "station-takeover"
 
 
-class Replicas:
-    """Replicas A (faulty: killed at a boundary) and B on one database, one CA, one KEK."""
-
-    def __init__(self, tmp: pathlib.Path, database_url: str, token) -> None:
-        self.tmp = tmp
-        self.database_url = database_url
-        self.config_dir = tmp / "config"
-        shutil.copytree(REPO / "examples", self.config_dir)
-        write_transport_key(self.config_dir / "secrets")       # the token's SO PIN is derived from it
-        produce = (self.config_dir / "processes" / "produce-employee-card.yaml").read_text()
-        assert "\non_error:" in produce
-        # The process takes the test's token only: the session's SoftHSM2 directory may hold
-        # tokens other tests left, each a reader at the same site.
-        assert "reader: {site: hq, kind: pkcs11}" in produce
-        produce = produce.replace("reader: {site: hq, kind: pkcs11}",
-                                  f'reader: {{site: hq, kind: pkcs11, reader: "pkcs11:softhsm2:{token.serial}"}}')
-        (self.config_dir / "processes" / f"{PROCESS}.yaml").write_text(produce.replace(
-            "name: produce-employee-card", f"name: {PROCESS}").replace("\non_error:", """
+def takeover_config(tmp: pathlib.Path, token) -> pathlib.Path:
+    """The examples' configuration with PROCESS: produce-employee-card on TOKEN, then load_certificates."""
+    config_dir = tmp / "config"
+    shutil.copytree(REPO / "examples", config_dir)
+    write_transport_key(config_dir / "secrets")       # the token's SO PIN is derived from it
+    produce = (config_dir / "processes" / "produce-employee-card.yaml").read_text()
+    assert "\non_error:" in produce
+    # The process takes the test's token only: the session's SoftHSM2 directory may hold
+    # tokens other tests left, each a reader at the same site.
+    assert "reader: {site: hq, kind: pkcs11}" in produce
+    produce = produce.replace("reader: {site: hq, kind: pkcs11}",
+                              f'reader: {{site: hq, kind: pkcs11, reader: "pkcs11:softhsm2:{token.serial}"}}')
+    (config_dir / "processes" / f"{PROCESS}.yaml").write_text(produce.replace(
+        "name: produce-employee-card", f"name: {PROCESS}").replace("\non_error:", """
   - type: load_certificates
     card: "${card}"
     state: Active
     into: "${certificates}"
 on_error:""", 1))
-        self.ca_dir = tmp / "shared-ca"
-        self.env = {**os.environ,
-                    "CARDLINE_ORCHESTRATOR_CAS": json.dumps([{"name": "local", "kind": "local",
-                                                              "directory": str(self.ca_dir)}]),
-                    "CARDLINE_ORCHESTRATOR_KEY_ARCHIVE__FILE_PATH": str(tmp / "kek.key"),
-                    "CARDLINE_ORCHESTRATOR_TLS_DIR": str(default_pki().directory),
-                    "CARDLINE_ORCHESTRATOR_RECONCILE_INTERVAL_S": "1",
-                    # A replica is gone 3 s after its last heartbeat (one rule: tasks and pool).
-                    "CARDLINE_ORCHESTRATOR_REPLICA__STALE_AFTER_S": "3",
-                    "CARDLINE_ORCHESTRATOR_REPLICA__HEARTBEAT_INTERVAL_S": "0.5",
-                    "CARDLINE_ORCHESTRATOR_REPLICA__POLL_INTERVAL_S": "0.5"}
-        self.procs: list[subprocess.Popen] = []
-
-    @contextlib.contextmanager
-    def replica(self, name: str, *faults: str, restart: bool = False) -> Iterator[tuple[str, subprocess.Popen]]:
-        address = f"127.0.0.1:{free_port()}"
-        data_dir = self.tmp / name
-        data_dir.mkdir(exist_ok=restart)
-        serve = ["--migrate", "--listen", address, "--data-dir", str(data_dir), "--config-dir", str(self.config_dir),
-                 "--database-url", self.database_url]
-        command = [sys.executable, "-m", "tests.support.faulty_orchestrator", *faults, "--", *serve] if faults \
-            else [CARDLINE, "orchestrator", "serve", *serve]
-        with open(data_dir / ("orchestrator-restarted.log" if restart else "orchestrator.log"), "w") as log:
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=self.env,
-                                    start_new_session=True)
-        try:
-            wait_healthy(address, proc=proc, timeout_s=60)
-            yield address, proc
-        finally:
-            _stop_group(proc)
+    return config_dir
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def takeover_replicas(tmp: pathlib.Path, database_url: str, token, **env: str) -> Replicas:
+    """Replicas on one database, one CA, one KEK, with takeover_config; a reconciliation round a second."""
+    return Replicas(tmp, database_url, env={"CARDLINE_ORCHESTRATOR_CONFIG_DIR": str(takeover_config(tmp, token)),
+                                            "CARDLINE_ORCHESTRATOR_RECONCILE_INTERVAL_S": "1",
+                                            # A replica is gone 3 s after its last heartbeat (one rule: tasks and pool).
+                                            "CARDLINE_ORCHESTRATOR_REPLICA__STALE_AFTER_S": "3",
+                                            "CARDLINE_ORCHESTRATOR_REPLICA__HEARTBEAT_INTERVAL_S": "0.5",
+                                            "CARDLINE_ORCHESTRATOR_REPLICA__POLL_INTERVAL_S": "0.5", **env})
 
 
 @contextlib.contextmanager
@@ -129,7 +95,7 @@ def gateway(addresses: list[str], data_dir: pathlib.Path, token) -> Iterator[sub
     try:
         yield proc
     finally:
-        _stop_group(proc)
+        stop_process_group(proc, timeout_s=15)
 
 
 def start_process_until_the_replica_dies(address: str, token) -> None:
@@ -192,73 +158,74 @@ KILL_POINTS = ["before_issue", "after_issue", "after_store", "write_sent", "afte
 @pytest.mark.parametrize("boundary", KILL_POINTS)
 def test_c16_takeover_resumes_a_task_whose_replica_died_after_its_key_generation_and_produces_the_card(
         tmp_path, softhsm_token, postgres_store: Store, postgres_database_url: str, boundary: str):
-    replicas = Replicas(tmp_path, postgres_database_url, softhsm_token)
-    with replicas.replica("a", "--kill-at", boundary) as (a, a_proc), replicas.replica("b") as (b, _b_proc), \
-            gateway([a, b], tmp_path / "gateway", softhsm_token):
-        mine = lambda r: r.reader.token_serial == softhsm_token.serial  # noqa: E731
-        wait_for_pooled_reader(a, mine, timeout_s=30)
-        start_process_until_the_replica_dies(a, softhsm_token)
-        a_proc.wait(10)
-        killed = time.monotonic()
-        instance = wait_instance_ended(postgres_store)
-        took = time.monotonic() - killed
+    with takeover_replicas(tmp_path, postgres_database_url, softhsm_token) as replicas:
+        a, b = replicas.start("a", "--kill-at", boundary), replicas.start("b")
+        with gateway([a.address, b.address], tmp_path / "gateway", softhsm_token):
+            mine = lambda r: r.reader.token_serial == softhsm_token.serial  # noqa: E731
+            wait_for_pooled_reader(a.address, mine, timeout_s=30)
+            start_process_until_the_replica_dies(a.address, softhsm_token)
+            a.wait()
+            killed = time.monotonic()
+            instance = wait_instance_ended(postgres_store)
+            took = time.monotonic() - killed
 
-        tasks = postgres_store.tasks.list(process_instance_id=instance.id)
-        assert [t.state for t in tasks] == [TaskState.SUCCEEDED], [(t.state, t.error_message) for t in tasks]
-        assert instance.state == ProcessState.SUCCEEDED, instance.error_message
-        assert len(instance.process_map["certificates"]) == 2     # the next task ran after the takeover
-        task = tasks[0]
-        steps = postgres_store.tasks.steps(task.id)
-        # The token holds exactly the two key pairs: the first run's EC key came back from the
-        # step memo (no second key generation), the RSA key was generated after the takeover.
-        assert token_objects(softhsm_token, "privkey") == 2
-        assert token_objects(softhsm_token, "cert") == 2
-        # One certificate per key in the store, each issued once by the CA (C16), each the
-        # answer to its journaled request, whose key is the key the card generated first.
-        certificates = postgres_store.certificates.list(task_id=task.id)
-        assert len(certificates) == 2 and {c.state for c in certificates} == {"Active"}
-        issued = ca_issued(replicas.ca_dir)
-        assert len(issued) == 2
-        requests = postgres_store.ca_requests.list(task_id=task.id)
-        assert {r.request_id for r in requests} == set(issued)
-        assert {r.state for r in requests} == {CaRequestState.WRITTEN}
-        for row in requests:
-            cert = issued[row.request_id]
-            assert format(cert.serial_number, "x") == row.serial_hex
-            assert _spki(cert.public_key()) == _spki(x509.load_der_x509_csr(row.csr_der).public_key())
-        # The takeover is audited: who took what from whom.
-        taken = [e for e in postgres_store.audit.list(object_id=task.id, action=AUDIT_RECONCILE)
-                 if e.detail.get("action") == "take_over_task"]
-        assert len(taken) == 1 and taken[0].detail["resume"] is True, taken
-        assert taken[0].detail["from_owner"] == (tmp_path / "a" / "orchestrator-id").read_text().strip()
-        assert taken[0].detail["to_owner"] == (tmp_path / "b" / "orchestrator-id").read_text().strip()
-        assert postgres_store.tasks.get(task.id).owner == taken[0].detail["to_owner"]
-        assert postgres_store.process_secrets.find(instance.id) is None       # dropped at the end
-        gateway_log = (tmp_path / "gateway" / "gateway.log").read_text()
-        replayed = [line for line in gateway_log.splitlines()
-                    if "op=GenerateKeyPair" in line and "replayed=True" in line]
-        assert len(replayed) == 1, gateway_log[-4000:]
-        # The killed replica restarted on its data directory (its reconciler runs before it
-        # serves) changes nothing: the task is the other replica's, and ended.
-        before = _snapshot(postgres_store)
-        with replicas.replica("a", restart=True):
+            tasks = postgres_store.tasks.list(process_instance_id=instance.id)
+            assert [t.state for t in tasks] == [TaskState.SUCCEEDED], [(t.state, t.error_message) for t in tasks]
+            assert instance.state == ProcessState.SUCCEEDED, instance.error_message
+            assert len(instance.process_map["certificates"]) == 2     # the next task ran after the takeover
+            task = tasks[0]
+            steps = postgres_store.tasks.steps(task.id)
+            # The token holds exactly the two key pairs: the first run's EC key came back from the
+            # step memo (no second key generation), the RSA key was generated after the takeover.
+            assert token_objects(softhsm_token, "privkey") == 2
+            assert token_objects(softhsm_token, "cert") == 2
+            # One certificate per key in the store, each issued once by the CA (C16), each the
+            # answer to its journaled request, whose key is the key the card generated first.
+            certificates = postgres_store.certificates.list(task_id=task.id)
+            assert len(certificates) == 2 and {c.state for c in certificates} == {"Active"}
+            issued = ca_issued(replicas.ca_dir)
+            assert len(issued) == 2
+            requests = postgres_store.ca_requests.list(task_id=task.id)
+            assert {r.request_id for r in requests} == set(issued)
+            assert {r.state for r in requests} == {CaRequestState.WRITTEN}
+            for row in requests:
+                cert = issued[row.request_id]
+                assert format(cert.serial_number, "x") == row.serial_hex
+                assert _spki(cert.public_key()) == _spki(x509.load_der_x509_csr(row.csr_der).public_key())
+            # The takeover is audited: who took what from whom.
+            taken = [e for e in postgres_store.audit.list(object_id=task.id, action=AUDIT_RECONCILE)
+                     if e.detail.get("action") == "take_over_task"]
+            assert len(taken) == 1 and taken[0].detail["resume"] is True, taken
+            assert taken[0].detail["from_owner"] == a.orchestrator_id
+            assert taken[0].detail["to_owner"] == b.orchestrator_id
+            assert postgres_store.tasks.get(task.id).owner == taken[0].detail["to_owner"]
+            assert postgres_store.process_secrets.find(instance.id) is None       # dropped at the end
+            gateway_log = (tmp_path / "gateway" / "gateway.log").read_text()
+            replayed = [line for line in gateway_log.splitlines()
+                        if "op=GenerateKeyPair" in line and "replayed=True" in line]
+            assert len(replayed) == 1, gateway_log[-4000:]
+            # The killed replica restarted on its data directory (its reconciler runs before it
+            # serves) changes nothing: the task is the other replica's, and ended.
+            before = _snapshot(postgres_store)
+            a.start()
             assert _snapshot(postgres_store) == before
-        print(f"takeover ({boundary}): task resumed by replica B and the card produced {took:.1f} s after replica A "
-              f"was killed ({len(steps)} journaled steps)")
+            a.stop()
+            print(f"takeover ({boundary}): task resumed by replica B and the card produced {took:.1f} s after "
+                  f"replica A was killed ({len(steps)} journaled steps)")
 
 
 @pytest.mark.timeout(300)
 def test_c16_takeover_ends_the_task_with_the_reason_when_its_gateway_never_comes_back(
         tmp_path, softhsm_token, postgres_store: Store, postgres_database_url: str):
-    replicas = Replicas(tmp_path, postgres_database_url, softhsm_token)
-    with replicas.replica("a", "--kill-at", "after_issue") as (a, a_proc), replicas.replica("b") as (b, _b_proc):
-        with gateway([a, b], tmp_path / "gateway", softhsm_token) as gateway_proc:
-            wait_for_pooled_reader(a, lambda r: r.reader.token_serial == softhsm_token.serial, timeout_s=30)
+    with takeover_replicas(tmp_path, postgres_database_url, softhsm_token) as replicas:
+        a, b = replicas.start("a", "--kill-at", "after_issue"), replicas.start("b")
+        with gateway([a.address, b.address], tmp_path / "gateway", softhsm_token) as gateway_proc:
+            wait_for_pooled_reader(a.address, lambda r: r.reader.token_serial == softhsm_token.serial, timeout_s=30)
             # The station goes down with the replica: SIGKILL of the gateway as soon as A is gone.
-            start_process_until_the_replica_dies(a, softhsm_token)
+            start_process_until_the_replica_dies(a.address, softhsm_token)
             os.killpg(gateway_proc.pid, signal.SIGKILL)
             gateway_proc.wait(10)
-            a_proc.wait(10)
+            a.wait()
         instance = wait_instance_ended(postgres_store)
         tasks = postgres_store.tasks.list(process_instance_id=instance.id)
         main = [t for t in tasks if t.task_index == 0]
@@ -290,21 +257,21 @@ def test_c16_takeover_ends_the_task_with_the_reason_when_its_gateway_never_comes
 @pytest.mark.timeout(300)
 def test_c16_takeover_ends_the_task_with_the_reason_when_another_card_is_in_the_reader(
         tmp_path, softhsm_token, postgres_store: Store, postgres_database_url: str):
-    replicas = Replicas(tmp_path, postgres_database_url, softhsm_token)
-    with replicas.replica("a", "--kill-at", "after_issue") as (a, a_proc), replicas.replica("b") as (b, _b_proc):
-        with gateway([a, b], tmp_path / "gateway", softhsm_token) as gateway_proc:
-            wait_for_pooled_reader(a, lambda r: r.reader.token_serial == softhsm_token.serial, timeout_s=30)
-            start_process_until_the_replica_dies(a, softhsm_token)
+    with takeover_replicas(tmp_path, postgres_database_url, softhsm_token) as replicas:
+        a, b = replicas.start("a", "--kill-at", "after_issue"), replicas.start("b")
+        with gateway([a.address, b.address], tmp_path / "gateway", softhsm_token) as gateway_proc:
+            wait_for_pooled_reader(a.address, lambda r: r.reader.token_serial == softhsm_token.serial, timeout_s=30)
+            start_process_until_the_replica_dies(a.address, softhsm_token)
             os.killpg(gateway_proc.pid, signal.SIGKILL)
             gateway_proc.wait(10)
-            a_proc.wait(10)
+            a.wait()
         # While the station is down its card is swapped for a blank one: the gateway comes
         # back (to B) with another token, whose reader is not the task's.
         delete_token(softhsm_token.conf_path, softhsm_token.serial)
         other = init_blank_token(softhsm_token.conf_path, f"other-{softhsm_token.label}", softhsm_token.user_pin)
         try:
-            with gateway([a, b], tmp_path / "gateway-again", softhsm_token):
-                wait_for_pooled_reader(b, lambda r: r.reader.token_serial == other, timeout_s=30)
+            with gateway([a.address, b.address], tmp_path / "gateway-again", softhsm_token):
+                wait_for_pooled_reader(b.address, lambda r: r.reader.token_serial == other, timeout_s=30)
                 instance = wait_instance_ended(postgres_store)
         finally:
             delete_token(softhsm_token.conf_path, other)
@@ -334,28 +301,29 @@ def test_c16_takeover_of_a_frozen_replica_which_writes_nothing_when_it_thaws(
     """A is frozen (SIGSTOP of its process group) right after the CA issued; the gateway finds
     it silent and fails over to B, which takes the task over and produces the card. Thawed, A
     finds the task no longer its own: it stores nothing and does not end the instance."""
-    replicas = Replicas(tmp_path, postgres_database_url, softhsm_token)
-    replicas.env["CARDLINE_ORCHESTRATOR_HEARTBEAT_INTERVAL_S"] = "0.5"     # the gateway finds A silent in 1.5 s
-    with replicas.replica("a", "--stop-at", "after_issue") as (a, a_proc), replicas.replica("b") as (b, _b_proc), \
-            gateway([a, b], tmp_path / "gateway", softhsm_token):
-        wait_for_pooled_reader(a, lambda r: r.reader.token_serial == softhsm_token.serial, timeout_s=30)
-        call = threading.Thread(target=_start_process_on_frozen, args=(a, softhsm_token), daemon=True)
-        call.start()
-        instance = wait_instance_ended(postgres_store)
-        assert instance.state == ProcessState.SUCCEEDED, instance.error_message
-        os.killpg(a_proc.pid, signal.SIGCONT)
-        _wait_for_line(tmp_path / "a" / "orchestrator.log", "process instance taken over by another replica")
-        call.join(30)
+    # Beats every 0.5 s: the gateway finds A silent in 1.5 s.
+    with takeover_replicas(tmp_path, postgres_database_url, softhsm_token,
+                           CARDLINE_ORCHESTRATOR_HEARTBEAT_INTERVAL_S="0.5") as replicas:
+        a, b = replicas.start("a", "--stop-at", "after_issue"), replicas.start("b")
+        with gateway([a.address, b.address], tmp_path / "gateway", softhsm_token):
+            wait_for_pooled_reader(a.address, lambda r: r.reader.token_serial == softhsm_token.serial, timeout_s=30)
+            call = threading.Thread(target=_start_process_on_frozen, args=(a.address, softhsm_token), daemon=True)
+            call.start()
+            instance = wait_instance_ended(postgres_store)
+            assert instance.state == ProcessState.SUCCEEDED, instance.error_message
+            a.thaw()
+            _wait_for_line(a.data_dir / "orchestrator.log", "process instance taken over by another replica")
+            call.join(30)
 
-        b_id = (tmp_path / "b" / "orchestrator-id").read_text().strip()
-        after = postgres_store.processes.get(instance.id)
-        assert after.state == ProcessState.SUCCEEDED and after.owner == b_id and after.error_reason is None
-        task, = postgres_store.tasks.list(process_instance_id=instance.id)
-        assert task.state == TaskState.SUCCEEDED and task.owner == b_id
-        assert token_objects(softhsm_token, "privkey") == 2 and token_objects(softhsm_token, "cert") == 2
-        assert len(ca_issued(replicas.ca_dir)) == 2
-        assert len(postgres_store.certificates.list(task_id=task.id)) == 2
-        assert "was taken over by" in (tmp_path / "a" / "orchestrator.log").read_text()
+            b_id = b.orchestrator_id
+            after = postgres_store.processes.get(instance.id)
+            assert after.state == ProcessState.SUCCEEDED and after.owner == b_id and after.error_reason is None
+            task, = postgres_store.tasks.list(process_instance_id=instance.id)
+            assert task.state == TaskState.SUCCEEDED and task.owner == b_id
+            assert token_objects(softhsm_token, "privkey") == 2 and token_objects(softhsm_token, "cert") == 2
+            assert len(ca_issued(replicas.ca_dir)) == 2
+            assert len(postgres_store.certificates.list(task_id=task.id)) == 2
+            assert "was taken over by" in a.log
 
 
 def _start_process_on_frozen(address: str, token) -> None:

@@ -37,7 +37,8 @@ def channel(address: str, name: str = "admin") -> grpc.Channel:
     return default_pki().channel(address, name)
 
 
-def _client_channel(address: str, client: TlsFiles | None, insecure: bool) -> grpc.Channel:
+def client_channel(address: str, client: TlsFiles | None = None, insecure: bool = False) -> grpc.Channel:
+    """A client channel asking as CLIENT (default: the session's admin), or plaintext when INSECURE."""
     if insecure:
         return grpc.insecure_channel(address)
     return grpc.secure_channel(address, client.channel_credentials()) if client else channel(address)
@@ -47,7 +48,7 @@ def wait_healthy(address: str, timeout_s: float = 20.0, proc: subprocess.Popen |
                  insecure: bool = False, client: TlsFiles | None = None) -> None:
     """Waits for SERVING, asking as CLIENT (default: the session's admin certificate)."""
     deadline = time.monotonic() + timeout_s
-    with _client_channel(address, client, insecure) as health_channel:
+    with client_channel(address, client, insecure) as health_channel:
         stub = health_pb2_grpc.HealthStub(health_channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
@@ -79,6 +80,20 @@ def cardline_process(args: list[str], address: str, log_path: pathlib.Path,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def stop_process_group(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """Stops the process group PROC leads (started with start_new_session): SIGCONT, since a
+    frozen group must run to stop, then SIGTERM; SIGKILL if PROC outlives TIMEOUT_S."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGCONT)
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @contextlib.contextmanager
@@ -121,8 +136,8 @@ def gateway_process(orchestrator: str, gateway_id: str, data_dir: pathlib.Path, 
 def wait_for_pooled_reader(orchestrator: str, predicate: Callable[[pool_pb.PooledReader], bool],
                            timeout_s: float = 20.0, client: TlsFiles | None = None) -> pool_pb.PooledReader:
     deadline = time.monotonic() + timeout_s
-    with _client_channel(orchestrator, client, False) as client_channel:
-        stub = reader_pool_service_pb2_grpc.ReaderPoolServiceStub(client_channel)
+    with client_channel(orchestrator, client) as pool_channel:
+        stub = reader_pool_service_pb2_grpc.ReaderPoolServiceStub(pool_channel)
         while time.monotonic() < deadline:
             for r in stub.ListReaders(pool_pb.ListReadersRequest(), timeout=2).readers:
                 if predicate(r):
