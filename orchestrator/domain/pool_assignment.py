@@ -51,6 +51,15 @@ class ReaderSelector:
     site: str = ""
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     card_present: bool = False
+    # Hashed once: every serve groups its waiters by selector (and an enum's hash is Python code).
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.gateway_id, self.reader_id, self.kind, self.site,
+                                                self.card_present)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def matches_place(self, gateway_id: str, site: str, labels: Mapping[str, str], reader: cards.Reader) -> bool:
         """Everything but the card."""
