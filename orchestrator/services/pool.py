@@ -335,6 +335,7 @@ class ReaderPool:
         self._touched: set[ReaderKey] = set()
         self._touched_gateways: set[str] = set()
         self._candidates: builtins.list[Candidate] | None = None   # the readers of connected gateways
+        self._matching_readers: dict[tuple[object, ...], builtins.list[Candidate]] = {}   # of _candidates, by request
         # One object per selector among the queued: the serve groups waiters alike, and the
         # same object compares at once (many card tasks ask with equal selectors of their own).
         self._selectors: dict[ReaderSelector, ReaderSelector] = {}
@@ -632,11 +633,13 @@ class ReaderPool:
         self._waiters = [w for w in self._waiters if not w.future.done()]
         if len(self._selectors) > 2 * len(self._waiters) + 16:     # only those still queued
             self._selectors = {w.selector: w.selector for w in self._waiters}
-        if self._candidates is None:             # kept until a gateway or a reader changes
+        if self._candidates is None or len(self._matching_readers) > 2 * len(self._waiters) + 16:
+            # Kept until a gateway or a reader changes (and the kinds of request pile up).
             self._candidates = [Candidate(s.gateway_id, s.site, s.labels, r) for s in self._connected()
                                 for r in s.readers.values()]
+            self._matching_readers = {}
         result = assign([w.want() for w in self._waiters], self._candidates, self._holds.__contains__,
-                        lambda key: self._last_used.get(key, 0.0))
+                        lambda key: self._last_used.get(key, 0.0), self._matching_readers)
         for want in result.hopeless:
             waiter = _waiter_of(want)
             waiter.future.set_exception(ReaderNotFound(
