@@ -477,8 +477,8 @@ class ReaderPool:
 
     def _publish(self) -> None:
         """Tells the sinks every difference between `list()` and what they were last told:
-        first the readers that appeared or changed, then those removed, each in `list()`'s
-        order (gateway id, reader id)."""
+        first the readers that appeared or changed, in `list()`'s order, then those removed,
+        in the order they were listed."""
         self._purge()
         self._touched.clear()
         self._touched_gateways.clear()
@@ -495,9 +495,10 @@ class ReaderPool:
         self._purge()
         keys = set(self._touched)
         if self._touched_gateways:
-            gone = self._touched_gateways
-            keys.update(key for key in self._snapshot if key[0] in gone)
-            keys.update((gid, rid) for gid in gone if (s := self._gateways.get(gid)) is not None for rid in s.readers)
+            gateways = self._touched_gateways     # every reader they had and have
+            keys.update(key for key in self._snapshot if key[0] in gateways)
+            keys.update((gid, rid) for gid in gateways if (s := self._gateways.get(gid)) is not None
+                        for rid in s.readers)
         self._touched.clear()
         self._touched_gateways.clear()
         if not keys:
