@@ -51,6 +51,15 @@ class ReaderSelector:
     site: str = ""
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     card_present: bool = False
+    # Hashed once: every serve groups its waiters by selector (and an enum's hash is Python code).
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.gateway_id, self.reader_id, self.kind, self.site,
+                                                self.card_present)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def matches_place(self, gateway_id: str, site: str, labels: Mapping[str, str], reader: cards.Reader) -> bool:
         """Everything but the card."""
@@ -99,10 +108,10 @@ class Candidate:
     site: str
     labels: Mapping[str, str]
     reader: cards.Reader
+    key: ReaderKey = field(init=False, repr=False, compare=False)     # made once: a serve asks often
 
-    @property
-    def key(self) -> ReaderKey:
-        return self.gateway_id, self.reader.reader_id
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.gateway_id, self.reader.reader_id))
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,14 @@ class Want:
     need_card: bool
     scope: ReaderSelector | None = None      # a second selector the reader must also match
     accepts: Callable[[str, cards.Reader], bool] | None = None
+    # Made once, what `assign` groups waiters by: the readers they match (place), and the
+    # readers they would take (alike).
+    place: tuple[object, ...] = field(init=False, repr=False, compare=False)
+    alike: tuple[object, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "place", (self.selector, self.scope))
+        object.__setattr__(self, "alike", (self.selector, self.scope, self.need_card, self.accepts))
 
     def wants(self, c: Candidate) -> bool:
         """Matches the reader, card aside."""
@@ -129,9 +146,12 @@ class Assignment:
 
 
 def assign(queue: Sequence[Want], candidates: Sequence[Candidate], held: Callable[[ReaderKey], bool],
-           last_used: Callable[[ReaderKey], float]) -> Assignment:
+           last_used: Callable[[ReaderKey], float],
+           matching_of: dict[tuple[object, ...], list[Candidate]] | None = None) -> Assignment:
     """Serves QUEUE (in order) from CANDIDATES (the readers of connected gateways); HELD(key)
-    says a reader is taken, LAST_USED(key) when it was last given back (0: never)."""
+    says a reader is taken, LAST_USED(key) when it was last given back (0: never).
+    MATCHING_OF, when given, keeps the readers each kind of request matches from one call to
+    the next: the caller empties it whenever CANDIDATES change."""
     out = Assignment()
     taken_now: set[ReaderKey] = set()
     waiting: list[Want] = []
@@ -139,16 +159,17 @@ def assign(queue: Sequence[Want], candidates: Sequence[Candidate], held: Callabl
     # their matching readers, and once one of them finds none free in this round, so do the
     # ones behind it (readers are only taken within a round): a serve costs a pass over the
     # readers per kind of request and per grant, not per waiter.
-    matching_of: dict[tuple[object, ...], list[Candidate]] = {}
+    if matching_of is None:
+        matching_of = {}
     exhausted: set[tuple[object, ...]] = set()
     for want in queue:
-        alike = (want.selector, want.scope, want.need_card, want.accepts)
-        matching = matching_of.get(alike)
+        matching = matching_of.get(want.place)
         if matching is None:
-            matching = matching_of[alike] = [c for c in candidates if want.wants(c)]
+            matching = matching_of[want.place] = [c for c in candidates if want.wants(c)]
         if not matching:
             out.hopeless.append(want)
             continue
+        alike = want.alike
         if alike in exhausted:
             waiting.append(want)
             continue

@@ -34,11 +34,19 @@ import datetime as dt
 import enum
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from orchestrator.domain.pool_assignment import ANY_READER, Candidate, ReaderSelector, Want, assign, has_card
+from orchestrator.domain.pool_assignment import (
+    ANY_READER,
+    Candidate,
+    ReaderKey,
+    ReaderSelector,
+    Want,
+    assign,
+    has_card,
+)
 from shared import cards, convert
 from shared.errors import (
     CardlineError,
@@ -253,6 +261,7 @@ class _Waiter:
     future: asyncio.Future
     position: int = 0
     since: float = field(default_factory=time.monotonic)
+    _want: Want | None = field(default=None, init=False, repr=False)
 
     def wants(self, session: GatewaySession, reader: cards.Reader) -> bool:
         """Matches the reader, card aside."""
@@ -266,8 +275,10 @@ class _Waiter:
         return self.selector.describe() + (f" within {s.describe()}" if s else "")
 
     def want(self) -> Want:
-        return Want(self, self.selector, self.need_card, self.scope.selector if self.scope else None,
-                    self.scope.accepts if self.scope else None)
+        if self._want is None:                   # made once: every serve asks again
+            self._want = Want(self, self.selector, self.need_card, self.scope.selector if self.scope else None,
+                              self.scope.accepts if self.scope else None)
+        return self._want
 
 
 class Lease:
@@ -295,7 +306,8 @@ class Lease:
     async def run(self, step: cards.Step, *, task_id: str, step_number: int, timeout_s: float) -> cards.StepValue:
         if self._hold.kind == TASK and not self._hold.holder:
             self._hold.holder = task_id          # a card task learns its id after taking the reader
-            self._pool._publish()
+            self._pool._touch(self.key)
+            self._pool._publish_touched()
         return await self.session.run_step(self.reader.reader_id, step, task_id=task_id, step_number=step_number,
                                            timeout_s=timeout_s)
 
@@ -318,7 +330,15 @@ class ReaderPool:
         self._waiters: list[_Waiter] = []
         self._sinks: list[Callable[[str, PooledReader], None]] = []
         self._gone_listeners: list[Callable[[GatewaySession], None]] = []
-        self._snapshot: dict[tuple[str, str], PooledReader] = {}
+        self._snapshot: dict[ReaderKey, PooledReader] = {}     # what the sinks were last told
+        # What changed since the last publish: readers, and gateways whose every reader may have.
+        self._touched: set[ReaderKey] = set()
+        self._touched_gateways: set[str] = set()
+        self._candidates: builtins.list[Candidate] | None = None   # the readers of connected gateways
+        self._matching_readers: dict[tuple[object, ...], builtins.list[Candidate]] = {}   # of _candidates, by request
+        # One object per selector among the queued: the serve groups waiters alike, and the
+        # same object compares at once (many card tasks ask with equal selectors of their own).
+        self._selectors: dict[ReaderSelector, ReaderSelector] = {}
 
     # --- gateways ----------------------------------------------------------------------
 
@@ -330,6 +350,7 @@ class ReaderPool:
             self._gone(old)
         self._gateways[session.gateway_id] = session
         self._offline_since.pop(session.gateway_id, None)
+        self._gateway_changed(session.gateway_id)
         log.info("gateway attached", gateway_id=session.gateway_id, readers=len(session.readers),
                  version=session.version)
         self._changed()
@@ -340,6 +361,7 @@ class ReaderPool:
         if self._gateways.get(gid) is not session or gid in self._offline_since:
             return
         self._offline_since[gid] = time.monotonic()
+        self._gateway_changed(gid)
         log.info("gateway detached; its readers are offline", gateway_id=gid, readers=len(session.readers))
         with contextlib.suppress(RuntimeError):          # no loop: nothing to purge later
             asyncio.get_running_loop().call_later(self.offline_retention_s + 0.01, self._changed)
@@ -364,6 +386,8 @@ class ReaderPool:
             session.readers.pop(reader.reader_id, None)
         else:
             session.readers[reader.reader_id] = reader
+        self._candidates = None
+        self._touch((session.gateway_id, reader.reader_id))
         self._changed()
 
     def seen(self, session: GatewaySession) -> None:
@@ -390,11 +414,21 @@ class ReaderPool:
         for gid in expired:
             del self._offline_since[gid]
             self._gateways.pop(gid, None)
+            self._gateway_changed(gid)
             log.info("offline gateway forgotten", gateway_id=gid)
         return bool(expired)
 
     def _connected(self) -> list[GatewaySession]:
         return [s for _, s in sorted(self._gateways.items()) if not s.closed]
+
+    def _gateway_changed(self, gateway_id: str) -> None:
+        """The gateway came, went or was forgotten: its readers are published again."""
+        self._candidates = None
+        self._touched_gateways.add(gateway_id)
+
+    def _touch(self, key: ReaderKey) -> None:
+        """The reader's hold or inventory changed: published next time."""
+        self._touched.add(key)
 
     # --- readers -----------------------------------------------------------------------
 
@@ -436,13 +470,55 @@ class ReaderPool:
         return lambda: self._sinks.remove(sink)
 
     def _publish(self) -> None:
+        """Tells the sinks every difference between `list()` and what they were last told:
+        first the readers that appeared or changed, in `list()`'s order, then those removed,
+        in the order they were listed."""
         self._purge()
+        self._touched.clear()
+        self._touched_gateways.clear()
         now = {(p.gateway_id, p.reader.reader_id): p for p in self.list()}
         before, self._snapshot = self._snapshot, now
-        if not self._sinks:
+        self._tell(self._differences(before, now.items(), [key for key in before if key not in now]))
+
+    def _publish_touched(self) -> None:
+        """What `_publish` would tell, found among the readers touched since the last publish
+        only: a serve changes a reader or two, not the whole listing."""
+        if type(self).list is not ReaderPool.list:
+            self._publish()                      # a listing kept elsewhere: only the whole diff sees it
             return
-        events = [("present" if key not in before else "changed", p) for key, p in now.items() if before.get(key) != p]
-        events += [("removed", p) for key, p in before.items() if key not in now]
+        self._purge()
+        keys = set(self._touched)
+        if self._touched_gateways:
+            gateways = self._touched_gateways     # every reader they had and have
+            keys.update(key for key in self._snapshot if key[0] in gateways)
+            keys.update((gid, rid) for gid in gateways if (s := self._gateways.get(gid)) is not None
+                        for rid in s.readers)
+        self._touched.clear()
+        self._touched_gateways.clear()
+        if not keys:
+            return
+        now: dict[ReaderKey, PooledReader] = {}
+        removed: builtins.list[ReaderKey] = []
+        for key in sorted(keys):                 # list()'s order
+            session = self._gateways.get(key[0])
+            reader = session.readers.get(key[1]) if session is not None else None
+            if session is not None and reader is not None:
+                now[key] = self._pooled(session, reader)
+            elif key in self._snapshot:
+                removed.append(key)
+        events = self._differences(self._snapshot, now.items(), removed)
+        self._snapshot.update(now)
+        for key in removed:
+            del self._snapshot[key]
+        self._tell(events)
+
+    @staticmethod
+    def _differences(before: Mapping[ReaderKey, PooledReader], now: Iterable[tuple[ReaderKey, PooledReader]],
+                     removed: Iterable[ReaderKey]) -> builtins.list[tuple[str, PooledReader]]:
+        events = [("present" if key not in before else "changed", p) for key, p in now if before.get(key) != p]
+        return events + [("removed", before[key]) for key in removed]
+
+    def _tell(self, events: builtins.list[tuple[str, PooledReader]]) -> None:
         for kind, p in events:
             for sink in list(self._sinks):
                 sink(kind, p)
@@ -456,6 +532,7 @@ class ReaderPool:
         refusal = scope.refuse() if scope is not None and scope.refuse is not None else None
         if refusal is not None:
             raise refusal
+        selector = self._selectors.setdefault(selector, selector)
         waiter = _Waiter(selector, scope, need_card or selector.card_present, kind, holder,
                          asyncio.get_running_loop().create_future())
         self._refuse_unmatchable(waiter)
@@ -538,6 +615,7 @@ class ReaderPool:
         if self._holds.get(lease.key) is lease._hold:
             del self._holds[lease.key]
             self._last_used[lease.key] = time.monotonic()
+            self._touch(lease.key)
         self._changed()
 
     def _changed(self) -> None:
@@ -548,10 +626,15 @@ class ReaderPool:
         """Hands free readers to the queue in order (orchestrator/domain/pool_assignment.py),
         fails hopeless waiters, renumbers the rest and tells everyone."""
         self._waiters = [w for w in self._waiters if not w.future.done()]
-        candidates = [Candidate(s.gateway_id, s.site, s.labels, r) for s in self._connected()
-                      for r in s.readers.values()]
-        result = assign([w.want() for w in self._waiters], candidates, self._holds.__contains__,
-                        lambda key: self._last_used.get(key, 0.0))
+        if len(self._selectors) > 2 * len(self._waiters) + 16:     # only those still queued
+            self._selectors = {w.selector: w.selector for w in self._waiters}
+        if self._candidates is None or len(self._matching_readers) > 2 * len(self._waiters) + 16:
+            # Kept until a gateway or a reader changes (and the kinds of request pile up).
+            self._candidates = [Candidate(s.gateway_id, s.site, s.labels, r) for s in self._connected()
+                                for r in s.readers.values()]
+            self._matching_readers = {}
+        result = assign([w.want() for w in self._waiters], self._candidates, self._holds.__contains__,
+                        lambda key: self._last_used.get(key, 0.0), self._matching_readers)
         for want in result.hopeless:
             waiter = _waiter_of(want)
             waiter.future.set_exception(ReaderNotFound(
@@ -563,6 +646,7 @@ class ReaderPool:
             session = self._gateways[chosen.gateway_id]
             hold = _Hold(waiter.kind, waiter.holder)
             self._holds[chosen.key] = hold
+            self._touch(chosen.key)
             self._last_used[chosen.key] = time.monotonic()
             self._waiters.remove(waiter)
             waiter.future.set_result(Lease(self, session, chosen.reader, hold))
@@ -574,7 +658,7 @@ class ReaderPool:
                 waiter.position = position
                 if waiter.scope is not None and waiter.scope.observer is not None:
                     waiter.scope.observer.queued(position)
-        self._publish()
+        self._publish_touched()
 
 
 def _waiter_of(want: Want) -> _Waiter:

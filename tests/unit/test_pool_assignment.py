@@ -2,6 +2,8 @@
 rule both the in-memory pool and the pool shared by replicas on PostgreSQL serve with."""
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -56,6 +58,17 @@ def test_a_selector_round_trips_through_its_data():
     assert ReaderSelector.from_data(selector.to_data()) == selector
 
 
+def test_equal_selectors_hash_alike_and_unequal_ones_stay_apart():
+    made_apart = [ReaderSelector(gateway_id="gw1", kind=cards.ReaderKind.PKCS11, labels={"desk": "3"})
+                  for _ in range(2)]
+    assert made_apart[0] is not made_apart[1] and made_apart[0] == made_apart[1]
+    assert hash(made_apart[0]) == hash(made_apart[1])
+    assert len({made_apart[0], made_apart[1], ReaderSelector(gateway_id="gw1", kind=cards.ReaderKind.PKCS11),
+                dataclasses.replace(made_apart[0], site="hq")}) == 3
+    assert hash(dataclasses.replace(made_apart[0], site="hq")) == hash(ReaderSelector(
+        gateway_id="gw1", kind=cards.ReaderKind.PKCS11, site="hq", labels={"desk": "3"}))
+
+
 def _assign_waiter_by_waiter(queue, candidates, held, last_used):
     """The rule as docs/pool.md states it, each waiter on its own: what `assign` must equal."""
     granted, waiting, hopeless, taken = [], [], [], set()
@@ -93,14 +106,19 @@ _ACCEPTS = [None, _refuses("s1"), _refuses("s2")]
                                   st.sampled_from(["", "s1", "s2", "s3", "s4"])),
                         max_size=9, unique_by=lambda r: r[:2]),
        wants=st.lists(st.tuples(st.integers(0, len(_SELECTORS) - 1), st.booleans(),
-                                st.integers(0, len(_ACCEPTS) - 1)), max_size=25),
+                                st.integers(0, len(_ACCEPTS) - 1), st.booleans()), max_size=25),
        held=st.sets(st.tuples(st.sampled_from(_GATEWAYS), st.sampled_from(["r1", "r2", "r3"]))),
        used=st.dictionaries(st.tuples(st.sampled_from(_GATEWAYS), st.sampled_from(["r1", "r2", "r3"])),
                             st.floats(0, 100)))
 def test_serving_alike_waiters_together_hands_out_exactly_what_serving_each_alone_does(readers, wants, held, used):
     candidates = _candidates(*readers)
-    queue = [Want(f"w{i}", _SELECTORS[s], need_card=need, accepts=_ACCEPTS[a]) for i, (s, need, a) in enumerate(wants)]
-    result = assign(queue, candidates, held.__contains__, lambda key: used.get(key, 0.0))
+    # own: the waiter asks with a selector of its own, equal to another's but not the same object.
+    queue = [Want(f"w{i}", dataclasses.replace(_SELECTORS[s]) if own else _SELECTORS[s], need_card=need,
+                  accepts=_ACCEPTS[a]) for i, (s, need, a, own) in enumerate(wants)]
+    # The readers each kind of request matches, kept from an earlier serve of the same readers.
+    kept: dict = {}
+    assign(queue[::-1], candidates, lambda key: False, lambda key: 0.0, kept)
+    result = assign(queue, candidates, held.__contains__, lambda key: used.get(key, 0.0), kept)
     expected = _assign_waiter_by_waiter(queue, candidates, held.__contains__, lambda key: used.get(key, 0.0))
     assert ([(w.waiter, c.key) for w, c in result.granted], [(w.waiter, p) for w, p in result.positions],
             [w.waiter for w in result.hopeless]) == expected
