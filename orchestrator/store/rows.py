@@ -122,7 +122,21 @@ def process_row(session: Session, instance_id: str, *, lock: bool = False) -> Pr
     return row
 
 
-def check_process_running(row: ProcessInstance) -> None:
+def process_facts(session: Session, instance_id: str) -> Any:
+    """The process instance's id and state (a row with those attributes), read without loading
+    the ORM object (a card task's start checks it). NotFound as process_row."""
+    session.flush()         # the transaction's pending rows first, as autoflush would
+    facts = session.connection().execute(_PROCESS_FACTS, {"instance_id": instance_id}).first()
+    if facts is None:
+        raise NotFound(f"no process instance {quoted(instance_id)}", process_instance_id=instance_id)
+    return facts
+
+
+_PROCESS_FACTS = select(ProcessInstance.id, ProcessInstance.state).where(ProcessInstance.id == bindparam("instance_id"))
+
+
+def check_process_running(row: Any) -> None:
+    # row: a ProcessInstance or its process_facts
     if row.state != ProcessState.RUNNING:
         raise StateConflict(f"process instance {row.id} is already {row.state}",
                             process_instance_id=row.id, state=row.state)
@@ -144,16 +158,25 @@ def certificate_row(session: Session, certificate_id: str, *, lock: bool = False
     return cert
 
 
-def ca_request_row(session: Session, request_id: str, task_id: str | None = None) -> CaRequest:
+def ca_request_facts(session: Session, request_id: str, task_id: str | None = None) -> Any:
+    """The journaled CA request's request_id, task_id, state and certificate_id (a row with
+    those attributes), locked, read without loading the ORM object (a card stores each of its
+    certificates against one). NotFound if it was never journaled; InvalidArgument if it is
+    another task's."""
     # FOR UPDATE (PostgreSQL): a live run and the reconciler settling one request queue
     # up here; SQLite writers are serial anyway.
-    row = session.scalar(select(CaRequest).where(CaRequest.request_id == request_id).with_for_update())
+    session.flush()         # the transaction's pending rows first, as autoflush would
+    row = session.connection().execute(_CA_REQUEST_FACTS, {"request_id": request_id}).first()
     if row is None:
         raise NotFound(f"no journaled CA request {quoted(request_id)}", request_id=request_id)
     if task_id is not None and row.task_id != task_id:
         raise InvalidArgument(f"CA request {request_id} belongs to task {row.task_id}, not {task_id}",
                               request_id=request_id)
     return row
+
+
+_CA_REQUEST_FACTS = select(CaRequest.request_id, CaRequest.task_id, CaRequest.state, CaRequest.certificate_id).where(
+    CaRequest.request_id == bindparam("request_id")).with_for_update()
 
 
 # -- audit and state changes (C5) -----------------------------------------------------------

@@ -40,7 +40,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from cryptography import x509
-from sqlalchemy import select, text, update
+from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -61,7 +61,7 @@ from orchestrator.store.processes import ProcessInstances
 from orchestrator.store.records import CaRequestState, CertificateRecord, NewRelation, TaskRecord, TaskState, WrappedKey
 from orchestrator.store.relations import Relations
 from orchestrator.store.rows import (
-    ca_request_row,
+    ca_request_facts,
     check_relation_ends,
     check_wrapped_key,
     insert_relation,
@@ -75,6 +75,13 @@ from orchestrator.store.sessions import Sessions
 from orchestrator.store.tasks import Tasks
 from shared.errors import AlreadyExists, ConfigurationError, InvalidArgument, StateConflict
 
+# The statements of store_issued_certificate, built once (the values come with each execution).
+_CERTIFICATE_BY_ISSUER_SERIAL = select(*Certificate.__table__.columns).where(
+    Certificate.issuer == bindparam("issuer"), Certificate.serial_hex == bindparam("serial_hex"))
+_INSERT_CERTIFICATE = insert(Certificate)
+_SETTLE_CA_REQUEST = update(CaRequest).where(CaRequest.request_id == bindparam("settled_request")).values(
+    state=str(CaRequestState.STORED), serial_hex=bindparam("serial_hex"), certificate_id=bindparam("certificate_id"),
+    error=None, updated_at=bindparam("updated_at"))
 MIGRATIONS_DIR = pathlib.Path(__file__).resolve().parent / "migrations"
 # Arbitrary constant: replicas starting together on one PostgreSQL migrate one at a time.
 _PG_MIGRATION_LOCK = 0x6361726C  # "carl"
@@ -205,10 +212,12 @@ class Store:
         serial_hex = format(cert.serial_number, "x")
         issuer = cert.issuer.rfc4514_string()
         with self._db.write() as s:
+            # Core statements on the session's connection (no ORM unit of work): every
+            # certificate of every card is stored here.
             task = task_facts(s, task_id)
-            journal = ca_request_row(s, request_id, task_id) if request_id is not None else None
-            existing = s.scalar(select(Certificate).where(Certificate.issuer == issuer,
-                                                          Certificate.serial_hex == serial_hex))
+            journal = ca_request_facts(s, request_id, task_id) if request_id is not None else None
+            conn = s.connection()
+            existing = conn.execute(_CERTIFICATE_BY_ISSUER_SERIAL, {"issuer": issuer, "serial_hex": serial_hex}).first()
             if existing is not None:
                 if journal is not None and journal.certificate_id == existing.id:
                     self._add_archived_key_if_missing(s, existing.id, archived_key, utcnow())
@@ -219,17 +228,18 @@ class Store:
             if journal is not None:
                 self._require_pending(journal, serial_hex, issuer)
             now = utcnow()
-            row = self._certificate_row(cert, bytes(der), task, template, ca_name, state, now)
-            s.add(row)
+            values = self._certificate_values(cert, bytes(der), task, template, ca_name, state, now)
             try:
-                s.flush()
+                conn.execute(_INSERT_CERTIFICATE, values)
             except IntegrityError:  # a concurrent writer stored the same certificate first
                 raise DuplicateCertificate(f"certificate {serial_hex} of {issuer} is already stored",
                                            serial_hex=serial_hex, issuer=issuer) from None
-            self._add_archived_key_if_missing(s, row.id, archived_key, now)
+            self._add_archived_key_if_missing(s, values["id"], archived_key, now)
             if journal is not None:
-                self._settle(s, journal, row, now)
-            return record(CertificateRecord, row)
+                # C16: the journal row of the request this certificate answers moves to `stored`.
+                conn.execute(_SETTLE_CA_REQUEST, {"settled_request": journal.request_id, "serial_hex": serial_hex,
+                                                  "certificate_id": values["id"], "updated_at": now})
+            return CertificateRecord(**values)
 
     @staticmethod
     def _require_pending(journal: CaRequest, serial_hex: str, issuer: str) -> None:
@@ -240,16 +250,16 @@ class Store:
                                 request_id=journal.request_id, state=journal.state)
 
     @staticmethod
-    def _certificate_row(cert: x509.Certificate, der: bytes, task: Any, template: str, ca_name: str,
-                         state: str, now: dt.datetime) -> Certificate:
-        # task: its id, state and error (rows.task_facts), not the ORM object.
+    def _certificate_values(cert: x509.Certificate, der: bytes, task: Any, template: str, ca_name: str,
+                            state: str, now: dt.datetime) -> dict[str, Any]:
+        """The new certificate row's values (every column). task: its id, state and error
+        (rows.task_facts)."""
         failed = task.state == TaskState.FAILED     # stored late (C16): it carries the task's error (C3)
-        return Certificate(
-            id=new_id(), serial_hex=format(cert.serial_number, "x"), issuer=cert.issuer.rfc4514_string(),
-            subject=cert.subject.rfc4514_string(), not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc, der=der, template=template, ca_name=ca_name, state=state,
-            task_id=task.id, task_error_reason=task.error_reason if failed else None,
-            task_error_message=task.error_message if failed else None, created_at=now, updated_at=now)
+        return {"id": new_id(), "serial_hex": format(cert.serial_number, "x"), "issuer": cert.issuer.rfc4514_string(),
+                "subject": cert.subject.rfc4514_string(), "not_before": cert.not_valid_before_utc,
+                "not_after": cert.not_valid_after_utc, "der": der, "template": template, "ca_name": ca_name,
+                "state": state, "task_id": task.id, "task_error_reason": task.error_reason if failed else None,
+                "task_error_message": task.error_message if failed else None, "created_at": now, "updated_at": now}
 
     @staticmethod
     def _add_archived_key_if_missing(s: Session, certificate_id: str, key: WrappedKey | None,
@@ -258,16 +268,6 @@ class Store:
             s.add(ArchivedKey(certificate_id=certificate_id, kek_id=key.kek_id, algorithm=key.algorithm,
                               wrapped_key=bytes(key.wrapped_key), created_at=now))
             s.flush()
-
-    @staticmethod
-    def _settle(s: Session, journal: CaRequest, cert: Certificate, now: dt.datetime) -> None:
-        """C16: the journal row of the request that `cert` answers moves to `stored`."""
-        journal.state = CaRequestState.STORED
-        journal.serial_hex = cert.serial_hex
-        journal.certificate_id = cert.id
-        journal.error = None
-        journal.updated_at = now
-        s.flush()
 
     # -- C2, C3: the end of a task ------------------------------------------------------------
 
