@@ -19,6 +19,9 @@ from shared.errors import AlreadyExists, InvalidArgument, NotFound, StateConflic
 _STATES = [str(state) for state in CaRequestState]
 # FOR UPDATE (PostgreSQL): a live run and the reconciler moving one request queue up here.
 _STATE_FOR_UPDATE = select(CaRequest.state).where(CaRequest.request_id == bindparam("request_id")).with_for_update()
+_MOVE = update(CaRequest).where(CaRequest.request_id == bindparam("moved_request")).values(
+    state=bindparam("state"), updated_at=bindparam("updated_at")).returning(*CaRequest.__table__.columns)
+_MOVE_WITH_ERROR = _MOVE.values(error=bindparam("error"))
 
 # Moves `mark` allows: to -> states it may come from (the same state again is a no-op
 # retry). STORED is reached only with the certificate (Store.store_issued_certificate).
@@ -86,11 +89,10 @@ class CaRequests:
             if current not in _MOVES[state]:
                 raise StateConflict(f"CA request {request_id} is {current}; it cannot become {state}",
                                     request_id=request_id, state=current)
-            values: dict[str, Any] = {"state": str(state), "updated_at": utcnow()}
-            if error is not None or state != CaRequestState.WRITTEN:
-                values["error"] = error
-            row = conn.execute(update(CaRequest).where(CaRequest.request_id == request_id).values(values)
-                               .returning(*CaRequest.__table__.columns)).one()
+            # A request written keeps the error its reconciliation last recorded, unless given one.
+            keeps_error = error is None and state == CaRequestState.WRITTEN
+            row = conn.execute(_MOVE if keeps_error else _MOVE_WITH_ERROR, {
+                "moved_request": request_id, "state": str(state), "error": error, "updated_at": utcnow()}).one()
             return record(CaRequestRecord, row)
 
     def get(self, request_id: str) -> CaRequestRecord:

@@ -109,9 +109,29 @@ _TASK_FACTS = select(Task.id, Task.state, Task.error_reason, Task.error_message)
 
 def running_task_row(session: Session, task_id: str) -> Task:
     task = task_row(session, task_id, lock=True)
-    if task.state != TaskState.RUNNING:
-        raise StateConflict(f"task {task_id} is already {task.state}", task_id=task_id, state=task.state)
+    check_task_running(task)
     return task
+
+
+def running_task_facts(session: Session, task_id: str) -> Any:
+    """The RUNNING task's id, state and card_id (a row with those attributes), locked as
+    running_task_row locks it, read without loading the ORM object (a card task's card and its
+    end). NotFound, StateConflict as running_task_row."""
+    session.flush()         # the transaction's pending rows first, as autoflush would
+    facts = session.connection().execute(_RUNNING_TASK_FACTS, {"task_id": task_id}).first()
+    if facts is None:
+        raise NotFound(f"no task {quoted(task_id)}", task_id=task_id)
+    check_task_running(facts)
+    return facts
+
+
+_RUNNING_TASK_FACTS = select(Task.id, Task.state, Task.card_id).where(Task.id == bindparam("task_id")).with_for_update()
+
+
+def check_task_running(task: Any) -> None:
+    """StateConflict unless TASK (a Task or a row with its id and state) is RUNNING."""
+    if task.state != TaskState.RUNNING:
+        raise StateConflict(f"task {task.id} is already {task.state}", task_id=task.id, state=task.state)
 
 
 def process_row(session: Session, instance_id: str, *, lock: bool = False) -> ProcessInstance:
@@ -298,10 +318,17 @@ def new_relations(relations: Iterable[NewRelation]) -> list[NewRelation]:
 
 
 def check_relation_ends(session: Session, rel: NewRelation) -> None:
-    known = {CARD: Card, CERTIFICATE: Certificate}   # ends of other types are not checked
+    session.flush()         # the transaction's pending rows first, as autoflush would
+    conn = session.connection()
     for kind, obj_id in ((rel.source_type, rel.source_id), (rel.target_type, rel.target_id)):
-        if kind in known and session.get(known[kind], obj_id) is None:
+        exists = _RELATION_END_EXISTS.get(kind)          # ends of other types are not checked
+        if exists is not None and conn.execute(exists, {"id": obj_id}).first() is None:
             raise NotFound(f"relation {astuple(rel)}: no {kind} {quoted(obj_id)}")
+
+
+# Built once: a card's end checks the ends of each of its relations.
+_RELATION_END_EXISTS = {kind: select(model.id).where(model.id == bindparam("id"))
+                        for kind, model in ((CARD, Card), (CERTIFICATE, Certificate))}
 
 
 def insert_relation(session: Session, task_id: str | None, rel: NewRelation, now: dt.datetime) -> None:

@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session
 from orchestrator.store.audit import Audit
 from orchestrator.store.ca_requests import CaRequests
 from orchestrator.store.card_secrets import CardSecrets
-from orchestrator.store.cards import Cards, release_if_final
+from orchestrator.store.cards import Cards, is_final
 from orchestrator.store.certificates import ArchivedKeys, Certificates, parse_certificate
 from orchestrator.store.client_requests import ClientRequests
 from orchestrator.store.deployment_keys import DeploymentKeys
@@ -68,7 +68,7 @@ from orchestrator.store.rows import (
     new_id,
     new_relations,
     record,
-    running_task_row,
+    running_task_facts,
     task_facts,
 )
 from orchestrator.store.sessions import Sessions
@@ -79,6 +79,20 @@ from shared.errors import AlreadyExists, ConfigurationError, InvalidArgument, St
 _CERTIFICATE_BY_ISSUER_SERIAL = select(*Certificate.__table__.columns).where(
     Certificate.issuer == bindparam("issuer"), Certificate.serial_hex == bindparam("serial_hex"))
 _INSERT_CERTIFICATE = insert(Certificate)
+# ... and of the end of a task.
+_TASK_CERTIFICATE_STATES_FOR_UPDATE = select(Certificate.id, Certificate.state).where(
+    Certificate.task_id == bindparam("task_id")).with_for_update()
+_MOVE_CERTIFICATE = update(Certificate).where(Certificate.id == bindparam("certificate_id")).values(
+    state=bindparam("state"), updated_at=bindparam("updated_at"))
+_CARD_TEMPLATE = select(Card.template).where(Card.id == bindparam("card_id"))
+_SET_CARD_STATE = update(Card).where(Card.id == bindparam("card_id")).values(
+    state=bindparam("state"), updated_at=bindparam("updated_at"))
+_SET_CARD_STATE_RELEASED = _SET_CARD_STATE.values(live_identity=None)
+_END_TASK = update(Task).where(Task.id == bindparam("ended_task")).values(
+    state=bindparam("state"), finished_at=bindparam("finished_at")).returning(*Task.__table__.columns)
+_END_TASK_WITH_ERROR = _END_TASK.values(error_reason=bindparam("error_reason"),
+                                        error_message=bindparam("error_message"),
+                                        error_details=bindparam("error_details"))
 _SETTLE_CA_REQUEST = update(CaRequest).where(CaRequest.request_id == bindparam("settled_request")).values(
     state=str(CaRequestState.STORED), serial_hex=bindparam("serial_hex"), certificate_id=bindparam("certificate_id"),
     error=None, updated_at=bindparam("updated_at"))
@@ -284,28 +298,30 @@ class Store:
         """
         wanted = new_relations(relations)
         with self._db.write() as s:
-            task = running_task_row(s, task_id)
-            mine = {c.id: c for c in s.scalars(
-                select(Certificate).where(Certificate.task_id == task_id).with_for_update())}
+            # Core statements built once (no ORM loads): every card ends here.
+            task = running_task_facts(s, task_id)
+            conn = s.connection()
+            rows = conn.execute(_TASK_CERTIFICATE_STATES_FOR_UPDATE, {"task_id": task_id})
+            mine = {cid: state for cid, state in rows}
             self._check_moves(task_id, mine, from_state, certificate_states)
             now = utcnow()
-            for cert_id, new_state in certificate_states.items():
-                mine[cert_id].state = new_state
-                mine[cert_id].updated_at = now
-            self._end_task(s, task, TaskState.SUCCEEDED, card_state, wanted, now)
-            return record(TaskRecord, task)
+            if certificate_states:
+                conn.execute(_MOVE_CERTIFICATE, [{"certificate_id": cert_id, "state": new_state, "updated_at": now}
+                                                 for cert_id, new_state in certificate_states.items()])
+            return self._end_task(s, task, TaskState.SUCCEEDED, card_state, wanted, now)
 
     @staticmethod
-    def _check_moves(task_id: str, mine: Mapping[str, Certificate], from_state: str,
+    def _check_moves(task_id: str, mine: Mapping[str, str], from_state: str,
                      certificate_states: Mapping[str, str]) -> None:
+        """mine: the state of each certificate of the task, by id."""
         foreign = sorted(set(certificate_states) - set(mine))
         if foreign:
             raise InvalidArgument(f"task {task_id} did not issue certificate(s) {foreign}", task_id=task_id)
-        moved = {c.id: c.state for c in mine.values() if c.id in certificate_states and c.state != from_state}
+        moved = {cid: state for cid, state in mine.items() if cid in certificate_states and state != from_state}
         if moved:
             raise StateConflict(f"certificate(s) not in the internal issued state {from_state!r}: {moved}",
                                 task_id=task_id)
-        left = sorted(c.id for c in mine.values() if c.state == from_state and c.id not in certificate_states)
+        left = sorted(cid for cid, state in mine.items() if state == from_state and cid not in certificate_states)
         if left:
             raise InvalidArgument(f"task {task_id}: certificate(s) {left} in {from_state!r} have no target "
                                   f"state; every certificate of a successful task moves (C2)", task_id=task_id)
@@ -322,28 +338,27 @@ class Store:
             raise InvalidArgument("a failed task needs an error reason")
         wanted = new_relations(relations)
         with self._db.write() as s:
-            task = running_task_row(s, task_id)
+            task = running_task_facts(s, task_id)
             now = utcnow()
             s.execute(update(Certificate).where(Certificate.task_id == task_id)
                       .values(task_error_reason=reason, task_error_message=message, updated_at=now))
-            task.error_reason = reason
-            task.error_message = message
-            task.error_details = dict(details) if details else None
-            self._end_task(s, task, TaskState.FAILED, card_state, wanted, now)
-            return record(TaskRecord, task)
+            return self._end_task(s, task, TaskState.FAILED, card_state, wanted, now, error_reason=reason,
+                                  error_message=message, error_details=dict(details) if details else None)
 
-    def _end_task(self, s: Session, task: Task, state: TaskState, card_state: str | None,
-                  relations: list[NewRelation], now: dt.datetime) -> None:
-        """The common end of a task: its card's state, its relations, its own final state."""
-        final_states = self.cards.final_states
+    def _end_task(self, s: Session, task: Any, state: TaskState, card_state: str | None,
+                  relations: list[NewRelation], now: dt.datetime, **error: Any) -> TaskRecord:
+        """The common end of a task (task: its running_task_facts): its card's state, its
+        relations, its own final state (and error). The ended task."""
+        conn = s.connection()
         if card_state is not None:
             if task.card_id is None:
                 raise InvalidArgument(f"task {task.id} has no card to set to {card_state!r}", task_id=task.id)
-            card = s.get(Card, task.card_id)
+            card = conn.execute(_CARD_TEMPLATE, {"card_id": task.card_id}).first()
             assert card is not None  # foreign key
-            card.state = card_state
-            card.updated_at = now
-            release_if_final(card, final_states)
+            # A card object in a final state of its graph no longer holds its physical card.
+            released = is_final(self.cards.final_states, card.template, card_state)
+            conn.execute(_SET_CARD_STATE_RELEASED if released else _SET_CARD_STATE,
+                         {"card_id": task.card_id, "state": card_state, "updated_at": now})
         # A relation that exists already (created earlier by relations.add, C9) is skipped;
         # the same relation listed twice is a caller's bug.
         seen: set[NewRelation] = set()
@@ -353,6 +368,6 @@ class Store:
             seen.add(rel)
             check_relation_ends(s, rel)
             insert_relation(s, task.id, rel, now)
-        task.state = state
-        task.finished_at = now
-        s.flush()
+        ended = conn.execute(_END_TASK_WITH_ERROR if error else _END_TASK,
+                             {"ended_task": task.id, "state": str(state), "finished_at": now, **error}).one()
+        return record(TaskRecord, ended)
