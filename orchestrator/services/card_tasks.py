@@ -480,8 +480,7 @@ class _CardTaskRun:
         template = order.card_template
         # Reading the card changes nothing on it: its entry waits, with a new task's row and
         # start audit, for the task's next write (the card object with the next step's entry,
-        # or the task's end). If that write fails before the task's row exists there is no task
-        # to end, and the error is the caller's.
+        # or the task's end).
         await self._journal_step("read_card_info", reads_only=True)
         try:
             info = await self._send("read_card_info", cards.ReadCardInfo())

@@ -84,11 +84,8 @@ def audit_record(row: AuditEvent) -> AuditRecord:
 
 # -- tasks and process instances ------------------------------------------------------------
 
-def task_row(session: Session, task_id: str, *, lock: bool = False) -> Task:
-    # FOR UPDATE (PostgreSQL) serialises the finishes of one task across replicas;
-    # SQLite ignores it and is serialised by BEGIN IMMEDIATE.
-    task = session.scalar(select(Task).where(Task.id == task_id).with_for_update(of=Task)) if lock \
-        else session.get(Task, task_id)
+def task_row(session: Session, task_id: str) -> Task:
+    task = session.get(Task, task_id)
     if task is None:
         raise NotFound(f"no task {quoted(task_id)}", task_id=task_id)
     return task
@@ -107,31 +104,22 @@ def task_facts(session: Session, task_id: str) -> Any:
 _TASK_FACTS = select(Task.id, Task.state, Task.error_reason, Task.error_message).where(Task.id == bindparam("task_id"))
 
 
-def running_task_row(session: Session, task_id: str) -> Task:
-    task = task_row(session, task_id, lock=True)
-    check_task_running(task)
+def running_task_facts(session: Session, task_id: str) -> Any:
+    """The RUNNING task's id, state and card_id (a row with those attributes), read without
+    loading the ORM object (a card's creation, a task's end). NotFound; StateConflict when the
+    task has ended."""
+    session.flush()         # the transaction's pending rows first, as autoflush would
+    task = session.connection().execute(_RUNNING_TASK_FACTS, {"task_id": task_id}).first()
+    if task is None:
+        raise NotFound(f"no task {quoted(task_id)}", task_id=task_id)
+    if task.state != TaskState.RUNNING:
+        raise StateConflict(f"task {task_id} is already {task.state}", task_id=task_id, state=task.state)
     return task
 
 
-def running_task_facts(session: Session, task_id: str) -> Any:
-    """The RUNNING task's id, state and card_id (a row with those attributes), locked as
-    running_task_row locks it, read without loading the ORM object (a card task's card and its
-    end). NotFound, StateConflict as running_task_row."""
-    session.flush()         # the transaction's pending rows first, as autoflush would
-    facts = session.connection().execute(_RUNNING_TASK_FACTS, {"task_id": task_id}).first()
-    if facts is None:
-        raise NotFound(f"no task {quoted(task_id)}", task_id=task_id)
-    check_task_running(facts)
-    return facts
-
-
+# FOR UPDATE (PostgreSQL) serialises the finishes of one task across replicas; SQLite ignores
+# it and is serialised by BEGIN IMMEDIATE.
 _RUNNING_TASK_FACTS = select(Task.id, Task.state, Task.card_id).where(Task.id == bindparam("task_id")).with_for_update()
-
-
-def check_task_running(task: Any) -> None:
-    """StateConflict unless TASK (a Task or a row with its id and state) is RUNNING."""
-    if task.state != TaskState.RUNNING:
-        raise StateConflict(f"task {task.id} is already {task.state}", task_id=task.id, state=task.state)
 
 
 def process_row(session: Session, instance_id: str, *, lock: bool = False) -> ProcessInstance:
