@@ -32,9 +32,10 @@ Store transactions: a write that need not be durable on its own waits (`_defer`)
 committed with the next one that must be (`_write`, Store.together): every step's journal
 entry, every CA request's, the task's end. Nothing is sent to a card or a CA while a write
 waits, so what the rules order before a step or a CA call is committed before it: the task
-with its start audit and first step's entry; the card object with the next step's entry; a
-certificate (C1) with the entry of the step that writes it; a row's move to `written` with
-whatever comes next; the task's end (C2, C3) with its audit.
+with its start audit, the entry of its first step (reading the card, which changes nothing on
+it), the card object and the next step's entry; a certificate (C1) with the entry of the step
+that writes it; a row's move to `written` with whatever comes next; the task's end (C2, C3)
+with its audit. A task that fails before any of that has its row, start and end in one.
 """
 from __future__ import annotations
 
@@ -272,16 +273,20 @@ class CardTaskService:
             self.running.discard(task_id)
 
     def _created(self, run: _CardTaskRun, task_id: str, lease: Lease, order: CardTaskOrder) -> None:
-        """A new task's row and start audit, committed with its first step's journal entry."""
-        run._defer(partial(self.store.tasks.create, order.type, lease.gateway_id, lease.reader.reader_id,
-                           order.card_id, process_instance_id=order.process_instance_id,
-                           task_index=order.task_index, owner=self.owner_id, task_id=task_id))
-        run._defer(partial(self.store.audit.record, AUDIT_TASK_STARTED, TASK, task_id, acting("card_task"),
-                           {"type": order.type, "process_instance_id": order.process_instance_id,
-                            "card_template": order.card_template.name},
-                           subjects=AuditSubjects(card_id=order.card_id, task_id=task_id,
-                                                  gateway_id=lease.gateway_id,
-                                                  reader_id=lease.reader.reader_id)), audit=True)
+        """A new task's row and start audit, committed with the first write of its run (the
+        journal entry of its first step that changes the card, or its end)."""
+        run.task_exists = False
+        run._defer_until_created(partial(self.store.tasks.create, order.type, lease.gateway_id,
+                                         lease.reader.reader_id, order.card_id,
+                                         process_instance_id=order.process_instance_id, task_index=order.task_index,
+                                         owner=self.owner_id, task_id=task_id))
+        run._defer_until_created(partial(self.store.audit.record, AUDIT_TASK_STARTED, TASK, task_id,
+                                         acting("card_task"),
+                                         {"type": order.type, "process_instance_id": order.process_instance_id,
+                                          "card_template": order.card_template.name},
+                                         subjects=AuditSubjects(card_id=order.card_id, task_id=task_id,
+                                                                gateway_id=lease.gateway_id,
+                                                                reader_id=lease.reader.reader_id)), audit=True)
 
 
 class _CardTaskRun:
@@ -311,6 +316,10 @@ class _CardTaskRun:
         self.resumed: TaskRecord | None = None
         self.journal: dict[int, str] = {}
         self.requests: dict[str, CaRequestRecord] = {}
+        self.task_exists = True            # False until a new task's row is committed (_created)
+        # The writes that create a new task and the entries of the steps it sent before: deferred
+        # again with the task's end when the write they waited for failed.
+        self._creation: list[tuple[Callable[[], Any], bool]] = []
 
     async def resume_from(self, task: TaskRecord) -> None:
         """This run replays TASK (takeover): its journals are read, nothing is created."""
@@ -319,6 +328,15 @@ class _CardTaskRun:
         self.resumed = task
         self.journal = {step.step_number: step.name for step in steps}
         self.requests = {row.request_id: row for row in requests}
+
+    def _defer_until_created(self, call: Callable[[], Any], *, audit: bool = False) -> None:
+        """A write of a task whose row is not committed yet (_creation)."""
+        self._creation.append((call, audit))
+        self._defer(call, audit=audit, then=self._task_created)
+
+    def _task_created(self, _result: Any) -> None:
+        self.task_exists = True
+        self._creation.clear()
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -390,13 +408,22 @@ class _CardTaskRun:
             await self._boundary(journaled_boundary)
         return await self._send(name, operation, so_pin=so_pin, sent_boundary=sent_boundary)
 
-    async def _journal_step(self, name: str) -> None:
+    async def _journal_step(self, name: str, *, reads_only: bool = False) -> None:
+        """The step's journal entry, committed before it is sent; with READS_ONLY (a step that
+        changes nothing on the card) it waits for the task's next write instead (_defer): a
+        crash before that left nothing on the card to account for."""
         self.step_number += 1
         journaled = self.journal.get(self.step_number)
         if journaled is not None and journaled != name:
             raise EncodingFailed(f"the resumed task diverged from its journal: step {self.step_number} is "
                                  f"{journaled!r} in the journal, {name!r} in the replay")
-        await self._write(partial(self.s.store.tasks.journal_step, self.task_id, self.step_number, name, "sent"))
+        entry = partial(self.s.store.tasks.journal_step, self.task_id, self.step_number, name, "sent")
+        if not reads_only:
+            await self._write(entry)
+        elif self.task_exists:
+            self._defer(entry)
+        else:
+            self._defer_until_created(entry)
 
     async def _send(self, name: str, operation: cards.Operation, *, so_pin: str = "",
                     sent_boundary: str | None = None) -> cards.StepValue:
@@ -428,8 +455,9 @@ class _CardTaskRun:
         try:
             return await sending
         except StepOutcomeMismatch as exc:
-            await self._db(self.s.store.tasks.journal_step, self.task_id, self.step_number, name, "refused",
-                           exc.message)
+            # With the writes waiting: the task's row may be one of them.
+            await self._write(partial(self.s.store.tasks.journal_step, self.task_id, self.step_number, name,
+                                      "refused", exc.message))
             raise
 
     def _relation_type(self, app: Application) -> str:
@@ -450,9 +478,10 @@ class _CardTaskRun:
     async def execute(self) -> CardTaskOutcome:
         store, order = self.s.store, self.order
         template = order.card_template
-        # The task's row and start audit are committed with this entry; if that fails there is
-        # no task to end, and the error is the caller's.
-        await self._journal_step("read_card_info")
+        # Reading the card changes nothing on it: its entry waits, with a new task's row and
+        # start audit, for the task's next write (the card object with the next step's entry,
+        # or the task's end).
+        await self._journal_step("read_card_info", reads_only=True)
         try:
             info = await self._send("read_card_info", cards.ReadCardInfo())
             assert isinstance(info, cards.Reader)
@@ -489,6 +518,12 @@ class _CardTaskRun:
             self._audit_finished(TaskState.SUCCEEDED, None)
             task, = await self._write(finish)
         except Exception as exc:  # whatever broke, the task ends in a defined state
+            if not self.task_exists and not self._waiting:
+                # The write that would have created the task failed (the card object refused,
+                # ...): the task is created again, with its end. If that fails too there is
+                # no task to end, and the error is the caller's.
+                for call, audit in self._creation:
+                    self._defer(call, audit=audit)
             if not isinstance(exc, CardlineError):
                 log.exception("card task crashed", task_id=self.task_id)
                 exc = CardlineError(f"{type(exc).__name__}: {exc}")

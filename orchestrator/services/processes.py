@@ -393,8 +393,11 @@ class _ProcessRun:
     def _tell(self, index: int, task: TaskDefinition, message: str) -> None:
         self.progress(ProcessProgress(self.instance_id, index, task.type, message, self.on_error))
 
-    async def _save_map(self) -> None:
-        await asyncio.to_thread(self.s.store.processes.update_map, self.instance_id, self.process_map.to_dict())
+    async def _save_map(self, audited: Mapping[str, object] | None = None) -> None:
+        """The process map saved; AUDITED: a task's outcome, audited in the same transaction."""
+        audit = [self._audit_call(AUDIT_PROCESS_TASK, audited)] if audited is not None else []
+        await asyncio.to_thread(self.s.store.together, partial(
+            self.s.store.processes.update_map, self.instance_id, self.process_map.to_dict()), *audit)
 
     async def _taken_over(self) -> str | None:
         """The replica that took this instance over (this one was frozen, its heartbeat lapsed),
@@ -406,8 +409,12 @@ class _ProcessRun:
         return current if current not in (None, owner) else None
 
     async def _audit(self, action: str, detail: Mapping[str, object]) -> None:
-        await asyncio.to_thread(self.s.store.audit.record, action, PROCESS_INSTANCE, self.instance_id, self.actor,
-                                {"process": self.definition.name, **detail})
+        await asyncio.to_thread(self._audit_call(action, detail))
+
+    def _audit_call(self, action: str, detail: Mapping[str, object]) -> Callable[[], object]:
+        """The audit row of ACTION on this instance, as a store call (for Store.together)."""
+        return partial(self.s.store.audit.record, action, PROCESS_INSTANCE, self.instance_id, self.actor,
+                       {"process": self.definition.name, **detail})
 
     async def execute(self, start: int = 0, resumed: TaskRecord | None = None) -> ProcessInstanceRecord:
         """Runs the tasks from index START; RESUMED: the card task at START that a dead replica
@@ -419,13 +426,14 @@ class _ProcessRun:
         for index, task in enumerate(self.definition.tasks):
             if index < start:
                 continue
+            succeeded: Mapping[str, object] | None = None     # audited with the map saved after it
             try:
                 if resumed is not None and index == start and isinstance(task, (CardProductionTask,
                                                                                 CardOperationTask)):
                     await self._card_task(index, task, resumed)
                 else:
                     await self._run_task(index, task)
-                await self._audit(AUDIT_PROCESS_TASK, {"index": index, "type": task.type, "outcome": "succeeded"})
+                succeeded = {"index": index, "type": task.type, "outcome": "succeeded"}
             except Exception as exc:  # the instance always ends in a defined state
                 error = _as_cardline_error(exc)
                 self._tell(index, task, f"{task.type} failed: {error.reason}: {error.message}")
@@ -437,7 +445,7 @@ class _ProcessRun:
                 # took it over, fenced): then it writes nothing more, not even the map.
                 taken_by = await self._taken_over() if error is not None else None
                 if taken_by is None:
-                    await self._save_map()
+                    await self._save_map(succeeded)
         if taken_by is not None:
             log.warning("process instance taken over by another replica: this run stops", instance=self.instance_id,
                         taken_by=taken_by)
@@ -462,12 +470,13 @@ class _ProcessRun:
                     self._tell(index, task, f"{task.type} failed: {failure.reason}: {failure.message}")
                 finally:
                     await self._save_map()
-        # The instance's end drops its sealed secrets in the same transaction.
-        instance, _ = await asyncio.to_thread(self.s.store.together, partial(
-            self.s.store.processes.finish, self.instance_id, ProcessState.FAILED if error else ProcessState.SUCCEEDED,
-            error.reason if error else None, error.message if error else None, self.process_map.to_dict()),
-            partial(self.s.store.process_secrets.drop, self.instance_id))
-        await self._audit(AUDIT_PROCESS_FINISHED, {"state": instance.state, "error_reason": instance.error_reason})
+        # The instance's end drops its sealed secrets and is audited in the same transaction.
+        state = ProcessState.FAILED if error else ProcessState.SUCCEEDED
+        instance, *_ = await asyncio.to_thread(self.s.store.together, partial(
+            self.s.store.processes.finish, self.instance_id, state, error.reason if error else None,
+            error.message if error else None, self.process_map.to_dict()),
+            partial(self.s.store.process_secrets.drop, self.instance_id),
+            self._audit_call(AUDIT_PROCESS_FINISHED, {"state": state, "error_reason": error.reason if error else None}))
         self.progress(ProcessProgress(self.instance_id, len(self.definition.tasks), "", (
             f"process {self.definition.name} failed: {error.message}" if error
             else f"process {self.definition.name} succeeded"), self.on_error, instance))

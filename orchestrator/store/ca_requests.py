@@ -6,17 +6,22 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 
 from orchestrator.store import paging
 from orchestrator.store.models import CaRequest, utcnow
 from orchestrator.store.paging import Keyset
 from orchestrator.store.records import CaRequestRecord, CaRequestState
-from orchestrator.store.rows import ca_request_row, record, task_facts
+from orchestrator.store.rows import record, task_facts
 from orchestrator.store.sessions import Sessions
 from shared.errors import AlreadyExists, InvalidArgument, NotFound, StateConflict, quoted
 
 _STATES = [str(state) for state in CaRequestState]
+# FOR UPDATE (PostgreSQL): a live run and the reconciler moving one request queue up here.
+_STATE_FOR_UPDATE = select(CaRequest.state).where(CaRequest.request_id == bindparam("request_id")).with_for_update()
+_MOVE = update(CaRequest).where(CaRequest.request_id == bindparam("moved_request")).values(
+    state=bindparam("state"), updated_at=bindparam("updated_at")).returning(*CaRequest.__table__.columns)
+_MOVE_WITH_ERROR = _MOVE.values(error=bindparam("error"))
 
 # Moves `mark` allows: to -> states it may come from (the same state again is a no-op
 # retry). STORED is reached only with the certificate (Store.store_issued_certificate).
@@ -75,15 +80,19 @@ class CaRequests:
             raise InvalidArgument("a CA request becomes stored only with its certificate "
                                   "(store_issued_certificate(request_id=...))")
         with self._db.write() as s:
-            row = ca_request_row(s, request_id)
-            if row.state not in _MOVES[state]:
-                raise StateConflict(f"CA request {request_id} is {row.state}; it cannot become {state}",
-                                    request_id=request_id, state=row.state)
-            row.state = state
-            if error is not None or state != CaRequestState.WRITTEN:
-                row.error = error
-            row.updated_at = utcnow()
-            s.flush()
+            # Core, the statements built once: a card marks each of its certificates written.
+            s.flush()           # a joined transaction's pending rows first, as autoflush would
+            conn = s.connection()
+            current = conn.execute(_STATE_FOR_UPDATE, {"request_id": request_id}).scalar()
+            if current is None:
+                raise NotFound(f"no journaled CA request {quoted(request_id)}", request_id=request_id)
+            if current not in _MOVES[state]:
+                raise StateConflict(f"CA request {request_id} is {current}; it cannot become {state}",
+                                    request_id=request_id, state=current)
+            # A request written keeps the error its reconciliation last recorded, unless given one.
+            keeps_error = error is None and state == CaRequestState.WRITTEN
+            row = conn.execute(_MOVE if keeps_error else _MOVE_WITH_ERROR, {
+                "moved_request": request_id, "state": str(state), "error": error, "updated_at": utcnow()}).one()
             return record(CaRequestRecord, row)
 
     def get(self, request_id: str) -> CaRequestRecord:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.store import paging
-from orchestrator.store.models import Card, Certificate, ObjectRelation, utcnow
+from orchestrator.store.models import Card, Certificate, ObjectRelation, Task, utcnow
 from orchestrator.store.paging import Keyset
 from orchestrator.store.records import CARD, CERTIFICATE, CardRecord
-from orchestrator.store.rows import add_audit, card_row, change_state, new_id, record, running_task_row
+from orchestrator.store.rows import add_audit, card_row, change_state, new_id, record, running_task_facts
 from orchestrator.store.sessions import Sessions
 from shared.errors import AlreadyExists, StateConflict
 
@@ -40,33 +40,34 @@ class Cards:
         that re-issues or replaces the card): then, in the same transaction, the old card
         object stops being live (audited, `card_taken_over`) and the new one is."""
         with self._db.write() as s:
-            task = running_task_row(s, task_id)
+            # Core statements built once (no ORM unit of work): every card production runs this.
+            task = running_task_facts(s, task_id)
             if task.card_id is not None:
                 raise StateConflict(f"task {task_id} already has card {task.card_id}", task_id=task_id)
+            conn = s.connection()
             now = utcnow()
             live = None
             if identity is not None:
-                live = s.scalar(select(Card).where(Card.live_identity == identity).with_for_update())
+                live = conn.execute(_LIVE_CARD_FOR_UPDATE, {"identity": identity}).first()
                 if live is not None and not take_over:
                     raise card_in_use(identity, live)
                 if live is not None:
-                    live.live_identity = None
-                    live.updated_at = now
-                    s.flush()
-            card = Card(id=card_id or new_id(), serial=serial, template=template, state=state, gateway_id=gateway_id,
-                        reader_id=reader_id, created_at=now, updated_at=now, holder=holder or None,
-                        identity=identity, live_identity=identity)
-            s.add(card)
+                    conn.execute(_NOT_LIVE, {"card_id": live.id, "updated_at": now})
+            values: dict[str, Any] = {
+                "id": card_id or new_id(), "serial": serial, "template": template, "state": state,
+                "gateway_id": gateway_id, "reader_id": reader_id, "created_at": now, "updated_at": now,
+                "holder": holder or None, "identity": identity, "live_identity": identity}
             try:
-                s.flush()
+                conn.execute(_INSERT_CARD, values)
             except IntegrityError:   # another writer made a live card object of it just now
                 raise AlreadyExists(f"card {identity} already holds a live card object (made concurrently); "
                                     "one physical card holds one live card object", identity=identity) from None
             if live is not None:
                 add_audit(s, AUDIT_CARD_TAKEN_OVER, CARD, live.id, actor,
-                          {"identity": identity, "by_card": card.id, "task_id": task_id, "state": live.state}, now)
-            task.card_id = card.id
-            return record(CardRecord, card)
+                          {"identity": identity, "by_card": values["id"], "task_id": task_id, "state": live.state},
+                          now)
+            conn.execute(_SET_TASK_CARD, {"task_id": task_id, "card_id": values["id"]})
+            return CardRecord(**values)
 
     def live(self, identity: str) -> CardRecord | None:
         """The live card object of a physical card, if any."""
@@ -131,7 +132,8 @@ class Cards:
         with self._db.read() as s:
             return [record(CardRecord, c) for c in s.scalars(q)]
 
-def card_in_use(identity: str, live: Card) -> AlreadyExists:
+def card_in_use(identity: str, live: Any) -> AlreadyExists:
+    """live: the live card object (a Card, or a row with its id, template and state)."""
     return AlreadyExists(
         f"card {identity} already holds the live card object {live.id} (template {live.template}, state "
         f"{live.state}); a card is produced once: retire or replace that card object first, or run a process "
@@ -141,5 +143,19 @@ def card_in_use(identity: str, live: Card) -> AlreadyExists:
 
 def release_if_final(card: Card, final_states: Mapping[str, frozenset[str]]) -> None:
     """A card object in a final state of its graph no longer holds its physical card."""
-    if card.live_identity is not None and card.state in final_states.get(card.template, frozenset()):
+    if card.live_identity is not None and is_final(final_states, card.template, card.state):
         card.live_identity = None
+
+
+def is_final(final_states: Mapping[str, frozenset[str]], template: str, state: str) -> bool:
+    """Whether STATE is a final state of the card state graph of card template TEMPLATE."""
+    return state in final_states.get(template, frozenset())
+
+
+# The statements of Cards.create, built once (the values come with each execution).
+_LIVE_CARD_FOR_UPDATE = select(Card.id, Card.template, Card.state).where(
+    Card.live_identity == bindparam("identity")).with_for_update()
+_NOT_LIVE = update(Card).where(Card.id == bindparam("card_id")).values(live_identity=None,
+                                                                        updated_at=bindparam("updated_at"))
+_INSERT_CARD = insert(Card)
+_SET_TASK_CARD = update(Task).where(Task.id == bindparam("task_id")).values(card_id=bindparam("card_id"))

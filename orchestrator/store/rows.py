@@ -84,11 +84,8 @@ def audit_record(row: AuditEvent) -> AuditRecord:
 
 # -- tasks and process instances ------------------------------------------------------------
 
-def task_row(session: Session, task_id: str, *, lock: bool = False) -> Task:
-    # FOR UPDATE (PostgreSQL) serialises the finishes of one task across replicas;
-    # SQLite ignores it and is serialised by BEGIN IMMEDIATE.
-    task = session.scalar(select(Task).where(Task.id == task_id).with_for_update(of=Task)) if lock \
-        else session.get(Task, task_id)
+def task_row(session: Session, task_id: str) -> Task:
+    task = session.get(Task, task_id)
     if task is None:
         raise NotFound(f"no task {quoted(task_id)}", task_id=task_id)
     return task
@@ -107,11 +104,22 @@ def task_facts(session: Session, task_id: str) -> Any:
 _TASK_FACTS = select(Task.id, Task.state, Task.error_reason, Task.error_message).where(Task.id == bindparam("task_id"))
 
 
-def running_task_row(session: Session, task_id: str) -> Task:
-    task = task_row(session, task_id, lock=True)
+def running_task_facts(session: Session, task_id: str) -> Any:
+    """The RUNNING task's id, state and card_id (a row with those attributes), read without
+    loading the ORM object (a card's creation, a task's end). NotFound; StateConflict when the
+    task has ended."""
+    session.flush()         # the transaction's pending rows first, as autoflush would
+    task = session.connection().execute(_RUNNING_TASK_FACTS, {"task_id": task_id}).first()
+    if task is None:
+        raise NotFound(f"no task {quoted(task_id)}", task_id=task_id)
     if task.state != TaskState.RUNNING:
         raise StateConflict(f"task {task_id} is already {task.state}", task_id=task_id, state=task.state)
     return task
+
+
+# FOR UPDATE (PostgreSQL) serialises the finishes of one task across replicas; SQLite ignores
+# it and is serialised by BEGIN IMMEDIATE.
+_RUNNING_TASK_FACTS = select(Task.id, Task.state, Task.card_id).where(Task.id == bindparam("task_id")).with_for_update()
 
 
 def process_row(session: Session, instance_id: str, *, lock: bool = False) -> ProcessInstance:
@@ -122,7 +130,21 @@ def process_row(session: Session, instance_id: str, *, lock: bool = False) -> Pr
     return row
 
 
-def check_process_running(row: ProcessInstance) -> None:
+def process_facts(session: Session, instance_id: str) -> Any:
+    """The process instance's id and state (a row with those attributes), read without loading
+    the ORM object (a card task's start checks it). NotFound as process_row."""
+    session.flush()         # the transaction's pending rows first, as autoflush would
+    facts = session.connection().execute(_PROCESS_FACTS, {"instance_id": instance_id}).first()
+    if facts is None:
+        raise NotFound(f"no process instance {quoted(instance_id)}", process_instance_id=instance_id)
+    return facts
+
+
+_PROCESS_FACTS = select(ProcessInstance.id, ProcessInstance.state).where(ProcessInstance.id == bindparam("instance_id"))
+
+
+def check_process_running(row: Any) -> None:
+    # row: a ProcessInstance or its process_facts
     if row.state != ProcessState.RUNNING:
         raise StateConflict(f"process instance {row.id} is already {row.state}",
                             process_instance_id=row.id, state=row.state)
@@ -144,16 +166,25 @@ def certificate_row(session: Session, certificate_id: str, *, lock: bool = False
     return cert
 
 
-def ca_request_row(session: Session, request_id: str, task_id: str | None = None) -> CaRequest:
+def ca_request_facts(session: Session, request_id: str, task_id: str | None = None) -> Any:
+    """The journaled CA request's request_id, task_id, state and certificate_id (a row with
+    those attributes), locked, read without loading the ORM object (a card stores each of its
+    certificates against one). NotFound if it was never journaled; InvalidArgument if it is
+    another task's."""
     # FOR UPDATE (PostgreSQL): a live run and the reconciler settling one request queue
     # up here; SQLite writers are serial anyway.
-    row = session.scalar(select(CaRequest).where(CaRequest.request_id == request_id).with_for_update())
+    session.flush()         # the transaction's pending rows first, as autoflush would
+    row = session.connection().execute(_CA_REQUEST_FACTS, {"request_id": request_id}).first()
     if row is None:
         raise NotFound(f"no journaled CA request {quoted(request_id)}", request_id=request_id)
     if task_id is not None and row.task_id != task_id:
         raise InvalidArgument(f"CA request {request_id} belongs to task {row.task_id}, not {task_id}",
                               request_id=request_id)
     return row
+
+
+_CA_REQUEST_FACTS = select(CaRequest.request_id, CaRequest.task_id, CaRequest.state, CaRequest.certificate_id).where(
+    CaRequest.request_id == bindparam("request_id")).with_for_update()
 
 
 # -- audit and state changes (C5) -----------------------------------------------------------
@@ -275,10 +306,17 @@ def new_relations(relations: Iterable[NewRelation]) -> list[NewRelation]:
 
 
 def check_relation_ends(session: Session, rel: NewRelation) -> None:
-    known = {CARD: Card, CERTIFICATE: Certificate}   # ends of other types are not checked
+    session.flush()         # the transaction's pending rows first, as autoflush would
+    conn = session.connection()
     for kind, obj_id in ((rel.source_type, rel.source_id), (rel.target_type, rel.target_id)):
-        if kind in known and session.get(known[kind], obj_id) is None:
+        exists = _RELATION_END_EXISTS.get(kind)          # ends of other types are not checked
+        if exists is not None and conn.execute(exists, {"id": obj_id}).first() is None:
             raise NotFound(f"relation {astuple(rel)}: no {kind} {quoted(obj_id)}")
+
+
+# Built once: a card's end checks the ends of each of its relations.
+_RELATION_END_EXISTS = {kind: select(model.id).where(model.id == bindparam("id"))
+                        for kind, model in ((CARD, Card), (CERTIFICATE, Certificate))}
 
 
 def insert_relation(session: Session, task_id: str | None, rel: NewRelation, now: dt.datetime) -> None:

@@ -40,7 +40,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from cryptography import x509
-from sqlalchemy import select, text, update
+from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session
 from orchestrator.store.audit import Audit
 from orchestrator.store.ca_requests import CaRequests
 from orchestrator.store.card_secrets import CardSecrets
-from orchestrator.store.cards import Cards, release_if_final
+from orchestrator.store.cards import Cards, is_final
 from orchestrator.store.certificates import ArchivedKeys, Certificates, parse_certificate
 from orchestrator.store.client_requests import ClientRequests
 from orchestrator.store.deployment_keys import DeploymentKeys
@@ -61,20 +61,41 @@ from orchestrator.store.processes import ProcessInstances
 from orchestrator.store.records import CaRequestState, CertificateRecord, NewRelation, TaskRecord, TaskState, WrappedKey
 from orchestrator.store.relations import Relations
 from orchestrator.store.rows import (
-    ca_request_row,
+    ca_request_facts,
     check_relation_ends,
     check_wrapped_key,
     insert_relation,
     new_id,
     new_relations,
     record,
-    running_task_row,
+    running_task_facts,
     task_facts,
 )
 from orchestrator.store.sessions import Sessions
 from orchestrator.store.tasks import Tasks
 from shared.errors import AlreadyExists, ConfigurationError, InvalidArgument, StateConflict
 
+# The statements of store_issued_certificate, built once (the values come with each execution).
+_CERTIFICATE_BY_ISSUER_SERIAL = select(*Certificate.__table__.columns).where(
+    Certificate.issuer == bindparam("issuer"), Certificate.serial_hex == bindparam("serial_hex"))
+_INSERT_CERTIFICATE = insert(Certificate)
+# ... and of the end of a task.
+_TASK_CERTIFICATE_STATES_FOR_UPDATE = select(Certificate.id, Certificate.state).where(
+    Certificate.task_id == bindparam("task_id")).with_for_update()
+_MOVE_CERTIFICATE = update(Certificate).where(Certificate.id == bindparam("certificate_id")).values(
+    state=bindparam("state"), updated_at=bindparam("updated_at"))
+_CARD_TEMPLATE = select(Card.template).where(Card.id == bindparam("card_id"))
+_SET_CARD_STATE = update(Card).where(Card.id == bindparam("card_id")).values(
+    state=bindparam("state"), updated_at=bindparam("updated_at"))
+_SET_CARD_STATE_RELEASED = _SET_CARD_STATE.values(live_identity=None)
+_END_TASK = update(Task).where(Task.id == bindparam("ended_task")).values(
+    state=bindparam("state"), finished_at=bindparam("finished_at")).returning(*Task.__table__.columns)
+_END_TASK_WITH_ERROR = _END_TASK.values(error_reason=bindparam("error_reason"),
+                                        error_message=bindparam("error_message"),
+                                        error_details=bindparam("error_details"))
+_SETTLE_CA_REQUEST = update(CaRequest).where(CaRequest.request_id == bindparam("settled_request")).values(
+    state=str(CaRequestState.STORED), serial_hex=bindparam("serial_hex"), certificate_id=bindparam("certificate_id"),
+    error=None, updated_at=bindparam("updated_at"))
 MIGRATIONS_DIR = pathlib.Path(__file__).resolve().parent / "migrations"
 # Arbitrary constant: replicas starting together on one PostgreSQL migrate one at a time.
 _PG_MIGRATION_LOCK = 0x6361726C  # "carl"
@@ -205,10 +226,12 @@ class Store:
         serial_hex = format(cert.serial_number, "x")
         issuer = cert.issuer.rfc4514_string()
         with self._db.write() as s:
+            # Core statements on the session's connection (no ORM unit of work): every
+            # certificate of every card is stored here.
             task = task_facts(s, task_id)
-            journal = ca_request_row(s, request_id, task_id) if request_id is not None else None
-            existing = s.scalar(select(Certificate).where(Certificate.issuer == issuer,
-                                                          Certificate.serial_hex == serial_hex))
+            journal = ca_request_facts(s, request_id, task_id) if request_id is not None else None
+            conn = s.connection()
+            existing = conn.execute(_CERTIFICATE_BY_ISSUER_SERIAL, {"issuer": issuer, "serial_hex": serial_hex}).first()
             if existing is not None:
                 if journal is not None and journal.certificate_id == existing.id:
                     self._add_archived_key_if_missing(s, existing.id, archived_key, utcnow())
@@ -219,17 +242,18 @@ class Store:
             if journal is not None:
                 self._require_pending(journal, serial_hex, issuer)
             now = utcnow()
-            row = self._certificate_row(cert, bytes(der), task, template, ca_name, state, now)
-            s.add(row)
+            values = self._certificate_values(cert, bytes(der), task, template, ca_name, state, now)
             try:
-                s.flush()
+                conn.execute(_INSERT_CERTIFICATE, values)
             except IntegrityError:  # a concurrent writer stored the same certificate first
                 raise DuplicateCertificate(f"certificate {serial_hex} of {issuer} is already stored",
                                            serial_hex=serial_hex, issuer=issuer) from None
-            self._add_archived_key_if_missing(s, row.id, archived_key, now)
+            self._add_archived_key_if_missing(s, values["id"], archived_key, now)
             if journal is not None:
-                self._settle(s, journal, row, now)
-            return record(CertificateRecord, row)
+                # C16: the journal row of the request this certificate answers moves to `stored`.
+                conn.execute(_SETTLE_CA_REQUEST, {"settled_request": journal.request_id, "serial_hex": serial_hex,
+                                                  "certificate_id": values["id"], "updated_at": now})
+            return CertificateRecord(**values)
 
     @staticmethod
     def _require_pending(journal: CaRequest, serial_hex: str, issuer: str) -> None:
@@ -240,16 +264,16 @@ class Store:
                                 request_id=journal.request_id, state=journal.state)
 
     @staticmethod
-    def _certificate_row(cert: x509.Certificate, der: bytes, task: Any, template: str, ca_name: str,
-                         state: str, now: dt.datetime) -> Certificate:
-        # task: its id, state and error (rows.task_facts), not the ORM object.
+    def _certificate_values(cert: x509.Certificate, der: bytes, task: Any, template: str, ca_name: str,
+                            state: str, now: dt.datetime) -> dict[str, Any]:
+        """The new certificate row's values (every column). task: its id, state and error
+        (rows.task_facts)."""
         failed = task.state == TaskState.FAILED     # stored late (C16): it carries the task's error (C3)
-        return Certificate(
-            id=new_id(), serial_hex=format(cert.serial_number, "x"), issuer=cert.issuer.rfc4514_string(),
-            subject=cert.subject.rfc4514_string(), not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc, der=der, template=template, ca_name=ca_name, state=state,
-            task_id=task.id, task_error_reason=task.error_reason if failed else None,
-            task_error_message=task.error_message if failed else None, created_at=now, updated_at=now)
+        return {"id": new_id(), "serial_hex": format(cert.serial_number, "x"), "issuer": cert.issuer.rfc4514_string(),
+                "subject": cert.subject.rfc4514_string(), "not_before": cert.not_valid_before_utc,
+                "not_after": cert.not_valid_after_utc, "der": der, "template": template, "ca_name": ca_name,
+                "state": state, "task_id": task.id, "task_error_reason": task.error_reason if failed else None,
+                "task_error_message": task.error_message if failed else None, "created_at": now, "updated_at": now}
 
     @staticmethod
     def _add_archived_key_if_missing(s: Session, certificate_id: str, key: WrappedKey | None,
@@ -258,16 +282,6 @@ class Store:
             s.add(ArchivedKey(certificate_id=certificate_id, kek_id=key.kek_id, algorithm=key.algorithm,
                               wrapped_key=bytes(key.wrapped_key), created_at=now))
             s.flush()
-
-    @staticmethod
-    def _settle(s: Session, journal: CaRequest, cert: Certificate, now: dt.datetime) -> None:
-        """C16: the journal row of the request that `cert` answers moves to `stored`."""
-        journal.state = CaRequestState.STORED
-        journal.serial_hex = cert.serial_hex
-        journal.certificate_id = cert.id
-        journal.error = None
-        journal.updated_at = now
-        s.flush()
 
     # -- C2, C3: the end of a task ------------------------------------------------------------
 
@@ -284,28 +298,30 @@ class Store:
         """
         wanted = new_relations(relations)
         with self._db.write() as s:
-            task = running_task_row(s, task_id)
-            mine = {c.id: c for c in s.scalars(
-                select(Certificate).where(Certificate.task_id == task_id).with_for_update())}
+            # Core statements built once (no ORM loads): every card ends here.
+            task = running_task_facts(s, task_id)
+            conn = s.connection()
+            rows = conn.execute(_TASK_CERTIFICATE_STATES_FOR_UPDATE, {"task_id": task_id})
+            mine = {cid: state for cid, state in rows}
             self._check_moves(task_id, mine, from_state, certificate_states)
             now = utcnow()
-            for cert_id, new_state in certificate_states.items():
-                mine[cert_id].state = new_state
-                mine[cert_id].updated_at = now
-            self._end_task(s, task, TaskState.SUCCEEDED, card_state, wanted, now)
-            return record(TaskRecord, task)
+            if certificate_states:
+                conn.execute(_MOVE_CERTIFICATE, [{"certificate_id": cert_id, "state": new_state, "updated_at": now}
+                                                 for cert_id, new_state in certificate_states.items()])
+            return self._end_task(s, task, TaskState.SUCCEEDED, card_state, wanted, now)
 
     @staticmethod
-    def _check_moves(task_id: str, mine: Mapping[str, Certificate], from_state: str,
+    def _check_moves(task_id: str, mine: Mapping[str, str], from_state: str,
                      certificate_states: Mapping[str, str]) -> None:
+        """mine: the state of each certificate of the task, by id."""
         foreign = sorted(set(certificate_states) - set(mine))
         if foreign:
             raise InvalidArgument(f"task {task_id} did not issue certificate(s) {foreign}", task_id=task_id)
-        moved = {c.id: c.state for c in mine.values() if c.id in certificate_states and c.state != from_state}
+        moved = {cid: state for cid, state in mine.items() if cid in certificate_states and state != from_state}
         if moved:
             raise StateConflict(f"certificate(s) not in the internal issued state {from_state!r}: {moved}",
                                 task_id=task_id)
-        left = sorted(c.id for c in mine.values() if c.state == from_state and c.id not in certificate_states)
+        left = sorted(cid for cid, state in mine.items() if state == from_state and cid not in certificate_states)
         if left:
             raise InvalidArgument(f"task {task_id}: certificate(s) {left} in {from_state!r} have no target "
                                   f"state; every certificate of a successful task moves (C2)", task_id=task_id)
@@ -322,28 +338,27 @@ class Store:
             raise InvalidArgument("a failed task needs an error reason")
         wanted = new_relations(relations)
         with self._db.write() as s:
-            task = running_task_row(s, task_id)
+            task = running_task_facts(s, task_id)
             now = utcnow()
             s.execute(update(Certificate).where(Certificate.task_id == task_id)
                       .values(task_error_reason=reason, task_error_message=message, updated_at=now))
-            task.error_reason = reason
-            task.error_message = message
-            task.error_details = dict(details) if details else None
-            self._end_task(s, task, TaskState.FAILED, card_state, wanted, now)
-            return record(TaskRecord, task)
+            return self._end_task(s, task, TaskState.FAILED, card_state, wanted, now, error_reason=reason,
+                                  error_message=message, error_details=dict(details) if details else None)
 
-    def _end_task(self, s: Session, task: Task, state: TaskState, card_state: str | None,
-                  relations: list[NewRelation], now: dt.datetime) -> None:
-        """The common end of a task: its card's state, its relations, its own final state."""
-        final_states = self.cards.final_states
+    def _end_task(self, s: Session, task: Any, state: TaskState, card_state: str | None,
+                  relations: list[NewRelation], now: dt.datetime, **error: Any) -> TaskRecord:
+        """The common end of a task (task: its running_task_facts): its card's state, its
+        relations, its own final state (and error). The ended task."""
+        conn = s.connection()
         if card_state is not None:
             if task.card_id is None:
                 raise InvalidArgument(f"task {task.id} has no card to set to {card_state!r}", task_id=task.id)
-            card = s.get(Card, task.card_id)
+            card = conn.execute(_CARD_TEMPLATE, {"card_id": task.card_id}).first()
             assert card is not None  # foreign key
-            card.state = card_state
-            card.updated_at = now
-            release_if_final(card, final_states)
+            # A card object in a final state of its graph no longer holds its physical card.
+            released = is_final(self.cards.final_states, card.template, card_state)
+            conn.execute(_SET_CARD_STATE_RELEASED if released else _SET_CARD_STATE,
+                         {"card_id": task.card_id, "state": card_state, "updated_at": now})
         # A relation that exists already (created earlier by relations.add, C9) is skipped;
         # the same relation listed twice is a caller's bug.
         seen: set[NewRelation] = set()
@@ -353,6 +368,6 @@ class Store:
             seen.add(rel)
             check_relation_ends(s, rel)
             insert_relation(s, task.id, rel, now)
-        task.state = state
-        task.finished_at = now
-        s.flush()
+        ended = conn.execute(_END_TASK_WITH_ERROR if error else _END_TASK,
+                             {"ended_task": task.id, "state": str(state), "finished_at": now, **error}).one()
+        return record(TaskRecord, ended)

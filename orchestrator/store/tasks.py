@@ -2,19 +2,22 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.store import paging
 from orchestrator.store.models import Card, ProcessInstance, Task, TaskStep, utcnow
 from orchestrator.store.paging import Keyset
 from orchestrator.store.records import ProcessState, TaskRecord, TaskState, TaskStepRecord
-from orchestrator.store.rows import check_process_running, new_id, process_row, record, task_row
+from orchestrator.store.rows import check_process_running, new_id, process_facts, record, task_row
 from orchestrator.store.sessions import Sessions
 from shared.errors import InvalidArgument, NotFound, StateConflict, quoted
 
 _TASK_OWNER_FOR_UPDATE = select(Task.owner).where(Task.id == bindparam("task_id")).with_for_update()
+_CARD_EXISTS = select(Card.id).where(Card.id == bindparam("card_id"))
+_INSERT_TASK = insert(Task)
 
 
 class Tasks:
@@ -38,17 +41,21 @@ class Tasks:
         register the run before the row exists, see the reconciler), else a new UUID."""
         if task_index is not None and task_index < 0:
             raise InvalidArgument(f"task_index must not be negative, not {task_index}")
+        values: dict[str, Any] = {
+            "id": task_id or new_id(), "type": type, "state": str(TaskState.RUNNING), "gateway_id": gateway_id,
+            "reader_id": reader_id, "card_id": card_id, "error_reason": None, "error_message": None,
+            "created_at": utcnow(), "finished_at": None, "process_instance_id": process_instance_id,
+            "task_index": task_index, "owner": owner, "error_details": None}
         with self._db.write() as s:
-            if card_id is not None and s.get(Card, card_id) is None:
+            # Core statements built once: every card task starts here (no ORM unit of work).
+            s.flush()           # a joined transaction's pending rows first, as autoflush would
+            conn = s.connection()
+            if card_id is not None and conn.execute(_CARD_EXISTS, {"card_id": card_id}).first() is None:
                 raise NotFound(f"no card {quoted(card_id)}", card_id=card_id)
             if process_instance_id is not None:
-                check_process_running(process_row(s, process_instance_id))
-            task = Task(id=task_id or new_id(), type=type, state=TaskState.RUNNING, gateway_id=gateway_id,
-                        reader_id=reader_id, card_id=card_id, created_at=utcnow(),
-                        process_instance_id=process_instance_id, task_index=task_index, owner=owner)
-            s.add(task)
-            s.flush()
-            return record(TaskRecord, task)
+                check_process_running(process_facts(s, process_instance_id))
+            conn.execute(_INSERT_TASK, values)
+        return TaskRecord(**values)
 
     def take_over(self, task_id: str, from_owner: str | None, to_owner: str) -> bool:
         """C16, takeover: claims the RUNNING task of FROM_OWNER (a replica whose heartbeat
