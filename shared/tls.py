@@ -14,7 +14,6 @@ import inspect
 import os
 import pathlib
 import stat
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -225,27 +224,17 @@ def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity |
     return _identity_of_pem(pems[0]) if pems else None
 
 
-#: How long is_revoked trusts the CRL it last looked at before it stats the file again. It
-#: runs on every call and link check, where a stat each time is wasted work; one second keeps
-#: a revocation prompt (refresh and update always look).
-CRL_RECHECK_S = 1.0
-
-
 class RevocationList:
     """Revoked serials from a CRL file signed by the CA; re-read when the file changes (its
-    mtime, size or inode), looked at by is_revoked at most every RECHECK_S. A CRL that turns
-    unreadable or badly signed keeps the last good list and logs an error. `update` takes a
-    newer CRL handed over in memory (a gateway's from the orchestrator's link) and persists it
-    to the file. With MISSING_OK a file that does not exist yet is an empty list until a CRL
-    arrives."""
+    mtime, size or inode). A CRL that turns unreadable or badly signed keeps the last good
+    list and logs an error. `update` takes a newer CRL handed over in memory (a gateway's
+    from the orchestrator's link) and persists it to the file. With MISSING_OK a file that
+    does not exist yet is an empty list until a CRL arrives."""
 
-    def __init__(self, path: pathlib.Path, ca_pem: bytes, *, missing_ok: bool = False,
-                 recheck_s: float = CRL_RECHECK_S) -> None:
+    def __init__(self, path: pathlib.Path, ca_pem: bytes, *, missing_ok: bool = False) -> None:
         self.path = path
-        self.recheck_s = recheck_s
         self._ca = x509.load_pem_x509_certificate(ca_pem)
         self._stamp: tuple[int, int, int] | None = None
-        self._looked_at = -float("inf")       # time.monotonic() of the last look at the file
         self.serials: set[int] = set()
         #: The current CRL's number (CRLNumber; -1 before any) and its DER encoding.
         self.number = -1
@@ -256,7 +245,6 @@ class RevocationList:
             self._load(initial=True)
 
     def _load(self, initial: bool = False) -> None:
-        self._looked_at = time.monotonic()
         try:
             st = self.path.stat()
         except OSError as exc:
@@ -308,8 +296,7 @@ class RevocationList:
         return True
 
     def is_revoked(self, serial: int) -> bool:
-        if time.monotonic() - self._looked_at >= self.recheck_s:
-            self._load()
+        self._load()
         return serial in self.serials
 
 
