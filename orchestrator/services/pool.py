@@ -464,6 +464,10 @@ class ReaderPool:
         """The waiting requests: (position, holder kind, what they wait for)."""
         return [(w.position, w.kind, w.describe()) for w in self._waiters]
 
+    async def refresh(self, serve: bool = False) -> None:
+        """Brings what list() shows up to now. The in-memory pool always is; a pool shared by
+        replicas (pool_federated.py) reads the database."""
+
     def subscribe(self, sink: Callable[[str, PooledReader], None]) -> Callable[[], None]:
         """sink(kind, reader) on every change: kind "present" (appeared), "changed", "removed"."""
         self._sinks.append(sink)

@@ -263,6 +263,9 @@ class ProcessService:
             run = _ProcessRun(self, definition, instance.id, process_map, secrets, lambda p: None)
             assert task.task_index is not None   # _decide resumes only tasks with their place in the process
             await run.execute(start=task.task_index, resumed=task)
+            # A resumed run that ended before the task ran again (its reader could not be had)
+            # leaves the task RUNNING: it ends here with the reason, not at a later look.
+            await asyncio.to_thread(self._end_taken_task, task, "the resumed run could not take the task's reader")
         except Exception as exc:  # the task and the instance must not stay RUNNING
             log.exception("takeover failed", task_id=task.id)
             await asyncio.to_thread(self._end_taken_task, task, f"the takeover failed: {type(exc).__name__}: {exc}")
@@ -282,6 +285,9 @@ class ProcessService:
         unsubscribe = pool.subscribe(lambda kind, pooled: changed.set())
         deadline = time.monotonic() + wait_s
         try:
+            # A view at least as fresh as the claim: one read before it may still count the dead
+            # replica live, and its gateway attached through it.
+            await pool.refresh()
             while True:
                 online = [p for p in pool.list(ReaderSelector(gateway_id=gateway_id))
                           if p.state is not ReaderState.OFFLINE]
