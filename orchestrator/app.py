@@ -12,6 +12,7 @@ import signal
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from orchestrator.api.audit import AuditServicer
 from orchestrator.api.ca import CaServicer
@@ -302,14 +303,15 @@ async def start(settings: OrchestratorSettings, *, boundary: BoundaryHook | None
     await health.check_once()
     orchestrator.health = health
     orchestrator._background.append(asyncio.create_task(health.run_forever()))
-    orchestrator._background.append(asyncio.create_task(_reconcile_forever(reconciler,
-                                                                           settings.reconcile_interval_s)))
+    orchestrator._background.append(asyncio.create_task(_every(
+        settings.reconcile_interval_s, reconciler.reconcile_once, "reconciliation round")))
+    beat_s = settings.replica.heartbeat_interval_s
     if isinstance(pool, FederatedPool):         # replicas: a dead one's tasks move within a heartbeat
-        orchestrator._background.append(asyncio.create_task(
-            _take_over_forever(reconciler, settings.replica.heartbeat_interval_s)))
-    else:                                       # a federated pool beats with its address, in its rounds
-        orchestrator._background.append(asyncio.create_task(
-            _beat_forever(store, owner_id, settings.replica.heartbeat_interval_s)))
+        orchestrator._background.append(asyncio.create_task(_every(
+            beat_s, reconciler.take_over_once, "looking for a dead replica's tasks")))
+    else:                                       # a federated pool beats with its address, on its own task
+        orchestrator._background.append(asyncio.create_task(_every(
+            beat_s, partial(store.instances.beat, owner_id), "heartbeat")))
     sweeper = settings.issued_sweeper
     if sweeper.enabled:        # C5: no automatic handling unless asked for
         import datetime as dt
@@ -378,33 +380,15 @@ async def _set_health(server: Server, service: str, serving: bool) -> None:
     await server.health.set(service, status)
 
 
-async def _beat_forever(store: Store, owner_id: str, interval_s: float) -> None:
-    """This orchestrator's heartbeat, every INTERVAL_S: others take its work over only once it
-    is older than replica.stale_after_s."""
+async def _every(interval_s: float, call: Callable[[], object], what: str) -> None:
+    """CALL (blocking) on a thread every INTERVAL_S, for the orchestrator's life; a failure
+    (the database away for a moment) is logged and the next turn comes as planned."""
     while True:
         await asyncio.sleep(interval_s)
         try:
-            await asyncio.to_thread(store.instances.beat, owner_id)
-        except Exception as exc:  # the database away for a moment: the next beat
-            log.warning("heartbeat not written", error=str(exc)[:500])
-
-
-async def _take_over_forever(reconciler: Reconciler, interval_s: float) -> None:
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await asyncio.to_thread(reconciler.take_over_once)
-        except Exception:  # e.g. the database away for a moment: the next look
-            log.exception("looking for a dead replica's tasks failed")
-
-
-async def _reconcile_forever(reconciler: Reconciler, interval_s: float) -> None:
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await asyncio.to_thread(reconciler.reconcile_once)
-        except Exception:  # e.g. the database away for a moment: next round
-            log.exception("reconciliation round failed")
+            await asyncio.to_thread(call)
+        except Exception:
+            log.exception(f"{what} failed")
 
 
 def _safe_url(url: str) -> str:

@@ -324,8 +324,9 @@ class ReplicaSettings(BaseModel):
 
     @model_validator(mode="after")
     def _beats_before_stale(self) -> ReplicaSettings:
-        # A replica beats in its pool rounds: at the latest every max(heartbeat, poll) seconds.
-        # Two of those must fit in stale_after_s, or a live replica is taken for dead.
+        # A beat is written every heartbeat_interval_s and seen by the others in their pool view,
+        # read at least every poll_interval_s: two of the longer must fit in stale_after_s, or a
+        # live replica is taken for dead.
         beat = max(self.heartbeat_interval_s, self.poll_interval_s)
         if self.stale_after_s < 2 * beat:
             raise ValueError(f"stale_after_s ({self.stale_after_s:g}) must be at least twice "
